@@ -1,0 +1,22 @@
+"""bncore: a reference engine for the numerics of neural-network training.
+
+Batch normalization, gradient clipping and optimizer updates as OpenMP-parallel
+kernels over NumPy arrays, with every framework's conventions selectable and
+float64 accumulation throughout. See DESIGN.md for the contract.
+"""
+from bncore._version import __version__
+from bncore._config import build_info, show_config
+from bncore._threads import get_num_threads, set_num_threads
+from bncore.batch_norm import batch_norm_backward, batch_norm_forward
+from bncore.layers import BatchNorm
+
+__all__ = [
+    "__version__",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "BatchNorm",
+    "show_config",
+    "build_info",
+    "get_num_threads",
+    "set_num_threads",
+]

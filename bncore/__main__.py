@@ -1,0 +1,5 @@
+import sys
+
+from bncore.cli import main
+
+sys.exit(main())

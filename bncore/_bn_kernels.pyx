@@ -1,0 +1,781 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Batch-normalization kernels for the CPU (float32 and float64, one source).
+
+Every array is seen as a C-contiguous (outer, C, inner) block, C being the
+channel axis; bncore/batch_norm.py arranges that view (and any copy it needs).
+Two schedules cover all shapes:
+
+* *rows* (inner >= ROWS_MIN_INNER, e.g. NCHW): a work item is a contiguous
+  segment of one channel's row: (o, c, k), the k-th chunk of at most SEG_LEN
+  elements of row (o, c). Channel constants are scalars in the inner loop.
+* *blocks* (short inner, e.g. channels-last where inner == 1): a work item is
+  a block of whole outer rows. Rows are grouped into "super-rows" of R0 rows,
+  W = R0 * C * inner elements long (W >= SUPER_MIN), and every inner loop runs
+  flat over a super-row against per-element copies of the channel constants
+  ("expanded" arrays of length W). Without that, a loop per outer row of 64
+  channels spends more time on loop set-up than on data.
+
+Reductions write one partial per (work item, channel) into a buffer indexed
+by the item and combine them per channel in item order; which thread ran an
+item never matters, so results are bitwise identical for every thread count.
+Per-item statistics are two-pass (mean, then centred sum of squares) over data
+still in L1/L2, partials are combined with the exact two-level formula, all in
+float64: a channel whose mean is 1e5 times its standard deviation loses
+nothing to cancellation.
+
+No argument checking happens here: the Python layer has validated shapes,
+dtypes, contiguity and aliasing.
+"""
+import numpy as np
+
+from cython.parallel cimport parallel, prange
+from bncore._openmp_helpers cimport omp_get_thread_num
+
+ctypedef fused real:
+    float
+    double
+
+cdef enum:
+    LANES = 32            # explicit summation lanes: the order of a sum is part of
+                          # the algorithm, so SSE, AVX2 and AVX-512 builds agree bit
+                          # for bit, and 32 lanes give the vector unit 4-8 chains
+    SEG_LEN = 8192        # longest contiguous segment per work item (rows schedule)
+    ROWS_MIN_INNER = 32   # below this inner size the blocks schedule is used
+    SUPER_MIN = 256       # shortest flat loop in the blocks schedule (elements)
+    BLOCK_ELEMS = 16384   # elements per block (blocks schedule): 64 KiB of float32
+
+
+# --------------------------------------------------------------------------
+# Work decomposition: a pure function of the shape, never of the thread count
+
+cdef struct Plan:
+    Py_ssize_t outer, C, inner
+    bint rows               # rows schedule (else blocks)
+    Py_ssize_t nseg         # rows: segments per (o, c) row
+    Py_ssize_t seg_len      # rows: elements per full segment
+    Py_ssize_t P            # blocks: elements per outer row (C * inner)
+    Py_ssize_t R0           # blocks: outer rows per super-row
+    Py_ssize_t W            # blocks: elements per super-row (R0 * P)
+    Py_ssize_t block_rows   # blocks: outer rows per block (multiple of R0)
+    Py_ssize_t nitems       # parallel work items
+    Py_ssize_t nparts       # partials per channel
+
+
+cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
+    cdef Plan p
+    p.outer = outer
+    p.C = C
+    p.inner = inner
+    p.rows = inner >= ROWS_MIN_INNER
+    p.nseg = 1
+    p.seg_len = inner
+    p.P = C * inner
+    p.R0 = 1
+    p.W = p.P
+    p.block_rows = 1
+    if p.rows:
+        p.nseg = (inner + SEG_LEN - 1) // SEG_LEN
+        # equal-length segments: same cost per item, same count per partial
+        p.seg_len = (inner + p.nseg - 1) // p.nseg
+        p.nitems = outer * C * p.nseg
+        p.nparts = outer * p.nseg
+    else:
+        if p.P > 0 and p.P < SUPER_MIN:
+            p.R0 = (SUPER_MIN + p.P - 1) // p.P
+        p.W = p.R0 * p.P
+        p.block_rows = p.R0 * (BLOCK_ELEMS // p.W if p.W > 0 and p.W < BLOCK_ELEMS else 1)
+        p.nitems = (outer + p.block_rows - 1) // p.block_rows
+        p.nparts = p.nitems
+    return p
+
+
+cdef inline double _part_count(const Plan* p, Py_ssize_t j) noexcept nogil:
+    """Number of elements behind partial j of one channel."""
+    cdef Py_ssize_t k, n
+    if p.rows:
+        k = j % p.nseg
+        n = p.inner - k * p.seg_len
+        return <double>(p.seg_len if n > p.seg_len else n)
+    n = p.outer - j * p.block_rows
+    if n > p.block_rows:
+        n = p.block_rows
+    return <double>(n * p.inner)
+
+
+cdef inline void _rows_item(const Plan* p, Py_ssize_t t, Py_ssize_t* off, Py_ssize_t* n,
+                            Py_ssize_t* c, Py_ssize_t* part) noexcept nogil:
+    """Offset, length, channel and partial index of rows-schedule item t."""
+    cdef Py_ssize_t cs = p.C * p.nseg
+    cdef Py_ssize_t o = t // cs
+    cdef Py_ssize_t rem = t - o * cs
+    cdef Py_ssize_t k = rem % p.nseg
+    cdef Py_ssize_t start = k * p.seg_len
+    cdef Py_ssize_t m = p.inner - start
+    c[0] = rem // p.nseg
+    off[0] = (o * p.C + c[0]) * p.inner + start
+    n[0] = p.seg_len if m > p.seg_len else m
+    part[0] = (o * p.nseg + k) * p.C + c[0]
+
+
+cdef inline Py_ssize_t _block_rows(const Plan* p, Py_ssize_t t) noexcept nogil:
+    """Number of outer rows in blocks-schedule item t."""
+    cdef Py_ssize_t n = p.outer - t * p.block_rows
+    return p.block_rows if n > p.block_rows else n
+
+
+cdef void _expand(const Plan* p, const double* v, double* out) noexcept nogil:
+    """out[j] = v[channel of element j of a super-row], j < W."""
+    cdef Py_ssize_t r, c, i, j = 0
+    for r in range(p.R0):
+        for c in range(p.C):
+            for i in range(p.inner):
+                out[j] = v[c]
+                j += 1
+
+
+cdef void _fold(const Plan* p, const double* acc, Py_ssize_t n, double* out) noexcept nogil:
+    """out[c] = sum of acc[j] over the elements j < n of channel c, j ascending."""
+    cdef Py_ssize_t j = 0, c, i
+    for c in range(p.C):
+        out[c] = 0.0
+    while j < n:
+        for c in range(p.C):
+            for i in range(p.inner):
+                out[c] += acc[j + i]
+            j += p.inner
+    
+
+
+# --------------------------------------------------------------------------
+# Lane-blocked sums over a contiguous segment (rows schedule)
+
+cdef inline double _lane_total(double* acc) noexcept nogil:
+    # pairwise tree over the lanes, in place, in a fixed order
+    cdef int k, w = LANES // 2
+    while w > 0:
+        for k in range(w):
+            acc[k] = acc[k] + acc[k + w]
+        w = w // 2
+    return acc[0]
+
+
+cdef inline void _zero(double* acc, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t k
+    for k in range(n):
+        acc[k] = 0.0
+
+
+cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
+                                  double* mean_out, double* m2_out) noexcept nogil:
+    """Mean of x[0:n] - K and centred sum of squares, two passes, 32 lanes."""
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, nb = n - n % LANES
+    cdef int k
+    cdef double mu, d
+    _zero(acc, LANES)
+    for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
+        for k in range(LANES):
+            acc[k] += <double>x[i + k] - K
+    for k in range(n - nb):
+        acc[k] += <double>x[nb + k] - K
+    mu = _lane_total(acc) / <double>n
+    _zero(acc, LANES)
+    for i in range(0, nb, 32):
+        for k in range(LANES):
+            d = (<double>x[i + k] - K) - mu
+            acc[k] += d * d
+    for k in range(n - nb):
+        d = (<double>x[nb + k] - K) - mu
+        acc[k] += d * d
+    mean_out[0] = mu
+    m2_out[0] = _lane_total(acc)
+
+
+cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, double mu,
+                                  double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """sum(dy) and sum(dy * (x - mu)) over a contiguous segment, 32 lanes."""
+    cdef double a[LANES]
+    cdef double b[LANES]
+    cdef Py_ssize_t i, nb = n - n % LANES
+    cdef int k
+    cdef double g
+    _zero(a, LANES)
+    _zero(b, LANES)
+    for i in range(0, nb, 32):
+        for k in range(LANES):
+            g = <double>dy[i + k]
+            a[k] += g
+            b[k] += g * (<double>x[i + k] - mu)
+    for k in range(n - nb):
+        g = <double>dy[nb + k]
+        a[k] += g
+        b[k] += g * (<double>x[nb + k] - mu)
+    sum_dy[0] = _lane_total(a)
+    sum_dy_xmu[0] = _lane_total(b)
+
+
+# --------------------------------------------------------------------------
+# Flat loops over one super-row (blocks schedule); e_* are expanded constants
+
+cdef inline void _flat_add(const real* x, Py_ssize_t n, const double* e_pivot,
+                          double* acc) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        acc[j] += <double>x[j] - e_pivot[j]
+
+
+cdef inline void _flat_add_sq(const real* x, Py_ssize_t n, const double* e_pivot,
+                              const double* e_mean, double* acc) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double d
+    for j in range(n):
+        d = (<double>x[j] - e_pivot[j]) - e_mean[j]
+        acc[j] += d * d
+
+
+# Four rows at once for wide rows (W >= QUAD_MIN elements, so the four
+# streams sit in different pages): the running sums and constants are loaded
+# once per four elements. The grouping ((r0 + r1) + (r2 + r3)) is fixed by the
+# shape like every summation order here.
+
+cdef enum:
+    QUAD_MIN = 1024
+
+
+cdef inline void _flat_add4(const real* x, Py_ssize_t W, const double* e_pivot,
+                           double* acc) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double K
+    for j in range(W):
+        K = e_pivot[j]
+        acc[j] += (((<double>x[j] - K) + (<double>x[W + j] - K))
+                   + ((<double>x[2 * W + j] - K) + (<double>x[3 * W + j] - K)))
+
+
+cdef inline void _flat_add_sq4(const real* x, Py_ssize_t W, const double* e_pivot,
+                               const double* e_mean, double* acc) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double K, m, d0, d1, d2, d3
+    for j in range(W):
+        K = e_pivot[j]
+        m = e_mean[j]
+        d0 = (<double>x[j] - K) - m
+        d1 = (<double>x[W + j] - K) - m
+        d2 = (<double>x[2 * W + j] - K) - m
+        d3 = (<double>x[3 * W + j] - K) - m
+        acc[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+cdef inline void _flat_dy_sums4(const real* dy, const real* x, Py_ssize_t W,
+                                const double* e_mean, double* acc_a,
+                                double* acc_b) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double m, g0, g1, g2, g3
+    for j in range(W):
+        m = e_mean[j]
+        g0 = <double>dy[j]
+        g1 = <double>dy[W + j]
+        g2 = <double>dy[2 * W + j]
+        g3 = <double>dy[3 * W + j]
+        acc_a[j] += (g0 + g1) + (g2 + g3)
+        acc_b[j] += ((g0 * (<double>x[j] - m) + g1 * (<double>x[W + j] - m))
+                     + (g2 * (<double>x[2 * W + j] - m) + g3 * (<double>x[3 * W + j] - m)))
+
+
+cdef inline void _flat_dy_sums(const real* dy, const real* x, Py_ssize_t n,
+                               const double* e_mean, double* acc_a,
+                               double* acc_b) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double g
+    for j in range(n):
+        g = <double>dy[j]
+        acc_a[j] += g
+        acc_b[j] += g * (<double>x[j] - e_mean[j])
+
+
+cdef inline void _flat_affine(const real* x, real* y, Py_ssize_t n, const double* e_mean,
+                              const double* e_scale, const double* e_shift) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        y[j] = <real>((<double>x[j] - e_mean[j]) * e_scale[j] + e_shift[j])
+
+
+cdef inline void _flat_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
+                          const double* e_mean, const double* e_g, const double* e_a,
+                          const double* e_k) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(n):
+        dx[j] = <real>(e_g[j] * ((<double>dy[j] - e_a[j]) - (<double>x[j] - e_mean[j]) * e_k[j]))
+
+
+# Channel tiles (inner == 1): TILE consecutive channels of every row of a
+# block, with their running sums held in registers across the rows. Channel
+# c's sum runs over the rows in order, whatever the tile it falls in.
+
+cdef enum:
+    TILE = 32
+
+
+cdef inline bint _use_tiles(const Plan* p) noexcept nogil:
+    # Channel tiles for narrow channels-last rows; wide rows (C >= SUPER_MIN)
+    # go flat instead: tiles would stride through them a row apart, and a
+    # power-of-two row length then maps a tile's rows onto one L1 cache set.
+    return p.inner == 1 and p.C < SUPER_MIN
+
+
+cdef inline void _tile_mean_m2(const real* x, Py_ssize_t rows, Py_ssize_t stride,
+                               const double* pivot, double* pm, double* pq) noexcept nogil:
+    """Mean (less the pivot) and M2 over `rows` rows (row stride `stride`) of TILE channels."""
+    cdef double s[TILE]
+    cdef double m[TILE]
+    cdef double K[TILE]
+    cdef Py_ssize_t r
+    cdef int k
+    cdef const real* a
+    cdef double d, cnt = <double>rows
+    for k in range(TILE):
+        s[k] = 0.0
+        K[k] = pivot[k]
+    for r in range(rows):
+        a = x + r * stride
+        for k in range(TILE):
+            s[k] += <double>a[k] - K[k]
+    for k in range(TILE):
+        m[k] = s[k] / cnt
+        s[k] = 0.0
+    for r in range(rows):
+        a = x + r * stride
+        for k in range(TILE):
+            d = (<double>a[k] - K[k]) - m[k]
+            s[k] += d * d
+    for k in range(TILE):
+        pm[k] = m[k]
+        pq[k] = s[k]
+
+
+cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
+                               Py_ssize_t stride, const double* mean, double* pa,
+                               double* pb) noexcept nogil:
+    cdef double sa[TILE]
+    cdef double sb[TILE]
+    cdef double m[TILE]
+    cdef Py_ssize_t r
+    cdef int k
+    cdef double g
+    for k in range(TILE):
+        sa[k] = 0.0
+        sb[k] = 0.0
+        m[k] = mean[k]
+    for r in range(rows):
+        for k in range(TILE):
+            g = <double>dy[r * stride + k]
+            sa[k] += g
+            sb[k] += g * (<double>x[r * stride + k] - m[k])
+    for k in range(TILE):
+        pa[k] = sa[k]
+        pb[k] = sb[k]
+
+
+cdef inline void _cols_mean_m2(const real* x, Py_ssize_t rows, Py_ssize_t stride,
+                               Py_ssize_t ncols, const double* pivot, double* pm,
+                               double* pq) noexcept nogil:
+    """_tile_mean_m2 for ncols < TILE channels (same order of operations)."""
+    cdef Py_ssize_t r, k
+    cdef double s, m, d, K
+    for k in range(ncols):
+        K = pivot[k]
+        s = 0.0
+        for r in range(rows):
+            s += <double>x[r * stride + k] - K
+        m = s / <double>rows
+        s = 0.0
+        for r in range(rows):
+            d = (<double>x[r * stride + k] - K) - m
+            s += d * d
+        pm[k] = m
+        pq[k] = s
+
+
+cdef inline void _cols_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
+                               Py_ssize_t stride, Py_ssize_t ncols, const double* mean,
+                               double* pa, double* pb) noexcept nogil:
+    cdef Py_ssize_t r, k
+    cdef double sa, sb, g
+    for k in range(ncols):
+        sa = 0.0
+        sb = 0.0
+        for r in range(rows):
+            g = <double>dy[r * stride + k]
+            sa += g
+            sb += g * (<double>x[r * stride + k] - mean[k])
+        pa[k] = sa
+        pb[k] = sb
+
+
+cdef inline void _affine_block(const real* x, real* y, Py_ssize_t total, Py_ssize_t W,
+                               const double* e_mean, const double* e_scale,
+                               const double* e_shift) noexcept nogil:
+    cdef Py_ssize_t s = 0
+    while s < total:
+        _flat_affine(x + s, y + s, total - s if total - s < W else W, e_mean, e_scale, e_shift)
+        s += W
+
+
+cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t total,
+                           Py_ssize_t W, const double* e_mean, const double* e_g,
+                           const double* e_a, const double* e_k) noexcept nogil:
+    cdef Py_ssize_t s = 0
+    while s < total:
+        _flat_dx(dy + s, x + s, dx + s, total - s if total - s < W else W,
+                 e_mean, e_g, e_a, e_k)
+        s += W
+
+
+cdef inline void _segment_affine(const real* x, real* y, Py_ssize_t n, double mu,
+                                 double sc, double sh) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = <real>((<double>x[i] - mu) * sc + sh)
+
+
+cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
+                             double mu, double g, double a, double k) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = <real>(g * ((<double>dy[i] - a) - (<double>x[i] - mu) * k))
+
+
+# --------------------------------------------------------------------------
+# Forward statistics
+
+cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const double* pivot,
+                         const double* e_pivot, double* scratch, double* pm,
+                         double* pq) noexcept nogil:
+    """Per-channel mean and M2 of a block of `rows` outer rows, two passes.
+
+    scratch holds 2 * W doubles: per-element sums, then the expanded block mean.
+    """
+    cdef Py_ssize_t s, n, W = p.W, total = rows * p.P
+    cdef bint identity = p.R0 == 1 and p.inner == 1   # super-row element j is channel j
+    cdef double* acc = pm if identity else scratch
+    cdef double* e_mean = pm if identity else scratch + W
+    cdef Py_ssize_t c
+    cdef double cnt = <double>(rows * p.inner)
+    if _use_tiles(p):
+        c = 0
+        while c + TILE <= p.C:
+            _tile_mean_m2(x + c, rows, p.C, pivot + c, pm + c, pq + c)
+            c += TILE
+        if c < p.C:
+            _cols_mean_m2(x + c, rows, p.C, p.C - c, pivot + c, pm + c, pq + c)
+        return
+    _zero(acc, W)
+    s = 0
+    if W >= QUAD_MIN:
+        while s + 4 * W <= total:
+            _flat_add4(x + s, W, e_pivot, acc)
+            s += 4 * W
+    while s < total:
+        n = total - s if total - s < W else W
+        _flat_add(x + s, n, e_pivot, acc)
+        s += W
+    if not identity:
+        _fold(p, acc, W if total > W else total, pm)
+    for c in range(p.C):
+        pm[c] = pm[c] / cnt
+    if identity:
+        acc = pq
+    else:
+        _expand(p, pm, e_mean)
+    _zero(acc, W)
+    s = 0
+    if W >= QUAD_MIN:
+        while s + 4 * W <= total:
+            _flat_add_sq4(x + s, W, e_pivot, e_mean, acc)
+            s += 4 * W
+    while s < total:
+        n = total - s if total - s < W else W
+        _flat_add_sq(x + s, n, e_pivot, e_mean, acc)
+        s += W
+    if not identity:
+        _fold(p, acc, W if total > W else total, pq)
+
+
+cdef void _stats_partials(const real* x, const Plan* p, const double* pivot,
+                          const double* e_pivot, double* pmean, double* pm2,
+                          double* scratch, int nthreads) noexcept nogil:
+    cdef Py_ssize_t t, off, n, c, part
+    cdef double* mine
+    if p.rows:
+        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+            off = n = c = part = 0   # assigned here so Cython makes them thread-private
+            _rows_item(p, t, &off, &n, &c, &part)
+            _segment_mean_m2(x + off, n, pivot[c], &pmean[part], &pm2[part])
+    else:
+        with parallel(num_threads=nthreads):
+            # per-thread scratch; an item's result does not depend on which
+            # slot it used, since the scratch is cleared per item
+            mine = scratch + omp_get_thread_num() * 2 * p.W
+            for t in prange(p.nitems, schedule='static'):
+                _block_mean_m2(p, x + t * p.block_rows * p.P, _block_rows(p, t), pivot,
+                               e_pivot, mine,
+                               pmean + t * p.C, pm2 + t * p.C)
+
+
+cdef enum:
+    COMBINE_CHUNK = 64        # channels per work item when combining partials
+    COMBINE_SERIAL = 65536    # below this many partials, combine on one thread
+
+
+cdef inline int _combine_threads(const Plan* p, int nthreads) noexcept nogil:
+    return 1 if p.nparts * p.C < COMBINE_SERIAL else nthreads
+
+
+cdef inline void _combine_chunk_mean_m2(const Plan* p, const double* counts, double total,
+                                        Py_ssize_t c0, Py_ssize_t c1, const double* pivot,
+                                        const double* pmean, const double* pm2,
+                                        double* mean, double* m2) noexcept nogil:
+    cdef Py_ssize_t j, c, C = p.C
+    cdef double nj, d
+    for c in range(c0, c1):
+        mean[c] = 0.0
+        m2[c] = 0.0
+    for j in range(p.nparts):
+        nj = counts[j]
+        for c in range(c0, c1):
+            mean[c] += nj * pmean[j * C + c]
+    for c in range(c0, c1):
+        mean[c] = mean[c] / total
+    for j in range(p.nparts):
+        nj = counts[j]
+        for c in range(c0, c1):
+            d = pmean[j * C + c] - mean[c]
+            m2[c] += pm2[j * C + c] + nj * d * d
+    for c in range(c0, c1):
+        mean[c] = pivot[c] + mean[c]
+
+
+cdef void _combine_mean_m2(const Plan* p, const double* counts, const double* pivot,
+                           const double* pmean, const double* pm2, double* mean, double* m2,
+                           int nthreads) noexcept nogil:
+    """Exact two-level combination, partials in index order:
+    mean = K + sum n_j m_j / N,  M2 = sum (M2_j + n_j (m_j - (mean - K))^2),
+    the partial means m_j being of x - K for the channel's pivot K."""
+    cdef Py_ssize_t t, c0, c1, nchunks = (p.C + COMBINE_CHUNK - 1) // COMBINE_CHUNK
+    cdef double total = <double>(p.outer * p.inner)
+    for t in prange(nchunks, schedule='static', num_threads=_combine_threads(p, nthreads)):
+        c0 = t * COMBINE_CHUNK
+        c1 = c0 + COMBINE_CHUNK
+        if c1 > p.C:
+            c1 = p.C
+        _combine_chunk_mean_m2(p, counts, total, c0, c1, pivot, pmean, pm2, mean, m2)
+
+
+cdef void _part_counts(const Plan* p, double* counts) noexcept nogil:
+    cdef Py_ssize_t j
+    for j in range(p.nparts):
+        counts[j] = _part_count(p, j)
+
+
+# --------------------------------------------------------------------------
+# Forward elementwise: y = (x - mean) * scale + shift, in float64
+
+cdef void _affine(const real* x, real* y, const Plan* p, const double* mean,
+                  const double* scale, const double* shift, const double* e_mean,
+                  const double* e_scale, const double* e_shift, int nthreads) noexcept nogil:
+    cdef Py_ssize_t t, off, n, c, part, total, base
+    if p.rows:
+        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+            off = n = c = part = 0   # assigned here so Cython makes them thread-private
+            _rows_item(p, t, &off, &n, &c, &part)
+            _segment_affine(x + off, y + off, n, mean[c], scale[c], shift[c])
+    else:
+        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+            base = t * p.block_rows * p.P
+            total = _block_rows(p, t) * p.P
+            _affine_block(x + base, y + base, total, p.W, e_mean, e_scale, e_shift)
+
+
+# --------------------------------------------------------------------------
+# Backward: per-channel sum(dy) and sum(dy * (x - mean))
+
+cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_t rows,
+                         const double* e_mean, double* scratch, double* pa,
+                         double* pb) noexcept nogil:
+    cdef Py_ssize_t s, n, W = p.W, total = rows * p.P
+    cdef bint identity = p.R0 == 1 and p.inner == 1   # super-row element j is channel j
+    cdef double* acc_a = pa if identity else scratch
+    cdef double* acc_b = pb if identity else scratch + W
+    cdef Py_ssize_t c
+    if _use_tiles(p):
+        c = 0
+        while c + TILE <= p.C:
+            _tile_dy_sums(dy + c, x + c, rows, p.C, e_mean + c, pa + c, pb + c)
+            c += TILE
+        if c < p.C:
+            _cols_dy_sums(dy + c, x + c, rows, p.C, p.C - c, e_mean + c, pa + c, pb + c)
+        return
+    _zero(acc_a, W)
+    _zero(acc_b, W)
+    s = 0
+    if W >= QUAD_MIN:
+        while s + 4 * W <= total:
+            _flat_dy_sums4(dy + s, x + s, W, e_mean, acc_a, acc_b)
+            s += 4 * W
+    while s < total:
+        n = total - s if total - s < W else W
+        _flat_dy_sums(dy + s, x + s, n, e_mean, acc_a, acc_b)
+        s += W
+    if not identity:
+        _fold(p, acc_a, W if total > W else total, pa)
+        _fold(p, acc_b, W if total > W else total, pb)
+
+
+cdef void _dy_partials(const real* dy, const real* x, const Plan* p, const double* mean,
+                       const double* e_mean, double* psum, double* psumx, double* scratch,
+                       int nthreads) noexcept nogil:
+    cdef Py_ssize_t t, off, n, c, part, base
+    cdef double* mine
+    if p.rows:
+        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+            off = n = c = part = 0   # assigned here so Cython makes them thread-private
+            _rows_item(p, t, &off, &n, &c, &part)
+            _segment_dy_sums(dy + off, x + off, n, mean[c], &psum[part], &psumx[part])
+    else:
+        with parallel(num_threads=nthreads):
+            mine = scratch + omp_get_thread_num() * 2 * p.W
+            for t in prange(p.nitems, schedule='static'):
+                base = t * p.block_rows * p.P
+                _block_dy_sums(p, dy + base, x + base, _block_rows(p, t), e_mean, mine,
+                               psum + t * p.C, psumx + t * p.C)
+
+
+cdef inline void _combine_chunk_sums(const Plan* p, Py_ssize_t c0, Py_ssize_t c1,
+                                     const double* pa, const double* pb, double* sa,
+                                     double* sb) noexcept nogil:
+    cdef Py_ssize_t j, c, C = p.C
+    for c in range(c0, c1):
+        sa[c] = 0.0
+        sb[c] = 0.0
+    for j in range(p.nparts):
+        for c in range(c0, c1):
+            sa[c] += pa[j * C + c]
+            sb[c] += pb[j * C + c]
+
+
+cdef void _combine_sums(const Plan* p, const double* pa, const double* pb,
+                        double* sa, double* sb, int nthreads) noexcept nogil:
+    """Per-channel sums of the partials, in partial index order."""
+    cdef Py_ssize_t t, c0, c1, nchunks = (p.C + COMBINE_CHUNK - 1) // COMBINE_CHUNK
+    for t in prange(nchunks, schedule='static', num_threads=_combine_threads(p, nthreads)):
+        c0 = t * COMBINE_CHUNK
+        c1 = c0 + COMBINE_CHUNK
+        if c1 > p.C:
+            c1 = p.C
+        _combine_chunk_sums(p, c0, c1, pa, pb, sa, sb)
+
+
+# --------------------------------------------------------------------------
+# Backward elementwise: dx = g * ((dy - a) - (x - mean) * k), in float64.
+# Training: g = w*invstd, a = sum(dy)/N, k = invstd^2 * sum(dy*(x-mean))/N.
+# Inference: a = k = 0, so dx = g * dy.
+
+cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const double* mean,
+              const double* g, const double* a, const double* k, const double* e_mean,
+              const double* e_g, const double* e_a, const double* e_k,
+              int nthreads) noexcept nogil:
+    cdef Py_ssize_t t, off, n, c, part, total, base
+    if p.rows:
+        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+            off = n = c = part = 0   # assigned here so Cython makes them thread-private
+            _rows_item(p, t, &off, &n, &c, &part)
+            _segment_dx(dy + off, x + off, dx + off, n, mean[c], g[c], a[c], k[c])
+    else:
+        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+            base = t * p.block_rows * p.P
+            total = _block_rows(p, t) * p.P
+            _dx_block(dy + base, x + base, dx + base, total, p.W, e_mean, e_g, e_a, e_k)
+
+
+# --------------------------------------------------------------------------
+# Python entry points: allocate scratch, then run a kernel without the GIL.
+# Arrays are 1-D C-contiguous views of the (outer, C, inner) block.
+
+cdef const double[::1] _expanded(const Plan* p, const double[::1] v):
+    """v expanded to one super-row (blocks schedule); v itself when that is the same."""
+    if p.rows or (p.R0 == 1 and p.inner == 1):
+        return v
+    cdef double[::1] out = np.empty(max(p.W, 1))
+    _expand(p, &v[0], &out[0])
+    return out
+
+
+def channel_mean_m2(const real[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+                    double[::1] mean, double[::1] m2, int nthreads):
+    """Per-channel mean and M2 = sum (x - mean)^2 of x viewed as (outer, C, inner).
+
+    Requires outer * inner >= 1 and C >= 1. Every partial is accumulated
+    relative to a pivot K_c, the channel's first element: the partial means
+    are then of size std rather than |mean|, so rounding them costs
+    u * std instead of u * |mean|, and the between-partials term of M2 stays
+    exact for nearly constant channels.
+    """
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef double[::1] pmean = np.empty(p.nparts * C)
+    cdef double[::1] pm2 = np.empty(p.nparts * C)
+    cdef double[::1] scratch = np.empty(1 if p.rows else 2 * p.W * nthreads)
+    cdef double[::1] pivot = np.empty(C)
+    cdef double[::1] counts = np.empty(p.nparts)
+    cdef Py_ssize_t c
+    for c in range(C):
+        pivot[c] = <double>x[c * inner]
+    cdef const double[::1] e_pivot = _expanded(&p, pivot)
+    with nogil:
+        _part_counts(&p, &counts[0])
+        _stats_partials(&x[0], &p, &pivot[0], &e_pivot[0], &pmean[0], &pm2[0], &scratch[0],
+                        nthreads)
+        _combine_mean_m2(&p, &counts[0], &pivot[0], &pmean[0], &pm2[0], &mean[0], &m2[0],
+                         nthreads)
+
+
+def normalize(const real[::1] x, real[::1] y, Py_ssize_t outer, Py_ssize_t C,
+              Py_ssize_t inner, const double[::1] mean, const double[::1] scale,
+              const double[::1] shift, int nthreads):
+    """y = (x - mean[c]) * scale[c] + shift[c], computed in float64."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef const double[::1] e_mean = _expanded(&p, mean)
+    cdef const double[::1] e_scale = _expanded(&p, scale)
+    cdef const double[::1] e_shift = _expanded(&p, shift)
+    with nogil:
+        _affine(&x[0], &y[0], &p, &mean[0], &scale[0], &shift[0],
+                &e_mean[0], &e_scale[0], &e_shift[0], nthreads)
+
+
+def dy_sums(const real[::1] dy, const real[::1] x, Py_ssize_t outer, Py_ssize_t C,
+            Py_ssize_t inner, const double[::1] mean, double[::1] sum_dy,
+            double[::1] sum_dy_xmu, int nthreads):
+    """Per-channel sum(dy) and sum(dy * (x - mean)), accumulated in float64."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef double[::1] pa = np.empty(p.nparts * C)
+    cdef double[::1] pb = np.empty(p.nparts * C)
+    cdef double[::1] scratch = np.empty(1 if p.rows else 2 * p.W * nthreads)
+    cdef const double[::1] e_mean = _expanded(&p, mean)
+    with nogil:
+        _dy_partials(&dy[0], &x[0], &p, &mean[0], &e_mean[0], &pa[0], &pb[0],
+                     &scratch[0], nthreads)
+        _combine_sums(&p, &pa[0], &pb[0], &sum_dy[0], &sum_dy_xmu[0], nthreads)
+
+
+def input_grad(const real[::1] dy, const real[::1] x, real[::1] dx, Py_ssize_t outer,
+               Py_ssize_t C, Py_ssize_t inner, const double[::1] mean, const double[::1] g,
+               const double[::1] a, const double[::1] k, int nthreads):
+    """dx = g[c] * ((dy - a[c]) - (x - mean[c]) * k[c]), computed in float64."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef const double[::1] e_mean = _expanded(&p, mean)
+    cdef const double[::1] e_g = _expanded(&p, g)
+    cdef const double[::1] e_a = _expanded(&p, a)
+    cdef const double[::1] e_k = _expanded(&p, k)
+    with nogil:
+        _dx(&dy[0], &x[0], &dx[0], &p, &mean[0], &g[0], &a[0], &k[0],
+            &e_mean[0], &e_g[0], &e_a[0], &e_k[0], nthreads)

@@ -1,0 +1,118 @@
+"""Argument checking shared by every public function.
+
+Every check runs before any array is modified, and every message names the
+argument. ``TypeError`` is for a wrong kind of thing (not an array, not a
+floating dtype); ``ValueError`` for a wrong value (shape, range, aliasing,
+read-only output).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_array(name: str, a: Any) -> np.ndarray:
+    """`a` as a NumPy array without copying: ndarrays as they are, objects with
+    ``__dlpack__`` (torch CPU tensors, JAX CPU arrays) zero-copy through
+    ``np.from_dlpack``, anything else through ``np.asarray``."""
+    if type(a) is np.ndarray:
+        return a
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "__dlpack__") and not isinstance(a, (list, tuple)):
+        try:
+            return np.from_dlpack(a)
+        except (BufferError, TypeError, RuntimeError) as exc:
+            raise TypeError(f"{name}: cannot view {type(a).__name__} as a NumPy array "
+                            f"through DLPack ({exc}); is it on the CPU?") from exc
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    return np.asarray(a)
+
+
+def float_array(name: str, a: Any, dtypes=FLOAT_DTYPES) -> np.ndarray:
+    arr = as_array(name, a)
+    if arr.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {arr.dtype}")
+    return arr
+
+
+def writeable(name: str, a: np.ndarray) -> None:
+    if not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; bncore writes it in place")
+
+
+def same_shape(name: str, a: np.ndarray, shape: Sequence[int], ref: str) -> None:
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)} (as {ref})")
+
+
+def no_overlap(pairs: Iterable[tuple]) -> None:
+    """Raise if any (name_a, a, name_b, b) pair shares memory."""
+    for name_a, a, name_b, b in pairs:
+        if a is None or b is None:
+            continue
+        if np.may_share_memory(a, b) and np.shares_memory(a, b):
+            raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
+                             f"write an output over an input or over another output")
+
+
+def real_scalar(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    f = float(v)
+    if math.isnan(f):
+        raise ValueError(f"{name} must not be NaN")
+    return f
+
+
+def positive(name: str, v: Any) -> float:
+    f = real_scalar(name, v)
+    if not (f > 0 and math.isfinite(f)):
+        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    return f
+
+
+def in_unit_interval(name: str, v: Any, *, closed_right: bool = True) -> float:
+    f = real_scalar(name, v)
+    ok = 0.0 <= f <= 1.0 if closed_right else 0.0 <= f < 1.0
+    if not ok:
+        interval = "[0, 1]" if closed_right else "[0, 1)"
+        raise ValueError(f"{name} must be in {interval}, got {v!r}")
+    return f
+
+
+def non_negative(name: str, v: Any) -> float:
+    f = real_scalar(name, v)
+    if not (f >= 0.0 and math.isfinite(f)):
+        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+    return f
+
+
+def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(axis).__name__}")
+    a = int(axis)
+    if not -ndim <= a < ndim:
+        raise ValueError(f"{name}={axis} is out of range for an array with {ndim} dimensions")
+    return a % ndim
+
+
+def channel_vector(name: str, v: Optional[Any], channels: int, *,
+                   out: bool = False) -> Optional[np.ndarray]:
+    """A per-channel parameter: None, or a floating 1-D array of length C."""
+    if v is None:
+        return None
+    arr = float_array(name, v)
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got {arr.shape}")
+    if out:
+        writeable(name, arr)
+    return arr

@@ -1,0 +1,85 @@
+"""The (outer, C, inner) view of an array around its channel axis.
+
+Per-channel statistics do not depend on the order of the other axes, so any
+array that is C-contiguous after *some* permutation of its axes can be
+processed in place: order the axes by decreasing stride, and the axes before
+the channel axis in that order form `outer`, those after it form `inner`. This
+covers NCHW, NHWC, PyTorch's channels_last (an NCHW-shaped view of NHWC
+memory), Fortran-ordered and transposed arrays without a copy. Anything else
+(slices with steps, broadcast views) is copied once to C order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ChannelView:
+    """How a (logical) array maps onto a contiguous (outer, C, inner) block."""
+
+    shape: Tuple[int, ...]   # logical shape
+    perm: Tuple[int, ...]    # axis order in memory (slowest first)
+    outer: int
+    channels: int
+    inner: int
+
+    @property
+    def is_identity(self) -> bool:
+        return self.perm == tuple(range(len(self.shape)))
+
+    def flat(self, a: np.ndarray) -> np.ndarray:
+        """1-D view of `a` in this layout (a must already have it)."""
+        m = a if self.is_identity else a.transpose(self.perm)
+        return m.reshape(-1)
+
+    def has_layout(self, a: np.ndarray) -> bool:
+        """True when `a` is stored in exactly this layout (so flat() is a view)."""
+        m = a if self.is_identity else a.transpose(self.perm)
+        return m.flags.c_contiguous
+
+    def empty(self, dtype) -> np.ndarray:
+        """A new array of the logical shape stored in this layout."""
+        mem = np.empty(tuple(self.shape[i] for i in self.perm), dtype=dtype)
+        if self.is_identity:
+            return mem
+        return mem.transpose(np.argsort(self.perm))
+
+    def arrange(self, a: np.ndarray) -> np.ndarray:
+        """`a` itself when it has this layout, else a copy that has it."""
+        if self.has_layout(a):
+            return a
+        out = self.empty(a.dtype)
+        np.copyto(out, a)
+        return out
+
+
+def _view(shape, perm, axis) -> ChannelView:
+    pos = perm.index(axis)
+    outer = 1
+    for i in perm[:pos]:
+        outer *= shape[i]
+    inner = 1
+    for i in perm[pos + 1:]:
+        inner *= shape[i]
+    return ChannelView(tuple(shape), tuple(perm), outer, shape[axis], inner)
+
+
+def channel_view(x: np.ndarray, axis: int) -> ChannelView:
+    """Best layout for `x` with channel axis `axis` (axis already normalized).
+
+    The layout is x's own memory order when x is contiguous in some axis
+    order; otherwise C order (and the caller copies x into it).
+    """
+    nd = x.ndim
+    if x.flags.c_contiguous:
+        return _view(x.shape, tuple(range(nd)), axis)
+    # Sort axes by stride, slowest first; size-1 axes carry no information and
+    # keep their logical place (stable sort on a key that ignores them).
+    strides = [abs(s) if n > 1 else 0 for s, n in zip(x.strides, x.shape)]
+    perm = tuple(sorted(range(nd), key=lambda i: (-strides[i], i)))
+    if x.transpose(perm).flags.c_contiguous:
+        return _view(x.shape, perm, axis)
+    return _view(x.shape, tuple(range(nd)), axis)

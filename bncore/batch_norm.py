@@ -1,0 +1,313 @@
+"""Batch normalization on the CPU: forward (training and inference) and backward.
+
+Formulas (per channel c, over the N = outer * inner values of that channel)::
+
+    mean    = sum(x) / N
+    var     = sum((x - mean)^2) / N                      (biased: used to normalize)
+    invstd  = 1 / sqrt(var + eps)
+    y       = (x - mean) * invstd * weight + bias
+    running = (1 - momentum) * running + momentum * stat  (var unbiased: * N/(N-1))
+
+    dbias   = sum(dy)
+    dweight = sum(dy * (x - mean)) * invstd
+    dx      = weight * invstd * (dy - dbias/N - (x - mean) * invstd^2 * sum(dy*(x - mean))/N)
+                                                          (training: mean, invstd from the batch)
+    dx      = weight * invstd * dy                        (inference: running statistics)
+
+Conventions are PyTorch's (``torch.nn.functional.batch_norm``); ``momentum``
+is the *rate* of the running average (Keras and flax call 0.99 the decay that
+is a rate of 0.01; :class:`bncore.BatchNorm` converts).
+
+Numerics: every statistic accumulates in float64, ``x - mean`` is formed in
+float64 before it is scaled, and summation orders are fixed by the shape, so
+results are bitwise identical for every ``num_threads``. float16 inputs are
+computed through float32 copies (exact) and rounded once at the end.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import numpy as np
+
+from bncore import _bn_kernels as _k
+from bncore import _checks as chk
+from bncore._layout import channel_view
+from bncore._threads import resolve_num_threads
+
+__all__ = ["batch_norm_forward", "batch_norm_backward"]
+
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+
+
+def _as_f64(v: Optional[np.ndarray], channels: int, fill: float) -> np.ndarray:
+    if v is None:
+        return np.full(channels, fill)
+    return np.asarray(v, dtype=np.float64)
+
+
+def _reduced_count(shape, axis: int) -> int:
+    n = 1
+    for i, s in enumerate(shape):
+        if i != axis:
+            n *= s
+    return n
+
+
+def _kernel_input(view, a: np.ndarray) -> np.ndarray:
+    """`a` in the view's layout and in a kernel dtype (float16 goes via float32)."""
+    a = view.arrange(a)
+    if a.dtype == _F16:
+        a = a.astype(_F32, order="K")
+    return a
+
+
+def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
+    """Where the kernel writes: `out` itself when it has the layout and a
+    kernel dtype, else a temporary that the caller copies into `out`."""
+    kdtype = _F32 if dtype == _F16 else dtype
+    if out is not None and out.dtype == kdtype and view.has_layout(out):
+        return out
+    return view.empty(kdtype)
+
+
+def _check_out(name: str, out, x: np.ndarray) -> Optional[np.ndarray]:
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        out = chk.as_array(name, out)
+    if out.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {out.dtype}, expected {x.dtype} (as x)")
+    chk.same_shape(name, out, x.shape, "x")
+    chk.writeable(name, out)
+    return out
+
+
+def batch_norm_forward(
+    x,
+    weight=None,
+    bias=None,
+    running_mean=None,
+    running_var=None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    unbiased_running_var: bool = True,
+    out: Optional[np.ndarray] = None,
+    num_threads: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch-normalize `x` over every axis but `axis`.
+
+    Parameters
+    ----------
+    x : array, ndim >= 2, float16/float32/float64
+        Any layout; `axis` is the channel axis (1 for NC, NCL, NCHW, NCDHW;
+        -1 for channels-last). Non-contiguous inputs are accepted (copied
+        once unless they are a permutation of a contiguous array).
+    weight, bias : (C,) arrays or None (1 and 0)
+    running_mean, running_var : (C,) arrays or None
+        Training: updated in place as ``r = (1 - momentum) * r + momentum * stat``
+        with the variance unbiased (N/(N-1)) unless ``unbiased_running_var=False``.
+        Inference: used to normalize; both required.
+    training : normalize with the batch statistics (True) or the running ones.
+    momentum : rate of the running average, in [0, 1].
+    eps : added to the variance, > 0.
+    out : optional array like `x` (same shape and dtype) to write y into.
+    num_threads : OpenMP threads (None: bncore.get_num_threads()); never
+        changes the result.
+
+    Returns
+    -------
+    y : array like x
+    mean, invstd : (C,) float64
+        The statistics used: batch mean and 1/sqrt(biased var + eps) in
+        training, running ones in inference. Pass them to
+        :func:`batch_norm_backward`.
+    """
+    x = chk.float_array("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
+    ax = chk.normalize_axis(axis, x.ndim)
+    C = x.shape[ax]
+    n = _reduced_count(x.shape, ax)
+    weight = chk.channel_vector("weight", weight, C)
+    bias = chk.channel_vector("bias", bias, C)
+    running_mean = chk.channel_vector("running_mean", running_mean, C, out=True)
+    running_var = chk.channel_vector("running_var", running_var, C, out=True)
+    eps = chk.positive("eps", eps)
+    momentum = chk.in_unit_interval("momentum", momentum)
+    nthreads = resolve_num_threads(num_threads)
+    training = bool(training)
+    if training:
+        if n < 2:
+            raise ValueError(
+                f"training-mode batch norm needs more than 1 value per channel, got {n} "
+                f"(x of shape {x.shape}, channel axis {ax})")
+    elif running_mean is None or running_var is None:
+        raise ValueError("inference mode (training=False) needs running_mean and running_var")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    out = _check_out("out", out, x)
+    chk.no_overlap([
+        ("out", out, "x", x), ("out", out, "weight", weight), ("out", out, "bias", bias),
+        ("out", out, "running_mean", running_mean), ("out", out, "running_var", running_var),
+        ("running_mean", running_mean, "running_var", running_var),
+        ("running_mean", running_mean, "x", x), ("running_var", running_var, "x", x),
+        ("running_mean", running_mean, "weight", weight),
+        ("running_var", running_var, "weight", weight),
+        ("running_mean", running_mean, "bias", bias), ("running_var", running_var, "bias", bias),
+    ])
+
+    # ---- all checks done: from here on arrays are written
+    view = channel_view(x, ax)
+    if training:
+        mean = np.empty(C)
+        m2 = np.empty(C)
+        if C:
+            xk = _kernel_input(view, x)
+            _k.channel_mean_m2(view.flat(xk), view.outer, C, view.inner, mean, m2, nthreads)
+        else:
+            xk = x
+        invstd = 1.0 / np.sqrt(m2 / n + eps)
+    else:
+        xk = _kernel_input(view, x) if x.size else x
+        mean = np.array(running_mean, dtype=np.float64)
+        invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
+
+    scale = invstd * _as_f64(weight, C, 1.0)
+    shift = _as_f64(bias, C, 0.0)
+    target = _output_target(view, out, x.dtype)
+    if x.size:
+        _k.normalize(view.flat(xk), view.flat(target), view.outer, C, view.inner,
+                     mean, scale, shift, nthreads)
+    if out is None:
+        y = target.astype(_F16, order="K") if x.dtype == _F16 else target
+    else:
+        if target is not out:
+            np.copyto(out, target, casting="same_kind")
+        y = out
+
+    if training and running_mean is not None:
+        var_run = m2 / (n - 1) if unbiased_running_var else m2 / n
+        rm = np.asarray(running_mean, dtype=np.float64)
+        rv = np.asarray(running_var, dtype=np.float64)
+        running_mean[...] = (1.0 - momentum) * rm + momentum * mean
+        running_var[...] = (1.0 - momentum) * rv + momentum * var_run
+    return y, mean, invstd
+
+
+def _check_dx_out(out, x: np.ndarray, weight: Optional[np.ndarray], C: int):
+    """Split `out` (None, dx, or a (dx, dweight, dbias) tuple) and check each."""
+    if out is None:
+        return None, None, None
+    if isinstance(out, (tuple, list)):
+        if len(out) != 3:
+            raise ValueError("out must be dx or a (dx, dweight, dbias) tuple")
+        dx, dw, db = out
+    else:
+        dx, dw, db = out, None, None
+    dx = _check_out("out[0] (dx)", dx, x)
+    dw = chk.channel_vector("out[1] (dweight)", dw, C, out=True)
+    db = chk.channel_vector("out[2] (dbias)", db, C, out=True)
+    return dx, dw, db
+
+
+def batch_norm_backward(
+    dy,
+    x,
+    mean,
+    invstd,
+    weight=None,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    out: Union[None, np.ndarray, Tuple[Optional[np.ndarray], ...]] = None,
+    num_threads: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`batch_norm_forward` with respect to x, weight and bias.
+
+    `mean` and `invstd` are the (C,) statistics the forward pass returned.
+    ``training=True`` differentiates through the batch statistics,
+    ``training=False`` treats them as constants (inference / frozen BN).
+
+    Returns ``(dx, dweight, dbias)``: dx like x; dweight and dbias of shape
+    (C,) in weight's dtype (x's dtype when weight is None), always returned.
+    ``out`` may be dx alone or a ``(dx, dweight, dbias)`` tuple (any None).
+    """
+    x = chk.float_array("x", x)
+    dy = chk.float_array("dy", dy)
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}, expected {x.dtype} (as x)")
+    chk.same_shape("dy", dy, x.shape, "x")
+    ax = chk.normalize_axis(axis, x.ndim)
+    C = x.shape[ax]
+    n = _reduced_count(x.shape, ax)
+    mean = chk.channel_vector("mean", mean, C)
+    invstd = chk.channel_vector("invstd", invstd, C)
+    if mean is None or invstd is None:
+        raise TypeError("mean and invstd are required (the statistics batch_norm_forward returned)")
+    weight = chk.channel_vector("weight", weight, C)
+    nthreads = resolve_num_threads(num_threads)
+    training = bool(training)
+    if training and n < 2:
+        raise ValueError(
+            f"training-mode batch norm needs more than 1 value per channel, got {n}")
+    dx_out, dw_out, db_out = _check_dx_out(out, x, weight, C)
+    chk.no_overlap([
+        ("out[0] (dx)", dx_out, "x", x), ("out[0] (dx)", dx_out, "dy", dy),
+        ("out[0] (dx)", dx_out, "mean", mean), ("out[0] (dx)", dx_out, "invstd", invstd),
+        ("out[0] (dx)", dx_out, "weight", weight),
+        ("out[1] (dweight)", dw_out, "out[2] (dbias)", db_out),
+        ("out[1] (dweight)", dw_out, "x", x), ("out[1] (dweight)", dw_out, "dy", dy),
+        ("out[2] (dbias)", db_out, "x", x), ("out[2] (dbias)", db_out, "dy", dy),
+        ("out[0] (dx)", dx_out, "out[1] (dweight)", dw_out),
+        ("out[0] (dx)", dx_out, "out[2] (dbias)", db_out),
+    ])
+
+    # ---- all checks done
+    view = channel_view(x, ax)
+    mean64 = np.asarray(mean, dtype=np.float64)
+    invstd64 = np.asarray(invstd, dtype=np.float64)
+    sum_dy = np.zeros(C)
+    sum_dy_xmu = np.zeros(C)
+    target = _output_target(view, dx_out, x.dtype)
+    if x.size:
+        xk = _kernel_input(view, x)
+        dyk = _kernel_input(view, dy)
+        _k.dy_sums(view.flat(dyk), view.flat(xk), view.outer, C, view.inner, mean64,
+                   sum_dy, sum_dy_xmu, nthreads)
+        g = _as_f64(weight, C, 1.0) * invstd64
+        if training:
+            a = sum_dy / n
+            k = invstd64 * invstd64 * sum_dy_xmu / n
+        else:
+            a = np.zeros(C)
+            k = a
+        _k.input_grad(view.flat(dyk), view.flat(xk), view.flat(target), view.outer, C,
+                      view.inner, mean64, g, a, k, nthreads)
+    if dx_out is None:
+        dx = target.astype(_F16, order="K") if x.dtype == _F16 else target
+    else:
+        if target is not dx_out:
+            np.copyto(dx_out, target, casting="same_kind")
+        dx = dx_out
+
+    pdtype = weight.dtype if weight is not None else x.dtype
+    dweight = sum_dy_xmu * invstd64
+    dbias = sum_dy
+    if dw_out is not None:
+        dw_out[...] = dweight
+        dweight = dw_out
+    else:
+        dweight = dweight.astype(pdtype, copy=False)
+    if db_out is not None:
+        db_out[...] = dbias
+        dbias = db_out
+    else:
+        dbias = dbias.astype(pdtype, copy=False)
+    return dx, dweight, dbias

@@ -1,0 +1,59 @@
+"""Framework conventions, as data (see the table in DESIGN.md).
+
+Each entry records what the framework's own source does, so that
+``convention="keras"`` (and friends) reproduces that framework's defaults and
+formulas. Momentum is always stored as bncore's *rate* (the weight of the new
+batch statistic); frameworks that call 0.99 "momentum" mean a decay, i.e. a
+rate of 0.01, and the ``framework_momentum`` column keeps their number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict
+
+CONVENTION_NAMES = ("torch", "keras", "tf_fused", "flax", "optax", "onnx")
+
+
+@dataclass(frozen=True)
+class BatchNormConvention:
+    """Batch-normalization defaults of one framework."""
+
+    name: str
+    momentum: float            # bncore rate: r = (1 - momentum) r + momentum * stat
+    framework_momentum: float  # the number the framework's own API takes
+    momentum_is_decay: bool    # True when the framework's number is 1 - rate
+    eps: float
+    unbiased_running_var: bool
+    axis: int                  # default channel axis
+    source: str                # where the convention comes from
+
+
+BATCH_NORM: Dict[str, BatchNormConvention] = {
+    "torch": BatchNormConvention(
+        "torch", 0.1, 0.1, False, 1e-5, True, 1,
+        "torch.nn.BatchNorm*d: momentum=0.1 (rate; None = cumulative average), eps=1e-5, "
+        "running_var updated with the unbiased batch variance"),
+    "keras": BatchNormConvention(
+        "keras", 0.01, 0.99, True, 1e-3, False, -1,
+        "keras.layers.BatchNormalization (Keras 3): momentum=0.99 (decay), epsilon=1e-3, "
+        "moving_variance updated with the biased batch variance, channels-last"),
+    "tf_fused": BatchNormConvention(
+        "tf_fused", 0.01, 0.99, True, 1e-3, True, -1,
+        "tf.keras 2 BatchNormalization, fused kernel (4D/5D inputs): decay 0.99, "
+        "epsilon=1e-3, tf.nn.fused_batch_norm applies Bessel's correction to the variance"),
+    "flax": BatchNormConvention(
+        "flax", 0.01, 0.99, True, 1e-5, False, -1,
+        "flax.linen.BatchNorm: momentum=0.99 (decay), epsilon=1e-5, biased variance"),
+    "onnx": BatchNormConvention(
+        "onnx", 0.1, 0.9, True, 1e-5, False, 1,
+        "ONNX BatchNormalization (opset 15): momentum=0.9 (decay), epsilon=1e-5, "
+        "running_var from the population (biased) variance"),
+}
+
+
+def batch_norm_convention(name: str) -> BatchNormConvention:
+    try:
+        return BATCH_NORM[name]
+    except KeyError:
+        raise ValueError(f"unknown batch-norm convention {name!r}; choose one of "
+                         f"{', '.join(BATCH_NORM)}") from None

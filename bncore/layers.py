@@ -1,0 +1,166 @@
+"""The batch-normalization layer: parameters, running statistics, mode.
+
+A thin object over :func:`bncore.batch_norm_forward` /
+:func:`bncore.batch_norm_backward`, shaped like ``torch.nn.BatchNorm2d``:
+the functions stay stateless (they save mean and invstd), the layer owns
+weight, bias and running statistics and remembers what backward needs.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from bncore import _checks as chk
+from bncore.batch_norm import batch_norm_backward, batch_norm_forward
+from bncore.conventions import batch_norm_convention
+
+_UNSET: Any = object()
+
+
+class BatchNorm:
+    """Batch normalization over the channel axis of inputs of any ndim >= 2.
+
+    Parameters
+    ----------
+    num_features : C, the size of the channel axis.
+    eps : added to the variance (default: the convention's; torch 1e-5).
+    momentum : rate of the running average, ``r = (1 - m) r + m * stat``
+        (default: the convention's; torch 0.1). ``None`` gives the cumulative
+        moving average, ``m = 1 / num_batches_tracked``, as PyTorch does.
+        Keras and flax state 0.99 as a decay: their convention here is a rate
+        of 0.01.
+    affine : learnable ``weight`` (ones) and ``bias`` (zeros).
+    track_running_stats : keep running_mean / running_var (zeros / ones) and
+        ``num_batches_tracked``; when False, inference also uses batch statistics.
+    axis : channel axis (default: the convention's; torch 1, Keras -1).
+    convention : "torch", "keras", "tf_fused", "flax" or "onnx": sets the
+        defaults above and the running-variance rule (unbiased for torch and
+        tf_fused, biased otherwise).
+    dtype : dtype of the parameters and running statistics (float32).
+
+    Gradients of the last ``backward`` are in ``grad_weight`` and ``grad_bias``.
+    """
+
+    def __init__(self, num_features: int, eps: Optional[float] = None,
+                 momentum: Optional[float] = _UNSET, affine: bool = True,
+                 track_running_stats: bool = True, axis: Optional[int] = None, *,
+                 convention: str = "torch", dtype=np.float32) -> None:
+        conv = batch_norm_convention(convention)
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)):
+            raise TypeError(f"num_features must be an int, got {type(num_features).__name__}")
+        if num_features < 1:
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        self.num_features = int(num_features)
+        self.convention = conv.name
+        self.eps = chk.positive("eps", conv.eps if eps is None else eps)
+        if momentum is _UNSET:
+            momentum = conv.momentum
+        self.momentum = None if momentum is None else chk.in_unit_interval("momentum", momentum)
+        self.axis = conv.axis if axis is None else int(axis)
+        self.unbiased_running_var = conv.unbiased_running_var
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in chk.FLOAT_DTYPES:
+            raise TypeError(f"dtype must be float16, float32 or float64, got {self.dtype}")
+        C = self.num_features
+        self.weight = np.ones(C, self.dtype) if self.affine else None
+        self.bias = np.zeros(C, self.dtype) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(C, self.dtype)
+            self.running_var = np.ones(C, self.dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = None
+            self.num_batches_tracked = None
+        self.training = True
+        self.grad_weight: Optional[np.ndarray] = None
+        self.grad_bias: Optional[np.ndarray] = None
+        self._saved: Optional[tuple] = None
+
+    # ---- mode
+    def train(self, mode: bool = True) -> "BatchNorm":
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "BatchNorm":
+        return self.train(False)
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    # ---- computation
+    def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
+        """Normalize x; in training mode also update the running statistics."""
+        batch_stats = self._uses_batch_stats()
+        update = self.training and self.track_running_stats
+        momentum = 0.0
+        if update:
+            if self.momentum is None:
+                momentum = 1.0 / (self.num_batches_tracked + 1)
+            else:
+                momentum = self.momentum
+        y, mean, invstd = batch_norm_forward(
+            x, self.weight, self.bias,
+            self.running_mean if (update or not batch_stats) else None,
+            self.running_var if (update or not batch_stats) else None,
+            training=batch_stats, momentum=momentum, eps=self.eps, axis=self.axis,
+            unbiased_running_var=self.unbiased_running_var, num_threads=num_threads)
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = (x, mean, invstd, batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy, *, num_threads: Optional[int] = None) -> np.ndarray:
+        """dx for the last forward; stores grad_weight and grad_bias."""
+        if self._saved is None:
+            raise RuntimeError("backward() called before forward()")
+        x, mean, invstd, batch_stats = self._saved
+        dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight,
+                                         training=batch_stats, axis=self.axis,
+                                         num_threads=num_threads)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dw, db
+        return dx
+
+    # ---- state
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of weight, bias, running statistics and num_batches_tracked."""
+        state: Dict[str, np.ndarray] = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Copy a state_dict in, bit for bit; keys and shapes must match exactly."""
+        expected = set(self.state_dict())
+        got = set(state)
+        if got != expected:
+            raise ValueError(f"state_dict keys {sorted(got)} do not match {sorted(expected)}")
+        arrays = {}
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            if key in expected:
+                v = np.asarray(state[key])
+                if v.shape != (self.num_features,):
+                    raise ValueError(f"state_dict[{key!r}] has shape {v.shape}, "
+                                     f"expected ({self.num_features},)")
+                if v.dtype != self.dtype:
+                    raise TypeError(f"state_dict[{key!r}] has dtype {v.dtype}, expected {self.dtype}")
+                arrays[key] = v
+        for key, v in arrays.items():
+            np.copyto(getattr(self, key), v)
+        if "num_batches_tracked" in expected:
+            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+
+    def __repr__(self) -> str:
+        return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"axis={self.axis}, convention={self.convention!r})")

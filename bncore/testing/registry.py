@@ -1,0 +1,544 @@
+"""The op registry: one spec per public op, driving every generic check.
+
+A spec says how to draw inputs for the op (from a small dict of named
+parameters whose domains are listed in ``space``), how to call it on a
+backend (CPU ``bncore`` or GPU ``bncore_gpu``), what the float64 oracle says
+the outputs are, how far each output may be from the oracle, and how to
+finite-difference it. The test-suite turns ``space`` into Hypothesis
+strategies; ``bncore check`` walks a fixed sample of it. A test asserts that
+every public function of bncore is covered by some spec (``covers``).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from bncore.testing import reference as ref
+
+Params = Dict[str, Any]
+Arrays = Dict[str, np.ndarray]
+
+
+# --------------------------------------------------------------------------
+# Backends
+
+@dataclass(frozen=True)
+class Backend:
+    """An implementation of the bncore API and how to move arrays to it."""
+
+    name: str
+    module: Any
+    to_device: Callable[[np.ndarray], Any]
+    to_host: Callable[[Any], np.ndarray]
+
+
+def cpu_backend() -> Backend:
+    import bncore
+
+    return Backend("cpu", bncore, lambda a: a, np.asarray)
+
+
+def gpu_backend() -> Optional[Backend]:
+    """The CUDA backend, or None when bncore_gpu cannot run here."""
+    try:
+        gpu = importlib.import_module("bncore_gpu")
+        import cupy
+    except Exception:  # noqa: BLE001 - ImportError, RuntimeError (no device), ...
+        return None
+
+    def to_device(a):
+        return cupy.asarray(a) if isinstance(a, np.ndarray) else a
+
+    def to_host(a):
+        return cupy.asnumpy(a) if isinstance(a, cupy.ndarray) else np.asarray(a)
+
+    return Backend("gpu", gpu, to_device, to_host)
+
+
+# --------------------------------------------------------------------------
+# Specs
+
+@dataclass(frozen=True)
+class Case:
+    """Inputs for one call: arrays (NumPy, in their drawn layout) and keywords."""
+
+    params: Params
+    arrays: Dict[str, Optional[np.ndarray]]
+    kwargs: Dict[str, Any]
+
+    def describe(self) -> str:
+        keys = ("dtype", "layout", "values", "training")
+        shape = self.params.get("shape")
+        parts = [f"{k}={self.params[k]}" for k in keys if k in self.params]
+        if shape is not None:
+            parts.insert(0, f"shape={shape}")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str                                     # registry name (usually the function's)
+    covers: Tuple[str, ...]                       # public names this spec exercises
+    space: Dict[str, Sequence[Any]]               # parameter domains
+    make_case: Callable[[Params], Case]
+    call: Callable[[Backend, Case, Optional[int]], Arrays]
+    oracle: Callable[[Case], Arrays]
+    tolerance: Callable[[Case, str], float]       # normwise relative error allowed
+    gradcheck: Optional[Callable[[Params], Any]] = None   # returns a GradcheckReport
+    fd_space: Dict[str, Sequence[Any]] = field(default_factory=dict)
+    gpu: bool = True                              # has a bncore_gpu twin
+    # floor for the norm an output's error is relative to: where an output is
+    # a difference of larger terms (cancellation), errors scale with the terms
+    error_floor: Optional[Callable[[Case, str], float]] = None
+
+    def default_params(self) -> Params:
+        return {k: v[0] for k, v in self.space.items()}
+
+
+REGISTRY: Dict[str, OpSpec] = {}
+
+
+def register(spec: OpSpec) -> OpSpec:
+    if spec.name in REGISTRY:
+        raise ValueError(f"op {spec.name!r} registered twice")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def covered_names() -> set:
+    names = set()
+    for spec in REGISTRY.values():
+        names.update(spec.covers)
+    return names
+
+
+def errors_against_oracle(spec: OpSpec, backend: Backend, case: Case,
+                          num_threads: Optional[int] = None) -> Dict[str, Tuple[float, float]]:
+    """{output: (normwise relative error, tolerance)} of one backend call."""
+    got = spec.call(backend, case, num_threads)
+    want = spec.oracle(case)
+    out = {}
+    for key, expected in want.items():
+        if expected is None:
+            continue
+        floor = spec.error_floor(case, key) if spec.error_floor else 0.0
+        out[key] = (ref.normwise_relative_error(got[key], expected, floor=max(floor, 1e-30)),
+                    spec.tolerance(case, key))
+    return out
+
+
+# --------------------------------------------------------------------------
+# Drawing arrays
+
+DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+
+
+def realize_layout(values: np.ndarray, layout: str, rng: np.random.Generator) -> np.ndarray:
+    """The same logical values, stored in the named memory layout.
+
+    c: C-contiguous; permuted: contiguous in a random axis order (e.g.
+    channels-last memory behind an NCHW shape); fortran: column-major;
+    strided: every other element of a larger buffer (needs a copy).
+    """
+    if layout == "c":
+        return np.ascontiguousarray(values)
+    if layout == "permuted":
+        perm = tuple(rng.permutation(values.ndim))
+        mem = np.ascontiguousarray(values.transpose(perm))
+        return mem.transpose(np.argsort(perm))
+    if layout == "fortran":
+        return np.asfortranarray(values)
+    if layout == "strided":
+        ax = int(rng.integers(values.ndim))
+        shape = list(values.shape)
+        shape[ax] *= 2
+        big = np.zeros(shape, dtype=values.dtype)
+        index = [slice(None)] * values.ndim
+        index[ax] = slice(None, None, 2)
+        big[tuple(index)] = values
+        return big[tuple(index)]
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def param_dtype(dtype: str):
+    """Dtype of weights and running statistics for inputs of `dtype`."""
+    return np.float64 if dtype == "float64" else np.float32
+
+
+# --------------------------------------------------------------------------
+# Batch normalization
+
+BN_SPACE: Dict[str, Sequence[Any]] = {
+    "seed": range(0, 2 ** 16),
+    "ndim": (4, 2, 3, 5),
+    "batch": (3, 1, 2, 5, 8),
+    "channels": (3, 1, 2, 7, 16),
+    "axis": ("1", "-1", "any"),
+    "layout": ("c", "permuted", "fortran", "strided"),
+    "dtype": ("float32", "float64", "float16"),
+    "values": ("normal", "offset", "near_constant"),
+    "training": (True, False),
+    "affine": (True, False),
+    "running": (True, False),
+}
+
+TOLERANCE = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3}
+
+
+def _data_tolerance(case: "Case") -> float:
+    """Allowed normwise error of an output in x's dtype.
+
+    float64 results inherit the rounding of the float64 mean itself, about
+    u * |mean| / std relative to the normalized output (u = 1.1e-16), so the
+    bound grows with the data's condition (|mean|/std up to 1e5 here); the
+    float32 and float16 bounds are their output rounding.
+    """
+    dtype = case.params["dtype"]
+    if dtype == "float64":
+        return max(TOLERANCE[dtype], 1e-15 * case.params.get("condition", 1.0))
+    return TOLERANCE[dtype]
+
+
+def _bn_shape(p: Params, rng: np.random.Generator) -> Tuple[Tuple[int, ...], int]:
+    ndim, C = p["ndim"], p["channels"]
+    spatial = [int(rng.choice((1, 2, 3, 5, 9))) for _ in range(ndim - 2)]
+    others = [p["batch"]] + spatial
+    if p["axis"] == "1":
+        axis = 1
+    elif p["axis"] == "-1":
+        axis = ndim - 1
+    else:
+        axis = int(rng.integers(ndim))
+    shape = others[:axis] + [C] + others[axis:]
+    return tuple(shape), axis
+
+
+def _channel_values(p: Params, rng: np.random.Generator, shape, axis) -> np.ndarray:
+    """float64 values with the drawn per-channel character."""
+    C = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    z = rng.standard_normal(shape)
+    kind = p["values"]
+    f16 = p["dtype"] == "float16"
+    if kind == "normal":
+        mean = rng.normal(0, 1, C)
+        std = rng.uniform(0.5, 2.0, C)
+    elif kind == "offset":
+        # channel mean up to 1e5 times its standard deviation (1e2 in float16,
+        # whose 11-bit significand cannot hold more)
+        std = rng.uniform(0.5, 2.0, C) if not f16 else rng.uniform(1.0, 4.0, C)
+        ratio = 10.0 ** rng.uniform(2, 2 if f16 else 5, C)
+        mean = std * ratio * rng.choice((-1.0, 1.0), C)
+    elif kind == "offset_mild":
+        std = rng.uniform(0.5, 2.0, C)
+        mean = std * 10.0 ** rng.uniform(1, 3, C) * rng.choice((-1.0, 1.0), C)
+    elif kind == "near_constant":
+        mean = rng.normal(0, 10, C)
+        std = np.abs(mean) * 1e-6 + 1e-7 if not f16 else np.full(C, 1e-3)
+    else:
+        raise ValueError(kind)
+    p["condition"] = float(np.max(np.abs(mean) / std))
+    return mean.reshape(bshape) + std.reshape(bshape) * z
+
+
+def make_bn_forward_case(p: Params) -> Case:
+    p = dict(p)
+    rng = np.random.default_rng(p["seed"])
+    if not p["training"]:
+        p["running"] = True
+    shape, axis = _bn_shape(p, rng)
+    if p["training"] and np.prod(shape) // shape[axis] < 2:
+        shape = tuple(2 if (i != axis and s == 1) else s for i, s in enumerate(shape))
+    p["shape"] = shape
+    dt = DTYPES[p["dtype"]]
+    pdt = param_dtype(p["dtype"])
+    x = realize_layout(_channel_values(p, rng, shape, axis).astype(dt), p["layout"], rng)
+    C = shape[axis]
+    arrays: Dict[str, Optional[np.ndarray]] = {"x": x, "weight": None, "bias": None,
+                                               "running_mean": None, "running_var": None}
+    if p["affine"]:
+        arrays["weight"] = rng.normal(1.0, 0.3, C).astype(pdt)
+        arrays["bias"] = rng.normal(0.0, 0.3, C).astype(pdt)
+    if p["running"]:
+        xf = x.astype(np.float64)
+        red = tuple(i for i in range(len(shape)) if i != axis)
+        true_mean = xf.mean(axis=red)
+        true_var = xf.var(axis=red)
+        # running statistics near the data's, so inference mode is well conditioned
+        arrays["running_mean"] = (true_mean + 0.1 * np.sqrt(true_var) * rng.standard_normal(C)).astype(pdt)
+        arrays["running_var"] = (true_var * rng.uniform(0.8, 1.25, C) + 1e-3).astype(pdt)
+    momentum = float(rng.choice((0.1, 0.01, 0.5, 1.0)))
+    eps = float(rng.choice((1e-5, 1e-3)))
+    kwargs = dict(training=p["training"], momentum=momentum, eps=eps,
+                  axis=axis if rng.integers(2) else axis - len(shape),
+                  unbiased_running_var=bool(rng.integers(2)))
+    return Case(p, arrays, kwargs)
+
+
+def _bn_forward_call(backend: Backend, case: Case, num_threads: Optional[int]) -> Arrays:
+    a = {k: (None if v is None else backend.to_device(v.copy() if k.startswith("running") else v))
+         for k, v in case.arrays.items()}
+    y, mean, invstd = backend.module.batch_norm_forward(
+        a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"],
+        num_threads=num_threads, **case.kwargs)
+    out = {"y": backend.to_host(y), "mean": backend.to_host(mean),
+           "invstd": backend.to_host(invstd)}
+    if a["running_mean"] is not None:
+        out["running_mean"] = backend.to_host(a["running_mean"])
+        out["running_var"] = backend.to_host(a["running_var"])
+    return out
+
+
+def _bn_forward_oracle(case: Case) -> Arrays:
+    a = case.arrays
+    y, mean, invstd, rm, rv = ref.batch_norm_forward(
+        a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], **case.kwargs)
+    out = {"y": y, "mean": mean, "invstd": invstd}
+    if a["running_mean"] is not None:
+        out["running_mean"] = rm
+        out["running_var"] = rv
+    return out
+
+
+def _bn_tolerance(case: Case, key: str) -> float:
+    dtype = case.params["dtype"]
+    if key in ("mean", "invstd"):
+        return 1e-12          # float64 outputs, from exact float64 sums
+    if key.startswith("running"):
+        return 1e-6 if param_dtype(dtype) == np.float32 else 1e-12
+    return _data_tolerance(case)
+
+
+def make_bn_backward_case(p: Params) -> Case:
+    fwd = make_bn_forward_case(p)
+    rng = np.random.default_rng(fwd.params["seed"] + 7919)
+    a = fwd.arrays
+    kw = fwd.kwargs
+    x = a["x"]
+    _, mean, invstd, _, _ = ref.batch_norm_forward(
+        x, a["weight"], a["bias"], a["running_mean"], a["running_var"], **kw)
+    dy = realize_layout(rng.standard_normal(x.shape).astype(x.dtype),
+                        str(rng.choice(("c", "permuted", "fortran", "strided"))), rng)
+    arrays = {"dy": dy, "x": x, "mean": mean, "invstd": invstd, "weight": a["weight"]}
+    return Case(fwd.params, arrays, dict(training=kw["training"], axis=kw["axis"]))
+
+
+def _bn_backward_call(backend: Backend, case: Case, num_threads: Optional[int]) -> Arrays:
+    a = {k: (None if v is None else backend.to_device(v)) for k, v in case.arrays.items()}
+    dx, dw, db = backend.module.batch_norm_backward(
+        a["dy"], a["x"], a["mean"], a["invstd"], a["weight"], num_threads=num_threads,
+        **case.kwargs)
+    return {"dx": backend.to_host(dx), "dweight": backend.to_host(dw),
+            "dbias": backend.to_host(db)}
+
+
+def _bn_backward_oracle(case: Case) -> Arrays:
+    a = case.arrays
+    dx, dw, db = ref.batch_norm_backward(a["dy"], a["x"], a["mean"], a["invstd"],
+                                         a["weight"], **case.kwargs)
+    return {"dx": dx, "dweight": dw, "dbias": db}
+
+
+def _bn_backward_tolerance(case: Case, key: str) -> float:
+    if key == "dx":
+        return _data_tolerance(case)
+    # dweight / dbias: float64 sums rounded once to weight's dtype (x's without weight)
+    w = case.arrays["weight"]
+    out_dtype = np.dtype(w.dtype if w is not None else case.arrays["x"].dtype).name
+    if out_dtype == "float64":
+        return _data_tolerance(case)
+    return TOLERANCE[out_dtype]
+
+
+def _bn_backward_floor(case: Case, key: str) -> float:
+    """dx is dy less its projections: measure its error against |w invstd dy|."""
+    if key != "dx":
+        return 0.0
+    a = case.arrays
+    axis = case.kwargs["axis"] % a["x"].ndim
+    shape = [1] * a["x"].ndim
+    shape[axis] = -1
+    g = np.asarray(a["invstd"], dtype=np.float64)
+    if a["weight"] is not None:
+        g = g * a["weight"]
+    return float(np.linalg.norm(a["dy"].astype(np.float64) * g.reshape(shape)))
+
+
+def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random"):
+    """Finite differences of batch_norm_forward against batch_norm_backward (float64)."""
+    from bncore.gradcheck import gradcheck
+
+    backend = backend or cpu_backend()
+    p = dict(p, dtype="float64", layout="c", affine=True)
+    case = make_bn_forward_case(p)
+    a = case.arrays
+    kw = case.kwargs
+    rm, rv = a["running_mean"], a["running_var"]
+    bn = backend.module
+
+    def f(x, w, b):
+        y, _, _ = bn.batch_norm_forward(
+            backend.to_device(x), backend.to_device(w), backend.to_device(b),
+            None if kw["training"] else backend.to_device(rm),
+            None if kw["training"] else backend.to_device(rv),
+            training=kw["training"], eps=kw["eps"], axis=kw["axis"])
+        return backend.to_host(y)
+
+    def vjp(u, x, w, b):
+        xd = backend.to_device(x)
+        _, mean, invstd = bn.batch_norm_forward(
+            xd, backend.to_device(w), backend.to_device(b),
+            None if kw["training"] else backend.to_device(rm),
+            None if kw["training"] else backend.to_device(rv),
+            training=kw["training"], eps=kw["eps"], axis=kw["axis"])
+        dx, dw, db = bn.batch_norm_backward(backend.to_device(u), xd, mean, invstd,
+                                            backend.to_device(w), training=kw["training"],
+                                            axis=kw["axis"])
+        return backend.to_host(dx), backend.to_host(dw), backend.to_host(db)
+
+    # directions of the size of a channel's spread, not of its offset
+    red = tuple(i for i in range(a["x"].ndim) if i != kw["axis"] % a["x"].ndim)
+    x_scale = float(np.min(a["x"].std(axis=red))) if a["x"].size else 1.0
+    return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, h=1e-5,
+                     rtol=1e-6, atol=1e-9, seed=p["seed"], scales=[x_scale, 1.0, 1.0])
+
+
+BN_FD_SPACE = dict(BN_SPACE, values=("normal", "offset_mild"), dtype=("float64",),
+                   layout=("c",), affine=(True,))
+
+register(OpSpec(
+    name="batch_norm_forward",
+    covers=("batch_norm_forward",),
+    space=BN_SPACE,
+    make_case=make_bn_forward_case,
+    call=_bn_forward_call,
+    oracle=_bn_forward_oracle,
+    tolerance=_bn_tolerance,
+    gradcheck=bn_gradcheck,
+    fd_space=BN_FD_SPACE,
+))
+
+register(OpSpec(
+    name="batch_norm_backward",
+    covers=("batch_norm_backward",),
+    space=BN_SPACE,
+    make_case=make_bn_backward_case,
+    call=_bn_backward_call,
+    oracle=_bn_backward_oracle,
+    tolerance=_bn_backward_tolerance,
+    error_floor=_bn_backward_floor,
+    gradcheck=bn_gradcheck,
+    fd_space=BN_FD_SPACE,
+))
+
+
+def _layer_call(backend: Backend, case: Case, num_threads: Optional[int]) -> Arrays:
+    """A BatchNorm layer: training forward, backward, then inference forward."""
+    a = case.arrays
+    kw = case.kwargs
+    x = a["x"]
+    C = x.shape[kw["axis"]]
+    layer = backend.module.BatchNorm(
+        C, eps=kw["eps"], momentum=kw["momentum"], affine=a["weight"] is not None,
+        track_running_stats=a["running_mean"] is not None, axis=kw["axis"],
+        convention="torch" if kw["unbiased_running_var"] else "flax",
+        dtype=param_dtype(case.params["dtype"]))
+    state = {}
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        if a[key] is not None:
+            state[key] = backend.to_device(a[key])
+    if a["running_mean"] is not None:
+        state["num_batches_tracked"] = np.array(3, dtype=np.int64)
+    layer.load_state_dict(state)
+    xd = backend.to_device(x)
+    y = layer.forward(xd, num_threads=num_threads)
+    dy = backend.to_device(case.arrays["dy"])
+    dx = layer.backward(dy, num_threads=num_threads)
+    out = {"y": backend.to_host(y), "dx": backend.to_host(dx)}
+    if a["weight"] is not None:
+        out["grad_weight"] = backend.to_host(layer.grad_weight)
+        out["grad_bias"] = backend.to_host(layer.grad_bias)
+    if a["running_mean"] is not None:
+        out["running_mean"] = backend.to_host(layer.running_mean)
+        out["running_var"] = backend.to_host(layer.running_var)
+        layer.eval()
+        out["y_eval"] = backend.to_host(layer.forward(xd, num_threads=num_threads))
+    return out
+
+
+def make_layer_case(p: Params) -> Case:
+    p = dict(p, training=True)
+    case = make_bn_forward_case(p)
+    rng = np.random.default_rng(case.params["seed"] + 104729)
+    x = case.arrays["x"]
+    arrays = dict(case.arrays, dy=rng.standard_normal(x.shape).astype(x.dtype))
+    return Case(case.params, arrays, case.kwargs)
+
+
+def _layer_oracle(case: Case) -> Arrays:
+    a = case.arrays
+    kw = dict(case.kwargs)
+    y, mean, invstd, rm, rv = ref.batch_norm_forward(
+        a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], **kw)
+    dx, dw, db = ref.batch_norm_backward(a["dy"], a["x"], mean, invstd, a["weight"],
+                                         training=True, axis=kw["axis"])
+    out = {"y": y, "dx": dx}
+    if a["weight"] is not None:
+        out["grad_weight"] = dw
+        out["grad_bias"] = db
+    if a["running_mean"] is not None:
+        pdt = param_dtype(case.params["dtype"])
+        rm32, rv32 = rm.astype(pdt), rv.astype(pdt)   # stored in the layer's dtype
+        out["running_mean"] = rm
+        out["running_var"] = rv
+        kw["training"] = False
+        out["y_eval"] = ref.batch_norm_forward(a["x"], a["weight"], a["bias"], rm32, rv32,
+                                               **kw)[0]
+    return out
+
+
+def _layer_tolerance(case: Case, key: str) -> float:
+    if key in ("grad_weight", "grad_bias"):
+        return _bn_backward_tolerance(case, "dweight")
+    return _bn_tolerance(case, key)
+
+
+def _layer_floor(case: Case, key: str) -> float:
+    if key != "dx":
+        return 0.0
+    a = case.arrays
+    _, mean, invstd, _, _ = ref.batch_norm_forward(
+        a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], **case.kwargs)
+    bwd = Case(case.params, {"dy": a["dy"], "x": a["x"], "invstd": invstd,
+                             "weight": a["weight"]}, {"axis": case.kwargs["axis"]})
+    return _bn_backward_floor(bwd, "dx")
+
+
+register(OpSpec(
+    name="BatchNorm",
+    error_floor=_layer_floor,
+    covers=("BatchNorm",),
+    space=dict(BN_SPACE, training=(True,)),
+    make_case=make_layer_case,
+    call=_layer_call,
+    oracle=_layer_oracle,
+    tolerance=_layer_tolerance,
+))
+
+
+def sample_params(spec: OpSpec, rng: np.random.Generator, space: Optional[dict] = None) -> Params:
+    """One random parameter draw from a spec's space (Hypothesis-free)."""
+    space = space or spec.space
+    out = {}
+    for k, dom in space.items():
+        dom = list(dom) if not isinstance(dom, range) else dom
+        out[k] = dom[int(rng.integers(len(dom)))]
+    return out
+
+
+def all_specs() -> List[OpSpec]:
+    return list(REGISTRY.values())

@@ -1,0 +1,227 @@
+#!/usr/bin/env python
+"""Benchmarks: bncore beside PyTorch and a memory-bandwidth floor, in one run.
+
+Every case is timed for bncore, for torch (same thread count) and for the
+floor (a same-size ``np.copyto``: what merely moving the bytes costs), with
+the three interleaved inside each repetition so that machine noise hits them
+alike. Each repetition times a loop of calls and divides; the best of the
+repetitions is reported. Ratios are what to read: ``torch/bncore`` > 1 means
+bncore is faster, ``bncore/floor`` says how close to memory speed it runs.
+
+    python scripts/bench.py                       # all CPU cases, 2 threads
+    python scripts/bench.py --threads 2 --reps 9 --json bench.json
+    python scripts/bench.py --only bn             # case names containing "bn"
+    python scripts/bench.py --gpu                 # CUDA cases (bncore_gpu vs torch/cuDNN)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+@dataclass
+class Case:
+    name: str
+    group: str
+    bytes_moved: int                       # bytes bncore must read + write, at least
+    impls: Dict[str, Callable[[], object]]  # "bncore", "torch", "floor", ...
+    note: str = ""
+    results: Dict[str, float] = field(default_factory=dict)   # seconds per call
+
+
+def time_loop(fn: Callable[[], object], min_time: float) -> float:
+    """Seconds per call of fn, from a loop that runs at least min_time."""
+    fn()
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_time or n >= 1 << 16:
+            return dt / n
+        n = max(n * 2, int(n * min_time / max(dt, 1e-9)) + 1)
+
+
+def run_cases(cases: List[Case], reps: int, min_time: float) -> None:
+    for case in cases:
+        best: Dict[str, float] = {}
+        for _ in range(reps):
+            for name, fn in case.impls.items():
+                t = time_loop(fn, min_time)
+                best[name] = min(best.get(name, float("inf")), t)
+        case.results = best
+        print(f"  timed {case.name}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------
+# CPU batch-norm cases
+
+BN_SHAPES = [
+    ("(32,64,56,56) NCHW", (32, 64, 56, 56), "nchw"),
+    ("(32,64,56,56) channels-last", (32, 64, 56, 56), "nhwc"),
+    ("(256,1024)", (256, 1024), "nchw"),
+    ("(8,256,14,14) NCHW", (8, 256, 14, 14), "nchw"),
+]
+
+
+def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng) -> List[Case]:
+    """forward-train, forward-eval and backward cases for one shape and layout."""
+    C = shape[1]
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    if layout == "nhwc":
+        # NHWC memory seen with an NCHW shape: what torch's channels_last is
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    w = np.ones(C, np.float32)
+    b = np.zeros(C, np.float32)
+    rm = np.zeros(C, np.float32)
+    rv = np.ones(C, np.float32)
+    nbytes = x.nbytes
+    src = np.ascontiguousarray(x).reshape(-1)
+    dst = np.empty_like(src)
+    _, mean_b, invstd_b = bncore.batch_norm_forward(x, w, b, rm, rv)
+
+    def floor():
+        np.copyto(dst, src)
+
+    impl_fwd = {"bncore": lambda: bncore.batch_norm_forward(x, w, b, rm, rv, num_threads=threads)}
+    impl_eval = {"bncore": lambda: bncore.batch_norm_forward(
+        x, w, b, rm, rv, training=False, num_threads=threads)}
+    impl_bwd = {"bncore": lambda: bncore.batch_norm_backward(
+        dy, x, mean_b, invstd_b, w, num_threads=threads)}
+    if torch is not None:
+        F = torch.nn.functional
+        tx = torch.from_numpy(x)   # shares memory: the same layout for both
+        tdy = torch.from_numpy(dy)
+        tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        _, smean, sinvstd = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
+        impl_fwd["torch"] = lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
+        impl_eval["torch"] = lambda: F.batch_norm(tx, trm, trv, tw, tb, False, 0.1, 1e-5)
+        # the kernel autograd calls, without autograd's bookkeeping
+        impl_bwd["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
+            tdy, tx, tw, trm, trv, smean, sinvstd, True, 1e-5, [True, True, True])
+    for d in (impl_fwd, impl_eval, impl_bwd):
+        d["floor"] = floor
+    return [Case(f"bn forward-train {label}", "bn", 2 * nbytes, impl_fwd),
+            Case(f"bn forward-eval {label}", "bn", 2 * nbytes, impl_eval),
+            Case(f"bn backward {label}", "bn", 3 * nbytes, impl_bwd)]
+
+
+def bn_cases(threads: int) -> List[Case]:
+    import bncore
+
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(0)
+    cases = []
+    for label, shape, layout in BN_SHAPES:
+        cases += _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng)
+    # per-call overhead: a tiny input, where the time is all fixed cost
+    xs = rng.standard_normal((4, 8)).astype(np.float32)
+    tiny = {"bncore": lambda: bncore.batch_norm_forward(xs, num_threads=threads)}
+    if torch is not None:
+        txs = torch.from_numpy(xs)
+        tiny["torch"] = lambda: torch.nn.functional.batch_norm(txs, None, None, training=True)
+    cases.append(Case("bn per-call overhead (4,8)", "overhead", 0, tiny,
+                      note="fixed cost of a call"))
+    return cases
+
+
+# --------------------------------------------------------------------------
+# Reporting
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    if a is None or b is None or b == 0:
+        return "-"
+    return f"{a / b:.2f}"
+
+
+def ms(t: Optional[float]) -> str:
+    return "-" if t is None else (f"{t * 1e3:.3f}" if t >= 1e-4 else f"{t * 1e6:.1f}us")
+
+
+def report(cases: List[Case], header: str) -> str:
+    lines = [header, "",
+             "| case | bncore ms | torch ms | floor ms | torch/bncore | bncore/floor |",
+             "|---|---|---|---|---|---|"]
+    for c in cases:
+        r = c.results
+        lines.append(f"| {c.name} | {ms(r.get('bncore'))} | {ms(r.get('torch'))} | "
+                     f"{ms(r.get('floor'))} | {ratio(r.get('torch'), r.get('bncore'))} | "
+                     f"{ratio(r.get('bncore'), r.get('floor'))} |")
+    return "\n".join(lines)
+
+
+def environment(threads: int) -> Dict[str, object]:
+    import bncore
+
+    env = {"bncore": bncore.__version__, "numpy": np.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "threads": threads, "cpu_count": os.cpu_count(),
+           "openmp": bncore.build_info()["openmp"], "flags": bncore.build_info()["compile_flags"]}
+    try:
+        import torch
+        env["torch"] = torch.__version__
+    except ImportError:
+        env["torch"] = None
+    return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="threads for bncore and torch (default 2)")
+    ap.add_argument("--reps", type=int, default=7, help="repetitions; the best is reported (>= 5)")
+    ap.add_argument("--min-time", type=float, default=0.05,
+                    help="seconds each timing loop runs at least (default 0.05)")
+    ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--gpu", action="store_true", help="CUDA cases instead of CPU cases")
+    args = ap.parse_args(argv)
+    if args.reps < 5:
+        ap.error("--reps must be at least 5")
+
+    if args.gpu:
+        from bench_gpu import gpu_cases, run_gpu   # noqa: E402 (scripts/ on sys.path)
+        cases = [c for c in gpu_cases() if args.only in c.name]
+        run_gpu(cases, args.reps)
+        env = {"device": "gpu"}
+        header = "GPU benchmark (CUDA events, median of many launches per repetition)"
+    else:
+        import bncore
+        from bench_optim import optim_cases   # noqa: E402
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        bncore.set_num_threads(args.threads)
+        cases = [c for c in bn_cases(args.threads) + optim_cases(args.threads)
+                 if args.only in c.name]
+        run_cases(cases, args.reps, args.min_time)
+        env = environment(args.threads)
+        header = (f"CPU benchmark: {args.threads} threads, best of {args.reps} repetitions; "
+                  f"torch {env['torch']}, numpy {env['numpy']}; floor = np.copyto of the same bytes")
+    text = report(cases, header)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"env": env, "cases": [
+                {"name": c.name, "group": c.group, "bytes": c.bytes_moved, "note": c.note,
+                 "seconds": c.results} for c in cases]}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared test configuration: Hypothesis profiles and registry strategies.
+
+Profiles (select with BNCORE_HYPOTHESIS_PROFILE):
+  ci        (default) a few dozen examples per property, no deadline: CI-fast
+  thorough  hundreds of examples per property, for a local soak
+  dev       a handful, for quick iteration
+"""
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+settings.register_profile(
+    "ci", max_examples=30, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "thorough", max_examples=500, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", max_examples=8, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("BNCORE_HYPOTHESIS_PROFILE", "ci"))
+
+
+def params_strategy(space):
+    """A Hypothesis strategy drawing one value from each domain of a spec's space."""
+    items = {}
+    for key, dom in space.items():
+        if isinstance(dom, range):
+            items[key] = st.integers(dom.start, dom.stop - 1)
+        else:
+            items[key] = st.sampled_from(list(dom))
+    return st.fixed_dictionaries(items)
+
+
+@pytest.fixture(scope="session")
+def gpu_backend():
+    from bncore.testing.registry import gpu_backend as make
+
+    backend = make()
+    if backend is None:
+        pytest.skip("no usable GPU: bncore_gpu needs CuPy and a CUDA device")
+    return backend
+
+
+def assert_unchanged(before: dict, after: dict):
+    """Every array in `after` is bitwise equal to its copy in `before`."""
+    for key, old in before.items():
+        new = after[key]
+        if old is None:
+            continue
+        assert np.array_equal(np.asarray(new), old, equal_nan=True) and \
+            np.asarray(new).tobytes() == old.tobytes(), f"{key} was modified"

@@ -1,0 +1,204 @@
+"""Batch-norm functions: accuracy on adversarial data, layouts, out=, the GIL,
+thread invariance on large shapes. (The registry tests cover the oracle and
+finite differences over random draws; these pin down specific promises.)"""
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import bncore
+from reference import batch_norm_backward as ref_backward
+from reference import batch_norm_forward as ref_forward
+from reference import normwise_relative_error as rel_err
+
+
+def adversarial(shape, axis, ratio, rng, dtype=np.float32):
+    """Channels with |mean| = ratio * std (std ~ 1) plus one near-constant channel."""
+    C = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    std = rng.uniform(0.5, 2.0, C)
+    std[0] = 1e-4                                # near-constant channel
+    mean = std * ratio * rng.choice((-1.0, 1.0), C)
+    mean[0] = 3.0
+    x = mean.reshape(bshape) + std.reshape(bshape) * rng.standard_normal(shape)
+    return x.astype(dtype)
+
+
+LAYOUTS = [((16, 8, 12, 12), 1), ((16, 12, 12, 8), 3), ((64, 32), 1), ((4, 6, 5, 7, 3), 1)]
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+@pytest.mark.parametrize("ratio", [1e3, 1e5])
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_accuracy_on_adversarial_data(shape, axis, ratio, training):
+    rng = np.random.default_rng(int(ratio) + len(shape))
+    x = adversarial(shape, axis, ratio, rng)
+    C = shape[axis]
+    w = rng.normal(1, 0.2, C).astype(np.float32)
+    b = rng.normal(0, 0.2, C).astype(np.float32)
+    red = tuple(i for i in range(len(shape)) if i != axis)
+    x64 = x.astype(np.float64)
+    rm = (x64.mean(axis=red) + 0.05 * x64.std(axis=red)).astype(np.float32)
+    rv = (x64.var(axis=red) * 1.1).astype(np.float32)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, mean, invstd = bncore.batch_norm_forward(x, w, b, rm, rv, training=training,
+                                                momentum=0.3, axis=axis)
+    ey, emean, einvstd, erm, erv = ref_forward(x, w, b, rm0, rv0, training=training,
+                                               momentum=0.3, axis=axis)
+    assert rel_err(y, ey) <= 1e-6
+    assert rel_err(rm, erm) <= 1e-6 and rel_err(rv, erv) <= 1e-6
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=training, axis=axis)
+    edx, edw, edb = ref_backward(dy, x, emean, einvstd, w, training=training, axis=axis)
+    assert rel_err(dx, edx) <= 1e-6
+    assert rel_err(dw, edw) <= 1e-6
+    assert rel_err(db, edb) <= 1e-6
+
+
+def test_statistics_exact_for_nearly_constant_float64():
+    """Partial sums are pivoted, so a channel 1e6 times its std away from 0
+    gets its variance to ~1e-15 relative, not ~u * 1e6."""
+    rng = np.random.default_rng(3)
+    x = 10.0 + 1e-5 * rng.standard_normal((7, 3, 50, 41))
+    y, mean, invstd = bncore.batch_norm_forward(x, eps=1e-30)
+    xl = x.astype(np.longdouble)
+    m = xl.mean(axis=(0, 2, 3))
+    var = ((xl - m[None, :, None, None]) ** 2).mean(axis=(0, 2, 3))
+    got_var = 1.0 / invstd.astype(np.longdouble) ** 2
+    assert np.max(np.abs(got_var / var - 1)) < 1e-13
+
+
+@pytest.mark.parametrize("shape,axis", [((6, 3, 100, 100), 1),      # two segments per row
+                                        ((32, 28, 28, 48), 3),      # many channels-last blocks
+                                        ((5000, 37), 1),            # 2-D, C not a tile multiple
+                                        ((40, 5, 7, 3), 2)])        # short inner, any axis
+def test_large_shapes_bitwise_identical_across_threads(shape, axis):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 3 + 100).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    ref = None
+    for n in (1, 2, 3, 4, 7):
+        y, mean, invstd = bncore.batch_norm_forward(x, axis=axis, num_threads=n)
+        dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, axis=axis, num_threads=n)
+        got = [a.tobytes() for a in (y, mean, invstd, dx, dw, db)]
+        if ref is None:
+            ref = got
+        assert got == ref, f"results differ with {n} threads"
+    ey, emean, einvstd, _, _ = ref_forward(x, axis=axis)
+    assert rel_err(y, ey) <= 1e-6
+
+
+def test_layouts_give_the_same_answer_and_keep_the_layout():
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((4, 5, 6, 7)).astype(np.float32)
+    views = {
+        "c": base,
+        "channels_last": np.ascontiguousarray(base.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+        "fortran": np.asfortranarray(base),
+        "strided": np.repeat(base, 2, axis=3)[..., ::2],
+        "reversed": np.ascontiguousarray(base[::-1])[::-1],
+    }
+    expected = bncore.batch_norm_forward(base)[0]
+    for name, x in views.items():
+        assert np.array_equal(x, base)
+        y = bncore.batch_norm_forward(x)[0]
+        assert rel_err(y, expected) <= 1e-6, name
+        if name == "channels_last":
+            assert y.transpose(0, 2, 3, 1).flags.c_contiguous, "output should keep NHWC memory"
+        if name == "fortran":
+            assert y.flags.f_contiguous
+
+
+def test_out_arrays_are_written_and_returned():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 4, 5)).astype(np.float32)
+    out = np.full_like(x, np.nan)
+    y, mean, invstd = bncore.batch_norm_forward(x, out=out)
+    assert y is out and np.isfinite(out).all()
+    assert np.array_equal(out, bncore.batch_norm_forward(x)[0])
+    # an out with another layout is filled through a temporary
+    out_f = np.asfortranarray(np.full_like(x, np.nan))
+    bncore.batch_norm_forward(x, out=out_f)
+    assert np.array_equal(out_f, out)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx = np.empty_like(x)
+    dw = np.empty(4, np.float32)
+    db = np.empty(4, np.float32)
+    r = bncore.batch_norm_backward(dy, x, mean, invstd, np.ones(4, np.float32), out=(dx, dw, db))
+    assert r[0] is dx and r[1] is dw and r[2] is db
+    e = bncore.batch_norm_backward(dy, x, mean, invstd, np.ones(4, np.float32))
+    for a, b in zip(r, e):
+        assert np.array_equal(a, b)
+
+
+def test_float16_goes_through_float32_and_rounds_once():
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((6, 3, 8, 8)) * 4 + 20).astype(np.float16)
+    y, mean, invstd = bncore.batch_norm_forward(x)
+    assert y.dtype == np.float16
+    ey = ref_forward(x)[0]
+    assert np.array_equal(y, ey.astype(np.float16)) or rel_err(y, ey) < 1e-3
+    y32 = bncore.batch_norm_forward(x.astype(np.float32))[0]
+    assert np.array_equal(y, y32.astype(np.float16))
+
+
+def test_nan_and_inf_propagate_without_crashing():
+    x = np.ones((4, 3, 5), np.float32)
+    x[:, 0] = np.arange(20, dtype=np.float32).reshape(4, 5)
+    x[1, 1, 2] = np.nan
+    x[2, 2, 3] = np.inf
+    y, mean, invstd = bncore.batch_norm_forward(x)
+    assert np.isfinite(y[:, 0]).all()
+    assert np.isnan(y[:, 1]).all() and np.isnan(mean[1])
+    assert np.isnan(y[:, 2]).all() or np.isinf(y[:, 2]).any()
+    dx, dw, db = bncore.batch_norm_backward(np.ones_like(x), x, mean, invstd)
+    assert np.isfinite(dx[:, 0]).all()
+
+
+def test_empty_and_single_channel_edge_cases():
+    x = np.zeros((0, 3), np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y, mean, invstd = bncore.batch_norm_forward(x, None, None, rm, rv, training=False)
+    assert y.shape == (0, 3)
+    x1 = np.arange(10, dtype=np.float64).reshape(10, 1)
+    y1 = bncore.batch_norm_forward(x1)[0]
+    assert rel_err(y1, ref_forward(x1)[0]) < 1e-14
+
+
+def test_the_gil_is_released_during_kernels():
+    """While one thread runs a long kernel, another keeps running Python."""
+    x = np.random.default_rng(5).standard_normal((32, 64, 56, 56)).astype(np.float32)
+    t0 = time.perf_counter()
+    bncore.batch_norm_forward(x, num_threads=1)
+    single = time.perf_counter() - t0
+    calls = max(3, int(0.3 / max(single, 1e-4)))
+    done = threading.Event()
+
+    def work():
+        for _ in range(calls):
+            bncore.batch_norm_forward(x, num_threads=1)
+        done.set()
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        gaps, last = [], time.perf_counter()
+        while not done.is_set():
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        worker.join()
+    finally:
+        sys.setswitchinterval(old)
+    # Holding the GIL for a whole call would stall this loop for ~`single`
+    # seconds per call, so nearly all the time would sit in long gaps;
+    # released, the loop ticks freely (generous bound for a noisy machine).
+    total = sum(gaps)
+    stalled = sum(g for g in gaps if g > single / 4)
+    assert len(gaps) > 100
+    assert stalled < 0.5 * total, (stalled, total, single)

@@ -1,0 +1,140 @@
+"""Every bad input raises ValueError/TypeError naming the argument, before any
+array is modified (checked against copies)."""
+import numpy as np
+import pytest
+
+import bncore
+from conftest import assert_unchanged
+
+C = 3
+
+
+def fresh():
+    rng = np.random.default_rng(0)
+    return dict(
+        x=rng.standard_normal((4, C, 5)).astype(np.float32),
+        weight=np.ones(C, np.float32),
+        bias=np.zeros(C, np.float32),
+        running_mean=np.full(C, 0.5, np.float32),
+        running_var=np.full(C, 2.0, np.float32),
+    )
+
+
+def readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def call_forward(arrays, **kw):
+    return bncore.batch_norm_forward(arrays["x"], arrays["weight"], arrays["bias"],
+                                     arrays["running_mean"], arrays["running_var"], **kw)
+
+
+FORWARD_CASES = [
+    # (description, mutate(arrays) -> kwargs, exception, text in message)
+    ("one value per channel in training",
+     lambda a: a.update(x=a["x"][:1, :, :1]) or {}, ValueError, "more than 1 value"),
+    ("1-D x", lambda a: a.update(x=a["x"].reshape(-1)) or {}, ValueError, "x must have"),
+    ("integer x", lambda a: a.update(x=np.ones((4, C), np.int32)) or {}, TypeError, "x must have dtype"),
+    ("complex x", lambda a: a.update(x=np.ones((4, C), np.complex64)) or {}, TypeError, "x"),
+    ("weight of the wrong length", lambda a: a.update(weight=np.ones(C + 1, np.float32)) or {},
+     ValueError, "weight"),
+    ("bias 2-D", lambda a: a.update(bias=np.zeros((C, 1), np.float32)) or {}, ValueError, "bias"),
+    ("integer weight", lambda a: a.update(weight=np.ones(C, np.int64)) or {}, TypeError, "weight"),
+    ("running_mean wrong shape", lambda a: a.update(running_mean=np.zeros(C + 2, np.float32)) or {},
+     ValueError, "running_mean"),
+    ("read-only running_var", lambda a: a.update(running_var=readonly(a["running_var"])) or {},
+     ValueError, "running_var"),
+    ("running stats aliased", lambda a: a.update(running_var=a["running_mean"]) or {},
+     ValueError, "share memory"),
+    ("only one running stat", lambda a: a.update(running_var=None) or {}, ValueError, "both"),
+    ("eps = 0", lambda a: {"eps": 0.0}, ValueError, "eps"),
+    ("eps < 0", lambda a: {"eps": -1e-5}, ValueError, "eps"),
+    ("eps NaN", lambda a: {"eps": float("nan")}, ValueError, "eps"),
+    ("eps a string", lambda a: {"eps": "1e-5"}, TypeError, "eps"),
+    ("momentum > 1", lambda a: {"momentum": 1.5}, ValueError, "momentum"),
+    ("momentum < 0", lambda a: {"momentum": -0.1}, ValueError, "momentum"),
+    ("axis out of range", lambda a: {"axis": 3}, ValueError, "axis"),
+    ("axis a float", lambda a: {"axis": 1.0}, TypeError, "axis"),
+    ("num_threads = 0", lambda a: {"num_threads": 0}, ValueError, "num_threads"),
+    ("out wrong shape", lambda a: {"out": np.empty((4, C), np.float32)}, ValueError, "out"),
+    ("out wrong dtype", lambda a: {"out": np.empty((4, C, 5), np.float64)}, TypeError, "out"),
+    ("out read-only", lambda a: {"out": readonly(np.empty((4, C, 5), np.float32))}, ValueError, "out"),
+    ("out is x", lambda a: {"out": a["x"]}, ValueError, "share memory"),
+    ("out overlaps x", lambda a: {"out": a["x"][::-1]}, ValueError, "share memory"),
+    ("inference without running stats",
+     lambda a: a.update(running_mean=None, running_var=None) or {"training": False},
+     ValueError, "running_mean"),
+]
+
+
+@pytest.mark.parametrize("desc,mutate,exc,text", FORWARD_CASES, ids=[c[0] for c in FORWARD_CASES])
+def test_forward_rejects_bad_input_and_modifies_nothing(desc, mutate, exc, text):
+    arrays = fresh()
+    kwargs = mutate(arrays)
+    before = {k: (None if v is None else np.array(v, copy=True)) for k, v in arrays.items()}
+    out = kwargs.get("out")
+    out_before = None if out is None else out.copy()
+    with pytest.raises(exc, match=text):
+        call_forward(arrays, **kwargs)
+    assert_unchanged(before, arrays)
+    if out is not None and out.flags.writeable and not np.may_share_memory(out, arrays["x"]):
+        assert np.array_equal(out, out_before, equal_nan=True) or np.isnan(out_before).any()
+
+
+def backward_args():
+    a = fresh()
+    y, mean, invstd = bncore.batch_norm_forward(a["x"], a["weight"], a["bias"])
+    dy = np.random.default_rng(1).standard_normal(a["x"].shape).astype(np.float32)
+    return dict(dy=dy, x=a["x"], mean=mean, invstd=invstd, weight=a["weight"])
+
+
+BACKWARD_CASES = [
+    ("dy shape differs", lambda a: a.update(dy=a["dy"][:, :, :2]) or {}, ValueError, "dy"),
+    ("dy dtype differs", lambda a: a.update(dy=a["dy"].astype(np.float64)) or {}, TypeError, "dy"),
+    ("mean wrong length", lambda a: a.update(mean=a["mean"][:2]) or {}, ValueError, "mean"),
+    ("invstd missing", lambda a: a.update(invstd=None) or {}, TypeError, "invstd"),
+    ("weight wrong length", lambda a: a.update(weight=np.ones(5, np.float32)) or {}, ValueError, "weight"),
+    ("dx out aliases dy", lambda a: {"out": a["dy"]}, ValueError, "share memory"),
+    ("dx out read-only", lambda a: {"out": readonly(a["x"])}, ValueError, "read-only"),
+    ("out tuple of 2", lambda a: {"out": (np.empty_like(a["x"]), None)}, ValueError, "tuple"),
+    ("dweight out wrong shape", lambda a: {"out": (None, np.empty(7, np.float32), None)},
+     ValueError, "dweight"),
+    ("dweight and dbias alias", lambda a: {"out": (None, a.setdefault("_w", np.empty(C)), a["_w"])},
+     ValueError, "share memory"),
+    ("training with one value per channel",
+     lambda a: a.update(dy=a["dy"][:1, :, :1], x=a["x"][:1, :, :1]) or {}, ValueError, "more than 1"),
+]
+
+
+@pytest.mark.parametrize("desc,mutate,exc,text", BACKWARD_CASES, ids=[c[0] for c in BACKWARD_CASES])
+def test_backward_rejects_bad_input_and_modifies_nothing(desc, mutate, exc, text):
+    args = backward_args()
+    kwargs = mutate(args)
+    args.pop("_w", None)
+    before = {k: (None if v is None else np.array(v, copy=True)) for k, v in args.items()}
+    with pytest.raises(exc, match=text):
+        bncore.batch_norm_backward(args["dy"], args["x"], args["mean"], args["invstd"],
+                                   args["weight"], **kwargs)
+    assert_unchanged(before, args)
+
+
+def test_layer_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="convention"):
+        bncore.BatchNorm(3, convention="caffe")
+    with pytest.raises(ValueError, match="num_features"):
+        bncore.BatchNorm(0)
+    with pytest.raises(ValueError, match="momentum"):
+        bncore.BatchNorm(3, momentum=2.0)
+    with pytest.raises(ValueError, match="eps"):
+        bncore.BatchNorm(3, eps=0)
+    layer = bncore.BatchNorm(3)
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(np.ones((2, 3), np.float32))
+    state = layer.state_dict()
+    state["running_mean"] = np.zeros(4, np.float32)
+    before = layer.state_dict()
+    with pytest.raises(ValueError, match="running_mean"):
+        layer.load_state_dict(state)
+    assert_unchanged(before, layer.state_dict())

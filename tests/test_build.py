@@ -1,0 +1,55 @@
+"""The build: OpenMP really present (or deliberately absent), config reporting."""
+import os
+
+import pytest
+
+import bncore
+from bncore import _openmp
+
+
+def test_openmp_not_silently_lost():
+    info = bncore.build_info()
+    if not info["openmp_requested"]:
+        pytest.skip("built serial on purpose (BNCORE_NO_OPENMP=1)")
+    assert info["openmp"], (
+        "bncore was built without OpenMP although it was not asked to be: "
+        f"{info['openmp_note'] or 'the compiler probe failed'}; compile flags: "
+        f"{info['compile_flags']}")
+    assert "-fopenmp" in info["compile_flags"] or "/openmp" in info["compile_flags"]
+
+
+def test_parallel_regions_really_run_threads():
+    if not _openmp.openmp_enabled():
+        pytest.skip("serial build")
+    # asking for 3 threads must give 3, even on a 2-core machine
+    assert _openmp.threads_in_parallel_region(3) == 3
+
+
+def test_show_config_reports_everything(capsys):
+    bncore.show_config()
+    out = capsys.readouterr().out
+    assert bncore.__version__ in out
+    assert "OpenMP" in out and "compile flags" in out and "default threads" in out
+    n = bncore.get_num_threads()
+    assert f"default threads {n}" in out
+
+
+def test_thread_default_follows_openmp_and_override():
+    try:
+        bncore.set_num_threads(3)
+        assert bncore.get_num_threads() == 3
+    finally:
+        bncore.set_num_threads(None)
+    assert bncore.get_num_threads() == max(1, _openmp.max_threads())
+    with pytest.raises(ValueError, match="num_threads"):
+        bncore.set_num_threads(0)
+
+
+@pytest.mark.skipif(os.environ.get("OMP_NUM_THREADS") is not None,
+                    reason="OMP_NUM_THREADS already set by the environment")
+def test_threadpoolctl_controls_default_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not _openmp.openmp_enabled():
+        pytest.skip("serial build")
+    with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+        assert bncore.get_num_threads() == 1

@@ -1,0 +1,103 @@
+"""The BatchNorm layer: modes, cumulative momentum, conventions, state_dict."""
+import numpy as np
+import pytest
+
+import bncore
+from bncore.conventions import BATCH_NORM
+from reference import batch_norm_forward as ref_forward
+from reference import normwise_relative_error as rel_err
+
+
+def data(shape=(8, 4, 6, 6), seed=0, dtype=np.float32):
+    return (np.random.default_rng(seed).standard_normal(shape) * 2 + 1).astype(dtype)
+
+
+def test_cumulative_average_with_momentum_none():
+    layer = bncore.BatchNorm(4, momentum=None)
+    batches = [data(seed=s) for s in range(5)]
+    for x in batches:
+        layer.forward(x)
+    assert layer.num_batches_tracked == 5
+    xs = np.stack([b.astype(np.float64) for b in batches])
+    means = xs.mean(axis=(1, 3, 4))
+    n = 8 * 36
+    uvars = xs.var(axis=(1, 3, 4)) * n / (n - 1)
+    # the cumulative average of the batch statistics (running mean starts at 0
+    # and the first batch's weight is 1)
+    assert rel_err(layer.running_mean, means.mean(axis=0)) < 1e-6
+    assert rel_err(layer.running_var, uvars.mean(axis=0)) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["torch", "keras", "tf_fused", "flax", "onnx"])
+def test_conventions_set_framework_defaults_and_formulas(name):
+    conv = BATCH_NORM[name]
+    layer = bncore.BatchNorm(4, convention=name)
+    assert layer.eps == conv.eps and layer.momentum == conv.momentum and layer.axis == conv.axis
+    x = data((8, 6, 6, 4) if conv.axis == -1 else (8, 4, 6, 6), seed=1)
+    rm, rv = layer.running_mean.astype(np.float64), layer.running_var.astype(np.float64)
+    layer.forward(x)
+    axes = tuple(i for i in range(4) if i != conv.axis % 4)
+    x64 = x.astype(np.float64)
+    n = x.size // 4
+    batch_var = x64.var(axis=axes)
+    stat_var = batch_var * n / (n - 1) if conv.unbiased_running_var else batch_var
+    # written as each framework writes it: decay d = framework momentum for
+    # Keras/flax/ONNX (moving = moving * d + stat * (1 - d)), rate for torch
+    if conv.momentum_is_decay:
+        d = conv.framework_momentum
+        exp_rm = rm * d + x64.mean(axis=axes) * (1 - d)
+        exp_rv = rv * d + stat_var * (1 - d)
+    else:
+        m = conv.framework_momentum
+        exp_rm = (1 - m) * rm + m * x64.mean(axis=axes)
+        exp_rv = (1 - m) * rv + m * stat_var
+    assert rel_err(layer.running_mean, exp_rm) < 1e-6
+    assert rel_err(layer.running_var, exp_rv) < 1e-6
+
+
+def test_train_eval_and_no_running_stats():
+    x = data(seed=2)
+    layer = bncore.BatchNorm(4, track_running_stats=False, affine=False)
+    y_train = layer.forward(x)
+    layer.eval()
+    y_eval = layer.forward(x)          # batch statistics in eval too, as torch
+    assert np.array_equal(y_train, y_eval)
+    assert layer.state_dict() == {}
+    tracked = bncore.BatchNorm(4)
+    tracked.forward(x)
+    tracked.eval()
+    y = tracked.forward(x)
+    e = ref_forward(x, tracked.weight, tracked.bias, tracked.running_mean, tracked.running_var,
+                    training=False)[0]
+    assert rel_err(y, e) < 1e-6
+
+
+def test_backward_stores_parameter_gradients():
+    x = data(seed=3)
+    layer = bncore.BatchNorm(4)
+    layer.weight[:] = [1.0, 2.0, 0.5, -1.0]
+    layer.forward(x)
+    dy = data(seed=4)
+    dx = layer.backward(dy)
+    _, mean, invstd = bncore.batch_norm_forward(x, layer.weight, layer.bias)
+    edx, edw, edb = bncore.batch_norm_backward(dy, x, mean, invstd, layer.weight)
+    assert np.array_equal(dx, edx)
+    assert np.array_equal(layer.grad_weight, edw) and np.array_equal(layer.grad_bias, edb)
+    assert layer.grad_weight.dtype == np.float32
+
+
+def test_state_dict_round_trips_bit_for_bit():
+    a = bncore.BatchNorm(4, momentum=0.3, dtype=np.float64)
+    for s in range(3):
+        a.forward(data(seed=s, dtype=np.float64))
+    a.weight[:] = np.random.default_rng(9).standard_normal(4)
+    state = a.state_dict()
+    b = bncore.BatchNorm(4, momentum=0.3, dtype=np.float64)
+    b.load_state_dict(state)
+    for key, value in state.items():
+        assert np.asarray(b.state_dict()[key]).tobytes() == np.asarray(value).tobytes()
+    state["weight"][0] = 123.0                      # a copy, not a view
+    assert a.weight[0] != 123.0
+    x = data(seed=7, dtype=np.float64)
+    a.eval(), b.eval()
+    assert a.forward(x).tobytes() == b.forward(x).tobytes()

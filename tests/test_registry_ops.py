@@ -1,0 +1,78 @@
+"""Generic checks driven by the op registry: every registered op, every draw.
+
+* against the float64 oracle (all dtypes, layouts, value kinds);
+* analytic gradients against central finite differences (float64);
+* bitwise-identical results for num_threads 1, 2, 3, 4;
+* CPU against GPU on the same draws (skipped without a GPU).
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+
+import bncore
+from bncore.testing import registry
+from bncore.testing.registry import REGISTRY, cpu_backend, errors_against_oracle
+from conftest import params_strategy
+
+SPECS = list(REGISTRY.values())
+IDS = [s.name for s in SPECS]
+CPU = cpu_backend()
+
+NON_OPS = {"__version__", "show_config", "build_info", "get_num_threads", "set_num_threads",
+           "gradcheck", "GradcheckReport", "optim"}
+
+
+def test_every_public_op_is_registered():
+    public = {n for n in bncore.__all__ if n not in NON_OPS}
+    missing = public - registry.covered_names()
+    assert not missing, f"public ops without a registry spec: {sorted(missing)}"
+    assert public, "bncore exports no ops?"
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_matches_oracle(spec):
+    @given(params_strategy(spec.space))
+    def check(p):
+        case = spec.make_case(p)
+        for key, (err, tol) in errors_against_oracle(spec, CPU, case).items():
+            assert err <= tol, f"{spec.name}.{key}: error {err:.3e} > {tol:.1e} for {case.describe()}"
+    check()
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.gradcheck], ids=[s.name for s in SPECS if s.gradcheck])
+def test_gradients_against_finite_differences(spec):
+    @given(params_strategy(spec.fd_space))
+    def check(p):
+        report = spec.gradcheck(p)
+        assert report.ok, report.summary()
+    check()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=IDS)
+def test_bitwise_identical_for_every_thread_count(spec):
+    @given(params_strategy(spec.space))
+    def check(p):
+        case = spec.make_case(p)
+        base = spec.call(CPU, case, 1)
+        for n in (2, 3, 4):
+            other = spec.call(CPU, case, n)
+            for key in base:
+                assert base[key].tobytes() == other[key].tobytes(), \
+                    f"{spec.name}.{key} differs between 1 and {n} threads for {case.describe()}"
+    check()
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.gpu], ids=[s.name for s in SPECS if s.gpu])
+def test_gpu_matches_oracle_and_cpu(spec, gpu_backend):
+    @given(params_strategy(spec.space))
+    def check(p):
+        case = spec.make_case(p)
+        for key, (err, tol) in errors_against_oracle(spec, gpu_backend, case).items():
+            assert err <= tol, f"GPU {spec.name}.{key}: error {err:.3e} > {tol:.1e} for {case.describe()}"
+        cpu = spec.call(CPU, case, None)
+        gpu = spec.call(gpu_backend, case, None)
+        for key in cpu:
+            err = registry.ref.normwise_relative_error(gpu[key], cpu[key], floor=1e-30)
+            assert err <= spec.tolerance(case, key), \
+                f"{spec.name}.{key}: GPU vs CPU {err:.3e} for {case.describe()}"
+    check()
