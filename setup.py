@@ -118,8 +118,11 @@ class BuildExt(build_ext):
 def extensions():
     from Cython.Build import cythonize
 
+    import numpy
+
     exts = [
-        Extension(name, [src], include_dirs=["bncore"])
+        Extension(name, [src], include_dirs=["bncore", numpy.get_include()],
+                  define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
         for name, src in PACKAGES_WITH_KERNELS.items()
     ]
     return cythonize(

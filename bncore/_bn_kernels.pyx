@@ -27,10 +27,13 @@ nothing to cancellation.
 No argument checking happens here: the Python layer has validated shapes,
 dtypes, contiguity and aliasing.
 """
-import numpy as np
-
+cimport numpy as cnp
 from cython.parallel cimport parallel, prange
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
 from bncore._openmp_helpers cimport omp_get_thread_num
+
+cnp.import_array()
 
 ctypedef fused real:
     float
@@ -502,25 +505,36 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
         _fold(p, acc, W if total > W else total, pq)
 
 
+cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
+                             const double* e_pivot, double* pmean, double* pm2,
+                             double* scratch, Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n, c, part
+    if p.rows:
+        _rows_item(p, t, &off, &n, &c, &part)
+        _segment_mean_m2(x + off, n, pivot[c], &pmean[part], &pm2[part])
+    else:
+        _block_mean_m2(p, x + t * p.block_rows * p.P, _block_rows(p, t), pivot, e_pivot,
+                       scratch, pmean + t * p.C, pm2 + t * p.C)
+
+
+# Every parallel loop below has a serial twin for nthreads == 1: an OpenMP
+# region costs microseconds even with one thread, which small inputs notice.
+# Per-thread scratch slots (blocks schedule) are cleared per item, so which
+# slot an item used never shows in its result.
+
 cdef void _stats_partials(const real* x, const Plan* p, const double* pivot,
                           const double* e_pivot, double* pmean, double* pm2,
                           double* scratch, int nthreads) noexcept nogil:
-    cdef Py_ssize_t t, off, n, c, part
+    cdef Py_ssize_t t
     cdef double* mine
-    if p.rows:
-        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-            off = n = c = part = 0   # assigned here so Cython makes them thread-private
-            _rows_item(p, t, &off, &n, &c, &part)
-            _segment_mean_m2(x + off, n, pivot[c], &pmean[part], &pm2[part])
-    else:
-        with parallel(num_threads=nthreads):
-            # per-thread scratch; an item's result does not depend on which
-            # slot it used, since the scratch is cleared per item
-            mine = scratch + omp_get_thread_num() * 2 * p.W
-            for t in prange(p.nitems, schedule='static'):
-                _block_mean_m2(p, x + t * p.block_rows * p.P, _block_rows(p, t), pivot,
-                               e_pivot, mine,
-                               pmean + t * p.C, pm2 + t * p.C)
+    if nthreads == 1:
+        for t in range(p.nitems):
+            _stats_item(x, p, pivot, e_pivot, pmean, pm2, scratch, t)
+        return
+    with parallel(num_threads=nthreads):
+        mine = scratch if p.rows else scratch + omp_get_thread_num() * 2 * p.W
+        for t in prange(p.nitems, schedule='static'):
+            _stats_item(x, p, pivot, e_pivot, pmean, pm2, mine, t)
 
 
 cdef enum:
@@ -564,7 +578,10 @@ cdef void _combine_mean_m2(const Plan* p, const double* counts, const double* pi
     the partial means m_j being of x - K for the channel's pivot K."""
     cdef Py_ssize_t t, c0, c1, nchunks = (p.C + COMBINE_CHUNK - 1) // COMBINE_CHUNK
     cdef double total = <double>(p.outer * p.inner)
-    for t in prange(nchunks, schedule='static', num_threads=_combine_threads(p, nthreads)):
+    if _combine_threads(p, nthreads) == 1:
+        _combine_chunk_mean_m2(p, counts, total, 0, p.C, pivot, pmean, pm2, mean, m2)
+        return
+    for t in prange(nchunks, schedule='static', num_threads=nthreads):
         c0 = t * COMBINE_CHUNK
         c1 = c0 + COMBINE_CHUNK
         if c1 > p.C:
@@ -581,20 +598,30 @@ cdef void _part_counts(const Plan* p, double* counts) noexcept nogil:
 # --------------------------------------------------------------------------
 # Forward elementwise: y = (x - mean) * scale + shift, in float64
 
+cdef inline void _affine_item(const real* x, real* y, const Plan* p, const double* mean,
+                              const double* scale, const double* shift, const double* e_mean,
+                              const double* e_scale, const double* e_shift,
+                              Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n, c, part, base
+    if p.rows:
+        _rows_item(p, t, &off, &n, &c, &part)
+        _segment_affine(x + off, y + off, n, mean[c], scale[c], shift[c])
+    else:
+        base = t * p.block_rows * p.P
+        _affine_block(x + base, y + base, _block_rows(p, t) * p.P, p.W, e_mean, e_scale,
+                      e_shift)
+
+
 cdef void _affine(const real* x, real* y, const Plan* p, const double* mean,
                   const double* scale, const double* shift, const double* e_mean,
                   const double* e_scale, const double* e_shift, int nthreads) noexcept nogil:
-    cdef Py_ssize_t t, off, n, c, part, total, base
-    if p.rows:
-        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-            off = n = c = part = 0   # assigned here so Cython makes them thread-private
-            _rows_item(p, t, &off, &n, &c, &part)
-            _segment_affine(x + off, y + off, n, mean[c], scale[c], shift[c])
-    else:
-        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-            base = t * p.block_rows * p.P
-            total = _block_rows(p, t) * p.P
-            _affine_block(x + base, y + base, total, p.W, e_mean, e_scale, e_shift)
+    cdef Py_ssize_t t
+    if nthreads == 1:
+        for t in range(p.nitems):
+            _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, t)
+        return
+    for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+        _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, t)
 
 
 # --------------------------------------------------------------------------
@@ -632,23 +659,32 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
         _fold(p, acc_b, W if total > W else total, pb)
 
 
+cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const double* mean,
+                          const double* e_mean, double* psum, double* psumx, double* scratch,
+                          Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n, c, part, base
+    if p.rows:
+        _rows_item(p, t, &off, &n, &c, &part)
+        _segment_dy_sums(dy + off, x + off, n, mean[c], &psum[part], &psumx[part])
+    else:
+        base = t * p.block_rows * p.P
+        _block_dy_sums(p, dy + base, x + base, _block_rows(p, t), e_mean, scratch,
+                       psum + t * p.C, psumx + t * p.C)
+
+
 cdef void _dy_partials(const real* dy, const real* x, const Plan* p, const double* mean,
                        const double* e_mean, double* psum, double* psumx, double* scratch,
                        int nthreads) noexcept nogil:
-    cdef Py_ssize_t t, off, n, c, part, base
+    cdef Py_ssize_t t
     cdef double* mine
-    if p.rows:
-        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-            off = n = c = part = 0   # assigned here so Cython makes them thread-private
-            _rows_item(p, t, &off, &n, &c, &part)
-            _segment_dy_sums(dy + off, x + off, n, mean[c], &psum[part], &psumx[part])
-    else:
-        with parallel(num_threads=nthreads):
-            mine = scratch + omp_get_thread_num() * 2 * p.W
-            for t in prange(p.nitems, schedule='static'):
-                base = t * p.block_rows * p.P
-                _block_dy_sums(p, dy + base, x + base, _block_rows(p, t), e_mean, mine,
-                               psum + t * p.C, psumx + t * p.C)
+    if nthreads == 1:
+        for t in range(p.nitems):
+            _dy_item(dy, x, p, mean, e_mean, psum, psumx, scratch, t)
+        return
+    with parallel(num_threads=nthreads):
+        mine = scratch if p.rows else scratch + omp_get_thread_num() * 2 * p.W
+        for t in prange(p.nitems, schedule='static'):
+            _dy_item(dy, x, p, mean, e_mean, psum, psumx, mine, t)
 
 
 cdef inline void _combine_chunk_sums(const Plan* p, Py_ssize_t c0, Py_ssize_t c1,
@@ -668,7 +704,10 @@ cdef void _combine_sums(const Plan* p, const double* pa, const double* pb,
                         double* sa, double* sb, int nthreads) noexcept nogil:
     """Per-channel sums of the partials, in partial index order."""
     cdef Py_ssize_t t, c0, c1, nchunks = (p.C + COMBINE_CHUNK - 1) // COMBINE_CHUNK
-    for t in prange(nchunks, schedule='static', num_threads=_combine_threads(p, nthreads)):
+    if _combine_threads(p, nthreads) == 1:
+        _combine_chunk_sums(p, 0, p.C, pa, pb, sa, sb)
+        return
+    for t in prange(nchunks, schedule='static', num_threads=nthreads):
         c0 = t * COMBINE_CHUNK
         c1 = c0 + COMBINE_CHUNK
         if c1 > p.C:
@@ -681,101 +720,271 @@ cdef void _combine_sums(const Plan* p, const double* pa, const double* pb,
 # Training: g = w*invstd, a = sum(dy)/N, k = invstd^2 * sum(dy*(x-mean))/N.
 # Inference: a = k = 0, so dx = g * dy.
 
+cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p,
+                          const double* mean, const double* g, const double* a,
+                          const double* k, const double* e_mean, const double* e_g,
+                          const double* e_a, const double* e_k, Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n, c, part, base
+    if p.rows:
+        _rows_item(p, t, &off, &n, &c, &part)
+        _segment_dx(dy + off, x + off, dx + off, n, mean[c], g[c], a[c], k[c])
+    else:
+        base = t * p.block_rows * p.P
+        _dx_block(dy + base, x + base, dx + base, _block_rows(p, t) * p.P, p.W,
+                  e_mean, e_g, e_a, e_k)
+
+
 cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const double* mean,
               const double* g, const double* a, const double* k, const double* e_mean,
               const double* e_g, const double* e_a, const double* e_k,
               int nthreads) noexcept nogil:
-    cdef Py_ssize_t t, off, n, c, part, total, base
-    if p.rows:
-        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-            off = n = c = part = 0   # assigned here so Cython makes them thread-private
-            _rows_item(p, t, &off, &n, &c, &part)
-            _segment_dx(dy + off, x + off, dx + off, n, mean[c], g[c], a[c], k[c])
-    else:
-        for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-            base = t * p.block_rows * p.P
-            total = _block_rows(p, t) * p.P
-            _dx_block(dy + base, x + base, dx + base, total, p.W, e_mean, e_g, e_a, e_k)
+    cdef Py_ssize_t t
+    if nthreads == 1:
+        for t in range(p.nitems):
+            _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, t)
+        return
+    for t in prange(p.nitems, schedule='static', num_threads=nthreads):
+        _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, t)
 
 
 # --------------------------------------------------------------------------
-# Python entry points: allocate scratch, then run a kernel without the GIL.
-# Arrays are 1-D C-contiguous views of the (outer, C, inner) block.
+# Entry points. The Python layer (bncore/batch_norm.py) has checked every
+# argument and passes C-contiguous arrays: x / y / dy / dx in the kernel dtype,
+# per-channel vectors as float64 (or None). Scratch is one malloc per call.
 
-cdef const double[::1] _expanded(const Plan* p, const double[::1] v):
-    """v expanded to one super-row (blocks schedule); v itself when that is the same."""
+cdef enum:
+    SMALL_WORK = 32768   # elements below which one thread beats waking a team
+
+
+cdef inline int _threads_for(Py_ssize_t n, int nthreads) noexcept nogil:
+    # The thread count never changes a result, so small inputs run on one.
+    return 1 if n < SMALL_WORK else nthreads
+
+
+cdef struct Vec:
+    void* data      # NULL: absent
+    bint f32        # float32 elements (else float64)
+
+
+cdef inline Vec _vec(object v):
+    """A per-channel vector argument: a C-contiguous float32/float64 array or None."""
+    cdef Vec r
+    r.data = NULL
+    r.f32 = False
+    if v is not None:
+        r.data = cnp.PyArray_DATA(<cnp.ndarray>v)
+        r.f32 = cnp.PyArray_TYPE(<cnp.ndarray>v) == cnp.NPY_FLOAT32
+    return r
+
+
+cdef inline double _get(Vec v, Py_ssize_t c, double absent) noexcept nogil:
+    if v.data == NULL:
+        return absent
+    return <double>(<float*>v.data)[c] if v.f32 else (<double*>v.data)[c]
+
+
+cdef inline void _set(Vec v, Py_ssize_t c, double value) noexcept nogil:
+    if v.f32:
+        (<float*>v.data)[c] = <float>value
+    else:
+        (<double*>v.data)[c] = value
+
+
+cdef inline cnp.ndarray _new_vec(Py_ssize_t n):
+    cdef cnp.npy_intp dims[1]
+    dims[0] = n
+    return cnp.PyArray_EMPTY(1, dims, cnp.NPY_FLOAT64, 0)
+
+
+cdef inline const double* _expand_into(const Plan* p, const double* v,
+                                       double* buf) noexcept nogil:
+    """v expanded to one super-row in buf (blocks schedule), or v when equal."""
     if p.rows or (p.R0 == 1 and p.inner == 1):
         return v
-    cdef double[::1] out = np.empty(max(p.W, 1))
-    _expand(p, &v[0], &out[0])
-    return out
+    _expand(p, v, buf)
+    return buf
 
 
-def channel_mean_m2(const real[::1] x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                    double[::1] mean, double[::1] m2, int nthreads):
-    """Per-channel mean and M2 = sum (x - mean)^2 of x viewed as (outer, C, inner).
+cdef inline Py_ssize_t _expand_len(const Plan* p) noexcept nogil:
+    return 0 if p.rows or (p.R0 == 1 and p.inner == 1) else p.W
 
-    Requires outer * inner >= 1 and C >= 1. Every partial is accumulated
-    relative to a pivot K_c, the channel's first element: the partial means
-    are then of size std rather than |mean|, so rounding them costs
-    u * std instead of u * |mean|, and the between-partials term of M2 stays
-    exact for nearly constant channels.
+
+cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
+                  int nthreads) noexcept nogil:
+    """Per-channel mean and M2 = sum (x - mean)^2 (needs outer * inner >= 1).
+
+    Every partial is accumulated relative to a pivot K_c, the channel's first
+    element: partial means are then of the size of the spread rather than of
+    |mean|, so rounding them costs u * std instead of u * |mean|, and the
+    between-partials term of M2 stays exact for nearly constant channels.
+    Returns -1 when out of memory.
+    """
+    cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
+    cdef Py_ssize_t nscr = 0 if p.rows else 2 * p.W * nthreads
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + C
+                                                         + p.nparts + E + 1))
+    if buf == NULL:
+        return -1
+    cdef double* pmean = buf
+    cdef double* pm2 = pmean + p.nparts * C
+    cdef double* scratch = pm2 + p.nparts * C
+    cdef double* pivot = scratch + nscr
+    cdef double* counts = pivot + C
+    cdef double* e_buf = counts + p.nparts
+    for c in range(C):
+        pivot[c] = <double>x[c * p.inner]
+    cdef const double* e_pivot = _expand_into(p, pivot, e_buf)
+    _part_counts(p, counts)
+    _stats_partials(x, p, pivot, e_pivot, pmean, pm2, scratch, nthreads)
+    _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
+    free(buf)
+    return 0
+
+
+cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec running_mean,
+                  Vec running_var, Vec weight, Vec bias, double eps, double momentum,
+                  bint unbiased, double* mean, double* invstd, double* m2,
+                  int nt) noexcept nogil:
+    cdef Py_ssize_t c, C = p.C, E = _expand_len(p)
+    cdef double n = <double>(p.outer * p.inner), var_run
+    if training:
+        if _mean_m2(x, p, mean, m2, nt) != 0:
+            return -1
+        for c in range(C):
+            invstd[c] = 1.0 / sqrt(m2[c] / n + eps)
+        if running_mean.data != NULL:
+            # r = (1 - momentum) r + momentum * stat, in float64, stored once
+            for c in range(C):
+                var_run = m2[c] / (n - 1.0) if unbiased else m2[c] / n
+                _set(running_mean, c, (1.0 - momentum) * _get(running_mean, c, 0.0)
+                     + momentum * mean[c])
+                _set(running_var, c, (1.0 - momentum) * _get(running_var, c, 0.0)
+                     + momentum * var_run)
+    else:
+        for c in range(C):
+            mean[c] = _get(running_mean, c, 0.0)
+            invstd[c] = 1.0 / sqrt(_get(running_var, c, 1.0) + eps)
+            m2[c] = 0.0
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * C + 3 * E + 1))
+    if buf == NULL:
+        return -1
+    cdef double* scale = buf
+    cdef double* shift = scale + C
+    for c in range(C):
+        scale[c] = invstd[c] * _get(weight, c, 1.0)
+        shift[c] = _get(bias, c, 0.0)
+    cdef const double* e_mean = _expand_into(p, mean, shift + C)
+    cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
+    cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
+    if n > 0:
+        _affine(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, nt)
+    free(buf)
+    return 0
+
+
+def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+            bint training, running_mean, running_var, weight, bias, double eps,
+            double momentum, bint unbiased, int nthreads):
+    """Batch-norm forward on x viewed as (outer, C, inner); writes y.
+
+    training: normalize with the batch mean and biased variance and, when
+    given, update running_mean / running_var in place; else normalize with
+    them. weight / bias may be None (1 / 0). Per-channel vectors are
+    C-contiguous float32 or float64. Returns float64 (mean, invstd, m2),
+    m2 = sum (x - mean)^2 (zeros in inference).
     """
     cdef Plan p = make_plan(outer, C, inner)
-    cdef double[::1] pmean = np.empty(p.nparts * C)
-    cdef double[::1] pm2 = np.empty(p.nparts * C)
-    cdef double[::1] scratch = np.empty(1 if p.rows else 2 * p.W * nthreads)
-    cdef double[::1] pivot = np.empty(C)
-    cdef double[::1] counts = np.empty(p.nparts)
-    cdef Py_ssize_t c
+    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
+    cdef cnp.ndarray mean = _new_vec(C), invstd = _new_vec(C), m2 = _new_vec(C)
+    cdef Vec rm = _vec(running_mean)
+    cdef Vec rv = _vec(running_var)
+    cdef Vec w = _vec(weight)
+    cdef Vec b = _vec(bias)
+    cdef double* pmean = <double*>cnp.PyArray_DATA(mean)
+    cdef double* pinv = <double*>cnp.PyArray_DATA(invstd)
+    cdef double* pm2 = <double*>cnp.PyArray_DATA(m2)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    if C > 0:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            with nogil:
+                rc = _forward(<const float*>px, <float*>py, &p, training, rm, rv, w, b, eps,
+                              momentum, unbiased, pmean, pinv, pm2, nt)
+        else:
+            with nogil:
+                rc = _forward(<const double*>px, <double*>py, &p, training, rm, rv, w, b, eps,
+                              momentum, unbiased, pmean, pinv, pm2, nt)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for batch-norm scratch")
+    return mean, invstd, m2
+
+
+cdef int _backward(const real* dy, const real* x, real* dx, const Plan* p, bint training,
+                   const double* mean, const double* invstd, Vec weight,
+                   double* sum_dy, double* sum_dyx, int nt) noexcept nogil:
+    cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
+    cdef Py_ssize_t nscr = 0 if p.rows else 2 * p.W * nt
+    cdef double n = <double>(p.outer * p.inner)
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + 3 * C
+                                                         + 4 * E + 1))
+    if buf == NULL:
+        return -1
+    cdef double* pa = buf
+    cdef double* pb = pa + p.nparts * C
+    cdef double* scratch = pb + p.nparts * C
+    cdef double* g = scratch + nscr
+    cdef double* a = g + C
+    cdef double* k = a + C
+    cdef double* e_buf = k + C
+    cdef const double* e_mean = _expand_into(p, mean, e_buf)
+    _dy_partials(dy, x, p, mean, e_mean, pa, pb, scratch, nt)
+    _combine_sums(p, pa, pb, sum_dy, sum_dyx, nt)
     for c in range(C):
-        pivot[c] = <double>x[c * inner]
-    cdef const double[::1] e_pivot = _expanded(&p, pivot)
-    with nogil:
-        _part_counts(&p, &counts[0])
-        _stats_partials(&x[0], &p, &pivot[0], &e_pivot[0], &pmean[0], &pm2[0], &scratch[0],
-                        nthreads)
-        _combine_mean_m2(&p, &counts[0], &pivot[0], &pmean[0], &pm2[0], &mean[0], &m2[0],
-                         nthreads)
+        g[c] = invstd[c] * _get(weight, c, 1.0)
+        a[c] = sum_dy[c] / n if training else 0.0
+        k[c] = invstd[c] * invstd[c] * sum_dyx[c] / n if training else 0.0
+    cdef const double* e_g = _expand_into(p, g, e_buf + E)
+    cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)
+    cdef const double* e_k = _expand_into(p, k, e_buf + 3 * E)
+    _dx(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, nt)
+    free(buf)
+    return 0
 
 
-def normalize(const real[::1] x, real[::1] y, Py_ssize_t outer, Py_ssize_t C,
-              Py_ssize_t inner, const double[::1] mean, const double[::1] scale,
-              const double[::1] shift, int nthreads):
-    """y = (x - mean[c]) * scale[c] + shift[c], computed in float64."""
+def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t C,
+             Py_ssize_t inner, bint training, cnp.ndarray mean, cnp.ndarray invstd, weight,
+             int nthreads):
+    """Batch-norm backward; writes dx, returns float64 (sum(dy), sum(dy * (x - mean))).
+
+    dx = g * ((dy - a) - (x - mean) * k) with g = weight * invstd and, in
+    training, a = sum(dy) / N, k = invstd^2 * sum(dy * (x - mean)) / N
+    (inference: a = k = 0).
+    """
     cdef Plan p = make_plan(outer, C, inner)
-    cdef const double[::1] e_mean = _expanded(&p, mean)
-    cdef const double[::1] e_scale = _expanded(&p, scale)
-    cdef const double[::1] e_shift = _expanded(&p, shift)
-    with nogil:
-        _affine(&x[0], &y[0], &p, &mean[0], &scale[0], &shift[0],
-                &e_mean[0], &e_scale[0], &e_shift[0], nthreads)
-
-
-def dy_sums(const real[::1] dy, const real[::1] x, Py_ssize_t outer, Py_ssize_t C,
-            Py_ssize_t inner, const double[::1] mean, double[::1] sum_dy,
-            double[::1] sum_dy_xmu, int nthreads):
-    """Per-channel sum(dy) and sum(dy * (x - mean)), accumulated in float64."""
-    cdef Plan p = make_plan(outer, C, inner)
-    cdef double[::1] pa = np.empty(p.nparts * C)
-    cdef double[::1] pb = np.empty(p.nparts * C)
-    cdef double[::1] scratch = np.empty(1 if p.rows else 2 * p.W * nthreads)
-    cdef const double[::1] e_mean = _expanded(&p, mean)
-    with nogil:
-        _dy_partials(&dy[0], &x[0], &p, &mean[0], &e_mean[0], &pa[0], &pb[0],
-                     &scratch[0], nthreads)
-        _combine_sums(&p, &pa[0], &pb[0], &sum_dy[0], &sum_dy_xmu[0], nthreads)
-
-
-def input_grad(const real[::1] dy, const real[::1] x, real[::1] dx, Py_ssize_t outer,
-               Py_ssize_t C, Py_ssize_t inner, const double[::1] mean, const double[::1] g,
-               const double[::1] a, const double[::1] k, int nthreads):
-    """dx = g[c] * ((dy - a[c]) - (x - mean[c]) * k[c]), computed in float64."""
-    cdef Plan p = make_plan(outer, C, inner)
-    cdef const double[::1] e_mean = _expanded(&p, mean)
-    cdef const double[::1] e_g = _expanded(&p, g)
-    cdef const double[::1] e_a = _expanded(&p, a)
-    cdef const double[::1] e_k = _expanded(&p, k)
-    with nogil:
-        _dx(&dy[0], &x[0], &dx[0], &p, &mean[0], &g[0], &a[0], &k[0],
-            &e_mean[0], &e_g[0], &e_a[0], &e_k[0], nthreads)
+    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
+    cdef cnp.ndarray sum_dy = _new_vec(C), sum_dyx = _new_vec(C)
+    cdef double* psd = <double*>cnp.PyArray_DATA(sum_dy)
+    cdef double* psx = <double*>cnp.PyArray_DATA(sum_dyx)
+    cdef double* m = <double*>cnp.PyArray_DATA(mean)
+    cdef double* s = <double*>cnp.PyArray_DATA(invstd)
+    cdef Vec w = _vec(weight)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    cdef Py_ssize_t c
+    if C > 0 and outer * inner == 0:
+        for c in range(C):
+            psd[c] = 0.0
+            psx[c] = 0.0
+    elif C > 0:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            with nogil:
+                rc = _backward(<const float*>pdy, <const float*>px, <float*>pdx, &p, training,
+                               m, s, w, psd, psx, nt)
+        else:
+            with nogil:
+                rc = _backward(<const double*>pdy, <const double*>px, <double*>pdx, &p,
+                               training, m, s, w, psd, psx, nt)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for batch-norm scratch")
+    return sum_dy, sum_dyx

@@ -58,9 +58,37 @@ def no_overlap(pairs: Iterable[tuple]) -> None:
     for name_a, a, name_b, b in pairs:
         if a is None or b is None:
             continue
+        # two distinct arrays that each own their buffer cannot overlap
+        if a is not b and a.base is None and b.base is None:
+            continue
         if np.may_share_memory(a, b) and np.shares_memory(a, b):
             raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
                              f"write an output over an input or over another output")
+
+
+def _owns(a) -> bool:
+    return a.base is None
+
+
+def no_overlap_among(writes, reads) -> None:
+    """Raise if an output overlaps an input or another output.
+
+    `writes` and `reads` are lists of (name, array-or-None)."""
+    live_w = [(n, a) for n, a in writes if a is not None]
+    for i, (wn, w) in enumerate(live_w):
+        for rn, r in reads:
+            if r is not None:
+                _pair(wn, w, rn, r)
+        for wn2, w2 in live_w[i + 1:]:
+            _pair(wn, w, wn2, w2)
+
+
+def _pair(name_a, a, name_b, b) -> None:
+    if a is not b and a.base is None and b.base is None:
+        return       # two distinct arrays that each own their buffer cannot overlap
+    if np.may_share_memory(a, b) and np.shares_memory(a, b):
+        raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
+                         f"write an output over an input or over another output")
 
 
 def real_scalar(name: str, v: Any) -> float:

@@ -10,25 +10,24 @@ memory), Fortran-ordered and transposed arrays without a copy. Anything else
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Tuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
 class ChannelView:
     """How a (logical) array maps onto a contiguous (outer, C, inner) block."""
 
-    shape: Tuple[int, ...]   # logical shape
-    perm: Tuple[int, ...]    # axis order in memory (slowest first)
-    outer: int
-    channels: int
-    inner: int
+    __slots__ = ("shape", "perm", "outer", "channels", "inner", "is_identity")
 
-    @property
-    def is_identity(self) -> bool:
-        return self.perm == tuple(range(len(self.shape)))
+    def __init__(self, shape: Tuple[int, ...], perm: Tuple[int, ...], outer: int,
+                 channels: int, inner: int) -> None:
+        self.shape = shape          # logical shape
+        self.perm = perm            # axis order in memory (slowest first)
+        self.outer = outer
+        self.channels = channels
+        self.inner = inner
+        self.is_identity = perm == tuple(range(len(shape)))
 
     def flat(self, a: np.ndarray) -> np.ndarray:
         """1-D view of `a` in this layout (a must already have it)."""
@@ -67,6 +66,16 @@ def _view(shape, perm, axis) -> ChannelView:
     return ChannelView(tuple(shape), tuple(perm), outer, shape[axis], inner)
 
 
+_IDENTITY = {}
+
+
+def _identity(nd: int) -> Tuple[int, ...]:
+    p = _IDENTITY.get(nd)
+    if p is None:
+        p = _IDENTITY[nd] = tuple(range(nd))
+    return p
+
+
 def channel_view(x: np.ndarray, axis: int) -> ChannelView:
     """Best layout for `x` with channel axis `axis` (axis already normalized).
 
@@ -75,11 +84,11 @@ def channel_view(x: np.ndarray, axis: int) -> ChannelView:
     """
     nd = x.ndim
     if x.flags.c_contiguous:
-        return _view(x.shape, tuple(range(nd)), axis)
+        return _view(x.shape, _identity(nd), axis)
     # Sort axes by stride, slowest first; size-1 axes carry no information and
     # keep their logical place (stable sort on a key that ignores them).
     strides = [abs(s) if n > 1 else 0 for s, n in zip(x.strides, x.shape)]
     perm = tuple(sorted(range(nd), key=lambda i: (-strides[i], i)))
     if x.transpose(perm).flags.c_contiguous:
         return _view(x.shape, perm, axis)
-    return _view(x.shape, tuple(range(nd)), axis)
+    return _view(x.shape, _identity(nd), axis)

@@ -39,12 +39,21 @@ __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
 
 
-def _as_f64(v: Optional[np.ndarray], channels: int, fill: float) -> np.ndarray:
-    if v is None:
-        return np.full(channels, fill)
-    return np.asarray(v, dtype=np.float64)
+def _vec(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """A per-channel vector as the kernels take it: C-contiguous float32 or float64."""
+    if v is None or ((v.dtype == _F32 or v.dtype == _F64) and v.flags.c_contiguous):
+        return v
+    return np.ascontiguousarray(v, dtype=_F64)
+
+
+def _f64(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """A C-contiguous float64 copy (or v itself when it already is one)."""
+    if v is None or (v.dtype == _F64 and v.flags.c_contiguous):
+        return v
+    return np.ascontiguousarray(v, dtype=_F64)
 
 
 def _reduced_count(shape, axis: int) -> int:
@@ -63,6 +72,13 @@ def _kernel_input(view, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _flat(view, a: np.ndarray) -> np.ndarray:
+    """1-D C-contiguous view of `a` in the view's layout (the kernels' input)."""
+    f = view.flat(a)
+    assert f.flags.c_contiguous
+    return f
+
+
 def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
     """Where the kernel writes: `out` itself when it has the layout and a
     kernel dtype, else a temporary that the caller copies into `out`."""
@@ -70,6 +86,14 @@ def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
     if out is not None and out.dtype == kdtype and view.has_layout(out):
         return out
     return view.empty(kdtype)
+
+
+def _finish_output(target: np.ndarray, out: Optional[np.ndarray], dtype) -> np.ndarray:
+    if out is None:
+        return target.astype(_F16, order="K") if dtype == _F16 else target
+    if target is not out:
+        np.copyto(out, target, casting="same_kind")
+    return out
 
 
 def _check_out(name: str, out, x: np.ndarray) -> Optional[np.ndarray]:
@@ -82,6 +106,12 @@ def _check_out(name: str, out, x: np.ndarray) -> Optional[np.ndarray]:
     chk.same_shape(name, out, x.shape, "x")
     chk.writeable(name, out)
     return out
+
+
+def _axis(axis, ndim: int) -> int:
+    if type(axis) is int and -ndim <= axis < ndim:
+        return axis % ndim
+    return chk.normalize_axis(axis, ndim)
 
 
 def batch_norm_forward(
@@ -106,8 +136,10 @@ def batch_norm_forward(
     x : array, ndim >= 2, float16/float32/float64
         Any layout; `axis` is the channel axis (1 for NC, NCL, NCHW, NCDHW;
         -1 for channels-last). Non-contiguous inputs are accepted (copied
-        once unless they are a permutation of a contiguous array).
-    weight, bias : (C,) arrays or None (1 and 0)
+        once unless they are a permutation of a contiguous array). Objects
+        with ``__dlpack__`` (torch CPU tensors, JAX CPU arrays) are viewed
+        zero-copy.
+    weight, bias : (C,) arrays or None (1 and 0); any floating dtype.
     running_mean, running_var : (C,) arrays or None
         Training: updated in place as ``r = (1 - momentum) * r + momentum * stat``
         with the variance unbiased (N/(N-1)) unless ``unbiased_running_var=False``.
@@ -115,13 +147,14 @@ def batch_norm_forward(
     training : normalize with the batch statistics (True) or the running ones.
     momentum : rate of the running average, in [0, 1].
     eps : added to the variance, > 0.
-    out : optional array like `x` (same shape and dtype) to write y into.
+    out : optional array like `x` (same shape and dtype) to write y into;
+        allocation-free when it has x's memory layout and x is not float16.
     num_threads : OpenMP threads (None: bncore.get_num_threads()); never
-        changes the result.
+        changes the result (inputs under 32768 elements run on one thread).
 
     Returns
     -------
-    y : array like x
+    y : array like x (same dtype, same memory layout)
     mean, invstd : (C,) float64
         The statistics used: batch mean and 1/sqrt(biased var + eps) in
         training, running ones in inference. Pass them to
@@ -130,15 +163,22 @@ def batch_norm_forward(
     x = chk.float_array("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
-    ax = chk.normalize_axis(axis, x.ndim)
+    ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     n = _reduced_count(x.shape, ax)
-    weight = chk.channel_vector("weight", weight, C)
-    bias = chk.channel_vector("bias", bias, C)
-    running_mean = chk.channel_vector("running_mean", running_mean, C, out=True)
-    running_var = chk.channel_vector("running_var", running_var, C, out=True)
-    eps = chk.positive("eps", eps)
-    momentum = chk.in_unit_interval("momentum", momentum)
+    if weight is not None:
+        weight = chk.channel_vector("weight", weight, C)
+    if bias is not None:
+        bias = chk.channel_vector("bias", bias, C)
+    if running_mean is not None or running_var is not None:
+        if running_mean is None or running_var is None:
+            raise ValueError("pass both running_mean and running_var, or neither")
+        running_mean = chk.channel_vector("running_mean", running_mean, C, out=True)
+        running_var = chk.channel_vector("running_var", running_var, C, out=True)
+    if type(eps) is not float or not 0.0 < eps < math.inf:
+        eps = chk.positive("eps", eps)
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+        momentum = chk.in_unit_interval("momentum", momentum)
     nthreads = resolve_num_threads(num_threads)
     training = bool(training)
     if training:
@@ -146,60 +186,33 @@ def batch_norm_forward(
             raise ValueError(
                 f"training-mode batch norm needs more than 1 value per channel, got {n} "
                 f"(x of shape {x.shape}, channel axis {ax})")
-    elif running_mean is None or running_var is None:
+    elif running_mean is None:
         raise ValueError("inference mode (training=False) needs running_mean and running_var")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("pass both running_mean and running_var, or neither")
     out = _check_out("out", out, x)
-    chk.no_overlap([
-        ("out", out, "x", x), ("out", out, "weight", weight), ("out", out, "bias", bias),
-        ("out", out, "running_mean", running_mean), ("out", out, "running_var", running_var),
-        ("running_mean", running_mean, "running_var", running_var),
-        ("running_mean", running_mean, "x", x), ("running_var", running_var, "x", x),
-        ("running_mean", running_mean, "weight", weight),
-        ("running_var", running_var, "weight", weight),
-        ("running_mean", running_mean, "bias", bias), ("running_var", running_var, "bias", bias),
-    ])
+    if out is not None or running_mean is not None:
+        chk.no_overlap_among(
+            [("out", out), ("running_mean", running_mean), ("running_var", running_var)],
+            [("x", x), ("weight", weight), ("bias", bias)])
 
     # ---- all checks done: from here on arrays are written
     view = channel_view(x, ax)
-    if training:
-        mean = np.empty(C)
-        m2 = np.empty(C)
-        if C:
-            xk = _kernel_input(view, x)
-            _k.channel_mean_m2(view.flat(xk), view.outer, C, view.inner, mean, m2, nthreads)
-        else:
-            xk = x
-        invstd = 1.0 / np.sqrt(m2 / n + eps)
-    else:
-        xk = _kernel_input(view, x) if x.size else x
-        mean = np.array(running_mean, dtype=np.float64)
-        invstd = 1.0 / np.sqrt(np.asarray(running_var, dtype=np.float64) + eps)
-
-    scale = invstd * _as_f64(weight, C, 1.0)
-    shift = _as_f64(bias, C, 0.0)
+    xk = _kernel_input(view, x)
     target = _output_target(view, out, x.dtype)
-    if x.size:
-        _k.normalize(view.flat(xk), view.flat(target), view.outer, C, view.inner,
-                     mean, scale, shift, nthreads)
-    if out is None:
-        y = target.astype(_F16, order="K") if x.dtype == _F16 else target
-    else:
-        if target is not out:
-            np.copyto(out, target, casting="same_kind")
-        y = out
-
-    if training and running_mean is not None:
-        var_run = m2 / (n - 1) if unbiased_running_var else m2 / n
-        rm = np.asarray(running_mean, dtype=np.float64)
-        rv = np.asarray(running_var, dtype=np.float64)
-        running_mean[...] = (1.0 - momentum) * rm + momentum * mean
-        running_var[...] = (1.0 - momentum) * rv + momentum * var_run
+    # running statistics are updated by the kernel in place; a float16 or
+    # strided one goes through a float64 copy that is written back
+    rm, rv = _vec(running_mean), _vec(running_var)
+    mean, invstd, _ = _k.forward(
+        _flat(view, xk), _flat(view, target), view.outer, C, view.inner, training, rm, rv,
+        _vec(weight), _vec(bias), eps, momentum, bool(unbiased_running_var), nthreads)
+    if training and rm is not running_mean:
+        running_mean[...] = rm
+    if training and rv is not running_var:
+        running_var[...] = rv
+    y = _finish_output(target, out, x.dtype)
     return y, mean, invstd
 
 
-def _check_dx_out(out, x: np.ndarray, weight: Optional[np.ndarray], C: int):
+def _check_dx_out(out, x: np.ndarray, C: int):
     """Split `out` (None, dx, or a (dx, dweight, dbias) tuple) and check each."""
     if out is None:
         return None, None, None
@@ -243,62 +256,40 @@ def batch_norm_backward(
         raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}, expected {x.dtype} (as x)")
-    chk.same_shape("dy", dy, x.shape, "x")
-    ax = chk.normalize_axis(axis, x.ndim)
+    if dy.shape != x.shape:
+        chk.same_shape("dy", dy, x.shape, "x")
+    ax = _axis(axis, x.ndim)
     C = x.shape[ax]
     n = _reduced_count(x.shape, ax)
-    mean = chk.channel_vector("mean", mean, C)
-    invstd = chk.channel_vector("invstd", invstd, C)
     if mean is None or invstd is None:
         raise TypeError("mean and invstd are required (the statistics batch_norm_forward returned)")
-    weight = chk.channel_vector("weight", weight, C)
+    mean = chk.channel_vector("mean", mean, C)
+    invstd = chk.channel_vector("invstd", invstd, C)
+    if weight is not None:
+        weight = chk.channel_vector("weight", weight, C)
     nthreads = resolve_num_threads(num_threads)
     training = bool(training)
     if training and n < 2:
         raise ValueError(
             f"training-mode batch norm needs more than 1 value per channel, got {n}")
-    dx_out, dw_out, db_out = _check_dx_out(out, x, weight, C)
-    chk.no_overlap([
-        ("out[0] (dx)", dx_out, "x", x), ("out[0] (dx)", dx_out, "dy", dy),
-        ("out[0] (dx)", dx_out, "mean", mean), ("out[0] (dx)", dx_out, "invstd", invstd),
-        ("out[0] (dx)", dx_out, "weight", weight),
-        ("out[1] (dweight)", dw_out, "out[2] (dbias)", db_out),
-        ("out[1] (dweight)", dw_out, "x", x), ("out[1] (dweight)", dw_out, "dy", dy),
-        ("out[2] (dbias)", db_out, "x", x), ("out[2] (dbias)", db_out, "dy", dy),
-        ("out[0] (dx)", dx_out, "out[1] (dweight)", dw_out),
-        ("out[0] (dx)", dx_out, "out[2] (dbias)", db_out),
-    ])
+    dx_out, dw_out, db_out = _check_dx_out(out, x, C)
+    if out is not None:
+        chk.no_overlap_among(
+            [("out[0] (dx)", dx_out), ("out[1] (dweight)", dw_out), ("out[2] (dbias)", db_out)],
+            [("x", x), ("dy", dy), ("mean", mean), ("invstd", invstd), ("weight", weight)])
 
     # ---- all checks done
     view = channel_view(x, ax)
-    mean64 = np.asarray(mean, dtype=np.float64)
-    invstd64 = np.asarray(invstd, dtype=np.float64)
-    sum_dy = np.zeros(C)
-    sum_dy_xmu = np.zeros(C)
+    xk = _kernel_input(view, x)
+    dyk = _kernel_input(view, dy)
     target = _output_target(view, dx_out, x.dtype)
-    if x.size:
-        xk = _kernel_input(view, x)
-        dyk = _kernel_input(view, dy)
-        _k.dy_sums(view.flat(dyk), view.flat(xk), view.outer, C, view.inner, mean64,
-                   sum_dy, sum_dy_xmu, nthreads)
-        g = _as_f64(weight, C, 1.0) * invstd64
-        if training:
-            a = sum_dy / n
-            k = invstd64 * invstd64 * sum_dy_xmu / n
-        else:
-            a = np.zeros(C)
-            k = a
-        _k.input_grad(view.flat(dyk), view.flat(xk), view.flat(target), view.outer, C,
-                      view.inner, mean64, g, a, k, nthreads)
-    if dx_out is None:
-        dx = target.astype(_F16, order="K") if x.dtype == _F16 else target
-    else:
-        if target is not dx_out:
-            np.copyto(dx_out, target, casting="same_kind")
-        dx = dx_out
+    sum_dy, sum_dy_xmu = _k.backward(
+        _flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, C, view.inner,
+        training, _f64(mean), _f64(invstd), _vec(weight), nthreads)
+    dx = _finish_output(target, dx_out, x.dtype)
 
     pdtype = weight.dtype if weight is not None else x.dtype
-    dweight = sum_dy_xmu * invstd64
+    dweight = sum_dy_xmu * _f64(invstd)
     dbias = sum_dy
     if dw_out is not None:
         dw_out[...] = dweight
