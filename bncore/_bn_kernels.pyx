@@ -46,6 +46,7 @@ cdef enum:
     SEG_LEN = 8192        # longest contiguous segment per work item (rows schedule)
     ROWS_MIN_INNER = 32   # below this inner size the blocks schedule is used
     SUPER_MIN = 256       # shortest flat loop in the blocks schedule (elements)
+    NARROW = 64           # super-row length whose constants stay in registers
     BLOCK_ELEMS = 16384   # elements per block (blocks schedule): 64 KiB of float32
 
 
@@ -60,6 +61,7 @@ cdef struct Plan:
     Py_ssize_t P            # blocks: elements per outer row (C * inner)
     Py_ssize_t R0           # blocks: outer rows per super-row
     Py_ssize_t W            # blocks: elements per super-row (R0 * P)
+    bint narrow             # blocks with W == NARROW: constants held in registers
     Py_ssize_t block_rows   # blocks: outer rows per block (multiple of R0)
     Py_ssize_t nitems       # parallel work items
     Py_ssize_t nparts       # partials per channel
@@ -77,6 +79,7 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
     p.R0 = 1
     p.W = p.P
     p.block_rows = 1
+    p.narrow = False
     if p.rows:
         p.nseg = (inner + SEG_LEN - 1) // SEG_LEN
         # equal-length segments: same cost per item, same count per partial
@@ -84,7 +87,12 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
         p.nitems = outer * C * p.nseg
         p.nparts = outer * p.nseg
     else:
-        if p.P > 0 and p.P < SUPER_MIN:
+        if p.P > 0 and NARROW % p.P == 0:
+            # rows of 1, 2, 4, ... 64 elements: super-rows of exactly NARROW
+            # elements, whose per-element constants fit in vector registers
+            p.R0 = NARROW // p.P
+            p.narrow = True
+        elif p.P > 0 and p.P < SUPER_MIN:
             p.R0 = (SUPER_MIN + p.P - 1) // p.P
         p.W = p.R0 * p.P
         p.block_rows = p.R0 * (BLOCK_ELEMS // p.W if p.W > 0 and p.W < BLOCK_ELEMS else 1)
@@ -154,13 +162,16 @@ cdef void _fold(const Plan* p, const double* acc, Py_ssize_t n, double* out) noe
 # Lane-blocked sums over a contiguous segment (rows schedule)
 
 cdef inline double _lane_total(double* acc) noexcept nogil:
-    # pairwise tree over the lanes, in place, in a fixed order
-    cdef int k, w = LANES // 2
-    while w > 0:
-        for k in range(w):
-            acc[k] = acc[k] + acc[k + w]
-        w = w // 2
-    return acc[0]
+    # pairwise tree over the 32 lanes, in place, in a fixed order; constant
+    # trip counts so the compiler unrolls and vectorizes the first levels
+    cdef int k
+    for k in range(16):
+        acc[k] = acc[k] + acc[k + 16]
+    for k in range(8):
+        acc[k] = acc[k] + acc[k + 8]
+    for k in range(4):
+        acc[k] = acc[k] + acc[k + 4]
+    return (acc[0] + acc[2]) + (acc[1] + acc[3])
 
 
 cdef inline void _zero(double* acc, Py_ssize_t n) noexcept nogil:
@@ -324,7 +335,107 @@ cdef inline bint _use_tiles(const Plan* p) noexcept nogil:
     # Channel tiles for narrow channels-last rows; wide rows (C >= SUPER_MIN)
     # go flat instead: tiles would stride through them a row apart, and a
     # power-of-two row length then maps a tile's rows onto one L1 cache set.
-    return p.inner == 1 and p.C < SUPER_MIN
+    return p.inner == 1 and p.C < SUPER_MIN and not p.narrow
+
+
+# Narrow super-rows (W == NARROW == 64 elements): every per-element constant
+# and running sum lives in a local array of 64 doubles that GCC keeps in
+# vector registers across the whole block, so the inner loop loads only the
+# data. The order of every sum is the same as in the flat loops.
+
+cdef inline void _n64_sum(const real* x, Py_ssize_t nsr, const double* e_pivot,
+                          double* acc) noexcept nogil:
+    cdef double a[NARROW]
+    cdef double K[NARROW]
+    cdef Py_ssize_t s
+    cdef int j
+    for j in range(NARROW):
+        a[j] = 0.0
+        K[j] = e_pivot[j]
+    for s in range(nsr):
+        for j in range(NARROW):
+            a[j] += <double>x[s * NARROW + j] - K[j]
+    for j in range(NARROW):
+        acc[j] = a[j]
+
+
+cdef inline void _n64_sum_sq(const real* x, Py_ssize_t nsr, const double* e_pivot,
+                             const double* e_mean, double* acc) noexcept nogil:
+    cdef double a[NARROW]
+    cdef double K[NARROW]
+    cdef double m[NARROW]
+    cdef Py_ssize_t s
+    cdef int j
+    cdef double d
+    for j in range(NARROW):
+        a[j] = 0.0
+        K[j] = e_pivot[j]
+        m[j] = e_mean[j]
+    for s in range(nsr):
+        for j in range(NARROW):
+            d = (<double>x[s * NARROW + j] - K[j]) - m[j]
+            a[j] += d * d
+    for j in range(NARROW):
+        acc[j] = a[j]
+
+
+cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
+                              const double* e_mean, double* acc_a,
+                              double* acc_b) noexcept nogil:
+    cdef double a[NARROW]
+    cdef double b[NARROW]
+    cdef double m[NARROW]
+    cdef Py_ssize_t s
+    cdef int j
+    cdef double g
+    for j in range(NARROW):
+        a[j] = 0.0
+        b[j] = 0.0
+        m[j] = e_mean[j]
+    for s in range(nsr):
+        for j in range(NARROW):
+            g = <double>dy[s * NARROW + j]
+            a[j] += g
+            b[j] += g * (<double>x[s * NARROW + j] - m[j])
+    for j in range(NARROW):
+        acc_a[j] = a[j]
+        acc_b[j] = b[j]
+
+
+cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const double* e_mean,
+                             const double* e_scale, const double* e_shift) noexcept nogil:
+    cdef double m[NARROW]
+    cdef double sc[NARROW]
+    cdef double sh[NARROW]
+    cdef Py_ssize_t s
+    cdef int j
+    for j in range(NARROW):
+        m[j] = e_mean[j]
+        sc[j] = e_scale[j]
+        sh[j] = e_shift[j]
+    for s in range(nsr):
+        for j in range(NARROW):
+            y[s * NARROW + j] = <real>((<double>x[s * NARROW + j] - m[j]) * sc[j] + sh[j])
+
+
+cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr,
+                         const double* e_mean, const double* e_g, const double* e_a,
+                         const double* e_k) noexcept nogil:
+    cdef double m[NARROW]
+    cdef double g[NARROW]
+    cdef double a[NARROW]
+    cdef double k[NARROW]
+    cdef Py_ssize_t s
+    cdef int j
+    for j in range(NARROW):
+        m[j] = e_mean[j]
+        g[j] = e_g[j]
+        a[j] = e_a[j]
+        k[j] = e_k[j]
+    for s in range(nsr):
+        for j in range(NARROW):
+            dx[s * NARROW + j] = <real>(g[j] * ((<double>dy[s * NARROW + j] - a[j])
+                                                - (<double>x[s * NARROW + j] - m[j]) * k[j]))
 
 
 cdef inline void _tile_mean_m2(const real* x, Py_ssize_t rows, Py_ssize_t stride,
@@ -465,6 +576,20 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
     cdef double* e_mean = pm if identity else scratch + W
     cdef Py_ssize_t c
     cdef double cnt = <double>(rows * p.inner)
+    if p.narrow:
+        s = total - total % NARROW
+        _n64_sum(x, s // NARROW, e_pivot, acc)
+        if s < total:
+            _flat_add(x + s, total - s, e_pivot, acc)
+        _fold(p, acc, W if total > W else total, pm)
+        for c in range(p.C):
+            pm[c] = pm[c] / cnt
+        _expand(p, pm, e_mean)
+        _n64_sum_sq(x, s // NARROW, e_pivot, e_mean, acc)
+        if s < total:
+            _flat_add_sq(x + s, total - s, e_pivot, e_mean, acc)
+        _fold(p, acc, W if total > W else total, pq)
+        return
     if _use_tiles(p):
         c = 0
         while c + TILE <= p.C:
@@ -608,8 +733,13 @@ cdef inline void _affine_item(const real* x, real* y, const Plan* p, const doubl
         _segment_affine(x + off, y + off, n, mean[c], scale[c], shift[c])
     else:
         base = t * p.block_rows * p.P
-        _affine_block(x + base, y + base, _block_rows(p, t) * p.P, p.W, e_mean, e_scale,
-                      e_shift)
+        n = _block_rows(p, t) * p.P
+        if p.narrow:
+            off = n - n % NARROW
+            _n64_affine(x + base, y + base, off // NARROW, e_mean, e_scale, e_shift)
+            _flat_affine(x + base + off, y + base + off, n - off, e_mean, e_scale, e_shift)
+        else:
+            _affine_block(x + base, y + base, n, p.W, e_mean, e_scale, e_shift)
 
 
 cdef void _affine(const real* x, real* y, const Plan* p, const double* mean,
@@ -635,6 +765,14 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
     cdef double* acc_a = pa if identity else scratch
     cdef double* acc_b = pb if identity else scratch + W
     cdef Py_ssize_t c
+    if p.narrow:
+        s = total - total % NARROW
+        _n64_dy_sums(dy, x, s // NARROW, e_mean, acc_a, acc_b)
+        if s < total:
+            _flat_dy_sums(dy + s, x + s, total - s, e_mean, acc_a, acc_b)
+        _fold(p, acc_a, W if total > W else total, pa)
+        _fold(p, acc_b, W if total > W else total, pb)
+        return
     if _use_tiles(p):
         c = 0
         while c + TILE <= p.C:
@@ -730,8 +868,14 @@ cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p
         _segment_dx(dy + off, x + off, dx + off, n, mean[c], g[c], a[c], k[c])
     else:
         base = t * p.block_rows * p.P
-        _dx_block(dy + base, x + base, dx + base, _block_rows(p, t) * p.P, p.W,
-                  e_mean, e_g, e_a, e_k)
+        n = _block_rows(p, t) * p.P
+        if p.narrow:
+            off = n - n % NARROW
+            _n64_dx(dy + base, x + base, dx + base, off // NARROW, e_mean, e_g, e_a, e_k)
+            _flat_dx(dy + base + off, x + base + off, dx + base + off, n - off,
+                     e_mean, e_g, e_a, e_k)
+        else:
+            _dx_block(dy + base, x + base, dx + base, n, p.W, e_mean, e_g, e_a, e_k)
 
 
 cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const double* mean,

@@ -39,24 +39,33 @@ class Case:
     results: Dict[str, float] = field(default_factory=dict)   # seconds per call
 
 
-def time_loop(fn: Callable[[], object], min_time: float) -> float:
-    """Seconds per call of fn, from a loop that runs at least min_time."""
+def time_loop(fn: Callable[[], object], min_time: float, batches: int = 5) -> float:
+    """Seconds per call of fn: the best of `batches` timed batches, after a
+    warm-up of half the budget (threads woken, caches and pages warm)."""
     fn()
     n = 1
-    while True:
+    t_end = time.perf_counter() + min_time / 2
+    while time.perf_counter() < t_end:     # warm-up, and size the batches
         t0 = time.perf_counter()
         for _ in range(n):
             fn()
-        dt = time.perf_counter() - t0
-        if dt >= min_time or n >= 1 << 16:
-            return dt / n
-        n = max(n * 2, int(n * min_time / max(dt, 1e-9)) + 1)
+        if time.perf_counter() - t0 < min_time / batches / 4:
+            n *= 2
+    best = float("inf")
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
 
 
 def run_cases(cases: List[Case], reps: int, min_time: float) -> None:
     for case in cases:
         best: Dict[str, float] = {}
         for _ in range(reps):
+            # implementations interleaved within each repetition, so slow
+            # phases of a shared machine hit them alike
             for name, fn in case.impls.items():
                 t = time_loop(fn, min_time)
                 best[name] = min(best.get(name, float("inf")), t)

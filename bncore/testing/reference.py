@@ -2,8 +2,10 @@
 
 Nothing here calls bncore's kernels: these functions are the independent
 reference the kernels are tested against. They favour clarity over speed:
-every input is first converted to float64 (exact for float16/32), means use
-two passes, and each formula reads as in the docstrings of bncore.
+every input is first converted to float64 (exact for float16/32), statistics
+use two passes in extended precision (np.longdouble, 64-bit significand on
+x86) so the oracle's own rounding stays below the kernels', and each formula
+reads as in the docstrings of bncore.
 """
 from __future__ import annotations
 
@@ -39,10 +41,13 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     b = np.zeros(C) if bias is None else _f64(bias)
     new_rm = _f64(running_mean)
     new_rv = _f64(running_var)
+    xl = x.astype(np.longdouble)
     if training:
-        mean = x.mean(axis=red)
-        centered = x - _bcast(mean, x.ndim, axis)
-        var = (centered * centered).mean(axis=red)        # biased, two-pass
+        mean_l = xl.mean(axis=red)
+        centered = xl - _bcast(mean_l, x.ndim, axis)
+        var_l = (centered * centered).mean(axis=red)      # biased, two-pass
+        mean = mean_l.astype(np.float64)
+        var = var_l.astype(np.float64)
         if running_mean is not None:
             var_run = var * n / (n - 1) if unbiased_running_var else var
             new_rm = (1 - momentum) * new_rm + momentum * mean
@@ -50,10 +55,12 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     else:
         mean = _f64(running_mean)
         var = _f64(running_var)
-        centered = x - _bcast(mean, x.ndim, axis)
-    invstd = 1.0 / np.sqrt(var + eps)
-    y = centered * _bcast(invstd * w, x.ndim, axis) + _bcast(b, x.ndim, axis)
-    return y, mean, invstd, new_rm, new_rv
+        mean_l = mean.astype(np.longdouble)
+        var_l = var.astype(np.longdouble)
+        centered = xl - _bcast(mean_l, x.ndim, axis)
+    invstd_l = 1 / np.sqrt(var_l + eps)
+    y = (centered * _bcast(invstd_l * w, x.ndim, axis) + _bcast(b, x.ndim, axis)).astype(np.float64)
+    return y, mean, invstd_l.astype(np.float64), new_rm, new_rv
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training=True, axis=1):

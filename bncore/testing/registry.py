@@ -241,7 +241,6 @@ def _channel_values(p: Params, rng: np.random.Generator, shape, axis) -> np.ndar
         std = np.abs(mean) * 1e-6 + 1e-7 if not f16 else np.full(C, 1e-3)
     else:
         raise ValueError(kind)
-    p["condition"] = float(np.max(np.abs(mean) / std))
     return mean.reshape(bshape) + std.reshape(bshape) * z
 
 
@@ -258,6 +257,16 @@ def make_bn_forward_case(p: Params) -> Case:
     pdt = param_dtype(p["dtype"])
     x = realize_layout(_channel_values(p, rng, shape, axis).astype(dt), p["layout"], rng)
     C = shape[axis]
+    momentum = float(rng.choice((0.1, 0.01, 0.5, 1.0)))
+    eps = float(rng.choice((1e-5, 1e-3)))
+    # the condition the float64 tolerances scale with: |mean| / std of the data
+    # as drawn (a batch of 2 can be far tighter than its intended spread); the
+    # rounding of the mean, u |mean|, is an error of u * condition in y
+    x64 = x.astype(np.float64)
+    red = tuple(i for i in range(len(shape)) if i != axis)
+    if x64.size:
+        p["condition"] = float(np.max(np.abs(x64.mean(axis=red))
+                                      / np.maximum(x64.std(axis=red), 1e-300)))
     arrays: Dict[str, Optional[np.ndarray]] = {"x": x, "weight": None, "bias": None,
                                                "running_mean": None, "running_var": None}
     if p["affine"]:
@@ -271,8 +280,6 @@ def make_bn_forward_case(p: Params) -> Case:
         # running statistics near the data's, so inference mode is well conditioned
         arrays["running_mean"] = (true_mean + 0.1 * np.sqrt(true_var) * rng.standard_normal(C)).astype(pdt)
         arrays["running_var"] = (true_var * rng.uniform(0.8, 1.25, C) + 1e-3).astype(pdt)
-    momentum = float(rng.choice((0.1, 0.01, 0.5, 1.0)))
-    eps = float(rng.choice((1e-5, 1e-3)))
     kwargs = dict(training=p["training"], momentum=momentum, eps=eps,
                   axis=axis if rng.integers(2) else axis - len(shape),
                   unbiased_running_var=bool(rng.integers(2)))
@@ -355,17 +362,28 @@ def _bn_backward_tolerance(case: Case, key: str) -> float:
 
 
 def _bn_backward_floor(case: Case, key: str) -> float:
-    """dx is dy less its projections: measure its error against |w invstd dy|."""
-    if key != "dx":
-        return 0.0
+    """Norms of the terms each gradient sums, for outputs that cancel.
+
+    dx is dy less its projections: its error is measured against |w invstd dy|;
+    dweight and dbias are sums of dy * xhat and dy, whose rounding scales with
+    the sums of their absolute values."""
     a = case.arrays
-    axis = case.kwargs["axis"] % a["x"].ndim
-    shape = [1] * a["x"].ndim
+    x = a["x"].astype(np.float64)
+    dy = a["dy"].astype(np.float64)
+    axis = case.kwargs["axis"] % x.ndim
+    shape = [1] * x.ndim
     shape[axis] = -1
-    g = np.asarray(a["invstd"], dtype=np.float64)
-    if a["weight"] is not None:
-        g = g * a["weight"]
-    return float(np.linalg.norm(a["dy"].astype(np.float64) * g.reshape(shape)))
+    red = tuple(i for i in range(x.ndim) if i != axis)
+    invstd = np.asarray(a["invstd"], dtype=np.float64)
+    if key in ("dx",):
+        g = invstd if a["weight"] is None else invstd * a["weight"]
+        return float(np.linalg.norm(dy * g.reshape(shape)))
+    if key in ("dweight", "grad_weight"):
+        xhat = (x - np.asarray(a["mean"], np.float64).reshape(shape)) * invstd.reshape(shape)
+        return float(np.linalg.norm(np.abs(dy * xhat).sum(axis=red)))
+    if key in ("dbias", "grad_bias"):
+        return float(np.linalg.norm(np.abs(dy).sum(axis=red)))
+    return 0.0
 
 
 def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random"):
@@ -508,14 +526,14 @@ def _layer_tolerance(case: Case, key: str) -> float:
 
 
 def _layer_floor(case: Case, key: str) -> float:
-    if key != "dx":
+    if key not in ("dx", "grad_weight", "grad_bias"):
         return 0.0
     a = case.arrays
     _, mean, invstd, _, _ = ref.batch_norm_forward(
         a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"], **case.kwargs)
-    bwd = Case(case.params, {"dy": a["dy"], "x": a["x"], "invstd": invstd,
+    bwd = Case(case.params, {"dy": a["dy"], "x": a["x"], "mean": mean, "invstd": invstd,
                              "weight": a["weight"]}, {"axis": case.kwargs["axis"]})
-    return _bn_backward_floor(bwd, "dx")
+    return _bn_backward_floor(bwd, key)
 
 
 register(OpSpec(
