@@ -25,6 +25,7 @@ from setuptools.command.build_ext import build_ext
 PACKAGES_WITH_KERNELS = {
     "bncore._openmp": "bncore/_openmp.pyx",
     "bncore._bn_kernels": "bncore/_bn_kernels.pyx",
+    "bncore._optim_kernels": "bncore/_optim_kernels.pyx",
 }
 
 
@@ -77,7 +78,8 @@ class BuildExt(build_ext):
         elif _env_flag("BNCORE_DEBUG"):
             compile_args += ["-O0", "-g"]
         else:
-            compile_args.append("-O3")
+            # -fno-math-errno: sqrt may then be vectorized (errno is never read)
+            compile_args += ["-O3", "-fno-math-errno"]
             if not _env_flag("BNCORE_PORTABLE") and _compiles(cc, TRIVIAL, ["-march=native"]):
                 compile_args.append("-march=native")
             # The channels-last loops update four rows per pass; GCC's default

@@ -57,3 +57,81 @@ def batch_norm_convention(name: str) -> BatchNormConvention:
     except KeyError:
         raise ValueError(f"unknown batch-norm convention {name!r}; choose one of "
                          f"{', '.join(BATCH_NORM)}") from None
+
+
+# --------------------------------------------------------------------------
+# Optimizers: the defaults and formula switches of each framework, as the
+# keyword arguments of bncore's step functions (see bncore/optimizers.py).
+# "decoupled_weight_decay" True means the framework applies weight decay as
+# p -= lr * wd * p (Keras on every optimizer; AdamW); False adds wd * p to g.
+
+OPTIMIZERS: Dict[str, Dict[str, dict]] = {
+    "SGD": {
+        "torch": dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                      style="torch", decoupled_weight_decay=False),
+        "keras": dict(lr=0.01, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                      style="keras", decoupled_weight_decay=True),
+        "optax": dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                      style="torch", decoupled_weight_decay=False),
+        "onnx": dict(lr=1e-3, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+                     style="onnx", decoupled_weight_decay=False),
+    },
+    "Adam": {
+        "torch": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                      eps_style="torch", eps_root=0.0, decoupled_weight_decay=False,
+                      onnx_update_count=False, weight_decay_post=0.0),
+        "keras": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-7, weight_decay=0.0, amsgrad=False,
+                      eps_style="hat", eps_root=0.0, decoupled_weight_decay=True,
+                      onnx_update_count=False, weight_decay_post=0.0),
+        "optax": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                      eps_style="optax", eps_root=0.0, decoupled_weight_decay=False,
+                      onnx_update_count=False, weight_decay_post=0.0),
+        "onnx": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, amsgrad=False,
+                     eps_style="hat", eps_root=0.0, decoupled_weight_decay=False,
+                     onnx_update_count=True, weight_decay_post=0.0),
+    },
+    "AdamW": {
+        "torch": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+                      eps_style="torch", eps_root=0.0, decoupled_weight_decay=True,
+                      onnx_update_count=False, weight_decay_post=0.0),
+        "keras": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-7, weight_decay=4e-3, amsgrad=False,
+                      eps_style="hat", eps_root=0.0, decoupled_weight_decay=True,
+                      onnx_update_count=False, weight_decay_post=0.0),
+        "optax": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4, amsgrad=False,
+                      eps_style="optax", eps_root=0.0, decoupled_weight_decay=True,
+                      onnx_update_count=False, weight_decay_post=0.0),
+    },
+    "RMSprop": {
+        "torch": dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                      centered=False, eps_inside_sqrt=False, style="torch",
+                      decoupled_weight_decay=False),
+        "keras": dict(lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=0.0, momentum=0.0,
+                      centered=False, eps_inside_sqrt=True, style="keras",
+                      decoupled_weight_decay=True),
+        "optax": dict(lr=1e-3, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                      centered=False, eps_inside_sqrt=True, style="torch",
+                      decoupled_weight_decay=False),
+    },
+    "Adagrad": {
+        "torch": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+                      initial_accumulator_value=0.0, eps_inside_sqrt=False,
+                      decoupled_weight_decay=False),
+        "keras": dict(lr=1e-3, lr_decay=0.0, weight_decay=0.0, eps=1e-7,
+                      initial_accumulator_value=0.1, eps_inside_sqrt=True,
+                      decoupled_weight_decay=True),
+        "optax": dict(lr=1e-3, lr_decay=0.0, weight_decay=0.0, eps=1e-7,
+                      initial_accumulator_value=0.1, eps_inside_sqrt=True,
+                      decoupled_weight_decay=False),
+        "onnx": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-6,
+                     initial_accumulator_value=0.0, eps_inside_sqrt=False,
+                     decoupled_weight_decay=False),
+    },
+}
+
+
+def optimizer_defaults(optimizer: str, convention: str) -> dict:
+    table = OPTIMIZERS[optimizer]
+    if convention not in table:
+        raise ValueError(f"{optimizer} has no {convention!r} convention; choose one of "
+                         f"{', '.join(table)}")
+    return dict(table[convention])

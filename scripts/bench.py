@@ -221,7 +221,8 @@ def main(argv=None) -> int:
         run_cases(cases, args.reps, args.min_time)
         env = environment(args.threads)
         header = (f"CPU benchmark: {args.threads} threads, best of {args.reps} repetitions; "
-                  f"torch {env['torch']}, numpy {env['numpy']}; floor = np.copyto of the same bytes")
+                  f"torch {env['torch']}, numpy {env['numpy']}; floor = moving the same bytes "
+                  f"(batch norm: np.copyto; optimizers: in-place np.add a += b)")
     text = report(cases, header)
     print(text)
     if args.json:

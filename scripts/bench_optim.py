@@ -1,7 +1,95 @@
-"""Optimizer and clipping benchmark cases for scripts/bench.py (CPU)."""
+"""Optimizer and clipping benchmark cases for scripts/bench.py (CPU).
+
+10M float32 parameters as one tensor and as 200 tensors, bncore beside
+torch.optim (fused=True / foreach=True) and the floor: an in-place
+``np.add(a, b, out=a)`` over arrays holding the bytes the update must move
+(Adam: read p, g, m, v and write p, m, v = 28 bytes per parameter; SGD with
+momentum: 20; clip_grad_norm: read g for the norm, then read and write g = 12).
+"""
 from typing import List
+
+import numpy as np
+
+N = 10_000_000
+
+
+def _split(n_tensors: int) -> List[int]:
+    base = N // n_tensors
+    sizes = [base] * n_tensors
+    sizes[-1] += N - base * n_tensors
+    return sizes
+
+
+def _floor(nbytes: int):
+    # a += b moves 12 bytes per float32 element (read a, read b, write a)
+    n = nbytes // 12
+    a = np.ones(n, np.float32)
+    b = np.ones(n, np.float32)
+    return lambda: np.add(a, b, out=a)
 
 
 def optim_cases(threads: int) -> List:
-    # filled in with the optimizer kernels (issue 3)
-    return []
+    import bncore
+    from bench import Case
+
+    try:
+        import torch
+        torch.set_num_threads(threads)
+    except ImportError:
+        torch = None
+    rng = np.random.default_rng(1)
+    cases = []
+    for n_tensors in (1, 200):
+        sizes = _split(n_tensors)
+        label = f"10M as {n_tensors} tensor{'s' if n_tensors > 1 else ''}"
+        params = [rng.standard_normal(s).astype(np.float32) for s in sizes]
+        grads = [(rng.standard_normal(s) * 1e-3).astype(np.float32) for s in sizes]
+        m = [np.zeros_like(p) for p in params]
+        v = [np.zeros_like(p) for p in params]
+        bufs = [np.zeros_like(p) for p in params]
+        step = [0]
+
+        def adam(params=params, grads=grads, m=m, v=v, step=step):
+            step[0] += 1
+            bncore.adam_step(params, grads, m, v, step=step[0], lr=1e-3, num_threads=threads)
+
+        def sgd(params=params, grads=grads, bufs=bufs):
+            bncore.sgd_step(params, grads, bufs, lr=1e-3, momentum=0.9, num_threads=threads)
+
+        # clip_grad_norm: max_norm below the norm, so every call computes the
+        # norm and scales (after the first call the norm sits just above max_norm)
+        cgrads = [g.copy() for g in grads]
+        max_norm = 0.5 * bncore.grad_norm(cgrads)
+
+        def clip(cgrads=cgrads, max_norm=max_norm):
+            bncore.clip_grad_norm(cgrads, max_norm, num_threads=threads)
+
+        adam_impls = {"bncore": adam}
+        sgd_impls = {"bncore": sgd}
+        clip_impls = {"bncore": clip}
+        if torch is not None:
+            def make_params():
+                ps = [torch.from_numpy(p.copy()) for p in params]
+                for t, g in zip(ps, grads):
+                    t.grad = torch.from_numpy(g)
+                return ps
+            adam_impls["torch"] = torch.optim.Adam(make_params(), lr=1e-3, fused=True).step
+            adam_impls["torch foreach"] = torch.optim.Adam(make_params(), lr=1e-3,
+                                                           foreach=True).step
+            sgd_impls["torch"] = torch.optim.SGD(make_params(), lr=1e-3, momentum=0.9,
+                                                 foreach=True).step
+            tp = [torch.zeros(g.shape) for g in cgrads]
+            for t, g in zip(tp, cgrads):
+                t.grad = torch.from_numpy(g.copy())
+            clip_impls["torch"] = lambda tp=tp, max_norm=max_norm: torch.nn.utils.clip_grad_norm_(
+                tp, max_norm, foreach=True)
+        adam_impls["floor"] = _floor(28 * N)
+        sgd_impls["floor"] = _floor(20 * N)
+        clip_impls["floor"] = _floor(12 * N)
+        cases.append(Case(f"adam {label}", "optim", 28 * N, adam_impls,
+                          note="torch = Adam(fused=True)"))
+        cases.append(Case(f"sgd momentum {label}", "optim", 20 * N, sgd_impls,
+                          note="torch = SGD(foreach=True)"))
+        cases.append(Case(f"clip_grad_norm {label}", "optim", 12 * N, clip_impls,
+                          note="torch = clip_grad_norm_(foreach=True); every call clips"))
+    return cases

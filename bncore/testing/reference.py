@@ -110,3 +110,134 @@ def normwise_relative_error(actual, expected, floor: float = 0.0) -> float:
     if scale == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return float(diff / scale)
+
+
+# --------------------------------------------------------------------------
+# Optimizers, written from each framework's published formulas, per tensor,
+# in float64 (state is returned as new arrays; nothing is updated in place).
+
+def _pre(p, g, inv_scale=1.0, maximize=False):
+    g = _f64(g) * inv_scale
+    return _f64(p), (-g if maximize else g)
+
+
+def sgd(p, g, buf, *, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
+        maximize=False, first_step=False, style="torch", decoupled_weight_decay=False,
+        inv_scale=1.0):
+    """Returns (new_p, new_buf). Formulas: see bncore.sgd_step."""
+    p, g = _pre(p, g, inv_scale, maximize)
+    if decoupled_weight_decay:
+        p = p - lr * weight_decay * p
+    else:
+        g = g + weight_decay * p
+    if momentum == 0.0:
+        return p - lr * g, buf
+    b = None if buf is None else _f64(buf)
+    if style == "keras":
+        v = (np.zeros_like(g) if first_step else b) * momentum + lr * g
+        step = momentum * v + lr * g if nesterov else v
+        return p - step, v
+    if style == "onnx":
+        beta = 1.0 if first_step else 1.0 - dampening
+        v = momentum * b + beta * g
+    else:
+        v = g.copy() if first_step else momentum * b + (1.0 - dampening) * g
+    d = g + momentum * v if nesterov else v
+    return p - lr * d, v
+
+
+def adam(p, g, m, v, vmax, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+         weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False, maximize=False,
+         eps_style="torch", eps_root=0.0, bias_correction_step=None, weight_decay_post=0.0,
+         inv_scale=1.0):
+    """Returns (new_p, new_m, new_v, new_vmax). Formulas: see bncore.adam_step."""
+    p, g = _pre(p, g, inv_scale, maximize)
+    t = step if bias_correction_step is None else bias_correction_step
+    if decoupled_weight_decay:
+        p_dec = p * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+        p_dec = p
+    m = beta1 * _f64(m) + (1.0 - beta1) * g
+    v = beta2 * _f64(v) + (1.0 - beta2) * g * g
+    bc1 = 1.0 - beta1 ** t if t > 0 else 1.0
+    bc2 = 1.0 - beta2 ** t if t > 0 else 1.0
+    new_vmax = None if vmax is None else _f64(vmax)
+    if eps_style == "hat":
+        vv = v
+        if amsgrad:
+            new_vmax = np.maximum(new_vmax, v)
+            vv = new_vmax
+        alpha = lr * np.sqrt(bc2) / bc1
+        upd = alpha * m / (np.sqrt(vv) + eps)
+    else:
+        v_hat = v / bc2
+        if amsgrad and eps_style == "optax":
+            new_vmax = np.maximum(new_vmax, v_hat)
+            v_hat = new_vmax
+        elif amsgrad:
+            new_vmax = np.maximum(new_vmax, v)
+            v_hat = new_vmax / bc2
+        upd = (lr / bc1) * m / (np.sqrt(v_hat + eps_root) + eps)
+    return (p_dec - upd) * (1.0 - weight_decay_post), m, v, new_vmax
+
+
+def rmsprop(p, g, sq, ga, buf, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+            momentum=0.0, centered=False, maximize=False, eps_inside_sqrt=False,
+            style="torch", decoupled_weight_decay=False, inv_scale=1.0):
+    """Returns (new_p, new_sq, new_ga, new_buf). Formulas: see bncore.rmsprop_step."""
+    p, g = _pre(p, g, inv_scale, maximize)
+    if decoupled_weight_decay:
+        p_dec = p * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+        p_dec = p
+    sq = alpha * _f64(sq) + (1.0 - alpha) * g * g
+    d = sq
+    new_ga = None if ga is None else _f64(ga)
+    if centered:
+        new_ga = alpha * new_ga + (1.0 - alpha) * g
+        d = sq - new_ga * new_ga
+    den = np.sqrt(d + eps) if eps_inside_sqrt else np.sqrt(d) + eps
+    u = g / den
+    if momentum == 0.0:
+        return p_dec - lr * u, sq, new_ga, buf
+    if style == "keras":
+        b = momentum * _f64(buf) + lr * u
+        return p_dec - b, sq, new_ga, b
+    b = momentum * _f64(buf) + u
+    return p_dec - lr * b, sq, new_ga, b
+
+
+def adagrad(p, g, h, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10,
+            maximize=False, eps_inside_sqrt=False, decoupled_weight_decay=False, inv_scale=1.0):
+    """Returns (new_p, new_h). Formulas: see bncore.adagrad_step."""
+    p, g = _pre(p, g, inv_scale, maximize)
+    clr = lr / (1.0 + (step - 1) * lr_decay)
+    if decoupled_weight_decay:
+        p_dec = p * (1.0 - clr * weight_decay)
+    else:
+        g = g + weight_decay * p
+        p_dec = p
+    h = _f64(h) + g * g
+    den = np.sqrt(h + eps) if eps_inside_sqrt else np.sqrt(h) + eps
+    return p_dec - clr * g / den, h
+
+
+def global_norm(grads, norm_type=2.0):
+    """(sum |g|^p)^(1/p) over every element of every gradient (max |g| for inf), in float64."""
+    flat = np.concatenate([_f64(g).reshape(-1) for g in grads]) if grads else np.zeros(0)
+    if np.isinf(norm_type):
+        return float(np.max(np.abs(flat))) if flat.size else 0.0
+    if norm_type == 2.0:
+        return float(np.sqrt(np.sum(flat.astype(np.longdouble) ** 2)))
+    return float(np.sum(np.abs(flat.astype(np.longdouble)) ** norm_type) ** (1.0 / norm_type))
+
+
+def clip_by_norm(grads, max_norm, norm_type=2.0, eps=1e-6):
+    """Returns (clipped grads, total): g * max_norm / (total + eps) when that is < 1."""
+    total = global_norm(grads, norm_type)
+    coef = max_norm / (total + eps) if total + eps > 0 else np.inf
+    if coef < 1.0:
+        return [_f64(g) * coef for g in grads], total
+    return [_f64(g) for g in grads], total

@@ -560,3 +560,7 @@ def sample_params(spec: OpSpec, rng: np.random.Generator, space: Optional[dict] 
 
 def all_specs() -> List[OpSpec]:
     return list(REGISTRY.values())
+
+
+# the optimizer and clipping specs register themselves on import
+from bncore.testing import optim_specs  # noqa: E402,F401

@@ -1,0 +1,765 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Multi-tensor optimizer and clipping kernels for the CPU (one templated source).
+
+A call gathers its lists of arrays (params, grads, optimizer state) into a
+table of raw pointers, cuts every tensor into chunks of CHUNK elements and
+runs one OpenMP loop over all chunks of all tensors: 200 small tensors cost
+one parallel region, not 200. Updates are elementwise, computed in float64
+and rounded once when stored, so results do not depend on the thread count.
+Reductions (norms) keep one partial per chunk and combine them in chunk
+order, with explicit summation lanes inside a chunk.
+
+Parameter and state dtypes: float32 or float64 (the same for a whole call);
+gradients: the parameters' dtype, or float16 with float32 parameters.
+
+`gather` validates everything (lengths, dtypes, shapes, layouts, writability,
+aliasing) before any kernel runs; the kernels themselves check nothing.
+"""
+cimport numpy as cnp
+from cython.parallel cimport prange
+from libc.math cimport fabs, pow, sqrt
+from libc.stdint cimport uint16_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "_half.h" nogil:
+    double bncore_half_load(const uint16_t* p)
+    void bncore_half_store(uint16_t* p, double v)
+    int BNCORE_NATIVE_HALF
+
+ctypedef fused ptype:
+    float
+    double
+
+ctypedef fused gtype:
+    float
+    double
+    uint16_t          # IEEE binary16 gradients (with float32 parameters)
+
+cdef enum:
+    CHUNK = 16384        # elements per work item
+    LANES = 16           # summation lanes inside a chunk (norms)
+    SMALL_WORK = 32768   # below this many elements, one thread
+
+# dtype codes
+cdef enum:
+    F16 = 0
+    F32 = 1
+    F64 = 2
+
+
+def native_half() -> bool:
+    """True when float16 conversions compile to hardware instructions."""
+    return bool(BNCORE_NATIVE_HALF)
+
+
+cdef inline double gload(const gtype* g, Py_ssize_t i) noexcept nogil:
+    if gtype is uint16_t:
+        return bncore_half_load(&g[i])
+    else:
+        return <double>g[i]
+
+
+cdef inline void gstore(gtype* g, Py_ssize_t i, double v) noexcept nogil:
+    if gtype is uint16_t:
+        bncore_half_store(&g[i], v)
+    else:
+        g[i] = <gtype>v
+
+
+# --------------------------------------------------------------------------
+# Gathering lists of arrays into a table of pointers
+
+cdef int _code(cnp.ndarray a):
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return F32
+    if t == cnp.NPY_FLOAT64:
+        return F64
+    if t == cnp.NPY_FLOAT16:
+        return F16
+    return -1
+
+
+_DTYPE_NAMES = {F16: "float16", F32: "float32", F64: "float64"}
+
+
+cdef class Table:
+    """Validated operands of one multi-tensor call: pointers, sizes, chunks."""
+
+    cdef public list arrays          # keeps every array alive while pointers are used
+    cdef readonly int nops
+    cdef readonly Py_ssize_t ntensors, nchunks, total
+    cdef readonly int pcode, gcode   # dtype codes of operand 0 and of the gradient operand
+    cdef void** ptr                  # ptr[op * ntensors + t]
+    cdef Py_ssize_t* chunk_t
+    cdef Py_ssize_t* chunk_off
+    cdef Py_ssize_t* chunk_len
+
+    def __cinit__(self):
+        self.ptr = NULL
+        self.chunk_t = NULL
+        self.chunk_off = NULL
+        self.chunk_len = NULL
+
+    def __dealloc__(self):
+        free(self.ptr)
+        free(self.chunk_t)
+        free(self.chunk_off)
+        free(self.chunk_len)
+
+
+cdef inline Py_ssize_t _nbytes(cnp.ndarray a):
+    return cnp.PyArray_SIZE(a) * cnp.PyArray_ITEMSIZE(a)
+
+
+def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
+           bint half_first=False):
+    """Validate lists of arrays and build the pointer table.
+
+    lists[k] is a list of arrays (operand k, e.g. params, grads, exp_avgs),
+    or None for an operand the call does not use (its pointers are NULL).
+    Operand 0 sets the dtype of every operand except grad_op, which must have
+    operand 0's dtype or float16 with float32 (half_first: operand 0 may be
+    float16 itself, for gradient-only calls). writes[k] says whether the
+    kernel writes operand k. `as_array(name, obj)` converts non-ndarrays
+    (DLPack objects). Raises TypeError / ValueError naming the argument.
+    """
+    cdef int nops = len(lists), k, code, pcode = -1, gcode = -1
+    cdef Py_ssize_t n = len(lists[0]), i, j, c, nchunks = 0, total = 0, size
+    cdef cnp.ndarray a, ref
+    cdef list arrays = []
+    cdef list row
+    for k in range(nops):
+        if lists[k] is not None and len(lists[k]) != n:
+            raise ValueError(f"{names[k]} has {len(lists[k])} entries but {names[0]} has {n}")
+    for k in range(nops):
+        row = []
+        if lists[k] is None:
+            arrays.append(None)
+            continue
+        for i in range(n):
+            obj = lists[k][i]
+            if type(obj) is not np.ndarray:
+                obj = as_array(f"{names[k]}[{i}]", obj)
+            a = <cnp.ndarray>obj
+            code = _code(a)
+            if k == 0 and i == 0:
+                if code != F32 and code != F64 and not (half_first and code == F16):
+                    raise TypeError(f"{names[0]}[0] must be float32 or float64"
+                                    f"{' or float16' if half_first else ''}, got {(<object>a).dtype}")
+                pcode = code
+            if k == grad_op:
+                if i == 0:
+                    if code != pcode and not (code == F16 and pcode == F32):
+                        raise TypeError(
+                            f"{names[k]}[0] has dtype {(<object>a).dtype}; gradients must have the "
+                            f"parameters' dtype ({_DTYPE_NAMES[pcode]}) or float16 with float32")
+                    gcode = code
+                elif code != gcode:
+                    raise TypeError(f"{names[k]}[{i}] has dtype {(<object>a).dtype}, but {names[k]}[0] "
+                                    f"has {_DTYPE_NAMES[gcode]}: one dtype per list")
+            elif code != pcode:
+                raise TypeError(f"{names[k]}[{i}] has dtype {(<object>a).dtype}, expected "
+                                f"{_DTYPE_NAMES[pcode]} (as {names[0]}[0])")
+            if k > 0:
+                ref = <cnp.ndarray>arrays[0][i]
+                if not _same_shape(a, ref):
+                    raise ValueError(f"{names[k]}[{i}] has shape {(<object>a).shape}, but "
+                                     f"{names[0]}[{i}] has shape {(<object>ref).shape}")
+            if not (cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a)):
+                raise ValueError(f"{names[k]}[{i}] is not contiguous; bncore updates "
+                                 f"contiguous arrays in place (use np.ascontiguousarray)")
+            if k > 0 and cnp.PyArray_SIZE(a) > 1 and not _same_order(a, <cnp.ndarray>arrays[0][i]):
+                raise ValueError(f"{names[k]}[{i}] is stored in a different order (C vs "
+                                 f"Fortran) from {names[0]}[{i}]")
+            if writes[k] and not cnp.PyArray_ISWRITEABLE(a):
+                raise ValueError(f"{names[k]}[{i}] is read-only; bncore updates it in place")
+            row.append(a)
+        arrays.append(row)
+    _check_aliasing(arrays, names, writes)
+
+    cdef Table t = Table()
+    t.arrays = arrays
+    t.nops = nops
+    t.ntensors = n
+    t.pcode = pcode
+    t.gcode = gcode if grad_op >= 0 else pcode
+    t.ptr = <void**>malloc(sizeof(void*) * (nops * n + 1))
+    if t.ptr == NULL:
+        raise MemoryError()
+    for k in range(nops):
+        row = arrays[k]
+        for i in range(n):
+            t.ptr[k * n + i] = NULL if row is None else cnp.PyArray_DATA(<cnp.ndarray>row[i])
+    for i in range(n):
+        size = cnp.PyArray_SIZE(<cnp.ndarray>arrays[0][i])
+        total += size
+        nchunks += (size + CHUNK - 1) // CHUNK
+    t.total = total
+    t.nchunks = nchunks
+    t.chunk_t = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nchunks + 1))
+    t.chunk_off = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nchunks + 1))
+    t.chunk_len = <Py_ssize_t*>malloc(sizeof(Py_ssize_t) * (nchunks + 1))
+    if t.chunk_t == NULL or t.chunk_off == NULL or t.chunk_len == NULL:
+        raise MemoryError()
+    c = 0
+    for i in range(n):
+        size = cnp.PyArray_SIZE(<cnp.ndarray>arrays[0][i])
+        j = 0
+        while j < size:
+            t.chunk_t[c] = i
+            t.chunk_off[c] = j
+            t.chunk_len[c] = CHUNK if size - j > CHUNK else size - j
+            j += CHUNK
+            c += 1
+    return t
+
+
+cdef bint _same_shape(cnp.ndarray a, cnp.ndarray b):
+    cdef int d, nd = cnp.PyArray_NDIM(a)
+    if nd != cnp.PyArray_NDIM(b):
+        return False
+    for d in range(nd):
+        if cnp.PyArray_DIMS(a)[d] != cnp.PyArray_DIMS(b)[d]:
+            return False
+    return True
+
+
+cdef bint _same_order(cnp.ndarray a, cnp.ndarray b):
+    # both C-contiguous, or both F-contiguous: the flat element orders agree
+    if cnp.PyArray_NDIM(a) <= 1:
+        return True
+    if cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_IS_C_CONTIGUOUS(b):
+        return True
+    return cnp.PyArray_IS_F_CONTIGUOUS(a) and cnp.PyArray_IS_F_CONTIGUOUS(b)
+
+
+def _check_aliasing(list arrays, tuple names, tuple writes):
+    """No written array may overlap any other array of the call (the same
+    array passed twice included): sort the byte ranges and sweep."""
+    spans = []
+    cdef Py_ssize_t k, i, start
+    cdef cnp.ndarray a
+    for k in range(len(arrays)):
+        if arrays[k] is None:
+            continue
+        for i in range(len(arrays[k])):
+            a = <cnp.ndarray>arrays[k][i]
+            if cnp.PyArray_SIZE(a) == 0:
+                continue
+            start = <Py_ssize_t>cnp.PyArray_DATA(a)
+            spans.append((start, start + _nbytes(a), k, i))
+    spans.sort()
+    # track the furthest-reaching span seen so far of each kind
+    cdef Py_ssize_t end_any = -1, end_w = -1
+    best_any = best_w = None
+    for s in spans:
+        st, en, k, i = s
+        if best_w is not None and st < end_w:
+            _alias_error(names, best_w, s)
+        if writes[k] and best_any is not None and st < end_any:
+            _alias_error(names, best_any, s)
+        if en > end_any:
+            end_any, best_any = en, s
+        if writes[k] and en > end_w:
+            end_w, best_w = en, s
+
+
+def _alias_error(tuple names, a, b):
+    raise ValueError(f"{names[a[2]]}[{a[3]}] and {names[b[2]]}[{b[3]}] share memory; "
+                     f"every array of an in-place update must be distinct")
+
+
+cdef inline int _threads(Table t, int nthreads):
+    return 1 if t.total < SMALL_WORK else nthreads
+
+
+# --------------------------------------------------------------------------
+# Hyperparameters, precomputed per call in float64
+
+cdef struct Hyper:
+    double lr            # learning rate (Adam: lr / bias_correction1, or Keras' alpha)
+    double inv_scale     # 1 / grad_scale, times -1 when maximizing
+    double wd            # L2 weight decay, added to the gradient
+    double decay         # decoupled: p *= decay (1 - lr * wd), applied first
+    double post          # ONNX norm_coefficient_post: p *= post after the update
+    # SGD: v = A v + B g;  p -= L (Na g + Nb v)
+    double A, B, L, Na, Nb
+    bint read_buf        # the momentum buffer holds a previous value
+    # Adam: vm = max(vmax, v * c_in); den = sqrt(vm * c_out + eps_root) + eps
+    double beta1, beta2, eps, eps_root, c_in, c_out
+    # RMSprop / Adagrad: den = sqrt(d + e_in) + e_out;  momentum: b = mu b + k u, p -= L b
+    double alpha, e_in, e_out, mu, k
+    bint has_momentum, centered
+
+
+# --------------------------------------------------------------------------
+# SGD (with momentum, Nesterov, every style)
+
+# Every chunk function is branch-free in its inner loop (the variants differ
+# by coefficients, see Hyper), so the compiler vectorizes it; operands that a
+# configuration does not use get their own loop rather than a branch.
+
+cdef inline void _sgd_chunk(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
+                            const Hyper* h) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double x, gr, v
+    if b == NULL:
+        for i in range(n):
+            x = <double>p[i]
+            gr = gload(g, i) * h.inv_scale + h.wd * x
+            p[i] = <ptype>((x * h.decay - h.lr * gr) * h.post)
+        return
+    for i in range(n):
+        x = <double>p[i]
+        gr = gload(g, i) * h.inv_scale + h.wd * x
+        v = <double>b[i] if h.read_buf else 0.0
+        v = h.A * v + h.B * gr
+        b[i] = <ptype>v
+        p[i] = <ptype>((x * h.decay - h.L * (h.Na * gr + h.Nb * v)) * h.post)
+
+
+cdef void _sgd(Table t, const Hyper* h, int nt) noexcept nogil:
+    cdef Py_ssize_t c, ti, off, n = t.ntensors
+    cdef bint mom = h.has_momentum
+    for c in prange(t.nchunks, schedule='static', num_threads=nt):
+        ti = t.chunk_t[c]
+        off = t.chunk_off[c]
+        if t.pcode == F64:
+            _sgd_chunk((<double*>t.ptr[ti]) + off, (<double*>t.ptr[n + ti]) + off,
+                       (<double*>t.ptr[2 * n + ti]) + off if mom else NULL, t.chunk_len[c], h)
+        elif t.gcode == F16:
+            _sgd_chunk((<float*>t.ptr[ti]) + off, (<uint16_t*>t.ptr[n + ti]) + off,
+                       (<float*>t.ptr[2 * n + ti]) + off if mom else NULL, t.chunk_len[c], h)
+        else:
+            _sgd_chunk((<float*>t.ptr[ti]) + off, (<float*>t.ptr[n + ti]) + off,
+                       (<float*>t.ptr[2 * n + ti]) + off if mom else NULL, t.chunk_len[c], h)
+
+
+def sgd(Table t, double lr, double momentum, double dampening, bint nesterov,
+        double weight_decay, bint decoupled, bint maximize, bint first_step, int style,
+        double inv_scale, int nthreads):
+    """One SGD step over every tensor of t (params, grads[, momentum_buffers]).
+
+    torch:  v = mu v + (1 - dampening) g (first step: v = g, buffer not read)
+            p -= lr (g + mu v if nesterov else v)
+    keras:  v = mu v + lr g;  p -= (mu v + lr g if nesterov else v)
+    onnx:   v = alpha v + beta g (first step: beta = 1);  p -= lr (g + alpha v | v)
+    """
+    cdef Hyper h
+    h.lr = lr
+    h.inv_scale = -inv_scale if maximize else inv_scale
+    h.wd = 0.0 if decoupled else weight_decay
+    h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    h.post = 1.0
+    h.has_momentum = momentum != 0.0
+    h.A = momentum
+    h.Nb = momentum if nesterov else 1.0
+    if style == 1:            # Keras: lr inside the buffer
+        h.read_buf = not first_step
+        h.B = lr
+        h.L = 1.0
+        h.Na = lr if nesterov else 0.0
+    else:
+        # torch: the first step copies g (buffer not read); ONNX reads the
+        # buffer at T == 0 too but weights g by 1 instead of beta
+        h.read_buf = (not first_step) or style == 2
+        h.B = 1.0 if first_step else 1.0 - dampening
+        h.L = lr
+        h.Na = 1.0 if nesterov else 0.0
+    cdef int nt = _threads(t, nthreads)
+    with nogil:
+        _sgd(t, &h, nt)
+
+
+# --------------------------------------------------------------------------
+# Adam / AdamW / AMSGrad, in the torch, Keras ("hat"), optax and ONNX forms
+
+cdef inline void _adam_chunk(ptype* p, const gtype* g, ptype* m, ptype* v, ptype* vmax,
+                             Py_ssize_t n, const Hyper* h) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double x, gr, mm, vv, vm, a
+    if vmax == NULL:
+        for i in range(n):
+            x = <double>p[i]
+            gr = gload(g, i) * h.inv_scale + h.wd * x
+            mm = h.beta1 * <double>m[i] + (1.0 - h.beta1) * gr
+            vv = h.beta2 * <double>v[i] + (1.0 - h.beta2) * gr * gr
+            m[i] = <ptype>mm
+            v[i] = <ptype>vv
+            p[i] = <ptype>((x * h.decay - h.lr * mm / (sqrt(vv * h.c_out + h.eps_root) + h.eps))
+                           * h.post)
+        return
+    for i in range(n):
+        x = <double>p[i]
+        gr = gload(g, i) * h.inv_scale + h.wd * x
+        mm = h.beta1 * <double>m[i] + (1.0 - h.beta1) * gr
+        vv = h.beta2 * <double>v[i] + (1.0 - h.beta2) * gr * gr
+        m[i] = <ptype>mm
+        v[i] = <ptype>vv
+        # AMSGrad: the running max of v (torch, Keras: c_in = 1) or of the
+        # bias-corrected v (optax: c_in = 1 / bc2)
+        a = <double>vmax[i]
+        vm = vv * h.c_in
+        vm = vm if vm > a else a
+        vmax[i] = <ptype>vm
+        p[i] = <ptype>((x * h.decay - h.lr * mm / (sqrt(vm * h.c_out + h.eps_root) + h.eps))
+                       * h.post)
+
+
+cdef void _adam(Table t, const Hyper* h, bint ams, int nt) noexcept nogil:
+    cdef Py_ssize_t c, ti, off, n = t.ntensors
+    for c in prange(t.nchunks, schedule='static', num_threads=nt):
+        ti = t.chunk_t[c]
+        off = t.chunk_off[c]
+        if t.pcode == F64:
+            _adam_chunk((<double*>t.ptr[ti]) + off, (<double*>t.ptr[n + ti]) + off,
+                        (<double*>t.ptr[2 * n + ti]) + off, (<double*>t.ptr[3 * n + ti]) + off,
+                        (<double*>t.ptr[4 * n + ti]) + off if ams else NULL,
+                        t.chunk_len[c], h)
+        elif t.gcode == F16:
+            _adam_chunk((<float*>t.ptr[ti]) + off, (<uint16_t*>t.ptr[n + ti]) + off,
+                        (<float*>t.ptr[2 * n + ti]) + off, (<float*>t.ptr[3 * n + ti]) + off,
+                        (<float*>t.ptr[4 * n + ti]) + off if ams else NULL,
+                        t.chunk_len[c], h)
+        else:
+            _adam_chunk((<float*>t.ptr[ti]) + off, (<float*>t.ptr[n + ti]) + off,
+                        (<float*>t.ptr[2 * n + ti]) + off, (<float*>t.ptr[3 * n + ti]) + off,
+                        (<float*>t.ptr[4 * n + ti]) + off if ams else NULL,
+                        t.chunk_len[c], h)
+
+
+def adam(Table t, Py_ssize_t bias_step, double lr, double beta1, double beta2, double eps,
+         double weight_decay, bint decoupled, bint amsgrad, bint maximize, int eps_mode,
+         bint amsgrad_corrected, double eps_root, double weight_decay_post,
+         double inv_scale, int nthreads):
+    """One Adam step over (params, grads, exp_avgs, exp_avg_sqs[, max_exp_avg_sqs]).
+
+    bias_step: exponent t of the bias corrections 1 - beta^t (0: none).
+    eps_mode: 0 eps after sqrt of the bias-corrected v (torch, optax),
+    2 eps after sqrt of the raw v with sqrt(1 - beta2^t) in the step (Keras, ONNX).
+    """
+    cdef Hyper h
+    cdef double bc1 = 1.0 - pow(beta1, <double>bias_step) if bias_step > 0 else 1.0
+    cdef double bc2 = 1.0 - pow(beta2, <double>bias_step) if bias_step > 0 else 1.0
+    h.inv_scale = -inv_scale if maximize else inv_scale
+    h.wd = 0.0 if decoupled else weight_decay
+    h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    h.post = 1.0 - weight_decay_post
+    h.beta1 = beta1
+    h.beta2 = beta2
+    h.eps = eps
+    h.eps_root = eps_root
+    if eps_mode == 2:
+        # Keras / ONNX: eps added to sqrt of the raw v; sqrt(bc2) in the step
+        h.lr = lr * sqrt(bc2) / bc1
+        h.c_in = 1.0
+        h.c_out = 1.0
+    elif amsgrad and amsgrad_corrected:
+        h.lr = lr / bc1
+        h.c_in = 1.0 / bc2
+        h.c_out = 1.0
+    else:
+        h.lr = lr / bc1
+        h.c_in = 1.0
+        h.c_out = 1.0 / bc2
+    cdef int nt = _threads(t, nthreads)
+    with nogil:
+        _adam(t, &h, amsgrad, nt)
+
+
+# --------------------------------------------------------------------------
+# RMSprop (centered, momentum; eps outside or inside the sqrt)
+
+cdef inline void _rmsprop_chunk(ptype* p, const gtype* g, ptype* sq, ptype* ga, ptype* buf,
+                                Py_ssize_t n, const Hyper* h) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double x, gr, s, a, u, b
+    for i in range(n):
+        x = <double>p[i]
+        gr = gload(g, i) * h.inv_scale + h.wd * x
+        s = h.alpha * <double>sq[i] + (1.0 - h.alpha) * gr * gr
+        sq[i] = <ptype>s
+        if ga != NULL:
+            a = h.alpha * <double>ga[i] + (1.0 - h.alpha) * gr
+            ga[i] = <ptype>a
+            s = s - a * a
+        u = gr / (sqrt(s + h.e_in) + h.e_out)
+        if buf != NULL:
+            # torch: b = mu b + u, p -= lr b;  Keras: b = mu b + lr u, p -= b
+            b = h.mu * <double>buf[i] + h.k * u
+            buf[i] = <ptype>b
+            p[i] = <ptype>(x * h.decay - h.L * b)
+        else:
+            p[i] = <ptype>(x * h.decay - h.lr * u)
+
+
+cdef void _rmsprop(Table t, const Hyper* h, int nt) noexcept nogil:
+    cdef Py_ssize_t c, ti, off, n = t.ntensors
+    # operands: params, grads, square_avgs, grad_avgs (centered), momentum_buffers
+    for c in prange(t.nchunks, schedule='static', num_threads=nt):
+        ti = t.chunk_t[c]
+        off = t.chunk_off[c]
+        if t.pcode == F64:
+            _rmsprop_chunk((<double*>t.ptr[ti]) + off, (<double*>t.ptr[n + ti]) + off,
+                           (<double*>t.ptr[2 * n + ti]) + off,
+                           (<double*>t.ptr[3 * n + ti]) + off if h.centered else NULL,
+                           (<double*>t.ptr[4 * n + ti]) + off if h.has_momentum else NULL,
+                           t.chunk_len[c], h)
+        elif t.gcode == F16:
+            _rmsprop_chunk((<float*>t.ptr[ti]) + off, (<uint16_t*>t.ptr[n + ti]) + off,
+                           (<float*>t.ptr[2 * n + ti]) + off,
+                           (<float*>t.ptr[3 * n + ti]) + off if h.centered else NULL,
+                           (<float*>t.ptr[4 * n + ti]) + off if h.has_momentum else NULL,
+                           t.chunk_len[c], h)
+        else:
+            _rmsprop_chunk((<float*>t.ptr[ti]) + off, (<float*>t.ptr[n + ti]) + off,
+                           (<float*>t.ptr[2 * n + ti]) + off,
+                           (<float*>t.ptr[3 * n + ti]) + off if h.centered else NULL,
+                           (<float*>t.ptr[4 * n + ti]) + off if h.has_momentum else NULL,
+                           t.chunk_len[c], h)
+
+
+def rmsprop(Table t, double lr, double alpha, double eps, double weight_decay, bint decoupled,
+            double momentum, bint centered, bint maximize, bint eps_inside_sqrt, int style,
+            double inv_scale, int nthreads):
+    """One RMSprop step over (params, grads, square_avgs, grad_avgs, momentum_buffers);
+    absent operands (not centered, no momentum) are passed as the params list
+    and never touched."""
+    cdef Hyper h
+    h.lr = lr
+    h.inv_scale = -inv_scale if maximize else inv_scale
+    h.wd = 0.0 if decoupled else weight_decay
+    h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    h.alpha = alpha
+    h.e_in = eps if eps_inside_sqrt else 0.0
+    h.e_out = 0.0 if eps_inside_sqrt else eps
+    h.mu = momentum
+    h.has_momentum = momentum != 0.0
+    h.centered = centered
+    h.k = lr if style == 1 else 1.0
+    h.L = 1.0 if style == 1 else lr
+    cdef int nt = _threads(t, nthreads)
+    with nogil:
+        _rmsprop(t, &h, nt)
+
+
+# --------------------------------------------------------------------------
+# Adagrad
+
+cdef inline void _adagrad_chunk(ptype* p, const gtype* g, ptype* ss, Py_ssize_t n,
+                                const Hyper* h) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double x, gr, s
+    for i in range(n):
+        x = <double>p[i]
+        gr = gload(g, i) * h.inv_scale + h.wd * x
+        s = <double>ss[i] + gr * gr
+        ss[i] = <ptype>s
+        p[i] = <ptype>(x * h.decay - h.lr * gr / (sqrt(s + h.e_in) + h.e_out))
+
+
+cdef void _adagrad(Table t, const Hyper* h, int nt) noexcept nogil:
+    cdef Py_ssize_t c, ti, off, n = t.ntensors
+    for c in prange(t.nchunks, schedule='static', num_threads=nt):
+        ti = t.chunk_t[c]
+        off = t.chunk_off[c]
+        if t.pcode == F64:
+            _adagrad_chunk((<double*>t.ptr[ti]) + off, (<double*>t.ptr[n + ti]) + off,
+                           (<double*>t.ptr[2 * n + ti]) + off, t.chunk_len[c], h)
+        elif t.gcode == F16:
+            _adagrad_chunk((<float*>t.ptr[ti]) + off, (<uint16_t*>t.ptr[n + ti]) + off,
+                           (<float*>t.ptr[2 * n + ti]) + off, t.chunk_len[c], h)
+        else:
+            _adagrad_chunk((<float*>t.ptr[ti]) + off, (<float*>t.ptr[n + ti]) + off,
+                           (<float*>t.ptr[2 * n + ti]) + off, t.chunk_len[c], h)
+
+
+def adagrad(Table t, double clr, double weight_decay, bint decoupled, bint maximize,
+            double eps, bint eps_inside_sqrt, double inv_scale, int nthreads):
+    """One Adagrad step over (params, grads, state_sums) with learning rate clr."""
+    cdef Hyper h
+    h.lr = clr
+    h.inv_scale = -inv_scale if maximize else inv_scale
+    h.wd = 0.0 if decoupled else weight_decay
+    h.decay = 1.0 - clr * weight_decay if decoupled else 1.0
+    h.e_in = eps if eps_inside_sqrt else 0.0
+    h.e_out = 0.0 if eps_inside_sqrt else eps
+    cdef int nt = _threads(t, nthreads)
+    with nogil:
+        _adagrad(t, &h, nt)
+
+
+# --------------------------------------------------------------------------
+# Gradient norms, scaling, clamping, the non-finite check (operand 0 = grads)
+
+cdef enum:
+    NORM_1 = 1
+    NORM_2 = 2
+    NORM_INF = 3
+    NORM_P = 4
+
+
+cdef inline double _nanmax(double acc, double a) noexcept nogil:
+    # a NaN on either side wins (and then stays)
+    return a if (a > acc or a != a) else acc
+
+
+cdef inline double _chunk_norm(const gtype* g, Py_ssize_t n, int kind, double p,
+                               double scale) noexcept nogil:
+    """Sum of |g/scale|^p over the chunk (the max for inf), 16 lanes."""
+    cdef double acc[LANES]
+    cdef Py_ssize_t i, nb = n - n % LANES
+    cdef int k
+    cdef double a
+    for k in range(LANES):
+        acc[k] = 0.0
+    if kind == NORM_2:
+        for i in range(0, nb, 16):   # 16 == LANES
+            for k in range(LANES):
+                a = gload(g, i + k) / scale
+                acc[k] += a * a
+        for k in range(n - nb):
+            a = gload(g, nb + k) / scale
+            acc[k] += a * a
+    elif kind == NORM_1:
+        for i in range(0, nb, 16):
+            for k in range(LANES):
+                acc[k] += fabs(gload(g, i + k))
+        for k in range(n - nb):
+            acc[k] += fabs(gload(g, nb + k))
+    elif kind == NORM_INF:
+        # NaN-propagating max: a NaN gradient makes the norm NaN, as in torch
+        for i in range(0, nb, 16):
+            for k in range(LANES):
+                acc[k] = _nanmax(acc[k], fabs(gload(g, i + k)))
+        for k in range(n - nb):
+            acc[k] = _nanmax(acc[k], fabs(gload(g, nb + k)))
+        a = acc[0]
+        for k in range(1, LANES):
+            a = _nanmax(a, acc[k])
+        return a
+    else:
+        for i in range(n):
+            acc[i % LANES] += pow(fabs(gload(g, i)) / scale, p)
+    for k in range(8):
+        acc[k] = acc[k] + acc[k + 8]
+    for k in range(4):
+        acc[k] = acc[k] + acc[k + 4]
+    return (acc[0] + acc[2]) + (acc[1] + acc[3])
+
+
+cdef void _norm_partials(Table t, int kind, double p, double scale, double* part,
+                         int nt) noexcept nogil:
+    cdef Py_ssize_t c, ti, off
+    for c in prange(t.nchunks, schedule='static', num_threads=nt):
+        ti = t.chunk_t[c]
+        off = t.chunk_off[c]
+        if t.pcode == F64:
+            part[c] = _chunk_norm((<double*>t.ptr[ti]) + off, t.chunk_len[c], kind, p, scale)
+        elif t.pcode == F16:
+            part[c] = _chunk_norm((<uint16_t*>t.ptr[ti]) + off, t.chunk_len[c], kind, p, scale)
+        else:
+            part[c] = _chunk_norm((<float*>t.ptr[ti]) + off, t.chunk_len[c], kind, p, scale)
+
+
+def norm_sum(Table t, int kind, double p, double scale, int nthreads) -> float:
+    """Sum over all elements of |g / scale|^p (kind NORM_1/2/P), or max |g| (NORM_INF);
+    chunk partials combined in chunk order."""
+    cdef double* part = <double*>malloc(sizeof(double) * (t.nchunks + 1))
+    cdef double total = 0.0
+    cdef Py_ssize_t c
+    cdef int nt = _threads(t, nthreads)
+    if part == NULL:
+        raise MemoryError()
+    with nogil:
+        _norm_partials(t, kind, p, scale, part, nt)
+        if kind == NORM_INF:
+            for c in range(t.nchunks):
+                total = _nanmax(total, part[c])
+        else:
+            for c in range(t.nchunks):
+                total = total + part[c]
+    free(part)
+    return total
+
+
+cdef inline void _scale_chunk(gtype* g, Py_ssize_t n, double s) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        gstore(g, i, gload(g, i) * s)
+
+
+cdef inline void _clamp_chunk(gtype* g, Py_ssize_t n, double lo, double hi) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double a
+    for i in range(n):
+        a = gload(g, i)
+        # NaN compares false both ways and is kept, as torch.clamp does
+        if a < lo:
+            gstore(g, i, lo)
+        elif a > hi:
+            gstore(g, i, hi)
+
+
+def scale(Table t, double s, int nthreads):
+    """g *= s for every gradient (operand 0), rounded once."""
+    cdef Py_ssize_t c, ti, off
+    cdef int nt = _threads(t, nthreads)
+    with nogil:
+        for c in prange(t.nchunks, schedule='static', num_threads=nt):
+            ti = t.chunk_t[c]
+            off = t.chunk_off[c]
+            if t.pcode == F64:
+                _scale_chunk((<double*>t.ptr[ti]) + off, t.chunk_len[c], s)
+            elif t.pcode == F16:
+                _scale_chunk((<uint16_t*>t.ptr[ti]) + off, t.chunk_len[c], s)
+            else:
+                _scale_chunk((<float*>t.ptr[ti]) + off, t.chunk_len[c], s)
+
+
+def clamp(Table t, double lo, double hi, int nthreads):
+    """g = clamp(g, lo, hi) for every gradient (operand 0); NaN kept."""
+    cdef Py_ssize_t c, ti, off
+    cdef int nt = _threads(t, nthreads)
+    with nogil:
+        for c in prange(t.nchunks, schedule='static', num_threads=nt):
+            ti = t.chunk_t[c]
+            off = t.chunk_off[c]
+            if t.pcode == F64:
+                _clamp_chunk((<double*>t.ptr[ti]) + off, t.chunk_len[c], lo, hi)
+            elif t.pcode == F16:
+                _clamp_chunk((<uint16_t*>t.ptr[ti]) + off, t.chunk_len[c], lo, hi)
+            else:
+                _clamp_chunk((<float*>t.ptr[ti]) + off, t.chunk_len[c], lo, hi)
+
+
+cdef inline int _chunk_nonfinite(const gtype* g, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double s = 0.0
+    # x * 0 is 0 for finite x and NaN for Inf or NaN: one vectorizable sum
+    for i in range(n):
+        s += gload(g, i) * 0.0
+    return 0 if s == 0.0 else 1
+
+
+def nonfinite(Table t, int nthreads) -> bool:
+    """True when any gradient (operand 0) holds an Inf or a NaN."""
+    cdef Py_ssize_t c, ti, off
+    cdef int found = 0, nt = _threads(t, nthreads)
+    with nogil:
+        for c in prange(t.nchunks, schedule='static', num_threads=nt):
+            ti = t.chunk_t[c]
+            off = t.chunk_off[c]
+            if t.pcode == F64:
+                found |= _chunk_nonfinite((<double*>t.ptr[ti]) + off, t.chunk_len[c])
+            elif t.pcode == F16:
+                found |= _chunk_nonfinite((<uint16_t*>t.ptr[ti]) + off, t.chunk_len[c])
+            else:
+                found |= _chunk_nonfinite((<float*>t.ptr[ti]) + off, t.chunk_len[c])
+    return found != 0

@@ -1,0 +1,119 @@
+"""Gradient norms and clipping over lists of arrays, in one parallel pass.
+
+Norms accumulate in float64 with a fixed summation order (bitwise identical
+for every thread count); a 2-norm whose float64 sum would overflow is
+recomputed on gradients scaled by their largest magnitude, so it is finite
+whenever the answer is representable.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from bncore import _checks as chk
+from bncore import _optim_kernels as _k
+from bncore._threads import resolve_num_threads
+from bncore.optimizers import ArrayList, as_list
+
+__all__ = ["grad_norm", "clip_grad_norm", "clip_grad_value", "found_inf", "NonFiniteError"]
+
+_NORM_1, _NORM_2, _NORM_INF, _NORM_P = 1, 2, 3, 4
+
+
+class NonFiniteError(RuntimeError, ValueError):
+    """The gradient norm is NaN or infinite (``clip_grad_norm(error_if_nonfinite=True)``)."""
+
+
+def _grads_table(grads, write: bool):
+    gl = as_list("grads", grads)
+    return _k.gather([gl], ("grads",), (write,), -1, chk.as_array, half_first=True)
+
+
+def _norm_type(norm_type) -> float:
+    p = chk.real_scalar("norm_type", norm_type)
+    if not (p > 0):
+        raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
+    return p
+
+
+def _norm_of(table, p: float, nthreads: int) -> float:
+    if math.isinf(p):
+        return _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+    kind = _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P)
+    s = _k.norm_sum(table, kind, p, 1.0, nthreads)
+    if math.isinf(s) and not _k.nonfinite(table, nthreads):
+        # the float64 sum overflowed on finite data: scale by the largest magnitude
+        big = _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+        s = _k.norm_sum(table, kind, p, big, nthreads)
+        return big * (math.sqrt(s) if kind == _NORM_2 else (s if kind == _NORM_1 else s ** (1.0 / p)))
+    if kind == _NORM_2:
+        return math.sqrt(s)
+    if kind == _NORM_1:
+        return s
+    return s ** (1.0 / p)
+
+
+def grad_norm(grads: ArrayList, norm_type: float = 2.0, *,
+              num_threads: Optional[int] = None) -> float:
+    """The p-norm of all gradients together, ``(sum_i |g_i|^p)^(1/p)`` (max |g| for inf).
+
+    Equal to PyTorch's norm of per-tensor norms (``clip_grad_norm_``'s total)
+    and to optax's ``global_norm`` for p = 2. NaN or Inf in a gradient gives a
+    NaN or Inf norm.
+    """
+    p = _norm_type(norm_type)
+    nthreads = resolve_num_threads(num_threads)
+    return _norm_of(_grads_table(grads, False), p, nthreads)
+
+
+def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
+                   eps: float = 1e-6, error_if_nonfinite: bool = False,
+                   num_threads: Optional[int] = None) -> float:
+    """Scale all gradients in place so their total norm is at most ``max_norm``.
+
+    ``coef = max_norm / (total + eps)``; when ``coef < 1`` every gradient is
+    multiplied by it (one pass). eps=1e-6 is PyTorch's ``clip_grad_norm_``
+    (whose result is slightly below max_norm); eps=0 is the exact global-norm
+    clip of Keras (``global_clipnorm``) and optax (``clip_by_global_norm``),
+    ``g * max_norm / max(total, max_norm)``. A NaN total multiplies every
+    gradient by NaN, as in PyTorch, unless ``error_if_nonfinite=True``, which
+    raises :class:`NonFiniteError` before any gradient is touched.
+
+    Returns the total norm before clipping (a Python float).
+    """
+    max_norm = chk.non_negative("max_norm", max_norm)
+    eps = chk.non_negative("eps", eps)
+    p = _norm_type(norm_type)
+    nthreads = resolve_num_threads(num_threads)
+    table = _grads_table(grads, True)
+    total = _norm_of(table, p, nthreads)
+    if not math.isfinite(total):
+        if error_if_nonfinite:
+            raise NonFiniteError(
+                f"the total {p}-norm of the gradients is {total}; no gradient was modified "
+                f"(set error_if_nonfinite=False to clip anyway)")
+    coef = max_norm / (total + eps) if (total + eps) != 0.0 else math.inf
+    if not (coef >= 1.0):        # NaN goes through, as IEEE and torch say
+        _k.scale(table, coef, nthreads)
+    return total
+
+
+def clip_grad_value(grads: ArrayList, clip_value: float, *,
+                    num_threads: Optional[int] = None) -> None:
+    """Clamp every gradient element to ``[-clip_value, clip_value]`` in place
+    (PyTorch ``clip_grad_value_``, Keras ``clipvalue``, optax ``clip``); NaN stays NaN."""
+    c = chk.non_negative("clip_value", clip_value)
+    nthreads = resolve_num_threads(num_threads)
+    _k.clamp(_grads_table(grads, True), -c, c, nthreads)
+
+
+def found_inf(grads: ArrayList, *, num_threads: Optional[int] = None) -> bool:
+    """True when any gradient holds an Inf or a NaN (one parallel pass).
+
+    The AMP pattern: ``skip = bncore.found_inf(grads)`` then
+    ``bncore.adam_step(..., grad_scale=scale, found_inf=skip)``.
+    """
+    nthreads = resolve_num_threads(num_threads)
+    return bool(_k.nonfinite(_grads_table(grads, False), nthreads))

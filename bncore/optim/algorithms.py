@@ -1,0 +1,154 @@
+"""SGD, Adam, AdamW, RMSprop and Adagrad over the multi-tensor step functions.
+
+Each class is a thin adapter: it maps its hyperparameters (PyTorch's names;
+``betas`` as a pair) and per-parameter state onto one call of the step
+function per parameter group. The formulas, per convention, are documented on
+the functions in bncore.optimizers.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import numpy as np
+
+from bncore import _checks as chk
+from bncore.optim.optimizer import Optimizer
+from bncore.optimizers import adagrad_step, adam_step, rmsprop_step, sgd_step
+
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
+
+
+class SGD(Optimizer):
+    """SGD with momentum (``bncore.sgd_step``). State: ``momentum_buffer``.
+
+    conventions: torch (default), keras (``v = mu v + lr g; p -= v``, decoupled
+    weight decay), optax (torch's formula with dampening 0), onnx (``Momentum``:
+    momentum = alpha, dampening = 1 - beta, the first step is T = 0).
+    """
+
+    kind = "SGD"
+    state_arrays = ("momentum_buffer",)
+
+    def _check_hyper(self, g: Dict[str, Any]) -> None:
+        chk.non_negative("lr", g["lr"])
+        chk.non_negative("momentum", g["momentum"])
+        if g["nesterov"] and g["momentum"] == 0.0:
+            raise ValueError("nesterov requires momentum > 0")
+
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
+        momentum = g["momentum"]
+        sgd_step(params, grads, [s["momentum_buffer"] for s in states] if momentum else None,
+                 lr=g["lr"], momentum=momentum, dampening=g["dampening"], nesterov=g["nesterov"],
+                 weight_decay=g["weight_decay"], maximize=g.get("maximize", False),
+                 first_step=step == 1, style=g["style"],
+                 decoupled_weight_decay=g["decoupled_weight_decay"], grad_scale=grad_scale,
+                 num_threads=num_threads)
+
+
+class Adam(Optimizer):
+    """Adam (``bncore.adam_step``). State: ``exp_avg``, ``exp_avg_sq`` and, with
+    amsgrad, ``max_exp_avg_sq``.
+
+    conventions: torch (default), keras (epsilon-hat, eps 1e-7, decoupled weight
+    decay), optax (AMSGrad over the bias-corrected v, ``eps_root``), onnx
+    (epsilon-hat, eps 1e-6, bias correction with ONNX's update count T = step - 1,
+    ``weight_decay`` = norm_coefficient, ``weight_decay_post`` = norm_coefficient_post).
+    """
+
+    kind = "Adam"
+    state_arrays = ("exp_avg", "exp_avg_sq")
+
+    def _check_hyper(self, g: Dict[str, Any]) -> None:
+        chk.non_negative("lr", g["lr"])
+        b1, b2 = g["betas"]
+        chk.in_unit_interval("betas[0]", b1, closed_right=False)
+        chk.in_unit_interval("betas[1]", b2, closed_right=False)
+        chk.non_negative("eps", g["eps"])
+
+    def _init_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
+        s = super()._init_state(p, group)
+        if group["amsgrad"]:
+            s["max_exp_avg_sq"] = np.zeros_like(p)
+        return s
+
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
+        if g["amsgrad"]:
+            for s, p in zip(states, params):
+                s.setdefault("max_exp_avg_sq", np.zeros_like(p))
+        b1, b2 = g["betas"]
+        adam_step(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                  step=step, lr=g["lr"], beta1=b1, beta2=b2, eps=g["eps"],
+                  weight_decay=g["weight_decay"],
+                  decoupled_weight_decay=g["decoupled_weight_decay"], amsgrad=g["amsgrad"],
+                  max_exp_avg_sqs=[s["max_exp_avg_sq"] for s in states] if g["amsgrad"] else None,
+                  maximize=g.get("maximize", False), eps_style=g["eps_style"],
+                  eps_root=g["eps_root"],
+                  bias_correction_step=step - 1 if g["onnx_update_count"] else None,
+                  weight_decay_post=g["weight_decay_post"], grad_scale=grad_scale,
+                  num_threads=num_threads)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay, ``p *= 1 - lr * weight_decay`` (torch's
+    default weight_decay 1e-2; keras 4e-3; optax 1e-4)."""
+
+    kind = "AdamW"
+
+
+class RMSprop(Optimizer):
+    """RMSprop (``bncore.rmsprop_step``). State: ``square_avg``, ``grad_avg``
+    (centered), ``momentum_buffer`` (momentum > 0).
+
+    conventions: torch (default; eps outside the sqrt), keras (rho 0.9, eps 1e-7
+    inside the sqrt, lr inside the momentum buffer), optax (decay 0.9, eps 1e-8
+    inside the sqrt).
+    """
+
+    kind = "RMSprop"
+    state_arrays = ("square_avg",)
+
+    def _check_hyper(self, g: Dict[str, Any]) -> None:
+        chk.non_negative("lr", g["lr"])
+        chk.in_unit_interval("alpha", g["alpha"])
+
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
+        for s, p in zip(states, params):
+            if g["centered"]:
+                s.setdefault("grad_avg", np.zeros_like(p))
+            if g["momentum"]:
+                s.setdefault("momentum_buffer", np.zeros_like(p))
+        rmsprop_step(params, grads, [s["square_avg"] for s in states], lr=g["lr"],
+                     alpha=g["alpha"], eps=g["eps"], weight_decay=g["weight_decay"],
+                     momentum=g["momentum"], centered=g["centered"],
+                     grad_avgs=[s["grad_avg"] for s in states] if g["centered"] else None,
+                     momentum_buffers=([s["momentum_buffer"] for s in states]
+                                       if g["momentum"] else None),
+                     maximize=g.get("maximize", False), eps_inside_sqrt=g["eps_inside_sqrt"],
+                     style=g["style"], decoupled_weight_decay=g["decoupled_weight_decay"],
+                     grad_scale=grad_scale, num_threads=num_threads)
+
+
+class Adagrad(Optimizer):
+    """Adagrad (``bncore.adagrad_step``). State: ``sum``, initialised to
+    ``initial_accumulator_value`` (torch 0; keras and optax 0.1).
+
+    conventions: torch (default), keras and optax (eps inside the sqrt), onnx
+    (eps 1e-6; ``lr_decay`` is ONNX's decay_factor).
+    """
+
+    kind = "Adagrad"
+    state_arrays = ()
+
+    def _check_hyper(self, g: Dict[str, Any]) -> None:
+        chk.non_negative("lr", g["lr"])
+        chk.non_negative("initial_accumulator_value", g["initial_accumulator_value"])
+
+    def _init_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
+        return {"step": 0, "sum": np.full_like(p, group["initial_accumulator_value"])}
+
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
+        adagrad_step(params, grads, [s["sum"] for s in states], step=step, lr=g["lr"],
+                     lr_decay=g["lr_decay"], weight_decay=g["weight_decay"], eps=g["eps"],
+                     maximize=g.get("maximize", False), eps_inside_sqrt=g["eps_inside_sqrt"],
+                     decoupled_weight_decay=g["decoupled_weight_decay"], grad_scale=grad_scale,
+                     num_threads=num_threads)

@@ -1,0 +1,78 @@
+"""Learning-rate schedules as plain callables ``step -> lr`` (step counts from 0).
+
+    sched = bncore.optim.cosine_lr(1e-3, total_steps=10_000, warmup_steps=500)
+    for step in range(10_000):
+        bncore.optim.set_lr(opt, sched(step))
+        opt.step(grads)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from bncore import _checks as chk
+
+__all__ = ["step_lr", "cosine_lr", "linear_warmup", "set_lr"]
+
+Schedule = Callable[[int], float]
+
+
+def _step_index(step) -> int:
+    if isinstance(step, bool) or int(step) != step or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    return int(step)
+
+
+def step_lr(base_lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
+    """``base_lr * gamma ** (step // step_size)`` (PyTorch's StepLR)."""
+    base_lr = chk.non_negative("base_lr", base_lr)
+    if int(step_size) != step_size or step_size < 1:
+        raise ValueError(f"step_size must be an integer >= 1, got {step_size!r}")
+    gamma = chk.non_negative("gamma", gamma)
+
+    def lr(step: int) -> float:
+        return base_lr * gamma ** (_step_index(step) // int(step_size))
+    return lr
+
+
+def linear_warmup(base_lr: float, warmup_steps: int, start_factor: float = 0.0,
+                  after: Schedule = None) -> Schedule:
+    """Linear ramp from ``start_factor * base_lr`` to ``base_lr`` over
+    ``warmup_steps`` steps, then ``after(step - warmup_steps)`` (or base_lr)."""
+    base_lr = chk.non_negative("base_lr", base_lr)
+    start_factor = chk.in_unit_interval("start_factor", start_factor)
+    if int(warmup_steps) != warmup_steps or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    w = int(warmup_steps)
+
+    def lr(step: int) -> float:
+        s = _step_index(step)
+        if s < w:
+            return base_lr * (start_factor + (1.0 - start_factor) * s / w)
+        return after(s - w) if after is not None else base_lr
+    return lr
+
+
+def cosine_lr(base_lr: float, total_steps: int, min_lr: float = 0.0,
+              warmup_steps: int = 0) -> Schedule:
+    """Cosine decay from base_lr to min_lr over total_steps (optionally after a
+    linear warm-up from 0), then min_lr: ``min + (base - min) (1 + cos(pi t / T)) / 2``."""
+    base_lr = chk.non_negative("base_lr", base_lr)
+    min_lr = chk.non_negative("min_lr", min_lr)
+    if int(total_steps) != total_steps or total_steps < 1:
+        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
+    decay_steps = max(1, int(total_steps) - int(warmup_steps))
+
+    def cosine(s: int) -> float:
+        t = min(s, decay_steps)
+        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t / decay_steps))
+    if warmup_steps:
+        return linear_warmup(base_lr, warmup_steps, 0.0, after=cosine)
+    return lambda step: cosine(_step_index(step))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """Set ``lr`` on every parameter group of ``optimizer``."""
+    lr = chk.non_negative("lr", lr)
+    for g in optimizer.param_groups:
+        g["lr"] = lr

@@ -1,0 +1,140 @@
+"""AMP (grad_scale, found_inf), the non-finite check, clipping corner cases."""
+import math
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore.testing import reference as ref
+from conftest import assert_unchanged
+
+
+def problem(dtype=np.float32, gdtype=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(5,), (3, 4), (20000,)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [rng.standard_normal(s).astype(gdtype or dtype) for s in shapes]
+    return params, grads
+
+
+def test_grad_scale_divides_gradients_inside_the_kernel():
+    p1, g = problem()
+    p2 = [p.copy() for p in p1]
+    scaled = [gi * np.float32(1024) for gi in g]
+    m1, v1 = [np.zeros_like(p) for p in p1], [np.zeros_like(p) for p in p1]
+    m2, v2 = [np.zeros_like(p) for p in p1], [np.zeros_like(p) for p in p1]
+    bncore.adam_step(p1, g, m1, v1, step=1, lr=1e-2)
+    bncore.adam_step(p2, scaled, m2, v2, step=1, lr=1e-2, grad_scale=np.float32(1024))
+    for a, b in zip(p1 + m1 + v1, p2 + m2 + v2):
+        assert np.array_equal(a, b)          # a power of two: exactly the same arithmetic
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop", "adagrad"])
+def test_found_inf_changes_nothing(name):
+    params, grads = problem()
+    grads[1][0, 0] = np.inf
+    state = [[np.full_like(p, 0.5) for p in params] for _ in range(3)]
+    before = {f"p{i}": p.copy() for i, p in enumerate(params)}
+    before.update({f"s{k}{i}": s.copy() for k, lst in enumerate(state) for i, s in enumerate(lst)})
+    skip = bncore.found_inf(grads)
+    assert skip is True
+    if name == "sgd":
+        bncore.sgd_step(params, grads, state[0], lr=0.1, momentum=0.9, found_inf=skip)
+    elif name == "adam":
+        bncore.adam_step(params, grads, state[0], state[1], step=3, amsgrad=True,
+                         max_exp_avg_sqs=state[2], found_inf=np.array(1.0), grad_scale=2.0)
+    elif name == "rmsprop":
+        bncore.rmsprop_step(params, grads, state[0], centered=True, grad_avgs=state[1],
+                            momentum=0.5, momentum_buffers=state[2], found_inf=True)
+    else:
+        bncore.adagrad_step(params, grads, state[0], step=2, found_inf=1)
+    after = {f"p{i}": p for i, p in enumerate(params)}
+    after.update({f"s{k}{i}": s for k, lst in enumerate(state) for i, s in enumerate(lst)})
+    assert_unchanged(before, after)
+
+
+def test_optimizer_class_skips_the_step_and_its_count():
+    params, grads = problem()
+    opt = bncore.optim.Adam(params, lr=1e-2)
+    opt.step(grads)
+    snapshot = opt.state_dict()
+    pbefore = [p.copy() for p in params]
+    opt.step(grads, grad_scale=4.0, found_inf=True)
+    assert all(np.array_equal(a, b) for a, b in zip(params, pbefore))
+    after = opt.state_dict()
+    for i in snapshot["state"]:
+        assert after["state"][i]["step"] == snapshot["state"][i]["step"] == 1
+        assert np.array_equal(after["state"][i]["exp_avg"], snapshot["state"][i]["exp_avg"])
+    fresh = bncore.optim.SGD([p.copy() for p in params], lr=0.1, momentum=0.9)
+    fresh.step(grads, found_inf=True)
+    assert fresh.state == {}                # no state is even created by a skipped step
+
+
+def test_found_inf_sees_nan_inf_in_any_tensor_and_dtype():
+    for dtype in (np.float16, np.float32, np.float64):
+        _, grads = problem(dtype=np.float64 if dtype == np.float64 else np.float32, gdtype=dtype)
+        assert bncore.found_inf(grads) is False
+        for bad in (np.nan, np.inf, -np.inf):
+            g = [x.copy() for x in grads]
+            g[2][-1] = bad
+            assert bncore.found_inf(g) is True
+
+
+def test_error_if_nonfinite_raises_before_touching_gradients():
+    _, grads = problem()
+    grads[0][2] = np.nan
+    before = {i: g.copy() for i, g in enumerate(grads)}
+    with pytest.raises(bncore.NonFiniteError, match="no gradient was modified"):
+        bncore.clip_grad_norm(grads, 1.0, error_if_nonfinite=True)
+    assert_unchanged(before, dict(enumerate(grads)))
+    assert issubclass(bncore.NonFiniteError, RuntimeError)
+    # without the flag NaN propagates, as in torch
+    total = bncore.clip_grad_norm(grads, 1.0)
+    assert math.isnan(total) and all(np.isnan(g).all() for g in grads)
+
+
+def test_exact_clip_with_eps_zero_and_torch_style_with_eps():
+    _, grads = problem(np.float64)
+    total = ref.global_norm(grads)
+    g1 = [g.copy() for g in grads]
+    t1 = bncore.clip_grad_norm(g1, total / 4, eps=0.0)
+    assert t1 == pytest.approx(total, rel=1e-15)
+    assert ref.global_norm(g1) == pytest.approx(total / 4, rel=1e-14)
+    g2 = [g.copy() for g in grads]
+    bncore.clip_grad_norm(g2, total / 4)     # eps = 1e-6: slightly below max_norm
+    assert ref.global_norm(g2) < total / 4
+    g3 = [g.copy() for g in grads]
+    bncore.clip_grad_norm(g3, total * 2)     # nothing to clip: untouched bit for bit
+    assert all(np.array_equal(a, b) for a, b in zip(g3, grads))
+
+
+def test_two_norm_does_not_overflow_on_large_finite_gradients():
+    g = [np.full(1000, 1e200), np.full(10, -3e200)]
+    total = bncore.grad_norm(g)
+    expected = math.sqrt(1000 + 10 * 9) * 1e200
+    assert math.isfinite(total) and total == pytest.approx(expected, rel=1e-14)
+    assert bncore.grad_norm(g, norm_type=3.0) == pytest.approx(
+        (1000 + 10 * 27) ** (1 / 3) * 1e200, rel=1e-12)
+
+
+def test_float16_gradients_with_float32_parameters():
+    params, grads = problem(np.float32, np.float16)
+    p64 = [p.astype(np.float64) for p in params]
+    m = [np.zeros_like(p) for p in params]
+    v = [np.zeros_like(p) for p in params]
+    bncore.adam_step(params, grads, m, v, step=1, lr=1e-2)
+    for p, p0, g in zip(params, p64, grads):
+        e, _, _, _ = ref.adam(p0, g, np.zeros_like(p0), np.zeros_like(p0), None, step=1, lr=1e-2)
+        np.testing.assert_allclose(p, e, rtol=1e-7, atol=1e-7)
+    # clipping writes float16 back, rounded once
+    g16 = [g.copy() for g in grads]
+    bncore.clip_grad_norm(g16, 1.0)
+    assert all(g.dtype == np.float16 for g in g16)
+    assert ref.global_norm(g16) == pytest.approx(1.0, rel=2e-3)
+
+
+def test_clip_grad_value_clamps_and_keeps_nan():
+    g = [np.array([-3.0, -0.5, 0.0, 0.5, 3.0, np.nan], np.float32)]
+    bncore.clip_grad_value(g, 1.0)
+    np.testing.assert_array_equal(g[0][:5], [-1.0, -0.5, 0.0, 0.5, 1.0])
+    assert np.isnan(g[0][5])

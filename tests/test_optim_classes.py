@@ -1,0 +1,118 @@
+"""Optimizer classes: parameter groups, schedules, state_dict, atomic checkpoints."""
+import os
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore.optim import checkpoint
+
+CLASSES = [(bncore.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True)),
+           (bncore.optim.Adam, dict(lr=1e-2, amsgrad=True)),
+           (bncore.optim.AdamW, dict(lr=1e-2)),
+           (bncore.optim.RMSprop, dict(lr=1e-2, centered=True, momentum=0.3)),
+           (bncore.optim.Adagrad, dict(lr=0.1, lr_decay=0.01))]
+
+
+def problem(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s).astype(dtype) for s in [(5,), (3, 4), (7,)]]
+    grads = [[rng.standard_normal(p.shape).astype(dtype) for p in params] for _ in range(6)]
+    return params, grads
+
+
+@pytest.mark.parametrize("cls,kw", CLASSES, ids=[c.__name__ for c, _ in CLASSES])
+def test_state_dict_round_trips_bit_for_bit_and_resumes(cls, kw, tmp_path):
+    params, grads = problem()
+    a = cls([{"params": params[:2]}, {"params": params[2:], "lr": kw["lr"] / 2}], **kw)
+    for g in grads[:3]:
+        a.step(g)
+    params_b = [p.copy() for p in params]
+    b = cls([{"params": params_b[:2]}, {"params": params_b[2:]}], **kw)
+    b.load_state_dict(a.state_dict())
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for i in sa["state"]:
+        for k, v in sa["state"][i].items():
+            w = sb["state"][i][k]
+            assert (v.tobytes() == w.tobytes()) if isinstance(v, np.ndarray) else v == w
+    # checkpoint file, then both continue identically
+    path = tmp_path / "opt.npz"
+    bncore.optim.save(a, path)
+    c_params = [p.copy() for p in params]
+    c = cls([{"params": c_params[:2]}, {"params": c_params[2:]}], **kw)
+    bncore.optim.load(c, path)
+    for g in grads[3:]:
+        a.step(g)
+        b.step(g)
+        c.step(g)
+    for x, y, z in zip(params, params_b, c_params):
+        assert x.tobytes() == y.tobytes() == z.tobytes()
+
+
+def test_param_groups_are_mutable_between_steps_and_schedules_apply():
+    params, grads = problem(dtype=np.float64)
+    ref = [p.copy() for p in params]
+    opt = bncore.optim.SGD(params, lr=1.0)
+    sched = bncore.optim.step_lr(0.1, step_size=2, gamma=0.5)
+    for k, g in enumerate(grads):
+        bncore.optim.set_lr(opt, sched(k))
+        opt.step(g)
+        for r, gi in zip(ref, g):
+            r -= sched(k) * gi
+    for p, r in zip(params, ref):
+        np.testing.assert_allclose(p, r, rtol=1e-15, atol=1e-15)
+    opt.param_groups[0]["momentum"] = 0.5       # any hyperparameter, not only lr
+    opt.step(grads[0])
+    assert "momentum_buffer" in opt.state[0]
+
+
+def test_schedules():
+    s = bncore.optim.step_lr(1.0, 3, 0.1)
+    assert [s(k) for k in (0, 2, 3, 6)] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    w = bncore.optim.linear_warmup(1.0, 4, start_factor=0.2)
+    assert [w(k) for k in (0, 2, 4, 10)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    c = bncore.optim.cosine_lr(1.0, 10, min_lr=0.1)
+    assert c(0) == pytest.approx(1.0) and c(5) == pytest.approx(0.55) and c(10) == pytest.approx(0.1)
+    assert c(20) == pytest.approx(0.1)
+    cw = bncore.optim.cosine_lr(1.0, 12, warmup_steps=2)
+    assert cw(0) == 0.0 and cw(1) == pytest.approx(0.5) and cw(2) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        s(-1)
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    params, grads = problem()
+    opt = bncore.optim.Adam(params)
+    opt.step(grads[0])
+    path = tmp_path / "ckpt.npz"
+    bncore.optim.save(opt, path)
+    good = path.read_bytes()
+    opt.step(grads[1])
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(OSError, match="simulated"):
+        bncore.optim.save(opt, path)
+    assert path.read_bytes() == good                       # the old checkpoint survives
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".bncore-")]  # no debris
+    monkeypatch.undo()
+    fresh = bncore.optim.Adam([p.copy() for p in params])
+    bncore.optim.load(fresh, path)
+    assert fresh.state[0]["step"] == 1
+
+
+def test_load_rejects_mismatched_structure(tmp_path):
+    params, grads = problem()
+    opt = bncore.optim.Adam(params)
+    opt.step(grads[0])
+    bncore.optim.save(opt, tmp_path / "a.npz")
+    with pytest.raises(ValueError, match="Adam"):
+        bncore.optim.load(bncore.optim.SGD(params, lr=0.1), tmp_path / "a.npz")
+    other = bncore.optim.Adam([np.zeros(9, np.float32)] * 1 + params[1:])
+    with pytest.raises(ValueError, match="shape"):
+        other.load_state_dict(opt.state_dict())
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(Exception):
+        bncore.optim.load(opt, tmp_path / "junk.npz")

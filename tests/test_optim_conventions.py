@@ -1,0 +1,300 @@
+"""The convention presets reproduce each framework's update rule.
+
+Each rule below is written the way that framework's own source writes it
+(Keras 3 ``keras/src/optimizers``, optax ``optax/_src/transform.py`` and
+``alias.py``, ONNX's training operators and their reference implementation),
+independently of bncore's kernels and of bncore.testing.reference, and run
+for 25 float64 steps with a changing learning rate.
+"""
+import numpy as np
+import pytest
+
+import bncore
+
+STEPS = 25
+
+
+def problem(seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = [(6,), (4, 3), (300,)]
+    params = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) * 0.5 + 0.1 for s in shapes] for _ in range(STEPS)]
+    return params, grads
+
+
+def lr_at(lr0, k):
+    return lr0 * (1.0 - 0.02 * k)
+
+
+def run_bncore(cls, lr0, **kw):
+    params, grads = problem()
+    opt = cls(params, lr=lr0, **kw)
+    for k in range(STEPS):
+        bncore.optim.set_lr(opt, lr_at(lr0, k))
+        opt.step(grads[k])
+    return params
+
+
+def run_rule(update, init, lr0):
+    """update(p, g, state, lr, t) -> (p, state), t counting from 1."""
+    params, grads = problem()
+    states = [init(p) for p in params]
+    for k in range(STEPS):
+        for i in range(len(params)):
+            params[i], states[i] = update(params[i], grads[k][i], states[i], lr_at(lr0, k), k + 1)
+    return params
+
+
+def close(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-13)
+
+
+# ---------------------------------------------------------------- Keras 3
+
+def keras_sgd(momentum, nesterov, wd):
+    def update(p, g, m, lr, t):
+        p = p - p * wd * lr                       # _apply_weight_decay
+        m = momentum * m - lr * g
+        p = p + (momentum * m - lr * g if nesterov else m)
+        return p, m
+    return update
+
+
+def keras_adam(beta1, beta2, eps, amsgrad, wd):
+    def update(p, g, s, lr, t):
+        m, v, vhat = s
+        p = p - p * wd * lr
+        alpha = lr * np.sqrt(1 - beta2 ** t) / (1 - beta1 ** t)
+        m = m + (g - m) * (1 - beta1)
+        v = v + (g * g - v) * (1 - beta2)
+        if amsgrad:
+            vhat = np.maximum(vhat, v)
+            denom_v = vhat
+        else:
+            denom_v = v
+        return p - alpha * m / (np.sqrt(denom_v) + eps), (m, v, vhat)
+    return update
+
+
+def keras_rmsprop(rho, eps, momentum, centered):
+    def update(p, g, s, lr, t):
+        vel, avg, mom = s
+        vel = rho * vel + (1 - rho) * g * g
+        if centered:
+            avg = rho * avg + (1 - rho) * g
+            denominator = vel - avg * avg + eps
+        else:
+            denominator = vel + eps
+        increment = lr * g / np.sqrt(denominator)
+        if momentum > 0:
+            mom = momentum * mom + increment
+            p = p - mom
+        else:
+            p = p - increment
+        return p, (vel, avg, mom)
+    return update
+
+
+def keras_adagrad(eps):
+    def update(p, g, acc, lr, t):
+        acc = acc + g * g
+        return p - lr * g / np.sqrt(acc + eps), acc
+    return update
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_keras_sgd(momentum, nesterov, wd):
+    ours = run_bncore(bncore.optim.SGD, 0.05, convention="keras", momentum=momentum,
+                      nesterov=nesterov, weight_decay=wd)
+    theirs = run_rule(keras_sgd(momentum, nesterov, wd), np.zeros_like, 0.05)
+    close(ours, theirs)
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_keras_adam(amsgrad, wd):
+    ours = run_bncore(bncore.optim.Adam, 0.01, convention="keras", amsgrad=amsgrad, weight_decay=wd)
+    theirs = run_rule(keras_adam(0.9, 0.999, 1e-7, amsgrad, wd),
+                      lambda p: (np.zeros_like(p),) * 3, 0.01)
+    close(ours, theirs)
+
+
+@pytest.mark.parametrize("momentum,centered", [(0.0, False), (0.5, False), (0.0, True), (0.5, True)])
+def test_keras_rmsprop(momentum, centered):
+    ours = run_bncore(bncore.optim.RMSprop, 0.005, convention="keras", momentum=momentum,
+                      centered=centered)
+    theirs = run_rule(keras_rmsprop(0.9, 1e-7, momentum, centered),
+                      lambda p: (np.zeros_like(p),) * 3, 0.005)
+    close(ours, theirs)
+
+
+def test_keras_adagrad():
+    ours = run_bncore(bncore.optim.Adagrad, 0.05, convention="keras")
+    theirs = run_rule(keras_adagrad(1e-7), lambda p: np.full_like(p, 0.1), 0.05)
+    close(ours, theirs)
+
+
+# ---------------------------------------------------------------- optax
+
+def optax_sgd(momentum, nesterov):
+    def update(p, g, trace, lr, t):
+        trace = g + momentum * trace
+        u = g + momentum * trace if nesterov else trace
+        return p - lr * u, trace
+    return update
+
+
+def optax_adam(b1, b2, eps, eps_root, amsgrad, wd):
+    def update(p, g, s, lr, t):
+        mu, nu, nu_max = s
+        mu = b1 * mu + (1 - b1) * g
+        nu = b2 * nu + (1 - b2) * g * g
+        mu_hat = mu / (1 - b1 ** t)
+        nu_hat = nu / (1 - b2 ** t)
+        if amsgrad:
+            nu_max = np.maximum(nu_max, nu_hat)
+            nu_hat = nu_max
+        u = mu_hat / (np.sqrt(nu_hat + eps_root) + eps) + wd * p      # add_decayed_weights
+        return p - lr * u, (mu, nu, nu_max)
+    return update
+
+
+def optax_rmsprop(decay, eps, centered, momentum):
+    def update(p, g, s, lr, t):
+        nu, mu, trace = s
+        nu = decay * nu + (1 - decay) * g * g
+        if centered:
+            mu = decay * mu + (1 - decay) * g
+            u = g / np.sqrt(nu - mu * mu + eps)
+        else:
+            u = g / np.sqrt(nu + eps)
+        if momentum:
+            trace = u + momentum * trace
+            u = trace
+        return p - lr * u, (nu, mu, trace)
+    return update
+
+
+def optax_adagrad(eps):
+    def update(p, g, ss, lr, t):
+        ss = g * g + ss
+        inv = np.where(ss > 0, 1 / np.sqrt(ss + eps), 0.0)
+        return p - lr * inv * g, ss
+    return update
+
+
+@pytest.mark.parametrize("momentum,nesterov", [(0.9, False), (0.9, True)])
+def test_optax_sgd(momentum, nesterov):
+    ours = run_bncore(bncore.optim.SGD, 0.05, convention="optax", momentum=momentum,
+                      nesterov=nesterov)
+    close(ours, run_rule(optax_sgd(momentum, nesterov), np.zeros_like, 0.05))
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("eps_root", [0.0, 1e-8])
+def test_optax_adam_and_amsgrad(amsgrad, eps_root):
+    ours = run_bncore(bncore.optim.Adam, 0.01, convention="optax", amsgrad=amsgrad,
+                      eps_root=eps_root)
+    theirs = run_rule(optax_adam(0.9, 0.999, 1e-8, eps_root, amsgrad, 0.0),
+                      lambda p: (np.zeros_like(p),) * 3, 0.01)
+    close(ours, theirs)
+
+
+def test_optax_adamw():
+    ours = run_bncore(bncore.optim.AdamW, 0.01, convention="optax", weight_decay=0.05)
+    theirs = run_rule(optax_adam(0.9, 0.999, 1e-8, 0.0, False, 0.05),
+                      lambda p: (np.zeros_like(p),) * 3, 0.01)
+    close(ours, theirs)
+
+
+@pytest.mark.parametrize("centered,momentum", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_optax_rmsprop(centered, momentum):
+    ours = run_bncore(bncore.optim.RMSprop, 0.005, convention="optax", centered=centered,
+                      momentum=momentum)
+    theirs = run_rule(optax_rmsprop(0.9, 1e-8, centered, momentum),
+                      lambda p: (np.zeros_like(p),) * 3, 0.005)
+    close(ours, theirs)
+
+
+def test_optax_adagrad():
+    ours = run_bncore(bncore.optim.Adagrad, 0.05, convention="optax")
+    close(ours, run_rule(optax_adagrad(1e-7), lambda p: np.full_like(p, 0.1), 0.05))
+
+
+# ---------------------------------------------------------------- ONNX
+
+def onnx_adam(alpha, beta, eps, norm_coefficient, norm_coefficient_post):
+    def update(x, g, s, r, step):
+        v, h = s
+        T = step - 1                              # ONNX's update count: 0 at the first step
+        g_reg = norm_coefficient * x + g
+        v = alpha * v + (1 - alpha) * g_reg
+        h = beta * h + (1 - beta) * g_reg * g_reg
+        h_sqrt = np.sqrt(h) + eps
+        r_adj = r * np.sqrt(1 - beta ** T) / (1 - alpha ** T) if T > 0 else r
+        x = x - r_adj * (v / h_sqrt)
+        return (1 - norm_coefficient_post) * x, (v, h)
+    return update
+
+
+def onnx_momentum(alpha, beta, norm_coefficient, nesterov):
+    def update(x, g, v, r, step):
+        T = step - 1
+        g_reg = norm_coefficient * x + g
+        b = beta if T > 0 else 1.0
+        v = alpha * v + b * g_reg
+        x = x - r * (g_reg + alpha * v if nesterov else v)
+        return x, v
+    return update
+
+
+def onnx_adagrad(eps, decay, norm_coefficient):
+    def update(x, g, h, r, step):
+        T = step - 1
+        r_ = r / (1 + T * decay)
+        g_reg = norm_coefficient * x + g
+        h = h + g_reg * g_reg
+        return x - r_ * g_reg / (np.sqrt(h) + eps), h
+    return update
+
+
+@pytest.mark.parametrize("nc,post", [(0.0, 0.0), (0.01, 0.0), (0.0, 0.001)])
+def test_onnx_adam(nc, post):
+    ours = run_bncore(bncore.optim.Adam, 0.01, convention="onnx", weight_decay=nc,
+                      weight_decay_post=post)
+    theirs = run_rule(onnx_adam(0.9, 0.999, 1e-6, nc, post), lambda p: (np.zeros_like(p),) * 2,
+                      0.01)
+    close(ours, theirs)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("nc", [0.0, 0.01])
+def test_onnx_momentum(nesterov, nc):
+    # alpha = momentum, beta = 1 - dampening
+    ours = run_bncore(bncore.optim.SGD, 0.05, convention="onnx", momentum=0.9, dampening=0.2,
+                      nesterov=nesterov, weight_decay=nc)
+    close(ours, run_rule(onnx_momentum(0.9, 0.8, nc, nesterov), np.zeros_like, 0.05))
+
+
+def test_onnx_adagrad():
+    ours = run_bncore(bncore.optim.Adagrad, 0.05, convention="onnx", lr_decay=0.01,
+                      weight_decay=0.01)
+    close(ours, run_rule(onnx_adagrad(1e-6, 0.01, 0.01), np.zeros_like, 0.05))
+
+
+def test_tutorial_momentum_is_the_keras_style():
+    """v = beta * v + lr * g; W -= v (the formulation many tutorials give)."""
+    params, grads = problem()
+    bufs = [np.zeros_like(p) for p in params]
+    w = [p.copy() for p in params]
+    v = [np.zeros_like(p) for p in params]
+    for k in range(STEPS):
+        lr = lr_at(0.05, k)
+        bncore.sgd_step(params, grads[k], bufs, lr=lr, momentum=0.9, style="keras",
+                        first_step=k == 0)
+        for i in range(len(w)):
+            v[i] = 0.9 * v[i] + lr * grads[k][i]
+            w[i] = w[i] - v[i]
+    close(params, w)

@@ -1,0 +1,140 @@
+"""Bad optimizer and clipping inputs raise a clear error before any array is modified."""
+import numpy as np
+import pytest
+
+import bncore
+from conftest import assert_unchanged
+
+
+def fresh(n=3, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    shapes = [(4,), (2, 3), (5,)][:n]
+    mk = lambda: [rng.standard_normal(s).astype(dtype) for s in shapes]  # noqa: E731
+    return dict(params=mk(), grads=mk(), m=mk(), v=[np.abs(a) for a in mk()], vmax=mk())
+
+
+def ro(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def adam(a, **kw):
+    args = dict(step=1, lr=1e-3)
+    args.update(kw)
+    return bncore.adam_step(a["params"], a["grads"], a["m"], a["v"], **args)
+
+
+ADAM_CASES = [
+    ("unequal list lengths", lambda a: a["grads"].pop() is None or {}, ValueError, "grads has 2 entries"),
+    ("shape mismatch", lambda a: a["m"].__setitem__(1, np.zeros((3, 2), np.float32)) or {},
+     ValueError, r"exp_avgs\[1\] has shape"),
+    ("state dtype mismatch", lambda a: a["v"].__setitem__(0, np.zeros(4, np.float64)) or {},
+     TypeError, r"exp_avg_sqs\[0\] has dtype float64"),
+    ("grad dtype mismatch", lambda a: a["grads"].__setitem__(2, np.zeros(5, np.float64)) or {},
+     TypeError, r"grads\[2\]"),
+    ("integer params", lambda a: a["params"].__setitem__(0, np.zeros(4, np.int32)) or {},
+     TypeError, r"params\[0\]"),
+    ("negative lr", lambda a: {"lr": -1e-3}, ValueError, "lr"),
+    ("beta1 = 1", lambda a: {"beta1": 1.0}, ValueError, "beta1"),
+    ("beta2 < 0", lambda a: {"beta2": -0.1}, ValueError, "beta2"),
+    ("eps < 0", lambda a: {"eps": -1e-8}, ValueError, "eps"),
+    ("step 0", lambda a: {"step": 0}, ValueError, "step"),
+    ("step a float", lambda a: {"step": 1.5}, TypeError, "step"),
+    ("read-only param", lambda a: a["params"].__setitem__(1, ro(a["params"][1])) or {},
+     ValueError, r"params\[1\] is read-only"),
+    ("read-only state", lambda a: a["v"].__setitem__(2, ro(a["v"][2])) or {},
+     ValueError, r"exp_avg_sqs\[2\] is read-only"),
+    ("same array twice", lambda a: a["m"].__setitem__(0, a["v"][0]) or {},
+     ValueError, "share memory"),
+    ("state aliasing a param", lambda a: a["m"].__setitem__(2, a["params"][2]) or {},
+     ValueError, "share memory"),
+    ("overlapping views", lambda a: a.update(params=[a["vmax"][0][:3], a["vmax"][0][1:4]],
+                                             grads=[np.zeros(3, np.float32)] * 2,
+                                             m=[np.zeros(3, np.float32) for _ in range(2)],
+                                             v=[np.zeros(3, np.float32) for _ in range(2)])
+     or {}, ValueError, "share memory"),
+    ("non-contiguous", lambda a: a["params"].__setitem__(0, np.zeros(8, np.float32)[::2]) or {},
+     ValueError, "not contiguous"),
+    ("amsgrad without state", lambda a: {"amsgrad": True}, ValueError, "max_exp_avg_sqs"),
+    ("unknown eps_style", lambda a: {"eps_style": "keras"}, ValueError, "eps_style"),
+    ("grad_scale zero", lambda a: {"grad_scale": 0.0}, ValueError, "grad_scale"),
+]
+
+
+@pytest.mark.parametrize("desc,mutate,exc,text", ADAM_CASES, ids=[c[0] for c in ADAM_CASES])
+def test_adam_rejects_and_modifies_nothing(desc, mutate, exc, text):
+    a = fresh()
+    kw = mutate(a)
+    before = {f"{k}{i}": x.copy() for k, lst in a.items() for i, x in enumerate(lst)}
+    with pytest.raises(exc, match=text):
+        adam(a, **kw)
+    after = {f"{k}{i}": x for k, lst in a.items() for i, x in enumerate(lst)}
+    assert_unchanged(before, after)
+
+
+def test_sgd_rejects_bad_configurations():
+    a = fresh()
+    before = {i: p.copy() for i, p in enumerate(a["params"])}
+    with pytest.raises(ValueError, match="nesterov"):
+        bncore.sgd_step(a["params"], a["grads"], a["m"], lr=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="nesterov"):
+        bncore.sgd_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=0.9, dampening=0.1,
+                        nesterov=True)
+    with pytest.raises(ValueError, match="momentum_buffers"):
+        bncore.sgd_step(a["params"], a["grads"], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="style"):
+        bncore.sgd_step(a["params"], a["grads"], lr=0.1, style="caffe")
+    with pytest.raises(TypeError, match="lr"):
+        bncore.sgd_step(a["params"], a["grads"], lr="0.1")
+    with pytest.raises(ValueError, match="momentum"):
+        bncore.sgd_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=-0.5)
+    assert_unchanged(before, dict(enumerate(a["params"])))
+
+
+def test_rmsprop_and_adagrad_reject_bad_configurations():
+    a = fresh()
+    before = {i: p.copy() for i, p in enumerate(a["params"])}
+    with pytest.raises(ValueError, match="grad_avgs"):
+        bncore.rmsprop_step(a["params"], a["grads"], a["v"], centered=True)
+    with pytest.raises(ValueError, match="alpha"):
+        bncore.rmsprop_step(a["params"], a["grads"], a["v"], alpha=1.5)
+    with pytest.raises(ValueError, match="lr_decay"):
+        bncore.adagrad_step(a["params"], a["grads"], a["v"], step=1, lr_decay=-1)
+    with pytest.raises(ValueError, match="share memory"):
+        bncore.adagrad_step(a["params"], a["grads"], a["params"], step=1)
+    assert_unchanged(before, dict(enumerate(a["params"])))
+
+
+def test_clipping_rejects_bad_arguments():
+    g = fresh()["grads"]
+    before = {i: x.copy() for i, x in enumerate(g)}
+    with pytest.raises(ValueError, match="norm_type"):
+        bncore.clip_grad_norm(g, 1.0, norm_type=-1)
+    with pytest.raises(ValueError, match="max_norm"):
+        bncore.clip_grad_norm(g, -1.0)
+    with pytest.raises(ValueError, match="clip_value"):
+        bncore.clip_grad_value(g, -0.5)
+    with pytest.raises(ValueError, match=r"grads\[0\] is read-only"):
+        bncore.clip_grad_value([ro(g[0])], 0.5)
+    with pytest.raises(ValueError, match="share memory"):
+        bncore.clip_grad_norm([g[0], g[0]], 0.1)
+    assert_unchanged(before, dict(enumerate(g)))
+
+
+def test_optimizer_classes_reject_bad_input():
+    p = fresh()["params"]
+    with pytest.raises(ValueError, match="convention"):
+        bncore.optim.Adam(p, convention="caffe")
+    with pytest.raises(TypeError, match="unexpected"):
+        bncore.optim.Adam(p, momentum=0.9)
+    with pytest.raises(ValueError, match="empty"):
+        bncore.optim.SGD([], lr=0.1)
+    with pytest.raises(ValueError, match="more than one group"):
+        bncore.optim.SGD([{"params": [p[0]]}, {"params": [p[0]]}], lr=0.1)
+    opt = bncore.optim.Adam(p)
+    before = {i: x.copy() for i, x in enumerate(p)}
+    with pytest.raises(ValueError, match="grads has 2 entries"):
+        opt.step(fresh()["grads"][:2])
+    assert_unchanged(before, dict(enumerate(p)))
+    assert opt.state == {}

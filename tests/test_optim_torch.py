@@ -1,0 +1,167 @@
+"""25-step trajectories with a changing learning rate against torch.optim
+(foreach=False and fused=True), for every flag combination; in float64 they
+agree to rounding, in float32 bncore's distance from the float64 trajectory
+(in ulp) is at most torch's own, plus 4."""
+import itertools
+
+import numpy as np
+import pytest
+
+import bncore
+
+torch = pytest.importorskip("torch")
+
+STEPS = 25
+SHAPES = [(7,), (3, 5), (40000,)]        # the long one spans several kernel chunks
+
+
+def combos(**space):
+    keys = list(space)
+    for values in itertools.product(*space.values()):
+        yield dict(zip(keys, values))
+
+
+def sgd_configs():
+    for c in combos(momentum=[0.0, 0.9], dampening=[0.0, 0.5], nesterov=[False, True],
+                    weight_decay=[0.0, 0.01], maximize=[False, True]):
+        if c["nesterov"] and (c["momentum"] == 0 or c["dampening"]):
+            continue
+        if c["momentum"] == 0 and c["dampening"]:
+            continue
+        yield "SGD", c
+
+
+def adam_configs():
+    for name in ("Adam", "AdamW"):
+        for c in combos(amsgrad=[False, True], weight_decay=[0.0, 0.05], maximize=[False, True]):
+            yield name, c
+
+
+def rmsprop_configs():
+    for c in combos(centered=[False, True], momentum=[0.0, 0.5], weight_decay=[0.0, 0.01],
+                    maximize=[False, True]):
+        yield "RMSprop", c
+
+
+def adagrad_configs():
+    for c in combos(lr_decay=[0.0, 0.01], weight_decay=[0.0, 0.01], maximize=[False, True],
+                    initial_accumulator_value=[0.0, 0.1]):
+        yield "Adagrad", c
+
+
+CONFIGS = list(sgd_configs()) + list(adam_configs()) + list(rmsprop_configs()) + list(adagrad_configs())
+LR0 = {"SGD": 0.05, "Adam": 0.01, "AdamW": 0.01, "RMSprop": 0.005, "Adagrad": 0.05}
+
+
+def data(dtype, seed=0):
+    """The same values whatever the dtype: drawn in float32, then cast, so the
+    float64 trajectory solves exactly the problem the float32 ones do."""
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s).astype(np.float32).astype(dtype) for s in SHAPES]
+    grads = [[(rng.standard_normal(s) * 0.3 + 0.05).astype(np.float32).astype(dtype)
+              for s in SHAPES] for _ in range(STEPS)]
+    return params, grads
+
+
+def lr_at(name, k):
+    return LR0[name] * (1.0 - 0.03 * k)
+
+
+def run_torch(name, cfg, dtype, impl):
+    params, grads = data(dtype)
+    tp = [torch.from_numpy(p.copy()) for p in params]
+    kw = dict(cfg)
+    kw[impl] = True
+    try:
+        opt = getattr(torch.optim, name)(tp, lr=LR0[name], **kw)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        pytest.skip(f"torch {name}({impl}=True) unavailable with {cfg}: {exc}")
+    traj = []
+    for k in range(STEPS):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(name, k)
+        for t, g in zip(tp, grads[k]):
+            t.grad = torch.from_numpy(g)
+        try:
+            opt.step()
+        except RuntimeError as exc:
+            pytest.skip(f"torch {name}({impl}=True) cannot step here: {exc}")
+        traj.append(np.concatenate([t.numpy().astype(np.float64).ravel() for t in tp]))
+    return np.stack(traj)
+
+
+def run_bncore(name, cfg, dtype):
+    params, grads = data(dtype)
+    opt = getattr(bncore.optim, name)(params, lr=LR0[name], **cfg)
+    traj = []
+    for k in range(STEPS):
+        bncore.optim.set_lr(opt, lr_at(name, k))
+        opt.step(grads[k])
+        traj.append(np.concatenate([p.astype(np.float64).ravel() for p in params]))
+    return np.stack(traj)
+
+
+def ulp_distance(traj32, ref64):
+    """Largest distance, in float32 ulp, of a float32 trajectory from the float64 one.
+
+    The ulp of an element at a step is that of the largest magnitude the
+    element has had so far: an element that passes near zero carries the
+    rounding of its earlier, larger values, and counting that in ulps of its
+    current tiny value would measure luck (which implementation's rounding
+    happened to cancel), not accuracy."""
+    scale = np.maximum.accumulate(np.abs(ref64), axis=0)
+    spacing = np.spacing(scale.astype(np.float32)).astype(np.float64)
+    return float(np.max(np.abs(traj32 - ref64) / spacing))
+
+
+@pytest.mark.parametrize("name,cfg", CONFIGS, ids=[f"{n}-{c}" for n, c in CONFIGS])
+def test_float64_trajectory_matches_torch(name, cfg):
+    ours = run_bncore(name, cfg, np.float64)
+    theirs = run_torch(name, cfg, np.float64, "foreach")
+    scale = np.max(np.abs(theirs))
+    assert np.max(np.abs(ours - theirs)) <= 1e-12 * scale
+
+
+# torch 2.13 has no fused RMSprop: that pairing is not generated
+IMPL_CONFIGS = [(impl, n, c) for impl in ("foreach", "fused") for n, c in CONFIGS
+                if not (impl == "fused" and n == "RMSprop")]
+
+
+@pytest.mark.parametrize("impl,name,cfg", IMPL_CONFIGS,
+                         ids=[f"{i}-{n}-{c}" for i, n, c in IMPL_CONFIGS])
+def test_float32_trajectory_no_further_from_float64_than_torch(impl, name, cfg):
+    ref64 = run_torch(name, cfg, np.float64, "foreach")
+    ours = ulp_distance(run_bncore(name, cfg, np.float32), ref64)
+    theirs = ulp_distance(run_torch(name, cfg, np.float32, impl), ref64)
+    assert ours <= theirs + 4, f"bncore {ours:.1f} ulp vs torch ({impl}) {theirs:.1f} ulp"
+
+
+def test_functional_steps_match_torch_foreach_false():
+    rng = np.random.default_rng(3)
+    ps = [rng.standard_normal(s) for s in SHAPES]
+    tp = [torch.from_numpy(p.copy()) for p in ps]
+    opt = torch.optim.SGD(tp, lr=0.1, momentum=0.9, foreach=False)
+    bufs = [np.empty_like(p) for p in ps]     # never read at the first step
+    for k in range(5):
+        gs = [rng.standard_normal(p.shape) for p in ps]
+        for t, g in zip(tp, gs):
+            t.grad = torch.from_numpy(g)
+        opt.step()
+        bncore.sgd_step(ps, gs, bufs, lr=0.1, momentum=0.9, first_step=k == 0)
+    for p, t in zip(ps, tp):
+        np.testing.assert_allclose(p, t.numpy(), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
+def test_clip_grad_norm_matches_torch(norm_type):
+    rng = np.random.default_rng(4)
+    gs = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    tg = [torch.from_numpy(g.copy()) for g in gs]
+    tparams = [torch.zeros_like(t, requires_grad=True) for t in tg]
+    for p, g in zip(tparams, tg):
+        p.grad = g
+    t_total = torch.nn.utils.clip_grad_norm_(tparams, 1.0, norm_type=norm_type, foreach=True)
+    total = bncore.clip_grad_norm(gs, 1.0, norm_type=norm_type)
+    assert abs(total - float(t_total)) <= 1e-6 * float(t_total)
+    for g, p in zip(gs, tparams):
+        np.testing.assert_allclose(g, p.grad.numpy(), rtol=2e-6, atol=1e-9)
