@@ -39,19 +39,19 @@ class ChannelView:
         m = a if self.is_identity else a.transpose(self.perm)
         return m.flags.c_contiguous
 
-    def empty(self, dtype) -> np.ndarray:
-        """A new array of the logical shape stored in this layout."""
-        mem = np.empty(tuple(self.shape[i] for i in self.perm), dtype=dtype)
+    def empty(self, dtype, xp=np):
+        """A new array of the logical shape stored in this layout (xp: numpy or cupy)."""
+        mem = xp.empty(tuple(self.shape[i] for i in self.perm), dtype=dtype)
         if self.is_identity:
             return mem
-        return mem.transpose(np.argsort(self.perm))
+        return mem.transpose(tuple(int(i) for i in np.argsort(self.perm)))
 
-    def arrange(self, a: np.ndarray) -> np.ndarray:
+    def arrange(self, a, xp=np):
         """`a` itself when it has this layout, else a copy that has it."""
         if self.has_layout(a):
             return a
-        out = self.empty(a.dtype)
-        np.copyto(out, a)
+        out = self.empty(a.dtype, xp)
+        xp.copyto(out, a)
         return out
 
 

@@ -42,6 +42,11 @@ class BatchNorm:
     Gradients of the last ``backward`` are in ``grad_weight`` and ``grad_bias``.
     """
 
+    # the backend: bncore_gpu.BatchNorm swaps in CuPy and the CUDA functions
+    _xp = np
+    _forward = staticmethod(batch_norm_forward)
+    _backward = staticmethod(batch_norm_backward)
+
     def __init__(self, num_features: int, eps: Optional[float] = None,
                  momentum: Optional[float] = _UNSET, affine: bool = True,
                  track_running_stats: bool = True, axis: Optional[int] = None, *,
@@ -65,11 +70,12 @@ class BatchNorm:
         if self.dtype not in chk.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, float32 or float64, got {self.dtype}")
         C = self.num_features
-        self.weight = np.ones(C, self.dtype) if self.affine else None
-        self.bias = np.zeros(C, self.dtype) if self.affine else None
+        xp = self._xp
+        self.weight = xp.ones(C, self.dtype) if self.affine else None
+        self.bias = xp.zeros(C, self.dtype) if self.affine else None
         if self.track_running_stats:
-            self.running_mean = np.zeros(C, self.dtype)
-            self.running_var = np.ones(C, self.dtype)
+            self.running_mean = xp.zeros(C, self.dtype)
+            self.running_var = xp.ones(C, self.dtype)
             self.num_batches_tracked = 0
         else:
             self.running_mean = self.running_var = None
@@ -101,7 +107,7 @@ class BatchNorm:
                 momentum = 1.0 / (self.num_batches_tracked + 1)
             else:
                 momentum = self.momentum
-        y, mean, invstd = batch_norm_forward(
+        y, mean, invstd = self._forward(
             x, self.weight, self.bias,
             self.running_mean if (update or not batch_stats) else None,
             self.running_var if (update or not batch_stats) else None,
@@ -119,7 +125,7 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward() called before forward()")
         x, mean, invstd, batch_stats = self._saved
-        dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight,
+        dx, dw, db = self._backward(dy, x, mean, invstd, self.weight,
                                          training=batch_stats, axis=self.axis,
                                          num_threads=num_threads)
         if self.affine:
@@ -146,9 +152,10 @@ class BatchNorm:
         if got != expected:
             raise ValueError(f"state_dict keys {sorted(got)} do not match {sorted(expected)}")
         arrays = {}
+        xp = self._xp
         for key in ("weight", "bias", "running_mean", "running_var"):
             if key in expected:
-                v = np.asarray(state[key])
+                v = xp.asarray(state[key])
                 if v.shape != (self.num_features,):
                     raise ValueError(f"state_dict[{key!r}] has shape {v.shape}, "
                                      f"expected ({self.num_features},)")
@@ -156,7 +163,7 @@ class BatchNorm:
                     raise TypeError(f"state_dict[{key!r}] has dtype {v.dtype}, expected {self.dtype}")
                 arrays[key] = v
         for key, v in arrays.items():
-            np.copyto(getattr(self, key), v)
+            xp.copyto(getattr(self, key), v)
         if "num_batches_tracked" in expected:
             self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
 

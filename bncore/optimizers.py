@@ -105,7 +105,8 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
              lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
              weight_decay: float = 0.0, maximize: bool = False, first_step: bool = False,
              style: str = "torch", decoupled_weight_decay: bool = False,
-             grad_scale=None, found_inf=None, num_threads: Optional[int] = None) -> None:
+             grad_scale=None, found_inf=None, step: Optional[int] = None,
+             num_threads: Optional[int] = None) -> None:
     """One step of SGD with momentum, in place.
 
     style="torch" (PyTorch ``torch.optim.SGD``; also optax ``sgd``, whose
@@ -131,6 +132,8 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
     ``decoupled_weight_decay=True`` replaces the L2 term by Keras' decoupled
     decay, ``p = p - lr * weight_decay * p``, applied before the update.
     Without momentum no buffer is needed: ``p = p - lr * g``.
+    ``step`` (the 1-based step count), when given, decides ``first_step``
+    (``step == 1``), as the optimizer classes pass it.
     """
     params = as_list("params", params)
     grads = as_list("grads", grads)
@@ -144,6 +147,8 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
         raise ValueError("nesterov requires momentum > 0 (and dampening = 0 in the torch style)")
     if momentum != 0.0 and bufs is None:
         raise ValueError("momentum > 0 needs momentum_buffers")
+    if step is not None:
+        first_step = _step("step", step, 1) == 1
     skip, inv = amp_args(grad_scale, found_inf)
     nthreads = resolve_num_threads(num_threads)
     lists = [params, grads, bufs if momentum != 0.0 else None]

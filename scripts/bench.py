@@ -205,24 +205,20 @@ def main(argv=None) -> int:
         ap.error("--reps must be at least 5")
 
     if args.gpu:
-        from bench_gpu import gpu_cases, run_gpu   # noqa: E402 (scripts/ on sys.path)
-        cases = [c for c in gpu_cases() if args.only in c.name]
-        run_gpu(cases, args.reps)
-        env = {"device": "gpu"}
-        header = "GPU benchmark (CUDA events, median of many launches per repetition)"
-    else:
-        import bncore
-        from bench_optim import optim_cases   # noqa: E402
+        from bench_gpu import main as gpu_main   # noqa: E402 (scripts/ on sys.path)
+        return gpu_main(args.json)
+    import bncore
+    from bench_optim import optim_cases   # noqa: E402
 
-        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-        bncore.set_num_threads(args.threads)
-        cases = [c for c in bn_cases(args.threads) + optim_cases(args.threads)
-                 if args.only in c.name]
-        run_cases(cases, args.reps, args.min_time)
-        env = environment(args.threads)
-        header = (f"CPU benchmark: {args.threads} threads, best of {args.reps} repetitions; "
-                  f"torch {env['torch']}, numpy {env['numpy']}; floor = moving the same bytes "
-                  f"(batch norm: np.copyto; optimizers: in-place np.add a += b)")
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    bncore.set_num_threads(args.threads)
+    cases = [c for c in bn_cases(args.threads) + optim_cases(args.threads)
+             if args.only in c.name]
+    run_cases(cases, args.reps, args.min_time)
+    env = environment(args.threads)
+    header = (f"CPU benchmark: {args.threads} threads, best of {args.reps} repetitions; "
+              f"torch {env['torch']}, numpy {env['numpy']}; floor = moving the same bytes "
+              f"(batch norm: np.copyto; optimizers: in-place np.add a += b)")
     text = report(cases, header)
     print(text)
     if args.json:

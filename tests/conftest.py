@@ -12,6 +12,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+# the emulated-device suite runs in its own subprocess (tests/test_gpu_emulated.py)
+collect_ignore = ["gpu_emulator"]
+
 settings.register_profile(
     "ci", max_examples=30, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -13,7 +13,6 @@ import numpy as np
 
 from bncore import _checks as chk
 from bncore.optim.optimizer import Optimizer
-from bncore.optimizers import adagrad_step, adam_step, rmsprop_step, sgd_step
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
 
@@ -35,14 +34,16 @@ class SGD(Optimizer):
         if g["nesterov"] and g["momentum"] == 0.0:
             raise ValueError("nesterov requires momentum > 0")
 
-    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
+               found_inf=None) -> None:
         momentum = g["momentum"]
-        sgd_step(params, grads, [s["momentum_buffer"] for s in states] if momentum else None,
-                 lr=g["lr"], momentum=momentum, dampening=g["dampening"], nesterov=g["nesterov"],
-                 weight_decay=g["weight_decay"], maximize=g.get("maximize", False),
-                 first_step=step == 1, style=g["style"],
-                 decoupled_weight_decay=g["decoupled_weight_decay"], grad_scale=grad_scale,
-                 num_threads=num_threads)
+        self._ops.sgd_step(params, grads,
+                           [s["momentum_buffer"] for s in states] if momentum else None,
+                           lr=g["lr"], momentum=momentum, dampening=g["dampening"],
+                           nesterov=g["nesterov"], weight_decay=g["weight_decay"],
+                           maximize=g.get("maximize", False), step=step, style=g["style"],
+                           decoupled_weight_decay=g["decoupled_weight_decay"],
+                           grad_scale=grad_scale, found_inf=found_inf, num_threads=num_threads)
 
 
 class Adam(Optimizer):
@@ -68,15 +69,16 @@ class Adam(Optimizer):
     def _init_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
         s = super()._init_state(p, group)
         if group["amsgrad"]:
-            s["max_exp_avg_sq"] = np.zeros_like(p)
+            s["max_exp_avg_sq"] = self._xp.zeros_like(p)
         return s
 
-    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
+               found_inf=None) -> None:
         if g["amsgrad"]:
             for s, p in zip(states, params):
-                s.setdefault("max_exp_avg_sq", np.zeros_like(p))
+                s.setdefault("max_exp_avg_sq", self._xp.zeros_like(p))
         b1, b2 = g["betas"]
-        adam_step(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        self._ops.adam_step(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                   step=step, lr=g["lr"], beta1=b1, beta2=b2, eps=g["eps"],
                   weight_decay=g["weight_decay"],
                   decoupled_weight_decay=g["decoupled_weight_decay"], amsgrad=g["amsgrad"],
@@ -85,7 +87,7 @@ class Adam(Optimizer):
                   eps_root=g["eps_root"],
                   bias_correction_step=step - 1 if g["onnx_update_count"] else None,
                   weight_decay_post=g["weight_decay_post"], grad_scale=grad_scale,
-                  num_threads=num_threads)
+                  found_inf=found_inf, num_threads=num_threads)
 
 
 class AdamW(Adam):
@@ -111,13 +113,14 @@ class RMSprop(Optimizer):
         chk.non_negative("lr", g["lr"])
         chk.in_unit_interval("alpha", g["alpha"])
 
-    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
+               found_inf=None) -> None:
         for s, p in zip(states, params):
             if g["centered"]:
-                s.setdefault("grad_avg", np.zeros_like(p))
+                s.setdefault("grad_avg", self._xp.zeros_like(p))
             if g["momentum"]:
-                s.setdefault("momentum_buffer", np.zeros_like(p))
-        rmsprop_step(params, grads, [s["square_avg"] for s in states], lr=g["lr"],
+                s.setdefault("momentum_buffer", self._xp.zeros_like(p))
+        self._ops.rmsprop_step(params, grads, [s["square_avg"] for s in states], lr=g["lr"],
                      alpha=g["alpha"], eps=g["eps"], weight_decay=g["weight_decay"],
                      momentum=g["momentum"], centered=g["centered"],
                      grad_avgs=[s["grad_avg"] for s in states] if g["centered"] else None,
@@ -125,7 +128,7 @@ class RMSprop(Optimizer):
                                        if g["momentum"] else None),
                      maximize=g.get("maximize", False), eps_inside_sqrt=g["eps_inside_sqrt"],
                      style=g["style"], decoupled_weight_decay=g["decoupled_weight_decay"],
-                     grad_scale=grad_scale, num_threads=num_threads)
+                     grad_scale=grad_scale, found_inf=found_inf, num_threads=num_threads)
 
 
 class Adagrad(Optimizer):
@@ -144,11 +147,12 @@ class Adagrad(Optimizer):
         chk.non_negative("initial_accumulator_value", g["initial_accumulator_value"])
 
     def _init_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
-        return {"step": 0, "sum": np.full_like(p, group["initial_accumulator_value"])}
+        return {"step": 0, "sum": self._xp.full_like(p, group["initial_accumulator_value"])}
 
-    def _apply(self, g, params, grads, states, step, grad_scale, num_threads) -> None:
-        adagrad_step(params, grads, [s["sum"] for s in states], step=step, lr=g["lr"],
+    def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
+               found_inf=None) -> None:
+        self._ops.adagrad_step(params, grads, [s["sum"] for s in states], step=step, lr=g["lr"],
                      lr_decay=g["lr_decay"], weight_decay=g["weight_decay"], eps=g["eps"],
                      maximize=g.get("maximize", False), eps_inside_sqrt=g["eps_inside_sqrt"],
                      decoupled_weight_decay=g["decoupled_weight_decay"], grad_scale=grad_scale,
-                     num_threads=num_threads)
+                     found_inf=found_inf, num_threads=num_threads)

@@ -48,6 +48,8 @@ def _pack(state_dict: Dict[str, Any]) -> Dict[str, np.ndarray]:
     scalars: Dict[str, Dict[str, Any]] = {}
     for i, s in state_dict["state"].items():
         for name, v in s.items():
+            if hasattr(v, "__cuda_array_interface__"):
+                v = v.get()                       # device arrays are saved from the host
             if isinstance(v, np.ndarray):
                 arrays[f"state/{i}/{name}"] = v
             else:

@@ -13,12 +13,13 @@ changes nothing: parameters, state and step counts stay as they were.
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from bncore import _checks as chk
 from bncore import _optim_kernels as _k
+from bncore import optimizers as _cpu_ops
 from bncore.conventions import optimizer_defaults
 from bncore.optimizers import amp_args, as_list
 
@@ -39,6 +40,9 @@ class Optimizer:
     kind: str = ""
     #: per-parameter state arrays, by name, in kernel-argument order
     state_arrays: Sequence[str] = ()
+    #: the backend: bncore_gpu.optim swaps in CuPy and the CUDA step functions
+    _xp = np
+    _ops = _cpu_ops
 
     def __init__(self, params, convention: str = "torch", **hyper: Any) -> None:
         defaults = optimizer_defaults(self.kind, convention)
@@ -67,6 +71,8 @@ class Optimizer:
             return [dict(g) for g in params]
         return [{"params": params}] if params else []
 
+    _as_param = staticmethod(_as_param)
+
     def add_param_group(self, group: Dict[str, Any]) -> None:
         """Add a group: ``{"params": [...], **overrides}`` (torch's add_param_group)."""
         if "params" not in group:
@@ -75,7 +81,7 @@ class Optimizer:
         if unknown:
             raise ValueError(f"unknown hyperparameters in a parameter group: {sorted(unknown)}")
         plist = as_list("params", group["params"])
-        arrays = [_as_param(f"params[{i}]", p) for i, p in enumerate(plist)]
+        arrays = [self._as_param(f"params[{i}]", p) for i, p in enumerate(plist)]
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         for a in arrays:
             if id(a) in seen:
@@ -102,10 +108,10 @@ class Optimizer:
 
     # ---- stepping
     def _init_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
-        return {"step": 0, **{name: np.zeros_like(p) for name in self.state_arrays}}
+        return {"step": 0, **{name: self._xp.zeros_like(p) for name in self.state_arrays}}
 
     def _apply(self, group: Dict[str, Any], params, grads, states, step: int, grad_scale,
-               num_threads) -> None:
+               num_threads, found_inf=None) -> None:
         """One step function call for these parameters (all at step `step`)."""
         raise NotImplementedError
 
@@ -155,7 +161,8 @@ class Optimizer:
             d = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
             d["params"] = list(range(off, off + len(g["params"])))
             groups.append(d)
-        state = {i: {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+        state = {i: {k: (v.copy() if hasattr(v, "copy") and hasattr(v, "shape") else v)
+                     for k, v in s.items()}
                  for i, s in self.state.items()}
         return {"optimizer": type(self).__name__, "convention": self.convention,
                 "state": state, "param_groups": groups}
@@ -180,15 +187,16 @@ class Optimizer:
                 raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
             entry = {}
             for name, v in s.items():
-                if isinstance(v, np.ndarray) and v.ndim > 0 or name in self.state_arrays:
-                    v = np.asarray(v)
-                    if v.shape != params[i].shape or v.dtype != params[i].dtype:
-                        raise ValueError(f"state_dict state[{i}][{name!r}] has shape {v.shape} "
-                                         f"and dtype {v.dtype}; parameter {i} has "
-                                         f"{params[i].shape}, {params[i].dtype}")
-                    entry[name] = np.array(v, copy=True)
+                if name == "step":
+                    entry[name] = self._load_step(v)
+                elif getattr(v, "ndim", 0) > 0 or name in self.state_arrays:
+                    if tuple(v.shape) != tuple(params[i].shape) or v.dtype != params[i].dtype:
+                        raise ValueError(f"state_dict state[{i}][{name!r}] has shape "
+                                         f"{tuple(v.shape)} and dtype {v.dtype}; parameter {i} "
+                                         f"has {params[i].shape}, {params[i].dtype}")
+                    entry[name] = self._xp.array(v, copy=True)
                 else:
-                    entry[name] = int(v) if name == "step" else copy.deepcopy(v)
+                    entry[name] = copy.deepcopy(v)
             new_state[i] = entry
         for g_new, g_old in zip(groups, self.param_groups):
             hyper = {k: copy.deepcopy(v) for k, v in g_new.items() if k != "params"}
@@ -196,6 +204,14 @@ class Optimizer:
             g_old.update(hyper)
         self.convention = state_dict.get("convention", self.convention)
         self.state = new_state
+        self._after_load()
+
+    def _load_step(self, v) -> Any:
+        """A step count from a state_dict (the GPU classes keep it on the device)."""
+        return int(v)
+
+    def _after_load(self) -> None:
+        """Hook for subclasses that keep derived state (the GPU step counters)."""
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} (convention={self.convention!r})"]

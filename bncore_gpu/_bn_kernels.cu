@@ -1,0 +1,493 @@
+// Batch-normalization kernels for CUDA, loaded by bncore_gpu/_loader.py through
+// CuPy's RawModule (NVRTC): no host headers, templates instantiated by name.
+// The CPU twin is bncore/_bn_kernels.pyx.
+//
+// Every array is seen as a C-contiguous (outer, C, inner) block, C being the
+// channel axis (bncore_gpu/batch_norm.py arranges that view). Storage types:
+// float, double, and unsigned short holding IEEE binary16 (half).
+//
+// Numerics. Statistics accumulate in float64 relative to a per-channel pivot
+// K_c = x[0, c, 0] (one sample of the channel): s1 = sum (x - K), s2 = sum
+// (x - K)^2. The partial sums are combined in a fixed order (a fixed tree in
+// shared memory, then the partials in index order), never with atomics, so a
+// result is identical from run to run. With the pivot a sample of the
+// channel, s2 - s1^2 / N cancels only by a factor (mean - K)^2 / var (order 1
+// for any sane data), so float64 keeps ~15 digits even when |mean| is 1e5
+// times the standard deviation; x - mean is formed in float64 before scaling.
+//
+// Work decomposition depends on the shape only (never on the GPU model):
+//   planes (inner >= 32, e.g. NCHW): block (g, c) sums rows o = g, g+G, ... of
+//     channel c; G = ceil(TARGET_BLOCKS / C), at most outer.
+//   rows (inner < 32, e.g. channels-last): the block is a (rows x 32 columns)
+//     tile of the (outer, C*inner) matrix; one partial per (column, row block).
+// Partials of channel c are contiguous: [c * M, (c + 1) * M).
+
+#define BN_THREADS 256
+
+__device__ __forceinline__ double bn_ld(const float* p) { return (double)(*p); }
+__device__ __forceinline__ double bn_ld(const double* p) { return *p; }
+__device__ __forceinline__ double bn_ld(const unsigned short* p) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
+    return (double)f;
+}
+__device__ __forceinline__ void bn_st(float* p, double v) { *p = (float)v; }
+__device__ __forceinline__ void bn_st(double* p, double v) { *p = v; }
+__device__ __forceinline__ void bn_st(unsigned short* p, double v) {
+    // via float: binary16 rounding of a float is exact round-to-nearest-even
+    float f = (float)v;
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    *p = h;
+}
+
+// Fixed-order tree reduction of two doubles over a block of BN_THREADS threads;
+// the result is valid in thread 0.
+__device__ __forceinline__ void bn_block_sum2(double& a, double& b, double* sa, double* sb) {
+    int t = threadIdx.x + threadIdx.y * blockDim.x;
+    int n = blockDim.x * blockDim.y;
+    sa[t] = a;
+    sb[t] = b;
+    __syncthreads();
+    for (int w = n / 2; w > 0; w >>= 1) {
+        if (t < w) {
+            sa[t] += sa[t + w];
+            sb[t] += sb[t + w];
+        }
+        __syncthreads();
+    }
+    a = sa[0];
+    b = sb[0];
+}
+
+// ---------------------------------------------------------------- statistics
+
+template <typename T>
+__global__ void bn_stats_planes(const T* __restrict__ x, long long outer, int C,
+                                long long inner, int G, double* __restrict__ part_s1,
+                                double* __restrict__ part_s2) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    int g = blockIdx.x;
+    int c = blockIdx.y;
+    double K = bn_ld(x + (long long)c * inner);
+    double s1 = 0.0, s2 = 0.0;
+    for (long long o = g; o < outer; o += G) {
+        const T* row = x + (o * C + c) * inner;
+        for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
+            double d = bn_ld(row + i) - K;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    bn_block_sum2(s1, s2, sa, sb);
+    if (threadIdx.x == 0) {
+        part_s1[(long long)c * G + g] = s1;
+        part_s2[(long long)c * G + g] = s2;
+    }
+}
+
+// block (32, 8): threadIdx.x picks the column, threadIdx.y the row phase
+template <typename T>
+__global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, long long inner,
+                              long long R, int nRB, double* __restrict__ part_s1,
+                              double* __restrict__ part_s2) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    long long P = (long long)C * inner;
+    long long j = (long long)blockIdx.x * 32 + threadIdx.x;
+    int rb = blockIdx.y;
+    long long r0 = (long long)rb * R;
+    long long r1 = r0 + R < outer ? r0 + R : outer;
+    double s1 = 0.0, s2 = 0.0;
+    if (j < P) {
+        long long c = j / inner;
+        double K = bn_ld(x + c * inner);
+        for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
+            double d = bn_ld(x + r * P + j) - K;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    // reduce over the 8 row phases of each column, in a fixed order
+    int t = threadIdx.x + 32 * threadIdx.y;
+    sa[t] = s1;
+    sb[t] = s2;
+    __syncthreads();
+    for (int w = 4; w > 0; w >>= 1) {
+        if (threadIdx.y < w) {
+            sa[t] += sa[t + 32 * w];
+            sb[t] += sb[t + 32 * w];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && j < P) {
+        // column-major partials: channel c owns [c * inner * nRB, (c + 1) * inner * nRB)
+        part_s1[j * nRB + rb] = sa[threadIdx.x];
+        part_s2[j * nRB + rb] = sb[threadIdx.x];
+    }
+}
+
+// One block per channel: sum the channel's M partials (thread-strided, then a
+// fixed tree), then mean, invstd, the running statistics and the constants of
+// the normalizing pass.  RT: dtype of the running statistics.
+template <typename T, typename RT>
+__global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inner, int M,
+                                  const double* __restrict__ part_s1,
+                                  const double* __restrict__ part_s2, double N, double eps,
+                                  const double* __restrict__ weight,
+                                  const double* __restrict__ bias, RT* running_mean,
+                                  RT* running_var, double momentum, int unbiased,
+                                  double* __restrict__ mean, double* __restrict__ invstd,
+                                  double* __restrict__ scale, double* __restrict__ shift) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    int c = blockIdx.x;
+    double s1 = 0.0, s2 = 0.0;
+    for (int m = threadIdx.x; m < M; m += BN_THREADS) {
+        s1 += part_s1[(long long)c * M + m];
+        s2 += part_s2[(long long)c * M + m];
+    }
+    bn_block_sum2(s1, s2, sa, sb);
+    if (threadIdx.x == 0) {
+        double K = bn_ld(x + (long long)c * inner);
+        double d = s1 / N;                      // mean - K
+        double m2 = s2 - s1 * d;                // sum (x - mean)^2
+        if (m2 < 0.0) m2 = 0.0;                 // rounding of an exactly constant channel
+        double mu = K + d;
+        double var = m2 / N;
+        double inv = 1.0 / sqrt(var + eps);
+        mean[c] = mu;
+        invstd[c] = inv;
+        scale[c] = inv * (weight ? weight[c] : 1.0);
+        shift[c] = bias ? bias[c] : 0.0;
+        if (running_mean) {
+            double vr = unbiased ? m2 / (N - 1.0) : var;
+            double rm = (double)running_mean[c], rv = (double)running_var[c];
+            running_mean[c] = (RT)((1.0 - momentum) * rm + momentum * mu);
+            running_var[c] = (RT)((1.0 - momentum) * rv + momentum * vr);
+        }
+    }
+}
+
+// Inference: the statistics are the running ones.
+template <typename RT>
+__global__ void bn_prepare_eval(int C, const RT* __restrict__ running_mean,
+                                const RT* __restrict__ running_var, double eps,
+                                const double* __restrict__ weight,
+                                const double* __restrict__ bias, double* __restrict__ mean,
+                                double* __restrict__ invstd, double* __restrict__ scale,
+                                double* __restrict__ shift) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double inv = 1.0 / sqrt((double)running_var[c] + eps);
+    mean[c] = (double)running_mean[c];
+    invstd[c] = inv;
+    scale[c] = inv * (weight ? weight[c] : 1.0);
+    shift[c] = bias ? bias[c] : 0.0;
+}
+
+// ---------------------------------------------------------------- elementwise
+//
+// y = (x - mean[c]) * scale[c] + shift[c], in float64. No per-element integer
+// division: the planes form gives each warp whole (o, c) planes (one channel
+// per plane); the rows form gives each thread one column of the (outer, C*inner)
+// matrix (one channel per column) and walks down the rows.
+
+template <typename T>
+__global__ void bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, long long nplanes,
+                                int C, long long inner, const double* __restrict__ mean,
+                                const double* __restrict__ scale,
+                                const double* __restrict__ shift) {
+    int lane = threadIdx.x & 31;
+    long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
+        double m = mean[c], s = scale[c], h = shift[c];
+        const T* xr = x + p * inner;
+        T* yr = y + p * inner;
+        for (long long i = lane; i < inner; i += 32) bn_st(yr + i, (bn_ld(xr + i) - m) * s + h);
+    }
+}
+
+__device__ __forceinline__ float4 bn_affine4(float4 v, double m, double s, double h) {
+    float4 r;
+    r.x = (float)(((double)v.x - m) * s + h);
+    r.y = (float)(((double)v.y - m) * s + h);
+    r.z = (float)(((double)v.z - m) * s + h);
+    r.w = (float)(((double)v.w - m) * s + h);
+    return r;
+}
+
+// float planes with inner % 4 == 0 (16-byte aligned rows): one float4 per lane
+__global__ void bn_apply_planes_vec4(const float4* __restrict__ x, float4* __restrict__ y,
+                                     long long nplanes, int C, long long inner4,
+                                     const double* __restrict__ mean,
+                                     const double* __restrict__ scale,
+                                     const double* __restrict__ shift) {
+    int lane = threadIdx.x & 31;
+    long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
+        double m = mean[c], s = scale[c], h = shift[c];
+        const float4* xr = x + p * inner4;
+        float4* yr = y + p * inner4;
+        for (long long i = lane; i < inner4; i += 32) yr[i] = bn_affine4(xr[i], m, s, h);
+    }
+}
+
+// block (32, 8); grid (ceil(P / 32), row blocks), rows grid-strided
+template <typename T>
+__global__ void bn_apply_rows(const T* __restrict__ x, T* __restrict__ y, long long outer,
+                              long long P, long long inner, const double* __restrict__ mean,
+                              const double* __restrict__ scale, const double* __restrict__ shift) {
+    long long j = (long long)blockIdx.x * 32 + threadIdx.x;
+    if (j >= P) return;
+    long long c = j / inner;
+    double m = mean[c], s = scale[c], h = shift[c];
+    for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < outer; r += (long long)gridDim.y * 8)
+        bn_st(y + r * P + j, (bn_ld(x + r * P + j) - m) * s + h);
+}
+
+// ---------------------------------------------------------------- backward
+
+template <typename T>
+__global__ void bn_dy_sums_planes(const T* __restrict__ dy, const T* __restrict__ x,
+                                  long long outer, int C, long long inner, int G,
+                                  const double* __restrict__ mean,
+                                  double* __restrict__ part_a, double* __restrict__ part_b) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    int g = blockIdx.x;
+    int c = blockIdx.y;
+    double mu = mean[c];
+    double a = 0.0, b = 0.0;
+    for (long long o = g; o < outer; o += G) {
+        long long base = (o * C + c) * inner;
+        for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
+            double gv = bn_ld(dy + base + i);
+            a += gv;
+            b += gv * (bn_ld(x + base + i) - mu);
+        }
+    }
+    bn_block_sum2(a, b, sa, sb);
+    if (threadIdx.x == 0) {
+        part_a[(long long)c * G + g] = a;
+        part_b[(long long)c * G + g] = b;
+    }
+}
+
+template <typename T>
+__global__ void bn_dy_sums_rows(const T* __restrict__ dy, const T* __restrict__ x,
+                                long long outer, int C, long long inner, long long R, int nRB,
+                                const double* __restrict__ mean, double* __restrict__ part_a,
+                                double* __restrict__ part_b) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    long long P = (long long)C * inner;
+    long long j = (long long)blockIdx.x * 32 + threadIdx.x;
+    int rb = blockIdx.y;
+    long long r0 = (long long)rb * R;
+    long long r1 = r0 + R < outer ? r0 + R : outer;
+    double a = 0.0, b = 0.0;
+    if (j < P) {
+        double mu = mean[j / inner];
+        for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
+            double gv = bn_ld(dy + r * P + j);
+            a += gv;
+            b += gv * (bn_ld(x + r * P + j) - mu);
+        }
+    }
+    int t = threadIdx.x + 32 * threadIdx.y;
+    sa[t] = a;
+    sb[t] = b;
+    __syncthreads();
+    for (int w = 4; w > 0; w >>= 1) {
+        if (threadIdx.y < w) {
+            sa[t] += sa[t + 32 * w];
+            sb[t] += sb[t + 32 * w];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && j < P) {
+        part_a[j * nRB + rb] = sa[threadIdx.x];
+        part_b[j * nRB + rb] = sb[threadIdx.x];
+    }
+}
+
+// One block per channel: sum(dy), sum(dy (x - mean)), the parameter gradients
+// and the constants of dx = g ((dy - a) - (x - mean) k).
+__global__ void bn_finalize_backward(int C, int M, const double* __restrict__ part_a,
+                                     const double* __restrict__ part_b, double N, int training,
+                                     const double* __restrict__ invstd,
+                                     const double* __restrict__ weight,
+                                     double* __restrict__ sum_dy, double* __restrict__ sum_dyx,
+                                     double* __restrict__ g, double* __restrict__ a,
+                                     double* __restrict__ k) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    int c = blockIdx.x;
+    double s1 = 0.0, s2 = 0.0;
+    for (int m = threadIdx.x; m < M; m += BN_THREADS) {
+        s1 += part_a[(long long)c * M + m];
+        s2 += part_b[(long long)c * M + m];
+    }
+    bn_block_sum2(s1, s2, sa, sb);
+    if (threadIdx.x == 0) {
+        double inv = invstd[c];
+        sum_dy[c] = s1;
+        sum_dyx[c] = s2;
+        g[c] = inv * (weight ? weight[c] : 1.0);
+        a[c] = training ? s1 / N : 0.0;
+        k[c] = training ? inv * inv * s2 / N : 0.0;
+    }
+}
+
+__device__ __forceinline__ float4 bn_dx4(float4 d, float4 v, double m, double g, double a,
+                                         double k) {
+    float4 r;
+    r.x = (float)(g * (((double)d.x - a) - ((double)v.x - m) * k));
+    r.y = (float)(g * (((double)d.y - a) - ((double)v.y - m) * k));
+    r.z = (float)(g * (((double)d.z - a) - ((double)v.z - m) * k));
+    r.w = (float)(g * (((double)d.w - a) - ((double)v.w - m) * k));
+    return r;
+}
+
+// dx = g[c] ((dy - a[c]) - (x - mean[c]) k[c]), in float64
+template <typename T>
+__global__ void bn_dx_planes(const T* __restrict__ dy, const T* __restrict__ x,
+                             T* __restrict__ dx, long long nplanes, int C, long long inner,
+                             const double* __restrict__ mean, const double* __restrict__ g,
+                             const double* __restrict__ a, const double* __restrict__ k) {
+    int lane = threadIdx.x & 31;
+    long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
+        double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
+        long long base = p * inner;
+        for (long long i = lane; i < inner; i += 32)
+            bn_st(dx + base + i, gc * ((bn_ld(dy + base + i) - ac) - (bn_ld(x + base + i) - m) * kc));
+    }
+}
+
+__global__ void bn_dx_planes_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
+                                  float4* __restrict__ dx, long long nplanes, int C,
+                                  long long inner4, const double* __restrict__ mean,
+                                  const double* __restrict__ g, const double* __restrict__ a,
+                                  const double* __restrict__ k) {
+    int lane = threadIdx.x & 31;
+    long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
+        double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
+        long long base = p * inner4;
+        for (long long i = lane; i < inner4; i += 32)
+            dx[base + i] = bn_dx4(dy[base + i], x[base + i], m, gc, ac, kc);
+    }
+}
+
+template <typename T>
+__global__ void bn_dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                           long long outer, long long P, long long inner,
+                           const double* __restrict__ mean, const double* __restrict__ g,
+                           const double* __restrict__ a, const double* __restrict__ k) {
+    long long j = (long long)blockIdx.x * 32 + threadIdx.x;
+    if (j >= P) return;
+    long long c = j / inner;
+    double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
+    for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < outer; r += (long long)gridDim.y * 8) {
+        long long e = r * P + j;
+        bn_st(dx + e, gc * ((bn_ld(dy + e) - ac) - (bn_ld(x + e) - m) * kc));
+    }
+}
+
+// float planes statistics with float4 loads (inner % 4 == 0)
+__global__ void bn_stats_planes_vec4(const float4* __restrict__ x, long long outer, int C,
+                                     long long inner4, int G, double* __restrict__ part_s1,
+                                     double* __restrict__ part_s2) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    int g = blockIdx.x;
+    int c = blockIdx.y;
+    double K = (double)((const float*)x)[(long long)c * inner4 * 4];
+    double s1 = 0.0, s2 = 0.0;
+    for (long long o = g; o < outer; o += G) {
+        const float4* row = x + (o * C + c) * inner4;
+        for (long long i = threadIdx.x; i < inner4; i += BN_THREADS) {
+            float4 v = row[i];
+            double d0 = (double)v.x - K, d1 = (double)v.y - K, d2 = (double)v.z - K,
+                   d3 = (double)v.w - K;
+            s1 += (d0 + d1) + (d2 + d3);
+            s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    }
+    bn_block_sum2(s1, s2, sa, sb);
+    if (threadIdx.x == 0) {
+        part_s1[(long long)c * G + g] = s1;
+        part_s2[(long long)c * G + g] = s2;
+    }
+}
+
+__global__ void bn_dy_sums_planes_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
+                                       long long outer, int C, long long inner4, int G,
+                                       const double* __restrict__ mean,
+                                       double* __restrict__ part_a, double* __restrict__ part_b) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    int g = blockIdx.x;
+    int c = blockIdx.y;
+    double mu = mean[c];
+    double a = 0.0, b = 0.0;
+    for (long long o = g; o < outer; o += G) {
+        long long base = (o * C + c) * inner4;
+        for (long long i = threadIdx.x; i < inner4; i += BN_THREADS) {
+            float4 d = dy[base + i], v = x[base + i];
+            a += ((double)d.x + (double)d.y) + ((double)d.z + (double)d.w);
+            b += ((double)d.x * ((double)v.x - mu) + (double)d.y * ((double)v.y - mu))
+                 + ((double)d.z * ((double)v.z - mu) + (double)d.w * ((double)v.w - mu));
+        }
+    }
+    bn_block_sum2(a, b, sa, sb);
+    if (threadIdx.x == 0) {
+        part_a[(long long)c * G + g] = a;
+        part_b[(long long)c * G + g] = b;
+    }
+}
+
+// explicit instantiations, so nvcc --ptx checks every template this file offers
+template __global__ void bn_stats_planes<float>(const float*, long long, int, long long, int, double*, double*);
+template __global__ void bn_stats_planes<double>(const double*, long long, int, long long, int, double*, double*);
+template __global__ void bn_stats_planes<unsigned short>(const unsigned short*, long long, int, long long, int, double*, double*);
+template __global__ void bn_stats_rows<float>(const float*, long long, int, long long, long long, int, double*, double*);
+template __global__ void bn_stats_rows<double>(const double*, long long, int, long long, long long, int, double*, double*);
+template __global__ void bn_stats_rows<unsigned short>(const unsigned short*, long long, int, long long, long long, int, double*, double*);
+template __global__ void bn_finalize_train<float, float>(const float*, int, long long, int, const double*, const double*, double, double, const double*, const double*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<float, double>(const float*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<double, float>(const double*, int, long long, int, const double*, const double*, double, double, const double*, const double*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<double, double>(const double*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<unsigned short, float>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const double*, const double*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<unsigned short, double>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_prepare_eval<float>(int, const float*, const float*, double, const double*, const double*, double*, double*, double*, double*);
+template __global__ void bn_prepare_eval<double>(int, const double*, const double*, double, const double*, const double*, double*, double*, double*, double*);
+template __global__ void bn_dy_sums_planes<float>(const float*, const float*, long long, int, long long, int, const double*, double*, double*);
+template __global__ void bn_dy_sums_planes<double>(const double*, const double*, long long, int, long long, int, const double*, double*, double*);
+template __global__ void bn_dy_sums_planes<unsigned short>(const unsigned short*, const unsigned short*, long long, int, long long, int, const double*, double*, double*);
+template __global__ void bn_dy_sums_rows<float>(const float*, const float*, long long, int, long long, long long, int, const double*, double*, double*);
+template __global__ void bn_dy_sums_rows<double>(const double*, const double*, long long, int, long long, long long, int, const double*, double*, double*);
+template __global__ void bn_dy_sums_rows<unsigned short>(const unsigned short*, const unsigned short*, long long, int, long long, long long, int, const double*, double*, double*);
+template __global__ void bn_apply_planes<float>(const float*, float*, long long, int, long long, const double*, const double*, const double*);
+template __global__ void bn_apply_planes<double>(const double*, double*, long long, int, long long, const double*, const double*, const double*);
+template __global__ void bn_apply_planes<unsigned short>(const unsigned short*, unsigned short*, long long, int, long long, const double*, const double*, const double*);
+template __global__ void bn_apply_rows<float>(const float*, float*, long long, long long, long long, const double*, const double*, const double*);
+template __global__ void bn_apply_rows<double>(const double*, double*, long long, long long, long long, const double*, const double*, const double*);
+template __global__ void bn_apply_rows<unsigned short>(const unsigned short*, unsigned short*, long long, long long, long long, const double*, const double*, const double*);
+template __global__ void bn_dx_planes<float>(const float*, const float*, float*, long long, int, long long, const double*, const double*, const double*, const double*);
+template __global__ void bn_dx_planes<double>(const double*, const double*, double*, long long, int, long long, const double*, const double*, const double*, const double*);
+template __global__ void bn_dx_planes<unsigned short>(const unsigned short*, const unsigned short*, unsigned short*, long long, int, long long, const double*, const double*, const double*, const double*);
+template __global__ void bn_dx_rows<float>(const float*, const float*, float*, long long, long long, long long, const double*, const double*, const double*, const double*);
+template __global__ void bn_dx_rows<double>(const double*, const double*, double*, long long, long long, long long, const double*, const double*, const double*, const double*);
+template __global__ void bn_dx_rows<unsigned short>(const unsigned short*, const unsigned short*, unsigned short*, long long, long long, long long, const double*, const double*, const double*, const double*);

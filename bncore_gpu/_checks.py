@@ -1,0 +1,78 @@
+"""Argument checking for bncore_gpu: the rules of bncore._checks, on CuPy arrays.
+
+Scalar checks are bncore's own; only what touches arrays differs: device
+arrays (CuPy, or anything with ``__cuda_array_interface__`` or a CUDA
+``__dlpack__``, e.g. torch CUDA tensors) are taken zero-copy, host arrays are
+refused (a silent host-to-device copy would hide its cost and break in-place
+updates). CuPy arrays are always writeable; overlap is tested on memory
+bounds (conservative: interleaved views of one buffer count as overlapping).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import cupy
+import numpy as np
+
+from bncore._checks import (  # noqa: F401  (re-exported: the same scalar rules)
+    FLOAT_DTYPES, in_unit_interval, non_negative, normalize_axis, positive, real_scalar,
+    same_shape)
+
+
+def as_array(name: str, a: Any) -> "cupy.ndarray":
+    if isinstance(a, cupy.ndarray):
+        return a
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if isinstance(a, np.ndarray) or np.isscalar(a) or isinstance(a, (list, tuple)):
+        raise TypeError(f"{name} is a host array ({type(a).__name__}); bncore_gpu works on "
+                        f"device arrays: move it with cupy.asarray() (or use bncore on the CPU)")
+    if hasattr(a, "__cuda_array_interface__"):
+        return cupy.asarray(a)
+    if hasattr(a, "__dlpack__"):
+        try:
+            return cupy.from_dlpack(a)
+        except Exception as exc:  # noqa: BLE001
+            raise TypeError(f"{name}: cannot view {type(a).__name__} as a CuPy array through "
+                            f"DLPack ({exc}); is it on the GPU?") from exc
+    raise TypeError(f"{name} must be a CuPy array (or a CUDA array), got {type(a).__name__}")
+
+
+def float_array(name: str, a: Any, dtypes=FLOAT_DTYPES) -> "cupy.ndarray":
+    arr = as_array(name, a)
+    if arr.dtype not in dtypes:
+        allowed = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {arr.dtype}")
+    return arr
+
+
+def writeable(name: str, a) -> None:
+    """CuPy arrays have no read-only flag."""
+
+
+def channel_vector(name: str, v: Optional[Any], channels: int, *,
+                   out: bool = False) -> Optional["cupy.ndarray"]:
+    if v is None:
+        return None
+    arr = float_array(name, v)
+    if arr.shape != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                         f"got {arr.shape}")
+    return arr
+
+
+def _pair(name_a, a, name_b, b) -> None:
+    if a is b or cupy.may_share_memory(a, b):
+        raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
+                         f"write an output over an input or over another output")
+
+
+def no_overlap_among(writes, reads) -> None:
+    """Raise if an output overlaps an input or another output."""
+    live_w = [(n, a) for n, a in writes if a is not None]
+    for i, (wn, w) in enumerate(live_w):
+        for rn, r in reads:
+            if r is not None:
+                _pair(wn, w, rn, r)
+        for wn2, w2 in live_w[i + 1:]:
+            _pair(wn, w, wn2, w2)

@@ -1,0 +1,63 @@
+"""Loading the .cu kernel files through CuPy's RawModule (NVRTC).
+
+One RawModule per .cu file and device, compiled on first use and memoized;
+templates are instantiated through ``name_expressions``. Each source gets a
+``#line`` directive so a compile error names the file and line. Kernels are
+launched with every scalar wrapped in an explicit NumPy dtype (see
+``bncore_gpu`` callers), so the bytes CuPy packs match the C parameter types.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Dict, Sequence, Tuple
+
+import cupy
+
+_DIR = os.path.dirname(os.path.abspath(__file__))
+_lock = threading.Lock()
+_modules: Dict[Tuple[int, str], "cupy.RawModule"] = {}
+_functions: Dict[Tuple[int, str, str], "cupy.RawKernel"] = {}
+OPTIONS = ("-std=c++17",)
+
+
+@functools.lru_cache(maxsize=None)
+def source(filename: str) -> str:
+    """The file's text, prefixed with a #line directive pointing at it."""
+    path = os.path.join(_DIR, filename)
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    return f'#line 1 "{path}"\n' + text
+
+
+def module(filename: str, names: Sequence[str]) -> "cupy.RawModule":
+    """The compiled module of `filename` on the current device."""
+    key = (cupy.cuda.Device().id, filename)
+    mod = _modules.get(key)
+    if mod is None:
+        with _lock:
+            mod = _modules.get(key)
+            if mod is None:
+                mod = cupy.RawModule(code=source(filename), options=OPTIONS,
+                                     name_expressions=tuple(names))
+                _modules[key] = mod
+    return mod
+
+
+def kernel(filename: str, names: Sequence[str], name: str) -> "cupy.RawKernel":
+    """Kernel `name` (a plain or templated name listed in `names`)."""
+    dev = cupy.cuda.Device().id
+    key = (dev, filename, name)
+    fn = _functions.get(key)
+    if fn is None:
+        fn = module(filename, names).get_function(name)
+        _functions[key] = fn
+    return fn
+
+
+def sm_count() -> int:
+    """Streaming multiprocessors of the current device (for grid sizes that
+    never change a result)."""
+    dev = cupy.cuda.Device()
+    return int(dev.attributes["MultiProcessorCount"])

@@ -1,0 +1,188 @@
+"""Lists of device arrays -> the pointer table of the multi-tensor kernels.
+
+The GPU twin of ``bncore._optim_kernels.gather``: the same validation (list
+lengths, dtypes, shapes, layouts, aliasing, all before anything runs), then a
+table of long longs (see bncore_gpu/_optim_kernels.cu) uploaded to the device.
+Uploaded tables are cached by content, so a training loop that passes the same
+arrays every step uploads its table once and never waits on the host.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import List, Optional, Sequence
+
+import cupy
+import numpy as np
+
+from bncore_gpu import _checks as chk
+
+CHUNK = 16384                 # must equal MT_CHUNK in _optim_kernels.cu
+_CACHE_SIZE = 16
+_cache: "OrderedDict[bytes, cupy.ndarray]" = OrderedDict()
+
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+CTYPES = {_F16: "unsigned short", _F32: "float", _F64: "double"}
+
+
+class Table:
+    """A validated multi-tensor call: device table, counts, dtypes, the arrays."""
+
+    __slots__ = ("device", "nops", "n", "nchunks", "pdtype", "gdtype", "arrays")
+
+    def __init__(self, device, nops, n, nchunks, pdtype, gdtype, arrays):
+        self.device = device
+        self.nops = nops
+        self.n = n
+        self.nchunks = nchunks
+        self.pdtype = pdtype
+        self.gdtype = gdtype
+        self.arrays = arrays
+
+    def args(self):
+        return (self.device, np.int32(self.nops), np.int32(self.n), np.int64(self.nchunks))
+
+
+def _upload(host: np.ndarray) -> "cupy.ndarray":
+    key = host.tobytes() + cupy.cuda.Device().id.to_bytes(4, "little")
+    dev = _cache.get(key)
+    if dev is None:
+        dev = cupy.asarray(host)
+        _cache[key] = dev
+        if len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    else:
+        _cache.move_to_end(key)
+    return dev
+
+
+class _ListInfo:
+    """What the table needs from one list of arrays, computed once per list."""
+
+    __slots__ = ("arrays", "dtype", "ptrs", "nbytes", "shapes", "c_order")
+
+    def __init__(self, name: str, lst: list, grad: bool):
+        arrays = [chk.as_array(f"{name}[{i}]", a) for i, a in enumerate(lst)]
+        self.arrays = arrays
+        self.dtype = arrays[0].dtype if arrays else None
+        for i, a in enumerate(arrays):
+            if a.dtype != self.dtype:
+                raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but {name}[0] has "
+                                f"{self.dtype}: one dtype per list")
+            if not (a.flags.c_contiguous or a.flags.f_contiguous):
+                raise ValueError(f"{name}[{i}] is not contiguous; bncore updates contiguous "
+                                 f"arrays in place (use cupy.ascontiguousarray)")
+        self.ptrs = np.array([a.data.ptr for a in arrays], dtype=np.int64)
+        self.nbytes = np.array([a.nbytes for a in arrays], dtype=np.int64)
+        self.shapes = [a.shape for a in arrays]
+        # flat element order: C, unless the array is only Fortran-contiguous
+        self.c_order = [a.flags.c_contiguous or a.ndim <= 1 for a in arrays]
+
+
+_lists: "OrderedDict[tuple, _ListInfo]" = OrderedDict()
+_LIST_CACHE = 64
+
+
+def _info(name: str, lst: list, grad: bool) -> _ListInfo:
+    """Per-list validation, cached by the identity of its arrays (the cache
+    holds them, so an id cannot be reused while its entry lives): an
+    optimizer's parameter and state lists are checked once, not every step."""
+    key = (name, tuple(map(id, lst)))
+    info = _lists.get(key)
+    if info is None:
+        info = _ListInfo(name, lst, grad)
+        _lists[key] = info
+        if len(_lists) > _LIST_CACHE:
+            _lists.popitem(last=False)
+    else:
+        _lists.move_to_end(key)
+    return info
+
+
+def clear_caches() -> None:
+    """Forget cached validations and uploaded tables (and the arrays they hold)."""
+    _lists.clear()
+    _cache.clear()
+
+
+def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[bool],
+           grad_op: int, half_first: bool = False) -> Table:
+    """Validate and tabulate; lists[k] None means operand k is absent (null pointers)."""
+    n = len(lists[0])
+    if n == 0:
+        raise ValueError(f"{names[0]} is empty")
+    for k, lst in enumerate(lists):
+        if lst is not None and len(lst) != n:
+            raise ValueError(f"{names[k]} has {len(lst)} entries but {names[0]} has {n}")
+    infos = [None if lst is None else _info(names[k], lst, k == grad_op)
+             for k, lst in enumerate(lists)]
+    params = infos[0]
+    pdtype = params.dtype
+    if pdtype not in (_F32, _F64) and not (half_first and pdtype == _F16):
+        raise TypeError(f"{names[0]}[0] must be float32 or float64"
+                        f"{' or float16' if half_first else ''}, got {pdtype}")
+    gdtype = pdtype
+    for k, info in enumerate(infos):
+        if info is None or k == 0:
+            continue
+        if k == grad_op:
+            gdtype = info.dtype
+            if gdtype != pdtype and not (gdtype == _F16 and pdtype == _F32):
+                raise TypeError(f"{names[k]}[0] has dtype {gdtype}; gradients must have the "
+                                f"parameters' dtype ({pdtype}) or float16 with float32")
+        elif info.dtype != pdtype:
+            raise TypeError(f"{names[k]}[0] has dtype {info.dtype}, expected {pdtype} "
+                            f"(as {names[0]}[0])")
+        if info.shapes != params.shapes:
+            i = next(i for i, (a, b) in enumerate(zip(info.shapes, params.shapes)) if a != b)
+            raise ValueError(f"{names[k]}[{i}] has shape {info.shapes[i]}, but {names[0]}[{i}] "
+                             f"has shape {params.shapes[i]}")
+        if info.c_order != params.c_order:
+            i = next(i for i, (a, b) in enumerate(zip(info.c_order, params.c_order)) if a != b)
+            raise ValueError(f"{names[k]}[{i}] is stored in a different order (C vs "
+                             f"Fortran) from {names[0]}[{i}]")
+    _check_aliasing(infos, names, writes)
+
+    sizes = np.array([a.size for a in params.arrays], dtype=np.int64)
+    nch = (sizes + CHUNK - 1) // CHUNK
+    nchunks = int(nch.sum())
+    tensor = np.repeat(np.arange(n, dtype=np.int64), nch)
+    first = np.repeat(np.cumsum(nch) - nch, nch)
+    offset = (np.arange(nchunks, dtype=np.int64) - first) * CHUNK
+    zeros = np.zeros(n, dtype=np.int64)
+    ptrs = [zeros if info is None else info.ptrs for info in infos]
+    host = np.concatenate(ptrs + [sizes, np.stack([tensor, offset], axis=1).reshape(-1)])
+    arrays = [None if info is None else info.arrays for info in infos]
+    return Table(_upload(host), len(infos), n, nchunks, pdtype, gdtype, arrays)
+
+
+def _check_aliasing(infos, names, writes) -> None:
+    """No written array may overlap any other array of the call: sort the byte
+    ranges (vectorized) and compare each with the furthest end before it."""
+    starts, ends, ops, idx, wr = [], [], [], [], []
+    for k, info in enumerate(infos):
+        if info is None:
+            continue
+        live = info.nbytes > 0
+        starts.append(info.ptrs[live])
+        ends.append(info.ptrs[live] + info.nbytes[live])
+        ops.append(np.full(int(live.sum()), k))
+        idx.append(np.nonzero(live)[0])
+        wr.append(np.full(int(live.sum()), bool(writes[k])))
+    if not starts:
+        return
+    st, en = np.concatenate(starts), np.concatenate(ends)
+    op, ix, w = np.concatenate(ops), np.concatenate(idx), np.concatenate(wr)
+    order = np.lexsort((en, st))
+    st, en, op, ix, w = st[order], en[order], op[order], ix[order], w[order]
+    if len(st) < 2:
+        return
+    prev_end = np.maximum.accumulate(en)[:-1]             # furthest end before each span
+    overlap = st[1:] < prev_end
+    if not overlap.any():
+        return
+    # an overlap matters when either side is written; find the culprit pair
+    for j in np.nonzero(overlap)[0] + 1:
+        for i in range(j - 1, -1, -1):
+            if en[i] > st[j] and (w[i] or w[j]):
+                raise ValueError(f"{names[op[i]]}[{ix[i]}] and {names[op[j]]}[{ix[j]}] share "
+                                 f"memory; every array of an in-place update must be distinct")

@@ -1,0 +1,264 @@
+"""Batch normalization on the GPU: the API and semantics of bncore.batch_norm,
+on CuPy arrays, over the kernels of bncore_gpu/_bn_kernels.cu.
+
+Formulas, conventions, errors and dtypes are those of the CPU functions (see
+their docstrings). Differences: arrays must live on the device (CuPy, or
+anything with ``__cuda_array_interface__`` / CUDA DLPack, zero-copy);
+``num_threads`` is accepted and ignored; float16 is computed straight from
+half-precision storage (float64 arithmetic inside the kernels). Results are
+identical from run to run (reductions in a fixed order, no atomics) and agree
+with the CPU engine to the float32 tolerance of the parity tests, not bit for
+bit (the two use different summation trees).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import cupy
+import numpy as np
+
+from bncore._bn_args import backward_args, forward_args
+from bncore._layout import channel_view
+from bncore_gpu import _checks as chk
+from bncore_gpu import _loader
+
+__all__ = ["batch_norm_forward", "batch_norm_backward"]
+
+FILE = "_bn_kernels.cu"
+TARGET_BLOCKS = 1024          # work decomposition is a function of the shape only
+ROWS_MIN_INNER = 32           # below this inner size the rows kernels are used
+MAX_GRID_Y = 65535
+_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
+           np.dtype(np.float16): "unsigned short"}
+_F64 = np.dtype(np.float64)
+
+
+def _names():
+    names = ["bn_stats_planes_vec4", "bn_apply_planes_vec4", "bn_dx_planes_vec4",
+             "bn_dy_sums_planes_vec4", "bn_finalize_backward"]
+    for t in _CTYPES.values():
+        for k in ("bn_stats_planes", "bn_stats_rows", "bn_apply_planes", "bn_apply_rows",
+                  "bn_dy_sums_planes", "bn_dy_sums_rows", "bn_dx_planes", "bn_dx_rows"):
+            names.append(f"{k}<{t}>")
+        for rt in ("float", "double"):
+            names.append(f"bn_finalize_train<{t}, {rt}>")
+    names += ["bn_prepare_eval<float>", "bn_prepare_eval<double>"]
+    return tuple(names)
+
+
+NAMES = _names()
+NULL = np.uint64(0)           # a null pointer argument
+
+
+def _kernel(name: str):
+    return _loader.kernel(FILE, NAMES, name)
+
+
+def _ptr(a):
+    return NULL if a is None else a
+
+
+def _vec64(v):
+    """A per-channel vector as a C-contiguous float64 device array (or None)."""
+    if v is None or (v.dtype == _F64 and v.flags.c_contiguous):
+        return v
+    return cupy.ascontiguousarray(v, dtype=_F64)
+
+
+def _running(v):
+    """Running statistics as the kernels update them: C-contiguous float32 or
+    float64; anything else goes through a float64 copy written back after."""
+    if v is None or (v.dtype in (np.dtype(np.float32), _F64) and v.flags.c_contiguous):
+        return v
+    return cupy.ascontiguousarray(v, dtype=_F64)
+
+
+def _vec4_ok(*arrays) -> bool:
+    return all(a.dtype == np.float32 and a.data.ptr % 16 == 0 for a in arrays)
+
+
+def _planes_grid(C: int, outer: int) -> int:
+    if C > MAX_GRID_Y:
+        raise ValueError(f"bncore_gpu supports up to {MAX_GRID_Y} channels, got {C}")
+    return max(1, min(outer, -(-TARGET_BLOCKS // C)))
+
+
+def _rows_grid(outer: int, P: int) -> Tuple[int, int, int]:
+    ncol = -(-P // 32)
+    nrb = max(1, min(outer, -(-TARGET_BLOCKS // ncol), MAX_GRID_Y))
+    R = -(-outer // nrb)
+    nrb = -(-outer // R)
+    return ncol, nrb, R
+
+
+def _elementwise_blocks(nplanes: int) -> int:
+    # 8 warps per block, one plane per warp at a time (grid-stride)
+    return max(1, min(-(-nplanes // 8), _loader.sm_count() * 16))
+
+
+def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
+    """Per-channel partial sums, contiguous per channel; returns (s1, s2, M).
+
+    kind "stats": sum (x - K) and sum (x - K)^2 of a (x);
+    kind "dy": sum (a) and sum (a * (b - mean)) of a = dy, b = x."""
+    ct = _CTYPES[a.dtype]
+    if inner >= ROWS_MIN_INNER:
+        G = _planes_grid(C, outer)
+        s1 = cupy.empty(C * G, _F64)
+        s2 = cupy.empty(C * G, _F64)
+        vec = inner % 4 == 0 and _vec4_ok(a, *(() if b is None else (b,)))
+        grid, block = (G, C), (256,)
+        inner_arg = np.int64(inner // 4 if vec else inner)
+        if kind == "stats":
+            name = "bn_stats_planes_vec4" if vec else f"bn_stats_planes<{ct}>"
+            _kernel(name)(grid, block, (a, np.int64(outer), np.int32(C), inner_arg,
+                                        np.int32(G), s1, s2))
+        else:
+            name = "bn_dy_sums_planes_vec4" if vec else f"bn_dy_sums_planes<{ct}>"
+            _kernel(name)(grid, block, (a, b, np.int64(outer), np.int32(C), inner_arg,
+                                        np.int32(G), mean, s1, s2))
+        return s1, s2, G
+    P = C * inner
+    ncol, nrb, R = _rows_grid(outer, P)
+    s1 = cupy.empty(P * nrb, _F64)
+    s2 = cupy.empty(P * nrb, _F64)
+    grid, block = (ncol, nrb), (32, 8)
+    if kind == "stats":
+        _kernel(f"bn_stats_rows<{ct}>")(grid, block, (a, np.int64(outer), np.int32(C),
+                                                       np.int64(inner), np.int64(R),
+                                                       np.int32(nrb), s1, s2))
+    else:
+        _kernel(f"bn_dy_sums_rows<{ct}>")(grid, block, (a, b, np.int64(outer), np.int32(C),
+                                                         np.int64(inner), np.int64(R),
+                                                         np.int32(nrb), mean, s1, s2))
+    return s1, s2, inner * nrb
+
+
+def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -> None:
+    """kind "apply": dst = (x - mean) scale + shift; "dx": dst = g ((dy - a) - (x - mean) k)."""
+    ct = _CTYPES[dst.dtype]
+    if inner >= ROWS_MIN_INNER:
+        nplanes = outer * C
+        vec = inner % 4 == 0 and _vec4_ok(dst, *srcs)
+        grid, block = (_elementwise_blocks(nplanes),), (256,)
+        inner_arg = np.int64(inner // 4 if vec else inner)
+        name = (f"bn_{'apply' if kind == 'apply' else 'dx'}_planes"
+                + ("_vec4" if vec else f"<{ct}>"))
+        _kernel(name)(grid, block, (*srcs, dst, np.int64(nplanes), np.int32(C), inner_arg,
+                                    *consts))
+        return
+    P = C * inner
+    ncol = -(-P // 32)
+    rows_y = max(1, min(-(-outer // 8), MAX_GRID_Y, max(1, 8192 // ncol)))
+    name = f"bn_{'apply' if kind == 'apply' else 'dx'}_rows<{ct}>"
+    _kernel(name)((ncol, rows_y), (32, 8), (*srcs, dst, np.int64(outer), np.int64(P),
+                                            np.int64(inner), *consts))
+
+
+def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
+                       training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                       axis: int = 1, unbiased_running_var: bool = True, out=None,
+                       num_threads: Optional[int] = None):
+    """Batch-normalize `x` over every axis but `axis` (see bncore.batch_norm_forward).
+
+    Returns ``(y, mean, invstd)``: y like x (same dtype and memory layout),
+    mean and invstd float64 (C,) device arrays.
+    """
+    (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
+     _) = forward_args(chk, x, weight, bias, running_mean, running_var, training, momentum,
+                       eps, axis, out, num_threads)
+    view = channel_view(x, ax)
+    xk = view.arrange(x, cupy)
+    target = out if (out is not None and view.has_layout(out)) else view.empty(x.dtype, cupy)
+    mean = cupy.empty(C, _F64)
+    invstd = cupy.empty(C, _F64)
+    if C:
+        scale = cupy.empty(C, _F64)
+        shift = cupy.empty(C, _F64)
+        w64, b64 = _vec64(weight), _vec64(bias)
+        rm, rv = _running(running_mean), _running(running_var)
+        xf = view.flat(xk)
+        if training:
+            s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
+            rt = "double" if rm is None or rm.dtype == _F64 else "float"
+            if rm is not None and rv.dtype != rm.dtype:
+                rv_k = rv.astype(rm.dtype)            # one dtype for both in the kernel
+            else:
+                rv_k = rv
+            _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {rt}>")(
+                (C,), (256,), (xf, np.int32(C), np.int64(view.inner), np.int32(M), s1, s2,
+                               np.float64(n), np.float64(eps), _ptr(w64), _ptr(b64), _ptr(rm),
+                               _ptr(rv_k), np.float64(momentum),
+                               np.int32(bool(unbiased_running_var)), mean, invstd, scale,
+                               shift))
+            if rv_k is not rv:
+                rv[...] = rv_k
+        else:
+            rt = "double" if rm.dtype == _F64 else "float"
+            rv_k = rv if rv.dtype == rm.dtype else rv.astype(rm.dtype)
+            _kernel(f"bn_prepare_eval<{rt}>")((-(-C // 256),), (256,),
+                                              (np.int32(C), rm, rv_k, np.float64(eps), _ptr(w64),
+                                               _ptr(b64), mean, invstd, scale, shift))
+        if training and rm is not running_mean:
+            running_mean[...] = rm
+        if training and rv is not running_var:
+            running_var[...] = rv
+        if x.size:
+            _elementwise("apply", (xf,), view.flat(target), view.outer, C, view.inner,
+                         (mean, scale, shift))
+    if out is None:
+        return target, mean, invstd
+    if target is not out:
+        cupy.copyto(out, target)
+    return out, mean, invstd
+
+
+def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = True,
+                        axis: int = 1, out=None, num_threads: Optional[int] = None):
+    """Gradients of batch_norm_forward (see bncore.batch_norm_backward).
+
+    Returns ``(dx, dweight, dbias)``; dweight and dbias in weight's dtype
+    (x's when weight is None).
+    """
+    (dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out,
+     _) = backward_args(chk, dy, x, mean, invstd, weight, training, axis, out, num_threads)
+    view = channel_view(x, ax)
+    xk = view.arrange(x, cupy)
+    dyk = view.arrange(dy, cupy)
+    target = (dx_out if (dx_out is not None and view.has_layout(dx_out))
+              else view.empty(x.dtype, cupy))
+    sum_dy = cupy.zeros(C, _F64)
+    sum_dyx = cupy.zeros(C, _F64)
+    mean64, invstd64 = _vec64(mean), _vec64(invstd)
+    if C and x.size:
+        xf, dyf = view.flat(xk), view.flat(dyk)
+        a_part, b_part, M = _partial_sums("dy", dyf, xf, view.outer, C, view.inner, mean64)
+        g = cupy.empty(C, _F64)
+        a = cupy.empty(C, _F64)
+        k = cupy.empty(C, _F64)
+        _kernel("bn_finalize_backward")((C,), (256,),
+                                        (np.int32(C), np.int32(M), a_part, b_part, np.float64(n),
+                                         np.int32(bool(training)), invstd64,
+                                         _ptr(_vec64(weight)), sum_dy, sum_dyx, g, a, k))
+        _elementwise("dx", (dyf, xf), view.flat(target), view.outer, C, view.inner,
+                     (mean64, g, a, k))
+    if dx_out is None:
+        dx = target
+    else:
+        if target is not dx_out:
+            cupy.copyto(dx_out, target)
+        dx = dx_out
+    pdtype = weight.dtype if weight is not None else x.dtype
+    dweight = sum_dyx * invstd64
+    if dw_out is not None:
+        dw_out[...] = dweight
+        dweight = dw_out
+    else:
+        dweight = dweight.astype(pdtype, copy=False)
+    if db_out is not None:
+        db_out[...] = sum_dy
+        dbias = db_out
+    else:
+        dbias = sum_dy.astype(pdtype, copy=False)
+    return dx, dweight, dbias
+

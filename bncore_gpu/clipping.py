@@ -1,0 +1,104 @@
+"""Gradient norms and clipping on the GPU (see bncore.clipping for the rules).
+
+Everything stays on the device: the norm is reduced in two fixed-order stages
+(one partial per chunk, then one block combining them), the clip coefficient
+is computed next to it, and the scaling kernel reads it from device memory.
+``grad_norm`` and ``clip_grad_norm`` return the total norm as a 0-d float64
+CuPy array and ``found_inf`` a 0-d float64 flag (1.0 or 0.0), so a training
+step never waits on the host; only ``error_if_nonfinite=True`` reads the
+norm back (it must, to raise before any gradient is touched).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import cupy
+import numpy as np
+
+from bncore import _checks as hchk
+from bncore import optimizers as _cpu
+from bncore.clipping import NonFiniteError
+from bncore_gpu._tables import CTYPES, gather
+from bncore_gpu.optimizers import kernel
+
+__all__ = ["grad_norm", "clip_grad_norm", "clip_grad_value", "found_inf", "NonFiniteError"]
+
+_F64 = np.dtype(np.float64)
+
+
+def _table(grads, write: bool):
+    return gather([_cpu.as_list("grads", grads)], ("grads",), (write,), -1, half_first=True)
+
+
+def _norm_type(norm_type) -> float:
+    p = hchk.real_scalar("norm_type", norm_type)
+    if not (p > 0):
+        raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
+    return p
+
+
+def _norm(t, p: float, max_norm: float, eps: float):
+    """(total, coef) as 0-d device arrays."""
+    kind = 3 if math.isinf(p) else (2 if p == 2.0 else (1 if p == 1.0 else 4))
+    total = cupy.zeros((), _F64)
+    coef = cupy.full((), math.inf, _F64)
+    if t.nchunks == 0:
+        return total, coef
+    part_s = cupy.empty(t.nchunks, _F64)
+    part_q = cupy.empty(t.nchunks, _F64)
+    g = CTYPES[t.pdtype]
+    kernel(f"mt_norm_partials<{g}>")((t.nchunks,), (256,),
+                                     (*t.args(), np.int32(kind), np.float64(p), part_s, part_q))
+    scaled = kind == 2 and t.pdtype == _F64
+    kernel("mt_norm_finalize")((1,), (256,),
+                               (np.int64(t.nchunks), np.int32(kind), np.float64(p),
+                                np.int32(scaled), part_s, part_q, np.float64(max_norm),
+                                np.float64(eps), total, coef))
+    return total, coef
+
+
+def grad_norm(grads, norm_type: float = 2.0, *, num_threads: Optional[int] = None):
+    """The p-norm of all gradients together (see bncore.grad_norm); a 0-d device array."""
+    p = _norm_type(norm_type)
+    return _norm(_table(grads, False), p, 0.0, 0.0)[0]
+
+
+def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float = 1e-6,
+                   error_if_nonfinite: bool = False, num_threads: Optional[int] = None):
+    """Scale all gradients so their total norm is at most max_norm (see
+    bncore.clip_grad_norm); returns the norm before clipping, a 0-d device array."""
+    max_norm = hchk.non_negative("max_norm", max_norm)
+    eps = hchk.non_negative("eps", eps)
+    p = _norm_type(norm_type)
+    t = _table(grads, True)
+    total, coef = _norm(t, p, max_norm, eps)
+    if error_if_nonfinite and not bool(cupy.isfinite(total)):
+        raise NonFiniteError(
+            f"the total {p}-norm of the gradients is {float(total)}; no gradient was modified "
+            f"(set error_if_nonfinite=False to clip anyway)")
+    if t.nchunks:
+        kernel(f"mt_scale<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,), (*t.args(), coef))
+    return total
+
+
+def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = None) -> None:
+    """Clamp every gradient element to [-clip_value, clip_value]; NaN stays NaN."""
+    c = hchk.non_negative("clip_value", clip_value)
+    t = _table(grads, True)
+    if t.nchunks:
+        kernel(f"mt_clamp<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
+                                                (*t.args(), np.float64(-c), np.float64(c)))
+
+
+def found_inf(grads, *, num_threads: Optional[int] = None):
+    """1.0 (0-d float64 device array) when any gradient holds an Inf or a NaN, else 0.0;
+    pass it straight to a step function's ``found_inf``."""
+    t = _table(grads, False)
+    found = cupy.zeros((), _F64)
+    if t.nchunks:
+        part = cupy.empty(t.nchunks, _F64)
+        kernel(f"mt_nonfinite_partials<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
+                                                             (*t.args(), part))
+        kernel("mt_any")((1,), (256,), (np.int64(t.nchunks), part, found))
+    return found

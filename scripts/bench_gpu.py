@@ -1,0 +1,239 @@
+"""GPU benchmark cases for ``scripts/bench.py --gpu`` (CuPy + torch on CUDA).
+
+Every case is timed for bncore_gpu and torch (cuDNN batch norm; fused and
+foreach optimizers; foreach clipping) in the same process with CUDA events on
+the legacy default stream, which both libraries use: a timed loop of calls
+between two events, the median over repetitions. Calls are back to back, so a
+time is max(GPU work, host launch cost) per call, for both libraries alike.
+The floor is the bytes a case must move (each input read once, each output
+written once) at the bandwidth of a large device-to-device copy measured in
+the same run (bytes read plus bytes written).
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+from typing import Callable, Dict, List
+
+TARGETS_MS = {   # issue 4 and issue 5 targets (H100, float32)
+    "bn forward-train (128,256,28,28) NCHW": 0.10,
+    "bn backward (128,256,28,28) NCHW": 0.17,
+    "bn forward-train (32,64,56,56) NCHW": 0.07,
+    "bn backward (32,64,56,56) NCHW": 0.15,
+    "adam 100M as 1 tensor": 1.05,
+    "adam 100M as 200 tensors": 1.15,
+    "clip_grad_norm 100M as 200 tensors": 0.60,
+}
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int = 7, min_ms: float = 20.0) -> float:
+    """Median milliseconds per call of fn, from loops of calls between CUDA events."""
+    import cupy
+
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    fn()
+    cupy.cuda.Device().synchronize()
+    iters = 1
+    while True:                                     # size the loop to >= min_ms
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        ms = cupy.cuda.get_elapsed_time(start, end)
+        if ms >= min_ms or iters >= 4096:
+            break
+        iters = max(iters * 2, int(iters * min_ms / max(ms, 1e-3)))
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / iters)
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per ms of a 1 GiB device-to-device copy (read plus written)."""
+    import cupy
+
+    src = cupy.ones(1 << 28, dtype=cupy.float32)
+    dst = cupy.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.__setitem__(Ellipsis, src), reps=5)
+    bw = 2 * src.nbytes / ms
+    del src, dst
+    return bw
+
+
+def _free():
+    import cupy
+    import torch
+
+    gc.collect()
+    cupy.get_default_memory_pool().free_all_blocks()
+    torch.cuda.empty_cache()
+
+
+def bn_cases(bw: float) -> List[dict]:
+    import cupy
+    import torch
+
+    import bncore_gpu
+    F = torch.nn.functional
+    rows = []
+    shapes = [("(128,256,28,28)", (128, 256, 28, 28)), ("(32,64,56,56)", (32, 64, 56, 56))]
+    for label, shape in shapes:
+        for layout in ("NCHW", "channels-last"):
+            rng = cupy.random.default_rng(0)
+            N, C, H, W = shape
+            if layout == "NCHW":
+                x = rng.standard_normal(shape, dtype=cupy.float32)
+                dy = rng.standard_normal(shape, dtype=cupy.float32)
+            else:   # NHWC memory seen with an NCHW shape: torch's channels_last
+                x = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
+                dy = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
+            rows += _bn_rows(f"{label} {layout}", x, dy, bw, bncore_gpu, torch, F)
+            del x, dy
+            _free()
+    rng = cupy.random.default_rng(1)
+    x = rng.standard_normal((256, 1024), dtype=cupy.float32)
+    dy = rng.standard_normal((256, 1024), dtype=cupy.float32)
+    rows += _bn_rows("(256,1024)", x, dy, bw, bncore_gpu, torch, F)
+    return rows
+
+
+def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F) -> List[dict]:
+    import cupy
+
+    C = x.shape[1]
+    w = cupy.ones(C, cupy.float32)
+    b = cupy.zeros(C, cupy.float32)
+    rm = cupy.zeros(C, cupy.float32)
+    rv = cupy.ones(C, cupy.float32)
+    y, mean, invstd = bncore_gpu.batch_norm_forward(x, w, b, rm, rv)
+    tx = torch.as_tensor(x, device="cuda")          # zero-copy: the same memory and strides
+    tdy = torch.as_tensor(dy, device="cuda")
+    tw = torch.ones(C, device="cuda", requires_grad=True)
+    tb = torch.zeros(C, device="cuda", requires_grad=True)
+    trm = torch.zeros(C, device="cuda")
+    trv = torch.ones(C, device="cuda")
+    txg = tx.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    ty = F.batch_norm(txg, None, None, tw, tb, True, 0.1, 1e-5)
+    nbytes = x.nbytes
+    fwd = {
+        "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv)),
+        "torch": cuda_time_ms(lambda: F.batch_norm(tx, trm, trv, tw.detach(), tb.detach(),
+                                                   True, 0.1, 1e-5)),
+        "floor": 2 * nbytes / bw,
+    }
+    bwd = {
+        "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)),
+        "torch": cuda_time_ms(lambda: torch.autograd.grad(ty, (txg, tw, tb), tdy,
+                                                          retain_graph=True)),
+        "floor": 3 * nbytes / bw,
+    }
+    return [dict(case=f"bn forward-train {label}", **fwd),
+            dict(case=f"bn backward {label}", **bwd)]
+
+
+def optim_cases(bw: float) -> List[dict]:
+    import cupy
+    import torch
+
+    import bncore_gpu
+    rows = []
+    N = 100_000_000
+    for ntens in (1, 200):
+        sizes = [N // ntens] * ntens
+        label = f"100M as {ntens} tensor{'s' if ntens > 1 else ''}"
+        rng = cupy.random.default_rng(2)
+        params = [rng.standard_normal(s, dtype=cupy.float32) for s in sizes]
+        grads = [rng.standard_normal(s, dtype=cupy.float32) * 1e-3 for s in sizes]
+
+        def torch_params():
+            ps = [torch.as_tensor(p, device="cuda").clone() for p in params]
+            for t, g in zip(ps, grads):
+                t.grad = torch.as_tensor(g, device="cuda")
+            return ps
+
+        opt = bncore_gpu.optim.Adam([p.copy() for p in params], lr=1e-3)
+        row = {"case": f"adam {label}",
+               "bncore": cuda_time_ms(lambda: opt.step(grads)),
+               "torch": cuda_time_ms(torch.optim.Adam(torch_params(), lr=1e-3, fused=True).step),
+               "floor": 28 * N / bw}
+        _free()
+        row["torch foreach"] = cuda_time_ms(
+            torch.optim.Adam(torch_params(), lr=1e-3, foreach=True).step)
+        rows.append(row)
+        del opt
+        _free()
+        if ntens == 200:
+            sgd = bncore_gpu.optim.SGD([p.copy() for p in params], lr=1e-3, momentum=0.9)
+            rows.append({"case": f"sgd momentum {label}",
+                         "bncore": cuda_time_ms(lambda: sgd.step(grads)),
+                         "torch": cuda_time_ms(torch.optim.SGD(torch_params(), lr=1e-3,
+                                                               momentum=0.9, foreach=True).step),
+                         "floor": 20 * N / bw})
+            del sgd
+            _free()
+            cg = [g.copy() for g in grads]
+            max_norm = 0.5 * float(bncore_gpu.grad_norm(cg))
+            tp = torch_params()
+            rows.append({"case": f"clip_grad_norm {label}",
+                         "bncore": cuda_time_ms(lambda: bncore_gpu.clip_grad_norm(cg, max_norm)),
+                         "torch": cuda_time_ms(lambda: torch.nn.utils.clip_grad_norm_(
+                             tp, max_norm, foreach=True)),
+                         "floor": 12 * N / bw})
+            del cg, tp
+        del params, grads
+        _free()
+    return rows
+
+
+def run_all() -> Dict[str, object]:
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    bw = copy_bandwidth()
+    rows = bn_cases(bw) + optim_cases(bw)
+    for r in rows:
+        r["target"] = TARGETS_MS.get(r["case"])
+    return {"device": name, "copy_TBps": bw / 1e9, "rows": rows}
+
+
+def report(res: Dict[str, object]) -> str:
+    lines = [f"GPU benchmark on {res['device']}: float32, CUDA events, median; copy floor "
+             f"{res['copy_TBps']:.2f} TB/s (read + written)", "",
+             "| case | bncore_gpu ms | torch ms | torch foreach ms | floor ms | target ms | "
+             "torch/bncore | bncore/floor | target met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        tgt = r.get("target")
+        met = "-" if tgt is None else ("yes" if r["bncore"] <= tgt else "NO")
+        tf = r.get("torch foreach")
+        lines.append(f"| {r['case']} | {r['bncore']:.3f} | {r['torch']:.3f} | "
+                     f"{'-' if tf is None else f'{tf:.3f}'} | {r['floor']:.3f} | "
+                     f"{'-' if tgt is None else f'{tgt:.2f}'} | {r['torch'] / r['bncore']:.2f} | "
+                     f"{r['bncore'] / r['floor']:.2f} | {met} |")
+    return "\n".join(lines)
+
+
+def main(json_path: str = None) -> int:
+    import json
+
+    res = run_all()
+    text = report(res)
+    print(text)
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(res, fh, indent=2, default=float)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else None))
+

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU check: one command for a GPU machine that has CuPy, Cython, pytest,
+# hypothesis and torch but no network. Builds bncore in place, runs the GPU
+# tests (real kernels against the CPU engine and the float64 oracle), runs the
+# GPU benchmark, and prints a short table last. Logs go to $OUT (or /tmp).
+#     bash scripts/gpu_check.sh            # everything (about 4-6 minutes on an H100)
+#     QUICK=1 bash scripts/gpu_check.sh    # fewer Hypothesis examples
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/bncore-gpu-check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+status=0
+
+echo "== device"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+$PY -c "import cupy, torch, numpy; p = cupy.cuda.runtime.getDeviceProperties(0); \
+print('cupy', cupy.__version__, '| torch', torch.__version__, '| numpy', numpy.__version__, \
+'|', p['name'], p['multiProcessorCount'], 'SMs')" || status=1
+
+echo "== build"
+if ! $PY setup.py build_ext --inplace -j 16 > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+$PY -c "import bncore; bncore.show_config()"
+
+echo "== GPU tests"
+export BNCORE_HYPOTHESIS_PROFILE="${QUICK:+dev}"
+export BNCORE_HYPOTHESIS_PROFILE="${BNCORE_HYPOTHESIS_PROFILE:-ci}"
+$PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py \
+    "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" 2>&1 | tee "$OUT/tests.log" | tail -25
+test_rc=${PIPESTATUS[0]}
+[ "$test_rc" -ne 0 ] && status=1
+
+if [ -f examples/train_cnn.py ] && [ -z "${SKIP_EXAMPLE:-}" ]; then
+    echo "== example on the GPU"
+    timeout 300 $PY examples/train_cnn.py --device gpu --epochs 3 --no-progress \
+        > "$OUT/example.log" 2>&1 || { status=1; echo "example FAILED"; }
+    tail -8 "$OUT/example.log"
+fi
+
+echo "== GPU benchmark"
+$PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
+    || { status=1; tail -30 "$OUT/bench.err"; }
+
+echo
+echo "================ summary ================"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
+cat "$OUT/bench.txt"
+exit $status

@@ -1,0 +1,207 @@
+"""ndarray, array functions and RawModule of the emulated CuPy (see ../README.md)."""
+import re
+
+import numpy as _np
+
+float16, float32, float64, int32, int64 = (_np.float16, _np.float32, _np.float64, _np.int32,
+                                           _np.int64)
+
+
+class _Mem:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+class ndarray(_np.ndarray):  # noqa: N801 - CuPy's name
+    """A NumPy array that says it lives on the (emulated) device."""
+
+    @property
+    def data(self):
+        return _Mem(self.__array_interface__["data"][0])
+
+    def get(self):
+        return _np.asarray(self).view(_np.ndarray).copy()
+
+
+def _wrap(a):
+    if isinstance(a, _np.ndarray) and not isinstance(a, ndarray):
+        return a.view(ndarray)
+    if isinstance(a, _np.generic):
+        return a
+    return a
+
+
+def asarray(a, dtype=None):
+    if isinstance(a, ndarray) and (dtype is None or a.dtype == dtype):
+        return a
+    return _wrap(_np.array(a, dtype=dtype, copy=True) if not isinstance(a, ndarray)
+                 else _np.asarray(a, dtype=dtype))
+
+
+def asnumpy(a):
+    return _np.array(a).view(_np.ndarray)
+
+
+def empty(shape, dtype=float64, order="C"):
+    return _wrap(_np.empty(shape, dtype=dtype, order=order))
+
+
+def zeros(shape, dtype=float64):
+    return _wrap(_np.zeros(shape, dtype=dtype))
+
+
+def ones(shape, dtype=float64):
+    return _wrap(_np.ones(shape, dtype=dtype))
+
+
+def full(shape, v, dtype=None):
+    return _wrap(_np.full(shape, v, dtype=dtype))
+
+
+def empty_like(a, dtype=None):
+    return _wrap(_np.empty_like(a, dtype=dtype))
+
+
+def zeros_like(a, dtype=None):
+    return _wrap(_np.zeros_like(a, dtype=dtype))
+
+
+def ones_like(a, dtype=None):
+    return _wrap(_np.ones_like(a, dtype=dtype))
+
+
+def full_like(a, v, dtype=None):
+    return _wrap(_np.full_like(a, v, dtype=dtype))
+
+
+def ascontiguousarray(a, dtype=None):
+    return _wrap(_np.ascontiguousarray(a, dtype=dtype))
+
+
+def copyto(dst, src, casting="same_kind"):
+    _np.copyto(dst, src, casting=casting)
+
+
+def from_dlpack(a):
+    return _wrap(_np.from_dlpack(a))
+
+
+def may_share_memory(a, b):
+    return _np.may_share_memory(a, b)
+
+
+def concatenate(arrs, axis=0):
+    return _wrap(_np.concatenate(arrs, axis=axis))
+
+
+def sqrt(a):
+    return _wrap(_np.sqrt(a))
+
+
+def isfinite(a):
+    return _wrap(_np.isfinite(a))
+
+
+def maximum(a, b):
+    return _wrap(_np.maximum(a, b))
+
+
+def abs(a):  # noqa: A001 - CuPy's name
+    return _wrap(_np.abs(a))
+
+
+def get_array_module(*args):
+    import cupy
+    return cupy
+
+
+# ---------------------------------------------------------------- RawModule
+
+_PARAM_TYPES = {"float": _np.float32, "double": _np.float64, "unsigned short": _np.float16,
+                "float4": _np.float32, "long long": _np.int64, "int": _np.int32,
+                "unsigned long long": _np.uint64}
+
+
+def _parse_kernels(code):
+    """{name: (template parameter names, [(C type, is_pointer), ...])}."""
+    out = {}
+    pattern = re.compile(r"(template\s*<([^>]*)>\s*)?__global__\s+void\s+(\w+)\s*\(([^)]*)\)",
+                         re.S)
+    for m in pattern.finditer(code):
+        tparams = [p.split()[-1] for p in m.group(2).split(",")] if m.group(2) else []
+        params = []
+        for raw in m.group(4).split(","):
+            raw = " ".join(raw.replace("__restrict__", "").replace("const", "").split())
+            ptr = "*" in raw
+            ctype = raw.replace("*", " ").split()
+            ctype = " ".join(ctype[:-1])        # drop the parameter name
+            params.append((ctype, ptr))
+        out.setdefault(m.group(3), (tparams, params))
+    return out
+
+
+class RawKernel:
+    def __init__(self, name, targs, sig, emulation):
+        self.name = name
+        self.targs = targs
+        self.sig = sig
+        self.emulation = emulation
+
+    def _check(self, args):
+        tparams, params = self.sig
+        subst = dict(zip(tparams, self.targs))
+        if len(args) != len(params):
+            raise TypeError(f"{self.name}: {len(args)} arguments for {len(params)} parameters")
+        for i, (a, (ctype, ptr)) in enumerate(zip(args, params)):
+            ctype = subst.get(ctype, ctype)
+            want = _PARAM_TYPES[ctype]
+            if ptr:
+                if isinstance(a, _np.uint64) and a == 0:
+                    continue                              # NULL
+                if not isinstance(a, ndarray):
+                    raise TypeError(f"{self.name} argument {i}: a device array for "
+                                    f"{ctype}*, got {type(a).__name__}")
+                if a.dtype != want:
+                    raise TypeError(f"{self.name} argument {i}: {ctype}* needs {want}, "
+                                    f"got {a.dtype}")
+                if not a.flags.c_contiguous:
+                    raise TypeError(f"{self.name} argument {i} is not contiguous")
+                if ctype == "float4" and a.data.ptr % 16:
+                    raise TypeError(f"{self.name} argument {i}: float4 needs 16-byte alignment")
+            else:
+                if type(a) is not want:
+                    raise TypeError(f"{self.name} argument {i}: {ctype} needs {want.__name__}, "
+                                    f"got {type(a).__name__}")
+
+    def __call__(self, grid, block, args, **kw):
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        block = tuple(block) + (1,) * (3 - len(block))
+        if any(g < 1 for g in grid) or grid[1] > 65535 or grid[2] > 65535:
+            raise ValueError(f"{self.name}: bad grid {grid}")
+        if _np.prod(block) > 1024 or any(b < 1 for b in block):
+            raise ValueError(f"{self.name}: bad block {block}")
+        self._check(args)
+        if self.emulation is None:
+            raise NotImplementedError(f"no emulation for kernel {self.name}")
+        RawModule.current_targs = self.targs     # the template arguments, for emulations
+        self.emulation(grid, block, *args)
+
+
+class RawModule:
+    emulations = {}          # kernel name -> emulation(grid, block, *args)
+    current_targs = []
+
+    def __init__(self, code=None, options=(), name_expressions=()):
+        if not code.startswith("#line"):
+            raise ValueError("sources should start with a #line directive")
+        self.sigs = _parse_kernels(code)
+        self.names = tuple(name_expressions)
+
+    def get_function(self, name):
+        if name not in self.names:
+            raise ValueError(f"{name} was not in name_expressions")
+        base, _, rest = name.partition("<")
+        targs = [t.strip() for t in rest.rstrip(">").split(",")] if rest else []
+        if base not in self.sigs:
+            raise ValueError(f"no kernel {base} in the module")
+        return RawKernel(name, targs, self.sigs[base], self.emulations.get(base))

@@ -1,0 +1,475 @@
+"""NumPy emulations of the CUDA kernels, written from the kernels' specification
+(the comments in bncore_gpu/*.cu): same arguments, same partial layouts, same
+formulas. Registered into the emulated cupy.RawModule."""
+import numpy as np
+
+from cupy._core import RawModule
+
+E = RawModule.emulations
+
+
+def _null(p):
+    return isinstance(p, np.uint64) and p == 0
+
+
+def _a(p):
+    return p.view(np.ndarray)
+
+
+def _f64(p):
+    return _a(p).astype(np.float64)
+
+
+def _store(dst, values):
+    d = _a(dst)
+    if d.dtype == np.float16:
+        d[...] = values.astype(np.float32).astype(np.float16).reshape(d.shape)
+    else:
+        d[...] = values.astype(d.dtype).reshape(d.shape)
+
+
+def _expect(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+# ---------------------------------------------------------------- batch norm
+
+def stats_planes(grid, block, x, outer, C, inner, G, s1, s2, vec4=False):
+    inner = int(inner) * (4 if vec4 else 1)
+    _expect(grid[:2] == (G, C) and block[0] == 256, f"stats_planes launch {grid} {block}")
+    X = _f64(x).reshape(int(outer), int(C), inner)
+    D = X - X[0, :, 0][None, :, None]
+    a1 = _a(s1).reshape(int(C), int(G))
+    a2 = _a(s2).reshape(int(C), int(G))
+    for g in range(int(G)):
+        a1[:, g] = D[g::int(G)].sum(axis=(0, 2))
+        a2[:, g] = (D[g::int(G)] ** 2).sum(axis=(0, 2))
+
+
+E["bn_stats_planes"] = stats_planes
+E["bn_stats_planes_vec4"] = lambda *a: stats_planes(*a, vec4=True)
+
+
+def stats_rows(grid, block, x, outer, C, inner, R, nRB, s1, s2):
+    outer, C, inner, R, nRB = int(outer), int(C), int(inner), int(R), int(nRB)
+    P = C * inner
+    _expect(grid[:2] == (-(-P // 32), nRB) and block[:2] == (32, 8), "stats_rows launch")
+    _expect((nRB - 1) * R < outer <= nRB * R, "stats_rows row blocks")
+    X = _f64(x).reshape(outer, P)
+    K = X[0, (np.arange(P) // inner) * inner]          # pivot of each column's channel
+    D = X - K
+    a1 = _a(s1).reshape(P, nRB)
+    a2 = _a(s2).reshape(P, nRB)
+    for rb in range(nRB):
+        rows = D[rb * R: min((rb + 1) * R, outer)]
+        a1[:, rb] = rows.sum(axis=0)
+        a2[:, rb] = (rows ** 2).sum(axis=0)
+
+
+E["bn_stats_rows"] = stats_rows
+
+
+def finalize_train(grid, block, x, C, inner, M, s1, s2, N, eps, w, b, rm, rv, momentum,
+                   unbiased, mean, invstd, scale, shift):
+    C, inner, M = int(C), int(inner), int(M)
+    _expect(grid[0] == C, "finalize_train grid")
+    S1 = _a(s1).reshape(C, M).sum(axis=1)
+    S2 = _a(s2).reshape(C, M).sum(axis=1)
+    K = _f64(x)[np.arange(C) * inner]
+    d = S1 / N
+    m2 = np.maximum(S2 - S1 * d, 0.0)
+    mu = K + d
+    var = m2 / N
+    inv = 1.0 / np.sqrt(var + eps)
+    _a(mean)[:] = mu
+    _a(invstd)[:] = inv
+    _a(scale)[:] = inv * (1.0 if _null(w) else _a(w))
+    _a(shift)[:] = 0.0 if _null(b) else _a(b)
+    if not _null(rm):
+        vr = m2 / (N - 1.0) if unbiased else var
+        _store(rm, (1 - momentum) * _f64(rm) + momentum * mu)
+        _store(rv, (1 - momentum) * _f64(rv) + momentum * vr)
+
+
+E["bn_finalize_train"] = finalize_train
+
+
+def prepare_eval(grid, block, C, rm, rv, eps, w, b, mean, invstd, scale, shift):
+    _expect(grid[0] * block[0] >= C, "prepare_eval covers the channels")
+    inv = 1.0 / np.sqrt(_f64(rv) + eps)
+    _a(mean)[:] = _f64(rm)
+    _a(invstd)[:] = inv
+    _a(scale)[:] = inv * (1.0 if _null(w) else _a(w))
+    _a(shift)[:] = 0.0 if _null(b) else _a(b)
+
+
+E["bn_prepare_eval"] = prepare_eval
+
+
+def apply_planes(grid, block, x, y, nplanes, C, inner, mean, scale, shift, vec4=False):
+    inner = int(inner) * (4 if vec4 else 1)
+    X = _f64(x).reshape(int(nplanes), inner)
+    c = np.arange(int(nplanes)) % int(C)
+    m, s, h = _a(mean)[c, None], _a(scale)[c, None], _a(shift)[c, None]
+    _store(y, (X - m) * s + h)
+
+
+E["bn_apply_planes"] = apply_planes
+E["bn_apply_planes_vec4"] = lambda *a: apply_planes(*a, vec4=True)
+
+
+def apply_rows(grid, block, x, y, outer, P, inner, mean, scale, shift):
+    outer, P, inner = int(outer), int(P), int(inner)
+    _expect(grid[0] == -(-P // 32), "apply_rows grid")
+    X = _f64(x).reshape(outer, P)
+    c = np.arange(P) // inner
+    _store(y, (X - _a(mean)[c]) * _a(scale)[c] + _a(shift)[c])
+
+
+E["bn_apply_rows"] = apply_rows
+
+
+def dy_sums_planes(grid, block, dy, x, outer, C, inner, G, mean, pa, pb, vec4=False):
+    inner = int(inner) * (4 if vec4 else 1)
+    outer, C, G = int(outer), int(C), int(G)
+    DY = _f64(dy).reshape(outer, C, inner)
+    XC = _f64(x).reshape(outer, C, inner) - _a(mean)[None, :, None]
+    a1 = _a(pa).reshape(C, G)
+    a2 = _a(pb).reshape(C, G)
+    for g in range(G):
+        a1[:, g] = DY[g::G].sum(axis=(0, 2))
+        a2[:, g] = (DY[g::G] * XC[g::G]).sum(axis=(0, 2))
+
+
+E["bn_dy_sums_planes"] = dy_sums_planes
+E["bn_dy_sums_planes_vec4"] = lambda *a: dy_sums_planes(*a, vec4=True)
+
+
+def dy_sums_rows(grid, block, dy, x, outer, C, inner, R, nRB, mean, pa, pb):
+    outer, C, inner, R, nRB = int(outer), int(C), int(inner), int(R), int(nRB)
+    P = C * inner
+    DY = _f64(dy).reshape(outer, P)
+    XC = _f64(x).reshape(outer, P) - _a(mean)[np.arange(P) // inner]
+    a1 = _a(pa).reshape(P, nRB)
+    a2 = _a(pb).reshape(P, nRB)
+    for rb in range(nRB):
+        sl = slice(rb * R, min((rb + 1) * R, outer))
+        a1[:, rb] = DY[sl].sum(axis=0)
+        a2[:, rb] = (DY[sl] * XC[sl]).sum(axis=0)
+
+
+E["bn_dy_sums_rows"] = dy_sums_rows
+
+
+def finalize_backward(grid, block, C, M, pa, pb, N, training, invstd, w, sum_dy, sum_dyx, g, a, k):
+    C, M = int(C), int(M)
+    S1 = _a(pa).reshape(C, M).sum(axis=1)
+    S2 = _a(pb).reshape(C, M).sum(axis=1)
+    inv = _a(invstd)
+    _a(sum_dy)[:] = S1
+    _a(sum_dyx)[:] = S2
+    _a(g)[:] = inv * (1.0 if _null(w) else _a(w))
+    _a(a)[:] = S1 / N if training else 0.0
+    _a(k)[:] = inv * inv * S2 / N if training else 0.0
+
+
+E["bn_finalize_backward"] = finalize_backward
+
+
+def dx_planes(grid, block, dy, x, dx, nplanes, C, inner, mean, g, a, k, vec4=False):
+    inner = int(inner) * (4 if vec4 else 1)
+    nplanes = int(nplanes)
+    c = np.arange(nplanes) % int(C)
+    DY = _f64(dy).reshape(nplanes, inner)
+    X = _f64(x).reshape(nplanes, inner)
+    m, gg, aa, kk = (_a(v)[c, None] for v in (mean, g, a, k))
+    _store(dx, gg * ((DY - aa) - (X - m) * kk))
+
+
+E["bn_dx_planes"] = dx_planes
+E["bn_dx_planes_vec4"] = lambda *a: dx_planes(*a, vec4=True)
+
+
+def dx_rows(grid, block, dy, x, dx, outer, P, inner, mean, g, a, k):
+    outer, P, inner = int(outer), int(P), int(inner)
+    c = np.arange(P) // inner
+    DY = _f64(dy).reshape(outer, P)
+    X = _f64(x).reshape(outer, P)
+    m, gg, aa, kk = (_a(v)[c] for v in (mean, g, a, k))
+    _store(dx, gg * ((DY - aa) - (X - m) * kk))
+
+
+E["bn_dx_rows"] = dx_rows
+
+
+# ---------------------------------------------------------------- multi-tensor
+
+import ctypes  # noqa: E402
+
+_CT = {"float": np.float32, "double": np.float64, "unsigned short": np.float16}
+CHUNK = 16384
+
+
+def _targs():
+    return [_CT[t] for t in RawModule.current_targs]
+
+
+def _view(addr, n, dtype):
+    if addr == 0:
+        return None
+    dtype = np.dtype(dtype)
+    buf = (ctypes.c_char * (n * dtype.itemsize)).from_address(int(addr))
+    return np.frombuffer(buf, dtype=dtype, count=n)
+
+
+def _table(table, nops, n, nchunks, dtypes):
+    """{op: [arrays per tensor]} and the chunk list, from the packed table."""
+    t = _a(table)
+    nops, n, nchunks = int(nops), int(n), int(nchunks)
+    sizes = t[nops * n: nops * n + n]
+    chunks = t[nops * n + n:].reshape(-1, 2)
+    _expect(len(chunks) == nchunks, "chunk count")
+    for c, (ti, off) in enumerate(chunks):
+        _expect(off % CHUNK == 0 and off < max(sizes[ti], 1), f"chunk {c} offset")
+    arrays = {}
+    for op in range(nops):
+        arrays[op] = [_view(t[op * n + i], int(sizes[i]), dtypes[op]) for i in range(n)]
+    return arrays, sizes, chunks
+
+
+def _amp(inv_scale, grad_scale, found_inf):
+    if not _null(found_inf) and float(_a(found_inf)) != 0.0:
+        return None
+    return 1.0 / float(_a(grad_scale)) if not _null(grad_scale) else float(inv_scale)
+
+
+def _step(step, host):
+    return float(_a(step)) if not _null(step) else float(host)
+
+
+def _put(arr, values):
+    arr[...] = values.astype(np.float32).astype(arr.dtype) if arr.dtype == np.float16 \
+        else values.astype(arr.dtype)
+
+
+def mt_sgd(grid, block, table, nops, n, nchunks, lr, momentum, dampening, nesterov, style,
+           weight_decay, decoupled, sign, inv_scale, grad_scale, found_inf, step, first_host):
+    _expect(grid[0] == nchunks and block[0] == 256, "mt_sgd launch")
+    inv = _amp(inv_scale, grad_scale, found_inf)
+    if inv is None:
+        return
+    P, G = _targs()
+    arr, _, _ = _table(table, nops, n, nchunks, [P, G, P])
+    first = _step(step, 0.0) <= 1.0 if not _null(step) else bool(first_host)
+    read_buf = True if style == 2 else not first
+    B = lr if style == 1 else (1.0 if first else 1.0 - dampening)
+    L = 1.0 if style == 1 else lr
+    Na = (lr if style == 1 else 1.0) if nesterov else 0.0
+    Nb = momentum if nesterov else 1.0
+    wd = 0.0 if decoupled else weight_decay
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    for t in range(int(n)):
+        p, g, b = arr[0][t], arr[1][t], arr[2][t]
+        x = p.astype(np.float64)
+        gr = g.astype(np.float64) * inv * sign + wd * x
+        if b is not None:
+            v = b.astype(np.float64) if read_buf else np.zeros_like(x)
+            v = momentum * v + B * gr
+            _put(b, v)
+            _put(p, x * decay - L * (Na * gr + Nb * v))
+        else:
+            _put(p, x * decay - lr * gr)
+
+
+E["mt_sgd"] = mt_sgd
+
+
+def mt_adam(grid, block, table, nops, n, nchunks, lr, beta1, beta2, eps, eps_root, weight_decay,
+            decoupled, post, amsgrad, amsgrad_corrected, eps_mode, sign, inv_scale, grad_scale,
+            found_inf, step, step_host, bias_offset):
+    inv = _amp(inv_scale, grad_scale, found_inf)
+    if inv is None:
+        return
+    P, G = _targs()
+    arr, _, _ = _table(table, nops, n, nchunks, [P, G, P, P, P])
+    t_ = _step(step, step_host) + bias_offset
+    bc1 = 1.0 - beta1 ** t_ if t_ > 0 else 1.0
+    bc2 = 1.0 - beta2 ** t_ if t_ > 0 else 1.0
+    if eps_mode == 2:
+        ss, c_in, c_out = lr * np.sqrt(bc2) / bc1, 1.0, 1.0
+    elif amsgrad and amsgrad_corrected:
+        ss, c_in, c_out = lr / bc1, 1.0 / bc2, 1.0
+    else:
+        ss, c_in, c_out = lr / bc1, 1.0, 1.0 / bc2
+    wd = 0.0 if decoupled else weight_decay
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    for t in range(int(n)):
+        p, g, m, v, vmax = (arr[k][t] for k in range(5))
+        x = p.astype(np.float64)
+        gr = g.astype(np.float64) * inv * sign + wd * x
+        mm = beta1 * m.astype(np.float64) + (1 - beta1) * gr
+        vv = beta2 * v.astype(np.float64) + (1 - beta2) * gr * gr
+        _put(m, mm)
+        _put(v, vv)
+        vm = vv * c_in
+        if amsgrad:
+            vm = np.where(vm > vmax.astype(np.float64), vm, vmax.astype(np.float64))
+            _put(vmax, vm)
+        _put(p, (x * decay - ss * mm / (np.sqrt(vm * c_out + eps_root) + eps)) * post)
+
+
+E["mt_adam"] = mt_adam
+
+
+def mt_rmsprop(grid, block, table, nops, n, nchunks, lr, alpha, e_in, e_out, weight_decay,
+               decoupled, momentum, keras_style, sign, inv_scale, grad_scale, found_inf):
+    inv = _amp(inv_scale, grad_scale, found_inf)
+    if inv is None:
+        return
+    P, G = _targs()
+    arr, _, _ = _table(table, nops, n, nchunks, [P, G, P, P, P])
+    wd = 0.0 if decoupled else weight_decay
+    decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    k, L = (lr, 1.0) if keras_style else (1.0, lr)
+    for t in range(int(n)):
+        p, g, sq, ga, buf = (arr[j][t] for j in range(5))
+        x = p.astype(np.float64)
+        gr = g.astype(np.float64) * inv * sign + wd * x
+        s = alpha * sq.astype(np.float64) + (1 - alpha) * gr * gr
+        _put(sq, s)
+        if ga is not None:
+            a = alpha * ga.astype(np.float64) + (1 - alpha) * gr
+            _put(ga, a)
+            s = s - a * a
+        u = gr / (np.sqrt(s + e_in) + e_out)
+        if buf is not None:
+            b = momentum * buf.astype(np.float64) + k * u
+            _put(buf, b)
+            _put(p, x * decay - L * b)
+        else:
+            _put(p, x * decay - lr * u)
+
+
+E["mt_rmsprop"] = mt_rmsprop
+
+
+def mt_adagrad(grid, block, table, nops, n, nchunks, lr, lr_decay, e_in, e_out, weight_decay,
+               decoupled, sign, inv_scale, grad_scale, found_inf, step, step_host):
+    inv = _amp(inv_scale, grad_scale, found_inf)
+    if inv is None:
+        return
+    P, G = _targs()
+    arr, _, _ = _table(table, nops, n, nchunks, [P, G, P])
+    clr = lr / (1.0 + (_step(step, step_host) - 1.0) * lr_decay)
+    wd = 0.0 if decoupled else weight_decay
+    decay = 1.0 - clr * weight_decay if decoupled else 1.0
+    for t in range(int(n)):
+        p, g, h = (arr[j][t] for j in range(3))
+        x = p.astype(np.float64)
+        gr = g.astype(np.float64) * inv * sign + wd * x
+        s = h.astype(np.float64) + gr * gr
+        _put(h, s)
+        _put(p, x * decay - clr * gr / (np.sqrt(s + e_in) + e_out))
+
+
+E["mt_adagrad"] = mt_adagrad
+
+
+def mt_step_increment(grid, block, step, found_inf):
+    if _null(found_inf) or float(_a(found_inf)) == 0.0:
+        _a(step)[...] += 1.0
+
+
+E["mt_step_increment"] = mt_step_increment
+
+
+def mt_norm_partials(grid, block, table, nops, n, nchunks, kind, p, part_s, part_q):
+    (G,) = _targs()
+    arr, sizes, chunks = _table(table, nops, n, nchunks, [G])
+    ps, pq = _a(part_s), _a(part_q)
+    for c, (ti, off) in enumerate(chunks):
+        g = np.abs(arr[0][ti][off:off + CHUNK].astype(np.float64))
+        if kind == 2 and G == np.float64:
+            s = np.max(g) if g.size else 0.0
+            if np.isnan(g).any():
+                ps[c] = pq[c] = np.nan
+                continue
+            ps[c] = s
+            pq[c] = np.sum((g / s) ** 2) if s > 0 and np.isfinite(s) else (1.0 if s > 0 else 0.0)
+        elif kind == 2:
+            ps[c], pq[c] = np.sum(g * g), 0.0
+        elif kind == 1:
+            ps[c], pq[c] = np.sum(g), 0.0
+        elif kind == 3:
+            ps[c], pq[c] = (np.nan if np.isnan(g).any() else np.max(g)), 0.0
+        else:
+            ps[c], pq[c] = np.sum(g ** p), 0.0
+
+
+E["mt_norm_partials"] = mt_norm_partials
+
+
+def mt_norm_finalize(grid, block, nchunks, kind, p, scaled, part_s, part_q, max_norm, eps,
+                     total, coef):
+    _expect(grid[0] == 1, "finalize is one block")
+    s, q = _a(part_s), _a(part_q)
+    if kind == 3:
+        t = np.nan if np.isnan(s).any() else np.max(s)
+    elif scaled:
+        big = np.max(s)
+        t = np.nan if np.isnan(s).any() else (
+            big * np.sqrt(np.sum(q * (s / big) ** 2)) if big > 0 and np.isfinite(big) else big)
+    elif kind == 2:
+        t = np.sqrt(np.sum(s))
+    elif kind == 1:
+        t = np.sum(s)
+    else:
+        t = np.sum(s) ** (1.0 / p)
+    _a(total)[...] = t
+    with np.errstate(divide="ignore", invalid="ignore"):
+        _a(coef)[...] = max_norm / (t + eps) if t + eps != 0 else np.inf
+
+
+E["mt_norm_finalize"] = mt_norm_finalize
+
+
+def mt_scale(grid, block, table, nops, n, nchunks, coef):
+    (G,) = _targs()
+    s = float(_a(coef))
+    if s >= 1.0:
+        return
+    arr, _, _ = _table(table, nops, n, nchunks, [G])
+    for g in arr[0]:
+        _put(g, g.astype(np.float64) * s)
+
+
+E["mt_scale"] = mt_scale
+
+
+def mt_clamp(grid, block, table, nops, n, nchunks, lo, hi):
+    (G,) = _targs()
+    arr, _, _ = _table(table, nops, n, nchunks, [G])
+    for g in arr[0]:
+        a = g.astype(np.float64)
+        _put(g, np.where(a < lo, lo, np.where(a > hi, hi, a)))
+
+
+E["mt_clamp"] = mt_clamp
+
+
+def mt_nonfinite_partials(grid, block, table, nops, n, nchunks, part):
+    (G,) = _targs()
+    arr, sizes, chunks = _table(table, nops, n, nchunks, [G])
+    for c, (ti, off) in enumerate(chunks):
+        _a(part)[c] = float(not np.isfinite(arr[0][ti][off:off + CHUNK]).all())
+
+
+E["mt_nonfinite_partials"] = mt_nonfinite_partials
+
+
+def mt_any(grid, block, nchunks, part, found):
+    _a(found)[...] = float((_a(part) != 0).any())
+
+
+E["mt_any"] = mt_any

@@ -1,0 +1,49 @@
+"""bncore_gpu's host code on the emulated device: every registry spec with a
+GPU twin, GPU against the float64 oracle and against the CPU engine."""
+import _setup  # noqa: F401,I001  (the emulated cupy, before anything imports cupy)
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bncore.testing import registry
+from bncore.testing.reference import normwise_relative_error
+
+CPU = registry.cpu_backend()
+GPU = registry.gpu_backend()
+SPECS = [s for s in registry.REGISTRY.values() if s.gpu]
+
+
+def params_strategy(space):
+    items = {}
+    for key, dom in space.items():
+        items[key] = (st.integers(dom.start, dom.stop - 1) if isinstance(dom, range)
+                      else st.sampled_from(list(dom)))
+    return st.fixed_dictionaries(items)
+
+
+def test_the_backend_is_emulated():
+    import cupy
+    assert GPU is not None and cupy.EMULATED
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
+def test_emulated_gpu_matches_oracle_and_cpu(spec):
+    @settings(max_examples=25, deadline=None, derandomize=True)
+    @given(params_strategy(spec.space))
+    def check(p):
+        case = spec.make_case(p)
+        for key, (err, tol) in registry.errors_against_oracle(spec, GPU, case).items():
+            assert err <= tol, f"{spec.name}.{key}: {err:.3e} > {tol:.1e} for {case.describe()}"
+        cpu = spec.call(CPU, case, None)
+        gpu = spec.call(GPU, case, None)
+        for key in cpu:
+            err = normwise_relative_error(gpu[key], cpu[key], floor=1e-30)
+            assert err <= spec.tolerance(case, key), f"{spec.name}.{key} GPU vs CPU {err:.3e}"
+    check()
+
+
+def test_host_arrays_are_refused():
+    import bncore_gpu
+    with pytest.raises(TypeError, match="host array"):
+        bncore_gpu.batch_norm_forward(np.ones((4, 3), np.float32))

@@ -1,0 +1,168 @@
+"""bncore_gpu on a real GPU: trajectories, AMP on device scalars, determinism,
+batch-norm layouts and adversarial data. Skipped (with the reason) without
+CuPy or a CUDA device; scripts/gpu_check.sh runs these on a GPU machine.
+(The op-registry tests in test_registry_ops.py add GPU-vs-oracle and
+GPU-vs-CPU checks on Hypothesis draws.)"""
+import numpy as np
+import pytest
+
+import bncore
+from bncore.testing.reference import normwise_relative_error as rel
+
+try:
+    import cupy
+    import bncore_gpu
+    _REASON = None
+except (ImportError, RuntimeError) as exc:     # no CuPy, or no device
+    cupy = bncore_gpu = None
+    _REASON = f"no usable GPU: {exc}"
+
+pytestmark = pytest.mark.skipif(cupy is None, reason=_REASON or "")
+
+STEPS = 25
+SHAPES = [(7,), (3, 5), (40000,)]
+
+CONFIGS = [
+    ("SGD", "torch", dict(momentum=0.9, nesterov=True, weight_decay=0.01)),
+    ("SGD", "torch", dict(momentum=0.9, dampening=0.3)),
+    ("SGD", "keras", dict(momentum=0.9, weight_decay=0.01)),
+    ("SGD", "onnx", dict(momentum=0.9, dampening=0.2, nesterov=True)),
+    ("Adam", "torch", dict(amsgrad=True, weight_decay=0.05)),
+    ("Adam", "torch", dict(maximize=True)),
+    ("AdamW", "torch", dict(amsgrad=True)),
+    ("Adam", "keras", dict(amsgrad=True)),
+    ("Adam", "optax", dict(amsgrad=True, eps_root=1e-8)),
+    ("Adam", "onnx", dict(weight_decay=0.01, weight_decay_post=0.001)),
+    ("RMSprop", "torch", dict(centered=True, momentum=0.5, weight_decay=0.01)),
+    ("RMSprop", "keras", dict(centered=True, momentum=0.5)),
+    ("RMSprop", "optax", dict(centered=True)),
+    ("Adagrad", "torch", dict(lr_decay=0.01, weight_decay=0.01)),
+    ("Adagrad", "keras", dict()),
+    ("Adagrad", "onnx", dict(lr_decay=0.01)),
+]
+LR0 = {"SGD": 0.05, "Adam": 0.01, "AdamW": 0.01, "RMSprop": 0.005, "Adagrad": 0.05}
+
+
+def data(seed=0):
+    rng = np.random.default_rng(seed)
+    params = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
+    grads = [[(rng.standard_normal(s) * 0.3 + 0.05).astype(np.float32) for s in SHAPES]
+             for _ in range(STEPS)]
+    return params, grads
+
+
+def trajectory(module, name, convention, cfg, dtype, on_gpu):
+    params, grads = data()
+    xp = cupy if on_gpu else np
+    ps = [xp.asarray(p.astype(dtype)) for p in params]
+    opt = getattr(module.optim, name)(ps, lr=LR0[name], convention=convention, **cfg)
+    out = []
+    for k in range(STEPS):
+        module.optim.set_lr(opt, LR0[name] * (1 - 0.03 * k))
+        opt.step([xp.asarray(g.astype(dtype)) for g in grads[k]])
+        out.append(np.concatenate([(cupy.asnumpy(p) if on_gpu else p).astype(np.float64).ravel()
+                                   for p in ps]))
+    return np.stack(out)
+
+
+def ulp_distance(traj32, ref64):
+    scale = np.maximum.accumulate(np.abs(ref64), axis=0)
+    spacing = np.spacing(scale.astype(np.float32)).astype(np.float64)
+    return float(np.max(np.abs(traj32 - ref64) / spacing))
+
+
+@pytest.mark.parametrize("name,convention,cfg", CONFIGS,
+                         ids=[f"{n}-{c}-{k}" for n, c, k in CONFIGS])
+def test_gpu_trajectory_no_further_from_float64_than_cpu(name, convention, cfg):
+    ref64 = trajectory(bncore, name, convention, cfg, np.float64, False)
+    cpu = ulp_distance(trajectory(bncore, name, convention, cfg, np.float32, False), ref64)
+    gpu = ulp_distance(trajectory(bncore_gpu, name, convention, cfg, np.float32, True), ref64)
+    gpu64 = trajectory(bncore_gpu, name, convention, cfg, np.float64, True)
+    assert np.max(np.abs(gpu64 - ref64)) <= 1e-12 * np.max(np.abs(ref64))
+    assert gpu <= cpu + 4, f"GPU {gpu:.1f} ulp vs CPU {cpu:.1f} ulp from the float64 trajectory"
+
+
+def test_device_found_inf_changes_nothing_and_needs_no_sync():
+    params, grads = data()
+    ps = [cupy.asarray(p) for p in params]
+    opt = bncore_gpu.optim.Adam(ps, lr=1e-2, amsgrad=True)
+    opt.step([cupy.asarray(g) for g in grads[0]])
+    before = [p.copy() for p in ps]
+    state_before = {i: {k: (v.copy() if hasattr(v, "copy") else v) for k, v in s.items()}
+                    for i, s in opt.state.items()}
+    g = [cupy.asarray(g) for g in grads[1]]
+    g[2][5] = cupy.inf
+    found = bncore_gpu.found_inf(g)                 # a 0-d device array
+    assert isinstance(found, cupy.ndarray) and found.shape == ()
+    opt.step(g, grad_scale=cupy.asarray(2.0), found_inf=found)
+    for a, b in zip(ps, before):
+        assert bool((a == b).all())
+    for i, s in state_before.items():
+        for k, v in s.items():
+            assert bool((opt.state[i][k] == v).all()), k
+    assert float(opt.state[0]["step"]) == 1.0
+    # and a clean step afterwards counts as step 2
+    opt.step([cupy.asarray(g) for g in grads[1]], found_inf=bncore_gpu.found_inf(
+        [cupy.asarray(g) for g in grads[1]]))
+    assert float(opt.state[0]["step"]) == 2.0
+
+
+def test_grad_scale_as_device_scalar_matches_host_scalar():
+    params, grads = data()
+    a = [cupy.asarray(p) for p in params]
+    b = [cupy.asarray(p) for p in params]
+    ma, va = [cupy.zeros_like(p) for p in a], [cupy.zeros_like(p) for p in a]
+    mb, vb = [cupy.zeros_like(p) for p in a], [cupy.zeros_like(p) for p in a]
+    scaled = [cupy.asarray(g * np.float32(1024)) for g in grads[0]]
+    bncore_gpu.adam_step(a, scaled, ma, va, step=1, lr=1e-2, grad_scale=1024.0)
+    bncore_gpu.adam_step(b, scaled, mb, vb, step=cupy.asarray(1.0), lr=1e-2,
+                         grad_scale=cupy.asarray(1024.0, dtype=cupy.float32))
+    for x, y in zip(a, b):
+        assert bool((x == y).all())
+
+
+def test_clip_grad_norm_stays_on_device_and_matches_cpu():
+    rng = np.random.default_rng(3)
+    gs = [(rng.standard_normal(s) * 3).astype(np.float32) for s in SHAPES]
+    gg = [cupy.asarray(g) for g in gs]
+    total_gpu = bncore_gpu.clip_grad_norm(gg, 1.0)
+    assert isinstance(total_gpu, cupy.ndarray) and total_gpu.shape == ()
+    total_cpu = bncore.clip_grad_norm(gs, 1.0)
+    assert abs(float(total_gpu) - total_cpu) <= 1e-12 * total_cpu
+    for a, b in zip(gg, gs):
+        assert rel(cupy.asnumpy(a), b) <= 1e-7
+    with pytest.raises(bncore.NonFiniteError):
+        bad = [cupy.asarray(g) for g in gs]
+        bad[0][0] = cupy.nan
+        before = [x.copy() for x in bad]
+        bncore_gpu.clip_grad_norm(bad, 1.0, error_if_nonfinite=True)
+    assert all(bool(cupy.array_equal(x, y, equal_nan=True)) for x, y in zip(bad, before))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "2D"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_batch_norm_is_deterministic_and_matches_cpu_on_offset_data(layout, dtype):
+    rng = np.random.default_rng(7)
+    shape = {"NCHW": (16, 24, 20, 20), "NHWC": (16, 20, 20, 24), "2D": (512, 96)}[layout]
+    axis = -1 if layout == "NHWC" else 1
+    C = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    ratio = 1e2 if dtype == np.float16 else 1e5
+    std = rng.uniform(0.5, 2.0, C)
+    x = (std * ratio).reshape(bshape) + std.reshape(bshape) * rng.standard_normal(shape)
+    x = x.astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    xg, dyg = cupy.asarray(x), cupy.asarray(dy)
+    runs = []
+    for _ in range(2):
+        y, m, s = bncore_gpu.batch_norm_forward(xg, axis=axis)
+        dx, dw, db = bncore_gpu.batch_norm_backward(dyg, xg, m, s, axis=axis)
+        runs.append([cupy.asnumpy(a) for a in (y, m, s, dx, dw, db)])
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes(), "two GPU runs differ"
+    y_c, m_c, s_c = bncore.batch_norm_forward(x, axis=axis)
+    dx_c, dw_c, db_c = bncore.batch_norm_backward(dy, x, m_c, s_c, axis=axis)
+    tol = {np.float32: 1e-6, np.float16: 2e-3, np.float64: 1e-10}[dtype]
+    for got, want in zip(runs[0], (y_c, m_c, s_c, dx_c, dw_c, db_c)):
+        assert rel(got, want) <= tol

@@ -1,0 +1,26 @@
+"""bncore_gpu's host code, run against an emulated device (tests/gpu_emulator):
+argument checking, layouts, work decomposition and every kernel launch's
+arguments checked against the kernel's C signature. Runs in a subprocess so
+the emulated cupy never leaks into this process. The CUDA code itself is
+tested on a real GPU by scripts/gpu_check.sh."""
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def test_gpu_package_on_emulated_device():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(HERE, "gpu_emulator"), ROOT,
+                                         env.get("PYTHONPATH", "")])
+    # the emulated-device suite, and the real-GPU tests (tests/test_gpu.py) on the emulation
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.join(HERE, "gpu_emulator", "test_emulated_suite.py"),
+                           os.path.join(HERE, "test_gpu.py")],
+                          cwd=os.path.join(HERE, "gpu_emulator"), env=env,
+                          capture_output=True, text=True, timeout=900)
+    # every GPU test must have run (none skipped for want of a device)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
