@@ -130,16 +130,16 @@ __global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, l
 
 // One block per channel: sum the channel's M partials (thread-strided, then a
 // fixed tree), then mean, invstd, the running statistics and the constants of
-// the normalizing pass.  RT: dtype of the running statistics.
-template <typename T, typename RT>
+// the normalizing pass.  PT: dtype of weight, bias and the running statistics.
+template <typename T, typename PT>
 __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inner, int M,
                                   const double* __restrict__ part_s1,
                                   const double* __restrict__ part_s2, double N, double eps,
-                                  const double* __restrict__ weight,
-                                  const double* __restrict__ bias, RT* running_mean,
-                                  RT* running_var, double momentum, int unbiased,
-                                  double* __restrict__ mean, double* __restrict__ invstd,
-                                  double* __restrict__ scale, double* __restrict__ shift) {
+                                  const PT* __restrict__ weight, const PT* __restrict__ bias,
+                                  PT* running_mean, PT* running_var, double momentum,
+                                  int unbiased, double* __restrict__ mean,
+                                  double* __restrict__ invstd, double* __restrict__ scale,
+                                  double* __restrict__ shift) {
     __shared__ double sa[BN_THREADS];
     __shared__ double sb[BN_THREADS];
     int c = blockIdx.x;
@@ -159,32 +159,31 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
         double inv = 1.0 / sqrt(var + eps);
         mean[c] = mu;
         invstd[c] = inv;
-        scale[c] = inv * (weight ? weight[c] : 1.0);
-        shift[c] = bias ? bias[c] : 0.0;
+        scale[c] = inv * (weight ? bn_ld(weight + c) : 1.0);
+        shift[c] = bias ? bn_ld(bias + c) : 0.0;
         if (running_mean) {
             double vr = unbiased ? m2 / (N - 1.0) : var;
-            double rm = (double)running_mean[c], rv = (double)running_var[c];
-            running_mean[c] = (RT)((1.0 - momentum) * rm + momentum * mu);
-            running_var[c] = (RT)((1.0 - momentum) * rv + momentum * vr);
+            double rm = bn_ld(running_mean + c), rv = bn_ld(running_var + c);
+            bn_st(running_mean + c, (1.0 - momentum) * rm + momentum * mu);
+            bn_st(running_var + c, (1.0 - momentum) * rv + momentum * vr);
         }
     }
 }
 
 // Inference: the statistics are the running ones.
-template <typename RT>
-__global__ void bn_prepare_eval(int C, const RT* __restrict__ running_mean,
-                                const RT* __restrict__ running_var, double eps,
-                                const double* __restrict__ weight,
-                                const double* __restrict__ bias, double* __restrict__ mean,
-                                double* __restrict__ invstd, double* __restrict__ scale,
-                                double* __restrict__ shift) {
+template <typename PT>
+__global__ void bn_prepare_eval(int C, const PT* __restrict__ running_mean,
+                                const PT* __restrict__ running_var, double eps,
+                                const PT* __restrict__ weight, const PT* __restrict__ bias,
+                                double* __restrict__ mean, double* __restrict__ invstd,
+                                double* __restrict__ scale, double* __restrict__ shift) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    double inv = 1.0 / sqrt((double)running_var[c] + eps);
-    mean[c] = (double)running_mean[c];
+    double inv = 1.0 / sqrt(bn_ld(running_var + c) + eps);
+    mean[c] = bn_ld(running_mean + c);
     invstd[c] = inv;
-    scale[c] = inv * (weight ? weight[c] : 1.0);
-    shift[c] = bias ? bias[c] : 0.0;
+    scale[c] = inv * (weight ? bn_ld(weight + c) : 1.0);
+    shift[c] = bias ? bn_ld(bias + c) : 0.0;
 }
 
 // ---------------------------------------------------------------- elementwise
@@ -318,14 +317,14 @@ __global__ void bn_dy_sums_rows(const T* __restrict__ dy, const T* __restrict__ 
 }
 
 // One block per channel: sum(dy), sum(dy (x - mean)), the parameter gradients
-// and the constants of dx = g ((dy - a) - (x - mean) k).
+// (stored in PT: weight's dtype) and the constants of dx = g ((dy - a) - (x - mean) k).
+template <typename PT>
 __global__ void bn_finalize_backward(int C, int M, const double* __restrict__ part_a,
                                      const double* __restrict__ part_b, double N, int training,
                                      const double* __restrict__ invstd,
-                                     const double* __restrict__ weight,
-                                     double* __restrict__ sum_dy, double* __restrict__ sum_dyx,
-                                     double* __restrict__ g, double* __restrict__ a,
-                                     double* __restrict__ k) {
+                                     const PT* __restrict__ weight, PT* __restrict__ dweight,
+                                     PT* __restrict__ dbias, double* __restrict__ g,
+                                     double* __restrict__ a, double* __restrict__ k) {
     __shared__ double sa[BN_THREADS];
     __shared__ double sb[BN_THREADS];
     int c = blockIdx.x;
@@ -337,9 +336,9 @@ __global__ void bn_finalize_backward(int C, int M, const double* __restrict__ pa
     bn_block_sum2(s1, s2, sa, sb);
     if (threadIdx.x == 0) {
         double inv = invstd[c];
-        sum_dy[c] = s1;
-        sum_dyx[c] = s2;
-        g[c] = inv * (weight ? weight[c] : 1.0);
+        bn_st(dweight + c, s2 * inv);
+        bn_st(dbias + c, s1);
+        g[c] = inv * (weight ? bn_ld(weight + c) : 1.0);
         a[c] = training ? s1 / N : 0.0;
         k[c] = training ? inv * inv * s2 / N : 0.0;
     }
@@ -465,14 +464,6 @@ template __global__ void bn_stats_planes<unsigned short>(const unsigned short*, 
 template __global__ void bn_stats_rows<float>(const float*, long long, int, long long, long long, int, double*, double*);
 template __global__ void bn_stats_rows<double>(const double*, long long, int, long long, long long, int, double*, double*);
 template __global__ void bn_stats_rows<unsigned short>(const unsigned short*, long long, int, long long, long long, int, double*, double*);
-template __global__ void bn_finalize_train<float, float>(const float*, int, long long, int, const double*, const double*, double, double, const double*, const double*, float*, float*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<float, double>(const float*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<double, float>(const double*, int, long long, int, const double*, const double*, double, double, const double*, const double*, float*, float*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<double, double>(const double*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<unsigned short, float>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const double*, const double*, float*, float*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<unsigned short, double>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
-template __global__ void bn_prepare_eval<float>(int, const float*, const float*, double, const double*, const double*, double*, double*, double*, double*);
-template __global__ void bn_prepare_eval<double>(int, const double*, const double*, double, const double*, const double*, double*, double*, double*, double*);
 template __global__ void bn_dy_sums_planes<float>(const float*, const float*, long long, int, long long, int, const double*, double*, double*);
 template __global__ void bn_dy_sums_planes<double>(const double*, const double*, long long, int, long long, int, const double*, double*, double*);
 template __global__ void bn_dy_sums_planes<unsigned short>(const unsigned short*, const unsigned short*, long long, int, long long, int, const double*, double*, double*);
@@ -491,3 +482,13 @@ template __global__ void bn_dx_planes<unsigned short>(const unsigned short*, con
 template __global__ void bn_dx_rows<float>(const float*, const float*, float*, long long, long long, long long, const double*, const double*, const double*, const double*);
 template __global__ void bn_dx_rows<double>(const double*, const double*, double*, long long, long long, long long, const double*, const double*, const double*, const double*);
 template __global__ void bn_dx_rows<unsigned short>(const unsigned short*, const unsigned short*, unsigned short*, long long, long long, long long, const double*, const double*, const double*, const double*);
+template __global__ void bn_finalize_train<float, float>(const float*, int, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<float, double>(const float*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<double, float>(const double*, int, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<double, double>(const double*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<unsigned short, float>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<unsigned short, double>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_prepare_eval<float>(int, const float*, const float*, double, const float*, const float*, double*, double*, double*, double*);
+template __global__ void bn_finalize_backward<float>(int, int, const double*, const double*, double, int, const double*, const float*, float*, float*, double*, double*, double*);
+template __global__ void bn_prepare_eval<double>(int, const double*, const double*, double, const double*, const double*, double*, double*, double*, double*);
+template __global__ void bn_finalize_backward<double>(int, int, const double*, const double*, double, int, const double*, const double*, double*, double*, double*, double*, double*);

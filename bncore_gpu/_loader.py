@@ -33,7 +33,7 @@ def source(filename: str) -> str:
 
 def module(filename: str, names: Sequence[str]) -> "cupy.RawModule":
     """The compiled module of `filename` on the current device."""
-    key = (cupy.cuda.Device().id, filename)
+    key = (cupy.cuda.runtime.getDevice(), filename)
     mod = _modules.get(key)
     if mod is None:
         with _lock:
@@ -47,7 +47,7 @@ def module(filename: str, names: Sequence[str]) -> "cupy.RawModule":
 
 def kernel(filename: str, names: Sequence[str], name: str) -> "cupy.RawKernel":
     """Kernel `name` (a plain or templated name listed in `names`)."""
-    dev = cupy.cuda.Device().id
+    dev = cupy.cuda.runtime.getDevice()
     key = (dev, filename, name)
     fn = _functions.get(key)
     if fn is None:
@@ -56,8 +56,15 @@ def kernel(filename: str, names: Sequence[str], name: str) -> "cupy.RawKernel":
     return fn
 
 
+_sms: Dict[int, int] = {}
+
+
 def sm_count() -> int:
     """Streaming multiprocessors of the current device (for grid sizes that
-    never change a result)."""
-    dev = cupy.cuda.Device()
-    return int(dev.attributes["MultiProcessorCount"])
+    never change a result); read once per device (the attribute query is slow)."""
+    dev = cupy.cuda.runtime.getDevice()
+    n = _sms.get(dev)
+    if n is None:
+        n = _sms[dev] = int(cupy.cuda.runtime.deviceGetAttribute(
+            cupy.cuda.runtime.cudaDevAttrMultiProcessorCount, dev))
+    return n

@@ -120,6 +120,24 @@ __global__ void mt_sgd(const long long* table, int nops, int n, long long nchunk
 }
 
 // ---------------------------------------------------------------- Adam
+
+struct AdamConst {
+    double beta1, beta2, eps, eps_root, c_in, c_out, step_size, wd, decay, post, inv;
+};
+
+// one float32 element of the vectorized path (no AMSGrad): the same float64
+// arithmetic as the scalar loop, one rounding per stored value
+__device__ __forceinline__ void adam_elem(const AdamConst& k, float& p, float g, float& m,
+                                          float& v) {
+    double x = (double)p;
+    double gr = (double)g * k.inv + k.wd * x;
+    double mm = k.beta1 * (double)m + (1.0 - k.beta1) * gr;
+    double vv = k.beta2 * (double)v + (1.0 - k.beta2) * gr * gr;
+    m = (float)mm;
+    v = (float)vv;
+    double den = sqrt(vv * k.c_in * k.c_out + k.eps_root) + k.eps;
+    p = (float)((x * k.decay - k.step_size * mm / den) * k.post);
+}
 // eps_mode 0 (torch, optax): p -= lr/bc1 * m / (sqrt(vm * c_out + eps_root) + eps)
 // eps_mode 2 (Keras, ONNX):  p -= lr sqrt(bc2)/bc1 * m / (sqrt(vm) + eps)
 // AMSGrad: vm = max(vmax, v * c_in): c_in = 1 (torch, Keras) or 1/bc2 (optax).
@@ -130,7 +148,7 @@ __global__ void mt_adam(const long long* table, int nops, int n, long long nchun
                         double weight_decay, int decoupled, double post, int amsgrad,
                         int amsgrad_corrected, int eps_mode, double sign, double inv_scale,
                         const double* grad_scale, const double* found_inf, const double* step,
-                        double step_host, double bias_offset) {
+                        double step_host, double bias_offset, int vec4) {
     if (mt_skip(found_inf)) return;
     MtTable tb{table, nops, n, nchunks};
     double inv = mt_inv_scale(grad_scale, inv_scale) * sign;
@@ -153,6 +171,7 @@ __global__ void mt_adam(const long long* table, int nops, int n, long long nchun
     }
     double wd = decoupled ? 0.0 : weight_decay;
     double decay = decoupled ? 1.0 - lr * weight_decay : 1.0;
+    AdamConst k{beta1, beta2, eps, eps_root, c_in, c_out, step_size, wd, decay, post, inv};
     for (long long c = blockIdx.x; c < nchunks; c += gridDim.x) {
         long long ti = tb.tensor(c), off = tb.offset(c), len = mt_len(tb, c);
         P* __restrict__ p = (P*)tb.ptr(0, ti) + off;
@@ -160,7 +179,28 @@ __global__ void mt_adam(const long long* table, int nops, int n, long long nchun
         P* __restrict__ m = (P*)tb.ptr(2, ti) + off;
         P* __restrict__ v = (P*)tb.ptr(3, ti) + off;
         P* __restrict__ vmax = amsgrad ? (P*)tb.ptr(4, ti) + off : nullptr;
-        for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
+        long long i0 = 0;
+        if constexpr (sizeof(P) == 4 && sizeof(G) == 4) {
+            // float32: 16-byte loads and stores when every tensor starts 16-byte
+            // aligned (the host checks; chunk starts are 64 KiB apart), the tail
+            // one by one
+            if (vmax == nullptr && vec4) {
+                long long len4 = len / 4;
+                for (long long q = threadIdx.x; q < len4; q += MT_THREADS) {
+                    float4 x4 = ((float4*)p)[q], g4 = ((const float4*)g)[q];
+                    float4 m4 = ((float4*)m)[q], v4 = ((float4*)v)[q];
+                    adam_elem(k, x4.x, g4.x, m4.x, v4.x);
+                    adam_elem(k, x4.y, g4.y, m4.y, v4.y);
+                    adam_elem(k, x4.z, g4.z, m4.z, v4.z);
+                    adam_elem(k, x4.w, g4.w, m4.w, v4.w);
+                    ((float4*)p)[q] = x4;
+                    ((float4*)m)[q] = m4;
+                    ((float4*)v)[q] = v4;
+                }
+                i0 = len4 * 4;
+            }
+        }
+        for (long long i = i0 + threadIdx.x; i < len; i += MT_THREADS) {
             double x = mt_ld(p + i);
             double gr = mt_ld(g + i) * inv + wd * x;
             double mm = beta1 * mt_ld(m + i) + (1.0 - beta1) * gr;
@@ -428,9 +468,9 @@ __global__ void mt_any(long long nchunks, const double* part, double* found) {
 template __global__ void mt_sgd<float, float>(const long long*, int, int, long long, double, double, double, int, int, double, int, double, double, const double*, const double*, const double*, int);
 template __global__ void mt_sgd<double, double>(const long long*, int, int, long long, double, double, double, int, int, double, int, double, double, const double*, const double*, const double*, int);
 template __global__ void mt_sgd<float, unsigned short>(const long long*, int, int, long long, double, double, double, int, int, double, int, double, double, const double*, const double*, const double*, int);
-template __global__ void mt_adam<float, float>(const long long*, int, int, long long, double, double, double, double, double, double, int, double, int, int, int, double, double, const double*, const double*, const double*, double, double);
-template __global__ void mt_adam<double, double>(const long long*, int, int, long long, double, double, double, double, double, double, int, double, int, int, int, double, double, const double*, const double*, const double*, double, double);
-template __global__ void mt_adam<float, unsigned short>(const long long*, int, int, long long, double, double, double, double, double, double, int, double, int, int, int, double, double, const double*, const double*, const double*, double, double);
+template __global__ void mt_adam<float, float>(const long long*, int, int, long long, double, double, double, double, double, double, int, double, int, int, int, double, double, const double*, const double*, const double*, double, double, int);
+template __global__ void mt_adam<double, double>(const long long*, int, int, long long, double, double, double, double, double, double, int, double, int, int, int, double, double, const double*, const double*, const double*, double, double, int);
+template __global__ void mt_adam<float, unsigned short>(const long long*, int, int, long long, double, double, double, double, double, double, int, double, int, int, int, double, double, const double*, const double*, const double*, double, double, int);
 template __global__ void mt_rmsprop<float, float>(const long long*, int, int, long long, double, double, double, double, double, int, double, int, double, double, const double*, const double*);
 template __global__ void mt_rmsprop<double, double>(const long long*, int, int, long long, double, double, double, double, double, int, double, int, double, double, const double*, const double*);
 template __global__ void mt_rmsprop<float, unsigned short>(const long long*, int, int, long long, double, double, double, double, double, int, double, int, double, double, const double*, const double*);

@@ -27,9 +27,9 @@ CTYPES = {_F16: "unsigned short", _F32: "float", _F64: "double"}
 class Table:
     """A validated multi-tensor call: device table, counts, dtypes, the arrays."""
 
-    __slots__ = ("device", "nops", "n", "nchunks", "pdtype", "gdtype", "arrays")
+    __slots__ = ("device", "nops", "n", "nchunks", "pdtype", "gdtype", "arrays", "ptrs")
 
-    def __init__(self, device, nops, n, nchunks, pdtype, gdtype, arrays):
+    def __init__(self, device, nops, n, nchunks, pdtype, gdtype, arrays, ptrs):
         self.device = device
         self.nops = nops
         self.n = n
@@ -37,6 +37,11 @@ class Table:
         self.pdtype = pdtype
         self.gdtype = gdtype
         self.arrays = arrays
+        self.ptrs = ptrs
+
+    def aligned16(self, nops: int) -> bool:
+        """Every tensor of the first `nops` operands starts on a 16-byte boundary."""
+        return bool(all((p % 16 == 0).all() for p in self.ptrs[:nops]))
 
     def args(self):
         return (self.device, np.int32(self.nops), np.int32(self.n), np.int64(self.nchunks))
@@ -152,7 +157,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
     ptrs = [zeros if info is None else info.ptrs for info in infos]
     host = np.concatenate(ptrs + [sizes, np.stack([tensor, offset], axis=1).reshape(-1)])
     arrays = [None if info is None else info.arrays for info in infos]
-    return Table(_upload(host), len(infos), n, nchunks, pdtype, gdtype, arrays)
+    return Table(_upload(host), len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs)
 
 
 def _check_aliasing(infos, names, writes) -> None:

@@ -35,14 +35,15 @@ _F64 = np.dtype(np.float64)
 
 def _names():
     names = ["bn_stats_planes_vec4", "bn_apply_planes_vec4", "bn_dx_planes_vec4",
-             "bn_dy_sums_planes_vec4", "bn_finalize_backward"]
+             "bn_dy_sums_planes_vec4"]
     for t in _CTYPES.values():
         for k in ("bn_stats_planes", "bn_stats_rows", "bn_apply_planes", "bn_apply_rows",
                   "bn_dy_sums_planes", "bn_dy_sums_rows", "bn_dx_planes", "bn_dx_rows"):
             names.append(f"{k}<{t}>")
-        for rt in ("float", "double"):
-            names.append(f"bn_finalize_train<{t}, {rt}>")
-    names += ["bn_prepare_eval<float>", "bn_prepare_eval<double>"]
+        for pt in ("float", "double"):
+            names.append(f"bn_finalize_train<{t}, {pt}>")
+    for pt in ("float", "double"):
+        names += [f"bn_prepare_eval<{pt}>", f"bn_finalize_backward<{pt}>"]
     return tuple(names)
 
 
@@ -65,12 +66,21 @@ def _vec64(v):
     return cupy.ascontiguousarray(v, dtype=_F64)
 
 
-def _running(v):
-    """Running statistics as the kernels update them: C-contiguous float32 or
-    float64; anything else goes through a float64 copy written back after."""
-    if v is None or (v.dtype in (np.dtype(np.float32), _F64) and v.flags.c_contiguous):
+_F32 = np.dtype(np.float32)
+
+
+def _param_dtype(*vectors) -> np.dtype:
+    """The one dtype the kernels read weight, bias and running statistics in:
+    float64 if any of them is float64, else float32."""
+    return _F64 if any(v is not None and v.dtype == _F64 for v in vectors) else _F32
+
+
+def _as_param(v, pt):
+    """v in dtype pt, C-contiguous: itself when it already is, else a copy
+    (running statistics are then written back by the caller)."""
+    if v is None or (v.dtype == pt and v.flags.c_contiguous):
         return v
-    return cupy.ascontiguousarray(v, dtype=_F64)
+    return cupy.ascontiguousarray(v, dtype=pt)
 
 
 def _vec4_ok(*arrays) -> bool:
@@ -104,8 +114,7 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
     ct = _CTYPES[a.dtype]
     if inner >= ROWS_MIN_INNER:
         G = _planes_grid(C, outer)
-        s1 = cupy.empty(C * G, _F64)
-        s2 = cupy.empty(C * G, _F64)
+        s1, s2 = cupy.empty((2, C * G), _F64)
         vec = inner % 4 == 0 and _vec4_ok(a, *(() if b is None else (b,)))
         grid, block = (G, C), (256,)
         inner_arg = np.int64(inner // 4 if vec else inner)
@@ -120,8 +129,7 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
         return s1, s2, G
     P = C * inner
     ncol, nrb, R = _rows_grid(outer, P)
-    s1 = cupy.empty(P * nrb, _F64)
-    s2 = cupy.empty(P * nrb, _F64)
+    s1, s2 = cupy.empty((2, P * nrb), _F64)
     grid, block = (ncol, nrb), (32, 8)
     if kind == "stats":
         _kernel(f"bn_stats_rows<{ct}>")(grid, block, (a, np.int64(outer), np.int32(C),
@@ -170,39 +178,30 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
     target = out if (out is not None and view.has_layout(out)) else view.empty(x.dtype, cupy)
-    mean = cupy.empty(C, _F64)
-    invstd = cupy.empty(C, _F64)
+    stats = cupy.empty((4, C), _F64)          # mean, invstd, scale, shift: one allocation
+    mean, invstd, scale, shift = stats[0], stats[1], stats[2], stats[3]
     if C:
-        scale = cupy.empty(C, _F64)
-        shift = cupy.empty(C, _F64)
-        w64, b64 = _vec64(weight), _vec64(bias)
-        rm, rv = _running(running_mean), _running(running_var)
+        pt = _param_dtype(weight, bias, running_mean, running_var)
+        w, b = _as_param(weight, pt), _as_param(bias, pt)
+        rm, rv = _as_param(running_mean, pt), _as_param(running_var, pt)
+        ptn = _CTYPES[pt]
         xf = view.flat(xk)
         if training:
             s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
-            rt = "double" if rm is None or rm.dtype == _F64 else "float"
-            if rm is not None and rv.dtype != rm.dtype:
-                rv_k = rv.astype(rm.dtype)            # one dtype for both in the kernel
-            else:
-                rv_k = rv
-            _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {rt}>")(
+            _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {ptn}>")(
                 (C,), (256,), (xf, np.int32(C), np.int64(view.inner), np.int32(M), s1, s2,
-                               np.float64(n), np.float64(eps), _ptr(w64), _ptr(b64), _ptr(rm),
-                               _ptr(rv_k), np.float64(momentum),
+                               np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm),
+                               _ptr(rv), np.float64(momentum),
                                np.int32(bool(unbiased_running_var)), mean, invstd, scale,
                                shift))
-            if rv_k is not rv:
-                rv[...] = rv_k
+            if rm is not running_mean:
+                running_mean[...] = rm
+            if rv is not running_var:
+                running_var[...] = rv
         else:
-            rt = "double" if rm.dtype == _F64 else "float"
-            rv_k = rv if rv.dtype == rm.dtype else rv.astype(rm.dtype)
-            _kernel(f"bn_prepare_eval<{rt}>")((-(-C // 256),), (256,),
-                                              (np.int32(C), rm, rv_k, np.float64(eps), _ptr(w64),
-                                               _ptr(b64), mean, invstd, scale, shift))
-        if training and rm is not running_mean:
-            running_mean[...] = rm
-        if training and rv is not running_var:
-            running_var[...] = rv
+            _kernel(f"bn_prepare_eval<{ptn}>")((-(-C // 256),), (256,),
+                                              (np.int32(C), rm, rv, np.float64(eps), _ptr(w),
+                                               _ptr(b), mean, invstd, scale, shift))
         if x.size:
             _elementwise("apply", (xf,), view.flat(target), view.outer, C, view.inner,
                          (mean, scale, shift))
@@ -227,38 +226,36 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     dyk = view.arrange(dy, cupy)
     target = (dx_out if (dx_out is not None and view.has_layout(dx_out))
               else view.empty(x.dtype, cupy))
-    sum_dy = cupy.zeros(C, _F64)
-    sum_dyx = cupy.zeros(C, _F64)
+    # dweight and dbias come back in weight's dtype (x's without weight); the
+    # kernel writes float32 or float64, other dtypes go through a cast
+    pdtype = weight.dtype if weight is not None else x.dtype
+    kdtype = pdtype if pdtype in (_F32, _F64) else _F32
+    grads = cupy.zeros((2, C), kdtype)
+    dweight, dbias = grads[0], grads[1]
     mean64, invstd64 = _vec64(mean), _vec64(invstd)
     if C and x.size:
         xf, dyf = view.flat(xk), view.flat(dyk)
         a_part, b_part, M = _partial_sums("dy", dyf, xf, view.outer, C, view.inner, mean64)
-        g = cupy.empty(C, _F64)
-        a = cupy.empty(C, _F64)
-        k = cupy.empty(C, _F64)
-        _kernel("bn_finalize_backward")((C,), (256,),
-                                        (np.int32(C), np.int32(M), a_part, b_part, np.float64(n),
-                                         np.int32(bool(training)), invstd64,
-                                         _ptr(_vec64(weight)), sum_dy, sum_dyx, g, a, k))
+        consts = cupy.empty((3, C), _F64)
+        w = _as_param(weight, kdtype)
+        _kernel(f"bn_finalize_backward<{_CTYPES[kdtype]}>")(
+            (C,), (256,), (np.int32(C), np.int32(M), a_part, b_part, np.float64(n),
+                           np.int32(bool(training)), invstd64, _ptr(w), dweight, dbias,
+                           consts[0], consts[1], consts[2]))
         _elementwise("dx", (dyf, xf), view.flat(target), view.outer, C, view.inner,
-                     (mean64, g, a, k))
+                     (mean64, consts[0], consts[1], consts[2]))
     if dx_out is None:
         dx = target
     else:
         if target is not dx_out:
             cupy.copyto(dx_out, target)
         dx = dx_out
-    pdtype = weight.dtype if weight is not None else x.dtype
-    dweight = sum_dyx * invstd64
+    if kdtype != pdtype:
+        dweight, dbias = dweight.astype(pdtype), dbias.astype(pdtype)
     if dw_out is not None:
         dw_out[...] = dweight
         dweight = dw_out
-    else:
-        dweight = dweight.astype(pdtype, copy=False)
     if db_out is not None:
-        db_out[...] = sum_dy
+        db_out[...] = dbias
         dbias = db_out
-    else:
-        dbias = sum_dy.astype(pdtype, copy=False)
     return dx, dweight, dbias
-

@@ -177,7 +177,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, lr: float = 1e-3,
             np.int32(bool(decoupled_weight_decay)), np.float64(1.0 - weight_decay_post),
             np.int32(bool(amsgrad)), np.int32(eps_style == "optax"),
             np.int32(2 if eps_style == "hat" else 0), np.float64(-1.0 if maximize else 1.0),
-            np.float64(inv), scale_ptr, found_ptr, t_ptr, np.float64(host_t), np.float64(0.0))
+            np.float64(inv), scale_ptr, found_ptr, t_ptr, np.float64(host_t), np.float64(0.0),
+            np.int32(t.aligned16(4)))
 
 
 def rmsprop_step(params, grads, square_avgs, *, lr: float = 1e-2, alpha: float = 0.99,

@@ -162,14 +162,15 @@ def dy_sums_rows(grid, block, dy, x, outer, C, inner, R, nRB, mean, pa, pb):
 E["bn_dy_sums_rows"] = dy_sums_rows
 
 
-def finalize_backward(grid, block, C, M, pa, pb, N, training, invstd, w, sum_dy, sum_dyx, g, a, k):
+def finalize_backward(grid, block, C, M, pa, pb, N, training, invstd, w, dweight, dbias, g, a,
+                      k):
     C, M = int(C), int(M)
     S1 = _a(pa).reshape(C, M).sum(axis=1)
     S2 = _a(pb).reshape(C, M).sum(axis=1)
     inv = _a(invstd)
-    _a(sum_dy)[:] = S1
-    _a(sum_dyx)[:] = S2
-    _a(g)[:] = inv * (1.0 if _null(w) else _a(w))
+    _store(dweight, S2 * inv)
+    _store(dbias, S1)
+    _a(g)[:] = inv * (1.0 if _null(w) else _f64(w))
     _a(a)[:] = S1 / N if training else 0.0
     _a(k)[:] = inv * inv * S2 / N if training else 0.0
 
@@ -287,7 +288,7 @@ E["mt_sgd"] = mt_sgd
 
 def mt_adam(grid, block, table, nops, n, nchunks, lr, beta1, beta2, eps, eps_root, weight_decay,
             decoupled, post, amsgrad, amsgrad_corrected, eps_mode, sign, inv_scale, grad_scale,
-            found_inf, step, step_host, bias_offset):
+            found_inf, step, step_host, bias_offset, vec4):
     inv = _amp(inv_scale, grad_scale, found_inf)
     if inv is None:
         return

@@ -14,9 +14,19 @@ def Device(*args):  # noqa: N802 - CuPy's spelling
 
 
 class runtime:  # noqa: N801
+    cudaDevAttrMultiProcessorCount = 16
+
     @staticmethod
     def getDeviceCount():  # noqa: N802
         return 1
+
+    @staticmethod
+    def getDevice():  # noqa: N802
+        return 0
+
+    @staticmethod
+    def deviceGetAttribute(attr, dev):  # noqa: N802
+        return 4
 
 
 class Event:
