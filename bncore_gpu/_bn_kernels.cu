@@ -457,6 +457,152 @@ __global__ void bn_dy_sums_planes_vec4(const float4* __restrict__ dy, const floa
     }
 }
 
+// ---------------------------------------------------------------- rows, float4
+//
+// The rows kernels for float32 with C * inner a multiple of 4 (channels-last
+// with C % 4 == 0): each thread owns one float4 column (4 consecutive
+// elements of a row) and walks down the rows, so a warp moves 512 bytes per
+// row step. A block of 256 threads covers TC float4 columns (TC = 256, or
+// P4 = C * inner / 4 when that divides 256) and RPI = 256 / TC rows per step.
+// Partials have the scalar rows layout: column j = 4 * j4 + e, [j * nRB + rb].
+
+__device__ __forceinline__ float bn_f4(const float4& v, int e) {
+    return e == 0 ? v.x : (e == 1 ? v.y : (e == 2 ? v.z : v.w));
+}
+
+__global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer,
+                                   long long inner, long long P4, int TC, long long R, int nRB,
+                                   double* __restrict__ part_s1, double* __restrict__ part_s2) {
+    __shared__ double sm[8][BN_THREADS];
+    int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
+    long long j4 = (long long)blockIdx.x * TC + col;
+    int rb = blockIdx.y;
+    long long r0 = (long long)rb * R;
+    long long r1 = r0 + R < outer ? r0 + R : outer;
+    double a[4] = {0.0, 0.0, 0.0, 0.0}, b[4] = {0.0, 0.0, 0.0, 0.0};
+    if (j4 < P4) {
+        const float* xf = (const float*)x;
+        double K[4];
+        for (int e = 0; e < 4; ++e) K[e] = (double)xf[((4 * j4 + e) / inner) * inner];
+        for (long long r = r0 + phase; r < r1; r += RPI) {
+            float4 v = x[r * P4 + j4];
+            for (int e = 0; e < 4; ++e) {
+                double d = (double)bn_f4(v, e) - K[e];
+                a[e] += d;
+                b[e] += d * d;
+            }
+        }
+    }
+    for (int e = 0; e < 4; ++e) {
+        sm[e][threadIdx.x] = a[e];
+        sm[4 + e][threadIdx.x] = b[e];
+    }
+    __syncthreads();
+    for (int w = RPI / 2; w > 0; w >>= 1) {             // fixed tree over the row phases
+        if (phase < w)
+            for (int q = 0; q < 8; ++q) sm[q][threadIdx.x] += sm[q][threadIdx.x + w * TC];
+        __syncthreads();
+    }
+    if (phase == 0 && j4 < P4)
+        for (int e = 0; e < 4; ++e) {
+            part_s1[(4 * j4 + e) * nRB + rb] = sm[e][threadIdx.x];
+            part_s2[(4 * j4 + e) * nRB + rb] = sm[4 + e][threadIdx.x];
+        }
+}
+
+__global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
+                                     long long outer, long long inner, long long P4, int TC,
+                                     long long R, int nRB, const double* __restrict__ mean,
+                                     double* __restrict__ part_a, double* __restrict__ part_b) {
+    __shared__ double sm[8][BN_THREADS];
+    int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
+    long long j4 = (long long)blockIdx.x * TC + col;
+    int rb = blockIdx.y;
+    long long r0 = (long long)rb * R;
+    long long r1 = r0 + R < outer ? r0 + R : outer;
+    double a[4] = {0.0, 0.0, 0.0, 0.0}, b[4] = {0.0, 0.0, 0.0, 0.0};
+    if (j4 < P4) {
+        double mu[4];
+        for (int e = 0; e < 4; ++e) mu[e] = mean[(4 * j4 + e) / inner];
+        for (long long r = r0 + phase; r < r1; r += RPI) {
+            float4 g = dy[r * P4 + j4], v = x[r * P4 + j4];
+            for (int e = 0; e < 4; ++e) {
+                double gv = (double)bn_f4(g, e);
+                a[e] += gv;
+                b[e] += gv * ((double)bn_f4(v, e) - mu[e]);
+            }
+        }
+    }
+    for (int e = 0; e < 4; ++e) {
+        sm[e][threadIdx.x] = a[e];
+        sm[4 + e][threadIdx.x] = b[e];
+    }
+    __syncthreads();
+    for (int w = RPI / 2; w > 0; w >>= 1) {
+        if (phase < w)
+            for (int q = 0; q < 8; ++q) sm[q][threadIdx.x] += sm[q][threadIdx.x + w * TC];
+        __syncthreads();
+    }
+    if (phase == 0 && j4 < P4)
+        for (int e = 0; e < 4; ++e) {
+            part_a[(4 * j4 + e) * nRB + rb] = sm[e][threadIdx.x];
+            part_b[(4 * j4 + e) * nRB + rb] = sm[4 + e][threadIdx.x];
+        }
+}
+
+__global__ void bn_apply_rows_vec4(const float4* __restrict__ x, float4* __restrict__ y,
+                                   long long outer, long long P4, long long inner, int TC,
+                                   const double* __restrict__ mean,
+                                   const double* __restrict__ scale,
+                                   const double* __restrict__ shift) {
+    int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
+    long long j4 = (long long)blockIdx.x * TC + col;
+    if (j4 >= P4) return;
+    double m[4], s[4], h[4];
+    for (int e = 0; e < 4; ++e) {
+        long long c = (4 * j4 + e) / inner;
+        m[e] = mean[c];
+        s[e] = scale[c];
+        h[e] = shift[c];
+    }
+    for (long long r = (long long)blockIdx.y * RPI + phase; r < outer;
+         r += (long long)gridDim.y * RPI) {
+        float4 v = x[r * P4 + j4], o;
+        o.x = (float)(((double)v.x - m[0]) * s[0] + h[0]);
+        o.y = (float)(((double)v.y - m[1]) * s[1] + h[1]);
+        o.z = (float)(((double)v.z - m[2]) * s[2] + h[2]);
+        o.w = (float)(((double)v.w - m[3]) * s[3] + h[3]);
+        y[r * P4 + j4] = o;
+    }
+}
+
+__global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
+                                float4* __restrict__ dx, long long outer, long long P4,
+                                long long inner, int TC, const double* __restrict__ mean,
+                                const double* __restrict__ g, const double* __restrict__ a,
+                                const double* __restrict__ k) {
+    int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
+    long long j4 = (long long)blockIdx.x * TC + col;
+    if (j4 >= P4) return;
+    double m[4], gc[4], ac[4], kc[4];
+    for (int e = 0; e < 4; ++e) {
+        long long c = (4 * j4 + e) / inner;
+        m[e] = mean[c];
+        gc[e] = g[c];
+        ac[e] = a[c];
+        kc[e] = k[c];
+    }
+    for (long long r = (long long)blockIdx.y * RPI + phase; r < outer;
+         r += (long long)gridDim.y * RPI) {
+        float4 d = dy[r * P4 + j4], v = x[r * P4 + j4], o;
+        o.x = (float)(gc[0] * (((double)d.x - ac[0]) - ((double)v.x - m[0]) * kc[0]));
+        o.y = (float)(gc[1] * (((double)d.y - ac[1]) - ((double)v.y - m[1]) * kc[1]));
+        o.z = (float)(gc[2] * (((double)d.z - ac[2]) - ((double)v.z - m[2]) * kc[2]));
+        o.w = (float)(gc[3] * (((double)d.w - ac[3]) - ((double)v.w - m[3]) * kc[3]));
+        dx[r * P4 + j4] = o;
+    }
+}
+
 // explicit instantiations, so nvcc --ptx checks every template this file offers
 template __global__ void bn_stats_planes<float>(const float*, long long, int, long long, int, double*, double*);
 template __global__ void bn_stats_planes<double>(const double*, long long, int, long long, int, double*, double*);

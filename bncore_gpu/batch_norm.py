@@ -35,7 +35,8 @@ _F64 = np.dtype(np.float64)
 
 def _names():
     names = ["bn_stats_planes_vec4", "bn_apply_planes_vec4", "bn_dx_planes_vec4",
-             "bn_dy_sums_planes_vec4"]
+             "bn_dy_sums_planes_vec4", "bn_stats_rows_vec4", "bn_dy_sums_rows_vec4",
+             "bn_apply_rows_vec4", "bn_dx_rows_vec4"]
     for t in _CTYPES.values():
         for k in ("bn_stats_planes", "bn_stats_rows", "bn_apply_planes", "bn_apply_rows",
                   "bn_dy_sums_planes", "bn_dy_sums_rows", "bn_dx_planes", "bn_dx_rows"):
@@ -101,6 +102,17 @@ def _rows_grid(outer: int, P: int) -> Tuple[int, int, int]:
     return ncol, nrb, R
 
 
+def _rows_vec4_tile(P: int, *arrays) -> int:
+    """Float4 columns per block of the rows vec4 kernels (0: use the scalar ones):
+    256, or P/4 when that divides 256; needs float32 and 16-byte alignment."""
+    if P % 4 or not _vec4_ok(*arrays):
+        return 0
+    P4 = P // 4
+    if P4 >= 256:
+        return 256
+    return P4 if 256 % P4 == 0 else 0
+
+
 def _elementwise_blocks(nplanes: int) -> int:
     # 8 warps per block, one plane per warp at a time (grid-stride)
     return max(1, min(-(-nplanes // 8), _loader.sm_count() * 16))
@@ -128,6 +140,21 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
                                         np.int32(G), mean, s1, s2))
         return s1, s2, G
     P = C * inner
+    TC = _rows_vec4_tile(P, a, *(() if b is None else (b,)))
+    if TC:
+        ntile = -(-(P // 4) // TC)
+        nrb = max(1, min(outer, -(-TARGET_BLOCKS // ntile), MAX_GRID_Y))
+        R = -(-outer // nrb)
+        nrb = -(-outer // R)
+        s1, s2 = cupy.empty((2, P * nrb), _F64)
+        grid, block = (ntile, nrb), (256,)
+        common = (np.int64(outer), np.int64(inner), np.int64(P // 4), np.int32(TC),
+                  np.int64(R), np.int32(nrb))
+        if kind == "stats":
+            _kernel("bn_stats_rows_vec4")(grid, block, (a, *common, s1, s2))
+        else:
+            _kernel("bn_dy_sums_rows_vec4")(grid, block, (a, b, *common, mean, s1, s2))
+        return s1, s2, inner * nrb
     ncol, nrb, R = _rows_grid(outer, P)
     s1, s2 = cupy.empty((2, P * nrb), _F64)
     grid, block = (ncol, nrb), (32, 8)
@@ -156,6 +183,15 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -
                                     *consts))
         return
     P = C * inner
+    TC = _rows_vec4_tile(P, dst, *srcs)
+    if TC:
+        ntile = -(-(P // 4) // TC)
+        rpi = 256 // TC
+        rows_y = max(1, min(-(-outer // rpi), MAX_GRID_Y, max(1, 8192 // ntile)))
+        name = f"bn_{'apply' if kind == 'apply' else 'dx'}_rows_vec4"
+        _kernel(name)((ntile, rows_y), (256,), (*srcs, dst, np.int64(outer), np.int64(P // 4),
+                                                np.int64(inner), np.int32(TC), *consts))
+        return
     ncol = -(-P // 32)
     rows_y = max(1, min(-(-outer // 8), MAX_GRID_Y, max(1, 8192 // ncol)))
     name = f"bn_{'apply' if kind == 'apply' else 'dx'}_rows<{ct}>"

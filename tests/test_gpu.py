@@ -139,12 +139,15 @@ def test_clip_grad_norm_stays_on_device_and_matches_cpu():
     assert all(bool(cupy.array_equal(x, y, equal_nan=True)) for x, y in zip(bad, before))
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "2D"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NHWC64", "2D", "2Dwide"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
 def test_batch_norm_is_deterministic_and_matches_cpu_on_offset_data(layout, dtype):
     rng = np.random.default_rng(7)
-    shape = {"NCHW": (16, 24, 20, 20), "NHWC": (16, 20, 20, 24), "2D": (512, 96)}[layout]
-    axis = -1 if layout == "NHWC" else 1
+    # NHWC64 and 2Dwide take the float4 rows kernels (C = 64: 16 float4 columns
+    # per block; C = 1024: 256), NHWC (C = 24) and 2D (C = 96) the scalar ones
+    shape = {"NCHW": (16, 24, 20, 20), "NHWC": (16, 20, 20, 24), "NHWC64": (8, 20, 20, 64),
+             "2D": (512, 96), "2Dwide": (300, 1024)}[layout]
+    axis = -1 if layout.startswith("NHWC") else 1
     C = shape[axis]
     bshape = [1] * len(shape)
     bshape[axis] = C

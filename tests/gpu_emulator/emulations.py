@@ -474,3 +474,41 @@ def mt_any(grid, block, nchunks, part, found):
 
 
 E["mt_any"] = mt_any
+
+
+# ---- rows, float4 (the same results as the scalar rows kernels, by construction)
+
+def _rows_vec4_check(grid, block, P4, TC):
+    _expect(block[0] == 256 and (TC == 256 or 256 % TC == 0), "rows_vec4 block/tile")
+    _expect(TC == 256 or TC == P4, "rows_vec4 tile must be 256 or P4")
+    _expect(grid[0] == -(-P4 // TC), "rows_vec4 grid.x")
+
+
+def stats_rows_vec4(grid, block, x, outer, inner, P4, TC, R, nRB, s1, s2):
+    _rows_vec4_check(grid, block, int(P4), int(TC))
+    P = 4 * int(P4)
+    stats_rows((-(-P // 32), int(nRB), 1), (32, 8, 1), x, outer, np.int32(P // int(inner)), inner,
+               R, nRB, s1, s2)
+
+
+def dy_sums_rows_vec4(grid, block, dy, x, outer, inner, P4, TC, R, nRB, mean, pa, pb):
+    _rows_vec4_check(grid, block, int(P4), int(TC))
+    P = 4 * int(P4)
+    dy_sums_rows(grid, block, dy, x, outer, np.int32(P // int(inner)), inner, R, nRB, mean, pa, pb)
+
+
+def apply_rows_vec4(grid, block, x, y, outer, P4, inner, TC, mean, scale, shift):
+    _rows_vec4_check(grid, block, int(P4), int(TC))
+    P = 4 * int(P4)
+    apply_rows((-(-P // 32), 1, 1), (32, 8, 1), x, y, outer, P, inner, mean, scale, shift)
+
+
+def dx_rows_vec4(grid, block, dy, x, dx, outer, P4, inner, TC, mean, g, a, k):
+    _rows_vec4_check(grid, block, int(P4), int(TC))
+    dx_rows(grid, block, dy, x, dx, outer, 4 * int(P4), inner, mean, g, a, k)
+
+
+E["bn_stats_rows_vec4"] = stats_rows_vec4
+E["bn_dy_sums_rows_vec4"] = dy_sums_rows_vec4
+E["bn_apply_rows_vec4"] = apply_rows_vec4
+E["bn_dx_rows_vec4"] = dx_rows_vec4
