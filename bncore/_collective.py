@@ -111,14 +111,15 @@ def agree(comm, error: Optional[BaseException], header: Sequence[float], what: s
     if not failed:
         return table[:, 1:]
     # Rare path: exchange the messages so that every rank can say what went wrong.
-    mine = None if error is None else (type(error).__name__, str(error),
+    mine = None if error is None else (what, type(error).__name__, str(error),
                                        isinstance(error, ValueError),
                                        isinstance(error, TypeError))
     msgs = comm.allgather(mine)
     r = failed[0]
-    name, msg, is_value, is_type = msgs[r]
+    # the failing rank's own wording, so that every rank raises the same message
+    its_what, name, msg, is_value, is_type = msgs[r]
     others = ", ".join(str(q) for q in failed[1:])
-    text = (f"{what} failed on rank {r} of {table.shape[0]}: {msg}"
+    text = (f"{its_what} failed on rank {r} of {table.shape[0]}: {msg}"
             + (f" (ranks {others} failed too)" if others else "")
             + ("" if is_value or is_type else f" [{name}]"))
     cls = ValueError if is_value else (TypeError if is_type else CollectiveError)

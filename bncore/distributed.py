@@ -332,7 +332,9 @@ def sync_batch_norm_backward(
         col.disagreement(table, 0, what="the channel count of x"),
         col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
         col.disagreement(table, 4, ("False", "True"), what="training"),
-        col.disagreement(table, 3, what="the CRC-32 of (mean, invstd)", exact_bits=True),
+        col.disagreement(table, 3, exact_bits=True,
+                         what="the CRC-32 of (mean, invstd) (pass the statistics "
+                              "sync_batch_norm_forward returned, identical on every rank)"),
     ]))
     N = float(np.sum(table[:, 2]))
     if training and N < 2:
@@ -412,7 +414,9 @@ class SyncBatchNorm(BatchNorm):
     def backward(self, dy, *, num_threads: Optional[int] = None) -> np.ndarray:
         """This rank's dx; grad_weight and grad_bias as ``weight_grads`` says."""
         if self._saved is None:
-            raise RuntimeError("backward() called before forward()")
+            # join the collective the other ranks are in, so that they raise too
+            col.agree(self.comm, RuntimeError("backward() called before forward()"),
+                      [0.0] * _HEADER, "SyncBatchNorm.backward")
         x, mean, invstd, batch_stats = self._saved
         dx, dw, db = sync_batch_norm_backward(dy, x, mean, invstd, self.weight,
                                               comm=self.comm, training=batch_stats,
