@@ -989,7 +989,7 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
                   Vec running_var, Vec weight, Vec bias, double eps, double momentum,
                   bint unbiased, double* mean, double* invstd, double* m2,
                   int nt) noexcept nogil:
-    cdef Py_ssize_t c, C = p.C, E = _expand_len(p)
+    cdef Py_ssize_t c, C = p.C
     cdef double n = <double>(p.outer * p.inner), var_run
     if training:
         if _mean_m2(x, p, mean, m2, nt) != 0:
@@ -1009,6 +1009,13 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
             mean[c] = _get(running_mean, c, 0.0)
             invstd[c] = 1.0 / sqrt(_get(running_var, c, 1.0) + eps)
             m2[c] = 0.0
+    return _normalize(x, y, p, mean, invstd, weight, bias, nt)
+
+
+cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
+                    const double* invstd, Vec weight, Vec bias, int nt) noexcept nogil:
+    """y = (x - mean) * (invstd * weight) + bias, in float64. Returns -1 when out of memory."""
+    cdef Py_ssize_t c, C = p.C, E = _expand_len(p)
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * C + 3 * E + 1))
     if buf == NULL:
         return -1
@@ -1020,7 +1027,7 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
-    if n > 0:
+    if p.outer * p.inner > 0:
         _affine(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, nt)
     free(buf)
     return 0
@@ -1066,31 +1073,53 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssi
 cdef int _backward(const real* dy, const real* x, real* dx, const Plan* p, bint training,
                    const double* mean, const double* invstd, Vec weight,
                    double* sum_dy, double* sum_dyx, int nt) noexcept nogil:
-    cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
+    if _sums(dy, x, p, mean, sum_dy, sum_dyx, nt) != 0:
+        return -1
+    return _input_grad(dy, x, dx, p, training, <double>(p.outer * p.inner), mean, invstd,
+                       weight, sum_dy, sum_dyx, nt)
+
+
+cdef int _sums(const real* dy, const real* x, const Plan* p, const double* mean,
+               double* sum_dy, double* sum_dyx, int nt) noexcept nogil:
+    """Per-channel sum(dy) and sum(dy * (x - mean)) (needs outer * inner >= 1)."""
+    cdef Py_ssize_t C = p.C, E = _expand_len(p)
     cdef Py_ssize_t nscr = 0 if p.rows else 2 * p.W * nt
-    cdef double n = <double>(p.outer * p.inner)
-    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + 3 * C
-                                                         + 4 * E + 1))
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + E + 1))
     if buf == NULL:
         return -1
     cdef double* pa = buf
     cdef double* pb = pa + p.nparts * C
     cdef double* scratch = pb + p.nparts * C
-    cdef double* g = scratch + nscr
+    cdef const double* e_mean = _expand_into(p, mean, scratch + nscr)
+    _dy_partials(dy, x, p, mean, e_mean, pa, pb, scratch, nt)
+    _combine_sums(p, pa, pb, sum_dy, sum_dyx, nt)
+    free(buf)
+    return 0
+
+
+cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bint training,
+                     double n, const double* mean, const double* invstd, Vec weight,
+                     const double* sum_dy, const double* sum_dyx, int nt) noexcept nogil:
+    """dx = g * ((dy - a) - (x - mean) * k): g = weight * invstd and, in training,
+    a = sum_dy / n, k = invstd^2 * sum_dyx / n (n: values per channel behind the sums)."""
+    cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
+    cdef double* buf = <double*>malloc(sizeof(double) * (3 * C + 4 * E + 1))
+    if buf == NULL:
+        return -1
+    cdef double* g = buf
     cdef double* a = g + C
     cdef double* k = a + C
     cdef double* e_buf = k + C
-    cdef const double* e_mean = _expand_into(p, mean, e_buf)
-    _dy_partials(dy, x, p, mean, e_mean, pa, pb, scratch, nt)
-    _combine_sums(p, pa, pb, sum_dy, sum_dyx, nt)
     for c in range(C):
         g[c] = invstd[c] * _get(weight, c, 1.0)
         a[c] = sum_dy[c] / n if training else 0.0
         k[c] = invstd[c] * invstd[c] * sum_dyx[c] / n if training else 0.0
+    cdef const double* e_mean = _expand_into(p, mean, e_buf)
     cdef const double* e_g = _expand_into(p, g, e_buf + E)
     cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)
     cdef const double* e_k = _expand_into(p, k, e_buf + 3 * E)
-    _dx(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, nt)
+    if p.outer * p.inner > 0:
+        _dx(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, nt)
     free(buf)
     return 0
 
@@ -1132,3 +1161,118 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     if rc != 0:
         raise MemoryError("bncore: out of memory for batch-norm scratch")
     return sum_dy, sum_dyx
+
+
+# --------------------------------------------------------------------------
+# Split entry points for synchronized batch norm (bncore/distributed.py):
+# the statistics and the backward sums are reduced across processes between
+# the kernel calls, so each step of forward() and backward() is exposed on
+# its own. They run the same nogil kernels, so a rank's partial results are
+# bitwise what the single-process drivers compute internally.
+
+def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int nthreads):
+    """Per-channel float64 (mean, m2) of x viewed as (outer, C, inner), without
+    normalizing; m2 = sum (x - mean)^2. Zeros when outer * inner == 0."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
+    cdef cnp.ndarray mean = _new_vec(C), m2 = _new_vec(C)
+    cdef double* pmean = <double*>cnp.PyArray_DATA(mean)
+    cdef double* pm2 = <double*>cnp.PyArray_DATA(m2)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef Py_ssize_t c
+    if C > 0 and outer * inner == 0:
+        for c in range(C):
+            pmean[c] = 0.0
+            pm2[c] = 0.0
+    elif C > 0:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            with nogil:
+                rc = _mean_m2(<const float*>px, &p, pmean, pm2, nt)
+        else:
+            with nogil:
+                rc = _mean_m2(<const double*>px, &p, pmean, pm2, nt)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for batch-norm scratch")
+    return mean, m2
+
+
+def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+              cnp.ndarray mean, cnp.ndarray invstd, weight, bias, int nthreads):
+    """y = (x - mean) * invstd * weight + bias with given float64 mean / invstd
+    (the elementwise half of forward); weight / bias may be None (1 / 0)."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
+    cdef double* m = <double*>cnp.PyArray_DATA(mean)
+    cdef double* s = <double*>cnp.PyArray_DATA(invstd)
+    cdef Vec w = _vec(weight)
+    cdef Vec b = _vec(bias)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    if C > 0:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            with nogil:
+                rc = _normalize(<const float*>px, <float*>py, &p, m, s, w, b, nt)
+        else:
+            with nogil:
+                rc = _normalize(<const double*>px, <double*>py, &p, m, s, w, b, nt)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for batch-norm scratch")
+
+
+def dy_sums(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
+            cnp.ndarray mean, int nthreads):
+    """Per-channel float64 (sum(dy), sum(dy * (x - mean))): the reduction half of
+    backward. Zeros when outer * inner == 0."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
+    cdef cnp.ndarray sum_dy = _new_vec(C), sum_dyx = _new_vec(C)
+    cdef double* psd = <double*>cnp.PyArray_DATA(sum_dy)
+    cdef double* psx = <double*>cnp.PyArray_DATA(sum_dyx)
+    cdef double* m = <double*>cnp.PyArray_DATA(mean)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef Py_ssize_t c
+    if C > 0 and outer * inner == 0:
+        for c in range(C):
+            psd[c] = 0.0
+            psx[c] = 0.0
+    elif C > 0:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            with nogil:
+                rc = _sums(<const float*>pdy, <const float*>px, &p, m, psd, psx, nt)
+        else:
+            with nogil:
+                rc = _sums(<const double*>pdy, <const double*>px, &p, m, psd, psx, nt)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for batch-norm scratch")
+    return sum_dy, sum_dyx
+
+
+def input_grad(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py_ssize_t C,
+               Py_ssize_t inner, bint training, double n, cnp.ndarray mean,
+               cnp.ndarray invstd, weight, cnp.ndarray sum_dy, cnp.ndarray sum_dyx,
+               int nthreads):
+    """Writes dx = g * ((dy - a) - (x - mean) * k) (the elementwise half of
+    backward) from given float64 sums over n values per channel: g = weight *
+    invstd and, in training, a = sum_dy / n, k = invstd^2 * sum_dyx / n."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
+    cdef double* m = <double*>cnp.PyArray_DATA(mean)
+    cdef double* s = <double*>cnp.PyArray_DATA(invstd)
+    cdef double* psd = <double*>cnp.PyArray_DATA(sum_dy)
+    cdef double* psx = <double*>cnp.PyArray_DATA(sum_dyx)
+    cdef Vec w = _vec(weight)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    if C > 0:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+            with nogil:
+                rc = _input_grad(<const float*>pdy, <const float*>px, <float*>pdx, &p,
+                                 training, n, m, s, w, psd, psx, nt)
+        else:
+            with nogil:
+                rc = _input_grad(<const double*>pdy, <const double*>px, <double*>pdx, &p,
+                                 training, n, m, s, w, psd, psx, nt)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for batch-norm scratch")

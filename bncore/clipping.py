@@ -8,7 +8,7 @@ whenever the answer is representable.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -55,21 +55,27 @@ def _norm_of(table, p: float, nthreads: int) -> float:
     return s ** (1.0 / p)
 
 
-def grad_norm(grads: ArrayList, norm_type: float = 2.0, *,
+def grad_norm(grads: ArrayList, norm_type: float = 2.0, *, comm: Any = None,
               num_threads: Optional[int] = None) -> float:
     """The p-norm of all gradients together, ``(sum_i |g_i|^p)^(1/p)`` (max |g| for inf).
 
     Equal to PyTorch's norm of per-tensor norms (``clip_grad_norm_``'s total)
     and to optax's ``global_norm`` for p = 2. NaN or Inf in a gradient gives a
-    NaN or Inf norm.
+    NaN or Inf norm. With ``comm`` (an mpi4py communicator) the gradients are
+    this rank's shard and the norm is over every rank's: a collective, see
+    :func:`bncore.distributed.grad_norm`.
     """
+    if comm is not None:
+        from bncore import distributed
+
+        return distributed.grad_norm(grads, norm_type, comm=comm, num_threads=num_threads)
     p = _norm_type(norm_type)
     nthreads = resolve_num_threads(num_threads)
     return _norm_of(_grads_table(grads, False), p, nthreads)
 
 
 def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
-                   eps: float = 1e-6, error_if_nonfinite: bool = False,
+                   eps: float = 1e-6, error_if_nonfinite: bool = False, comm: Any = None,
                    num_threads: Optional[int] = None) -> float:
     """Scale all gradients in place so their total norm is at most ``max_norm``.
 
@@ -81,8 +87,18 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
     gradient by NaN, as in PyTorch, unless ``error_if_nonfinite=True``, which
     raises :class:`NonFiniteError` before any gradient is touched.
 
+    With ``comm`` (an mpi4py communicator) the gradients are this rank's
+    shard, the total is over every rank's and every rank scales its own by the
+    same coefficient: a collective, see :func:`bncore.distributed.clip_grad_norm`.
+
     Returns the total norm before clipping (a Python float).
     """
+    if comm is not None:
+        from bncore import distributed
+
+        return distributed.clip_grad_norm(grads, max_norm, comm=comm, norm_type=norm_type,
+                                          eps=eps, error_if_nonfinite=error_if_nonfinite,
+                                          num_threads=num_threads)
     max_norm = chk.non_negative("max_norm", max_norm)
     eps = chk.non_negative("eps", eps)
     p = _norm_type(norm_type)

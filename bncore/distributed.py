@@ -1,0 +1,551 @@
+"""Synchronized batch norm and distributed gradient clipping over MPI (mpi4py).
+
+Data-parallel training splits a batch across processes (ranks); the batch
+statistics and the global gradient norm must then be those of the whole
+batch. Every function here is a *collective*: all ranks of `comm` call it
+together, each with its own shard, and every rank gets bitwise the same
+statistics, norm and running averages. `comm` is an mpi4py communicator
+(None: ``MPI.COMM_WORLD``); mpi4py is imported on first use only.
+
+Forward (training), per channel c, on rank r with n_r values (n_r may be 0)::
+
+    local:    n_r, mean_r = sum(x)/n_r, M2_r = sum (x - mean_r)^2    (float64, bncore kernels)
+    exchange: Allgather of (mean_r, M2_r) for all channels (n_r rides in the header)
+    combine:  Chan et al.'s pairwise update, ranks in order 0..P-1, skipping n_r = 0:
+              n = n_a + n_b,  d = mean_b - mean_a,
+              mean = mean_a + d * n_b / n,  M2 = M2_a + M2_b + d^2 * n_a n_b / n
+    then:     var = M2 / N, invstd = 1/sqrt(var + eps), y = (x - mean) * invstd * w + b
+              running = (1 - momentum) * running + momentum * stat  (var * N/(N-1) if unbiased)
+
+Backward (training), with the global N, mean and invstd::
+
+    local:    s_r = sum(dy), t_r = sum(dy * (x - mean))        (float64)
+    exchange: Allgather of (s_r, t_r); S = s_0 + s_1 + ... , T likewise, rank order
+    dx = w * invstd * (dy - S/N - (x - mean) * invstd^2 * T/N)
+    dweight = T * invstd, dbias = S   (the whole batch's; weight_grads="local": this rank's)
+
+Communication per call, for C channels and P ranks, each rank sending (and
+receiving P times): a validation header of 8 float64 (64 bytes) in one
+Allgather, then, forward: 2C float64 (16 C bytes); backward: 2C float64;
+:func:`grad_norm` / :func:`clip_grad_norm`: one Allgather of 8 float64 and
+nothing else. :func:`traffic` counts what this rank actually sent.
+
+Errors: every rank checks its own arguments before any data is exchanged;
+the ranks then agree (one small Allgather) and, if any rank failed, *every*
+rank raises the first failing rank's ``ValueError`` / ``TypeError``, whose
+message names that rank. Facts that must be equal on every rank (channel
+count, dtype, eps, momentum, norm_type, max_norm, the statistics passed to
+backward) are checked the same way. A training batch needs at least 2
+values per channel in total over all ranks; single ranks may hold 0 or 1.
+
+Inference (``training=False``) normalizes with the running statistics,
+which are identical on every rank, and communicates nothing; ``training``
+must therefore be the same on every rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from bncore import _bn_kernels as _bk
+from bncore import _checks as chk
+from bncore import _collective as col
+from bncore import _optim_kernels as _ok
+from bncore._collective import CollectiveError, reset_traffic, traffic
+from bncore._layout import channel_view
+from bncore._threads import resolve_num_threads
+from bncore.batch_norm import (_axis, _check_dx_out, _check_out, _f64, _finish_output, _flat,
+                               _kernel_input, _output_target, _reduced_count, _vec,
+                               batch_norm_backward, batch_norm_forward)
+from bncore.clipping import (NonFiniteError, _NORM_1, _NORM_2, _NORM_INF, _NORM_P,
+                             _grads_table, _norm_type)
+from bncore.layers import _UNSET, BatchNorm
+
+__all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward", "SyncBatchNorm",
+           "grad_norm", "clip_grad_norm", "combine_statistics", "traffic", "reset_traffic",
+           "CollectiveError"]
+
+_F64 = np.dtype(np.float64)
+_DTYPES = ("float16", "float32", "float64")
+_HEADER = 7           # float64 words per validation header, + the status word = 64 bytes
+
+
+def _pad(*values: float) -> list:
+    return list(values) + [0.0] * (_HEADER - len(values))
+
+
+def _local(fn, *args, **kwargs):
+    """(fn(...), None), or (None, the exception) so that it can be shared first."""
+    try:
+        return fn(*args, **kwargs), None
+    except Exception as exc:  # noqa: BLE001 - every local failure must reach the other ranks
+        return None, exc
+
+
+# --------------------------------------------------------------------------
+# Combining rank statistics
+
+def combine_statistics(counts: np.ndarray, means: np.ndarray,
+                       m2s: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
+    """Exact pooled (N, mean, M2) of per-rank (n_r, mean_r, M2_r), rank order.
+
+    Chan, Golub & LeVeque's pairwise update applied to ranks 0, 1, ..., P-1
+    in turn (ranks with n_r = 0 are skipped): for an accumulated (n_a,
+    mean_a, M2_a) and a rank (n_b, mean_b, M2_b), ``d = mean_b - mean_a``,
+    ``mean = mean_a + d * (n_b / n)``, ``M2 = M2_a + M2_b + d^2 * (n_a n_b / n)``.
+    Every term is non-negative, so nothing cancels; the order is fixed, so
+    every rank that calls it on the same gathered table gets the same bits.
+    `counts` is (P,), `means` and `m2s` are (P, C) float64.
+    """
+    C = means.shape[1]
+    n = 0.0
+    mean = np.zeros(C, dtype=_F64)
+    m2 = np.zeros(C, dtype=_F64)
+    for r in range(len(counts)):
+        nb = float(counts[r])
+        if nb == 0.0:
+            continue
+        if n == 0.0:
+            n, mean, m2 = nb, means[r].copy(), m2s[r].copy()
+            continue
+        tot = n + nb
+        d = means[r] - mean
+        mean = mean + d * (nb / tot)
+        m2 = m2 + m2s[r] + (d * d) * (n * nb / tot)
+        n = tot
+    return n, mean, m2
+
+
+# --------------------------------------------------------------------------
+# Forward
+
+def _check_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                   axis, out):
+    """The local checks of batch_norm_forward, less the per-rank count rule."""
+    x = chk.float_array("x", x)
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
+    ax = _axis(axis, x.ndim)
+    C = x.shape[ax]
+    if weight is not None:
+        weight = chk.channel_vector("weight", weight, C)
+    if bias is not None:
+        bias = chk.channel_vector("bias", bias, C)
+    if running_mean is not None or running_var is not None:
+        if running_mean is None or running_var is None:
+            raise ValueError("pass both running_mean and running_var, or neither")
+        running_mean = chk.channel_vector("running_mean", running_mean, C, out=True)
+        running_var = chk.channel_vector("running_var", running_var, C, out=True)
+    eps = chk.positive("eps", eps)
+    momentum = chk.in_unit_interval("momentum", momentum)
+    out = _check_out("out", out, x)
+    if out is not None or running_mean is not None:
+        chk.no_overlap_among(
+            [("out", out), ("running_mean", running_mean), ("running_var", running_var)],
+            [("x", x), ("weight", weight), ("bias", bias)])
+    return x, ax, weight, bias, running_mean, running_var, eps, momentum, out
+
+
+def sync_batch_norm_forward(
+    x,
+    weight=None,
+    bias=None,
+    running_mean=None,
+    running_var=None,
+    *,
+    comm=None,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    unbiased_running_var: bool = True,
+    out: Optional[np.ndarray] = None,
+    num_threads: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`bncore.batch_norm_forward` over the batch split across the ranks of `comm`.
+
+    Each rank passes its shard `x` (any batch size, 0 included; the channel
+    count, dtype, eps, momentum, unbiased_running_var and whether running
+    statistics are given must agree across ranks) and gets its shard of y.
+    In training, ``mean`` and ``invstd`` are those of the concatenated batch
+    and bitwise identical on every rank, and so are the updated running
+    statistics (given identical running statistics before the call).
+    Collective in training (two Allgathers: 64 bytes, then 16 C bytes per
+    rank); inference communicates nothing.
+
+    Returns ``(y, mean, invstd)`` as batch_norm_forward does; pass them to
+    :func:`sync_batch_norm_backward`.
+    """
+    if not training:
+        # running statistics are identical everywhere: nothing to exchange
+        return batch_norm_forward(x, weight, bias, running_mean, running_var, training=False,
+                                  momentum=momentum, eps=eps, axis=axis,
+                                  unbiased_running_var=unbiased_running_var, out=out,
+                                  num_threads=num_threads)
+    comm = col.check_comm(comm)
+    args, err = _local(_check_forward, x, weight, bias, running_mean, running_var, training,
+                       momentum, eps, axis, out)
+    nthreads, err2 = _local(resolve_num_threads, num_threads)
+    err = err or err2
+    header = []
+    if err is None:
+        x, ax, weight, bias, running_mean, running_var, eps, momentum, out = args
+        C = x.shape[ax]
+        n = _reduced_count(x.shape, ax)
+        header = _pad(C, _DTYPES.index(x.dtype.name), n, eps, momentum,
+                      float(bool(unbiased_running_var)), float(running_mean is not None))
+    table = col.agree(comm, err, header if err is None else [0.0] * _HEADER,
+                      "sync_batch_norm_forward")
+    col.raise_if(col.first([
+        col.disagreement(table, 0, what="the channel count of x"),
+        col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
+        col.disagreement(table, 3, what="eps"),
+        col.disagreement(table, 4, what="momentum"),
+        col.disagreement(table, 5, ("False", "True"), what="unbiased_running_var"),
+        col.disagreement(table, 6, ("absent", "given"), what="running_mean/running_var"),
+    ]))
+    counts = table[:, 2]
+    N = float(np.sum(counts))
+    if N < 2:
+        raise ValueError(
+            f"training-mode batch norm needs more than 1 value per channel over all ranks, got "
+            f"{int(N)} (values per channel on ranks 0..{len(counts) - 1}: "
+            f"{[int(c) for c in counts]})")
+
+    # ---- every rank passed: local statistics, one exchange, the same combination everywhere
+    view = channel_view(x, ax)
+    xk = _kernel_input(view, x)
+    mean_r, m2_r = _bk.stats(_flat(view, xk), view.outer, C, view.inner, nthreads)
+    rows = col.gather_rows(comm, np.concatenate([mean_r, m2_r]))
+    N, mean, m2 = combine_statistics(counts, rows[:, :C], rows[:, C:])
+    invstd = 1.0 / np.sqrt(m2 / N + eps)
+    if running_mean is not None:
+        # r = (1 - momentum) r + momentum * stat in float64, stored once (as the kernel does)
+        var_run = m2 / (N - 1.0) if unbiased_running_var else m2 / N
+        new_mean = (1.0 - momentum) * running_mean.astype(_F64) + momentum * mean
+        new_var = (1.0 - momentum) * running_var.astype(_F64) + momentum * var_run
+        running_mean[...] = new_mean
+        running_var[...] = new_var
+    target = _output_target(view, out, x.dtype)
+    _bk.normalize(_flat(view, xk), _flat(view, target), view.outer, C, view.inner, mean,
+                  invstd, _vec(weight), _vec(bias), nthreads)
+    return _finish_output(target, out, x.dtype), mean, invstd
+
+
+# --------------------------------------------------------------------------
+# Backward
+
+_WEIGHT_GRADS = ("global", "local")
+
+
+def _check_backward(dy, x, mean, invstd, weight, axis, out, weight_grads):
+    x = chk.float_array("x", x)
+    dy = chk.float_array("dy", dy)
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy has dtype {dy.dtype}, expected {x.dtype} (as x)")
+    chk.same_shape("dy", dy, x.shape, "x")
+    ax = _axis(axis, x.ndim)
+    C = x.shape[ax]
+    if mean is None or invstd is None:
+        raise TypeError("mean and invstd are required (the statistics "
+                        "sync_batch_norm_forward returned)")
+    mean = _f64(chk.channel_vector("mean", mean, C))
+    invstd = _f64(chk.channel_vector("invstd", invstd, C))
+    if weight is not None:
+        weight = chk.channel_vector("weight", weight, C)
+    if weight_grads not in _WEIGHT_GRADS:
+        raise ValueError(f"weight_grads must be 'global' or 'local', got {weight_grads!r}")
+    dx_out, dw_out, db_out = _check_dx_out(out, x, C)
+    if out is not None:
+        chk.no_overlap_among(
+            [("out[0] (dx)", dx_out), ("out[1] (dweight)", dw_out), ("out[2] (dbias)", db_out)],
+            [("x", x), ("dy", dy), ("mean", mean), ("invstd", invstd), ("weight", weight)])
+    return dy, x, ax, mean, invstd, weight, dx_out, dw_out, db_out
+
+
+def _weight_outputs(sum_dyx, sum_dy, invstd, weight, x_dtype, dw_out, db_out):
+    pdtype = weight.dtype if weight is not None else x_dtype
+    dweight = sum_dyx * invstd
+    dbias = sum_dy
+    if dw_out is not None:
+        dw_out[...] = dweight
+        dweight = dw_out
+    else:
+        dweight = dweight.astype(pdtype, copy=False)
+    if db_out is not None:
+        db_out[...] = dbias
+        dbias = db_out
+    else:
+        dbias = dbias.astype(pdtype, copy=True)
+    return dweight, dbias
+
+
+def sync_batch_norm_backward(
+    dy,
+    x,
+    mean,
+    invstd,
+    weight=None,
+    *,
+    comm=None,
+    training: bool = True,
+    axis: int = 1,
+    weight_grads: str = "global",
+    out: Union[None, np.ndarray, Tuple[Optional[np.ndarray], ...]] = None,
+    num_threads: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of :func:`sync_batch_norm_forward`: this rank's dx, and dweight, dbias.
+
+    `mean` and `invstd` must be what sync_batch_norm_forward returned (they
+    are identical on every rank; a CRC of them is compared across ranks).
+    In training, dx differentiates through the statistics of the whole
+    batch: the per-channel (sum dy, sum dy * (x - mean)) of every rank are
+    exchanged in one Allgather (16 C bytes per rank, after the 64-byte
+    validation header) and summed in rank order.
+
+    ``weight_grads="global"`` (default): dweight and dbias are the gradients
+    of the whole batch, identical on every rank, equal to
+    batch_norm_backward's on the concatenated batch; do not sum them across
+    ranks again. ``"local"``: this rank's share (sum over its shard), which is
+    what PyTorch's SyncBatchNorm returns and DDP then all-reduces with the
+    other gradients. ``training=False`` with ``"local"`` communicates nothing.
+    """
+    if not training and weight_grads == "local":
+        return batch_norm_backward(dy, x, mean, invstd, weight, training=False, axis=axis,
+                                   out=out, num_threads=num_threads)
+    comm = col.check_comm(comm)
+    args, err = _local(_check_backward, dy, x, mean, invstd, weight, axis, out, weight_grads)
+    nthreads, err2 = _local(resolve_num_threads, num_threads)
+    err = err or err2
+    header = [0.0] * _HEADER
+    if err is None:
+        dy, x, ax, mean, invstd, weight, dx_out, dw_out, db_out = args
+        C = x.shape[ax]
+        header = _pad(C, _DTYPES.index(x.dtype.name), _reduced_count(x.shape, ax),
+                      col.crc(mean, invstd), float(bool(training)))
+    table = col.agree(comm, err, header, "sync_batch_norm_backward")
+    col.raise_if(col.first([
+        col.disagreement(table, 0, what="the channel count of x"),
+        col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
+        col.disagreement(table, 4, ("False", "True"), what="training"),
+        col.disagreement(table, 3, exact_bits=True,
+                         what="the CRC-32 of (mean, invstd) (pass the statistics "
+                              "sync_batch_norm_forward returned, identical on every rank)"),
+    ]))
+    N = float(np.sum(table[:, 2]))
+    if training and N < 2:
+        raise ValueError(f"training-mode batch norm needs more than 1 value per channel over "
+                         f"all ranks, got {int(N)}")
+
+    # ---- every rank passed: local sums, one exchange, rank-order sums, local dx
+    view = channel_view(x, ax)
+    xk = _kernel_input(view, x)
+    dyk = _kernel_input(view, dy)
+    sum_dy, sum_dyx = _bk.dy_sums(_flat(view, dyk), _flat(view, xk), view.outer, C,
+                                  view.inner, mean, nthreads)
+    rows = col.gather_rows(comm, np.concatenate([sum_dy, sum_dyx]))
+    total = rows[0].copy()
+    for r in range(1, rows.shape[0]):
+        total += rows[r]
+    g_dy, g_dyx = total[:C], total[C:]
+    target = _output_target(view, dx_out, x.dtype)
+    _bk.input_grad(_flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, C,
+                   view.inner, bool(training), N, mean, invstd, _vec(weight), g_dy, g_dyx,
+                   nthreads)
+    dx = _finish_output(target, dx_out, x.dtype)
+    if weight_grads == "local":
+        g_dy, g_dyx = sum_dy, sum_dyx
+    dweight, dbias = _weight_outputs(g_dyx, g_dy, invstd, weight, x.dtype, dw_out, db_out)
+    return dx, dweight, dbias
+
+
+# --------------------------------------------------------------------------
+# The layer
+
+class SyncBatchNorm(BatchNorm):
+    """:class:`bncore.BatchNorm` whose training statistics span every rank of `comm`.
+
+    Same parameters, conventions and state as BatchNorm, plus ``comm`` (an
+    mpi4py communicator, None: COMM_WORLD) and ``weight_grads`` (see
+    :func:`sync_batch_norm_backward`). Construct it with the same arguments
+    on every rank; ``forward`` / ``backward`` in training are collectives.
+    Running statistics and ``num_batches_tracked`` stay identical on every
+    rank, so ``state_dict()`` may be saved from any one of them.
+    """
+
+    def __init__(self, num_features: int, eps: Optional[float] = None,
+                 momentum: Optional[float] = _UNSET, affine: bool = True,
+                 track_running_stats: bool = True, axis: Optional[int] = None, *,
+                 comm: Any = None, weight_grads: str = "global",
+                 convention: str = "torch", dtype=np.float32) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, axis,
+                         convention=convention, dtype=dtype)
+        if weight_grads not in _WEIGHT_GRADS:
+            raise ValueError(f"weight_grads must be 'global' or 'local', got {weight_grads!r}")
+        self.comm = col.check_comm(comm)
+        self.weight_grads = weight_grads
+
+    def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
+        """Normalize this rank's shard; in training, with the whole batch's statistics."""
+        batch_stats = self._uses_batch_stats()
+        update = self.training and self.track_running_stats
+        momentum = 0.0
+        if update:
+            momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
+                        else self.momentum)
+        y, mean, invstd = sync_batch_norm_forward(
+            x, self.weight, self.bias,
+            self.running_mean if (update or not batch_stats) else None,
+            self.running_var if (update or not batch_stats) else None,
+            comm=self.comm, training=batch_stats, momentum=momentum, eps=self.eps,
+            axis=self.axis, unbiased_running_var=self.unbiased_running_var,
+            num_threads=num_threads)
+        if update:
+            self.num_batches_tracked += 1
+        self._saved = (x, mean, invstd, batch_stats)
+        return y
+
+    __call__ = forward
+
+    def backward(self, dy, *, num_threads: Optional[int] = None) -> np.ndarray:
+        """This rank's dx; grad_weight and grad_bias as ``weight_grads`` says."""
+        if self._saved is None:
+            # join the collective the other ranks are in, so that they raise too
+            col.agree(self.comm, RuntimeError("backward() called before forward()"),
+                      [0.0] * _HEADER, "SyncBatchNorm.backward")
+        x, mean, invstd, batch_stats = self._saved
+        dx, dw, db = sync_batch_norm_backward(dy, x, mean, invstd, self.weight,
+                                              comm=self.comm, training=batch_stats,
+                                              axis=self.axis, weight_grads=self.weight_grads,
+                                              num_threads=num_threads)
+        if self.affine:
+            self.grad_weight, self.grad_bias = dw, db
+        return dx
+
+    def __repr__(self) -> str:
+        return "Sync" + super().__repr__() + f" over {self.comm.Get_size()} ranks"
+
+
+# --------------------------------------------------------------------------
+# Gradient norms over gradients sharded across ranks
+
+def _local_norm_sum(table, p: float, nthreads: int) -> Tuple[float, float, float]:
+    """(s, scale, nonfinite) with this rank's sum |g / scale|^p = s (max |g| for inf).
+
+    As clipping._norm_of: scale is 1 unless the float64 sum overflowed on
+    finite data, in which case it is recomputed relative to max |g|.
+    """
+    if math.isinf(p):
+        return _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads), 1.0, 0.0
+    kind = _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P)
+    s = _ok.norm_sum(table, kind, p, 1.0, nthreads)
+    if math.isfinite(s):
+        return s, 1.0, 0.0
+    if _ok.nonfinite(table, nthreads):
+        return s, 1.0, 1.0
+    big = _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+    return _ok.norm_sum(table, kind, p, big, nthreads), big, 0.0
+
+
+def _root(s: float, p: float) -> float:
+    return math.sqrt(s) if p == 2.0 else (s if p == 1.0 else s ** (1.0 / p))
+
+
+def _combine_norm(sums: np.ndarray, scales: np.ndarray, nonfinite: np.ndarray, p: float) -> float:
+    """The global p-norm from every rank's (s, scale, nonfinite), ranks in order."""
+    P = len(sums)
+    if math.isinf(p):
+        total = 0.0
+        for r in range(P):
+            a = float(sums[r])
+            if a > total or a != a:     # NaN wins and stays, as the kernel's _nanmax
+                total = a
+        return total
+    if np.all(scales == 1.0) or np.any(nonfinite != 0.0):
+        s = 0.0
+        for r in range(P):
+            s += float(sums[r])
+        if math.isfinite(s) or np.any(nonfinite != 0.0):
+            return _root(s, p)
+    # a rank's sum or the total overflowed on finite data: combine the rank norms
+    # relative to the largest, norm = R * (sum_r (n_r / R)^p)^(1/p)
+    norms = [float(scales[r]) * _root(float(sums[r]), p) for r in range(P)]
+    R = max(norms)
+    if R == 0.0 or math.isinf(R):
+        return R
+    s = 0.0
+    for n_r in norms:
+        s += (n_r / R) ** p
+    return R * _root(s, p)
+
+
+def _norm_collective(comm, grads, norm_type, nthreads_arg, write: bool, extra, what: str):
+    """Local checks and sums, then one Allgather of 8 float64 per rank."""
+    def local():
+        p = _norm_type(norm_type)
+        nthreads = resolve_num_threads(nthreads_arg)
+        extra_checked = extra() if extra is not None else ()
+        table = _grads_table(grads, write)
+        s, scale, nonfinite = _local_norm_sum(table, p, nthreads)
+        return p, nthreads, table, extra_checked, (s, scale, nonfinite)
+
+    comm = col.check_comm(comm)
+    res, err = _local(local)
+    header = [0.0] * _HEADER
+    if err is None:
+        p, nthreads, table, extra_checked, (s, scale, nonfinite) = res
+        header = _pad(p, s, scale, nonfinite, *[float(v) for v in extra_checked])
+    tab = col.agree(comm, err, header, what)
+    col.raise_if(col.first([col.disagreement(tab, 0, what="norm_type")] + [
+        col.disagreement(tab, 4 + i, what=name)
+        for i, name in enumerate(("max_norm", "eps", "error_if_nonfinite"))
+        if extra is not None]))
+    total = _combine_norm(tab[:, 1], tab[:, 2], tab[:, 3], p)
+    return total, table, nthreads, extra_checked
+
+
+def grad_norm(grads, norm_type: float = 2.0, *, comm=None,
+              num_threads: Optional[int] = None) -> float:
+    """The p-norm of the gradients of *all* ranks together, the same float on every rank.
+
+    Each rank passes its own shard of the gradients (any number of arrays,
+    none included); ``(sum over ranks and elements of |g|^p)^(1/p)``, max |g|
+    for p = inf. One Allgather of 8 float64 (64 bytes) per rank: each rank's
+    float64 partial sum, combined in rank order. Overflow of the float64 sum
+    on finite data is handled as in :func:`bncore.grad_norm`.
+    """
+    total, _, _, _ = _norm_collective(comm, grads, norm_type, num_threads, False, None,
+                                      "grad_norm")
+    return total
+
+
+def clip_grad_norm(grads, max_norm: float, *, comm=None, norm_type: float = 2.0,
+                   eps: float = 1e-6, error_if_nonfinite: bool = False,
+                   num_threads: Optional[int] = None) -> float:
+    """:func:`bncore.clip_grad_norm` with the total norm taken over every rank's gradients.
+
+    Every rank scales its own gradients by the same ``coef = max_norm /
+    (total + eps)`` (when < 1); max_norm, eps, norm_type and
+    error_if_nonfinite must agree across ranks. One Allgather of 64 bytes per
+    rank. Returns the global norm before clipping (identical on every rank);
+    with ``error_if_nonfinite`` a non-finite total raises NonFiniteError on
+    every rank before any gradient is touched.
+    """
+    def extra():
+        return (chk.non_negative("max_norm", max_norm), chk.non_negative("eps", eps),
+                float(bool(error_if_nonfinite)))
+
+    total, table, nthreads, (mn, e, _) = _norm_collective(
+        comm, grads, norm_type, num_threads, True, extra, "clip_grad_norm")
+    if not math.isfinite(total) and error_if_nonfinite:
+        raise NonFiniteError(
+            f"the total norm of the gradients over all ranks is {total}; no gradient was "
+            f"modified (set error_if_nonfinite=False to clip anyway)")
+    coef = mn / (total + e) if (total + e) != 0.0 else math.inf
+    if not (coef >= 1.0):        # NaN goes through, as IEEE and torch say
+        _ok.scale(table, coef, nthreads)
+    return total

@@ -1,0 +1,153 @@
+"""bncore.distributed without an MPI job: what holds on one process.
+
+* ``import bncore`` (and bncore.distributed) never imports mpi4py;
+* the rank combination (Chan's update in rank order) against pooled statistics;
+* on a one-rank communicator the synchronized functions are bitwise the
+  single-process ones, for every dtype, layout and ``out=``: the split
+  kernel entry points run the same code as the fused drivers.
+
+The communicator here is a stand-in with the four methods bncore uses, so
+these run where mpi4py is not installed; tests/test_distributed.py runs the
+real MPI jobs.
+"""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import bncore
+import bncore.distributed as dist
+
+
+class OneRank:
+    """A communicator of size 1 (what MPI.COMM_SELF does, without MPI)."""
+
+    def Get_rank(self):
+        return 0
+
+    def Get_size(self):
+        return 1
+
+    def Allgather(self, send, recv):
+        recv[...] = np.asarray(send).reshape(recv.shape)
+
+    def allgather(self, obj):
+        return [obj]
+
+
+COMM = OneRank()
+
+
+def test_import_does_not_load_mpi4py():
+    code = ("import sys, bncore, bncore.distributed; "
+            "assert 'mpi4py' not in sys.modules, 'mpi4py imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_combine_statistics_equals_pooled():
+    rng = np.random.default_rng(0)
+    C = 5
+    sizes = [0, 7, 1, 0, 30, 2, 0]
+    parts = [1e3 + rng.standard_normal((n, C)) * rng.uniform(0.1, 3, C) for n in sizes]
+    counts = np.array(sizes, dtype=float)
+    means = np.array([p.mean(axis=0) if len(p) else np.zeros(C) for p in parts])
+    m2s = np.array([((p - p.mean(axis=0)) ** 2).sum(axis=0) if len(p) else np.zeros(C)
+                    for p in parts])
+    N, mean, m2 = dist.combine_statistics(counts, means, m2s)
+    allx = np.concatenate(parts).astype(np.longdouble)
+    want_mean = allx.mean(axis=0)
+    want_m2 = ((allx - want_mean) ** 2).sum(axis=0)
+    assert N == sum(sizes)
+    assert np.max(np.abs(mean - want_mean) / np.abs(want_mean)) < 1e-15
+    assert np.max(np.abs(m2 - want_m2) / want_m2) < 1e-13
+
+
+def test_combine_statistics_all_empty_and_single():
+    N, mean, m2 = dist.combine_statistics(np.zeros(3), np.zeros((3, 2)), np.zeros((3, 2)))
+    assert N == 0 and not mean.any() and not m2.any()
+    means = np.array([[0.0, 0.0], [1.5, -2.0], [0.0, 0.0]])
+    m2s = np.array([[0.0, 0.0], [4.0, 8.0], [0.0, 0.0]])
+    N, mean, m2 = dist.combine_statistics(np.array([0.0, 5.0, 0.0]), means, m2s)
+    assert N == 5 and mean.tobytes() == means[1].tobytes() and m2.tobytes() == m2s[1].tobytes()
+
+
+CASES = [((6, 4, 5, 7), 1, np.float64, "c"), ((6, 4, 5, 7), 1, np.float32, "c"),
+         ((6, 5, 7, 4), 3, np.float32, "c"), ((6, 4, 5, 7), 1, np.float16, "c"),
+         ((40, 3), 1, np.float64, "fortran"), ((6, 4, 5, 7), 1, np.float32, "strided")]
+
+
+def _layout(a, kind):
+    if kind == "fortran":
+        return np.asfortranarray(a)
+    if kind == "strided":
+        big = np.zeros((a.shape[0] * 2,) + a.shape[1:], a.dtype)
+        big[::2] = a
+        return big[::2]
+    return a
+
+
+@pytest.mark.parametrize("shape,axis,dtype,layout", CASES)
+def test_one_rank_is_bitwise_single_process(shape, axis, dtype, layout):
+    rng = np.random.default_rng(1)
+    x = _layout((3 + 2 * rng.standard_normal(shape)).astype(dtype), layout)
+    dy = _layout(rng.standard_normal(shape).astype(dtype), layout)
+    C = shape[axis]
+    w, b = rng.normal(1, 0.2, C).astype(np.float32), rng.normal(0, 0.2, C)
+    rm1, rv1 = np.zeros(C, dtype), np.ones(C, dtype)
+    rm2, rv2 = rm1.copy(), rv1.copy()
+    got = dist.sync_batch_norm_forward(x, w, b, rm1, rv1, comm=COMM, axis=axis, momentum=0.2)
+    want = bncore.batch_norm_forward(x, w, b, rm2, rv2, axis=axis, momentum=0.2)
+    for g, e in zip(got + (rm1, rv1), want + (rm2, rv2)):
+        assert g.dtype == e.dtype and g.tobytes() == e.tobytes()
+    gb = dist.sync_batch_norm_backward(dy, x, got[1], got[2], w, comm=COMM, axis=axis)
+    wb = bncore.batch_norm_backward(dy, x, want[1], want[2], w, axis=axis)
+    for g, e in zip(gb, wb):
+        assert g.dtype == e.dtype and g.shape == e.shape and g.tobytes() == e.tobytes()
+
+
+def test_out_arguments_and_inference():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 3, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    y_out = np.empty_like(x)
+    y, mean, invstd = dist.sync_batch_norm_forward(x, comm=COMM, out=y_out)
+    assert y is y_out
+    outs = (np.empty_like(x), np.empty(3, np.float32), np.empty(3, np.float32))
+    dx, dw, db = dist.sync_batch_norm_backward(dy, x, mean, invstd, comm=COMM, out=outs)
+    assert dx is outs[0] and dw is outs[1] and db is outs[2]
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    ye, _, _ = dist.sync_batch_norm_forward(x, None, None, rm, rv, comm=COMM, training=False)
+    assert ye.tobytes() == bncore.batch_norm_forward(x, None, None, rm, rv,
+                                                     training=False)[0].tobytes()
+
+
+def test_layer_and_clipping_on_one_rank():
+    rng = np.random.default_rng(3)
+    sbn, bn = dist.SyncBatchNorm(4, comm=COMM), bncore.BatchNorm(4)
+    for _ in range(2):
+        x = rng.standard_normal((5, 4, 3)).astype(np.float32)
+        assert sbn.forward(x).tobytes() == bn.forward(x).tobytes()
+        assert sbn.backward(x).tobytes() == bn.backward(x).tobytes()
+    for k, v in bn.state_dict().items():
+        assert sbn.state_dict()[k].tobytes() == v.tobytes()
+    for p in (2.0, 1.0, 3.0, float("inf")):
+        g1 = [rng.standard_normal(100), rng.standard_normal(7)]
+        g2 = [a.copy() for a in g1]
+        assert bncore.clip_grad_norm(g1, 0.5, norm_type=p, comm=COMM) == \
+            bncore.clip_grad_norm(g2, 0.5, norm_type=p)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(g1, g2))
+
+
+def test_local_errors_raise_through_the_protocol():
+    x = np.ones((4, 3, 2))
+    with pytest.raises(ValueError, match=r"failed on rank 0 of 1: weight must have shape"):
+        dist.sync_batch_norm_forward(x, np.ones(4), comm=COMM)
+    with pytest.raises(ValueError, match="over all ranks, got 1"):
+        dist.sync_batch_norm_forward(x[:1, :, :1], comm=COMM)
+    with pytest.raises(TypeError, match="mpi4py communicator"):
+        dist.sync_batch_norm_forward(x, comm=object())
+    with pytest.raises(ValueError, match="max_norm"):
+        dist.clip_grad_norm([x], -1.0, comm=COMM)
+    with pytest.raises(ValueError, match="weight_grads"):
+        dist.SyncBatchNorm(3, comm=COMM, weight_grads="sum")
