@@ -571,7 +571,9 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
     scratch holds 2 * W doubles: per-element sums, then the expanded block mean.
     """
     cdef Py_ssize_t s, n, W = p.W, total = rows * p.P
-    cdef bint identity = p.R0 == 1 and p.inner == 1   # super-row element j is channel j
+    # super-row element j is channel j: accumulate straight into the partials
+    # (not in narrow mode, whose register loops always go through the scratch)
+    cdef bint identity = p.R0 == 1 and p.inner == 1 and not p.narrow
     cdef double* acc = pm if identity else scratch
     cdef double* e_mean = pm if identity else scratch + W
     cdef Py_ssize_t c
@@ -761,7 +763,9 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
                          const double* e_mean, double* scratch, double* pa,
                          double* pb) noexcept nogil:
     cdef Py_ssize_t s, n, W = p.W, total = rows * p.P
-    cdef bint identity = p.R0 == 1 and p.inner == 1   # super-row element j is channel j
+    # super-row element j is channel j: accumulate straight into the partials
+    # (not in narrow mode, whose register loops always go through the scratch)
+    cdef bint identity = p.R0 == 1 and p.inner == 1 and not p.narrow
     cdef double* acc_a = pa if identity else scratch
     cdef double* acc_b = pb if identity else scratch + W
     cdef Py_ssize_t c

@@ -56,8 +56,9 @@ from bncore import _optim_kernels as _ok
 from bncore._collective import CollectiveError, reset_traffic, traffic
 from bncore._layout import channel_view
 from bncore._threads import resolve_num_threads
-from bncore.batch_norm import (_axis, _check_dx_out, _check_out, _f64, _finish_output, _flat,
-                               _kernel_input, _output_target, _reduced_count, _vec,
+from bncore import _bn_args
+from bncore._bn_args import _reduced_count
+from bncore.batch_norm import (_f64, _finish_output, _flat, _kernel_input, _output_target, _vec,
                                batch_norm_backward, batch_norm_forward)
 from bncore.clipping import (NonFiniteError, _NORM_1, _NORM_2, _NORM_INF, _NORM_P,
                              _grads_table, _norm_type)
@@ -127,7 +128,7 @@ def _check_forward(x, weight, bias, running_mean, running_var, training, momentu
     x = chk.float_array("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
-    ax = _axis(axis, x.ndim)
+    ax = _bn_args._axis(chk, axis, x.ndim)
     C = x.shape[ax]
     if weight is not None:
         weight = chk.channel_vector("weight", weight, C)
@@ -140,7 +141,7 @@ def _check_forward(x, weight, bias, running_mean, running_var, training, momentu
         running_var = chk.channel_vector("running_var", running_var, C, out=True)
     eps = chk.positive("eps", eps)
     momentum = chk.in_unit_interval("momentum", momentum)
-    out = _check_out("out", out, x)
+    out = _bn_args._check_out(chk, "out", out, x)
     if out is not None or running_mean is not None:
         chk.no_overlap_among(
             [("out", out), ("running_mean", running_mean), ("running_var", running_var)],
@@ -248,7 +249,7 @@ def _check_backward(dy, x, mean, invstd, weight, axis, out, weight_grads):
     if dy.dtype != x.dtype:
         raise TypeError(f"dy has dtype {dy.dtype}, expected {x.dtype} (as x)")
     chk.same_shape("dy", dy, x.shape, "x")
-    ax = _axis(axis, x.ndim)
+    ax = _bn_args._axis(chk, axis, x.ndim)
     C = x.shape[ax]
     if mean is None or invstd is None:
         raise TypeError("mean and invstd are required (the statistics "
@@ -259,7 +260,7 @@ def _check_backward(dy, x, mean, invstd, weight, axis, out, weight_grads):
         weight = chk.channel_vector("weight", weight, C)
     if weight_grads not in _WEIGHT_GRADS:
         raise ValueError(f"weight_grads must be 'global' or 'local', got {weight_grads!r}")
-    dx_out, dw_out, db_out = _check_dx_out(out, x, C)
+    dx_out, dw_out, db_out = _bn_args._check_dx_out(chk, out, x, C)
     if out is not None:
         chk.no_overlap_among(
             [("out[0] (dx)", dx_out), ("out[1] (dweight)", dw_out), ("out[2] (dbias)", db_out)],

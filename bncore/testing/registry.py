@@ -175,7 +175,7 @@ BN_SPACE: Dict[str, Sequence[Any]] = {
     "seed": range(0, 2 ** 16),
     "ndim": (4, 2, 3, 5),
     "batch": (3, 1, 2, 5, 8),
-    "channels": (3, 1, 2, 7, 16),
+    "channels": (3, 1, 2, 7, 16, 64),
     "axis": ("1", "-1", "any"),
     "layout": ("c", "permuted", "fortran", "strided"),
     "dtype": ("float32", "float64", "float16"),
