@@ -30,6 +30,7 @@ from bncore.validate.report import Check, Report
 REQUIRES = ("onnx",)
 STEPS = 5
 TRAINING_DOMAIN = "ai.onnx.preview.training"
+STATE_NAMES = {"Adam": ("V", "H"), "Momentum": ("V",), "Adagrad": ("H",)}
 
 
 def f32(v: float) -> float:
@@ -182,8 +183,8 @@ def _optim(op: str, attrs: dict, lr0=0.05, seed=31, single=False) -> Check:
             X = list(out[:n])
             S = [list(out[n * (k + 1):n * (k + 2)]) for k in range(nstate)]
         fw = {"params": concat(X)}
-        for k, lst in enumerate(S):
-            fw[f"state{k}"] = concat(lst)
+        for name, lst in zip(STATE_NAMES[op], S):
+            fw[name] = concat(lst)
         return fw, _ours(op, attrs, params, grads, lrs, dtype)
 
     short = {"epsilon": "eps", "norm_coefficient": "norm", "norm_coefficient_post": "post",
@@ -230,9 +231,8 @@ def _ours(op, a, params, grads, lrs, dtype, ref_scalars=False):
             bncore.adagrad_step(P, G, S[0], step=T + 1, lr=lrs[T], lr_decay=a["decay_factor"],
                                 weight_decay=a["norm_coefficient"], eps=a["epsilon"])
     out = {"params": concat(P)}
-    nstate = 2 if op == "Adam" else 1
-    for k in range(nstate):
-        out[f"state{k}"] = concat(S[k])
+    for name, lst in zip(STATE_NAMES[op], S):
+        out[name] = concat(lst)
     return out
 
 
