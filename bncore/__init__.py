@@ -9,6 +9,7 @@ from bncore._config import build_info, show_config
 from bncore._threads import get_num_threads, set_num_threads
 from bncore.batch_norm import batch_norm_backward, batch_norm_forward
 from bncore.clipping import NonFiniteError, clip_grad_norm, clip_grad_value, found_inf, grad_norm
+from bncore.gradcheck import GradcheckReport, gradcheck  # noqa: E402 (the function shadows the module name, as torch.autograd.gradcheck does)
 from bncore.layers import BatchNorm
 from bncore.optimizers import adagrad_step, adam_step, rmsprop_step, sgd_step
 from bncore import optim  # noqa: E402  (after the step functions it uses)
@@ -27,6 +28,8 @@ __all__ = [
     "grad_norm",
     "found_inf",
     "NonFiniteError",
+    "gradcheck",
+    "GradcheckReport",
     "optim",
     "show_config",
     "build_info",

@@ -18,8 +18,15 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 
 def as_array(name: str, a: Any) -> np.ndarray:
     """`a` as a NumPy array without copying: ndarrays as they are, objects with
-    ``__dlpack__`` (torch CPU tensors, JAX CPU arrays) zero-copy through
-    ``np.from_dlpack``, anything else through ``np.asarray``."""
+    ``__dlpack__`` (torch CPU tensors, JAX CPU arrays, anything implementing
+    the DLPack protocol) zero-copy through ``np.from_dlpack``, anything else
+    through ``np.asarray``.
+
+    In-place updates (optimizer steps, clipping, running statistics) write
+    through to the caller's tensor. A torch tensor that requires grad cannot be
+    exported: pass ``t.detach()`` (same memory). JAX arrays arrive read-only:
+    they can be inputs but not arrays that bncore updates in place. GPU
+    tensors are for ``bncore_gpu`` (CuPy, torch CUDA tensors)."""
     if type(a) is np.ndarray:
         return a
     if isinstance(a, np.ndarray):
@@ -28,8 +35,13 @@ def as_array(name: str, a: Any) -> np.ndarray:
         try:
             return np.from_dlpack(a)
         except (BufferError, TypeError, RuntimeError) as exc:
+            text = str(exc)
+            if "require" in text and "grad" in text:
+                hint = "pass tensor.detach(), which shares its memory"
+            else:
+                hint = "is it on the CPU? GPU arrays go to bncore_gpu"
             raise TypeError(f"{name}: cannot view {type(a).__name__} as a NumPy array "
-                            f"through DLPack ({exc}); is it on the CPU?") from exc
+                            f"through DLPack ({text}); {hint}") from exc
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     return np.asarray(a)

@@ -178,7 +178,8 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
                 raise ValueError(f"{names[k]}[{i}] is stored in a different order (C vs "
                                  f"Fortran) from {names[0]}[{i}]")
             if writes[k] and not cnp.PyArray_ISWRITEABLE(a):
-                raise ValueError(f"{names[k]}[{i}] is read-only; bncore updates it in place")
+                raise ValueError(f"{names[k]}[{i}] is read-only; bncore updates it in place "
+                                 f"(JAX arrays are immutable: update NumPy or torch arrays)")
             row.append(a)
         arrays.append(row)
     _check_aliasing(arrays, names, writes)

@@ -1,116 +1,206 @@
 """The ``bncore`` command line (also ``python -m bncore``).
 
-    bncore check      self-check every registered op: oracle, threads, gradients
-    bncore config     print the build configuration
+    bncore check       self-check every op: float64 oracle, finite differences,
+                       thread determinism (and CPU vs GPU when a GPU is usable)
+    bncore gradcheck   finite-difference gradient check of a built-in op or of
+                       your own function (module:function)
+    bncore validate    run PyTorch / Keras / JAX / ONNX next to bncore on the same
+                       inputs and explain every difference
+    bncore config      print version, OpenMP, threads and compile flags
+
+Exit status: 0 when everything passed, 1 when a check failed, 2 on a usage
+error (unknown op, --gpu without a GPU, a function that cannot be loaded).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import os
 import sys
-import time
+import textwrap
 from typing import List, Optional
 
 import numpy as np
 
+EPILOG_CHECK = """\
+examples:
+  bncore check                          everything, about 30 s on 2 cores
+  bncore check --op batch_norm_forward --dtype float32
+  bncore check --json report.json       machine-readable (schema below)
 
-def _progress(iterable, total: int, desc: str, enabled: bool):
-    """tqdm when installed, a one-line counter on stderr otherwise."""
-    if not enabled:
-        yield from iterable
-        return
+""" 
+
+EPILOG_GRADCHECK = """\
+examples:
+  bncore gradcheck --op batch_norm_backward --mode full
+  bncore gradcheck mymodule:f --shape 4,3 --shape 3 --mode full
+
+your function: f(*inputs) -> array (or tuple of arrays), float64 NumPy in and out;
+its vector-Jacobian product vjp(cotangent, *inputs) -> one gradient per input,
+found as --vjp MODULE:NAME, else as f.vjp, else as NAME_vjp in f's module.
+Inputs are standard-normal float64 arrays of the --shape's (seeded), or the
+arrays of an .npz file (--inputs, in the order arr_0, arr_1, ...).
+"""
+
+EPILOG_VALIDATE = """\
+each framework's own implementation and bncore (in that framework's
+convention: eps, momentum form, biased or unbiased variance, ...) run on the
+same inputs. The table gives the largest absolute and relative difference
+and a verdict:
+  exact       bitwise identical
+  rounding    within float rounding; a float64 rerun shows the gap closing
+  explained   a larger difference whose cause was measured (the note below
+              the table gives the numbers: a cancellation error that vanishes
+              on centred data, a non-exact clip, a variance convention, ...)
+  DIFFERS     a difference no diagnostic explains (exit status 1)
+A framework that is not installed is reported in one line and skipped (exit 0).
+"""
+
+
+def _csv_shape(text: str):
+    text = text.strip().strip("()")
+    if not text:
+        return ()
     try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        yield from tqdm(iterable, total=total, desc=desc, file=sys.stderr, leave=False)
-        return
-    for i, item in enumerate(iterable, 1):
-        sys.stderr.write(f"\r{desc}: {i}/{total}")
-        sys.stderr.flush()
-        yield item
-    sys.stderr.write("\r" + " " * (len(desc) + 24) + "\r")
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a shape is comma-separated integers, got {text!r}")
 
 
-def _check_rows(ops: Optional[List[str]], dtypes: Optional[List[str]], samples: int,
-                use_gpu: bool, show_progress: bool):
-    from bncore.testing import registry as R
-
-    cpu = R.cpu_backend()
-    gpu = R.gpu_backend() if use_gpu else None
-    specs = [s for s in R.all_specs() if not ops or s.name in ops]
-    rows = []
-    jobs = []
-    for spec in specs:
-        rng = np.random.default_rng(1234)
-        space = dict(spec.space)
-        if dtypes:
-            space["dtype"] = tuple(d for d in space.get("dtype", ()) if d in dtypes) or space["dtype"]
-        for _ in range(samples):
-            jobs.append((spec, R.sample_params(spec, rng, space)))
-        if spec.gradcheck is not None:
-            jobs.append((spec, ("fd", R.sample_params(spec, rng, spec.fd_space))))
-    for spec, params in _progress(jobs, len(jobs), "bncore check", show_progress):
-        if isinstance(params, tuple) and params[0] == "fd":
-            report = spec.gradcheck(params[1])
-            rows.append(dict(op=spec.name, check="gradient vs finite differences", dtype="float64",
-                             layout=params[1].get("layout", "-"), error=report.max_rel_error,
-                             tolerance=report.rtol, ok=bool(report.ok)))
-            continue
-        case = spec.make_case(params)
-        errs = R.errors_against_oracle(spec, cpu, case)
-        worst = max(errs.items(), key=lambda kv: kv[1][0] / kv[1][1])
-        rows.append(dict(op=spec.name, check=f"oracle ({worst[0]})", dtype=case.params["dtype"],
-                         layout=case.params.get("layout", "-"), error=worst[1][0],
-                         tolerance=worst[1][1], ok=all(e <= t for e, t in errs.values())))
-        one = spec.call(cpu, case, 1)
-        three = spec.call(cpu, case, 3)
-        same = all(one[k].tobytes() == three[k].tobytes() for k in one)
-        rows.append(dict(op=spec.name, check="threads 1 vs 3 bitwise", dtype=case.params["dtype"],
-                         layout=case.params.get("layout", "-"), error=0.0 if same else 1.0,
-                         tolerance=0.0, ok=same))
-        if gpu is not None and spec.gpu:
-            g = spec.call(gpu, case, None)
-            err = max(R.ref.normwise_relative_error(g[k], one[k], floor=1e-30) for k in one)
-            tol = min(spec.tolerance(case, k) for k in one)
-            rows.append(dict(op=spec.name, check="GPU vs CPU", dtype=case.params["dtype"],
-                             layout=case.params.get("layout", "-"), error=err, tolerance=tol,
-                             ok=err <= tol))
-    return rows
-
-
-def _summarize(rows):
-    """Worst row per (op, check, dtype), for the table."""
-    groups = {}
-    for r in rows:
-        key = (r["op"], r["check"].split(" (")[0], r["dtype"])
-        ratio = r["error"] / r["tolerance"] if r["tolerance"] else (0.0 if r["ok"] else np.inf)
-        cur = groups.get(key)
-        if cur is None or not r["ok"] or (cur["ok"] and ratio > cur["_ratio"]):
-            if cur is None or cur["ok"] or not r["ok"]:
-                groups[key] = dict(r, _ratio=ratio, n=(cur["n"] + 1) if cur else 1)
-                continue
-        groups[key]["n"] += 1
-    return list(groups.values())
-
+# --------------------------------------------------------------------------
+# check
 
 def cmd_check(args) -> int:
-    t0 = time.perf_counter()
-    rows = _check_rows(args.op, args.dtype, args.samples, args.gpu, not args.quiet)
-    table = _summarize(rows)
-    print(f"{'op':<22} {'check':<32} {'dtype':<8} {'worst error':>12} {'tolerance':>10}  result")
-    for r in table:
-        print(f"{r['op']:<22} {r['check'].split(' (')[0]:<32} {r['dtype']:<8} "
-              f"{r['error']:>12.2e} {r['tolerance']:>10.0e}  {'pass' if r['ok'] else 'FAIL'}"
-              f"  ({r['n']} cases)")
-    failed = [r for r in rows if not r["ok"]]
-    dt = time.perf_counter() - t0
-    print(f"\n{len(rows)} checks, {len(failed)} failed, {dt:.1f} s")
+    from bncore import selfcheck
+
+    if args.schema:
+        print(selfcheck.JSON_SCHEMA_DOC)
+        return 0
+    gpu = "on" if args.gpu else ("off" if args.no_gpu else "auto")
+    progress = args.progress or (not args.quiet and sys.stderr.isatty())
+    return selfcheck.main_check(args.op, args.dtype, args.samples, args.fd_samples, args.seed,
+                                gpu, args.json, progress, args.by_layout)
+
+
+# --------------------------------------------------------------------------
+# gradcheck
+
+def _load_object(spec: str):
+    if ":" not in spec:
+        raise ValueError(f"expected MODULE:NAME, got {spec!r}")
+    mod_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if mod_name.endswith(".py") and os.path.exists(mod_name):
+        name = os.path.splitext(os.path.basename(mod_name))[0]
+        s = importlib.util.spec_from_file_location(name, mod_name)
+        module = importlib.util.module_from_spec(s)
+        s.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    obj = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj, module, attr
+
+
+def _report_dict(report, label: str) -> dict:
+    from dataclasses import asdict
+
+    d = asdict(report)
+    d["label"] = label
+    d["worst_index"] = None if report.worst_index is None else list(report.worst_index)
+    for k in ("max_abs_error", "max_rel_error", "analytic", "numeric"):
+        v = d[k]
+        d[k] = v if np.isfinite(v) else None
+    return d
+
+
+def cmd_gradcheck(args) -> int:
+    from bncore.gradcheck import gradcheck
+
+    reports = []
+    if args.function:
+        try:
+            f, module, attr = _load_object(args.function)
+            if args.vjp:
+                vjp = _load_object(args.vjp)[0]
+            elif hasattr(f, "vjp"):
+                vjp = f.vjp
+            elif hasattr(module, attr.split(".")[-1] + "_vjp"):
+                vjp = getattr(module, attr.split(".")[-1] + "_vjp")
+            else:
+                raise ValueError(f"no vector-Jacobian product for {args.function}: pass --vjp "
+                                 f"MODULE:NAME, or define {attr}.vjp or {attr}_vjp")
+        except Exception as exc:  # noqa: BLE001
+            print(f"bncore gradcheck: cannot load {args.function}: {exc}", file=sys.stderr)
+            return 2
+        if args.inputs:
+            with np.load(args.inputs) as data:
+                inputs = [data[f"arr_{i}"] for i in range(len(data.files))]
+        elif args.shape:
+            rng = np.random.default_rng(args.seed)
+            inputs = [rng.standard_normal(s) for s in args.shape]
+        else:
+            print("bncore gradcheck: give the input shapes (--shape 4,3 --shape 3) or --inputs "
+                  "FILE.npz", file=sys.stderr)
+            return 2
+        try:
+            report = gradcheck(f, inputs, vjp, mode=args.mode, n_directions=args.directions,
+                               h=args.h, rtol=args.rtol, atol=args.atol, seed=args.seed)
+        except Exception as exc:  # noqa: BLE001
+            print(f"bncore gradcheck: {args.function} raised {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            return 1
+        reports.append((args.function, report))
+    else:
+        from bncore.testing import registry as R
+
+        specs = [s for s in R.all_specs() if s.gradcheck is not None]
+        names = [s.name for s in specs]
+        chosen = args.op or names
+        unknown = [o for o in chosen if o not in names]
+        if unknown:
+            print(f"bncore gradcheck: no gradient for {', '.join(unknown)}; differentiable "
+                  f"ops: {', '.join(names)}", file=sys.stderr)
+            return 2
+        from bncore.selfcheck import _full_jacobian_params
+
+        seen = {}
+        for spec in specs:
+            if spec.name in chosen:
+                # one check per gradient implementation (forward and backward share one)
+                seen.setdefault(spec.gradcheck, []).append(spec)
+        for fn, group in seen.items():
+            spec = group[0]
+            rng = np.random.default_rng(args.seed)
+            for _ in range(args.samples):
+                params = R.sample_params(spec, rng, spec.fd_space)
+                if args.mode == "full":
+                    params = _full_jacobian_params(params)
+                case = spec.make_case(dict(params, dtype="float64", layout="c"))
+                label = f"{' / '.join(s.name for s in group)} [{case.describe()}]"
+                reports.append((label, fn(params, mode=args.mode)))
+    for label, report in reports:
+        print(f"{label}\n  {report.summary()}")
+    failed = sum(not r.ok for _, r in reports)
+    print(f"\n{len(reports)} gradient checks, {failed} failed")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"ok": not failed, "seconds": dt, "checks": rows}, fh, indent=2)
+            json.dump({"schema": "bncore-gradcheck/1", "ok": failed == 0,
+                       "reports": [_report_dict(r, label) for label, r in reports]}, fh, indent=1)
     return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------
+# validate
+
+def cmd_validate(args) -> int:
+    from bncore.validate import main_validate
+
+    return main_validate(args.framework, json_path=args.json, quick=args.quick)
 
 
 def cmd_config(args) -> int:
@@ -123,26 +213,119 @@ def cmd_config(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="bncore",
-        description="bncore: reference numerics for batch normalization, clipping and optimizers.")
-    sub = ap.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="self-check every op against the float64 oracle, "
-                                     "finite differences and across thread counts")
-    c.add_argument("--op", action="append", help="check only this op (repeatable)")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            bncore: reference numerics for batch normalization, gradient clipping and
+            optimizer updates (float64 accumulation, deterministic, every framework's
+            conventions).
+
+            start here:  bncore check              is this install computing correctly?
+                         bncore validate torch     how does PyTorch differ, and why?"""),
+        epilog="exit status: 0 all passed, 1 a check failed, 2 usage error.\n"
+               "run 'bncore COMMAND --help' for each command's options.")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser(
+        "check", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="self-check every op (oracle, gradients, threads, GPU)",
+        description=textwrap.dedent("""\
+            Self-check of this installation. For every op in bncore's registry, on a
+            fixed random sample of shapes, memory layouts, dtypes and flags:
+              oracle    float16/float32/float64 results against a float64 NumPy oracle
+              gradient  analytic gradients against central finite differences (float64)
+              threads   1, 2 and 3 OpenMP threads give bitwise identical results
+              gpu       CPU against bncore_gpu (automatic when a GPU is usable)
+            Prints a progress bar, then one row per (op, check, dtype) with the worst
+            case's layout, its error and the tolerance. Exit status 1 on any failure."""),
+        epilog=EPILOG_CHECK + "JSON output (--json):\n" + textwrap.indent(
+            __import__("bncore.selfcheck", fromlist=["x"]).JSON_SCHEMA_DOC, "  "))
+    c.add_argument("--op", action="append", metavar="NAME",
+                   help="check only this op (repeatable), e.g. batch_norm_forward, adam_step")
     c.add_argument("--dtype", action="append", choices=["float16", "float32", "float64"],
-                   help="check only this dtype (repeatable)")
-    c.add_argument("--samples", type=int, default=12, help="random cases per op (default 12)")
-    c.add_argument("--gpu", action="store_true", help="also compare bncore_gpu with the CPU")
-    c.add_argument("--json", metavar="FILE", help="write every check as JSON")
+                   help="check only this input dtype (repeatable)")
+    c.add_argument("--samples", type=int, default=24, metavar="N",
+                   help="oracle cases per (op, dtype, memory layout) cell (default 24)")
+    c.add_argument("--fd-samples", type=int, default=8, metavar="N",
+                   help="random-direction gradient checks per differentiable op (default 8; "
+                        "one full-Jacobian check is always added)")
+    c.add_argument("--by-layout", action="store_true",
+                   help="one table row per memory layout (c, permuted, fortran, strided)")
+    c.add_argument("--seed", type=int, default=1234, help="seed of the case sample (default 1234)")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--gpu", action="store_true",
+                   help="require the CPU-vs-GPU comparison (exit 2 if no GPU is usable)")
+    g.add_argument("--no-gpu", action="store_true", help="skip the GPU even when one is usable")
+    c.add_argument("--json", metavar="FILE", help="write every check as JSON (see below)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--progress", action="store_true",
+                   help="show the progress bar even when stderr is not a terminal")
+    c.add_argument("--schema", action="store_true", help="print the JSON schema and exit")
     c.set_defaults(func=cmd_check)
-    g = sub.add_parser("config", help="print version, OpenMP, threads and compile flags")
-    g.set_defaults(func=cmd_config)
+
+    gc = sub.add_parser(
+        "gradcheck", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="finite-difference gradient check of an op or of your function",
+        description=textwrap.dedent("""\
+            Compare an analytic gradient (vector-Jacobian product) with central finite
+            differences in float64. Without FUNCTION: bncore's differentiable ops.
+            mode random: <vjp(u), v> against (<u, f(x+hv)> - <u, f(x-hv)>) / 2h for random
+                         u, v (cheap, any size);
+            mode full:   the whole Jacobian, entry by entry (small inputs).
+            The report names the worst entry: input, element, analytic and numeric value.
+            Python: bncore.gradcheck(f, inputs, vjp, mode=...) -> GradcheckReport."""),
+        epilog=EPILOG_GRADCHECK)
+    gc.add_argument("function", nargs="?", metavar="MODULE:FUNCTION",
+                    help="your function (module name or path/to/file.py, then :name)")
+    gc.add_argument("--vjp", metavar="MODULE:NAME", help="its vector-Jacobian product")
+    gc.add_argument("--shape", action="append", type=_csv_shape, metavar="D1,D2,...",
+                    help="shape of each input, in order (repeatable)")
+    gc.add_argument("--inputs", metavar="FILE.npz", help="the inputs, instead of --shape")
+    gc.add_argument("--op", action="append", metavar="NAME",
+                    help="built-in op to check (repeatable; default: every differentiable op)")
+    gc.add_argument("--mode", choices=["random", "full"], default="random",
+                    help="random directions (default) or the full Jacobian")
+    gc.add_argument("--samples", type=int, default=3, metavar="N",
+                    help="random draws per built-in op (default 3)")
+    gc.add_argument("--directions", type=int, default=6, metavar="N",
+                    help="random directions per check in random mode (default 6)")
+    gc.add_argument("--h", type=float, default=1e-6, help="finite-difference step (default 1e-6)")
+    gc.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (default 1e-6)")
+    gc.add_argument("--atol", type=float, default=1e-8, help="absolute tolerance (default 1e-8)")
+    gc.add_argument("--seed", type=int, default=0, help="seed of inputs and directions")
+    gc.add_argument("--json", metavar="FILE", help="write the reports as JSON")
+    gc.set_defaults(func=cmd_gradcheck)
+
+    v = sub.add_parser(
+        "validate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="compare PyTorch, Keras, JAX/optax/flax or ONNX with bncore",
+        description="Run a framework's batch norm, optimizers and clipping next to bncore "
+                    "on the same inputs and explain every difference.",
+        epilog=EPILOG_VALIDATE + "\ninstall the frameworks with: pip install \"bncore[validate]\"")
+    v.add_argument("framework", choices=["torch", "keras", "jax", "onnx", "all"],
+                   help="torch (F.batch_norm, nn.BatchNorm*d, torch.optim, clip_grad_*), "
+                        "keras (Keras 3 on the JAX backend), jax (flax BatchNorm, optax), "
+                        "onnx (ReferenceEvaluator and onnxruntime), or all")
+    v.add_argument("--json", metavar="FILE", help="write the rows and notes as JSON")
+    v.add_argument("--quick", action="store_true", help="fewer configurations (for tests)")
+    v.set_defaults(func=cmd_validate)
+
+    cf = sub.add_parser("config", help="print version, OpenMP, threads and compile flags")
+    cf.set_defaults(func=cmd_config)
     return ap
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except BrokenPipeError:           # `bncore check | head`: stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -108,8 +108,11 @@ OPTIMIZERS: Dict[str, Dict[str, dict]] = {
         "keras": dict(lr=1e-3, alpha=0.9, eps=1e-7, weight_decay=0.0, momentum=0.0,
                       centered=False, eps_inside_sqrt=True, style="keras",
                       decoupled_weight_decay=True),
+        # optax.rmsprop chains scale_by_learning_rate *before* trace(momentum), so the
+        # learning rate sits inside the momentum buffer as in Keras (style="keras");
+        # found by `bncore validate jax` with a learning-rate schedule
         "optax": dict(lr=1e-3, alpha=0.9, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                      centered=False, eps_inside_sqrt=True, style="torch",
+                      centered=False, eps_inside_sqrt=True, style="keras",
                       decoupled_weight_decay=False),
     },
     "Adagrad": {

@@ -31,8 +31,8 @@ class GradcheckReport:
     mode: str
     max_abs_error: float
     max_rel_error: float
-    worst_input: Optional[int]
-    worst_index: Optional[tuple]
+    worst_input: Optional[int]      # full mode: which input (None in random mode)
+    worst_index: Optional[tuple]    # full mode: (flat output index,) + input element
     analytic: float
     numeric: float
     rtol: float
@@ -45,8 +45,14 @@ class GradcheckReport:
 
     def summary(self) -> str:
         verdict = "PASS" if self.ok else "FAIL"
-        where = ("" if self.worst_input is None else
-                 f" at input {self.worst_input}, element {self.worst_index}")
+        if self.worst_input is None:
+            where = ""
+        elif self.mode == "full":
+            out_flat, elem = self.worst_index[0], tuple(self.worst_index[1:])
+            where = (f" at d output[{out_flat}] (flat index) / d input {self.worst_input}"
+                     f"{list(elem)}")
+        else:
+            where = f" at input {self.worst_input}, element {self.worst_index}"
         return (f"gradcheck {verdict} ({self.mode}, {self.checks} checks): worst abs error "
                 f"{self.max_abs_error:.3e}, rel {self.max_rel_error:.3e}{where}: analytic "
                 f"{self.analytic:.10g} vs numeric {self.numeric:.10g} "

@@ -170,10 +170,11 @@ def optax_rmsprop(decay, eps, centered, momentum):
             u = g / np.sqrt(nu - mu * mu + eps)
         else:
             u = g / np.sqrt(nu + eps)
-        if momentum:
+        u = lr * u                               # scale_by_learning_rate comes first,
+        if momentum:                             # then trace(decay=momentum)
             trace = u + momentum * trace
             u = trace
-        return p - lr * u, (nu, mu, trace)
+        return p - u, (nu, mu, trace)
     return update
 
 

@@ -103,7 +103,8 @@ class RMSprop(Optimizer):
 
     conventions: torch (default; eps outside the sqrt), keras (rho 0.9, eps 1e-7
     inside the sqrt, lr inside the momentum buffer), optax (decay 0.9, eps 1e-8
-    inside the sqrt).
+    inside the sqrt, lr inside the momentum buffer as in Keras: optax applies
+    the learning rate before ``trace``).
     """
 
     kind = "RMSprop"

@@ -105,7 +105,8 @@ def normwise_relative_error(actual, expected, floor: float = 0.0) -> float:
     if not np.array_equal(a[inf_e], e[inf_e]):
         return float("inf")
     ok &= ~inf_e
-    diff = np.linalg.norm((a - e)[ok])
+    # inf-inf at the matched infinities is masked out below; subtract only the rest
+    diff = np.linalg.norm(a[ok] - e[ok])
     scale = max(float(np.linalg.norm(e[ok])), floor)
     if scale == 0.0:
         return 0.0 if diff == 0.0 else float("inf")

@@ -536,8 +536,46 @@ def _layer_floor(case: Case, key: str) -> float:
     return _bn_backward_floor(bwd, key)
 
 
+def layer_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random"):
+    """Finite differences of BatchNorm.forward against BatchNorm.backward (float64),
+    in training mode (batch statistics) or eval mode (running statistics)."""
+    from bncore.gradcheck import gradcheck
+
+    backend = backend or cpu_backend()
+    p = dict(p, dtype="float64", layout="c", affine=True, running=True)
+    case = make_bn_forward_case(p)
+    a = case.arrays
+    kw = case.kwargs
+    C = a["x"].shape[kw["axis"]]
+
+    def layer(w, b):
+        bn = backend.module.BatchNorm(C, eps=kw["eps"], momentum=kw["momentum"],
+                                      axis=kw["axis"], dtype=np.float64)
+        bn.load_state_dict({"weight": backend.to_device(w), "bias": backend.to_device(b),
+                            "running_mean": backend.to_device(a["running_mean"]),
+                            "running_var": backend.to_device(a["running_var"]),
+                            "num_batches_tracked": np.array(1, dtype=np.int64)})
+        return bn.train(kw["training"])
+
+    def f(x, w, b):
+        return backend.to_host(layer(w, b).forward(backend.to_device(x)))
+
+    def vjp(u, x, w, b):
+        bn = layer(w, b)
+        bn.forward(backend.to_device(x))
+        dx = bn.backward(backend.to_device(u))
+        return backend.to_host(dx), backend.to_host(bn.grad_weight), backend.to_host(bn.grad_bias)
+
+    red = tuple(i for i in range(a["x"].ndim) if i != kw["axis"] % a["x"].ndim)
+    x_scale = float(np.min(a["x"].std(axis=red))) if a["x"].size else 1.0
+    return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, h=1e-5,
+                     rtol=1e-6, atol=1e-9, seed=p["seed"], scales=[x_scale, 1.0, 1.0])
+
+
 register(OpSpec(
     name="BatchNorm",
+    gradcheck=layer_gradcheck,
+    fd_space=dict(BN_FD_SPACE, running=(True,)),
     error_floor=_layer_floor,
     covers=("BatchNorm",),
     space=dict(BN_SPACE, training=(True,)),

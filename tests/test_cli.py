@@ -1,0 +1,241 @@
+"""The command line: exit codes, JSON schemas, gradcheck catching a wrong gradient."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore import cli, selfcheck
+from bncore.testing import registry as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "bncore", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def test_help_names_every_command():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for word in ("check", "gradcheck", "validate", "config", "exit status"):
+        assert word in out.stdout
+    out = run_cli()
+    assert out.returncode == 2 and "usage" in out.stdout
+
+
+@pytest.mark.parametrize("cmd", ["check", "gradcheck", "validate"])
+def test_subcommand_help(cmd):
+    out = run_cli(cmd, "--help")
+    assert out.returncode == 0 and len(out.stdout) > 400
+
+
+# ---------------------------------------------------------------- check
+
+def test_check_json_schema(tmp_path):
+    path = tmp_path / "check.json"
+    code = cli.main(["check", "--op", "adam_step", "--op", "batch_norm_backward", "--samples",
+                     "2", "--fd-samples", "1", "--quiet", "--json", str(path)])
+    assert code == 0
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "bncore-check/1"
+    assert doc["ok"] is True and isinstance(doc["seconds"], float)
+    assert set(doc["bncore"]) == {"version", "openmp", "num_threads"}
+    assert doc["bncore"]["version"] == bncore.__version__
+    assert set(doc["gpu"]) == {"used", "reason"}
+    assert doc["settings"]["ops"] == ["adam_step", "batch_norm_backward"]
+    kinds = set()
+    for row in doc["summary"]:
+        assert set(row) == {"op", "check", "dtype", "layout", "worst_error", "tolerance", "ok",
+                            "cases", "layouts"}
+        assert row["check"] in selfcheck.CHECK_KINDS and row["ok"] is True
+        kinds.add((row["op"], row["check"]))
+    assert ("batch_norm_backward", "gradient") in kinds
+    assert ("adam_step", "threads") in kinds
+    assert {r["dtype"] for r in doc["summary"] if r["op"] == "batch_norm_backward"
+            and r["check"] == "oracle"} == {"float16", "float32", "float64"}
+    for c in doc["checks"]:
+        assert set(c) == {"op", "check", "output", "dtype", "layout", "case", "error",
+                          "tolerance", "ok", "message"}
+        assert isinstance(c["ok"], bool) and (c["error"] is None or c["error"] >= 0)
+    # every layout of the batch-norm space was drawn
+    layouts = {c["case"].get("layout") for c in doc["checks"] if c["op"] == "batch_norm_backward"
+               and c["check"] == "oracle"}
+    assert layouts == {"c", "permuted", "fortran", "strided"}
+
+
+def test_check_schema_flag_prints_the_schema():
+    out = run_cli("check", "--schema")
+    assert out.returncode == 0 and "bncore-check/1" in out.stdout
+
+
+def test_check_unknown_op_is_a_usage_error():
+    out = run_cli("check", "--op", "no_such_op")
+    assert out.returncode == 2 and "batch_norm_forward" in out.stderr
+
+
+def test_check_gpu_flag_without_a_gpu_says_why():
+    backend, reason = selfcheck.gpu_status(True)
+    if backend is not None:
+        pytest.skip("a GPU is usable here")
+    out = run_cli("check", "--gpu", "--op", "sgd_step")
+    assert out.returncode == 2 and "no GPU check possible" in out.stderr and reason in out.stderr
+
+
+def test_check_fails_with_status_1_on_a_wrong_kernel(monkeypatch, tmp_path, capsys):
+    """A kernel off by 1e-4 in one parameter is caught, with the case in the report."""
+    real = R.cpu_backend()
+
+    class Wrong:
+        def __getattr__(self, name):
+            return getattr(bncore, name)
+
+        @staticmethod
+        def sgd_step(params, *args, **kw):
+            bncore.sgd_step(params, *args, **kw)
+            p = params[0] if isinstance(params, list) else params
+            p.reshape(-1)[0] *= 1 + 1e-4
+
+    monkeypatch.setattr(R, "cpu_backend", lambda: R.Backend("cpu", Wrong(), real.to_device,
+                                                            real.to_host))
+    path = tmp_path / "c.json"
+    code = selfcheck.main_check(["sgd_step"], samples=2, fd_samples=0, progress=False,
+                                gpu="off", json_path=str(path))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out and "failures:" in out
+    doc = json.loads(path.read_text())
+    assert doc["ok"] is False
+    assert any(not c["ok"] and c["check"] == "oracle" for c in doc["checks"])
+
+
+def test_check_reports_a_crash_as_a_failure_not_a_traceback(monkeypatch, capsys):
+    real = R.cpu_backend()
+
+    class Crashing:
+        def __getattr__(self, name):
+            return getattr(bncore, name)
+
+        @staticmethod
+        def found_inf(*a, **k):
+            raise RuntimeError("boom")
+
+    monkeypatch.setattr(R, "cpu_backend", lambda: R.Backend("cpu", Crashing(), real.to_device,
+                                                            real.to_host))
+    code = selfcheck.main_check(["found_inf"], samples=1, fd_samples=0, progress=False, gpu="off")
+    assert code == 1
+    assert "raised RuntimeError: boom" in capsys.readouterr().out
+
+
+def test_default_check_runs_green():
+    """The README's first command (one seed; the full default sample)."""
+    code = selfcheck.main_check(progress=False, gpu="off")
+    assert code == 0
+
+
+# ---------------------------------------------------------------- gradcheck
+
+def _f(x, w):
+    return np.tanh(x @ w)
+
+
+def _f_vjp(u, x, w):
+    d = u * (1 - np.tanh(x @ w) ** 2)
+    return d @ w.T, x.T @ d
+
+
+def _wrong_vjp(u, x, w):
+    dx, dw = _f_vjp(u, x, w)
+    dw = dw.copy()
+    dw[1, 0] *= 1.001                 # one entry 0.1% off
+    return dx, dw
+
+
+def test_gradcheck_passes_a_right_gradient_in_both_modes():
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2))]
+    for mode in ("random", "full"):
+        report = bncore.gradcheck(_f, inputs, _f_vjp, mode=mode)
+        assert isinstance(report, bncore.GradcheckReport) and report.ok, report.summary()
+
+
+def test_gradcheck_catches_a_wrong_gradient_and_names_the_entry():
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2))]
+    full = bncore.gradcheck(_f, inputs, _wrong_vjp, mode="full")
+    assert not full
+    assert full.worst_input == 1 and tuple(full.worst_index[1:]) == (1, 0)
+    assert "FAIL" in full.summary() and "d input 1[1, 0]" in full.summary()
+    rand = bncore.gradcheck(_f, inputs, _wrong_vjp, mode="random", n_directions=8)
+    assert not rand
+
+
+def test_gradcheck_catches_a_wrong_batch_norm_backward(monkeypatch):
+    """bncore's own check, with batch_norm_backward's dweight scaled by 1.0001."""
+    real = bncore.batch_norm_backward
+
+    def wrong(*a, **k):
+        dx, dw, db = real(*a, **k)
+        return dx, dw * 1.0001, db
+
+    class Mod:
+        def __getattr__(self, name):
+            return getattr(bncore, name)
+
+    mod = Mod()
+    mod.batch_norm_backward = wrong
+    backend = R.Backend("cpu", mod, lambda a: a, np.asarray)
+    spec = R.REGISTRY["batch_norm_backward"]
+    params = R.sample_params(spec, np.random.default_rng(3), spec.fd_space)
+    params["training"] = True
+    assert R.bn_gradcheck(params, backend=backend).ok is False
+    assert R.bn_gradcheck(params).ok is True
+
+
+def test_gradcheck_cli_on_a_user_function(tmp_path):
+    (tmp_path / "userfn.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def f(x, w):
+            return np.tanh(x @ w)
+        def f_vjp(u, x, w):
+            d = u * (1 - np.tanh(x @ w) ** 2)
+            return d @ w.T, x.T @ d
+        def g(x, w):
+            return np.tanh(x @ w)
+        def g_vjp(u, x, w):
+            dx, dw = f_vjp(u, x, w)
+            dw[0, 1] += 1e-3
+            return dx, dw
+    """))
+    ok = run_cli("gradcheck", "userfn:f", "--shape", "4,3", "--shape", "3,2", "--mode", "full",
+                 cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout
+    bad = run_cli("gradcheck", "userfn:g", "--shape", "4,3", "--shape", "3,2", "--mode", "full",
+                  "--json", "g.json", cwd=tmp_path)
+    assert bad.returncode == 1 and "FAIL" in bad.stdout
+    doc = json.loads((tmp_path / "g.json").read_text())
+    assert doc["schema"] == "bncore-gradcheck/1" and doc["ok"] is False
+    assert doc["reports"][0]["worst_input"] == 1 and doc["reports"][0]["worst_index"][1:] == [0, 1]
+    vjp = run_cli("gradcheck", "userfn:g", "--vjp", "userfn:f_vjp", "--shape", "4,3",
+                  "--shape", "3,2", cwd=tmp_path)
+    assert vjp.returncode == 0
+    missing = run_cli("gradcheck", "nonexistent_module_xyz:f", "--shape", "3", cwd=tmp_path)
+    assert missing.returncode == 2 and "cannot load" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_gradcheck_cli_on_builtin_ops(tmp_path):
+    path = tmp_path / "gc.json"
+    code = cli.main(["gradcheck", "--op", "batch_norm_forward", "--mode", "full", "--samples", "1",
+                     "--json", str(path)])
+    assert code == 0
+    doc = json.loads(path.read_text())
+    assert doc["ok"] and doc["reports"][0]["mode"] == "full"
+    assert cli.main(["gradcheck", "--op", "sgd_step"]) == 2    # not differentiable

@@ -1,0 +1,190 @@
+"""Interop: every public function takes DLPack arrays (torch CPU tensors, JAX
+CPU arrays) zero-copy; in-place updates land in the caller's tensor.
+
+CI installs torch and jax; each half skips only where its framework is absent.
+"""
+import numpy as np
+import pytest
+
+import bncore
+from reference import normwise_relative_error as rel_err
+
+
+# ---------------------------------------------------------------- torch
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def _np(t):
+    return t.detach().numpy().copy()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_batch_norm_forward_backward_and_running_stats(torch, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, 6, generator=g) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(3, generator=g), torch.randn(3, generator=g)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    rm_np, rv_np = _np(rm), _np(rv)
+    ptr = rm.data_ptr()
+
+    y, mean, invstd = bncore.batch_norm_forward(x, w, b, rm, rv, momentum=0.2)
+    y_np, mean_np, invstd_np = bncore.batch_norm_forward(_np(x), _np(w), _np(b), rm_np, rv_np,
+                                                        momentum=0.2)
+    assert isinstance(y, np.ndarray) and y.tobytes() == y_np.tobytes()
+    # the running statistics were updated in the torch tensors themselves
+    assert rm.data_ptr() == ptr
+    assert np.array_equal(rm.numpy(), rm_np) and np.array_equal(rv.numpy(), rv_np)
+    assert not np.array_equal(rm.numpy(), np.zeros(3, np.float32))
+    if channels_last:        # the output keeps the tensor's memory layout
+        assert y.strides == tuple(s * 4 for s in x.stride())
+
+    dy = torch.randn(x.shape, generator=g)
+    dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w)
+    dx_np, dw_np, db_np = bncore.batch_norm_backward(_np(dy), _np(x), mean_np, invstd_np, _np(w))
+    assert dx.tobytes() == dx_np.tobytes() and dw.tobytes() == dw_np.tobytes()
+    assert db.tobytes() == db_np.tobytes()
+
+    # and against torch itself
+    ty = torch.nn.functional.batch_norm(x, torch.zeros(3), torch.ones(3), w, b, training=True)
+    assert rel_err(y, ty.numpy()) < 2e-6
+
+
+def test_torch_tensors_are_not_copied(torch):
+    t = torch.randn(10)
+    a = bncore._checks.as_array("t", t)
+    assert a.ctypes.data == t.data_ptr()
+    a[0] = 123.0
+    assert float(t[0]) == 123.0
+
+
+def _torch_lists(torch, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(5,), (3, 4), (1000,)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) * 0.1 for s in shapes]
+    return params, grads
+
+
+@pytest.mark.parametrize("op", ["sgd", "adam", "rmsprop", "adagrad"])
+def test_torch_optimizer_steps_update_tensors_in_place(torch, op):
+    params, grads = _torch_lists(torch)
+    ptrs = [p.data_ptr() for p in params]
+    state = [[torch.zeros_like(p) for p in params] for _ in range(3)]
+    params_np = [_np(p) for p in params]
+    grads_np = [_np(g) for g in grads]
+    state_np = [[np.zeros_like(p) for p in params_np] for _ in range(3)]
+
+    def step(P, G, S):
+        if op == "sgd":
+            bncore.sgd_step(P, G, S[0], lr=0.1, momentum=0.9, first_step=True)
+        elif op == "adam":
+            bncore.adam_step(P, G, S[0], S[1], step=1, lr=0.01, amsgrad=True,
+                             max_exp_avg_sqs=S[2])
+        elif op == "rmsprop":
+            bncore.rmsprop_step(P, G, S[0], lr=0.01, centered=True, grad_avgs=S[1],
+                                momentum=0.5, momentum_buffers=S[2])
+        else:
+            bncore.adagrad_step(P, G, S[0], step=1, lr=0.1)
+
+    before = [_np(p) for p in params]
+    step(params, grads, state)
+    step(params_np, grads_np, state_np)
+    for p, p_np, b, ptr in zip(params, params_np, before, ptrs):
+        assert p.data_ptr() == ptr, "the tensor was replaced, not updated"
+        assert not np.array_equal(p.numpy(), b), "the update did not reach the torch tensor"
+        assert p.numpy().tobytes() == p_np.tobytes()
+    for lst, lst_np in zip(state, state_np):
+        for s, s_np in zip(lst, lst_np):
+            assert s.numpy().tobytes() == s_np.tobytes()
+
+
+def test_torch_clipping_and_norms(torch):
+    params, grads = _torch_lists(torch)
+    grads_np = [_np(g) for g in grads]
+    assert bncore.grad_norm(grads) == bncore.grad_norm(grads_np)
+    total = bncore.clip_grad_norm(grads, 0.5)
+    total_np = bncore.clip_grad_norm(grads_np, 0.5)
+    assert total == total_np
+    for g, g_np in zip(grads, grads_np):
+        assert g.numpy().tobytes() == g_np.tobytes()
+    # torch's own clip_grad_norm_ on the same gradients (same eps convention)
+    ref = [torch.nn.Parameter(torch.from_numpy(_np(p))) for p in params]
+    _, g0 = _torch_lists(torch)
+    for r, g in zip(ref, g0):
+        r.grad = g.clone()
+    t_total = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    assert abs(float(t_total) - total) <= 1e-6 * total
+    for r, g in zip(ref, grads):
+        assert rel_err(g.numpy(), r.grad.numpy()) < 1e-6
+    bncore.clip_grad_value(grads, 0.01)
+    assert max(float(g.abs().max()) for g in grads) <= 0.01
+    grads[1][0, 0] = float("inf")
+    assert bncore.found_inf(grads) is True
+
+
+def test_torch_layer_and_optimizer_classes(torch):
+    x = torch.randn(8, 4, 3)
+    bn = bncore.BatchNorm(4)
+    y = bn.forward(x)
+    assert rel_err(y, torch.nn.functional.batch_norm(x, None, None, training=True).numpy()) < 2e-6
+    dx = bn.backward(torch.ones_like(x))
+    assert dx.shape == (8, 4, 3)
+    p = torch.ones(6)
+    opt = bncore.optim.Adam([p], lr=0.1)
+    opt.step([torch.full((6,), 0.5)])
+    assert np.allclose(p.numpy(), 0.9), "the class updated a copy, not the tensor"
+
+
+def test_torch_tensor_requiring_grad_gives_a_clear_error(torch):
+    t = torch.randn(3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"detach\(\)"):
+        bncore.clip_grad_norm([t], 1.0)
+    with pytest.raises(TypeError, match=r"detach\(\)"):
+        bncore.batch_norm_forward(torch.randn(4, 3, requires_grad=True))
+    bncore.clip_grad_norm([t.detach()], 1.0)      # the documented fix works
+
+
+# ---------------------------------------------------------------- JAX
+
+@pytest.fixture(scope="module")
+def jnp():
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    return jnp
+
+
+def test_jax_arrays_are_read_zero_copy(jnp):
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 3, 4)).astype(np.float32))
+    a = bncore._checks.as_array("x", x)
+    assert a.ctypes.data == x.unsafe_buffer_pointer()
+    y, mean, invstd = bncore.batch_norm_forward(x)
+    y_np, _, _ = bncore.batch_norm_forward(np.asarray(x))
+    assert y.tobytes() == y_np.tobytes()
+    dx, dw, db = bncore.batch_norm_backward(jnp.ones_like(x), x, mean, invstd)
+    assert dx.shape == x.shape
+    grads = [jnp.asarray([3.0, 4.0], dtype=jnp.float32)]
+    assert bncore.grad_norm(grads) == 5.0
+    assert bncore.found_inf(grads) is False
+
+
+def test_jax_gradients_update_numpy_params(jnp):
+    params = [np.ones(4, np.float32)]
+    grads = [jnp.full((4,), 0.5, dtype=jnp.float32)]
+    m, v = [np.zeros(4, np.float32)], [np.zeros(4, np.float32)]
+    bncore.adam_step(params, grads, m, v, step=1, lr=0.1)
+    assert np.allclose(params[0], 0.9)
+
+
+def test_jax_arrays_cannot_be_updated_in_place(jnp):
+    grads = [jnp.ones(3, dtype=jnp.float32)]
+    with pytest.raises(ValueError, match="read-only"):
+        bncore.clip_grad_norm(grads, 0.1)
+    with pytest.raises(ValueError, match="read-only"):
+        bncore.batch_norm_forward(np.ones((4, 3), np.float32), running_mean=jnp.zeros(3),
+                                  running_var=jnp.ones(3))

@@ -1,0 +1,201 @@
+"""bncore validate: verdicts, diagnostics, missing frameworks, and each framework's run.
+
+The framework runs use --quick; CI installs torch, keras, jax/optax/flax, onnx and
+onnxruntime, so they run there; a framework that is absent here skips its test.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bncore import validate as V
+from bncore.validate.report import Check, Report, evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------- the machinery
+
+def _synthetic(fw_fn, bn_fn, **kw):
+    """A check whose framework and bncore outputs are given functions of (dtype, centered)."""
+    def run(dtype, centered=False):
+        return fw_fn(dtype, centered), bn_fn(dtype, centered)
+    return Check("op", "synthetic", run, **kw)
+
+
+def _x(dtype, centered=False):
+    return {"y": np.linspace(-1, 1, 50).astype(dtype)}
+
+
+def test_exact_and_rounding_verdicts():
+    row = evaluate("t", _synthetic(_x, _x))
+    assert row.verdict == "exact" and row.max_abs == 0
+
+    def fw(dtype, centered=False):
+        y = _x(dtype)["y"]
+        return {"y": (y * (1 + 3e-7)).astype(dtype) if dtype == "float32" else y}
+    row = evaluate("t", _synthetic(fw, _x))
+    assert row.verdict == "rounding" and row.diff64 == 0
+
+
+def test_a_real_difference_is_DIFFERS_unless_a_diagnostic_explains_it():
+    def off(dtype, centered=False):
+        return {"y": _x(dtype)["y"] + 1e-3}
+    row = evaluate("t", _synthetic(off, _x))
+    assert row.verdict == "DIFFERS" and "UNEXPLAINED" in row.note
+
+    # the same error, but it vanishes when the data are centred: a cancellation
+    def offset_only(dtype, centered=False):
+        return {"y": _x(dtype)["y"] + (0.0 if centered else 1e-3)}
+    row = evaluate("t", _synthetic(offset_only, _x, centered=True, condition=1e4))
+    assert row.verdict == "explained" and "cancellation" in row.note
+
+    # an error that does *not* vanish on centred data is not called a cancellation
+    row = evaluate("t", _synthetic(off, _x, centered=True))
+    assert row.verdict == "DIFFERS" and "cancellation:" not in row.note
+
+    # another bncore convention that reproduces the framework names it
+    row = evaluate("t", _synthetic(off, _x, alternatives={"the +1e-3 convention": off}))
+    assert row.verdict == "explained" and "+1e-3 convention" in row.note
+
+
+def test_precision_diagnostic_needs_the_float64_run_to_agree():
+    def fw(dtype, centered=False):
+        y = _x(dtype)["y"]
+        return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
+    row = evaluate("t", _synthetic(fw, _x))
+    assert row.verdict == "explained" and "precision" in row.note
+
+
+def test_a_raising_row_is_reported_not_fatal():
+    def boom(dtype, centered=False):
+        raise RuntimeError("no such kernel")
+    report = Report("t")
+    row = report.add(_synthetic(boom, _x))
+    assert row.verdict == "DIFFERS" and "no such kernel" in row.note and not report.ok
+
+
+def test_exit_status_1_when_a_row_differs(monkeypatch, capsys):
+    pytest.importorskip("onnx")
+    from bncore.validate import onnx as vonnx
+
+    def checks(report, quick):
+        report.add(_synthetic(lambda d, c=False: {"y": _x(d)["y"] + 1}, _x))
+    monkeypatch.setattr(vonnx, "checks", checks)
+    assert V.main_validate("onnx") == 1
+    assert "DIFFERS" in capsys.readouterr().out
+
+
+def test_missing_framework_is_one_line_and_a_skip(tmp_path):
+    """A framework that cannot be imported: one clear line, exit status 0, no traceback."""
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("keras", "flax"):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}")
+                return None
+        sys.meta_path.insert(0, Block())
+        sys.path.insert(0, {ROOT!r})
+        from bncore.cli import main
+        code = main(["validate", sys.argv[1], "--json", "out.json"])
+        print("EXIT", code)
+    """)
+    for fw, pkg in (("keras", "keras"), ("jax", "flax")):
+        out = subprocess.run([sys.executable, "-c", script, fw], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)
+        lines = [l for l in out.stdout.splitlines() if l.strip()]
+        assert lines[-1] == "EXIT 0", out.stdout + out.stderr
+        assert lines[0] == f'{fw}: {pkg} not installed (pip install "bncore[validate]"); skipped'
+        assert len(lines) == 2
+        assert "Traceback" not in out.stderr
+        doc = json.loads((tmp_path / "out.json").read_text())
+        assert doc["ok"] is True and doc["reports"][0]["rows"] == []
+        assert "not installed" in doc["reports"][0]["skipped"][0]
+
+
+# ---------------------------------------------------------------- each framework
+
+def _validate(framework, tmp_path):
+    path = tmp_path / f"{framework}.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "bncore", "validate", framework, "--quick",
+                          "--json", str(path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == "bncore-validate/1" and doc["ok"] is True
+    rep = doc["reports"][0]
+    assert rep["framework"] == framework and rep["rows"], rep
+    for row in rep["rows"]:
+        assert set(row) >= {"op", "config", "max_abs", "max_rel", "fw_err", "bn_err", "diff64",
+                            "verdict", "note"}
+        assert row["verdict"] in ("exact", "rounding", "explained"), row
+        if row["verdict"] == "explained":
+            assert row["note"], row
+    assert "max abs" in out.stdout and "verdict" in out.stdout
+    return rep["rows"]
+
+
+def _find(rows, op_part, config_part):
+    hits = [r for r in rows if op_part in r["op"] and config_part in r["config"]]
+    assert hits, f"no row {op_part!r} / {config_part!r}"
+    return hits[0]
+
+
+def test_validate_torch(tmp_path):
+    pytest.importorskip("torch")
+    rows = _validate("torch", tmp_path)
+    # offset data: torch's error is a cancellation (measured on centred data)
+    for layout in ("NCHW", "channels_last"):
+        r = _find(rows, "F.batch_norm", f"{layout}, |mean|/std")
+        assert r["verdict"] == "explained" and "cancellation" in r["note"]
+        assert r["bn_err"] < 1e-6 < r["fw_err"]
+    # running variance: unbiased, measured
+    r = _find(rows, "F.batch_norm", "train 8x4x6x6 NCHW")
+    assert "biased running var" in r["note"]
+    # the non-exact clip on small gradients: eps=0 is measurably different
+    r = _find(rows, "clip_grad_norm_", "norm 1.6e-04")
+    assert r["verdict"] in ("exact", "rounding") and "eps=0" in r["note"]
+    assert _find(rows, "torch.optim.Adam", "defaults")["diff64"] < 1e-12
+
+
+def test_validate_keras(tmp_path):
+    import importlib.util
+
+    pytest.importorskip("jax")
+    # not imported here: without KERAS_BACKEND=jax (which bncore validate sets) Keras
+    # would look for TensorFlow
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("keras not installed")
+    rows = _validate("keras", tmp_path)
+    r = _find(rows, "BatchNormalization", "|mean|/std")
+    assert r["verdict"] == "explained" and "cancellation" in r["note"]
+    r = _find(rows, "BatchNormalization", "train 8x6x5x4")
+    assert "unbiased running var" in r["note"]
+    assert _find(rows, "keras.optimizers.Adam", "defaults")["diff64"] < 1e-12
+
+
+def test_validate_jax(tmp_path):
+    for mod in ("jax", "optax", "flax"):
+        pytest.importorskip(mod)
+    rows = _validate("jax", tmp_path)
+    r = _find(rows, "flax.linen.BatchNorm", "|mean|/std")
+    assert r["verdict"] == "explained" and "cancellation" in r["note"]
+    assert "use_fast_variance=False" in r["note"]
+    r = _find(rows, "optax.rmsprop", "momentum=0.5")
+    assert r["verdict"] == "rounding" and r["diff64"] < 1e-12
+
+
+def test_validate_onnx(tmp_path):
+    pytest.importorskip("onnx")
+    rows = _validate("onnx", tmp_path)
+    r = _find(rows, "Adam", "1 tensor")
+    assert r["verdict"] == "explained" and "norm_coefficient_post" in r["note"]
+    assert _find(rows, "Momentum", "nesterov")["diff64"] < 1e-12
+    r = _find(rows, "BatchNormalization", "reference, training_mode=1 8x4x6x6")
+    assert "unbiased running var" in r["note"]
