@@ -240,5 +240,7 @@ def clip_by_norm(grads, max_norm, norm_type=2.0, eps=1e-6):
     total = global_norm(grads, norm_type)
     coef = max_norm / (total + eps) if total + eps > 0 else np.inf
     if coef < 1.0:
-        return [_f64(g) * coef for g in grads], total
+        # a non-finite total gives coef 0 and inf * 0 = NaN, as torch does: expected
+        with np.errstate(invalid="ignore"):
+            return [_f64(g) * coef for g in grads], total
     return [_f64(g) for g in grads], total
