@@ -317,7 +317,8 @@ def _clip_oracle(case: Case) -> Arrays:
                                     case.params["norm_type"], case.params["eps"])
     if not np.isfinite(total):
         coef = case.kwargs["max_norm"] / (total + case.params["eps"])
-        grads = [np.asarray(g, np.float64) * coef for g in case.arrays["grads"]]
+        with np.errstate(invalid="ignore"):  # inf * 0 -> NaN is the convention
+            grads = [np.asarray(g, np.float64) * coef for g in case.arrays["grads"]]
     dt = case.arrays["grads"][0].dtype
     return {"total": np.asarray(total),
             # the stored gradients are rounded to their dtype once
