@@ -298,6 +298,12 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     """Train per cfg; return the per-step and per-epoch history (and the torch
     comparison, under "compare", when cfg.compare_torch)."""
     xp, backend = get_device(cfg.device)
+    twin_module = None
+    if cfg.compare_torch:
+        try:
+            import torch_twin as twin_module
+        except ImportError as e:
+            raise SetupError(f"--compare-torch needs PyTorch: {e}") from e
     data = data or load_dataset(cfg.dataset, split_seed=cfg.split_seed,
                                 test_fraction=cfg.test_fraction, limit=cfg.limit)
     init_rng, batch_rng = (np.random.default_rng(s)
@@ -305,71 +311,72 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
     model = SmallCNN(xp, backend, init_rng, data.x_train.shape[1:], data.n_classes,
                      channels=cfg.channels, hidden=cfg.hidden, batch_norm=cfg.batch_norm)
     opt = make_optimizer(backend, cfg, model.params())
-    cmp = None
-    if cfg.compare_torch:
-        try:
-            import torch_twin
-        except ImportError as e:
-            raise SetupError(f"--compare-torch needs PyTorch: {e}") from e
-        cmp = torch_twin.Comparison(model, cfg.optimizer, cfg.resolved_lr(), cfg.momentum,
-                                    cfg.clip)
-    xtr, ytr = xp.asarray(data.x_train), xp.asarray(data.y_train)
-    xte, yte = xp.asarray(data.x_test), xp.asarray(data.y_test)
-
     hist: Dict[str, Any] = {"config": cfg, "n_params": count_params(model),
                             "n_train": len(data.y_train), "n_test": len(data.y_test),
                             "step_loss": [], "grad_norm": [], "epoch_loss": [],
                             "test_loss": [], "test_acc": [], "epoch_time": [],
-                            "diverged_at": None}
+                            "diverged_at": None, "model": model}
     log(f"{data.name}: {hist['n_train']} train / {hist['n_test']} test images of shape "
         f"{data.x_train.shape[1:]}, {data.n_classes} classes; {hist['n_params']} parameters; "
         f"{cfg.optimizer} lr {cfg.resolved_lr():g}, BN {'on' if cfg.batch_norm else 'off'}, "
         f"clip {cfg.clip if cfg.clip is not None else 'off'}, device {cfg.device}")
-    step = 0
     with thread_limit(cfg.threads):
+        # created and closed inside the thread limit: each restores the thread
+        # counts it found, so they must be undone in the reverse order
+        cmp = None
+        if twin_module is not None:
+            cmp = twin_module.Comparison(model, cfg.optimizer, cfg.resolved_lr(),
+                                         cfg.momentum, cfg.clip)
         try:
-            for epoch in range(1, cfg.epochs + 1):
-                t0 = time.perf_counter()
-                batches = epoch_batches(batch_rng, len(data.y_train), cfg.batch_size)
-                bar = progress_bar(len(batches), f"epoch {epoch}/{cfg.epochs}", progress)
-                losses = []
-                for idx in batches:
-                    ib = xp.asarray(idx)
-                    loss, norm = train_step(model, opt, backend, xtr[ib], ytr[ib], cfg.clip)
-                    hist["grad_norm"].append(norm)
-                    step += 1
-                    losses.append(loss)
-                    bar.update(loss)
-                    if cmp is not None and (cfg.compare_steps is None or step <= cfg.compare_steps):
-                        cmp.step(model, loss, data.x_train[idx], data.y_train[idx])
-                    if not math.isfinite(loss) and hist["diverged_at"] is None:
-                        hist["diverged_at"] = step
-                        if cfg.stop_on_nonfinite:
-                            break
-                bar.close()
-                hist["step_loss"].extend(losses)
-                hist["epoch_loss"].append(float(np.mean(losses)))
-                if hist["diverged_at"] is not None and cfg.stop_on_nonfinite:
-                    hist["test_loss"].append(float("nan"))
-                    hist["test_acc"].append(float("nan"))
-                    hist["epoch_time"].append(time.perf_counter() - t0)
-                    log(f"epoch {epoch:3d}: the loss became non-finite at step "
-                        f"{hist['diverged_at']}; stopping")
-                    break
-                test_loss, acc = evaluate(model, xp, xte, yte)
-                hist["test_loss"].append(test_loss)
-                hist["test_acc"].append(acc)
-                hist["epoch_time"].append(time.perf_counter() - t0)
-                log(f"epoch {epoch:3d}/{cfg.epochs}  loss {hist['epoch_loss'][-1]:.4f}  "
-                    f"test loss {test_loss:.4f}  test acc {100 * acc:6.2f}%  "
-                    f"({hist['epoch_time'][-1]:.2f} s)")
+            run_epochs(cfg, model, opt, backend, xp, data, batch_rng, hist, cmp, log, progress)
         finally:
             if cmp is not None:
                 hist["compare"] = cmp.close(model)
     if cmp is not None and hist["compare"]["steps"]:
-        torch_twin.report(hist["compare"], log)
-    hist["model"] = model
+        twin_module.report(hist["compare"], log)
     return hist
+
+
+def run_epochs(cfg: Config, model: SmallCNN, opt, backend, xp, data: Dataset,
+               batch_rng: np.random.Generator, hist: Dict[str, Any], cmp,
+               log: Callable[[str], None], progress: bool) -> None:
+    """The training loop; appends to hist's lists as it goes."""
+    xtr, ytr = xp.asarray(data.x_train), xp.asarray(data.y_train)
+    xte, yte = xp.asarray(data.x_test), xp.asarray(data.y_test)
+    step = 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        batches = epoch_batches(batch_rng, len(data.y_train), cfg.batch_size)
+        bar = progress_bar(len(batches), f"epoch {epoch}/{cfg.epochs}", progress)
+        losses = []
+        for idx in batches:
+            ib = xp.asarray(idx)
+            loss, norm = train_step(model, opt, backend, xtr[ib], ytr[ib], cfg.clip)
+            step += 1
+            losses.append(loss)
+            hist["grad_norm"].append(norm)
+            bar.update(loss)
+            if cmp is not None and (cfg.compare_steps is None or step <= cfg.compare_steps):
+                cmp.step(model, loss, data.x_train[idx], data.y_train[idx])
+            if not math.isfinite(loss) and hist["diverged_at"] is None:
+                hist["diverged_at"] = step
+                if cfg.stop_on_nonfinite:
+                    break
+        bar.close()
+        hist["step_loss"].extend(losses)
+        hist["epoch_loss"].append(float(np.mean(losses)))
+        stopped = hist["diverged_at"] is not None and cfg.stop_on_nonfinite
+        test_loss, acc = (math.nan, math.nan) if stopped else evaluate(model, xp, xte, yte)
+        hist["test_loss"].append(test_loss)
+        hist["test_acc"].append(acc)
+        hist["epoch_time"].append(time.perf_counter() - t0)
+        if stopped:
+            log(f"epoch {epoch:3d}: the loss became non-finite at step {hist['diverged_at']}; "
+                f"stopping")
+            return
+        log(f"epoch {epoch:3d}/{cfg.epochs}  loss {hist['epoch_loss'][-1]:.4f}  "
+            f"test loss {test_loss:.4f}  test acc {100 * acc:6.2f}%  "
+            f"({hist['epoch_time'][-1]:.2f} s)")
 
 
 # --------------------------------------------------------------------------

@@ -82,9 +82,14 @@ def test_deterministic(data):
 def test_agrees_with_torch(data, optimizer):
     pytest.importorskip("torch")
     torch_twin = _load("torch_twin")
+    import torch
+
     cfg = train_cnn.Config(**SLICE, optimizer=optimizer, compare_torch=True)
     lines = []
+    threads = torch.get_num_threads()
     h = train_cnn.train(cfg, log=lines.append, progress=False, data=data)
+    # the comparison runs torch on one thread; it must give the others back
+    assert torch.get_num_threads() == threads
     report = "\n".join(lines)
     c = h["compare"]
     assert c["steps"] == 20
@@ -113,6 +118,20 @@ def test_no_bn_and_no_clip_run(data):
     assert h["grad_norm"] == [None] * len(h["step_loss"])
     assert not any(name.startswith("bn") for name, _ in h["model"].named_params())
     assert h["step_loss"][-1] < h["step_loss"][0]
+
+
+def test_stops_on_a_non_finite_loss(data):
+    """SGD at lr 1e3 without clipping overflows within a few steps: the run
+    stops there and says so instead of training on NaN."""
+    cfg = train_cnn.Config(**SLICE, optimizer="sgd", lr=1e3, clip=None, batch_norm=False)
+    lines = []
+    with np.errstate(all="ignore"):
+        h = train_cnn.train(cfg, log=lines.append, progress=False, data=data)
+    k = h["diverged_at"]
+    assert k is not None and k == len(h["step_loss"]) and k < 10
+    assert not math.isfinite(h["step_loss"][-1])
+    assert len(h["epoch_loss"]) == 1 and math.isnan(h["test_acc"][0])
+    assert "non-finite" in lines[-1]
 
 
 def test_command_line(capsys):
