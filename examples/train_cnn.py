@@ -40,7 +40,7 @@ DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 
 
 class SetupError(RuntimeError):
-    """What the run needs is missing (a package, a GPU, the dataset's loader)."""
+    """What the run needs is missing or unusable (a package, a GPU, the dataset)."""
 
 
 # --------------------------------------------------------------------------
@@ -94,15 +94,17 @@ def _load_arrays(name: str) -> Tuple[np.ndarray, np.ndarray]:
                                "pip install scikit-learn (or bncore[examples])") from e
         d = load_digits()
         return d.images.astype(np.float32), d.target.astype(np.int64)
-    if name.endswith(".npz") and os.path.exists(name):
-        with np.load(name) as f:
-            xkey = next((k for k in ("x", "X", "images", "data") if k in f), None)
-            ykey = next((k for k in ("y", "labels", "target") if k in f), None)
-            if xkey is None or ykey is None:
-                raise ValueError(f"{name} needs an image array (x, X, images or data) and a "
-                                 f"label array (y, labels or target); it has {sorted(f.files)}")
-            return f[xkey].astype(np.float32), f[ykey].astype(np.int64)
-    raise ValueError(f"unknown dataset {name!r}: use 'digits' or a path to an .npz file")
+    if not name.endswith(".npz"):
+        raise SetupError(f"unknown dataset {name!r}: use 'digits' or a path to an .npz file")
+    if not os.path.isfile(name):
+        raise SetupError(f"dataset file {name!r} does not exist")
+    with np.load(name) as f:
+        xkey = next((k for k in ("x", "X", "images", "data") if k in f), None)
+        ykey = next((k for k in ("y", "labels", "target") if k in f), None)
+        if xkey is None or ykey is None:
+            raise SetupError(f"{name} needs an image array (x, X, images or data) and a "
+                             f"label array (y, labels or target); it has {sorted(f.files)}")
+        return f[xkey].astype(np.float32), f[ykey].astype(np.int64)
 
 
 def load_dataset(name: str = "digits", *, split_seed: int = 0, test_fraction: float = 0.2,
@@ -116,7 +118,7 @@ def load_dataset(name: str = "digits", *, split_seed: int = 0, test_fraction: fl
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"expected images (N, H, W) or (N, C, H, W) and labels (N,); "
+        raise SetupError(f"expected images (N, H, W) or (N, C, H, W) and labels (N,); "
                          f"got {x.shape} and {y.shape}")
     perm = np.random.default_rng(split_seed).permutation(len(x))
     if limit is not None:

@@ -141,6 +141,32 @@ def test_command_line(capsys):
     assert "epoch   1/1" in out and "test acc" in out
 
 
+def test_other_datasets_from_npz(tmp_path, capsys):
+    """Any images (N, H, W) or (N, C, H, W) with integer labels; here 14x14
+    three-channel images: the second pooling gets 7x7 and drops the odd row
+    and column (torch's floor mode), checked against torch where it is installed."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 120)
+    x = rng.standard_normal((120, 3, 14, 14)).astype(np.float32) + y[:, None, None, None]
+    path = tmp_path / "blobs.npz"
+    np.savez(path, images=x, labels=y)
+    try:
+        import torch  # noqa: F401
+        compare = True
+    except ImportError:
+        compare = False
+    h = train_cnn.train(train_cnn.Config(dataset=str(path), epochs=2, batch_size=16,
+                                         compare_torch=compare),
+                        log=lambda s: None, progress=False)
+    assert h["n_train"] == 96 and h["model"].named_params()[0][1].shape == (8, 3, 3, 3)
+    assert h["model"].named_params()[-4][1].shape == (64, 16 * 3 * 3)      # fc1 after 14->7->3
+    assert h["epoch_loss"][1] < h["epoch_loss"][0]
+    if compare:
+        assert max(h["compare"]["rel_loss_diff"][:5]) <= 1e-5
+    assert train_cnn.main(["--dataset", str(tmp_path / "missing.npz"), "--no-progress"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
 def test_gpu_request_fails_clearly_without_gpu():
     try:
         import cupy  # noqa: F401
