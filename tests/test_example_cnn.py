@@ -190,5 +190,5 @@ def test_gpu_matches_cpu(data, gpu_backend):
     gpu = train_cnn.train(train_cnn.Config(**steps, device="gpu"), log=lambda s: None,
                           progress=False, data=data)
     a, b = np.asarray(cpu["step_loss"][:5]), np.asarray(gpu["step_loss"][:5])
-    np.testing.assert_allclose(b, a, rtol=train_cnn.LOSS_RTOL)
+    np.testing.assert_allclose(b, a, rtol=1e-5)      # torch_twin.LOSS_RTOL, without torch
     assert gpu["epoch_loss"][0] == pytest.approx(cpu["epoch_loss"][0], rel=1e-3)
