@@ -29,16 +29,39 @@ $PY -c "import bncore; bncore.show_config()"
 echo "== GPU tests"
 export BNCORE_HYPOTHESIS_PROFILE="${QUICK:+dev}"
 export BNCORE_HYPOTHESIS_PROFILE="${BNCORE_HYPOTHESIS_PROFILE:-ci}"
+# the example's dataset: scikit-learn's digits; without scikit-learn, an .npz copy
+# (x, y) at build/digits.npz if the caller brought one, else synthetic 8x8 images
+DATASET=digits
+if ! $PY -c "import sklearn" 2>/dev/null; then
+    if [ -f build/digits.npz ]; then
+        DATASET=build/digits.npz
+    else
+        DATASET="$OUT/synthetic_digits.npz"
+        $PY -c "import numpy as np; r = np.random.default_rng(0); p = r.uniform(0, 16, (10, 8, 8)); \
+y = r.integers(0, 10, 1800); x = np.clip(p[y] + r.normal(0, 3, (1800, 8, 8)), 0, 16); \
+np.savez('$DATASET', x=x.astype(np.float32), y=y)"
+    fi
+fi
+export BNCORE_EXAMPLE_DATASET="$DATASET"
+echo "example dataset: $DATASET"
+
 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py \
-    "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" 2>&1 | tee "$OUT/tests.log" | tail -25
+    "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" \
+    tests/test_example_cnn.py -k gpu 2>&1 | tee "$OUT/tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" -ne 0 ] && status=1
 
+echo "== bncore check --gpu"
+$PY -m bncore.cli check --gpu --json "$OUT/check.json" > "$OUT/check.log" 2>&1 \
+    || { status=1; echo "bncore check --gpu FAILED"; }
+grep -E " gpu |FAIL|checks on" "$OUT/check.log" | tail -25
+
 if [ -f examples/train_cnn.py ] && [ -z "${SKIP_EXAMPLE:-}" ]; then
     echo "== example on the GPU"
-    timeout 300 $PY examples/train_cnn.py --device gpu --epochs 3 --no-progress \
+    timeout 300 $PY examples/train_cnn.py --dataset "$DATASET" --device gpu --epochs 3 \
+        --no-progress --compare-torch --compare-steps 20 \
         > "$OUT/example.log" 2>&1 || { status=1; echo "example FAILED"; }
-    tail -8 "$OUT/example.log"
+    tail -12 "$OUT/example.log"
 fi
 
 echo "== GPU benchmark"

@@ -110,6 +110,22 @@ def abs(a):  # noqa: A001 - CuPy's name
     return _wrap(_np.abs(a))
 
 
+def exp(a):
+    return _wrap(_np.exp(a))
+
+
+def log(a):
+    return _wrap(_np.log(a))
+
+
+def arange(*args, **kw):
+    return _wrap(_np.arange(*args, **kw))
+
+
+def pad(a, pad_width, mode="constant", **kw):
+    return _wrap(_np.pad(a, pad_width, mode=mode, **kw))
+
+
 def get_array_module(*args):
     import cupy
     return cupy
