@@ -148,7 +148,10 @@ class Comparison:
     running-statistic differences after CHECKPOINTS steps."""
 
     def __init__(self, model: SmallCNN, optimizer: str, lr: float, momentum: float,
-                 clip: Optional[float]) -> None:
+                 clip: Optional[float], last_step: Optional[int] = None) -> None:
+        # the step after which comparing stops (None: every step of the run); the
+        # model keeps training past it, so its parameters must be taken then
+        self.last_step = last_step
         # one thread: torch's and bncore's OpenMP pools spinning on the same
         # cores slow a network this small down several-fold; restored by close()
         self._threads = torch.get_num_threads()
@@ -167,7 +170,7 @@ class Comparison:
         self.torch_loss.append(self.t32.step(xb, yb))
         self.t64.step(xb, yb)
         self.flips.append(self.t32.pool_flips(model))
-        if len(self.bncore_loss) in CHECKPOINTS:
+        if len(self.bncore_loss) in CHECKPOINTS or len(self.bncore_loss) == self.last_step:
             self._measure(model)
 
     def _measure(self, model: SmallCNN) -> None:
@@ -184,7 +187,8 @@ class Comparison:
         """Restore torch's thread count; the summary (see summarise)."""
         torch.set_num_threads(self._threads)
         k = len(self.bncore_loss)
-        if k and k not in self.checkpoints:
+        # the model's state is the state after step k only if the run ended there
+        if k and k not in self.checkpoints and (self.last_step is None or k < self.last_step):
             self._measure(model)
         return summarise(self.bncore_loss, self.torch_loss, self.flips, self.checkpoints)
 

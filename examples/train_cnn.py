@@ -328,7 +328,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, progress: bool = T
         cmp = None
         if twin_module is not None:
             cmp = twin_module.Comparison(model, cfg.optimizer, cfg.resolved_lr(),
-                                         cfg.momentum, cfg.clip)
+                                         cfg.momentum, cfg.clip, last_step=cfg.compare_steps)
         try:
             run_epochs(cfg, model, opt, backend, xp, data, batch_rng, hist, cmp, log, progress)
         finally:

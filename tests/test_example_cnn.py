@@ -115,6 +115,19 @@ def test_agrees_with_torch(data, optimizer):
     assert "bncore vs PyTorch" in report
 
 
+def test_compare_steps_takes_parameters_at_its_last_step(data):
+    """--compare-steps k on a longer run: the last checkpoint is step k's state,
+    not the model's state at the end of training (which is many steps on)."""
+    pytest.importorskip("torch")
+    cfg = train_cnn.Config(**SLICE, compare_torch=True, compare_steps=12)
+    h = train_cnn.train(cfg, log=lambda s: None, progress=False, data=data)
+    c = h["compare"]
+    assert c["steps"] == 12 and len(h["step_loss"]) == 20
+    assert sorted(c["checkpoints"]) == [1, 10, 12]
+    d = c["checkpoints"][12]
+    assert d["params"][0] <= max(1e-6, 2 * d["torch_vs_f64"][0]), d
+
+
 def test_no_bn_and_no_clip_run(data):
     cfg = train_cnn.Config(**dict(SLICE, epochs=1), batch_norm=False, clip=None,
                            optimizer="sgd", lr=0.05)
