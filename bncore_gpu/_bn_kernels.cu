@@ -201,12 +201,8 @@ __global__ void bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, long
     int lane = threadIdx.x & 31;
     long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
-    long long outer = nplanes / C;
-    for (long long q = w; q < nplanes; q += nw) {
-        // channels in reverse: the statistics pass read the last channels last,
-        // so their planes are the ones still in L2 (50 MB on an H100)
-        int c = C - 1 - (int)(q / outer);
-        long long p = (q % outer) * C + c;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
         double m = mean[c], s = scale[c], h = shift[c];
         const T* xr = x + p * inner;
         T* yr = y + p * inner;
@@ -232,12 +228,8 @@ __global__ void bn_apply_planes_vec4(const float4* __restrict__ x, float4* __res
     int lane = threadIdx.x & 31;
     long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
-    long long outer = nplanes / C;
-    for (long long q = w; q < nplanes; q += nw) {
-        // channels in reverse: the statistics pass read the last channels last,
-        // so their planes are the ones still in L2 (50 MB on an H100)
-        int c = C - 1 - (int)(q / outer);
-        long long p = (q % outer) * C + c;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
         double m = mean[c], s = scale[c], h = shift[c];
         const float4* xr = x + p * inner4;
         float4* yr = y + p * inner4;
@@ -371,12 +363,8 @@ __global__ void bn_dx_planes(const T* __restrict__ dy, const T* __restrict__ x,
     int lane = threadIdx.x & 31;
     long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
-    long long outer = nplanes / C;
-    for (long long q = w; q < nplanes; q += nw) {
-        // channels in reverse: the statistics pass read the last channels last,
-        // so their planes are the ones still in L2 (50 MB on an H100)
-        int c = C - 1 - (int)(q / outer);
-        long long p = (q % outer) * C + c;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
         double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
         long long base = p * inner;
         for (long long i = lane; i < inner; i += 32)
@@ -392,12 +380,8 @@ __global__ void bn_dx_planes_vec4(const float4* __restrict__ dy, const float4* _
     int lane = threadIdx.x & 31;
     long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
-    long long outer = nplanes / C;
-    for (long long q = w; q < nplanes; q += nw) {
-        // channels in reverse: the statistics pass read the last channels last,
-        // so their planes are the ones still in L2 (50 MB on an H100)
-        int c = C - 1 - (int)(q / outer);
-        long long p = (q % outer) * C + c;
+    for (long long p = w; p < nplanes; p += nw) {
+        int c = (int)(p % C);
         double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
         long long base = p * inner4;
         for (long long i = lane; i < inner4; i += 32)
