@@ -73,6 +73,17 @@ def optim_data(steps: int, seed: int = 0, grad_scale: float = 0.3,
     return params, grads
 
 
+CLIP_SHAPES = [(10,), (4, 6), (3000,)]
+
+
+def clip_grads(seed: int, scale: float, dtype: str) -> List[np.ndarray]:
+    """Gradients for the clipping checks: standard normal times scale, drawn in
+    float32 (so every dtype sees the same values), then cast to dtype."""
+    rng = np.random.default_rng(seed)
+    return [cast((rng.standard_normal(s) * scale).astype(np.float32), dtype)
+            for s in CLIP_SHAPES]
+
+
 def lr_schedule(lr0: float, steps: int) -> List[float]:
     """A changing learning rate, so schedule conventions show up. Binary
     fractions of a power of two, so frameworks that keep the learning rate in

@@ -14,7 +14,7 @@ from typing import Dict
 import numpy as np
 
 import bncore
-from bncore.validate.data import bn_data, cast, concat, lr_schedule, optim_data
+from bncore.validate.data import bn_data, cast, clip_grads, concat, lr_schedule, optim_data
 from bncore.validate.report import Check, Report
 
 REQUIRES = ("jax", "keras")
@@ -168,9 +168,7 @@ def _clip(kind: str, scale: float, seed=13) -> Check:
     import keras
 
     def grads_for(dtype):
-        rng = np.random.default_rng(seed)
-        return [cast((rng.standard_normal(s) * scale).astype(np.float32), dtype)
-                for s in ((10,), (4, 6), (3000,))]
+        return clip_grads(seed, scale, dtype)
 
     total = bncore.grad_norm(grads_for("float64"))
     per = [bncore.grad_norm([g]) for g in grads_for("float64")]

@@ -19,7 +19,7 @@ float32 number, passed to bncore as that exact value.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 

@@ -11,7 +11,7 @@ from typing import Dict
 import numpy as np
 
 import bncore
-from bncore.validate.data import bn_data, cast, concat, lr_schedule, optim_data
+from bncore.validate.data import bn_data, cast, clip_grads, concat, lr_schedule, optim_data
 from bncore.validate.report import Check, Report
 
 REQUIRES = ("torch",)
@@ -190,9 +190,7 @@ def _clip_norm(norm_type, scale: float, ratio: float = 0.5, seed=5) -> Check:
     import torch
 
     def grads_for(dtype):
-        rng = np.random.default_rng(seed)
-        return [cast((rng.standard_normal(s) * scale).astype(np.float32), dtype)
-                for s in ((10,), (4, 6), (3000,))]
+        return clip_grads(seed, scale, dtype)
 
     def max_norm_for(dtype):
         g = grads_for("float64")
