@@ -19,6 +19,26 @@ from bncore._checks import (  # noqa: F401  (re-exported: the same scalar rules)
     same_shape)
 
 
+def _not_viewable(name: str, a: Any, via: str, exc: Exception) -> str:
+    text = str(exc)
+    if "require" in text and "grad" in text:
+        hint = "pass tensor.detach(), which shares its memory"
+    else:
+        hint = "is it on the GPU? host arrays go to bncore"
+    return f"{name}: cannot view {type(a).__name__} as a CuPy array through {via} ({text}); {hint}"
+
+
+def is_device(a: Any) -> bool:
+    """True for CuPy arrays and objects exposing CUDA memory (a torch CUDA
+    tensor that requires grad counts: as_array then explains the fix)."""
+    if isinstance(a, cupy.ndarray):
+        return True
+    try:
+        return hasattr(a, "__cuda_array_interface__")
+    except RuntimeError:
+        return True
+
+
 def as_array(name: str, a: Any) -> "cupy.ndarray":
     if isinstance(a, cupy.ndarray):
         return a
@@ -27,14 +47,18 @@ def as_array(name: str, a: Any) -> "cupy.ndarray":
     if isinstance(a, np.ndarray) or np.isscalar(a) or isinstance(a, (list, tuple)):
         raise TypeError(f"{name} is a host array ({type(a).__name__}); bncore_gpu works on "
                         f"device arrays: move it with cupy.asarray() (or use bncore on the CPU)")
-    if hasattr(a, "__cuda_array_interface__"):
-        return cupy.asarray(a)
+    try:
+        # a torch CUDA tensor that requires grad raises here rather than
+        # lacking the attribute, so hasattr alone would let that escape
+        if hasattr(a, "__cuda_array_interface__"):
+            return cupy.asarray(a)
+    except RuntimeError as exc:
+        raise TypeError(_not_viewable(name, a, "__cuda_array_interface__", exc)) from exc
     if hasattr(a, "__dlpack__"):
         try:
             return cupy.from_dlpack(a)
         except Exception as exc:  # noqa: BLE001
-            raise TypeError(f"{name}: cannot view {type(a).__name__} as a CuPy array through "
-                            f"DLPack ({exc}); is it on the GPU?") from exc
+            raise TypeError(_not_viewable(name, a, "DLPack", exc)) from exc
     raise TypeError(f"{name} must be a CuPy array (or a CUDA array), got {type(a).__name__}")
 
 

@@ -47,8 +47,7 @@ def kernel(name: str):
     return _loader.kernel(FILE, NAMES, name)
 
 
-def is_device(v) -> bool:
-    return isinstance(v, cupy.ndarray) or hasattr(v, "__cuda_array_interface__")
+is_device = chk.is_device
 
 
 def device_scalar(name: str, v) -> "cupy.ndarray":

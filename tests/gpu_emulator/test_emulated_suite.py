@@ -47,3 +47,24 @@ def test_host_arrays_are_refused():
     import bncore_gpu
     with pytest.raises(TypeError, match="host array"):
         bncore_gpu.batch_norm_forward(np.ones((4, 3), np.float32))
+
+
+class _TensorRequiringGrad:
+    """Behaves like a torch CUDA tensor with requires_grad=True: its CUDA
+    array interface raises instead of being absent."""
+
+    @property
+    def __cuda_array_interface__(self):
+        raise RuntimeError("Can't get __cuda_array_interface__ on Variable that requires "
+                           "grad. If gradients aren't required, use var.detach() to get "
+                           "Variable that doesn't require gradient.")
+
+
+def test_tensor_requiring_grad_is_refused_with_the_fix():
+    import bncore_gpu
+    with pytest.raises(TypeError, match=r"detach\(\)"):
+        bncore_gpu.clip_grad_norm([_TensorRequiringGrad()], 1.0)
+    with pytest.raises(TypeError, match=r"detach\(\)"):
+        bncore_gpu.optim.SGD([_TensorRequiringGrad()], lr=0.1)
+    with pytest.raises(TypeError, match=r"detach\(\)"):
+        bncore_gpu.batch_norm_forward(_TensorRequiringGrad())
