@@ -120,9 +120,107 @@ def combine_statistics(counts: np.ndarray, means: np.ndarray,
 
 
 # --------------------------------------------------------------------------
+# The array engine: what the collectives need from the CPU kernels.
+# bncore_gpu.distributed supplies the same methods over CuPy and the CUDA
+# kernels; the protocol (validation, exchanges, combination) is shared.
+
+class HostEngine:
+    """Local work of the collectives on NumPy arrays with bncore's kernels.
+    Every per-channel quantity exchanged or combined is a host float64 vector."""
+
+    chk = chk
+    forward = staticmethod(batch_norm_forward)
+    backward = staticmethod(batch_norm_backward)
+
+    @staticmethod
+    def f64(v):
+        """A validated channel vector as the engine's contiguous float64 array."""
+        return _f64(v)
+
+    @staticmethod
+    def host(a) -> np.ndarray:
+        return np.asarray(a)
+
+    @staticmethod
+    def store(dst, values: np.ndarray) -> None:
+        """dst[...] = values (float64, host), rounded once to dst's dtype."""
+        dst[...] = values
+
+    @staticmethod
+    def stats(x, ax: int, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
+        """This rank's per-channel (mean, M2), float64 (zeros for an empty shard)."""
+        view = channel_view(x, ax)
+        xk = _kernel_input(view, x)
+        return _bk.stats(_flat(view, xk), view.outer, x.shape[ax], view.inner, nthreads)
+
+    @staticmethod
+    def normalize(x, ax: int, mean: np.ndarray, invstd: np.ndarray, weight, bias, out,
+                  nthreads: int):
+        """(y, mean, invstd): y = (x - mean) * invstd * w + b with the given statistics."""
+        view = channel_view(x, ax)
+        xk = _kernel_input(view, x)
+        target = _output_target(view, out, x.dtype)
+        _bk.normalize(_flat(view, xk), _flat(view, target), view.outer, x.shape[ax],
+                      view.inner, mean, invstd, _vec(weight), _vec(bias), nthreads)
+        return _finish_output(target, out, x.dtype), mean, invstd
+
+    @staticmethod
+    def dy_sums(dy, x, ax: int, mean, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
+        """This rank's per-channel (sum dy, sum dy * (x - mean)), float64."""
+        view = channel_view(x, ax)
+        return _bk.dy_sums(_flat(view, _kernel_input(view, dy)),
+                           _flat(view, _kernel_input(view, x)), view.outer, x.shape[ax],
+                           view.inner, mean, nthreads)
+
+    @staticmethod
+    def input_grad(dy, x, ax: int, training: bool, N: float, mean, invstd, weight,
+                   g_dy: np.ndarray, g_dyx: np.ndarray, out, nthreads: int):
+        """dx from the whole batch's sums (see sync_batch_norm_backward)."""
+        view = channel_view(x, ax)
+        target = _output_target(view, out, x.dtype)
+        _bk.input_grad(_flat(view, _kernel_input(view, dy)), _flat(view, _kernel_input(view, x)),
+                       _flat(view, target), view.outer, x.shape[ax], view.inner, bool(training),
+                       N, mean, invstd, _vec(weight), g_dy, g_dyx, nthreads)
+        return _finish_output(target, out, x.dtype)
+
+    @staticmethod
+    def weight_outputs(sum_dyx, sum_dy, invstd, weight, x_dtype, dw_out, db_out):
+        pdtype = weight.dtype if weight is not None else x_dtype
+        dweight = sum_dyx * HostEngine.host(invstd)
+        dbias = sum_dy
+        if dw_out is not None:
+            dw_out[...] = dweight
+            dweight = dw_out
+        else:
+            dweight = dweight.astype(pdtype, copy=False)
+        if db_out is not None:
+            db_out[...] = dbias
+            dbias = db_out
+        else:
+            dbias = dbias.astype(pdtype, copy=True)
+        return dweight, dbias
+
+    @staticmethod
+    def norm_table(grads, write: bool):
+        return _grads_table(grads, write)
+
+    @staticmethod
+    def local_norm(table, p: float, nthreads: int) -> Tuple[float, float, float]:
+        return _local_norm_sum(table, p, nthreads)
+
+    @staticmethod
+    def scale(table, coef: float, nthreads: int) -> None:
+        _ok.scale(table, coef, nthreads)
+
+    @staticmethod
+    def norm_result(total: float):
+        return total
+
+
+# --------------------------------------------------------------------------
 # Forward
 
-def _check_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
+def _check_forward(chk, x, weight, bias, running_mean, running_var, training, momentum, eps,
                    axis, out):
     """The local checks of batch_norm_forward, less the per-rank count rule."""
     x = chk.float_array("x", x)
@@ -147,6 +245,60 @@ def _check_forward(x, weight, bias, running_mean, running_var, training, momentu
             [("out", out), ("running_mean", running_mean), ("running_var", running_var)],
             [("x", x), ("weight", weight), ("bias", bias)])
     return x, ax, weight, bias, running_mean, running_var, eps, momentum, out
+
+
+def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training, momentum,
+                 eps, axis, unbiased_running_var, out, num_threads):
+    """sync_batch_norm_forward on engine `eng` (HostEngine or bncore_gpu's)."""
+    if not training:
+        # running statistics are identical everywhere: nothing to exchange
+        return eng.forward(x, weight, bias, running_mean, running_var, training=False,
+                           momentum=momentum, eps=eps, axis=axis,
+                           unbiased_running_var=unbiased_running_var, out=out,
+                           num_threads=num_threads)
+    comm = col.check_comm(comm)
+    args, err = _local(_check_forward, eng.chk, x, weight, bias, running_mean, running_var,
+                       training, momentum, eps, axis, out)
+    nthreads, err2 = _local(resolve_num_threads, num_threads)
+    err = err or err2
+    header = []
+    if err is None:
+        x, ax, weight, bias, running_mean, running_var, eps, momentum, out = args
+        C = x.shape[ax]
+        n = _reduced_count(x.shape, ax)
+        header = _pad(C, _DTYPES.index(x.dtype.name), n, eps, momentum,
+                      float(bool(unbiased_running_var)), float(running_mean is not None))
+    table = col.agree(comm, err, header if err is None else [0.0] * _HEADER,
+                      "sync_batch_norm_forward")
+    col.raise_if(col.first([
+        col.disagreement(table, 0, what="the channel count of x"),
+        col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
+        col.disagreement(table, 3, what="eps"),
+        col.disagreement(table, 4, what="momentum"),
+        col.disagreement(table, 5, ("False", "True"), what="unbiased_running_var"),
+        col.disagreement(table, 6, ("absent", "given"), what="running_mean/running_var"),
+    ]))
+    counts = table[:, 2]
+    N = float(np.sum(counts))
+    if N < 2:
+        raise ValueError(
+            f"training-mode batch norm needs more than 1 value per channel over all ranks, got "
+            f"{int(N)} (values per channel on ranks 0..{len(counts) - 1}: "
+            f"{[int(c) for c in counts]})")
+
+    # ---- every rank passed: local statistics, one exchange, the same combination everywhere
+    mean_r, m2_r = eng.stats(x, ax, nthreads)
+    rows = col.gather_rows(comm, np.concatenate([mean_r, m2_r]))
+    N, mean, m2 = combine_statistics(counts, rows[:, :C], rows[:, C:])
+    invstd = 1.0 / np.sqrt(m2 / N + eps)
+    if running_mean is not None:
+        # r = (1 - momentum) r + momentum * stat in float64, stored once (as the kernel does)
+        var_run = m2 / (N - 1.0) if unbiased_running_var else m2 / N
+        new_mean = (1.0 - momentum) * eng.host(running_mean).astype(_F64) + momentum * mean
+        new_var = (1.0 - momentum) * eng.host(running_var).astype(_F64) + momentum * var_run
+        eng.store(running_mean, new_mean)
+        eng.store(running_var, new_var)
+    return eng.normalize(x, ax, mean, invstd, weight, bias, out, nthreads)
 
 
 def sync_batch_norm_forward(
@@ -179,60 +331,8 @@ def sync_batch_norm_forward(
     Returns ``(y, mean, invstd)`` as batch_norm_forward does; pass them to
     :func:`sync_batch_norm_backward`.
     """
-    if not training:
-        # running statistics are identical everywhere: nothing to exchange
-        return batch_norm_forward(x, weight, bias, running_mean, running_var, training=False,
-                                  momentum=momentum, eps=eps, axis=axis,
-                                  unbiased_running_var=unbiased_running_var, out=out,
-                                  num_threads=num_threads)
-    comm = col.check_comm(comm)
-    args, err = _local(_check_forward, x, weight, bias, running_mean, running_var, training,
-                       momentum, eps, axis, out)
-    nthreads, err2 = _local(resolve_num_threads, num_threads)
-    err = err or err2
-    header = []
-    if err is None:
-        x, ax, weight, bias, running_mean, running_var, eps, momentum, out = args
-        C = x.shape[ax]
-        n = _reduced_count(x.shape, ax)
-        header = _pad(C, _DTYPES.index(x.dtype.name), n, eps, momentum,
-                      float(bool(unbiased_running_var)), float(running_mean is not None))
-    table = col.agree(comm, err, header if err is None else [0.0] * _HEADER,
-                      "sync_batch_norm_forward")
-    col.raise_if(col.first([
-        col.disagreement(table, 0, what="the channel count of x"),
-        col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
-        col.disagreement(table, 3, what="eps"),
-        col.disagreement(table, 4, what="momentum"),
-        col.disagreement(table, 5, ("False", "True"), what="unbiased_running_var"),
-        col.disagreement(table, 6, ("absent", "given"), what="running_mean/running_var"),
-    ]))
-    counts = table[:, 2]
-    N = float(np.sum(counts))
-    if N < 2:
-        raise ValueError(
-            f"training-mode batch norm needs more than 1 value per channel over all ranks, got "
-            f"{int(N)} (values per channel on ranks 0..{len(counts) - 1}: "
-            f"{[int(c) for c in counts]})")
-
-    # ---- every rank passed: local statistics, one exchange, the same combination everywhere
-    view = channel_view(x, ax)
-    xk = _kernel_input(view, x)
-    mean_r, m2_r = _bk.stats(_flat(view, xk), view.outer, C, view.inner, nthreads)
-    rows = col.gather_rows(comm, np.concatenate([mean_r, m2_r]))
-    N, mean, m2 = combine_statistics(counts, rows[:, :C], rows[:, C:])
-    invstd = 1.0 / np.sqrt(m2 / N + eps)
-    if running_mean is not None:
-        # r = (1 - momentum) r + momentum * stat in float64, stored once (as the kernel does)
-        var_run = m2 / (N - 1.0) if unbiased_running_var else m2 / N
-        new_mean = (1.0 - momentum) * running_mean.astype(_F64) + momentum * mean
-        new_var = (1.0 - momentum) * running_var.astype(_F64) + momentum * var_run
-        running_mean[...] = new_mean
-        running_var[...] = new_var
-    target = _output_target(view, out, x.dtype)
-    _bk.normalize(_flat(view, xk), _flat(view, target), view.outer, C, view.inner, mean,
-                  invstd, _vec(weight), _vec(bias), nthreads)
-    return _finish_output(target, out, x.dtype), mean, invstd
+    return sync_forward(HostEngine, x, weight, bias, running_mean, running_var, comm, training,
+                        momentum, eps, axis, unbiased_running_var, out, num_threads)
 
 
 # --------------------------------------------------------------------------
@@ -241,7 +341,8 @@ def sync_batch_norm_forward(
 _WEIGHT_GRADS = ("global", "local")
 
 
-def _check_backward(dy, x, mean, invstd, weight, axis, out, weight_grads):
+def _check_backward(eng, dy, x, mean, invstd, weight, axis, out, weight_grads):
+    chk = eng.chk
     x = chk.float_array("x", x)
     dy = chk.float_array("dy", dy)
     if x.ndim < 2:
@@ -254,8 +355,8 @@ def _check_backward(dy, x, mean, invstd, weight, axis, out, weight_grads):
     if mean is None or invstd is None:
         raise TypeError("mean and invstd are required (the statistics "
                         "sync_batch_norm_forward returned)")
-    mean = _f64(chk.channel_vector("mean", mean, C))
-    invstd = _f64(chk.channel_vector("invstd", invstd, C))
+    mean = eng.f64(chk.channel_vector("mean", mean, C))
+    invstd = eng.f64(chk.channel_vector("invstd", invstd, C))
     if weight is not None:
         weight = chk.channel_vector("weight", weight, C)
     if weight_grads not in _WEIGHT_GRADS:
@@ -268,21 +369,50 @@ def _check_backward(dy, x, mean, invstd, weight, axis, out, weight_grads):
     return dy, x, ax, mean, invstd, weight, dx_out, dw_out, db_out
 
 
-def _weight_outputs(sum_dyx, sum_dy, invstd, weight, x_dtype, dw_out, db_out):
-    pdtype = weight.dtype if weight is not None else x_dtype
-    dweight = sum_dyx * invstd
-    dbias = sum_dy
-    if dw_out is not None:
-        dw_out[...] = dweight
-        dweight = dw_out
-    else:
-        dweight = dweight.astype(pdtype, copy=False)
-    if db_out is not None:
-        db_out[...] = dbias
-        dbias = db_out
-    else:
-        dbias = dbias.astype(pdtype, copy=True)
-    return dweight, dbias
+def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight_grads, out,
+                  num_threads):
+    """sync_batch_norm_backward on engine `eng` (HostEngine or bncore_gpu's)."""
+    if not training and weight_grads == "local":
+        return eng.backward(dy, x, mean, invstd, weight, training=False, axis=axis, out=out,
+                            num_threads=num_threads)
+    comm = col.check_comm(comm)
+    args, err = _local(_check_backward, eng, dy, x, mean, invstd, weight, axis, out,
+                       weight_grads)
+    nthreads, err2 = _local(resolve_num_threads, num_threads)
+    err = err or err2
+    header = [0.0] * _HEADER
+    if err is None:
+        dy, x, ax, mean, invstd, weight, dx_out, dw_out, db_out = args
+        C = x.shape[ax]
+        header = _pad(C, _DTYPES.index(x.dtype.name), _reduced_count(x.shape, ax),
+                      col.crc(eng.host(mean), eng.host(invstd)), float(bool(training)))
+    table = col.agree(comm, err, header, "sync_batch_norm_backward")
+    col.raise_if(col.first([
+        col.disagreement(table, 0, what="the channel count of x"),
+        col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
+        col.disagreement(table, 4, ("False", "True"), what="training"),
+        col.disagreement(table, 3, exact_bits=True,
+                         what="the CRC-32 of (mean, invstd) (pass the statistics "
+                              "sync_batch_norm_forward returned, identical on every rank)"),
+    ]))
+    N = float(np.sum(table[:, 2]))
+    if training and N < 2:
+        raise ValueError(f"training-mode batch norm needs more than 1 value per channel over "
+                         f"all ranks, got {int(N)}")
+
+    # ---- every rank passed: local sums, one exchange, rank-order sums, local dx
+    sum_dy, sum_dyx = eng.dy_sums(dy, x, ax, mean, nthreads)
+    rows = col.gather_rows(comm, np.concatenate([sum_dy, sum_dyx]))
+    total = rows[0].copy()
+    for r in range(1, rows.shape[0]):
+        total += rows[r]
+    g_dy, g_dyx = total[:C], total[C:]
+    dx = eng.input_grad(dy, x, ax, training, N, mean, invstd, weight, g_dy, g_dyx, dx_out,
+                        nthreads)
+    if weight_grads == "local":
+        g_dy, g_dyx = sum_dy, sum_dyx
+    dweight, dbias = eng.weight_outputs(g_dyx, g_dy, invstd, weight, x.dtype, dw_out, db_out)
+    return dx, dweight, dbias
 
 
 def sync_batch_norm_backward(
@@ -315,53 +445,8 @@ def sync_batch_norm_backward(
     what PyTorch's SyncBatchNorm returns and DDP then all-reduces with the
     other gradients. ``training=False`` with ``"local"`` communicates nothing.
     """
-    if not training and weight_grads == "local":
-        return batch_norm_backward(dy, x, mean, invstd, weight, training=False, axis=axis,
-                                   out=out, num_threads=num_threads)
-    comm = col.check_comm(comm)
-    args, err = _local(_check_backward, dy, x, mean, invstd, weight, axis, out, weight_grads)
-    nthreads, err2 = _local(resolve_num_threads, num_threads)
-    err = err or err2
-    header = [0.0] * _HEADER
-    if err is None:
-        dy, x, ax, mean, invstd, weight, dx_out, dw_out, db_out = args
-        C = x.shape[ax]
-        header = _pad(C, _DTYPES.index(x.dtype.name), _reduced_count(x.shape, ax),
-                      col.crc(mean, invstd), float(bool(training)))
-    table = col.agree(comm, err, header, "sync_batch_norm_backward")
-    col.raise_if(col.first([
-        col.disagreement(table, 0, what="the channel count of x"),
-        col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
-        col.disagreement(table, 4, ("False", "True"), what="training"),
-        col.disagreement(table, 3, exact_bits=True,
-                         what="the CRC-32 of (mean, invstd) (pass the statistics "
-                              "sync_batch_norm_forward returned, identical on every rank)"),
-    ]))
-    N = float(np.sum(table[:, 2]))
-    if training and N < 2:
-        raise ValueError(f"training-mode batch norm needs more than 1 value per channel over "
-                         f"all ranks, got {int(N)}")
-
-    # ---- every rank passed: local sums, one exchange, rank-order sums, local dx
-    view = channel_view(x, ax)
-    xk = _kernel_input(view, x)
-    dyk = _kernel_input(view, dy)
-    sum_dy, sum_dyx = _bk.dy_sums(_flat(view, dyk), _flat(view, xk), view.outer, C,
-                                  view.inner, mean, nthreads)
-    rows = col.gather_rows(comm, np.concatenate([sum_dy, sum_dyx]))
-    total = rows[0].copy()
-    for r in range(1, rows.shape[0]):
-        total += rows[r]
-    g_dy, g_dyx = total[:C], total[C:]
-    target = _output_target(view, dx_out, x.dtype)
-    _bk.input_grad(_flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, C,
-                   view.inner, bool(training), N, mean, invstd, _vec(weight), g_dy, g_dyx,
-                   nthreads)
-    dx = _finish_output(target, dx_out, x.dtype)
-    if weight_grads == "local":
-        g_dy, g_dyx = sum_dy, sum_dyx
-    dweight, dbias = _weight_outputs(g_dyx, g_dy, invstd, weight, x.dtype, dw_out, db_out)
-    return dx, dweight, dbias
+    return sync_backward(HostEngine, dy, x, mean, invstd, weight, comm, training, axis,
+                         weight_grads, out, num_threads)
 
 
 # --------------------------------------------------------------------------
@@ -390,6 +475,10 @@ class SyncBatchNorm(BatchNorm):
         self.comm = col.check_comm(comm)
         self.weight_grads = weight_grads
 
+    # the functions the layer calls (bncore_gpu.distributed.SyncBatchNorm swaps them)
+    _sync_forward = staticmethod(sync_batch_norm_forward)
+    _sync_backward = staticmethod(sync_batch_norm_backward)
+
     def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
         """Normalize this rank's shard; in training, with the whole batch's statistics."""
         batch_stats = self._uses_batch_stats()
@@ -398,7 +487,7 @@ class SyncBatchNorm(BatchNorm):
         if update:
             momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
                         else self.momentum)
-        y, mean, invstd = sync_batch_norm_forward(
+        y, mean, invstd = self._sync_forward(
             x, self.weight, self.bias,
             self.running_mean if (update or not batch_stats) else None,
             self.running_var if (update or not batch_stats) else None,
@@ -419,10 +508,10 @@ class SyncBatchNorm(BatchNorm):
             col.agree(self.comm, RuntimeError("backward() called before forward()"),
                       [0.0] * _HEADER, "SyncBatchNorm.backward")
         x, mean, invstd, batch_stats = self._saved
-        dx, dw, db = sync_batch_norm_backward(dy, x, mean, invstd, self.weight,
-                                              comm=self.comm, training=batch_stats,
-                                              axis=self.axis, weight_grads=self.weight_grads,
-                                              num_threads=num_threads)
+        dx, dw, db = self._sync_backward(dy, x, mean, invstd, self.weight,
+                                         comm=self.comm, training=batch_stats,
+                                         axis=self.axis, weight_grads=self.weight_grads,
+                                         num_threads=num_threads)
         if self.affine:
             self.grad_weight, self.grad_bias = dw, db
         return dx
@@ -484,14 +573,14 @@ def _combine_norm(sums: np.ndarray, scales: np.ndarray, nonfinite: np.ndarray, p
     return R * _root(s, p)
 
 
-def _norm_collective(comm, grads, norm_type, nthreads_arg, write: bool, extra, what: str):
+def _norm_collective(eng, comm, grads, norm_type, nthreads_arg, write: bool, extra, what: str):
     """Local checks and sums, then one Allgather of 8 float64 per rank."""
     def local():
         p = _norm_type(norm_type)
         nthreads = resolve_num_threads(nthreads_arg)
         extra_checked = extra() if extra is not None else ()
-        table = _grads_table(grads, write)
-        s, scale, nonfinite = _local_norm_sum(table, p, nthreads)
+        table = eng.norm_table(grads, write)
+        s, scale, nonfinite = eng.local_norm(table, p, nthreads)
         return p, nthreads, table, extra_checked, (s, scale, nonfinite)
 
     comm = col.check_comm(comm)
@@ -509,6 +598,32 @@ def _norm_collective(comm, grads, norm_type, nthreads_arg, write: bool, extra, w
     return total, table, nthreads, extra_checked
 
 
+def grad_norm_on(eng, grads, norm_type, comm, num_threads):
+    """grad_norm on engine `eng` (HostEngine or bncore_gpu's)."""
+    total, _, _, _ = _norm_collective(eng, comm, grads, norm_type, num_threads, False, None,
+                                      "grad_norm")
+    return eng.norm_result(total)
+
+
+def clip_grad_norm_on(eng, grads, max_norm, comm, norm_type, eps, error_if_nonfinite,
+                      num_threads):
+    """clip_grad_norm on engine `eng` (HostEngine or bncore_gpu's)."""
+    def extra():
+        return (chk.non_negative("max_norm", max_norm), chk.non_negative("eps", eps),
+                float(bool(error_if_nonfinite)))
+
+    total, table, nthreads, (mn, e, _) = _norm_collective(
+        eng, comm, grads, norm_type, num_threads, True, extra, "clip_grad_norm")
+    if not math.isfinite(total) and error_if_nonfinite:
+        raise NonFiniteError(
+            f"the total norm of the gradients over all ranks is {total}; no gradient was "
+            f"modified (set error_if_nonfinite=False to clip anyway)")
+    coef = mn / (total + e) if (total + e) != 0.0 else math.inf
+    if not (coef >= 1.0):        # NaN goes through, as IEEE and torch say
+        eng.scale(table, coef, nthreads)
+    return eng.norm_result(total)
+
+
 def grad_norm(grads, norm_type: float = 2.0, *, comm=None,
               num_threads: Optional[int] = None) -> float:
     """The p-norm of the gradients of *all* ranks together, the same float on every rank.
@@ -519,9 +634,7 @@ def grad_norm(grads, norm_type: float = 2.0, *, comm=None,
     float64 partial sum, combined in rank order. Overflow of the float64 sum
     on finite data is handled as in :func:`bncore.grad_norm`.
     """
-    total, _, _, _ = _norm_collective(comm, grads, norm_type, num_threads, False, None,
-                                      "grad_norm")
-    return total
+    return grad_norm_on(HostEngine, grads, norm_type, comm, num_threads)
 
 
 def clip_grad_norm(grads, max_norm: float, *, comm=None, norm_type: float = 2.0,
@@ -536,17 +649,5 @@ def clip_grad_norm(grads, max_norm: float, *, comm=None, norm_type: float = 2.0,
     with ``error_if_nonfinite`` a non-finite total raises NonFiniteError on
     every rank before any gradient is touched.
     """
-    def extra():
-        return (chk.non_negative("max_norm", max_norm), chk.non_negative("eps", eps),
-                float(bool(error_if_nonfinite)))
-
-    total, table, nthreads, (mn, e, _) = _norm_collective(
-        comm, grads, norm_type, num_threads, True, extra, "clip_grad_norm")
-    if not math.isfinite(total) and error_if_nonfinite:
-        raise NonFiniteError(
-            f"the total norm of the gradients over all ranks is {total}; no gradient was "
-            f"modified (set error_if_nonfinite=False to clip anyway)")
-    coef = mn / (total + e) if (total + e) != 0.0 else math.inf
-    if not (coef >= 1.0):        # NaN goes through, as IEEE and torch say
-        _ok.scale(table, coef, nthreads)
-    return total
+    return clip_grad_norm_on(HostEngine, grads, max_norm, comm, norm_type, eps,
+                             error_if_nonfinite, num_threads)

@@ -113,11 +113,15 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
            grad_op: int, half_first: bool = False) -> Table:
     """Validate and tabulate; lists[k] None means operand k is absent (null pointers)."""
     n = len(lists[0])
-    if n == 0:
-        raise ValueError(f"{names[0]} is empty")
     for k, lst in enumerate(lists):
         if lst is not None and len(lst) != n:
             raise ValueError(f"{names[k]} has {len(lst)} entries but {names[0]} has {n}")
+    if n == 0:
+        # nothing to update, as on the CPU (a rank may hold no gradients at all);
+        # callers launch nothing when nchunks == 0
+        empty = np.zeros(0, dtype=np.int64)
+        return Table(np.uint64(0), len(lists), 0, 0, _F32, _F32,
+                     [None if lst is None else [] for lst in lists], [empty] * len(lists))
     infos = [None if lst is None else _info(names[k], lst, k == grad_op)
              for k, lst in enumerate(lists)]
     params = infos[0]

@@ -58,16 +58,13 @@ def _norm(t, p: float, max_norm: float, eps: float):
     return total, coef
 
 
-def _no_comm(comm) -> None:
-    if comm is not None:
-        raise NotImplementedError(
-            "bncore_gpu does not yet reduce across ranks (NCCL); gather the per-rank "
-            "norms with bncore.distributed on the host, or use the CPU engine")
-
-
 def grad_norm(grads, norm_type: float = 2.0, *, comm=None, num_threads: Optional[int] = None):
-    """The p-norm of all gradients together (see bncore.grad_norm); a 0-d device array."""
-    _no_comm(comm)
+    """The p-norm of all gradients together (see bncore.grad_norm); a 0-d device array.
+    With ``comm`` (an mpi4py communicator), of every rank's gradients together
+    (bncore_gpu.distributed.grad_norm)."""
+    if comm is not None:
+        from bncore_gpu import distributed
+        return distributed.grad_norm(grads, norm_type, comm=comm, num_threads=num_threads)
     p = _norm_type(norm_type)
     return _norm(_table(grads, False), p, 0.0, 0.0)[0]
 
@@ -76,8 +73,14 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
                    error_if_nonfinite: bool = False, comm=None,
                    num_threads: Optional[int] = None):
     """Scale all gradients so their total norm is at most max_norm (see
-    bncore.clip_grad_norm); returns the norm before clipping, a 0-d device array."""
-    _no_comm(comm)
+    bncore.clip_grad_norm); returns the norm before clipping, a 0-d device array.
+    With ``comm`` (an mpi4py communicator) the norm is that of every rank's
+    gradients together (bncore_gpu.distributed.clip_grad_norm)."""
+    if comm is not None:
+        from bncore_gpu import distributed
+        return distributed.clip_grad_norm(grads, max_norm, comm=comm, norm_type=norm_type,
+                                          eps=eps, error_if_nonfinite=error_if_nonfinite,
+                                          num_threads=num_threads)
     max_norm = hchk.non_negative("max_norm", max_norm)
     eps = hchk.non_negative("eps", eps)
     p = _norm_type(norm_type)

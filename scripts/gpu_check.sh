@@ -46,6 +46,7 @@ export BNCORE_EXAMPLE_DATASET="$DATASET"
 echo "example dataset: $DATASET"
 
 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
+    tests/test_gpu_distributed.py tests/test_distributed.py \
     "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" \
     tests/test_example_cnn.py -k gpu 2>&1 | tee "$OUT/tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}

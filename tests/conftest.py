@@ -6,6 +6,7 @@ Profiles (select with BNCORE_HYPOTHESIS_PROFILE):
   dev       a handful, for quick iteration
 """
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -56,3 +57,18 @@ def assert_unchanged(before: dict, after: dict):
             continue
         assert np.array_equal(np.asarray(new), old, equal_nan=True) and \
             np.asarray(new).tobytes() == old.tobytes(), f"{key} was modified"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """With BNCORE_MPI_REPORT=1: the largest differences tests/test_distributed.py
+    measured between the distributed engines and single-process bncore."""
+    if not os.environ.get("BNCORE_MPI_REPORT"):
+        return
+    measured = next((getattr(m, "MEASURED") for name, m in list(sys.modules.items())
+                     if name.endswith("test_distributed") and hasattr(m, "MEASURED")), None)
+    if not measured:
+        return
+    terminalreporter.write_line("max normwise relative difference to single-process bncore:")
+    for label in sorted(measured):
+        items = ", ".join(f"{k} {v:.1e}" for k, v in measured[label].items())
+        terminalreporter.write_line(f"  {label}: {items}")

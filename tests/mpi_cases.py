@@ -153,3 +153,21 @@ def clip_shard(grads: List[np.ndarray], P: int, rank: int, rule: str) -> List[np
         if part.size:
             mine.append(part)
     return mine
+
+
+def clip_unshard(name: str, pieces: List[np.ndarray]) -> List[np.ndarray]:
+    """The global tensors of a clip case rebuilt from every rank's flat
+    concatenation of its slices (pieces[r]), in the order clip_shard cut them."""
+    c = CLIP_CASES[name]
+    P = len(pieces)
+    out = [g.copy() for g in clip_data(name)]
+    offsets = [0] * P
+    for g in out:
+        parts = []
+        for r in range(P):
+            mine = clip_shard([g], P, r, c["rule"])
+            n = mine[0].size if mine else 0
+            parts.append(pieces[r][offsets[r]:offsets[r] + n])
+            offsets[r] += n
+        g[...] = np.concatenate(parts)
+    return out

@@ -9,6 +9,10 @@ compares them with single-process bncore on the whole batch. Jobs:
   layer   SyncBatchNorm over several steps, then eval
   clip    distributed grad_norm / clip_grad_norm on every clip case
   errors  a rank fails (or the ranks disagree): every rank must raise, none may hang
+
+BNCORE_MPI_ENGINE=gpu runs the same jobs with bncore_gpu.distributed on CuPy
+arrays (a real GPU, or tests/gpu_emulator when that is on PYTHONPATH); the
+saved results are host arrays either way.
 """
 import json
 import os
@@ -19,21 +23,41 @@ import numpy as np
 from mpi4py import MPI
 
 import bncore
-import bncore.distributed as dist
 from mpi_cases import (BN_CASES, CLIP_CASES, LAYER, bn_data, clip_data, clip_shard,
                        layer_data, shard, split)
 
 comm = MPI.COMM_WORLD
 rank, P = comm.Get_rank(), comm.Get_size()
 
+if os.environ.get("BNCORE_MPI_ENGINE", "cpu") == "gpu":
+    import cupy
+    import bncore_gpu as engine
+    import bncore_gpu.distributed as dist
+
+    def dev(a):
+        return None if a is None else cupy.asarray(a)
+
+    def host(a):
+        return cupy.asnumpy(a)
+else:
+    import bncore.distributed as dist
+    engine = bncore
+
+    def dev(a):
+        return a
+
+    def host(a):
+        return np.asarray(a)
+
 
 def save(outdir, job, case, **arrays):
+    arrays = {k: host(v) for k, v in arrays.items()}
     np.savez(os.path.join(outdir, f"{job}-{case}-rank{rank}.npz"), **arrays)
 
 
 def job_bn(outdir):
     for name, c in BN_CASES.items():
-        x, dy, w, b, rm, rv = bn_data(name)
+        x, dy, w, b, rm, rv = (dev(a) for a in bn_data(name))
         sizes = split(x.shape[0], P, c["rule"])
         xs, dys = shard(x, sizes, rank), shard(dy, sizes, rank)
         dist.reset_traffic()
@@ -63,18 +87,18 @@ def job_layer(outdir):
         tag = "cma" if momentum is None else "ema"
         bn = dist.SyncBatchNorm(LAYER["C"], momentum=momentum, comm=comm, dtype=np.float64)
         rng = np.random.default_rng(7)
-        bn.weight[...] = rng.normal(1, 0.2, LAYER["C"])
-        bn.bias[...] = rng.normal(0, 0.2, LAYER["C"])
+        bn.weight[...] = dev(rng.normal(1, 0.2, LAYER["C"]))
+        bn.bias[...] = dev(rng.normal(0, 0.2, LAYER["C"]))
         out = {}
         for step in range(LAYER["steps"]):
-            x, dy = layer_data(step)
+            x, dy = (dev(a) for a in layer_data(step))
             sizes = split(x.shape[0], P, LAYER["rule"] if step != 1 else "empty")
             out[f"y{step}"] = bn.forward(shard(x, sizes, rank))
             out[f"dx{step}"] = bn.backward(shard(dy, sizes, rank))
             out[f"gw{step}"] = bn.grad_weight
             out[f"gb{step}"] = bn.grad_bias
         bn.eval()
-        x, _ = layer_data(99)
+        x = dev(layer_data(99)[0])
         sizes = split(x.shape[0], P, "equal")
         out["y_eval"] = bn.forward(shard(x, sizes, rank))
         for k, v in bn.state_dict().items():
@@ -85,15 +109,17 @@ def job_layer(outdir):
 def job_clip(outdir):
     for name, c in CLIP_CASES.items():
         grads = clip_data(name)
-        mine = clip_shard(grads, P, rank, c["rule"])
+        mine = [dev(g) for g in clip_shard(grads, P, rank, c["rule"])]
         norm = dist.grad_norm(mine, c["p"], comm=comm)
-        norm_top = bncore.grad_norm(mine, c["p"], comm=comm)      # the comm= route
+        norm_top = engine.grad_norm(mine, c["p"], comm=comm)      # the comm= route
         dist.reset_traffic()
-        total = bncore.clip_grad_norm(mine, c["max_norm"], norm_type=c["p"], eps=c["eps"],
+        total = engine.clip_grad_norm(mine, c["max_norm"], norm_type=c["p"], eps=c["eps"],
                                       comm=comm)
         t = dist.traffic()
-        clipped = np.concatenate([g.ravel() for g in mine]) if mine else np.zeros(0, grads[0].dtype)
-        save(outdir, "clip", name, norm=np.array([norm, norm_top, total]), clipped=clipped,
+        clipped = (np.concatenate([host(g).ravel() for g in mine]) if mine
+                   else np.zeros(0, grads[0].dtype))
+        save(outdir, "clip", name, norm=np.array([float(norm), float(norm_top), float(total)]),
+             clipped=clipped,
              traffic=np.array([t["collectives"], t["bytes_sent"]]))
 
 
@@ -101,12 +127,12 @@ def job_clip(outdir):
 
 def _bn_args(C=4, n=3, dtype=np.float64):
     rng = np.random.default_rng(rank)
-    return rng.standard_normal((n, C, 5)).astype(dtype)
+    return dev(rng.standard_normal((n, C, 5)).astype(dtype))
 
 
 def err_bad_weight():
     x = _bn_args()
-    w = np.ones(5 if rank == 1 else 4)
+    w = dev(np.ones(5 if rank == 1 else 4))
     dist.sync_batch_norm_forward(x, w, comm=comm)
 
 
@@ -136,7 +162,7 @@ def err_eps_differs():
 def err_backward_bad_dy():
     x = _bn_args()
     y, mean, invstd = dist.sync_batch_norm_forward(x, comm=comm)
-    dy = np.ones_like(x) if rank != 0 else np.ones((x.shape[0], 4, 6))
+    dy = dev(np.ones(x.shape) if rank != 0 else np.ones((x.shape[0], 4, 6)))
     dist.sync_batch_norm_backward(dy, x, mean, invstd, comm=comm)
 
 
@@ -144,8 +170,8 @@ def err_backward_local_stats():
     x = _bn_args()
     y, mean, invstd = dist.sync_batch_norm_forward(x, comm=comm)
     if rank == 1:   # its own statistics instead of the synchronized ones
-        _, mean, invstd = bncore.batch_norm_forward(x)
-    dist.sync_batch_norm_backward(np.ones_like(x), x, mean, invstd, comm=comm)
+        _, mean, invstd = engine.batch_norm_forward(x)
+    dist.sync_batch_norm_backward(dev(np.ones(x.shape)), x, mean, invstd, comm=comm)
 
 
 def err_layer_backward_first():
@@ -153,27 +179,27 @@ def err_layer_backward_first():
     x = _bn_args()
     if rank != 1:
         bn.forward(x)
-    bn.backward(np.ones_like(x))
+    bn.backward(dev(np.ones(x.shape)))
 
 
 def err_clip_max_norm():
-    g = [np.ones(10)]
+    g = [dev(np.ones(10))]
     dist.clip_grad_norm(g, -1.0 if rank == 1 else 1.0, comm=comm)
 
 
 def err_clip_norm_type():
-    dist.grad_norm([np.ones(10)], 2.0 if rank != P - 1 else 1.0, comm=comm)
+    dist.grad_norm([dev(np.ones(10))], 2.0 if rank != P - 1 else 1.0, comm=comm)
 
 
 def err_clip_nonfinite():
     g = np.ones(10)
     if rank == 1:
         g[3] = np.inf
-    before = g.copy()
+    before, g = g.copy(), dev(g)
     try:
         dist.clip_grad_norm([g], 1.0, comm=comm, error_if_nonfinite=True)
     finally:
-        assert np.array_equal(g, before), "a gradient was modified"
+        assert np.array_equal(host(g), before), "a gradient was modified"
 
 
 ERROR_CASES = [err_bad_weight, err_channel_mismatch, err_dtype_mismatch, err_int_input,
@@ -191,7 +217,7 @@ def job_errors(outdir):
         except Exception as exc:  # noqa: BLE001 - recorded for the test to judge
             results[case.__name__] = {"raised": type(exc).__name__, "message": str(exc)}
     # the communicator is still usable afterwards: a collective that succeeds
-    results["after"] = {"norm": dist.grad_norm([np.ones(4)], comm=comm)}
+    results["after"] = {"norm": float(dist.grad_norm([dev(np.ones(4))], comm=comm))}
     with open(os.path.join(outdir, f"errors-rank{rank}.json"), "w") as fh:
         json.dump(results, fh)
 

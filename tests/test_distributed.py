@@ -7,6 +7,12 @@ difference: float64 <= 1e-12, float32 <= 1e-6), and the statistics, running
 averages and norms are checked to be bitwise identical on every rank. A job
 that hangs fails after JOB_TIMEOUT seconds instead of blocking the suite.
 
+Every job runs twice: on the CPU engine (bncore.distributed) and on the GPU
+engine (bncore_gpu.distributed on CuPy arrays), against the same
+single-process CPU answers. Without a GPU the GPU engine runs on the emulated
+device of tests/gpu_emulator (real MPI, real collectives, NumPy emulations of
+the kernels); scripts/gpu_check.sh runs it on a real one where mpi4py is there.
+
 Skipped when mpi4py or mpiexec is missing, unless BNCORE_REQUIRE_MPI=1 (set
 by .ci/run, which installs them), where that is a failure.
 """
@@ -22,7 +28,7 @@ import numpy as np
 import pytest
 
 import bncore
-from mpi_cases import (BN_CASES, CLIP_CASES, LAYER, TOL, bn_data, clip_data, clip_shard,
+from mpi_cases import (BN_CASES, CLIP_CASES, LAYER, TOL, bn_data, clip_data, clip_unshard,
                        layer_data, shard, split)
 from reference import normwise_relative_error as rel_err
 
@@ -30,6 +36,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "mpi_worker.py")
 JOB_TIMEOUT = 120
 RANKS = (2, 3, 4)
+EMULATOR = os.path.join(HERE, "gpu_emulator")
+try:
+    import bncore_gpu  # noqa: F401
+    GPU_ENGINE = "gpu"             # a real device
+except (ImportError, RuntimeError):
+    GPU_ENGINE = "gpu-emulated"
+ENGINES = ("cpu", GPU_ENGINE)
 REQUIRE = os.environ.get("BNCORE_REQUIRE_MPI", "") not in ("", "0")
 
 
@@ -67,13 +80,18 @@ def _launch_flags(mpiexec):
     return []
 
 
-def run_job(job, P, outdir):
+def run_job(job, P, outdir, engine="cpu"):
     """Run one worker job on P ranks; fail (never hang) after JOB_TIMEOUT seconds."""
     mpiexec = _mpiexec()
     env = dict(os.environ)
     # the workers import the bncore this test imported, one OpenMP thread per rank
     root = os.path.dirname(os.path.dirname(os.path.abspath(bncore.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root, HERE] + [p for p in [env.get("PYTHONPATH")] if p])
+    paths = [root, HERE]
+    if engine != "cpu":
+        env["BNCORE_MPI_ENGINE"] = "gpu"
+        if engine == "gpu-emulated":
+            paths.insert(0, EMULATOR)
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in [env.get("PYTHONPATH")] if p])
     env["OMP_NUM_THREADS"] = "1"
     cmd = [mpiexec, *_launch_flags(mpiexec), "-n", str(P), sys.executable, WORKER, job, str(outdir)]
     # own process group: on a timeout mpiexec and every rank it started are killed together
@@ -89,11 +107,14 @@ def run_job(job, P, outdir):
     return outdir
 
 
+_JOBS = [(P, e) for e in ENGINES for P in RANKS]
+
+
 def _job_fixture(job):
-    @pytest.fixture(scope="module", params=RANKS, ids=[f"np{p}" for p in RANKS])
+    @pytest.fixture(scope="module", params=_JOBS, ids=[f"{e}-np{P}" for P, e in _JOBS])
     def fixture(request, tmp_path_factory):
-        P = request.param
-        return P, run_job(job, P, tmp_path_factory.mktemp(f"{job}-np{P}"))
+        P, engine = request.param
+        return P, run_job(job, P, tmp_path_factory.mktemp(f"{job}-{engine}-np{P}"), engine), engine
     return fixture
 
 
@@ -134,7 +155,7 @@ def _check(name, key, got, want, tol):
 
 @pytest.mark.parametrize("case", list(BN_CASES))
 def test_sync_batch_norm_equals_single_process(bn_job, case):
-    P, outdir = bn_job
+    P, outdir, engine = bn_job
     c = BN_CASES[case]
     ranks = _load(outdir, "bn", case, P)
     x, dy, w, b, rm, rv = bn_data(case)
@@ -145,7 +166,7 @@ def test_sync_batch_norm_equals_single_process(bn_job, case):
     dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=c["axis"])
     y_eval, _, _ = bncore.batch_norm_forward(x, w, b, rm, rv, training=False, axis=c["axis"])
     tol = TOL[c["dtype"]]
-    label = f"{case} np{P}"
+    label = f"{engine} {case} np{P}"
     cat = lambda k: np.concatenate([g[k] for g in ranks], axis=0)  # noqa: E731
     _check(label, "y", cat("y"), y, tol)
     _check(label, "dx", cat("dx"), dx, tol)
@@ -169,7 +190,7 @@ def test_sync_batch_norm_equals_single_process(bn_job, case):
 def test_sync_batch_norm_traffic(bn_job):
     """Forward and backward: a 64-byte header and 16 C bytes each, in two collectives;
     inference: nothing."""
-    P, outdir = bn_job
+    P, outdir, engine = bn_job
     for case, c in BN_CASES.items():
         C = c["shape"][c["axis"]]
         for got in _load(outdir, "bn", case, P):
@@ -184,13 +205,13 @@ def test_sync_batch_norm_traffic(bn_job):
 
 @pytest.mark.parametrize("tag", ["ema", "cma"])
 def test_sync_batch_norm_layer(layer_job, tag):
-    P, outdir = layer_job
+    P, outdir, engine = layer_job
     ranks = _load(outdir, "layer", tag, P)
     bn = bncore.BatchNorm(LAYER["C"], momentum=None if tag == "cma" else 0.1, dtype=np.float64)
     rng = np.random.default_rng(7)
     bn.weight[...] = rng.normal(1, 0.2, LAYER["C"])
     bn.bias[...] = rng.normal(0, 0.2, LAYER["C"])
-    label = f"layer-{tag} np{P}"
+    label = f"{engine} layer-{tag} np{P}"
     for step in range(LAYER["steps"]):
         x, dy = layer_data(step)
         y = bn.forward(x)
@@ -213,32 +234,21 @@ def test_sync_batch_norm_layer(layer_job, tag):
 
 @pytest.mark.parametrize("case", list(CLIP_CASES))
 def test_distributed_clipping_equals_single_process(clip_job, case):
-    P, outdir = clip_job
+    P, outdir, engine = clip_job
     c = CLIP_CASES[case]
     ranks = _load(outdir, "clip", case, P)
     grads = clip_data(case)
     want_norm = bncore.grad_norm(grads, c["p"])
     want_total = bncore.clip_grad_norm(grads, c["max_norm"], norm_type=c["p"], eps=c["eps"])
     assert want_norm == want_total or (np.isnan(want_norm) and np.isnan(want_total))
-    label = f"clip-{case} np{P}"
+    label = f"{engine} clip-{case} np{P}"
     for got in ranks:      # (grad_norm, grad_norm via bncore.grad_norm(comm=), clip total)
         _same_bits([ranks[0], got], "norm")
         assert got["traffic"].tolist() == [1, 64], "clipping is one 64-byte collective"
     norms = ranks[0]["norm"]
     for k, v in enumerate(norms):
         _check(label, "norm", np.array([v]), np.array([want_norm]), 1e-12)
-    # every rank's clipped slices, put back in the order clip_shard cut them
-    clipped = [g.copy() for g in clip_data(case)]
-    pieces = {r: ranks[r]["clipped"] for r in range(P)}
-    offsets = {r: 0 for r in range(P)}
-    for g in clipped:
-        parts = []
-        for r in range(P):
-            n = clip_shard([g], P, r, c["rule"])
-            n = n[0].size if n else 0
-            parts.append(pieces[r][offsets[r]:offsets[r] + n])
-            offsets[r] += n
-        g[...] = np.concatenate(parts)
+    clipped = clip_unshard(case, [ranks[r]["clipped"] for r in range(P)])
     tol = TOL[c["dtype"]]
     for k, (got, want) in enumerate(zip(clipped, grads)):
         _check(label, "clipped grads", got, want, tol)
@@ -266,7 +276,7 @@ EXPECTED_ERRORS = {
 
 @pytest.mark.parametrize("case", list(EXPECTED_ERRORS))
 def test_one_rank_fails_every_rank_raises(errors_job, case):
-    P, outdir = errors_job
+    P, outdir, engine = errors_job
     results = []
     for r in range(P):
         with open(os.path.join(outdir, f"errors-rank{r}.json")) as fh:
@@ -280,14 +290,3 @@ def test_one_rank_fails_every_rank_raises(errors_job, case):
     # the same message everywhere, and the communicator still works afterwards
     assert len({res[case]["message"] for res in results}) == 1
     assert all(res["after"]["norm"] == 2.0 * np.sqrt(P) for res in results)
-
-
-def test_report_measured_differences(capsys):
-    """Not a check: with BNCORE_MPI_REPORT=1, prints the largest differences measured above."""
-    if not MEASURED or not os.environ.get("BNCORE_MPI_REPORT"):
-        return
-    with capsys.disabled():
-        print("\nmax normwise relative difference to single-process bncore:")
-        for label in sorted(MEASURED):
-            items = ", ".join(f"{k} {v:.1e}" for k, v in MEASURED[label].items())
-            print(f"  {label}: {items}")
