@@ -55,10 +55,12 @@ def _check_dx_out(chk, out, x, C: int):
 
 
 def forward_args(chk, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                 axis, out, num_threads):
+                 axis, out, num_threads, count_rule: bool = True):
     """Validated forward arguments:
     (x, weight, bias, running_mean, running_var, training, momentum, eps, axis, C, n, out,
-    nthreads), n being the number of values per channel."""
+    nthreads), n being the number of values per channel. ``count_rule=False``
+    leaves out "training needs 2 values per channel", which the distributed
+    functions apply to the whole batch over all ranks instead."""
     x = chk.float_array("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
@@ -81,7 +83,7 @@ def forward_args(chk, x, weight, bias, running_mean, running_var, training, mome
     nthreads = resolve_num_threads(num_threads)
     training = bool(training)
     if training:
-        if n < 2:
+        if count_rule and n < 2:
             raise ValueError(
                 f"training-mode batch norm needs more than 1 value per channel, got {n} "
                 f"(x of shape {x.shape}, channel axis {ax})")
@@ -97,10 +99,11 @@ def forward_args(chk, x, weight, bias, running_mean, running_var, training, mome
             nthreads)
 
 
-def backward_args(chk, dy, x, mean, invstd, weight, training, axis, out, num_threads):
+def backward_args(chk, dy, x, mean, invstd, weight, training, axis, out, num_threads,
+                  count_rule: bool = True):
     """Validated backward arguments:
     (dy, x, mean, invstd, weight, training, axis, C, n, dx_out, dweight_out, dbias_out,
-    nthreads)."""
+    nthreads); ``count_rule`` as in forward_args."""
     x = chk.float_array("x", x)
     dy = chk.float_array("dy", dy)
     if x.ndim < 2:
@@ -120,7 +123,7 @@ def backward_args(chk, dy, x, mean, invstd, weight, training, axis, out, num_thr
         weight = chk.channel_vector("weight", weight, C)
     nthreads = resolve_num_threads(num_threads)
     training = bool(training)
-    if training and n < 2:
+    if count_rule and training and n < 2:
         raise ValueError(
             f"training-mode batch norm needs more than 1 value per channel, got {n}")
     dx_out, dw_out, db_out = _check_dx_out(chk, out, x, C)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -47,14 +47,6 @@ def as_array(name: str, a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def float_array(name: str, a: Any, dtypes=FLOAT_DTYPES) -> np.ndarray:
-    arr = as_array(name, a)
-    if arr.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype {allowed}; got {arr.dtype}")
-    return arr
-
-
 def writeable(name: str, a: np.ndarray) -> None:
     if not a.flags.writeable:
         raise ValueError(f"{name} is read-only; bncore writes it in place")
@@ -63,36 +55,6 @@ def writeable(name: str, a: np.ndarray) -> None:
 def same_shape(name: str, a: np.ndarray, shape: Sequence[int], ref: str) -> None:
     if a.shape != tuple(shape):
         raise ValueError(f"{name} has shape {a.shape}, expected {tuple(shape)} (as {ref})")
-
-
-def no_overlap(pairs: Iterable[tuple]) -> None:
-    """Raise if any (name_a, a, name_b, b) pair shares memory."""
-    for name_a, a, name_b, b in pairs:
-        if a is None or b is None:
-            continue
-        # two distinct arrays that each own their buffer cannot overlap
-        if a is not b and a.base is None and b.base is None:
-            continue
-        if np.may_share_memory(a, b) and np.shares_memory(a, b):
-            raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
-                             f"write an output over an input or over another output")
-
-
-def _owns(a) -> bool:
-    return a.base is None
-
-
-def no_overlap_among(writes, reads) -> None:
-    """Raise if an output overlaps an input or another output.
-
-    `writes` and `reads` are lists of (name, array-or-None)."""
-    live_w = [(n, a) for n, a in writes if a is not None]
-    for i, (wn, w) in enumerate(live_w):
-        for rn, r in reads:
-            if r is not None:
-                _pair(wn, w, rn, r)
-        for wn2, w2 in live_w[i + 1:]:
-            _pair(wn, w, wn2, w2)
 
 
 def _pair(name_a, a, name_b, b) -> None:
@@ -144,15 +106,43 @@ def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
     return a % ndim
 
 
-def channel_vector(name: str, v: Optional[Any], channels: int, *,
-                   out: bool = False) -> Optional[np.ndarray]:
-    """A per-channel parameter: None, or a floating 1-D array of length C."""
-    if v is None:
-        return None
-    arr = float_array(name, v)
-    if arr.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got {arr.shape}")
-    if out:
-        writeable(name, arr)
-    return arr
+def array_rules(as_array, writeable, pair):
+    """float_array, channel_vector and no_overlap_among over a package's own
+    as_array / writeable / pair-overlap test (NumPy here, CuPy in bncore_gpu):
+    the rules are the same, only the arrays differ."""
+
+    def float_array(name: str, a: Any, dtypes=FLOAT_DTYPES):
+        arr = as_array(name, a)
+        if arr.dtype not in dtypes:
+            allowed = ", ".join(str(d) for d in dtypes)
+            raise TypeError(f"{name} must have dtype {allowed}; got {arr.dtype}")
+        return arr
+
+    def channel_vector(name: str, v: Optional[Any], channels: int, *, out: bool = False):
+        """A per-channel parameter: None, or a floating 1-D array of length C."""
+        if v is None:
+            return None
+        arr = float_array(name, v)
+        if arr.shape != (channels,):
+            raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
+                             f"got {arr.shape}")
+        if out:
+            writeable(name, arr)
+        return arr
+
+    def no_overlap_among(writes, reads) -> None:
+        """Raise if an output overlaps an input or another output.
+
+        `writes` and `reads` are lists of (name, array-or-None)."""
+        live_w = [(n, a) for n, a in writes if a is not None]
+        for i, (wn, w) in enumerate(live_w):
+            for rn, r in reads:
+                if r is not None:
+                    pair(wn, w, rn, r)
+            for wn2, w2 in live_w[i + 1:]:
+                pair(wn, w, wn2, w2)
+
+    return float_array, channel_vector, no_overlap_among
+
+
+float_array, channel_vector, no_overlap_among = array_rules(as_array, writeable, _pair)

@@ -57,7 +57,6 @@ from bncore._collective import CollectiveError, reset_traffic, traffic
 from bncore._layout import channel_view
 from bncore._threads import resolve_num_threads
 from bncore import _bn_args
-from bncore._bn_args import _reduced_count
 from bncore.batch_norm import (_f64, _finish_output, _flat, _kernel_input, _output_target, _vec,
                                batch_norm_backward, batch_norm_forward)
 from bncore.clipping import (NonFiniteError, _NORM_1, _NORM_2, _NORM_INF, _NORM_P,
@@ -184,21 +183,8 @@ class HostEngine:
         return _finish_output(target, out, x.dtype)
 
     @staticmethod
-    def weight_outputs(sum_dyx, sum_dy, invstd, weight, x_dtype, dw_out, db_out):
-        pdtype = weight.dtype if weight is not None else x_dtype
-        dweight = sum_dyx * HostEngine.host(invstd)
-        dbias = sum_dy
-        if dw_out is not None:
-            dw_out[...] = dweight
-            dweight = dw_out
-        else:
-            dweight = dweight.astype(pdtype, copy=False)
-        if db_out is not None:
-            db_out[...] = dbias
-            dbias = db_out
-        else:
-            dbias = dbias.astype(pdtype, copy=True)
-        return dweight, dbias
+    def from_host(values: np.ndarray) -> np.ndarray:
+        return values
 
     @staticmethod
     def norm_table(grads, write: bool):
@@ -220,33 +206,6 @@ class HostEngine:
 # --------------------------------------------------------------------------
 # Forward
 
-def _check_forward(chk, x, weight, bias, running_mean, running_var, training, momentum, eps,
-                   axis, out):
-    """The local checks of batch_norm_forward, less the per-rank count rule."""
-    x = chk.float_array("x", x)
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
-    ax = _bn_args._axis(chk, axis, x.ndim)
-    C = x.shape[ax]
-    if weight is not None:
-        weight = chk.channel_vector("weight", weight, C)
-    if bias is not None:
-        bias = chk.channel_vector("bias", bias, C)
-    if running_mean is not None or running_var is not None:
-        if running_mean is None or running_var is None:
-            raise ValueError("pass both running_mean and running_var, or neither")
-        running_mean = chk.channel_vector("running_mean", running_mean, C, out=True)
-        running_var = chk.channel_vector("running_var", running_var, C, out=True)
-    eps = chk.positive("eps", eps)
-    momentum = chk.in_unit_interval("momentum", momentum)
-    out = _bn_args._check_out(chk, "out", out, x)
-    if out is not None or running_mean is not None:
-        chk.no_overlap_among(
-            [("out", out), ("running_mean", running_mean), ("running_var", running_var)],
-            [("x", x), ("weight", weight), ("bias", bias)])
-    return x, ax, weight, bias, running_mean, running_var, eps, momentum, out
-
-
 def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training, momentum,
                  eps, axis, unbiased_running_var, out, num_threads):
     """sync_batch_norm_forward on engine `eng` (HostEngine or bncore_gpu's)."""
@@ -257,15 +216,14 @@ def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training
                            unbiased_running_var=unbiased_running_var, out=out,
                            num_threads=num_threads)
     comm = col.check_comm(comm)
-    args, err = _local(_check_forward, eng.chk, x, weight, bias, running_mean, running_var,
-                       training, momentum, eps, axis, out)
-    nthreads, err2 = _local(resolve_num_threads, num_threads)
-    err = err or err2
+    # the local rules of batch_norm_forward; the count rule applies to all ranks together
+    args, err = _local(_bn_args.forward_args, eng.chk, x, weight, bias, running_mean,
+                       running_var, True, momentum, eps, axis, out, num_threads,
+                       count_rule=False)
     header = []
     if err is None:
-        x, ax, weight, bias, running_mean, running_var, eps, momentum, out = args
-        C = x.shape[ax]
-        n = _reduced_count(x.shape, ax)
+        (x, weight, bias, running_mean, running_var, _, momentum, eps, ax, C, n, out,
+         nthreads) = args
         header = _pad(C, _DTYPES.index(x.dtype.name), n, eps, momentum,
                       float(bool(unbiased_running_var)), float(running_mean is not None))
     table = col.agree(comm, err, header if err is None else [0.0] * _HEADER,
@@ -341,32 +299,17 @@ def sync_batch_norm_forward(
 _WEIGHT_GRADS = ("global", "local")
 
 
-def _check_backward(eng, dy, x, mean, invstd, weight, axis, out, weight_grads):
-    chk = eng.chk
-    x = chk.float_array("x", x)
-    dy = chk.float_array("dy", dy)
-    if x.ndim < 2:
-        raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy has dtype {dy.dtype}, expected {x.dtype} (as x)")
-    chk.same_shape("dy", dy, x.shape, "x")
-    ax = _bn_args._axis(chk, axis, x.ndim)
-    C = x.shape[ax]
-    if mean is None or invstd is None:
-        raise TypeError("mean and invstd are required (the statistics "
-                        "sync_batch_norm_forward returned)")
-    mean = eng.f64(chk.channel_vector("mean", mean, C))
-    invstd = eng.f64(chk.channel_vector("invstd", invstd, C))
-    if weight is not None:
-        weight = chk.channel_vector("weight", weight, C)
+def _check_backward(eng, dy, x, mean, invstd, weight, training, axis, out, weight_grads,
+                    num_threads):
+    """batch_norm_backward's local rules (the count rule applies to all ranks
+    together), weight_grads, and the statistics as the engine's float64 arrays."""
     if weight_grads not in _WEIGHT_GRADS:
         raise ValueError(f"weight_grads must be 'global' or 'local', got {weight_grads!r}")
-    dx_out, dw_out, db_out = _bn_args._check_dx_out(chk, out, x, C)
-    if out is not None:
-        chk.no_overlap_among(
-            [("out[0] (dx)", dx_out), ("out[1] (dweight)", dw_out), ("out[2] (dbias)", db_out)],
-            [("x", x), ("dy", dy), ("mean", mean), ("invstd", invstd), ("weight", weight)])
-    return dy, x, ax, mean, invstd, weight, dx_out, dw_out, db_out
+    (dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out,
+     nthreads) = _bn_args.backward_args(eng.chk, dy, x, mean, invstd, weight, training, axis,
+                                        out, num_threads, count_rule=False)
+    return (dy, x, ax, C, n, eng.f64(mean), eng.f64(invstd), weight, dx_out, dw_out, db_out,
+            nthreads)
 
 
 def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight_grads, out,
@@ -376,15 +319,12 @@ def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight
         return eng.backward(dy, x, mean, invstd, weight, training=False, axis=axis, out=out,
                             num_threads=num_threads)
     comm = col.check_comm(comm)
-    args, err = _local(_check_backward, eng, dy, x, mean, invstd, weight, axis, out,
-                       weight_grads)
-    nthreads, err2 = _local(resolve_num_threads, num_threads)
-    err = err or err2
+    args, err = _local(_check_backward, eng, dy, x, mean, invstd, weight, training, axis, out,
+                       weight_grads, num_threads)
     header = [0.0] * _HEADER
     if err is None:
-        dy, x, ax, mean, invstd, weight, dx_out, dw_out, db_out = args
-        C = x.shape[ax]
-        header = _pad(C, _DTYPES.index(x.dtype.name), _reduced_count(x.shape, ax),
+        dy, x, ax, C, n, mean, invstd, weight, dx_out, dw_out, db_out, nthreads = args
+        header = _pad(C, _DTYPES.index(x.dtype.name), n,
                       col.crc(eng.host(mean), eng.host(invstd)), float(bool(training)))
     table = col.agree(comm, err, header, "sync_batch_norm_backward")
     col.raise_if(col.first([
@@ -411,8 +351,16 @@ def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight
                         nthreads)
     if weight_grads == "local":
         g_dy, g_dyx = sum_dy, sum_dyx
-    dweight, dbias = eng.weight_outputs(g_dyx, g_dy, invstd, weight, x.dtype, dw_out, db_out)
-    return dx, dweight, dbias
+    # dweight = T * invstd, dbias = S, in weight's dtype (x's without weight) or into out
+    pdtype = weight.dtype if weight is not None else x.dtype
+    grads = []
+    for value, dst in ((g_dyx * eng.host(invstd), dw_out), (g_dy, db_out)):
+        if dst is None:
+            grads.append(eng.from_host(value.astype(pdtype)))
+        else:
+            eng.store(dst, value)
+            grads.append(dst)
+    return (dx, *grads)
 
 
 def sync_batch_norm_backward(
@@ -479,27 +427,13 @@ class SyncBatchNorm(BatchNorm):
     _sync_forward = staticmethod(sync_batch_norm_forward)
     _sync_backward = staticmethod(sync_batch_norm_backward)
 
-    def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
-        """Normalize this rank's shard; in training, with the whole batch's statistics."""
-        batch_stats = self._uses_batch_stats()
-        update = self.training and self.track_running_stats
-        momentum = 0.0
-        if update:
-            momentum = (1.0 / (self.num_batches_tracked + 1) if self.momentum is None
-                        else self.momentum)
-        y, mean, invstd = self._sync_forward(
-            x, self.weight, self.bias,
-            self.running_mean if (update or not batch_stats) else None,
-            self.running_var if (update or not batch_stats) else None,
-            comm=self.comm, training=batch_stats, momentum=momentum, eps=self.eps,
-            axis=self.axis, unbiased_running_var=self.unbiased_running_var,
-            num_threads=num_threads)
-        if update:
-            self.num_batches_tracked += 1
-        self._saved = (x, mean, invstd, batch_stats)
-        return y
+    # BatchNorm's forward/backward call these: the collectives over self.comm
+    def _forward(self, *args, **kwargs):
+        return self._sync_forward(*args, comm=self.comm, **kwargs)
 
-    __call__ = forward
+    def _backward(self, *args, **kwargs):
+        return self._sync_backward(*args, comm=self.comm, weight_grads=self.weight_grads,
+                                   **kwargs)
 
     def backward(self, dy, *, num_threads: Optional[int] = None) -> np.ndarray:
         """This rank's dx; grad_weight and grad_bias as ``weight_grads`` says."""
@@ -507,14 +441,7 @@ class SyncBatchNorm(BatchNorm):
             # join the collective the other ranks are in, so that they raise too
             col.agree(self.comm, RuntimeError("backward() called before forward()"),
                       [0.0] * _HEADER, "SyncBatchNorm.backward")
-        x, mean, invstd, batch_stats = self._saved
-        dx, dw, db = self._sync_backward(dy, x, mean, invstd, self.weight,
-                                         comm=self.comm, training=batch_stats,
-                                         axis=self.axis, weight_grads=self.weight_grads,
-                                         num_threads=num_threads)
-        if self.affine:
-            self.grad_weight, self.grad_bias = dw, db
-        return dx
+        return super().backward(dy, num_threads=num_threads)
 
     def __repr__(self) -> str:
         return "Sync" + super().__repr__() + f" over {self.comm.Get_size()} ranks"

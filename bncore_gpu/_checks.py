@@ -9,14 +9,14 @@ bounds (conservative: interleaved views of one buffer count as overlapping).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import cupy
 import numpy as np
 
 from bncore._checks import (  # noqa: F401  (re-exported: the same scalar rules)
-    FLOAT_DTYPES, in_unit_interval, non_negative, normalize_axis, positive, real_scalar,
-    same_shape)
+    FLOAT_DTYPES, array_rules, in_unit_interval, non_negative, normalize_axis, positive,
+    real_scalar, same_shape)
 
 
 def _not_viewable(name: str, a: Any, via: str, exc: Exception) -> str:
@@ -62,27 +62,8 @@ def as_array(name: str, a: Any) -> "cupy.ndarray":
     raise TypeError(f"{name} must be a CuPy array (or a CUDA array), got {type(a).__name__}")
 
 
-def float_array(name: str, a: Any, dtypes=FLOAT_DTYPES) -> "cupy.ndarray":
-    arr = as_array(name, a)
-    if arr.dtype not in dtypes:
-        allowed = ", ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype {allowed}; got {arr.dtype}")
-    return arr
-
-
 def writeable(name: str, a) -> None:
     """CuPy arrays have no read-only flag."""
-
-
-def channel_vector(name: str, v: Optional[Any], channels: int, *,
-                   out: bool = False) -> Optional["cupy.ndarray"]:
-    if v is None:
-        return None
-    arr = float_array(name, v)
-    if arr.shape != (channels,):
-        raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
-                         f"got {arr.shape}")
-    return arr
 
 
 def _pair(name_a, a, name_b, b) -> None:
@@ -96,12 +77,4 @@ def _pair(name_a, a, name_b, b) -> None:
                          f"write an output over an input or over another output")
 
 
-def no_overlap_among(writes, reads) -> None:
-    """Raise if an output overlaps an input or another output."""
-    live_w = [(n, a) for n, a in writes if a is not None]
-    for i, (wn, w) in enumerate(live_w):
-        for rn, r in reads:
-            if r is not None:
-                _pair(wn, w, rn, r)
-        for wn2, w2 in live_w[i + 1:]:
-            _pair(wn, w, wn2, w2)
+float_array, channel_vector, no_overlap_among = array_rules(as_array, writeable, _pair)

@@ -84,6 +84,19 @@ def _as_param(v, pt):
     return cupy.ascontiguousarray(v, dtype=pt)
 
 
+def _output_target(view, out, dtype):
+    """Where a kernel writes: `out` itself when it has the view's layout, else a temporary."""
+    return out if (out is not None and view.has_layout(out)) else view.empty(dtype, cupy)
+
+
+def _finish_output(target, out):
+    """The result: the target, copied into `out` first when it is a temporary."""
+    if out is None or target is out:
+        return target
+    cupy.copyto(out, target)
+    return out
+
+
 def _vec4_ok(*arrays) -> bool:
     return all(a.dtype == np.float32 and a.data.ptr % 16 == 0 for a in arrays)
 
@@ -213,7 +226,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                        eps, axis, out, num_threads)
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
-    target = out if (out is not None and view.has_layout(out)) else view.empty(x.dtype, cupy)
+    target = _output_target(view, out, x.dtype)
     stats = cupy.empty((4, C), _F64)          # mean, invstd, scale, shift: one allocation
     mean, invstd, scale, shift = stats[0], stats[1], stats[2], stats[3]
     if C:
@@ -241,11 +254,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         if x.size:
             _elementwise("apply", (xf,), view.flat(target), view.outer, C, view.inner,
                          (mean, scale, shift))
-    if out is None:
-        return target, mean, invstd
-    if target is not out:
-        cupy.copyto(out, target)
-    return out, mean, invstd
+    return _finish_output(target, out), mean, invstd
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = True,
@@ -260,8 +269,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
     dyk = view.arrange(dy, cupy)
-    target = (dx_out if (dx_out is not None and view.has_layout(dx_out))
-              else view.empty(x.dtype, cupy))
+    target = _output_target(view, dx_out, x.dtype)
     # dweight and dbias come back in weight's dtype (x's without weight); the
     # kernel writes float32 or float64, other dtypes go through a cast
     pdtype = weight.dtype if weight is not None else x.dtype
@@ -280,12 +288,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
                            consts[0], consts[1], consts[2]))
         _elementwise("dx", (dyf, xf), view.flat(target), view.outer, C, view.inner,
                      (mean64, consts[0], consts[1], consts[2]))
-    if dx_out is None:
-        dx = target
-    else:
-        if target is not dx_out:
-            cupy.copyto(dx_out, target)
-        dx = dx_out
+    dx = _finish_output(target, dx_out)
     if kdtype != pdtype:
         dweight, dbias = dweight.astype(pdtype), dbias.astype(pdtype)
     if dw_out is not None:

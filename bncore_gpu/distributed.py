@@ -40,7 +40,6 @@ from bncore.distributed import combine_statistics
 from bncore_gpu import _checks as chk
 from bncore_gpu import batch_norm as _bn
 from bncore_gpu import clipping as _clip
-from bncore_gpu.layers import BatchNorm
 
 __all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward", "SyncBatchNorm",
            "grad_norm", "clip_grad_norm", "combine_statistics", "traffic", "reset_traffic",
@@ -52,6 +51,11 @@ _F64 = np.dtype(np.float64)
 def _channel_sums(part_a, part_b, C: int, M: int):
     """Per-channel totals of partials laid out channel by channel (C, M)."""
     return part_a.reshape(C, M).sum(axis=1), part_b.reshape(C, M).sum(axis=1)
+
+
+def _host64(v, C: int, absent: float) -> np.ndarray:
+    """A per-channel device vector as host float64 (`absent` everywhere for None)."""
+    return np.full(C, absent) if v is None else cupy.asnumpy(v).astype(_F64)
 
 
 class DeviceEngine:
@@ -69,7 +73,7 @@ class DeviceEngine:
 
     @staticmethod
     def store(dst, values: np.ndarray) -> None:
-        dst[...] = cupy.asarray(values).astype(dst.dtype)
+        dst[...] = cupy.asarray(values.astype(dst.dtype))
 
     @staticmethod
     def stats(x, ax: int, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -96,18 +100,14 @@ class DeviceEngine:
         mean and invstd come back as float64 device arrays."""
         view = channel_view(x, ax)
         C = x.shape[ax]
-        w = np.ones(C) if weight is None else cupy.asnumpy(weight).astype(_F64)
-        b = np.zeros(C) if bias is None else cupy.asnumpy(bias).astype(_F64)
+        w, b = _host64(weight, C, 1.0), _host64(bias, C, 0.0)
         consts = cupy.asarray(np.stack([mean, invstd, invstd * w, b]))   # one upload
         d_mean, d_invstd, scale, shift = consts[0], consts[1], consts[2], consts[3]
-        target = out if (out is not None and view.has_layout(out)) else view.empty(x.dtype, cupy)
+        target = _bn._output_target(view, out, x.dtype)
         if x.size:
             _bn._elementwise("apply", (view.flat(view.arrange(x, cupy)),), view.flat(target),
                              view.outer, C, view.inner, (d_mean, scale, shift))
-        if out is not None and target is not out:
-            cupy.copyto(out, target)
-            target = out
-        return target, d_mean, d_invstd
+        return _bn._finish_output(target, out), d_mean, d_invstd
 
     @staticmethod
     def dy_sums(dy, x, ax: int, mean, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -129,38 +129,22 @@ class DeviceEngine:
         view = channel_view(x, ax)
         C = x.shape[ax]
         inv = cupy.asnumpy(invstd)
-        w = np.ones(C) if weight is None else cupy.asnumpy(weight).astype(_F64)
+        w = _host64(weight, C, 1.0)
         if training:
             a, k = g_dy / N, inv * inv * g_dyx / N
         else:
             a, k = np.zeros(C), np.zeros(C)
         consts = cupy.asarray(np.stack([inv * w, a, k]))
-        target = out if (out is not None and view.has_layout(out)) else view.empty(x.dtype, cupy)
+        target = _bn._output_target(view, out, x.dtype)
         if x.size:
             _bn._elementwise("dx", (view.flat(view.arrange(dy, cupy)),
                                     view.flat(view.arrange(x, cupy))), view.flat(target),
                              view.outer, C, view.inner, (mean, consts[0], consts[1], consts[2]))
-        if out is not None and target is not out:
-            cupy.copyto(out, target)
-            target = out
-        return target
+        return _bn._finish_output(target, out)
 
     @staticmethod
-    def weight_outputs(sum_dyx, sum_dy, invstd, weight, x_dtype, dw_out, db_out):
-        pdtype = weight.dtype if weight is not None else x_dtype
-        dweight = cupy.asarray(sum_dyx * cupy.asnumpy(invstd))
-        dbias = cupy.asarray(sum_dy)
-        if dw_out is not None:
-            dw_out[...] = dweight
-            dweight = dw_out
-        else:
-            dweight = dweight.astype(pdtype)
-        if db_out is not None:
-            db_out[...] = dbias
-            dbias = db_out
-        else:
-            dbias = dbias.astype(pdtype)
-        return dweight, dbias
+    def from_host(values: np.ndarray):
+        return cupy.asarray(values)
 
     @staticmethod
     def norm_table(grads, write: bool):
@@ -231,7 +215,5 @@ def clip_grad_norm(grads, max_norm: float, *, comm=None, norm_type: float = 2.0,
 class SyncBatchNorm(_host.SyncBatchNorm):
     __doc__ = _host.SyncBatchNorm.__doc__
     _xp = cupy
-    _forward = staticmethod(BatchNorm._forward)
-    _backward = staticmethod(BatchNorm._backward)
     _sync_forward = staticmethod(sync_batch_norm_forward)
     _sync_backward = staticmethod(sync_batch_norm_backward)
