@@ -56,6 +56,21 @@ def bn_data(shape, axis: int, offset: Optional[float] = None, centered: bool = F
     return x, extra
 
 
+def bn_label(head: str, shape, tail: str, axis: int, offset: Optional[float],
+             seed: int) -> Tuple[float, str]:
+    """(condition, configuration text) of a batch-norm row: "head SHAPE tail",
+    plus the data's largest |mean|/std when it is offset."""
+    cond = bn_data(shape, axis, offset, False, seed)[1]["condition"]
+    cfg = f"{head} {'x'.join(map(str, shape))}" + (f" {tail}" if tail else "")
+    if offset:
+        cfg += f", |mean|/std={cond:.0e}"
+    return cond, cfg
+
+
+#: channels-last layout names by ndim
+NHWC_NAMES = {2: "NC", 3: "NLC", 4: "NHWC", 5: "NDHWC"}
+
+
 def cast(a, dtype: str):
     return None if a is None else np.asarray(a).astype(DT[dtype])
 

@@ -14,7 +14,8 @@ from typing import Dict
 import numpy as np
 
 import bncore
-from bncore.validate.data import bn_data, cast, clip_grads, concat, lr_schedule, optim_data
+from bncore.validate.data import (NHWC_NAMES, bn_data, bn_label, cast, clip_grads, concat,
+                                  lr_schedule, optim_data)
 from bncore.validate.report import Check, Report
 
 REQUIRES = ("jax", "optax", "flax")
@@ -96,11 +97,8 @@ def _flax_bn(shape, training: bool, offset=None, seed=20) -> Check:
         var = np.maximum(f(0), mu2 - mu * mu)
         return {"y": (x - mu) * (f(1) / np.sqrt(var + f(1e-5))) * e["weight"] + e["bias"]}
 
-    cond = bn_data(shape, -1, offset, False, seed)[1]["condition"]
-    layout = {2: "NC", 3: "NLC", 4: "NHWC", 5: "NDHWC"}[len(shape)]
-    cfg = f"{'train' if training else 'eval'} {'x'.join(map(str, shape))} {layout}"
-    if offset:
-        cfg += f", |mean|/std={cond:.0e}"
+    cond, cfg = bn_label("train" if training else "eval", shape, NHWC_NAMES[len(shape)], -1,
+                         offset, seed)
     show = training and not offset
     return Check("flax.linen.BatchNorm", cfg, run, centered=bool(offset), condition=cond,
                  alternatives={"unbiased running var": unbiased} if show else {},

@@ -24,7 +24,8 @@ from typing import Dict, Optional
 import numpy as np
 
 import bncore
-from bncore.validate.data import SHAPES, bn_data, cast, concat, lr_schedule, optim_data
+from bncore.validate.data import (SHAPES, bn_data, bn_label, cast, concat, lr_schedule,
+                                  optim_data)
 from bncore.validate.report import Check, Report
 
 REQUIRES = ("onnx",)
@@ -128,10 +129,8 @@ def _bn(engine: str, training: bool, offset=None, shape=(8, 4, 6, 6), seed=30) -
         bn = {"y": y, "running_mean": rm, "running_var": rv} if training else {"y": y}
         return fw, bn
 
-    cond = bn_data(shape, 1, offset, False, seed)[1]["condition"]
-    cfg = f"{engine}, {'training_mode=1' if training else 'inference'} {'x'.join(map(str, shape))}"
-    if offset:
-        cfg += f", |mean|/std={cond:.0e}"
+    cond, cfg = bn_label(f"{engine}, {'training_mode=1' if training else 'inference'}", shape, "",
+                         1, offset, seed)
     show = training and not offset
     emulations = {}
     if offset and engine == "onnxruntime":

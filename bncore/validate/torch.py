@@ -11,7 +11,8 @@ from typing import Dict
 import numpy as np
 
 import bncore
-from bncore.validate.data import bn_data, cast, clip_grads, concat, lr_schedule, optim_data
+from bncore.validate.data import (bn_data, bn_label, cast, clip_grads, concat, lr_schedule,
+                                  optim_data)
 from bncore.validate.report import Check, Report
 
 REQUIRES = ("torch",)
@@ -56,11 +57,7 @@ def _bn_forward(shape, layout: str, training: bool, offset=None, seed=0) -> Chec
                 del d["running_mean"], d["running_var"]
         return fw, bn
 
-    cond = bn_data(shape, 1, offset, False, seed)[1]["condition"]
-    mode = "train" if training else "eval"
-    cfg = f"{mode} {'x'.join(map(str, shape))} {layout}"
-    if offset:
-        cfg += f", |mean|/std={cond:.0e}"
+    cond, cfg = bn_label("train" if training else "eval", shape, layout, 1, offset, seed)
     alts = {}
     if training:
         alts = {"biased running var": lambda dt: run(dt, unbiased=False)[1]}
