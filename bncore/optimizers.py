@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -101,6 +101,61 @@ def _style(name: str, value, allowed) -> Any:
     return value
 
 
+# Hyper-parameter rules of each step function, shared with bncore_gpu.optimizers.
+
+def sgd_hyper(lr, momentum, dampening, nesterov, weight_decay, style, bufs):
+    """Validated (lr, momentum, dampening, weight_decay, style code) of sgd_step."""
+    lr = _lr(lr)
+    momentum = chk.non_negative("momentum", momentum)
+    dampening = chk.in_unit_interval("dampening", dampening)
+    weight_decay = chk.non_negative("weight_decay", weight_decay)
+    s = _SGD_STYLES[_style("style", style, tuple(_SGD_STYLES))]
+    if nesterov and (momentum == 0.0 or (dampening != 0.0 and s == 0)):
+        raise ValueError("nesterov requires momentum > 0 (and dampening = 0 in the torch style)")
+    if momentum != 0.0 and bufs is None:
+        raise ValueError("momentum > 0 needs momentum_buffers")
+    return lr, momentum, dampening, weight_decay, s
+
+
+def adam_hyper(lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post, eps_style,
+               amsgrad, vmax):
+    """Validated (lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post) of adam_step."""
+    lr = _lr(lr)
+    beta1 = _beta("beta1", beta1)
+    beta2 = _beta("beta2", beta2)
+    eps = chk.non_negative("eps", eps)
+    eps_root = chk.non_negative("eps_root", eps_root)
+    weight_decay = chk.non_negative("weight_decay", weight_decay)
+    weight_decay_post = chk.in_unit_interval("weight_decay_post", weight_decay_post)
+    _style("eps_style", eps_style, _EPS_STYLES)
+    if amsgrad and vmax is None:
+        raise ValueError("amsgrad needs max_exp_avg_sqs")
+    if eps_style == "hat" and eps_root != 0.0:
+        raise ValueError("eps_root is optax's and applies to eps_style 'torch' or 'optax', not 'hat'")
+    return lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post
+
+
+def rmsprop_hyper(lr, alpha, eps, weight_decay, momentum, style, centered, ga, mb):
+    """Validated (lr, alpha, eps, weight_decay, momentum, style code) of rmsprop_step."""
+    lr = _lr(lr)
+    alpha = chk.in_unit_interval("alpha", alpha)
+    eps = chk.non_negative("eps", eps)
+    weight_decay = chk.non_negative("weight_decay", weight_decay)
+    momentum = chk.non_negative("momentum", momentum)
+    s = _RMSPROP_STYLES[_style("style", style, tuple(_RMSPROP_STYLES))]
+    if centered and ga is None:
+        raise ValueError("centered=True needs grad_avgs")
+    if momentum != 0.0 and mb is None:
+        raise ValueError("momentum > 0 needs momentum_buffers")
+    return lr, alpha, eps, weight_decay, momentum, s
+
+
+def adagrad_hyper(lr, lr_decay, weight_decay, eps):
+    """Validated (lr, lr_decay, weight_decay, eps) of adagrad_step."""
+    return (_lr(lr), chk.non_negative("lr_decay", lr_decay),
+            chk.non_negative("weight_decay", weight_decay), chk.non_negative("eps", eps))
+
+
 def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[ArrayList] = None, *,
              lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
              weight_decay: float = 0.0, maximize: bool = False, first_step: bool = False,
@@ -138,15 +193,8 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
     params = as_list("params", params)
     grads = as_list("grads", grads)
     bufs = as_list("momentum_buffers", momentum_buffers)
-    lr = _lr(lr)
-    momentum = chk.non_negative("momentum", momentum)
-    dampening = chk.in_unit_interval("dampening", dampening)
-    weight_decay = chk.non_negative("weight_decay", weight_decay)
-    s = _SGD_STYLES[_style("style", style, tuple(_SGD_STYLES))]
-    if nesterov and (momentum == 0.0 or (dampening != 0.0 and s == 0)):
-        raise ValueError("nesterov requires momentum > 0 (and dampening = 0 in the torch style)")
-    if momentum != 0.0 and bufs is None:
-        raise ValueError("momentum > 0 needs momentum_buffers")
+    lr, momentum, dampening, weight_decay, s = sgd_hyper(lr, momentum, dampening, nesterov,
+                                                         weight_decay, style, bufs)
     if step is not None:
         first_step = _step("step", step, 1) == 1
     skip, inv = amp_args(grad_scale, found_inf)
@@ -202,18 +250,8 @@ def adam_step(params: ArrayList, grads: ArrayList, exp_avgs: ArrayList, exp_avg_
     step = _step("step", step, 1 if bias_correction_step is None else 0)
     t_bias = step if bias_correction_step is None else _step("bias_correction_step",
                                                              bias_correction_step, 0)
-    lr = _lr(lr)
-    beta1 = _beta("beta1", beta1)
-    beta2 = _beta("beta2", beta2)
-    eps = chk.non_negative("eps", eps)
-    eps_root = chk.non_negative("eps_root", eps_root)
-    weight_decay = chk.non_negative("weight_decay", weight_decay)
-    weight_decay_post = chk.in_unit_interval("weight_decay_post", weight_decay_post)
-    _style("eps_style", eps_style, _EPS_STYLES)
-    if amsgrad and vmax is None:
-        raise ValueError("amsgrad needs max_exp_avg_sqs")
-    if eps_style == "hat" and eps_root != 0.0:
-        raise ValueError("eps_root is optax's and applies to eps_style 'torch' or 'optax', not 'hat'")
+    lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post = adam_hyper(
+        lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post, eps_style, amsgrad, vmax)
     skip, inv = amp_args(grad_scale, found_inf)
     nthreads = resolve_num_threads(num_threads)
     t = _k.gather([params, grads, m, v, vmax if amsgrad else None],
@@ -251,16 +289,8 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
     sq = as_list("square_avgs", square_avgs)
     ga = as_list("grad_avgs", grad_avgs)
     mb = as_list("momentum_buffers", momentum_buffers)
-    lr = _lr(lr)
-    alpha = chk.in_unit_interval("alpha", alpha)
-    eps = chk.non_negative("eps", eps)
-    weight_decay = chk.non_negative("weight_decay", weight_decay)
-    momentum = chk.non_negative("momentum", momentum)
-    s = _RMSPROP_STYLES[_style("style", style, tuple(_RMSPROP_STYLES))]
-    if centered and ga is None:
-        raise ValueError("centered=True needs grad_avgs")
-    if momentum != 0.0 and mb is None:
-        raise ValueError("momentum > 0 needs momentum_buffers")
+    lr, alpha, eps, weight_decay, momentum, s = rmsprop_hyper(
+        lr, alpha, eps, weight_decay, momentum, style, centered, ga, mb)
     skip, inv = amp_args(grad_scale, found_inf)
     nthreads = resolve_num_threads(num_threads)
     t = _k.gather([params, grads, sq, ga if centered else None, mb if momentum != 0.0 else None],
@@ -292,10 +322,7 @@ def adagrad_step(params: ArrayList, grads: ArrayList, state_sums: ArrayList, *, 
     grads = as_list("grads", grads)
     hs = as_list("state_sums", state_sums)
     step = _step("step", step, 1)
-    lr = _lr(lr)
-    lr_decay = chk.non_negative("lr_decay", lr_decay)
-    weight_decay = chk.non_negative("weight_decay", weight_decay)
-    eps = chk.non_negative("eps", eps)
+    lr, lr_decay, weight_decay, eps = adagrad_hyper(lr, lr_decay, weight_decay, eps)
     skip, inv = amp_args(grad_scale, found_inf)
     nthreads = resolve_num_threads(num_threads)
     t = _k.gather([params, grads, hs], ("params", "grads", "state_sums"), (True, False, True), 1,

@@ -15,7 +15,6 @@ from typing import Optional
 import cupy
 import numpy as np
 
-from bncore import _checks as hchk
 from bncore import optimizers as _cpu
 from bncore_gpu import _checks as chk
 from bncore_gpu import _loader
@@ -107,15 +106,8 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float
     params = _cpu.as_list("params", params)
     grads = _cpu.as_list("grads", grads)
     bufs = _cpu.as_list("momentum_buffers", momentum_buffers)
-    lr = _cpu._lr(lr)
-    momentum = hchk.non_negative("momentum", momentum)
-    dampening = hchk.in_unit_interval("dampening", dampening)
-    weight_decay = hchk.non_negative("weight_decay", weight_decay)
-    s = _cpu._SGD_STYLES[_cpu._style("style", style, tuple(_cpu._SGD_STYLES))]
-    if nesterov and (momentum == 0.0 or (dampening != 0.0 and s == 0)):
-        raise ValueError("nesterov requires momentum > 0 (and dampening = 0 in the torch style)")
-    if momentum != 0.0 and bufs is None:
-        raise ValueError("momentum > 0 needs momentum_buffers")
+    lr, momentum, dampening, weight_decay, s = _cpu.sgd_hyper(lr, momentum, dampening, nesterov,
+                                                              weight_decay, style, bufs)
     step_ptr = NULL
     if step is not None:
         host_step, step_ptr = step_arg("step", step, 1)
@@ -153,18 +145,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, lr: float = 1e-3,
     else:
         step_arg("step", step, 0)
         host_t, t_ptr = step_arg("bias_correction_step", bias_correction_step, 0)
-    lr = _cpu._lr(lr)
-    beta1 = _cpu._beta("beta1", beta1)
-    beta2 = _cpu._beta("beta2", beta2)
-    eps = hchk.non_negative("eps", eps)
-    eps_root = hchk.non_negative("eps_root", eps_root)
-    weight_decay = hchk.non_negative("weight_decay", weight_decay)
-    weight_decay_post = hchk.in_unit_interval("weight_decay_post", weight_decay_post)
-    _cpu._style("eps_style", eps_style, _cpu._EPS_STYLES)
-    if amsgrad and vmax is None:
-        raise ValueError("amsgrad needs max_exp_avg_sqs")
-    if eps_style == "hat" and eps_root != 0.0:
-        raise ValueError("eps_root is optax's and applies to eps_style 'torch' or 'optax', not 'hat'")
+    lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post = _cpu.adam_hyper(
+        lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post, eps_style, amsgrad, vmax)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
     t = gather([params, grads, m, v, vmax if amsgrad else None],
                ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
@@ -192,16 +174,8 @@ def rmsprop_step(params, grads, square_avgs, *, lr: float = 1e-2, alpha: float =
     sq = _cpu.as_list("square_avgs", square_avgs)
     ga = _cpu.as_list("grad_avgs", grad_avgs)
     mb = _cpu.as_list("momentum_buffers", momentum_buffers)
-    lr = _cpu._lr(lr)
-    alpha = hchk.in_unit_interval("alpha", alpha)
-    eps = hchk.non_negative("eps", eps)
-    weight_decay = hchk.non_negative("weight_decay", weight_decay)
-    momentum = hchk.non_negative("momentum", momentum)
-    s = _cpu._RMSPROP_STYLES[_cpu._style("style", style, tuple(_cpu._RMSPROP_STYLES))]
-    if centered and ga is None:
-        raise ValueError("centered=True needs grad_avgs")
-    if momentum != 0.0 and mb is None:
-        raise ValueError("momentum > 0 needs momentum_buffers")
+    lr, alpha, eps, weight_decay, momentum, s = _cpu.rmsprop_hyper(
+        lr, alpha, eps, weight_decay, momentum, style, centered, ga, mb)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
     t = gather([params, grads, sq, ga if centered else None, mb if momentum != 0.0 else None],
                ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers"),
@@ -224,10 +198,7 @@ def adagrad_step(params, grads, state_sums, *, step, lr: float = 1e-2, lr_decay:
     grads = _cpu.as_list("grads", grads)
     hs = _cpu.as_list("state_sums", state_sums)
     host_t, t_ptr = step_arg("step", step, 1)
-    lr = _cpu._lr(lr)
-    lr_decay = hchk.non_negative("lr_decay", lr_decay)
-    weight_decay = hchk.non_negative("weight_decay", weight_decay)
-    eps = hchk.non_negative("eps", eps)
+    lr, lr_decay, weight_decay, eps = _cpu.adagrad_hyper(lr, lr_decay, weight_decay, eps)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
     t = gather([params, grads, hs], ("params", "grads", "state_sums"), (True, False, True), 1)
     if skip:
