@@ -19,10 +19,14 @@ Two schedules cover all shapes:
 Reductions write one partial per (work item, channel) into a buffer indexed
 by the item and combine them per channel in item order; which thread ran an
 item never matters, so results are bitwise identical for every thread count.
-Per-item statistics are two-pass (mean, then centred sum of squares) over data
-still in L1/L2, partials are combined with the exact two-level formula, all in
-float64: a channel whose mean is 1e5 times its standard deviation loses
-nothing to cancellation.
+Per-item statistics are one pass in float64 over sums shifted by a pivot
+taken from the item's own data (S1 = sum(x - P), S2 = sum((x - P)^2), then
+M2 = S2 - S1^2 / n): P being one of the item's elements, (P - mean)^2 <= M2,
+so S2 <= (n + 1) M2 and the subtraction loses at most a factor n + 1 (n <=
+16384 per item) of float64's 1e-16, i.e. no more than a two-pass sum would.
+Partials are combined with the exact two-level formula, all in float64: a
+channel whose mean is 1e5 times its standard deviation loses nothing to
+cancellation.
 
 No argument checking happens here: the Python layer has validated shapes,
 dtypes, contiguity and aliasing.
@@ -48,6 +52,8 @@ cdef enum:
     SUPER_MIN = 256       # shortest flat loop in the blocks schedule (elements)
     NARROW = 64           # super-row length whose constants stay in registers
     BLOCK_ELEMS = 16384   # elements per block (blocks schedule): 64 KiB of float32
+    TILE_BLOCK_ELEMS = 65536  # the same for channel tiles: they read a block once,
+                              # so a larger block only means fewer partials
 
 
 # --------------------------------------------------------------------------
@@ -69,6 +75,7 @@ cdef struct Plan:
 
 cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
     cdef Plan p
+    cdef Py_ssize_t per_block
     p.outer = outer
     p.C = C
     p.inner = inner
@@ -95,7 +102,8 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
         elif p.P > 0 and p.P < SUPER_MIN:
             p.R0 = (SUPER_MIN + p.P - 1) // p.P
         p.W = p.R0 * p.P
-        p.block_rows = p.R0 * (BLOCK_ELEMS // p.W if p.W > 0 and p.W < BLOCK_ELEMS else 1)
+        per_block = TILE_BLOCK_ELEMS if inner == 1 and not p.narrow else BLOCK_ELEMS
+        p.block_rows = p.R0 * (per_block // p.W if p.W > 0 and p.W < per_block else 1)
         p.nitems = (outer + p.block_rows - 1) // p.block_rows
         p.nparts = p.nitems
     return p
@@ -180,30 +188,36 @@ cdef inline void _zero(double* acc, Py_ssize_t n) noexcept nogil:
         acc[k] = 0.0
 
 
+cdef inline void _shifted_partial(double s1, double s2, double cnt, double shift,
+                                  double* mean_out, double* m2_out) noexcept nogil:
+    """Partial mean (less the channel pivot) and M2 from the sums of d = x - P:
+    mean = (P - K) + S1 / n, M2 = S2 - S1 (S1 / n), clamped at 0 against rounding."""
+    cdef double m2 = s2 - s1 * (s1 / cnt)
+    mean_out[0] = shift + s1 / cnt
+    m2_out[0] = m2 if m2 > 0.0 else 0.0
+
+
 cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
                                   double* mean_out, double* m2_out) noexcept nogil:
-    """Mean of x[0:n] - K and centred sum of squares, two passes, 32 lanes."""
-    cdef double acc[LANES]
+    """Mean of x[0:n] - K and centred sum of squares: one pass over the sums of
+    x - x[0] (the segment's own pivot), 32 lanes each."""
+    cdef double a[LANES]
+    cdef double q[LANES]
     cdef Py_ssize_t i, nb = n - n % LANES
     cdef int k
-    cdef double mu, d
-    _zero(acc, LANES)
+    cdef double d, P = <double>x[0]
+    _zero(a, LANES)
+    _zero(q, LANES)
     for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
         for k in range(LANES):
-            acc[k] += <double>x[i + k] - K
+            d = <double>x[i + k] - P
+            a[k] += d
+            q[k] += d * d
     for k in range(n - nb):
-        acc[k] += <double>x[nb + k] - K
-    mu = _lane_total(acc) / <double>n
-    _zero(acc, LANES)
-    for i in range(0, nb, 32):
-        for k in range(LANES):
-            d = (<double>x[i + k] - K) - mu
-            acc[k] += d * d
-    for k in range(n - nb):
-        d = (<double>x[nb + k] - K) - mu
-        acc[k] += d * d
-    mean_out[0] = mu
-    m2_out[0] = _lane_total(acc)
+        d = <double>x[nb + k] - P
+        a[k] += d
+        q[k] += d * d
+    _shifted_partial(_lane_total(a), _lane_total(q), <double>n, P - K, mean_out, m2_out)
 
 
 cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, double mu,
@@ -233,19 +247,13 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
 # Flat loops over one super-row (blocks schedule); e_* are expanded constants
 
 cdef inline void _flat_add(const real* x, Py_ssize_t n, const double* e_pivot,
-                          double* acc) noexcept nogil:
-    cdef Py_ssize_t j
-    for j in range(n):
-        acc[j] += <double>x[j] - e_pivot[j]
-
-
-cdef inline void _flat_add_sq(const real* x, Py_ssize_t n, const double* e_pivot,
-                              const double* e_mean, double* acc) noexcept nogil:
+                           double* acc1, double* acc2) noexcept nogil:
     cdef Py_ssize_t j
     cdef double d
     for j in range(n):
-        d = (<double>x[j] - e_pivot[j]) - e_mean[j]
-        acc[j] += d * d
+        d = <double>x[j] - e_pivot[j]
+        acc1[j] += d
+        acc2[j] += d * d
 
 
 # Four rows at once for wide rows (W >= QUAD_MIN elements, so the four
@@ -258,27 +266,17 @@ cdef enum:
 
 
 cdef inline void _flat_add4(const real* x, Py_ssize_t W, const double* e_pivot,
-                           double* acc) noexcept nogil:
+                            double* acc1, double* acc2) noexcept nogil:
     cdef Py_ssize_t j
-    cdef double K
+    cdef double K, d0, d1, d2, d3
     for j in range(W):
         K = e_pivot[j]
-        acc[j] += (((<double>x[j] - K) + (<double>x[W + j] - K))
-                   + ((<double>x[2 * W + j] - K) + (<double>x[3 * W + j] - K)))
-
-
-cdef inline void _flat_add_sq4(const real* x, Py_ssize_t W, const double* e_pivot,
-                               const double* e_mean, double* acc) noexcept nogil:
-    cdef Py_ssize_t j
-    cdef double K, m, d0, d1, d2, d3
-    for j in range(W):
-        K = e_pivot[j]
-        m = e_mean[j]
-        d0 = (<double>x[j] - K) - m
-        d1 = (<double>x[W + j] - K) - m
-        d2 = (<double>x[2 * W + j] - K) - m
-        d3 = (<double>x[3 * W + j] - K) - m
-        acc[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        d0 = <double>x[j] - K
+        d1 = <double>x[W + j] - K
+        d2 = <double>x[2 * W + j] - K
+        d3 = <double>x[3 * W + j] - K
+        acc1[j] += (d0 + d1) + (d2 + d3)
+        acc2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
 cdef inline void _flat_dy_sums4(const real* dy, const real* x, Py_ssize_t W,
@@ -332,10 +330,10 @@ cdef enum:
 
 
 cdef inline bint _use_tiles(const Plan* p) noexcept nogil:
-    # Channel tiles for narrow channels-last rows; wide rows (C >= SUPER_MIN)
-    # go flat instead: tiles would stride through them a row apart, and a
-    # power-of-two row length then maps a tile's rows onto one L1 cache set.
-    return p.inner == 1 and p.C < SUPER_MIN and not p.narrow
+    # Channel tiles for every channels-last row that is not narrow: one pass
+    # reads each cache line once, so striding a row apart costs nothing even
+    # when a power-of-two row length maps a tile's rows onto one L1 set.
+    return p.inner == 1 and not p.narrow
 
 
 # Narrow super-rows (W == NARROW == 64 elements): every per-element constant
@@ -343,40 +341,26 @@ cdef inline bint _use_tiles(const Plan* p) noexcept nogil:
 # vector registers across the whole block, so the inner loop loads only the
 # data. The order of every sum is the same as in the flat loops.
 
-cdef inline void _n64_sum(const real* x, Py_ssize_t nsr, const double* e_pivot,
-                          double* acc) noexcept nogil:
+cdef inline void _n64_sums(const real* x, Py_ssize_t nsr, const double* e_pivot,
+                           double* acc1, double* acc2) noexcept nogil:
     cdef double a[NARROW]
+    cdef double q[NARROW]
     cdef double K[NARROW]
-    cdef Py_ssize_t s
-    cdef int j
-    for j in range(NARROW):
-        a[j] = 0.0
-        K[j] = e_pivot[j]
-    for s in range(nsr):
-        for j in range(NARROW):
-            a[j] += <double>x[s * NARROW + j] - K[j]
-    for j in range(NARROW):
-        acc[j] = a[j]
-
-
-cdef inline void _n64_sum_sq(const real* x, Py_ssize_t nsr, const double* e_pivot,
-                             const double* e_mean, double* acc) noexcept nogil:
-    cdef double a[NARROW]
-    cdef double K[NARROW]
-    cdef double m[NARROW]
     cdef Py_ssize_t s
     cdef int j
     cdef double d
     for j in range(NARROW):
         a[j] = 0.0
+        q[j] = 0.0
         K[j] = e_pivot[j]
-        m[j] = e_mean[j]
     for s in range(nsr):
         for j in range(NARROW):
-            d = (<double>x[s * NARROW + j] - K[j]) - m[j]
-            a[j] += d * d
+            d = <double>x[s * NARROW + j] - K[j]
+            a[j] += d
+            q[j] += d * d
     for j in range(NARROW):
-        acc[j] = a[j]
+        acc1[j] = a[j]
+        acc2[j] = q[j]
 
 
 cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
@@ -438,34 +422,29 @@ cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr
                                                 - (<double>x[s * NARROW + j] - m[j]) * k[j]))
 
 
-cdef inline void _tile_mean_m2(const real* x, Py_ssize_t rows, Py_ssize_t stride,
-                               const double* pivot, double* pm, double* pq) noexcept nogil:
-    """Mean (less the pivot) and M2 over `rows` rows (row stride `stride`) of TILE channels."""
+cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
+                            const double* pivot, double* ps1, double* ps2) noexcept nogil:
+    """Sums of d = x - pivot and d^2 over `rows` rows (row stride `stride`) of TILE channels."""
     cdef double s[TILE]
-    cdef double m[TILE]
+    cdef double q[TILE]
     cdef double K[TILE]
     cdef Py_ssize_t r
     cdef int k
     cdef const real* a
-    cdef double d, cnt = <double>rows
+    cdef double d
     for k in range(TILE):
         s[k] = 0.0
+        q[k] = 0.0
         K[k] = pivot[k]
     for r in range(rows):
         a = x + r * stride
         for k in range(TILE):
-            s[k] += <double>a[k] - K[k]
+            d = <double>a[k] - K[k]
+            s[k] += d
+            q[k] += d * d
     for k in range(TILE):
-        m[k] = s[k] / cnt
-        s[k] = 0.0
-    for r in range(rows):
-        a = x + r * stride
-        for k in range(TILE):
-            d = (<double>a[k] - K[k]) - m[k]
-            s[k] += d * d
-    for k in range(TILE):
-        pm[k] = m[k]
-        pq[k] = s[k]
+        ps1[k] = s[k]
+        ps2[k] = q[k]
 
 
 cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
@@ -491,24 +470,22 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
         pb[k] = sb[k]
 
 
-cdef inline void _cols_mean_m2(const real* x, Py_ssize_t rows, Py_ssize_t stride,
-                               Py_ssize_t ncols, const double* pivot, double* pm,
-                               double* pq) noexcept nogil:
-    """_tile_mean_m2 for ncols < TILE channels (same order of operations)."""
+cdef inline void _cols_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
+                            Py_ssize_t ncols, const double* pivot, double* ps1,
+                            double* ps2) noexcept nogil:
+    """_tile_sums for ncols < TILE channels (same order of operations)."""
     cdef Py_ssize_t r, k
-    cdef double s, m, d, K
+    cdef double s, q, d, K
     for k in range(ncols):
         K = pivot[k]
         s = 0.0
+        q = 0.0
         for r in range(rows):
-            s += <double>x[r * stride + k] - K
-        m = s / <double>rows
-        s = 0.0
-        for r in range(rows):
-            d = (<double>x[r * stride + k] - K) - m
-            s += d * d
-        pm[k] = m
-        pq[k] = s
+            d = <double>x[r * stride + k] - K
+            s += d
+            q += d * d
+        ps1[k] = s
+        ps2[k] = q
 
 
 cdef inline void _cols_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
@@ -564,83 +541,61 @@ cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t
 # Forward statistics
 
 cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const double* pivot,
-                         const double* e_pivot, double* scratch, double* pm,
-                         double* pq) noexcept nogil:
-    """Per-channel mean and M2 of a block of `rows` outer rows, two passes.
+                         double* scratch, double* pm, double* pq) noexcept nogil:
+    """Per-channel mean (less the channel pivot) and M2 of a block of `rows`
+    outer rows, one pass against pivots from the block's first row.
 
-    scratch holds 2 * W doubles: per-element sums, then the expanded block mean.
+    scratch holds 3 * W + C doubles: the two per-element sums, the expanded
+    block pivots and the block pivots.
     """
-    cdef Py_ssize_t s, n, W = p.W, total = rows * p.P
-    # super-row element j is channel j: accumulate straight into the partials
-    # (not in narrow mode, whose register loops always go through the scratch)
-    cdef bint identity = p.R0 == 1 and p.inner == 1 and not p.narrow
-    cdef double* acc = pm if identity else scratch
-    cdef double* e_mean = pm if identity else scratch + W
-    cdef Py_ssize_t c
+    cdef Py_ssize_t s, n, c, W = p.W, total = rows * p.P
+    cdef double* acc1 = scratch
+    cdef double* acc2 = scratch + W
+    cdef double* e_kb = scratch + 2 * W
+    cdef double* kb = scratch + 3 * W
     cdef double cnt = <double>(rows * p.inner)
-    if p.narrow:
-        s = total - total % NARROW
-        _n64_sum(x, s // NARROW, e_pivot, acc)
-        if s < total:
-            _flat_add(x + s, total - s, e_pivot, acc)
-        _fold(p, acc, W if total > W else total, pm)
-        for c in range(p.C):
-            pm[c] = pm[c] / cnt
-        _expand(p, pm, e_mean)
-        _n64_sum_sq(x, s // NARROW, e_pivot, e_mean, acc)
-        if s < total:
-            _flat_add_sq(x + s, total - s, e_pivot, e_mean, acc)
-        _fold(p, acc, W if total > W else total, pq)
-        return
+    for c in range(p.C):
+        kb[c] = <double>x[c * p.inner]
     if _use_tiles(p):
+        # running sums in registers, written straight as the channel sums
         c = 0
         while c + TILE <= p.C:
-            _tile_mean_m2(x + c, rows, p.C, pivot + c, pm + c, pq + c)
+            _tile_sums(x + c, rows, p.C, kb + c, pm + c, pq + c)
             c += TILE
         if c < p.C:
-            _cols_mean_m2(x + c, rows, p.C, p.C - c, pivot + c, pm + c, pq + c)
-        return
-    _zero(acc, W)
-    s = 0
-    if W >= QUAD_MIN:
-        while s + 4 * W <= total:
-            _flat_add4(x + s, W, e_pivot, acc)
-            s += 4 * W
-    while s < total:
-        n = total - s if total - s < W else W
-        _flat_add(x + s, n, e_pivot, acc)
-        s += W
-    if not identity:
-        _fold(p, acc, W if total > W else total, pm)
-    for c in range(p.C):
-        pm[c] = pm[c] / cnt
-    if identity:
-        acc = pq
+            _cols_sums(x + c, rows, p.C, p.C - c, kb + c, pm + c, pq + c)
     else:
-        _expand(p, pm, e_mean)
-    _zero(acc, W)
-    s = 0
-    if W >= QUAD_MIN:
-        while s + 4 * W <= total:
-            _flat_add_sq4(x + s, W, e_pivot, e_mean, acc)
-            s += 4 * W
-    while s < total:
-        n = total - s if total - s < W else W
-        _flat_add_sq(x + s, n, e_pivot, e_mean, acc)
-        s += W
-    if not identity:
-        _fold(p, acc, W if total > W else total, pq)
+        _expand(p, kb, e_kb)
+        s = 0
+        if p.narrow:
+            s = total - total % NARROW
+            _n64_sums(x, s // NARROW, e_kb, acc1, acc2)
+        else:
+            _zero(acc1, W)
+            _zero(acc2, W)
+            if W >= QUAD_MIN:
+                while s + 4 * W <= total:
+                    _flat_add4(x + s, W, e_kb, acc1, acc2)
+                    s += 4 * W
+        while s < total:
+            n = total - s if total - s < W else W
+            _flat_add(x + s, n, e_kb, acc1, acc2)
+            s += W
+        _fold(p, acc1, W if total > W else total, pm)
+        _fold(p, acc2, W if total > W else total, pq)
+    for c in range(p.C):
+        _shifted_partial(pm[c], pq[c], cnt, kb[c] - pivot[c], &pm[c], &pq[c])
 
 
 cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
-                             const double* e_pivot, double* pmean, double* pm2,
-                             double* scratch, Py_ssize_t t) noexcept nogil:
+                             double* pmean, double* pm2, double* scratch,
+                             Py_ssize_t t) noexcept nogil:
     cdef Py_ssize_t off, n, c, part
     if p.rows:
         _rows_item(p, t, &off, &n, &c, &part)
         _segment_mean_m2(x + off, n, pivot[c], &pmean[part], &pm2[part])
     else:
-        _block_mean_m2(p, x + t * p.block_rows * p.P, _block_rows(p, t), pivot, e_pivot,
+        _block_mean_m2(p, x + t * p.block_rows * p.P, _block_rows(p, t), pivot,
                        scratch, pmean + t * p.C, pm2 + t * p.C)
 
 
@@ -649,19 +604,24 @@ cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
 # Per-thread scratch slots (blocks schedule) are cleared per item, so which
 # slot an item used never shows in its result.
 
+cdef inline Py_ssize_t _stats_scratch_len(const Plan* p) noexcept nogil:
+    """Doubles of per-thread scratch for _block_mean_m2 (none for rows)."""
+    return 0 if p.rows else 3 * p.W + p.C
+
+
 cdef void _stats_partials(const real* x, const Plan* p, const double* pivot,
-                          const double* e_pivot, double* pmean, double* pm2,
-                          double* scratch, int nthreads) noexcept nogil:
+                          double* pmean, double* pm2, double* scratch,
+                          int nthreads) noexcept nogil:
     cdef Py_ssize_t t
     cdef double* mine
     if nthreads == 1:
         for t in range(p.nitems):
-            _stats_item(x, p, pivot, e_pivot, pmean, pm2, scratch, t)
+            _stats_item(x, p, pivot, pmean, pm2, scratch, t)
         return
     with parallel(num_threads=nthreads):
-        mine = scratch if p.rows else scratch + omp_get_thread_num() * 2 * p.W
+        mine = scratch + omp_get_thread_num() * _stats_scratch_len(p)
         for t in prange(p.nitems, schedule='static'):
-            _stats_item(x, p, pivot, e_pivot, pmean, pm2, mine, t)
+            _stats_item(x, p, pivot, pmean, pm2, mine, t)
 
 
 cdef enum:
@@ -763,11 +723,8 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
                          const double* e_mean, double* scratch, double* pa,
                          double* pb) noexcept nogil:
     cdef Py_ssize_t s, n, W = p.W, total = rows * p.P
-    # super-row element j is channel j: accumulate straight into the partials
-    # (not in narrow mode, whose register loops always go through the scratch)
-    cdef bint identity = p.R0 == 1 and p.inner == 1 and not p.narrow
-    cdef double* acc_a = pa if identity else scratch
-    cdef double* acc_b = pb if identity else scratch + W
+    cdef double* acc_a = scratch
+    cdef double* acc_b = scratch + W
     cdef Py_ssize_t c
     if p.narrow:
         s = total - total % NARROW
@@ -796,9 +753,8 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
         n = total - s if total - s < W else W
         _flat_dy_sums(dy + s, x + s, n, e_mean, acc_a, acc_b)
         s += W
-    if not identity:
-        _fold(p, acc_a, W if total > W else total, pa)
-        _fold(p, acc_b, W if total > W else total, pb)
+    _fold(p, acc_a, W if total > W else total, pa)
+    _fold(p, acc_b, W if total > W else total, pb)
 
 
 cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const double* mean,
@@ -961,16 +917,18 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
                   int nthreads) noexcept nogil:
     """Per-channel mean and M2 = sum (x - mean)^2 (needs outer * inner >= 1).
 
-    Every partial is accumulated relative to a pivot K_c, the channel's first
-    element: partial means are then of the size of the spread rather than of
-    |mean|, so rounding them costs u * std instead of u * |mean|, and the
-    between-partials term of M2 stays exact for nearly constant channels.
+    Each work item sums x - P against its own pivot P (one of its elements);
+    its partial mean is then stated relative to the channel pivot K_c, the
+    channel's first element, as (P - K_c) + S1 / n: partial means are of the
+    size of the spread rather than of |mean|, so rounding them costs u * std
+    instead of u * |mean|, and the between-partials term of M2 stays exact for
+    nearly constant channels.
     Returns -1 when out of memory.
     """
-    cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
-    cdef Py_ssize_t nscr = 0 if p.rows else 2 * p.W * nthreads
+    cdef Py_ssize_t C = p.C, c
+    cdef Py_ssize_t nscr = _stats_scratch_len(p) * nthreads
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + C
-                                                         + p.nparts + E + 1))
+                                                         + p.nparts + 1))
     if buf == NULL:
         return -1
     cdef double* pmean = buf
@@ -978,12 +936,10 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     cdef double* scratch = pm2 + p.nparts * C
     cdef double* pivot = scratch + nscr
     cdef double* counts = pivot + C
-    cdef double* e_buf = counts + p.nparts
     for c in range(C):
         pivot[c] = <double>x[c * p.inner]
-    cdef const double* e_pivot = _expand_into(p, pivot, e_buf)
     _part_counts(p, counts)
-    _stats_partials(x, p, pivot, e_pivot, pmean, pm2, scratch, nthreads)
+    _stats_partials(x, p, pivot, pmean, pm2, scratch, nthreads)
     _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
     free(buf)
     return 0
