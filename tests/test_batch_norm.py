@@ -241,3 +241,37 @@ def test_the_gil_is_released_during_kernels():
         if fractions[-1] < 0.5:
             return
     raise AssertionError(f"the spinning thread was stalled {fractions} of the time")
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 64, 64, 72), 1),      # rows schedule
+                                        ((8, 64, 72, 64), 3),      # narrow channels-last
+                                        ((8, 48, 72, 100), 3),     # channel tiles
+                                        ((2100, 200, 5), 1)])      # short inner: flat
+@pytest.mark.parametrize("offset", [0, 1])
+def test_streamed_dx_equals_the_stored_one(shape, axis, offset):
+    """dx of 8 MiB and more is written with streaming stores (bncore/_stream.h),
+    smaller ones normally. Both must give the same bits: compute the big dx,
+    then each half of it (under the threshold) from the same sums, and compare.
+    offset=1 writes into an out= view 4 bytes off alignment."""
+    from bncore import _bn_kernels as kernels
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 3 + 50).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    assert x.nbytes >= 8 << 20
+    w = rng.normal(1, 0.2, shape[axis]).astype(np.float32)
+    _, mean, invstd = bncore.batch_norm_forward(x, w, axis=axis)
+    buf = np.empty(x.size + 1, np.float32)
+    dx = buf[offset:offset + x.size].reshape(shape)
+    bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis, out=(dx, None, None))
+    outer, C, inner = int(np.prod(shape[:axis])), shape[axis], int(np.prod(shape[axis + 1:]))
+    xv, dyv = x.reshape(outer, C, inner), dy.reshape(outer, C, inner)
+    s_dy, s_dyx = kernels.dy_sums(dyv, xv, outer, C, inner, mean, 2)
+    halves = []
+    for part in (slice(0, outer // 2), slice(outer // 2, outer)):
+        xp, dyp = np.ascontiguousarray(xv[part]), np.ascontiguousarray(dyv[part])
+        dxp = np.empty_like(xp)
+        assert dxp.nbytes < 8 << 20
+        kernels.input_grad(dyp, xp, dxp, xp.shape[0], C, inner, True, float(outer * inner),
+                           mean, invstd, w, s_dy, s_dyx, 2)
+        halves.append(dxp)
+    assert np.concatenate(halves).tobytes() == dx.tobytes()
