@@ -272,6 +272,33 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
 
 
 # --------------------------------------------------------------------------
+# The two elementwise formulas. float64 data: y = (x - mean) * scale + shift
+# and dx = g * ((dy - a) - (x - mean) * k), x - mean formed first. float32
+# data: the mean is folded into the constants in float64 (see _fold_affine and
+# _fold_dx), y = x * scale + shift' and dx = dy * g + (x * k' + a'): one
+# subtraction less per element. Folding makes the float64 rounding relative to
+# |x| * scale instead of |x - mean| * scale, i.e. 2^-53 * |mean| / std (1e-11
+# at |mean| = 1e5 std), four orders below float32's own rounding of the
+# result, so the float32 output is what the unfolded form gives, to the last
+# bit but for rare ties. float64 output would see that error, so it keeps the
+# unfolded form.
+
+cdef inline real _affine_at(real x, double mean, double scale, double shift) noexcept nogil:
+    if real is float:
+        return <real>(<double>x * scale + shift)
+    else:
+        return (x - mean) * scale + shift
+
+
+cdef inline real _dx_at(real dy, real x, double mean, double g, double a,
+                        double k) noexcept nogil:
+    if real is float:
+        return <real>(<double>dy * g + (<double>x * k + a))
+    else:
+        return g * ((dy - a) - (x - mean) * k)
+
+
+# --------------------------------------------------------------------------
 # Flat loops over one super-row (blocks schedule); e_* are expanded constants
 
 cdef inline void _flat_add(const real* x, Py_ssize_t n, const double* e_pivot,
@@ -338,7 +365,7 @@ cdef inline void _flat_affine(const real* x, real* y, Py_ssize_t n, const double
                               const double* e_scale, const double* e_shift) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(n):
-        y[j] = <real>((<double>x[j] - e_mean[j]) * e_scale[j] + e_shift[j])
+        y[j] = _affine_at(x[j], e_mean[j], e_scale[j], e_shift[j])
 
 
 cdef inline void _flat_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
@@ -346,7 +373,7 @@ cdef inline void _flat_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
                           const double* e_k) noexcept nogil:
     cdef Py_ssize_t j
     for j in range(n):
-        dx[j] = <real>(e_g[j] * ((<double>dy[j] - e_a[j]) - (<double>x[j] - e_mean[j]) * e_k[j]))
+        dx[j] = _dx_at(dy[j], x[j], e_mean[j], e_g[j], e_a[j], e_k[j])
 
 
 # Channel tiles (inner == 1): TILE consecutive channels of every row of a
@@ -427,7 +454,7 @@ cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const doubl
         sh[j] = e_shift[j]
     for s in range(nsr):
         for j in range(NARROW):
-            y[s * NARROW + j] = <real>((<double>x[s * NARROW + j] - m[j]) * sc[j] + sh[j])
+            y[s * NARROW + j] = _affine_at(x[s * NARROW + j], m[j], sc[j], sh[j])
 
 
 cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr,
@@ -448,14 +475,13 @@ cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr
     if stream:
         for s in range(nsr):
             for j in range(NARROW):
-                out[j] = <real>(g[j] * ((<double>dy[s * NARROW + j] - a[j])
-                                        - (<double>x[s * NARROW + j] - m[j]) * k[j]))
+                out[j] = _dx_at(dy[s * NARROW + j], x[s * NARROW + j], m[j], g[j], a[j], k[j])
             _stream(dx + s * NARROW, out, NARROW)
         return
     for s in range(nsr):
         for j in range(NARROW):
-            dx[s * NARROW + j] = <real>(g[j] * ((<double>dy[s * NARROW + j] - a[j])
-                                                - (<double>x[s * NARROW + j] - m[j]) * k[j]))
+            dx[s * NARROW + j] = _dx_at(dy[s * NARROW + j], x[s * NARROW + j], m[j], g[j], a[j],
+                                        k[j])
 
 
 cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
@@ -575,14 +601,14 @@ cdef inline void _segment_affine(const real* x, real* y, Py_ssize_t n, double mu
                                  double sc, double sh) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        y[i] = <real>((<double>x[i] - mu) * sc + sh)
+        y[i] = _affine_at(x[i], mu, sc, sh)
 
 
 cdef inline void _segment_dx_to(const real* dy, const real* x, real* dx, Py_ssize_t n,
                                 double mu, double g, double a, double k) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        dx[i] = <real>(g * ((<double>dy[i] - a) - (<double>x[i] - mu) * k))
+        dx[i] = _dx_at(dy[i], x[i], mu, g, a, k)
 
 
 cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
@@ -1039,7 +1065,8 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
 
 cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
                     const double* invstd, Vec weight, Vec bias, int nt) noexcept nogil:
-    """y = (x - mean) * (invstd * weight) + bias, in float64. Returns -1 when out of memory."""
+    """y = (x - mean) * (invstd * weight) + bias in float64 (float32 data: the mean
+    folded into the shift, see _affine_at). Returns -1 when out of memory."""
     cdef Py_ssize_t c, C = p.C, E = _expand_len(p)
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * C + 3 * E + 1))
     if buf == NULL:
@@ -1049,6 +1076,8 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
     for c in range(C):
         scale[c] = invstd[c] * _get(weight, c, 1.0)
         shift[c] = _get(bias, c, 0.0)
+        if real is float:
+            shift[c] = shift[c] - mean[c] * scale[c]     # see _affine_at
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
@@ -1140,6 +1169,10 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
         g[c] = invstd[c] * _get(weight, c, 1.0)
         a[c] = sum_dy[c] / n if training else 0.0
         k[c] = invstd[c] * invstd[c] * sum_dyx[c] / n if training else 0.0
+        if real is float:
+            # see _dx_at: dx = dy * g + (x * k' + a')
+            a[c] = g[c] * (k[c] * mean[c] - a[c])
+            k[c] = -g[c] * k[c]
     cdef const double* e_mean = _expand_into(p, mean, e_buf)
     cdef const double* e_g = _expand_into(p, g, e_buf + E)
     cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)

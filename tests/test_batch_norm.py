@@ -275,3 +275,35 @@ def test_streamed_dx_equals_the_stored_one(shape, axis, offset):
                            mean, invstd, w, s_dy, s_dyx, 2)
         halves.append(dxp)
     assert np.concatenate(halves).tobytes() == dx.tobytes()
+
+
+@pytest.mark.parametrize("shape,axis", LAYOUTS)
+def test_float32_outputs_are_the_float64_formula_rounded_once(shape, axis):
+    """float32 data folds the mean into the constants (in float64); at
+    |mean| = 1e5 std that costs ~1e-11 (absolute, for outputs of size 1) before
+    the float32 rounding, so y and dx must be the float64 formula, with
+    bncore's own mean/invstd, rounded to float32: within half an ulp plus that
+    slack. (Folding in float32 would be off by ~1e-3.)"""
+    rng = np.random.default_rng(11)
+    x = adversarial(shape, axis, 1e5, rng)
+    C = shape[axis]
+    w = rng.normal(1, 0.2, C).astype(np.float32)
+    b = rng.normal(0, 0.2, C).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, mean, invstd = bncore.batch_norm_forward(x, w, b, axis=axis)
+    dx, _, _ = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis)
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    red = tuple(i for i in range(len(shape)) if i != axis)
+    m, s = mean.reshape(bshape), invstd.reshape(bshape)
+    xc = x.astype(np.float64) - m
+    g = s * w.reshape(bshape).astype(np.float64)
+    ey = xc * g + b.reshape(bshape)
+    n = x.size / C
+    a = dy.astype(np.float64).sum(axis=red).reshape(bshape) / n
+    k = s * s * (dy * xc).sum(axis=red).reshape(bshape) / n
+    edx = g * ((dy - a) - xc * k)
+    for got, exact in ((y, ey), (dx, edx)):
+        half_ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64) / 2
+        slack = 1e-10 * np.sqrt(np.mean(exact ** 2))
+        assert np.all(np.abs(got - exact) <= half_ulp + slack)
