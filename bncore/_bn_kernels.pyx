@@ -274,14 +274,14 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
 # --------------------------------------------------------------------------
 # The two elementwise formulas. float64 data: y = (x - mean) * scale + shift
 # and dx = g * ((dy - a) - (x - mean) * k), x - mean formed first. float32
-# data: the mean is folded into the constants in float64 (see _fold_affine and
-# _fold_dx), y = x * scale + shift' and dx = dy * g + (x * k' + a'): one
+# data: the mean is folded into the constants in float64 (by _normalize and
+# _input_grad), y = x * scale + shift' and dx = dy * g + (x * k' + a'): one
 # subtraction less per element. Folding makes the float64 rounding relative to
 # |x| * scale instead of |x - mean| * scale, i.e. 2^-53 * |mean| / std (1e-11
 # at |mean| = 1e5 std), four orders below float32's own rounding of the
-# result, so the float32 output is what the unfolded form gives, to the last
-# bit but for rare ties. float64 output would see that error, so it keeps the
-# unfolded form.
+# result, so the float32 output is the unfolded value rounded once, but for
+# values within that 1e-11 of a rounding tie. float64 output would see that
+# error, so it keeps the unfolded form.
 
 cdef inline real _affine_at(real x, double mean, double scale, double shift) noexcept nogil:
     if real is float:
