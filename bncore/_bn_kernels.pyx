@@ -272,30 +272,18 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
 
 
 # --------------------------------------------------------------------------
-# The two elementwise formulas. float64 data: y = (x - mean) * scale + shift
-# and dx = g * ((dy - a) - (x - mean) * k), x - mean formed first. float32
-# data: the mean is folded into the constants in float64 (by _normalize and
-# _input_grad), y = x * scale + shift' and dx = dy * g + (x * k' + a'): one
-# subtraction less per element. Folding makes the float64 rounding relative to
-# |x| * scale instead of |x - mean| * scale, i.e. 2^-53 * |mean| / std (1e-11
-# at |mean| = 1e5 std), four orders below float32's own rounding of the
-# result, so the float32 output is the unfolded value rounded once, but for
-# values within that 1e-11 of a rounding tie. float64 output would see that
-# error, so it keeps the unfolded form.
+# The two elementwise formulas, in float64 with x - mean formed first: where x
+# equals the mean, y is exactly the shift (folding the mean into the constants,
+# x * scale + (shift - mean * scale), would leave a rounding residue there).
+# Each loop below calls these, so the formulas are written once.
 
 cdef inline real _affine_at(real x, double mean, double scale, double shift) noexcept nogil:
-    if real is float:
-        return <real>(<double>x * scale + shift)
-    else:
-        return (x - mean) * scale + shift
+    return <real>((<double>x - mean) * scale + shift)
 
 
 cdef inline real _dx_at(real dy, real x, double mean, double g, double a,
                         double k) noexcept nogil:
-    if real is float:
-        return <real>(<double>dy * g + (<double>x * k + a))
-    else:
-        return g * ((dy - a) - (x - mean) * k)
+    return <real>(g * ((<double>dy - a) - (<double>x - mean) * k))
 
 
 # --------------------------------------------------------------------------
@@ -1065,8 +1053,7 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
 
 cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
                     const double* invstd, Vec weight, Vec bias, int nt) noexcept nogil:
-    """y = (x - mean) * (invstd * weight) + bias in float64 (float32 data: the mean
-    folded into the shift, see _affine_at). Returns -1 when out of memory."""
+    """y = (x - mean) * (invstd * weight) + bias, in float64. Returns -1 when out of memory."""
     cdef Py_ssize_t c, C = p.C, E = _expand_len(p)
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * C + 3 * E + 1))
     if buf == NULL:
@@ -1076,8 +1063,6 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
     for c in range(C):
         scale[c] = invstd[c] * _get(weight, c, 1.0)
         shift[c] = _get(bias, c, 0.0)
-        if real is float:
-            shift[c] = shift[c] - mean[c] * scale[c]     # see _affine_at
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
@@ -1169,10 +1154,6 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
         g[c] = invstd[c] * _get(weight, c, 1.0)
         a[c] = sum_dy[c] / n if training else 0.0
         k[c] = invstd[c] * invstd[c] * sum_dyx[c] / n if training else 0.0
-        if real is float:
-            # see _dx_at: dx = dy * g + (x * k' + a')
-            a[c] = g[c] * (k[c] * mean[c] - a[c])
-            k[c] = -g[c] * k[c]
     cdef const double* e_mean = _expand_into(p, mean, e_buf)
     cdef const double* e_g = _expand_into(p, g, e_buf + E)
     cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)
