@@ -8,6 +8,7 @@
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 import bncore
 from bncore.testing import registry
@@ -29,50 +30,46 @@ def test_every_public_op_is_registered():
     assert public, "bncore exports no ops?"
 
 
+# @given sits on the parametrized test itself (the spec's parameters drawn
+# with st.data()), so Hypothesis keys its example database per spec: an
+# example saved by one spec's failure is replayed for that spec, not another.
+
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_matches_oracle(spec):
-    @given(params_strategy(spec.space))
-    def check(p):
-        case = spec.make_case(p)
-        for key, (err, tol) in errors_against_oracle(spec, CPU, case).items():
-            assert err <= tol, f"{spec.name}.{key}: error {err:.3e} > {tol:.1e} for {case.describe()}"
-    check()
+@given(data=st.data())
+def test_matches_oracle(spec, data):
+    case = spec.make_case(data.draw(params_strategy(spec.space), label="params"))
+    for key, (err, tol) in errors_against_oracle(spec, CPU, case).items():
+        assert err <= tol, f"{spec.name}.{key}: error {err:.3e} > {tol:.1e} for {case.describe()}"
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.gradcheck], ids=[s.name for s in SPECS if s.gradcheck])
-def test_gradients_against_finite_differences(spec):
-    @given(params_strategy(spec.fd_space))
-    def check(p):
-        report = spec.gradcheck(p)
-        assert report.ok, report.summary()
-    check()
+@given(data=st.data())
+def test_gradients_against_finite_differences(spec, data):
+    report = spec.gradcheck(data.draw(params_strategy(spec.fd_space), label="params"))
+    assert report.ok, report.summary()
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
-def test_bitwise_identical_for_every_thread_count(spec):
-    @given(params_strategy(spec.space))
-    def check(p):
-        case = spec.make_case(p)
-        base = spec.call(CPU, case, 1)
-        for n in (2, 3, 4):
-            other = spec.call(CPU, case, n)
-            for key in base:
-                assert base[key].tobytes() == other[key].tobytes(), \
-                    f"{spec.name}.{key} differs between 1 and {n} threads for {case.describe()}"
-    check()
+@given(data=st.data())
+def test_bitwise_identical_for_every_thread_count(spec, data):
+    case = spec.make_case(data.draw(params_strategy(spec.space), label="params"))
+    base = spec.call(CPU, case, 1)
+    for n in (2, 3, 4):
+        other = spec.call(CPU, case, n)
+        for key in base:
+            assert base[key].tobytes() == other[key].tobytes(), \
+                f"{spec.name}.{key} differs between 1 and {n} threads for {case.describe()}"
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.gpu], ids=[s.name for s in SPECS if s.gpu])
-def test_gpu_matches_oracle_and_cpu(spec, gpu_backend):
-    @given(params_strategy(spec.space))
-    def check(p):
-        case = spec.make_case(p)
-        for key, (err, tol) in errors_against_oracle(spec, gpu_backend, case).items():
-            assert err <= tol, f"GPU {spec.name}.{key}: error {err:.3e} > {tol:.1e} for {case.describe()}"
-        cpu = spec.call(CPU, case, None)
-        gpu = spec.call(gpu_backend, case, None)
-        for key in cpu:
-            err = registry.ref.normwise_relative_error(gpu[key], cpu[key], floor=1e-30)
-            assert err <= spec.tolerance(case, key), \
-                f"{spec.name}.{key}: GPU vs CPU {err:.3e} for {case.describe()}"
-    check()
+@given(data=st.data())
+def test_gpu_matches_oracle_and_cpu(spec, gpu_backend, data):
+    case = spec.make_case(data.draw(params_strategy(spec.space), label="params"))
+    for key, (err, tol) in errors_against_oracle(spec, gpu_backend, case).items():
+        assert err <= tol, f"GPU {spec.name}.{key}: error {err:.3e} > {tol:.1e} for {case.describe()}"
+    cpu = spec.call(CPU, case, None)
+    gpu = spec.call(gpu_backend, case, None)
+    for key in cpu:
+        err = registry.ref.normwise_relative_error(gpu[key], cpu[key], floor=1e-30)
+        assert err <= spec.tolerance(case, key), \
+            f"{spec.name}.{key}: GPU vs CPU {err:.3e} for {case.describe()}"
