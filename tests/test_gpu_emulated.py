@@ -15,12 +15,15 @@ def test_gpu_package_on_emulated_device():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.path.join(HERE, "gpu_emulator"), ROOT,
                                          env.get("PYTHONPATH", "")])
-    # the emulated-device suite, the real-GPU tests (tests/test_gpu.py and the
-    # thread-ranked distributed ones) and the worked example's GPU run (CuPy
-    # arrays end to end) on the emulation
+    # the emulated-device suite, the real-GPU tests (tests/test_gpu.py, the
+    # registry's GPU-against-oracle-and-CPU test and the thread-ranked
+    # distributed ones) and the worked example's GPU run (CuPy arrays end to
+    # end) on the emulation
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            os.path.join(HERE, "gpu_emulator", "test_emulated_suite.py"),
                            os.path.join(HERE, "test_gpu.py"),
+                           os.path.join(HERE, "test_registry_ops.py")
+                           + "::test_gpu_matches_oracle_and_cpu",
                            os.path.join(HERE, "test_gpu_distributed.py"),
                            os.path.join(HERE, "test_example_cnn.py") + "::test_gpu_matches_cpu"],
                           cwd=os.path.join(HERE, "gpu_emulator"), env=env,
