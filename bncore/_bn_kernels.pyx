@@ -21,12 +21,14 @@ by the item and combine them per channel in item order; which thread ran an
 item never matters, so results are bitwise identical for every thread count.
 Per-item statistics are one pass in float64 over sums shifted by a pivot
 taken from the item's own data (S1 = sum(x - P), S2 = sum((x - P)^2), then
-M2 = S2 - S1^2 / n): P being one of the item's elements, (P - mean)^2 <= M2,
-so S2 <= (n + 1) M2 and the subtraction loses at most a factor n + 1 (n <=
-16384 per item) of float64's 1e-16, i.e. no more than a two-pass sum would.
-Partials are combined with the exact two-level formula, all in float64: a
-channel whose mean is 1e5 times its standard deviation loses nothing to
-cancellation.
+M2 = S2 - S1^2 / n). Since S2 = M2 + n (P - mean)^2, the subtraction costs
+a factor S2 / M2 on the rounding errors of the sums; a partial is kept only
+when S2 <= 16 M2 (P within 3.9 std of the item's mean, as a sample of the
+item's own data nearly always is), so its error is at most 16 times that of
+the sums, and otherwise (an outlier as pivot) that channel of that item is
+recomputed in two passes. Partials are combined with the exact two-level
+formula, all in float64: a channel whose mean is 1e5 times its standard
+deviation loses nothing to cancellation.
 
 No argument checking happens here: the Python layer has validated shapes,
 dtypes, contiguity and aliasing.
@@ -60,12 +62,19 @@ cdef enum:
     BLOCK_ELEMS = 16384   # elements per block (blocks schedule): 64 KiB of float32
     TILE_BLOCK_ELEMS = 65536  # the same for channel tiles: they read a block once,
                               # so a larger block only means fewer partials
-    STREAM_MIN_BYTES = 8388608  # dx from 8 MiB on is written with streaming stores
-                                # (_stream.h): by then it leaves the caches anyway.
-                                # Measured side by side on (32,64,56,56) float32,
-                                # backward gained 5-15%; the forward passes did
-                                # not (same or slower), so they store normally
+    STREAM_MIN_BYTES = 16777216  # dx from 16 MiB on is written with streaming stores
+                                 # (_stream.h): with dy and x that is 48 MiB, past
+                                 # common L3 sizes, so dx leaves the caches anyway
+                                 # (at 8 MiB, (704000,3) got 25% slower). Measured
+                                 # side by side on (32,64,56,56) float32, backward
+                                 # gained 5-15%; the forward passes did not (same
+                                 # or slower), so they store normally
+    STREAM_MIN_RUN = 1024       # ... and only where each work item writes runs of
+                                # at least this many elements: short runs are
+                                # mostly partial lines, and streaming them made
+                                # (1000,64,33) 27x slower
     PIECE = 256           # elements computed into a local buffer, then streamed
+    MIN_ITEMS = 8         # blocks schedule: fewest work items when rows allow
 
 
 # --------------------------------------------------------------------------
@@ -88,7 +97,7 @@ cdef struct Plan:
 
 cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
     cdef Plan p
-    cdef Py_ssize_t per_block
+    cdef Py_ssize_t per_block, cap
     p.outer = outer
     p.C = C
     p.inner = inner
@@ -118,6 +127,11 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
         p.W = p.R0 * p.P
         per_block = TILE_BLOCK_ELEMS if inner == 1 and not p.narrow else BLOCK_ELEMS
         p.block_rows = p.R0 * (per_block // p.W if p.W > 0 and p.W < per_block else 1)
+        # at least MIN_ITEMS blocks when there are rows enough, so that up to
+        # that many threads find work on mid-sized inputs
+        cap = p.R0 * (outer // (MIN_ITEMS * p.R0))
+        if cap >= p.R0 and cap < p.block_rows:
+            p.block_rows = cap
         p.nitems = (outer + p.block_rows - 1) // p.block_rows
         p.nparts = p.nitems
     return p
@@ -126,7 +140,9 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
 cdef inline Plan _streaming(const Plan* p, Py_ssize_t itemsize) noexcept nogil:
     """The plan for the dx pass, whose output has `itemsize`-byte elements."""
     cdef Plan q = p[0]
-    q.stream = p.outer * p.C * p.inner * itemsize >= STREAM_MIN_BYTES
+    cdef Py_ssize_t run = p.seg_len if p.rows else p.block_rows * p.P
+    q.stream = (p.outer * p.C * p.inner * itemsize >= STREAM_MIN_BYTES
+                and run >= STREAM_MIN_RUN)
     return q
 
 
@@ -225,10 +241,42 @@ cdef inline void _shifted_partial(double s1, double s2, double cnt, double shift
     m2_out[0] = m2 if m2 > 0.0 else 0.0
 
 
+cdef enum:
+    PIVOT_SPREAD = 16     # a one-pass partial is kept only when S2 <= 16 M2 (the
+                          # pivot within sqrt(15) std of the item's mean); else
+                          # that channel of that item is redone in two passes
+
+
+cdef void _two_pass_channel(const real* x, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t n,
+                            double K, double* mean_out, double* m2_out) noexcept nogil:
+    """Mean of x - K and M2 of one channel's values in a work item, in two
+    passes: `rows` runs of `n` contiguous values, `stride` apart. The fallback
+    for a pivot far from its item's mean (an outlier): rarely run, so plain loops."""
+    cdef Py_ssize_t r, i
+    cdef double s = 0.0, q = 0.0, m, d
+    for r in range(rows):
+        for i in range(n):
+            s += <double>x[r * stride + i] - K
+    m = s / <double>(rows * n)
+    for r in range(rows):
+        for i in range(n):
+            d = (<double>x[r * stride + i] - K) - m
+            q += d * d
+    mean_out[0] = m
+    m2_out[0] = q
+
+
+cdef inline bint _pivot_too_far(double s2, double m2) noexcept nogil:
+    """S2 = M2 + n (P - mean)^2 beyond PIVOT_SPREAD M2: then S2 - S1^2/n has lost
+    too much to cancellation (also when rounding left M2 at 0 with S2 > 0)."""
+    return s2 > PIVOT_SPREAD * m2
+
+
 cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
                                   double* mean_out, double* m2_out) noexcept nogil:
     """Mean of x[0:n] - K and centred sum of squares: one pass over the sums of
-    x - x[0] (the segment's own pivot), 32 lanes each."""
+    x - x[0] (the segment's own pivot), 32 lanes each; two passes when x[0]
+    is far from the segment's mean."""
     cdef double a[LANES]
     cdef double q[LANES]
     cdef Py_ssize_t i, nb = n - n % LANES
@@ -245,7 +293,10 @@ cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
         d = <double>x[nb + k] - P
         a[k] += d
         q[k] += d * d
-    _shifted_partial(_lane_total(a), _lane_total(q), <double>n, P - K, mean_out, m2_out)
+    d = _lane_total(q)
+    _shifted_partial(_lane_total(a), d, <double>n, P - K, mean_out, m2_out)
+    if _pivot_too_far(d, m2_out[0]):
+        _two_pass_channel(x, 1, 0, n, K, mean_out, m2_out)
 
 
 cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, double mu,
@@ -570,19 +621,29 @@ cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t t
                            Py_ssize_t W, const double* e_mean, const double* e_g,
                            const double* e_a, const double* e_k, bint stream) noexcept nogil:
     cdef real out[PIECE]
-    cdef Py_ssize_t s = 0, n, j, m
+    cdef Py_ssize_t s = 0, j, m, col, run
+    if not stream:
+        while s < total:
+            _flat_dx(dy + s, x + s, dx + s, total - s if total - s < W else W,
+                     e_mean, e_g, e_a, e_k)
+            s += W
+        return
+    # pieces of the block's contiguous output, line-aligned after the first;
+    # a piece may straddle super-rows, whose constants restart at column 0
+    m = PIECE - (<Py_ssize_t>(<size_t>dx % 64) // sizeof(real))
     while s < total:
-        n = total - s if total - s < W else W
-        if stream:
-            j = 0
-            while j < n:
-                m = n - j if n - j < PIECE else PIECE
-                _flat_dx(dy + s + j, x + s + j, out, m, e_mean + j, e_g + j, e_a + j, e_k + j)
-                _stream(dx + s + j, out, m)
-                j += PIECE
-        else:
-            _flat_dx(dy + s, x + s, dx + s, n, e_mean, e_g, e_a, e_k)
-        s += W
+        if m > total - s:
+            m = total - s
+        j = 0
+        while j < m:
+            col = (s + j) % W
+            run = W - col if W - col < m - j else m - j
+            _flat_dx(dy + s + j, x + s + j, out + j, run, e_mean + col, e_g + col, e_a + col,
+                     e_k + col)
+            j += run
+        _stream(dx + s, out, m)
+        s += m
+        m = PIECE
 
 
 cdef inline void _segment_affine(const real* x, real* y, Py_ssize_t n, double mu,
@@ -619,17 +680,18 @@ cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t
 cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const double* pivot,
                          double* scratch, double* pm, double* pq) noexcept nogil:
     """Per-channel mean (less the channel pivot) and M2 of a block of `rows`
-    outer rows, one pass against pivots from the block's first row.
+    outer rows, one pass against pivots from the block's first row (two
+    passes for a channel whose pivot is far from its mean).
 
-    scratch holds 3 * W + C doubles: the two per-element sums, the expanded
-    block pivots and the block pivots.
+    scratch (_stats_scratch_len doubles) holds the two per-element sums, the
+    expanded block pivots and the block pivots; with tiles only the last.
     """
     cdef Py_ssize_t s, n, c, W = p.W, total = rows * p.P
     cdef double* acc1 = scratch
     cdef double* acc2 = scratch + W
     cdef double* e_kb = scratch + 2 * W
-    cdef double* kb = scratch + 3 * W
-    cdef double cnt = <double>(rows * p.inner)
+    cdef double* kb = scratch if _use_tiles(p) else scratch + 3 * W
+    cdef double cnt = <double>(rows * p.inner), s2
     for c in range(p.C):
         kb[c] = <double>x[c * p.inner]
     if _use_tiles(p):
@@ -660,7 +722,10 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
         _fold(p, acc1, W if total > W else total, pm)
         _fold(p, acc2, W if total > W else total, pq)
     for c in range(p.C):
-        _shifted_partial(pm[c], pq[c], cnt, kb[c] - pivot[c], &pm[c], &pq[c])
+        s2 = pq[c]
+        _shifted_partial(pm[c], s2, cnt, kb[c] - pivot[c], &pm[c], &pq[c])
+        if _pivot_too_far(s2, pq[c]):
+            _two_pass_channel(x + c * p.inner, rows, p.P, p.inner, pivot[c], &pm[c], &pq[c])
 
 
 cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
@@ -681,8 +746,9 @@ cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
 # slot an item used never shows in its result.
 
 cdef inline Py_ssize_t _stats_scratch_len(const Plan* p) noexcept nogil:
-    """Doubles of per-thread scratch for _block_mean_m2 (none for rows)."""
-    return 0 if p.rows else 3 * p.W + p.C
+    """Doubles of per-thread scratch for _block_mean_m2: none for rows, the
+    block pivots for tiles, the sums and expanded pivots too otherwise."""
+    return 0 if p.rows else p.C if _use_tiles(p) else 3 * p.W + p.C
 
 
 cdef void _stats_partials(const real* x, const Plan* p, const double* pivot,
@@ -913,8 +979,7 @@ cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p
                      e_mean, e_g, e_a, e_k)
         else:
             _dx_block(dy + base, x + base, dx + base, n, p.W, e_mean, e_g, e_a, e_k, p.stream)
-    if p.stream:
-        bncore_stream_fence()
+
 
 
 cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const double* mean,
@@ -925,9 +990,14 @@ cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const doub
     if nthreads == 1:
         for t in range(p.nitems):
             _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, t)
+        if p.stream:
+            bncore_stream_fence()
         return
-    for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-        _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, t)
+    with parallel(num_threads=nthreads):
+        for t in prange(p.nitems, schedule='static'):
+            _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, t)
+        if p.stream:
+            bncore_stream_fence()      # once per thread, for its own stores
 
 
 # --------------------------------------------------------------------------
@@ -1210,6 +1280,19 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
 # the kernel calls, so each step of forward() and backward() is exposed on
 # its own. They run the same nogil kernels, so a rank's partial results are
 # bitwise what the single-process drivers compute internally.
+
+def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize):
+    """The work decomposition of an (outer, C, inner) array, for tests and
+    benchmarks: schedule ("rows", "narrow", "tiles" or "flat"), work items,
+    elements per rows segment, outer rows per block, rows per super-row (R0),
+    super-row length (W), and whether dx is written with streaming stores."""
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef Plan q = _streaming(&p, itemsize)
+    schedule = ("rows" if p.rows else "narrow" if p.narrow
+                else "tiles" if _use_tiles(&p) else "flat")
+    return dict(schedule=schedule, nitems=p.nitems, seg_len=p.seg_len,
+                block_rows=p.block_rows, R0=p.R0, W=p.W, stream_dx=bool(q.stream))
+
 
 def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int nthreads):
     """Per-channel float64 (mean, m2) of x viewed as (outer, C, inner), without

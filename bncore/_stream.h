@@ -4,8 +4,8 @@
  * gains nothing from that read, which is a third of an elementwise pass's
  * memory traffic. Only where the stores go changes, never a value. Used
  * for dx in the backward pass (see STREAM_MIN_BYTES in _bn_kernels.pyx).
- * x86 with SSE2 streams 16 bytes at a time (any 16-byte-aligned address,
- * which NumPy's allocations are); other targets store normally. */
+ * Built where the compiler defines __SSE2__ (GCC and Clang on x86-64); other
+ * targets, and MSVC, which does not define it, store normally: same values. */
 #ifndef BNCORE_STREAM_H
 #define BNCORE_STREAM_H
 #include <stddef.h>
@@ -17,14 +17,23 @@
 #define BNCORE_HAVE_STREAM 0
 #endif
 
+/* Only whole 64-byte lines are streamed; the partial lines at either end are
+ * stored normally, so no cache line ever receives both kinds of store (a
+ * neighbouring work item may write the rest of an edge line). */
+#define BNCORE_LINE 64
+
 static inline void bncore_stream_f32(float* dst, const float* src, ptrdiff_t n)
 {
     ptrdiff_t i = 0;
 #if BNCORE_HAVE_STREAM
-    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
+    for (; i < n && ((uintptr_t)(dst + i) % BNCORE_LINE) != 0; i++)
         dst[i] = src[i];
-    for (; i + 4 <= n; i += 4)
+    for (; i + 16 <= n; i += 16) {
         _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+        _mm_stream_ps(dst + i + 4, _mm_loadu_ps(src + i + 4));
+        _mm_stream_ps(dst + i + 8, _mm_loadu_ps(src + i + 8));
+        _mm_stream_ps(dst + i + 12, _mm_loadu_ps(src + i + 12));
+    }
 #endif
     for (; i < n; i++)
         dst[i] = src[i];
@@ -34,17 +43,21 @@ static inline void bncore_stream_f64(double* dst, const double* src, ptrdiff_t n
 {
     ptrdiff_t i = 0;
 #if BNCORE_HAVE_STREAM
-    for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
+    for (; i < n && ((uintptr_t)(dst + i) % BNCORE_LINE) != 0; i++)
         dst[i] = src[i];
-    for (; i + 2 <= n; i += 2)
+    for (; i + 8 <= n; i += 8) {
         _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+        _mm_stream_pd(dst + i + 2, _mm_loadu_pd(src + i + 2));
+        _mm_stream_pd(dst + i + 4, _mm_loadu_pd(src + i + 4));
+        _mm_stream_pd(dst + i + 6, _mm_loadu_pd(src + i + 6));
+    }
 #endif
     for (; i < n; i++)
         dst[i] = src[i];
 }
 
-/* Streaming stores are weakly ordered: each thread fences its own before
- * the parallel region ends. */
+/* Streaming stores are weakly ordered: each thread fences its own once,
+ * before the parallel region ends. */
 static inline void bncore_stream_fence(void)
 {
 #if BNCORE_HAVE_STREAM
