@@ -25,8 +25,8 @@ M2 = S2 - S1^2 / n). Since S2 = M2 + n (P - mean)^2, the subtraction costs
 a factor S2 / M2 on the rounding errors of the sums; a partial is kept only
 when S2 <= 16 M2 (P within 3.9 std of the item's mean, as a sample of the
 item's own data nearly always is), so its error is at most 16 times that of
-the sums, and otherwise (an outlier as pivot) that channel of that item is
-recomputed in two passes. Partials are combined with the exact two-level
+the sums, and otherwise (an outlier as pivot) the item's sums are taken
+again against the mean the first pass found, where S2 ~ M2. Partials are combined with the exact two-level
 formula, all in float64: a channel whose mean is 1e5 times its standard
 deviation loses nothing to cancellation.
 
@@ -244,26 +244,7 @@ cdef inline void _shifted_partial(double s1, double s2, double cnt, double shift
 cdef enum:
     PIVOT_SPREAD = 16     # a one-pass partial is kept only when S2 <= 16 M2 (the
                           # pivot within sqrt(15) std of the item's mean); else
-                          # that channel of that item is redone in two passes
-
-
-cdef void _two_pass_channel(const real* x, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t n,
-                            double K, double* mean_out, double* m2_out) noexcept nogil:
-    """Mean of x - K and M2 of one channel's values in a work item, in two
-    passes: `rows` runs of `n` contiguous values, `stride` apart. The fallback
-    for a pivot far from its item's mean (an outlier): rarely run, so plain loops."""
-    cdef Py_ssize_t r, i
-    cdef double s = 0.0, q = 0.0, m, d
-    for r in range(rows):
-        for i in range(n):
-            s += <double>x[r * stride + i] - K
-    m = s / <double>(rows * n)
-    for r in range(rows):
-        for i in range(n):
-            d = (<double>x[r * stride + i] - K) - m
-            q += d * d
-    mean_out[0] = m
-    m2_out[0] = q
+                          # the item's sums are taken again, against its mean
 
 
 cdef inline bint _pivot_too_far(double s2, double m2) noexcept nogil:
@@ -272,16 +253,14 @@ cdef inline bint _pivot_too_far(double s2, double m2) noexcept nogil:
     return s2 > PIVOT_SPREAD * m2
 
 
-cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
-                                  double* mean_out, double* m2_out) noexcept nogil:
-    """Mean of x[0:n] - K and centred sum of squares: one pass over the sums of
-    x - x[0] (the segment's own pivot), 32 lanes each; two passes when x[0]
-    is far from the segment's mean."""
+cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1,
+                               double* s2) noexcept nogil:
+    """sum(x - P) and sum((x - P)^2) over x[0:n], 32 lanes each."""
     cdef double a[LANES]
     cdef double q[LANES]
     cdef Py_ssize_t i, nb = n - n % LANES
     cdef int k
-    cdef double d, P = <double>x[0]
+    cdef double d
     _zero(a, LANES)
     _zero(q, LANES)
     for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
@@ -293,10 +272,22 @@ cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
         d = <double>x[nb + k] - P
         a[k] += d
         q[k] += d * d
-    d = _lane_total(q)
-    _shifted_partial(_lane_total(a), d, <double>n, P - K, mean_out, m2_out)
-    if _pivot_too_far(d, m2_out[0]):
-        _two_pass_channel(x, 1, 0, n, K, mean_out, m2_out)
+    s1[0] = _lane_total(a)
+    s2[0] = _lane_total(q)
+
+
+cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
+                                  double* mean_out, double* m2_out) noexcept nogil:
+    """Mean of x[0:n] - K and centred sum of squares: one pass over the sums of
+    x - x[0] (the segment's own pivot); when x[0] is far from the segment's
+    mean, a second pass against that mean (then S2 ~ M2: nothing to cancel)."""
+    cdef double s1, s2, P = <double>x[0]
+    _segment_sums(x, n, P, &s1, &s2)
+    _shifted_partial(s1, s2, <double>n, P - K, mean_out, m2_out)
+    if _pivot_too_far(s2, m2_out[0]):
+        P = P + s1 / <double>n
+        _segment_sums(x, n, P, &s1, &s2)
+        _shifted_partial(s1, s2, <double>n, P - K, mean_out, m2_out)
 
 
 cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, double mu,
@@ -667,65 +658,87 @@ cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t
     if not stream:
         _segment_dx_to(dy, x, dx, n, mu, g, a, k)
         return
+    # line-aligned pieces after the first, as in _dx_block
+    m = PIECE - (<Py_ssize_t>(<size_t>dx % 64) // sizeof(real))
     while j < n:
-        m = n - j if n - j < PIECE else PIECE
+        if m > n - j:
+            m = n - j
         _segment_dx_to(dy + j, x + j, out, m, mu, g, a, k)
         _stream(dx + j, out, m)
-        j += PIECE
+        j += m
+        m = PIECE
 
 
 # --------------------------------------------------------------------------
 # Forward statistics
 
-cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const double* pivot,
-                         double* scratch, double* pm, double* pq) noexcept nogil:
-    """Per-channel mean (less the channel pivot) and M2 of a block of `rows`
-    outer rows, one pass against pivots from the block's first row (two
-    passes for a channel whose pivot is far from its mean).
-
-    scratch (_stats_scratch_len doubles) holds the two per-element sums, the
-    expanded block pivots and the block pivots; with tiles only the last.
-    """
+cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const double* kb,
+                      double* scratch, double* ps1, double* ps2) noexcept nogil:
+    """Per-channel sum(x - kb[c]) and sum((x - kb[c])^2) over a block of `rows`
+    outer rows; scratch as for _block_mean_m2."""
     cdef Py_ssize_t s, n, c, W = p.W, total = rows * p.P
     cdef double* acc1 = scratch
     cdef double* acc2 = scratch + W
     cdef double* e_kb = scratch + 2 * W
-    cdef double* kb = scratch if _use_tiles(p) else scratch + 3 * W
-    cdef double cnt = <double>(rows * p.inner), s2
-    for c in range(p.C):
-        kb[c] = <double>x[c * p.inner]
     if _use_tiles(p):
         # running sums in registers, written straight as the channel sums
         c = 0
         while c + TILE <= p.C:
-            _tile_sums(x + c, rows, p.C, kb + c, pm + c, pq + c)
+            _tile_sums(x + c, rows, p.C, kb + c, ps1 + c, ps2 + c)
             c += TILE
         if c < p.C:
-            _cols_sums(x + c, rows, p.C, p.C - c, kb + c, pm + c, pq + c)
+            _cols_sums(x + c, rows, p.C, p.C - c, kb + c, ps1 + c, ps2 + c)
+        return
+    _expand(p, kb, e_kb)
+    s = 0
+    if p.narrow:
+        s = total - total % NARROW
+        _n64_sums(x, s // NARROW, e_kb, acc1, acc2)
     else:
-        _expand(p, kb, e_kb)
-        s = 0
-        if p.narrow:
-            s = total - total % NARROW
-            _n64_sums(x, s // NARROW, e_kb, acc1, acc2)
-        else:
-            _zero(acc1, W)
-            _zero(acc2, W)
-            if W >= QUAD_MIN:
-                while s + 4 * W <= total:
-                    _flat_add4(x + s, W, e_kb, acc1, acc2)
-                    s += 4 * W
-        while s < total:
-            n = total - s if total - s < W else W
-            _flat_add(x + s, n, e_kb, acc1, acc2)
-            s += W
-        _fold(p, acc1, W if total > W else total, pm)
-        _fold(p, acc2, W if total > W else total, pq)
+        _zero(acc1, W)
+        _zero(acc2, W)
+        if W >= QUAD_MIN:
+            while s + 4 * W <= total:
+                _flat_add4(x + s, W, e_kb, acc1, acc2)
+                s += 4 * W
+    while s < total:
+        n = total - s if total - s < W else W
+        _flat_add(x + s, n, e_kb, acc1, acc2)
+        s += W
+    _fold(p, acc1, W if total > W else total, ps1)
+    _fold(p, acc2, W if total > W else total, ps2)
+
+
+cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const double* pivot,
+                         double* scratch, double* pm, double* pq) noexcept nogil:
+    """Per-channel mean (less the channel pivot) and M2 of a block of `rows`
+    outer rows: one pass against pivots from the block's first row; when some
+    channel's pivot is far from its mean, the block's sums are taken again
+    with that channel pivoted on the first pass's mean (the others keep theirs,
+    so their sums come out the same).
+
+    scratch (_stats_scratch_len doubles) holds the two per-element sums, the
+    expanded block pivots and the block pivots; with tiles only the last.
+    """
+    cdef Py_ssize_t c
+    cdef double* kb = scratch if _use_tiles(p) else scratch + 3 * p.W
+    cdef double cnt = <double>(rows * p.inner), s1, s2
+    cdef bint again = False
     for c in range(p.C):
+        kb[c] = <double>x[c * p.inner]
+    _block_sums(p, x, rows, kb, scratch, pm, pq)
+    for c in range(p.C):
+        s1 = pm[c]
         s2 = pq[c]
-        _shifted_partial(pm[c], s2, cnt, kb[c] - pivot[c], &pm[c], &pq[c])
+        _shifted_partial(s1, s2, cnt, kb[c] - pivot[c], &pm[c], &pq[c])
         if _pivot_too_far(s2, pq[c]):
-            _two_pass_channel(x + c * p.inner, rows, p.P, p.inner, pivot[c], &pm[c], &pq[c])
+            kb[c] = kb[c] + s1 / cnt
+            again = True
+    if not again:
+        return
+    _block_sums(p, x, rows, kb, scratch, pm, pq)
+    for c in range(p.C):
+        _shifted_partial(pm[c], pq[c], cnt, kb[c] - pivot[c], &pm[c], &pq[c])
 
 
 cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,

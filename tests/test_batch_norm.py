@@ -99,7 +99,8 @@ def test_statistics_exact_for_nearly_constant_float64(shape, axis, schedule, out
     their variance to ~1e-15 relative, not ~u * 1e12 as a one-pass sum against
     0 would. With outliers (1e4 std off) at every work item's pivot, the
     one-pass S2 - S1^2/n would lose a factor n (3.9e-10 measured on
-    (43688, 3)); those partials are recomputed in two passes instead."""
+    (43688, 3)); those items' sums are taken again against their first-pass
+    mean instead."""
     rng = np.random.default_rng(3)
     C = shape[axis]
     bshape = [1] * len(shape)
