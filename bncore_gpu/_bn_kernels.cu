@@ -11,9 +11,12 @@
 // (x - K)^2. The partial sums are combined in a fixed order (a fixed tree in
 // shared memory, then the partials in index order), never with atomics, so a
 // result is identical from run to run. With the pivot a sample of the
-// channel, s2 - s1^2 / N cancels only by a factor (mean - K)^2 / var (order 1
-// for any sane data), so float64 keeps ~15 digits even when |mean| is 1e5
-// times the standard deviation; x - mean is formed in float64 before scaling.
+// channel, s2 - s1^2 / N cancels by a factor s2 / M2 = 1 + (mean - K)^2 / var,
+// order 1 when K is a typical value, so float64 keeps ~15 digits even when
+// |mean| is 1e5 times the standard deviation. When K is an outlier (s2 > 16 M2,
+// K more than 3.9 std from the mean) bn_finalize_train sums the channel again
+// against the first pass's mean, where nothing cancels (as the CPU twin does
+// per work item). x - mean is formed in float64 before scaling.
 //
 // Work decomposition depends on the shape only (never on the GPU model):
 //   planes (inner >= 32, e.g. NCHW): block (g, c) sums rows o = g, g+G, ... of
@@ -132,7 +135,8 @@ __global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, l
 // fixed tree), then mean, invstd, the running statistics and the constants of
 // the normalizing pass.  PT: dtype of weight, bias and the running statistics.
 template <typename T, typename PT>
-__global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inner, int M,
+__global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inner,
+                                  long long outer, int M,
                                   const double* __restrict__ part_s1,
                                   const double* __restrict__ part_s2, double N, double eps,
                                   const PT* __restrict__ weight, const PT* __restrict__ bias,
@@ -148,11 +152,29 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
         s1 += part_s1[(long long)c * M + m];
         s2 += part_s2[(long long)c * M + m];
     }
-    bn_block_sum2(s1, s2, sa, sb);
+    bn_block_sum2(s1, s2, sa, sb);              // every thread holds the totals
+    double K = bn_ld(x + (long long)c * inner);
+    double d = s1 / N;                          // mean - K
+    double m2 = s2 - s1 * d;                    // sum (x - mean)^2
+    if (s2 > 16.0 * m2) {
+        // K is far from the mean (also when rounding left m2 <= 0 with s2 > 0):
+        // the channel's sums again, against K + d. The condition is the same
+        // in every thread of the block, so the barriers below are uniform.
+        double P = K + d, t1 = 0.0, t2 = 0.0;
+        long long n = outer * inner;
+        for (long long e = threadIdx.x; e < n; e += BN_THREADS) {
+            long long o = e / inner;
+            double v = bn_ld(x + (o * C + c) * inner + (e - o * inner)) - P;
+            t1 += v;
+            t2 += v * v;
+        }
+        __syncthreads();                        // every thread has read sa[0], sb[0]
+        bn_block_sum2(t1, t2, sa, sb);
+        K = P;
+        d = t1 / N;
+        m2 = t2 - t1 * d;
+    }
     if (threadIdx.x == 0) {
-        double K = bn_ld(x + (long long)c * inner);
-        double d = s1 / N;                      // mean - K
-        double m2 = s2 - s1 * d;                // sum (x - mean)^2
         if (m2 < 0.0) m2 = 0.0;                 // rounding of an exactly constant channel
         double mu = K + d;
         double var = m2 / N;
@@ -628,12 +650,12 @@ template __global__ void bn_dx_planes<unsigned short>(const unsigned short*, con
 template __global__ void bn_dx_rows<float>(const float*, const float*, float*, long long, long long, long long, const double*, const double*, const double*, const double*);
 template __global__ void bn_dx_rows<double>(const double*, const double*, double*, long long, long long, long long, const double*, const double*, const double*, const double*);
 template __global__ void bn_dx_rows<unsigned short>(const unsigned short*, const unsigned short*, unsigned short*, long long, long long, long long, const double*, const double*, const double*, const double*);
-template __global__ void bn_finalize_train<float, float>(const float*, int, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<float, double>(const float*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<double, float>(const double*, int, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<double, double>(const double*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<unsigned short, float>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
-template __global__ void bn_finalize_train<unsigned short, double>(const unsigned short*, int, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<float, float>(const float*, int, long long, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<float, double>(const float*, int, long long, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<double, float>(const double*, int, long long, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<double, double>(const double*, int, long long, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<unsigned short, float>(const unsigned short*, int, long long, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
+template __global__ void bn_finalize_train<unsigned short, double>(const unsigned short*, int, long long, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
 template __global__ void bn_prepare_eval<float>(int, const float*, const float*, double, const float*, const float*, double*, double*, double*, double*);
 template __global__ void bn_finalize_backward<float>(int, int, const double*, const double*, double, int, const double*, const float*, float*, float*, double*, double*, double*);
 template __global__ void bn_prepare_eval<double>(int, const double*, const double*, double, const double*, const double*, double*, double*, double*, double*);

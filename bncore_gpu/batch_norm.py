@@ -238,7 +238,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         if training:
             s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
             _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {ptn}>")(
-                (C,), (256,), (xf, np.int32(C), np.int64(view.inner), np.int32(M), s1, s2,
+                (C,), (256,), (xf, np.int32(C), np.int64(view.inner), np.int64(view.outer),
+                               np.int32(M), s1, s2,
                                np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm),
                                _ptr(rv), np.float64(momentum),
                                np.int32(bool(unbiased_running_var)), mean, invstd, scale,

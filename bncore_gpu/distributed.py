@@ -88,9 +88,17 @@ class DeviceEngine:
         xf = view.flat(view.arrange(x, cupy))
         s1, s2, M = _bn._partial_sums("stats", xf, None, view.outer, C, view.inner)
         s1, s2 = _channel_sums(s1, s2, C, M)
-        K = xf.reshape(view.outer, C, view.inner)[0, :, 0].astype(_F64)
+        x3 = xf.reshape(view.outer, C, view.inner)
+        K = x3[0, :, 0].astype(_F64)
         d = s1 / n
-        m2 = cupy.maximum(s2 - s1 * d, 0.0)      # rounding of an exactly constant channel
+        m2 = s2 - s1 * d
+        # a pivot far from its channel's mean (s2 > 16 M2): that channel's sums
+        # again against K + d, as bn_finalize_train does in one process
+        for c in np.flatnonzero(cupy.asnumpy(s2 > 16.0 * m2)):
+            v = x3[:, c, :].astype(_F64) - (K[c] + d[c])
+            t1, t2 = v.sum(), (v * v).sum()
+            K[c], d[c], m2[c] = K[c] + d[c], t1 / n, t2 - t1 * (t1 / n)
+        m2 = cupy.maximum(m2, 0.0)               # rounding of an exactly constant channel
         return cupy.asnumpy(K + d), cupy.asnumpy(m2)
 
     @staticmethod

@@ -169,3 +169,30 @@ def test_batch_norm_is_deterministic_and_matches_cpu_on_offset_data(layout, dtyp
     tol = {np.float32: 1e-6, np.float16: 2e-3, np.float64: 1e-10}[dtype]
     for got, want in zip(runs[0], (y_c, m_c, s_c, dx_c, dw_c, db_c)):
         assert rel(got, want) <= tol
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NHWC64", "2Dwide"])
+def test_batch_norm_statistics_with_an_outlier_as_pivot(layout):
+    """The statistics kernels pivot each channel on its first value; when that
+    value is an outlier (here 1e4 std from the rest, float64 data 1e6 std from
+    0), s2 - s1^2/N would lose a factor (K - mean)^2 / var ~ 1e8, and
+    bn_finalize_train sums the channel again against the first pass's mean.
+    The variance must come out to ~1e-13 relative, as on the CPU."""
+    rng = np.random.default_rng(11)
+    shape = {"NCHW": (8, 6, 10, 10), "NHWC": (8, 10, 10, 6), "NHWC64": (4, 10, 10, 64),
+             "2Dwide": (300, 1024)}[layout]
+    axis = -1 if layout.startswith("NHWC") else 1
+    C = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    x = (10.0 + 3.0 * np.arange(C)).reshape(bshape) + 1e-5 * rng.standard_normal(shape)
+    first = [0] * len(shape)
+    first[axis] = slice(None)
+    x[tuple(first)] += 0.1                       # x[0, c, 0] of every channel
+    _, mean, invstd = bncore_gpu.batch_norm_forward(cupy.asarray(x), eps=1e-30, axis=axis)
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
+    xl = x.astype(np.longdouble)
+    var = ((xl - xl.mean(axis=red, keepdims=True)) ** 2).mean(axis=red)
+    got = 1.0 / cupy.asnumpy(invstd).astype(np.longdouble) ** 2
+    assert np.max(np.abs(got / var - 1)) < 1e-13
+    assert np.max(np.abs(cupy.asnumpy(mean) / xl.mean(axis=red) - 1)) < 1e-15

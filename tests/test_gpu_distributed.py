@@ -143,3 +143,23 @@ def test_sync_batch_norm_layer_on_device():
         _close(out0[k][2], ref.grad_weight, 1e-12, f"grad_weight step {k}")
     assert rv0.tobytes() == rv1.tobytes()
     _close(rv0, ref.running_var, 1e-12, "running_var")
+
+
+def test_sync_statistics_with_an_outlier_as_pivot():
+    """Each rank's statistics pivot on its shard's first value; an outlier there
+    (1e4 std) is summed again against the shard's mean, as in one process."""
+    rng = np.random.default_rng(5)
+    x = 10.0 + 1e-5 * rng.standard_normal((12, 3, 60, 60))
+    x[::4, :, 0, 0] += 0.1                       # the first value of every rank's shard
+
+    def rank(comm):
+        r = comm.Get_rank()
+        xs = cupy.asarray(x[4 * r:4 * r + 4])
+        _, mean, invstd = gdist.sync_batch_norm_forward(xs, comm=comm, eps=1e-30)
+        return _host(dict(mean=mean, invstd=invstd))
+
+    ranks = run_ranks(3, rank)
+    xl = x.astype(np.longdouble)
+    var = xl.var(axis=(0, 2, 3))
+    got = 1.0 / ranks[0]["invstd"].astype(np.longdouble) ** 2
+    assert np.max(np.abs(got / var - 1)) < 1e-13

@@ -70,15 +70,25 @@ def stats_rows(grid, block, x, outer, C, inner, R, nRB, s1, s2):
 E["bn_stats_rows"] = stats_rows
 
 
-def finalize_train(grid, block, x, C, inner, M, s1, s2, N, eps, w, b, rm, rv, momentum,
+def finalize_train(grid, block, x, C, inner, outer, M, s1, s2, N, eps, w, b, rm, rv, momentum,
                    unbiased, mean, invstd, scale, shift):
-    C, inner, M = int(C), int(inner), int(M)
+    C, inner, outer, M = int(C), int(inner), int(outer), int(M)
     _expect(grid[0] == C, "finalize_train grid")
     S1 = _a(s1).reshape(C, M).sum(axis=1)
     S2 = _a(s2).reshape(C, M).sum(axis=1)
     K = _f64(x)[np.arange(C) * inner]
     d = S1 / N
-    m2 = np.maximum(S2 - S1 * d, 0.0)
+    m2 = S2 - S1 * d
+    # a pivot far from its channel's mean: the channel's sums again against K + d
+    far = S2 > 16.0 * m2
+    if far.any():
+        X = _f64(x)[: outer * C * inner].reshape(outer, C, inner)
+        for c in np.flatnonzero(far):
+            P = K[c] + d[c]
+            v = X[:, c, :] - P
+            t1, t2 = v.sum(), (v * v).sum()
+            K[c], d[c], m2[c] = P, t1 / N, t2 - t1 * (t1 / N)
+    m2 = np.maximum(m2, 0.0)
     mu = K + d
     var = m2 / N
     inv = 1.0 / np.sqrt(var + eps)
