@@ -45,7 +45,9 @@ __device__ __forceinline__ void bn_st(unsigned short* p, double v) {
 }
 
 // Fixed-order tree reduction of two doubles over a block of BN_THREADS threads;
-// the result is valid in thread 0.
+// every thread returns the totals (read after the last barrier). A second call
+// in the same block needs a __syncthreads() first, so that no thread is still
+// reading sa[0] / sb[0] when they are overwritten.
 __device__ __forceinline__ void bn_block_sum2(double& a, double& b, double* sa, double* sb) {
     int t = threadIdx.x + threadIdx.y * blockDim.x;
     int n = blockDim.x * blockDim.y;
@@ -161,12 +163,21 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
         // the channel's sums again, against K + d. The condition is the same
         // in every thread of the block, so the barriers below are uniform.
         double P = K + d, t1 = 0.0, t2 = 0.0;
-        long long n = outer * inner;
-        for (long long e = threadIdx.x; e < n; e += BN_THREADS) {
-            long long o = e / inner;
-            double v = bn_ld(x + (o * C + c) * inner + (e - o * inner)) - P;
-            t1 += v;
-            t2 += v * v;
+        if (inner == 1) {                       // channels-last: one value per row
+            for (long long o = threadIdx.x; o < outer; o += BN_THREADS) {
+                double v = bn_ld(x + o * C + c) - P;
+                t1 += v;
+                t2 += v * v;
+            }
+        } else {                                // planes of `inner` values
+            for (long long o = 0; o < outer; ++o) {
+                const T* row = x + (o * C + c) * inner;
+                for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
+                    double v = bn_ld(row + i) - P;
+                    t1 += v;
+                    t2 += v * v;
+                }
+            }
         }
         __syncthreads();                        // every thread has read sa[0], sb[0]
         bn_block_sum2(t1, t2, sa, sb);

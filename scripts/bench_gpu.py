@@ -101,10 +101,23 @@ def bn_cases(bw: float) -> List[dict]:
     x = rng.standard_normal((256, 1024), dtype=cupy.float32)
     dy = rng.standard_normal((256, 1024), dtype=cupy.float32)
     rows += _bn_rows("(256,1024)", x, dy, bw, bncore_gpu, torch, F)
+    # the statistics' second pass: every channel's pivot (its first value) an
+    # outlier, so bn_finalize_train sums each channel again (forward only)
+    for layout in ("NCHW", "channels-last"):
+        rng = cupy.random.default_rng(2)
+        if layout == "NCHW":
+            x = rng.standard_normal((32, 64, 56, 56), dtype=cupy.float32)
+        else:
+            x = rng.standard_normal((32, 56, 56, 64), dtype=cupy.float32).transpose(0, 3, 1, 2)
+        x[0, :, 0, 0] += 1e4
+        rows += _bn_rows(f"(32,64,56,56) {layout}, outlier pivots", x, x, bw, bncore_gpu,
+                         torch, F, backward=False)
+        del x
+        _free()
     return rows
 
 
-def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F) -> List[dict]:
+def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> List[dict]:
     import cupy
 
     C = x.shape[1]
@@ -128,6 +141,8 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F) -> List[dict]:
                                                    True, 0.1, 1e-5)),
         "floor": 2 * nbytes / bw,
     }
+    if not backward:
+        return [dict(case=f"bn forward-train {label}", **fwd)]
     bwd = {
         "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)),
         "torch": cuda_time_ms(lambda: torch.autograd.grad(ty, (txg, tw, tb), tdy,
