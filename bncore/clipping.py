@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import numpy as np
 
 from bncore import _checks as chk
 from bncore import _optim_kernels as _k
@@ -24,6 +23,19 @@ _NORM_1, _NORM_2, _NORM_INF, _NORM_P = 1, 2, 3, 4
 
 class NonFiniteError(RuntimeError, ValueError):
     """The gradient norm is NaN or infinite (``clip_grad_norm(error_if_nonfinite=True)``)."""
+
+    @classmethod
+    def of(cls, what: str, total: float) -> "NonFiniteError":
+        return cls(f"{what} is {total}; no gradient was modified "
+                   f"(set error_if_nonfinite=False to clip anyway)")
+
+
+def clip_coefficient(total: float, max_norm: float, eps: float) -> Optional[float]:
+    """The factor clip_grad_norm scales the gradients by, max_norm / (total + eps),
+    or None when it leaves them as they are (factor >= 1). A NaN total gives
+    NaN, which is applied, as IEEE and torch say."""
+    coef = max_norm / (total + eps) if (total + eps) != 0.0 else math.inf
+    return None if coef >= 1.0 else coef
 
 
 def _grads_table(grads, write: bool):
@@ -105,13 +117,10 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
     nthreads = resolve_num_threads(num_threads)
     table = _grads_table(grads, True)
     total = _norm_of(table, p, nthreads)
-    if not math.isfinite(total):
-        if error_if_nonfinite:
-            raise NonFiniteError(
-                f"the total {p}-norm of the gradients is {total}; no gradient was modified "
-                f"(set error_if_nonfinite=False to clip anyway)")
-    coef = max_norm / (total + eps) if (total + eps) != 0.0 else math.inf
-    if not (coef >= 1.0):        # NaN goes through, as IEEE and torch say
+    if error_if_nonfinite and not math.isfinite(total):
+        raise NonFiniteError.of(f"the total {p}-norm of the gradients", total)
+    coef = clip_coefficient(total, max_norm, eps)
+    if coef is not None:
         _k.scale(table, coef, nthreads)
     return total
 

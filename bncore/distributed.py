@@ -60,7 +60,7 @@ from bncore import _bn_args
 from bncore.batch_norm import (_f64, _finish_output, _flat, _kernel_input, _output_target, _vec,
                                batch_norm_backward, batch_norm_forward)
 from bncore.clipping import (NonFiniteError, _NORM_1, _NORM_2, _NORM_INF, _NORM_P,
-                             _grads_table, _norm_type)
+                             _grads_table, _norm_type, clip_coefficient)
 from bncore.layers import _UNSET, BatchNorm
 
 __all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward", "SyncBatchNorm",
@@ -541,12 +541,10 @@ def clip_grad_norm_on(eng, grads, max_norm, comm, norm_type, eps, error_if_nonfi
 
     total, table, nthreads, (mn, e, _) = _norm_collective(
         eng, comm, grads, norm_type, num_threads, True, extra, "clip_grad_norm")
-    if not math.isfinite(total) and error_if_nonfinite:
-        raise NonFiniteError(
-            f"the total norm of the gradients over all ranks is {total}; no gradient was "
-            f"modified (set error_if_nonfinite=False to clip anyway)")
-    coef = mn / (total + e) if (total + e) != 0.0 else math.inf
-    if not (coef >= 1.0):        # NaN goes through, as IEEE and torch say
+    if error_if_nonfinite and not math.isfinite(total):
+        raise NonFiniteError.of("the total norm of the gradients over all ranks", total)
+    coef = clip_coefficient(total, mn, e)
+    if coef is not None:
         eng.scale(table, coef, nthreads)
     return eng.norm_result(total)
 

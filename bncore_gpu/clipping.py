@@ -87,9 +87,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
     t = _table(grads, True)
     total, coef = _norm(t, p, max_norm, eps)
     if error_if_nonfinite and not bool(cupy.isfinite(total)):
-        raise NonFiniteError(
-            f"the total {p}-norm of the gradients is {float(total)}; no gradient was modified "
-            f"(set error_if_nonfinite=False to clip anyway)")
+        raise NonFiniteError.of(f"the total {p}-norm of the gradients", float(total))
     if t.nchunks:
         kernel(f"mt_scale<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,), (*t.args(), coef))
     return total
