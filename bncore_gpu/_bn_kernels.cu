@@ -65,6 +65,31 @@ __device__ __forceinline__ void bn_block_sum2(double& a, double& b, double* sa, 
     b = sb[0];
 }
 
+// The partials of the scalar rows kernels (block (32, 8): threadIdx.x picks
+// the column j, threadIdx.y the row phase): a fixed tree over the 8 row phases
+// of each column, then column j's partial of row block rb, column-major
+// ([j * nRB + rb]: channel c owns [c * inner * nRB, (c + 1) * inner * nRB)).
+__device__ __forceinline__ void bn_rows_partials(double a, double b, bool valid, long long j,
+                                                 int nRB, int rb, double* sa, double* sb,
+                                                 double* __restrict__ part_a,
+                                                 double* __restrict__ part_b) {
+    int t = threadIdx.x + 32 * threadIdx.y;
+    sa[t] = a;
+    sb[t] = b;
+    __syncthreads();
+    for (int w = 4; w > 0; w >>= 1) {
+        if (threadIdx.y < w) {
+            sa[t] += sa[t + 32 * w];
+            sb[t] += sb[t + 32 * w];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && valid) {
+        part_a[j * nRB + rb] = sa[threadIdx.x];
+        part_b[j * nRB + rb] = sb[threadIdx.x];
+    }
+}
+
 // ---------------------------------------------------------------- statistics
 
 template <typename T>
@@ -114,23 +139,7 @@ __global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, l
             s2 += d * d;
         }
     }
-    // reduce over the 8 row phases of each column, in a fixed order
-    int t = threadIdx.x + 32 * threadIdx.y;
-    sa[t] = s1;
-    sb[t] = s2;
-    __syncthreads();
-    for (int w = 4; w > 0; w >>= 1) {
-        if (threadIdx.y < w) {
-            sa[t] += sa[t + 32 * w];
-            sb[t] += sb[t + 32 * w];
-        }
-        __syncthreads();
-    }
-    if (threadIdx.y == 0 && j < P) {
-        // column-major partials: channel c owns [c * inner * nRB, (c + 1) * inner * nRB)
-        part_s1[j * nRB + rb] = sa[threadIdx.x];
-        part_s2[j * nRB + rb] = sb[threadIdx.x];
-    }
+    bn_rows_partials(s1, s2, j < P, j, nRB, rb, sa, sb, part_s1, part_s2);
 }
 
 // One block per channel: sum the channel's M partials (thread-strided, then a
@@ -332,21 +341,7 @@ __global__ void bn_dy_sums_rows(const T* __restrict__ dy, const T* __restrict__ 
             b += gv * (bn_ld(x + r * P + j) - mu);
         }
     }
-    int t = threadIdx.x + 32 * threadIdx.y;
-    sa[t] = a;
-    sb[t] = b;
-    __syncthreads();
-    for (int w = 4; w > 0; w >>= 1) {
-        if (threadIdx.y < w) {
-            sa[t] += sa[t + 32 * w];
-            sb[t] += sb[t + 32 * w];
-        }
-        __syncthreads();
-    }
-    if (threadIdx.y == 0 && j < P) {
-        part_a[j * nRB + rb] = sa[threadIdx.x];
-        part_b[j * nRB + rb] = sb[threadIdx.x];
-    }
+    bn_rows_partials(a, b, j < P, j, nRB, rb, sa, sb, part_a, part_b);
 }
 
 // One block per channel: sum(dy), sum(dy (x - mean)), the parameter gradients
@@ -503,6 +498,31 @@ __device__ __forceinline__ float bn_f4(const float4& v, int e) {
     return e == 0 ? v.x : (e == 1 ? v.y : (e == 2 ? v.z : v.w));
 }
 
+// The partials of the float4 rows kernels: a fixed tree over the RPI row
+// phases of each float4 column, then the scalar-layout partials of its 4
+// columns for row block rb.
+__device__ __forceinline__ void bn_rows4_partials(const double* a, const double* b, bool valid,
+                                                  long long j4, int TC, int phase, int RPI,
+                                                  int nRB, int rb, double (*sm)[BN_THREADS],
+                                                  double* __restrict__ part_a,
+                                                  double* __restrict__ part_b) {
+    for (int e = 0; e < 4; ++e) {
+        sm[e][threadIdx.x] = a[e];
+        sm[4 + e][threadIdx.x] = b[e];
+    }
+    __syncthreads();
+    for (int w = RPI / 2; w > 0; w >>= 1) {
+        if (phase < w)
+            for (int q = 0; q < 8; ++q) sm[q][threadIdx.x] += sm[q][threadIdx.x + w * TC];
+        __syncthreads();
+    }
+    if (phase == 0 && valid)
+        for (int e = 0; e < 4; ++e) {
+            part_a[(4 * j4 + e) * nRB + rb] = sm[e][threadIdx.x];
+            part_b[(4 * j4 + e) * nRB + rb] = sm[4 + e][threadIdx.x];
+        }
+}
+
 __global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer,
                                    long long inner, long long P4, int TC, long long R, int nRB,
                                    double* __restrict__ part_s1, double* __restrict__ part_s2) {
@@ -526,21 +546,7 @@ __global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer
             }
         }
     }
-    for (int e = 0; e < 4; ++e) {
-        sm[e][threadIdx.x] = a[e];
-        sm[4 + e][threadIdx.x] = b[e];
-    }
-    __syncthreads();
-    for (int w = RPI / 2; w > 0; w >>= 1) {             // fixed tree over the row phases
-        if (phase < w)
-            for (int q = 0; q < 8; ++q) sm[q][threadIdx.x] += sm[q][threadIdx.x + w * TC];
-        __syncthreads();
-    }
-    if (phase == 0 && j4 < P4)
-        for (int e = 0; e < 4; ++e) {
-            part_s1[(4 * j4 + e) * nRB + rb] = sm[e][threadIdx.x];
-            part_s2[(4 * j4 + e) * nRB + rb] = sm[4 + e][threadIdx.x];
-        }
+    bn_rows4_partials(a, b, j4 < P4, j4, TC, phase, RPI, nRB, rb, sm, part_s1, part_s2);
 }
 
 __global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
@@ -566,21 +572,7 @@ __global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4
             }
         }
     }
-    for (int e = 0; e < 4; ++e) {
-        sm[e][threadIdx.x] = a[e];
-        sm[4 + e][threadIdx.x] = b[e];
-    }
-    __syncthreads();
-    for (int w = RPI / 2; w > 0; w >>= 1) {
-        if (phase < w)
-            for (int q = 0; q < 8; ++q) sm[q][threadIdx.x] += sm[q][threadIdx.x + w * TC];
-        __syncthreads();
-    }
-    if (phase == 0 && j4 < P4)
-        for (int e = 0; e < 4; ++e) {
-            part_a[(4 * j4 + e) * nRB + rb] = sm[e][threadIdx.x];
-            part_b[(4 * j4 + e) * nRB + rb] = sm[4 + e][threadIdx.x];
-        }
+    bn_rows4_partials(a, b, j4 < P4, j4, TC, phase, RPI, nRB, rb, sm, part_a, part_b);
 }
 
 __global__ void bn_apply_rows_vec4(const float4* __restrict__ x, float4* __restrict__ y,
