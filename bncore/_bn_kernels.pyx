@@ -406,6 +406,42 @@ cdef inline void _flat_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
         dx[j] = _dx_at(dy[j], x[j], e_mean[j], e_g[j], e_a[j], e_k[j])
 
 
+# Four super-rows at once (elementwise): each expanded constant is loaded once
+# per four elements instead of once per element. With three or four float64
+# constants per element the loads, not the arithmetic, set the pace of the
+# one-row loops ((256,1024): 10 zmm loads per 16 elements). Every element's
+# formula is the one above, so the results are the same bit for bit.
+
+cdef inline void _flat_affine4(const real* x, real* y, Py_ssize_t W, const double* e_mean,
+                               const double* e_scale, const double* e_shift) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double m, sc, sh
+    for j in range(W):
+        m = e_mean[j]
+        sc = e_scale[j]
+        sh = e_shift[j]
+        y[j] = _affine_at(x[j], m, sc, sh)
+        y[W + j] = _affine_at(x[W + j], m, sc, sh)
+        y[2 * W + j] = _affine_at(x[2 * W + j], m, sc, sh)
+        y[3 * W + j] = _affine_at(x[3 * W + j], m, sc, sh)
+
+
+cdef inline void _flat_dx4(const real* dy, const real* x, real* dx, Py_ssize_t W,
+                           const double* e_mean, const double* e_g, const double* e_a,
+                           const double* e_k) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double m, g, a, k
+    for j in range(W):
+        m = e_mean[j]
+        g = e_g[j]
+        a = e_a[j]
+        k = e_k[j]
+        dx[j] = _dx_at(dy[j], x[j], m, g, a, k)
+        dx[W + j] = _dx_at(dy[W + j], x[W + j], m, g, a, k)
+        dx[2 * W + j] = _dx_at(dy[2 * W + j], x[2 * W + j], m, g, a, k)
+        dx[3 * W + j] = _dx_at(dy[3 * W + j], x[3 * W + j], m, g, a, k)
+
+
 # Channel tiles (inner == 1): TILE consecutive channels of every row of a
 # block, with their running sums held in registers across the rows. Channel
 # c's sum runs over the rows in order, whatever the tile it falls in.
@@ -603,6 +639,9 @@ cdef inline void _affine_block(const real* x, real* y, Py_ssize_t total, Py_ssiz
                                const double* e_mean, const double* e_scale,
                                const double* e_shift) noexcept nogil:
     cdef Py_ssize_t s = 0
+    while s + 4 * W <= total:
+        _flat_affine4(x + s, y + s, W, e_mean, e_scale, e_shift)
+        s += 4 * W
     while s < total:
         _flat_affine(x + s, y + s, total - s if total - s < W else W, e_mean, e_scale, e_shift)
         s += W
@@ -614,6 +653,9 @@ cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t t
     cdef real out[PIECE]
     cdef Py_ssize_t s = 0, j, m, col, run
     if not stream:
+        while s + 4 * W <= total:
+            _flat_dx4(dy + s, x + s, dx + s, W, e_mean, e_g, e_a, e_k)
+            s += 4 * W
         while s < total:
             _flat_dx(dy + s, x + s, dx + s, total - s if total - s < W else W,
                      e_mean, e_g, e_a, e_k)
