@@ -169,6 +169,15 @@ cdef inline double _part_count(const Plan* p, Py_ssize_t j) noexcept nogil:
 cdef inline void _rows_item(const Plan* p, Py_ssize_t t, Py_ssize_t* off, Py_ssize_t* n,
                             Py_ssize_t* c, Py_ssize_t* part) noexcept nogil:
     """Offset, length, channel and partial index of rows-schedule item t."""
+    if p.nseg == 1:
+        # one segment per row (inner <= SEG_LEN, the common case): one
+        # division per item instead of three, which rows of a few hundred
+        # elements notice ((32,128,7,7) backward 15% faster)
+        c[0] = t % p.C
+        off[0] = t * p.inner
+        n[0] = p.inner
+        part[0] = t
+        return
     cdef Py_ssize_t cs = p.C * p.nseg
     cdef Py_ssize_t o = t // cs
     cdef Py_ssize_t rem = t - o * cs
