@@ -12,6 +12,7 @@ bit (the two use different summation trees).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import cupy
@@ -50,6 +51,17 @@ def _names():
 
 NAMES = _names()
 NULL = np.uint64(0)           # a null pointer argument
+
+# The single-read training forward on thread-block clusters (compute
+# capability 9.0+, float32 planes): see _bn_cluster_kernels.cu. Off by default
+# until it has been measured on hardware; BNCORE_GPU_CLUSTER=1 at import (or
+# setting CLUSTER_FORWARD) switches it on where it applies.
+CLUSTER_FILE = "_bn_cluster_kernels.cu"
+CLUSTER_NAMES = ("bn_forward_cluster<float>", "bn_forward_cluster<double>")
+CLUSTER_SIZE = 8              # BNC_CLUSTER in the .cu file
+CLUSTER_SMEM = 98304          # bytes of x one CTA may hold (two CTAs per H100 SM)
+CLUSTER_FORWARD = os.environ.get("BNCORE_GPU_CLUSTER", "0") == "1"
+_cluster_devices = {}         # device -> compute capability >= 9.0
 
 
 def _kernel(name: str):
@@ -212,6 +224,34 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -
                                             np.int64(inner), *consts))
 
 
+def _cluster_capable() -> bool:
+    dev = cupy.cuda.runtime.getDevice()
+    ok = _cluster_devices.get(dev)
+    if ok is None:
+        ok = _cluster_devices[dev] = int(cupy.cuda.Device(dev).compute_capability) >= 90
+    return ok
+
+
+def cluster_smem(outer: int, C: int, inner: int, x, y) -> int:
+    """Dynamic shared memory (bytes per CTA) of the cluster forward for this
+    call, or 0 when that path is off or does not apply: float32 planes
+    (inner >= ROWS_MIN_INNER, inner % 4 == 0, 16-byte aligned), a channel
+    of at most CLUSTER_SIZE * CLUSTER_SMEM bytes, a GPU with clusters."""
+    if not CLUSTER_FORWARD or inner < ROWS_MIN_INNER or inner % 4 or not _vec4_ok(x, y):
+        return 0
+    nbytes = -(-outer // CLUSTER_SIZE) * inner * 4
+    if nbytes > CLUSTER_SMEM or not _cluster_capable():
+        return 0
+    return nbytes
+
+
+def _cluster_kernel(name: str):
+    fn = _loader.kernel(CLUSTER_FILE, CLUSTER_NAMES, name)
+    if getattr(fn, "max_dynamic_shared_size_bytes", 0) < CLUSTER_SMEM:
+        fn.max_dynamic_shared_size_bytes = CLUSTER_SMEM     # above the 48 KiB default
+    return fn
+
+
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
                        training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                        axis: int = 1, unbiased_running_var: bool = True, out=None,
@@ -235,7 +275,16 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         rm, rv = _as_param(running_mean, pt), _as_param(running_var, pt)
         ptn = _CTYPES[pt]
         xf = view.flat(xk)
-        if training:
+        yf = view.flat(target)
+        smem = cluster_smem(view.outer, C, view.inner, xf, yf) if training and x.size else 0
+        if smem:
+            _cluster_kernel(f"bn_forward_cluster<{ptn}>")(
+                (CLUSTER_SIZE * C,), (256,),
+                (xf, yf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
+                 np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv),
+                 np.float64(momentum), np.int32(bool(unbiased_running_var)), mean, invstd),
+                shared_mem=smem)
+        elif training:
             s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
             _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {ptn}>")(
                 (C,), (256,), (xf, np.int32(C), np.int64(view.inner), np.int64(view.outer),
@@ -244,17 +293,16 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                                _ptr(rv), np.float64(momentum),
                                np.int32(bool(unbiased_running_var)), mean, invstd, scale,
                                shift))
-            if rm is not running_mean:
-                running_mean[...] = rm
-            if rv is not running_var:
-                running_var[...] = rv
         else:
             _kernel(f"bn_prepare_eval<{ptn}>")((-(-C // 256),), (256,),
                                               (np.int32(C), rm, rv, np.float64(eps), _ptr(w),
                                                _ptr(b), mean, invstd, scale, shift))
-        if x.size:
-            _elementwise("apply", (xf,), view.flat(target), view.outer, C, view.inner,
-                         (mean, scale, shift))
+        if training and rm is not running_mean:
+            running_mean[...] = rm
+        if training and rv is not running_var:
+            running_var[...] = rv
+        if x.size and not smem:
+            _elementwise("apply", (xf,), yf, view.outer, C, view.inner, (mean, scale, shift))
     return _finish_output(target, out), mean, invstd
 
 

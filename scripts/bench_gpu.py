@@ -19,6 +19,8 @@ TARGETS_MS = {   # issue 4 and issue 5 targets (H100, float32)
     "bn forward-train (128,256,28,28) NCHW": 0.10,
     "bn backward (128,256,28,28) NCHW": 0.17,
     "bn forward-train (32,64,56,56) NCHW": 0.07,
+    "bn forward-train (128,256,28,28) NCHW, cluster": 0.10,
+    "bn forward-train (32,64,56,56) NCHW, cluster": 0.07,
     "bn backward (32,64,56,56) NCHW": 0.15,
     "adam 100M as 1 tensor": 1.05,
     "adam 100M as 200 tensors": 1.15,
@@ -141,16 +143,56 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> L
                                                    True, 0.1, 1e-5)),
         "floor": 2 * nbytes / bw,
     }
+    rows = [dict(case=f"bn forward-train {label}", **fwd)]
+    cluster = _cluster_row(label, x, w, b, rm, rv, fwd, bncore_gpu)
     if not backward:
-        return [dict(case=f"bn forward-train {label}", **fwd)]
+        return rows + cluster
     bwd = {
         "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)),
         "torch": cuda_time_ms(lambda: torch.autograd.grad(ty, (txg, tw, tb), tdy,
                                                           retain_graph=True)),
         "floor": 3 * nbytes / bw,
     }
-    return [dict(case=f"bn forward-train {label}", **fwd),
-            dict(case=f"bn backward {label}", **bwd)]
+    return rows + cluster + [dict(case=f"bn backward {label}", **bwd)]
+
+
+def _cluster_row(label, x, w, b, rm, rv, fwd, bncore_gpu) -> List[dict]:
+    """The training forward again with the single-read cluster kernel
+    (bncore_gpu/_bn_cluster_kernels.cu, off by default) where it applies,
+    after checking its output against the default path's."""
+    import sys
+
+    import cupy
+
+    from bncore_gpu import batch_norm as gbn
+    if not x.flags.c_contiguous:        # channels-last: not a planes layout
+        return []
+    flat = x.reshape(-1)
+    inner = x.size // (x.shape[0] * x.shape[1])
+    saved = gbn.CLUSTER_FORWARD
+    try:
+        gbn.CLUSTER_FORWARD = True
+        if not gbn.cluster_smem(x.shape[0], x.shape[1], inner, flat, flat):
+            return []
+        y0, m0, s0 = bncore_gpu.batch_norm_forward(x, w, b, rm.copy(), rv.copy())
+        gbn.CLUSTER_FORWARD = False
+        y1, m1, s1 = bncore_gpu.batch_norm_forward(x, w, b, rm.copy(), rv.copy())
+        gbn.CLUSTER_FORWARD = True
+        err = float(cupy.abs(y0 - y1).max() / cupy.abs(y1).max())
+        if err > 1e-6 or float(cupy.abs(m0 - m1).max() / cupy.abs(m1).max()) > 1e-12:
+            print(f"cluster forward {label}: differs from the default path (y {err:.2e})",
+                  file=sys.stderr)
+            return [dict(case=f"bn forward-train {label}, cluster WRONG", bncore=float("nan"),
+                         torch=fwd["torch"], floor=fwd["floor"])]
+        t = cuda_time_ms(lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv))
+        return [dict(case=f"bn forward-train {label}, cluster", bncore=t, torch=fwd["torch"],
+                     floor=fwd["floor"])]
+    except Exception as exc:          # a kernel that fails to build or launch: report it
+        print(f"cluster forward {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return [dict(case=f"bn forward-train {label}, cluster FAILED", bncore=float("nan"),
+                     torch=fwd["torch"], floor=fwd["floor"])]
+    finally:
+        gbn.CLUSTER_FORWARD = saved
 
 
 def optim_cases(bw: float) -> List[dict]:

@@ -197,3 +197,67 @@ def test_batch_norm_statistics_with_an_outlier_as_pivot(layout):
     got = 1.0 / cupy.asnumpy(invstd).astype(np.longdouble) ** 2
     assert np.max(np.abs(got / var - 1)) < 1e-13
     assert np.max(np.abs(cupy.asnumpy(mean) / xl.mean(axis=red) - 1)) < 1e-15
+
+
+@pytest.fixture
+def cluster_forward(monkeypatch):
+    """The single-read cluster forward (bncore_gpu/_bn_cluster_kernels.cu) on."""
+    from bncore_gpu import batch_norm as gbn
+    monkeypatch.setattr(gbn, "CLUSTER_FORWARD", True)
+    return gbn
+
+
+@pytest.mark.parametrize("shape", [(32, 16, 56, 56), (5, 3, 8, 12), (9, 4, 32), (64, 2, 7, 7),
+                                   (16, 2, 4, 512)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cluster_forward_matches_cpu_on_offset_data(cluster_forward, shape, affine):
+    """The cluster forward (when it applies) and the default path (when it
+    does not) give y, mean, invstd and running statistics within the parity
+    tolerance of the CPU engine on data offset 1e5 std from 0, identically
+    from run to run."""
+    gbn = cluster_forward
+    rng = np.random.default_rng(5)
+    C = shape[1]
+    bshape = [1] * len(shape)
+    bshape[1] = C
+    std = rng.uniform(0.5, 2.0, C)
+    x = ((std * 1e5).reshape(bshape) + std.reshape(bshape) * rng.standard_normal(shape))
+    x = x.astype(np.float32)
+    inner = int(np.prod(shape[2:]))
+    outer = shape[0]
+    expect_cluster = inner % 4 == 0 and inner >= 32 and -(-outer // 8) * inner * 4 <= 98304
+    xg = cupy.asarray(x)
+    assert (gbn.cluster_smem(outer, C, inner, xg.reshape(-1), xg.reshape(-1)) > 0) == expect_cluster
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32) if affine else None
+    b = rng.uniform(-1, 1, C).astype(np.float32) if affine else None
+    runs = []
+    for _ in range(2):
+        rm, rv = cupy.full(C, 3.0, cupy.float32), cupy.full(C, 2.0, cupy.float32)
+        y, m, s = bncore_gpu.batch_norm_forward(
+            xg, None if w is None else cupy.asarray(w), None if b is None else cupy.asarray(b),
+            rm, rv, momentum=0.3)
+        runs.append([cupy.asnumpy(a) for a in (y, m, s, rm, rv)])
+    for a, b_ in zip(*runs):
+        assert a.tobytes() == b_.tobytes(), "two GPU runs differ"
+    rm_c, rv_c = np.full(C, 3.0, np.float32), np.full(C, 2.0, np.float32)
+    y_c, m_c, s_c = bncore.batch_norm_forward(x, w, b, rm_c, rv_c, momentum=0.3)
+    for got, want in zip(runs[0], (y_c, m_c, s_c, rm_c, rv_c)):
+        assert rel(got, want) <= 1e-6
+
+
+def test_cluster_forward_statistics_are_exact_with_an_outlier_first_value(cluster_forward):
+    """Two-pass statistics over shared memory: an outlier at x[0, c, 0] (where
+    the default kernels take their pivot) costs nothing; the variance of
+    float32 data offset 1e5 std from 0 is the float64 one to 1e-13."""
+    rng = np.random.default_rng(12)
+    shape = (64, 4, 32, 32)
+    x = (1e5 + rng.standard_normal(shape)).astype(np.float32)
+    x[0, :, 0, 0] += 1e3
+    xg = cupy.asarray(x)
+    assert cluster_forward.cluster_smem(64, 4, 1024, xg.reshape(-1), xg.reshape(-1)) > 0
+    _, mean, invstd = bncore_gpu.batch_norm_forward(xg, eps=1e-30)
+    xl = x.astype(np.longdouble)
+    var = ((xl - xl.mean(axis=(0, 2, 3), keepdims=True)) ** 2).mean(axis=(0, 2, 3))
+    got = 1.0 / cupy.asnumpy(invstd).astype(np.longdouble) ** 2
+    assert np.max(np.abs(got / var - 1)) < 1e-13
+    assert np.max(np.abs(cupy.asnumpy(mean) / xl.mean(axis=(0, 2, 3)) - 1)) < 1e-15

@@ -105,6 +105,34 @@ def finalize_train(grid, block, x, C, inner, outer, M, s1, s2, N, eps, w, b, rm,
 E["bn_finalize_train"] = finalize_train
 
 
+def forward_cluster(grid, block, x, y, outer, C, inner4, N, eps, w, b, rm, rv, momentum,
+                    unbiased, mean, invstd):
+    """bn_forward_cluster (_bn_cluster_kernels.cu): one cluster of 8 CTAs per
+    channel, each holding ceil(outer / 8) planes in shared memory; exact
+    two-pass statistics, then y, mean, invstd and the running statistics."""
+    outer, C, inner = int(outer), int(C), int(inner4) * 4
+    _expect(grid == (8 * C, 1, 1) and block == (256, 1, 1), f"forward_cluster launch {grid}")
+    smem = RawModule.current_launch.get("shared_mem", 0)
+    _expect(smem == -(-outer // 8) * inner * 4, f"forward_cluster shared memory {smem}")
+    X = _f64(x)[: outer * C * inner].reshape(outer, C, inner)
+    mu = X.sum(axis=(0, 2)) / N
+    m2 = ((X - mu[None, :, None]) ** 2).sum(axis=(0, 2))
+    var = m2 / N
+    inv = 1.0 / np.sqrt(var + eps)
+    sc = inv * (1.0 if _null(w) else _f64(w))
+    sh = 0.0 if _null(b) else _f64(b)
+    _store(y, (X - mu[None, :, None]) * sc[None, :, None] + np.broadcast_to(sh, (C,))[None, :, None])
+    _a(mean)[:] = mu
+    _a(invstd)[:] = inv
+    if not _null(rm):
+        vr = m2 / (N - 1.0) if unbiased else var
+        _store(rm, (1 - momentum) * _f64(rm) + momentum * mu)
+        _store(rv, (1 - momentum) * _f64(rv) + momentum * vr)
+
+
+E["bn_forward_cluster"] = forward_cluster
+
+
 def prepare_eval(grid, block, C, rm, rv, eps, w, b, mean, invstd, scale, shift):
     _expect(grid[0] * block[0] >= C, "prepare_eval covers the channels")
     inv = 1.0 / np.sqrt(_f64(rv) + eps)

@@ -141,8 +141,8 @@ _PARAM_TYPES = {"float": _np.float32, "double": _np.float64, "unsigned short": _
 def _parse_kernels(code):
     """{name: (template parameter names, [(C type, is_pointer), ...])}."""
     out = {}
-    pattern = re.compile(r"(template\s*<([^>]*)>\s*)?__global__\s+void\s+(\w+)\s*\(([^)]*)\)",
-                         re.S)
+    pattern = re.compile(r"(template\s*<([^>]*)>\s*)?__global__\s+void\s+"
+                         r"(?:__cluster_dims__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)", re.S)
     for m in pattern.finditer(code):
         tparams = [p.split()[-1] for p in m.group(2).split(",")] if m.group(2) else []
         params = []
@@ -162,6 +162,8 @@ class RawKernel:
         self.targs = targs
         self.sig = sig
         self.emulation = emulation
+        # CUDA's default cap on dynamic shared memory; a launch above it fails
+        self.max_dynamic_shared_size_bytes = 48 * 1024
 
     def _check(self, args):
         tparams, params = self.sig
@@ -197,15 +199,20 @@ class RawKernel:
         if _np.prod(block) > 1024 or any(b < 1 for b in block):
             raise ValueError(f"{self.name}: bad block {block}")
         self._check(args)
+        if kw.get("shared_mem", 0) > self.max_dynamic_shared_size_bytes:
+            raise RuntimeError(f"{self.name}: {kw['shared_mem']} bytes of dynamic shared memory "
+                               f"above the kernel's cap {self.max_dynamic_shared_size_bytes}")
         if self.emulation is None:
             raise NotImplementedError(f"no emulation for kernel {self.name}")
         RawModule.current_targs = self.targs     # the template arguments, for emulations
+        RawModule.current_launch = dict(kw)      # shared_mem and the like, for emulations
         self.emulation(grid, block, *args)
 
 
 class RawModule:
     emulations = {}          # kernel name -> emulation(grid, block, *args)
     current_targs = []
+    current_launch = {}
 
     def __init__(self, code=None, options=(), name_expressions=()):
         if not code.startswith("#line"):

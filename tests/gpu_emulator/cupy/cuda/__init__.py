@@ -1,6 +1,7 @@
 class _Device:
     id = 0
     attributes = {"MultiProcessorCount": 4}
+    compute_capability = "90"     # an H100: thread-block clusters available
 
     def __init__(self, *args):
         pass
