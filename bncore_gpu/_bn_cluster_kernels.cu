@@ -1,18 +1,19 @@
-// Single-read training forward for float32 planes (NCHW-like layouts with
-// inner % 4 == 0), for GPUs with thread-block clusters (compute capability
-// 9.0+). Loaded by bncore_gpu/batch_norm.py only when the cluster path is
-// switched on (bncore_gpu.batch_norm.CLUSTER_FORWARD, or BNCORE_GPU_CLUSTER=1
-// at import), and kept apart from _bn_kernels.cu so that a toolchain without
+// Single-read training forward and backward for float32 planes (NCHW-like
+// layouts with inner % 4 == 0), for GPUs with thread-block clusters (compute
+// capability 9.0+). Loaded by bncore_gpu/batch_norm.py only when the cluster
+// path is switched on (bncore_gpu.batch_norm.CLUSTER_KERNELS, or
+// BNCORE_GPU_CLUSTER=1 at import), and kept apart from _bn_kernels.cu so that a toolchain without
 // cluster support can never break the default kernels. No headers: cluster
 // rank, barrier and distributed shared memory are reached through PTX.
-// The CPU twin of the computation is bncore/_bn_kernels.pyx (forward).
+// The CPU twin of the computation is bncore/_bn_kernels.pyx.
 //
 // Why: the default training forward reads x twice (statistics, then the
 // normalizing pass) and writes y once; on an H100 that is 0.136-0.143 ms for
 // (128,256,28,28) float32 against 0.069 ms for one read and one write. Here a
 // cluster of BNC_CLUSTER CTAs owns one channel; CTA r keeps planes
 // o in [r*Q, min((r+1)*Q, outer)) (Q = ceil(outer / BNC_CLUSTER)) in shared
-// memory, so x is read from global memory once.
+// memory, so x is read from global memory once. The backward holds dy and x
+// the same way: dy and x read once, dx written once (3 x 103 MB instead of 5).
 //
 // Numerics: exact two-pass statistics over the shared-memory copy, in float64:
 // mean = sum(x) / N, then M2 = sum((x - mean)^2) (nothing cancels, whatever
@@ -65,6 +66,25 @@ __device__ __forceinline__ double bnc_block_sum(double a, double* s) {
         __syncthreads();
     }
     return s[0];
+}
+
+// bnc_block_sum for two doubles at once (same tree). It repeats bn_block_sum2
+// of _bn_kernels.cu on purpose: the two files are compiled apart, so that this
+// one can never keep the default kernels from building.
+__device__ __forceinline__ void bnc_block_sum2(double& a, double& b, double* sa, double* sb) {
+    int t = threadIdx.x;
+    sa[t] = a;
+    sb[t] = b;
+    __syncthreads();
+    for (int w = BNC_THREADS / 2; w > 0; w >>= 1) {
+        if (t < w) {
+            sa[t] += sa[t + w];
+            sb[t] += sb[t + w];
+        }
+        __syncthreads();
+    }
+    a = sa[0];
+    b = sb[0];
 }
 
 // The cluster total of one double per CTA (part[slot] in each), in rank order.
@@ -148,6 +168,81 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
         o.z = (float)(((double)v.z - mu) * sc + sh);
         o.w = (float)(((double)v.w - mu) * sc + sh);
         y[((o0 + pl) * C + c) * inner4 + i] = o;
+        for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+    }
+    // no CTA may leave while another can still read its `part`
+    bnc_cluster_sync();
+}
+
+// grid (BNC_CLUSTER * C), block (BNC_THREADS), dynamic shared memory
+// 2 * Q * inner4 * 16 bytes (dy, then x). The backward of the training forward
+// (training = 1) or of the inference one (0) for one channel per cluster, as
+// bn_dy_sums_planes + bn_finalize_backward + bn_dx_planes compute it:
+// sum(dy), sum(dy * (x - mean)) in float64 (CTA trees, then rank order), then
+// dweight = sum(dy (x - mean)) * invstd, dbias = sum(dy) (PT: weight's dtype)
+// and dx = g ((dy - a) - (x - mean) k) with g = invstd * weight,
+// a = sum(dy) / N, k = invstd^2 sum(dy (x - mean)) / N (a = k = 0 in inference).
+template <typename PT>
+__global__ void __cluster_dims__(BNC_CLUSTER, 1, 1)
+bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
+                    float4* __restrict__ dx, long long outer, int C, long long inner4,
+                    double N, int training, const double* __restrict__ mean,
+                    const double* __restrict__ invstd, const PT* __restrict__ weight,
+                    PT* __restrict__ dweight, PT* __restrict__ dbias) {
+    extern __shared__ float4 slab[];
+    __shared__ double red_a[BNC_THREADS];
+    __shared__ double red_b[BNC_THREADS];
+    __shared__ double part[2];
+    unsigned r = bnc_cluster_rank();
+    int c = blockIdx.x / BNC_CLUSTER;
+    long long Q = (outer + BNC_CLUSTER - 1) / BNC_CLUSTER;
+    long long o0 = (long long)r * Q;
+    long long o1 = o0 + Q < outer ? o0 + Q : outer;
+    int i4 = (int)inner4;
+    int n4 = o1 > o0 ? (int)((o1 - o0) * inner4) : 0;
+    float4* sdy = slab;
+    float4* sx = slab + n4;
+    double m = mean[c];
+
+    double sa = 0.0, sb = 0.0;
+    int pl = (int)threadIdx.x / i4, i = (int)threadIdx.x - pl * i4;
+    for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
+        long long at = ((o0 + pl) * C + c) * inner4 + i;
+        float4 d = dy[at], v = x[at];
+        sdy[k] = d;
+        sx[k] = v;
+        sa += ((double)d.x + (double)d.y) + ((double)d.z + (double)d.w);
+        sb += ((double)d.x * ((double)v.x - m) + (double)d.y * ((double)v.y - m))
+            + ((double)d.z * ((double)v.z - m) + (double)d.w * ((double)v.w - m));
+        for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+    }
+    bnc_block_sum2(sa, sb, red_a, red_b);
+    if (threadIdx.x == 0) {
+        part[0] = sa;
+        part[1] = sb;
+    }
+    bnc_cluster_sync();
+    double s1 = bnc_cluster_total(&part[0]);
+    double s2 = bnc_cluster_total(&part[1]);
+
+    double inv = invstd[c];
+    double g = inv * (weight ? bnc_ld(weight + c) : 1.0);
+    double a = training ? s1 / N : 0.0;
+    double kk = training ? inv * inv * s2 / N : 0.0;
+    if (r == 0 && threadIdx.x == 0) {
+        bnc_st(dweight + c, s2 * inv);
+        bnc_st(dbias + c, s1);
+    }
+    pl = (int)threadIdx.x / i4;
+    i = (int)threadIdx.x - pl * i4;
+    for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
+        float4 d = sdy[k], v = sx[k];
+        float4 o;
+        o.x = (float)(g * (((double)d.x - a) - ((double)v.x - m) * kk));
+        o.y = (float)(g * (((double)d.y - a) - ((double)v.y - m) * kk));
+        o.z = (float)(g * (((double)d.z - a) - ((double)v.z - m) * kk));
+        o.w = (float)(g * (((double)d.w - a) - ((double)v.w - m) * kk));
+        dx[((o0 + pl) * C + c) * inner4 + i] = o;
         for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
     }
     // no CTA may leave while another can still read its `part`

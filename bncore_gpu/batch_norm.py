@@ -52,15 +52,16 @@ def _names():
 NAMES = _names()
 NULL = np.uint64(0)           # a null pointer argument
 
-# The single-read training forward on thread-block clusters (compute
-# capability 9.0+, float32 planes): see _bn_cluster_kernels.cu. Off by default
-# until it has been measured on hardware; BNCORE_GPU_CLUSTER=1 at import (or
-# setting CLUSTER_FORWARD) switches it on where it applies.
+# The single-read training forward and backward on thread-block clusters
+# (compute capability 9.0+, float32 planes): see _bn_cluster_kernels.cu. Off
+# by default until they have been measured on hardware; BNCORE_GPU_CLUSTER=1
+# at import (or setting CLUSTER_KERNELS) switches them on where they apply.
 CLUSTER_FILE = "_bn_cluster_kernels.cu"
-CLUSTER_NAMES = ("bn_forward_cluster<float>", "bn_forward_cluster<double>")
+CLUSTER_NAMES = tuple(f"bn_{k}_cluster<{t}>" for k in ("forward", "backward")
+                      for t in ("float", "double"))
 CLUSTER_SIZE = 8              # BNC_CLUSTER in the .cu file
-CLUSTER_SMEM = 98304          # bytes of x one CTA may hold (two CTAs per H100 SM)
-CLUSTER_FORWARD = os.environ.get("BNCORE_GPU_CLUSTER", "0") == "1"
+CLUSTER_SMEM = 106496         # bytes of data one CTA may hold (two CTAs per H100 SM)
+CLUSTER_KERNELS = os.environ.get("BNCORE_GPU_CLUSTER", "0") == "1"
 _cluster_devices = {}         # device -> compute capability >= 9.0
 
 
@@ -232,14 +233,15 @@ def _cluster_capable() -> bool:
     return ok
 
 
-def cluster_smem(outer: int, C: int, inner: int, x, y) -> int:
-    """Dynamic shared memory (bytes per CTA) of the cluster forward for this
-    call, or 0 when that path is off or does not apply: float32 planes
-    (inner >= ROWS_MIN_INNER, inner % 4 == 0, 16-byte aligned), a channel
-    of at most CLUSTER_SIZE * CLUSTER_SMEM bytes, a GPU with clusters."""
-    if not CLUSTER_FORWARD or inner < ROWS_MIN_INNER or inner % 4 or not _vec4_ok(x, y):
+def cluster_smem(outer: int, C: int, inner: int, held: int, *arrays) -> int:
+    """Dynamic shared memory (bytes per CTA) of a cluster kernel that holds
+    `held` arrays of the channel on chip (forward 1, backward 2), or 0 when
+    the cluster path is off or does not apply: float32 `arrays` in planes
+    (inner >= ROWS_MIN_INNER, inner % 4 == 0, 16-byte aligned), at most
+    CLUSTER_SMEM bytes per CTA, a GPU with clusters."""
+    if not CLUSTER_KERNELS or inner < ROWS_MIN_INNER or inner % 4 or not _vec4_ok(*arrays):
         return 0
-    nbytes = -(-outer // CLUSTER_SIZE) * inner * 4
+    nbytes = held * -(-outer // CLUSTER_SIZE) * inner * 4
     if nbytes > CLUSTER_SMEM or not _cluster_capable():
         return 0
     return nbytes
@@ -276,7 +278,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         ptn = _CTYPES[pt]
         xf = view.flat(xk)
         yf = view.flat(target)
-        smem = cluster_smem(view.outer, C, view.inner, xf, yf) if training and x.size else 0
+        smem = cluster_smem(view.outer, C, view.inner, 1, xf, yf) if training and x.size else 0
         if smem:
             _cluster_kernel(f"bn_forward_cluster<{ptn}>")(
                 (CLUSTER_SIZE * C,), (256,),
@@ -306,6 +308,18 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     return _finish_output(target, out), mean, invstd
 
 
+def _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w, dweight, dbias):
+    """The default backward: partial sums, finalize, then the dx pass."""
+    a_part, b_part, M = _partial_sums("dy", dyf, xf, view.outer, C, view.inner, mean64)
+    consts = cupy.empty((3, C), _F64)
+    _kernel(f"bn_finalize_backward<{_CTYPES[dweight.dtype]}>")(
+        (C,), (256,), (np.int32(C), np.int32(M), a_part, b_part, np.float64(n),
+                       np.int32(bool(training)), invstd64, _ptr(w), dweight, dbias,
+                       consts[0], consts[1], consts[2]))
+    _elementwise("dx", (dyf, xf), dxf, view.outer, C, view.inner,
+                 (mean64, consts[0], consts[1], consts[2]))
+
+
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = True,
                         axis: int = 1, out=None, num_threads: Optional[int] = None):
     """Gradients of batch_norm_forward (see bncore.batch_norm_backward).
@@ -327,16 +341,18 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     dweight, dbias = grads[0], grads[1]
     mean64, invstd64 = _vec64(mean), _vec64(invstd)
     if C and x.size:
-        xf, dyf = view.flat(xk), view.flat(dyk)
-        a_part, b_part, M = _partial_sums("dy", dyf, xf, view.outer, C, view.inner, mean64)
-        consts = cupy.empty((3, C), _F64)
+        xf, dyf, dxf = view.flat(xk), view.flat(dyk), view.flat(target)
         w = _as_param(weight, kdtype)
-        _kernel(f"bn_finalize_backward<{_CTYPES[kdtype]}>")(
-            (C,), (256,), (np.int32(C), np.int32(M), a_part, b_part, np.float64(n),
-                           np.int32(bool(training)), invstd64, _ptr(w), dweight, dbias,
-                           consts[0], consts[1], consts[2]))
-        _elementwise("dx", (dyf, xf), view.flat(target), view.outer, C, view.inner,
-                     (mean64, consts[0], consts[1], consts[2]))
+        smem = cluster_smem(view.outer, C, view.inner, 2, dyf, xf, dxf)
+        if smem:
+            _cluster_kernel(f"bn_backward_cluster<{_CTYPES[kdtype]}>")(
+                (CLUSTER_SIZE * C,), (256,),
+                (dyf, xf, dxf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
+                 np.float64(n), np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight,
+                 dbias), shared_mem=smem)
+        else:
+            _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w,
+                              dweight, dbias)
     dx = _finish_output(target, dx_out)
     if kdtype != pdtype:
         dweight, dbias = dweight.astype(pdtype), dbias.astype(pdtype)

@@ -21,6 +21,8 @@ TARGETS_MS = {   # issue 4 and issue 5 targets (H100, float32)
     "bn forward-train (32,64,56,56) NCHW": 0.07,
     "bn forward-train (128,256,28,28) NCHW, cluster": 0.10,
     "bn forward-train (32,64,56,56) NCHW, cluster": 0.07,
+    "bn backward (128,256,28,28) NCHW, cluster": 0.17,
+    "bn backward (32,64,56,56) NCHW, cluster": 0.15,
     "bn backward (32,64,56,56) NCHW": 0.15,
     "adam 100M as 1 tensor": 1.05,
     "adam 100M as 200 tensors": 1.15,
@@ -144,55 +146,73 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> L
         "floor": 2 * nbytes / bw,
     }
     rows = [dict(case=f"bn forward-train {label}", **fwd)]
-    cluster = _cluster_row(label, x, w, b, rm, rv, fwd, bncore_gpu)
     if not backward:
-        return rows + cluster
+        return rows + _cluster_rows(label, x, dy, w, b, rm, rv, fwd, None, bncore_gpu)
     bwd = {
         "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)),
         "torch": cuda_time_ms(lambda: torch.autograd.grad(ty, (txg, tw, tb), tdy,
                                                           retain_graph=True)),
         "floor": 3 * nbytes / bw,
     }
-    return rows + cluster + [dict(case=f"bn backward {label}", **bwd)]
+    return (rows + [dict(case=f"bn backward {label}", **bwd)]
+            + _cluster_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu))
 
 
-def _cluster_row(label, x, w, b, rm, rv, fwd, bncore_gpu) -> List[dict]:
-    """The training forward again with the single-read cluster kernel
-    (bncore_gpu/_bn_cluster_kernels.cu, off by default) where it applies,
-    after checking its output against the default path's."""
+def _cluster_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict]:
+    """The training forward and the backward again with the single-read cluster
+    kernels (bncore_gpu/_bn_cluster_kernels.cu, off by default) where they
+    apply, after checking their outputs against the default path's."""
     import sys
 
     import cupy
 
     from bncore_gpu import batch_norm as gbn
-    if not x.flags.c_contiguous:        # channels-last: not a planes layout
+    if not (x.flags.c_contiguous and dy.flags.c_contiguous):   # channels-last: no planes
         return []
-    flat = x.reshape(-1)
     inner = x.size // (x.shape[0] * x.shape[1])
-    saved = gbn.CLUSTER_FORWARD
+    fx, fdy = x.reshape(-1), dy.reshape(-1)
+    saved = gbn.CLUSTER_KERNELS
+
+    def close(a, b):
+        return float(cupy.abs(a - b).max() / max(float(cupy.abs(b).max()), 1e-30)) <= 1e-6
+
+    def both(fn):
+        gbn.CLUSTER_KERNELS = False
+        ref = fn()
+        gbn.CLUSTER_KERNELS = True
+        return fn(), ref
+
+    rows = []
+    cases = [("forward-train", 1, fwd,
+              lambda: bncore_gpu.batch_norm_forward(x, w, b, rm.copy(), rv.copy()))]
+    if bwd is not None:
+        _, mean, invstd = bncore_gpu.batch_norm_forward(x, w, b, rm.copy(), rv.copy())
+        cases.append(("backward", 2, bwd,
+                      lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)))
     try:
-        gbn.CLUSTER_FORWARD = True
-        if not gbn.cluster_smem(x.shape[0], x.shape[1], inner, flat, flat):
-            return []
-        y0, m0, s0 = bncore_gpu.batch_norm_forward(x, w, b, rm.copy(), rv.copy())
-        gbn.CLUSTER_FORWARD = False
-        y1, m1, s1 = bncore_gpu.batch_norm_forward(x, w, b, rm.copy(), rv.copy())
-        gbn.CLUSTER_FORWARD = True
-        err = float(cupy.abs(y0 - y1).max() / cupy.abs(y1).max())
-        if err > 1e-6 or float(cupy.abs(m0 - m1).max() / cupy.abs(m1).max()) > 1e-12:
-            print(f"cluster forward {label}: differs from the default path (y {err:.2e})",
-                  file=sys.stderr)
-            return [dict(case=f"bn forward-train {label}, cluster WRONG", bncore=float("nan"),
-                         torch=fwd["torch"], floor=fwd["floor"])]
-        t = cuda_time_ms(lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv))
-        return [dict(case=f"bn forward-train {label}, cluster", bncore=t, torch=fwd["torch"],
-                     floor=fwd["floor"])]
-    except Exception as exc:          # a kernel that fails to build or launch: report it
-        print(f"cluster forward {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return [dict(case=f"bn forward-train {label}, cluster FAILED", bncore=float("nan"),
-                     torch=fwd["torch"], floor=fwd["floor"])]
+        gbn.CLUSTER_KERNELS = True
+        for kind, held, base, fn in cases:
+            name = f"bn {kind} {label}, cluster"
+            if not gbn.cluster_smem(x.shape[0], x.shape[1], inner, held, fx, fdy):
+                continue
+            try:
+                got, ref = both(fn)
+                gbn.CLUSTER_KERNELS = True
+                if not all(close(g, r) for g, r in zip(got, ref)):
+                    print(f"cluster {kind} {label}: differs from the default path",
+                          file=sys.stderr)
+                    name += " WRONG"
+                    t = float("nan")
+                else:
+                    t = cuda_time_ms(fn)
+            except Exception as exc:     # a kernel that fails to build or launch: report it
+                print(f"cluster {kind} {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                name += " FAILED"
+                t = float("nan")
+            rows.append(dict(case=name, bncore=t, torch=base["torch"], floor=base["floor"]))
     finally:
-        gbn.CLUSTER_FORWARD = saved
+        gbn.CLUSTER_KERNELS = saved
+    return rows
 
 
 def optim_cases(bw: float) -> List[dict]:

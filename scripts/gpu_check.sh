@@ -52,9 +52,9 @@ $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" -ne 0 ] && status=1
 
-# the opt-in single-read cluster forward (bncore_gpu/_bn_cluster_kernels.cu), on
+# the opt-in single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu), on
 # its own so that a failure there cannot stop the tests above
-echo "== cluster forward tests"
+echo "== cluster kernel tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
     | tee "$OUT/tests_cluster.log" | tail -8
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
@@ -79,7 +79,7 @@ $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$
 echo
 echo "================ summary ================"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
-grep -E "passed|failed|error" "$OUT/tests_cluster.log" | tail -1 | sed 's/^/cluster forward: /'
-grep -h "cluster forward" "$OUT/bench.err" 2>/dev/null | head -4
+grep -E "passed|failed|error" "$OUT/tests_cluster.log" | tail -1 | sed 's/^/cluster kernels: /'
+grep -h "^cluster " "$OUT/bench.err" 2>/dev/null | head -4
 cat "$OUT/bench.txt"
 exit $status

@@ -200,34 +200,49 @@ def test_batch_norm_statistics_with_an_outlier_as_pivot(layout):
 
 
 @pytest.fixture
-def cluster_forward(monkeypatch):
-    """The single-read cluster forward (bncore_gpu/_bn_cluster_kernels.cu) on."""
+def cluster_kernels(monkeypatch):
+    """The single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu) on."""
     from bncore_gpu import batch_norm as gbn
-    monkeypatch.setattr(gbn, "CLUSTER_FORWARD", True)
+    monkeypatch.setattr(gbn, "CLUSTER_KERNELS", True)
     return gbn
 
 
-@pytest.mark.parametrize("shape", [(32, 16, 56, 56), (5, 3, 8, 12), (9, 4, 32), (64, 2, 7, 7),
-                                   (16, 2, 4, 512)])
+def _takes_cluster(shape, held):
+    """Whether a float32 NCHW-like `shape` qualifies for the cluster kernels:
+    planes with inner % 4 == 0 and at most 104 KiB per CTA of a cluster of 8."""
+    inner = int(np.prod(shape[2:]))
+    return inner % 4 == 0 and inner >= 32 and held * -(-shape[0] // 8) * inner * 4 <= 106496
+
+
+def _offset_data(rng, shape):
+    C = shape[1]
+    bshape = [1, C] + [1] * (len(shape) - 2)
+    std = rng.uniform(0.5, 2.0, C)
+    x = (std * 1e5).reshape(bshape) + std.reshape(bshape) * rng.standard_normal(shape)
+    return x.astype(np.float32)
+
+
+# the cluster kernels where they apply ((32, 16, 56, 56): 50 KiB of dy and x per
+# CTA; (5, 3, 8, 12): three CTAs hold nothing; (9, 4, 32): a short last slice;
+# (64, 2, 32, 64): 64 KiB of x per CTA, so the
+# forward only: dy and x would need 128) and
+# the default path where they do not ((64, 2, 7, 7): inner not a multiple of 4)
+CLUSTER_SHAPES = [(32, 16, 56, 56), (5, 3, 8, 12), (9, 4, 32), (64, 2, 32, 64), (64, 2, 7, 7)]
+
+
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
-def test_cluster_forward_matches_cpu_on_offset_data(cluster_forward, shape, affine):
-    """The cluster forward (when it applies) and the default path (when it
-    does not) give y, mean, invstd and running statistics within the parity
-    tolerance of the CPU engine on data offset 1e5 std from 0, identically
-    from run to run."""
-    gbn = cluster_forward
+def test_cluster_forward_matches_cpu_on_offset_data(cluster_kernels, shape, affine):
+    """y, mean, invstd and the running statistics within the parity tolerance
+    of the CPU engine on data offset 1e5 std from 0, identical from run to run."""
+    gbn = cluster_kernels
     rng = np.random.default_rng(5)
     C = shape[1]
-    bshape = [1] * len(shape)
-    bshape[1] = C
-    std = rng.uniform(0.5, 2.0, C)
-    x = ((std * 1e5).reshape(bshape) + std.reshape(bshape) * rng.standard_normal(shape))
-    x = x.astype(np.float32)
-    inner = int(np.prod(shape[2:]))
-    outer = shape[0]
-    expect_cluster = inner % 4 == 0 and inner >= 32 and -(-outer // 8) * inner * 4 <= 98304
+    x = _offset_data(rng, shape)
     xg = cupy.asarray(x)
-    assert (gbn.cluster_smem(outer, C, inner, xg.reshape(-1), xg.reshape(-1)) > 0) == expect_cluster
+    flat = xg.reshape(-1)
+    inner = int(np.prod(shape[2:]))
+    assert (gbn.cluster_smem(shape[0], C, inner, 1, flat, flat) > 0) == _takes_cluster(shape, 1)
     w = rng.uniform(0.5, 1.5, C).astype(np.float32) if affine else None
     b = rng.uniform(-1, 1, C).astype(np.float32) if affine else None
     runs = []
@@ -245,7 +260,39 @@ def test_cluster_forward_matches_cpu_on_offset_data(cluster_forward, shape, affi
         assert rel(got, want) <= 1e-6
 
 
-def test_cluster_forward_statistics_are_exact_with_an_outlier_first_value(cluster_forward):
+@pytest.mark.parametrize("shape", CLUSTER_SHAPES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("wdtype", [np.float32, np.float64, None])
+def test_cluster_backward_matches_cpu_on_offset_data(cluster_kernels, shape, training, wdtype):
+    """dx, dweight and dbias (in weight's dtype) within the parity tolerance of
+    the CPU engine, identical from run to run, training and inference."""
+    gbn = cluster_kernels
+    rng = np.random.default_rng(6)
+    C = shape[1]
+    x = _offset_data(rng, shape)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    inner = int(np.prod(shape[2:]))
+    xg, dyg = cupy.asarray(x), cupy.asarray(dy)
+    flat = xg.reshape(-1)
+    assert (gbn.cluster_smem(shape[0], C, inner, 2, flat, flat, flat) > 0) \
+        == _takes_cluster(shape, 2)
+    w = None if wdtype is None else rng.uniform(0.5, 1.5, C).astype(wdtype)
+    _, m_c, s_c = bncore.batch_norm_forward(x)
+    runs = []
+    for _ in range(2):
+        dx, dw, db = bncore_gpu.batch_norm_backward(
+            dyg, xg, cupy.asarray(m_c), cupy.asarray(s_c), None if w is None else cupy.asarray(w),
+            training=training)
+        runs.append([cupy.asnumpy(a) for a in (dx, dw, db)])
+    for a, b_ in zip(*runs):
+        assert a.tobytes() == b_.tobytes(), "two GPU runs differ"
+    want = bncore.batch_norm_backward(dy, x, m_c, s_c, w, training=training)
+    for got, exp in zip(runs[0], want):
+        assert got.dtype == exp.dtype
+        assert rel(got, exp) <= 1e-6
+
+
+def test_cluster_forward_statistics_are_exact_with_an_outlier_first_value(cluster_kernels):
     """Two-pass statistics over shared memory: an outlier at x[0, c, 0] (where
     the default kernels take their pivot) costs nothing; the variance of
     float32 data offset 1e5 std from 0 is the float64 one to 1e-13."""
@@ -254,7 +301,7 @@ def test_cluster_forward_statistics_are_exact_with_an_outlier_first_value(cluste
     x = (1e5 + rng.standard_normal(shape)).astype(np.float32)
     x[0, :, 0, 0] += 1e3
     xg = cupy.asarray(x)
-    assert cluster_forward.cluster_smem(64, 4, 1024, xg.reshape(-1), xg.reshape(-1)) > 0
+    assert cluster_kernels.cluster_smem(64, 4, 1024, 1, xg.reshape(-1)) > 0
     _, mean, invstd = bncore_gpu.batch_norm_forward(xg, eps=1e-30)
     xl = x.astype(np.longdouble)
     var = ((xl - xl.mean(axis=(0, 2, 3), keepdims=True)) ** 2).mean(axis=(0, 2, 3))

@@ -133,6 +133,32 @@ def forward_cluster(grid, block, x, y, outer, C, inner4, N, eps, w, b, rm, rv, m
 E["bn_forward_cluster"] = forward_cluster
 
 
+def backward_cluster(grid, block, dy, x, dx, outer, C, inner4, N, training, mean, invstd, w,
+                     dweight, dbias):
+    """bn_backward_cluster: dy and x of a channel held by a cluster of 8 CTAs;
+    sum(dy), sum(dy (x - mean)), the parameter gradients and dx."""
+    outer, C, inner = int(outer), int(C), int(inner4) * 4
+    _expect(grid == (8 * C, 1, 1) and block == (256, 1, 1), f"backward_cluster launch {grid}")
+    smem = RawModule.current_launch.get("shared_mem", 0)
+    _expect(smem == 2 * -(-outer // 8) * inner * 4, f"backward_cluster shared memory {smem}")
+    D = _f64(dy)[: outer * C * inner].reshape(outer, C, inner)
+    X = _f64(x)[: outer * C * inner].reshape(outer, C, inner)
+    m = _a(mean)
+    inv = _a(invstd)
+    xm = X - m[None, :, None]
+    s1 = D.sum(axis=(0, 2))
+    s2 = (D * xm).sum(axis=(0, 2))
+    _store(dweight, s2 * inv)
+    _store(dbias, s1)
+    g = inv * (1.0 if _null(w) else _f64(w))
+    a = s1 / N if training else np.zeros(C)
+    k = inv * inv * s2 / N if training else np.zeros(C)
+    _store(dx, g[None, :, None] * ((D - a[None, :, None]) - xm * k[None, :, None]))
+
+
+E["bn_backward_cluster"] = backward_cluster
+
+
 def prepare_eval(grid, block, C, rm, rv, eps, w, b, mean, invstd, scale, shift):
     _expect(grid[0] * block[0] >= C, "prepare_eval covers the channels")
     inv = 1.0 / np.sqrt(_f64(rv) + eps)
