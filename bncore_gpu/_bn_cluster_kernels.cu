@@ -31,6 +31,14 @@ __device__ __forceinline__ double bnc_ld(const double* p) { return *p; }
 __device__ __forceinline__ void bnc_st(float* p, double v) { *p = (float)v; }
 __device__ __forceinline__ void bnc_st(double* p, double v) { *p = v; }
 
+// Shared memory is declared through these two macros, and the three cluster
+// primitives below are PTX, so that tests/cuda_host/ can compile this very
+// file as host C++ (one thread per CUDA thread, std::barrier for the
+// barriers) and check it on a machine without a GPU.
+#ifndef BNC_HOST_EMULATION
+#define BNC_SHARED(type, name, n) __shared__ type name[n]
+#define BNC_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+
 __device__ __forceinline__ unsigned bnc_cluster_rank() {
     unsigned r;
     asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
@@ -54,6 +62,8 @@ __device__ __forceinline__ double bnc_remote(const double* p, unsigned rank) {
     asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(remote) : "memory");
     return v;
 }
+
+#endif  // BNC_HOST_EMULATION
 
 // Fixed-order tree over the block; every thread returns the total. A second
 // call needs a barrier first (no thread may still be reading s[0]).
@@ -105,9 +115,9 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
                    const PT* __restrict__ weight, const PT* __restrict__ bias,
                    PT* running_mean, PT* running_var, double momentum, int unbiased,
                    double* __restrict__ mean, double* __restrict__ invstd) {
-    extern __shared__ float4 slab[];
-    __shared__ double red[BNC_THREADS];
-    __shared__ double part[2];
+    BNC_DYNAMIC_SHARED(float4, slab);
+    BNC_SHARED(double, red, BNC_THREADS);
+    BNC_SHARED(double, part, 2);
     unsigned r = bnc_cluster_rank();
     int c = blockIdx.x / BNC_CLUSTER;
     long long Q = (outer + BNC_CLUSTER - 1) / BNC_CLUSTER;
@@ -189,10 +199,10 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
                     double N, int training, const double* __restrict__ mean,
                     const double* __restrict__ invstd, const PT* __restrict__ weight,
                     PT* __restrict__ dweight, PT* __restrict__ dbias) {
-    extern __shared__ float4 slab[];
-    __shared__ double red_a[BNC_THREADS];
-    __shared__ double red_b[BNC_THREADS];
-    __shared__ double part[2];
+    BNC_DYNAMIC_SHARED(float4, slab);
+    BNC_SHARED(double, red_a, BNC_THREADS);
+    BNC_SHARED(double, red_b, BNC_THREADS);
+    BNC_SHARED(double, part, 2);
     unsigned r = bnc_cluster_rank();
     int c = blockIdx.x / BNC_CLUSTER;
     long long Q = (outer + BNC_CLUSTER - 1) / BNC_CLUSTER;

@@ -1,0 +1,115 @@
+// Just enough of CUDA to run a kernel file as host C++ (tests/cuda_host/):
+// every CUDA thread of a cluster is an OS thread; __syncthreads() and the
+// cluster barrier are std::barriers; __shared__ storage (BNC_SHARED) is
+// allocated per CTA; bnc_remote reads another CTA's copy. Memory-model
+// details of the GPU are not emulated (barriers here are sequentially
+// consistent), but indexing, barrier placement, reduction order and what
+// each CTA reads from which are the kernel's own.
+#pragma once
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define BNC_HOST_EMULATION 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __cluster_dims__(...)
+
+struct float4 { float x, y, z, w; };
+struct dim3_ { unsigned x, y, z; };
+
+struct EmuCTA {                              // one CTA's shared memory and barrier
+    std::mutex lock;
+    std::map<int, std::vector<char>> slots;  // static __shared__ arrays, by declaration
+    std::vector<char> dynamic;               // extern __shared__
+    std::barrier<> *block_barrier;
+};
+
+struct EmuCluster {
+    std::vector<EmuCTA> ctas;
+    std::barrier<> *cluster_barrier;
+};
+
+inline thread_local dim3_ threadIdx, blockIdx, blockDim, gridDim;
+inline thread_local unsigned emu_rank;
+inline thread_local EmuCluster *emu_cluster;
+
+inline void __syncthreads() { emu_cluster->ctas[emu_rank].block_barrier->arrive_and_wait(); }
+
+inline void *emu_shared(int slot, size_t bytes) {
+    EmuCTA &cta = emu_cluster->ctas[emu_rank];
+    std::lock_guard<std::mutex> g(cta.lock);
+    auto it = cta.slots.find(slot);
+    if (it == cta.slots.end()) {
+        std::vector<char> mem(bytes);
+        std::memset(mem.data(), 0x7f, bytes);      // garbage, as on a GPU
+        it = cta.slots.emplace(slot, std::move(mem)).first;
+    }
+    return it->second.data();
+}
+
+#define BNC_SHARED(type, name, n) type *name = (type *)emu_shared(__COUNTER__, sizeof(type) * (n))
+#define BNC_DYNAMIC_SHARED(type, name) type *name = (type *)emu_cluster->ctas[emu_rank].dynamic.data()
+
+inline unsigned bnc_cluster_rank() { return emu_rank; }
+inline void bnc_cluster_sync() { emu_cluster->cluster_barrier->arrive_and_wait(); }
+
+// The same slot and offset in CTA `rank`. Called only after a cluster barrier,
+// by which every CTA has declared (allocated) all of its shared arrays, so the
+// slot maps are no longer written and need no lock.
+inline double bnc_remote(const double *p, unsigned rank) {
+    EmuCTA &own = emu_cluster->ctas[emu_rank];
+    EmuCTA &other = emu_cluster->ctas[rank];
+    for (auto &kv : own.slots) {
+        const char *base = kv.second.data();
+        const char *q = (const char *)p;
+        if (q >= base && q < base + kv.second.size()) {
+            auto it = other.slots.find(kv.first);
+            if (it == other.slots.end()) throw "bnc_remote: slot not declared in that CTA";
+            double v;
+            std::memcpy(&v, it->second.data() + (q - base), sizeof v);
+            return v;
+        }
+    }
+    throw "bnc_remote: not a shared-memory address";
+}
+
+// Runs kernel(args...) on grid (nclusters * S) x block (T), S CTAs per cluster,
+// one cluster at a time, every CTA of the cluster with `dyn` bytes of dynamic
+// shared memory.
+template <typename F>
+void emu_launch(unsigned grid, unsigned T, unsigned S, size_t dyn, F kernel) {
+    for (unsigned cl = 0; cl < grid / S; ++cl) {
+        EmuCluster cluster;
+        cluster.ctas = std::vector<EmuCTA>(S);
+        std::barrier<> cbar(S * T);
+        std::vector<std::barrier<> *> bbars;
+        for (auto &cta : cluster.ctas) {
+            cta.dynamic.assign(dyn, (char)0x7f);
+            bbars.push_back(new std::barrier<>(T));
+            cta.block_barrier = bbars.back();
+        }
+        cluster.cluster_barrier = &cbar;
+        std::vector<std::thread> threads;
+        for (unsigned r = 0; r < S; ++r)
+            for (unsigned t = 0; t < T; ++t)
+                threads.emplace_back([&, r, t] {
+                    threadIdx = {t, 0, 0};
+                    blockIdx = {cl * S + r, 0, 0};
+                    blockDim = {T, 1, 1};
+                    gridDim = {grid, 1, 1};
+                    emu_rank = r;
+                    emu_cluster = &cluster;
+                    kernel();
+                });
+        for (auto &th : threads) th.join();
+        for (auto *b : bbars) delete b;
+    }
+}

@@ -1,0 +1,130 @@
+"""The cluster kernels' CUDA source, run as host C++ (tests/cuda_host/): one OS
+thread per CUDA thread, std::barrier for __syncthreads and the cluster
+barrier, per-CTA shared memory filled with garbage, remote reads from the
+other CTAs' copies. Checks indexing, slicing of the channel over the cluster,
+barrier placement, the reduction and what each CTA reads, against the CPU
+engine, on a machine without a GPU. (What it cannot check: the GPU's memory
+model, the PTX of the three cluster primitives, speed; scripts/gpu_check.sh
+runs the same kernels on an H100.)"""
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore.testing.reference import normwise_relative_error as rel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CXX = shutil.which("g++") or shutil.which("c++")
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) for the host build")
+
+# outer < 8 (CTAs holding nothing), a short last slice, several planes per CTA,
+# every CTA full (outer 16 and 8)
+SHAPES = [(5, 3, 8, 12), (9, 4, 32), (17, 2, 4, 16), (16, 2, 32), (8, 3, 36)]
+
+
+@pytest.fixture(scope="module")
+def host_binary(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("cuda_host") / "bn_cluster_host"
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror",
+                           "-o", str(exe), os.path.join(HERE, "cuda_host", "bn_cluster_host.cpp")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return str(exe)
+
+
+def _offset_data(rng, shape):
+    C = shape[1]
+    bshape = [1, C] + [1] * (len(shape) - 2)
+    std = rng.uniform(0.5, 2.0, C)
+    return ((std * 1e5).reshape(bshape)
+            + std.reshape(bshape) * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _run(exe, d, *args):
+    proc = subprocess.run([exe, *map(str, args[:1]), str(d), *map(str, args[1:])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [1, 0])
+def test_forward_cluster_source_matches_cpu(host_binary, tmp_path, shape, affine):
+    rng = np.random.default_rng(sum(shape) + affine)
+    outer, C, inner = shape[0], shape[1], int(np.prod(shape[2:]))
+    x = _offset_data(rng, shape)
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    b = rng.uniform(-1, 1, C).astype(np.float32)
+    rm, rv = np.full(C, 3.0, np.float32), np.full(C, 2.0, np.float32)
+    for a, name in ((x, "x"), (w, "w"), (b, "b"), (rm, "rm"), (rv, "rv")):
+        a.tofile(tmp_path / f"{name}.bin")
+    _run(host_binary, tmp_path, "forward", outer, C, inner, 0.3, 1, affine)
+    y = np.fromfile(tmp_path / "y.out", np.float32).reshape(shape)
+    got = [y] + [np.fromfile(tmp_path / f"{n}.out") for n in ("mean", "invstd")] \
+        + [np.fromfile(tmp_path / f"{n}.out", np.float32) for n in ("rm", "rv")]
+    want_rm, want_rv = rm.copy(), rv.copy()
+    want = bncore.batch_norm_forward(x, w if affine else None, b if affine else None, want_rm,
+                                     want_rv, momentum=0.3)
+    for g, e in zip(got, list(want) + [want_rm, want_rv]):
+        assert rel(g, e) <= 1e-6
+    # exact two-pass statistics: the float64 mean and variance to ~1e-15
+    xl = x.astype(np.float64)
+    red = tuple(i for i in range(len(shape)) if i != 1)
+    assert rel(got[1], xl.mean(axis=red)) <= 1e-15
+    assert rel(1 / got[2] ** 2 - 1e-5, xl.var(axis=red)) <= 1e-12
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("training", [1, 0])
+def test_backward_cluster_source_matches_cpu(host_binary, tmp_path, shape, training):
+    rng = np.random.default_rng(sum(shape) + 10 * training)
+    outer, C, inner = shape[0], shape[1], int(np.prod(shape[2:]))
+    x = _offset_data(rng, shape)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, C)
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    for a, name in ((x, "x"), (dy, "dy"), (w, "w64"), (mean, "mean"), (invstd, "invstd")):
+        a.tofile(tmp_path / f"{name}.bin")
+    _run(host_binary, tmp_path, "backward", outer, C, inner, training, 1)
+    dx = np.fromfile(tmp_path / "dx.out", np.float32).reshape(shape)
+    dw, db = np.fromfile(tmp_path / "dw.out"), np.fromfile(tmp_path / "db.out")
+    want = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=bool(training))
+    for g, e in zip((dx, dw, db), want):
+        assert rel(g, e) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def tsan_binary(tmp_path_factory):
+    exe = tmp_path_factory.mktemp("cuda_host_tsan") / "bn_cluster_host_tsan"
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=thread",
+                           "-o", str(exe), os.path.join(HERE, "cuda_host", "bn_cluster_host.cpp")],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.skip(f"no ThreadSanitizer build: {proc.stderr.strip()[-300:]}")
+    return str(exe)
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_cluster_source_has_no_data_race(tsan_binary, tmp_path, mode):
+    """Under ThreadSanitizer, every shared-memory write the kernels make is
+    ordered by a barrier before the reads of other threads and CTAs (a
+    missing cluster barrier is reported as a data race here)."""
+    rng = np.random.default_rng(3)
+    shape = (16, 2, 32)                    # every CTA of the cluster holds planes
+    x = _offset_data(rng, shape)
+    C = shape[1]
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    files = {"x": x, "w": np.ones(C, np.float32), "b": np.zeros(C, np.float32),
+             "rm": np.zeros(C, np.float32), "rv": np.ones(C, np.float32),
+             "dy": rng.standard_normal(shape).astype(np.float32), "w64": np.ones(C),
+             "mean": mean, "invstd": invstd}
+    for name, a in files.items():
+        a.tofile(tmp_path / f"{name}.bin")
+    args = [0.1, 1, 1] if mode == "forward" else [1, 1]
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+    proc = subprocess.run([tsan_binary, mode, str(tmp_path), "16", "2", "32", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and "ThreadSanitizer" not in proc.stderr, proc.stderr[-3000:]
