@@ -25,6 +25,7 @@
 
 #define BNC_THREADS 256
 #define BNC_CLUSTER 8
+#define BNC_UNROLL 4      // global loads each thread has in flight (per array)
 
 __device__ __forceinline__ double bnc_ld(const float* p) { return (double)(*p); }
 __device__ __forceinline__ double bnc_ld(const double* p) { return *p; }
@@ -127,14 +128,26 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
     int n4 = o1 > o0 ? (int)((o1 - o0) * inner4) : 0;
 
     // x -> shared memory, summing as it arrives. (pl, i): plane and float4 of
-    // slab element k, stepped along with k (no division per element)
+    // slab element k, stepped along with k (no division per element). BNC_UNROLL
+    // loads are issued before the first is used: one load in flight per warp
+    // would leave an H100 far from its bandwidth.
     double s = 0.0;
     int pl = (int)threadIdx.x / i4, i = (int)threadIdx.x - pl * i4;
-    for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
-        float4 v = x[((o0 + pl) * C + c) * inner4 + i];
-        slab[k] = v;
-        s += ((double)v.x + (double)v.y) + ((double)v.z + (double)v.w);
-        for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+    for (int k0 = threadIdx.x; k0 < n4; k0 += BNC_UNROLL * BNC_THREADS) {
+        float4 v[BNC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BNC_UNROLL; ++u) {
+            if (k0 + u * BNC_THREADS < n4) v[u] = x[((o0 + pl) * C + c) * inner4 + i];
+            for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+        }
+#pragma unroll
+        for (int u = 0; u < BNC_UNROLL; ++u) {
+            int k = k0 + u * BNC_THREADS;
+            if (k < n4) {
+                slab[k] = v[u];
+                s += ((double)v[u].x + (double)v[u].y) + ((double)v[u].z + (double)v[u].w);
+            }
+        }
     }
     s = bnc_block_sum(s, red);
     if (threadIdx.x == 0) part[0] = s;
@@ -214,17 +227,33 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     float4* sx = slab + n4;
     double m = mean[c];
 
+    // dy and x -> shared memory, summing as they arrive (loads issued ahead as
+    // in the forward)
     double sa = 0.0, sb = 0.0;
     int pl = (int)threadIdx.x / i4, i = (int)threadIdx.x - pl * i4;
-    for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
-        long long at = ((o0 + pl) * C + c) * inner4 + i;
-        float4 d = dy[at], v = x[at];
-        sdy[k] = d;
-        sx[k] = v;
-        sa += ((double)d.x + (double)d.y) + ((double)d.z + (double)d.w);
-        sb += ((double)d.x * ((double)v.x - m) + (double)d.y * ((double)v.y - m))
-            + ((double)d.z * ((double)v.z - m) + (double)d.w * ((double)v.w - m));
-        for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+    for (int k0 = threadIdx.x; k0 < n4; k0 += BNC_UNROLL * BNC_THREADS) {
+        float4 d[BNC_UNROLL], v[BNC_UNROLL];
+#pragma unroll
+        for (int u = 0; u < BNC_UNROLL; ++u) {
+            if (k0 + u * BNC_THREADS < n4) {
+                long long at = ((o0 + pl) * C + c) * inner4 + i;
+                d[u] = dy[at];
+                v[u] = x[at];
+            }
+            for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+        }
+#pragma unroll
+        for (int u = 0; u < BNC_UNROLL; ++u) {
+            int k = k0 + u * BNC_THREADS;
+            if (k < n4) {
+                float4 e = d[u], w = v[u];
+                sdy[k] = e;
+                sx[k] = w;
+                sa += ((double)e.x + (double)e.y) + ((double)e.z + (double)e.w);
+                sb += ((double)e.x * ((double)w.x - m) + (double)e.y * ((double)w.y - m))
+                    + ((double)e.z * ((double)w.z - m) + (double)e.w * ((double)w.w - m));
+            }
+        }
     }
     bnc_block_sum2(sa, sb, red_a, red_b);
     if (threadIdx.x == 0) {
