@@ -337,7 +337,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     # kernel writes float32 or float64, other dtypes go through a cast
     pdtype = weight.dtype if weight is not None else x.dtype
     kdtype = pdtype if pdtype in (_F32, _F64) else _F32
-    grads = cupy.zeros((2, C), kdtype)
+    # the kernels write every channel's dweight and dbias; only an empty x
+    # leaves them at zero (and needs the memset that cupy.zeros launches)
+    grads = cupy.empty((2, C), kdtype) if x.size else cupy.zeros((2, C), kdtype)
     dweight, dbias = grads[0], grads[1]
     mean64, invstd64 = _vec64(mean), _vec64(invstd)
     if C and x.size:

@@ -308,3 +308,20 @@ def test_cluster_forward_statistics_are_exact_with_an_outlier_first_value(cluste
     got = 1.0 / cupy.asnumpy(invstd).astype(np.longdouble) ** 2
     assert np.max(np.abs(got / var - 1)) < 1e-13
     assert np.max(np.abs(cupy.asnumpy(mean) / xl.mean(axis=(0, 2, 3)) - 1)) < 1e-15
+
+
+@pytest.mark.parametrize("wdtype", [np.float32, np.float64, None])
+def test_inference_backward_of_an_empty_batch_gives_zero_parameter_gradients(wdtype):
+    """No sample, no kernel: dweight and dbias are zeros (as on the CPU), not
+    whatever the freshly allocated device memory held."""
+    x = np.empty((0, 3, 4), np.float32)
+    w = None if wdtype is None else np.ones(3, wdtype)
+    mean, invstd = np.zeros(3), np.ones(3)
+    dx, dw, db = bncore_gpu.batch_norm_backward(
+        cupy.asarray(x), cupy.asarray(x), cupy.asarray(mean), cupy.asarray(invstd),
+        None if w is None else cupy.asarray(w), training=False)
+    want = bncore.batch_norm_backward(x, x, mean, invstd, w, training=False)
+    for got, exp in zip((dx, dw, db), want):
+        got = cupy.asnumpy(got)
+        assert got.shape == exp.shape and got.dtype == exp.dtype
+        assert np.array_equal(got, exp)

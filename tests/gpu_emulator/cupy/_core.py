@@ -42,8 +42,19 @@ def asnumpy(a):
     return _np.array(a).view(_np.ndarray)
 
 
+def _garbage(a):
+    """Fill a new 'uninitialized' array as device memory might be: NaN for
+    floating dtypes, a byte pattern otherwise, so that code relying on fresh
+    memory being zero fails here as it could on a GPU."""
+    if a.dtype.kind in "fc":
+        a.fill(_np.nan)
+    else:
+        a.view(_np.uint8)[...] = 0x5A
+    return a
+
+
 def empty(shape, dtype=float64, order="C"):
-    return _wrap(_np.empty(shape, dtype=dtype, order=order))
+    return _wrap(_garbage(_np.empty(shape, dtype=dtype, order=order)))
 
 
 def zeros(shape, dtype=float64):
@@ -59,7 +70,7 @@ def full(shape, v, dtype=None):
 
 
 def empty_like(a, dtype=None):
-    return _wrap(_np.empty_like(a, dtype=dtype))
+    return _wrap(_garbage(_np.empty_like(a, dtype=dtype)))
 
 
 def zeros_like(a, dtype=None):
