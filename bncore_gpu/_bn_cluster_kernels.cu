@@ -46,11 +46,20 @@ __device__ __forceinline__ unsigned bnc_cluster_rank() {
     return r;
 }
 
-// All threads of all CTAs of the cluster; release / acquire, so shared-memory
-// writes before it are visible to every CTA's reads after it.
+// All threads of all CTAs of the cluster. arrive has release and wait acquire
+// semantics by default (spelled out, .release / .acquire would need PTX ISA
+// 8.0, CUDA 12.0; the defaults date from 7.8, the first with sm_90), so
+// shared-memory writes before the barrier are visible to every CTA's reads
+// after it.
+__device__ __forceinline__ void bnc_cluster_arrive() {
+    asm volatile("barrier.cluster.arrive.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void bnc_cluster_wait() {
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void bnc_cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\t"
-                 "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+    bnc_cluster_arrive();
+    bnc_cluster_wait();
 }
 
 // The double at the same shared-memory offset as `p`, in CTA `rank` of the cluster.
@@ -65,6 +74,17 @@ __device__ __forceinline__ double bnc_remote(const double* p, unsigned rank) {
 }
 
 #endif  // BNC_HOST_EMULATION
+
+// (pl, i) -> plane and float4 of slab element k + BNC_THREADS, given those of
+// k and BNC_THREADS = sq * i4 + sr (no loop, whatever the plane size)
+__device__ __forceinline__ void bnc_step(int& pl, int& i, int sq, int sr, int i4) {
+    pl += sq;
+    i += sr;
+    if (i >= i4) {
+        i -= i4;
+        ++pl;
+    }
+}
 
 // Fixed-order tree over the block; every thread returns the total. A second
 // call needs a barrier first (no thread may still be reading s[0]).
@@ -133,12 +153,13 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
     // would leave an H100 far from its bandwidth.
     double s = 0.0;
     int pl = (int)threadIdx.x / i4, i = (int)threadIdx.x - pl * i4;
+    const int sq = BNC_THREADS / i4, sr = BNC_THREADS - sq * i4;
     for (int k0 = threadIdx.x; k0 < n4; k0 += BNC_UNROLL * BNC_THREADS) {
         float4 v[BNC_UNROLL];
 #pragma unroll
         for (int u = 0; u < BNC_UNROLL; ++u) {
             if (k0 + u * BNC_THREADS < n4) v[u] = x[((o0 + pl) * C + c) * inner4 + i];
-            for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+            bnc_step(pl, i, sq, sr, i4);
         }
 #pragma unroll
         for (int u = 0; u < BNC_UNROLL; ++u) {
@@ -166,6 +187,9 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
     if (threadIdx.x == 0) part[1] = q;
     bnc_cluster_sync();
     double m2 = bnc_cluster_total(&part[1]);
+    // this CTA's last read of another's shared memory: arrive now, wait before
+    // leaving (so the release fence does not wait for the stores of y below)
+    bnc_cluster_arrive();
 
     double var = m2 / N;
     double inv = 1.0 / sqrt(var + eps);
@@ -191,10 +215,10 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
         o.z = (float)(((double)v.z - mu) * sc + sh);
         o.w = (float)(((double)v.w - mu) * sc + sh);
         y[((o0 + pl) * C + c) * inner4 + i] = o;
-        for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+        bnc_step(pl, i, sq, sr, i4);
     }
     // no CTA may leave while another can still read its `part`
-    bnc_cluster_sync();
+    bnc_cluster_wait();
 }
 
 // grid (BNC_CLUSTER * C), block (BNC_THREADS), dynamic shared memory
@@ -231,6 +255,7 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     // in the forward)
     double sa = 0.0, sb = 0.0;
     int pl = (int)threadIdx.x / i4, i = (int)threadIdx.x - pl * i4;
+    const int sq = BNC_THREADS / i4, sr = BNC_THREADS - sq * i4;
     for (int k0 = threadIdx.x; k0 < n4; k0 += BNC_UNROLL * BNC_THREADS) {
         float4 d[BNC_UNROLL], v[BNC_UNROLL];
 #pragma unroll
@@ -240,7 +265,7 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
                 d[u] = dy[at];
                 v[u] = x[at];
             }
-            for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+            bnc_step(pl, i, sq, sr, i4);
         }
 #pragma unroll
         for (int u = 0; u < BNC_UNROLL; ++u) {
@@ -263,6 +288,7 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     bnc_cluster_sync();
     double s1 = bnc_cluster_total(&part[0]);
     double s2 = bnc_cluster_total(&part[1]);
+    bnc_cluster_arrive();                // last remote read done (see the forward)
 
     double inv = invstd[c];
     double g = inv * (weight ? bnc_ld(weight + c) : 1.0);
@@ -282,8 +308,8 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
         o.z = (float)(g * (((double)d.z - a) - ((double)v.z - m) * kk));
         o.w = (float)(g * (((double)d.w - a) - ((double)v.w - m) * kk));
         dx[((o0 + pl) * C + c) * inner4 + i] = o;
-        for (i += BNC_THREADS; i >= i4; i -= i4) ++pl;
+        bnc_step(pl, i, sq, sr, i4);
     }
     // no CTA may leave while another can still read its `part`
-    bnc_cluster_sync();
+    bnc_cluster_wait();
 }

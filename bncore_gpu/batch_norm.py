@@ -13,6 +13,7 @@ bit (the two use different summation trees).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Tuple
 
 import cupy
@@ -61,8 +62,13 @@ CLUSTER_NAMES = tuple(f"bn_{k}_cluster<{t}>" for k in ("forward", "backward")
                       for t in ("float", "double"))
 CLUSTER_SIZE = 8              # BNC_CLUSTER in the .cu file
 CLUSTER_SMEM = 106496         # bytes of data one CTA may hold (two CTAs per H100 SM)
+CLUSTER_STATIC_SMEM = 8192    # room left for the kernels' static shared memory (4112 B)
+CLUSTER_MIN_BLOCKS_PER_SM = 2  # fewer CTAs (8 C) than this many per SM: default kernels
 CLUSTER_KERNELS = os.environ.get("BNCORE_GPU_CLUSTER", "0") == "1"
-_cluster_devices = {}         # device -> compute capability >= 9.0
+_ATTR_OPTIN_SMEM = 97         # cudaDevAttrMaxSharedMemoryPerBlockOptin
+_ATTR_CLUSTER_LAUNCH = 120    # cudaDevAttrClusterLaunch
+_cluster_caps = {}            # device -> bytes a cluster CTA may hold (0: no clusters)
+_cluster_ready = set()        # (device, kernel name) whose shared-memory cap is raised
 
 
 def _kernel(name: str):
@@ -225,12 +231,21 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -
                                             np.int64(inner), *consts))
 
 
-def _cluster_capable() -> bool:
+def _cluster_cap() -> int:
+    """Bytes of data one CTA of a cluster kernel may hold on this device: 0
+    without cluster launches (compute capability < 9.0), else CLUSTER_SMEM
+    or less where the device allows less shared memory per block."""
     dev = cupy.cuda.runtime.getDevice()
-    ok = _cluster_devices.get(dev)
-    if ok is None:
-        ok = _cluster_devices[dev] = int(cupy.cuda.Device(dev).compute_capability) >= 90
-    return ok
+    cap = _cluster_caps.get(dev)
+    if cap is None:
+        rt = cupy.cuda.runtime
+        cap = 0
+        if (int(cupy.cuda.Device(dev).compute_capability) >= 90
+                and rt.deviceGetAttribute(_ATTR_CLUSTER_LAUNCH, dev)):
+            optin = int(rt.deviceGetAttribute(_ATTR_OPTIN_SMEM, dev))
+            cap = max(0, min(CLUSTER_SMEM, optin - CLUSTER_STATIC_SMEM))
+        _cluster_caps[dev] = cap
+    return cap
 
 
 def cluster_smem(outer: int, C: int, inner: int, held: int, *arrays) -> int:
@@ -238,20 +253,37 @@ def cluster_smem(outer: int, C: int, inner: int, held: int, *arrays) -> int:
     `held` arrays of the channel on chip (forward 1, backward 2), or 0 when
     the cluster path is off or does not apply: float32 `arrays` in planes
     (inner >= ROWS_MIN_INNER, inner % 4 == 0, 16-byte aligned), at most
-    CLUSTER_SMEM bytes per CTA, a GPU with clusters."""
+    _cluster_cap() bytes per CTA, and channels enough for
+    CLUSTER_MIN_BLOCKS_PER_SM CTAs per SM."""
     if not CLUSTER_KERNELS or inner < ROWS_MIN_INNER or inner % 4 or not _vec4_ok(*arrays):
         return 0
     nbytes = held * -(-outer // CLUSTER_SIZE) * inner * 4
-    if nbytes > CLUSTER_SMEM or not _cluster_capable():
+    if CLUSTER_SIZE * C < CLUSTER_MIN_BLOCKS_PER_SM * _loader.sm_count():
+        return 0
+    if nbytes > _cluster_cap():
         return 0
     return nbytes
 
 
-def _cluster_kernel(name: str):
-    fn = _loader.kernel(CLUSTER_FILE, CLUSTER_NAMES, name)
-    if getattr(fn, "max_dynamic_shared_size_bytes", 0) < CLUSTER_SMEM:
-        fn.max_dynamic_shared_size_bytes = CLUSTER_SMEM     # above the 48 KiB default
-    return fn
+def _launch_cluster(name: str, C: int, args, smem: int) -> bool:
+    """Launch cluster kernel `name` over C channels; False (and the default
+    kernels from then on, with a warning) when this device refuses it: a
+    compile error or a launch-configuration error is raised at once, before
+    anything is written."""
+    dev = cupy.cuda.runtime.getDevice()
+    try:
+        fn = _loader.kernel(CLUSTER_FILE, CLUSTER_NAMES, name)
+        if (dev, name) not in _cluster_ready:
+            fn.max_dynamic_shared_size_bytes = _cluster_cap()    # above the 48 KiB default
+            _cluster_ready.add((dev, name))
+        fn((CLUSTER_SIZE * C,), (256,), args, shared_mem=smem)
+        return True
+    except Exception as exc:      # noqa: BLE001 - any refusal: fall back, say so once
+        _cluster_caps[dev] = 0
+        warnings.warn(f"bncore_gpu: cluster kernel {name} unavailable on device {dev} "
+                      f"({type(exc).__name__}: {exc}); using the default kernels",
+                      RuntimeWarning, stacklevel=3)
+        return False
 
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
@@ -279,13 +311,13 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         xf = view.flat(xk)
         yf = view.flat(target)
         smem = cluster_smem(view.outer, C, view.inner, 1, xf, yf) if training and x.size else 0
-        if smem:
-            _cluster_kernel(f"bn_forward_cluster<{ptn}>")(
-                (CLUSTER_SIZE * C,), (256,),
-                (xf, yf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
-                 np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv),
-                 np.float64(momentum), np.int32(bool(unbiased_running_var)), mean, invstd),
-                shared_mem=smem)
+        clustered = bool(smem) and _launch_cluster(
+            f"bn_forward_cluster<{ptn}>", C,
+            (xf, yf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
+             np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv),
+             np.float64(momentum), np.int32(bool(unbiased_running_var)), mean, invstd), smem)
+        if clustered:
+            pass                  # y, mean, invstd and the running statistics are written
         elif training:
             s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
             _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {ptn}>")(
@@ -303,7 +335,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
             running_mean[...] = rm
         if training and rv is not running_var:
             running_var[...] = rv
-        if x.size and not smem:
+        if x.size and not clustered:
             _elementwise("apply", (xf,), yf, view.outer, C, view.inner, (mean, scale, shift))
     return _finish_output(target, out), mean, invstd
 
@@ -346,13 +378,11 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
         xf, dyf, dxf = view.flat(xk), view.flat(dyk), view.flat(target)
         w = _as_param(weight, kdtype)
         smem = cluster_smem(view.outer, C, view.inner, 2, dyf, xf, dxf)
-        if smem:
-            _cluster_kernel(f"bn_backward_cluster<{_CTYPES[kdtype]}>")(
-                (CLUSTER_SIZE * C,), (256,),
+        if not (smem and _launch_cluster(
+                f"bn_backward_cluster<{_CTYPES[kdtype]}>", C,
                 (dyf, xf, dxf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
                  np.float64(n), np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight,
-                 dbias), shared_mem=smem)
-        else:
+                 dbias), smem)):
             _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w,
                               dweight, dbias)
     dx = _finish_output(target, dx_out)

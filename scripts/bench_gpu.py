@@ -198,6 +198,8 @@ def _cluster_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict
             try:
                 got, ref = both(fn)
                 gbn.CLUSTER_KERNELS = True
+                if not gbn._cluster_cap():            # refused: fell back, with a warning
+                    raise RuntimeError("the cluster kernel was refused (see the warning)")
                 if not all(close(g, r) for g, r in zip(got, ref)):
                     print(f"cluster {kind} {label}: differs from the default path",
                           file=sys.stderr)

@@ -201,10 +201,17 @@ def test_batch_norm_statistics_with_an_outlier_as_pivot(layout):
 
 @pytest.fixture
 def cluster_kernels(monkeypatch):
-    """The single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu) on."""
+    """The single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu) on,
+    for any channel count (the small test shapes would otherwise leave an
+    H100's SMs idle and take the default kernels); afterwards, the device must
+    not have fallen back to the default kernels (a refused launch warns and
+    falls back, which would pass the value checks silently)."""
     from bncore_gpu import batch_norm as gbn
     monkeypatch.setattr(gbn, "CLUSTER_KERNELS", True)
-    return gbn
+    monkeypatch.setattr(gbn, "CLUSTER_MIN_BLOCKS_PER_SM", 0)
+    yield gbn
+    dev = cupy.cuda.runtime.getDevice()
+    assert gbn._cluster_caps.get(dev, 1) > 0, "the cluster kernels fell back on this device"
 
 
 def _takes_cluster(shape, held):
@@ -325,3 +332,49 @@ def test_inference_backward_of_an_empty_batch_gives_zero_parameter_gradients(wdt
         got = cupy.asnumpy(got)
         assert got.shape == exp.shape and got.dtype == exp.dtype
         assert np.array_equal(got, exp)
+
+
+def test_cluster_kernels_fall_back_with_a_warning_when_refused(cluster_kernels, monkeypatch):
+    """A device or toolchain that refuses the cluster kernels (compile error,
+    launch-configuration error) gets the default kernels, the same results and
+    one RuntimeWarning, and keeps the default kernels afterwards."""
+    gbn = cluster_kernels
+    real = gbn._loader.kernel
+
+    def refuse(filename, names, name):
+        if filename == gbn.CLUSTER_FILE:
+            raise RuntimeError("CUDA_ERROR_INVALID_CLUSTER_SIZE (simulated)")
+        return real(filename, names, name)
+
+    monkeypatch.setattr(gbn._loader, "kernel", refuse)
+    dev = cupy.cuda.runtime.getDevice()
+    saved = dict(gbn._cluster_caps)
+    rng = np.random.default_rng(9)
+    x = _offset_data(rng, (16, 3, 32))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    try:
+        with pytest.warns(RuntimeWarning, match="using the default kernels"):
+            y, m, s = bncore_gpu.batch_norm_forward(cupy.asarray(x))
+        assert gbn._cluster_caps[dev] == 0
+        dx, dw, db = bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x), m, s)
+        want_y, want_m, want_s = bncore.batch_norm_forward(x)
+        want = bncore.batch_norm_backward(dy, x, want_m, want_s)
+        for got, exp in zip((y, m, s, dx, dw, db), (want_y, want_m, want_s) + tuple(want)):
+            assert rel(cupy.asnumpy(got), exp) <= 1e-6
+    finally:
+        gbn._cluster_caps.clear()
+        gbn._cluster_caps.update(saved)
+
+
+def test_cluster_kernels_respect_the_devices_shared_memory(cluster_kernels, monkeypatch):
+    """A device with less shared memory per block than CLUSTER_SMEM (an sm_120
+    GPU allows about 99 KB) caps what a CTA may hold: larger channels take the
+    default kernels."""
+    gbn = cluster_kernels
+    dev = cupy.cuda.runtime.getDevice()
+    gbn._cluster_cap()
+    monkeypatch.setitem(gbn._cluster_caps, dev, 50000)
+    x = cupy.zeros((64, 2, 32, 64), cupy.float32)        # 8 planes of 8 KiB per CTA
+    f = x.reshape(-1)
+    assert gbn.cluster_smem(64, 2, 2048, 1, f) == 0       # 64 KiB > 50000
+    assert gbn.cluster_smem(48, 2, 2048, 1, f) == 49152   # 6 planes fit

@@ -4,14 +4,17 @@
 // allocated per CTA; bnc_remote reads another CTA's copy. Memory-model
 // details of the GPU are not emulated (barriers here are sequentially
 // consistent), but indexing, barrier placement, reduction order and what
-// each CTA reads from which are the kernel's own.
+// each CTA reads from which are the kernel's own. A CTA's shared memory is
+// poisoned when its last thread returns.
 #pragma once
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -30,6 +33,7 @@ struct EmuCTA {                              // one CTA's shared memory and barr
     std::map<int, std::vector<char>> slots;  // static __shared__ arrays, by declaration
     std::vector<char> dynamic;               // extern __shared__
     std::barrier<> *block_barrier;
+    std::atomic<unsigned> exited{0};         // threads that have returned
 };
 
 struct EmuCluster {
@@ -58,8 +62,18 @@ inline void *emu_shared(int slot, size_t bytes) {
 #define BNC_SHARED(type, name, n) type *name = (type *)emu_shared(__COUNTER__, sizeof(type) * (n))
 #define BNC_DYNAMIC_SHARED(type, name) type *name = (type *)emu_cluster->ctas[emu_rank].dynamic.data()
 
+inline thread_local std::optional<std::barrier<>::arrival_token> emu_token;
+
 inline unsigned bnc_cluster_rank() { return emu_rank; }
-inline void bnc_cluster_sync() { emu_cluster->cluster_barrier->arrive_and_wait(); }
+inline void bnc_cluster_arrive() { emu_token.emplace(emu_cluster->cluster_barrier->arrive()); }
+inline void bnc_cluster_wait() {
+    emu_cluster->cluster_barrier->wait(std::move(*emu_token));
+    emu_token.reset();
+}
+inline void bnc_cluster_sync() {
+    bnc_cluster_arrive();
+    bnc_cluster_wait();
+}
 
 // The same slot and offset in CTA `rank`. Called only after a cluster barrier,
 // by which every CTA has declared (allocated) all of its shared arrays, so the
@@ -108,6 +122,16 @@ void emu_launch(unsigned grid, unsigned T, unsigned S, size_t dyn, F kernel) {
                     emu_rank = r;
                     emu_cluster = &cluster;
                     kernel();
+                    // the CTA's last thread out: its shared memory is gone
+                    // (poisoned), as when the SM hands it to the next CTA; a
+                    // remote read not ordered before this by a cluster barrier
+                    // is a data race under ThreadSanitizer and reads garbage
+                    EmuCTA &cta = cluster.ctas[r];
+                    if (cta.exited.fetch_add(1, std::memory_order_acq_rel) + 1 == T) {
+                        for (auto &kv : cta.slots)
+                            std::memset(kv.second.data(), 0xff, kv.second.size());
+                        std::memset(cta.dynamic.data(), 0xff, cta.dynamic.size());
+                    }
                 });
         for (auto &th : threads) th.join();
         for (auto *b : bbars) delete b;

@@ -174,7 +174,20 @@ class RawKernel:
         self.sig = sig
         self.emulation = emulation
         # CUDA's default cap on dynamic shared memory; a launch above it fails
-        self.max_dynamic_shared_size_bytes = 48 * 1024
+        self._max_dynamic = 48 * 1024
+
+    OPTIN_SMEM = 232448       # an H100's shared memory per block, opted in
+
+    @property
+    def max_dynamic_shared_size_bytes(self):
+        return self._max_dynamic
+
+    @max_dynamic_shared_size_bytes.setter
+    def max_dynamic_shared_size_bytes(self, value):
+        if value > self.OPTIN_SMEM:       # cuFuncSetAttribute: CUDA_ERROR_INVALID_VALUE
+            raise RuntimeError(f"{self.name}: {value} bytes of dynamic shared memory "
+                               f"exceed the device's {self.OPTIN_SMEM}")
+        self._max_dynamic = value
 
     def _check(self, args):
         tparams, params = self.sig

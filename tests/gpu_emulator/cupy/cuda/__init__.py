@@ -25,9 +25,13 @@ class runtime:  # noqa: N801
     def getDevice():  # noqa: N802
         return 0
 
+    # an H100's answers where bncore_gpu asks: 97 MaxSharedMemoryPerBlockOptin,
+    # 120 ClusterLaunch; 4 for anything else (the SM count among them)
+    attributes = {97: 232448, 120: 1}
+
     @staticmethod
     def deviceGetAttribute(attr, dev):  # noqa: N802
-        return 4
+        return runtime.attributes.get(attr, 4)
 
 
 class Event:
