@@ -45,9 +45,14 @@ def _offset_data(rng, shape):
             + std.reshape(bshape) * rng.standard_normal(shape)).astype(np.float32)
 
 
+NO_THREADS = 77     # EMU_NO_THREADS in cuda_host.h
+
+
 def _run(exe, d, *args):
     proc = subprocess.run([exe, *map(str, args[:1]), str(d), *map(str, args[1:])],
                           capture_output=True, text=True, timeout=300)
+    if proc.returncode == NO_THREADS:
+        pytest.skip(f"this machine refused the threads of a cluster: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
 
 
@@ -128,4 +133,6 @@ def test_cluster_source_has_no_data_race(tsan_binary, tmp_path, mode):
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
     proc = subprocess.run([tsan_binary, mode, str(tmp_path), "16", "2", "32", *map(str, args)],
                           capture_output=True, text=True, timeout=600, env=env)
+    if proc.returncode == NO_THREADS:
+        pytest.skip(f"this machine refused the threads of a cluster: {proc.stderr.strip()}")
     assert proc.returncode == 0 and "ThreadSanitizer" not in proc.stderr, proc.stderr[-3000:]

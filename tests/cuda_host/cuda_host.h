@@ -11,7 +11,10 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <system_error>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -19,6 +22,7 @@
 #include <vector>
 
 #define BNC_HOST_EMULATION 1
+#define EMU_NO_THREADS 77     // exit status: the machine refused the threads
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -114,6 +118,7 @@ void emu_launch(unsigned grid, unsigned T, unsigned S, size_t dyn, F kernel) {
         std::vector<std::thread> threads;
         for (unsigned r = 0; r < S; ++r)
             for (unsigned t = 0; t < T; ++t)
+                try {
                 threads.emplace_back([&, r, t] {
                     threadIdx = {t, 0, 0};
                     blockIdx = {cl * S + r, 0, 0};
@@ -133,6 +138,11 @@ void emu_launch(unsigned grid, unsigned T, unsigned S, size_t dyn, F kernel) {
                         std::memset(cta.dynamic.data(), 0xff, cta.dynamic.size());
                     }
                 });
+                } catch (const std::system_error &e) {
+                    // the barriers need every thread of the cluster alive at once
+                    std::fprintf(stderr, "cannot start %u threads: %s\n", S * T, e.what());
+                    std::_Exit(EMU_NO_THREADS);
+                }
         for (auto &th : threads) th.join();
         for (auto *b : bbars) delete b;
     }
