@@ -144,12 +144,16 @@ def errors_between_backends(spec: OpSpec, case: Case, a: Arrays,
     measured instead against that oracle evaluated on b's own other outputs:
     two backends' float32 running statistics may round to neighbouring values,
     and the eval output is as sensitive to that as the data is offset, so
-    comparing it across backends would measure that rounding."""
+    comparing it across backends would measure that rounding. The error is
+    relative to the same floor as against the oracle (spec.error_floor): an
+    output that cancels, such as dx of a batch of two, where it is zero but
+    for eps, is compared against the size of the terms that cancel."""
     out = {}
     exact = spec.dependent_oracle(case, b) if spec.dependent_oracle else {}
     for key in a:
         want = exact[key] if key in exact else a[key]
-        out[key] = (ref.normwise_relative_error(b[key], want, floor=1e-30),
+        floor = spec.error_floor(case, key) if spec.error_floor else 0.0
+        out[key] = (ref.normwise_relative_error(b[key], want, floor=max(floor, 1e-30)),
                     spec.tolerance(case, key))
     return out
 
