@@ -30,7 +30,8 @@ SHAPES = [(5, 3, 8, 12), (9, 4, 32), (17, 2, 4, 16), (16, 2, 32), (8, 3, 36), (2
 def _require_cxx20_barrier(tmp):
     """Skip (not fail) where the C++ compiler predates std::barrier (GCC < 11)."""
     probe = tmp / "probe.cpp"
-    probe.write_text("#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    probe.write_text("#include <barrier>\n"
+                     "int main() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
     proc = subprocess.run([CXX, "-std=c++20", "-pthread", "-o", str(tmp / "probe"), str(probe)],
                           capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
@@ -41,7 +42,8 @@ def _require_cxx20_barrier(tmp):
 def host_binary(tmp_path_factory):
     _require_cxx20_barrier(tmp_path_factory.mktemp("probe"))
     exe = tmp_path_factory.mktemp("cuda_host") / "bn_cluster_host"
-    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror",
+                           "-Wno-unknown-pragmas",
                            "-o", str(exe), os.path.join(HERE, "cuda_host", "bn_cluster_host.cpp")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
