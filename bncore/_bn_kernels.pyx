@@ -269,7 +269,7 @@ cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1
     cdef double q[LANES]
     cdef Py_ssize_t i, nb = n - n % LANES
     cdef int k
-    cdef double d
+    cdef double d, e, t1, t2, u1, u2
     _zero(a, LANES)
     _zero(q, LANES)
     for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
@@ -277,12 +277,28 @@ cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1
             d = <double>x[i + k] - P
             a[k] += d
             q[k] += d * d
-    for k in range(n - nb):
+    # the tail (n % 32 elements) into its own running sums, added after the
+    # lane totals: the lanes then never take scalar stores, which the vector
+    # loads of _lane_total would have to wait for (rows of 7 x 7 = 49 are
+    # short enough for that to be a third of the row's time)
+    # (two chains, even and odd elements, so the tail's latency is halved)
+    t1 = 0.0
+    t2 = 0.0
+    u1 = 0.0
+    u2 = 0.0
+    for k in range(0, n - nb - 1, 2):
         d = <double>x[nb + k] - P
-        a[k] += d
-        q[k] += d * d
-    s1[0] = _lane_total(a)
-    s2[0] = _lane_total(q)
+        e = <double>x[nb + k + 1] - P
+        t1 += d
+        t2 += d * d
+        u1 += e
+        u2 += e * e
+    if (n - nb) % 2:
+        d = <double>x[n - 1] - P
+        t1 += d
+        t2 += d * d
+    s1[0] = _lane_total(a) + (t1 + u1)
+    s2[0] = _lane_total(q) + (t2 + u2)
 
 
 cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
@@ -306,7 +322,7 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
     cdef double b[LANES]
     cdef Py_ssize_t i, nb = n - n % LANES
     cdef int k
-    cdef double g
+    cdef double g, h, t1, t2, u1, u2
     _zero(a, LANES)
     _zero(b, LANES)
     for i in range(0, nb, 32):
@@ -314,12 +330,23 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
             g = <double>dy[i + k]
             a[k] += g
             b[k] += g * (<double>x[i + k] - mu)
-    for k in range(n - nb):
+    t1 = 0.0                    # the tail as in _segment_sums
+    t2 = 0.0
+    u1 = 0.0
+    u2 = 0.0
+    for k in range(0, n - nb - 1, 2):
         g = <double>dy[nb + k]
-        a[k] += g
-        b[k] += g * (<double>x[nb + k] - mu)
-    sum_dy[0] = _lane_total(a)
-    sum_dy_xmu[0] = _lane_total(b)
+        h = <double>dy[nb + k + 1]
+        t1 += g
+        t2 += g * (<double>x[nb + k] - mu)
+        u1 += h
+        u2 += h * (<double>x[nb + k + 1] - mu)
+    if (n - nb) % 2:
+        g = <double>dy[n - 1]
+        t1 += g
+        t2 += g * (<double>x[n - 1] - mu)
+    sum_dy[0] = _lane_total(a) + (t1 + u1)
+    sum_dy_xmu[0] = _lane_total(b) + (t2 + u2)
 
 
 # --------------------------------------------------------------------------
