@@ -1270,15 +1270,6 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssi
     return mean, invstd, m2
 
 
-cdef int _backward(const real* dy, const real* x, real* dx, const Plan* p, bint training,
-                   const double* mean, const double* invstd, Vec weight,
-                   double* sum_dy, double* sum_dyx, int nt) noexcept nogil:
-    if _sums(dy, x, p, mean, sum_dy, sum_dyx, nt) != 0:
-        return -1
-    return _input_grad(dy, x, dx, p, training, <double>(p.outer * p.inner), mean, invstd,
-                       weight, sum_dy, sum_dyx, nt)
-
-
 cdef int _sums(const real* dy, const real* x, const Plan* p, const double* mean,
                double* sum_dy, double* sum_dyx, int nt) noexcept nogil:
     """Per-channel sum(dy) and sum(dy * (x - mean)) (needs outer * inner >= 1)."""
@@ -1333,35 +1324,12 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
 
     dx = g * ((dy - a) - (x - mean) * k) with g = weight * invstd and, in
     training, a = sum(dy) / N, k = invstd^2 * sum(dy * (x - mean)) / N
-    (inference: a = k = 0).
+    (inference: a = k = 0). The reduction half then the elementwise half,
+    the two entry points below.
     """
-    cdef Plan p = make_plan(outer, C, inner)
-    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
-    cdef cnp.ndarray sum_dy = _new_vec(C), sum_dyx = _new_vec(C)
-    cdef double* psd = <double*>cnp.PyArray_DATA(sum_dy)
-    cdef double* psx = <double*>cnp.PyArray_DATA(sum_dyx)
-    cdef double* m = <double*>cnp.PyArray_DATA(mean)
-    cdef double* s = <double*>cnp.PyArray_DATA(invstd)
-    cdef Vec w = _vec(weight)
-    cdef void* pdy = cnp.PyArray_DATA(dy)
-    cdef void* px = cnp.PyArray_DATA(x)
-    cdef void* pdx = cnp.PyArray_DATA(dx)
-    cdef Py_ssize_t c
-    if C > 0 and outer * inner == 0:
-        for c in range(C):
-            psd[c] = 0.0
-            psx[c] = 0.0
-    elif C > 0:
-        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
-            with nogil:
-                rc = _backward(<const float*>pdy, <const float*>px, <float*>pdx, &p, training,
-                               m, s, w, psd, psx, nt)
-        else:
-            with nogil:
-                rc = _backward(<const double*>pdy, <const double*>px, <double*>pdx, &p,
-                               training, m, s, w, psd, psx, nt)
-    if rc != 0:
-        raise MemoryError("bncore: out of memory for batch-norm scratch")
+    sum_dy, sum_dyx = dy_sums(dy, x, outer, C, inner, mean, nthreads)
+    input_grad(dy, x, dx, outer, C, inner, training, <double>(outer * inner), mean, invstd,
+               weight, sum_dy, sum_dyx, nthreads)
     return sum_dy, sum_dyx
 
 
