@@ -47,17 +47,22 @@ class Table:
         return (self.device, np.int32(self.nops), np.int32(self.n), np.int64(self.nchunks))
 
 
+def _lru(cache: OrderedDict, limit: int, key, make):
+    """cache[key], made by make() on a miss; the least recently used entry
+    beyond `limit` is dropped."""
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make()
+        if len(cache) > limit:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return value
+
+
 def _upload(host: np.ndarray) -> "cupy.ndarray":
     key = host.tobytes() + cupy.cuda.Device().id.to_bytes(4, "little")
-    dev = _cache.get(key)
-    if dev is None:
-        dev = cupy.asarray(host)
-        _cache[key] = dev
-        if len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    else:
-        _cache.move_to_end(key)
-    return dev
+    return _lru(_cache, _CACHE_SIZE, key, lambda: cupy.asarray(host))
 
 
 class _ListInfo:
@@ -91,16 +96,8 @@ def _info(name: str, lst: list, grad: bool) -> _ListInfo:
     """Per-list validation, cached by the identity of its arrays (the cache
     holds them, so an id cannot be reused while its entry lives): an
     optimizer's parameter and state lists are checked once, not every step."""
-    key = (name, tuple(map(id, lst)))
-    info = _lists.get(key)
-    if info is None:
-        info = _ListInfo(name, lst, grad)
-        _lists[key] = info
-        if len(_lists) > _LIST_CACHE:
-            _lists.popitem(last=False)
-    else:
-        _lists.move_to_end(key)
-    return info
+    return _lru(_lists, _LIST_CACHE, (name, tuple(map(id, lst))),
+                lambda: _ListInfo(name, lst, grad))
 
 
 def clear_caches() -> None:
