@@ -2,9 +2,10 @@
 // layouts with inner % 4 == 0), for GPUs with thread-block clusters (compute
 // capability 9.0+). Loaded by bncore_gpu/batch_norm.py only when the cluster
 // path is switched on (bncore_gpu.batch_norm.CLUSTER_KERNELS, or
-// BNCORE_GPU_CLUSTER=1 at import), and kept apart from _bn_kernels.cu so that a toolchain without
-// cluster support can never break the default kernels. No headers: cluster
-// rank, barrier and distributed shared memory are reached through PTX.
+// BNCORE_GPU_CLUSTER=1 at import), and kept apart from _bn_kernels.cu so that
+// a toolchain without cluster support can never break the default kernels. No
+// system headers: cluster rank, barrier and distributed shared memory are
+// reached through PTX; the shared helpers come from _common.cuh.
 // The CPU twin of the computation is bncore/_bn_kernels.pyx.
 //
 // Why: the default training forward reads x twice (statistics, then the
@@ -23,14 +24,11 @@
 // from the default path's in the last bits (another summation tree), within
 // the parity tolerance. y = (x - mean) * scale + shift in float64, as there.
 
+#include "_common.cuh"
+
 #define BNC_THREADS 256
 #define BNC_CLUSTER 8
 #define BNC_UNROLL 4      // global loads each thread has in flight (per array)
-
-__device__ __forceinline__ double bnc_ld(const float* p) { return (double)(*p); }
-__device__ __forceinline__ double bnc_ld(const double* p) { return *p; }
-__device__ __forceinline__ void bnc_st(float* p, double v) { *p = (float)v; }
-__device__ __forceinline__ void bnc_st(double* p, double v) { *p = v; }
 
 // Shared memory is declared through these two macros, and the three cluster
 // primitives below are PTX, so that tests/cuda_host/ can compile this very
@@ -75,6 +73,26 @@ __device__ __forceinline__ double bnc_remote(const double* p, unsigned rank) {
 
 #endif  // BNC_HOST_EMULATION
 
+// This CTA's share of the cluster's channel c: planes o0, o0 + 1, ... (ceil(outer
+// / BNC_CLUSTER) of them, fewer or none at the end), n4 float4 of i4 per plane;
+// r is the CTA's rank in the cluster.
+__device__ __forceinline__ void bnc_slice(long long outer, long long inner4, unsigned& r,
+                                          int& c, long long& o0, int& i4, int& n4) {
+    r = bnc_cluster_rank();
+    c = blockIdx.x / BNC_CLUSTER;
+    long long Q = (outer + BNC_CLUSTER - 1) / BNC_CLUSTER;
+    o0 = (long long)r * Q;
+    long long o1 = o0 + Q < outer ? o0 + Q : outer;
+    i4 = (int)inner4;
+    n4 = o1 > o0 ? (int)((o1 - o0) * inner4) : 0;
+}
+
+// (pl, i): plane and float4 of this thread's first slab element, threadIdx.x
+__device__ __forceinline__ void bnc_first(int& pl, int& i, int i4) {
+    pl = (int)threadIdx.x / i4;
+    i = (int)threadIdx.x - pl * i4;
+}
+
 // (pl, i) -> plane and float4 of slab element k + BNC_THREADS, given those of
 // k and BNC_THREADS = sq * i4 + sr (no loop, whatever the plane size)
 __device__ __forceinline__ void bnc_step(int& pl, int& i, int sq, int sr, int i4) {
@@ -99,25 +117,6 @@ __device__ __forceinline__ double bnc_block_sum(double a, double* s) {
     return s[0];
 }
 
-// bnc_block_sum for two doubles at once (same tree). It repeats bn_block_sum2
-// of _bn_kernels.cu on purpose: the two files are compiled apart, so that this
-// one can never keep the default kernels from building.
-__device__ __forceinline__ void bnc_block_sum2(double& a, double& b, double* sa, double* sb) {
-    int t = threadIdx.x;
-    sa[t] = a;
-    sb[t] = b;
-    __syncthreads();
-    for (int w = BNC_THREADS / 2; w > 0; w >>= 1) {
-        if (t < w) {
-            sa[t] += sa[t + w];
-            sb[t] += sb[t + w];
-        }
-        __syncthreads();
-    }
-    a = sa[0];
-    b = sb[0];
-}
-
 // The cluster total of one double per CTA (part[slot] in each), in rank order.
 __device__ __forceinline__ double bnc_cluster_total(const double* part) {
     double t = 0.0;
@@ -139,21 +138,19 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
     BNC_DYNAMIC_SHARED(float4, slab);
     BNC_SHARED(double, red, BNC_THREADS);
     BNC_SHARED(double, part, 2);
-    unsigned r = bnc_cluster_rank();
-    int c = blockIdx.x / BNC_CLUSTER;
-    long long Q = (outer + BNC_CLUSTER - 1) / BNC_CLUSTER;
-    long long o0 = (long long)r * Q;
-    long long o1 = o0 + Q < outer ? o0 + Q : outer;
-    int i4 = (int)inner4;
-    int n4 = o1 > o0 ? (int)((o1 - o0) * inner4) : 0;
+    unsigned r;
+    int c, i4, n4;
+    long long o0;
+    bnc_slice(outer, inner4, r, c, o0, i4, n4);
 
     // x -> shared memory, summing as it arrives. (pl, i): plane and float4 of
     // slab element k, stepped along with k (no division per element). BNC_UNROLL
     // loads are issued before the first is used: one load in flight per warp
     // would leave an H100 far from its bandwidth.
     double s = 0.0;
-    int pl = (int)threadIdx.x / i4, i = (int)threadIdx.x - pl * i4;
+    int pl, i;
     const int sq = BNC_THREADS / i4, sr = BNC_THREADS - sq * i4;
+    bnc_first(pl, i, i4);
     for (int k0 = threadIdx.x; k0 < n4; k0 += BNC_UNROLL * BNC_THREADS) {
         float4 v[BNC_UNROLL];
 #pragma unroll
@@ -193,20 +190,19 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
 
     double var = m2 / N;
     double inv = 1.0 / sqrt(var + eps);
-    double sc = inv * (weight ? bnc_ld(weight + c) : 1.0);
-    double sh = bias ? bnc_ld(bias + c) : 0.0;
+    double sc = inv * (weight ? dev_ld(weight + c) : 1.0);
+    double sh = bias ? dev_ld(bias + c) : 0.0;
     if (r == 0 && threadIdx.x == 0) {
         mean[c] = mu;
         invstd[c] = inv;
         if (running_mean) {
             double vr = unbiased ? m2 / (N - 1.0) : var;
-            double rm = bnc_ld(running_mean + c), rv = bnc_ld(running_var + c);
-            bnc_st(running_mean + c, (1.0 - momentum) * rm + momentum * mu);
-            bnc_st(running_var + c, (1.0 - momentum) * rv + momentum * vr);
+            double rm = dev_ld(running_mean + c), rv = dev_ld(running_var + c);
+            dev_st(running_mean + c, (1.0 - momentum) * rm + momentum * mu);
+            dev_st(running_var + c, (1.0 - momentum) * rv + momentum * vr);
         }
     }
-    pl = (int)threadIdx.x / i4;
-    i = (int)threadIdx.x - pl * i4;
+    bnc_first(pl, i, i4);
     for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
         float4 v = slab[k];
         float4 o;
@@ -240,13 +236,10 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     BNC_SHARED(double, red_a, BNC_THREADS);
     BNC_SHARED(double, red_b, BNC_THREADS);
     BNC_SHARED(double, part, 2);
-    unsigned r = bnc_cluster_rank();
-    int c = blockIdx.x / BNC_CLUSTER;
-    long long Q = (outer + BNC_CLUSTER - 1) / BNC_CLUSTER;
-    long long o0 = (long long)r * Q;
-    long long o1 = o0 + Q < outer ? o0 + Q : outer;
-    int i4 = (int)inner4;
-    int n4 = o1 > o0 ? (int)((o1 - o0) * inner4) : 0;
+    unsigned r;
+    int c, i4, n4;
+    long long o0;
+    bnc_slice(outer, inner4, r, c, o0, i4, n4);
     float4* sdy = slab;
     float4* sx = slab + n4;
     double m = mean[c];
@@ -254,8 +247,9 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     // dy and x -> shared memory, summing as they arrive (loads issued ahead as
     // in the forward)
     double sa = 0.0, sb = 0.0;
-    int pl = (int)threadIdx.x / i4, i = (int)threadIdx.x - pl * i4;
+    int pl, i;
     const int sq = BNC_THREADS / i4, sr = BNC_THREADS - sq * i4;
+    bnc_first(pl, i, i4);
     for (int k0 = threadIdx.x; k0 < n4; k0 += BNC_UNROLL * BNC_THREADS) {
         float4 d[BNC_UNROLL], v[BNC_UNROLL];
 #pragma unroll
@@ -280,7 +274,7 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
             }
         }
     }
-    bnc_block_sum2(sa, sb, red_a, red_b);
+    dev_block_sum2(sa, sb, red_a, red_b);
     if (threadIdx.x == 0) {
         part[0] = sa;
         part[1] = sb;
@@ -291,15 +285,14 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     bnc_cluster_arrive();                // last remote read done (see the forward)
 
     double inv = invstd[c];
-    double g = inv * (weight ? bnc_ld(weight + c) : 1.0);
+    double g = inv * (weight ? dev_ld(weight + c) : 1.0);
     double a = training ? s1 / N : 0.0;
     double kk = training ? inv * inv * s2 / N : 0.0;
     if (r == 0 && threadIdx.x == 0) {
-        bnc_st(dweight + c, s2 * inv);
-        bnc_st(dbias + c, s1);
+        dev_st(dweight + c, s2 * inv);
+        dev_st(dbias + c, s1);
     }
-    pl = (int)threadIdx.x / i4;
-    i = (int)threadIdx.x - pl * i4;
+    bnc_first(pl, i, i4);
     for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
         float4 d = sdy[k], v = sx[k];
         float4 o;
@@ -313,3 +306,9 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     // no CTA may leave while another can still read its `part`
     bnc_cluster_wait();
 }
+
+// explicit instantiations, so nvcc --ptx checks every template this file offers
+template __global__ void bn_forward_cluster<float>(const float4*, float4*, long long, int, long long, double, double, const float*, const float*, float*, float*, double, int, double*, double*);
+template __global__ void bn_forward_cluster<double>(const float4*, float4*, long long, int, long long, double, double, const double*, const double*, double*, double*, double, int, double*, double*);
+template __global__ void bn_backward_cluster<float>(const float4*, const float4*, float4*, long long, int, long long, double, int, const double*, const double*, const float*, float*, float*);
+template __global__ void bn_backward_cluster<double>(const float4*, const float4*, float4*, long long, int, long long, double, int, const double*, const double*, const double*, double*, double*);

@@ -25,45 +25,9 @@
 //     tile of the (outer, C*inner) matrix; one partial per (column, row block).
 // Partials of channel c are contiguous: [c * M, (c + 1) * M).
 
+#include "_common.cuh"
+
 #define BN_THREADS 256
-
-__device__ __forceinline__ double bn_ld(const float* p) { return (double)(*p); }
-__device__ __forceinline__ double bn_ld(const double* p) { return *p; }
-__device__ __forceinline__ double bn_ld(const unsigned short* p) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
-    return (double)f;
-}
-__device__ __forceinline__ void bn_st(float* p, double v) { *p = (float)v; }
-__device__ __forceinline__ void bn_st(double* p, double v) { *p = v; }
-__device__ __forceinline__ void bn_st(unsigned short* p, double v) {
-    // via float: binary16 rounding of a float is exact round-to-nearest-even
-    float f = (float)v;
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    *p = h;
-}
-
-// Fixed-order tree reduction of two doubles over a block of BN_THREADS threads;
-// every thread returns the totals (read after the last barrier). A second call
-// in the same block needs a __syncthreads() first, so that no thread is still
-// reading sa[0] / sb[0] when they are overwritten.
-__device__ __forceinline__ void bn_block_sum2(double& a, double& b, double* sa, double* sb) {
-    int t = threadIdx.x + threadIdx.y * blockDim.x;
-    int n = blockDim.x * blockDim.y;
-    sa[t] = a;
-    sb[t] = b;
-    __syncthreads();
-    for (int w = n / 2; w > 0; w >>= 1) {
-        if (t < w) {
-            sa[t] += sa[t + w];
-            sb[t] += sb[t + w];
-        }
-        __syncthreads();
-    }
-    a = sa[0];
-    b = sb[0];
-}
 
 // The partials of the scalar rows kernels (block (32, 8): threadIdx.x picks
 // the column j, threadIdx.y the row phase): a fixed tree over the 8 row phases
@@ -100,17 +64,17 @@ __global__ void bn_stats_planes(const T* __restrict__ x, long long outer, int C,
     __shared__ double sb[BN_THREADS];
     int g = blockIdx.x;
     int c = blockIdx.y;
-    double K = bn_ld(x + (long long)c * inner);
+    double K = dev_ld(x + (long long)c * inner);
     double s1 = 0.0, s2 = 0.0;
     for (long long o = g; o < outer; o += G) {
         const T* row = x + (o * C + c) * inner;
         for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
-            double d = bn_ld(row + i) - K;
+            double d = dev_ld(row + i) - K;
             s1 += d;
             s2 += d * d;
         }
     }
-    bn_block_sum2(s1, s2, sa, sb);
+    dev_block_sum2(s1, s2, sa, sb);
     if (threadIdx.x == 0) {
         part_s1[(long long)c * G + g] = s1;
         part_s2[(long long)c * G + g] = s2;
@@ -132,9 +96,9 @@ __global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, l
     double s1 = 0.0, s2 = 0.0;
     if (j < P) {
         long long c = j / inner;
-        double K = bn_ld(x + c * inner);
+        double K = dev_ld(x + c * inner);
         for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
-            double d = bn_ld(x + r * P + j) - K;
+            double d = dev_ld(x + r * P + j) - K;
             s1 += d;
             s2 += d * d;
         }
@@ -163,8 +127,8 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
         s1 += part_s1[(long long)c * M + m];
         s2 += part_s2[(long long)c * M + m];
     }
-    bn_block_sum2(s1, s2, sa, sb);              // every thread holds the totals
-    double K = bn_ld(x + (long long)c * inner);
+    dev_block_sum2(s1, s2, sa, sb);              // every thread holds the totals
+    double K = dev_ld(x + (long long)c * inner);
     double d = s1 / N;                          // mean - K
     double m2 = s2 - s1 * d;                    // sum (x - mean)^2
     if (s2 > 16.0 * m2) {
@@ -174,7 +138,7 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
         double P = K + d, t1 = 0.0, t2 = 0.0;
         if (inner == 1) {                       // channels-last: one value per row
             for (long long o = threadIdx.x; o < outer; o += BN_THREADS) {
-                double v = bn_ld(x + o * C + c) - P;
+                double v = dev_ld(x + o * C + c) - P;
                 t1 += v;
                 t2 += v * v;
             }
@@ -182,14 +146,14 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
             for (long long o = 0; o < outer; ++o) {
                 const T* row = x + (o * C + c) * inner;
                 for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
-                    double v = bn_ld(row + i) - P;
+                    double v = dev_ld(row + i) - P;
                     t1 += v;
                     t2 += v * v;
                 }
             }
         }
         __syncthreads();                        // every thread has read sa[0], sb[0]
-        bn_block_sum2(t1, t2, sa, sb);
+        dev_block_sum2(t1, t2, sa, sb);
         K = P;
         d = t1 / N;
         m2 = t2 - t1 * d;
@@ -201,13 +165,13 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
         double inv = 1.0 / sqrt(var + eps);
         mean[c] = mu;
         invstd[c] = inv;
-        scale[c] = inv * (weight ? bn_ld(weight + c) : 1.0);
-        shift[c] = bias ? bn_ld(bias + c) : 0.0;
+        scale[c] = inv * (weight ? dev_ld(weight + c) : 1.0);
+        shift[c] = bias ? dev_ld(bias + c) : 0.0;
         if (running_mean) {
             double vr = unbiased ? m2 / (N - 1.0) : var;
-            double rm = bn_ld(running_mean + c), rv = bn_ld(running_var + c);
-            bn_st(running_mean + c, (1.0 - momentum) * rm + momentum * mu);
-            bn_st(running_var + c, (1.0 - momentum) * rv + momentum * vr);
+            double rm = dev_ld(running_mean + c), rv = dev_ld(running_var + c);
+            dev_st(running_mean + c, (1.0 - momentum) * rm + momentum * mu);
+            dev_st(running_var + c, (1.0 - momentum) * rv + momentum * vr);
         }
     }
 }
@@ -221,11 +185,11 @@ __global__ void bn_prepare_eval(int C, const PT* __restrict__ running_mean,
                                 double* __restrict__ scale, double* __restrict__ shift) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    double inv = 1.0 / sqrt(bn_ld(running_var + c) + eps);
-    mean[c] = bn_ld(running_mean + c);
+    double inv = 1.0 / sqrt(dev_ld(running_var + c) + eps);
+    mean[c] = dev_ld(running_mean + c);
     invstd[c] = inv;
-    scale[c] = inv * (weight ? bn_ld(weight + c) : 1.0);
-    shift[c] = bias ? bn_ld(bias + c) : 0.0;
+    scale[c] = inv * (weight ? dev_ld(weight + c) : 1.0);
+    shift[c] = bias ? dev_ld(bias + c) : 0.0;
 }
 
 // ---------------------------------------------------------------- elementwise
@@ -248,7 +212,7 @@ __global__ void bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, long
         double m = mean[c], s = scale[c], h = shift[c];
         const T* xr = x + p * inner;
         T* yr = y + p * inner;
-        for (long long i = lane; i < inner; i += 32) bn_st(yr + i, (bn_ld(xr + i) - m) * s + h);
+        for (long long i = lane; i < inner; i += 32) dev_st(yr + i, (dev_ld(xr + i) - m) * s + h);
     }
 }
 
@@ -289,7 +253,7 @@ __global__ void bn_apply_rows(const T* __restrict__ x, T* __restrict__ y, long l
     long long c = j / inner;
     double m = mean[c], s = scale[c], h = shift[c];
     for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < outer; r += (long long)gridDim.y * 8)
-        bn_st(y + r * P + j, (bn_ld(x + r * P + j) - m) * s + h);
+        dev_st(y + r * P + j, (dev_ld(x + r * P + j) - m) * s + h);
 }
 
 // ---------------------------------------------------------------- backward
@@ -308,12 +272,12 @@ __global__ void bn_dy_sums_planes(const T* __restrict__ dy, const T* __restrict_
     for (long long o = g; o < outer; o += G) {
         long long base = (o * C + c) * inner;
         for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
-            double gv = bn_ld(dy + base + i);
+            double gv = dev_ld(dy + base + i);
             a += gv;
-            b += gv * (bn_ld(x + base + i) - mu);
+            b += gv * (dev_ld(x + base + i) - mu);
         }
     }
-    bn_block_sum2(a, b, sa, sb);
+    dev_block_sum2(a, b, sa, sb);
     if (threadIdx.x == 0) {
         part_a[(long long)c * G + g] = a;
         part_b[(long long)c * G + g] = b;
@@ -336,9 +300,9 @@ __global__ void bn_dy_sums_rows(const T* __restrict__ dy, const T* __restrict__ 
     if (j < P) {
         double mu = mean[j / inner];
         for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
-            double gv = bn_ld(dy + r * P + j);
+            double gv = dev_ld(dy + r * P + j);
             a += gv;
-            b += gv * (bn_ld(x + r * P + j) - mu);
+            b += gv * (dev_ld(x + r * P + j) - mu);
         }
     }
     bn_rows_partials(a, b, j < P, j, nRB, rb, sa, sb, part_a, part_b);
@@ -361,12 +325,12 @@ __global__ void bn_finalize_backward(int C, int M, const double* __restrict__ pa
         s1 += part_a[(long long)c * M + m];
         s2 += part_b[(long long)c * M + m];
     }
-    bn_block_sum2(s1, s2, sa, sb);
+    dev_block_sum2(s1, s2, sa, sb);
     if (threadIdx.x == 0) {
         double inv = invstd[c];
-        bn_st(dweight + c, s2 * inv);
-        bn_st(dbias + c, s1);
-        g[c] = inv * (weight ? bn_ld(weight + c) : 1.0);
+        dev_st(dweight + c, s2 * inv);
+        dev_st(dbias + c, s1);
+        g[c] = inv * (weight ? dev_ld(weight + c) : 1.0);
         a[c] = training ? s1 / N : 0.0;
         k[c] = training ? inv * inv * s2 / N : 0.0;
     }
@@ -396,7 +360,7 @@ __global__ void bn_dx_planes(const T* __restrict__ dy, const T* __restrict__ x,
         double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
         long long base = p * inner;
         for (long long i = lane; i < inner; i += 32)
-            bn_st(dx + base + i, gc * ((bn_ld(dy + base + i) - ac) - (bn_ld(x + base + i) - m) * kc));
+            dev_st(dx + base + i, gc * ((dev_ld(dy + base + i) - ac) - (dev_ld(x + base + i) - m) * kc));
     }
 }
 
@@ -428,7 +392,7 @@ __global__ void bn_dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T*
     double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
     for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < outer; r += (long long)gridDim.y * 8) {
         long long e = r * P + j;
-        bn_st(dx + e, gc * ((bn_ld(dy + e) - ac) - (bn_ld(x + e) - m) * kc));
+        dev_st(dx + e, gc * ((dev_ld(dy + e) - ac) - (dev_ld(x + e) - m) * kc));
     }
 }
 
@@ -452,7 +416,7 @@ __global__ void bn_stats_planes_vec4(const float4* __restrict__ x, long long out
             s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
         }
     }
-    bn_block_sum2(s1, s2, sa, sb);
+    dev_block_sum2(s1, s2, sa, sb);
     if (threadIdx.x == 0) {
         part_s1[(long long)c * G + g] = s1;
         part_s2[(long long)c * G + g] = s2;
@@ -478,7 +442,7 @@ __global__ void bn_dy_sums_planes_vec4(const float4* __restrict__ dy, const floa
                  + ((double)d.z * ((double)v.z - mu) + (double)d.w * ((double)v.w - mu));
         }
     }
-    bn_block_sum2(a, b, sa, sb);
+    dev_block_sum2(a, b, sa, sb);
     if (threadIdx.x == 0) {
         part_a[(long long)c * G + g] = a;
         part_b[(long long)c * G + g] = b;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import threading
 from typing import Dict, Sequence, Tuple
 
@@ -22,13 +23,29 @@ _functions: Dict[Tuple[int, str, str], "cupy.RawKernel"] = {}
 OPTIONS = ("-std=c++17",)
 
 
+_INCLUDE = re.compile(r'^#include "([\w.]+)"[ \t]*$', re.M)
+
+
+def _read(filename: str) -> str:
+    with open(os.path.join(_DIR, filename), encoding="utf-8") as fh:
+        return fh.read()
+
+
 @functools.lru_cache(maxsize=None)
 def source(filename: str) -> str:
-    """The file's text, prefixed with a #line directive pointing at it."""
+    """The file's text, prefixed with a #line directive pointing at it, with
+    each `#include "X"` of a file of this package pasted in place (between
+    #line directives): NVRTC then needs no include path, and CuPy's cache,
+    keyed by the source text, sees the included file too."""
     path = os.path.join(_DIR, filename)
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    return f'#line 1 "{path}"\n' + text
+    text = _read(filename)
+
+    def paste(m):
+        after = text.count("\n", 0, m.end()) + 2       # the line after the #include
+        return (f'#line 1 "{os.path.join(_DIR, m.group(1))}"\n{_read(m.group(1))}\n'
+                f'#line {after} "{path}"')
+
+    return f'#line 1 "{path}"\n' + _INCLUDE.sub(paste, text)
 
 
 def module(filename: str, names: Sequence[str]) -> "cupy.RawModule":

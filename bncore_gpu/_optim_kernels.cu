@@ -20,23 +20,9 @@
 // Storage: parameters and state float or double; gradients the parameters'
 // type or IEEE binary16 (unsigned short) with float parameters.
 
-#define MT_THREADS 256
+#include "_common.cuh"
 
-__device__ __forceinline__ double mt_ld(const float* p) { return (double)(*p); }
-__device__ __forceinline__ double mt_ld(const double* p) { return *p; }
-__device__ __forceinline__ double mt_ld(const unsigned short* p) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
-    return (double)f;
-}
-__device__ __forceinline__ void mt_st(float* p, double v) { *p = (float)v; }
-__device__ __forceinline__ void mt_st(double* p, double v) { *p = v; }
-__device__ __forceinline__ void mt_st(unsigned short* p, double v) {
-    float f = (float)v;
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    *p = h;
-}
+#define MT_THREADS 256
 
 struct MtTable {
     const long long* t;
@@ -105,15 +91,15 @@ __global__ void mt_sgd(const long long* table, int nops, int n, long long nchunk
         const G* __restrict__ g = (const G*)tb.ptr(1, ti) + off;
         P* __restrict__ b = tb.ptr(2, ti) ? (P*)tb.ptr(2, ti) + off : nullptr;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
-            double x = mt_ld(p + i);
-            double gr = mt_ld(g + i) * inv + wd * x;
+            double x = dev_ld(p + i);
+            double gr = dev_ld(g + i) * inv + wd * x;
             if (b != nullptr) {
-                double v = read_buf ? mt_ld(b + i) : 0.0;
+                double v = read_buf ? dev_ld(b + i) : 0.0;
                 v = momentum * v + B * gr;
-                mt_st(b + i, v);
-                mt_st(p + i, x * decay - L * (Na * gr + Nb * v));
+                dev_st(b + i, v);
+                dev_st(p + i, x * decay - L * (Na * gr + Nb * v));
             } else {
-                mt_st(p + i, x * decay - lr * gr);
+                dev_st(p + i, x * decay - lr * gr);
             }
         }
     }
@@ -201,20 +187,20 @@ __global__ void mt_adam(const long long* table, int nops, int n, long long nchun
             }
         }
         for (long long i = i0 + threadIdx.x; i < len; i += MT_THREADS) {
-            double x = mt_ld(p + i);
-            double gr = mt_ld(g + i) * inv + wd * x;
-            double mm = beta1 * mt_ld(m + i) + (1.0 - beta1) * gr;
-            double vv = beta2 * mt_ld(v + i) + (1.0 - beta2) * gr * gr;
-            mt_st(m + i, mm);
-            mt_st(v + i, vv);
+            double x = dev_ld(p + i);
+            double gr = dev_ld(g + i) * inv + wd * x;
+            double mm = beta1 * dev_ld(m + i) + (1.0 - beta1) * gr;
+            double vv = beta2 * dev_ld(v + i) + (1.0 - beta2) * gr * gr;
+            dev_st(m + i, mm);
+            dev_st(v + i, vv);
             double vm = vv * c_in;
             if (vmax != nullptr) {
-                double a = mt_ld(vmax + i);
+                double a = dev_ld(vmax + i);
                 vm = vm > a ? vm : a;
-                mt_st(vmax + i, vm);
+                dev_st(vmax + i, vm);
             }
             double den = sqrt(vm * c_out + eps_root) + eps;
-            mt_st(p + i, (x * decay - step_size * mm / den) * post);
+            dev_st(p + i, (x * decay - step_size * mm / den) * post);
         }
     }
 }
@@ -242,22 +228,22 @@ __global__ void mt_rmsprop(const long long* table, int nops, int n, long long nc
         P* __restrict__ ga = tb.ptr(3, ti) ? (P*)tb.ptr(3, ti) + off : nullptr;
         P* __restrict__ buf = tb.ptr(4, ti) ? (P*)tb.ptr(4, ti) + off : nullptr;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
-            double x = mt_ld(p + i);
-            double gr = mt_ld(g + i) * inv + wd * x;
-            double s = alpha * mt_ld(sq + i) + (1.0 - alpha) * gr * gr;
-            mt_st(sq + i, s);
+            double x = dev_ld(p + i);
+            double gr = dev_ld(g + i) * inv + wd * x;
+            double s = alpha * dev_ld(sq + i) + (1.0 - alpha) * gr * gr;
+            dev_st(sq + i, s);
             if (ga != nullptr) {
-                double a = alpha * mt_ld(ga + i) + (1.0 - alpha) * gr;
-                mt_st(ga + i, a);
+                double a = alpha * dev_ld(ga + i) + (1.0 - alpha) * gr;
+                dev_st(ga + i, a);
                 s = s - a * a;
             }
             double u = gr / (sqrt(s + e_in) + e_out);
             if (buf != nullptr) {
-                double b = momentum * mt_ld(buf + i) + k * u;
-                mt_st(buf + i, b);
-                mt_st(p + i, x * decay - L * b);
+                double b = momentum * dev_ld(buf + i) + k * u;
+                dev_st(buf + i, b);
+                dev_st(p + i, x * decay - L * b);
             } else {
-                mt_st(p + i, x * decay - lr * u);
+                dev_st(p + i, x * decay - lr * u);
             }
         }
     }
@@ -282,11 +268,11 @@ __global__ void mt_adagrad(const long long* table, int nops, int n, long long nc
         const G* __restrict__ g = (const G*)tb.ptr(1, ti) + off;
         P* __restrict__ h = (P*)tb.ptr(2, ti) + off;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
-            double x = mt_ld(p + i);
-            double gr = mt_ld(g + i) * inv + wd * x;
-            double s = mt_ld(h + i) + gr * gr;
-            mt_st(h + i, s);
-            mt_st(p + i, x * decay - clr * gr / (sqrt(s + e_in) + e_out));
+            double x = dev_ld(p + i);
+            double gr = dev_ld(g + i) * inv + wd * x;
+            double s = dev_ld(h + i) + gr * gr;
+            dev_st(h + i, s);
+            dev_st(p + i, x * decay - clr * gr / (sqrt(s + e_in) + e_out));
         }
     }
 }
@@ -332,7 +318,7 @@ __global__ void mt_norm_partials(const long long* table, int nops, int n, long l
         const G* __restrict__ g = (const G*)tb.ptr(0, ti) + off;
         double s = 0.0, q = scaled ? 0.0 : 0.0;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
-            double a = fabs(mt_ld(g + i));
+            double a = fabs(dev_ld(g + i));
             if (kind == 2) {
                 if (scaled) mt_ssq_add(s, q, a, 1.0);
                 else s += a * a;
@@ -415,7 +401,7 @@ __global__ void mt_scale(const long long* table, int nops, int n, long long nchu
     for (long long c = blockIdx.x; c < nchunks; c += gridDim.x) {
         long long ti = tb.tensor(c), off = tb.offset(c), len = mt_len(tb, c);
         G* __restrict__ g = (G*)tb.ptr(0, ti) + off;
-        for (long long i = threadIdx.x; i < len; i += MT_THREADS) mt_st(g + i, mt_ld(g + i) * s);
+        for (long long i = threadIdx.x; i < len; i += MT_THREADS) dev_st(g + i, dev_ld(g + i) * s);
     }
 }
 
@@ -427,9 +413,9 @@ __global__ void mt_clamp(const long long* table, int nops, int n, long long nchu
         long long ti = tb.tensor(c), off = tb.offset(c), len = mt_len(tb, c);
         G* __restrict__ g = (G*)tb.ptr(0, ti) + off;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
-            double a = mt_ld(g + i);
-            if (a < lo) mt_st(g + i, lo);
-            else if (a > hi) mt_st(g + i, hi);
+            double a = dev_ld(g + i);
+            if (a < lo) dev_st(g + i, lo);
+            else if (a > hi) dev_st(g + i, hi);
         }
     }
 }
@@ -446,7 +432,7 @@ __global__ void mt_nonfinite_partials(const long long* table, int nops, int n, l
         long long ti = tb.tensor(c), off = tb.offset(c), len = mt_len(tb, c);
         const G* __restrict__ g = (const G*)tb.ptr(0, ti) + off;
         int bad = 0;
-        for (long long i = threadIdx.x; i < len; i += MT_THREADS) bad |= (mt_ld(g + i) * 0.0 != 0.0);
+        for (long long i = threadIdx.x; i < len; i += MT_THREADS) bad |= (dev_ld(g + i) * 0.0 != 0.0);
         if (bad) flag = 1;                       // any writer: the same value
         __syncthreads();
         if (threadIdx.x == 0) part[c] = (double)flag;

@@ -1,12 +1,13 @@
 """Every kernel bncore_gpu launches compiles, template arguments included.
 
-`.ci/run` compiles each .cu file with `nvcc --ptx`, but a template kernel is
-only parsed there, never instantiated, so an error in a template body (most
-of the kernels) would first show on a GPU machine, at NVRTC time. Here each
-file is compiled together with an instantiation of every name the package
-asks its RawModule for (the name lists of bncore_gpu, read with the emulated
-CuPy), for sm_90 as on an H100. Skipped without nvcc.
+Each .cu file ends with explicit instantiations of its templates, so that
+`nvcc --ptx` of the file (what `.ci/run` does) compiles every kernel body;
+here, every name the package asks its RawModule for (the name lists of
+bncore_gpu, read with the emulated CuPy) must be among them, and the file
+must compile with nvcc for sm_90 as on an H100 (skipped without nvcc) and
+with NVRTC exactly as CuPy will compile it (below).
 """
+import functools
 import json
 import os
 import re
@@ -21,15 +22,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 NVCC = shutil.which("nvcc")
 
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found: no CUDA compile check")
 
-
-def kernel_names():
-    """{.cu file: kernel names} as bncore_gpu's modules list them."""
+@functools.lru_cache(maxsize=None)
+def modules():
+    """{.cu file: {"names": kernel names, "source": the text _loader hands to
+    CuPy, "options": its compile options}}, from bncore_gpu itself."""
     code = textwrap.dedent("""
         import json
-        from bncore_gpu import batch_norm as b, optimizers as o
-        print(json.dumps({b.FILE: b.NAMES, b.CLUSTER_FILE: b.CLUSTER_NAMES, o.FILE: o.NAMES}))
+        from bncore_gpu import _loader, batch_norm as b, optimizers as o
+        names = {b.FILE: b.NAMES, b.CLUSTER_FILE: b.CLUSTER_NAMES, o.FILE: o.NAMES}
+        print(json.dumps({f: {"names": n, "source": _loader.source(f),
+                              "options": list(_loader.OPTIONS)} for f, n in names.items()}))
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(HERE, "gpu_emulator"), ROOT]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -39,27 +42,49 @@ def kernel_names():
 
 
 def test_every_file_has_its_names():
-    names = kernel_names()
+    mods = modules()
     files = sorted(f for f in os.listdir(os.path.join(ROOT, "bncore_gpu")) if f.endswith(".cu"))
-    assert sorted(names) == files
-    assert all(names.values())
+    assert sorted(mods) == files
+    assert all(m["names"] for m in mods.values())
 
 
-@pytest.mark.parametrize("cu", sorted(kernel_names()))
-def test_every_instantiated_kernel_compiles(cu, tmp_path):
-    names = kernel_names()[cu]
-    src = tmp_path / "instances.cu"
-    # naming a specialization in host code instantiates its device code
-    src.write_text(f'#include "{os.path.join(ROOT, "bncore_gpu", cu)}"\n'
-                   "void* bncore_instances[] = {\n"
-                   + "".join(f"    (void*)&{n},\n" for n in names) + "};\n")
-    ptx = tmp_path / "instances.ptx"
-    proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "--ptx", str(src), "-o", str(ptx)],
+@pytest.mark.parametrize("cu", sorted(modules()))
+def test_every_launched_template_is_instantiated_in_its_file(cu):
+    with open(os.path.join(ROOT, "bncore_gpu", cu), encoding="utf-8") as fh:
+        text = fh.read()
+    for name in modules()[cu]["names"]:
+        if "<" in name:
+            assert f"template __global__ void {name}(" in text, f"{name} not instantiated in {cu}"
+
+
+def test_every_included_file_is_installed():
+    """_loader pastes each `#include "X"` from the installed package: X must
+    be in the package data of pyproject.toml, or an installed bncore_gpu fails
+    at its first kernel launch."""
+    import fnmatch
+    import tomllib
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        patterns = tomllib.load(fh)["tool"]["setuptools"]["package-data"]["bncore_gpu"]
+    d = os.path.join(ROOT, "bncore_gpu")
+    for cu in modules():
+        with open(os.path.join(d, cu), encoding="utf-8") as fh:
+            for inc in re.findall(r'^#include "([\w.]+)"', fh.read(), re.M):
+                assert os.path.exists(os.path.join(d, inc))
+                assert any(fnmatch.fnmatch(inc, pat) for pat in patterns), inc
+        assert any(fnmatch.fnmatch(cu, pat) for pat in patterns), cu
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: no CUDA compile check")
+@pytest.mark.parametrize("cu", sorted(modules()))
+def test_every_file_compiles_with_nvcc(cu, tmp_path):
+    ptx = tmp_path / "out.ptx"
+    proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "--ptx",
+                           os.path.join(ROOT, "bncore_gpu", cu), "-o", str(ptx)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     entries = re.findall(r"^\.visible \.entry (\w+)\(", ptx.read_text(), re.M)
-    bases = {n.partition("<")[0] for n in names}
-    for base in bases:
+    names = modules()[cu]["names"]
+    for base in {n.partition("<")[0] for n in names}:
         assert any(base in e for e in entries), f"{base} not in the PTX"
     assert len(entries) >= len(names)
 
@@ -70,7 +95,8 @@ def test_every_instantiated_kernel_compiles(cu, tmp_path):
 # headers and its own front end: a kernel that nvcc accepts may still fail
 # there. Where libnvrtc can be loaded (CI installs the nvidia-cuda-nvrtc
 # wheel), each module is compiled exactly as bncore_gpu/_loader.py asks
-# CuPy to: the #line-prefixed source, -std=c++17, every name expression.
+# CuPy to: _loader.source() (the #line-prefixed text with _common.cuh pasted
+# in), its options, every name expression.
 
 def _find_nvrtc():
     import ctypes
@@ -145,12 +171,11 @@ def test_nvrtc_found_where_required():
 
 
 @pytest.mark.skipif(_NO_NVRTC, reason="libnvrtc not found (pip install nvidia-cuda-nvrtc)")
-@pytest.mark.parametrize("cu", sorted(kernel_names()))
+@pytest.mark.parametrize("cu", sorted(modules()))
 def test_every_module_compiles_with_nvrtc_as_cupy_would(cu):
-    names = kernel_names()[cu]
-    path = os.path.join(ROOT, "bncore_gpu", cu)
-    with open(path, encoding="utf-8") as fh:
-        source = f'#line 1 "{path}"\n' + fh.read()      # as _loader.source()
-    ok, log, lowered = nvrtc_compile(source, cu, names, ["-std=c++17", "-arch=compute_90"])
+    mod = modules()[cu]
+    names = mod["names"]
+    ok, log, lowered = nvrtc_compile(mod["source"], cu, names,
+                                     mod["options"] + ["-arch=compute_90"])
     assert ok, log[-4000:]
     assert set(lowered) == set(names) and all(lowered.values())

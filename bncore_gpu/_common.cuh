@@ -1,0 +1,50 @@
+// Device helpers shared by the kernel files of bncore_gpu. Each .cu file
+// includes this one; bncore_gpu/_loader.py pastes it in place of the
+// #include line before CuPy compiles the file, so that CuPy's kernel cache,
+// keyed by the source text, sees a change here too. No host headers (NVRTC).
+#ifndef BNCORE_COMMON_CUH
+#define BNCORE_COMMON_CUH
+
+// Storage types: float, double, and unsigned short holding IEEE binary16;
+// arithmetic in float64.
+__device__ __forceinline__ double dev_ld(const float* p) { return (double)(*p); }
+__device__ __forceinline__ double dev_ld(const double* p) { return *p; }
+__device__ __forceinline__ void dev_st(float* p, double v) { *p = (float)v; }
+__device__ __forceinline__ void dev_st(double* p, double v) { *p = v; }
+#ifndef BNC_HOST_EMULATION      // PTX: left out where tests/cuda_host compiles for the CPU
+__device__ __forceinline__ double dev_ld(const unsigned short* p) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
+    return (double)f;
+}
+__device__ __forceinline__ void dev_st(unsigned short* p, double v) {
+    // via float: binary16 rounding of a float is exact round-to-nearest-even
+    float f = (float)v;
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    *p = h;
+}
+#endif
+
+// Fixed-order tree reduction of two doubles over the block (any power-of-two
+// size); every thread returns the totals (read after the last barrier). A
+// second call in the same block needs a __syncthreads() first, so that no
+// thread is still reading sa[0] / sb[0] when they are overwritten.
+__device__ __forceinline__ void dev_block_sum2(double& a, double& b, double* sa, double* sb) {
+    int t = threadIdx.x + threadIdx.y * blockDim.x;
+    int n = blockDim.x * blockDim.y;
+    sa[t] = a;
+    sb[t] = b;
+    __syncthreads();
+    for (int w = n / 2; w > 0; w >>= 1) {
+        if (t < w) {
+            sa[t] += sa[t + w];
+            sb[t] += sb[t + w];
+        }
+        __syncthreads();
+    }
+    a = sa[0];
+    b = sb[0];
+}
+
+#endif  // BNCORE_COMMON_CUH
