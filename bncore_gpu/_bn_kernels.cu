@@ -54,6 +54,85 @@ __device__ __forceinline__ void bn_rows_partials(double a, double b, bool valid,
     }
 }
 
+// ---------------------------------------------------------------- planes elements
+//
+// One storage element of the planes kernels: a value (float, double, binary16),
+// or a float4 of four consecutive float values where a plane's length is a
+// multiple of 4 and its rows 16-byte aligned (one 16-byte load per lane). The
+// planes kernels are written once over these and instantiated for both; a
+// float4's four values are combined as ((x + y) + (z + w)).
+
+template <typename T>
+__device__ __forceinline__ double bn_value0(const T* p) { return dev_ld(p); }
+__device__ __forceinline__ double bn_value0(const float4* p) { return (double)p->x; }
+
+template <typename T>
+__device__ __forceinline__ void bn_stat_acc(const T* p, double K, double& s1, double& s2) {
+    double d = dev_ld(p) - K;
+    s1 += d;
+    s2 += d * d;
+}
+__device__ __forceinline__ void bn_stat_acc(const float4* p, double K, double& s1, double& s2) {
+    float4 v = *p;
+    double d0 = (double)v.x - K, d1 = (double)v.y - K, d2 = (double)v.z - K,
+           d3 = (double)v.w - K;
+    s1 += (d0 + d1) + (d2 + d3);
+    s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+}
+
+template <typename T>
+__device__ __forceinline__ void bn_dy_acc(const T* dy, const T* x, double mu, double& a,
+                                          double& b) {
+    double gv = dev_ld(dy);
+    a += gv;
+    b += gv * (dev_ld(x) - mu);
+}
+__device__ __forceinline__ void bn_dy_acc(const float4* dy, const float4* x, double mu,
+                                          double& a, double& b) {
+    float4 d = *dy, v = *x;
+    a += ((double)d.x + (double)d.y) + ((double)d.z + (double)d.w);
+    b += ((double)d.x * ((double)v.x - mu) + (double)d.y * ((double)v.y - mu))
+         + ((double)d.z * ((double)v.z - mu) + (double)d.w * ((double)v.w - mu));
+}
+
+__device__ __forceinline__ float4 bn_affine4(float4 v, double m, double s, double h) {
+    float4 r;
+    r.x = (float)(((double)v.x - m) * s + h);
+    r.y = (float)(((double)v.y - m) * s + h);
+    r.z = (float)(((double)v.z - m) * s + h);
+    r.w = (float)(((double)v.w - m) * s + h);
+    return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void bn_apply_at(const T* x, T* y, double m, double s, double h) {
+    dev_st(y, (dev_ld(x) - m) * s + h);
+}
+__device__ __forceinline__ void bn_apply_at(const float4* x, float4* y, double m, double s,
+                                            double h) {
+    *y = bn_affine4(*x, m, s, h);
+}
+
+__device__ __forceinline__ float4 bn_dx4(float4 d, float4 v, double m, double g, double a,
+                                         double k) {
+    float4 r;
+    r.x = (float)(g * (((double)d.x - a) - ((double)v.x - m) * k));
+    r.y = (float)(g * (((double)d.y - a) - ((double)v.y - m) * k));
+    r.z = (float)(g * (((double)d.z - a) - ((double)v.z - m) * k));
+    r.w = (float)(g * (((double)d.w - a) - ((double)v.w - m) * k));
+    return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void bn_dx_at(const T* dy, const T* x, T* dx, double m, double g,
+                                         double a, double k) {
+    dev_st(dx, g * ((dev_ld(dy) - a) - (dev_ld(x) - m) * k));
+}
+__device__ __forceinline__ void bn_dx_at(const float4* dy, const float4* x, float4* dx,
+                                         double m, double g, double a, double k) {
+    *dx = bn_dx4(*dy, *x, m, g, a, k);
+}
+
 // ---------------------------------------------------------------- statistics
 
 template <typename T>
@@ -64,15 +143,11 @@ __global__ void bn_stats_planes(const T* __restrict__ x, long long outer, int C,
     __shared__ double sb[BN_THREADS];
     int g = blockIdx.x;
     int c = blockIdx.y;
-    double K = dev_ld(x + (long long)c * inner);
+    double K = bn_value0(x + (long long)c * inner);
     double s1 = 0.0, s2 = 0.0;
     for (long long o = g; o < outer; o += G) {
         const T* row = x + (o * C + c) * inner;
-        for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
-            double d = dev_ld(row + i) - K;
-            s1 += d;
-            s2 += d * d;
-        }
+        for (long long i = threadIdx.x; i < inner; i += BN_THREADS) bn_stat_acc(row + i, K, s1, s2);
     }
     dev_block_sum2(s1, s2, sa, sb);
     if (threadIdx.x == 0) {
@@ -212,36 +287,11 @@ __global__ void bn_apply_planes(const T* __restrict__ x, T* __restrict__ y, long
         double m = mean[c], s = scale[c], h = shift[c];
         const T* xr = x + p * inner;
         T* yr = y + p * inner;
-        for (long long i = lane; i < inner; i += 32) dev_st(yr + i, (dev_ld(xr + i) - m) * s + h);
+        for (long long i = lane; i < inner; i += 32) bn_apply_at(xr + i, yr + i, m, s, h);
     }
 }
 
-__device__ __forceinline__ float4 bn_affine4(float4 v, double m, double s, double h) {
-    float4 r;
-    r.x = (float)(((double)v.x - m) * s + h);
-    r.y = (float)(((double)v.y - m) * s + h);
-    r.z = (float)(((double)v.z - m) * s + h);
-    r.w = (float)(((double)v.w - m) * s + h);
-    return r;
-}
 
-// float planes with inner % 4 == 0 (16-byte aligned rows): one float4 per lane
-__global__ void bn_apply_planes_vec4(const float4* __restrict__ x, float4* __restrict__ y,
-                                     long long nplanes, int C, long long inner4,
-                                     const double* __restrict__ mean,
-                                     const double* __restrict__ scale,
-                                     const double* __restrict__ shift) {
-    int lane = threadIdx.x & 31;
-    long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long p = w; p < nplanes; p += nw) {
-        int c = (int)(p % C);
-        double m = mean[c], s = scale[c], h = shift[c];
-        const float4* xr = x + p * inner4;
-        float4* yr = y + p * inner4;
-        for (long long i = lane; i < inner4; i += 32) yr[i] = bn_affine4(xr[i], m, s, h);
-    }
-}
 
 // block (32, 8); grid (ceil(P / 32), row blocks), rows grid-strided
 template <typename T>
@@ -271,11 +321,8 @@ __global__ void bn_dy_sums_planes(const T* __restrict__ dy, const T* __restrict_
     double a = 0.0, b = 0.0;
     for (long long o = g; o < outer; o += G) {
         long long base = (o * C + c) * inner;
-        for (long long i = threadIdx.x; i < inner; i += BN_THREADS) {
-            double gv = dev_ld(dy + base + i);
-            a += gv;
-            b += gv * (dev_ld(x + base + i) - mu);
-        }
+        for (long long i = threadIdx.x; i < inner; i += BN_THREADS)
+            bn_dy_acc(dy + base + i, x + base + i, mu, a, b);
     }
     dev_block_sum2(a, b, sa, sb);
     if (threadIdx.x == 0) {
@@ -336,15 +383,6 @@ __global__ void bn_finalize_backward(int C, int M, const double* __restrict__ pa
     }
 }
 
-__device__ __forceinline__ float4 bn_dx4(float4 d, float4 v, double m, double g, double a,
-                                         double k) {
-    float4 r;
-    r.x = (float)(g * (((double)d.x - a) - ((double)v.x - m) * k));
-    r.y = (float)(g * (((double)d.y - a) - ((double)v.y - m) * k));
-    r.z = (float)(g * (((double)d.z - a) - ((double)v.z - m) * k));
-    r.w = (float)(g * (((double)d.w - a) - ((double)v.w - m) * k));
-    return r;
-}
 
 // dx = g[c] ((dy - a[c]) - (x - mean[c]) k[c]), in float64
 template <typename T>
@@ -360,26 +398,10 @@ __global__ void bn_dx_planes(const T* __restrict__ dy, const T* __restrict__ x,
         double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
         long long base = p * inner;
         for (long long i = lane; i < inner; i += 32)
-            dev_st(dx + base + i, gc * ((dev_ld(dy + base + i) - ac) - (dev_ld(x + base + i) - m) * kc));
+            bn_dx_at(dy + base + i, x + base + i, dx + base + i, m, gc, ac, kc);
     }
 }
 
-__global__ void bn_dx_planes_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
-                                  float4* __restrict__ dx, long long nplanes, int C,
-                                  long long inner4, const double* __restrict__ mean,
-                                  const double* __restrict__ g, const double* __restrict__ a,
-                                  const double* __restrict__ k) {
-    int lane = threadIdx.x & 31;
-    long long w = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    long long nw = ((long long)gridDim.x * blockDim.x) >> 5;
-    for (long long p = w; p < nplanes; p += nw) {
-        int c = (int)(p % C);
-        double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
-        long long base = p * inner4;
-        for (long long i = lane; i < inner4; i += 32)
-            dx[base + i] = bn_dx4(dy[base + i], x[base + i], m, gc, ac, kc);
-    }
-}
 
 template <typename T>
 __global__ void bn_dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
@@ -397,57 +419,7 @@ __global__ void bn_dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T*
 }
 
 // float planes statistics with float4 loads (inner % 4 == 0)
-__global__ void bn_stats_planes_vec4(const float4* __restrict__ x, long long outer, int C,
-                                     long long inner4, int G, double* __restrict__ part_s1,
-                                     double* __restrict__ part_s2) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
-    int g = blockIdx.x;
-    int c = blockIdx.y;
-    double K = (double)((const float*)x)[(long long)c * inner4 * 4];
-    double s1 = 0.0, s2 = 0.0;
-    for (long long o = g; o < outer; o += G) {
-        const float4* row = x + (o * C + c) * inner4;
-        for (long long i = threadIdx.x; i < inner4; i += BN_THREADS) {
-            float4 v = row[i];
-            double d0 = (double)v.x - K, d1 = (double)v.y - K, d2 = (double)v.z - K,
-                   d3 = (double)v.w - K;
-            s1 += (d0 + d1) + (d2 + d3);
-            s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-        }
-    }
-    dev_block_sum2(s1, s2, sa, sb);
-    if (threadIdx.x == 0) {
-        part_s1[(long long)c * G + g] = s1;
-        part_s2[(long long)c * G + g] = s2;
-    }
-}
 
-__global__ void bn_dy_sums_planes_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
-                                       long long outer, int C, long long inner4, int G,
-                                       const double* __restrict__ mean,
-                                       double* __restrict__ part_a, double* __restrict__ part_b) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
-    int g = blockIdx.x;
-    int c = blockIdx.y;
-    double mu = mean[c];
-    double a = 0.0, b = 0.0;
-    for (long long o = g; o < outer; o += G) {
-        long long base = (o * C + c) * inner4;
-        for (long long i = threadIdx.x; i < inner4; i += BN_THREADS) {
-            float4 d = dy[base + i], v = x[base + i];
-            a += ((double)d.x + (double)d.y) + ((double)d.z + (double)d.w);
-            b += ((double)d.x * ((double)v.x - mu) + (double)d.y * ((double)v.y - mu))
-                 + ((double)d.z * ((double)v.z - mu) + (double)d.w * ((double)v.w - mu));
-        }
-    }
-    dev_block_sum2(a, b, sa, sb);
-    if (threadIdx.x == 0) {
-        part_a[(long long)c * G + g] = a;
-        part_b[(long long)c * G + g] = b;
-    }
-}
 
 // ---------------------------------------------------------------- rows, float4
 //
@@ -593,6 +565,10 @@ __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __r
 }
 
 // explicit instantiations, so nvcc --ptx checks every template this file offers
+template __global__ void bn_stats_planes<float4>(const float4*, long long, int, long long, int, double*, double*);
+template __global__ void bn_dy_sums_planes<float4>(const float4*, const float4*, long long, int, long long, int, const double*, double*, double*);
+template __global__ void bn_apply_planes<float4>(const float4*, float4*, long long, int, long long, const double*, const double*, const double*);
+template __global__ void bn_dx_planes<float4>(const float4*, const float4*, float4*, long long, int, long long, const double*, const double*, const double*, const double*);
 template __global__ void bn_stats_planes<float>(const float*, long long, int, long long, int, double*, double*);
 template __global__ void bn_stats_planes<double>(const double*, long long, int, long long, int, double*, double*);
 template __global__ void bn_stats_planes<unsigned short>(const unsigned short*, long long, int, long long, int, double*, double*);

@@ -36,9 +36,10 @@ _F64 = np.dtype(np.float64)
 
 
 def _names():
-    names = ["bn_stats_planes_vec4", "bn_apply_planes_vec4", "bn_dx_planes_vec4",
-             "bn_dy_sums_planes_vec4", "bn_stats_rows_vec4", "bn_dy_sums_rows_vec4",
-             "bn_apply_rows_vec4", "bn_dx_rows_vec4"]
+    names = ["bn_stats_rows_vec4", "bn_dy_sums_rows_vec4", "bn_apply_rows_vec4",
+             "bn_dx_rows_vec4"]
+    for k in ("bn_stats_planes", "bn_apply_planes", "bn_dy_sums_planes", "bn_dx_planes"):
+        names.append(f"{k}<float4>")       # float planes, 16-byte aligned, inner % 4 == 0
     for t in _CTYPES.values():
         for k in ("bn_stats_planes", "bn_stats_rows", "bn_apply_planes", "bn_apply_rows",
                   "bn_dy_sums_planes", "bn_dy_sums_rows", "bn_dx_planes", "bn_dx_rows"):
@@ -163,11 +164,11 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
         grid, block = (G, C), (256,)
         inner_arg = np.int64(inner // 4 if vec else inner)
         if kind == "stats":
-            name = "bn_stats_planes_vec4" if vec else f"bn_stats_planes<{ct}>"
+            name = f"bn_stats_planes<{'float4' if vec else ct}>"
             _kernel(name)(grid, block, (a, np.int64(outer), np.int32(C), inner_arg,
                                         np.int32(G), s1, s2))
         else:
-            name = "bn_dy_sums_planes_vec4" if vec else f"bn_dy_sums_planes<{ct}>"
+            name = f"bn_dy_sums_planes<{'float4' if vec else ct}>"
             _kernel(name)(grid, block, (a, b, np.int64(outer), np.int32(C), inner_arg,
                                         np.int32(G), mean, s1, s2))
         return s1, s2, G
@@ -209,8 +210,7 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -
         vec = inner % 4 == 0 and _vec4_ok(dst, *srcs)
         grid, block = (_elementwise_blocks(nplanes),), (256,)
         inner_arg = np.int64(inner // 4 if vec else inner)
-        name = (f"bn_{'apply' if kind == 'apply' else 'dx'}_planes"
-                + ("_vec4" if vec else f"<{ct}>"))
+        name = f"bn_{'apply' if kind == 'apply' else 'dx'}_planes<{'float4' if vec else ct}>"
         _kernel(name)(grid, block, (*srcs, dst, np.int64(nplanes), np.int32(C), inner_arg,
                                     *consts))
         return

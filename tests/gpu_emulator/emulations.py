@@ -35,8 +35,13 @@ def _expect(cond, msg):
 
 # ---------------------------------------------------------------- batch norm
 
-def stats_planes(grid, block, x, outer, C, inner, G, s1, s2, vec4=False):
-    inner = int(inner) * (4 if vec4 else 1)
+def _values_per_element():
+    """Values per storage element of the planes kernels: 4 for <float4>."""
+    return 4 if RawModule.current_targs == ["float4"] else 1
+
+
+def stats_planes(grid, block, x, outer, C, inner, G, s1, s2):
+    inner = int(inner) * _values_per_element()
     _expect(grid[:2] == (G, C) and block[0] == 256, f"stats_planes launch {grid} {block}")
     X = _f64(x).reshape(int(outer), int(C), inner)
     D = X - X[0, :, 0][None, :, None]
@@ -48,7 +53,6 @@ def stats_planes(grid, block, x, outer, C, inner, G, s1, s2, vec4=False):
 
 
 E["bn_stats_planes"] = stats_planes
-E["bn_stats_planes_vec4"] = lambda *a: stats_planes(*a, vec4=True)
 
 
 def stats_rows(grid, block, x, outer, C, inner, R, nRB, s1, s2):
@@ -171,8 +175,8 @@ def prepare_eval(grid, block, C, rm, rv, eps, w, b, mean, invstd, scale, shift):
 E["bn_prepare_eval"] = prepare_eval
 
 
-def apply_planes(grid, block, x, y, nplanes, C, inner, mean, scale, shift, vec4=False):
-    inner = int(inner) * (4 if vec4 else 1)
+def apply_planes(grid, block, x, y, nplanes, C, inner, mean, scale, shift):
+    inner = int(inner) * _values_per_element()
     X = _f64(x).reshape(int(nplanes), inner)
     c = np.arange(int(nplanes)) % int(C)
     m, s, h = _a(mean)[c, None], _a(scale)[c, None], _a(shift)[c, None]
@@ -180,7 +184,6 @@ def apply_planes(grid, block, x, y, nplanes, C, inner, mean, scale, shift, vec4=
 
 
 E["bn_apply_planes"] = apply_planes
-E["bn_apply_planes_vec4"] = lambda *a: apply_planes(*a, vec4=True)
 
 
 def apply_rows(grid, block, x, y, outer, P, inner, mean, scale, shift):
@@ -194,8 +197,8 @@ def apply_rows(grid, block, x, y, outer, P, inner, mean, scale, shift):
 E["bn_apply_rows"] = apply_rows
 
 
-def dy_sums_planes(grid, block, dy, x, outer, C, inner, G, mean, pa, pb, vec4=False):
-    inner = int(inner) * (4 if vec4 else 1)
+def dy_sums_planes(grid, block, dy, x, outer, C, inner, G, mean, pa, pb):
+    inner = int(inner) * _values_per_element()
     outer, C, G = int(outer), int(C), int(G)
     DY = _f64(dy).reshape(outer, C, inner)
     XC = _f64(x).reshape(outer, C, inner) - _a(mean)[None, :, None]
@@ -207,7 +210,6 @@ def dy_sums_planes(grid, block, dy, x, outer, C, inner, G, mean, pa, pb, vec4=Fa
 
 
 E["bn_dy_sums_planes"] = dy_sums_planes
-E["bn_dy_sums_planes_vec4"] = lambda *a: dy_sums_planes(*a, vec4=True)
 
 
 def dy_sums_rows(grid, block, dy, x, outer, C, inner, R, nRB, mean, pa, pb):
@@ -242,8 +244,8 @@ def finalize_backward(grid, block, C, M, pa, pb, N, training, invstd, w, dweight
 E["bn_finalize_backward"] = finalize_backward
 
 
-def dx_planes(grid, block, dy, x, dx, nplanes, C, inner, mean, g, a, k, vec4=False):
-    inner = int(inner) * (4 if vec4 else 1)
+def dx_planes(grid, block, dy, x, dx, nplanes, C, inner, mean, g, a, k):
+    inner = int(inner) * _values_per_element()
     nplanes = int(nplanes)
     c = np.arange(nplanes) % int(C)
     DY = _f64(dy).reshape(nplanes, inner)
@@ -253,7 +255,6 @@ def dx_planes(grid, block, dy, x, dx, nplanes, C, inner, mean, g, a, k, vec4=Fal
 
 
 E["bn_dx_planes"] = dx_planes
-E["bn_dx_planes_vec4"] = lambda *a: dx_planes(*a, vec4=True)
 
 
 def dx_rows(grid, block, dy, x, dx, outer, P, inner, mean, g, a, k):
