@@ -1,7 +1,7 @@
 """Optimizer and clipping benchmark cases for scripts/bench.py (CPU).
 
 10M float32 parameters as one tensor and as 200 tensors, bncore beside
-torch.optim (fused=True / foreach=True) and the floor: an in-place
+torch.optim (fused=True / foreach=True) and the floors: an in-place
 ``np.add(a, b, out=a)`` over arrays holding the bytes the update must move
 (Adam: read p, g, m, v and write p, m, v = 28 bytes per parameter; SGD with
 momentum: 20; clip_grad_norm: read g for the norm, then read and write g = 12).
@@ -20,12 +20,15 @@ def _split(n_tensors: int) -> List[int]:
     return sizes
 
 
-def _floor(nbytes: int):
-    # a += b moves 12 bytes per float32 element (read a, read b, write a)
+def _floors(nbytes: int, threads: int):
+    """The single-threaded floor and the same with `threads` threads: a += b
+    moves 12 bytes per float32 element (read a, read b, write a)."""
+    from bench import threaded
+
     n = nbytes // 12
     a = np.ones(n, np.float32)
     b = np.ones(n, np.float32)
-    return lambda: np.add(a, b, out=a)
+    return {"floor": lambda: np.add(a, b, out=a), "floor Nt": threaded(np.add, a, b, threads=threads)}
 
 
 def optim_cases(threads: int) -> List:
@@ -83,9 +86,9 @@ def optim_cases(threads: int) -> List:
                 t.grad = torch.from_numpy(g.copy())
             clip_impls["torch"] = lambda tp=tp, max_norm=max_norm: torch.nn.utils.clip_grad_norm_(
                 tp, max_norm, foreach=True)
-        adam_impls["floor"] = _floor(28 * N)
-        sgd_impls["floor"] = _floor(20 * N)
-        clip_impls["floor"] = _floor(12 * N)
+        adam_impls.update(_floors(28 * N, threads))
+        sgd_impls.update(_floors(20 * N, threads))
+        clip_impls.update(_floors(12 * N, threads))
         cases.append(Case(f"adam {label}", "optim", 28 * N, adam_impls,
                           note="torch = Adam(fused=True)"))
         cases.append(Case(f"sgd momentum {label}", "optim", 20 * N, sgd_impls,

@@ -1,0 +1,127 @@
+/* Where Adam's time goes on this CPU: the arithmetic of one float32 Adam step
+ * in four precisions, timed in cache (pure compute, ns per element per thread)
+ * and over 10M parameters in huge-page memory (compute or memory, whichever
+ * binds), beside an in-place a += b moving the same 28 bytes per parameter.
+ *
+ *   gcc -O3 -march=native -fno-math-errno -fopenmp scripts/probe_adam_arith.c -o /tmp/adam_probe -lm
+ *   /tmp/adam_probe 2
+ *
+ * Variants (torch's Adam with bias correction, no weight decay):
+ *   f64        bncore's _adam_chunk: every operation in float64, one rounding
+ *              per stored value
+ *   f64-nodiv  the same without the sqrt and the division (not Adam: shows
+ *              what the sqrt/divide unit costs)
+ *   hybrid     m and v in float64 (one rounding each); the denominator
+ *              sqrt(v)+eps from the stored float32 v, the step and p in float32
+ *   f32        everything in float32, as torch's fused CPU kernel
+ */
+#include <math.h>
+#include <omp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+
+typedef struct { double beta1, beta2, lr, eps, c_out; } Hyper;
+typedef void (*Kernel)(float *restrict, const float *restrict, float *restrict,
+                       float *restrict, ptrdiff_t, const Hyper *);
+
+static void f64(float *restrict p, const float *restrict g, float *restrict m,
+                float *restrict v, ptrdiff_t n, const Hyper *h) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        double gr = g[i], mm = h->beta1 * m[i] + (1 - h->beta1) * gr;
+        double vv = h->beta2 * v[i] + (1 - h->beta2) * gr * gr;
+        m[i] = (float)mm; v[i] = (float)vv;
+        p[i] = (float)(p[i] - h->lr * mm / (sqrt(vv * h->c_out) + h->eps));
+    }
+}
+
+static void f64_nodiv(float *restrict p, const float *restrict g, float *restrict m,
+                      float *restrict v, ptrdiff_t n, const Hyper *h) {
+    for (ptrdiff_t i = 0; i < n; i++) {
+        double gr = g[i], mm = h->beta1 * m[i] + (1 - h->beta1) * gr;
+        double vv = h->beta2 * v[i] + (1 - h->beta2) * gr * gr;
+        m[i] = (float)mm; v[i] = (float)vv;
+        p[i] = (float)(p[i] - h->lr * mm * (vv * h->c_out + h->eps));
+    }
+}
+
+static void hybrid(float *restrict p, const float *restrict g, float *restrict m,
+                   float *restrict v, ptrdiff_t n, const Hyper *h) {
+    float kc = (float)sqrt(h->c_out), eps = (float)h->eps, lr = (float)h->lr;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        double gr = g[i], mm = h->beta1 * m[i] + (1 - h->beta1) * gr;
+        double vv = h->beta2 * v[i] + (1 - h->beta2) * gr * gr;
+        float m32 = (float)mm, v32 = (float)vv;
+        m[i] = m32; v[i] = v32;
+        p[i] = p[i] - (lr * m32) / fmaf(sqrtf(v32), kc, eps);
+    }
+}
+
+static void f32(float *restrict p, const float *restrict g, float *restrict m,
+                float *restrict v, ptrdiff_t n, const Hyper *h) {
+    float b1 = (float)h->beta1, b2 = (float)h->beta2, lr = (float)h->lr;
+    float eps = (float)h->eps, c = (float)h->c_out;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float gr = g[i], mm = b1 * m[i] + (1 - b1) * gr, vv = b2 * v[i] + (1 - b2) * gr * gr;
+        m[i] = mm; v[i] = vv;
+        p[i] = p[i] - lr * mm / (sqrtf(vv * c) + eps);
+    }
+}
+
+static void add(float *restrict a, const float *restrict b, float *restrict unused1,
+                float *restrict unused2, ptrdiff_t n, const Hyper *h) {
+    (void)unused1; (void)unused2; (void)h;
+    for (ptrdiff_t i = 0; i < n; i++) a[i] += b[i];
+}
+
+static float *huge(ptrdiff_t n) {
+    size_t bytes = (((size_t)n * 4 >> 21) + 1) << 21;
+    float *a = aligned_alloc(1 << 21, bytes);
+    madvise(a, bytes, MADV_HUGEPAGE);   /* as numpy does for large arrays */
+    for (ptrdiff_t i = 0; i < n; i++) a[i] = (float)((i % 97) * 0.01);
+    return a;
+}
+
+/* best seconds per call over `reps` calls, each split over nt threads */
+static double timed(Kernel k, float **a, ptrdiff_t n, int nt, int reps, const Hyper *h) {
+    double best = 1e30;
+    for (int r = 0; r < reps; r++) {
+        double t = omp_get_wtime();
+#pragma omp parallel num_threads(nt)
+        {
+            int id = omp_get_thread_num();
+            ptrdiff_t lo = n * id / nt, hi = n * (id + 1) / nt;
+            k(a[0] + lo, a[1] + lo, a[2] + lo, a[3] + lo, hi - lo, h);
+        }
+        t = omp_get_wtime() - t;
+        if (t < best) best = t;
+    }
+    return best;
+}
+
+int main(int argc, char **argv) {
+    int nt = argc > 1 ? atoi(argv[1]) : 2;
+    const Hyper h = {0.9, 0.999, 1e-3, 1e-8, 1.0 / (1 - pow(0.999, 10))};
+    const char *names[] = {"f64", "f64-nodiv", "hybrid", "f32"};
+    Kernel kernels[] = {f64, f64_nodiv, hybrid, f32};
+    ptrdiff_t small = 16384, big = 10000000, nadd = big * 28 / 12;
+    float *a[4], *b[4], *c[2];
+    for (int j = 0; j < 4; j++) { a[j] = huge(small); b[j] = huge(big); }
+    c[0] = huge(nadd); c[1] = huge(nadd);
+    float *cc[4] = {c[0], c[1], NULL, NULL};
+    printf("%-10s %16s %22s\n", "variant", "in cache ns/elem", "10M params, ms");
+    for (int j = 0; j < 4; j++) {
+        double t1 = 1e30, t2 = 1e30;
+        for (int round = 0; round < 3; round++) {   /* interleave with the others */
+            double s = timed(kernels[j], a, small, 1, 2000, &h);
+            double l = timed(kernels[j], b, big, nt, 15, &h);
+            t1 = s < t1 ? s : t1;
+            t2 = l < t2 ? l : t2;
+        }
+        printf("%-10s %16.3f %22.3f\n", names[j], t1 * 1e9 / small, t2 * 1e3);
+    }
+    printf("%-10s %16s %22.3f   (a += b over the same bytes, %d threads)\n", "floor", "-",
+           timed(add, cc, nadd, nt, 15, &h) * 1e3, nt);
+    return 0;
+}
