@@ -620,7 +620,18 @@ cdef inline double _chunk_norm(const gtype* g, Py_ssize_t n, int kind, double p,
     cdef double a
     for k in range(LANES):
         acc[k] = 0.0
-    if kind == NORM_2:
+    if kind == NORM_2 and scale == 1.0:
+        # every call but the overflow rescue: the same sums (g / 1.0 == g)
+        # without a float64 division per element, which the divide unit
+        # serializes (0.47 -> ns per element in cache)
+        for i in range(0, nb, 16):   # 16 == LANES
+            for k in range(LANES):
+                a = gload(g, i + k)
+                acc[k] += a * a
+        for k in range(n - nb):
+            a = gload(g, nb + k)
+            acc[k] += a * a
+    elif kind == NORM_2:
         for i in range(0, nb, 16):   # 16 == LANES
             for k in range(LANES):
                 a = gload(g, i + k) / scale
