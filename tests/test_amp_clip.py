@@ -138,3 +138,71 @@ def test_clip_grad_value_clamps_and_keeps_nan():
     bncore.clip_grad_value(g, 1.0)
     np.testing.assert_array_equal(g[0][:5], [-1.0, -0.5, 0.0, 0.5, 1.0])
     assert np.isnan(g[0][5])
+
+
+# --------------------------------------------------------------------------
+# The gradient scans (non-finite check, inf-norm, value clamp) against NumPy,
+# bit for bit, on lists that mix sizes around the kernels' blocks (32-lane
+# maxima, 64-element clamp blocks, 16384-element chunks) and special values.
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_DTYPES = [np.float16, np.float32, np.float64]
+_SPECIALS = [np.nan, -np.nan, np.inf, -np.inf, 0.0, -0.0, 65504.0, 1e-7]
+
+
+@st.composite
+def gradient_lists(draw, dtype, special=None):
+    """Gradients of `dtype` in 1-4 arrays; `special` (or, when None, a few
+    values drawn from _SPECIALS) placed at drawn positions."""
+    sizes = draw(st.lists(st.one_of(st.integers(0, 200), st.integers(16380, 16500)),
+                          min_size=1, max_size=4))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    scale = draw(st.sampled_from([1e-3, 1.0, 100.0]))
+    grads = [(rng.standard_normal(n) * scale).astype(dtype) for n in sizes]
+    count = 1 if special is not None else draw(st.integers(0, 3))
+    for _ in range(count):
+        k = draw(st.integers(0, len(grads) - 1))
+        if grads[k].size:
+            i = draw(st.integers(0, grads[k].size - 1))
+            grads[k][i] = special if special is not None else draw(st.sampled_from(_SPECIALS))
+    return grads
+
+
+@pytest.mark.parametrize("special", [np.nan, np.inf, -np.inf, 1.0])
+@pytest.mark.parametrize("dtype", _DTYPES)
+@given(data=st.data(), threads=st.sampled_from([1, 2]))
+def test_found_inf_is_any_nonfinite(dtype, special, data, threads):
+    grads = data.draw(gradient_lists(dtype, special))
+    expected = any(not np.isfinite(g).all() for g in grads)
+    assert bncore.found_inf(grads, num_threads=threads) is expected
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@given(data=st.data(), threads=st.sampled_from([1, 2]))
+def test_inf_norm_is_the_largest_magnitude(dtype, data, threads):
+    grads = data.draw(gradient_lists(dtype))
+    flat = np.concatenate([g.astype(np.float64) for g in grads])
+    got = bncore.grad_norm(grads, float("inf"), num_threads=threads)
+    if np.isnan(flat).any():
+        assert math.isnan(got)          # a NaN gradient makes the norm NaN, as in torch
+    else:
+        assert got == (float(np.abs(flat).max()) if flat.size else 0.0)
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@given(data=st.data(), c=st.one_of(st.just(0.0), st.floats(1e-4, 10.0)),
+       threads=st.sampled_from([1, 2]))
+def test_clip_grad_value_matches_numpy_bit_for_bit(dtype, data, c, threads):
+    grads = data.draw(gradient_lists(dtype))
+    expected = []
+    for g in grads:
+        a = g.astype(np.float64)        # compared unrounded, as the kernel does
+        e = g.copy()
+        e[a > c] = g.dtype.type(c)      # the bound rounded once to the gradient dtype
+        e[a < -c] = g.dtype.type(-c)    # (NaN compares false both ways: kept)
+        expected.append(e)
+    bncore.clip_grad_value(grads, c, num_threads=threads)
+    for g, e in zip(grads, expected):
+        assert g.tobytes() == e.tobytes()
