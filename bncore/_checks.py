@@ -66,6 +66,12 @@ def _pair(name_a, a, name_b, b) -> None:
 
 
 def real_scalar(name: str, v: Any) -> float:
+    if type(v) is float:
+        # the usual case, without the numbers.Real ABC check (~0.3 us a
+        # scalar, 7 scalars an adam_step); float subclasses take the long way
+        if v != v:
+            raise ValueError(f"{name} must not be NaN")
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     f = float(v)
