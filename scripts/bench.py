@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Benchmarks: bncore beside PyTorch and a memory-bandwidth floor, in one run.
 
-Every case is timed for bncore, for torch (same thread count) and for two
-floors, all interleaved inside each repetition so that machine noise hits them
-alike: ``floor`` is the issues' single-threaded one (a same-size ``np.copyto``,
-or ``np.add`` in place for the optimizers), and ``floor Nt`` moves the same
-bytes with the benchmark's thread count (torch's ``copy_`` / ``add_`` on the
-same numpy memory when torch is installed, else numpy over N Python threads).
+Every case is timed for bncore, for torch (same thread count; ``torch alt`` is
+a second torch implementation where one exists: Adam foreach, SGD fused) and
+for two floors, all interleaved inside each repetition so that machine noise
+hits them alike: ``floor`` is the issues' single-threaded one (a same-size
+``np.copyto`` of x for every batch-norm case, ``np.add`` in place over the
+bytes an optimizer moves), and ``floor Nt`` moves the bytes the case moves
+(batch-norm backward: c = a + b over three arrays) with the benchmark's thread
+count (torch's ``copy_`` / ``add`` on the same numpy memory when torch is
+installed, else numpy over N Python threads).
 One thread does not saturate this machine's memory, so only ``floor Nt`` is a
 bound: a ``bncore/floor`` below 1 means faster than one thread's copy, not
 faster than memory. Each repetition times a loop of calls and divides; the best
@@ -64,30 +67,33 @@ def time_loop(fn: Callable[[], object], min_time: float, batches: int = 5) -> fl
     return best
 
 
-def threaded(op: Callable[..., object], *arrays: np.ndarray, threads: int
+def threaded(op: Callable[..., object], out: np.ndarray, *inputs: np.ndarray, threads: int
              ) -> Callable[[], object]:
-    """op(*arrays) (a numpy ufunc-style call writing into arrays[0]) done with
-    `threads` threads: torch's own kernels on the same memory when torch is
-    installed, else numpy over contiguous slices in Python threads (numpy
-    releases the GIL for large arrays)."""
-    flat = [a.reshape(-1) for a in arrays]
+    """`out` = op(*inputs) (np.copyto: out = inputs[0]; np.add: out = a + b, in
+    place when out is a) with `threads` threads: torch's own kernels on the same
+    memory when torch is installed, else numpy over contiguous slices in Python
+    threads (numpy releases the GIL for large arrays)."""
+    flat_out = out.reshape(-1)
+    flat_in = [a.reshape(-1) for a in inputs]
     try:
         import torch
-        ts = [torch.from_numpy(a) for a in flat]
+        tout = torch.from_numpy(flat_out)
+        tin = [torch.from_numpy(a) for a in flat_in]
         if op is np.copyto:
-            return lambda: ts[0].copy_(ts[1])
-        return lambda: ts[0].add_(ts[1])
+            return lambda: tout.copy_(tin[0])
+        return lambda: torch.add(tin[0], tin[1], out=tout)
     except ImportError:
         pass
     from concurrent.futures import ThreadPoolExecutor
     pool = ThreadPoolExecutor(max(threads - 1, 1))
-    n = flat[0].size
+    n = flat_out.size
     cuts = [n * k // threads for k in range(threads + 1)]
-    parts = [[a[cuts[k]:cuts[k + 1]] for a in flat] for k in range(threads)]
+    parts = [(flat_out[cuts[k]:cuts[k + 1]], [a[cuts[k]:cuts[k + 1]] for a in flat_in])
+             for k in range(threads)]
     if op is np.copyto:
-        work = [lambda p=p: np.copyto(p[0], p[1]) for p in parts]
+        work = [lambda o=o, i=i: np.copyto(o, i[0]) for o, i in parts]
     else:
-        work = [lambda p=p: op(p[0], p[1], out=p[0]) for p in parts]
+        work = [lambda o=o, i=i: op(*i, out=o) for o, i in parts]
 
     def run():
         futures = [pool.submit(w) for w in work[1:]]
@@ -142,6 +148,9 @@ def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng) -> List[C
     def floor():
         np.copyto(dst, src)
     floor_nt = threaded(np.copyto, dst, src, threads=threads)
+    # backward moves three arrays (reads dy and x, writes dx): c = a + b
+    fa, fb, fc = (np.ones_like(src) for _ in range(3))
+    floor_nt_bwd = threaded(np.add, fc, fa, fb, threads=threads)
 
     impl_fwd = {"bncore": lambda: bncore.batch_norm_forward(x, w, b, rm, rv, num_threads=threads)}
     impl_eval = {"bncore": lambda: bncore.batch_norm_forward(
@@ -162,7 +171,7 @@ def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng) -> List[C
             tdy, tx, tw, trm, trv, smean, sinvstd, True, 1e-5, [True, True, True])
     for d in (impl_fwd, impl_eval, impl_bwd):
         d["floor"] = floor
-        d["floor Nt"] = floor_nt
+        d["floor Nt"] = floor_nt if d is not impl_bwd else floor_nt_bwd
     return [Case(f"bn forward-train {label}", "bn", 2 * nbytes, impl_fwd),
             Case(f"bn forward-eval {label}", "bn", 2 * nbytes, impl_eval),
             Case(f"bn backward {label}", "bn", 3 * nbytes, impl_bwd)]
@@ -206,14 +215,16 @@ def ms(t: Optional[float]) -> str:
 
 def report(cases: List[Case], header: str) -> str:
     lines = [header, "",
-             "| case | bncore ms | torch ms | floor ms | floor Nt ms | torch/bncore "
-             "| bncore/floor | bncore/floor Nt |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| case | bncore ms | torch ms | torch alt ms | floor ms | floor Nt ms "
+             "| torch/bncore | torch alt/bncore | bncore/floor | bncore/floor Nt |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for c in cases:
         r = c.results
         lines.append(f"| {c.name} | {ms(r.get('bncore'))} | {ms(r.get('torch'))} | "
+                     f"{ms(r.get('torch alt'))} | "
                      f"{ms(r.get('floor'))} | {ms(r.get('floor Nt'))} | "
                      f"{ratio(r.get('torch'), r.get('bncore'))} | "
+                     f"{ratio(r.get('torch alt'), r.get('bncore'))} | "
                      f"{ratio(r.get('bncore'), r.get('floor'))} | "
                      f"{ratio(r.get('bncore'), r.get('floor Nt'))} |")
     return "\n".join(lines)
@@ -249,19 +260,21 @@ def main(argv=None) -> int:
     if args.gpu:
         from bench_gpu import main as gpu_main   # noqa: E402 (scripts/ on sys.path)
         return gpu_main(args.json)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))   # before OpenMP loads
     import bncore
     from bench_optim import optim_cases   # noqa: E402
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     bncore.set_num_threads(args.threads)
     cases = [c for c in bn_cases(args.threads) + optim_cases(args.threads)
              if args.only in c.name]
     run_cases(cases, args.reps, args.min_time)
     env = environment(args.threads)
     header = (f"CPU benchmark: {args.threads} threads, best of {args.reps} repetitions; "
-              f"torch {env['torch']}, numpy {env['numpy']}; floor = moving the same bytes "
-              f"on one thread (batch norm: np.copyto; optimizers: in-place np.add a += b); "
-              f"floor Nt = the same with {args.threads} threads")
+              f"torch {env['torch']}, numpy {env['numpy']}; floor = the issues' one-thread "
+              f"floor (batch norm: np.copyto of x, all three cases; optimizers: in-place "
+              f"np.add over the bytes the update moves); floor Nt = the bytes each case "
+              f"moves, with {args.threads} threads (batch-norm backward: c = a + b, three "
+              f"arrays); torch alt = Adam(foreach=True), SGD(fused=True)")
     text = report(cases, header)
     print(text)
     if args.json:

@@ -28,7 +28,8 @@ def _floors(nbytes: int, threads: int):
     n = nbytes // 12
     a = np.ones(n, np.float32)
     b = np.ones(n, np.float32)
-    return {"floor": lambda: np.add(a, b, out=a), "floor Nt": threaded(np.add, a, b, threads=threads)}
+    return {"floor": lambda: np.add(a, b, out=a),
+            "floor Nt": threaded(np.add, a, a, b, threads=threads)}
 
 
 def optim_cases(threads: int) -> List:
@@ -88,10 +89,12 @@ def optim_cases(threads: int) -> List:
                     t.grad = torch.from_numpy(g)
                 return ps
             adam_impls["torch"] = torch.optim.Adam(make_params(), lr=1e-3, fused=True).step
-            adam_impls["torch foreach"] = torch.optim.Adam(make_params(), lr=1e-3,
-                                                           foreach=True).step
+            adam_impls["torch alt"] = torch.optim.Adam(make_params(), lr=1e-3,
+                                                       foreach=True).step
             sgd_impls["torch"] = torch.optim.SGD(make_params(), lr=1e-3, momentum=0.9,
                                                  foreach=True).step
+            sgd_impls["torch alt"] = torch.optim.SGD(make_params(), lr=1e-3, momentum=0.9,
+                                                     fused=True).step
             tp = [torch.zeros(g.shape) for g in cgrads]
             for t, g in zip(tp, cgrads):
                 t.grad = torch.from_numpy(g.copy())
@@ -101,9 +104,9 @@ def optim_cases(threads: int) -> List:
         sgd_impls.update(_floors(20 * N, threads))
         clip_impls.update(_floors(12 * N, threads))
         cases.append(Case(f"adam {label}", "optim", 28 * N, adam_impls,
-                          note="torch = Adam(fused=True)"))
+                          note="torch = Adam(fused=True); torch alt = Adam(foreach=True)"))
         cases.append(Case(f"sgd momentum {label}", "optim", 20 * N, sgd_impls,
-                          note="torch = SGD(foreach=True)"))
+                          note="torch = SGD(foreach=True), the issue's; torch alt = SGD(fused=True)"))
         cases.append(Case(f"clip_grad_norm {label}", "optim", 12 * N, clip_impls,
                           note="torch = clip_grad_norm_(foreach=True); every call clips"))
     return cases

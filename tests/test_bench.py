@@ -39,11 +39,14 @@ def test_threaded_copy_moves_every_byte(backend, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_threaded_add_is_in_place(backend, threads):
+def test_threaded_add_in_place_and_into_a_third_array(backend, threads):
     a = np.arange(10007, dtype=np.float32)
     b = np.full_like(a, 2.0)
+    c = np.full_like(a, np.nan)
+    bench.threaded(np.add, c, a, b, threads=threads)()
+    np.testing.assert_array_equal(c, a + b)
     expected = a + b
-    bench.threaded(np.add, a, b, threads=threads)()
+    bench.threaded(np.add, a, a, b, threads=threads)()
     np.testing.assert_array_equal(a, expected)
 
 
@@ -54,6 +57,7 @@ def test_short_run_prints_both_floors(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "| floor Nt ms |" in run.stdout and "| bncore/floor Nt |" in run.stdout
+    assert "| torch alt ms |" in run.stdout
     import json
     cases = json.loads(out.read_text())["cases"]
     assert [c["name"] for c in cases] == ["bn forward-train (256,1024)",
