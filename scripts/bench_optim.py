@@ -5,6 +5,8 @@ torch.optim (fused=True / foreach=True) and the floors: an in-place
 ``np.add(a, b, out=a)`` over arrays holding the bytes the update must move
 (Adam: read p, g, m, v and write p, m, v = 28 bytes per parameter; SGD with
 momentum: 20; clip_grad_norm: read g for the norm, then read and write g = 12).
+For 200 tensors also RMSprop (20 bytes), clip_grad_value (8) and the AMP
+non-finite check (4), which have no issue targets.
 """
 from typing import List
 
@@ -109,4 +111,56 @@ def optim_cases(threads: int) -> List:
                           note="torch = SGD(foreach=True), the issue's; torch alt = SGD(fused=True)"))
         cases.append(Case(f"clip_grad_norm {label}", "optim", 12 * N, clip_impls,
                           note="torch = clip_grad_norm_(foreach=True); every call clips"))
+        if n_tensors == 200:
+            cases += _more_cases(bncore, torch, threads, label, params, grads, start)
     return cases
+
+
+def _more_cases(bncore, torch, threads, label, params, grads, start) -> List:
+    """RMSprop, clip_grad_value and the AMP non-finite check (no issue targets)."""
+    from bench import Case
+
+    rparams = [p.copy() for p in params]
+    sq = [np.zeros_like(p) for p in params]
+    rms = {"bncore": lambda: bncore.rmsprop_step(rparams, grads, sq, lr=1e-5,
+                                                 num_threads=threads)}
+    # clip_grad_value: the bound shrinks by 1e-5 per call, so the values the
+    # last call clipped are out of range again and every call writes (a call
+    # with nothing to clamp only reads in bncore; torch's clamp_ always writes)
+    vgrads = [g.copy() for g in grads]
+    bound = 0.5 * float(np.abs(grads[0]).std())
+
+    def shrinking_value(clip_fn, gs):
+        c = [bound]
+
+        def run():
+            c[0] *= 1.0 - 1e-5
+            return clip_fn(gs, c[0])
+        return run
+
+    value = {"bncore": shrinking_value(
+        lambda gs, c: bncore.clip_grad_value(gs, c, num_threads=threads), vgrads)}
+    check = {"bncore": lambda: bncore.found_inf(grads, num_threads=threads)}
+    if torch is not None:
+        tps = [torch.from_numpy(p.copy()) for p in params]
+        for t, g in zip(tps, grads):
+            t.grad = torch.from_numpy(g)
+        rms["torch"] = torch.optim.RMSprop(tps, lr=1e-5, foreach=True).step
+        vps = [torch.zeros(g.shape) for g in grads]
+        for t, g in zip(vps, grads):
+            t.grad = torch.from_numpy(g.copy())
+        value["torch"] = shrinking_value(
+            lambda ps, c: torch.nn.utils.clip_grad_value_(ps, c, foreach=True), vps)
+        tgrads = [torch.from_numpy(g.copy()) for g in grads]
+        flag, one = torch.zeros(1), torch.ones(1)
+        check["torch"] = lambda: torch._amp_foreach_non_finite_check_and_unscale_(
+            tgrads, flag, one)
+    rms.update(_floors(20 * N, threads))
+    value.update(_floors(8 * N, threads))
+    check.update(_floors(4 * N, threads))
+    return [Case(f"rmsprop {label}", "optim", 20 * N, rms, note="torch = RMSprop(foreach=True)"),
+            Case(f"clip_grad_value {label}", "optim", 8 * N, value,
+                 note="torch = clip_grad_value_(foreach=True); every call clips"),
+            Case(f"found_inf {label}", "optim", 4 * N, check,
+                 note="torch = _amp_foreach_non_finite_check_and_unscale_ (also multiplies "
+                      "the gradients by 1/scale: it reads and writes them)")]
