@@ -21,6 +21,7 @@ from cython.parallel cimport prange
 from libc.math cimport fabs, fabsf, pow, sqrt
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -501,18 +502,17 @@ cdef inline double _rms_step(double gr, double s, const Hyper* h) noexcept nogil
     return gr / (sqrt(s + h.e_in) + h.e_out)
 
 
-cdef inline double _rms_momentum(ptype* buf, Py_ssize_t i, double u, double x,
-                                 const Hyper* h) noexcept nogil:
+cdef inline double _rms_momentum(ptype* buf, Py_ssize_t i, double u, const Hyper* h) noexcept nogil:
     # torch: b = mu b + u, p -= lr b;  Keras: b = mu b + lr u, p -= b
     cdef double b = h.mu * <double>buf[i] + h.k * u
     buf[i] = <ptype>b
-    return x * h.decay - h.L * b
+    return b
 
 
 cdef inline void _rmsprop_chunk(ptype* p, const gtype* g, ptype* sq, ptype* ga, ptype* buf,
                                 Py_ssize_t n, const Hyper* h) noexcept nogil:
     cdef Py_ssize_t i
-    cdef double x, gr, s
+    cdef double x, gr, s, b
     if ga == NULL and buf == NULL:
         for i in range(n):
             x = <double>p[i]
@@ -524,7 +524,8 @@ cdef inline void _rmsprop_chunk(ptype* p, const gtype* g, ptype* sq, ptype* ga, 
             x = <double>p[i]
             gr = gload(g, i) * h.inv_scale + h.wd * x
             s = _rms_sq(sq, i, gr, h)
-            p[i] = <ptype>_rms_momentum(buf, i, _rms_step(gr, s, h), x, h)
+            b = _rms_momentum(buf, i, _rms_step(gr, s, h), h)
+            p[i] = <ptype>(x * h.decay - h.L * b)
     elif buf == NULL:
         for i in range(n):
             x = <double>p[i]
@@ -536,7 +537,8 @@ cdef inline void _rmsprop_chunk(ptype* p, const gtype* g, ptype* sq, ptype* ga, 
             x = <double>p[i]
             gr = gload(g, i) * h.inv_scale + h.wd * x
             s = _rms_centered(ga, i, gr, _rms_sq(sq, i, gr, h), h)
-            p[i] = <ptype>_rms_momentum(buf, i, _rms_step(gr, s, h), x, h)
+            b = _rms_momentum(buf, i, _rms_step(gr, s, h), h)
+            p[i] = <ptype>(x * h.decay - h.L * b)
 
 
 cdef void _rmsprop(Table t, const Hyper* h, int nt) noexcept nogil:
@@ -852,24 +854,26 @@ def clamp(Table t, double lo, double hi, int nthreads):
 
 cdef inline int _chunk_nonfinite(const gtype* g, Py_ssize_t n) noexcept nogil:
     # Inf or NaN <=> every exponent bit set: an integer OR over the chunk,
-    # which vectorizes (a float sum of g * 0 is one serial add chain)
+    # which vectorizes (a float sum of g * 0 is one serial add chain). The bits
+    # are read with memcpy, not through an integer pointer (strict aliasing);
+    # GCC turns each memcpy into a plain load.
     cdef Py_ssize_t i
     cdef unsigned int bad = 0
-    cdef const uint32_t* u32
-    cdef const uint64_t* u64
-    cdef const uint16_t* u16
+    cdef uint32_t u32
+    cdef uint64_t u64
+    cdef uint16_t u16
     if gtype is float:
-        u32 = <const uint32_t*>g
         for i in range(n):
-            bad |= (u32[i] & 0x7f800000u) == 0x7f800000u
+            memcpy(&u32, &g[i], 4)
+            bad |= (u32 & 0x7f800000u) == 0x7f800000u
     elif gtype is double:
-        u64 = <const uint64_t*>g
         for i in range(n):
-            bad |= (u64[i] & 0x7ff0000000000000u) == 0x7ff0000000000000u
+            memcpy(&u64, &g[i], 8)
+            bad |= (u64 & 0x7ff0000000000000u) == 0x7ff0000000000000u
     else:
-        u16 = <const uint16_t*>g
         for i in range(n):
-            bad |= (u16[i] & 0x7c00u) == 0x7c00u
+            u16 = g[i]
+            bad |= (u16 & 0x7c00u) == 0x7c00u
     return 1 if bad else 0
 
 
