@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Per-element cost of bncore's optimizer and gradient-scan kernels with the
-data in cache: 65536 float32 elements, one thread, the fixed cost of a call
-(measured on 16 elements) subtracted. This is the arithmetic (and, where a
+data in cache: 65536 float32 elements, one thread, minus the same call on 16
+elements (each kernel's own fixed cost). This is the arithmetic (and, where a
 loop does not vectorize, the scalar code) without memory bandwidth, the
 number to compare when changing a kernel; `scripts/bench.py` gives the
 out-of-cache times beside torch.
 
     python scripts/probe_incache.py
+    PYTHONPATH=/path/to/other/build python scripts/probe_incache.py   # another build
 """
 import os
 import sys
@@ -14,10 +15,14 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import bncore  # noqa: E402
+try:
+    import bncore
+except ImportError:             # run from a checkout without an install
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import bncore
 
 N = 65536
+SMALL = 16
 
 
 def best(fn, calls: int = 300, reps: int = 9) -> float:
@@ -30,43 +35,79 @@ def best(fn, calls: int = 300, reps: int = 9) -> float:
     return t_best
 
 
-def main() -> None:
-    rng = np.random.default_rng(0)
-    p = rng.standard_normal(N).astype(np.float32)
-    g = (rng.standard_normal(N) * 1e-3).astype(np.float32)
-    m, v, sq, ga, buf = (np.zeros_like(p) for _ in range(5))
-    clipped = g.copy()
-    step = [0]
+def kernels():
+    """name -> make(n): a call on fresh arrays of n elements (repeatable)."""
+    def arrays(n):
+        rng = np.random.default_rng(0)
+        p = rng.standard_normal(n).astype(np.float32)
+        g = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+        return p, g, [np.zeros_like(p) for _ in range(4)]
 
-    def adam():
-        step[0] += 1
-        bncore.adam_step([p], [g], [m], [v], step=step[0], lr=1e-5, num_threads=1)
+    def adam(n):
+        p, g, (m, v, _, _) = arrays(n)
+        step = [0]
 
-    def clip_value():            # about a third of the values out of range
-        clipped[:] = g
-        bncore.clip_grad_value([clipped], 1e-3, num_threads=1)
+        def run():
+            step[0] += 1
+            bncore.adam_step([p], [g], [m], [v], step=step[0], lr=1e-5, num_threads=1)
+        return run
 
-    fixed = best(lambda: bncore.found_inf([g[:16]], num_threads=1))
-    refill = best(lambda: clipped.__setitem__(slice(None), g))
-    cases = {
+    def sgd(n):
+        p, g, (b, _, _, _) = arrays(n)
+        return lambda: bncore.sgd_step([p], [g], [b], lr=1e-5, momentum=0.9, num_threads=1)
+
+    def rms(n):
+        p, g, (sq, _, _, _) = arrays(n)
+        return lambda: bncore.rmsprop_step([p], [g], [sq], lr=1e-5, num_threads=1)
+
+    def rms_full(n):
+        p, g, (sq, ga, b, _) = arrays(n)
+        return lambda: bncore.rmsprop_step([p], [g], [sq], lr=1e-5, centered=True, momentum=0.9,
+                                           grad_avgs=[ga], momentum_buffers=[b], num_threads=1)
+
+    def scan(fn):
+        def make(n):
+            _, g, _ = arrays(n)
+            return lambda: fn(g)
+        return make
+
+    def clip_third(n):           # about a third of the values out of range, every call
+        _, g, (c, _, _, _) = arrays(n)
+
+        def run():
+            c[:] = g
+            bncore.clip_grad_value([c], 1e-3, num_threads=1)
+        return run
+
+    def refill(n):               # what clip_third spends outside the kernel
+        _, g, (c, _, _, _) = arrays(n)
+        return lambda: c.__setitem__(slice(None), g)
+
+    return {
         "adam_step": adam,
-        "sgd_step (momentum)": lambda: bncore.sgd_step([p], [g], [buf], lr=1e-5, momentum=0.9,
-                                                       num_threads=1),
-        "rmsprop_step": lambda: bncore.rmsprop_step([p], [g], [sq], lr=1e-5, num_threads=1),
-        "rmsprop_step (centered, momentum)": lambda: bncore.rmsprop_step(
-            [p], [g], [sq], lr=1e-5, centered=True, momentum=0.9, grad_avgs=[ga],
-            momentum_buffers=[buf], num_threads=1),
-        "found_inf": lambda: bncore.found_inf([g], num_threads=1),
-        "grad_norm (2)": lambda: bncore.grad_norm([g], num_threads=1),
-        "grad_norm (inf)": lambda: bncore.grad_norm([g], float("inf"), num_threads=1),
-        "clip_grad_value (nothing out of range)": lambda: bncore.clip_grad_value(
-            [g], 1.0, num_threads=1),
-        "clip_grad_value (a third clipped)": clip_value,
+        "sgd_step (momentum)": sgd,
+        "rmsprop_step": rms,
+        "rmsprop_step (centered, momentum)": rms_full,
+        "found_inf": scan(lambda g: bncore.found_inf([g], num_threads=1)),
+        "grad_norm (2)": scan(lambda g: bncore.grad_norm([g], num_threads=1)),
+        "grad_norm (inf)": scan(lambda g: bncore.grad_norm([g], float("inf"), num_threads=1)),
+        "clip_grad_value (nothing out of range)": scan(
+            lambda g: bncore.clip_grad_value([g], 1.0, num_threads=1)),
+        "clip_grad_value (a third clipped)": (clip_third, refill),
     }
+
+
+def main() -> None:
+    print(f"bncore from {os.path.dirname(bncore.__file__)}")
     print(f"{'kernel':42s} ns per element (in cache, 1 thread)")
-    for name, fn in cases.items():
-        extra = refill if fn is clip_value else 0.0
-        print(f"{name:42s} {(best(fn) - fixed - extra) * 1e9 / N:8.3f}")
+    for name, make in kernels().items():
+        extra = None
+        if isinstance(make, tuple):
+            make, extra = make
+        t = (best(make(N)) - best(make(SMALL)))
+        if extra is not None:
+            t -= best(extra(N)) - best(extra(SMALL))
+        print(f"{name:42s} {t * 1e9 / (N - SMALL):8.3f}")
 
 
 if __name__ == "__main__":
