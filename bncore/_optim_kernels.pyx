@@ -30,7 +30,6 @@ cnp.import_array()
 cdef extern from "_half.h" nogil:
     double bncore_half_load(const uint16_t* p)
     void bncore_half_store(uint16_t* p, double v)
-    int BNCORE_NATIVE_HALF
 
 ctypedef fused ptype:
     float
@@ -52,11 +51,6 @@ cdef enum:
     F16 = 0
     F32 = 1
     F64 = 2
-
-
-def native_half() -> bool:
-    """True when float16 conversions compile to hardware instructions."""
-    return bool(BNCORE_NATIVE_HALF)
 
 
 cdef inline double gload(const gtype* g, Py_ssize_t i) noexcept nogil:

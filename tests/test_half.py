@@ -1,0 +1,103 @@
+"""bncore/_half.h, the binary16 loads and stores of the float16-gradient
+kernels, compiled on its own and checked against NumPy's float16 conversions:
+every one of the 65536 inputs for the load, and for the store every half value,
+every tie between neighbours (round half to even), the floats on either side
+of each tie, and a million random float32 bit patterns."""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+HEADER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bncore")
+SOURCE = r"""
+#include <stddef.h>
+#include "_half.h"
+void load_all(const uint16_t* h, double* out, ptrdiff_t n)
+{ for (ptrdiff_t i = 0; i < n; i++) out[i] = bncore_half_load(h + i); }
+void store_all(const double* v, uint16_t* out, ptrdiff_t n)
+{ for (ptrdiff_t i = 0; i < n; i++) bncore_half_store(out + i, v[i]); }
+"""
+
+
+@pytest.fixture(scope="module", params=["-O3 -march=native", "-O0"])
+def half_lib(request, tmp_path_factory):
+    """The header built as the extensions are (vectorized) and unoptimized."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc on this machine")
+    d = tmp_path_factory.mktemp("half")
+    (d / "half.c").write_text(SOURCE)
+    lib = d / "libhalf.so"
+    run = subprocess.run(["gcc", *request.param.split(), "-fno-math-errno", "-shared", "-fPIC",
+                          "-I", HEADER_DIR, str(d / "half.c"), "-o", str(lib)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    so = ctypes.CDLL(str(lib))
+    ptr = ctypes.c_void_p
+    so.load_all.argtypes = so.store_all.argtypes = [ptr, ptr, ctypes.c_ssize_t]
+
+    def load(h):
+        h = np.ascontiguousarray(h, np.uint16)
+        out = np.empty(h.size, np.float64)
+        so.load_all(h.ctypes.data, out.ctypes.data, h.size)
+        return out
+
+    def store(v):
+        v = np.ascontiguousarray(v, np.float64)
+        out = np.empty(v.size, np.uint16)
+        so.store_all(v.ctypes.data, out.ctypes.data, v.size)
+        return out
+    return load, store
+
+
+def test_load_is_exact_on_every_input(half_lib):
+    load, _ = half_lib
+    bits = np.arange(65536, dtype=np.uint64).astype(np.uint16)
+    got = load(bits).view(np.uint64)
+    expected = bits.view(np.float16).astype(np.float64).view(np.uint64)
+    nan = np.isnan(bits.view(np.float16))
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    # a NaN keeps its sign and payload and comes out quiet, as the hardware
+    # conversions (vcvtph2ps, fcvt) give it
+    b = bits[nan].astype(np.uint64)
+    quiet = ((b & 0x8000) << 48) | (0x7FF << 52) | ((b & 0x3FF) << 42) | (1 << 51)
+    np.testing.assert_array_equal(got[nan], quiet)
+
+
+def _store_inputs():
+    finite = np.arange(65536, dtype=np.uint64).astype(np.uint16).view(np.float16)
+    finite = np.sort(finite[np.isfinite(finite)].astype(np.float64))
+    ties = (finite[1:] + finite[:-1]) / 2           # exact in float64 and float32
+    ties32 = ties.astype(np.float32)
+    up = np.nextafter(ties32, np.float32(np.inf))
+    down = np.nextafter(ties32, np.float32(-np.inf))
+    big = np.array([65504, 65519.996, 65520, 65536, 1e30, np.inf, -np.inf], np.float32)
+    rng = np.random.default_rng(0)
+    random = rng.integers(0, 2 ** 32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        values = np.concatenate([finite.astype(np.float32), ties32, up, down, big, -big, random])
+        return values.astype(np.float64)  # the kernel stores doubles; all float32-exact here
+
+
+def test_store_rounds_to_nearest_even_like_numpy(half_lib):
+    _, store = half_lib
+    v = _store_inputs()
+    got = store(v)
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected = v.astype(np.float32).astype(np.float16).view(np.uint16)
+    nan = np.isnan(v)
+    np.testing.assert_array_equal(got[~nan], expected[~nan])
+    g = got[nan]
+    assert np.all((g & 0x7C00) == 0x7C00) and np.all(g & 0x0200)          # quiet NaN
+    np.testing.assert_array_equal(g & 0x8000, (np.signbit(v[nan]) * 0x8000).astype(np.uint16))
+
+
+def test_ties_round_to_even(half_lib):
+    _, store = half_lib
+    # 1 + 2^-11 lies halfway between 1 and 1 + 2^-10: to the even mantissa, 1
+    # 1 + 3 * 2^-11 lies halfway between 1 + 2^-10 and 1 + 2^-9: to 1 + 2^-9
+    got = store(np.array([1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -25, 3 * 2 ** -25]))
+    np.testing.assert_array_equal(got.view(np.float16).astype(np.float64),
+                                  [1.0, 1 + 2 ** -9, 0.0, 2 ** -23])
