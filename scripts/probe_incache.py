@@ -52,6 +52,16 @@ def kernels():
             bncore.adam_step([p], [g], [m], [v], step=step[0], lr=1e-5, num_threads=1)
         return run
 
+    def adam16(n):
+        p, g, (m, v, _, _) = arrays(n)
+        g16 = g.astype(np.float16)
+        step = [0]
+
+        def run():
+            step[0] += 1
+            bncore.adam_step([p], [g16], [m], [v], step=step[0], lr=1e-5, num_threads=1)
+        return run
+
     def sgd(n):
         p, g, (b, _, _, _) = arrays(n)
         return lambda: bncore.sgd_step([p], [g], [b], lr=1e-5, momentum=0.9, num_threads=1)
@@ -65,9 +75,10 @@ def kernels():
         return lambda: bncore.rmsprop_step([p], [g], [sq], lr=1e-5, centered=True, momentum=0.9,
                                            grad_avgs=[ga], momentum_buffers=[b], num_threads=1)
 
-    def scan(fn):
+    def scan(fn, dtype=np.float32):
         def make(n):
             _, g, _ = arrays(n)
+            g = g.astype(dtype)
             return lambda: fn(g)
         return make
 
@@ -85,12 +96,15 @@ def kernels():
 
     return {
         "adam_step": adam,
+        "adam_step (float16 gradients)": adam16,
         "sgd_step (momentum)": sgd,
         "rmsprop_step": rms,
         "rmsprop_step (centered, momentum)": rms_full,
         "found_inf": scan(lambda g: bncore.found_inf([g], num_threads=1)),
         "grad_norm (2)": scan(lambda g: bncore.grad_norm([g], num_threads=1)),
         "grad_norm (inf)": scan(lambda g: bncore.grad_norm([g], float("inf"), num_threads=1)),
+        "grad_norm (2, float16)": scan(lambda g: bncore.grad_norm([g], num_threads=1),
+                                       np.float16),
         "clip_grad_value (nothing out of range)": scan(
             lambda g: bncore.clip_grad_value([g], 1.0, num_threads=1)),
         "clip_grad_value (a third clipped)": (clip_third, refill),
