@@ -774,30 +774,48 @@ cdef inline void _scale_chunk(gtype* g, Py_ssize_t n, double s) noexcept nogil:
         gstore(g, i, gload(g, i) * s)
 
 
-cdef inline bint _any_outside(const gtype* g, Py_ssize_t n, double lo, double hi) noexcept nogil:
+# float32 gradients compare in float32, against the bounds rounded as they
+# are stored (glo, ghi): the only float32 value whose comparison that rounding
+# can change is the rounded bound itself, which the clamp would store
+# unchanged, so the result is the float64 comparison's, bit for bit, without
+# a conversion per element. float16 and float64 gradients compare in float64.
+
+cdef inline bint _any_outside(const gtype* g, Py_ssize_t n, double lo, double hi, float lo32,
+                              float hi32) noexcept nogil:
     cdef Py_ssize_t i
     cdef int out = 0
     cdef double a
-    for i in range(n):
-        a = gload(g, i)
-        out |= (a < lo) | (a > hi)
+    if gtype is float:
+        for i in range(n):
+            out |= (g[i] < lo32) | (g[i] > hi32)
+    else:
+        for i in range(n):
+            a = gload(g, i)
+            out |= (a < lo) | (a > hi)
     return out != 0
 
 
-cdef inline void _clamp_block(gtype* g, Py_ssize_t n, double lo, double hi, gtype glo,
-                              gtype ghi) noexcept nogil:
+cdef inline void _clamp_block(gtype* g, Py_ssize_t n, double lo, double hi, float lo32,
+                              float hi32, gtype glo, gtype ghi) noexcept nogil:
     # selects, not branches, so it vectorizes; in-range values and NaN
     # (false both ways, kept as torch.clamp does) are stored back bit for bit,
     # lo wins over hi as the comparisons are applied last-first
     cdef Py_ssize_t i
     cdef double a
     cdef gtype v
-    for i in range(n):
-        a = gload(g, i)
-        v = g[i]
-        v = ghi if a > hi else v
-        v = glo if a < lo else v
-        g[i] = v
+    if gtype is float:
+        for i in range(n):
+            v = g[i]
+            v = ghi if g[i] > hi32 else v
+            v = glo if g[i] < lo32 else v
+            g[i] = v
+    else:
+        for i in range(n):
+            a = gload(g, i)
+            v = g[i]
+            v = ghi if a > hi else v
+            v = glo if a < lo else v
+            g[i] = v
 
 
 cdef inline void _clamp_chunk(gtype* g, Py_ssize_t n, double lo, double hi) noexcept nogil:
@@ -805,12 +823,13 @@ cdef inline void _clamp_chunk(gtype* g, Py_ssize_t n, double lo, double hi) noex
     # gradient already in range costs one read pass, not a read and a write
     cdef Py_ssize_t j = 0, m
     cdef gtype glo, ghi
+    cdef float lo32 = <float>lo, hi32 = <float>hi
     gstore(&glo, 0, lo)           # the bounds rounded once, as a store would
     gstore(&ghi, 0, hi)
     while j < n:
         m = n - j if n - j < CLAMP_BLOCK else CLAMP_BLOCK
-        if _any_outside(g + j, m, lo, hi):
-            _clamp_block(g + j, m, lo, hi, glo, ghi)
+        if _any_outside(g + j, m, lo, hi, lo32, hi32):
+            _clamp_block(g + j, m, lo, hi, lo32, hi32, glo, ghi)
         j += m
 
 

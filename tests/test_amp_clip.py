@@ -206,3 +206,24 @@ def test_clip_grad_value_matches_numpy_bit_for_bit(dtype, data, c, threads):
     bncore.clip_grad_value(grads, c, num_threads=threads)
     for g, e in zip(grads, expected):
         assert g.tobytes() == e.tobytes()
+
+
+@pytest.mark.parametrize("dtype", _DTYPES)
+@pytest.mark.parametrize("c", [0.1, 0.5, 1.0 / 3.0, 1e-30, 3e38, 1e300, 0.0, 65504.0, 7e-8])
+def test_clip_grad_value_at_the_neighbours_of_the_bound(dtype, c):
+    """Values one ulp (of the gradient dtype) either side of +-c and at the
+    bound as the dtype rounds it: the comparison with the float64 bound must
+    be exact whatever precision the kernel compares in."""
+    inf = dtype(np.inf)
+    with np.errstate(over="ignore"):
+        near = np.array([c, -c], np.float64).astype(dtype)
+        vals = np.concatenate([near, np.nextafter(near, inf), np.nextafter(near, -inf),
+                               [dtype(0.0), -dtype(0.0), inf, -inf, dtype(np.nan)]]).astype(dtype)
+    g = np.tile(vals, 9)[:70]               # past one 64-element block
+    a = g.astype(np.float64)
+    expected = g.copy()
+    with np.errstate(over="ignore"):
+        expected[a > c] = np.float64(c).astype(dtype)
+        expected[a < -c] = np.float64(-c).astype(dtype)
+    bncore.clip_grad_value([g], c)
+    assert g.tobytes() == expected.tobytes()
