@@ -20,7 +20,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport fabs, fabsf, pow, sqrt
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy
 
 import numpy as np
@@ -236,35 +236,79 @@ cdef bint _same_order(cnp.ndarray a, cnp.ndarray b):
     return cnp.PyArray_IS_F_CONTIGUOUS(a) and cnp.PyArray_IS_F_CONTIGUOUS(b)
 
 
+cdef struct Span:
+    Py_ssize_t start, end
+    Py_ssize_t k, i
+
+
+cdef int _span_order(const void* pa, const void* pb) noexcept nogil:
+    # (start, end, k, i), lexicographic
+    cdef const Span* a = <const Span*>pa
+    cdef const Span* b = <const Span*>pb
+    if a.start != b.start:
+        return -1 if a.start < b.start else 1
+    if a.end != b.end:
+        return -1 if a.end < b.end else 1
+    if a.k != b.k:
+        return -1 if a.k < b.k else 1
+    if a.i != b.i:
+        return -1 if a.i < b.i else 1
+    return 0
+
+
 def _check_aliasing(list arrays, tuple names, tuple writes):
     """No written array may overlap any other array of the call (the same
-    array passed twice included): sort the byte ranges and sweep."""
-    spans = []
-    cdef Py_ssize_t k, i, start
+    array passed twice included): sort the byte ranges and sweep. The ranges
+    live in a C array sorted by qsort (Python tuples and list.sort cost about
+    0.15 us an array, 120 us for Adam over 200 tensors)."""
+    cdef Py_ssize_t k, i, n = 0, m = 0
     cdef cnp.ndarray a
     for k in range(len(arrays)):
-        if arrays[k] is None:
-            continue
-        for i in range(len(arrays[k])):
-            a = <cnp.ndarray>arrays[k][i]
-            if cnp.PyArray_SIZE(a) == 0:
+        if arrays[k] is not None:
+            n += len(arrays[k])
+    cdef Span* spans = <Span*>malloc(sizeof(Span) * (n + 1))
+    if spans == NULL:
+        raise MemoryError()
+    cdef bint* wr = <bint*>malloc(sizeof(bint) * (len(arrays) + 1))
+    if wr == NULL:
+        free(spans)
+        raise MemoryError()
+    cdef Py_ssize_t end_any = -1, end_w = -1, any_at = -1, w_at = -1, j
+    cdef Py_ssize_t bad_a = -1, bad_b = -1
+    try:
+        for k in range(len(arrays)):
+            wr[k] = bool(writes[k])
+            if arrays[k] is None:
                 continue
-            start = <Py_ssize_t>cnp.PyArray_DATA(a)
-            spans.append((start, start + _nbytes(a), k, i))
-    spans.sort()
-    # track the furthest-reaching span seen so far of each kind
-    cdef Py_ssize_t end_any = -1, end_w = -1
-    best_any = best_w = None
-    for s in spans:
-        st, en, k, i = s
-        if best_w is not None and st < end_w:
-            _alias_error(names, best_w, s)
-        if writes[k] and best_any is not None and st < end_any:
-            _alias_error(names, best_any, s)
-        if en > end_any:
-            end_any, best_any = en, s
-        if writes[k] and en > end_w:
-            end_w, best_w = en, s
+            for i in range(len(arrays[k])):
+                a = <cnp.ndarray>arrays[k][i]
+                if cnp.PyArray_SIZE(a) == 0:
+                    continue
+                spans[m].start = <Py_ssize_t>cnp.PyArray_DATA(a)
+                spans[m].end = spans[m].start + _nbytes(a)
+                spans[m].k = k
+                spans[m].i = i
+                m += 1
+        qsort(spans, m, sizeof(Span), _span_order)
+        # track the furthest-reaching span seen so far of each kind
+        for j in range(m):
+            if w_at >= 0 and spans[j].start < end_w:
+                bad_a, bad_b = w_at, j
+                break
+            if wr[spans[j].k] and any_at >= 0 and spans[j].start < end_any:
+                bad_a, bad_b = any_at, j
+                break
+            if spans[j].end > end_any:
+                end_any, any_at = spans[j].end, j
+            if wr[spans[j].k] and spans[j].end > end_w:
+                end_w, w_at = spans[j].end, j
+        if bad_a >= 0:
+            _alias_error(names, (spans[bad_a].start, spans[bad_a].end, spans[bad_a].k,
+                                 spans[bad_a].i),
+                         (spans[bad_b].start, spans[bad_b].end, spans[bad_b].k, spans[bad_b].i))
+    finally:
+        free(spans)
+        free(wr)
 
 
 def _alias_error(tuple names, a, b):

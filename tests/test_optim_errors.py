@@ -138,3 +138,50 @@ def test_optimizer_classes_reject_bad_input():
         opt.step(fresh()["grads"][:2])
     assert_unchanged(before, dict(enumerate(p)))
     assert opt.state == {}
+
+
+# The alias check sorts byte ranges and sweeps them; here it is compared with
+# the definition, pair by pair, on arrays cut from one buffer.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def cut_buffers(draw):
+    """Four lists (params, grads, exp_avgs, exp_avg_sqs) of equal-length
+    contiguous float32 pieces of one 24-element buffer: overlaps of one
+    element up to whole arrays, and disjoint neighbours, all frequent."""
+    buf = np.zeros(24, np.float32)
+    ntens = draw(st.integers(1, 3))
+    sizes = [draw(st.integers(0, 4)) for _ in range(ntens)]
+    lists = []
+    for _ in range(4):
+        row = []
+        for n in sizes:
+            start = draw(st.integers(0, 24 - n))
+            row.append(buf[start:start + n])
+        lists.append(row)
+    return lists
+
+
+def _overlap(a, b):
+    if a.size == 0 or b.size == 0:
+        return False
+    a0, b0 = a.ctypes.data, b.ctypes.data
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes
+
+
+@settings(max_examples=400)       # each example takes microseconds
+@given(cut_buffers())
+def test_adam_refuses_exactly_the_overlapping_calls(lists):
+    writes = (True, False, True, True)   # params, grads (read only), exp_avgs, exp_avg_sqs
+    flat = [(k, a) for k, row in enumerate(lists) for a in row]
+    expected = any(_overlap(a, b) for x, (k, a) in enumerate(flat) for y, (j, b) in
+                   enumerate(flat) if x < y and (writes[k] or writes[j]))
+    try:
+        bncore.adam_step(*lists, step=1, lr=0.0)
+    except ValueError as e:
+        assert expected and "share memory" in str(e), str(e)
+    else:
+        assert not expected
