@@ -22,10 +22,19 @@ static inline double bncore_lane_total32(const double* acc)
     b0 = a0 + a2;                 /* acc[k] + acc[k + 16], k < 8  */
     b1 = a1 + a3;                 /*                       8 <= k < 16 */
     c = b0 + b1;                  /* acc[k] + acc[k + 8], k < 8 */
+#if (defined(__GNUC__) && __GNUC__ >= 12) || defined(__clang__)
+    /* halves by register shuffles (a memcpy went through the stack) */
+    lo = __builtin_shufflevector(c, c, 0, 1, 2, 3);
+    hi = __builtin_shufflevector(c, c, 4, 5, 6, 7);
+    d = lo + hi;                  /* acc[k] + acc[k + 4], k < 4 */
+    e0 = __builtin_shufflevector(d, d, 0, 1);
+    e1 = __builtin_shufflevector(d, d, 2, 3);
+#else
     memcpy(&lo, &c, 32); memcpy(&hi, (const char*)&c + 32, 32);
     d = lo + hi;                  /* acc[k] + acc[k + 4], k < 4 */
     e0 = (bncore_v2d){d[0], d[1]};
     e1 = (bncore_v2d){d[2], d[3]};
+#endif
     f = e0 + e1;                  /* (acc0 + acc2), (acc1 + acc3) */
     return f[0] + f[1];
 }
