@@ -1132,6 +1132,43 @@ cdef inline void _set(Vec v, Py_ssize_t c, double value) noexcept nogil:
         (<double*>v.data)[c] = value
 
 
+# Per-channel loops widen a vector argument into a float64 array first (one
+# loop per storage type) and then compute on plain arrays: with _get's dtype
+# test inside, the loops stayed scalar, and a channel's 1/sqrt(var + eps) then
+# cost a serialized scalar sqrt and division (about 5 ns a channel: 5 us of a
+# (256,1024) call). Vectorized, the same IEEE operations give the same bits.
+
+cdef inline void _widen(Vec v, Py_ssize_t n, double absent, double* out) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef const float* f
+    cdef const double* d
+    if v.data == NULL:
+        for c in range(n):
+            out[c] = absent
+    elif v.f32:
+        f = <const float*>v.data
+        for c in range(n):
+            out[c] = <double>f[c]
+    else:
+        d = <const double*>v.data
+        for c in range(n):
+            out[c] = d[c]
+
+
+cdef inline void _narrow(Vec v, Py_ssize_t n, const double* src) noexcept nogil:
+    cdef Py_ssize_t c
+    cdef float* f
+    cdef double* d
+    if v.f32:
+        f = <float*>v.data
+        for c in range(n):
+            f[c] = <float>src[c]
+    else:
+        d = <double*>v.data
+        for c in range(n):
+            d[c] = src[c]
+
+
 cdef inline cnp.ndarray _new_vec(Py_ssize_t n):
     cdef cnp.npy_intp dims[1]
     dims[0] = n
@@ -1188,7 +1225,8 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
                   bint unbiased, double* mean, double* invstd, double* m2,
                   int nt) noexcept nogil:
     cdef Py_ssize_t c, C = p.C
-    cdef double n = <double>(p.outer * p.inner), var_run
+    cdef double n = <double>(p.outer * p.inner), nvar = n - 1.0 if unbiased else n
+    cdef double* r
     if training:
         if _mean_m2(x, p, mean, m2, nt) != 0:
             return -1
@@ -1196,16 +1234,23 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
             invstd[c] = 1.0 / sqrt(m2[c] / n + eps)
         if running_mean.data != NULL:
             # r = (1 - momentum) r + momentum * stat, in float64, stored once
+            r = <double*>malloc(sizeof(double) * (C + 1))
+            if r == NULL:
+                return -1
+            _widen(running_mean, C, 0.0, r)
             for c in range(C):
-                var_run = m2[c] / (n - 1.0) if unbiased else m2[c] / n
-                _set(running_mean, c, (1.0 - momentum) * _get(running_mean, c, 0.0)
-                     + momentum * mean[c])
-                _set(running_var, c, (1.0 - momentum) * _get(running_var, c, 0.0)
-                     + momentum * var_run)
+                r[c] = (1.0 - momentum) * r[c] + momentum * mean[c]
+            _narrow(running_mean, C, r)
+            _widen(running_var, C, 0.0, r)
+            for c in range(C):
+                r[c] = (1.0 - momentum) * r[c] + momentum * (m2[c] / nvar)
+            _narrow(running_var, C, r)
+            free(r)
     else:
+        _widen(running_mean, C, 0.0, mean)
+        _widen(running_var, C, 1.0, invstd)
         for c in range(C):
-            mean[c] = _get(running_mean, c, 0.0)
-            invstd[c] = 1.0 / sqrt(_get(running_var, c, 1.0) + eps)
+            invstd[c] = 1.0 / sqrt(invstd[c] + eps)
             m2[c] = 0.0
     return _normalize(x, y, p, mean, invstd, weight, bias, nt)
 
@@ -1219,9 +1264,10 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
         return -1
     cdef double* scale = buf
     cdef double* shift = scale + C
+    _widen(weight, C, 1.0, scale)
     for c in range(C):
-        scale[c] = invstd[c] * _get(weight, c, 1.0)
-        shift[c] = _get(bias, c, 0.0)
+        scale[c] = invstd[c] * scale[c]
+    _widen(bias, C, 0.0, shift)
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
@@ -1300,10 +1346,17 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef double* a = g + C
     cdef double* k = a + C
     cdef double* e_buf = k + C
+    _widen(weight, C, 1.0, g)
     for c in range(C):
-        g[c] = invstd[c] * _get(weight, c, 1.0)
-        a[c] = sum_dy[c] / n if training else 0.0
-        k[c] = invstd[c] * invstd[c] * sum_dyx[c] / n if training else 0.0
+        g[c] = invstd[c] * g[c]
+    if training:
+        for c in range(C):
+            a[c] = sum_dy[c] / n
+            k[c] = invstd[c] * invstd[c] * sum_dyx[c] / n
+    else:
+        for c in range(C):
+            a[c] = 0.0
+            k[c] = 0.0
     cdef const double* e_mean = _expand_into(p, mean, e_buf)
     cdef const double* e_g = _expand_into(p, g, e_buf + E)
     cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)
