@@ -50,6 +50,12 @@ def _norm_type(norm_type) -> float:
     return p
 
 
+def _rescue_scale(big: float) -> float:
+    """The power of two at or above `big` (the largest |g|): the scale of the
+    overflow rescue, g / scale <= 1, exact as a multiply by 1 / scale."""
+    return math.ldexp(1.0, math.frexp(big)[1])
+
+
 def _norm_of(table, p: float, nthreads: int) -> float:
     if math.isinf(p):
         return _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
@@ -57,7 +63,7 @@ def _norm_of(table, p: float, nthreads: int) -> float:
     s = _k.norm_sum(table, kind, p, 1.0, nthreads)
     if math.isinf(s) and not _k.nonfinite(table, nthreads):
         # the float64 sum overflowed on finite data: scale by the largest magnitude
-        big = _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+        big = _rescue_scale(_k.norm_sum(table, _NORM_INF, p, 1.0, nthreads))
         s = _k.norm_sum(table, kind, p, big, nthreads)
         return big * (math.sqrt(s) if kind == _NORM_2 else (s if kind == _NORM_1 else s ** (1.0 / p)))
     if kind == _NORM_2:

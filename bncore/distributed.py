@@ -60,7 +60,7 @@ from bncore import _bn_args
 from bncore.batch_norm import (_f64, _finish_output, _flat, _kernel_input, _output_target, _vec,
                                batch_norm_backward, batch_norm_forward)
 from bncore.clipping import (NonFiniteError, _NORM_1, _NORM_2, _NORM_INF, _NORM_P,
-                             _grads_table, _norm_type, clip_coefficient)
+                             _grads_table, _norm_type, clip_coefficient, _rescue_scale)
 from bncore.layers import _UNSET, BatchNorm
 
 __all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward", "SyncBatchNorm",
@@ -454,7 +454,8 @@ def _local_norm_sum(table, p: float, nthreads: int) -> Tuple[float, float, float
     """(s, scale, nonfinite) with this rank's sum |g / scale|^p = s (max |g| for inf).
 
     As clipping._norm_of: scale is 1 unless the float64 sum overflowed on
-    finite data, in which case it is recomputed relative to max |g|.
+    finite data, in which case it is recomputed relative to the power of two
+    at or above max |g|.
     """
     if math.isinf(p):
         return _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads), 1.0, 0.0
@@ -464,7 +465,7 @@ def _local_norm_sum(table, p: float, nthreads: int) -> Tuple[float, float, float
         return s, 1.0, 0.0
     if _ok.nonfinite(table, nthreads):
         return s, 1.0, 1.0
-    big = _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+    big = _rescue_scale(_ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads))
     return _ok.norm_sum(table, kind, p, big, nthreads), big, 0.0
 
 
