@@ -1119,24 +1119,10 @@ cdef inline Vec _vec(object v):
     return r
 
 
-cdef inline double _get(Vec v, Py_ssize_t c, double absent) noexcept nogil:
-    if v.data == NULL:
-        return absent
-    return <double>(<float*>v.data)[c] if v.f32 else (<double*>v.data)[c]
-
-
-cdef inline void _set(Vec v, Py_ssize_t c, double value) noexcept nogil:
-    if v.f32:
-        (<float*>v.data)[c] = <float>value
-    else:
-        (<double*>v.data)[c] = value
-
-
 # Per-channel loops widen a vector argument into a float64 array first (one
-# loop per storage type) and then compute on plain arrays: with _get's dtype
-# test inside, the loops stayed scalar, and a channel's 1/sqrt(var + eps) then
-# cost a serialized scalar sqrt and division (about 5 ns a channel: 5 us of a
-# (256,1024) call). Vectorized, the same IEEE operations give the same bits.
+# loop per storage type) and then compute on plain arrays: with a per-element
+# dtype test inside, the loops stayed scalar, and a channel's 1/sqrt(var + eps)
+# then cost a serialized scalar sqrt and division.
 
 cdef inline void _widen(Vec v, Py_ssize_t n, double absent, double* out) noexcept nogil:
     cdef Py_ssize_t c
