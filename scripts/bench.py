@@ -67,6 +67,21 @@ def time_loop(fn: Callable[[], object], min_time: float, batches: int = 5) -> fl
     return best
 
 
+def shrinking_bound(fn: Callable[[float], object], start: float, rate: float = 1e-5
+                    ) -> Callable[[], object]:
+    """A call of fn(bound) whose bound shrinks by `rate` each call, for the
+    clipping cases: after a clip every value sits within the last bound, so a
+    fixed bound would clip once and leave later calls nothing to do (bncore's
+    kernels then skip the writes, torch's do not). 1e5 calls shrink the bound
+    by e^-1: nowhere near subnormal numbers."""
+    bound = [start]
+
+    def run():
+        bound[0] *= 1.0 - rate
+        return fn(bound[0])
+    return run
+
+
 def threaded(op: Callable[..., object], out: np.ndarray, *inputs: np.ndarray, threads: int
              ) -> Callable[[], object]:
     """`out` = op(*inputs) (np.copyto: out = inputs[0]; np.add: out = a + b, in

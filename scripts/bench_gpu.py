@@ -253,6 +253,8 @@ def optim_cases(bw: float) -> List[dict]:
     import cupy
     import torch
 
+    from bench import shrinking_bound
+
     import bncore_gpu
     rows = []
     N = 100_000_000
@@ -292,21 +294,13 @@ def optim_cases(bw: float) -> List[dict]:
             cg = [g.copy() for g in grads]
             start = 0.5 * float(bncore_gpu.grad_norm(cg))
             tp = torch_params()
-
-            def shrinking(clip_fn):
-                # every call scales: max_norm 1e-5 below the last call's (a
-                # fixed one clips once, then later calls only compute norms)
-                bound = [start]
-
-                def run():
-                    bound[0] *= 1.0 - 1e-5
-                    return clip_fn(bound[0])
-                return run
+            # every call scales (see bench.shrinking_bound)
             rows.append({"case": f"clip_grad_norm {label}",
-                         "bncore": cuda_time_ms(shrinking(
-                             lambda m: bncore_gpu.clip_grad_norm(cg, m))),
-                         "torch": cuda_time_ms(shrinking(
-                             lambda m: torch.nn.utils.clip_grad_norm_(tp, m, foreach=True))),
+                         "bncore": cuda_time_ms(shrinking_bound(
+                             lambda m: bncore_gpu.clip_grad_norm(cg, m), start)),
+                         "torch": cuda_time_ms(shrinking_bound(
+                             lambda m: torch.nn.utils.clip_grad_norm_(tp, m, foreach=True),
+                             start)),
                          "floor": 12 * N / bw})
             del cg, tp
         del params, grads

@@ -48,7 +48,7 @@ def _floors(nbytes: int, threads: int):
 
 def optim_cases(threads: int) -> List:
     import bncore
-    from bench import Case
+    from bench import Case, shrinking_bound
 
     try:
         import torch
@@ -74,24 +74,11 @@ def optim_cases(threads: int) -> List:
         def sgd(params=params, grads=grads, bufs=bufs):
             bncore.sgd_step(params, grads, bufs, lr=1e-3, momentum=0.9, num_threads=threads)
 
-        # clip_grad_norm: every call must scale, so max_norm stays below the
-        # norm: a clip leaves the norm just under that call's max_norm, and the
-        # next call's max_norm is 1e-5 smaller again (a fixed max_norm would
-        # clip once and then only compute norms). 1e5 calls shrink the
-        # gradients by e^-1 at most: nowhere near subnormal numbers.
+        # clip_grad_norm: every call scales (max_norm shrinks below the norm)
         cgrads = [g.copy() for g in grads]
         start = 0.5 * bncore.grad_norm(cgrads)
-
-        def shrinking_clip(clip_fn, grads_list):
-            bound = [start]
-
-            def run():
-                bound[0] *= 1.0 - 1e-5
-                return clip_fn(grads_list, bound[0])
-            return run
-
-        clip = shrinking_clip(
-            lambda gs, m: bncore.clip_grad_norm(gs, m, num_threads=threads), cgrads)
+        clip = shrinking_bound(
+            lambda m: bncore.clip_grad_norm(cgrads, m, num_threads=threads), start)
 
         adam_impls = {"bncore": adam}
         sgd_impls = {"bncore": sgd}
@@ -112,8 +99,8 @@ def optim_cases(threads: int) -> List:
             tp = [torch.zeros(g.shape) for g in cgrads]
             for t, g in zip(tp, cgrads):
                 t.grad = torch.from_numpy(g.copy())
-            clip_impls["torch"] = shrinking_clip(
-                lambda gs, m: torch.nn.utils.clip_grad_norm_(gs, m, foreach=True), tp)
+            clip_impls["torch"] = shrinking_bound(
+                lambda m: torch.nn.utils.clip_grad_norm_(tp, m, foreach=True), start)
         adam_impls.update(_floors(28 * N, threads))
         sgd_impls.update(_floors(20 * N, threads))
         clip_impls.update(_floors(12 * N, threads))
@@ -130,28 +117,18 @@ def optim_cases(threads: int) -> List:
 
 def _more_cases(bncore, torch, threads, label, params, grads, start) -> List:
     """RMSprop, clip_grad_value and the AMP non-finite check (no issue targets)."""
-    from bench import Case
+    from bench import Case, shrinking_bound
 
     rparams = [p.copy() for p in params]
     sq = [np.zeros_like(p) for p in params]
     rms = {"bncore": lambda: bncore.rmsprop_step(rparams, grads, sq, lr=1e-5,
                                                  num_threads=threads)}
-    # clip_grad_value: the bound shrinks by 1e-5 per call, so the values the
-    # last call clipped are out of range again and every call writes (a call
-    # with nothing to clamp only reads in bncore; torch's clamp_ always writes)
+    # clip_grad_value: the values the last call clipped are out of range again
+    # with the shrinking bound, so every call writes
     vgrads = [g.copy() for g in grads]
     bound = 0.5 * float(np.abs(grads[0]).std())
-
-    def shrinking_value(clip_fn, gs):
-        c = [bound]
-
-        def run():
-            c[0] *= 1.0 - 1e-5
-            return clip_fn(gs, c[0])
-        return run
-
-    value = {"bncore": shrinking_value(
-        lambda gs, c: bncore.clip_grad_value(gs, c, num_threads=threads), vgrads)}
+    value = {"bncore": shrinking_bound(
+        lambda c: bncore.clip_grad_value(vgrads, c, num_threads=threads), bound)}
     check = {"bncore": lambda: bncore.found_inf(grads, num_threads=threads)}
     if torch is not None:
         tps = [torch.from_numpy(p.copy()) for p in params]
@@ -161,8 +138,8 @@ def _more_cases(bncore, torch, threads, label, params, grads, start) -> List:
         vps = [torch.zeros(g.shape) for g in grads]
         for t, g in zip(vps, grads):
             t.grad = torch.from_numpy(g.copy())
-        value["torch"] = shrinking_value(
-            lambda ps, c: torch.nn.utils.clip_grad_value_(ps, c, foreach=True), vps)
+        value["torch"] = shrinking_bound(
+            lambda c: torch.nn.utils.clip_grad_value_(vps, c, foreach=True), bound)
         tgrads = [torch.from_numpy(g.copy()) for g in grads]
         flag, one = torch.zeros(1), torch.ones(1)
         check["torch"] = lambda: torch._amp_foreach_non_finite_check_and_unscale_(

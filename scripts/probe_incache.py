@@ -11,7 +11,6 @@ out-of-cache times beside torch.
 """
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -20,19 +19,15 @@ try:
 except ImportError:             # run from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import bncore
+from bench import time_loop   # after bncore: bench puts this checkout first on sys.path
 
 N = 65536
 SMALL = 16
 
 
-def best(fn, calls: int = 300, reps: int = 9) -> float:
-    t_best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        t_best = min(t_best, (time.perf_counter() - t0) / calls)
-    return t_best
+def best(fn) -> float:
+    """Seconds per call: bench.py's timing loop (best of 9 batches)."""
+    return time_loop(fn, min_time=0.05, batches=9)
 
 
 def kernels():
@@ -43,24 +38,17 @@ def kernels():
         g = (rng.standard_normal(n) * 1e-3).astype(np.float32)
         return p, g, [np.zeros_like(p) for _ in range(4)]
 
-    def adam(n):
-        p, g, (m, v, _, _) = arrays(n)
-        step = [0]
+    def adam(grad_dtype):
+        def make(n):
+            p, g, (m, v, _, _) = arrays(n)
+            g = g.astype(grad_dtype)
+            step = [0]
 
-        def run():
-            step[0] += 1
-            bncore.adam_step([p], [g], [m], [v], step=step[0], lr=1e-5, num_threads=1)
-        return run
-
-    def adam16(n):
-        p, g, (m, v, _, _) = arrays(n)
-        g16 = g.astype(np.float16)
-        step = [0]
-
-        def run():
-            step[0] += 1
-            bncore.adam_step([p], [g16], [m], [v], step=step[0], lr=1e-5, num_threads=1)
-        return run
+            def run():
+                step[0] += 1
+                bncore.adam_step([p], [g], [m], [v], step=step[0], lr=1e-5, num_threads=1)
+            return run
+        return make
 
     def sgd(n):
         p, g, (b, _, _, _) = arrays(n)
@@ -95,8 +83,8 @@ def kernels():
         return lambda: c.__setitem__(slice(None), g)
 
     return {
-        "adam_step": adam,
-        "adam_step (float16 gradients)": adam16,
+        "adam_step": adam(np.float32),
+        "adam_step (float16 gradients)": adam(np.float16),
         "sgd_step (momentum)": sgd,
         "rmsprop_step": rms,
         "rmsprop_step (centered, momentum)": rms_full,
