@@ -92,12 +92,14 @@ class DeviceEngine:
         K = x3[0, :, 0].astype(_F64)
         d = s1 / n
         m2 = s2 - s1 * d
-        # a pivot far from its channel's mean (s2 > 16 M2): that channel's sums
-        # again against K + d, as bn_finalize_train does in one process
-        for c in np.flatnonzero(cupy.asnumpy(s2 > 16.0 * m2)):
-            v = x3[:, c, :].astype(_F64) - (K[c] + d[c])
-            t1, t2 = v.sum(), (v * v).sum()
-            K[c], d[c], m2[c] = K[c] + d[c], t1 / n, t2 - t1 * (t1 / n)
+        # a pivot far from its channel's mean (s2 > 16 M2): those channels'
+        # sums again against K + d, as bn_finalize_train does in one process
+        far = cupy.flatnonzero(s2 > 16.0 * m2)
+        if far.size:
+            K[far] = K[far] + d[far]
+            v = x3[:, far, :].astype(_F64) - K[far][None, :, None]
+            t1, t2 = v.sum(axis=(0, 2)), (v * v).sum(axis=(0, 2))
+            d[far], m2[far] = t1 / n, t2 - t1 * (t1 / n)
         m2 = cupy.maximum(m2, 0.0)               # rounding of an exactly constant channel
         return cupy.asnumpy(K + d), cupy.asnumpy(m2)
 

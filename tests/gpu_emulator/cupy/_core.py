@@ -117,6 +117,10 @@ def maximum(a, b):
     return _wrap(_np.maximum(a, b))
 
 
+def flatnonzero(a):
+    return _wrap(_np.flatnonzero(a))
+
+
 def abs(a):  # noqa: A001 - CuPy's name
     return _wrap(_np.abs(a))
 
