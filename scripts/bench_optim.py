@@ -74,11 +74,16 @@ def optim_cases(threads: int) -> List:
         def sgd(params=params, grads=grads, bufs=bufs):
             bncore.sgd_step(params, grads, bufs, lr=1e-3, momentum=0.9, num_threads=threads)
 
-        # clip_grad_norm: every call scales (max_norm shrinks below the norm)
+        # clip_grad_norm: every call scales (max_norm shrinks below the norm).
+        # The lambdas bind this iteration's lists as defaults: a bare name would
+        # be looked up when the case runs, after the loop, and the 1-tensor row
+        # would then clip the 200 tensors (and leave them below the 200-tensor
+        # row's bound, which then timed the norm pass alone)
         cgrads = [g.copy() for g in grads]
         start = 0.5 * bncore.grad_norm(cgrads)
         clip = shrinking_bound(
-            lambda m: bncore.clip_grad_norm(cgrads, m, num_threads=threads), start)
+            lambda m, cgrads=cgrads: bncore.clip_grad_norm(cgrads, m, num_threads=threads),
+            start)
 
         adam_impls = {"bncore": adam}
         sgd_impls = {"bncore": sgd}
@@ -100,7 +105,7 @@ def optim_cases(threads: int) -> List:
             for t, g in zip(tp, cgrads):
                 t.grad = torch.from_numpy(g.copy())
             clip_impls["torch"] = shrinking_bound(
-                lambda m: torch.nn.utils.clip_grad_norm_(tp, m, foreach=True), start)
+                lambda m, tp=tp: torch.nn.utils.clip_grad_norm_(tp, m, foreach=True), start)
         adam_impls.update(_floors(28 * N, threads))
         sgd_impls.update(_floors(20 * N, threads))
         clip_impls.update(_floors(12 * N, threads))

@@ -78,3 +78,69 @@ def test_adam_probe_compiles(tmp_path):
                           "-Werror", src, "-o", str(tmp_path / "probe"), "-lm"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def _recorder(calls, name, fn, bound_arg):
+    """fn wrapped to log (case-visible name, number of tensors, whether the call
+    had anything to clip) before running it."""
+    def wrapped(tensors, *args, **kwargs):
+        tensors = list(tensors)
+        # torch clips the .grad of the parameters it is handed
+        values = [np.asarray(getattr(t, "grad", None) if getattr(t, "grad", None) is not None
+                             else t) for t in tensors]
+        clips = None
+        if bound_arg is not None:
+            bound = args[0] if args else kwargs[bound_arg]
+            if name.endswith("clip_grad_norm"):
+                total = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum())
+                                          for v in values)))
+                clips = total > bound
+            else:
+                clips = any(bool((np.abs(v) > bound).any()) for v in values)
+        calls.append((name, len(tensors), clips))
+        return fn(tensors, *args, **kwargs)
+    return wrapped
+
+
+def test_optim_cases_each_time_their_own_tensors_and_clip_every_call(monkeypatch):
+    """Every optimizer case's calls receive that case's tensors (1 or 200), run in
+    the bench's order: case after case, each impl many times. A closure that
+    looked its list up late once had the 1-tensor clip row clip the 200
+    tensors, leaving them below the 200-tensor row's bound, so that row timed
+    the norm pass alone. Every clipping call must have something to clip."""
+    import bncore
+    import bench_optim
+    # N large enough that torch's clip eps (1e-6 / norm) shrinks the norm less
+    # than the bound's 1e-5 per call, as at the bench's 10M
+    monkeypatch.setattr(bench_optim, "N", 400_000)
+    monkeypatch.setattr(bench_optim, "_floors", lambda nbytes, threads: {})
+    calls = []
+    for name, bound_arg in [("adam_step", None), ("sgd_step", None), ("rmsprop_step", None),
+                            ("found_inf", None), ("clip_grad_norm", "max_norm"),
+                            ("clip_grad_value", "clip_value")]:
+        monkeypatch.setattr(bncore, name, _recorder(calls, "bncore " + name,
+                                                    getattr(bncore, name), bound_arg))
+    try:
+        import torch
+        utils = torch.nn.utils
+        monkeypatch.setattr(utils, "clip_grad_norm_", _recorder(
+            calls, "torch clip_grad_norm", utils.clip_grad_norm_, "max_norm"))
+        monkeypatch.setattr(utils, "clip_grad_value_", _recorder(
+            calls, "torch clip_grad_value", utils.clip_grad_value_, "clip_value"))
+    except ImportError:
+        pass
+    cases = bench_optim.optim_cases(threads=1)
+    assert {c.name.split(" 10M")[0] for c in cases} >= {
+        "adam", "sgd momentum", "clip_grad_norm", "rmsprop", "clip_grad_value", "found_inf"}
+    for case in cases:
+        n_tensors = int(case.name.split(" as ")[1].split()[0])
+        for impl_name, impl in case.impls.items():
+            del calls[:]
+            for _ in range(30):
+                impl()
+            recorded = [c for c in calls if c[0].split()[0] == impl_name.split()[0]]
+            if impl_name == "bncore":
+                assert recorded, case.name
+            for who, count, clips in recorded:
+                assert count == n_tensors, (case.name, impl_name, who, count)
+                assert clips in (None, True), (case.name, impl_name, who)
