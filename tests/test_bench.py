@@ -129,6 +129,13 @@ def test_optim_cases_each_time_their_own_tensors_and_clip_every_call(monkeypatch
             calls, "torch clip_grad_value", utils.clip_grad_value_, "clip_value"))
     except ImportError:
         pass
+    try:
+        import torch
+        # optim_cases sets torch's thread count, a process-wide setting that
+        # later tests comparing against torch's float32 reductions would inherit
+        monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    except ImportError:
+        pass
     cases = bench_optim.optim_cases(threads=1)
     assert {c.name.split(" 10M")[0] for c in cases} >= {
         "adam", "sgd momentum", "clip_grad_norm", "rmsprop", "clip_grad_value", "found_inf"}

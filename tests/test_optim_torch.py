@@ -161,7 +161,12 @@ def test_clip_grad_norm_matches_torch(norm_type):
     for p, g in zip(tparams, tg):
         p.grad = g
     t_total = torch.nn.utils.clip_grad_norm_(tparams, 1.0, norm_type=norm_type, foreach=True)
+    exact = float(np.linalg.norm(np.concatenate([g.ravel() for g in gs]).astype(np.float64),
+                                 ord=norm_type))
     total = bncore.clip_grad_norm(gs, 1.0, norm_type=norm_type)
-    assert abs(total - float(t_total)) <= 1e-6 * float(t_total)
+    assert abs(total - exact) <= 1e-12 * exact
+    # torch sums in float32, in an order that follows torch's thread count:
+    # 1.9e-6 relative for p = 3 on these 19k values was seen
+    assert abs(total - float(t_total)) <= 1e-5 * float(t_total)
     for g, p in zip(gs, tparams):
         np.testing.assert_allclose(g, p.grad.numpy(), rtol=2e-6, atol=1e-9)
