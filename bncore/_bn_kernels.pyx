@@ -254,10 +254,20 @@ cdef enum:
                           # the item's sums are taken again, against its mean
 
 
-cdef inline bint _pivot_too_far(double s2, double m2) noexcept nogil:
+cdef inline double _pivot_of(double v) noexcept nogil:
+    """A pivot taken from the data: the value itself, or 0 when it is Inf or NaN
+    (x - Inf would make every other value's difference infinite or NaN, and
+    the mean NaN where IEEE's is +-Inf). Finite data are unaffected."""
+    return v if v - v == 0.0 else 0.0
+
+
+cdef inline bint _pivot_too_far(double s2, double m2, double new_pivot) noexcept nogil:
     """S2 = M2 + n (P - mean)^2 beyond PIVOT_SPREAD M2: then S2 - S1^2/n has lost
-    too much to cancellation (also when rounding left M2 at 0 with S2 > 0)."""
-    return s2 > PIVOT_SPREAD * m2
+    too much to cancellation (also when rounding left M2 at 0 with S2 > 0).
+    Never when the new pivot (the first pass's mean) is infinite or NaN: the
+    data hold an Inf or a NaN, and x - mean would turn an infinite mean (IEEE's,
+    numpy's and torch's for data with +Inf) into NaN."""
+    return s2 > PIVOT_SPREAD * m2 and new_pivot - new_pivot == 0.0
 
 
 cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1,
@@ -304,10 +314,10 @@ cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
     """Mean of x[0:n] - K and centred sum of squares: one pass over the sums of
     x - x[0] (the segment's own pivot); when x[0] is far from the segment's
     mean, a second pass against that mean (then S2 ~ M2: nothing to cancel)."""
-    cdef double s1, s2, P = <double>x[0]
+    cdef double s1, s2, P = _pivot_of(<double>x[0])
     _segment_sums(x, n, P, &s1, &s2)
     _shifted_partial(s1, s2, <double>n, P - K, mean_out, m2_out)
-    if _pivot_too_far(s2, m2_out[0]):
+    if _pivot_too_far(s2, m2_out[0], P + s1 / <double>n):
         P = P + s1 / <double>n
         _segment_sums(x, n, P, &s1, &s2)
         _shifted_partial(s1, s2, <double>n, P - K, mean_out, m2_out)
@@ -801,13 +811,13 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
     cdef double cnt = <double>(rows * p.inner), s1, s2
     cdef bint again = False
     for c in range(p.C):
-        kb[c] = <double>x[c * p.inner]
+        kb[c] = _pivot_of(<double>x[c * p.inner])
     _block_sums(p, x, rows, kb, scratch, pm, pq)
     for c in range(p.C):
         s1 = pm[c]
         s2 = pq[c]
         _shifted_partial(s1, s2, cnt, kb[c] - pivot[c], &pm[c], &pq[c])
-        if _pivot_too_far(s2, pq[c]):
+        if _pivot_too_far(s2, pq[c], kb[c] + s1 / cnt):
             kb[c] = kb[c] + s1 / cnt
             again = True
     if not again:
@@ -1198,7 +1208,7 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     cdef double* pivot = scratch + nscr
     cdef double* counts = pivot + C
     for c in range(C):
-        pivot[c] = <double>x[c * p.inner]
+        pivot[c] = _pivot_of(<double>x[c * p.inner])
     _part_counts(p, counts)
     _stats_partials(x, p, pivot, pmean, pm2, scratch, nthreads)
     _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)

@@ -7,7 +7,7 @@
 // float, double, and unsigned short holding IEEE binary16 (half).
 //
 // Numerics. Statistics accumulate in float64 relative to a per-channel pivot
-// K_c = x[0, c, 0] (one sample of the channel): s1 = sum (x - K), s2 = sum
+// K_c = x[0, c, 0] (one sample of the channel; 0 if that is Inf or NaN): s1 = sum (x - K), s2 = sum
 // (x - K)^2. The partial sums are combined in a fixed order (a fixed tree in
 // shared memory, then the partials in index order), never with atomics, so a
 // result is identical from run to run. With the pivot a sample of the
@@ -65,6 +65,9 @@ __device__ __forceinline__ void bn_rows_partials(double a, double b, bool valid,
 template <typename T>
 __device__ __forceinline__ double bn_value0(const T* p) { return dev_ld(p); }
 __device__ __forceinline__ double bn_value0(const float4* p) { return (double)p->x; }
+// A pivot taken from the data, or 0 when that value is Inf or NaN (as the CPU
+// twin's _pivot_of): x - Inf would make the mean NaN where IEEE's is +-Inf.
+__device__ __forceinline__ double bn_pivot(double v) { return v - v == 0.0 ? v : 0.0; }
 
 template <typename T>
 __device__ __forceinline__ void bn_stat_acc(const T* p, double K, double& s1, double& s2) {
@@ -143,7 +146,7 @@ __global__ void bn_stats_planes(const T* __restrict__ x, long long outer, int C,
     __shared__ double sb[BN_THREADS];
     int g = blockIdx.x;
     int c = blockIdx.y;
-    double K = bn_value0(x + (long long)c * inner);
+    double K = bn_pivot(bn_value0(x + (long long)c * inner));
     double s1 = 0.0, s2 = 0.0;
     for (long long o = g; o < outer; o += G) {
         const T* row = x + (o * C + c) * inner;
@@ -171,7 +174,7 @@ __global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, l
     double s1 = 0.0, s2 = 0.0;
     if (j < P) {
         long long c = j / inner;
-        double K = dev_ld(x + c * inner);
+        double K = bn_pivot(dev_ld(x + c * inner));
         for (long long r = r0 + threadIdx.y; r < r1; r += 8) {
             double d = dev_ld(x + r * P + j) - K;
             s1 += d;
@@ -203,10 +206,12 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
         s2 += part_s2[(long long)c * M + m];
     }
     dev_block_sum2(s1, s2, sa, sb);              // every thread holds the totals
-    double K = dev_ld(x + (long long)c * inner);
+    double K = bn_pivot(dev_ld(x + (long long)c * inner));
     double d = s1 / N;                          // mean - K
     double m2 = s2 - s1 * d;                    // sum (x - mean)^2
-    if (s2 > 16.0 * m2) {
+    // (not when K + d is Inf or NaN: the data hold one, and x - (K + d) would
+    // turn an infinite mean into NaN)
+    if (s2 > 16.0 * m2 && (K + d) - (K + d) == 0.0) {
         // K is far from the mean (also when rounding left m2 <= 0 with s2 > 0):
         // the channel's sums again, against K + d. The condition is the same
         // in every thread of the block, so the barriers below are uniform.
@@ -472,7 +477,7 @@ __global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer
     if (j4 < P4) {
         const float* xf = (const float*)x;
         double K[4];
-        for (int e = 0; e < 4; ++e) K[e] = (double)xf[((4 * j4 + e) / inner) * inner];
+        for (int e = 0; e < 4; ++e) K[e] = bn_pivot((double)xf[((4 * j4 + e) / inner) * inner]);
         for (long long r = r0 + phase; r < r1; r += RPI) {
             float4 v = x[r * P4 + j4];
             for (int e = 0; e < 4; ++e) {

@@ -90,11 +90,13 @@ class DeviceEngine:
         s1, s2 = _channel_sums(s1, s2, C, M)
         x3 = xf.reshape(view.outer, C, view.inner)
         K = x3[0, :, 0].astype(_F64)
+        K = cupy.where(cupy.isfinite(K), K, 0.0)     # the kernels' pivot (bn_pivot)
         d = s1 / n
         m2 = s2 - s1 * d
         # a pivot far from its channel's mean (s2 > 16 M2): those channels'
         # sums again against K + d, as bn_finalize_train does in one process
-        far = cupy.flatnonzero(s2 > 16.0 * m2)
+        # (not where K + d is Inf or NaN: the data hold one)
+        far = cupy.flatnonzero((s2 > 16.0 * m2) & cupy.isfinite(K + d))
         if far.size:
             K[far] = K[far] + d[far]
             v = x3[:, far, :].astype(_F64) - K[far][None, :, None]

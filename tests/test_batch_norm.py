@@ -347,3 +347,29 @@ def test_values_equal_to_the_mean_normalize_to_exactly_the_bias(dtype, training)
     rm, rv = x[0, :, 0].copy(), np.full(C, 0.25, dtype)
     y, _, _ = bncore.batch_norm_forward(x, w, b, rm, rv, training=training)
     assert np.array_equal(y, np.broadcast_to(b[None, :, None], x.shape))
+
+
+@pytest.mark.parametrize("shape,axis", [((4, 1), 1), ((64, 8, 30, 30), 1), ((64, 30, 30, 8), 3),
+                                        ((6, 3, 100, 100), 1), ((5000, 37), 1)])
+@pytest.mark.parametrize("where", ["first", "middle"])
+@pytest.mark.parametrize("value", [np.inf, -np.inf])
+def test_an_infinite_value_gives_an_infinite_mean(shape, axis, where, value):
+    """IEEE (and numpy, and torch) give the mean of data holding one +-Inf as
+    +-Inf; re-centring on a pivot or on the first pass's mean must not turn it
+    into Inf - Inf = NaN. The other channels are untouched."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    idx = [0] * len(shape)
+    if where == "middle":
+        idx = [s // 2 for s in shape]
+    idx[axis] = 0
+    x[tuple(idx)] = value
+    rm = np.zeros(shape[axis], np.float32)
+    rv = np.ones(shape[axis], np.float32)
+    for threads in (1, 2):
+        _, mean, _ = bncore.batch_norm_forward(x, running_mean=rm, running_var=rv, axis=axis,
+                                               num_threads=threads)
+        red = tuple(i for i in range(len(shape)) if i != axis)
+        expected = x.astype(np.float64).mean(axis=red)
+        np.testing.assert_array_equal(mean[0], value)
+        np.testing.assert_allclose(mean[1:], expected[1:], rtol=1e-12, atol=1e-15)
+    assert rm[0] == value

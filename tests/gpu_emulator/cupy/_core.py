@@ -113,6 +113,10 @@ def isfinite(a):
     return _wrap(_np.isfinite(a))
 
 
+def where(cond, a, b):
+    return _wrap(_np.where(cond, a, b))
+
+
 def maximum(a, b):
     return _wrap(_np.maximum(a, b))
 
