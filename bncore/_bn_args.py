@@ -24,11 +24,10 @@ def _reduced_count(shape, axis: int) -> int:
 def _check_out(chk, name: str, out, x):
     if out is None:
         return None
-    out = chk.as_array(name, out)
+    out = chk.output_array(name, out)
     if out.dtype != x.dtype:
         raise TypeError(f"{name} has dtype {out.dtype}, expected {x.dtype} (as x)")
     chk.same_shape(name, out, x.shape, "x")
-    chk.writeable(name, out)
     return out
 
 
@@ -74,8 +73,9 @@ def forward_args(chk, x, weight, bias, running_mean, running_var, training, mome
     if running_mean is not None or running_var is not None:
         if running_mean is None or running_var is None:
             raise ValueError("pass both running_mean and running_var, or neither")
-        running_mean = chk.channel_vector("running_mean", running_mean, C, out=True)
-        running_var = chk.channel_vector("running_var", running_var, C, out=True)
+        # written in training mode only: inference may read read-only arrays
+        running_mean = chk.channel_vector("running_mean", running_mean, C, out=bool(training))
+        running_var = chk.channel_vector("running_var", running_var, C, out=bool(training))
     if type(eps) is not float or not 0.0 < eps < math.inf:
         eps = chk.positive("eps", eps)
     if type(momentum) is not float or not 0.0 <= momentum <= 1.0:

@@ -87,6 +87,15 @@ def positive(name: str, v: Any) -> float:
     return f
 
 
+def clip_bound(name: str, v: Any) -> float:
+    """A clipping bound: a number >= 0, or inf (never clips, as in torch's
+    ``clip_grad_norm_(params, float('inf'))``, the idiom for the norm alone)."""
+    f = real_scalar(name, v)
+    if not f >= 0.0:
+        raise ValueError(f"{name} must be a number >= 0 (or inf: no clipping), got {v!r}")
+    return f
+
+
 def in_unit_interval(name: str, v: Any, *, closed_right: bool = True) -> float:
     f = real_scalar(name, v)
     ok = 0.0 <= f <= 1.0 if closed_right else 0.0 <= f < 1.0
@@ -113,9 +122,22 @@ def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
 
 
 def array_rules(as_array, writeable, pair):
-    """float_array, channel_vector and no_overlap_among over a package's own
-    as_array / writeable / pair-overlap test (NumPy here, CuPy in bncore_gpu):
-    the rules are the same, only the arrays differ."""
+    """float_array, channel_vector, no_overlap_among and output_array over a
+    package's own as_array / writeable / pair-overlap test (NumPy here, CuPy in
+    bncore_gpu): the rules are the same, only the arrays differ."""
+
+    def output_array(name: str, a: Any):
+        """An array bncore writes in place: an array or a tensor viewed through
+        DLPack / the CUDA array interface. A list (or any other object) would
+        be converted into a temporary copy and the result silently lost."""
+        if isinstance(a, (list, tuple)) or not (
+                hasattr(a, "__array_interface__") or hasattr(a, "__dlpack__")
+                or hasattr(a, "__cuda_array_interface__")):
+            raise TypeError(f"{name} is written in place, so it must be an array (or a tensor "
+                            f"shared through DLPack), got {type(a).__name__}")
+        arr = as_array(name, a)
+        writeable(name, arr)
+        return arr
 
     def float_array(name: str, a: Any, dtypes=FLOAT_DTYPES):
         arr = as_array(name, a)
@@ -128,12 +150,10 @@ def array_rules(as_array, writeable, pair):
         """A per-channel parameter: None, or a floating 1-D array of length C."""
         if v is None:
             return None
-        arr = float_array(name, v)
+        arr = float_array(name, output_array(name, v) if out else v)
         if arr.shape != (channels,):
             raise ValueError(f"{name} must have shape ({channels},) (one value per channel), "
                              f"got {arr.shape}")
-        if out:
-            writeable(name, arr)
         return arr
 
     def no_overlap_among(writes, reads) -> None:
@@ -148,7 +168,8 @@ def array_rules(as_array, writeable, pair):
             for wn2, w2 in live_w[i + 1:]:
                 pair(wn, w, wn2, w2)
 
-    return float_array, channel_vector, no_overlap_among
+    return float_array, channel_vector, no_overlap_among, output_array
 
 
-float_array, channel_vector, no_overlap_among = array_rules(as_array, writeable, _pair)
+float_array, channel_vector, no_overlap_among, output_array = array_rules(as_array, writeable,
+                                                                          _pair)

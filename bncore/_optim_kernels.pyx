@@ -141,6 +141,12 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
         for i in range(n):
             obj = lists[k][i]
             if type(obj) is not np.ndarray:
+                if writes[k] and (isinstance(obj, (list, tuple)) or not (
+                        isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__"))):
+                    # np.asarray would make a temporary copy: the update would be lost
+                    raise TypeError(f"{names[k]}[{i}] is updated in place, so it must be an "
+                                    f"array (or a tensor shared through DLPack), got "
+                                    f"{type(obj).__name__}")
                 obj = as_array(f"{names[k]}[{i}]", obj)
             a = <cnp.ndarray>obj
             code = _code(a)
@@ -317,7 +323,10 @@ def _alias_error(tuple names, a, b):
 
 
 cdef inline int _threads(Table t, int nthreads):
-    return 1 if t.total < SMALL_WORK else nthreads
+    # no more threads than chunks: the others would only be created to idle
+    if t.total < SMALL_WORK:
+        return 1
+    return <int>t.nchunks if t.nchunks < nthreads else nthreads
 
 
 # --------------------------------------------------------------------------

@@ -16,6 +16,10 @@ from bncore import _openmp
 
 _default: Optional[int] = None
 
+#: the most threads a call may ask for (OpenMP takes a C int; far more than
+#: any machine's cores, so a typo is caught rather than spawning millions)
+MAX_THREADS = 65536
+
 
 def get_num_threads() -> int:
     """Threads a call with ``num_threads=None`` will use."""
@@ -34,11 +38,13 @@ def resolve_num_threads(num_threads: Optional[int]) -> int:
     """Validate a ``num_threads=`` argument and return the count to use."""
     if num_threads is None:
         return get_num_threads()
+    if isinstance(num_threads, bool):
+        raise TypeError("num_threads must be an int or None, got bool")
     try:
         n = operator.index(num_threads)
     except TypeError:
         raise TypeError(
             f"num_threads must be an int or None, got {type(num_threads).__name__}") from None
-    if n < 1:
-        raise ValueError(f"num_threads must be >= 1, got {n}")
+    if not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"num_threads must be between 1 and {MAX_THREADS}, got {n}")
     return n

@@ -44,6 +44,8 @@ def _grads_table(grads, write: bool):
 
 
 def _norm_type(norm_type) -> float:
+    if isinstance(norm_type, str) and norm_type.strip().lower() == "inf":
+        return math.inf                  # torch accepts the string too
     p = chk.real_scalar("norm_type", norm_type)
     if not (p > 0):
         raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
@@ -117,7 +119,7 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
         return distributed.clip_grad_norm(grads, max_norm, comm=comm, norm_type=norm_type,
                                           eps=eps, error_if_nonfinite=error_if_nonfinite,
                                           num_threads=num_threads)
-    max_norm = chk.non_negative("max_norm", max_norm)
+    max_norm = chk.clip_bound("max_norm", max_norm)
     eps = chk.non_negative("eps", eps)
     p = _norm_type(norm_type)
     nthreads = resolve_num_threads(num_threads)
@@ -135,7 +137,7 @@ def clip_grad_value(grads: ArrayList, clip_value: float, *,
                     num_threads: Optional[int] = None) -> None:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place
     (PyTorch ``clip_grad_value_``, Keras ``clipvalue``, optax ``clip``); NaN stays NaN."""
-    c = chk.non_negative("clip_value", clip_value)
+    c = chk.clip_bound("clip_value", clip_value)
     nthreads = resolve_num_threads(num_threads)
     _k.clamp(_grads_table(grads, True), -c, c, nthreads)
 

@@ -537,7 +537,7 @@ def clip_grad_norm_on(eng, grads, max_norm, comm, norm_type, eps, error_if_nonfi
                       num_threads):
     """clip_grad_norm on engine `eng` (HostEngine or bncore_gpu's)."""
     def extra():
-        return (chk.non_negative("max_norm", max_norm), chk.non_negative("eps", eps),
+        return (chk.clip_bound("max_norm", max_norm), chk.non_negative("eps", eps),
                 float(bool(error_if_nonfinite)))
 
     total, table, nthreads, (mn, e, _) = _norm_collective(

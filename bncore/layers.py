@@ -7,6 +7,8 @@ weight, bias and running statistics and remembers what backward needs.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -62,7 +64,11 @@ class BatchNorm:
         if momentum is _UNSET:
             momentum = conv.momentum
         self.momentum = None if momentum is None else chk.in_unit_interval("momentum", momentum)
-        self.axis = conv.axis if axis is None else int(axis)
+        if axis is None:
+            axis = conv.axis
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        self.axis = int(axis)
         self.unbiased_running_var = conv.unbiased_running_var
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
@@ -99,6 +105,12 @@ class BatchNorm:
     # ---- computation
     def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
         """Normalize x; in training mode also update the running statistics."""
+        shape = getattr(x, "shape", None)
+        if shape is not None and len(shape) >= 2:
+            ax = chk.normalize_axis(self.axis, len(shape))
+            if shape[ax] != self.num_features:
+                raise ValueError(f"x has {shape[ax]} channels on axis {self.axis}; this layer "
+                                 f"has num_features={self.num_features}")
         batch_stats = self._uses_batch_stats()
         update = self.training and self.track_running_stats
         momentum = 0.0
@@ -162,10 +174,31 @@ class BatchNorm:
                 if v.dtype != self.dtype:
                     raise TypeError(f"state_dict[{key!r}] has dtype {v.dtype}, expected {self.dtype}")
                 arrays[key] = v
+        count = None
+        if "num_batches_tracked" in expected:
+            count = self._batch_count(state["num_batches_tracked"])
+        # everything is checked: now copy (a state_dict that raised changed nothing)
         for key, v in arrays.items():
             xp.copyto(getattr(self, key), v)
-        if "num_batches_tracked" in expected:
-            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+        if count is not None:
+            self.num_batches_tracked = count
+
+    @staticmethod
+    def _batch_count(v) -> int:
+        """num_batches_tracked from a state_dict: an integer >= 0 (0-d arrays too,
+        torch's is a 0-d int64 tensor)."""
+        if hasattr(v, "shape"):
+            if tuple(v.shape) != ():
+                raise ValueError(f"state_dict['num_batches_tracked'] must be a scalar, got "
+                                 f"shape {tuple(v.shape)}")
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"state_dict['num_batches_tracked'] must be an integer, got "
+                            f"{type(v).__name__}")
+        if not math.isfinite(v) or int(v) != v or v < 0:
+            raise ValueError(f"state_dict['num_batches_tracked'] must be an integer >= 0, "
+                             f"got {v!r}")
+        return int(v)
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

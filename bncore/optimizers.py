@@ -51,7 +51,13 @@ def scalar_value(name: str, v: Any) -> float:
         return float(v)
     if isinstance(v, numbers.Real):
         return float(v)
+    if v is None or isinstance(v, (str, bytes)):
+        raise TypeError(f"{name} must be a number or a one-element array, "
+                        f"got {type(v).__name__}")
     arr = chk.as_array(name, v)
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a number or a one-element array, "
+                        f"got an array of dtype {arr.dtype}")
     if arr.size != 1:
         raise ValueError(f"{name} must be a scalar or a one-element array, got shape {arr.shape}")
     return float(arr.reshape(()))
@@ -63,8 +69,8 @@ def amp_args(grad_scale, found_inf):
     inv = 1.0
     if grad_scale is not None:
         s = scalar_value("grad_scale", grad_scale)
-        if not (math.isfinite(s) and s != 0.0):
-            raise ValueError(f"grad_scale must be finite and non-zero, got {s}")
+        if not (math.isfinite(s) and s > 0.0):
+            raise ValueError(f"grad_scale must be a finite number > 0 (the loss scale), got {s}")
         inv = 1.0 / s
     return skip, inv
 
@@ -125,6 +131,9 @@ def adam_hyper(lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post,
     beta2 = _beta("beta2", beta2)
     eps = chk.non_negative("eps", eps)
     eps_root = chk.non_negative("eps_root", eps_root)
+    if eps == 0.0 and eps_root == 0.0:
+        raise ValueError("eps must be > 0 (or eps_root > 0): with both 0 a zero gradient "
+                         "makes the update 0 / 0")
     weight_decay = chk.non_negative("weight_decay", weight_decay)
     weight_decay_post = chk.in_unit_interval("weight_decay_post", weight_decay_post)
     _style("eps_style", eps_style, _EPS_STYLES)
@@ -139,7 +148,7 @@ def rmsprop_hyper(lr, alpha, eps, weight_decay, momentum, style, centered, ga, m
     """Validated (lr, alpha, eps, weight_decay, momentum, style code) of rmsprop_step."""
     lr = _lr(lr)
     alpha = chk.in_unit_interval("alpha", alpha)
-    eps = chk.non_negative("eps", eps)
+    eps = chk.positive("eps", eps)      # 0 would make a zero gradient's update 0 / 0
     weight_decay = chk.non_negative("weight_decay", weight_decay)
     momentum = chk.non_negative("momentum", momentum)
     s = _RMSPROP_STYLES[_style("style", style, tuple(_RMSPROP_STYLES))]
@@ -153,7 +162,7 @@ def rmsprop_hyper(lr, alpha, eps, weight_decay, momentum, style, centered, ga, m
 def adagrad_hyper(lr, lr_decay, weight_decay, eps):
     """Validated (lr, lr_decay, weight_decay, eps) of adagrad_step."""
     return (_lr(lr), chk.non_negative("lr_decay", lr_decay),
-            chk.non_negative("weight_decay", weight_decay), chk.non_negative("eps", eps))
+            chk.non_negative("weight_decay", weight_decay), chk.positive("eps", eps))
 
 
 def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[ArrayList] = None, *,

@@ -77,4 +77,5 @@ def _pair(name_a, a, name_b, b) -> None:
                          f"write an output over an input or over another output")
 
 
-float_array, channel_vector, no_overlap_among = array_rules(as_array, writeable, _pair)
+float_array, channel_vector, no_overlap_among, output_array = array_rules(
+    as_array, writeable, _pair)

@@ -18,7 +18,7 @@ import numpy as np
 
 from bncore import _checks as hchk
 from bncore import optimizers as _cpu
-from bncore.clipping import NonFiniteError
+from bncore.clipping import NonFiniteError, _norm_type
 from bncore_gpu._tables import CTYPES, gather
 from bncore_gpu.optimizers import kernel
 
@@ -30,12 +30,6 @@ _F64 = np.dtype(np.float64)
 def _table(grads, write: bool):
     return gather([_cpu.as_list("grads", grads)], ("grads",), (write,), -1, half_first=True)
 
-
-def _norm_type(norm_type) -> float:
-    p = hchk.real_scalar("norm_type", norm_type)
-    if not (p > 0):
-        raise ValueError(f"norm_type must be > 0 (or inf), got {norm_type!r}")
-    return p
 
 
 def _norm(t, p: float, max_norm: float, eps: float):
@@ -81,7 +75,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
         return distributed.clip_grad_norm(grads, max_norm, comm=comm, norm_type=norm_type,
                                           eps=eps, error_if_nonfinite=error_if_nonfinite,
                                           num_threads=num_threads)
-    max_norm = hchk.non_negative("max_norm", max_norm)
+    max_norm = hchk.clip_bound("max_norm", max_norm)
     eps = hchk.non_negative("eps", eps)
     p = _norm_type(norm_type)
     t = _table(grads, True)
@@ -95,7 +89,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
 
 def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = None) -> None:
     """Clamp every gradient element to [-clip_value, clip_value]; NaN stays NaN."""
-    c = hchk.non_negative("clip_value", clip_value)
+    c = hchk.clip_bound("clip_value", clip_value)
     t = _table(grads, True)
     if t.nchunks:
         kernel(f"mt_clamp<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),

@@ -72,8 +72,8 @@ def amp_args(grad_scale, found_inf):
             scale_ptr = device_scalar("grad_scale", grad_scale)
         else:
             s = _cpu.scalar_value("grad_scale", grad_scale)
-            if not (math.isfinite(s) and s != 0.0):
-                raise ValueError(f"grad_scale must be finite and non-zero, got {s}")
+            if not (math.isfinite(s) and s > 0.0):
+                raise ValueError(f"grad_scale must be a finite number > 0 (the loss scale), got {s}")
             inv = 1.0 / s
     return skip, inv, scale_ptr, found_ptr
 

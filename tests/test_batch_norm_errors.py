@@ -138,3 +138,53 @@ def test_layer_rejects_bad_configuration():
     with pytest.raises(ValueError, match="running_mean"):
         layer.load_state_dict(state)
     assert_unchanged(before, layer.state_dict())
+
+
+@pytest.mark.parametrize("which", ["running_mean", "out", "dweight"])
+def test_in_place_arguments_given_as_lists_are_refused(which):
+    """np.asarray would copy a list; the update would be lost without a word."""
+    a = fresh()
+    x = a["x"]
+    if which == "running_mean":
+        with pytest.raises(TypeError, match="running_mean is written in place"):
+            bncore.batch_norm_forward(x, running_mean=[0.0] * C, running_var=a["running_var"])
+    elif which == "out":
+        with pytest.raises(TypeError, match="out is written in place"):
+            bncore.batch_norm_forward(x, out=np.zeros_like(x).tolist())
+    else:
+        _, mean, invstd = bncore.batch_norm_forward(x)
+        with pytest.raises(TypeError, match=r"out\[1\] \(dweight\) is written in place"):
+            bncore.batch_norm_backward(x, x, mean, invstd, out=(None, [0.0] * C, None))
+
+
+def test_inference_reads_read_only_running_statistics():
+    a = fresh()
+    rm, rv = a["running_mean"], a["running_var"]
+    rm.flags.writeable = rv.flags.writeable = False
+    y, _, _ = bncore.batch_norm_forward(a["x"], running_mean=rm, running_var=rv, training=False)
+    expected = (a["x"] - 0.5) / np.sqrt(2.0 + 1e-5)
+    np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        bncore.batch_norm_forward(a["x"], running_mean=rm, running_var=rv)
+
+
+def test_layer_load_state_dict_checks_everything_first():
+    bn = bncore.BatchNorm(C, momentum=None)
+    good = bn.state_dict()
+    for count, exc in [(np.array([1, 2]), ValueError), (-1, ValueError), (2.7, ValueError),
+                       ("3", TypeError)]:
+        sd = dict(good, weight=np.full(C, 5, np.float32), num_batches_tracked=count)
+        with pytest.raises(exc, match="num_batches_tracked"):
+            bn.load_state_dict(sd)
+        np.testing.assert_array_equal(bn.weight, good["weight"])   # nothing copied
+    bn.load_state_dict(dict(good, num_batches_tracked=np.int64(4)))
+    assert bn.num_batches_tracked == 4
+
+
+def test_layer_axis_and_channel_count():
+    for axis, exc in [(1.7, TypeError), ("a", TypeError), (True, TypeError)]:
+        with pytest.raises(exc, match="axis"):
+            bncore.BatchNorm(C, axis=axis)
+    layer = bncore.BatchNorm(C, affine=False, track_running_stats=False)
+    with pytest.raises(ValueError, match="num_features=3"):
+        layer(np.ones((4, 5)))

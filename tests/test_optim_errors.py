@@ -185,3 +185,67 @@ def test_adam_refuses_exactly_the_overlapping_calls(lists):
         assert expected and "share memory" in str(e), str(e)
     else:
         assert not expected
+
+
+def test_in_place_arguments_must_be_arrays():
+    """A list would be converted into a temporary copy: the update would be lost."""
+    pl = [1.0, 2.0]
+    with pytest.raises(TypeError, match=r"params\[0\] is updated in place"):
+        bncore.sgd_step(pl, [0.5, 0.5], lr=0.1)
+    with pytest.raises(TypeError, match=r"params\[0\] is updated in place"):
+        bncore.sgd_step([[1.0, 2.0]], [np.array([0.5, 0.5])], lr=0.1)
+    with pytest.raises(TypeError, match=r"grads\[0\] is updated in place"):
+        bncore.clip_grad_value([[1.0, 2.0]], 0.5)
+    g = np.array([3.0, 4.0])
+    bncore.sgd_step(np.array([1.0, 2.0]), [[0.5, 0.5]], lr=0.1)   # read-only inputs may be lists
+    assert bncore.grad_norm([[3.0, 4.0]]) == 5.0 and g[0] == 3.0
+
+
+@pytest.mark.parametrize("call,text", [
+    (lambda a: adam(a, eps=0.0), "eps"),
+    (lambda a: bncore.rmsprop_step(a["params"], a["grads"], a["v"], eps=0.0), "eps"),
+    (lambda a: bncore.adagrad_step(a["params"], a["grads"], a["v"], step=1, eps=0.0), "eps"),
+    (lambda a: adam(a, grad_scale=-1024.0), "grad_scale"),
+    (lambda a: adam(a, num_threads=2 ** 40), "num_threads"),
+])
+def test_values_that_would_give_garbage_are_refused(call, text):
+    a = fresh()
+    a["grads"][0][:] = 0.0                     # eps = 0 would give 0 / 0 here
+    before = {i: p.copy() for i, p in enumerate(a["params"])}
+    with pytest.raises(ValueError, match=text):
+        call(a)
+    assert_unchanged(before, dict(enumerate(a["params"])))
+
+
+@pytest.mark.parametrize("kw,text", [(dict(found_inf="yes"), "found_inf"),
+                                     (dict(found_inf=None, grad_scale="2"), "grad_scale"),
+                                     (dict(num_threads=True), "num_threads")])
+def test_wrong_kinds_of_scalars_are_type_errors(kw, text):
+    a = fresh()
+    with pytest.raises(TypeError, match=text):
+        adam(a, **kw)
+
+
+def test_infinite_clip_bounds_compute_without_clipping():
+    """torch's idiom clip_grad_norm_(params, inf) returns the norm and clips nothing."""
+    g = [np.array([3.0, 4.0])]
+    assert bncore.clip_grad_norm(g, float("inf")) == 5.0
+    assert bncore.clip_grad_norm(g, 1e300, norm_type="inf") == 4.0
+    bncore.clip_grad_value(g, float("inf"))
+    np.testing.assert_array_equal(g[0], [3.0, 4.0])
+    with pytest.raises(ValueError, match="max_norm"):
+        bncore.clip_grad_norm(g, float("nan"))
+    with pytest.raises(TypeError, match="norm_type"):
+        bncore.clip_grad_norm(g, 1.0, norm_type="two")
+
+
+def test_threads_are_capped_by_the_work_not_by_the_request():
+    """num_threads far above the work: the same bits, and no thousands of threads."""
+    rng = np.random.default_rng(5)
+    mk = lambda: [rng.standard_normal(70000).astype(np.float32)]  # noqa: E731
+    a = dict(params=mk(), grads=mk(), m=mk(), v=[np.abs(x) for x in mk()])
+    b = {k: [x.copy() for x in v] for k, v in a.items()}
+    adam(a, num_threads=1)
+    adam(b, num_threads=5000)
+    for x, y in zip(a["params"], b["params"]):
+        assert x.tobytes() == y.tobytes()
