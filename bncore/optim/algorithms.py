@@ -12,13 +12,20 @@ from typing import Any, Dict
 import numpy as np
 
 from bncore import _checks as chk
+from bncore import optimizers as _rules
 from bncore.optim.optimizer import Optimizer
+
+# _check_hyper runs the step functions' own rules (bncore.optimizers.*_hyper),
+# at construction, at every step (before any kernel call) and in
+# load_state_dict; the placeholder () stands for state lists the class supplies.
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
 
 
 class SGD(Optimizer):
-    """SGD with momentum (``bncore.sgd_step``). State: ``momentum_buffer``.
+    """SGD with momentum (``bncore.sgd_step``). State: ``momentum_buffer``, from
+    the first step with momentum > 0 (as torch's: that step sets it to the
+    gradient, in the torch style, whatever the step count).
 
     conventions: torch (default), keras (``v = mu v + lr g; p -= v``, decoupled
     weight decay), optax (torch's formula with dampening 0), onnx (``Momentum``:
@@ -26,24 +33,47 @@ class SGD(Optimizer):
     """
 
     kind = "SGD"
-    state_arrays = ("momentum_buffer",)
+    state_arrays = ()      # momentum_buffer is created at its first use
 
     def _check_hyper(self, g: Dict[str, Any]) -> None:
-        chk.non_negative("lr", g["lr"])
-        chk.non_negative("momentum", g["momentum"])
-        if g["nesterov"] and g["momentum"] == 0.0:
-            raise ValueError("nesterov requires momentum > 0")
+        _rules.sgd_hyper(g["lr"], g["momentum"], g["dampening"], g["nesterov"],
+                         g["weight_decay"], g["style"], ())
+
+    def _call_key(self, state, group) -> tuple:
+        # torch's buffer starts as the gradient itself at its first use (also
+        # when momentum is switched on mid-training): fresh buffers get their
+        # own kernel call with first_step
+        if group["momentum"] and group["style"] == "torch":
+            return (state is None or "momentum_buffer" not in state,)
+        return ()
 
     def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
                found_inf=None) -> None:
         momentum = g["momentum"]
-        self._ops.sgd_step(params, grads,
-                           [s["momentum_buffer"] for s in states] if momentum else None,
-                           lr=g["lr"], momentum=momentum, dampening=g["dampening"],
-                           nesterov=g["nesterov"], weight_decay=g["weight_decay"],
-                           maximize=g.get("maximize", False), step=step, style=g["style"],
-                           decoupled_weight_decay=g["decoupled_weight_decay"],
-                           grad_scale=grad_scale, found_inf=found_inf, num_threads=num_threads)
+        fresh = []
+        if momentum:
+            for k, (s, p) in enumerate(zip(states, params)):
+                if "momentum_buffer" not in s:
+                    s["momentum_buffer"] = self._xp.zeros_like(p)
+                    fresh.append(k)
+        if momentum and g["style"] == "torch":
+            # first_step from the buffer's age, not the step count
+            old = [k for k in range(len(states)) if k not in set(fresh)]
+            parts = [(fresh, True), (old, False)]
+        else:
+            parts = [(list(range(len(states))), None)]
+        for ks, first in parts:
+            if not ks:
+                continue
+            self._ops.sgd_step(
+                [params[k] for k in ks], [grads[k] for k in ks],
+                [states[k]["momentum_buffer"] for k in ks] if momentum else None,
+                lr=g["lr"], momentum=momentum, dampening=g["dampening"],
+                nesterov=g["nesterov"], weight_decay=g["weight_decay"],
+                maximize=g.get("maximize", False),
+                first_step=bool(first), step=step if first is None else None,
+                style=g["style"], decoupled_weight_decay=g["decoupled_weight_decay"],
+                grad_scale=grad_scale, found_inf=found_inf, num_threads=num_threads)
 
 
 class Adam(Optimizer):
@@ -60,11 +90,15 @@ class Adam(Optimizer):
     state_arrays = ("exp_avg", "exp_avg_sq")
 
     def _check_hyper(self, g: Dict[str, Any]) -> None:
-        chk.non_negative("lr", g["lr"])
-        b1, b2 = g["betas"]
+        betas = g["betas"]
+        try:
+            b1, b2 = betas
+        except (TypeError, ValueError):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}") from None
         chk.in_unit_interval("betas[0]", b1, closed_right=False)
         chk.in_unit_interval("betas[1]", b2, closed_right=False)
-        chk.non_negative("eps", g["eps"])
+        _rules.adam_hyper(g["lr"], b1, b2, g["eps"], g["eps_root"], g["weight_decay"],
+                          g["weight_decay_post"], g["eps_style"], g["amsgrad"], ())
 
     def _init_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:
         s = super()._init_state(p, group)
@@ -111,8 +145,8 @@ class RMSprop(Optimizer):
     state_arrays = ("square_avg",)
 
     def _check_hyper(self, g: Dict[str, Any]) -> None:
-        chk.non_negative("lr", g["lr"])
-        chk.in_unit_interval("alpha", g["alpha"])
+        _rules.rmsprop_hyper(g["lr"], g["alpha"], g["eps"], g["weight_decay"], g["momentum"],
+                             g["style"], g["centered"], (), ())
 
     def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
                found_inf=None) -> None:
@@ -144,7 +178,7 @@ class Adagrad(Optimizer):
     state_arrays = ()
 
     def _check_hyper(self, g: Dict[str, Any]) -> None:
-        chk.non_negative("lr", g["lr"])
+        _rules.adagrad_hyper(g["lr"], g["lr_decay"], g["weight_decay"], g["eps"])
         chk.non_negative("initial_accumulator_value", g["initial_accumulator_value"])
 
     def _init_state(self, p: np.ndarray, group: Dict[str, Any]) -> Dict[str, Any]:

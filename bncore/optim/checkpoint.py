@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import secrets
+import zipfile
 from typing import Any, Dict
 
 import numpy as np
@@ -28,8 +29,10 @@ def _to_jsonable(v: Any) -> Any:
         return [_to_jsonable(x) for x in v]
     if isinstance(v, dict):
         return {str(k): _to_jsonable(x) for k, x in v.items()}
-    if isinstance(v, (np.floating, np.integer)):
+    if isinstance(v, np.generic):          # NumPy scalars: bool_, floating, integer
         return v.item()
+    if isinstance(v, np.ndarray):          # e.g. betas as an array: a list (or a number)
+        return _to_jsonable(v.tolist())
     return v
 
 
@@ -63,9 +66,12 @@ def _pack(state_dict: Dict[str, Any]) -> Dict[str, np.ndarray]:
 
 
 def _unpack(files) -> Dict[str, Any]:
+    if "meta" not in files.files:
+        raise ValueError("not a bncore optimizer checkpoint (no 'meta' entry)")
     meta = json.loads(bytes(files["meta"]).decode("utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"not a bncore optimizer checkpoint (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"not a bncore optimizer checkpoint (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
     state: Dict[int, Dict[str, Any]] = {}
     for key in files.files:
         if key.startswith("state/"):
@@ -77,12 +83,25 @@ def _unpack(files) -> Dict[str, Any]:
             "param_groups": _from_jsonable(meta["param_groups"]), "state": state}
 
 
+def _create_temporary(directory: str):
+    """A new file next to the destination, opened exclusively. Unlike
+    tempfile.mkstemp's 0600 it gets the permissions of any new file (0666
+    less the umask), as the checkpoint written directly would."""
+    while True:
+        tmp = os.path.join(directory, f".bncore-{secrets.token_hex(8)}.npz.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
 def save(optimizer, path: str) -> None:
     """Write ``optimizer.state_dict()`` to ``path`` (.npz), atomically."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+    # a symlink is followed: the file it points to is replaced, the link stays
+    path = os.path.realpath(os.fspath(path))
+    directory = os.path.dirname(path)
     payload = _pack(optimizer.state_dict())
-    fd, tmp = tempfile.mkstemp(prefix=".bncore-", suffix=".npz.tmp", dir=directory)
+    fd, tmp = _create_temporary(directory)
     try:
         with os.fdopen(fd, "wb") as fh:
             buf = io.BytesIO()
@@ -109,7 +128,29 @@ def save(optimizer, path: str) -> None:
 
 def load(optimizer, path: str):
     """Load a checkpoint written by :func:`save` into ``optimizer``; returns it."""
-    with np.load(os.fspath(path), allow_pickle=False) as files:
-        state_dict = _unpack(files)
+    path = os.fspath(path)
+    try:
+        files = np.load(path, allow_pickle=False)
+    except ValueError:
+        # np.load's answer to a file that is neither .npy nor .npz (it guesses "pickle")
+        raise ValueError(f"{path} is not a bncore optimizer checkpoint (not an .npz "
+                         f"archive)") from None
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable bncore optimizer checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(files, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not a bncore optimizer checkpoint (a .npy array, "
+                         f"not an .npz archive)")
+    try:
+        with files:
+            state_dict = _unpack(files)
+    except (zipfile.BadZipFile, EOFError, KeyError, UnicodeDecodeError,
+            json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a readable bncore optimizer checkpoint "
+                         f"({type(exc).__name__}: {exc})") from exc
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     optimizer.load_state_dict(state_dict)
     return optimizer

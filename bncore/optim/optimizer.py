@@ -13,6 +13,8 @@ changes nothing: parameters, state and step counts stay as they were.
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -20,6 +22,7 @@ import numpy as np
 from bncore import _checks as chk
 from bncore import _optim_kernels as _k
 from bncore import optimizers as _cpu_ops
+from bncore._threads import resolve_num_threads
 from bncore.conventions import optimizer_defaults
 from bncore.optimizers import amp_args, as_list
 
@@ -55,6 +58,8 @@ class Optimizer:
         self.defaults = defaults
         self.param_groups: List[Dict[str, Any]] = []
         self.state: Dict[int, Dict[str, Any]] = {}
+        # the flat parameter list that self.state's indices refer to
+        self._state_params: List[Any] = []
         groups = self._split_groups(params)
         if not groups:
             raise ValueError("the optimizer got an empty parameter list")
@@ -80,6 +85,7 @@ class Optimizer:
         unknown = set(group) - set(self.defaults) - {"params"}
         if unknown:
             raise ValueError(f"unknown hyperparameters in a parameter group: {sorted(unknown)}")
+        self._sync_params()
         plist = as_list("params", group["params"])
         arrays = [self._as_param(f"params[{i}]", p) for i, p in enumerate(plist)]
         seen = {id(p) for g in self.param_groups for p in g["params"]}
@@ -89,12 +95,60 @@ class Optimizer:
             seen.add(id(a))
         full = dict(self.defaults)
         full.update({k: v for k, v in group.items() if k != "params"})
-        self._check_hyper(full)
+        self._check_group(len(self.param_groups), full)
         full["params"] = arrays
         self.param_groups.append(full)
+        self._state_params = self._flat_params()
 
     def _check_hyper(self, group: Dict[str, Any]) -> None:
-        """Subclasses validate their hyperparameters (the step functions do too)."""
+        """Subclasses validate their hyperparameters by the step function's rules."""
+
+    def _check_group(self, index: int, group: Dict[str, Any]) -> None:
+        """_check_hyper, with the group's index in the message when there are several."""
+        try:
+            self._check_hyper(group)
+        except (TypeError, ValueError) as exc:
+            if index == 0 and len(self.param_groups) <= 1:
+                raise
+            raise type(exc)(f"param_groups[{index}]: {exc}") from None
+
+    def _sync_params(self) -> List[Any]:
+        """The flat parameter list, after edits made to ``param_groups[i]["params"]``
+        in place (torch allows them: its state is keyed by tensor). New entries
+        are checked and converted like add_param_group's; every state entry
+        moves with its parameter, so an inserted parameter starts fresh and
+        the others keep theirs."""
+        flat = self._flat_params()
+        old = self._state_params
+        if len(flat) == len(old) and all(a is b for a, b in zip(flat, old)):
+            return flat
+        known = {id(p) for p in old}
+        seen = set()
+        for gi, g in enumerate(self.param_groups):
+            plist = as_list(f"param_groups[{gi}]['params']", g["params"])
+            for k, p in enumerate(plist):
+                if id(p) not in known:
+                    plist[k] = self._as_param(f"param_groups[{gi}]['params'][{k}]", p)
+                if id(plist[k]) in seen:
+                    raise ValueError(f"param_groups[{gi}]['params'][{k}] appears twice "
+                                     "among the optimizer's parameters")
+                seen.add(id(plist[k]))
+            g["params"] = plist
+        flat = self._flat_params()
+        where = {id(p): i for i, p in enumerate(old)}   # old holds them: ids are unique
+        self.state = {j: self.state[where[id(p)]] for j, p in enumerate(flat)
+                      if id(p) in where and where[id(p)] in self.state}
+        self._state_params = flat
+        self._after_remap()
+        return flat
+
+    def _after_remap(self) -> None:
+        """Hook: the state's indices changed (the GPU classes drop their counters)."""
+
+    def _gather_all(self, params, grads) -> None:
+        """Check every parameter against its gradient (shape, dtype, aliasing,
+        writability) at once, with indices over all groups."""
+        _k.gather([params, grads], ("params", "grads"), (True, False), 1, chk.as_array)
 
     def _flat_params(self) -> List[np.ndarray]:
         return [p for g in self.param_groups for p in g["params"]]
@@ -115,42 +169,63 @@ class Optimizer:
         """One step function call for these parameters (all at step `step`)."""
         raise NotImplementedError
 
+    def _calls(self, grads) -> List[tuple]:
+        """The kernel calls of one step: (group, params, grads, state indices, step).
+        Parameters of a group normally share their step count: one call per
+        distinct count (one call in the usual case); subclasses may split further."""
+        calls, offset = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            gparams, ggrads = group["params"], grads[offset:offset + n]
+            idx = list(range(offset, offset + n))
+            by_key: Dict[tuple, List[int]] = {}
+            for k, i in enumerate(idx):
+                state = self.state.get(i)
+                count = state["step"] + 1 if state is not None else 1
+                by_key.setdefault((count,) + self._call_key(state, group), []).append(k)
+            for key, ks in sorted(by_key.items()):
+                calls.append((group, [gparams[k] for k in ks], [ggrads[k] for k in ks],
+                              [idx[k] for k in ks], key[0]))
+            offset += n
+        return calls
+
+    def _call_key(self, state: Optional[Dict[str, Any]], group: Dict[str, Any]) -> tuple:
+        """Parameters of a group with different keys go to separate kernel calls."""
+        return ()
+
     def step(self, grads, *, grad_scale=None, found_inf=None,
              num_threads: Optional[int] = None) -> None:
         """Update every parameter from ``grads`` (same order as the parameters).
 
         ``grad_scale`` divides the gradients inside the kernel; a true
-        ``found_inf`` skips the step entirely (nothing changes)."""
+        ``found_inf`` skips the step entirely (nothing changes). Every group's
+        hyperparameters and every array are checked before any is written: a
+        step that raises has changed nothing."""
         glist = as_list("grads", grads)
-        params = self._flat_params()
+        params = self._sync_params()
         if len(glist) != len(params):
             raise ValueError(f"grads has {len(glist)} entries but the optimizer has "
                              f"{len(params)} parameters")
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
         skip, _ = amp_args(grad_scale, found_inf)
+        resolve_num_threads(num_threads)
+        calls = self._calls(glist)
+        if skip or len(calls) > 1:
+            # one kernel call checks all its arrays before writing any; several
+            # calls are checked together first, so a later one cannot fail
+            # after an earlier one has written
+            self._gather_all(params, glist)
         if skip:
-            # validate (so a bad call still raises), then leave everything as it is
-            _k.gather([params, glist], ("params", "grads"), (True, False), 1, chk.as_array)
             return
-        offset = 0
-        for group in self.param_groups:
-            n = len(group["params"])
-            gparams = group["params"]
-            ggrads = glist[offset:offset + n]
-            idx = list(range(offset, offset + n))
+        for group, gparams, ggrads, idx, step in calls:
             for i, p in zip(idx, gparams):
                 if i not in self.state:
                     self.state[i] = self._init_state(p, group)
-            # parameters of a group normally share their step count; run one
-            # kernel call per distinct count (one call in the usual case)
-            by_step: Dict[int, List[int]] = {}
-            for k, i in enumerate(idx):
-                by_step.setdefault(self.state[i]["step"] + 1, []).append(k)
-            for step, ks in sorted(by_step.items()):
-                self._apply(group, [gparams[k] for k in ks], [ggrads[k] for k in ks],
-                            [self.state[idx[k]] for k in ks], step, grad_scale, num_threads)
-                for k in ks:
-                    self.state[idx[k]]["step"] = step
-            offset += n
+            states = [self.state[i] for i in idx]
+            self._apply(group, gparams, ggrads, states, step, grad_scale, num_threads)
+            for st in states:
+                st["step"] = step
 
     # ---- state
     def state_dict(self) -> Dict[str, Any]:
@@ -168,28 +243,56 @@ class Optimizer:
                 "state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore hyperparameters and state bit for bit; the structure must match."""
+        """Restore hyperparameters and state bit for bit; the structure must match.
+
+        Everything is checked before anything is replaced: a state_dict that
+        raises leaves the optimizer as it was. Each parameter's state needs its
+        step count (an integer >= 0) and the class's state arrays (same shape
+        and dtype as the parameter); arrays created on first use (AMSGrad's
+        max_exp_avg_sq, RMSprop's grad_avg and momentum_buffer, SGD's
+        momentum_buffer) may be absent and then start at zero, as after
+        switching the option on."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         if state_dict.get("optimizer") != type(self).__name__:
             raise ValueError(f"state_dict is for {state_dict.get('optimizer')!r}, "
                              f"not {type(self).__name__!r}")
-        groups = state_dict["param_groups"]
+        for key in ("param_groups", "state"):
+            if key not in state_dict:
+                raise ValueError(f"state_dict has no {key!r} entry")
+        params = self._sync_params()
+        groups = list(state_dict["param_groups"])
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer "
                              f"has {len(self.param_groups)}")
-        params = self._flat_params()
-        for g_new, g_old in zip(groups, self.param_groups):
+        new_hyper = []
+        for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
             if len(g_new["params"]) != len(g_old["params"]):
-                raise ValueError("state_dict's parameter groups do not match the optimizer's")
+                raise ValueError(f"state_dict's param_groups[{gi}] has {len(g_new['params'])} "
+                                 f"parameters, the optimizer's has {len(g_old['params'])}")
+            hyper = {k: copy.deepcopy(v) for k, v in g_new.items() if k != "params"}
+            unknown = set(hyper) - set(self.defaults)
+            if unknown:
+                raise ValueError(f"state_dict's param_groups[{gi}] has unknown "
+                                 f"hyperparameters {sorted(unknown)}")
+            self._check_group(gi, dict(g_old, **hyper))
+            new_hyper.append(hyper)
         new_state: Dict[int, Dict[str, Any]] = {}
         for key, s in state_dict["state"].items():
             i = int(key)
             if not 0 <= i < len(params):
                 raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
+            missing = {"step", *self.state_arrays} - set(s)
+            if missing:
+                raise ValueError(f"state_dict state[{i}] lacks {sorted(missing)}")
             entry = {}
             for name, v in s.items():
                 if name == "step":
-                    entry[name] = self._load_step(v)
-                elif getattr(v, "ndim", 0) > 0 or name in self.state_arrays:
+                    entry[name] = self._load_step(self._check_step_count(i, v))
+                elif (getattr(v, "ndim", 0) > 0 or name in self.state_arrays
+                      or isinstance(v, (list, tuple))):
+                    if isinstance(v, (list, tuple)):
+                        v = np.asarray(v, dtype=params[i].dtype)
                     if tuple(v.shape) != tuple(params[i].shape) or v.dtype != params[i].dtype:
                         raise ValueError(f"state_dict state[{i}][{name!r}] has shape "
                                          f"{tuple(v.shape)} and dtype {v.dtype}; parameter {i} "
@@ -198,13 +301,23 @@ class Optimizer:
                 else:
                     entry[name] = copy.deepcopy(v)
             new_state[i] = entry
-        for g_new, g_old in zip(groups, self.param_groups):
-            hyper = {k: copy.deepcopy(v) for k, v in g_new.items() if k != "params"}
-            self._check_hyper(dict(g_old, **hyper))
+        for g_old, hyper in zip(self.param_groups, new_hyper):
             g_old.update(hyper)
         self.convention = state_dict.get("convention", self.convention)
         self.state = new_state
         self._after_load()
+
+    @staticmethod
+    def _check_step_count(i: int, v) -> int:
+        """A state's step count: an integer >= 0 (a 0-d array is allowed)."""
+        if hasattr(v, "shape") and tuple(v.shape) == ():
+            v = v.item() if hasattr(v, "item") else v
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"state_dict state[{i}]['step'] must be an integer, "
+                            f"got {type(v).__name__}")
+        if not math.isfinite(v) or int(v) != v or v < 0:
+            raise ValueError(f"state_dict state[{i}]['step'] must be an integer >= 0, got {v!r}")
+        return int(v)
 
     def _load_step(self, v) -> Any:
         """A step count from a state_dict (the GPU classes keep it on the device)."""

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 from bncore import _checks as chk
@@ -17,21 +18,28 @@ __all__ = ["step_lr", "cosine_lr", "linear_warmup", "set_lr"]
 Schedule = Callable[[int], float]
 
 
+def _count(name: str, v, minimum: int) -> int:
+    """An integer count >= minimum: ints, integral floats and NumPy integers;
+    bool, None, NaN, infinities and fractions are refused, naming `name`."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if not math.isfinite(v) or int(v) != v or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
 def _step_index(step) -> int:
-    if isinstance(step, bool) or int(step) != step or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    return int(step)
+    return _count("step", step, 0)
 
 
 def step_lr(base_lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """``base_lr * gamma ** (step // step_size)`` (PyTorch's StepLR)."""
     base_lr = chk.non_negative("base_lr", base_lr)
-    if int(step_size) != step_size or step_size < 1:
-        raise ValueError(f"step_size must be an integer >= 1, got {step_size!r}")
+    step_size = _count("step_size", step_size, 1)
     gamma = chk.non_negative("gamma", gamma)
 
     def lr(step: int) -> float:
-        return base_lr * gamma ** (_step_index(step) // int(step_size))
+        return base_lr * gamma ** (_step_index(step) // step_size)
     return lr
 
 
@@ -41,9 +49,7 @@ def linear_warmup(base_lr: float, warmup_steps: int, start_factor: float = 0.0,
     ``warmup_steps`` steps, then ``after(step - warmup_steps)`` (or base_lr)."""
     base_lr = chk.non_negative("base_lr", base_lr)
     start_factor = chk.in_unit_interval("start_factor", start_factor)
-    if int(warmup_steps) != warmup_steps or warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
-    w = int(warmup_steps)
+    w = _count("warmup_steps", warmup_steps, 0)
 
     def lr(step: int) -> float:
         s = _step_index(step)
@@ -59,9 +65,12 @@ def cosine_lr(base_lr: float, total_steps: int, min_lr: float = 0.0,
     linear warm-up from 0), then min_lr: ``min + (base - min) (1 + cos(pi t / T)) / 2``."""
     base_lr = chk.non_negative("base_lr", base_lr)
     min_lr = chk.non_negative("min_lr", min_lr)
-    if int(total_steps) != total_steps or total_steps < 1:
-        raise ValueError(f"total_steps must be an integer >= 1, got {total_steps!r}")
-    decay_steps = max(1, int(total_steps) - int(warmup_steps))
+    total_steps = _count("total_steps", total_steps, 1)
+    warmup_steps = _count("warmup_steps", warmup_steps, 0)
+    if warmup_steps >= total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must be smaller than total_steps "
+                         f"({total_steps}): the cosine decay needs at least one step")
+    decay_steps = total_steps - warmup_steps
 
     def cosine(s: int) -> float:
         t = min(s, decay_steps)

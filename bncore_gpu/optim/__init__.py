@@ -50,6 +50,9 @@ class _OnDevice:
             steps[gi] = c
         return c
 
+    def _gather_all(self, params, grads):
+        gather([params, grads], ("params", "grads"), (True, False), 1)
+
     def _load_step(self, v):
         return cupy.asarray(v, dtype=cupy.float64).reshape(())
 
@@ -58,13 +61,17 @@ class _OnDevice:
 
     def step(self, grads, *, grad_scale=None, found_inf=None, num_threads=None) -> None:
         glist = as_list("grads", grads)
-        params = self._flat_params()
+        params = self._sync_params()
         if len(glist) != len(params):
             raise ValueError(f"grads has {len(glist)} entries but the optimizer has "
                              f"{len(params)} parameters")
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
         skip, _, _, _ = _ops.amp_args(None, found_inf)
+        # every array is checked before the first step counter moves: a step
+        # that raises changes nothing
+        self._gather_all(params, glist)
         if skip:
-            gather([params, glist], ("params", "grads"), (True, False), 1)
             return
         dev_found = found_inf if found_inf is not None and _ops.is_device(found_inf) else None
         offset = 0

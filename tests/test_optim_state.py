@@ -1,0 +1,295 @@
+"""Optimizer classes under the operations that can half-apply: several groups
+in one step, parameter lists edited in place, state_dicts and checkpoints that
+are wrong, hyperparameters that are wrong. A call that raises changes nothing;
+state stays with its parameter; torch is the reference for the semantics."""
+import os
+
+import numpy as np
+import pytest
+
+import bncore
+from bncore import optim
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+
+def arrays(n, size=3, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(size).astype(dtype) for _ in range(n)]
+
+
+def snapshot(opt, params):
+    return ([p.copy() for p in params],
+            {i: {k: (v.copy() if hasattr(v, "copy") else v) for k, v in s.items()}
+             for i, s in opt.state.items()},
+            [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+
+
+def assert_same(a, b):
+    pa, sa, ga = a
+    pb, sb, gb = b
+    for x, y in zip(pa, pb):
+        assert x.tobytes() == y.tobytes()
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        for k in sa[i]:
+            assert np.asarray(sa[i][k]).tobytes() == np.asarray(sb[i][k]).tobytes(), (i, k)
+    assert ga == gb
+
+
+# ---- a step that raises has changed nothing, whichever group is at fault
+
+BAD_LATER_GROUP = [
+    ("SGD weight_decay", optim.SGD, dict(lr=0.1, momentum=0.9), {"weight_decay": -1.0},
+     "weight_decay"),
+    ("Adam betas", optim.Adam, dict(lr=0.1), {"betas": (0.9, 1.5)}, r"betas\[1\]"),
+    ("Adam eps_style", optim.Adam, dict(lr=0.1), {"eps_style": "x"}, "eps_style"),
+    ("RMSprop alpha", optim.RMSprop, dict(lr=0.1), {"alpha": 2.0}, "alpha"),
+    ("Adagrad lr_decay", optim.Adagrad, dict(lr=0.1), {"lr_decay": -1.0}, "lr_decay"),
+]
+
+
+@pytest.mark.parametrize("desc,cls,kw,bad,text", BAD_LATER_GROUP, ids=[c[0] for c in BAD_LATER_GROUP])
+def test_bad_hyperparameter_in_a_later_group_changes_nothing(desc, cls, kw, bad, text):
+    params = arrays(3)
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}], **kw)
+    opt.step(arrays(3, seed=1))
+    before = snapshot(opt, params)
+    opt.param_groups[1].update(bad)
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*" + text):
+        opt.step(arrays(3, seed=2))
+    opt.param_groups[1].update({k: opt.defaults[k] for k in bad})
+    assert_same(before[:2] + (before[2],), snapshot(opt, params))
+
+
+@pytest.mark.parametrize("bad_grad", ["shape", "dtype", "alias"])
+def test_bad_gradient_in_a_later_group_changes_nothing(bad_grad):
+    params = arrays(3)
+    opt = optim.Adam([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], lr=0.1)
+    opt.step(arrays(3, seed=1))
+    before = snapshot(opt, params)
+    grads = arrays(3, seed=2)
+    if bad_grad == "shape":
+        grads[2] = np.zeros(4)
+    elif bad_grad == "dtype":
+        grads[2] = grads[2].astype(np.float32)
+    else:
+        grads[2] = params[2]
+    with pytest.raises((ValueError, TypeError), match=r"\[2\]"):   # the global index
+        opt.step(grads)
+    assert_same(before, snapshot(opt, params))
+
+
+def test_mixed_step_counts_in_a_group_are_checked_before_either_call():
+    params = arrays(2)
+    opt = optim.Adam(params, lr=0.1)
+    opt.step(arrays(2, seed=1))
+    opt.state[1]["step"] = 5                        # two kernel calls in this group
+    before = snapshot(opt, params)
+    with pytest.raises(ValueError, match=r"grads\[1\]"):
+        opt.step([np.ones(3), np.ones(4)])
+    assert_same(before, snapshot(opt, params))
+
+
+# ---- hyperparameters are checked at construction, by the step functions' rules
+
+@pytest.mark.parametrize("cls,kw,text", [
+    (optim.Adam, dict(weight_decay=-1), "weight_decay"),
+    (optim.Adam, dict(eps_style="x"), "eps_style"),
+    (optim.Adam, dict(betas=(0.9,)), "betas"),
+    (optim.Adam, dict(betas=None), "betas"),
+    (optim.Adam, dict(eps=0.0), "eps"),
+    (optim.SGD, dict(lr=0.1, dampening=2), "dampening"),
+    (optim.SGD, dict(lr=0.1, weight_decay=-1), "weight_decay"),
+    (optim.SGD, dict(lr=0.1, style="x"), "style"),
+    (optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.5, nesterov=True), "nesterov"),
+    (optim.RMSprop, dict(momentum=-1), "momentum"),
+    (optim.RMSprop, dict(eps=-1), "eps"),
+    (optim.RMSprop, dict(eps=0.0), "eps"),
+    (optim.Adagrad, dict(eps=-1), "eps"),
+    (optim.Adagrad, dict(lr_decay=-1), "lr_decay"),
+])
+def test_constructors_reject_what_step_would(cls, kw, text):
+    with pytest.raises(ValueError, match=text):
+        cls(arrays(1), **kw)
+
+
+def test_optax_eps_zero_with_eps_root_is_allowed():
+    p = arrays(1)
+    optim.Adam(p, eps=0.0, eps_root=1e-8).step([np.zeros(3)])
+    assert np.isfinite(p[0]).all()
+
+
+# ---- state follows its parameter when param_groups are edited in place
+
+def test_state_moves_with_its_parameter_when_a_group_grows():
+    a, b, c = arrays(3)
+    ga, gb, gc = arrays(3, seed=1)
+    opt = optim.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    for _ in range(5):
+        opt.step([ga, gb])
+    opt.param_groups[0]["params"].append(c)
+    opt.step([ga, gc, gb])
+    steps = {id(p): opt.state[i]["step"] for i, p in enumerate(opt._flat_params())}
+    assert steps == {id(a): 6, id(c): 1, id(b): 6}
+
+
+def test_a_parameter_appended_twice_is_refused():
+    a, b = arrays(2)
+    opt = optim.SGD([a, b], lr=0.1)
+    opt.param_groups[0]["params"].append(a)
+    with pytest.raises(ValueError, match="twice"):
+        opt.step(arrays(3))
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+def test_edited_groups_match_torch():
+    a, b, c = arrays(3)
+    ga, gb, gc = arrays(3, seed=1)
+    ta, tb, tc = (torch.tensor(x.copy()) for x in (a, b, c))
+    opt = optim.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    topt = torch.optim.Adam([{"params": [ta]}, {"params": [tb]}], lr=0.1)
+    for _ in range(3):
+        opt.step([ga, gb])
+        ta.grad, tb.grad = torch.tensor(ga), torch.tensor(gb)
+        topt.step()
+    opt.param_groups[0]["params"].append(c)
+    topt.param_groups[0]["params"].append(tc)
+    for _ in range(2):
+        opt.step([ga, gc, gb])
+        ta.grad, tb.grad, tc.grad = torch.tensor(ga), torch.tensor(gb), torch.tensor(gc)
+        topt.step()
+    for x, t in zip((a, b, c), (ta, tb, tc)):
+        np.testing.assert_allclose(x, t.numpy(), rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_momentum_switched_on_mid_training_matches_torch(dampening):
+    p, = arrays(1)
+    tp = torch.tensor(p.copy())
+    opt = optim.SGD([p], lr=0.1, momentum=0.0, dampening=dampening)
+    topt = torch.optim.SGD([tp], lr=0.1, momentum=0.0, dampening=dampening)
+    grads = arrays(4, seed=3)
+    for k, g in enumerate(grads):
+        if k == 1:
+            opt.param_groups[0]["momentum"] = 0.9
+            topt.param_groups[0]["momentum"] = 0.9
+        opt.step([g])
+        tp.grad = torch.tensor(g)
+        topt.step()
+    np.testing.assert_allclose(p, tp.numpy(), rtol=1e-14, atol=1e-15)
+
+
+# ---- load_state_dict checks everything before it replaces anything
+
+def loaded_adam():
+    params = arrays(2)
+    opt = optim.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=0.1)
+    opt.step(arrays(2, seed=1))
+    return opt, params
+
+
+@pytest.mark.parametrize("desc,edit,exc,text", [
+    ("bad lr in group 1", lambda sd: sd["param_groups"][1].update(lr=-1.0), ValueError,
+     r"param_groups\[1\].*lr"),
+    ("bad weight_decay", lambda sd: sd["param_groups"][0].update(weight_decay=-1.0),
+     ValueError, "weight_decay"),
+    ("unknown hyperparameter", lambda sd: sd["param_groups"][0].update(foo=1), ValueError, "foo"),
+    ("missing exp_avg", lambda sd: sd["state"][1].pop("exp_avg"), ValueError, "exp_avg"),
+    ("missing step", lambda sd: sd["state"][0].pop("step"), ValueError, "step"),
+    ("negative step", lambda sd: sd["state"][0].update(step=-3), ValueError, "step"),
+    ("fractional step", lambda sd: sd["state"][0].update(step=2.7), ValueError, "step"),
+    ("step a string", lambda sd: sd["state"][0].update(step="2"), TypeError, "step"),
+    ("wrong shape", lambda sd: sd["state"][1].update(exp_avg=np.zeros(4)), ValueError, "shape"),
+])
+def test_bad_state_dict_leaves_the_optimizer_as_it_was(desc, edit, exc, text):
+    opt, params = loaded_adam()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = 0.777          # would be loaded first, if anything were
+    edit(sd)
+    before = snapshot(opt, params)
+    with pytest.raises(exc, match=text):
+        opt.load_state_dict(sd)
+    assert_same(before, snapshot(opt, params))
+
+
+def test_state_given_as_lists_loads_as_arrays():
+    opt, params = loaded_adam()
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"] = sd["state"][0]["exp_avg"].tolist()
+    fresh = optim.Adam([{"params": [p.copy()]} for p in params], lr=0.1)
+    fresh.load_state_dict(sd)
+    assert fresh.state[0]["exp_avg"].tobytes() == opt.state[0]["exp_avg"].tobytes()
+
+
+# ---- checkpoints
+
+def test_checkpoint_of_numpy_typed_hyperparameters(tmp_path):
+    p = arrays(1, dtype=np.float32)
+    opt = optim.Adam(p, lr=np.float32(0.1), amsgrad=np.bool_(True), betas=np.array([0.9, 0.99]))
+    opt.step(arrays(1, seed=1, dtype=np.float32))
+    optim.save(opt, tmp_path / "c.npz")
+    back = optim.load(optim.Adam([p[0].copy()], amsgrad=True), tmp_path / "c.npz")
+    assert back.param_groups[0]["amsgrad"] is True
+    assert list(back.param_groups[0]["betas"]) == [0.9, 0.99]
+
+
+def test_checkpoint_permissions_follow_the_umask(tmp_path):
+    opt = optim.SGD(arrays(1), lr=0.1)
+    old = os.umask(0o022)
+    try:
+        optim.save(opt, tmp_path / "c.npz")
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "c.npz").st_mode & 0o777 == 0o644
+
+
+def test_checkpoint_through_a_symlink_keeps_the_link(tmp_path):
+    opt = optim.SGD(arrays(1), lr=0.1)
+    optim.save(opt, tmp_path / "real.npz")
+    os.symlink(tmp_path / "real.npz", tmp_path / "link.npz")
+    opt.step(arrays(1, seed=1))
+    optim.save(opt, tmp_path / "link.npz")
+    assert os.path.islink(tmp_path / "link.npz")
+    assert optim.load(optim.SGD(arrays(1), lr=0.1), tmp_path / "real.npz").state[0]["step"] == 1
+
+
+@pytest.mark.parametrize("content", ["junk", "truncated", "foreign", "npy"])
+def test_load_of_a_file_that_is_not_a_checkpoint_is_a_value_error(tmp_path, content):
+    opt = optim.SGD(arrays(1), lr=0.1)
+    opt.step(arrays(1, seed=1))
+    optim.save(opt, tmp_path / "good.npz")
+    bad = tmp_path / "bad.npz"
+    if content == "junk":
+        bad.write_bytes(b"hello")
+    elif content == "truncated":
+        bad.write_bytes((tmp_path / "good.npz").read_bytes()[:300])
+    elif content == "foreign":
+        np.savez(bad, x=np.ones(2))
+    else:
+        bad = tmp_path / "bad.npy"
+        np.save(bad, np.ones(2))
+    before = snapshot(opt, opt._flat_params())
+    with pytest.raises(ValueError, match="not a.*bncore optimizer checkpoint"):
+        optim.load(opt, bad)
+    assert_same(before, snapshot(opt, opt._flat_params()))
+
+
+# ---- schedules
+
+@pytest.mark.parametrize("make,exc,text", [
+    (lambda: optim.cosine_lr(1.0, 5, warmup_steps=10), ValueError, "warmup_steps"),
+    (lambda: optim.cosine_lr(1.0, float("inf")), ValueError, "total_steps"),
+    (lambda: optim.cosine_lr(1.0, 10)(None), TypeError, "step"),
+    (lambda: optim.cosine_lr(1.0, 10)(float("nan")), ValueError, "step"),
+    (lambda: optim.step_lr(1.0, 2)(1.5), ValueError, "step"),
+    (lambda: optim.step_lr(1.0, True), TypeError, "step_size"),
+])
+def test_schedules_reject_bad_counts(make, exc, text):
+    with pytest.raises(exc, match=text):
+        make()
