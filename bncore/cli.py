@@ -118,9 +118,41 @@ def _report_dict(report, label: str) -> dict:
     return d
 
 
+def _load_inputs(path: str) -> list:
+    """The arrays of an .npz file, in order: arr_0, arr_1, ... as np.savez(f, *arrays)
+    names them, else the order they were saved in (np.savez(f, x=..., w=...))."""
+    with np.load(path, allow_pickle=False) as data:
+        if not hasattr(data, "files"):
+            raise ValueError("not an .npz archive")
+        names = list(data.files)
+        positional = [f"arr_{i}" for i in range(len(names))]
+        if sorted(names) == sorted(positional):
+            names = positional
+        return [data[k] for k in names]
+
+
+def _tolerance_error(args) -> str:
+    """Why the tolerances can't give a meaningful check ('' when they can)."""
+    if not args.rtol >= 0 or not args.atol >= 0:
+        return "--rtol and --atol must be >= 0 (a negative tolerance passes everything)"
+    if args.rtol == 0 and args.atol == 0:
+        return "--rtol and --atol are both 0: no finite difference can pass"
+    if not args.h > 0:
+        return "--h must be > 0"
+    if args.directions < 1:
+        return "--directions must be >= 1"
+    if args.samples < 1:
+        return "--samples must be >= 1 (0 would check nothing and pass)"
+    return ""
+
+
 def cmd_gradcheck(args) -> int:
     from bncore.gradcheck import gradcheck
 
+    problem = _tolerance_error(args)
+    if problem:
+        print(f"bncore gradcheck: {problem}", file=sys.stderr)
+        return 2
     reports = []
     if args.function:
         try:
@@ -138,8 +170,12 @@ def cmd_gradcheck(args) -> int:
             print(f"bncore gradcheck: cannot load {args.function}: {exc}", file=sys.stderr)
             return 2
         if args.inputs:
-            with np.load(args.inputs) as data:
-                inputs = [data[f"arr_{i}"] for i in range(len(data.files))]
+            try:
+                inputs = _load_inputs(args.inputs)
+            except (OSError, ValueError, EOFError) as exc:
+                print(f"bncore gradcheck: cannot read --inputs {args.inputs}: {exc}",
+                      file=sys.stderr)
+                return 2
         elif args.shape:
             rng = np.random.default_rng(args.seed)
             inputs = [rng.standard_normal(s) for s in args.shape]

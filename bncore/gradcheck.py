@@ -15,10 +15,13 @@ numeric values) so a wrong gradient can be found, not just detected.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+
+from bncore import _checks as chk
 
 __all__ = ["gradcheck", "GradcheckReport"]
 
@@ -94,6 +97,18 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
     """
     if mode not in ("random", "full"):
         raise ValueError(f"mode must be 'random' or 'full', got {mode!r}")
+    # a negative tolerance would make every ratio negative, so every check pass
+    rtol = chk.non_negative("rtol", rtol)
+    atol = chk.non_negative("atol", atol)
+    if rtol == 0.0 and atol == 0.0:
+        raise ValueError("rtol and atol are both 0: no finite difference can pass")
+    h = chk.positive("h", h)
+    if mode == "random":
+        if isinstance(n_directions, bool) or not isinstance(n_directions, numbers.Integral):
+            raise TypeError(f"n_directions must be an int, got {type(n_directions).__name__}")
+        if n_directions < 1:
+            raise ValueError(f"n_directions must be >= 1 (0 would check nothing), "
+                             f"got {n_directions}")
     xs = [np.array(a, dtype=np.float64) for a in inputs]
     wrt = list(range(len(xs))) if wrt is None else list(wrt)
     rng = np.random.default_rng(seed)
@@ -133,9 +148,12 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
         if not (np.isfinite(a_val) and np.isfinite(n_val)):
             ratio = float("inf")
         stats["checks"] += 1
-        stats["abs"] = max(stats["abs"], err)
-        if scale > 0:
-            stats["rel"] = max(stats["rel"], err / scale)
+        if err != err:                 # NaN: max() would keep the old value
+            stats["abs"] = stats["rel"] = float("nan")
+        elif stats["abs"] == stats["abs"]:
+            stats["abs"] = max(stats["abs"], err)
+            if scale > 0:
+                stats["rel"] = max(stats["rel"], err / scale)
         if ratio > worst["ratio"]:
             worst.update(ratio=ratio, input=input_idx, index=index, a=a_val, n=n_val)
 

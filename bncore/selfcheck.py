@@ -269,7 +269,9 @@ def plan(ops: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = 
                     jobs.append(("oracle", spec, params))
                     if gpu is not None and spec.gpu:
                         jobs.append(("gpu", spec, params))
-                jobs.append(("threads", spec, R.sample_params(spec, rng, cell)))
+                jobs.append(("threads", spec, R.sample_params(
+                    spec, rng, dict(R.threads_space(spec), **{k: v for k, v in cell.items()
+                                                               if k in ("dtype", "layout")}))))
         if spec.gradcheck is not None and (not dtypes or "float64" in dtypes):
             for _ in range(fd_samples):
                 jobs.append(("gradient-random", spec, R.sample_params(spec, rng, spec.fd_space)))

@@ -239,3 +239,57 @@ def test_gradcheck_cli_on_builtin_ops(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["ok"] and doc["reports"][0]["mode"] == "full"
     assert cli.main(["gradcheck", "--op", "sgd_step"]) == 2    # not differentiable
+
+
+@pytest.mark.parametrize("kw,text", [(dict(rtol=-1.0), "rtol"), (dict(atol=-1.0), "atol"),
+                                     (dict(rtol=0.0, atol=0.0), "both 0"),
+                                     (dict(h=0.0), "h must"), (dict(n_directions=0), "n_directions")])
+def test_gradcheck_refuses_settings_that_would_pass_anything(kw, text):
+    """A negative tolerance made every ratio negative (every check passed); no
+    directions made zero checks (a PASS)."""
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2))]
+    with pytest.raises(ValueError, match=text):
+        bncore.gradcheck(_f, inputs, _wrong_vjp, **kw)
+
+
+def test_gradcheck_reports_a_nan_gradient_as_nan():
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2))]
+    report = bncore.gradcheck(_f, inputs, lambda u, x, w: [np.full_like(x, np.nan), w * 0])
+    assert not report and "worst abs error nan" in report.summary()
+
+
+def test_gradcheck_cli_inputs_and_usage_errors(tmp_path):
+    (tmp_path / "sq.py").write_text("def f(x):\n    return x ** 2\n\n"
+                                    "def f_vjp(u, x):\n    return [2 * u * x]\n")
+    np.savez(tmp_path / "kw.npz", x=np.linspace(1, 2, 3))
+    np.savez(tmp_path / "pos.npz", np.linspace(1, 2, 3))
+    for name in ("kw.npz", "pos.npz"):
+        out = run_cli("gradcheck", "sq:f", "--inputs", name, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+    for args, text in [(("--inputs", "missing.npz"), "cannot read --inputs"),
+                       (("--shape", "3", "--rtol", "-1"), "--rtol"),
+                       (("--shape", "3", "--directions", "0"), "--directions")]:
+        out = run_cli("gradcheck", "sq:f", *args, cwd=tmp_path)
+        assert out.returncode == 2 and text in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    out = run_cli("gradcheck", "--samples", "0", cwd=tmp_path)
+    assert out.returncode == 2 and "--samples" in out.stderr
+
+
+def test_thread_checks_draw_cases_that_really_use_threads():
+    """A case below the kernels' one-thread cutoff (32768 elements) would compare
+    the single-threaded code with itself."""
+    import bncore.testing.optim_specs  # noqa: F401  (registers the optimizer specs)
+    rng = np.random.default_rng(0)
+    for spec in R.all_specs():
+        for _ in range(5):
+            case = spec.make_case(R.sample_params(spec, rng, R.threads_space(spec)))
+            data = case.arrays.get("x")
+            if data is None:
+                data = case.arrays["grads"]
+                while isinstance(data[0], list):      # one list per step: the first
+                    data = data[0]
+            total = sum(np.asarray(a).size for a in (data if isinstance(data, list) else [data]))
+            assert total > 32768, (spec.name, total)

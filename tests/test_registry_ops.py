@@ -51,7 +51,7 @@ def test_gradients_against_finite_differences(spec, data):
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 @given(data=st.data())
 def test_bitwise_identical_for_every_thread_count(spec, data):
-    case = spec.make_case(data.draw(params_strategy(spec.space), label="params"))
+    case = spec.make_case(data.draw(params_strategy(registry.threads_space(spec)), label="params"))
     base = spec.call(CPU, case, 1)
     for n in (2, 3, 4):
         other = spec.call(CPU, case, n)

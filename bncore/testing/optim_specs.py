@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from bncore.testing import reference as ref
-from bncore.testing.registry import Arrays, Backend, Case, OpSpec, Params, register
+from bncore.testing.registry import (LARGE_ELEMENTS, Arrays, Backend, Case, OpSpec, Params,
+                                     register)
 
 COMMON = {
     "seed": range(0, 2 ** 16),
@@ -50,6 +51,9 @@ def _tensors(p: Params, rng) -> List[tuple]:
         if rng.random() < 0.2:
             shape = (int(rng.integers(1, 20000)),)     # long enough to span several chunks
         shapes.append(shape)
+    if p.get("large"):
+        # past the one-thread cutoff (32768 elements), across several chunks
+        shapes.append((int(rng.integers(LARGE_ELEMENTS, 2 * LARGE_ELEMENTS)),))
     return shapes
 
 

@@ -199,6 +199,18 @@ def param_dtype(dtype: str):
 # --------------------------------------------------------------------------
 # Batch normalization
 
+#: size of the "large" cases (params["large"] = True) that thread-count checks
+#: draw: above the kernels' one-thread cutoff of 32768 elements
+LARGE_ELEMENTS = 40000
+
+
+def threads_space(spec: "OpSpec") -> Dict[str, Sequence[Any]]:
+    """The parameter space of thread-count checks: the op's own, with every case
+    made large enough to be split between threads (a small one runs on one
+    thread whatever num_threads says, and would compare nothing)."""
+    return dict(spec.space, large=(True,))
+
+
 BN_SPACE: Dict[str, Sequence[Any]] = {
     "seed": range(0, 2 ** 16),
     "ndim": (4, 2, 3, 5),
@@ -234,6 +246,13 @@ def _bn_shape(p: Params, rng: np.random.Generator) -> Tuple[Tuple[int, ...], int
     ndim, C = p["ndim"], p["channels"]
     spatial = [int(rng.choice((1, 2, 3, 5, 9))) for _ in range(ndim - 2)]
     others = [p["batch"]] + spatial
+    if p.get("large"):
+        # past the kernels' one-thread cutoff (SMALL_WORK = 32768 elements), so
+        # that a thread-count check really runs several threads
+        need = -(-LARGE_ELEMENTS // (C * int(np.prod(others))))
+        if need > 1:
+            k = len(others) - 1 if ndim > 2 else 0     # grow the last non-channel axis
+            others[k] *= need
     if p["axis"] == "1":
         axis = 1
     elif p["axis"] == "-1":
