@@ -5,7 +5,11 @@ checkpoints as bncore.optim. Differences: parameters and state are CuPy
 arrays, and the step count lives on the device (a 0-d float64 array per
 parameter group, shared by the group's parameters, incremented by a kernel
 unless ``found_inf`` is set), so ``step(grads, grad_scale=..., found_inf=...)``
-with device scalars never waits on the host.
+with device scalars never waits on the host. One consequence: SGD's momentum
+buffer is created (host side) at the group's first momentum step, and a step
+that a device-side ``found_inf`` skips still counts as that first use; the
+buffer stays zero, so with dampening d > 0 the next step stores (1 - d) g
+where torch, whose GradScaler skips the whole step, would store g.
 """
 import cupy
 
