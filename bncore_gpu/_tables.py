@@ -8,6 +8,7 @@ arrays every step uploads its table once and never waits on the host.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import List, Optional, Sequence
 
@@ -66,13 +67,17 @@ def _upload(host: np.ndarray) -> "cupy.ndarray":
 
 
 class _ListInfo:
-    """What the table needs from one list of arrays, computed once per list."""
+    """What the table needs from one list of arrays, computed once per list.
 
-    __slots__ = ("arrays", "dtype", "ptrs", "nbytes", "shapes", "c_order")
+    Holds weak references to the caller's objects, never the arrays: a cache
+    entry must not keep a dropped gradient list alive on the device (a
+    training loop makes new gradients every step), and a live object must
+    still be the one the entry describes (see _info)."""
+
+    __slots__ = ("refs", "foreign", "dtype", "ptrs", "nbytes", "sizes", "shapes", "c_order")
 
     def __init__(self, name: str, lst: list, grad: bool):
         arrays = [chk.as_array(f"{name}[{i}]", a) for i, a in enumerate(lst)]
-        self.arrays = arrays
         self.dtype = arrays[0].dtype if arrays else None
         for i, a in enumerate(arrays):
             if a.dtype != self.dtype:
@@ -83,9 +88,30 @@ class _ListInfo:
                                  f"arrays in place (use cupy.ascontiguousarray)")
         self.ptrs = np.array([a.data.ptr for a in arrays], dtype=np.int64)
         self.nbytes = np.array([a.nbytes for a in arrays], dtype=np.int64)
+        self.sizes = np.array([a.size for a in arrays], dtype=np.int64)
         self.shapes = [a.shape for a in arrays]
         # flat element order: C, unless the array is only Fortran-contiguous
         self.c_order = [a.flags.c_contiguous or a.ndim <= 1 for a in arrays]
+        # objects that are not CuPy arrays (torch tensors, ...) can change their
+        # storage in place (p.data = ..., module.to(...)): re-checked on each hit
+        self.foreign = [i for i, a in enumerate(lst) if not isinstance(a, cupy.ndarray)]
+        try:
+            self.refs = tuple(weakref.ref(a) for a in lst)
+        except TypeError:                  # an object without weak references:
+            self.refs = None               # checked every call, never cached
+
+    def describes(self, lst: list) -> bool:
+        """Whether this entry still describes `lst` (same live objects, same storage)."""
+        if any(r() is not a for r, a in zip(self.refs, lst)):
+            return False
+        for i in self.foreign:
+            a = lst[i]
+            ptr = a.data_ptr() if hasattr(a, "data_ptr") else None
+            if ptr is None:
+                ptr = chk.as_array("", a).data.ptr
+            if ptr != self.ptrs[i] or tuple(a.shape) != tuple(self.shapes[i]):
+                return False
+        return True
 
 
 _lists: "OrderedDict[tuple, _ListInfo]" = OrderedDict()
@@ -93,15 +119,27 @@ _LIST_CACHE = 64
 
 
 def _info(name: str, lst: list, grad: bool) -> _ListInfo:
-    """Per-list validation, cached by the identity of its arrays (the cache
-    holds them, so an id cannot be reused while its entry lives): an
-    optimizer's parameter and state lists are checked once, not every step."""
-    return _lru(_lists, _LIST_CACHE, (name, tuple(map(id, lst))),
-                lambda: _ListInfo(name, lst, grad))
+    """Per-list validation, cached by the identity of its objects: an
+    optimizer's parameter and state lists are checked once, not every step.
+    An id can be reused once its object is gone, so a hit counts only when the
+    entry's weak references still point at these very objects, with the same
+    storage (torch tensors can swap theirs)."""
+    key = (name, tuple(map(id, lst)))
+    info = _lists.get(key)
+    if info is not None and info.describes(lst):
+        _lists.move_to_end(key)
+        return info
+    info = _ListInfo(name, lst, grad)
+    if info.refs is not None:
+        _lists[key] = info
+        _lists.move_to_end(key)
+        if len(_lists) > _LIST_CACHE:
+            _lists.popitem(last=False)
+    return info
 
 
 def clear_caches() -> None:
-    """Forget cached validations and uploaded tables (and the arrays they hold)."""
+    """Forget cached validations and uploaded tables."""
     _lists.clear()
     _cache.clear()
 
@@ -148,7 +186,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
                              f"Fortran) from {names[0]}[{i}]")
     _check_aliasing(infos, names, writes)
 
-    sizes = np.array([a.size for a in params.arrays], dtype=np.int64)
+    sizes = params.sizes
     nch = (sizes + CHUNK - 1) // CHUNK
     nchunks = int(nch.sum())
     tensor = np.repeat(np.arange(n, dtype=np.int64), nch)
@@ -157,7 +195,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
     zeros = np.zeros(n, dtype=np.int64)
     ptrs = [zeros if info is None else info.ptrs for info in infos]
     host = np.concatenate(ptrs + [sizes, np.stack([tensor, offset], axis=1).reshape(-1)])
-    arrays = [None if info is None else info.arrays for info in infos]
+    arrays = [None if lst is None else list(lst) for lst in lists]
     return Table(_upload(host), len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs)
 
 
