@@ -2,8 +2,8 @@
 
 The same parameter groups, hyperparameters, conventions, state_dict and
 checkpoints as bncore.optim. Differences: parameters and state are CuPy
-arrays, and the step count lives on the device (a 0-d float64 array per
-parameter group, shared by the group's parameters, incremented by a kernel
+arrays, and the step count lives on the device (a 0-d float64 array shared by
+the parameters of a group that started together, incremented by a kernel
 unless ``found_inf`` is set), so ``step(grads, grad_scale=..., found_inf=...)``
 with device scalars never waits on the host. One consequence: SGD's momentum
 buffer is created (host side) at the group's first momentum step, and a step
@@ -16,6 +16,7 @@ import cupy
 from bncore.optim import algorithms as _alg
 from bncore.optim.checkpoint import load, save
 from bncore.optim.schedules import cosine_lr, linear_warmup, set_lr, step_lr
+from bncore._threads import resolve_num_threads
 from bncore.optimizers import as_list
 from bncore_gpu import _checks as chk
 from bncore_gpu import optimizers as _ops
@@ -37,33 +38,31 @@ class _OnDevice:
     _ops = _ops
     _as_param = staticmethod(_device_param)
 
-    def _counters(self):
-        if not hasattr(self, "_steps"):
-            self._steps = {}
-        return self._steps
-
-    def _counter(self, gi, idx):
-        steps = self._counters()
-        c = steps.get(gi)
-        if c is None:
-            c = cupy.zeros((), cupy.float64)
-            for i in idx:                  # resume from a loaded state
-                if i in self.state:
-                    c[...] = self.state[i]["step"]
-                    break
-            steps[gi] = c
-        return c
-
     def _gather_all(self, params, grads):
         gather([params, grads], ("params", "grads"), (True, False), 1)
 
     def _load_step(self, v):
-        return cupy.asarray(v, dtype=cupy.float64).reshape(())
+        return int(v)                  # a host count; _after_load makes the counters
 
     def _after_load(self):
-        self._steps = {}
+        # parameters of a group with the same step count share one device
+        # counter, and so one kernel call per step
+        offset = 0
+        for group in self.param_groups:
+            shared = {}
+            for i in range(offset, offset + len(group["params"])):
+                s = self.state.get(i)
+                if s is not None and not _ops.is_device(s["step"]):
+                    v = int(s["step"])
+                    if v not in shared:
+                        shared[v] = cupy.full((), float(v), dtype=cupy.float64)
+                    s["step"] = shared[v]
+            offset += len(group["params"])
 
     def step(self, grads, *, grad_scale=None, found_inf=None, num_threads=None) -> None:
+        """As bncore.optim's step, with the step counts on the device: each
+        parameter's state holds a device counter, shared by the parameters that
+        started together; one kernel call per group and counter."""
         glist = as_list("grads", grads)
         params = self._sync_params()
         if len(glist) != len(params):
@@ -71,7 +70,8 @@ class _OnDevice:
                              f"{len(params)} parameters")
         for gi, group in enumerate(self.param_groups):
             self._check_group(gi, group)
-        skip, _, _, _ = _ops.amp_args(None, found_inf)
+        resolve_num_threads(num_threads)
+        skip, _, _, _ = _ops.amp_args(grad_scale, found_inf)
         # every array is checked before the first step counter moves: a step
         # that raises changes nothing
         self._gather_all(params, glist)
@@ -79,20 +79,26 @@ class _OnDevice:
             return
         dev_found = found_inf if found_inf is not None and _ops.is_device(found_inf) else None
         offset = 0
-        for gi, group in enumerate(self.param_groups):
-            n = len(group["params"])
-            idx = list(range(offset, offset + n))
-            counter = self._counter(gi, idx)
-            for i, p in zip(idx, group["params"]):
-                if i not in self.state:
-                    self.state[i] = self._init_state(p, group)
-                self.state[i]["step"] = counter
-            _ops.step_increment(counter, dev_found)
-            self._apply(group, group["params"], glist[offset:offset + n],
-                        [self.state[i] for i in idx], counter, grad_scale, num_threads,
-                        found_inf=dev_found)
-            offset += n
-
+        for group in self.param_groups:
+            gparams = group["params"]
+            ggrads = glist[offset:offset + len(gparams)]
+            buckets = {}
+            fresh = None
+            for k, p in enumerate(gparams):
+                s = self.state.get(offset + k)
+                if s is None:
+                    # parameters new to this step start together, from 0
+                    if fresh is None:
+                        fresh = cupy.zeros((), cupy.float64)
+                    s = self.state[offset + k] = self._init_state(p, group)
+                    s["step"] = fresh
+                buckets.setdefault(id(s["step"]), (s["step"], []))[1].append(k)
+            for counter, ks in buckets.values():
+                _ops.step_increment(counter, dev_found)
+                self._apply(group, [gparams[k] for k in ks], [ggrads[k] for k in ks],
+                            [self.state[offset + k] for k in ks], counter, grad_scale,
+                            num_threads, found_inf=dev_found)
+            offset += len(gparams)
 
 
 class SGD(_OnDevice, _alg.SGD):
