@@ -54,8 +54,9 @@ def _norm_type(norm_type) -> float:
 
 def _rescue_scale(big: float) -> float:
     """The power of two at or above `big` (the largest |g|): the scale of the
-    overflow rescue, g / scale <= 1, exact as a multiply by 1 / scale."""
-    return math.ldexp(1.0, math.frexp(big)[1])
+    overflow rescue, g / scale <= 1, exact as a multiply by 1 / scale. Above
+    2^1023 (float64's largest power of two) it is 2^1023 and g / scale < 2."""
+    return math.ldexp(1.0, min(math.frexp(big)[1], 1023))
 
 
 def _norm_of(table, p: float, nthreads: int) -> float:

@@ -297,6 +297,8 @@ __device__ __forceinline__ void mt_ssq_add(double& s, double& q, double s2, doub
         double r = s / s2;
         q = q2 + q * r * r;
         s = s2;
+    } else if (s2 == s) {
+        q += q2;                    // r = 1; also s = s2 = Inf, where s2 / s is NaN
     } else if (s2 > 0.0) {
         double r = s2 / s;
         q += q2 * r * r;

@@ -227,3 +227,14 @@ def test_clip_grad_value_at_the_neighbours_of_the_bound(dtype, c):
         expected[a < -c] = np.float64(-c).astype(dtype)
     bncore.clip_grad_value([g], c)
     assert g.tobytes() == expected.tobytes()
+
+
+def test_norm_near_the_top_of_float64():
+    """The overflow rescue's scale is at most 2^1023 (2^1024 is not a float64:
+    the rescue itself raised OverflowError for values near 1e308)."""
+    g = [np.array([1e308, 1e308])]
+    assert bncore.grad_norm(g) == pytest.approx(np.sqrt(2.0) * 1e308, rel=1e-15)
+    assert bncore.grad_norm(g, 1) == np.inf           # 2e308 is not representable
+    total = bncore.clip_grad_norm(g, 1.0, eps=0.0)
+    assert total == pytest.approx(np.sqrt(2.0) * 1e308, rel=1e-15)
+    np.testing.assert_allclose(g[0], [2 ** -0.5] * 2, rtol=1e-15)

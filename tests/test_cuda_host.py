@@ -150,3 +150,40 @@ def test_cluster_source_has_no_data_race(tsan_binary, tmp_path, mode):
     if proc.returncode == NO_THREADS:
         pytest.skip(f"this machine refused the threads of a cluster: {proc.stderr.strip()}")
     assert proc.returncode == 0 and "ThreadSanitizer" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_scaled_sum_of_squares_combine_on_the_host(tmp_path):
+    """mt_ssq_add (the float64 2-norm's (scale, ssq) combine in
+    bncore_gpu/_optim_kernels.cu) compiled as host C++: finite values give
+    the norm, and two infinities give Inf (Inf / Inf once made it NaN)."""
+    import re
+    src = open(os.path.join(os.path.dirname(HERE), "bncore_gpu", "_optim_kernels.cu")).read()
+    fn = re.search(r"__device__ __forceinline__ void mt_ssq_add\(.*?\n}\n", src, re.S).group(0)
+    fn = fn.replace("__device__ __forceinline__ ", "static inline ")
+    prog = tmp_path / "ssq.cpp"
+    prog.write_text("#include <cmath>\n#include <cstdio>\n#include <cstdlib>\n" + fn + """
+int main(int argc, char** argv) {
+    double s = 0.0, q = 0.0;          // one thread's loop, then a pairwise combine
+    double s2 = 0.0, q2 = 0.0;
+    for (int i = 1; i < argc; ++i) {
+        double a = std::fabs(std::strtod(argv[i], nullptr));
+        if (i % 2) mt_ssq_add(s, q, a, 1.0); else mt_ssq_add(s2, q2, a, 1.0);
+    }
+    mt_ssq_add(s, q, s2, q2);
+    std::printf("%.17g\\n", s * std::sqrt(q));
+}
+""")
+    exe = tmp_path / "ssq"
+    subprocess.run([CXX, "-O2", "-std=c++17", str(prog), "-o", str(exe)], check=True)
+
+    def norm(values):
+        out = subprocess.run([str(exe)] + [repr(float(v)) for v in values], check=True,
+                             capture_output=True, text=True).stdout
+        return float(out)
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(101) * 10.0 ** rng.integers(-200, 200, 101)
+    assert norm(v) == pytest.approx(bncore.grad_norm([v]), rel=1e-14)
+    assert norm([np.inf, np.inf, 1.0]) == np.inf
+    assert norm([np.inf, 2.0, np.inf, np.inf]) == np.inf
+    assert np.isnan(norm([np.inf, np.nan, 1.0]))
+    assert norm([0.0, 0.0]) == 0.0
