@@ -66,11 +66,18 @@ def writeable(name: str, a) -> None:
     """CuPy arrays have no read-only flag."""
 
 
+# CuPy wraps memory it did not allocate (torch tensors through the CUDA array
+# interface or DLPack) in a new UnownedMemory at every conversion, so two views
+# of one torch tensor have different .mem objects
+_UNOWNED = getattr(getattr(getattr(cupy, "cuda", None), "memory", None), "UnownedMemory", ())
+
+
 def _pair(name_a, a, name_b, b) -> None:
-    # arrays from different allocations cannot overlap (cheap); views of one
-    # allocation get the bounds test
+    # arrays from different CuPy allocations cannot overlap (cheap); views of
+    # one allocation, and memory CuPy does not own, get the bounds test
     ma, mb = getattr(a.data, "mem", None), getattr(b.data, "mem", None)
-    if a is not b and ma is not None and mb is not None and ma is not mb:
+    if (a is not b and ma is not None and mb is not None and ma is not mb
+            and not isinstance(ma, _UNOWNED) and not isinstance(mb, _UNOWNED)):
         return
     if a is b or cupy.may_share_memory(a, b):
         raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "

@@ -18,6 +18,7 @@ import numpy as np
 
 from bncore import _checks as hchk
 from bncore import optimizers as _cpu
+from bncore._threads import resolve_num_threads
 from bncore.clipping import NonFiniteError, _norm_type
 from bncore_gpu._tables import CTYPES, gather
 from bncore_gpu.optimizers import kernel
@@ -54,11 +55,15 @@ def _norm(t, p: float, max_norm: float, eps: float):
 
 def grad_norm(grads, norm_type: float = 2.0, *, comm=None, num_threads: Optional[int] = None):
     """The p-norm of all gradients together (see bncore.grad_norm); a 0-d device array.
+    Unlike the CPU's, a p-norm other than 2 and inf whose float64 sum overflows
+    (e.g. p = 11 on float32 values near 1e30) is not rescued: it is inf (the
+    rescue needs the largest magnitude first, i.e. a wait on the device).
     With ``comm`` (an mpi4py communicator), of every rank's gradients together
     (bncore_gpu.distributed.grad_norm)."""
     if comm is not None:
         from bncore_gpu import distributed
         return distributed.grad_norm(grads, norm_type, comm=comm, num_threads=num_threads)
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     p = _norm_type(norm_type)
     return _norm(_table(grads, False), p, 0.0, 0.0)[0]
 
@@ -75,6 +80,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
         return distributed.clip_grad_norm(grads, max_norm, comm=comm, norm_type=norm_type,
                                           eps=eps, error_if_nonfinite=error_if_nonfinite,
                                           num_threads=num_threads)
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     max_norm = hchk.clip_bound("max_norm", max_norm)
     eps = hchk.non_negative("eps", eps)
     p = _norm_type(norm_type)
@@ -89,6 +95,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
 
 def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = None) -> None:
     """Clamp every gradient element to [-clip_value, clip_value]; NaN stays NaN."""
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     c = hchk.clip_bound("clip_value", clip_value)
     t = _table(grads, True)
     if t.nchunks:
@@ -99,6 +106,7 @@ def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = No
 def found_inf(grads, *, num_threads: Optional[int] = None):
     """1.0 (0-d float64 device array) when any gradient holds an Inf or a NaN, else 0.0;
     pass it straight to a step function's ``found_inf``."""
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     t = _table(grads, False)
     found = cupy.zeros((), _F64)
     if t.nchunks:

@@ -5,7 +5,10 @@ their docstrings); one kernel launch updates every tensor of a call. On the
 GPU, ``grad_scale``, ``found_inf`` and ``step`` may also be device scalars
 (0-d or one-element CuPy arrays): they are read inside the kernel, so a step
 never waits on the host. A host ``found_inf`` that is true skips the launch;
-a device one makes every thread return before touching memory.
+a device one makes every thread return before touching memory. Values held
+on the device are not checked (that would mean waiting for them): a device
+``grad_scale`` of 0 gives Inf updates and a device ``step`` below 1 turns the
+bias correction off, where the same host values raise ValueError.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import cupy
 import numpy as np
 
 from bncore import optimizers as _cpu
+from bncore._threads import resolve_num_threads
 from bncore_gpu import _checks as chk
 from bncore_gpu import _loader
 from bncore_gpu._tables import CTYPES, gather
@@ -103,6 +107,7 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float
 
     ``step`` may be a device scalar (the step count after this step): the
     kernel then decides ``first_step`` itself (``step <= 1``)."""
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params)
     grads = _cpu.as_list("grads", grads)
     bufs = _cpu.as_list("momentum_buffers", momentum_buffers)
@@ -135,6 +140,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, lr: float = 1e-3,
     """One Adam / AdamW / AMSGrad step, in place (see bncore.adam_step).
 
     ``step`` and ``bias_correction_step`` may be device scalars."""
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params)
     grads = _cpu.as_list("grads", grads)
     m = _cpu.as_list("exp_avgs", exp_avgs)
@@ -169,6 +175,7 @@ def rmsprop_step(params, grads, square_avgs, *, lr: float = 1e-2, alpha: float =
                  decoupled_weight_decay: bool = False, grad_scale=None, found_inf=None,
                  num_threads: Optional[int] = None) -> None:
     """One RMSprop step, in place (see bncore.rmsprop_step)."""
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params)
     grads = _cpu.as_list("grads", grads)
     sq = _cpu.as_list("square_avgs", square_avgs)
@@ -194,6 +201,7 @@ def adagrad_step(params, grads, state_sums, *, step, lr: float = 1e-2, lr_decay:
                  eps_inside_sqrt: bool = False, decoupled_weight_decay: bool = False,
                  grad_scale=None, found_inf=None, num_threads: Optional[int] = None) -> None:
     """One Adagrad step, in place (see bncore.adagrad_step); ``step`` may be a device scalar."""
+    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params)
     grads = _cpu.as_list("grads", grads)
     hs = _cpu.as_list("state_sums", state_sums)

@@ -384,3 +384,85 @@ def test_cluster_kernels_respect_the_devices_shared_memory(cluster_kernels, monk
     f = x.reshape(-1)
     assert gbn.cluster_smem(64, 2, 2048, 1, f) == 0       # 64 KiB > 50000
     assert gbn.cluster_smem(48, 2, 2048, 1, f) == 49152   # 6 planes fit
+
+
+# ---- found by review without a device: each was wrong on the GPU only
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_gpu_infinite_value_gives_infinite_mean_as_on_the_cpu(layout, where):
+    x = np.random.default_rng(0).standard_normal((16, 4, 9, 9)).astype(np.float32)
+    i = (0, 1, 0, 0) if where == "first" else (8, 1, 4, 4)
+    x[i] = np.inf
+    axis = 1
+    if layout == "nhwc":
+        x, axis = np.ascontiguousarray(x.transpose(0, 2, 3, 1)), 3
+    _, mean_c, _ = bncore.batch_norm_forward(x, axis=axis)
+    _, mean_g, _ = bncore_gpu.batch_norm_forward(cupy.asarray(x), axis=axis)
+    assert mean_c[1] == np.inf and cupy.asnumpy(mean_g)[1] == np.inf
+    # the other channels: the same up to the summation order
+    np.testing.assert_allclose(cupy.asnumpy(mean_g), mean_c, rtol=1e-12, atol=1e-15)
+
+
+def test_gpu_two_norm_of_several_infinities_is_infinite():
+    """float64 scaled sum of squares: Inf / Inf made the total NaN."""
+    g = [cupy.asarray(np.array([np.inf, np.inf, 1.0])), cupy.asarray(np.array([np.inf]))]
+    assert float(bncore_gpu.grad_norm(g)) == np.inf
+    assert bncore.grad_norm([cupy.asnumpy(a) for a in g]) == np.inf
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), "x"])
+def test_gpu_step_that_raises_changes_nothing(bad):
+    p = cupy.asarray(np.ones(4))
+    opt = bncore_gpu.optim.Adam([p], lr=0.1)
+    with pytest.raises((ValueError, TypeError), match="grad_scale"):
+        opt.step([cupy.asarray(np.ones(4))], grad_scale=bad)
+    assert opt.state == {}
+    opt.step([cupy.asarray(np.ones(4))])
+    ref = [np.ones(4)]
+    bncore.optim.Adam(ref, lr=0.1).step([np.ones(4)])
+    np.testing.assert_array_equal(cupy.asnumpy(p), ref[0])
+
+
+def test_gpu_parameter_appended_to_a_group_starts_fresh():
+    ps = [np.ones(3), np.ones(3)]
+    gs = [np.full(3, 0.5), np.full(3, -0.25)]
+    cpu = bncore.optim.Adam([ps[0].copy()], lr=0.1)
+    dev = [cupy.asarray(p) for p in ps]
+    gpu = bncore_gpu.optim.Adam([dev[0]], lr=0.1)
+    cpu_p = cpu.param_groups[0]["params"]
+    for _ in range(3):
+        cpu.step([gs[0]])
+        gpu.step([cupy.asarray(gs[0])])
+    cpu_p.append(ps[1].copy())
+    gpu.param_groups[0]["params"].append(dev[1])
+    for _ in range(2):
+        cpu.step(gs)
+        gpu.step([cupy.asarray(g) for g in gs])
+    for c, g in zip(cpu.param_groups[0]["params"], gpu.param_groups[0]["params"]):
+        np.testing.assert_allclose(cupy.asnumpy(g), c, rtol=1e-15, atol=0)
+    assert float(gpu.state[0]["step"]) == 5 and float(gpu.state[1]["step"]) == 2
+
+
+def test_gpu_validation_cache_keeps_no_gradients_alive():
+    import gc
+    import weakref
+    p = cupy.asarray(np.ones(8))
+    opt = bncore_gpu.optim.SGD([p], lr=0.1)
+    refs = []
+    for _ in range(20):
+        g = cupy.asarray(np.ones(8))
+        refs.append(weakref.ref(g))
+        opt.step([g])
+        bncore_gpu.clip_grad_norm([g], 1.0)
+        del g
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0
+
+
+def test_gpu_num_threads_is_checked_as_on_the_cpu():
+    g = [cupy.asarray(np.ones(3))]
+    with pytest.raises(TypeError, match="num_threads"):
+        bncore_gpu.clip_grad_norm(g, 1.0, num_threads=True)
+    with pytest.raises(ValueError, match="num_threads"):
+        bncore_gpu.sgd_step(g, [cupy.asarray(np.ones(3))], lr=0.1, num_threads=10 ** 6)

@@ -53,8 +53,8 @@ def test_batch_norm_on_torch_tensors_matches_cupy_and_updates_running_stats(chan
 
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dyt, dyc = _pair(dy)
-    gt = bncore_gpu.batch_norm_backward(dyt, xt, wt, mt, st, axis=axis)
-    gc = bncore_gpu.batch_norm_backward(dyc, xc, wc, mc, sc, axis=axis)
+    gt = bncore_gpu.batch_norm_backward(dyt, xt, mt, st, wt, axis=axis)
+    gc = bncore_gpu.batch_norm_backward(dyc, xc, mc, sc, wc, axis=axis)
     for a, c in zip(gt, gc):
         np.testing.assert_array_equal(_np(a), _np(c))
 

@@ -40,11 +40,16 @@ def _values_per_element():
     return 4 if RawModule.current_targs == ["float4"] else 1
 
 
+def _pivot(v):
+    """bn_pivot: a pivot from the data, 0 where that value is Inf or NaN."""
+    return np.where(np.isfinite(v), v, 0.0)
+
+
 def stats_planes(grid, block, x, outer, C, inner, G, s1, s2):
     inner = int(inner) * _values_per_element()
     _expect(grid[:2] == (G, C) and block[0] == 256, f"stats_planes launch {grid} {block}")
     X = _f64(x).reshape(int(outer), int(C), inner)
-    D = X - X[0, :, 0][None, :, None]
+    D = X - _pivot(X[0, :, 0])[None, :, None]
     a1 = _a(s1).reshape(int(C), int(G))
     a2 = _a(s2).reshape(int(C), int(G))
     for g in range(int(G)):
@@ -61,7 +66,7 @@ def stats_rows(grid, block, x, outer, C, inner, R, nRB, s1, s2):
     _expect(grid[:2] == (-(-P // 32), nRB) and block[:2] == (32, 8), "stats_rows launch")
     _expect((nRB - 1) * R < outer <= nRB * R, "stats_rows row blocks")
     X = _f64(x).reshape(outer, P)
-    K = X[0, (np.arange(P) // inner) * inner]          # pivot of each column's channel
+    K = _pivot(X[0, (np.arange(P) // inner) * inner])  # pivot of each column's channel
     D = X - K
     a1 = _a(s1).reshape(P, nRB)
     a2 = _a(s2).reshape(P, nRB)
@@ -80,11 +85,13 @@ def finalize_train(grid, block, x, C, inner, outer, M, s1, s2, N, eps, w, b, rm,
     _expect(grid[0] == C, "finalize_train grid")
     S1 = _a(s1).reshape(C, M).sum(axis=1)
     S2 = _a(s2).reshape(C, M).sum(axis=1)
-    K = _f64(x)[np.arange(C) * inner]
+    K = _pivot(_f64(x)[np.arange(C) * inner])
     d = S1 / N
     m2 = S2 - S1 * d
     # a pivot far from its channel's mean: the channel's sums again against K + d
-    far = S2 > 16.0 * m2
+    # (not where K + d is Inf or NaN)
+    with np.errstate(invalid="ignore"):
+        far = (S2 > 16.0 * m2) & np.isfinite(K + d)
     if far.any():
         X = _f64(x)[: outer * C * inner].reshape(outer, C, inner)
         for c in np.flatnonzero(far):

@@ -38,6 +38,10 @@ def asarray(a, dtype=None):
                  else _np.asarray(a, dtype=dtype))
 
 
+def array(a, dtype=None, copy=True):
+    return _wrap(_np.array(a, dtype=dtype, copy=True))
+
+
 def asnumpy(a):
     return _np.array(a).view(_np.ndarray)
 
