@@ -5,11 +5,16 @@ Each entry records what the framework's own source does, so that
 formulas. Momentum is always stored as bncore's *rate* (the weight of the new
 batch statistic); frameworks that call 0.99 "momentum" mean a decay, i.e. a
 rate of 0.01, and the ``framework_momentum`` column keeps their number.
+
+ONNX attributes are float32, so the onnx presets' defaults are the float32
+values (0.9 is 0.89999997615814209); a value passed explicitly is used as
+given: pass float(numpy.float32(v)) to mirror an ONNX model's attribute.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 CONVENTION_NAMES = ("torch", "keras", "tf_fused", "flax", "optax", "onnx")
 
@@ -26,6 +31,24 @@ class BatchNormConvention:
     unbiased_running_var: bool
     axis: int                  # default channel axis
     source: str                # where the convention comes from
+    # tf.keras 2 takes its fused kernel only for these input ranks; other ranks
+    # take tf.nn.moments (biased variance, eps as given). None: every rank alike
+    fused_ranks: Optional[Tuple[int, ...]] = None
+    fused_min_eps: float = 0.0  # tf.nn.fused_batch_norm raises eps to at least this
+
+    def for_rank(self, ndim: int) -> Tuple[bool, float]:
+        """(unbiased running variance, minimum eps) for an input of `ndim` dimensions."""
+        if self.fused_ranks is None:
+            return self.unbiased_running_var, 0.0
+        if ndim in self.fused_ranks:
+            return self.unbiased_running_var, self.fused_min_eps
+        return False, 0.0
+
+
+def _f32(v: float) -> float:
+    """v as a float32 holds it: ONNX attributes (epsilon, momentum, alpha, ...)
+    are float32, so an ONNX model's default 0.9 is 0.89999997615814209."""
+    return float(struct.unpack("f", struct.pack("f", v))[0])
 
 
 BATCH_NORM: Dict[str, BatchNormConvention] = {
@@ -39,15 +62,18 @@ BATCH_NORM: Dict[str, BatchNormConvention] = {
         "moving_variance updated with the biased batch variance, channels-last"),
     "tf_fused": BatchNormConvention(
         "tf_fused", 0.01, 0.99, True, 1e-3, True, -1,
-        "tf.keras 2 BatchNormalization, fused kernel (4D/5D inputs): decay 0.99, "
-        "epsilon=1e-3, tf.nn.fused_batch_norm applies Bessel's correction to the variance"),
+        "tf.keras 2 BatchNormalization: decay 0.99, epsilon=1e-3; 4D/5D inputs take the "
+        "fused kernel, whose tf.nn.fused_batch_norm applies Bessel's correction to the "
+        "variance and raises epsilon to at least 1.001e-5; 2D/3D inputs take "
+        "tf.nn.moments (biased variance)", fused_ranks=(4, 5), fused_min_eps=1.001e-5),
     "flax": BatchNormConvention(
         "flax", 0.01, 0.99, True, 1e-5, False, -1,
         "flax.linen.BatchNorm: momentum=0.99 (decay), epsilon=1e-5, biased variance"),
     "onnx": BatchNormConvention(
-        "onnx", 0.1, 0.9, True, 1e-5, False, 1,
-        "ONNX BatchNormalization (opset 15): momentum=0.9 (decay), epsilon=1e-5, "
-        "running_var from the population (biased) variance"),
+        "onnx", 1.0 - _f32(0.9), _f32(0.9), True, _f32(1e-5), False, 1,
+        "ONNX BatchNormalization (opset 15): momentum=0.9 (decay), epsilon=1e-5, both "
+        "float32 attributes (the defaults here are those float32 values), running_var "
+        "from the population (biased) variance"),
 }
 
 
@@ -86,8 +112,9 @@ OPTIMIZERS: Dict[str, Dict[str, dict]] = {
         "optax": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
                       eps_style="optax", eps_root=0.0, decoupled_weight_decay=False,
                       onnx_update_count=False, weight_decay_post=0.0),
-        "onnx": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, amsgrad=False,
-                     eps_style="hat", eps_root=0.0, decoupled_weight_decay=False,
+        # ONNX Adam's alpha, beta and epsilon are float32 attributes
+        "onnx": dict(lr=1e-3, betas=(_f32(0.9), _f32(0.999)), eps=_f32(1e-6), weight_decay=0.0,
+                     amsgrad=False, eps_style="hat", eps_root=0.0, decoupled_weight_decay=False,
                      onnx_update_count=True, weight_decay_post=0.0),
     },
     "AdamW": {
@@ -125,7 +152,7 @@ OPTIMIZERS: Dict[str, Dict[str, dict]] = {
         "optax": dict(lr=1e-3, lr_decay=0.0, weight_decay=0.0, eps=1e-7,
                       initial_accumulator_value=0.1, eps_inside_sqrt=True,
                       decoupled_weight_decay=False),
-        "onnx": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-6,
+        "onnx": dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=_f32(1e-6),
                      initial_accumulator_value=0.0, eps_inside_sqrt=False,
                      decoupled_weight_decay=False),
     },

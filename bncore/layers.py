@@ -111,6 +111,12 @@ class BatchNorm:
             if shape[ax] != self.num_features:
                 raise ValueError(f"x has {shape[ax]} channels on axis {self.axis}; this layer "
                                  f"has num_features={self.num_features}")
+        unbiased, eps = self.unbiased_running_var, self.eps
+        conv = batch_norm_convention(self.convention)
+        if shape is not None and conv.fused_ranks is not None:
+            # tf_fused: tf.keras 2 fuses only 4D/5D inputs (see bncore.conventions)
+            unbiased, min_eps = conv.for_rank(len(shape))
+            eps = max(eps, min_eps)
         batch_stats = self._uses_batch_stats()
         update = self.training and self.track_running_stats
         momentum = 0.0
@@ -123,8 +129,8 @@ class BatchNorm:
             x, self.weight, self.bias,
             self.running_mean if (update or not batch_stats) else None,
             self.running_var if (update or not batch_stats) else None,
-            training=batch_stats, momentum=momentum, eps=self.eps, axis=self.axis,
-            unbiased_running_var=self.unbiased_running_var, num_threads=num_threads)
+            training=batch_stats, momentum=momentum, eps=eps, axis=self.axis,
+            unbiased_running_var=unbiased, num_threads=num_threads)
         if update:
             self.num_batches_tracked += 1
         self._saved = (x, mean, invstd, batch_stats)

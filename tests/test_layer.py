@@ -101,3 +101,50 @@ def test_state_dict_round_trips_bit_for_bit():
     x = data(seed=7, dtype=np.float64)
     a.eval(), b.eval()
     assert a.forward(x).tobytes() == b.forward(x).tobytes()
+
+
+@pytest.mark.parametrize("shape,fused", [((16, 5), False), ((8, 10, 5), False),
+                                         ((8, 4, 4, 5), True), ((2, 3, 4, 4, 5), True)])
+def test_tf_fused_follows_tf_keras_2_by_input_rank(shape, fused):
+    """tf.keras 2 fuses only 4D/5D inputs: the fused kernel keeps the unbiased
+    variance and raises eps to 1.001e-5; 2D/3D inputs go through tf.nn.moments
+    (biased variance, eps as given)."""
+    x = np.random.default_rng(0).standard_normal(shape)
+    layer = bncore.BatchNorm(5, convention="tf_fused", eps=1e-6, dtype=np.float64)
+    layer.forward(x)
+    red = tuple(range(len(shape) - 1))
+    n = x.size // 5
+    var = x.var(axis=red) * (n / (n - 1) if fused else 1.0)
+    np.testing.assert_allclose(layer.running_var, 0.99 + 0.01 * var, rtol=1e-14)
+    layer.eval()
+    y = layer.forward(np.ones(shape))
+    eps = 1.001e-5 if fused else 1e-6
+    expected = (1.0 - layer.running_mean) / np.sqrt(layer.running_var + eps)
+    np.testing.assert_allclose(y, np.broadcast_to(expected, y.shape), rtol=1e-14)
+
+
+def test_onnx_defaults_are_its_float32_attributes():
+    """ONNX stores epsilon and momentum as float32: its default momentum 0.9 is
+    0.89999997615814209, and that is what a model computes with."""
+    onnx = pytest.importorskip("onnx", reason="onnx not installed: the reference is ONNX's")
+    from onnx import helper, TensorProto
+    from onnx.reference import ReferenceEvaluator
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 5, 5))
+    scale, bias = rng.standard_normal(3), rng.standard_normal(3)
+    rm, rv = rng.standard_normal(3), rng.uniform(0.5, 2, 3)
+    names = ["X", "scale", "B", "mean", "var"]
+    node = helper.make_node("BatchNormalization", names, ["Y", "rm", "rv"], training_mode=1)
+    graph = helper.make_graph(
+        [node], "bn", [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in names],
+        [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ("Y", "rm", "rv")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    y_ref, rm_ref, rv_ref = ReferenceEvaluator(model).run(
+        None, dict(zip(names, (x, scale, bias, rm, rv))))
+    layer = bncore.BatchNorm(3, convention="onnx", dtype=np.float64)
+    layer.weight[:], layer.bias[:] = scale, bias
+    layer.running_mean[:], layer.running_var[:] = rm, rv
+    y = layer.forward(x)
+    np.testing.assert_allclose(layer.running_mean, rm_ref, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(layer.running_var, rv_ref, rtol=1e-14)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
