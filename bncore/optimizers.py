@@ -116,8 +116,11 @@ def sgd_hyper(lr, momentum, dampening, nesterov, weight_decay, style, bufs):
     dampening = chk.in_unit_interval("dampening", dampening)
     weight_decay = chk.non_negative("weight_decay", weight_decay)
     s = _SGD_STYLES[_style("style", style, tuple(_SGD_STYLES))]
-    if nesterov and (momentum == 0.0 or (dampening != 0.0 and s == 0)):
-        raise ValueError("nesterov requires momentum > 0 (and dampening = 0 in the torch style)")
+    if nesterov and s == 0 and (momentum == 0.0 or dampening != 0.0):
+        raise ValueError("nesterov requires momentum > 0 and dampening = 0 in the torch style "
+                         "(as torch.optim.SGD)")
+    if dampening != 0.0 and s == 1:
+        raise ValueError("dampening is torch's; the keras style has none (it would be ignored)")
     if momentum != 0.0 and bufs is None:
         raise ValueError("momentum > 0 needs momentum_buffers")
     return lr, momentum, dampening, weight_decay, s
@@ -290,8 +293,9 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
         den = sqrt(d + eps)                      (eps_inside_sqrt: Keras, optax)
         p = p - lr * g / den                     (no momentum)
 
-    Momentum, style="torch" (also optax): ``b = momentum * b + g / den; p = p - lr * b``;
-    style="keras": ``b = momentum * b + lr * g / den; p = p - b``.
+    Momentum, style="torch": ``b = momentum * b + g / den; p = p - lr * b``;
+    style="keras" (also optax, whose ``rmsprop`` scales by the learning rate
+    before ``trace``): ``b = momentum * b + lr * g / den; p = p - b``.
     """
     params = as_list("params", params)
     grads = as_list("grads", grads)

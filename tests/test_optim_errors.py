@@ -249,3 +249,26 @@ def test_threads_are_capped_by_the_work_not_by_the_request():
     adam(b, num_threads=5000)
     for x, y in zip(a["params"], b["params"]):
         assert x.tobytes() == y.tobytes()
+
+
+def test_sgd_flags_follow_each_style():
+    """torch refuses nesterov without momentum or with dampening; Keras runs
+    nesterov without momentum as plain SGD, and has no dampening (refused rather
+    than ignored); optax.sgd(nesterov=True) without momentum is plain SGD."""
+    a = fresh()
+    with pytest.raises(ValueError, match="nesterov"):
+        bncore.sgd_step(a["params"], a["grads"], lr=0.1, nesterov=True)
+    plain = [p.copy() for p in a["params"]]
+    bncore.sgd_step(plain, a["grads"], lr=0.1)
+    for style in ("keras", "onnx"):
+        b = fresh()
+        bncore.sgd_step(b["params"], b["grads"], lr=0.1, nesterov=True, style=style)
+        for x, y in zip(b["params"], plain):
+            np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="dampening"):
+        bncore.sgd_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=0.9, dampening=0.5,
+                        style="keras")
+    c = fresh()
+    bncore.optim.SGD(c["params"], convention="optax", lr=0.1, nesterov=True).step(c["grads"])
+    for x, y in zip(c["params"], plain):
+        np.testing.assert_array_equal(x, y)

@@ -35,8 +35,13 @@ class SGD(Optimizer):
     kind = "SGD"
     state_arrays = ()      # momentum_buffer is created at its first use
 
+    def _nesterov(self, g: Dict[str, Any]) -> bool:
+        # optax.sgd(nesterov=True) without momentum is plain SGD (torch raises;
+        # the keras and onnx styles allow it in the step function itself)
+        return bool(g["nesterov"]) and not (self.convention == "optax" and g["momentum"] == 0)
+
     def _check_hyper(self, g: Dict[str, Any]) -> None:
-        _rules.sgd_hyper(g["lr"], g["momentum"], g["dampening"], g["nesterov"],
+        _rules.sgd_hyper(g["lr"], g["momentum"], g["dampening"], self._nesterov(g),
                          g["weight_decay"], g["style"], ())
 
     def _call_key(self, state, group) -> tuple:
@@ -69,7 +74,7 @@ class SGD(Optimizer):
                 [params[k] for k in ks], [grads[k] for k in ks],
                 [states[k]["momentum_buffer"] for k in ks] if momentum else None,
                 lr=g["lr"], momentum=momentum, dampening=g["dampening"],
-                nesterov=g["nesterov"], weight_decay=g["weight_decay"],
+                nesterov=self._nesterov(g), weight_decay=g["weight_decay"],
                 maximize=g.get("maximize", False),
                 first_step=bool(first), step=step if first is None else None,
                 style=g["style"], decoupled_weight_decay=g["decoupled_weight_decay"],

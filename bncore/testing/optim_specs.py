@@ -99,9 +99,13 @@ def _inv(case: Case) -> float:
 # ---- SGD
 
 def _sgd_fix(p: Params) -> Params:
+    """The drawn flags as each style allows them: torch refuses nesterov without
+    momentum or with dampening, Keras has no dampening."""
     p = dict(p)
-    if p["nesterov"] and (p["momentum"] == 0.0 or (p["style"] == "torch" and p["dampening"])):
+    if p["nesterov"] and p["style"] == "torch" and (p["momentum"] == 0.0 or p["dampening"]):
         p["nesterov"] = False
+    if p["style"] == "keras":
+        p["dampening"] = 0.0
     return p
 
 
