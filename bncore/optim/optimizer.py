@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import numbers
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -120,7 +121,7 @@ class Optimizer:
         the others keep theirs."""
         flat = self._flat_params()
         old = self._state_params
-        if len(flat) == len(old) and all(a is b for a, b in zip(flat, old)):
+        if len(flat) == len(old) and all(map(operator.is_, flat, old)):
             return flat
         known = {id(p) for p in old}
         seen = set()
@@ -174,10 +175,21 @@ class Optimizer:
         Parameters of a group normally share their step count: one call per
         distinct count (one call in the usual case); subclasses may split further."""
         calls, offset = [], 0
+        plain_keys = type(self)._call_key is Optimizer._call_key
         for group in self.param_groups:
             n = len(group["params"])
             gparams, ggrads = group["params"], grads[offset:offset + n]
             idx = list(range(offset, offset + n))
+            if plain_keys:
+                # the usual case, without a dict operation per parameter: every
+                # parameter has state, all at one step count
+                states = list(map(self.state.get, idx))
+                if None not in states:
+                    counts = {st["step"] for st in states}
+                    if len(counts) == 1:
+                        calls.append((group, list(gparams), ggrads, idx, counts.pop() + 1))
+                        offset += n
+                        continue
             by_key: Dict[tuple, List[int]] = {}
             for k, i in enumerate(idx):
                 state = self.state.get(i)
