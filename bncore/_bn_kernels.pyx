@@ -1185,7 +1185,7 @@ cdef inline Py_ssize_t _expand_len(const Plan* p) noexcept nogil:
 
 
 cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
-                  int nthreads) noexcept nogil:
+                  int nthreads, double* pivot_out=NULL) noexcept nogil:
     """Per-channel mean and M2 = sum (x - mean)^2 (needs outer * inner >= 1).
 
     Each work item sums x - P against its own pivot P (one of its elements);
@@ -1193,7 +1193,9 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     channel's first element, as (P - K_c) + S1 / n: partial means are of the
     size of the spread rather than of |mean|, so rounding them costs u * std
     instead of u * |mean|, and the between-partials term of M2 stays exact for
-    nearly constant channels.
+    nearly constant channels. With pivot_out, the pivots K_c are stored there
+    and mean receives mean - K_c (not rounded to |mean|'s precision: what the
+    distributed combination needs).
     Returns -1 when out of memory.
     """
     cdef Py_ssize_t C = p.C, c
@@ -1211,6 +1213,10 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
         pivot[c] = _pivot_of(<double>x[c * p.inner])
     _part_counts(p, counts)
     _stats_partials(x, p, pivot, pmean, pm2, scratch, nthreads)
+    if pivot_out != NULL:
+        for c in range(C):
+            pivot_out[c] = pivot[c]
+            pivot[c] = 0.0              # the combination adds it back: keep mean - K
     _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
     free(buf)
     return 0
@@ -1401,29 +1407,33 @@ def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t items
 
 
 def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int nthreads):
-    """Per-channel float64 (mean, m2) of x viewed as (outer, C, inner), without
-    normalizing; m2 = sum (x - mean)^2. Zeros when outer * inner == 0."""
+    """Per-channel float64 (pivot, mean - pivot, m2) of x viewed as (outer, C,
+    inner), without normalizing: the pivot K is the channel's first element (0
+    if that is Inf or NaN), mean - K is not rounded to |mean|'s precision, and
+    m2 = sum (x - mean)^2. Zeros when outer * inner == 0."""
     cdef Plan p = make_plan(outer, C, inner)
     cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
-    cdef cnp.ndarray mean = _new_vec(C), m2 = _new_vec(C)
-    cdef double* pmean = <double*>cnp.PyArray_DATA(mean)
+    cdef cnp.ndarray pivot = _new_vec(C), delta = _new_vec(C), m2 = _new_vec(C)
+    cdef double* pk = <double*>cnp.PyArray_DATA(pivot)
+    cdef double* pd = <double*>cnp.PyArray_DATA(delta)
     cdef double* pm2 = <double*>cnp.PyArray_DATA(m2)
     cdef void* px = cnp.PyArray_DATA(x)
     cdef Py_ssize_t c
     if C > 0 and outer * inner == 0:
         for c in range(C):
-            pmean[c] = 0.0
+            pk[c] = 0.0
+            pd[c] = 0.0
             pm2[c] = 0.0
     elif C > 0:
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
             with nogil:
-                rc = _mean_m2(<const float*>px, &p, pmean, pm2, nt)
+                rc = _mean_m2(<const float*>px, &p, pd, pm2, nt, pk)
         else:
             with nogil:
-                rc = _mean_m2(<const double*>px, &p, pmean, pm2, nt)
+                rc = _mean_m2(<const double*>px, &p, pd, pm2, nt, pk)
     if rc != 0:
         raise MemoryError("bncore: out of memory for batch-norm scratch")
-    return mean, m2
+    return pivot, delta, m2
 
 
 def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,

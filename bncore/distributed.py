@@ -26,7 +26,8 @@ Backward (training), with the global N, mean and invstd::
 
 Communication per call, for C channels and P ranks, each rank sending (and
 receiving P times): a validation header of 8 float64 (64 bytes) in one
-Allgather, then, forward: 2C float64 (16 C bytes); backward: 2C float64;
+Allgather, then, forward: 3C float64 (24 C bytes: pivot, mean less it, M2);
+backward: 2C float64;
 :func:`grad_norm` / :func:`clip_grad_norm`: one Allgather of 8 float64 and
 nothing else. :func:`traffic` counts what this rank actually sent.
 
@@ -39,8 +40,8 @@ backward) are checked the same way. A training batch needs at least 2
 values per channel in total over all ranks; single ranks may hold 0 or 1.
 
 Inference (``training=False``) normalizes with the running statistics,
-which are identical on every rank, and communicates nothing; ``training``
-must therefore be the same on every rank.
+which are identical on every rank, and communicates nothing in the forward
+pass; ``training`` must therefore be the same on every rank.
 """
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def _local(fn, *args, **kwargs):
 # --------------------------------------------------------------------------
 # Combining rank statistics
 
-def combine_statistics(counts: np.ndarray, means: np.ndarray,
-                       m2s: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:
+def combine_statistics(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray,
+                       pivots: Optional[np.ndarray] = None
+                       ) -> Tuple[float, np.ndarray, np.ndarray]:
     """Exact pooled (N, mean, M2) of per-rank (n_r, mean_r, M2_r), rank order.
 
     Chan, Golub & LeVeque's pairwise update applied to ranks 0, 1, ..., P-1
@@ -98,24 +100,45 @@ def combine_statistics(counts: np.ndarray, means: np.ndarray,
     Every term is non-negative, so nothing cancels; the order is fixed, so
     every rank that calls it on the same gathered table gets the same bits.
     `counts` is (P,), `means` and `m2s` are (P, C) float64.
+
+    With `pivots` (P, C), rank r's mean is ``pivots[r] + means[r]`` (its
+    kernels' channel pivot and the mean less it, as bncore's statistics keep
+    them): the update then runs on means relative to the first rank's pivot,
+    values of the size of the data's spread, so d carries the spread's
+    rounding instead of |mean|'s (with |mean| = 1e7 std, 1e-16 against 2e-11
+    relative in the variance). A channel whose rank means are not all finite
+    (the data hold an Inf or a NaN) gets IEEE's mean of the values and M2 NaN,
+    as in one process.
     """
+    counts = np.asarray(counts, dtype=_F64)
     C = means.shape[1]
+    live = np.flatnonzero(counts != 0.0)
+    if live.size == 0:
+        return 0.0, np.zeros(C, dtype=_F64), np.zeros(C, dtype=_F64)
+    if pivots is None:
+        base, rel = np.zeros(C, dtype=_F64), means
+    else:
+        base = np.array(pivots[live[0]], dtype=_F64)
+        rel = (pivots - base) + means
     n = 0.0
     mean = np.zeros(C, dtype=_F64)
     m2 = np.zeros(C, dtype=_F64)
-    for r in range(len(counts)):
-        nb = float(counts[r])
-        if nb == 0.0:
-            continue
-        if n == 0.0:
-            n, mean, m2 = nb, means[r].copy(), m2s[r].copy()
-            continue
-        tot = n + nb
-        d = means[r] - mean
-        mean = mean + d * (nb / tot)
-        m2 = m2 + m2s[r] + (d * d) * (n * nb / tot)
-        n = tot
-    return n, mean, m2
+    with np.errstate(invalid="ignore", over="ignore"):
+        for r in live:
+            nb = float(counts[r])
+            if n == 0.0:
+                n, mean, m2 = nb, rel[r].copy(), m2s[r].copy()
+                continue
+            tot = n + nb
+            d = rel[r] - mean
+            mean = mean + d * (nb / tot)
+            m2 = m2 + m2s[r] + (d * d) * (n * nb / tot)
+            n = tot
+        bad = ~np.isfinite(rel[live]).all(axis=0)
+        if bad.any():
+            mean[bad] = (counts[live, None] * rel[live][:, bad]).sum(axis=0) / n
+            m2[bad] = np.nan
+    return n, base + mean, m2
 
 
 # --------------------------------------------------------------------------
@@ -146,8 +169,9 @@ class HostEngine:
         dst[...] = values
 
     @staticmethod
-    def stats(x, ax: int, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
-        """This rank's per-channel (mean, M2), float64 (zeros for an empty shard)."""
+    def stats(x, ax: int, nthreads: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's per-channel (pivot, mean - pivot, M2), float64 (zeros for an
+        empty shard): see combine_statistics."""
         view = channel_view(x, ax)
         xk = _kernel_input(view, x)
         return _bk.stats(_flat(view, xk), view.outer, x.shape[ax], view.inner, nthreads)
@@ -245,9 +269,9 @@ def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training
             f"{[int(c) for c in counts]})")
 
     # ---- every rank passed: local statistics, one exchange, the same combination everywhere
-    mean_r, m2_r = eng.stats(x, ax, nthreads)
-    rows = col.gather_rows(comm, np.concatenate([mean_r, m2_r]))
-    N, mean, m2 = combine_statistics(counts, rows[:, :C], rows[:, C:])
+    pivot_r, delta_r, m2_r = eng.stats(x, ax, nthreads)
+    rows = col.gather_rows(comm, np.concatenate([pivot_r, delta_r, m2_r]))
+    N, mean, m2 = combine_statistics(counts, rows[:, C:2 * C], rows[:, 2 * C:], rows[:, :C])
     invstd = 1.0 / np.sqrt(m2 / N + eps)
     if running_mean is not None:
         # r = (1 - momentum) r + momentum * stat in float64, stored once (as the kernel does)
@@ -283,7 +307,7 @@ def sync_batch_norm_forward(
     In training, ``mean`` and ``invstd`` are those of the concatenated batch
     and bitwise identical on every rank, and so are the updated running
     statistics (given identical running statistics before the call).
-    Collective in training (two Allgathers: 64 bytes, then 16 C bytes per
+    Collective in training (two Allgathers: 64 bytes, then 24 C bytes per
     rank); inference communicates nothing.
 
     Returns ``(y, mean, invstd)`` as batch_norm_forward does; pass them to
@@ -315,9 +339,6 @@ def _check_backward(eng, dy, x, mean, invstd, weight, training, axis, out, weigh
 def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight_grads, out,
                   num_threads):
     """sync_batch_norm_backward on engine `eng` (HostEngine or bncore_gpu's)."""
-    if not training and weight_grads == "local":
-        return eng.backward(dy, x, mean, invstd, weight, training=False, axis=axis, out=out,
-                            num_threads=num_threads)
     comm = col.check_comm(comm)
     args, err = _local(_check_backward, eng, dy, x, mean, invstd, weight, training, axis, out,
                        weight_grads, num_threads)
@@ -325,16 +346,22 @@ def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight
     if err is None:
         dy, x, ax, C, n, mean, invstd, weight, dx_out, dw_out, db_out, nthreads = args
         header = _pad(C, _DTYPES.index(x.dtype.name), n,
-                      col.crc(eng.host(mean), eng.host(invstd)), float(bool(training)))
+                      col.crc(eng.host(mean), eng.host(invstd)), float(bool(training)),
+                      float(_WEIGHT_GRADS.index(weight_grads)))
     table = col.agree(comm, err, header, "sync_batch_norm_backward")
     col.raise_if(col.first([
         col.disagreement(table, 0, what="the channel count of x"),
         col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
         col.disagreement(table, 4, ("False", "True"), what="training"),
+        col.disagreement(table, 5, _WEIGHT_GRADS, what="weight_grads"),
         col.disagreement(table, 3, exact_bits=True,
                          what="the CRC-32 of (mean, invstd) (pass the statistics "
                               "sync_batch_norm_forward returned, identical on every rank)"),
     ]))
+    if not training and weight_grads == "local":
+        # inference with this rank's own dweight/dbias: nothing to exchange
+        return eng.backward(dy, x, mean, invstd, weight, training=False, axis=axis, out=out,
+                            num_threads=num_threads)
     N = float(np.sum(table[:, 2]))
     if training and N < 2:
         raise ValueError(f"training-mode batch norm needs more than 1 value per channel over "
@@ -391,7 +418,9 @@ def sync_batch_norm_backward(
     batch_norm_backward's on the concatenated batch; do not sum them across
     ranks again. ``"local"``: this rank's share (sum over its shard), which is
     what PyTorch's SyncBatchNorm returns and DDP then all-reduces with the
-    other gradients. ``training=False`` with ``"local"`` communicates nothing.
+    other gradients. ``weight_grads`` must be the same on every rank (it is
+    checked: the 64-byte header is exchanged in inference too, after which
+    ``training=False`` with ``"local"`` exchanges nothing more).
     """
     return sync_backward(HostEngine, dy, x, mean, invstd, weight, comm, training, axis,
                          weight_grads, out, num_threads)
@@ -434,6 +463,13 @@ class SyncBatchNorm(BatchNorm):
     def _backward(self, *args, **kwargs):
         return self._sync_backward(*args, comm=self.comm, weight_grads=self.weight_grads,
                                    **kwargs)
+
+    def _check_input(self, shape) -> None:
+        # in a collective, a local error would leave the other ranks waiting:
+        # the collective's own validation checks the channel count on every
+        # rank (against the weight and running statistics, and across ranks)
+        if not self._uses_batch_stats():
+            super()._check_input(shape)
 
     def backward(self, dy, *, num_threads: Optional[int] = None) -> np.ndarray:
         """This rank's dx; grad_weight and grad_bias as ``weight_grads`` says."""

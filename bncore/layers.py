@@ -103,14 +103,19 @@ class BatchNorm:
         return self.training or not self.track_running_stats
 
     # ---- computation
-    def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
-        """Normalize x; in training mode also update the running statistics."""
-        shape = getattr(x, "shape", None)
+    def _check_input(self, shape) -> None:
+        """x's channel count against num_features (the functions cannot: without
+        weight or running statistics nothing else says how many there are)."""
         if shape is not None and len(shape) >= 2:
             ax = chk.normalize_axis(self.axis, len(shape))
             if shape[ax] != self.num_features:
                 raise ValueError(f"x has {shape[ax]} channels on axis {self.axis}; this layer "
                                  f"has num_features={self.num_features}")
+
+    def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
+        """Normalize x; in training mode also update the running statistics."""
+        shape = getattr(x, "shape", None)
+        self._check_input(shape)
         unbiased, eps = self.unbiased_running_var, self.eps
         conv = batch_norm_convention(self.convention)
         if shape is not None and conv.fused_ranks is not None:

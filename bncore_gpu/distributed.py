@@ -12,7 +12,8 @@ docstring), with the local work done on the device by bncore_gpu's kernels:
 * norms: this rank's norm on the device, exchanged as a 64-byte header,
   combined in rank order; the clip coefficient goes back to the device.
 
-Transport: the exchanged vectors are 16 C bytes per rank and step (a few KB
+Transport: the exchanged vectors are 24 C (forward) and 16 C (backward) bytes per
+rank and step (a few KB
 for real networks), so they are staged through host memory and sent with
 plain mpi4py ``Allgather``; any MPI works, CUDA-aware or not, and several
 ranks may share one GPU. Each exchange costs a device-to-host copy of those
@@ -28,6 +29,7 @@ device array, like their single-GPU versions.
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional, Tuple
 
 import cupy
@@ -76,15 +78,16 @@ class DeviceEngine:
         dst[...] = cupy.asarray(values.astype(dst.dtype))
 
     @staticmethod
-    def stats(x, ax: int, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
-        """This rank's per-channel (mean, M2) in float64 (zeros for an empty shard),
+    def stats(x, ax: int, nthreads: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """This rank's per-channel (K, d, M2) in float64 (zeros for an empty shard),
         from the pivoted sums of the statistics kernels: with K the channel's
-        first element, d = sum(x - K) / n, mean = K + d, M2 = sum (x - K)^2 - d sum(x - K)."""
+        first element, d = sum(x - K) / n (the mean is K + d, not rounded here:
+        see bncore.distributed.combine_statistics), M2 = sum (x - K)^2 - d sum(x - K)."""
         view = channel_view(x, ax)
         C = x.shape[ax]
         n = view.outer * view.inner
         if n == 0 or C == 0:
-            return np.zeros(C), np.zeros(C)
+            return np.zeros(C), np.zeros(C), np.zeros(C)
         xf = view.flat(view.arrange(x, cupy))
         s1, s2, M = _bn._partial_sums("stats", xf, None, view.outer, C, view.inner)
         s1, s2 = _channel_sums(s1, s2, C, M)
@@ -103,7 +106,7 @@ class DeviceEngine:
             t1, t2 = v.sum(axis=(0, 2)), (v * v).sum(axis=(0, 2))
             d[far], m2[far] = t1 / n, t2 - t1 * (t1 / n)
         m2 = cupy.maximum(m2, 0.0)               # rounding of an exactly constant channel
-        return cupy.asnumpy(K + d), cupy.asnumpy(m2)
+        return cupy.asnumpy(K), cupy.asnumpy(d), cupy.asnumpy(m2)
 
     @staticmethod
     def normalize(x, ax: int, mean: np.ndarray, invstd: np.ndarray, weight, bias, out,
@@ -176,9 +179,11 @@ class DeviceEngine:
             s = norm ** p
         except OverflowError:
             s = math.inf
-        if math.isfinite(s) and (s > 0.0 or norm == 0.0):
+        if math.isfinite(s) and (s >= sys.float_info.min or norm == 0.0):
             return s, 1.0, 0.0
-        return 1.0, norm, 0.0      # norm^p over- or underflows: pass the norm as the scale
+        # norm^p overflows, underflows or is subnormal (a few significant bits
+        # left): pass the norm as the scale
+        return 1.0, norm, 0.0
 
     @staticmethod
     def scale(table, coef: float, nthreads: int) -> None:

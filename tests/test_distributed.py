@@ -188,14 +188,14 @@ def test_sync_batch_norm_equals_single_process(bn_job, case):
 
 
 def test_sync_batch_norm_traffic(bn_job):
-    """Forward and backward: a 64-byte header and 16 C bytes each, in two collectives;
+    """Forward and backward: a 64-byte header and 24 C (forward: pivot, mean less it, M2) or 16 C (backward) bytes, in two collectives each;
     inference: nothing."""
     P, outdir, engine = bn_job
     for case, c in BN_CASES.items():
         C = c["shape"][c["axis"]]
         for got in _load(outdir, "bn", case, P):
             fc, fb, bc, bb, ec = got["traffic"].tolist()
-            assert (fc, fb) == (2, 64 + 16 * C), case
+            assert (fc, fb) == (2, 64 + 24 * C), case
             assert (bc, bb) == (2, 64 + 16 * C), case
             assert ec == 0, case
 

@@ -151,3 +151,78 @@ def test_local_errors_raise_through_the_protocol():
         dist.clip_grad_norm([x], -1.0, comm=COMM)
     with pytest.raises(ValueError, match="weight_grads"):
         dist.SyncBatchNorm(3, comm=COMM, weight_grads="sum")
+
+
+# ---- several ranks as threads (tests/thread_comm.py)
+
+def _every_rank(P, fn, timeout=10.0):
+    """fn(comm) on P thread-ranks without aborting the others when one raises
+    (run_ranks does, which would hide a hang): each rank's result or exception."""
+    import threading
+    import thread_comm
+    group = thread_comm._Group(P)
+    group.barrier = threading.Barrier(P, timeout=timeout)
+    out = [None] * P
+
+    def body(r):
+        try:
+            out[r] = fn(thread_comm.ThreadComm(group, r))
+        except BaseException as exc:  # noqa: BLE001
+            out[r] = exc
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(P)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout * 3)
+    return out
+
+
+def test_far_offset_channels_are_combined_as_accurately_as_in_one_process():
+    """Rank means exchanged as (pivot, mean less it): with |mean| = 1e7 std the
+    combined variance is as accurate as the single-process one (the absolute
+    means' rounding put it 2e-11 away)."""
+    import thread_comm
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3)) + np.array([1e3, 1e7, 1e9])
+    exact = 1.0 / np.sqrt(np.var(x.astype(np.longdouble), axis=0) + np.longdouble(1e-5))
+    _, _, inv1 = bncore.batch_norm_forward(x)
+    parts = np.split(x, [7, 16, 21])
+    got = thread_comm.run_ranks(4, lambda c: dist.sync_batch_norm_forward(
+        parts[c.Get_rank()], comm=c)[2])
+    for inv in [inv1] + got:
+        np.testing.assert_allclose(inv, exact.astype(np.float64), rtol=2e-15)
+
+
+@pytest.mark.parametrize("row", [0, 5])
+def test_an_infinite_value_on_any_rank_gives_an_infinite_mean(row):
+    import thread_comm
+    x = np.random.default_rng(1).standard_normal((8, 3))
+    x[row, 0] = np.inf
+    _, mean1, _ = bncore.batch_norm_forward(x)
+    got = thread_comm.run_ranks(2, lambda c: dist.sync_batch_norm_forward(
+        x[4 * c.Get_rank():4 * c.Get_rank() + 4], comm=c)[1])
+    for mean in got:
+        assert mean[0] == np.inf == mean1[0]
+        np.testing.assert_allclose(mean[1:], mean1[1:], rtol=1e-14)
+
+
+def test_layer_with_a_wrong_channel_count_on_one_rank_raises_everywhere():
+    """A local check before the collective left the other ranks waiting."""
+    def fn(c):
+        layer = dist.SyncBatchNorm(4, comm=c)
+        return layer.forward(np.ones((3, 4 if c.Get_rank() == 0 else 5)))
+    out = _every_rank(2, fn)
+    assert all(isinstance(e, ValueError) for e in out), out
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_weight_grads_must_agree_on_every_rank(training):
+    x = np.random.default_rng(2).standard_normal((8, 3))
+    _, mean, invstd = bncore.batch_norm_forward(x)
+
+    def fn(c):
+        wg = "global" if c.Get_rank() == 0 else "local"
+        return dist.sync_batch_norm_backward(x, x, mean, invstd, comm=c, training=training,
+                                             weight_grads=wg)
+    out = _every_rank(2, fn)
+    assert all(isinstance(e, ValueError) and "weight_grads" in str(e) for e in out), out
