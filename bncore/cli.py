@@ -26,7 +26,7 @@ import numpy as np
 
 EPILOG_CHECK = """\
 examples:
-  bncore check                          everything, about 30 s on 2 cores
+  bncore check                          everything, a few seconds on 2 cores
   bncore check --op batch_norm_forward --dtype float32
   bncore check --json report.json       machine-readable (schema below)
 

@@ -53,3 +53,16 @@ def test_threadpoolctl_controls_default_threads():
         pytest.skip("serial build")
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
         assert bncore.get_num_threads() == 1
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    """.ci/run must end with exactly the README's test command (the second line
+    of the README's first code block)."""
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    command = block[1].split("#", 1)[0].strip()
+    ci = [ln.strip() for ln in open(os.path.join(root, ".ci", "run")) if ln.strip()]
+    assert ci[-1] == command
+    assert "pytest" in command
