@@ -71,6 +71,17 @@ def test_precision_diagnostic_needs_the_float64_run_to_agree():
     assert row.verdict == "explained" and "precision" in row.note
 
 
+def test_precision_diagnostic_never_explains_bncore_being_the_worse_one():
+    """Same formula in float64, a float32 gap, but bncore's float32 result is
+    the one far from the exact result: bncore's error, DIFFERS (it was called
+    the framework's float32 arithmetic, exit status 0)."""
+    def bn(dtype, centered=False):
+        y = _x(dtype)["y"]
+        return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
+    row = evaluate("t", _synthetic(_x, bn))
+    assert row.verdict == "DIFFERS" and "bncore's error" in row.note
+
+
 def test_a_raising_row_is_reported_not_fatal():
     def boom(dtype, centered=False):
         raise RuntimeError("no such kernel")

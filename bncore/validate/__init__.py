@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 from typing import List, Optional
@@ -46,8 +47,11 @@ def missing(framework: str) -> List[str]:
     for name in mod.REQUIRES:
         try:
             importlib.import_module(name)
-        except ImportError:
-            absent.append(name)
+        except ImportError as exc:
+            # "keras" may be installed while its backend is not: say which
+            missing_name = getattr(exc, "name", None)
+            absent.append(name if missing_name in (None, name) or missing_name.startswith(name + ".")
+                          else f"{name} (needs {missing_name}: {exc})")
         except Exception as exc:  # noqa: BLE001 - installed but broken counts as missing
             absent.append(f"{name} ({type(exc).__name__}: {exc})")
     return absent
@@ -101,12 +105,19 @@ def main_validate(framework: str, json_path: Optional[str] = None, quick: bool =
     absent: one line, skipped), 1 when a row differs without explanation."""
     names = FRAMEWORKS if framework == "all" else (framework,)
     reports = []
+    printing = True
     for name in names:
         report = run(name, quick)
-        print_report(report, out)
-        if len(names) > 1:
-            print(file=out or sys.stdout)
         reports.append(report)
+        if printing:
+            try:
+                print_report(report, out)
+                if len(names) > 1:
+                    print(file=out or sys.stdout)
+            except BrokenPipeError:   # `| head`: keep running, for the JSON and the status
+                printing = False
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
     if json_path:
         doc = {"schema": "bncore-validate/1", "ok": all(r.ok for r in reports),
                "reports": [r.as_dict() for r in reports]}

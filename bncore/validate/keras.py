@@ -203,8 +203,13 @@ def checks(report: Report, quick: bool = False) -> None:
     import keras
 
     if keras.backend.backend() != "jax":
-        report.skip(f"keras runs on the {keras.backend.backend()} backend (KERAS_BACKEND was set "
-                    f"before bncore could choose jax); the gradient rows need jax and are skipped")
+        # every row hands Keras NumPy arrays and reads JAX ones back: on another
+        # backend they would fail (torch tensors that require grad, ...) and look
+        # like differences
+        report.skip(f"keras: runs on the {keras.backend.backend()} backend here (KERAS_BACKEND="
+                    f"{os.environ.get('KERAS_BACKEND')!r}); bncore validate keras drives Keras "
+                    f"on JAX: unset KERAS_BACKEND or set it to jax; skipped")
+        return
     report.add(_bn_forward((8, 6, 5, 4), True))
     report.add(_bn_forward((8, 6, 5, 4), False))
     if not quick:
