@@ -72,12 +72,37 @@ def _csv_shape(text: str):
 # --------------------------------------------------------------------------
 # check
 
+def _json_path_problem(path: Optional[str]) -> str:
+    """Why --json PATH could not be written ('' when it can), checked before a
+    run of minutes rather than after it."""
+    if not path:
+        return ""
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(directory):
+        return f"--json {path}: directory {directory} does not exist"
+    if os.path.isdir(path):
+        return f"--json {path} is a directory"
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"--json {path}: not writable"
+    return ""
+
+
+def _usage_error(command: str, problem: str) -> int:
+    print(f"bncore {command}: {problem}", file=sys.stderr)
+    return 2
+
+
 def cmd_check(args) -> int:
     from bncore import selfcheck
 
     if args.schema:
         print(selfcheck.JSON_SCHEMA_DOC)
         return 0
+    if args.samples < 1 or args.fd_samples < 0:
+        return _usage_error("check", "--samples must be >= 1 and --fd-samples >= 0 "
+                                     "(no samples would check nothing and pass)")
+    if _json_path_problem(args.json):
+        return _usage_error("check", _json_path_problem(args.json))
     gpu = "on" if args.gpu else ("off" if args.no_gpu else "auto")
     progress = args.progress or (not args.quiet and sys.stderr.isatty())
     return selfcheck.main_check(args.op, args.dtype, args.samples, args.fd_samples, args.seed,
@@ -149,10 +174,9 @@ def _tolerance_error(args) -> str:
 def cmd_gradcheck(args) -> int:
     from bncore.gradcheck import gradcheck
 
-    problem = _tolerance_error(args)
+    problem = _tolerance_error(args) or _json_path_problem(args.json)
     if problem:
-        print(f"bncore gradcheck: {problem}", file=sys.stderr)
-        return 2
+        return _usage_error("gradcheck", problem)
     reports = []
     if args.function:
         try:
@@ -236,6 +260,8 @@ def cmd_gradcheck(args) -> int:
 def cmd_validate(args) -> int:
     from bncore.validate import main_validate
 
+    if _json_path_problem(args.json):
+        return _usage_error("validate", _json_path_problem(args.json))
     return main_validate(args.framework, json_path=args.json, quick=args.quick)
 
 

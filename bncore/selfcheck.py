@@ -20,6 +20,7 @@ into the table ``bncore check`` prints, and :func:`to_json` gives the
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import traceback
@@ -404,9 +405,28 @@ def main_check(ops=None, dtypes=None, samples=24, fd_samples=8, seed=1234, gpu="
     results = run(the_plan, backend, progress)
     seconds = time.perf_counter() - t0
     rows = summarize(results, by_layout)
-    out = out or sys.stdout
-    print(format_table(rows), file=out)
+    if json_path:
+        # written before the report is printed: `bncore check --json f | head`
+        # must still leave f
+        settings = dict(ops=list(ops or names), dtypes=list(dtypes) if dtypes else None,
+                        samples=samples, fd_samples=fd_samples, seed=seed)
+        with open(json_path, "w") as fh:
+            json.dump(to_json(results, seconds, settings, the_plan), fh, indent=1)
     failed = [r for r in results if not r.ok]
+    try:
+        _print_check_report(rows, failed, results, seconds, backend, reason, out or sys.stdout)
+    except BrokenPipeError:          # the reader went away: the status still tells
+        _silence_stdout()
+    return 1 if failed else 0
+
+
+def _silence_stdout() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _print_check_report(rows, failed, results, seconds, backend, reason, out) -> None:
+    print(format_table(rows), file=out)
     if failed:
         print("\nfailures:", file=out)
         for r in failed[:20]:
@@ -420,9 +440,3 @@ def main_check(ops=None, dtypes=None, samples=24, fd_samples=8, seed=1234, gpu="
     print(f"\n{len(results)} checks on {len(rows)} rows, {len(failed)} failed, "
           f"{seconds:.1f} s, {bncore.get_num_threads()} threads. {gpu_line}", file=out)
     print("PASS" if not failed else "FAIL", file=out)
-    if json_path:
-        settings = dict(ops=list(ops or names), dtypes=list(dtypes) if dtypes else None,
-                        samples=samples, fd_samples=fd_samples, seed=seed)
-        with open(json_path, "w") as fh:
-            json.dump(to_json(results, seconds, settings, the_plan), fh, indent=1)
-    return 1 if failed else 0

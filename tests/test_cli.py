@@ -293,3 +293,27 @@ def test_thread_checks_draw_cases_that_really_use_threads():
                     data = data[0]
             total = sum(np.asarray(a).size for a in (data if isinstance(data, list) else [data]))
             assert total > 32768, (spec.name, total)
+
+
+def test_json_targets_and_sample_counts_are_checked_before_the_run(tmp_path):
+    for args in (["check", "--json", str(tmp_path / "no" / "x.json")],
+                 ["check", "--samples", "0"],
+                 ["validate", "onnx", "--quick", "--json", str(tmp_path / "no" / "x.json")],
+                 ["gradcheck", "--json", str(tmp_path)]):
+        out = run_cli(*args)
+        assert out.returncode == 2, (args, out.stdout[-500:], out.stderr[-500:])
+        assert "Traceback" not in out.stderr
+
+
+def test_check_json_is_written_even_when_stdout_closes_early(tmp_path):
+    """`bncore check --json f | head -1`: the JSON is written before the report
+    is printed, and the status is the verdict's, not the broken pipe's."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = tmp_path / "c.json"
+    proc = subprocess.run(
+        f"{sys.executable} -m bncore check --samples 1 --fd-samples 0 --op sgd_step "
+        f"--json {path} | head -1", shell=True, capture_output=True, text=True, env=env,
+        executable="/bin/bash", timeout=300)
+    doc = json.loads(path.read_text())
+    assert doc["ok"] is True and doc["checks"]
+    assert "Traceback" not in proc.stderr
