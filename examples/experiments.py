@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -81,7 +82,10 @@ def run_all(epochs: int, seeds: Sequence[int], log=print) -> Dict[Tuple, Dict[st
         with np.errstate(all="ignore"):     # an exploding run overflows exp() on purpose
             h = train(cfg, log=lambda s: None, progress=False, data=data)
         runs[_key(cfg)] = {k: h[k] for k in ("epoch_loss", "test_loss", "test_acc", "diverged_at")}
-        runs[_key(cfg)]["max_step_loss"] = float(np.max(h["step_loss"]))
+        # the largest loss before a run stopped (a NaN step loss would hide it)
+        steps = np.asarray(h["step_loss"], dtype=np.float64)
+        steps = steps[np.isfinite(steps)]
+        runs[_key(cfg)]["max_step_loss"] = float(steps.max()) if steps.size else float("nan")
         log(f"[{i:3d}/{len(todo)}] {cfg.optimizer:7s} lr {cfg.lr:<6g} BN {cfg.batch_norm!s:5s} "
             f"clip {cfg.clip!s:4s} seed {cfg.seed}: loss {h['epoch_loss'][-1]:.4f} "
             f"acc {100 * h['test_acc'][-1]:.1f}%  ({time.perf_counter() - t0:.0f} s)")
@@ -110,15 +114,22 @@ def summarise(runs: Dict[Tuple, Dict[str, Any]], epochs: int, seeds: Sequence[in
             hit = np.flatnonzero(a >= TARGET_ACC)
             reach.append(int(hit[0]) + 1 if hit.size else None)
         ok = [e for e in reach if e is not None]
+        # means over the seeds that ran to the end (NaN only when none did); the
+        # stopped ones are counted in "failed"
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            final_loss = float(np.nanmean(loss[:, -1]))
+            acc_mean, acc_std = float(np.nanmean(final_acc)), float(np.nanstd(final_acc))
+            worst = float(np.nanmax([r["max_step_loss"] for r in per]))
         rows.append({
             "group": group, "label": label, "config": over,
-            "final_loss": float(np.mean(loss[:, -1])),
-            "final_acc_mean": float(np.mean(final_acc)), "final_acc_std": float(np.std(final_acc)),
+            "final_loss": final_loss,
+            "final_acc_mean": acc_mean, "final_acc_std": acc_std,
             "epochs_to_target": reach,
             "median_epochs_to_target": float(np.median(ok)) if len(ok) == len(reach) else None,
             "failed": int(sum(failed)), "seeds": len(seeds),
             # a blow-up shows as a spike of the per-step loss (ln 10 = 2.3 at chance)
-            "max_step_loss": float(max(r["max_step_loss"] for r in per)),
+            "max_step_loss": worst,
             "loss_curve": loss.tolist(), "acc_curve": acc.tolist(),
         })
     return rows
@@ -230,6 +241,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="redraw the plot and table from <out>.json without training")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
+    try:                               # before minutes of training, not after
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: experiments.py draws its plot with matplotlib: "
+              "pip install -e '.[examples]'", file=sys.stderr)
+        return 2
     if a.replot:
         with open(a.out + ".json") as f:
             saved = json.load(f)

@@ -34,8 +34,9 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cnn_numpy import SmallCNN, count_params, cross_entropy  # noqa: E402
 
-#: learning rate when --lr is not given (torch's defaults for Adam and RMSprop;
-#: SGD has no useful default, 0.01 with momentum 0.9 is the usual starting point)
+#: learning rate when --lr is not given (torch's default for Adam; RMSprop's is
+#: Keras' 1e-3, torch's 1e-2 being too large for this network; SGD has no useful
+#: default, 0.01 with momentum 0.9 is the usual starting point)
 DEFAULT_LR = {"adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
 
 
@@ -120,6 +121,9 @@ def load_dataset(name: str = "digits", *, split_seed: int = 0, test_fraction: fl
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
         raise SetupError(f"expected images (N, H, W) or (N, C, H, W) and labels (N,); "
                          f"got {x.shape} and {y.shape}")
+    if min(x.shape[2:]) < 4:
+        raise SetupError(f"images must be at least 4 x 4 (the network max-pools twice by 2); "
+                         f"got {x.shape[2]} x {x.shape[3]}")
     perm = np.random.default_rng(split_seed).permutation(len(x))
     if limit is not None:
         perm = perm[:limit]
