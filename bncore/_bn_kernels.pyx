@@ -1109,8 +1109,14 @@ cdef enum:
 
 
 cdef inline int _threads_for(Py_ssize_t n, int nthreads) noexcept nogil:
-    # The thread count never changes a result, so small inputs run on one.
-    return 1 if n < SMALL_WORK else nthreads
+    # The thread count never changes a result, so small inputs run on one, and
+    # none gets more than one thread per SMALL_WORK / 2 elements (an absurd
+    # num_threads would only create idle threads, each with its own scratch)
+    if n < SMALL_WORK:
+        return 1
+    if n // (SMALL_WORK // 2) < nthreads:
+        return <int>(n // (SMALL_WORK // 2))
+    return nthreads
 
 
 cdef struct Vec:

@@ -37,7 +37,9 @@ class ChannelView:
     def has_layout(self, a: np.ndarray) -> bool:
         """True when `a` is stored in exactly this layout (so flat() is a view)."""
         m = a if self.is_identity else a.transpose(self.perm)
-        return m.flags.c_contiguous
+        # misaligned memory (np.frombuffer at an odd offset) is C-contiguous too,
+        # but the kernels' typed loads need aligned elements: it gets a copy
+        return m.flags.c_contiguous and getattr(m.flags, "aligned", True)
 
     def empty(self, dtype, xp=np):
         """A new array of the logical shape stored in this layout (xp: numpy or cupy)."""

@@ -149,6 +149,12 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
                                     f"{type(obj).__name__}")
                 obj = as_array(f"{names[k]}[{i}]", obj)
             a = <cnp.ndarray>obj
+            if not cnp.PyArray_ISALIGNED(a):
+                # the kernels' typed loads and stores need aligned elements; a
+                # copy of a written array would lose the update
+                raise ValueError(f"{names[k]}[{i}] is not aligned to its {a.itemsize}-byte "
+                                 f"elements (np.frombuffer at an odd offset?); pass an "
+                                 f"aligned array (np.require(a, requirements='A') copies)")
             code = _code(a)
             if k == 0 and i == 0:
                 if code != F32 and code != F64 and not (half_first and code == F16):

@@ -16,9 +16,9 @@ from bncore import _openmp
 
 _default: Optional[int] = None
 
-#: the most threads a call may ask for (OpenMP takes a C int; far more than
-#: any machine's cores, so a typo is caught rather than spawning millions)
-MAX_THREADS = 65536
+#: the most threads a call may ask for: more than any machine's cores, and few
+#: enough for OpenMP to create (libgomp failed, or crashed, at 32768 here)
+MAX_THREADS = 4096
 
 
 def get_num_threads() -> int:

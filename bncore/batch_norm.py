@@ -43,14 +43,15 @@ _F64 = np.dtype(np.float64)
 
 def _vec(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
     """A per-channel vector as the kernels take it: C-contiguous float32 or float64."""
-    if v is None or ((v.dtype == _F32 or v.dtype == _F64) and v.flags.c_contiguous):
+    if v is None or ((v.dtype == _F32 or v.dtype == _F64) and v.flags.c_contiguous
+                     and v.flags.aligned):
         return v
     return np.ascontiguousarray(v, dtype=_F64)
 
 
 def _f64(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
     """A C-contiguous float64 copy (or v itself when it already is one)."""
-    if v is None or (v.dtype == _F64 and v.flags.c_contiguous):
+    if v is None or (v.dtype == _F64 and v.flags.c_contiguous and v.flags.aligned):
         return v
     return np.ascontiguousarray(v, dtype=_F64)
 

@@ -39,7 +39,7 @@ def clip_coefficient(total: float, max_norm: float, eps: float) -> Optional[floa
 
 
 def _grads_table(grads, write: bool):
-    gl = as_list("grads", grads)
+    gl = as_list("grads", grads, required=True)
     return _k.gather([gl], ("grads",), (write,), -1, chk.as_array, half_first=True)
 
 

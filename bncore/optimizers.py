@@ -34,9 +34,12 @@ _RMSPROP_STYLES = {"torch": 0, "keras": 1}
 _EPS_STYLES = ("torch", "hat", "optax")
 
 
-def as_list(name: str, v: Optional[ArrayList]) -> Optional[list]:
-    """A list of arrays from a list, a tuple or a single array (None stays None)."""
+def as_list(name: str, v: Optional[ArrayList], *, required: bool = False) -> Optional[list]:
+    """A list of arrays from a list, a tuple or a single array (None stays None,
+    unless the list is `required`: params, grads and the state every step reads)."""
     if v is None:
+        if required:
+            raise TypeError(f"{name} must be an array or a list of arrays, got None")
         return None
     if isinstance(v, (list, tuple)):
         return list(v)
@@ -202,8 +205,8 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
     ``step`` (the 1-based step count), when given, decides ``first_step``
     (``step == 1``), as the optimizer classes pass it.
     """
-    params = as_list("params", params)
-    grads = as_list("grads", grads)
+    params = as_list("params", params, required=True)
+    grads = as_list("grads", grads, required=True)
     bufs = as_list("momentum_buffers", momentum_buffers)
     lr, momentum, dampening, weight_decay, s = sgd_hyper(lr, momentum, dampening, nesterov,
                                                          weight_decay, style, bufs)
@@ -254,10 +257,10 @@ def adam_step(params: ArrayList, grads: ArrayList, exp_avgs: ArrayList, exp_avg_
     ``weight_decay=norm_coefficient`` and ``weight_decay_post=norm_coefficient_post``
     (``p = (1 - weight_decay_post) * p`` after the update).
     """
-    params = as_list("params", params)
-    grads = as_list("grads", grads)
-    m = as_list("exp_avgs", exp_avgs)
-    v = as_list("exp_avg_sqs", exp_avg_sqs)
+    params = as_list("params", params, required=True)
+    grads = as_list("grads", grads, required=True)
+    m = as_list("exp_avgs", exp_avgs, required=True)
+    v = as_list("exp_avg_sqs", exp_avg_sqs, required=True)
     vmax = as_list("max_exp_avg_sqs", max_exp_avg_sqs)
     step = _step("step", step, 1 if bias_correction_step is None else 0)
     t_bias = step if bias_correction_step is None else _step("bias_correction_step",
@@ -297,9 +300,9 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
     style="keras" (also optax, whose ``rmsprop`` scales by the learning rate
     before ``trace``): ``b = momentum * b + lr * g / den; p = p - b``.
     """
-    params = as_list("params", params)
-    grads = as_list("grads", grads)
-    sq = as_list("square_avgs", square_avgs)
+    params = as_list("params", params, required=True)
+    grads = as_list("grads", grads, required=True)
+    sq = as_list("square_avgs", square_avgs, required=True)
     ga = as_list("grad_avgs", grad_avgs)
     mb = as_list("momentum_buffers", momentum_buffers)
     lr, alpha, eps, weight_decay, momentum, s = rmsprop_hyper(
@@ -331,9 +334,9 @@ def adagrad_step(params: ArrayList, grads: ArrayList, state_sums: ArrayList, *, 
     The initial accumulator (PyTorch 0, Keras and optax 0.1) is the caller's
     choice of ``state_sums`` at the first step.
     """
-    params = as_list("params", params)
-    grads = as_list("grads", grads)
-    hs = as_list("state_sums", state_sums)
+    params = as_list("params", params, required=True)
+    grads = as_list("grads", grads, required=True)
+    hs = as_list("state_sums", state_sums, required=True)
     step = _step("step", step, 1)
     lr, lr_decay, weight_decay, eps = adagrad_hyper(lr, lr_decay, weight_decay, eps)
     skip, inv = amp_args(grad_scale, found_inf)

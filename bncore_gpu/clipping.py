@@ -29,7 +29,8 @@ _F64 = np.dtype(np.float64)
 
 
 def _table(grads, write: bool):
-    return gather([_cpu.as_list("grads", grads)], ("grads",), (write,), -1, half_first=True)
+    return gather([_cpu.as_list("grads", grads, required=True)], ("grads",), (write,), -1,
+                  half_first=True)
 
 
 

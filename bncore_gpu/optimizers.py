@@ -108,8 +108,8 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float
     ``step`` may be a device scalar (the step count after this step): the
     kernel then decides ``first_step`` itself (``step <= 1``)."""
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
-    params = _cpu.as_list("params", params)
-    grads = _cpu.as_list("grads", grads)
+    params = _cpu.as_list("params", params, required=True)
+    grads = _cpu.as_list("grads", grads, required=True)
     bufs = _cpu.as_list("momentum_buffers", momentum_buffers)
     lr, momentum, dampening, weight_decay, s = _cpu.sgd_hyper(lr, momentum, dampening, nesterov,
                                                               weight_decay, style, bufs)
@@ -141,10 +141,10 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, lr: float = 1e-3,
 
     ``step`` and ``bias_correction_step`` may be device scalars."""
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
-    params = _cpu.as_list("params", params)
-    grads = _cpu.as_list("grads", grads)
-    m = _cpu.as_list("exp_avgs", exp_avgs)
-    v = _cpu.as_list("exp_avg_sqs", exp_avg_sqs)
+    params = _cpu.as_list("params", params, required=True)
+    grads = _cpu.as_list("grads", grads, required=True)
+    m = _cpu.as_list("exp_avgs", exp_avgs, required=True)
+    v = _cpu.as_list("exp_avg_sqs", exp_avg_sqs, required=True)
     vmax = _cpu.as_list("max_exp_avg_sqs", max_exp_avg_sqs)
     if bias_correction_step is None:
         host_t, t_ptr = step_arg("step", step, 1)
@@ -176,9 +176,9 @@ def rmsprop_step(params, grads, square_avgs, *, lr: float = 1e-2, alpha: float =
                  num_threads: Optional[int] = None) -> None:
     """One RMSprop step, in place (see bncore.rmsprop_step)."""
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
-    params = _cpu.as_list("params", params)
-    grads = _cpu.as_list("grads", grads)
-    sq = _cpu.as_list("square_avgs", square_avgs)
+    params = _cpu.as_list("params", params, required=True)
+    grads = _cpu.as_list("grads", grads, required=True)
+    sq = _cpu.as_list("square_avgs", square_avgs, required=True)
     ga = _cpu.as_list("grad_avgs", grad_avgs)
     mb = _cpu.as_list("momentum_buffers", momentum_buffers)
     lr, alpha, eps, weight_decay, momentum, s = _cpu.rmsprop_hyper(
@@ -202,9 +202,9 @@ def adagrad_step(params, grads, state_sums, *, step, lr: float = 1e-2, lr_decay:
                  grad_scale=None, found_inf=None, num_threads: Optional[int] = None) -> None:
     """One Adagrad step, in place (see bncore.adagrad_step); ``step`` may be a device scalar."""
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
-    params = _cpu.as_list("params", params)
-    grads = _cpu.as_list("grads", grads)
-    hs = _cpu.as_list("state_sums", state_sums)
+    params = _cpu.as_list("params", params, required=True)
+    grads = _cpu.as_list("grads", grads, required=True)
+    hs = _cpu.as_list("state_sums", state_sums, required=True)
     host_t, t_ptr = step_arg("step", step, 1)
     lr, lr_decay, weight_decay, eps = _cpu.adagrad_hyper(lr, lr_decay, weight_decay, eps)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)

@@ -373,3 +373,46 @@ def test_an_infinite_value_gives_an_infinite_mean(shape, axis, where, value):
         np.testing.assert_array_equal(mean[0], value)
         np.testing.assert_allclose(mean[1:], expected[1:], rtol=1e-12, atol=1e-15)
     assert rm[0] == value
+
+
+def _misaligned(a):
+    out = np.frombuffer(bytearray(a.nbytes + 1), a.dtype, offset=1, count=a.size)
+    out = out.reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 3, 40, 40), 1), ((16, 40, 40, 3), 3), ((300, 7), 1)])
+def test_misaligned_inputs_and_outputs_give_the_aligned_results(shape, axis):
+    """Misaligned x, out= and running statistics are copied to aligned memory
+    (the kernels' loads need it) and the results written back: the same bits."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    C = shape[axis]
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y, mean, invstd = bncore.batch_norm_forward(x, running_mean=rm, running_var=rv, axis=axis)
+    mx, mout = _misaligned(x), _misaligned(np.zeros_like(x))
+    mrm, mrv = _misaligned(np.zeros(C, np.float32)), _misaligned(np.ones(C, np.float32))
+    y2, mean2, invstd2 = bncore.batch_norm_forward(mx, running_mean=mrm, running_var=mrv,
+                                                   axis=axis, out=mout)
+    assert y2 is mout
+    for a, b in ((y, mout), (mean, mean2), (invstd, invstd2), (rm, mrm), (rv, mrv)):
+        assert a.tobytes() == np.ascontiguousarray(b).tobytes()
+    dx, dw, db = bncore.batch_norm_backward(x, x, mean, invstd, axis=axis)
+    dx2, dw2, db2 = bncore.batch_norm_backward(_misaligned(x), mx, mean, invstd, axis=axis,
+                                               out=_misaligned(np.zeros_like(x)))
+    for a, b in ((dx, dx2), (dw, dw2), (db, db2)):
+        assert a.tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def test_a_large_thread_count_uses_no_more_threads_than_the_work_needs():
+    """num_threads up to bncore's limit (4096) runs and gives the one-thread
+    bits (libgomp failed to create 32768 threads, and crashed at 65536)."""
+    x = np.random.default_rng(1).standard_normal((64, 300, 3)).astype(np.float32)
+    ref = bncore.batch_norm_forward(x, num_threads=1)
+    got = bncore.batch_norm_forward(x, num_threads=4096)
+    for a, b in zip(ref, got):
+        assert a.tobytes() == b.tobytes()
+    with pytest.raises(ValueError, match="num_threads"):
+        bncore.batch_norm_forward(x, num_threads=4097)

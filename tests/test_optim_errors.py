@@ -246,7 +246,7 @@ def test_threads_are_capped_by_the_work_not_by_the_request():
     a = dict(params=mk(), grads=mk(), m=mk(), v=[np.abs(x) for x in mk()])
     b = {k: [x.copy() for x in v] for k, v in a.items()}
     adam(a, num_threads=1)
-    adam(b, num_threads=5000)
+    adam(b, num_threads=4096)
     for x, y in zip(a["params"], b["params"]):
         assert x.tobytes() == y.tobytes()
 
@@ -272,3 +272,33 @@ def test_sgd_flags_follow_each_style():
     bncore.optim.SGD(c["params"], convention="optax", lr=0.1, nesterov=True).step(c["grads"])
     for x, y in zip(c["params"], plain):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("call", [
+    lambda p, g, s: bncore.sgd_step([p], None, lr=0.1),
+    lambda p, g, s: bncore.sgd_step(None, [g], lr=0.1),
+    lambda p, g, s: bncore.adam_step([p], [g], None, [s], step=1),
+    lambda p, g, s: bncore.adam_step([p], [g], [s], None, step=1),
+    lambda p, g, s: bncore.rmsprop_step([p], [g], None),
+    lambda p, g, s: bncore.adagrad_step([p], [g], None, step=1),
+    lambda p, g, s: bncore.clip_grad_norm(None, 1.0),
+    lambda p, g, s: bncore.found_inf(None),
+])
+def test_a_missing_required_list_is_a_type_error(call):
+    """None for a list every step reads was taken for an absent optional
+    operand: the kernel then read through a null pointer (a crash)."""
+    p, g, s = np.ones(3, np.float32), np.ones(3, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(TypeError, match="got None"):
+        call(p, g, s)
+    np.testing.assert_array_equal(p, 1.0)
+
+
+def test_misaligned_arrays_are_refused():
+    """np.frombuffer at an odd offset is C-contiguous and writeable but not
+    aligned: the typed loads and stores of the kernels are undefined there."""
+    a = np.frombuffer(bytearray(4 * 10 + 1), np.float32, offset=1, count=10)
+    assert not a.flags.aligned
+    with pytest.raises(ValueError, match=r"params\[0\] is not aligned"):
+        bncore.sgd_step([a], [np.ones(10, np.float32)], lr=0.1)
+    with pytest.raises(ValueError, match=r"grads\[0\] is not aligned"):
+        bncore.grad_norm([a])
