@@ -13,6 +13,7 @@ the probe fails the build warns and goes serial; the binary records why, and
 lost silently.
 """
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -42,8 +43,12 @@ def _compiles(compiler, source, compile_args=(), link_args=()):
             fh.write(source)
         try:
             objs = compiler.compile([src], output_dir=tmp, extra_postargs=list(compile_args))
+            # LDFLAGS reach the extensions' link (linker_so) but not link_executable:
+            # a sanitizer build (CFLAGS/LDFLAGS=-fsanitize=...) would fail every
+            # probe and build serial without -march=native
             compiler.link_executable(objs, "probe", output_dir=tmp,
-                                     extra_postargs=list(link_args))
+                                     extra_postargs=list(link_args)
+                                     + shlex.split(os.environ.get("LDFLAGS", "")))
         except Exception:  # noqa: BLE001 - any compiler failure means "no"
             return False
         return True
