@@ -466,3 +466,22 @@ def test_gpu_num_threads_is_checked_as_on_the_cpu():
         bncore_gpu.clip_grad_norm(g, 1.0, num_threads=True)
     with pytest.raises(ValueError, match="num_threads"):
         bncore_gpu.sgd_step(g, [cupy.asarray(np.ones(3))], lr=0.1, num_threads=10 ** 6)
+
+
+def test_gpu_parameter_moved_to_another_group_steps_once_per_step():
+    """Parameters that started together share a device counter; one moved to
+    another group must still count one step per step (it counted two)."""
+    ps = [np.ones(3) * k for k in (1.0, 2.0, 3.0)]
+    gs = [np.full(3, 0.1), np.full(3, -0.2), np.full(3, 0.3)]
+    cpu = bncore.optim.Adam([{"params": [p.copy() for p in ps[:2]]},
+                             {"params": [ps[2].copy()]}], lr=0.1)
+    gpu = bncore_gpu.optim.Adam([{"params": [cupy.asarray(p) for p in ps[:2]]},
+                                 {"params": [cupy.asarray(ps[2])]}], lr=0.1)
+    for opt, conv in ((cpu, np.asarray), (gpu, cupy.asarray)):
+        opt.step([conv(g) for g in gs])
+        opt.param_groups[1]["params"].append(opt.param_groups[0]["params"].pop())
+        for _ in range(3):
+            opt.step([conv(g) for g in (gs[0], gs[2], gs[1])])
+    assert [float(gpu.state[i]["step"]) for i in range(3)] == [4, 4, 4]
+    for c, g in zip(cpu._flat_params(), gpu._flat_params()):
+        np.testing.assert_allclose(cupy.asnumpy(g), c, rtol=1e-15)

@@ -293,3 +293,67 @@ def test_load_of_a_file_that_is_not_a_checkpoint_is_a_value_error(tmp_path, cont
 def test_schedules_reject_bad_counts(make, exc, text):
     with pytest.raises(exc, match=text):
         make()
+
+
+def test_state_dict_after_an_in_place_edit_follows_the_parameters():
+    a, b, c = arrays(3)
+    opt = optim.Adam([{"params": [a]}, {"params": [b]}], lr=0.1)
+    for _ in range(5):
+        opt.step(arrays(2, seed=1))
+    b_state = opt.state[1]["exp_avg"].copy()
+    opt.param_groups[0]["params"].append(c)
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["params"] == [0, 1] and sd["param_groups"][1]["params"] == [2]
+    assert 1 not in sd["state"]                           # c has no state yet
+    np.testing.assert_array_equal(sd["state"][2]["exp_avg"], b_state)
+
+
+def test_adagrad_state_without_its_sum_is_refused():
+    opt = optim.Adagrad(arrays(1), lr=0.1)
+    opt.step(arrays(1, seed=1))
+    sd = opt.state_dict()
+    del sd["state"][0]["sum"]
+    with pytest.raises(ValueError, match="sum"):
+        opt.load_state_dict(sd)
+
+
+def test_a_state_dict_is_checked_under_the_convention_it_was_saved_with():
+    """optax's SGD runs nesterov without momentum as plain SGD; torch's refuses
+    it. Loading the optax state into an SGD built with torch's convention."""
+    saved = optim.SGD(arrays(1), convention="optax", lr=0.1, nesterov=True)
+    saved.step(arrays(1, seed=1))
+    other = optim.SGD(arrays(1), lr=0.1)
+    other.load_state_dict(saved.state_dict())
+    assert other.convention == "optax" and other.param_groups[0]["nesterov"] is True
+
+
+def test_schedules_take_a_0d_step_count():
+    sched = optim.cosine_lr(1.0, 100)
+    assert sched(np.array(7)) == sched(7) == optim.cosine_lr(1.0, np.array(100))(7)
+    if torch is not None:
+        assert sched(torch.tensor(7)) == sched(7)
+
+
+def test_sgd_fast_path_keeps_torch_semantics_with_mixed_buffers():
+    """A group where some parameters have a momentum buffer and some do not
+    (one appended later) still gives each its own first step."""
+    a, b = arrays(2)
+    ta, tb = (torch.tensor(x.copy()) for x in (a, b)) if torch is not None else (None, None)
+    opt = optim.SGD([a], lr=0.1, momentum=0.9, dampening=0.5)
+    grads = arrays(4, seed=7)
+    for g in grads[:2]:
+        opt.step([g])
+    opt.param_groups[0]["params"].append(b)
+    for g in grads[2:]:
+        opt.step([g, g])
+    if torch is not None:
+        topt = torch.optim.SGD([ta], lr=0.1, momentum=0.9, dampening=0.5)
+        for g in grads[:2]:
+            ta.grad = torch.tensor(g)
+            topt.step()
+        topt.param_groups[0]["params"].append(tb)
+        for g in grads[2:]:
+            ta.grad, tb.grad = torch.tensor(g), torch.tensor(g)
+            topt.step()
+        np.testing.assert_allclose(a, ta.numpy(), rtol=1e-14)
+        np.testing.assert_allclose(b, tb.numpy(), rtol=1e-14)

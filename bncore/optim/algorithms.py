@@ -7,6 +7,8 @@ the functions in bncore.optimizers.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 from typing import Any, Dict
 
 import numpy as np
@@ -44,6 +46,11 @@ class SGD(Optimizer):
         _rules.sgd_hyper(g["lr"], g["momentum"], g["dampening"], self._nesterov(g),
                          g["weight_decay"], g["style"], ())
 
+    def _keys_uniform(self, states, group) -> bool:
+        if group["momentum"] and group["style"] == "torch":
+            return all(map(operator.contains, states, itertools.repeat("momentum_buffer")))
+        return True
+
     def _call_key(self, state, group) -> tuple:
         # torch's buffer starts as the gradient itself at its first use (also
         # when momentum is switched on mid-training): fresh buffers get their
@@ -55,24 +62,30 @@ class SGD(Optimizer):
     def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
                found_inf=None) -> None:
         momentum = g["momentum"]
-        fresh = []
-        if momentum:
+        n = len(states)
+        fresh: list = []
+        if momentum and not all(map(operator.contains, states,
+                                    itertools.repeat("momentum_buffer"))):
             for k, (s, p) in enumerate(zip(states, params)):
                 if "momentum_buffer" not in s:
                     s["momentum_buffer"] = self._xp.zeros_like(p)
                     fresh.append(k)
-        if momentum and g["style"] == "torch":
+        if momentum and g["style"] == "torch" and fresh:
             # first_step from the buffer's age, not the step count
-            old = [k for k in range(len(states)) if k not in set(fresh)]
-            parts = [(fresh, True), (old, False)]
+            new = set(fresh)
+            parts = [(fresh, True), ([k for k in range(n) if k not in new], False)]
+        elif momentum and g["style"] == "torch":
+            parts = [(None, False)]
         else:
-            parts = [(list(range(len(states))), None)]
+            parts = [(None, None)]
         for ks, first in parts:
-            if not ks:
+            if ks is not None and not ks:
                 continue
+            take = (lambda lst: lst) if ks is None else (lambda lst: [lst[k] for k in ks])
+            sts = take(states)
             self._ops.sgd_step(
-                [params[k] for k in ks], [grads[k] for k in ks],
-                [states[k]["momentum_buffer"] for k in ks] if momentum else None,
+                take(params), take(grads),
+                list(map(operator.itemgetter("momentum_buffer"), sts)) if momentum else None,
                 lr=g["lr"], momentum=momentum, dampening=g["dampening"],
                 nesterov=self._nesterov(g), weight_decay=g["weight_decay"],
                 maximize=g.get("maximize", False),
@@ -180,7 +193,7 @@ class Adagrad(Optimizer):
     """
 
     kind = "Adagrad"
-    state_arrays = ()
+    state_arrays = ("sum",)    # made by _init_state (initial_accumulator_value); required
 
     def _check_hyper(self, g: Dict[str, Any]) -> None:
         _rules.adagrad_hyper(g["lr"], g["lr_decay"], g["weight_decay"], g["eps"])

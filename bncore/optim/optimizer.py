@@ -144,7 +144,8 @@ class Optimizer:
         return flat
 
     def _after_remap(self) -> None:
-        """Hook: the state's indices changed (the GPU classes drop their counters)."""
+        """Hook: the state's indices changed (each state keeps its own step count,
+        so nothing needs to follow; subclasses with derived state may)."""
 
     def _gather_all(self, params, grads) -> None:
         """Check every parameter against its gradient (shape, dtype, aliasing,
@@ -175,21 +176,19 @@ class Optimizer:
         Parameters of a group normally share their step count: one call per
         distinct count (one call in the usual case); subclasses may split further."""
         calls, offset = [], 0
-        plain_keys = type(self)._call_key is Optimizer._call_key
         for group in self.param_groups:
             n = len(group["params"])
             gparams, ggrads = group["params"], grads[offset:offset + n]
             idx = list(range(offset, offset + n))
-            if plain_keys:
-                # the usual case, without a dict operation per parameter: every
-                # parameter has state, all at one step count
-                states = list(map(self.state.get, idx))
-                if None not in states:
-                    counts = {st["step"] for st in states}
-                    if len(counts) == 1:
-                        calls.append((group, list(gparams), ggrads, idx, counts.pop() + 1))
-                        offset += n
-                        continue
+            # the usual case, without Python work per parameter: every parameter
+            # has state, all at one step count, all with the same call key
+            states = list(map(self.state.get, idx))
+            if None not in states and self._keys_uniform(states, group):
+                counts = set(map(operator.itemgetter("step"), states))
+                if len(counts) == 1:
+                    calls.append((group, list(gparams), ggrads, idx, counts.pop() + 1))
+                    offset += n
+                    continue
             by_key: Dict[tuple, List[int]] = {}
             for k, i in enumerate(idx):
                 state = self.state.get(i)
@@ -204,6 +203,11 @@ class Optimizer:
     def _call_key(self, state: Optional[Dict[str, Any]], group: Dict[str, Any]) -> tuple:
         """Parameters of a group with different keys go to separate kernel calls."""
         return ()
+
+    def _keys_uniform(self, states: List[Dict[str, Any]], group: Dict[str, Any]) -> bool:
+        """Whether every one of these (existing) states has the same _call_key; a
+        subclass that overrides _call_key says so without a call per state."""
+        return True
 
     def step(self, grads, *, grad_scale=None, found_inf=None,
              num_threads: Optional[int] = None) -> None:
@@ -243,6 +247,7 @@ class Optimizer:
     def state_dict(self) -> Dict[str, Any]:
         """A deep copy: ``{"optimizer", "convention", "state": {index: {...}},
         "param_groups": [{hyperparameters, "params": [indices]}]}``."""
+        self._sync_params()          # parameters edited in place take their state along
         groups = []
         for off, g in zip(self._group_offsets(), self.param_groups):
             d = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
@@ -262,8 +267,8 @@ class Optimizer:
         step count (an integer >= 0) and the class's state arrays (same shape
         and dtype as the parameter); arrays created on first use (AMSGrad's
         max_exp_avg_sq, RMSprop's grad_avg and momentum_buffer, SGD's
-        momentum_buffer) may be absent and then start at zero, as after
-        switching the option on."""
+        momentum_buffer) may be absent: they start as after switching the
+        option on (at zero; SGD's torch-style buffer as the first gradient)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         if state_dict.get("optimizer") != type(self).__name__:
@@ -278,6 +283,17 @@ class Optimizer:
             raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer "
                              f"has {len(self.param_groups)}")
         new_hyper = []
+        # the groups are checked under the convention they were saved with (the
+        # rules differ: optax's SGD takes nesterov without momentum, torch's not)
+        own_convention = self.convention
+        self.convention = state_dict.get("convention", own_convention)
+        try:
+            self._check_loaded_groups(groups, new_hyper)
+        finally:
+            self.convention = own_convention
+        self._load_state(state_dict, params, new_hyper)
+
+    def _check_loaded_groups(self, groups, new_hyper) -> None:
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
             if len(g_new["params"]) != len(g_old["params"]):
                 raise ValueError(f"state_dict's param_groups[{gi}] has {len(g_new['params'])} "
@@ -289,6 +305,8 @@ class Optimizer:
                                  f"hyperparameters {sorted(unknown)}")
             self._check_group(gi, dict(g_old, **hyper))
             new_hyper.append(hyper)
+
+    def _load_state(self, state_dict, params, new_hyper) -> None:
         new_state: Dict[int, Dict[str, Any]] = {}
         for key, s in state_dict["state"].items():
             i = int(key)

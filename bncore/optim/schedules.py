@@ -19,8 +19,11 @@ Schedule = Callable[[int], float]
 
 
 def _count(name: str, v, minimum: int) -> int:
-    """An integer count >= minimum: ints, integral floats and NumPy integers;
-    bool, None, NaN, infinities and fractions are refused, naming `name`."""
+    """An integer count >= minimum: ints, integral floats, NumPy integers and
+    0-d arrays or tensors (a device step counter); bool, None, NaN, infinities
+    and fractions are refused, naming `name`."""
+    if getattr(v, "shape", None) == () and hasattr(v, "item"):
+        v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
     if not math.isfinite(v) or int(v) != v or v < minimum:

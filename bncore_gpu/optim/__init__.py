@@ -62,7 +62,9 @@ class _OnDevice:
     def step(self, grads, *, grad_scale=None, found_inf=None, num_threads=None) -> None:
         """As bncore.optim's step, with the step counts on the device: each
         parameter's state holds a device counter, shared by the parameters that
-        started together; one kernel call per group and counter."""
+        started together; one kernel call per group and counter, and each
+        counter moves once per step (also when its parameters now sit in
+        several groups)."""
         glist = as_list("grads", grads)
         params = self._sync_params()
         if len(glist) != len(params):
@@ -72,33 +74,52 @@ class _OnDevice:
             self._check_group(gi, group)
         resolve_num_threads(num_threads)
         skip, _, _, _ = _ops.amp_args(grad_scale, found_inf)
-        # every array is checked before the first step counter moves: a step
-        # that raises changes nothing
-        self._gather_all(params, glist)
         if skip:
+            self._gather_all(params, glist)       # a bad call still raises
             return
         dev_found = found_inf if found_inf is not None and _ops.is_device(found_inf) else None
+        calls, counters, fresh_counter, created = [], {}, None, []
         offset = 0
         for group in self.param_groups:
-            gparams = group["params"]
-            ggrads = glist[offset:offset + len(gparams)]
             buckets = {}
-            fresh = None
-            for k, p in enumerate(gparams):
+            for k in range(len(group["params"])):
                 s = self.state.get(offset + k)
                 if s is None:
                     # parameters new to this step start together, from 0
-                    if fresh is None:
-                        fresh = cupy.zeros((), cupy.float64)
-                    s = self.state[offset + k] = self._init_state(p, group)
-                    s["step"] = fresh
-                buckets.setdefault(id(s["step"]), (s["step"], []))[1].append(k)
-            for counter, ks in buckets.values():
-                _ops.step_increment(counter, dev_found)
-                self._apply(group, [gparams[k] for k in ks], [ggrads[k] for k in ks],
-                            [self.state[offset + k] for k in ks], counter, grad_scale,
-                            num_threads, found_inf=dev_found)
-            offset += len(gparams)
+                    if fresh_counter is None:
+                        fresh_counter = cupy.zeros((), cupy.float64)
+                    s = self._init_state(group["params"][k], group)
+                    s["step"] = fresh_counter
+                    self.state[offset + k] = s
+                    created.append(offset + k)
+                buckets.setdefault(id(s["step"]), (s["step"], []))[1].append(offset + k)
+            for counter, idx in buckets.values():
+                counters[id(counter)] = counter
+                calls.append((group, counter, idx))
+            offset += len(group["params"])
+        if len(calls) > 1:
+            # a later call must not fail after an earlier one has written
+            self._gather_all(params, glist)
+            saved = None
+        else:
+            # one call checks its arrays before writing any; only the counter,
+            # moved first (the kernel reads the count after this step), and new
+            # state would need undoing
+            saved = {key: c.copy() for key, c in counters.items()}
+        for counter in counters.values():
+            _ops.step_increment(counter, dev_found)
+        try:
+            for group, counter, idx in calls:
+                self._apply(group, [params[i] for i in idx], [glist[i] for i in idx],
+                            [self.state[i] for i in idx], counter, grad_scale, num_threads,
+                            found_inf=dev_found)
+        except BaseException:
+            if saved is not None:
+                for key, c in counters.items():
+                    c[...] = saved[key]
+                for i in created:
+                    del self.state[i]
+            raise
 
 
 class SGD(_OnDevice, _alg.SGD):
