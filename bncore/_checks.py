@@ -130,11 +130,14 @@ def array_rules(as_array, writeable, pair):
         """An array bncore writes in place: an array or a tensor viewed through
         DLPack / the CUDA array interface. A list (or any other object) would
         be converted into a temporary copy and the result silently lost."""
-        if isinstance(a, (list, tuple)) or not (
-                hasattr(a, "__array_interface__") or hasattr(a, "__dlpack__")
-                or hasattr(a, "__cuda_array_interface__")):
+        # (an ndarray first: hasattr(__array_interface__) builds a dict, ~1 us)
+        if not isinstance(a, np.ndarray) and (isinstance(a, (list, tuple)) or not (
+                isinstance(a, memoryview) or hasattr(a, "__dlpack__")
+                or hasattr(a, "__array_interface__")
+                or hasattr(a, "__cuda_array_interface__"))):
             raise TypeError(f"{name} is written in place, so it must be an array (or a tensor "
-                            f"shared through DLPack), got {type(a).__name__}")
+                            f"shared through DLPack or the buffer protocol), got "
+                            f"{type(a).__name__}")
         arr = as_array(name, a)
         writeable(name, arr)
         return arr

@@ -142,19 +142,23 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
             obj = lists[k][i]
             if type(obj) is not np.ndarray:
                 if writes[k] and (isinstance(obj, (list, tuple)) or not (
-                        isinstance(obj, np.ndarray) or hasattr(obj, "__dlpack__"))):
+                        isinstance(obj, (np.ndarray, memoryview)) or hasattr(obj, "__dlpack__")
+                        or hasattr(obj, "__array_interface__"))):
                     # np.asarray would make a temporary copy: the update would be lost
                     raise TypeError(f"{names[k]}[{i}] is updated in place, so it must be an "
-                                    f"array (or a tensor shared through DLPack), got "
-                                    f"{type(obj).__name__}")
+                                    f"array (or a tensor shared through DLPack or the buffer "
+                                    f"protocol), got {type(obj).__name__}")
                 obj = as_array(f"{names[k]}[{i}]", obj)
             a = <cnp.ndarray>obj
             if not cnp.PyArray_ISALIGNED(a):
-                # the kernels' typed loads and stores need aligned elements; a
-                # copy of a written array would lose the update
-                raise ValueError(f"{names[k]}[{i}] is not aligned to its {a.itemsize}-byte "
-                                 f"elements (np.frombuffer at an odd offset?); pass an "
-                                 f"aligned array (np.require(a, requirements='A') copies)")
+                # the kernels' typed loads and stores need aligned elements: an
+                # input is read from an aligned copy (kept alive in the table),
+                # an output cannot be (the update would go to the copy)
+                if writes[k]:
+                    raise ValueError(f"{names[k]}[{i}] is not aligned to its {a.itemsize}-byte "
+                                     f"elements (np.frombuffer at an odd offset?); bncore "
+                                     f"updates it in place, so pass an aligned array")
+                a = <cnp.ndarray>np.array(a, copy=True, order="K")
             code = _code(a)
             if k == 0 and i == 0:
                 if code != F32 and code != F64 and not (half_first and code == F16):

@@ -31,16 +31,21 @@ class BatchNormConvention:
     unbiased_running_var: bool
     axis: int                  # default channel axis
     source: str                # where the convention comes from
-    # tf.keras 2 takes its fused kernel only for these input ranks; other ranks
-    # take tf.nn.moments (biased variance, eps as given). None: every rank alike
+    # tf.keras 2 takes its fused kernel only for these input ranks, with the
+    # channel axis first or last after the batch and a float16/float32 compute
+    # dtype (BatchNormalizationBase._fused_can_be_used); otherwise tf.nn.moments
+    # (biased variance, eps as given). None: every input alike
     fused_ranks: Optional[Tuple[int, ...]] = None
     fused_min_eps: float = 0.0  # tf.nn.fused_batch_norm raises eps to at least this
 
-    def for_rank(self, ndim: int) -> Tuple[bool, float]:
-        """(unbiased running variance, minimum eps) for an input of `ndim` dimensions."""
+    def for_input(self, ndim: int, axis: int, dtype) -> Tuple[bool, float]:
+        """(unbiased running variance, minimum eps) for an input of `ndim`
+        dimensions, channel axis `axis`, computed in `dtype`."""
         if self.fused_ranks is None:
             return self.unbiased_running_var, 0.0
-        if ndim in self.fused_ranks:
+        fused = (ndim in self.fused_ranks and axis % ndim in (1, ndim - 1)
+                 and str(dtype) in ("float16", "float32"))
+        if fused:
             return self.unbiased_running_var, self.fused_min_eps
         return False, 0.0
 
@@ -62,10 +67,11 @@ BATCH_NORM: Dict[str, BatchNormConvention] = {
         "moving_variance updated with the biased batch variance, channels-last"),
     "tf_fused": BatchNormConvention(
         "tf_fused", 0.01, 0.99, True, 1e-3, True, -1,
-        "tf.keras 2 BatchNormalization: decay 0.99, epsilon=1e-3; 4D/5D inputs take the "
-        "fused kernel, whose tf.nn.fused_batch_norm applies Bessel's correction to the "
-        "variance and raises epsilon to at least 1.001e-5; 2D/3D inputs take "
-        "tf.nn.moments (biased variance)", fused_ranks=(4, 5), fused_min_eps=1.001e-5),
+        "tf.keras 2 BatchNormalization: decay 0.99, epsilon=1e-3; 4D/5D float16/float32 "
+        "inputs with the channel axis 1 or last take the fused kernel, whose "
+        "tf.nn.fused_batch_norm applies Bessel's correction to the variance and raises "
+        "epsilon to at least 1.001e-5; other inputs take tf.nn.moments (biased variance)",
+        fused_ranks=(4, 5), fused_min_eps=1.001e-5),
     "flax": BatchNormConvention(
         "flax", 0.01, 0.99, True, 1e-5, False, -1,
         "flax.linen.BatchNorm: momentum=0.99 (decay), epsilon=1e-5, biased variance"),

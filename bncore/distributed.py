@@ -465,11 +465,16 @@ class SyncBatchNorm(BatchNorm):
                                    **kwargs)
 
     def _check_input(self, shape) -> None:
-        # in a collective, a local error would leave the other ranks waiting:
-        # the collective's own validation checks the channel count on every
-        # rank (against the weight and running statistics, and across ranks)
-        if not self._uses_batch_stats():
+        # in a collective, a local error would leave the other ranks waiting in
+        # it: the error joins the collective's validation exchange instead, so
+        # that every rank raises
+        try:
             super()._check_input(shape)
+        except (TypeError, ValueError) as exc:
+            if not self._uses_batch_stats():
+                raise
+            col.agree(self.comm, exc, [0.0] * _HEADER, "SyncBatchNorm.forward")
+            raise
 
     def backward(self, dy, *, num_threads: Optional[int] = None) -> np.ndarray:
         """This rank's dx; grad_weight and grad_bias as ``weight_grads`` says."""

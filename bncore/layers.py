@@ -15,7 +15,7 @@ import numpy as np
 
 from bncore import _checks as chk
 from bncore.batch_norm import batch_norm_backward, batch_norm_forward
-from bncore.conventions import batch_norm_convention
+from bncore.conventions import BATCH_NORM, batch_norm_convention
 
 _UNSET: Any = object()
 
@@ -107,7 +107,9 @@ class BatchNorm:
         """x's channel count against num_features (the functions cannot: without
         weight or running statistics nothing else says how many there are)."""
         if shape is not None and len(shape) >= 2:
-            ax = chk.normalize_axis(self.axis, len(shape))
+            ax = self.axis
+            if not -len(shape) <= ax < len(shape):
+                ax = chk.normalize_axis(ax, len(shape))      # raises, naming axis
             if shape[ax] != self.num_features:
                 raise ValueError(f"x has {shape[ax]} channels on axis {self.axis}; this layer "
                                  f"has num_features={self.num_features}")
@@ -117,10 +119,11 @@ class BatchNorm:
         shape = getattr(x, "shape", None)
         self._check_input(shape)
         unbiased, eps = self.unbiased_running_var, self.eps
-        conv = batch_norm_convention(self.convention)
-        if shape is not None and conv.fused_ranks is not None:
-            # tf_fused: tf.keras 2 fuses only 4D/5D inputs (see bncore.conventions)
-            unbiased, min_eps = conv.for_rank(len(shape))
+        conv = BATCH_NORM.get(self.convention)
+        if shape is not None and conv is not None and conv.fused_ranks is not None \
+                and len(shape) >= 2:
+            # tf_fused: tf.keras 2 fuses only some inputs (see bncore.conventions)
+            unbiased, min_eps = conv.for_input(len(shape), self.axis, self.dtype)
             eps = max(eps, min_eps)
         batch_stats = self._uses_batch_stats()
         update = self.training and self.track_running_stats

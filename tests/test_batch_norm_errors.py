@@ -188,3 +188,12 @@ def test_layer_axis_and_channel_count():
     layer = bncore.BatchNorm(C, affine=False, track_running_stats=False)
     with pytest.raises(ValueError, match="num_features=3"):
         layer(np.ones((4, 5)))
+
+
+def test_buffer_protocol_outputs_are_written_through():
+    """A memoryview (or anything np.asarray views without copying) is written in
+    place, as before the list check; only objects np.asarray would copy are refused."""
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    bncore.batch_norm_forward(x, running_mean=memoryview(rm), running_var=memoryview(rv))
+    assert (rm != 0).all() and (rv != 1).all()

@@ -226,3 +226,13 @@ def test_weight_grads_must_agree_on_every_rank(training):
                                              weight_grads=wg)
     out = _every_rank(2, fn)
     assert all(isinstance(e, ValueError) and "weight_grads" in str(e) for e in out), out
+
+
+def test_layer_without_parameters_checks_its_channel_count_on_every_rank():
+    """affine=False and no running statistics: nothing else knows num_features,
+    so the layer's own check runs, and joins the collective when it fails."""
+    def fn(c):
+        layer = dist.SyncBatchNorm(4, affine=False, track_running_stats=False, comm=c)
+        return layer.forward(np.ones((3, 5)))
+    out = _every_rank(2, fn)
+    assert all(isinstance(e, ValueError) and "num_features" in str(e) for e in out), out

@@ -103,24 +103,33 @@ def test_state_dict_round_trips_bit_for_bit():
     assert a.forward(x).tobytes() == b.forward(x).tobytes()
 
 
-@pytest.mark.parametrize("shape,fused", [((16, 5), False), ((8, 10, 5), False),
-                                         ((8, 4, 4, 5), True), ((2, 3, 4, 4, 5), True)])
-def test_tf_fused_follows_tf_keras_2_by_input_rank(shape, fused):
-    """tf.keras 2 fuses only 4D/5D inputs: the fused kernel keeps the unbiased
-    variance and raises eps to 1.001e-5; 2D/3D inputs go through tf.nn.moments
-    (biased variance, eps as given)."""
-    x = np.random.default_rng(0).standard_normal(shape)
-    layer = bncore.BatchNorm(5, convention="tf_fused", eps=1e-6, dtype=np.float64)
+@pytest.mark.parametrize("shape,axis,dtype,fused", [
+    ((16, 5), -1, np.float32, False), ((8, 10, 5), -1, np.float32, False),
+    ((8, 4, 4, 5), -1, np.float32, True), ((2, 3, 4, 4, 5), -1, np.float32, True),
+    ((8, 5, 4, 4), 1, np.float32, True), ((8, 4, 5, 4), 2, np.float32, False),
+    ((8, 4, 4, 5), -1, np.float64, False)])
+def test_tf_fused_follows_tf_keras_2_fused_rule(shape, axis, dtype, fused):
+    """tf.keras 2 fuses only 4D/5D float16/float32 inputs with the channel axis
+    1 or last (BatchNormalizationBase._fused_can_be_used): the fused kernel keeps
+    the unbiased variance and raises eps to 1.001e-5; every other input goes
+    through tf.nn.moments (biased variance, eps as given)."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    layer = bncore.BatchNorm(5, convention="tf_fused", eps=1e-6, axis=axis, dtype=dtype)
     layer.forward(x)
-    red = tuple(range(len(shape) - 1))
+    red = tuple(i for i in range(len(shape)) if i != axis % len(shape))
     n = x.size // 5
-    var = x.var(axis=red) * (n / (n - 1) if fused else 1.0)
-    np.testing.assert_allclose(layer.running_var, 0.99 + 0.01 * var, rtol=1e-14)
+    var = x.astype(np.float64).var(axis=red) * (n / (n - 1) if fused else 1.0)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(layer.running_var, 0.99 + 0.01 * var, rtol=tol)
     layer.eval()
-    y = layer.forward(np.ones(shape))
+    y = layer.forward(np.ones(shape, dtype))
     eps = 1.001e-5 if fused else 1e-6
-    expected = (1.0 - layer.running_mean) / np.sqrt(layer.running_var + eps)
-    np.testing.assert_allclose(y, np.broadcast_to(expected, y.shape), rtol=1e-14)
+    bshape = [1] * len(shape)
+    bshape[axis % len(shape)] = 5
+    rm = layer.running_mean.astype(np.float64).reshape(bshape)
+    rv = layer.running_var.astype(np.float64).reshape(bshape)
+    expected = np.broadcast_to((1.0 - rm) / np.sqrt(rv + eps), shape)
+    np.testing.assert_allclose(y, expected, rtol=tol)
 
 
 def test_onnx_defaults_are_its_float32_attributes():
