@@ -485,3 +485,16 @@ def test_gpu_parameter_moved_to_another_group_steps_once_per_step():
     assert [float(gpu.state[i]["step"]) for i in range(3)] == [4, 4, 4]
     for c, g in zip(cpu._flat_params(), gpu._flat_params()):
         np.testing.assert_allclose(cupy.asnumpy(g), c, rtol=1e-15)
+
+
+@pytest.mark.parametrize("device_found", [None, 0.0, 1.0])
+def test_gpu_step_that_fails_in_its_kernel_call_leaves_the_count(device_found):
+    """A shape error surfaces in the step function, after the device counter
+    has moved (the kernel reads the count after the step): it is moved back."""
+    p = cupy.asarray(np.ones(4))
+    opt = bncore_gpu.optim.Adam([p], lr=0.1)
+    opt.step([cupy.asarray(np.ones(4))])
+    found = None if device_found is None else cupy.full((), device_found)
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([cupy.asarray(np.ones(5))], found_inf=found)
+    assert float(opt.state[0]["step"]) == 1.0

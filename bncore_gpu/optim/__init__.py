@@ -97,15 +97,10 @@ class _OnDevice:
                 counters[id(counter)] = counter
                 calls.append((group, counter, idx))
             offset += len(group["params"])
-        if len(calls) > 1:
+        single = len(calls) == 1
+        if not single:
             # a later call must not fail after an earlier one has written
             self._gather_all(params, glist)
-            saved = None
-        else:
-            # one call checks its arrays before writing any; only the counter,
-            # moved first (the kernel reads the count after this step), and new
-            # state would need undoing
-            saved = {key: c.copy() for key, c in counters.items()}
         for counter in counters.values():
             _ops.step_increment(counter, dev_found)
         try:
@@ -114,9 +109,13 @@ class _OnDevice:
                             [self.state[i] for i in idx], counter, grad_scale, num_threads,
                             found_inf=dev_found)
         except BaseException:
-            if saved is not None:
-                for key, c in counters.items():
-                    c[...] = saved[key]
+            if single:
+                # one call checks its arrays before writing any: only the counter,
+                # moved first (the kernel reads the count after this step), and new
+                # state need undoing; on the device, without waiting for it
+                for c in counters.values():
+                    back = 1.0 if dev_found is None else (dev_found.reshape(()) == 0)
+                    c[...] = c - back
                 for i in created:
                     del self.state[i]
             raise
