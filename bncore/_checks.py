@@ -47,6 +47,20 @@ def as_array(name: str, a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
+def viewable_in_place(a: Any) -> bool:
+    """Whether converting `a` to an array views its memory (an array, a tensor
+    shared through DLPack or the CUDA array interface, a buffer) rather than
+    copying it (a list): an argument bncore writes must be one of these, or the
+    update would go to a temporary. An ndarray is tested first:
+    hasattr(__array_interface__) builds a dict (~1 us)."""
+    if isinstance(a, np.ndarray):
+        return True
+    if isinstance(a, (list, tuple)):
+        return False
+    return (isinstance(a, memoryview) or hasattr(a, "__dlpack__")
+            or hasattr(a, "__array_interface__") or hasattr(a, "__cuda_array_interface__"))
+
+
 def writeable(name: str, a: np.ndarray) -> None:
     if not a.flags.writeable:
         raise ValueError(f"{name} is read-only; bncore writes it in place")
@@ -85,6 +99,23 @@ def positive(name: str, v: Any) -> float:
     if not (f > 0 and math.isfinite(f)):
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     return f
+
+
+def count(name: str, v: Any, minimum: int = 0) -> int:
+    """An integer count >= minimum (a step count, a batch count, a schedule
+    length): ints, integral floats, NumPy integers and 0-d arrays or tensors (a
+    device step counter, torch's 0-d num_batches_tracked); bool, None, NaN,
+    infinities, fractions and arrays of other shapes are refused, naming `name`."""
+    shape = getattr(v, "shape", None)
+    if shape is not None and hasattr(v, "item"):
+        if tuple(shape) != ():
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+    if not math.isfinite(v) or int(v) != v or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
 
 
 def clip_bound(name: str, v: Any) -> float:
@@ -130,11 +161,7 @@ def array_rules(as_array, writeable, pair):
         """An array bncore writes in place: an array or a tensor viewed through
         DLPack / the CUDA array interface. A list (or any other object) would
         be converted into a temporary copy and the result silently lost."""
-        # (an ndarray first: hasattr(__array_interface__) builds a dict, ~1 us)
-        if not isinstance(a, np.ndarray) and (isinstance(a, (list, tuple)) or not (
-                isinstance(a, memoryview) or hasattr(a, "__dlpack__")
-                or hasattr(a, "__array_interface__")
-                or hasattr(a, "__cuda_array_interface__"))):
+        if not viewable_in_place(a):
             raise TypeError(f"{name} is written in place, so it must be an array (or a tensor "
                             f"shared through DLPack or the buffer protocol), got "
                             f"{type(a).__name__}")

@@ -25,6 +25,8 @@ from libc.string cimport memcpy
 
 import numpy as np
 
+from bncore._checks import viewable_in_place
+
 cnp.import_array()
 
 cdef extern from "_half.h" nogil:
@@ -141,9 +143,7 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
         for i in range(n):
             obj = lists[k][i]
             if type(obj) is not np.ndarray:
-                if writes[k] and (isinstance(obj, (list, tuple)) or not (
-                        isinstance(obj, (np.ndarray, memoryview)) or hasattr(obj, "__dlpack__")
-                        or hasattr(obj, "__array_interface__"))):
+                if writes[k] and not viewable_in_place(obj):
                     # np.asarray would make a temporary copy: the update would be lost
                     raise TypeError(f"{names[k]}[{i}] is updated in place, so it must be an "
                                     f"array (or a tensor shared through DLPack or the buffer "

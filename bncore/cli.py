@@ -101,8 +101,9 @@ def cmd_check(args) -> int:
     if args.samples < 1 or args.fd_samples < 0:
         return _usage_error("check", "--samples must be >= 1 and --fd-samples >= 0 "
                                      "(no samples would check nothing and pass)")
-    if _json_path_problem(args.json):
-        return _usage_error("check", _json_path_problem(args.json))
+    problem = _json_path_problem(args.json)
+    if problem:
+        return _usage_error("check", problem)
     gpu = "on" if args.gpu else ("off" if args.no_gpu else "auto")
     progress = args.progress or (not args.quiet and sys.stderr.isatty())
     return selfcheck.main_check(args.op, args.dtype, args.samples, args.fd_samples, args.seed,
@@ -156,25 +157,17 @@ def _load_inputs(path: str) -> list:
         return [data[k] for k in names]
 
 
-def _tolerance_error(args) -> str:
-    """Why the tolerances can't give a meaningful check ('' when they can)."""
-    if not args.rtol >= 0 or not args.atol >= 0:
-        return "--rtol and --atol must be >= 0 (a negative tolerance passes everything)"
-    if args.rtol == 0 and args.atol == 0:
-        return "--rtol and --atol are both 0: no finite difference can pass"
-    if not args.h > 0:
-        return "--h must be > 0"
-    if args.directions < 1:
-        return "--directions must be >= 1"
-    if args.samples < 1:
-        return "--samples must be >= 1 (0 would check nothing and pass)"
-    return ""
-
-
 def cmd_gradcheck(args) -> int:
-    from bncore.gradcheck import gradcheck
+    from bncore.gradcheck import check_settings, gradcheck
 
-    problem = _tolerance_error(args) or _json_path_problem(args.json)
+    try:
+        check_settings(args.mode, args.rtol, args.atol, args.h, args.directions,
+                       names=("--rtol", "--atol", "--h", "--directions"))
+        if args.samples < 1:
+            raise ValueError("--samples must be >= 1 (0 would check nothing and pass)")
+    except (TypeError, ValueError) as exc:
+        return _usage_error("gradcheck", str(exc))
+    problem = _json_path_problem(args.json)
     if problem:
         return _usage_error("gradcheck", problem)
     reports = []
@@ -260,8 +253,9 @@ def cmd_gradcheck(args) -> int:
 def cmd_validate(args) -> int:
     from bncore.validate import main_validate
 
-    if _json_path_problem(args.json):
-        return _usage_error("validate", _json_path_problem(args.json))
+    problem = _json_path_problem(args.json)
+    if problem:
+        return _usage_error("validate", problem)
     return main_validate(args.framework, json_path=args.json, quick=args.quick)
 
 
@@ -384,9 +378,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return args.func(args)
-    except BrokenPipeError:           # `bncore check | head`: stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:           # `bncore config | head`: stop quietly
+        from bncore.selfcheck import silence_stdout
+        silence_stdout()
         return 1
 
 

@@ -15,7 +15,6 @@ numeric values) so a wrong gradient can be found, not just detected.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -70,6 +69,25 @@ def _as_list(v) -> List[np.ndarray]:
     return [np.asarray(v, dtype=np.float64)]
 
 
+def check_settings(mode: str, rtol: float, atol: float, h: float, n_directions: int,
+                   names: Sequence[str] = ("rtol", "atol", "h", "n_directions")):
+    """(rtol, atol, h, n_directions) validated, or ValueError/TypeError naming the
+    setting (`names`: how the caller spells them, e.g. the command line's
+    options): settings under which a check would pass whatever the gradient
+    are refused (a negative tolerance makes every ratio negative; no
+    directions make no checks)."""
+    if mode not in ("random", "full"):
+        raise ValueError(f"mode must be 'random' or 'full', got {mode!r}")
+    rtol = chk.non_negative(names[0], rtol)
+    atol = chk.non_negative(names[1], atol)
+    if rtol == 0.0 and atol == 0.0:
+        raise ValueError(f"{names[0]} and {names[1]} are both 0: no finite difference can pass")
+    h = chk.positive(names[2], h)
+    if mode == "random":
+        n_directions = chk.count(names[3], n_directions, 1)
+    return rtol, atol, h, n_directions
+
+
 def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
               vjp: Callable[..., Sequence[np.ndarray]], *, mode: str = "random",
               n_directions: int = 6, h: float = 1e-6, rtol: float = 1e-6,
@@ -95,20 +113,7 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
 
     Returns a :class:`GradcheckReport`; it is falsy when the check failed.
     """
-    if mode not in ("random", "full"):
-        raise ValueError(f"mode must be 'random' or 'full', got {mode!r}")
-    # a negative tolerance would make every ratio negative, so every check pass
-    rtol = chk.non_negative("rtol", rtol)
-    atol = chk.non_negative("atol", atol)
-    if rtol == 0.0 and atol == 0.0:
-        raise ValueError("rtol and atol are both 0: no finite difference can pass")
-    h = chk.positive("h", h)
-    if mode == "random":
-        if isinstance(n_directions, bool) or not isinstance(n_directions, numbers.Integral):
-            raise TypeError(f"n_directions must be an int, got {type(n_directions).__name__}")
-        if n_directions < 1:
-            raise ValueError(f"n_directions must be >= 1 (0 would check nothing), "
-                             f"got {n_directions}")
+    rtol, atol, h, n_directions = check_settings(mode, rtol, atol, h, n_directions)
     xs = [np.array(a, dtype=np.float64) for a in inputs]
     wrt = list(range(len(xs))) if wrt is None else list(wrt)
     rng = np.random.default_rng(seed)

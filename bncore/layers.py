@@ -7,13 +7,13 @@ weight, bias and running statistics and remembers what backward needs.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Dict, Optional
 
 import numpy as np
 
 from bncore import _checks as chk
+from bncore._bn_args import _axis as channel_axis
 from bncore.batch_norm import batch_norm_backward, batch_norm_forward
 from bncore.conventions import BATCH_NORM, batch_norm_convention
 
@@ -107,9 +107,7 @@ class BatchNorm:
         """x's channel count against num_features (the functions cannot: without
         weight or running statistics nothing else says how many there are)."""
         if shape is not None and len(shape) >= 2:
-            ax = self.axis
-            if not -len(shape) <= ax < len(shape):
-                ax = chk.normalize_axis(ax, len(shape))      # raises, naming axis
+            ax = channel_axis(chk, self.axis, len(shape))
             if shape[ax] != self.num_features:
                 raise ValueError(f"x has {shape[ax]} channels on axis {self.axis}; this layer "
                                  f"has num_features={self.num_features}")
@@ -190,29 +188,12 @@ class BatchNorm:
                 arrays[key] = v
         count = None
         if "num_batches_tracked" in expected:
-            count = self._batch_count(state["num_batches_tracked"])
+            count = chk.count("state_dict['num_batches_tracked']", state["num_batches_tracked"])
         # everything is checked: now copy (a state_dict that raised changed nothing)
         for key, v in arrays.items():
             xp.copyto(getattr(self, key), v)
         if count is not None:
             self.num_batches_tracked = count
-
-    @staticmethod
-    def _batch_count(v) -> int:
-        """num_batches_tracked from a state_dict: an integer >= 0 (0-d arrays too,
-        torch's is a 0-d int64 tensor)."""
-        if hasattr(v, "shape"):
-            if tuple(v.shape) != ():
-                raise ValueError(f"state_dict['num_batches_tracked'] must be a scalar, got "
-                                 f"shape {tuple(v.shape)}")
-            v = v.item()
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"state_dict['num_batches_tracked'] must be an integer, got "
-                            f"{type(v).__name__}")
-        if not math.isfinite(v) or int(v) != v or v < 0:
-            raise ValueError(f"state_dict['num_batches_tracked'] must be an integer >= 0, "
-                             f"got {v!r}")
-        return int(v)
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

@@ -416,11 +416,13 @@ def main_check(ops=None, dtypes=None, samples=24, fd_samples=8, seed=1234, gpu="
     try:
         _print_check_report(rows, failed, results, seconds, backend, reason, out or sys.stdout)
     except BrokenPipeError:          # the reader went away: the status still tells
-        _silence_stdout()
+        silence_stdout()
     return 1 if failed else 0
 
 
-def _silence_stdout() -> None:
+def silence_stdout() -> None:
+    """Point stdout at /dev/null after its reader went away (`bncore check | head`),
+    so that the rest of a run (its JSON, its exit status) goes on without raising."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
 

@@ -157,24 +157,9 @@ def test_local_errors_raise_through_the_protocol():
 
 def _every_rank(P, fn, timeout=10.0):
     """fn(comm) on P thread-ranks without aborting the others when one raises
-    (run_ranks does, which would hide a hang): each rank's result or exception."""
-    import threading
+    (which would hide a hang): each rank's result or exception."""
     import thread_comm
-    group = thread_comm._Group(P)
-    group.barrier = threading.Barrier(P, timeout=timeout)
-    out = [None] * P
-
-    def body(r):
-        try:
-            out[r] = fn(thread_comm.ThreadComm(group, r))
-        except BaseException as exc:  # noqa: BLE001
-            out[r] = exc
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(P)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout * 3)
-    return out
+    return thread_comm.run_ranks(P, fn, abort=False, timeout=timeout)
 
 
 def test_far_offset_channels_are_combined_as_accurately_as_in_one_process():

@@ -18,9 +18,9 @@ TIMEOUT = 60.0
 
 
 class _Group:
-    def __init__(self, P: int) -> None:
+    def __init__(self, P: int, timeout: float = TIMEOUT) -> None:
         self.P = P
-        self.barrier = threading.Barrier(P, timeout=TIMEOUT)
+        self.barrier = threading.Barrier(P, timeout=timeout)
         self.slots: List[Any] = [None] * P
 
 
@@ -52,10 +52,15 @@ class ThreadComm:
         return self._exchange(obj)
 
 
-def run_ranks(P: int, fn: Callable[[ThreadComm], Any]) -> List[Any]:
+def run_ranks(P: int, fn: Callable[[ThreadComm], Any], *, abort: bool = True,
+              timeout: float = TIMEOUT) -> List[Any]:
     """fn(comm) on P threads, one per rank; the results in rank order. An
-    exception on any rank is re-raised (the first rank's) after all finish."""
-    group = _Group(P)
+    exception on any rank is re-raised (the first rank's) after all finish.
+
+    abort=False: a rank that raises does not release the others from their
+    barrier (which would hide a rank left waiting: they fail only after
+    `timeout`), and each rank's exception is returned in its place instead."""
+    group = _Group(P, timeout)
     results: List[Any] = [None] * P
     errors: List[BaseException] = [None] * P
 
@@ -64,13 +69,16 @@ def run_ranks(P: int, fn: Callable[[ThreadComm], Any]) -> List[Any]:
             results[r] = fn(ThreadComm(group, r))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors[r] = exc
-            group.barrier.abort()     # release the others instead of letting them wait
+            if abort:
+                group.barrier.abort()  # release the others instead of letting them wait
 
     threads = [threading.Thread(target=body, args=(r,)) for r in range(P)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(TIMEOUT * 2)
+        t.join(timeout * 2)
+    if not abort:
+        return [e if e is not None else res for res, e in zip(results, errors)]
     for e in errors:
         if e is not None and not isinstance(e, threading.BrokenBarrierError):
             raise e

@@ -46,18 +46,16 @@ class SGD(Optimizer):
         _rules.sgd_hyper(g["lr"], g["momentum"], g["dampening"], self._nesterov(g),
                          g["weight_decay"], g["style"], ())
 
-    def _keys_uniform(self, states, group) -> bool:
-        if group["momentum"] and group["style"] == "torch":
-            return all(map(operator.contains, states, itertools.repeat("momentum_buffer")))
-        return True
-
-    def _call_key(self, state, group) -> tuple:
-        # torch's buffer starts as the gradient itself at its first use (also
-        # when momentum is switched on mid-training): fresh buffers get their
-        # own kernel call with first_step
-        if group["momentum"] and group["style"] == "torch":
-            return (state is None or "momentum_buffer" not in state,)
-        return ()
+    def _call_keys(self, states, group):
+        # torch's buffer starts as the gradient at its first use (also when
+        # momentum is switched on mid-training): parameters without a buffer
+        # yet get their own kernel call, with first_step
+        if not (group["momentum"] and group["style"] == "torch"):
+            return None
+        if None not in states and all(map(operator.contains, states,
+                                          itertools.repeat("momentum_buffer"))):
+            return None
+        return [(s is None or "momentum_buffer" not in s,) for s in states]
 
     def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
                found_inf=None) -> None:

@@ -13,9 +13,7 @@ changes nothing: parameters, state and step counts stay as they were.
 from __future__ import annotations
 
 import copy
-import math
 import operator
-import numbers
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -25,7 +23,7 @@ from bncore import _optim_kernels as _k
 from bncore import optimizers as _cpu_ops
 from bncore._threads import resolve_num_threads
 from bncore.conventions import optimizer_defaults
-from bncore.optimizers import amp_args, as_list
+from bncore.optimizers import as_list
 
 __all__ = ["Optimizer"]
 
@@ -140,12 +138,7 @@ class Optimizer:
         self.state = {j: self.state[where[id(p)]] for j, p in enumerate(flat)
                       if id(p) in where and where[id(p)] in self.state}
         self._state_params = flat
-        self._after_remap()
         return flat
-
-    def _after_remap(self) -> None:
-        """Hook: the state's indices changed (each state keeps its own step count,
-        so nothing needs to follow; subclasses with derived state may)."""
 
     def _gather_all(self, params, grads) -> None:
         """Check every parameter against its gradient (shape, dtype, aliasing,
@@ -180,34 +173,47 @@ class Optimizer:
             n = len(group["params"])
             gparams, ggrads = group["params"], grads[offset:offset + n]
             idx = list(range(offset, offset + n))
+            states = list(map(self.state.get, idx))
+            keys = self._call_keys(states, group)
             # the usual case, without Python work per parameter: every parameter
             # has state, all at one step count, all with the same call key
-            states = list(map(self.state.get, idx))
-            if None not in states and self._keys_uniform(states, group):
+            if keys is None and None not in states:
                 counts = set(map(operator.itemgetter("step"), states))
                 if len(counts) == 1:
                     calls.append((group, list(gparams), ggrads, idx, counts.pop() + 1))
                     offset += n
                     continue
             by_key: Dict[tuple, List[int]] = {}
-            for k, i in enumerate(idx):
-                state = self.state.get(i)
+            for k, state in enumerate(states):
                 count = state["step"] + 1 if state is not None else 1
-                by_key.setdefault((count,) + self._call_key(state, group), []).append(k)
+                key = (count,) if keys is None else (count,) + keys[k]
+                by_key.setdefault(key, []).append(k)
             for key, ks in sorted(by_key.items()):
                 calls.append((group, [gparams[k] for k in ks], [ggrads[k] for k in ks],
                               [idx[k] for k in ks], key[0]))
             offset += n
         return calls
 
-    def _call_key(self, state: Optional[Dict[str, Any]], group: Dict[str, Any]) -> tuple:
-        """Parameters of a group with different keys go to separate kernel calls."""
-        return ()
+    def _call_keys(self, states: List[Optional[Dict[str, Any]]],
+                   group: Dict[str, Any]) -> Optional[List[tuple]]:
+        """A key per parameter of the group (its state, None before the first
+        step): parameters with different keys go to separate kernel calls.
+        None: one key for all, said without Python work per parameter."""
+        return None
 
-    def _keys_uniform(self, states: List[Dict[str, Any]], group: Dict[str, Any]) -> bool:
-        """Whether every one of these (existing) states has the same _call_key; a
-        subclass that overrides _call_key says so without a call per state."""
-        return True
+    def _begin_step(self, grads, grad_scale, found_inf, num_threads):
+        """What every step checks before its first kernel (CPU and GPU classes):
+        (grads as a list, the parameters, whether found_inf skips the step)."""
+        glist = as_list("grads", grads)
+        params = self._sync_params()
+        if len(glist) != len(params):
+            raise ValueError(f"grads has {len(glist)} entries but the optimizer has "
+                             f"{len(params)} parameters")
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(gi, group)
+        resolve_num_threads(num_threads)
+        skip = self._ops.amp_args(grad_scale, found_inf)[0]
+        return glist, params, skip
 
     def step(self, grads, *, grad_scale=None, found_inf=None,
              num_threads: Optional[int] = None) -> None:
@@ -217,15 +223,7 @@ class Optimizer:
         ``found_inf`` skips the step entirely (nothing changes). Every group's
         hyperparameters and every array are checked before any is written: a
         step that raises has changed nothing."""
-        glist = as_list("grads", grads)
-        params = self._sync_params()
-        if len(glist) != len(params):
-            raise ValueError(f"grads has {len(glist)} entries but the optimizer has "
-                             f"{len(params)} parameters")
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi, group)
-        skip, _ = amp_args(grad_scale, found_inf)
-        resolve_num_threads(num_threads)
+        glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
         calls = self._calls(glist)
         if skip or len(calls) > 1:
             # one kernel call checks all its arrays before writing any; several
@@ -318,7 +316,7 @@ class Optimizer:
             entry = {}
             for name, v in s.items():
                 if name == "step":
-                    entry[name] = self._load_step(self._check_step_count(i, v))
+                    entry[name] = self._load_step(chk.count(f"state_dict state[{i}]['step']", v))
                 elif (getattr(v, "ndim", 0) > 0 or name in self.state_arrays
                       or isinstance(v, (list, tuple))):
                     if isinstance(v, (list, tuple)):
@@ -336,18 +334,6 @@ class Optimizer:
         self.convention = state_dict.get("convention", self.convention)
         self.state = new_state
         self._after_load()
-
-    @staticmethod
-    def _check_step_count(i: int, v) -> int:
-        """A state's step count: an integer >= 0 (a 0-d array is allowed)."""
-        if hasattr(v, "shape") and tuple(v.shape) == ():
-            v = v.item() if hasattr(v, "item") else v
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"state_dict state[{i}]['step'] must be an integer, "
-                            f"got {type(v).__name__}")
-        if not math.isfinite(v) or int(v) != v or v < 0:
-            raise ValueError(f"state_dict state[{i}]['step'] must be an integer >= 0, got {v!r}")
-        return int(v)
 
     def _load_step(self, v) -> Any:
         """A step count from a state_dict (the GPU classes keep it on the device)."""

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable
 
 from bncore import _checks as chk
@@ -18,27 +17,14 @@ __all__ = ["step_lr", "cosine_lr", "linear_warmup", "set_lr"]
 Schedule = Callable[[int], float]
 
 
-def _count(name: str, v, minimum: int) -> int:
-    """An integer count >= minimum: ints, integral floats, NumPy integers and
-    0-d arrays or tensors (a device step counter); bool, None, NaN, infinities
-    and fractions are refused, naming `name`."""
-    if getattr(v, "shape", None) == () and hasattr(v, "item"):
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
-    if not math.isfinite(v) or int(v) != v or v < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    return int(v)
-
-
 def _step_index(step) -> int:
-    return _count("step", step, 0)
+    return chk.count("step", step, 0)
 
 
 def step_lr(base_lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     """``base_lr * gamma ** (step // step_size)`` (PyTorch's StepLR)."""
     base_lr = chk.non_negative("base_lr", base_lr)
-    step_size = _count("step_size", step_size, 1)
+    step_size = chk.count("step_size", step_size, 1)
     gamma = chk.non_negative("gamma", gamma)
 
     def lr(step: int) -> float:
@@ -52,7 +38,7 @@ def linear_warmup(base_lr: float, warmup_steps: int, start_factor: float = 0.0,
     ``warmup_steps`` steps, then ``after(step - warmup_steps)`` (or base_lr)."""
     base_lr = chk.non_negative("base_lr", base_lr)
     start_factor = chk.in_unit_interval("start_factor", start_factor)
-    w = _count("warmup_steps", warmup_steps, 0)
+    w = chk.count("warmup_steps", warmup_steps, 0)
 
     def lr(step: int) -> float:
         s = _step_index(step)
@@ -68,8 +54,8 @@ def cosine_lr(base_lr: float, total_steps: int, min_lr: float = 0.0,
     linear warm-up from 0), then min_lr: ``min + (base - min) (1 + cos(pi t / T)) / 2``."""
     base_lr = chk.non_negative("base_lr", base_lr)
     min_lr = chk.non_negative("min_lr", min_lr)
-    total_steps = _count("total_steps", total_steps, 1)
-    warmup_steps = _count("warmup_steps", warmup_steps, 0)
+    total_steps = chk.count("total_steps", total_steps, 1)
+    warmup_steps = chk.count("warmup_steps", warmup_steps, 0)
     if warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps ({warmup_steps}) must be smaller than total_steps "
                          f"({total_steps}): the cosine decay needs at least one step")

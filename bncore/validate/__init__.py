@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
 import time
 from typing import List, Optional
 
+from bncore.selfcheck import silence_stdout
 from bncore.validate.report import Check, Report, Row  # noqa: F401
 
 FRAMEWORKS = ("torch", "keras", "jax", "onnx")
@@ -116,8 +116,7 @@ def main_validate(framework: str, json_path: Optional[str] = None, quick: bool =
                     print(file=out or sys.stdout)
             except BrokenPipeError:   # `| head`: keep running, for the JSON and the status
                 printing = False
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
+                silence_stdout()
     if json_path:
         doc = {"schema": "bncore-validate/1", "ok": all(r.ok for r in reports),
                "reports": [r.as_dict() for r in reports]}

@@ -16,8 +16,6 @@ import cupy
 from bncore.optim import algorithms as _alg
 from bncore.optim.checkpoint import load, save
 from bncore.optim.schedules import cosine_lr, linear_warmup, set_lr, step_lr
-from bncore._threads import resolve_num_threads
-from bncore.optimizers import as_list
 from bncore_gpu import _checks as chk
 from bncore_gpu import optimizers as _ops
 from bncore_gpu._tables import gather
@@ -65,15 +63,7 @@ class _OnDevice:
         started together; one kernel call per group and counter, and each
         counter moves once per step (also when its parameters now sit in
         several groups)."""
-        glist = as_list("grads", grads)
-        params = self._sync_params()
-        if len(glist) != len(params):
-            raise ValueError(f"grads has {len(glist)} entries but the optimizer has "
-                             f"{len(params)} parameters")
-        for gi, group in enumerate(self.param_groups):
-            self._check_group(gi, group)
-        resolve_num_threads(num_threads)
-        skip, _, _, _ = _ops.amp_args(grad_scale, found_inf)
+        glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
         if skip:
             self._gather_all(params, glist)       # a bad call still raises
             return
