@@ -90,10 +90,16 @@ def forward_args(chk, x, weight, bias, running_mean, running_var, training, mome
     elif running_mean is None:
         raise ValueError("inference mode (training=False) needs running_mean and running_var")
     out = _check_out(chk, "out", out, x)
-    if out is not None or running_mean is not None:
+    if training and running_mean is not None:
         chk.no_overlap_among(
             [("out", out), ("running_mean", running_mean), ("running_var", running_var)],
             [("x", x), ("weight", weight), ("bias", bias)])
+    elif out is not None:
+        # inference writes only out: the running statistics are inputs then
+        chk.no_overlap_among(
+            [("out", out)],
+            [("x", x), ("weight", weight), ("bias", bias), ("running_mean", running_mean),
+             ("running_var", running_var)])
 
     return (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
             nthreads)

@@ -43,9 +43,9 @@ class ChannelView:
 
     def empty(self, dtype, xp=np):
         """A new array of the logical shape stored in this layout (xp: numpy or cupy)."""
-        mem = xp.empty(tuple(self.shape[i] for i in self.perm), dtype=dtype)
         if self.is_identity:
-            return mem
+            return xp.empty(self.shape, dtype=dtype)
+        mem = xp.empty(tuple(self.shape[i] for i in self.perm), dtype=dtype)
         return mem.transpose(tuple(int(i) for i in np.argsort(self.perm)))
 
     def arrange(self, a, xp=np):
@@ -69,6 +69,8 @@ def _view(shape, perm, axis) -> ChannelView:
 
 
 _IDENTITY = {}
+_C_VIEWS = {}
+_C_VIEWS_MAX = 256
 
 
 def _identity(nd: int) -> Tuple[int, ...]:
@@ -86,7 +88,15 @@ def channel_view(x: np.ndarray, axis: int) -> ChannelView:
     """
     nd = x.ndim
     if x.flags.c_contiguous:
-        return _view(x.shape, _identity(nd), axis)
+        # the common case, once per layer call: views are immutable, so one
+        # per (shape, axis) is kept (a training loop has a handful)
+        key = (x.shape, axis)
+        v = _C_VIEWS.get(key)
+        if v is None:
+            if len(_C_VIEWS) >= _C_VIEWS_MAX:
+                _C_VIEWS.clear()
+            v = _C_VIEWS[key] = _view(x.shape, _identity(nd), axis)
+        return v
     # Sort axes by stride, slowest first; size-1 axes carry no information and
     # keep their logical place (stable sort on a key that ignores them).
     strides = [abs(s) if n > 1 else 0 for s, n in zip(x.strides, x.shape)]

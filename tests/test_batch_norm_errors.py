@@ -168,6 +168,23 @@ def test_inference_reads_read_only_running_statistics():
         bncore.batch_norm_forward(a["x"], running_mean=rm, running_var=rv)
 
 
+def test_inference_overlap_rules_treat_running_statistics_as_inputs():
+    """In inference the running statistics are read, not written: one array may
+    serve as both; only out must not overlap them (or x, weight, bias)."""
+    a = fresh()
+    stat = np.full(C, 2.0, np.float32)
+    y, _, _ = bncore.batch_norm_forward(a["x"], running_mean=stat, running_var=stat,
+                                        training=False)
+    np.testing.assert_allclose(y, (a["x"] - 2.0) / np.sqrt(2.0 + 1e-5), rtol=1e-6, atol=1e-6)
+    out = np.full_like(a["x"], 2.0)
+    inside_out = out.reshape(-1)[:C]          # running_mean stored inside out
+    before = out.copy()
+    with pytest.raises(ValueError, match="out and running_mean share memory"):
+        bncore.batch_norm_forward(a["x"], running_mean=inside_out, running_var=stat,
+                                  training=False, out=out)
+    np.testing.assert_array_equal(out, before)
+
+
 def test_layer_load_state_dict_checks_everything_first():
     bn = bncore.BatchNorm(C, momentum=None)
     good = bn.state_dict()
