@@ -416,3 +416,64 @@ def test_a_large_thread_count_uses_no_more_threads_than_the_work_needs():
         assert a.tobytes() == b.tobytes()
     with pytest.raises(ValueError, match="num_threads"):
         bncore.batch_norm_forward(x, num_threads=4097)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_strided_channel_vectors_are_read_and_written_in_place(dtype):
+    """weight, bias and the running statistics may be strided views (every
+    other element of a larger buffer): they are read element by element, the
+    running statistics are updated through the view, and the buffer's other
+    elements are left alone."""
+    rng = np.random.default_rng(21)
+    C = 5
+    x = (rng.standard_normal((6, C, 7)) * 2 + 3).astype(np.float32)
+    bufs = {k: rng.normal(1.0, 0.3, 2 * C).astype(dtype) for k in ("w", "b", "rm", "rv")}
+    before = {k: v.copy() for k, v in bufs.items()}
+    w, b, rm, rv = (bufs[k][::2] for k in ("w", "b", "rm", "rv"))
+    assert not w.flags.c_contiguous
+    y, mean, invstd = bncore.batch_norm_forward(x, w, b, rm, rv, momentum=0.3)
+    ey, emean, einvstd, erm, erv = ref_forward(x, before["w"][::2], before["b"][::2],
+                                               before["rm"][::2], before["rv"][::2],
+                                               momentum=0.3)
+    assert rel_err(y, ey) <= 1e-6
+    assert rel_err(mean, emean) <= 1e-12 and rel_err(invstd, einvstd) <= 1e-12
+    tol = 1e-6 if dtype == np.float32 else 1e-12
+    assert rel_err(rm, erm) <= tol and rel_err(rv, erv) <= tol
+    for k in bufs:
+        assert bufs[k][1::2].tobytes() == before[k][1::2].tobytes(), f"{k}: gaps written"
+    yi, _, _ = bncore.batch_norm_forward(x, w, b, rm, rv, training=False)
+    assert rel_err(yi, ref_forward(x, w, b, rm, rv, training=False)[0]) <= 1e-6
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w)
+    edx, edw, edb = ref_backward(dy, x, mean, invstd, w)
+    assert rel_err(dx, edx) <= 1e-6 and rel_err(dw, edw) <= 1e-6
+
+
+@pytest.mark.parametrize("shape,axis,schedule,what", [
+    ((40, 64, 5, 5), 1, "flat", "rows of W = 1600 >= 1024: four-row sums"),
+    ((700, 100, 32), 1, "rows", "700 x 100 partials: combined on threads, a short last chunk"),
+    ((700, 100), 1, "tiles", "100 channels-last: three full tiles of 32 and a partial one"),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_statistics_and_gradient_sums_on_every_path(shape, axis, schedule, what, threads):
+    """Per-channel statistics and gradient sums against the float64 oracle on
+    shapes that take code paths the small registry draws rarely reach."""
+    from bncore import _bn_kernels as kernels
+    outer, C, inner = int(np.prod(shape[:axis])), shape[axis], int(np.prod(shape[axis + 1:]))
+    assert kernels.plan_info(outer, C, inner, 4)["schedule"] == schedule
+    rng = np.random.default_rng(31)
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    x = (rng.uniform(-50, 50, C).reshape(bshape)
+         + rng.uniform(0.5, 2, C).reshape(bshape) * rng.standard_normal(shape)).astype(np.float32)
+    dy = (rng.standard_normal(shape) + 0.5).astype(np.float32)
+    w = rng.normal(1, 0.2, C).astype(np.float32)
+    y, mean, invstd = bncore.batch_norm_forward(x, w, axis=axis, num_threads=threads)
+    ey, emean, einvstd, _, _ = ref_forward(x, w, axis=axis)
+    assert rel_err(mean, emean) <= 1e-12 and rel_err(invstd, einvstd) <= 1e-12
+    assert rel_err(y, ey) <= 1e-6
+    dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w, axis=axis,
+                                            num_threads=threads)
+    edx, edw, edb = ref_backward(dy, x, mean, invstd, w, axis=axis)
+    assert rel_err(dw, edw) <= 1e-6 and rel_err(db, edb) <= 1e-6
+    assert rel_err(dx, edx) <= 1e-6

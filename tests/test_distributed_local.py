@@ -221,3 +221,20 @@ def test_layer_without_parameters_checks_its_channel_count_on_every_rank():
         return layer.forward(np.ones((3, 5)))
     out = _every_rank(2, fn)
     assert all(isinstance(e, ValueError) and "num_features" in str(e) for e in out), out
+
+
+def test_far_offset_channels_with_an_empty_first_rank():
+    """An empty shard reports (pivot, mean - pivot, M2) = 0: the combination
+    must take its base pivot from the first rank that has values, else the
+    rank means are taken relative to 0 and |mean| = 1e7 std costs the
+    variance ~1e-11 of its accuracy."""
+    import thread_comm
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3)) + np.array([1e3, 1e7, 1e9])
+    exact = 1.0 / np.sqrt(np.var(x.astype(np.longdouble), axis=0) + np.longdouble(1e-5))
+    parts = np.split(x, [0, 16, 21])
+    assert parts[0].shape == (0, 3)
+    got = thread_comm.run_ranks(4, lambda c: dist.sync_batch_norm_forward(
+        parts[c.Get_rank()], comm=c)[2])
+    for inv in got:
+        np.testing.assert_allclose(inv, exact.astype(np.float64), rtol=2e-15)

@@ -4,6 +4,7 @@ import pytest
 
 import bncore
 from bncore.conventions import BATCH_NORM
+from reference import batch_norm_backward as ref_backward
 from reference import batch_norm_forward as ref_forward
 from reference import normwise_relative_error as rel_err
 
@@ -107,6 +108,7 @@ def test_state_dict_round_trips_bit_for_bit():
     ((16, 5), -1, np.float32, False), ((8, 10, 5), -1, np.float32, False),
     ((8, 4, 4, 5), -1, np.float32, True), ((2, 3, 4, 4, 5), -1, np.float32, True),
     ((8, 5, 4, 4), 1, np.float32, True), ((8, 4, 5, 4), 2, np.float32, False),
+    ((8, 4, 4, 5), 3, np.float32, True), ((2, 3, 4, 4, 5), 4, np.float32, True),
     ((8, 4, 4, 5), -1, np.float64, False)])
 def test_tf_fused_follows_tf_keras_2_fused_rule(shape, axis, dtype, fused):
     """tf.keras 2 fuses only 4D/5D float16/float32 inputs with the channel axis
@@ -157,3 +159,69 @@ def test_onnx_defaults_are_its_float32_attributes():
     np.testing.assert_allclose(layer.running_mean, rm_ref, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(layer.running_var, rv_ref, rtol=1e-14)
     np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_eval_without_running_stats_backpropagates_through_batch_statistics():
+    """track_running_stats=False: eval() still normalizes with the batch
+    statistics (as torch), so backward must differentiate through them too,
+    not treat them as constants."""
+    x = data(seed=5, dtype=np.float64)
+    dy = data(seed=6, dtype=np.float64)
+    layer = bncore.BatchNorm(4, track_running_stats=False, dtype=np.float64)
+    layer.weight[:] = [1.0, 2.0, 0.5, -1.5]
+    layer.eval()
+    layer.forward(x)
+    dx = layer.backward(dy)
+    red = (0, 2, 3)
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=red)
+    invstd = 1.0 / np.sqrt(x64.var(axis=red) + layer.eps)
+    edx, edw, edb = ref_backward(dy, x, mean, invstd, layer.weight, training=True)
+    assert rel_err(dx, edx) < 1e-12
+    assert rel_err(layer.grad_weight, edw) < 1e-12 and rel_err(layer.grad_bias, edb) < 1e-12
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_eval_forward_counts_no_batch(momentum):
+    """num_batches_tracked counts training batches only: an eval pass in
+    between leaves it, and the cumulative average (momentum=None), alone."""
+    layer = bncore.BatchNorm(4, momentum=momentum, dtype=np.float64)
+    batches = [data(seed=s, dtype=np.float64) for s in range(3)]
+    layer.forward(batches[0])
+    layer.forward(batches[1])
+    layer.eval()
+    layer.forward(data(seed=9, dtype=np.float64))
+    assert layer.num_batches_tracked == 2
+    layer.train()
+    layer.forward(batches[2])
+    assert layer.num_batches_tracked == 3
+    means = np.stack([b.mean(axis=(0, 2, 3)) for b in batches])
+    if momentum is None:
+        expected = means.mean(axis=0)
+    else:
+        expected = np.zeros(4)
+        for m in means:
+            expected = (1 - momentum) * expected + momentum * m
+    assert rel_err(layer.running_mean, expected) < 1e-14
+
+
+def test_tf_fused_keeps_an_eps_above_its_minimum():
+    """The fused kernel raises eps to at least 1.001e-5; a larger eps (Keras'
+    default 1e-3) is used as given."""
+    x = data((8, 3, 4, 4), seed=8)      # 4-D float32: fused
+    layer = bncore.BatchNorm(4, convention="tf_fused")
+    assert layer.eps == 1e-3
+    y = layer.forward(x)
+    ey = ref_forward(x, eps=1e-3, axis=-1)[0]
+    assert rel_err(y, ey) < 1e-6
+
+
+def test_onnx_epsilon_is_the_float32_attribute():
+    """ONNX's epsilon attribute is a float32: its default 1e-5 is
+    float32(1e-5) = 9.99999974737875e-06, which shows where the variance is 0."""
+    layer = bncore.BatchNorm(2, convention="onnx", dtype=np.float64)
+    layer.running_var[:] = 0.0
+    layer.eval()
+    y = layer.forward(np.ones((3, 2)))
+    eps32 = float(np.float32(1e-5))
+    np.testing.assert_allclose(y, np.full((3, 2), 1.0 / np.sqrt(eps32)), rtol=1e-15)
