@@ -93,6 +93,47 @@ def test_error_if_nonfinite_raises_before_touching_gradients():
     assert math.isnan(total) and all(np.isnan(g).all() for g in grads)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf"), 3.0])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+def test_error_if_nonfinite_raises_on_an_infinite_norm(norm_type, bad):
+    """An Inf gradient (no NaN) gives an infinite total: refused too, untouched."""
+    _, grads = problem()
+    grads[1][2, 3] = bad
+    before = {i: g.copy() for i, g in enumerate(grads)}
+    with pytest.raises(bncore.NonFiniteError, match="no gradient was modified"):
+        bncore.clip_grad_norm(grads, 1.0, norm_type=norm_type, error_if_nonfinite=True)
+    assert_unchanged(before, dict(enumerate(grads)))
+
+
+@pytest.mark.parametrize("found", [False, 0, np.array(0.0), np.float32(0.0)])
+@pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop", "adagrad"])
+def test_grad_scale_applies_when_found_inf_is_false(name, found):
+    """A false found_inf runs the step, still dividing out grad_scale: the same
+    bits as the unscaled gradients (a power of two: exact)."""
+    results = []
+    for amp in (False, True):
+        params, grads = problem()
+        state = [[np.full_like(p, 0.5) for p in params] for _ in range(3)]
+        kw = dict(grad_scale=1024.0, found_inf=found) if amp else {}
+        if amp:
+            grads = [g * np.float32(1024) for g in grads]
+        if name == "sgd":
+            bncore.sgd_step(params, grads, state[0], lr=0.1, momentum=0.9, **kw)
+        elif name == "adam":
+            bncore.adam_step(params, grads, state[0], state[1], step=3, amsgrad=True,
+                             max_exp_avg_sqs=state[2], **kw)
+        elif name == "rmsprop":
+            bncore.rmsprop_step(params, grads, state[0], centered=True, grad_avgs=state[1],
+                                momentum=0.5, momentum_buffers=state[2], **kw)
+        else:
+            bncore.adagrad_step(params, grads, state[0], step=2, **kw)
+        results.append(params + [s for lst in state for s in lst])
+    plain, scaled = results
+    assert not all(np.array_equal(a, b) for a, b in zip(plain, problem()[0]))  # it stepped
+    for a, b in zip(plain, scaled):
+        assert a.tobytes() == b.tobytes()
+
+
 def test_exact_clip_with_eps_zero_and_torch_style_with_eps():
     _, grads = problem(np.float64)
     total = ref.global_norm(grads)

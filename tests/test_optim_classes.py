@@ -81,6 +81,26 @@ def test_schedules():
         s(-1)
 
 
+def test_linear_warmup_hands_over_at_warmup_steps():
+    """Steps 0 .. warmup_steps - 1 ramp; step warmup_steps is after(0)."""
+    after = bncore.optim.step_lr(0.5, step_size=2, gamma=0.1)
+    w = bncore.optim.linear_warmup(1.0, 4, after=after)
+    assert [w(k) for k in range(4)] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert [w(k) for k in (4, 5, 6)] == pytest.approx([0.5, 0.5, 0.05])
+
+
+def test_set_lr_sets_every_group_and_cosine_decays_after_its_warmup():
+    params, _ = problem()
+    opt = bncore.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr": 0.3}], lr=0.1)
+    bncore.optim.set_lr(opt, 0.02)
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 0.02]
+    # warm-up over 2 steps, then min + (base - min) (1 + cos(pi t / 10)) / 2 for t = step - 2
+    cw = bncore.optim.cosine_lr(1.0, 12, min_lr=0.1, warmup_steps=2)
+    for k in (2, 5, 7, 11, 12, 30):
+        t = min(k - 2, 10)
+        assert cw(k) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * t / 10)), abs=1e-15)
+
+
 def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     params, grads = problem()
     opt = bncore.optim.Adam(params)

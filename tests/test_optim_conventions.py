@@ -304,3 +304,45 @@ def test_tutorial_momentum_is_the_keras_style():
             v[i] = 0.9 * v[i] + lr * grads[k][i]
             w[i] = w[i] - v[i]
     close(params, w)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_onnx_momentum_reads_a_nonzero_velocity_at_the_first_update(nesterov):
+    """ONNX Momentum takes V as an input: at T == 0 it is still read (only beta
+    is replaced by 1), so a carried-over velocity counts from the first update."""
+    params, grads = problem()
+    rng = np.random.default_rng(1)
+    v0 = [rng.standard_normal(p.shape) for p in params]
+    ours, bufs = [p.copy() for p in params], [v.copy() for v in v0]
+    theirs, vs = [p.copy() for p in params], [v.copy() for v in v0]
+    rule = onnx_momentum(0.9, 0.8, 0.01, nesterov)
+    for k in range(3):
+        bncore.sgd_step(ours, grads[k], bufs, lr=lr_at(0.05, k), momentum=0.9, dampening=0.2,
+                        nesterov=nesterov, weight_decay=0.01, style="onnx", first_step=k == 0)
+        for i in range(len(theirs)):
+            theirs[i], vs[i] = rule(theirs[i], grads[k][i], vs[i], lr_at(0.05, k), k + 1)
+    close(ours, theirs)
+    close(bufs, vs)
+
+
+def keras_decayed(update, wd):
+    """Keras 3 decays every variable before the update, in apply():
+    ``_apply_weight_decay``: ``variable.assign(variable - variable * wd * lr)``."""
+    def decayed(p, g, s, lr, t):
+        return update(p - p * wd * lr, g, s, lr, t)
+    return decayed
+
+
+def test_keras_rmsprop_weight_decay_is_decoupled():
+    ours = run_bncore(bncore.optim.RMSprop, 0.005, convention="keras", momentum=0.5,
+                      weight_decay=0.05)
+    theirs = run_rule(keras_decayed(keras_rmsprop(0.9, 1e-7, 0.5, False), 0.05),
+                      lambda p: (np.zeros_like(p),) * 3, 0.005)
+    close(ours, theirs)
+
+
+def test_keras_adagrad_weight_decay_is_decoupled():
+    ours = run_bncore(bncore.optim.Adagrad, 0.05, convention="keras", weight_decay=0.05)
+    theirs = run_rule(keras_decayed(keras_adagrad(1e-7), 0.05),
+                      lambda p: np.full_like(p, 0.1), 0.05)
+    close(ours, theirs)

@@ -1,4 +1,6 @@
 """Bad optimizer and clipping inputs raise a clear error before any array is modified."""
+import os
+
 import numpy as np
 import pytest
 
@@ -249,6 +251,10 @@ def test_threads_are_capped_by_the_work_not_by_the_request():
     adam(b, num_threads=4096)
     for x, y in zip(a["params"], b["params"]):
         assert x.tobytes() == y.tobytes()
+    if os.path.isdir("/proc/self/task"):
+        # OpenMP keeps the threads of a parallel region alive in its pool: 70000
+        # elements are 5 chunks, so a handful of threads, not the 4096 asked for
+        assert len(os.listdir("/proc/self/task")) < 1000
 
 
 def test_sgd_flags_follow_each_style():
@@ -272,6 +278,36 @@ def test_sgd_flags_follow_each_style():
     bncore.optim.SGD(c["params"], convention="optax", lr=0.1, nesterov=True).step(c["grads"])
     for x, y in zip(c["params"], plain):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("style", ["torch", "keras"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_first_step_does_not_read_the_momentum_buffer(style, nesterov):
+    """first_step starts the buffer afresh whatever it holds: torch sets it to g,
+    Keras (whose momentum starts at 0) to lr * g."""
+    a = fresh(dtype=np.float64)
+    lr, mu = 0.1, 0.9
+    bufs = [np.full_like(p, 123.0) for p in a["params"]]
+    want_p, want_b = [], []
+    for p, g in zip(a["params"], a["grads"]):
+        v = g.copy() if style == "torch" else lr * g
+        step = (lr * (g + mu * v) if style == "torch" else mu * v + lr * g) if nesterov else \
+            (lr * v if style == "torch" else v)
+        want_p.append(p - step)
+        want_b.append(v)
+    bncore.sgd_step(a["params"], a["grads"], bufs, lr=lr, momentum=mu, nesterov=nesterov,
+                    style=style, first_step=True)
+    for x, y in zip(a["params"] + bufs, want_p + want_b):
+        np.testing.assert_allclose(x, y, rtol=1e-15, atol=1e-15)
+
+
+def test_empty_arrays_overlap_nothing():
+    """An empty view inside another operand holds no element: not an alias
+    (p[3:][:0] points at p[3]; NumPy gives p[3:3] p's own address)."""
+    p, g = np.arange(8.0), np.ones(8)
+    assert p[3:][:0].ctypes.data == p.ctypes.data + 24
+    bncore.sgd_step([p, p[3:][:0]], [g, g[5:][:0]], lr=0.5)
+    np.testing.assert_array_equal(p, np.arange(8.0) - 0.5)
 
 
 @pytest.mark.parametrize("call", [

@@ -227,6 +227,29 @@ def test_state_given_as_lists_loads_as_arrays():
     assert fresh.state[0]["exp_avg"].tobytes() == opt.state[0]["exp_avg"].tobytes()
 
 
+def test_state_dicts_are_copies_both_ways():
+    """state_dict() is a snapshot and load_state_dict() copies it in: stepping
+    either optimizer afterwards leaves the dict as it was."""
+    params, grads = arrays(2, size=5), arrays(2, size=5, seed=1)
+    opt = optim.Adam(params, lr=0.1, amsgrad=True)
+    opt.step(grads)
+    sd = opt.state_dict()
+    kept = {i: {k: np.array(v, copy=True) for k, v in s.items() if isinstance(v, np.ndarray)}
+            for i, s in sd["state"].items()}
+
+    def assert_kept():
+        for i, s in kept.items():
+            for k, v in s.items():
+                assert sd["state"][i][k].tobytes() == v.tobytes(), (i, k)
+    opt.step(grads)
+    assert opt.state[0]["exp_avg"].tobytes() != kept[0]["exp_avg"].tobytes()  # it moved on
+    assert_kept()
+    other = optim.Adam([p.copy() for p in params], lr=0.1, amsgrad=True)
+    other.load_state_dict(sd)
+    other.step(grads)
+    assert_kept()
+
+
 # ---- checkpoints
 
 def test_checkpoint_of_numpy_typed_hyperparameters(tmp_path):
@@ -247,6 +270,20 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert os.stat(tmp_path / "c.npz").st_mode & 0o777 == 0o644
+
+
+def test_checkpoint_restores_the_convention_and_hyperparameters_as_saved(tmp_path):
+    """A file round trip gives what load_state_dict of the dict gives: the saved
+    convention (not the loading optimizer's) and the groups as they were, betas a tuple."""
+    p = arrays(1, dtype=np.float32)
+    opt = optim.Adam(p, convention="keras", lr=0.01, amsgrad=True)
+    opt.step(arrays(1, seed=1, dtype=np.float32))
+    optim.save(opt, tmp_path / "k.npz")
+    back = optim.load(optim.Adam([p[0].copy()], lr=0.5), tmp_path / "k.npz")
+    want, got = opt.state_dict(), back.state_dict()
+    assert back.convention == "keras" and got["convention"] == "keras"
+    assert got["param_groups"] == want["param_groups"]
+    assert isinstance(back.param_groups[0]["betas"], tuple)
 
 
 def test_checkpoint_through_a_symlink_keeps_the_link(tmp_path):
