@@ -35,7 +35,7 @@ dtypes, contiguity and aliasing.
 """
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange
-from libc.math cimport sqrt
+from libc.math cimport INFINITY, sqrt
 from libc.stdlib cimport free, malloc
 from bncore._openmp_helpers cimport omp_get_thread_num
 
@@ -1522,3 +1522,170 @@ def input_grad(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
                                  training, n, m, s, w, psd, psx, nt)
     if rc != 0:
         raise MemoryError("bncore: out of memory for batch-norm scratch")
+
+
+# --------------------------------------------------------------------------
+# Fast paths for the usual call (bncore/batch_norm.py tries them first): every
+# argument a plain NumPy array in a layout the kernels take as it is, or None,
+# and every scalar already of its checked type and range. They accept only
+# calls that the checked path would accept unchanged, never raise for a bad
+# argument (they return None and the checked path raises), and run the same
+# kernels, so their results are the checked path's bits. In Python these
+# checks cost 4-13 us a call (more after a kernel has evicted the caches);
+# here well under one.
+
+cdef enum:
+    _PLAIN_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
+
+
+cdef inline int _plain_type(object a) noexcept:
+    """The NumPy type number of an exact ndarray of native float32/float64 that
+    is C-contiguous and aligned, else -1."""
+    cdef cnp.ndarray arr
+    cdef int t
+    if type(a) is not cnp.ndarray:
+        return -1
+    arr = <cnp.ndarray>a
+    t = cnp.PyArray_TYPE(arr)
+    if t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+        return -1
+    if (cnp.PyArray_FLAGS(arr) & _PLAIN_FLAGS) != _PLAIN_FLAGS or not cnp.PyArray_ISNOTSWAPPED(arr):
+        return -1
+    return t
+
+
+cdef inline bint _plain_vector(object v, Py_ssize_t C, bint written) noexcept:
+    """None, or a plain (C,) vector (writeable when written)."""
+    if v is None:
+        return True
+    if _plain_type(v) < 0 or cnp.PyArray_NDIM(<cnp.ndarray>v) != 1:
+        return False
+    if cnp.PyArray_DIMS(<cnp.ndarray>v)[0] != C:
+        return False
+    return not written or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>v)
+
+
+cdef inline bint _apart(object a, object b) noexcept:
+    """Two plain arrays (or None) share no byte. Contiguous arrays cover their
+    whole extent, so this is exactly np.shares_memory's answer."""
+    cdef char* pa
+    cdef char* pb
+    if a is None or b is None:
+        return True
+    pa = <char*>cnp.PyArray_DATA(<cnp.ndarray>a)
+    pb = <char*>cnp.PyArray_DATA(<cnp.ndarray>b)
+    return (pa + cnp.PyArray_NBYTES(<cnp.ndarray>a) <= pb
+            or pb + cnp.PyArray_NBYTES(<cnp.ndarray>b) <= pa)
+
+
+cdef inline bint _split_shape(cnp.ndarray x, object axis, Py_ssize_t* outer, Py_ssize_t* C,
+                              Py_ssize_t* inner) noexcept:
+    """(outer, C, inner) of x around an int axis in range, all > 0."""
+    cdef int nd = cnp.PyArray_NDIM(x), ax, i
+    cdef cnp.npy_intp* dims = cnp.PyArray_DIMS(x)
+    if nd < 2 or type(axis) is not int or not -nd <= axis < nd:
+        return False
+    ax = <int>axis
+    if ax < 0:
+        ax += nd
+    outer[0] = 1
+    inner[0] = 1
+    for i in range(ax):
+        outer[0] *= dims[i]
+    for i in range(ax + 1, nd):
+        inner[0] *= dims[i]
+    C[0] = dims[ax]
+    return C[0] > 0 and outer[0] * inner[0] > 0
+
+
+cdef inline int _exact_bool(object b) noexcept:
+    """1 / 0 for True / False, -1 for anything else (the checked path decides)."""
+    return 1 if b is True else 0 if b is False else -1
+
+
+def forward_fast(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
+                 unbiased, int nthreads):
+    """batch_norm_forward without out= for plain arguments: (y, mean, invstd),
+    or None when any argument needs the checked path."""
+    cdef Py_ssize_t outer, C, inner
+    cdef int t = _plain_type(x), train = _exact_bool(training), unb = _exact_bool(unbiased)
+    if t < 0 or train < 0 or unb < 0:
+        return None
+    if not _split_shape(<cnp.ndarray>x, axis, &outer, &C, &inner):
+        return None
+    if (type(eps) is not float or not 0.0 < <double>eps < INFINITY
+            or type(momentum) is not float or not 0.0 <= <double>momentum <= 1.0):
+        return None
+    if not _plain_vector(weight, C, False) or not _plain_vector(bias, C, False):
+        return None
+    if (running_mean is None) != (running_var is None):
+        return None
+    if not train:
+        if (running_mean is None or not _plain_vector(running_mean, C, False)
+                or not _plain_vector(running_var, C, False)):
+            return None
+    elif outer * inner < 2:
+        return None
+    elif running_mean is not None:
+        # written in place: writeable, apart from each other and from every input
+        if (not _plain_vector(running_mean, C, True) or not _plain_vector(running_var, C, True)
+                or not _apart(running_mean, running_var)):
+            return None
+        for r in (x, weight, bias):
+            if not _apart(running_mean, r) or not _apart(running_var, r):
+                return None
+    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
+                          t, 0)
+    mean, invstd, _ = forward(<cnp.ndarray>x, <cnp.ndarray>y, outer, C, inner, train,
+                              running_mean, running_var, weight, bias, <double>eps,
+                              <double>momentum, unb, nthreads)
+    return y, mean, invstd
+
+
+def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
+    """batch_norm_backward without out= for plain arguments (mean and invstd
+    float64, as forward returns them): (dx, dweight, dbias), or None when any
+    argument needs the checked path."""
+    cdef Py_ssize_t outer, C, inner, c
+    cdef int t = _plain_type(x), train = _exact_bool(training), pt
+    cdef int nd
+    cdef cnp.ndarray sd, sx
+    cdef double* psd
+    cdef double* psx
+    cdef double* pinv
+    if t < 0 or train < 0 or _plain_type(dy) != t:
+        return None
+    nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+    if cnp.PyArray_NDIM(<cnp.ndarray>dy) != nd:
+        return None
+    for c in range(nd):
+        if cnp.PyArray_DIMS(<cnp.ndarray>dy)[c] != cnp.PyArray_DIMS(<cnp.ndarray>x)[c]:
+            return None
+    if not _split_shape(<cnp.ndarray>x, axis, &outer, &C, &inner):
+        return None
+    if train and outer * inner < 2:
+        return None
+    if (_plain_type(mean) != cnp.NPY_FLOAT64 or _plain_type(invstd) != cnp.NPY_FLOAT64
+            or not _plain_vector(mean, C, False) or not _plain_vector(invstd, C, False)
+            or not _plain_vector(weight, C, False)):
+        return None
+    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(<cnp.ndarray>x), t, 0)
+    sd, sx = backward(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>dx, outer, C, inner, train,
+                      <cnp.ndarray>mean, <cnp.ndarray>invstd, weight, nthreads)
+    # dweight = sum(dy (x - mean)) * invstd and dbias = sum(dy), in float64,
+    # then rounded once to weight's dtype (x's when weight is None)
+    pt = t if weight is None else cnp.PyArray_TYPE(<cnp.ndarray>weight)
+    dw = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(sd), pt, 0)
+    db = cnp.PyArray_EMPTY(1, cnp.PyArray_DIMS(sd), pt, 0)
+    psd = <double*>cnp.PyArray_DATA(sd)
+    psx = <double*>cnp.PyArray_DATA(sx)
+    pinv = <double*>cnp.PyArray_DATA(<cnp.ndarray>invstd)
+    if pt == cnp.NPY_FLOAT32:
+        for c in range(C):
+            (<float*>cnp.PyArray_DATA(dw))[c] = <float>(psx[c] * pinv[c])
+            (<float*>cnp.PyArray_DATA(db))[c] = <float>psd[c]
+    else:
+        for c in range(C):
+            (<double*>cnp.PyArray_DATA(dw))[c] = psx[c] * pinv[c]
+            (<double*>cnp.PyArray_DATA(db))[c] = psd[c]
+    return dx, dw, db

@@ -33,6 +33,7 @@ from bncore import _bn_kernels as _k
 from bncore import _checks as chk
 from bncore._bn_args import backward_args, forward_args
 from bncore._layout import channel_view
+from bncore._threads import MAX_THREADS, get_num_threads
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
@@ -134,6 +135,13 @@ def batch_norm_forward(
         training, running ones in inference. Pass them to
         :func:`batch_norm_backward`.
     """
+    if out is None and (num_threads is None or type(num_threads) is int
+                        and 1 <= num_threads <= MAX_THREADS):
+        fast = _k.forward_fast(x, weight, bias, running_mean, running_var, training, momentum,
+                               eps, axis, unbiased_running_var,
+                               get_num_threads() if num_threads is None else num_threads)
+        if fast is not None:
+            return fast
     (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
      nthreads) = forward_args(chk, x, weight, bias, running_mean, running_var, training,
                               momentum, eps, axis, out, num_threads)
@@ -178,6 +186,12 @@ def batch_norm_backward(
     (C,) in weight's dtype (x's dtype when weight is None), always returned.
     ``out`` may be dx alone or a ``(dx, dweight, dbias)`` tuple (any None).
     """
+    if out is None and (num_threads is None or type(num_threads) is int
+                        and 1 <= num_threads <= MAX_THREADS):
+        fast = _k.backward_fast(dy, x, mean, invstd, weight, training, axis,
+                                get_num_threads() if num_threads is None else num_threads)
+        if fast is not None:
+            return fast
     (dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out,
      nthreads) = backward_args(chk, dy, x, mean, invstd, weight, training, axis, out,
                                num_threads)

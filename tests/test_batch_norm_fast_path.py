@@ -1,0 +1,221 @@
+"""The fast paths of batch_norm_forward / batch_norm_backward (forward_fast and
+backward_fast in bncore/_bn_kernels.pyx) against the checked path: the same
+bits wherever they accept a call, and None (the checked path then decides,
+raising where it must) for every argument they must leave to it."""
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import bncore
+from bncore import _bn_kernels as kernels
+
+
+@contextlib.contextmanager
+def checked_path_only():
+    """Both fast paths declining every call, as for a non-plain argument."""
+    saved = kernels.forward_fast, kernels.backward_fast
+    kernels.forward_fast = kernels.backward_fast = lambda *a: None
+    try:
+        yield
+    finally:
+        kernels.forward_fast, kernels.backward_fast = saved
+
+
+def _copies(d):
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in d.items()}
+
+
+def _same(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.strides == b.strides
+        assert a.tobytes() == b.tobytes()
+
+
+def _both_ways(fn, args):
+    """fn(**args) through the public function and through the checked path only
+    (each on its own copies): the same outputs and the same updated arrays, or
+    the same exception."""
+    fast_args, slow_args = _copies(args), _copies(args)
+    outcomes = []
+    for a, ctx in ((fast_args, contextlib.nullcontext()), (slow_args, checked_path_only())):
+        with ctx:
+            try:
+                outcomes.append(fn(**a))
+            except (TypeError, ValueError) as e:
+                outcomes.append(e)
+    got, want = outcomes
+    if isinstance(want, Exception):
+        assert type(got) is type(want) and str(got) == str(want)
+        return
+    for g, w in zip(got, want):
+        _same(g, w)
+    for key in args:
+        _same(fast_args[key], slow_args[key])
+
+
+@st.composite
+def forward_calls(draw):
+    nd = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 7), min_size=nd, max_size=nd)))
+    axis = draw(st.integers(-nd, nd - 1))
+    C = shape[axis]
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    offset = draw(st.sampled_from([0.0, 3.0, 1e4]))
+    args = dict(x=(rng.standard_normal(shape) + offset).astype(dtype),
+                training=draw(st.booleans()), axis=axis,
+                eps=draw(st.sampled_from([1e-5, 1e-3])),
+                momentum=draw(st.sampled_from([0.0, 0.1, 1.0])),
+                unbiased_running_var=draw(st.booleans()),
+                num_threads=draw(st.sampled_from([None, 1, 2, 3])))
+    for name in ("weight", "bias"):
+        vdt = draw(st.sampled_from([None, np.float32, np.float64]))
+        args[name] = None if vdt is None else rng.normal(1.0, 0.5, C).astype(vdt)
+    rdt = draw(st.sampled_from([None, np.float32, np.float64]))
+    if rdt is not None or not args["training"]:
+        rdt = rdt or np.float64
+        args["running_mean"] = rng.normal(0.0, 1.0, C).astype(rdt)
+        args["running_var"] = rng.uniform(0.5, 2.0, C).astype(rdt)
+    return args
+
+
+@given(forward_calls())
+def test_forward_fast_path_gives_the_checked_paths_bits(args):
+    _both_ways(bncore.batch_norm_forward, args)
+
+
+@given(forward_calls(), st.integers(0, 2**32 - 1))
+def test_backward_fast_path_gives_the_checked_paths_bits(fargs, seed):
+    x, axis = fargs["x"], fargs["axis"]
+    C = x.shape[axis]
+    rng = np.random.default_rng(seed)
+    args = dict(dy=rng.standard_normal(x.shape).astype(x.dtype), x=x,
+                mean=rng.normal(0.0, 1.0, C), invstd=rng.uniform(0.5, 2.0, C),
+                weight=fargs["weight"], training=fargs["training"], axis=axis,
+                num_threads=fargs["num_threads"])
+    _both_ways(bncore.batch_norm_backward, args)
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 32, 24, 24), 1), ((16, 24, 24, 32), -1),
+                                        ((3000, 40), 1)])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fast_paths_on_multithreaded_sizes(shape, axis, threads):
+    """Above the one-thread cutoff (32768 elements), with running statistics."""
+    rng = np.random.default_rng(4)
+    C = shape[axis]
+    x = (rng.standard_normal(shape) * 2 + 50).astype(np.float32)
+    stats = dict(running_mean=np.zeros(C, np.float32), running_var=np.ones(C, np.float32))
+    _both_ways(bncore.batch_norm_forward,
+               dict(x=x, weight=rng.normal(1, 0.2, C).astype(np.float32), axis=axis,
+                    num_threads=threads, **stats))
+    _, mean, invstd = bncore.batch_norm_forward(x, axis=axis)
+    _both_ways(bncore.batch_norm_backward,
+               dict(dy=rng.standard_normal(shape).astype(np.float32), x=x, mean=mean,
+                    invstd=invstd, axis=axis, num_threads=threads))
+
+
+def _plain_forward():
+    rng = np.random.default_rng(0)
+    return dict(x=rng.standard_normal((4, 3, 5)).astype(np.float32),
+                weight=np.ones(3, np.float32), bias=np.zeros(3, np.float32),
+                running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32),
+                training=True, momentum=0.1, eps=1e-5, axis=1, unbiased=True)
+
+
+def _fast_forward(a):
+    return kernels.forward_fast(a["x"], a["weight"], a["bias"], a["running_mean"],
+                                a["running_var"], a["training"], a["momentum"], a["eps"],
+                                a["axis"], a["unbiased"], 2)
+
+
+def _big_endian(a):
+    return a.astype(a.dtype.newbyteorder(">"))
+
+
+def _misaligned(a):
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    m = np.frombuffer(buf.data, dtype=a.dtype, count=a.size, offset=1).reshape(a.shape)
+    m[...] = a
+    return m
+
+
+def _readonly(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+# (description, change to the plain arguments): each must leave the call to
+# the checked path, which converts, copies or refuses what it gets
+DECLINED = [
+    ("float16 x", lambda a: a.update(x=a["x"].astype(np.float16))),
+    ("non-contiguous x", lambda a: a.update(x=np.repeat(a["x"], 2, axis=2)[:, :, ::2])),
+    ("x a list", lambda a: a.update(x=a["x"].tolist())),
+    ("x big-endian", lambda a: a.update(x=_big_endian(a["x"]))),
+    ("x misaligned", lambda a: a.update(x=_misaligned(a["x"]))),
+    ("x 1-D", lambda a: a.update(x=a["x"].reshape(-1))),
+    ("x with no values per channel", lambda a: a.update(x=np.zeros((0, 3, 5), np.float32))),
+    ("one value per channel in training", lambda a: a.update(x=a["x"][:1, :, :1].copy())),
+    ("axis a float", lambda a: a.update(axis=1.0)),
+    ("axis out of range", lambda a: a.update(axis=3)),
+    ("axis a numpy integer", lambda a: a.update(axis=np.int64(1))),
+    ("training an int", lambda a: a.update(training=1)),
+    ("unbiased None", lambda a: a.update(unbiased=None)),
+    ("eps a numpy float", lambda a: a.update(eps=np.float64(1e-5))),
+    ("eps zero", lambda a: a.update(eps=0.0)),
+    ("eps infinite", lambda a: a.update(eps=float("inf"))),
+    ("momentum NaN", lambda a: a.update(momentum=float("nan"))),
+    ("momentum above 1", lambda a: a.update(momentum=1.5)),
+    ("weight float16", lambda a: a.update(weight=a["weight"].astype(np.float16))),
+    ("weight strided", lambda a: a.update(weight=np.ones(6, np.float32)[::2])),
+    ("weight wrong length", lambda a: a.update(weight=np.ones(4, np.float32))),
+    ("bias a list", lambda a: a.update(bias=[0.0, 0.0, 0.0])),
+    ("running_mean read-only in training",
+     lambda a: a.update(running_mean=_readonly(a["running_mean"]))),
+    ("running statistics one array", lambda a: a.update(running_var=a["running_mean"])),
+    ("running_var overlapping x", lambda a: a.update(running_var=a["x"].reshape(-1)[:3])),
+    ("running_mean is weight", lambda a: a.update(running_mean=a["weight"])),
+    ("only one running statistic", lambda a: a.update(running_var=None)),
+    ("inference without running statistics",
+     lambda a: a.update(training=False, running_mean=None, running_var=None)),
+]
+
+
+def test_the_fast_path_takes_plain_calls():
+    assert _fast_forward(_plain_forward()) is not None
+    a = _plain_forward()
+    a.update(training=False, axis=-2)
+    a["running_mean"].flags.writeable = False    # inference only reads them
+    assert _fast_forward(a) is not None
+
+
+@pytest.mark.parametrize("desc,change", DECLINED, ids=[d for d, _ in DECLINED])
+def test_the_fast_path_leaves_other_calls_to_the_checked_path(desc, change):
+    a = _plain_forward()
+    change(a)
+    before = {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v
+              for k, v in a.items()}
+    assert _fast_forward(a) is None
+    for key, v in before.items():
+        if isinstance(v, np.ndarray):
+            assert a[key].tobytes() == v.tobytes(), f"{key} modified by a declined call"
+
+
+def test_backward_fast_path_declines_what_it_must():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    ok = dict(dy=dy, x=x, mean=mean, invstd=invstd, weight=None, training=True, axis=1)
+    assert kernels.backward_fast(*ok.values(), 2) is not None
+    for change in (dict(dy=dy.astype(np.float64)), dict(dy=dy[:, :, :4].copy()),
+                   dict(mean=mean.astype(np.float32)), dict(invstd=invstd[:2].copy()),
+                   dict(invstd=np.repeat(invstd, 2)[::2]), dict(weight=[1.0, 1.0, 1.0]),
+                   dict(training="yes"), dict(axis=-4), dict(x=x.astype(np.float16),
+                                                             dy=dy.astype(np.float16)),
+                   dict(x=x[:1, :, :1].copy(), dy=dy[:1, :, :1].copy())):
+        assert kernels.backward_fast(*dict(ok, **change).values(), 2) is None, change
