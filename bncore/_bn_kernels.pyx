@@ -35,7 +35,8 @@ dtypes, contiguity and aliasing.
 """
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange
-from libc.math cimport INFINITY, sqrt
+from libc.float cimport DBL_MIN, FLT_MAX, FLT_MIN
+from libc.math cimport INFINITY, fabs, sqrt
 from libc.stdlib cimport free, malloc
 from bncore._openmp_helpers cimport omp_get_thread_num
 
@@ -1537,6 +1538,12 @@ def input_grad(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
 cdef enum:
     _PLAIN_FLAGS = cnp.NPY_ARRAY_C_CONTIGUOUS | cnp.NPY_ARRAY_ALIGNED
 
+cdef extern from "numpy/arrayobject.h":
+    # a new C-ordered array with `prototype`'s shape and dtype object (metadata
+    # included), as np.empty(x.shape, x.dtype) gives on the checked path
+    object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void* descr,
+                                int subok)
+
 
 cdef inline int _plain_type(object a) noexcept:
     """The NumPy type number of an exact ndarray of native float32/float64 that
@@ -1598,6 +1605,12 @@ cdef inline bint _split_shape(cnp.ndarray x, object axis, Py_ssize_t* outer, Py_
     return C[0] > 0 and outer[0] * inner[0] > 0
 
 
+cdef inline bint _f32_quiet(double v) noexcept nogil:
+    """Casting v to float32 raises no floating-point flag (0, or a magnitude
+    in float32's normal range)."""
+    return v == 0.0 or FLT_MIN <= fabs(v) <= FLT_MAX
+
+
 cdef inline int _exact_bool(object b) noexcept:
     """1 / 0 for True / False, -1 for anything else (the checked path decides)."""
     return 1 if b is True else 0 if b is False else -1
@@ -1634,8 +1647,7 @@ def forward_fast(x, weight, bias, running_mean, running_var, training, momentum,
         for r in (x, weight, bias):
             if not _apart(running_mean, r) or not _apart(running_var, r):
                 return None
-    y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(<cnp.ndarray>x), cnp.PyArray_DIMS(<cnp.ndarray>x),
-                          t, 0)
+    y = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
     mean, invstd, _ = forward(<cnp.ndarray>x, <cnp.ndarray>y, outer, C, inner, train,
                               running_mean, running_var, weight, bias, <double>eps,
                               <double>momentum, unb, nthreads)
@@ -1653,6 +1665,7 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
     cdef double* psd
     cdef double* psx
     cdef double* pinv
+    cdef double p
     if t < 0 or train < 0 or _plain_type(dy) != t:
         return None
     nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
@@ -1669,7 +1682,7 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
             or not _plain_vector(mean, C, False) or not _plain_vector(invstd, C, False)
             or not _plain_vector(weight, C, False)):
         return None
-    dx = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(<cnp.ndarray>x), t, 0)
+    dx = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
     sd, sx = backward(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>dx, outer, C, inner, train,
                       <cnp.ndarray>mean, <cnp.ndarray>invstd, weight, nthreads)
     # dweight = sum(dy (x - mean)) * invstd and dbias = sum(dy), in float64,
@@ -1680,12 +1693,27 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
     psd = <double*>cnp.PyArray_DATA(sd)
     psx = <double*>cnp.PyArray_DATA(sx)
     pinv = <double*>cnp.PyArray_DATA(<cnp.ndarray>invstd)
+    # The checked path forms these with NumPy (a float64 multiply, then astype
+    # to float32 where weight is float32), which reports overflow, underflow
+    # and invalid results as np.errstate says (a warning, or FloatingPointError).
+    # Where any value here is non-finite or near the edge of its range (where
+    # such a flag may arise) the call goes to the checked path instead: only
+    # our own new arrays have been written, and it then warns or raises (or
+    # not) exactly as it would have.
     if pt == cnp.NPY_FLOAT32:
         for c in range(C):
-            (<float*>cnp.PyArray_DATA(dw))[c] = <float>(psx[c] * pinv[c])
+            p = psx[c] * pinv[c]
+            if not (_f32_quiet(p) and _f32_quiet(psd[c])
+                    and (p != 0.0 or psx[c] == 0.0 or pinv[c] == 0.0)):
+                return None
+            (<float*>cnp.PyArray_DATA(dw))[c] = <float>p
             (<float*>cnp.PyArray_DATA(db))[c] = <float>psd[c]
     else:
         for c in range(C):
-            (<double*>cnp.PyArray_DATA(dw))[c] = psx[c] * pinv[c]
+            p = psx[c] * pinv[c]
+            if not ((p == 0.0 and (psx[c] == 0.0 or pinv[c] == 0.0))
+                    or 2.0 * DBL_MIN <= fabs(p) < INFINITY):
+                return None
+            (<double*>cnp.PyArray_DATA(dw))[c] = p
             (<double*>cnp.PyArray_DATA(db))[c] = psd[c]
     return dx, dw, db

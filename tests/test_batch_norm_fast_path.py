@@ -219,3 +219,63 @@ def test_backward_fast_path_declines_what_it_must():
                                                              dy=dy.astype(np.float16)),
                    dict(x=x[:1, :, :1].copy(), dy=dy[:1, :, :1].copy())):
         assert kernels.backward_fast(*dict(ok, **change).values(), 2) is None, change
+
+
+# ---- review: floating-point exceptions and dtype identity ------------------
+
+def _backward_fp_case(wdt, invstd):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 5))
+    return dict(dy=rng.standard_normal(x.shape), x=x, mean=np.zeros(3),
+                invstd=np.full(3, invstd), weight=None if wdt is None else np.ones(3, wdt))
+
+
+FP_CASES = [("overflow in the float32 cast", np.float32, 1e200),
+            ("underflow in the float32 cast", np.float32, 1e-42),
+            ("overflow in dweight = sum * invstd", None, 1e308),
+            ("underflow in dweight = sum * invstd", None, 1e-320)]
+
+
+@pytest.mark.parametrize("desc,wdt,invstd", FP_CASES, ids=[c[0] for c in FP_CASES])
+def test_backward_fast_path_raises_the_checked_paths_floating_point_errors(desc, wdt, invstd):
+    """Under np.errstate(all="raise") the checked path's NumPy epilogue (the
+    multiply and the astype) raises FloatingPointError; the fast path must
+    give the same outcome, not a silent inf / subnormal."""
+    args = _backward_fp_case(wdt, invstd)
+    outcomes = []
+    for ctx in (contextlib.nullcontext(), checked_path_only()):
+        with ctx, np.errstate(all="raise"):
+            try:
+                outcomes.append(bncore.batch_norm_backward(**args))
+            except FloatingPointError as e:
+                outcomes.append(str(e))
+    got, want = outcomes
+    assert isinstance(want, str), "the case should raise on the checked path"
+    assert got == want
+
+
+def test_backward_fast_path_warns_as_the_checked_path_does():
+    import warnings
+    args = _backward_fp_case(np.float32, 1e200)
+    caught = []
+    for ctx in (contextlib.nullcontext(), checked_path_only()):
+        with ctx, warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            bncore.batch_norm_backward(**args)
+        caught.append([str(m.message) for m in w])
+    assert caught[0] == caught[1] and caught[1]
+
+
+def test_fast_paths_keep_xs_dtype_object():
+    """y / dx get x's dtype itself (np.empty(shape, x.dtype) on the checked
+    path), metadata included."""
+    meta = np.dtype(np.float64, metadata={"unit": "m"})
+    x = np.random.default_rng(6).standard_normal((4, 3, 5)).astype(meta)
+    y, mean, invstd = bncore.batch_norm_forward(x)
+    with checked_path_only():
+        y_ref, _, _ = bncore.batch_norm_forward(x)
+    assert y.dtype.metadata == y_ref.dtype.metadata == {"unit": "m"}
+    dx, _, _ = bncore.batch_norm_backward(x, x, mean, invstd)
+    with checked_path_only():
+        dx_ref, _, _ = bncore.batch_norm_backward(x, x, mean, invstd)
+    assert dx.dtype.metadata == dx_ref.dtype.metadata == {"unit": "m"}
