@@ -3,7 +3,6 @@ thread invariance on large shapes. (The registry tests cover the oracle and
 finite differences over random draws; these pin down specific promises.)"""
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -217,52 +216,51 @@ def test_empty_and_single_channel_edge_cases():
     assert rel_err(y1, ref_forward(x1)[0]) < 1e-14
 
 
-def _stalled_fraction(x, single: float) -> float:
-    """Run kernels in a thread for ~0.3 s while this thread spins; the fraction
-    of the spin's time spent in gaps longer than a quarter of one kernel call."""
-    calls = max(3, int(0.3 / max(single, 1e-4)))
-    done = threading.Event()
+def _calls_before_main_ran(call, max_calls: int) -> list:
+    """Run call() in a worker thread until the main thread has run once (at
+    most max_calls times); return, after each call, whether it had.
+
+    Forced GIL switches are off meanwhile (a 100 s switch interval), so the
+    main thread, woken as the worker starts, can only take the GIL when the
+    worker gives it up of its own accord: inside a call that releases it, or
+    when the worker ends. A load on the machine can delay the main thread but
+    not let it in while a call holds the GIL, so the answer does not depend on
+    timing."""
+    ran = []
+    seen = []
+    started = threading.Event()
 
     def work():
-        for _ in range(calls):
-            bncore.batch_norm_forward(x, num_threads=1)
-        done.set()
+        started.set()
+        while not ran and len(seen) < max_calls:
+            call()
+            seen.append(bool(ran))
 
     old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
+    sys.setswitchinterval(100.0)
     try:
         worker = threading.Thread(target=work)
         worker.start()
-        gaps, last = [], time.perf_counter()
-        while not done.is_set():
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
+        started.wait()
+        ran.append(True)
         worker.join()
     finally:
         sys.setswitchinterval(old)
-    total = sum(gaps)
-    return sum(g for g in gaps if g > single / 4) / total if total else 1.0
+    return seen
 
 
 def test_the_gil_is_released_during_kernels():
-    """While one thread runs a long kernel, another keeps running Python.
-
-    Holding the GIL for a whole call would stall the spinning thread for ~one
-    call per call, so nearly all its time would sit in long gaps (measured:
-    99% for a C call that holds the GIL); released, it ticks freely. A loaded
-    machine can also deschedule the spinner, so the measurement gets three
-    tries: a GIL-holding kernel fails all three, noise does not."""
+    """Another Python thread runs while a kernel does; the same probe on a C
+    loop that holds the GIL (sum over a range) sees no such thing, which shows
+    that the probe can fail."""
     x = np.random.default_rng(5).standard_normal((32, 64, 56, 56)).astype(np.float32)
-    t0 = time.perf_counter()
-    bncore.batch_norm_forward(x, num_threads=1)
-    single = time.perf_counter() - t0
-    fractions = []
-    for _ in range(3):
-        fractions.append(_stalled_fraction(x, single))
-        if fractions[-1] < 0.5:
-            return
-    raise AssertionError(f"the spinning thread was stalled {fractions} of the time")
+    _, mean, invstd = bncore.batch_norm_forward(x, num_threads=1)
+    holding = _calls_before_main_ran(lambda: sum(range(3_000_000)), max_calls=3)
+    assert holding == [False, False, False]
+    for call in (lambda: bncore.batch_norm_forward(x, num_threads=1),
+                 lambda: bncore.batch_norm_backward(x, x, mean, invstd, num_threads=1)):
+        seen = _calls_before_main_ran(call, max_calls=100)
+        assert seen[-1], f"the main thread never ran during {len(seen)} kernel calls"
 
 
 @pytest.mark.parametrize("shape,axis,dtype", [((16, 64, 64, 72), 1, np.float32),  # rows
