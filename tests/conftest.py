@@ -7,6 +7,7 @@ Profiles (select with BNCORE_HYPOTHESIS_PROFILE):
 """
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -72,3 +73,36 @@ def pytest_terminal_summary(terminalreporter):
     for label in sorted(measured):
         items = ", ".join(f"{k} {v:.1e}" for k, v in measured[label].items())
         terminalreporter.write_line(f"  {label}: {items}")
+
+
+def calls_before_main_ran(call, max_calls: int) -> list:
+    """Run call() in a worker thread until the main thread has run once (at
+    most max_calls times); return, after each call, whether it had.
+
+    Forced GIL switches are off meanwhile (a 100 s switch interval), so the
+    main thread, woken as the worker starts, can only take the GIL when the
+    worker gives it up of its own accord: inside a call that releases it, or
+    when the worker ends. A load on the machine can delay the main thread but
+    not let it in while a call holds the GIL, so the answer does not depend on
+    timing."""
+    ran = []
+    seen = []
+    started = threading.Event()
+
+    def work():
+        started.set()
+        while not ran and len(seen) < max_calls:
+            call()
+            seen.append(bool(ran))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(100.0)
+    try:
+        worker = threading.Thread(target=work)
+        worker.start()
+        started.wait()
+        ran.append(True)
+        worker.join()
+    finally:
+        sys.setswitchinterval(old)
+    return seen

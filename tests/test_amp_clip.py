@@ -279,3 +279,31 @@ def test_norm_near_the_top_of_float64():
     total = bncore.clip_grad_norm(g, 1.0, eps=0.0)
     assert total == pytest.approx(np.sqrt(2.0) * 1e308, rel=1e-15)
     np.testing.assert_allclose(g[0], [2 ** -0.5] * 2, rtol=1e-15)
+
+
+def _big(n=2_000_000, k=1):
+    rng = np.random.default_rng(3)
+    return [rng.standard_normal(n).astype(np.float32) for _ in range(k)]
+
+
+@pytest.mark.parametrize("name,call", [
+    ("sgd_step", lambda p, g, s: bncore.sgd_step(p, g, s[0], lr=1e-3, momentum=0.9,
+                                                 num_threads=1)),
+    ("adam_step", lambda p, g, s: bncore.adam_step(p, g, s[0], s[1], step=1, lr=1e-3,
+                                                   num_threads=1)),
+    ("rmsprop_step", lambda p, g, s: bncore.rmsprop_step(p, g, s[0], lr=1e-3, num_threads=1)),
+    ("adagrad_step", lambda p, g, s: bncore.adagrad_step(p, g, s[0], step=1, lr=1e-3,
+                                                         num_threads=1)),
+    ("clip_grad_norm", lambda p, g, s: bncore.clip_grad_norm(g, 1e30, num_threads=1)),
+    ("clip_grad_value", lambda p, g, s: bncore.clip_grad_value(g, 1e30, num_threads=1)),
+    ("grad_norm", lambda p, g, s: bncore.grad_norm(g, num_threads=1)),
+    ("found_inf", lambda p, g, s: bncore.found_inf(g, num_threads=1)),
+])
+def test_the_gil_is_released_during_optimizer_and_clipping_kernels(name, call):
+    """Another Python thread runs while each kernel does (the probe and its
+    control are tests/conftest.py's calls_before_main_ran, as for batch norm)."""
+    from conftest import calls_before_main_ran
+    params, grads = _big(), _big()
+    state = [[np.zeros_like(params[0])], [np.zeros_like(params[0])]]
+    seen = calls_before_main_ran(lambda: call(params, grads, state), max_calls=200)
+    assert seen[-1], f"{name}: the main thread never ran during {len(seen)} calls"

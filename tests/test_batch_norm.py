@@ -1,8 +1,6 @@
 """Batch-norm functions: accuracy on adversarial data, layouts, out=, the GIL,
 thread invariance on large shapes. (The registry tests cover the oracle and
 finite differences over random draws; these pin down specific promises.)"""
-import sys
-import threading
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import pytest
 import bncore
 from reference import batch_norm_backward as ref_backward
 from reference import batch_norm_forward as ref_forward
+from conftest import calls_before_main_ran
 from reference import normwise_relative_error as rel_err
 
 
@@ -216,50 +215,17 @@ def test_empty_and_single_channel_edge_cases():
     assert rel_err(y1, ref_forward(x1)[0]) < 1e-14
 
 
-def _calls_before_main_ran(call, max_calls: int) -> list:
-    """Run call() in a worker thread until the main thread has run once (at
-    most max_calls times); return, after each call, whether it had.
-
-    Forced GIL switches are off meanwhile (a 100 s switch interval), so the
-    main thread, woken as the worker starts, can only take the GIL when the
-    worker gives it up of its own accord: inside a call that releases it, or
-    when the worker ends. A load on the machine can delay the main thread but
-    not let it in while a call holds the GIL, so the answer does not depend on
-    timing."""
-    ran = []
-    seen = []
-    started = threading.Event()
-
-    def work():
-        started.set()
-        while not ran and len(seen) < max_calls:
-            call()
-            seen.append(bool(ran))
-
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(100.0)
-    try:
-        worker = threading.Thread(target=work)
-        worker.start()
-        started.wait()
-        ran.append(True)
-        worker.join()
-    finally:
-        sys.setswitchinterval(old)
-    return seen
-
-
 def test_the_gil_is_released_during_kernels():
     """Another Python thread runs while a kernel does; the same probe on a C
     loop that holds the GIL (sum over a range) sees no such thing, which shows
     that the probe can fail."""
     x = np.random.default_rng(5).standard_normal((32, 64, 56, 56)).astype(np.float32)
     _, mean, invstd = bncore.batch_norm_forward(x, num_threads=1)
-    holding = _calls_before_main_ran(lambda: sum(range(3_000_000)), max_calls=3)
+    holding = calls_before_main_ran(lambda: sum(range(3_000_000)), max_calls=3)
     assert holding == [False, False, False]
     for call in (lambda: bncore.batch_norm_forward(x, num_threads=1),
                  lambda: bncore.batch_norm_backward(x, x, mean, invstd, num_threads=1)):
-        seen = _calls_before_main_ran(call, max_calls=100)
+        seen = calls_before_main_ran(call, max_calls=100)
         assert seen[-1], f"the main thread never ran during {len(seen)} kernel calls"
 
 
