@@ -30,8 +30,11 @@ again against the mean the first pass found, where S2 ~ M2. Partials are combine
 formula, all in float64: a channel whose mean is 1e5 times its standard
 deviation loses nothing to cancellation.
 
-No argument checking happens here: the Python layer has validated shapes,
-dtypes, contiguity and aliasing.
+The kernels check no argument: the Python layer (bncore/batch_norm.py,
+bncore/_bn_args.py) has validated shapes, dtypes, contiguity and aliasing.
+The one exception is the fast paths at the end of this file, which accept
+only plain calls (a subset of what _bn_args.py accepts unchanged; their rules
+mirror it, and tests/test_batch_norm_fast_path.py holds the two together).
 """
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange
@@ -1656,12 +1659,13 @@ def forward_fast(x, weight, bias, running_mean, running_var, training, momentum,
 
 def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
     """batch_norm_backward without out= for plain arguments (mean and invstd
-    float64, as forward returns them): (dx, dweight, dbias), or None when any
-    argument needs the checked path."""
+    float64, as forward returns them): None when any argument needs the
+    checked path, else (dx, sum(dy), sum(dy (x - mean)), dweight, dbias), the
+    last two None where NumPy must form them (see below)."""
     cdef Py_ssize_t outer, C, inner, c
     cdef int t = _plain_type(x), train = _exact_bool(training), pt
     cdef int nd
-    cdef cnp.ndarray sd, sx
+    cdef cnp.ndarray sd, sx, dw, db
     cdef double* psd
     cdef double* psx
     cdef double* pinv
@@ -1697,15 +1701,15 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
     # to float32 where weight is float32), which reports overflow, underflow
     # and invalid results as np.errstate says (a warning, or FloatingPointError).
     # Where any value here is non-finite or near the edge of its range (where
-    # such a flag may arise) the call goes to the checked path instead: only
-    # our own new arrays have been written, and it then warns or raises (or
-    # not) exactly as it would have.
+    # such a flag may arise) they are left to the caller's NumPy epilogue
+    # (batch_norm._parameter_grads), which then warns or raises (or not)
+    # exactly as the checked path does; dx and the sums stand.
     if pt == cnp.NPY_FLOAT32:
         for c in range(C):
             p = psx[c] * pinv[c]
             if not (_f32_quiet(p) and _f32_quiet(psd[c])
                     and (p != 0.0 or psx[c] == 0.0 or pinv[c] == 0.0)):
-                return None
+                return dx, sd, sx, None, None
             (<float*>cnp.PyArray_DATA(dw))[c] = <float>p
             (<float*>cnp.PyArray_DATA(db))[c] = <float>psd[c]
     else:
@@ -1713,7 +1717,7 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
             p = psx[c] * pinv[c]
             if not ((p == 0.0 and (psx[c] == 0.0 or pinv[c] == 0.0))
                     or 2.0 * DBL_MIN <= fabs(p) < INFINITY):
-                return None
+                return dx, sd, sx, None, None
             (<double*>cnp.PyArray_DATA(dw))[c] = p
             (<double*>cnp.PyArray_DATA(db))[c] = psd[c]
-    return dx, dw, db
+    return dx, sd, sx, dw, db

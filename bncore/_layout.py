@@ -16,18 +16,26 @@ import numpy as np
 
 
 class ChannelView:
-    """How a (logical) array maps onto a contiguous (outer, C, inner) block."""
+    """How a (logical) array maps onto a contiguous (outer, C, inner) block.
+
+    Immutable: channel_view shares one per (shape, axis) between calls and
+    threads, so assigning to an attribute raises."""
 
     __slots__ = ("shape", "perm", "outer", "channels", "inner", "is_identity")
 
     def __init__(self, shape: Tuple[int, ...], perm: Tuple[int, ...], outer: int,
                  channels: int, inner: int) -> None:
-        self.shape = shape          # logical shape
-        self.perm = perm            # axis order in memory (slowest first)
-        self.outer = outer
-        self.channels = channels
-        self.inner = inner
-        self.is_identity = perm == tuple(range(len(shape)))
+        put = object.__setattr__
+        put(self, "shape", shape)          # logical shape
+        put(self, "perm", perm)            # axis order in memory (slowest first)
+        put(self, "outer", outer)
+        put(self, "channels", channels)
+        put(self, "inner", inner)
+        put(self, "is_identity", perm == tuple(range(len(shape))))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"ChannelView is immutable (shared between calls); "
+                             f"cannot set {name}")
 
     def flat(self, a: np.ndarray) -> np.ndarray:
         """1-D view of `a` in this layout (a must already have it)."""

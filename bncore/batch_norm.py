@@ -191,7 +191,11 @@ def batch_norm_backward(
         fast = _k.backward_fast(dy, x, mean, invstd, weight, training, axis,
                                 get_num_threads() if num_threads is None else num_threads)
         if fast is not None:
-            return fast
+            dx, sum_dy, sum_dy_xmu, dweight, dbias = fast
+            if dweight is None:
+                dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, invstd,
+                                                  (weight if weight is not None else x).dtype)
+            return dx, dweight, dbias
     (dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out,
      nthreads) = backward_args(chk, dy, x, mean, invstd, weight, training, axis, out,
                                num_threads)
@@ -207,6 +211,9 @@ def batch_norm_backward(
     dx = _finish_output(target, dx_out, x.dtype)
 
     pdtype = weight.dtype if weight is not None else x.dtype
+    if dw_out is None and db_out is None:
+        dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, _f64(invstd), pdtype)
+        return dx, dweight, dbias
     dweight = sum_dy_xmu * _f64(invstd)
     dbias = sum_dy
     if dw_out is not None:
@@ -220,3 +227,11 @@ def batch_norm_backward(
     else:
         dbias = dbias.astype(pdtype, copy=False)
     return dx, dweight, dbias
+
+
+def _parameter_grads(sum_dy: np.ndarray, sum_dy_xmu: np.ndarray, invstd: np.ndarray,
+                     dtype) -> Tuple[np.ndarray, np.ndarray]:
+    """dweight = sum(dy (x - mean)) * invstd and dbias = sum(dy), formed in float64
+    and rounded once to `dtype`; NumPy reports overflow and underflow as
+    np.errstate says (the fast path hands it the cases where that can happen)."""
+    return (sum_dy_xmu * invstd).astype(dtype, copy=False), sum_dy.astype(dtype, copy=False)

@@ -82,18 +82,26 @@ def calls_before_main_ran(call, max_calls: int) -> list:
     Forced GIL switches are off meanwhile (a 100 s switch interval), so the
     main thread, woken as the worker starts, can only take the GIL when the
     worker gives it up of its own accord: inside a call that releases it, or
-    when the worker ends. A load on the machine can delay the main thread but
-    not let it in while a call holds the GIL, so the answer does not depend on
-    timing."""
+    when the worker ends. So a call that holds the GIL always gives False,
+    whatever the load. A call that releases it gives True once the main
+    thread is scheduled inside one of its GIL-free stretches: certain in
+    practice over many calls of a few milliseconds, not for one short call.
+    (The switch interval is process-wide: other Python threads would wait
+    too. The test process has none; the old value is restored.) An exception
+    in the worker is raised here."""
     ran = []
     seen = []
+    failed = []
     started = threading.Event()
 
     def work():
         started.set()
-        while not ran and len(seen) < max_calls:
-            call()
-            seen.append(bool(ran))
+        try:
+            while not ran and len(seen) < max_calls:
+                call()
+                seen.append(bool(ran))
+        except BaseException as e:      # reported in the main thread below
+            failed.append(e)
 
     old = sys.getswitchinterval()
     sys.setswitchinterval(100.0)
@@ -105,4 +113,6 @@ def calls_before_main_ran(call, max_calls: int) -> list:
         worker.join()
     finally:
         sys.setswitchinterval(old)
+    if failed:
+        raise failed[0]
     return seen

@@ -410,7 +410,7 @@ def test_strided_channel_vectors_are_read_and_written_in_place(dtype):
     dy = rng.standard_normal(x.shape).astype(np.float32)
     dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w)
     edx, edw, edb = ref_backward(dy, x, mean, invstd, w)
-    assert rel_err(dx, edx) <= 1e-6 and rel_err(dw, edw) <= 1e-6
+    assert rel_err(dx, edx) <= 1e-6 and rel_err(dw, edw) <= 1e-6 and rel_err(db, edb) <= 1e-6
 
 
 @pytest.mark.parametrize("shape,axis,schedule,what", [
@@ -441,3 +441,15 @@ def test_statistics_and_gradient_sums_on_every_path(shape, axis, schedule, what,
     edx, edw, edb = ref_backward(dy, x, mean, invstd, w, axis=axis)
     assert rel_err(dw, edw) <= 1e-6 and rel_err(db, edb) <= 1e-6
     assert rel_err(dx, edx) <= 1e-6
+
+
+def test_channel_views_are_shared_and_immutable():
+    """channel_view keeps one view per (shape, axis) of C-contiguous inputs, so
+    a view must not be changeable by one caller under another."""
+    from bncore._layout import channel_view
+    a, b = np.zeros((4, 3, 5)), np.ones((4, 3, 5))
+    v = channel_view(a, 1)
+    assert channel_view(b, 1) is v and (v.outer, v.channels, v.inner) == (4, 3, 5)
+    with pytest.raises(AttributeError, match="immutable"):
+        v.outer = 1
+    assert channel_view(a, 2) is not v and channel_view(a, 2).inner == 1

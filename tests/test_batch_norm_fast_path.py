@@ -279,3 +279,33 @@ def test_fast_paths_keep_xs_dtype_object():
     with checked_path_only():
         dx_ref, _, _ = bncore.batch_norm_backward(x, x, mean, invstd)
     assert dx.dtype.metadata == dx_ref.dtype.metadata == {"unit": "m"}
+
+
+def test_plain_calls_never_reach_the_checked_path(monkeypatch):
+    """The public functions do take the fast paths (the comparisons above would
+    pass just as well if they never did), also for a backward whose dweight
+    NumPy must form (an Inf in dy): that one reuses dx and the sums rather
+    than running the kernels again through the checked path."""
+    import bncore.batch_norm as bnm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the checked path was taken")
+
+    monkeypatch.setattr(bnm, "forward_args", refuse)
+    monkeypatch.setattr(bnm, "backward_args", refuse)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    _, mean, invstd = bncore.batch_norm_forward(x, w, b, rm, rv, num_threads=2)
+    bncore.batch_norm_forward(x, w, b, rm, rv, training=False)
+    bncore.batch_norm_forward(x.astype(np.float64), axis=-1)
+    bncore.batch_norm_backward(dy, x, mean, invstd, w)
+    dy[0, 0, 0] = np.inf
+    with np.errstate(all="ignore"):
+        _, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w)
+    assert db[0] == np.inf and dw.dtype == np.float32
+    layer = bncore.BatchNorm(3)
+    layer.forward(x)
+    layer.backward(np.ones_like(x))

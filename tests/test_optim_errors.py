@@ -247,14 +247,17 @@ def test_threads_are_capped_by_the_work_not_by_the_request():
     mk = lambda: [rng.standard_normal(70000).astype(np.float32)]  # noqa: E731
     a = dict(params=mk(), grads=mk(), m=mk(), v=[np.abs(x) for x in mk()])
     b = {k: [x.copy() for x in v] for k, v in a.items()}
+    tasks = "/proc/self/task"
+    threads_before = len(os.listdir(tasks)) if os.path.isdir(tasks) else 0
     adam(a, num_threads=1)
     adam(b, num_threads=4096)
     for x, y in zip(a["params"], b["params"]):
         assert x.tobytes() == y.tobytes()
-    if os.path.isdir("/proc/self/task"):
+    if os.path.isdir(tasks):
         # OpenMP keeps the threads of a parallel region alive in its pool: 70000
-        # elements are 5 chunks, so a handful of threads, not the 4096 asked for
-        assert len(os.listdir("/proc/self/task")) < 1000
+        # elements are 5 chunks, so a handful of threads more at most (earlier
+        # tests may have grown the pool already), not the 4096 asked for
+        assert len(os.listdir(tasks)) <= threads_before + 8
 
 
 def test_sgd_flags_follow_each_style():
