@@ -1575,6 +1575,17 @@ cdef inline bint _plain_vector(object v, Py_ssize_t C, bint written) noexcept:
     return not written or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>v)
 
 
+cdef inline bint _plain_like(object a, cnp.ndarray x, int t, bint written) noexcept:
+    """A plain array of x's type number t and shape (writeable when written)."""
+    cdef int d, nd = cnp.PyArray_NDIM(x)
+    if _plain_type(a) != t or cnp.PyArray_NDIM(<cnp.ndarray>a) != nd:
+        return False
+    for d in range(nd):
+        if cnp.PyArray_DIMS(<cnp.ndarray>a)[d] != cnp.PyArray_DIMS(x)[d]:
+            return False
+    return not written or cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a)
+
+
 cdef inline bint _apart(object a, object b) noexcept:
     """Two plain arrays (or None) share no byte. Contiguous arrays cover their
     whole extent, so this is exactly np.shares_memory's answer."""
@@ -1620,14 +1631,16 @@ cdef inline int _exact_bool(object b) noexcept:
 
 
 def forward_fast(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
-                 unbiased, int nthreads):
-    """batch_norm_forward without out= for plain arguments: (y, mean, invstd),
-    or None when any argument needs the checked path."""
+                 unbiased, out, int nthreads):
+    """batch_norm_forward for plain arguments (out None or a plain array like
+    x): (y, mean, invstd), or None when any argument needs the checked path."""
     cdef Py_ssize_t outer, C, inner
     cdef int t = _plain_type(x), train = _exact_bool(training), unb = _exact_bool(unbiased)
     if t < 0 or train < 0 or unb < 0:
         return None
     if not _split_shape(<cnp.ndarray>x, axis, &outer, &C, &inner):
+        return None
+    if out is not None and not _plain_like(out, <cnp.ndarray>x, t, True):
         return None
     if (type(eps) is not float or not 0.0 < <double>eps < INFINITY
             or type(momentum) is not float or not 0.0 <= <double>momentum <= 1.0):
@@ -1650,34 +1663,37 @@ def forward_fast(x, weight, bias, running_mean, running_var, training, momentum,
         for r in (x, weight, bias):
             if not _apart(running_mean, r) or not _apart(running_var, r):
                 return None
-    y = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
+    if out is None:
+        y = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
+    else:
+        # written: apart from every other argument (running statistics too,
+        # which inference reads and training writes)
+        for r in (x, weight, bias, running_mean, running_var):
+            if not _apart(out, r):
+                return None
+        y = out
     mean, invstd, _ = forward(<cnp.ndarray>x, <cnp.ndarray>y, outer, C, inner, train,
                               running_mean, running_var, weight, bias, <double>eps,
                               <double>momentum, unb, nthreads)
     return y, mean, invstd
 
 
-def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
-    """batch_norm_backward without out= for plain arguments (mean and invstd
-    float64, as forward returns them): None when any argument needs the
-    checked path, else (dx, sum(dy), sum(dy (x - mean)), dweight, dbias), the
-    last two None where NumPy must form them (see below)."""
+def backward_fast(dy, x, mean, invstd, weight, training, axis, out, int nthreads):
+    """batch_norm_backward for plain arguments (mean and invstd float64, as
+    forward returns them; out None or a plain array like x, for dx): None when
+    any argument needs the checked path, else (dx, sum(dy), sum(dy (x - mean)),
+    dweight, dbias), the last two None where NumPy must form them (see below)."""
     cdef Py_ssize_t outer, C, inner, c
     cdef int t = _plain_type(x), train = _exact_bool(training), pt
-    cdef int nd
     cdef cnp.ndarray sd, sx, dw, db
     cdef double* psd
     cdef double* psx
     cdef double* pinv
     cdef double p
-    if t < 0 or train < 0 or _plain_type(dy) != t:
+    if t < 0 or train < 0 or not _plain_like(dy, <cnp.ndarray>x, t, False):
         return None
-    nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
-    if cnp.PyArray_NDIM(<cnp.ndarray>dy) != nd:
+    if out is not None and not _plain_like(out, <cnp.ndarray>x, t, True):
         return None
-    for c in range(nd):
-        if cnp.PyArray_DIMS(<cnp.ndarray>dy)[c] != cnp.PyArray_DIMS(<cnp.ndarray>x)[c]:
-            return None
     if not _split_shape(<cnp.ndarray>x, axis, &outer, &C, &inner):
         return None
     if train and outer * inner < 2:
@@ -1686,7 +1702,13 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, int nthreads):
             or not _plain_vector(mean, C, False) or not _plain_vector(invstd, C, False)
             or not _plain_vector(weight, C, False)):
         return None
-    dx = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
+    if out is None:
+        dx = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
+    else:
+        for r in (dy, x, mean, invstd, weight):
+            if not _apart(out, r):
+                return None
+        dx = out
     sd, sx = backward(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>dx, outer, C, inner, train,
                       <cnp.ndarray>mean, <cnp.ndarray>invstd, weight, nthreads)
     # dweight = sum(dy (x - mean)) * invstd and dbias = sum(dy), in float64,

@@ -201,33 +201,5 @@ def array_rules(as_array, writeable, pair):
     return float_array, channel_vector, no_overlap_among, output_array
 
 
-float_array, _channel_vector, _no_overlap_among, output_array = array_rules(as_array, writeable,
-                                                                            _pair)
-
-
-# Fast paths for the usual call (NumPy arrays that own their memory), a few
-# microseconds of every batch-norm call; anything else takes the rules above.
-
-def channel_vector(name: str, v: Optional[Any], channels: int, *, out: bool = False):
-    """A per-channel parameter: None, or a floating 1-D array of length C."""
-    if (type(v) is np.ndarray and v.shape == (channels,) and v.dtype in FLOAT_DTYPES
-            and (not out or v.flags.writeable)):
-        return v
-    return _channel_vector(name, v, channels, out=out)
-
-
-def no_overlap_among(writes, reads) -> None:
-    """Raise if an output overlaps an input or another output.
-
-    `writes` and `reads` are lists of (name, array-or-None)."""
-    written = set()
-    for _, a in writes:
-        if a is not None:
-            if a.base is not None or id(a) in written:
-                return _no_overlap_among(writes, reads)
-            written.add(id(a))
-    for _, a in reads:
-        if a is not None and (a.base is not None or id(a) in written):
-            return _no_overlap_among(writes, reads)
-    # every array owns its buffer and none written appears twice: distinct
-    # buffers, no overlap (what _pair concludes pair by pair)
+float_array, channel_vector, no_overlap_among, output_array = array_rules(as_array, writeable,
+                                                                          _pair)

@@ -135,11 +135,10 @@ def batch_norm_forward(
         training, running ones in inference. Pass them to
         :func:`batch_norm_backward`.
     """
-    if out is None and (num_threads is None or type(num_threads) is int
-                        and 1 <= num_threads <= MAX_THREADS):
+    nt = _fast_threads(num_threads)
+    if nt:
         fast = _k.forward_fast(x, weight, bias, running_mean, running_var, training, momentum,
-                               eps, axis, unbiased_running_var,
-                               get_num_threads() if num_threads is None else num_threads)
+                               eps, axis, unbiased_running_var, out, nt)
         if fast is not None:
             return fast
     (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
@@ -186,10 +185,9 @@ def batch_norm_backward(
     (C,) in weight's dtype (x's dtype when weight is None), always returned.
     ``out`` may be dx alone or a ``(dx, dweight, dbias)`` tuple (any None).
     """
-    if out is None and (num_threads is None or type(num_threads) is int
-                        and 1 <= num_threads <= MAX_THREADS):
-        fast = _k.backward_fast(dy, x, mean, invstd, weight, training, axis,
-                                get_num_threads() if num_threads is None else num_threads)
+    nt = _fast_threads(num_threads)
+    if nt:
+        fast = _k.backward_fast(dy, x, mean, invstd, weight, training, axis, out, nt)
         if fast is not None:
             dx, sum_dy, sum_dy_xmu, dweight, dbias = fast
             if dweight is None:
@@ -210,28 +208,33 @@ def batch_norm_backward(
         training, _f64(mean), _f64(invstd), _vec(weight), nthreads)
     dx = _finish_output(target, dx_out, x.dtype)
 
-    pdtype = weight.dtype if weight is not None else x.dtype
-    if dw_out is None and db_out is None:
-        dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, _f64(invstd), pdtype)
-        return dx, dweight, dbias
-    dweight = sum_dy_xmu * _f64(invstd)
-    dbias = sum_dy
-    if dw_out is not None:
-        dw_out[...] = dweight
-        dweight = dw_out
-    else:
-        dweight = dweight.astype(pdtype, copy=False)
-    if db_out is not None:
-        db_out[...] = dbias
-        dbias = db_out
-    else:
-        dbias = dbias.astype(pdtype, copy=False)
+    dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, _f64(invstd),
+                                      (weight if weight is not None else x).dtype,
+                                      dw_out, db_out)
     return dx, dweight, dbias
 
 
+def _fast_threads(num_threads) -> int:
+    """The thread count to offer the compiled fast paths, or 0 for a
+    num_threads that the checked path must judge."""
+    if num_threads is None:
+        return get_num_threads()
+    if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
+        return num_threads
+    return 0
+
+
 def _parameter_grads(sum_dy: np.ndarray, sum_dy_xmu: np.ndarray, invstd: np.ndarray,
-                     dtype) -> Tuple[np.ndarray, np.ndarray]:
+                     dtype, dw_out=None, db_out=None) -> Tuple[np.ndarray, np.ndarray]:
     """dweight = sum(dy (x - mean)) * invstd and dbias = sum(dy), formed in float64
-    and rounded once to `dtype`; NumPy reports overflow and underflow as
-    np.errstate says (the fast path hands it the cases where that can happen)."""
-    return (sum_dy_xmu * invstd).astype(dtype, copy=False), sum_dy.astype(dtype, copy=False)
+    and rounded once to `dtype`, or written into the given outputs; NumPy
+    reports overflow and underflow as np.errstate says (the fast path hands it
+    the cases where that can happen)."""
+    grads = []
+    for v, o in ((sum_dy_xmu * invstd, dw_out), (sum_dy, db_out)):
+        if o is None:
+            grads.append(v.astype(dtype, copy=False))
+        else:
+            o[...] = v
+            grads.append(o)
+    return grads[0], grads[1]

@@ -80,6 +80,8 @@ def forward_calls(draw):
         rdt = rdt or np.float64
         args["running_mean"] = rng.normal(0.0, 1.0, C).astype(rdt)
         args["running_var"] = rng.uniform(0.5, 2.0, C).astype(rdt)
+    if draw(st.booleans()):
+        args["out"] = np.full_like(args["x"], np.nan)
     return args
 
 
@@ -96,7 +98,7 @@ def test_backward_fast_path_gives_the_checked_paths_bits(fargs, seed):
     args = dict(dy=rng.standard_normal(x.shape).astype(x.dtype), x=x,
                 mean=rng.normal(0.0, 1.0, C), invstd=rng.uniform(0.5, 2.0, C),
                 weight=fargs["weight"], training=fargs["training"], axis=axis,
-                num_threads=fargs["num_threads"])
+                num_threads=fargs["num_threads"], out=fargs.get("out"))
     _both_ways(bncore.batch_norm_backward, args)
 
 
@@ -123,13 +125,13 @@ def _plain_forward():
     return dict(x=rng.standard_normal((4, 3, 5)).astype(np.float32),
                 weight=np.ones(3, np.float32), bias=np.zeros(3, np.float32),
                 running_mean=np.zeros(3, np.float32), running_var=np.ones(3, np.float32),
-                training=True, momentum=0.1, eps=1e-5, axis=1, unbiased=True)
+                training=True, momentum=0.1, eps=1e-5, axis=1, unbiased=True, out=None)
 
 
 def _fast_forward(a):
     return kernels.forward_fast(a["x"], a["weight"], a["bias"], a["running_mean"],
                                 a["running_var"], a["training"], a["momentum"], a["eps"],
-                                a["axis"], a["unbiased"], 2)
+                                a["axis"], a["unbiased"], a["out"], 2)
 
 
 def _big_endian(a):
@@ -182,11 +184,24 @@ DECLINED = [
     ("only one running statistic", lambda a: a.update(running_var=None)),
     ("inference without running statistics",
      lambda a: a.update(training=False, running_mean=None, running_var=None)),
+    ("out read-only", lambda a: a.update(out=_readonly(a["x"]))),
+    ("out of another dtype", lambda a: a.update(out=a["x"].astype(np.float64))),
+    ("out of another shape", lambda a: a.update(out=a["x"][:, :, :4].copy())),
+    ("out non-contiguous", lambda a: a.update(out=np.empty((4, 3, 10), np.float32)[:, :, ::2])),
+    ("out a list", lambda a: a.update(out=a["x"].tolist())),
+    ("out is x", lambda a: a.update(out=a["x"])),
+    ("out holding running_mean",
+     lambda a: a.update(out=np.zeros_like(a["x"])) or a.update(
+         running_mean=a["out"].reshape(-1)[:3])),
+    ("out holding running_var in inference",
+     lambda a: a.update(out=np.ones_like(a["x"])) or a.update(
+         training=False, running_var=a["out"].reshape(-1)[3:6])),
 ]
 
 
 def test_the_fast_path_takes_plain_calls():
     assert _fast_forward(_plain_forward()) is not None
+    assert _fast_forward(dict(_plain_forward(), out=np.empty((4, 3, 5), np.float32))) is not None
     a = _plain_forward()
     a.update(training=False, axis=-2)
     a["running_mean"].flags.writeable = False    # inference only reads them
@@ -210,14 +225,18 @@ def test_backward_fast_path_declines_what_it_must():
     x = rng.standard_normal((4, 3, 5)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     _, mean, invstd = bncore.batch_norm_forward(x)
-    ok = dict(dy=dy, x=x, mean=mean, invstd=invstd, weight=None, training=True, axis=1)
+    ok = dict(dy=dy, x=x, mean=mean, invstd=invstd, weight=None, training=True, axis=1,
+              out=np.empty_like(x))
     assert kernels.backward_fast(*ok.values(), 2) is not None
+    assert kernels.backward_fast(*dict(ok, out=None).values(), 2) is not None
     for change in (dict(dy=dy.astype(np.float64)), dict(dy=dy[:, :, :4].copy()),
                    dict(mean=mean.astype(np.float32)), dict(invstd=invstd[:2].copy()),
                    dict(invstd=np.repeat(invstd, 2)[::2]), dict(weight=[1.0, 1.0, 1.0]),
                    dict(training="yes"), dict(axis=-4), dict(x=x.astype(np.float16),
                                                              dy=dy.astype(np.float16)),
-                   dict(x=x[:1, :, :1].copy(), dy=dy[:1, :, :1].copy())):
+                   dict(x=x[:1, :, :1].copy(), dy=dy[:1, :, :1].copy()),
+                   dict(out=dy), dict(out=(np.empty_like(x), None, None)),
+                   dict(out=_readonly(x)), dict(out=np.empty((4, 3, 5)))):
         assert kernels.backward_fast(*dict(ok, **change).values(), 2) is None, change
 
 
@@ -302,6 +321,9 @@ def test_plain_calls_never_reach_the_checked_path(monkeypatch):
     bncore.batch_norm_forward(x, w, b, rm, rv, training=False)
     bncore.batch_norm_forward(x.astype(np.float64), axis=-1)
     bncore.batch_norm_backward(dy, x, mean, invstd, w)
+    y = np.empty_like(x)
+    assert bncore.batch_norm_forward(x, w, b, rm, rv, out=y)[0] is y
+    assert bncore.batch_norm_backward(dy, x, mean, invstd, w, out=y)[0] is y
     dy[0, 0, 0] = np.inf
     with np.errstate(all="ignore"):
         _, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, w)
