@@ -14,19 +14,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 status=0
 
-echo "== device"
+echo "== device (at ${SECONDS} s)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 $PY -c "import cupy, torch, numpy; p = cupy.cuda.runtime.getDeviceProperties(0); \
 print('cupy', cupy.__version__, '| torch', torch.__version__, '| numpy', numpy.__version__, \
 '|', p['name'], p['multiProcessorCount'], 'SMs')" || status=1
 
-echo "== build"
-if ! $PY setup.py build_ext --inplace -j 16 > "$OUT/build.log" 2>&1; then
-    tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+echo "== build (at ${SECONDS} s)"
+# logs that need not come back stay in $SCRATCH: the device tool returns at most 8 files from $OUT
+SCRATCH="$(mktemp -d)"
+if ! $PY setup.py build_ext --inplace -j 16 > "$SCRATCH/build.log" 2>&1; then
+    tail -40 "$SCRATCH/build.log"; echo "BUILD FAILED"; exit 1
 fi
 $PY -c "import bncore; bncore.show_config()"
 
-echo "== GPU tests"
+echo "== GPU tests (at ${SECONDS} s)"
 export BNCORE_HYPOTHESIS_PROFILE="${QUICK:+dev}"
 export BNCORE_HYPOTHESIS_PROFILE="${BNCORE_HYPOTHESIS_PROFILE:-ci}"
 # the example's dataset: scikit-learn's digits; without scikit-learn, an .npz copy
@@ -36,7 +38,7 @@ if ! $PY -c "import sklearn" 2>/dev/null; then
     if [ -f build/digits.npz ]; then
         DATASET=build/digits.npz
     else
-        DATASET="$OUT/synthetic_digits.npz"
+        DATASET="$SCRATCH/synthetic_digits.npz"
         $PY -c "import numpy as np; r = np.random.default_rng(0); p = r.uniform(0, 16, (10, 8, 8)); \
 y = r.integers(0, 10, 1800); x = np.clip(p[y] + r.normal(0, 3, (1800, 8, 8)), 0, 16); \
 np.savez('$DATASET', x=x.astype(np.float32), y=y)"
@@ -54,12 +56,12 @@ test_rc=${PIPESTATUS[0]}
 
 # the opt-in single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu), on
 # its own so that a failure there cannot stop the tests above
-echo "== cluster kernel tests"
+echo "== cluster kernel tests (at ${SECONDS} s)"
 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
     | tee "$OUT/tests_cluster.log" | tail -8
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 
-echo "== bncore check --gpu"
+echo "== bncore check --gpu (at ${SECONDS} s)"
 $PY -m bncore.cli check --gpu --json "$OUT/check.json" > "$OUT/check.log" 2>&1 \
     || { status=1; echo "bncore check --gpu FAILED"; }
 grep -E " gpu |FAIL|checks on" "$OUT/check.log" | tail -25
@@ -72,12 +74,12 @@ if [ -f examples/train_cnn.py ] && [ -z "${SKIP_EXAMPLE:-}" ]; then
     tail -12 "$OUT/example.log"
 fi
 
-echo "== GPU benchmark"
+echo "== GPU benchmark (at ${SECONDS} s)"
 $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
     || { status=1; tail -30 "$OUT/bench.err"; }
 
 echo
-echo "================ summary ================"
+echo "================ summary (${SECONDS} s) ================"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
 grep -E "passed|failed|error" "$OUT/tests_cluster.log" | tail -1 | sed 's/^/cluster kernels: /'
 grep -h "^cluster " "$OUT/bench.err" 2>/dev/null | head -4
