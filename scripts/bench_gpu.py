@@ -15,14 +15,10 @@ import gc
 import statistics
 from typing import Callable, Dict, List
 
-TARGETS_MS = {   # issue 4 and issue 5 targets (H100, float32)
+TARGETS_MS = {   # issue 4 and issue 5 targets (H100, float32), for the default path
     "bn forward-train (128,256,28,28) NCHW": 0.10,
     "bn backward (128,256,28,28) NCHW": 0.17,
     "bn forward-train (32,64,56,56) NCHW": 0.07,
-    "bn forward-train (128,256,28,28) NCHW, cluster": 0.10,
-    "bn forward-train (32,64,56,56) NCHW, cluster": 0.07,
-    "bn backward (128,256,28,28) NCHW, cluster": 0.17,
-    "bn backward (32,64,56,56) NCHW, cluster": 0.15,
     "bn backward (32,64,56,56) NCHW": 0.15,
     "adam 100M as 1 tensor": 1.05,
     "adam 100M as 200 tensors": 1.15,
@@ -103,7 +99,7 @@ def bn_cases(bw: float) -> List[dict]:
             _free()
     # a shape whose GPU work is a few microseconds: the time per call is the
     # host's (argument checks, allocations, one launch per kernel), and the
-    # cluster rows show what one launch instead of three saves
+    # 3-kernel rows show what one launch instead of three saves
     rng = cupy.random.default_rng(3)
     x = rng.standard_normal((16, 64, 8, 8), dtype=cupy.float32)
     dy = rng.standard_normal((16, 64, 8, 8), dtype=cupy.float32)
@@ -152,16 +148,18 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> L
         "torch": cuda_time_ms(lambda: F.batch_norm(tx, trm, trv, twd, tbd, True, 0.1, 1e-5)),
         "floor": 2 * nbytes / bw,
     }
-    rows = [dict(case=f"bn forward-train {label}", **fwd)]
+    fwd["cluster"] = _ran_cluster(x, 1)
+    rows = [dict(case=f"bn forward-train {label}{', cluster' * fwd['cluster']}", **fwd)]
     if not backward:
-        return rows + _cluster_rows(label, x, dy, w, b, rm, rv, fwd, None, bncore_gpu)
+        return rows + _three_kernel_rows(label, x, dy, w, b, rm, rv, rows[0], None, bncore_gpu)
     bwd = {
         "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)),
         "torch": _torch_backward_ms(torch, ty, txg, tw, tb, tx, tdy, twd, tbd),
         "floor": 3 * nbytes / bw,
     }
-    return (rows + [dict(case=f"bn backward {label}", **bwd)]
-            + _cluster_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu))
+    bwd["cluster"] = _ran_cluster(x, 2)
+    rows.append(dict(case=f"bn backward {label}{', cluster' * bwd['cluster']}", **bwd))
+    return rows + _three_kernel_rows(label, x, dy, w, b, rm, rv, rows[0], rows[1], bncore_gpu)
 
 
 def _torch_backward_ms(torch, ty, txg, tw, tb, tx, tdy, twd, tbd) -> float:
@@ -187,29 +185,20 @@ def _torch_backward_ms(torch, ty, txg, tw, tb, tx, tdy, twd, tbd) -> float:
     return min(t for t in times if not math.isnan(t))
 
 
-def _cluster_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict]:
-    """The training forward and the backward again with the single-read cluster
-    kernels (bncore_gpu/_bn_cluster_kernels.cu, off by default) where they
-    apply, after checking their outputs against the default path's."""
+def _three_kernel_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict]:
+    """Where the cluster kernels (bncore_gpu/_bn_cluster_kernels.cu, the
+    default where they apply) took the training forward and the backward of
+    this case: the same calls again on the three-kernel path
+    (CLUSTER_KERNELS = False), after checking that both paths' outputs agree."""
     import sys
 
     import cupy
 
     from bncore_gpu import batch_norm as gbn
-    if not (x.flags.c_contiguous and dy.flags.c_contiguous):   # channels-last: no planes
-        return []
-    inner = x.size // (x.shape[0] * x.shape[1])
-    fx, fdy = x.reshape(-1), dy.reshape(-1)
     saved = gbn.CLUSTER_KERNELS
 
     def close(a, b):
         return float(cupy.abs(a - b).max() / max(float(cupy.abs(b).max()), 1e-30)) <= 1e-6
-
-    def both(fn):
-        gbn.CLUSTER_KERNELS = False
-        ref = fn()
-        gbn.CLUSTER_KERNELS = True
-        return fn(), ref
 
     rows = []
     # y, mean and invstd of a training forward do not depend on the running
@@ -222,31 +211,47 @@ def _cluster_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict
         cases.append(("backward", 2, bwd,
                       lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)))
     try:
-        gbn.CLUSTER_KERNELS = True
         for kind, held, base, fn in cases:
-            name = f"bn {kind} {label}, cluster"
-            if not gbn.cluster_smem(x.shape[0], x.shape[1], inner, held, fx, fdy):
+            if not base.get("cluster"):
                 continue
+            name = f"bn {kind} {label}, 3-kernel path"
             try:
-                got, ref = both(fn)
-                gbn.CLUSTER_KERNELS = True
-                if not gbn._cluster_cap():            # refused: fell back, with a warning
-                    raise RuntimeError("the cluster kernel was refused (see the warning)")
+                gbn.CLUSTER_KERNELS = saved
+                got = fn()
+                gbn.CLUSTER_KERNELS = False
+                ref = fn()
                 if not all(close(g, r) for g, r in zip(got, ref)):
-                    print(f"cluster {kind} {label}: differs from the default path",
+                    print(f"cluster {kind} {label}: differs from the three-kernel path",
                           file=sys.stderr)
-                    name += " WRONG"
-                    t = float("nan")
-                else:
-                    t = cuda_time_ms(fn)
-            except Exception as exc:     # a kernel that fails to build or launch: report it
-                print(f"cluster {kind} {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    name += " (cluster path WRONG)"
+                    base["bncore"] = float("nan")
+                t = cuda_time_ms(fn)
+            except Exception as exc:     # report it, keep the other rows
+                print(f"3-kernel {kind} {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 name += " FAILED"
                 t = float("nan")
             rows.append(dict(case=name, bncore=t, torch=base["torch"], floor=base["floor"]))
     finally:
         gbn.CLUSTER_KERNELS = saved
     return rows
+
+
+def _takes_cluster(x, held: int) -> bool:
+    """Whether bncore_gpu's default path sends this float32 NCHW-like case to
+    the cluster kernels (checked after timing: a refused launch falls back)."""
+    from bncore_gpu import batch_norm as gbn
+    if not x.flags.c_contiguous:                   # channels-last: no planes
+        return False
+    inner = x.size // (x.shape[0] * x.shape[1])
+    f = x.reshape(-1)
+    return bool(gbn.cluster_smem(x.shape[0], x.shape[1], inner, held, *([f] * (held + 1))))
+
+
+def _ran_cluster(x, held: int) -> bool:
+    """Whether the default path ran this case on the cluster kernels: it
+    qualifies, and the device did not refuse them (a refusal falls back)."""
+    from bncore_gpu import batch_norm as gbn
+    return _takes_cluster(x, held) and bool(gbn._cluster_cap())
 
 
 def optim_cases(bw: float) -> List[dict]:
@@ -316,7 +321,7 @@ def run_all() -> Dict[str, object]:
     bw = copy_bandwidth()
     rows = bn_cases(bw) + optim_cases(bw)
     for r in rows:
-        r["target"] = TARGETS_MS.get(r["case"])
+        r["target"] = TARGETS_MS.get(r["case"].removesuffix(", cluster"))
     return {"device": name, "copy_TBps": bw / 1e9, "rows": rows}
 
 

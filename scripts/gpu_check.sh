@@ -2,8 +2,9 @@
 # The GPU check: one command for a GPU machine that has CuPy, Cython, pytest,
 # hypothesis and torch but no network. Builds bncore in place, runs the GPU
 # tests (real kernels against the CPU engine and the float64 oracle), runs the
-# GPU benchmark, and prints a short table last. Logs go to $OUT (or /tmp).
-#     bash scripts/gpu_check.sh            # everything (about 4-6 minutes on an H100)
+# GPU benchmark and a profile of the host time per batch-norm call, and prints a
+# short table last. Logs go to $OUT (or /tmp).
+#     bash scripts/gpu_check.sh            # everything (about 2-3 minutes on an H200)
 #     QUICK=1 bash scripts/gpu_check.sh    # fewer Hypothesis examples
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,7 @@ $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" -ne 0 ] && status=1
 
-# the opt-in single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu), on
+# the single-read cluster kernels' own tests (bncore_gpu/_bn_cluster_kernels.cu), on
 # its own so that a failure there cannot stop the tests above
 echo "== cluster kernel tests (at ${SECONDS} s)"
 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
@@ -62,7 +63,7 @@ $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 
 echo "== bncore check --gpu (at ${SECONDS} s)"
-$PY -m bncore.cli check --gpu --json "$OUT/check.json" > "$OUT/check.log" 2>&1 \
+$PY -m bncore.cli check --gpu --json "$SCRATCH/check.json" > "$OUT/check.log" 2>&1 \
     || { status=1; echo "bncore check --gpu FAILED"; }
 grep -E " gpu |FAIL|checks on" "$OUT/check.log" | tail -25
 
@@ -78,10 +79,16 @@ echo "== GPU benchmark (at ${SECONDS} s)"
 $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
     || { status=1; tail -30 "$OUT/bench.err"; }
 
+echo "== host time per call (at ${SECONDS} s)"
+$PY scripts/gpu_host_profile.py > "$OUT/host_profile.txt" 2>&1 \
+    || { status=1; echo "gpu_host_profile.py FAILED"; tail -20 "$OUT/host_profile.txt"; }
+
 echo
 echo "================ summary (${SECONDS} s) ================"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
 grep -E "passed|failed|error" "$OUT/tests_cluster.log" | tail -1 | sed 's/^/cluster kernels: /'
-grep -h "^cluster " "$OUT/bench.err" 2>/dev/null | head -4
+grep -hE "^(cluster|3-kernel) " "$OUT/bench.err" 2>/dev/null | head -4
+sed -n '/^host time per call/,$p' "$OUT/host_profile.txt"
+echo
 cat "$OUT/bench.txt"
 exit $status

@@ -203,8 +203,8 @@ def test_batch_norm_statistics_with_an_outlier_as_pivot(layout):
 def cluster_kernels(monkeypatch):
     """The single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu) on,
     for any channel count (the small test shapes would otherwise leave an
-    H100's SMs idle and take the default kernels); afterwards, the device must
-    not have fallen back to the default kernels (a refused launch warns and
+    H100's SMs idle and take the three-kernel path); afterwards, the device must
+    not have fallen back to the three-kernel path (a refused launch warns and
     falls back, which would pass the value checks silently)."""
     from bncore_gpu import batch_norm as gbn
     if gbn._cluster_cap() == 0:      # e.g. an A100 (compute capability 8.0)
@@ -307,7 +307,7 @@ def test_cluster_backward_matches_cpu_on_offset_data(cluster_kernels, shape, tra
 
 def test_cluster_forward_statistics_are_exact_with_an_outlier_first_value(cluster_kernels):
     """Two-pass statistics over shared memory: an outlier at x[0, c, 0] (where
-    the default kernels take their pivot) costs nothing; the variance of
+    the three-kernel path takes its pivot) costs nothing; the variance of
     float32 data offset 1e5 std from 0 is the float64 one to 1e-13."""
     rng = np.random.default_rng(12)
     shape = (64, 4, 32, 32)
@@ -342,8 +342,8 @@ def test_inference_backward_of_an_empty_batch_gives_zero_parameter_gradients(wdt
 
 def test_cluster_kernels_fall_back_with_a_warning_when_refused(cluster_kernels, monkeypatch):
     """A device or toolchain that refuses the cluster kernels (compile error,
-    launch-configuration error) gets the default kernels, the same results and
-    one RuntimeWarning, and keeps the default kernels afterwards."""
+    launch-configuration error) gets the three-kernel path, the same results
+    and one RuntimeWarning, and keeps the three-kernel path afterwards."""
     gbn = cluster_kernels
     real = gbn._loader.kernel
 
@@ -359,7 +359,7 @@ def test_cluster_kernels_fall_back_with_a_warning_when_refused(cluster_kernels, 
     x = _offset_data(rng, (16, 3, 32))
     dy = rng.standard_normal(x.shape).astype(np.float32)
     try:
-        with pytest.warns(RuntimeWarning, match="using the default kernels"):
+        with pytest.warns(RuntimeWarning, match="using the three-kernel path"):
             y, m, s = bncore_gpu.batch_norm_forward(cupy.asarray(x))
         assert gbn._cluster_caps[dev] == 0
         dx, dw, db = bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x), m, s)
@@ -372,10 +372,58 @@ def test_cluster_kernels_fall_back_with_a_warning_when_refused(cluster_kernels, 
         gbn._cluster_caps.update(saved)
 
 
+@pytest.mark.parametrize("value, want", [(None, True), ("", True), ("1", True), ("on", True),
+                                         ("0", False), ("False", False), (" off ", False)])
+def test_cluster_setting_is_on_unless_the_environment_says_0(value, want):
+    from bncore_gpu import batch_norm as gbn
+    assert gbn._cluster_setting(value) is want
+
+
+@pytest.mark.parametrize("value", ["2", "cluster", "y"])
+def test_cluster_setting_refuses_what_it_cannot_read(value):
+    from bncore_gpu import batch_norm as gbn
+    with pytest.raises(ValueError, match="BNCORE_GPU_CLUSTER must be 1 or 0"):
+        gbn._cluster_setting(value)
+
+
+def test_cluster_kernels_take_a_plain_call_by_default(monkeypatch):
+    """Without any setting, a float32 NCHW training forward and backward with
+    channels enough to fill the device goes through the cluster kernels (one
+    launch each), and BNCORE_GPU_CLUSTER=0's setting sends it to the
+    three-kernel path, with results within the parity tolerance of each other."""
+    from bncore_gpu import batch_norm as gbn
+    if gbn._cluster_cap() == 0:
+        pytest.skip("no thread-block clusters on this GPU (compute capability "
+                    f"{cupy.cuda.Device().compute_capability})")
+    launched = []
+    real = gbn._launch_cluster
+
+    def spy(name, *args):
+        launched.append(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(gbn, "_launch_cluster", spy)
+    C = -(-gbn.CLUSTER_MIN_BLOCKS_PER_SM * gbn._loader.sm_count() // gbn.CLUSTER_SIZE)
+    rng = np.random.default_rng(21)
+    x = cupy.asarray(_offset_data(rng, (8, C, 8, 8)))
+    dy = cupy.asarray(rng.standard_normal(x.shape).astype(np.float32))
+    results = {}
+    for on in (gbn.CLUSTER_KERNELS, False):
+        monkeypatch.setattr(gbn, "CLUSTER_KERNELS", on)
+        launched.clear()
+        y, m, s = bncore_gpu.batch_norm_forward(x)
+        results[on] = (y, m, s) + bncore_gpu.batch_norm_backward(dy, x, m, s)
+        assert launched == (["bn_forward_cluster<float>", "bn_backward_cluster<float>"]
+                            if on else [])
+    assert True in results, "the cluster kernels are not on by default"
+    for a, b in zip(results[True], results[False]):
+        assert rel(cupy.asnumpy(a), cupy.asnumpy(b)) <= 1e-6
+
+
 def test_cluster_kernels_respect_the_devices_shared_memory(cluster_kernels, monkeypatch):
     """A device with less shared memory per block than CLUSTER_SMEM (an sm_120
     GPU allows about 99 KB) caps what a CTA may hold: larger channels take the
-    default kernels."""
+    three-kernel path."""
     gbn = cluster_kernels
     dev = cupy.cuda.runtime.getDevice()
     gbn._cluster_cap()

@@ -1,0 +1,126 @@
+"""Where a bncore_gpu batch-norm call spends its host time: the whole call and
+its parts (argument checks, layout view, allocations, one kernel launch), each
+timed alone in a loop, then cProfile's top entries for the whole call.
+
+On shapes whose GPU work is a few microseconds the time per call is the
+host's (scripts/bench_gpu.py's "host-bound" rows); this says which part of it
+to cut. Part of `scripts/gpu_check.sh`; the numbers are microseconds per call,
+best of 5 loops of N calls, the GPU synchronized after each loop.
+
+    python scripts/gpu_host_profile.py [--calls N] [--top K]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import numpy as np
+
+
+def per_call_us(fn, calls: int) -> float:
+    import cupy
+    fn()
+    cupy.cuda.Device().synchronize()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        cupy.cuda.Device().synchronize()
+        best = min(best, (time.perf_counter() - t) / calls * 1e6)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--top", type=int, default=22)
+    args = ap.parse_args()
+
+    import cupy
+
+    import bncore_gpu
+    from bncore._bn_args import backward_args, forward_args
+    from bncore._layout import channel_view
+    from bncore_gpu import _checks as chk
+    from bncore_gpu import batch_norm as gbn
+    try:
+        import torch
+        F = torch.nn.functional
+        if not torch.cuda.is_available():
+            torch = None
+    except ImportError:                   # the torch rows are left out
+        torch = None
+
+    rows = []
+    for shape in ((16, 64, 8, 8), (256, 1024)):
+        rng = cupy.random.default_rng(0)
+        x = rng.standard_normal(shape, dtype=cupy.float32)
+        dy = rng.standard_normal(shape, dtype=cupy.float32)
+        C = shape[1]
+        w, b = cupy.ones(C, cupy.float32), cupy.zeros(C, cupy.float32)
+        rm, rv = cupy.zeros(C, cupy.float32), cupy.ones(C, cupy.float32)
+        _, mean, invstd = bncore_gpu.batch_norm_forward(x, w, b, rm, rv)
+        view = channel_view(x, 1)
+        scratch = cupy.empty((4, C), np.float64)
+        parts = {
+            "forward (default path)": lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv),
+            "backward (default path)": lambda: bncore_gpu.batch_norm_backward(
+                dy, x, mean, invstd, w),
+            "  forward_args (checks)": lambda: forward_args(
+                chk, x, w, b, rm, rv, True, 0.1, 1e-5, 1, None, None),
+            "  backward_args (checks)": lambda: backward_args(
+                chk, dy, x, mean, invstd, w, True, 1, None, None),
+            "  channel_view + arrange + flat": lambda: view.flat(
+                channel_view(x, 1).arrange(x, cupy)),
+            "  cupy.empty((4, C), float64)": lambda: cupy.empty((4, C), np.float64),
+            "  output like x (view.empty)": lambda: view.empty(x.dtype, cupy),
+            "  one launch (bn_prepare_eval, 10 args)": lambda: gbn._kernel(
+                "bn_prepare_eval<float>")((-(-C // 256),), (256,), (
+                    np.int32(C), rm, rv, np.float64(1e-5), w, b, *scratch)),
+            "  cupy.cuda.runtime.getDevice()": cupy.cuda.runtime.getDevice,
+        }
+        saved = gbn.CLUSTER_KERNELS
+        gbn.CLUSTER_KERNELS = False
+        parts["forward (3-kernel path)"] = parts["forward (default path)"]
+        parts["backward (3-kernel path)"] = parts["backward (default path)"]
+        label = str(shape).replace(" ", "")
+        for name, fn in parts.items():
+            gbn.CLUSTER_KERNELS = saved if "3-kernel" not in name else False
+            rows.append((label, name, per_call_us(fn, args.calls)))
+        gbn.CLUSTER_KERNELS = saved
+        if torch is not None:
+            tx = torch.as_tensor(x, device="cuda")
+            tw, tb = torch.as_tensor(w, device="cuda"), torch.as_tensor(b, device="cuda")
+            trm, trv = torch.as_tensor(rm, device="cuda"), torch.as_tensor(rv, device="cuda")
+            rows.append((label, "torch F.batch_norm (training)", per_call_us(
+                lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5), args.calls)))
+
+        for name, fn in (("forward", parts["forward (default path)"]),
+                         ("backward", parts["backward (default path)"])):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.calls):
+                fn()
+            prof.disable()
+            cupy.cuda.Device().synchronize()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(args.top)
+            body = s.getvalue()
+            print(f"---- cProfile, {args.calls} calls of {name} {label}, by own time")
+            print(body[body.find("   ncalls"):].rstrip())
+            print()
+
+    print(f"host time per call, us (best of 5 loops of {args.calls} calls)")
+    print("| shape | part | us/call |")
+    print("|---|---|---|")
+    for label, name, us in rows:
+        print(f"| {label} | {name} | {us:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
