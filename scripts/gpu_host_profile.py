@@ -38,6 +38,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--channels-last", action="store_true",
+                    help="also (32,64,56,56) channels-last (GPU work of tens of us per call)")
     args = ap.parse_args()
 
     import cupy
@@ -56,10 +58,18 @@ def main() -> int:
         torch = None
 
     rows = []
-    for shape in ((16, 64, 8, 8), (256, 1024)):
+    ap_cases = [((16, 64, 8, 8), False), ((256, 1024), False)]
+    if args.channels_last:
+        ap_cases.append(((32, 64, 56, 56), True))
+    for shape, cl in ap_cases:
         rng = cupy.random.default_rng(0)
-        x = rng.standard_normal(shape, dtype=cupy.float32)
-        dy = rng.standard_normal(shape, dtype=cupy.float32)
+        if cl:                   # NHWC memory seen with an NCHW shape (torch's channels_last)
+            N, C, H, W = shape
+            x = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
+            dy = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
+        else:
+            x = rng.standard_normal(shape, dtype=cupy.float32)
+            dy = rng.standard_normal(shape, dtype=cupy.float32)
         C = shape[1]
         w, b = cupy.ones(C, cupy.float32), cupy.zeros(C, cupy.float32)
         rm, rv = cupy.zeros(C, cupy.float32), cupy.ones(C, cupy.float32)
@@ -87,7 +97,7 @@ def main() -> int:
         gbn.CLUSTER_KERNELS = False
         parts["forward (3-kernel path)"] = parts["forward (default path)"]
         parts["backward (3-kernel path)"] = parts["backward (default path)"]
-        label = str(shape).replace(" ", "")
+        label = str(shape).replace(" ", "") + (" CL" if cl else "")
         for name, fn in parts.items():
             gbn.CLUSTER_KERNELS = saved if "3-kernel" not in name else False
             rows.append((label, name, per_call_us(fn, args.calls)))
