@@ -21,7 +21,8 @@ class ChannelView:
     Immutable: channel_view shares one per (shape, axis) between calls and
     threads, so assigning to an attribute raises."""
 
-    __slots__ = ("shape", "perm", "outer", "channels", "inner", "is_identity")
+    __slots__ = ("shape", "perm", "outer", "channels", "inner", "is_identity", "inverse",
+                 "_c_strides")
 
     def __init__(self, shape: Tuple[int, ...], perm: Tuple[int, ...], outer: int,
                  channels: int, inner: int) -> None:
@@ -32,6 +33,12 @@ class ChannelView:
         put(self, "channels", channels)
         put(self, "inner", inner)
         put(self, "is_identity", perm == tuple(range(len(shape))))
+        # the axis order that takes memory order back to the logical one
+        inverse = [0] * len(perm)
+        for k, p in enumerate(perm):
+            inverse[p] = k
+        put(self, "inverse", tuple(inverse))
+        put(self, "_c_strides", {})        # itemsize -> strides of this layout, per axis
 
     def __setattr__(self, name, value):
         raise AttributeError(f"ChannelView is immutable (shared between calls); "
@@ -42,8 +49,27 @@ class ChannelView:
         m = a if self.is_identity else a.transpose(self.perm)
         return m.reshape(-1)
 
+    def layout_strides(self, itemsize: int) -> Tuple[int, ...]:
+        """Byte strides, per logical axis, of an array of this shape stored
+        contiguously in this layout."""
+        st = self._c_strides.get(itemsize)
+        if st is None:
+            st = [0] * len(self.perm)
+            step = itemsize
+            for p in reversed(self.perm):
+                st[p] = step
+                step *= self.shape[p]
+            st = self._c_strides[itemsize] = tuple(st)
+        return st
+
     def has_layout(self, a: np.ndarray) -> bool:
         """True when `a` is stored in exactly this layout (so flat() is a view)."""
+        if (not self.is_identity and a.shape == self.shape
+                and a.strides == self.layout_strides(a.itemsize)):
+            # the common channels-last case, without building a transposed view
+            # (a few microseconds for a CuPy array); any other strides (size-1
+            # axes, empty arrays) take the general test below
+            return getattr(a.flags, "aligned", True)
         m = a if self.is_identity else a.transpose(self.perm)
         # misaligned memory (np.frombuffer at an odd offset) is C-contiguous too,
         # but the kernels' typed loads need aligned elements: it gets a copy
@@ -54,7 +80,7 @@ class ChannelView:
         if self.is_identity:
             return xp.empty(self.shape, dtype=dtype)
         mem = xp.empty(tuple(self.shape[i] for i in self.perm), dtype=dtype)
-        return mem.transpose(tuple(int(i) for i in np.argsort(self.perm)))
+        return mem.transpose(self.inverse)
 
     def arrange(self, a, xp=np):
         """`a` itself when it has this layout, else a copy that has it."""
@@ -79,6 +105,7 @@ def _view(shape, perm, axis) -> ChannelView:
 _IDENTITY = {}
 _C_VIEWS = {}
 _C_VIEWS_MAX = 256
+_STRIDED_VIEWS = {}           # (shape, strides, itemsize, axis) -> view, for the rest
 
 
 def _identity(nd: int) -> Tuple[int, ...]:
@@ -105,6 +132,19 @@ def channel_view(x: np.ndarray, axis: int) -> ChannelView:
                 _C_VIEWS.clear()
             v = _C_VIEWS[key] = _view(x.shape, _identity(nd), axis)
         return v
+    # the view is a function of shape, strides and itemsize (channels-last
+    # arrays, every call of a layer): kept like the C-contiguous ones
+    key = (x.shape, x.strides, x.itemsize, axis)
+    v = _STRIDED_VIEWS.get(key)
+    if v is None:
+        if len(_STRIDED_VIEWS) >= _C_VIEWS_MAX:
+            _STRIDED_VIEWS.clear()
+        v = _STRIDED_VIEWS[key] = _strided_view(x, axis)
+    return v
+
+
+def _strided_view(x, axis: int) -> ChannelView:
+    nd = x.ndim
     # Sort axes by stride, slowest first; size-1 axes carry no information and
     # keep their logical place (stable sort on a key that ignores them).
     strides = [abs(s) if n > 1 else 0 for s, n in zip(x.strides, x.shape)]

@@ -80,7 +80,7 @@ $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$
     || { status=1; tail -30 "$OUT/bench.err"; }
 
 echo "== host time per call (at ${SECONDS} s)"
-$PY scripts/gpu_host_profile.py > "$OUT/host_profile.txt" 2>&1 \
+$PY scripts/gpu_host_profile.py --channels-last > "$OUT/host_profile.txt" 2>&1 \
     || { status=1; echo "gpu_host_profile.py FAILED"; tail -20 "$OUT/host_profile.txt"; }
 
 echo

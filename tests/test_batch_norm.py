@@ -4,6 +4,8 @@ finite differences over random draws; these pin down specific promises.)"""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bncore
 from reference import batch_norm_backward as ref_backward
@@ -453,3 +455,42 @@ def test_channel_views_are_shared_and_immutable():
     with pytest.raises(AttributeError, match="immutable"):
         v.outer = 1
     assert channel_view(a, 2) is not v and channel_view(a, 2).inner == 1
+
+
+@settings(deadline=None)
+@given(data=st.data())
+def test_cached_views_and_the_layout_shortcut_agree_with_the_general_rule(data):
+    """channel_view keeps strided (channels-last, transposed, sliced) views per
+    (shape, strides, itemsize, axis), and has_layout answers from the layout's
+    strides before building a transposed view: both must give what the
+    uncached rule gives, for every permutation, size-1 axis, slice and dtype."""
+    from bncore import _layout
+    nd = data.draw(st.integers(2, 4), label="ndim")
+    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=nd, max_size=nd),
+                            label="shape"))
+    dtype = data.draw(st.sampled_from([np.float16, np.float32, np.float64]), label="dtype")
+    perm = data.draw(st.permutations(range(nd)), label="memory order")
+    step = data.draw(st.sampled_from([1, 1, 2]), label="step")
+    mem = np.zeros(tuple(shape[p] * (step if k == nd - 1 else 1)
+                         for k, p in enumerate(perm)), dtype)
+    if step > 1:
+        mem = mem[..., ::step]
+    x = mem.transpose(np.argsort(perm))
+    assert x.shape == shape
+    axis = data.draw(st.integers(0, nd - 1), label="axis")
+    v = _layout.channel_view(x, axis)
+    fresh = (_layout._view(x.shape, _layout._identity(nd), axis) if x.flags.c_contiguous
+             else _layout._strided_view(x, axis))
+    assert (v.shape, v.perm, v.outer, v.channels, v.inner) == \
+        (fresh.shape, fresh.perm, fresh.outer, fresh.channels, fresh.inner)
+    assert _layout.channel_view(x.copy(order="K"), axis).perm == v.perm or step > 1
+    # in this layout's axis order but with gaps: with float16, strides that
+    # equal the contiguous strides of a float32 array in this layout
+    mem_shape = [shape[p] for p in v.perm]
+    mem_shape[-1] *= 2
+    gapped = np.zeros(mem_shape, dtype)[..., ::2].transpose(v.inverse)
+    for a in (x, np.ascontiguousarray(x), np.asfortranarray(x), v.empty(dtype), gapped):
+        general = (a if v.is_identity else a.transpose(v.perm)).flags.c_contiguous
+        assert v.has_layout(a) == bool(general and a.flags.aligned)
+    got = v.empty(dtype)
+    assert got.shape == shape and v.has_layout(got)

@@ -420,6 +420,34 @@ def test_cluster_kernels_take_a_plain_call_by_default(monkeypatch):
         assert rel(cupy.asnumpy(a), cupy.asnumpy(b)) <= 1e-6
 
 
+def test_channels_last_rows_kernels_loop_over_their_rows():
+    """(32,64,56,56) channels-last float32: the rows vec4 elementwise kernels get
+    one wave of row blocks (ROWS_BLOCKS_PER_SM per SM), fewer than the shape's
+    row groups, so each thread loops over rows; y, dx, dweight and dbias must
+    still match the CPU engine."""
+    from bncore_gpu import batch_norm as gbn
+    rng = np.random.default_rng(31)
+    shape = (32, 64, 56, 56)
+    x = np.ascontiguousarray(_offset_data(rng, shape).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    dy = np.ascontiguousarray(
+        rng.standard_normal(shape).astype(np.float32).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    outer, P = 32 * 56 * 56, 64
+    TC = P // 4                                   # the tile _rows_vec4_tile picks for P = 64
+    assert -(-outer // (256 // TC)) > gbn.ROWS_BLOCKS_PER_SM * gbn._loader.sm_count()
+    xg = cupy.asarray(x)
+    dyg = cupy.asarray(dy)
+    assert xg.strides == x.strides                 # channels-last on the device too
+    w = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    b = rng.uniform(-1, 1, 64).astype(np.float32)
+    y, m, s = bncore_gpu.batch_norm_forward(xg, cupy.asarray(w), cupy.asarray(b))
+    dx, dw, db = bncore_gpu.batch_norm_backward(dyg, xg, m, s, cupy.asarray(w))
+    y_c, m_c, s_c = bncore.batch_norm_forward(x, w, b)
+    want = (y_c, m_c, s_c) + tuple(bncore.batch_norm_backward(dy, x, m_c, s_c, w))
+    for got, exp in zip((y, m, s, dx, dw, db), want):
+        assert rel(cupy.asnumpy(got), exp) <= 1e-6
+    assert y.strides == x.strides and dx.strides == x.strides
+
+
 def test_cluster_kernels_respect_the_devices_shared_memory(cluster_kernels, monkeypatch):
     """A device with less shared memory per block than CLUSTER_SMEM (an sm_120
     GPU allows about 99 KB) caps what a CTA may hold: larger channels take the
