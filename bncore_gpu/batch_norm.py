@@ -93,6 +93,12 @@ def _kernel(name: str):
     return _loader.kernel(FILE, NAMES, name)
 
 
+def _empty64(n: int):
+    # separate allocations rather than rows of one: a row view of a CuPy
+    # array costs the host more than an allocation from the memory pool
+    return cupy.empty(n, _F64)
+
+
 def _ptr(a):
     return NULL if a is None else a
 
@@ -176,7 +182,7 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
     ct = _CTYPES[a.dtype]
     if inner >= ROWS_MIN_INNER:
         G = _planes_grid(C, outer)
-        s1, s2 = cupy.empty((2, C * G), _F64)
+        s1, s2 = _empty64(C * G), _empty64(C * G)
         vec = inner % 4 == 0 and _vec4_ok(a, *(() if b is None else (b,)))
         grid, block = (G, C), (256,)
         inner_arg = np.int64(inner // 4 if vec else inner)
@@ -196,7 +202,7 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
         nrb = max(1, min(outer, -(-TARGET_BLOCKS // ntile), MAX_GRID_Y))
         R = -(-outer // nrb)
         nrb = -(-outer // R)
-        s1, s2 = cupy.empty((2, P * nrb), _F64)
+        s1, s2 = _empty64(P * nrb), _empty64(P * nrb)
         grid, block = (ntile, nrb), (256,)
         common = (np.int64(outer), np.int64(inner), np.int64(P // 4), np.int32(TC),
                   np.int64(R), np.int32(nrb))
@@ -206,7 +212,7 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
             _kernel("bn_dy_sums_rows_vec4")(grid, block, (a, b, *common, mean, s1, s2))
         return s1, s2, inner * nrb
     ncol, nrb, R = _rows_grid(outer, P)
-    s1, s2 = cupy.empty((2, P * nrb), _F64)
+    s1, s2 = _empty64(P * nrb), _empty64(P * nrb)
     grid, block = (ncol, nrb), (32, 8)
     if kind == "stats":
         _kernel(f"bn_stats_rows<{ct}>")(grid, block, (a, np.int64(outer), np.int32(C),
@@ -325,8 +331,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
     target = _output_target(view, out, x.dtype)
-    stats = cupy.empty((4, C), _F64)          # mean, invstd, scale, shift: one allocation
-    mean, invstd, scale, shift = stats[0], stats[1], stats[2], stats[3]
+    mean, invstd = _empty64(C), _empty64(C)
     if C:
         pt = _param_dtype(weight, bias, running_mean, running_var)
         w, b = _as_param(weight, pt), _as_param(bias, pt)
@@ -340,21 +345,22 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
             (xf, yf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
              np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv),
              np.float64(momentum), np.int32(bool(unbiased_running_var)), mean, invstd), smem)
-        if clustered:
-            pass                  # y, mean, invstd and the running statistics are written
-        elif training:
-            s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
-            _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {ptn}>")(
-                (C,), (256,), (xf, np.int32(C), np.int64(view.inner), np.int64(view.outer),
-                               np.int32(M), s1, s2,
-                               np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm),
-                               _ptr(rv), np.float64(momentum),
-                               np.int32(bool(unbiased_running_var)), mean, invstd, scale,
-                               shift))
-        else:
-            _kernel(f"bn_prepare_eval<{ptn}>")((-(-C // 256),), (256,),
-                                              (np.int32(C), rm, rv, np.float64(eps), _ptr(w),
-                                               _ptr(b), mean, invstd, scale, shift))
+        if not clustered:         # (the cluster kernel wrote y, mean, invstd, running stats)
+            scale, shift = _empty64(C), _empty64(C)
+            if training:
+                s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
+                _kernel(f"bn_finalize_train<{_CTYPES[xf.dtype]}, {ptn}>")(
+                    (C,), (256,), (xf, np.int32(C), np.int64(view.inner),
+                                   np.int64(view.outer), np.int32(M), s1, s2,
+                                   np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm),
+                                   _ptr(rv), np.float64(momentum),
+                                   np.int32(bool(unbiased_running_var)), mean, invstd, scale,
+                                   shift))
+            else:
+                _kernel(f"bn_prepare_eval<{ptn}>")((-(-C // 256),), (256,),
+                                                  (np.int32(C), rm, rv, np.float64(eps),
+                                                   _ptr(w), _ptr(b), mean, invstd, scale,
+                                                   shift))
         if training and rm is not running_mean:
             running_mean[...] = rm
         if training and rv is not running_var:
@@ -367,13 +373,13 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 def _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w, dweight, dbias):
     """The three-kernel backward: partial sums, finalize, then the dx pass."""
     a_part, b_part, M = _partial_sums("dy", dyf, xf, view.outer, C, view.inner, mean64)
-    consts = cupy.empty((3, C), _F64)
+    g, a, k = _empty64(C), _empty64(C), _empty64(C)
     _kernel(f"bn_finalize_backward<{_CTYPES[dweight.dtype]}>")(
         (C,), (256,), (np.int32(C), np.int32(M), a_part, b_part, np.float64(n),
                        np.int32(bool(training)), invstd64, _ptr(w), dweight, dbias,
-                       consts[0], consts[1], consts[2]))
+                       g, a, k))
     _elementwise("dx", (dyf, xf), dxf, view.outer, C, view.inner,
-                 (mean64, consts[0], consts[1], consts[2]))
+                 (mean64, g, a, k))
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = True,
@@ -395,8 +401,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     kdtype = pdtype if pdtype in (_F32, _F64) else _F32
     # the kernels write every channel's dweight and dbias; only an empty x
     # leaves them at zero (and needs the memset that cupy.zeros launches)
-    grads = cupy.empty((2, C), kdtype) if x.size else cupy.zeros((2, C), kdtype)
-    dweight, dbias = grads[0], grads[1]
+    alloc = cupy.empty if x.size else cupy.zeros
+    dweight, dbias = alloc(C, kdtype), alloc(C, kdtype)
     mean64, invstd64 = _vec64(mean), _vec64(invstd)
     if C and x.size:
         xf, dyf, dxf = view.flat(xk), view.flat(dyk), view.flat(target)

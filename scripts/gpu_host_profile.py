@@ -87,6 +87,10 @@ def main() -> int:
             "  channel_view + arrange + flat": lambda: view.flat(
                 channel_view(x, 1).arrange(x, cupy)),
             "  cupy.empty((4, C), float64)": lambda: cupy.empty((4, C), np.float64),
+            "  cupy.empty((4, C)) and its 4 row views (the old way)": lambda: tuple(
+                cupy.empty((4, C), np.float64)),
+            "  4 x cupy.empty(C) (the way now)": lambda: [cupy.empty(C, np.float64)
+                                                      for _ in range(4)],
             "  output like x (view.empty)": lambda: view.empty(x.dtype, cupy),
             "  one launch (bn_prepare_eval, 10 args)": lambda: gbn._kernel(
                 "bn_prepare_eval<float>")((-(-C // 256),), (256,), (
