@@ -434,8 +434,10 @@ def test_channels_last_rows_kernels_loop_over_their_rows():
     outer, P = 32 * 56 * 56, 64
     TC = P // 4                                   # the tile _rows_vec4_tile picks for P = 64
     assert -(-outer // (256 // TC)) > gbn.ROWS_BLOCKS_PER_SM * gbn._loader.sm_count()
-    xg = cupy.asarray(x)
-    dyg = cupy.asarray(dy)
+    # cupy.asarray copies a non-contiguous host array to C order: move the NHWC
+    # memory and take the same NCHW-shaped view of it on the device
+    xg = cupy.asarray(np.ascontiguousarray(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    dyg = cupy.asarray(np.ascontiguousarray(dy.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
     assert xg.strides == x.strides                 # channels-last on the device too
     w = rng.uniform(0.5, 1.5, 64).astype(np.float32)
     b = rng.uniform(-1, 1, 64).astype(np.float32)
