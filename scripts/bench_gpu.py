@@ -159,7 +159,41 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> L
     }
     bwd["cluster"] = _ran_cluster(x, 2)
     rows.append(dict(case=f"bn backward {label}{', cluster' * bwd['cluster']}", **bwd))
+    if "channels-last" in label:
+        rows += _former_rows_grid_rows(label, x, dy, w, b, rm, rv, rows[0], rows[1], bncore_gpu)
     return rows + _three_kernel_rows(label, x, dy, w, b, rm, rv, rows[0], rows[1], bncore_gpu)
+
+
+def _former_rows_grid_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict]:
+    """Channels-last: the forward and the backward again with the rows
+    elementwise kernels' former grid (up to 8192 row blocks, before e213d1f,
+    instead of ROWS_BLOCKS_PER_SM per SM), in the same run, after checking that
+    both grids give the same output (an elementwise pass: they must)."""
+    import sys
+
+    from bncore_gpu import _loader
+    from bncore_gpu import batch_norm as gbn
+    saved = gbn.ROWS_BLOCKS_PER_SM
+    former = max(1, 8192 // _loader.sm_count())
+    _, mean, invstd = bncore_gpu.batch_norm_forward(x, w, b, rm, rv)
+    cases = [("forward-train", fwd, lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv)[0]),
+             ("backward", bwd, lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd,
+                                                                      w)[0])]
+    rows = []
+    try:
+        for kind, base, fn in cases:
+            name = f"bn {kind} {label}, former rows grid"
+            gbn.ROWS_BLOCKS_PER_SM = saved
+            ref = fn()
+            gbn.ROWS_BLOCKS_PER_SM = former
+            if not bool((fn() == ref).all()):
+                print(f"former rows grid {kind} {label}: output differs", file=sys.stderr)
+                name += " (output DIFFERS)"
+            rows.append(dict(case=name, bncore=cuda_time_ms(fn), torch=base["torch"],
+                             floor=base["floor"]))
+    finally:
+        gbn.ROWS_BLOCKS_PER_SM = saved
+    return rows
 
 
 def _torch_backward_ms(torch, ty, txg, tw, tb, tx, tdy, twd, tbd) -> float:
