@@ -55,6 +55,37 @@ def cuda_time_ms(fn: Callable[[], object], reps: int = 7, min_ms: float = 20.0) 
     return statistics.median(times)
 
 
+def per_call_us(fn: Callable[[], object], calls: int) -> float:
+    """Host microseconds per call of fn: best of 5 loops of `calls` calls, the
+    GPU synchronized after each loop (so max(host, GPU) per call)."""
+    import time
+
+    import cupy
+    fn()
+    cupy.cuda.Device().synchronize()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        cupy.cuda.Device().synchronize()
+        best = min(best, (time.perf_counter() - t) / calls * 1e6)
+    return best
+
+
+def bn_arrays(shape, channels_last: bool = False, seed: int = 0):
+    """x and dy, float32 on the device: C order, or (channels_last, 4-D) NHWC
+    memory seen with the NCHW shape, as torch's channels_last."""
+    import cupy
+    rng = cupy.random.default_rng(seed)
+    if not channels_last:
+        return (rng.standard_normal(shape, dtype=cupy.float32),
+                rng.standard_normal(shape, dtype=cupy.float32))
+    N, C, H, W = shape
+    return tuple(rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
+                 for _ in range(2))
+
+
 def copy_bandwidth() -> float:
     """Bytes per ms of a 1 GiB device-to-device copy (read plus written)."""
     import cupy
@@ -86,14 +117,7 @@ def bn_cases(bw: float) -> List[dict]:
     shapes = [("(128,256,28,28)", (128, 256, 28, 28)), ("(32,64,56,56)", (32, 64, 56, 56))]
     for label, shape in shapes:
         for layout in ("NCHW", "channels-last"):
-            rng = cupy.random.default_rng(0)
-            N, C, H, W = shape
-            if layout == "NCHW":
-                x = rng.standard_normal(shape, dtype=cupy.float32)
-                dy = rng.standard_normal(shape, dtype=cupy.float32)
-            else:   # NHWC memory seen with an NCHW shape: torch's channels_last
-                x = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
-                dy = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
+            x, dy = bn_arrays(shape, layout == "channels-last")
             rows += _bn_rows(f"{label} {layout}", x, dy, bw, bncore_gpu, torch, F)
             del x, dy
             _free()

@@ -15,23 +15,10 @@ import argparse
 import cProfile
 import io
 import pstats
-import time
 
 import numpy as np
 
-
-def per_call_us(fn, calls: int) -> float:
-    import cupy
-    fn()
-    cupy.cuda.Device().synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        cupy.cuda.Device().synchronize()
-        best = min(best, (time.perf_counter() - t) / calls * 1e6)
-    return best
+from bench_gpu import bn_arrays, per_call_us  # scripts/ is on sys.path
 
 
 def main() -> int:
@@ -62,14 +49,7 @@ def main() -> int:
     if args.channels_last:
         ap_cases.append(((32, 64, 56, 56), True))
     for shape, cl in ap_cases:
-        rng = cupy.random.default_rng(0)
-        if cl:                   # NHWC memory seen with an NCHW shape (torch's channels_last)
-            N, C, H, W = shape
-            x = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
-            dy = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
-        else:
-            x = rng.standard_normal(shape, dtype=cupy.float32)
-            dy = rng.standard_normal(shape, dtype=cupy.float32)
+        x, dy = bn_arrays(shape, cl)
         C = shape[1]
         w, b = cupy.ones(C, cupy.float32), cupy.zeros(C, cupy.float32)
         rm, rv = cupy.zeros(C, cupy.float32), cupy.ones(C, cupy.float32)

@@ -15,23 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import numpy as np
 
-
-def per_call_us(fn, calls: int) -> float:
-    import cupy
-    fn()
-    cupy.cuda.Device().synchronize()
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        cupy.cuda.Device().synchronize()
-        best = min(best, (time.perf_counter() - t) / calls * 1e6)
-    return best
+from bench_gpu import per_call_us  # scripts/ is on sys.path
 
 
 # bn_prepare_eval<float>(int C, const float* rm, const float* rv, double eps,

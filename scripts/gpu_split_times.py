@@ -17,6 +17,8 @@ import argparse
 
 import numpy as np
 
+from bench_gpu import bn_arrays
+
 
 def split_us(fn, calls: int):
     from cupyx.profiler import benchmark
@@ -46,14 +48,7 @@ def main() -> int:
         print("| case | op | bncore host us | bncore GPU us | torch host us | torch GPU us |")
         print("|---|---|---|---|---|---|")
     for label, shape, cl in cases:
-        rng = cupy.random.default_rng(0)
-        if cl:
-            N, C, H, W = shape
-            x = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
-            dy = rng.standard_normal((N, H, W, C), dtype=cupy.float32).transpose(0, 3, 1, 2)
-        else:
-            x = rng.standard_normal(shape, dtype=cupy.float32)
-            dy = rng.standard_normal(shape, dtype=cupy.float32)
+        x, dy = bn_arrays(shape, cl)
         C = shape[1]
         w, b = cupy.ones(C, cupy.float32), cupy.zeros(C, cupy.float32)
         rm, rv = cupy.zeros(C, cupy.float32), cupy.ones(C, cupy.float32)
