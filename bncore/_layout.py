@@ -18,8 +18,9 @@ import numpy as np
 class ChannelView:
     """How a (logical) array maps onto a contiguous (outer, C, inner) block.
 
-    Immutable: channel_view shares one per (shape, axis) between calls and
-    threads, so assigning to an attribute raises."""
+    Immutable: channel_view shares one per (shape, axis) for C-contiguous
+    arrays and one per (shape, strides, itemsize, axis) for the others, between
+    calls and threads, so assigning to an attribute raises."""
 
     __slots__ = ("shape", "perm", "outer", "channels", "inner", "is_identity", "inverse",
                  "_c_strides")

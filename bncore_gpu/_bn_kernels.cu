@@ -18,7 +18,10 @@
 // against the first pass's mean, where nothing cancels (as the CPU twin does
 // per work item). x - mean is formed in float64 before scaling.
 //
-// Work decomposition depends on the shape only (never on the GPU model):
+// The reductions' work decomposition depends on the shape only (never on the
+// GPU model), so their results do too; the elementwise passes' grids may use
+// the SM count (they cannot change a result). Which path a call takes (these
+// kernels or _bn_cluster_kernels.cu) depends on the device:
 //   planes (inner >= 32, e.g. NCHW): block (g, c) sums rows o = g, g+G, ... of
 //     channel c; G = ceil(TARGET_BLOCKS / C), at most outer.
 //   rows (inner < 32, e.g. channels-last): the block is a (rows x 32 columns)

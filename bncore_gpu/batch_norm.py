@@ -1,5 +1,6 @@
 """Batch normalization on the GPU: the API and semantics of bncore.batch_norm,
-on CuPy arrays, over the kernels of bncore_gpu/_bn_kernels.cu.
+on CuPy arrays, over the kernels of bncore_gpu/_bn_kernels.cu (the three-kernel
+path) and bncore_gpu/_bn_cluster_kernels.cu (single-read, where they apply).
 
 Formulas, conventions, errors and dtypes are those of the CPU functions (see
 their docstrings). Differences: arrays must live on the device (CuPy, or
@@ -73,7 +74,7 @@ CLUSTER_MIN_BLOCKS_PER_SM = 2  # fewer CTAs (8 C) than this many per SM: three-k
 def _cluster_setting(value: Optional[str]) -> bool:
     """BNCORE_GPU_CLUSTER: unset, empty, "1", "true", "yes" or "on" -> True;
     "0", "false", "no" or "off" -> False; anything else is an error, not a guess."""
-    v = (value or "1").strip().lower()
+    v = (value or "").strip().lower() or "1"
     if v in ("1", "true", "yes", "on"):
         return True
     if v in ("0", "false", "no", "off"):
@@ -243,11 +244,13 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -
         ntile = -(-(P // 4) // TC)
         rpi = 256 // TC
         # one resident wave (8 blocks of 256 threads per SM), each thread looping
-        # over rows with its channels' constants in registers: on an H200 this took
-        # the channels-last apply pass from 29.6 to 16.9 us (32,64,56,56) and 66.9
-        # to 56.5 us (128,256,28,28), dx from 40.2 to 26.9 and 96.8 to 85.3 us,
-        # against the former cap of 8192 row blocks (scripts/gpu_rows_grid.py); an
-        # elementwise pass, so the grid cannot change a result
+        # over rows with its channels' constants in registers. Timed alone on an
+        # H200 (scripts/gpu_rows_grid.py), the channels-last apply pass went from
+        # 29.6 to 16.9 us (32,64,56,56) and 66.9 to 56.5 us (128,256,28,28), dx
+        # from 40.2 to 26.9 and 96.8 to 85.3 us, against the former cap of 8192
+        # row blocks; the whole call's gain is not yet confirmed (the one run
+        # after the change was too noisy; bench.py --gpu times both grids). An
+        # elementwise pass: the grid cannot change a result.
         rows_y = max(1, min(-(-outer // rpi), MAX_GRID_Y,
                             max(1, ROWS_BLOCKS_PER_SM * _loader.sm_count() // ntile)))
         name = f"bn_{'apply' if kind == 'apply' else 'dx'}_rows_vec4"
@@ -263,14 +266,17 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -
 
 def _cluster_cap() -> int:
     """Bytes of data one CTA of a cluster kernel may hold on this device: 0
-    without cluster launches (compute capability < 9.0), else CLUSTER_SMEM
-    or less where the device allows less shared memory per block."""
+    outside compute capability 9.x or without cluster launches, else
+    CLUSTER_SMEM or less where the device allows less shared memory per block."""
     dev = cupy.cuda.runtime.getDevice()
     cap = _cluster_caps.get(dev)
     if cap is None:
         rt = cupy.cuda.runtime
         cap = 0
-        if (int(cupy.cuda.Device(dev).compute_capability) >= 90
+        # Hopper (compute capability 9.x) only: the kernels have run on an H200
+        # alone; later architectures also launch clusters, but keep the
+        # three-kernel path until the cluster kernels have been tested there
+        if (90 <= int(cupy.cuda.Device(dev).compute_capability) < 100
                 and rt.deviceGetAttribute(_ATTR_CLUSTER_LAUNCH, dev)):
             optin = int(rt.deviceGetAttribute(_ATTR_OPTIN_SMEM, dev))
             cap = max(0, min(CLUSTER_SMEM, optin - CLUSTER_STATIC_SMEM))

@@ -24,6 +24,7 @@ print('cupy', cupy.__version__, '| torch', torch.__version__, '| numpy', numpy._
 echo "== build (at ${SECONDS} s)"
 # logs that need not come back stay in $SCRATCH: the device tool returns at most 8 files from $OUT
 SCRATCH="$(mktemp -d)"
+trap 'rm -rf "$SCRATCH"' EXIT
 if ! $PY setup.py build_ext --inplace -j 16 > "$SCRATCH/build.log" 2>&1; then
     tail -40 "$SCRATCH/build.log"; echo "BUILD FAILED"; exit 1
 fi

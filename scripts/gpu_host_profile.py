@@ -7,7 +7,7 @@ host's (scripts/bench_gpu.py's "host-bound" rows); this says which part of it
 to cut. Part of `scripts/gpu_check.sh`; the numbers are microseconds per call,
 best of 5 loops of N calls, the GPU synchronized after each loop.
 
-    python scripts/gpu_host_profile.py [--calls N] [--top K]
+    python scripts/gpu_host_profile.py [--calls N] [--top K] [--channels-last]
 """
 from __future__ import annotations
 

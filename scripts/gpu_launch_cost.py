@@ -83,6 +83,8 @@ def main() -> int:
         params = np.array([base + off for off in SLOTS], np.uint64)
         pp = params.ctypes.data
         buf[0] = (C, 0, *ptrs[:2], 1e-5, *ptrs[2:])
+        mean.fill(np.nan)              # what the packed launches must overwrite
+        invstd.fill(np.nan)
         add("cuLaunchKernel, arguments packed beforehand (floor)", lambda: drv.launchKernel(
             f, 1, 1, 1, 256, 1, 1, 0, stream_ptr, pp, 0))
 

@@ -110,7 +110,7 @@ def main() -> int:
         TC = gbn._rows_vec4_tile(P, x)
         ntile = -(-P4 // TC)
         rpi = 256 // TC
-        caps = {"package (8192/ntile)": max(1, 8192 // ntile)}
+        caps = {"former (8192/ntile)": max(1, 8192 // ntile)}
         for per_sm in (4, 8, 16, 32):
             caps[f"{per_sm} x SMs"] = max(1, sms * per_sm // ntile)
         # the statistics pass: row blocks of R rows, nrb = ceil(outer / R) of them
@@ -141,7 +141,7 @@ def main() -> int:
 
                     def launch(fn=fn, rows_y=rows_y, args=args):
                         fn((ntile, rows_y), (256,), args)
-                    if variant == "package" and cap_name.startswith("package"):
+                    if variant == "package" and cap_name.startswith("former"):
                         launch()
                         ref[...] = y
                         same = "ref"

@@ -494,3 +494,35 @@ def test_cached_views_and_the_layout_shortcut_agree_with_the_general_rule(data):
         assert v.has_layout(a) == bool(general and a.flags.aligned)
     got = v.empty(dtype)
     assert got.shape == shape and v.has_layout(got)
+
+
+def test_layout_cache_and_shortcut_on_chosen_arrays(monkeypatch):
+    """The cases random draws reach rarely, each checked every run: two arrays
+    of one shape in different memory orders get different views from the
+    cache; a gapped float16 array whose byte strides equal a contiguous float32
+    channels-last array's gets its own (C-order) view; and a misaligned
+    channels-last array is not taken as having the layout (arrange copies it)."""
+    from bncore import _layout
+    monkeypatch.setattr(_layout, "_STRIDED_VIEWS", {})
+    nhwc = np.zeros((2, 4, 5, 3), np.float32).transpose(0, 3, 1, 2)
+    fortran = np.asfortranarray(np.zeros((2, 3, 4, 5), np.float32))
+    assert _layout.channel_view(nhwc, 1).perm == (0, 2, 3, 1)
+    assert _layout.channel_view(fortran, 1).perm == (3, 2, 1, 0)
+    assert _layout.channel_view(nhwc, 1).perm == (0, 2, 3, 1)
+
+    gapped16 = np.zeros((2, 4, 5, 6), np.float16)[..., ::2].transpose(0, 3, 1, 2)
+    assert gapped16.strides == nhwc.strides and gapped16.shape == nhwc.shape
+    cl = _layout.channel_view(nhwc, 1)
+    assert cl.has_layout(nhwc) and not cl.has_layout(gapped16)
+    v16 = _layout.channel_view(gapped16, 1)
+    assert v16.perm == (0, 1, 2, 3) and not v16.has_layout(gapped16)
+
+    raw = np.zeros(2 * 3 * 4 * 5 * 4 + 1, np.uint8)
+    mis = np.frombuffer(raw, np.float32, count=120, offset=1).reshape(2, 4, 5, 3)
+    mis = mis.transpose(0, 3, 1, 2)
+    assert not mis.flags.aligned and mis.strides == nhwc.strides
+    v = _layout.channel_view(mis, 1)
+    assert v.perm == (0, 2, 3, 1) and not v.has_layout(mis)
+    copy = v.arrange(mis)
+    assert copy is not mis and copy.flags.aligned and v.has_layout(copy)
+    assert np.array_equal(copy, mis)

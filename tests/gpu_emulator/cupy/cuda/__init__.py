@@ -1,6 +1,6 @@
 class _Device:
     id = 0
-    attributes = {"MultiProcessorCount": 4}
+    attributes = {"MultiProcessorCount": 132}
     compute_capability = "90"     # an H100: thread-block clusters available
 
     def __init__(self, *args):
@@ -26,8 +26,9 @@ class runtime:  # noqa: N801
         return 0
 
     # an H100's answers where bncore_gpu asks: 97 MaxSharedMemoryPerBlockOptin,
-    # 120 ClusterLaunch; 4 for anything else (the SM count among them)
-    attributes = {97: 232448, 120: 1}
+    # 120 ClusterLaunch, 16 MultiProcessorCount (132 SMs, so that small channel
+    # counts take the three-kernel path as they do there); 4 for anything else
+    attributes = {97: 232448, 120: 1, 16: 132}
 
     @staticmethod
     def deviceGetAttribute(attr, dev):  # noqa: N802
