@@ -301,7 +301,12 @@ def _big(n=2_000_000, k=1):
 ])
 def test_the_gil_is_released_during_optimizer_and_clipping_kernels(name, call):
     """Another Python thread runs while each kernel does (the probe and its
-    control are tests/conftest.py's calls_before_main_ran, as for batch norm)."""
+    control are tests/conftest.py's calls_before_main_ran, as for batch norm).
+    The update kernels' parallel loops sit in `nogil` cdef functions, and
+    Cython 3 wraps such a prange in __Pyx_SaveUnknownThread, which releases the
+    GIL when the caller holds it: so for them this test passes even without
+    the wrappers' `with nogil` blocks (checked in the generated C); found_inf's
+    loop does not, and it fails without its block."""
     from conftest import calls_before_main_ran
     params, grads = _big(), _big()
     state = [[np.zeros_like(params[0])], [np.zeros_like(params[0])]]
