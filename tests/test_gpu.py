@@ -199,6 +199,29 @@ def test_batch_norm_statistics_with_an_outlier_as_pivot(layout):
     assert np.max(np.abs(cupy.asnumpy(mean) / xl.mean(axis=red) - 1)) < 1e-15
 
 
+def test_sgd_state_without_some_momentum_buffers_matches_the_cpu():
+    """A state_dict may lack momentum_buffer for some parameters: in torch's
+    style those start from the gradient at their next step while the others
+    keep theirs, in one step, on the GPU as on the CPU."""
+    rng = np.random.default_rng(41)
+    start = [rng.standard_normal(5), rng.standard_normal(3)]
+    grads = [[rng.standard_normal(5), rng.standard_normal(3)] for _ in range(3)]
+    first = bncore.optim.SGD([p.copy() for p in start], lr=0.1, momentum=0.9)
+    first.step(grads[0])
+    sd = first.state_dict()
+    del sd["state"][1]["momentum_buffer"]
+    results = []
+    for module, xp in ((bncore, np), (bncore_gpu, cupy)):
+        params = [xp.asarray(p.copy()) for p in first.param_groups[0]["params"]]
+        opt = module.optim.SGD(params, lr=0.1, momentum=0.9)
+        opt.load_state_dict(sd)
+        for g in grads[1:]:
+            opt.step([xp.asarray(a) for a in g])
+        results.append([np.asarray(cupy.asnumpy(p) if xp is cupy else p) for p in params])
+    for c, g in zip(*results):
+        np.testing.assert_allclose(g, c, rtol=1e-14, atol=1e-15)
+
+
 @pytest.fixture
 def cluster_kernels(monkeypatch):
     """The single-read cluster kernels (bncore_gpu/_bn_cluster_kernels.cu) on,

@@ -24,6 +24,11 @@ from bncore.optim.optimizer import Optimizer
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
 
 
+def _have_all(states, name: str) -> bool:
+    """Every state holds `name` (a C-level loop: no Python work per parameter)."""
+    return all(map(operator.contains, states, itertools.repeat(name)))
+
+
 class SGD(Optimizer):
     """SGD with momentum (``bncore.sgd_step``). State: ``momentum_buffer``, from
     the first step with momentum > 0 (as torch's: that step sets it to the
@@ -48,48 +53,35 @@ class SGD(Optimizer):
 
     def _call_keys(self, states, group):
         # torch's buffer starts as the gradient at its first use (also when
-        # momentum is switched on mid-training): parameters without a buffer
-        # yet get their own kernel call, with first_step
+        # momentum is switched on mid-training, or a loaded state lacks it):
+        # parameters without a buffer yet get kernel calls of their own, with
+        # first_step, so each call's buffers are all new or all old (_apply)
         if not (group["momentum"] and group["style"] == "torch"):
             return None
-        if None not in states and all(map(operator.contains, states,
-                                          itertools.repeat("momentum_buffer"))):
+        if None not in states and _have_all(states, "momentum_buffer"):
             return None
         return [(s is None or "momentum_buffer" not in s,) for s in states]
 
     def _apply(self, g, params, grads, states, step, grad_scale, num_threads,
                found_inf=None) -> None:
         momentum = g["momentum"]
-        n = len(states)
-        fresh: list = []
-        if momentum and not all(map(operator.contains, states,
-                                    itertools.repeat("momentum_buffer"))):
-            for k, (s, p) in enumerate(zip(states, params)):
+        fresh = bool(momentum) and not _have_all(states, "momentum_buffer")
+        if fresh:
+            for s, p in zip(states, params):
                 if "momentum_buffer" not in s:
                     s["momentum_buffer"] = self._xp.zeros_like(p)
-                    fresh.append(k)
-        if momentum and g["style"] == "torch" and fresh:
-            # first_step from the buffer's age, not the step count
-            new = set(fresh)
-            parts = [(fresh, True), ([k for k in range(n) if k not in new], False)]
-        elif momentum and g["style"] == "torch":
-            parts = [(None, False)]
-        else:
-            parts = [(None, None)]
-        for ks, first in parts:
-            if ks is not None and not ks:
-                continue
-            take = (lambda lst: lst) if ks is None else (lambda lst: [lst[k] for k in ks])
-            sts = take(states)
-            self._ops.sgd_step(
-                take(params), take(grads),
-                list(map(operator.itemgetter("momentum_buffer"), sts)) if momentum else None,
-                lr=g["lr"], momentum=momentum, dampening=g["dampening"],
-                nesterov=self._nesterov(g), weight_decay=g["weight_decay"],
-                maximize=g.get("maximize", False),
-                first_step=bool(first), step=step if first is None else None,
-                style=g["style"], decoupled_weight_decay=g["decoupled_weight_decay"],
-                grad_scale=grad_scale, found_inf=found_inf, num_threads=num_threads)
+        # torch style: first_step from the buffers' age (all new or all old in
+        # one call, by _call_keys), not from the step count
+        first = fresh if momentum and g["style"] == "torch" else None
+        self._ops.sgd_step(
+            params, grads,
+            list(map(operator.itemgetter("momentum_buffer"), states)) if momentum else None,
+            lr=g["lr"], momentum=momentum, dampening=g["dampening"],
+            nesterov=self._nesterov(g), weight_decay=g["weight_decay"],
+            maximize=g.get("maximize", False),
+            first_step=bool(first), step=step if first is None else None,
+            style=g["style"], decoupled_weight_decay=g["decoupled_weight_decay"],
+            grad_scale=grad_scale, found_inf=found_inf, num_threads=num_threads)
 
 
 class Adam(Optimizer):

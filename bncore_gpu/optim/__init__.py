@@ -60,7 +60,8 @@ class _OnDevice:
     def step(self, grads, *, grad_scale=None, found_inf=None, num_threads=None) -> None:
         """As bncore.optim's step, with the step counts on the device: each
         parameter's state holds a device counter, shared by the parameters that
-        started together; one kernel call per group and counter, and each
+        started together; one kernel call per group, counter and call key (as
+        on the CPU: SGD's new torch-style buffers apart from old ones), and each
         counter moves once per step (also when its parameters now sit in
         several groups)."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
@@ -71,7 +72,7 @@ class _OnDevice:
         calls, counters, fresh_counter, created = [], {}, None, []
         offset = 0
         for group in self.param_groups:
-            buckets = {}
+            buckets, states = {}, []
             for k in range(len(group["params"])):
                 s = self.state.get(offset + k)
                 if s is None:
@@ -82,7 +83,12 @@ class _OnDevice:
                     s["step"] = fresh_counter
                     self.state[offset + k] = s
                     created.append(offset + k)
-                buckets.setdefault(id(s["step"]), (s["step"], []))[1].append(offset + k)
+                states.append(s)
+            # one call per counter, split further as the class's call keys say
+            keys = self._call_keys(states, group)
+            for k, s in enumerate(states):
+                key = (id(s["step"]),) if keys is None else (id(s["step"]),) + keys[k]
+                buckets.setdefault(key, (s["step"], []))[1].append(offset + k)
             for counter, idx in buckets.values():
                 counters[id(counter)] = counter
                 calls.append((group, counter, idx))
