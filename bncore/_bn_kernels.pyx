@@ -1599,6 +1599,18 @@ cdef inline bint _apart(object a, object b) noexcept:
             or pb + cnp.PyArray_NBYTES(<cnp.ndarray>b) <= pa)
 
 
+cdef object _output(object out, cnp.ndarray x, tuple others):
+    """The array a fast path writes: a new one like x (x's dtype object,
+    metadata included) when out is None, else out itself when it shares no
+    byte with any of `others`; None when it does (the checked path decides)."""
+    if out is None:
+        return PyArray_NewLikeArray(x, cnp.NPY_CORDER, NULL, 0)
+    for r in others:
+        if not _apart(out, r):
+            return None
+    return out
+
+
 cdef inline bint _split_shape(cnp.ndarray x, object axis, Py_ssize_t* outer, Py_ssize_t* C,
                               Py_ssize_t* inner) noexcept:
     """(outer, C, inner) of x around an int axis in range, all > 0."""
@@ -1663,15 +1675,10 @@ def forward_fast(x, weight, bias, running_mean, running_var, training, momentum,
         for r in (x, weight, bias):
             if not _apart(running_mean, r) or not _apart(running_var, r):
                 return None
-    if out is None:
-        y = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
-    else:
-        # written: apart from every other argument (running statistics too,
-        # which inference reads and training writes)
-        for r in (x, weight, bias, running_mean, running_var):
-            if not _apart(out, r):
-                return None
-        y = out
+    # out apart from the running statistics too: inference reads them, training writes them
+    y = _output(out, <cnp.ndarray>x, (x, weight, bias, running_mean, running_var))
+    if y is None:
+        return None
     mean, invstd, _ = forward(<cnp.ndarray>x, <cnp.ndarray>y, outer, C, inner, train,
                               running_mean, running_var, weight, bias, <double>eps,
                               <double>momentum, unb, nthreads)
@@ -1702,13 +1709,9 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, out, int nthreads
             or not _plain_vector(mean, C, False) or not _plain_vector(invstd, C, False)
             or not _plain_vector(weight, C, False)):
         return None
-    if out is None:
-        dx = PyArray_NewLikeArray(<cnp.ndarray>x, cnp.NPY_CORDER, NULL, 0)
-    else:
-        for r in (dy, x, mean, invstd, weight):
-            if not _apart(out, r):
-                return None
-        dx = out
+    dx = _output(out, <cnp.ndarray>x, (dy, x, mean, invstd, weight))
+    if dx is None:
+        return None
     sd, sx = backward(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>dx, outer, C, inner, train,
                       <cnp.ndarray>mean, <cnp.ndarray>invstd, weight, nthreads)
     # dweight = sum(dy (x - mean)) * invstd and dbias = sum(dy), in float64,

@@ -104,9 +104,11 @@ def _view(shape, perm, axis) -> ChannelView:
 
 
 _IDENTITY = {}
-_C_VIEWS = {}
-_C_VIEWS_MAX = 256
-_STRIDED_VIEWS = {}           # (shape, strides, itemsize, axis) -> view, for the rest
+# views are immutable, so one per layout is kept (a training loop has a
+# handful): keyed by (shape, axis) for C-contiguous arrays, by (shape,
+# strides, itemsize, axis), everything a view depends on, for the others
+_VIEWS = {}
+_VIEWS_MAX = 512
 
 
 def _identity(nd: int) -> Tuple[int, ...]:
@@ -122,25 +124,14 @@ def channel_view(x: np.ndarray, axis: int) -> ChannelView:
     The layout is x's own memory order when x is contiguous in some axis
     order; otherwise C order (and the caller copies x into it).
     """
-    nd = x.ndim
-    if x.flags.c_contiguous:
-        # the common case, once per layer call: views are immutable, so one
-        # per (shape, axis) is kept (a training loop has a handful)
-        key = (x.shape, axis)
-        v = _C_VIEWS.get(key)
-        if v is None:
-            if len(_C_VIEWS) >= _C_VIEWS_MAX:
-                _C_VIEWS.clear()
-            v = _C_VIEWS[key] = _view(x.shape, _identity(nd), axis)
-        return v
-    # the view is a function of shape, strides and itemsize (channels-last
-    # arrays, every call of a layer): kept like the C-contiguous ones
-    key = (x.shape, x.strides, x.itemsize, axis)
-    v = _STRIDED_VIEWS.get(key)
+    contiguous = x.flags.c_contiguous
+    key = (x.shape, axis) if contiguous else (x.shape, x.strides, x.itemsize, axis)
+    v = _VIEWS.get(key)
     if v is None:
-        if len(_STRIDED_VIEWS) >= _C_VIEWS_MAX:
-            _STRIDED_VIEWS.clear()
-        v = _STRIDED_VIEWS[key] = _strided_view(x, axis)
+        if len(_VIEWS) >= _VIEWS_MAX:
+            _VIEWS.clear()
+        v = _VIEWS[key] = (_view(x.shape, _identity(x.ndim), axis) if contiguous
+                           else _strided_view(x, axis))
     return v
 
 

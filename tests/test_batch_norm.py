@@ -503,7 +503,7 @@ def test_layout_cache_and_shortcut_on_chosen_arrays(monkeypatch):
     channels-last array's gets its own (C-order) view; and a misaligned
     channels-last array is not taken as having the layout (arrange copies it)."""
     from bncore import _layout
-    monkeypatch.setattr(_layout, "_STRIDED_VIEWS", {})
+    monkeypatch.setattr(_layout, "_VIEWS", {})
     nhwc = np.zeros((2, 4, 5, 3), np.float32).transpose(0, 3, 1, 2)
     fortran = np.asfortranarray(np.zeros((2, 3, 4, 5), np.float32))
     assert _layout.channel_view(nhwc, 1).perm == (0, 2, 3, 1)
