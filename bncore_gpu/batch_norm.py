@@ -151,12 +151,12 @@ def _planes_grid(C: int, outer: int) -> int:
     return max(1, min(outer, -(-TARGET_BLOCKS // C)))
 
 
-def _rows_grid(outer: int, P: int) -> Tuple[int, int, int]:
-    ncol = -(-P // 32)
+def _row_blocks(outer: int, ncol: int) -> Tuple[int, int]:
+    """(row blocks, rows per block) of the rows reductions with ncol column
+    tiles: about TARGET_BLOCKS blocks in all, from the shape alone."""
     nrb = max(1, min(outer, -(-TARGET_BLOCKS // ncol), MAX_GRID_Y))
     R = -(-outer // nrb)
-    nrb = -(-outer // R)
-    return ncol, nrb, R
+    return -(-outer // R), R
 
 
 def _rows_vec4_tile(P: int, *arrays) -> int:
@@ -200,9 +200,7 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
     TC = _rows_vec4_tile(P, a, *(() if b is None else (b,)))
     if TC:
         ntile = -(-(P // 4) // TC)
-        nrb = max(1, min(outer, -(-TARGET_BLOCKS // ntile), MAX_GRID_Y))
-        R = -(-outer // nrb)
-        nrb = -(-outer // R)
+        nrb, R = _row_blocks(outer, ntile)
         s1, s2 = _empty64(P * nrb), _empty64(P * nrb)
         grid, block = (ntile, nrb), (256,)
         common = (np.int64(outer), np.int64(inner), np.int64(P // 4), np.int32(TC),
@@ -212,7 +210,8 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
         else:
             _kernel("bn_dy_sums_rows_vec4")(grid, block, (a, b, *common, mean, s1, s2))
         return s1, s2, inner * nrb
-    ncol, nrb, R = _rows_grid(outer, P)
+    ncol = -(-P // 32)
+    nrb, R = _row_blocks(outer, ncol)
     s1, s2 = _empty64(P * nrb), _empty64(P * nrb)
     grid, block = (ncol, nrb), (32, 8)
     if kind == "stats":

@@ -174,55 +174,76 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> L
     }
     fwd["cluster"] = _ran_cluster(x, 1)
     rows = [dict(case=f"bn forward-train {label}{', cluster' * fwd['cluster']}", **fwd)]
-    if not backward:
-        return rows + _three_kernel_rows(label, x, dy, w, b, rm, rv, rows[0], None, bncore_gpu)
-    bwd = {
-        "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)),
-        "torch": _torch_backward_ms(torch, ty, txg, tw, tb, tx, tdy, twd, tbd),
-        "floor": 3 * nbytes / bw,
-    }
-    bwd["cluster"] = _ran_cluster(x, 2)
-    rows.append(dict(case=f"bn backward {label}{', cluster' * bwd['cluster']}", **bwd))
+    # y, mean and invstd of a training forward do not depend on the running
+    # statistics, so the variants' checked and timed calls update rm and rv in
+    # place as the default row's calls do (no copies inside the timed call)
+    cases = [("forward-train", rows[0], lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv))]
+    if backward:
+        bwd = {
+            "bncore": cuda_time_ms(lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd,
+                                                                          w)),
+            "torch": _torch_backward_ms(torch, ty, txg, tw, tb, tx, tdy, twd, tbd),
+            "floor": 3 * nbytes / bw,
+        }
+        bwd["cluster"] = _ran_cluster(x, 2)
+        rows.append(dict(case=f"bn backward {label}{', cluster' * bwd['cluster']}", **bwd))
+        cases.append(("backward", rows[1],
+                      lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)))
     if "channels-last" in label:
-        rows += _former_rows_grid_rows(label, x, dy, w, b, rm, rv, rows[0], rows[1], bncore_gpu)
-    return rows + _three_kernel_rows(label, x, dy, w, b, rm, rv, rows[0], rows[1], bncore_gpu)
+        # the rows elementwise kernels' former grid: up to 8192 row blocks before
+        # e213d1f (here 8192 // SMs per SM), elementwise, so bitwise the same
+        from bncore_gpu import _loader
+        rows += _variant_rows(label, "former rows grid", "ROWS_BLOCKS_PER_SM",
+                              max(1, 8192 // _loader.sm_count()), cases, _identical)
+    # where the cluster kernels ran: the three-kernel path (another summation
+    # order, so within the parity tolerance)
+    rows += _variant_rows(label, "3-kernel path", "CLUSTER_KERNELS", False,
+                          [c for c in cases if c[1]["cluster"]], _close)
+    return rows
 
 
-def _former_rows_grid_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict]:
-    """Channels-last: the forward and the backward again with the rows
-    elementwise kernels' former grid (up to 8192 row blocks before e213d1f;
-    here 8192 // SMs per SM, 8184 on 132 SMs, instead of ROWS_BLOCKS_PER_SM), in the same run, after checking that
-    both grids give the same output (an elementwise pass: they must)."""
+def _identical(got, ref) -> bool:
+    return all(bool((g == r).all()) for g, r in zip(got, ref))
+
+
+def _close(got, ref) -> bool:
+    import cupy
+    return all(float(cupy.abs(g - r).max() / max(float(cupy.abs(r).max()), 1e-30)) <= 1e-6
+               for g, r in zip(got, ref))
+
+
+def _variant_rows(label, variant, setting, value, cases, same) -> List[dict]:
+    """Each case again with bncore_gpu.batch_norm's module setting `setting`
+    set to `value`, in the same run, after checking that the default path's
+    outputs and the variant's agree (`same`); where they do not, both rows
+    say so and the default's time is dropped; a variant that fails shows as
+    FAILED, not as a time."""
     import sys
 
-    from bncore_gpu import _loader
     from bncore_gpu import batch_norm as gbn
-    saved = gbn.ROWS_BLOCKS_PER_SM
-    former = max(1, 8192 // _loader.sm_count())
-    _, mean, invstd = bncore_gpu.batch_norm_forward(x, w, b, rm, rv)
-    cases = [("forward-train", fwd, lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv)[0]),
-             ("backward", bwd, lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd,
-                                                                      w)[0])]
+    saved = getattr(gbn, setting)
     rows = []
     try:
         for kind, base, fn in cases:
-            name = f"bn {kind} {label}, former rows grid"
+            name = f"bn {kind} {label}, {variant}"
             try:
-                gbn.ROWS_BLOCKS_PER_SM = saved
-                ref = fn()
-                gbn.ROWS_BLOCKS_PER_SM = former
-                if not bool((fn() == ref).all()):
-                    print(f"former rows grid {kind} {label}: output differs", file=sys.stderr)
-                    name += " (output DIFFERS)"
+                setattr(gbn, setting, saved)
+                got = fn()
+                setattr(gbn, setting, value)
+                if not same(got, fn()):
+                    print(f"{variant} {kind} {label}: outputs differ from the default path's",
+                          file=sys.stderr)
+                    name += " (outputs DIFFER from the default path)"
+                    base["case"] += " (outputs DIFFER from the " + variant + ")"
+                    base["bncore"] = float("nan")
                 t = cuda_time_ms(fn)
             except Exception as exc:     # report it, keep the other rows
-                print(f"former rows grid {kind} {label}: {type(exc).__name__}: {exc}",
-                      file=sys.stderr)
+                print(f"{variant} {kind} {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
                 name += " FAILED"
                 t = float("nan")
             rows.append(dict(case=name, bncore=t, torch=base["torch"], floor=base["floor"]))
     finally:
-        gbn.ROWS_BLOCKS_PER_SM = saved
+        setattr(gbn, setting, saved)
     return rows
 
 
@@ -247,56 +268,6 @@ def _torch_backward_ms(torch, ty, txg, tw, tb, tx, tdy, twd, tbd) -> float:
         print(f"torch native_batch_norm_backward: {type(exc).__name__}: {exc}",
               file=sys.stderr)
     return min(t for t in times if not math.isnan(t))
-
-
-def _three_kernel_rows(label, x, dy, w, b, rm, rv, fwd, bwd, bncore_gpu) -> List[dict]:
-    """Where the cluster kernels (bncore_gpu/_bn_cluster_kernels.cu, the
-    default where they apply) took the training forward and the backward of
-    this case: the same calls again on the three-kernel path
-    (CLUSTER_KERNELS = False), after checking that both paths' outputs agree."""
-    import sys
-
-    import cupy
-
-    from bncore_gpu import batch_norm as gbn
-    saved = gbn.CLUSTER_KERNELS
-
-    def close(a, b):
-        return float(cupy.abs(a - b).max() / max(float(cupy.abs(b).max()), 1e-30)) <= 1e-6
-
-    rows = []
-    # y, mean and invstd of a training forward do not depend on the running
-    # statistics, so the checked and the timed calls update rm and rv in place
-    # as the default row's calls do (no copies inside the timed call)
-    cases = [("forward-train", fwd, lambda: bncore_gpu.batch_norm_forward(x, w, b, rm, rv))]
-    if bwd is not None:
-        _, mean, invstd = bncore_gpu.batch_norm_forward(x, w, b, rm, rv)
-        cases.append(("backward", bwd,
-                      lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)))
-    try:
-        for kind, base, fn in cases:
-            if not base.get("cluster"):
-                continue
-            name = f"bn {kind} {label}, 3-kernel path"
-            try:
-                gbn.CLUSTER_KERNELS = saved
-                got = fn()
-                gbn.CLUSTER_KERNELS = False
-                ref = fn()
-                if not all(close(g, r) for g, r in zip(got, ref)):
-                    print(f"cluster {kind} {label}: differs from the three-kernel path",
-                          file=sys.stderr)
-                    name += " (cluster path WRONG)"
-                    base["bncore"] = float("nan")
-                t = cuda_time_ms(fn)
-            except Exception as exc:     # report it, keep the other rows
-                print(f"3-kernel {kind} {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
-                name += " FAILED"
-                t = float("nan")
-            rows.append(dict(case=name, bncore=t, torch=base["torch"], floor=base["floor"]))
-    finally:
-        gbn.CLUSTER_KERNELS = saved
-    return rows
 
 
 def _takes_cluster(x, held: int) -> bool:
