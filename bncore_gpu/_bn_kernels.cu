@@ -187,26 +187,25 @@ __global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, l
     bn_rows_partials(s1, s2, j < P, j, nRB, rb, sa, sb, part_s1, part_s2);
 }
 
-// One block per channel: sum the channel's M partials (thread-strided, then a
-// fixed tree), then mean, invstd, the running statistics and the constants of
-// the normalizing pass.  PT: dtype of weight, bias and the running statistics.
+// One channel's statistics, by the whole block: sum the channel's M partials
+// (thread-strided, then a fixed tree), then mean, invstd, the running
+// statistics and the constants of the normalizing pass. PT: dtype of weight,
+// bias and the running statistics. The partials are read through L2
+// (ld.global.cg): in bn_forward_rows_coop other blocks of the same launch
+// wrote them. A second call in the same block needs a __syncthreads() first.
 template <typename T, typename PT>
-__global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inner,
-                                  long long outer, int M,
-                                  const double* __restrict__ part_s1,
-                                  const double* __restrict__ part_s2, double N, double eps,
-                                  const PT* __restrict__ weight, const PT* __restrict__ bias,
-                                  PT* running_mean, PT* running_var, double momentum,
-                                  int unbiased, double* __restrict__ mean,
-                                  double* __restrict__ invstd, double* __restrict__ scale,
-                                  double* __restrict__ shift) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
-    int c = blockIdx.x;
+__device__ void bn_finalize_train_channel(int c, const T* __restrict__ x, int C, long long inner,
+                                          long long outer, int M, const double* part_s1,
+                                          const double* part_s2, double N, double eps,
+                                          const PT* __restrict__ weight,
+                                          const PT* __restrict__ bias, PT* running_mean,
+                                          PT* running_var, double momentum, int unbiased,
+                                          double* mean, double* invstd, double* scale,
+                                          double* shift, double* sa, double* sb) {
     double s1 = 0.0, s2 = 0.0;
     for (int m = threadIdx.x; m < M; m += BN_THREADS) {
-        s1 += part_s1[(long long)c * M + m];
-        s2 += part_s2[(long long)c * M + m];
+        s1 += __ldcg(part_s1 + (long long)c * M + m);
+        s2 += __ldcg(part_s2 + (long long)c * M + m);
     }
     dev_block_sum2(s1, s2, sa, sb);              // every thread holds the totals
     double K = bn_pivot(dev_ld(x + (long long)c * inner));
@@ -257,6 +256,24 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
             dev_st(running_var + c, (1.0 - momentum) * rv + momentum * vr);
         }
     }
+}
+
+// One block per channel (bn_finalize_train_channel).
+template <typename T, typename PT>
+__global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inner,
+                                  long long outer, int M,
+                                  const double* __restrict__ part_s1,
+                                  const double* __restrict__ part_s2, double N, double eps,
+                                  const PT* __restrict__ weight, const PT* __restrict__ bias,
+                                  PT* running_mean, PT* running_var, double momentum,
+                                  int unbiased, double* __restrict__ mean,
+                                  double* __restrict__ invstd, double* __restrict__ scale,
+                                  double* __restrict__ shift) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    bn_finalize_train_channel<T, PT>(blockIdx.x, x, C, inner, outer, M, part_s1, part_s2, N, eps,
+                                     weight, bias, running_mean, running_var, momentum, unbiased,
+                                     mean, invstd, scale, shift, sa, sb);
 }
 
 // Inference: the statistics are the running ones.
@@ -363,22 +380,21 @@ __global__ void bn_dy_sums_rows(const T* __restrict__ dy, const T* __restrict__ 
     bn_rows_partials(a, b, j < P, j, nRB, rb, sa, sb, part_a, part_b);
 }
 
-// One block per channel: sum(dy), sum(dy (x - mean)), the parameter gradients
-// (stored in PT: weight's dtype) and the constants of dx = g ((dy - a) - (x - mean) k).
+// One channel, by the whole block: sum(dy), sum(dy (x - mean)), the parameter
+// gradients (stored in PT: weight's dtype) and the constants of
+// dx = g ((dy - a) - (x - mean) k). Partials read through L2, as in
+// bn_finalize_train_channel; a second call needs a __syncthreads() first.
 template <typename PT>
-__global__ void bn_finalize_backward(int C, int M, const double* __restrict__ part_a,
-                                     const double* __restrict__ part_b, double N, int training,
-                                     const double* __restrict__ invstd,
-                                     const PT* __restrict__ weight, PT* __restrict__ dweight,
-                                     PT* __restrict__ dbias, double* __restrict__ g,
-                                     double* __restrict__ a, double* __restrict__ k) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
-    int c = blockIdx.x;
+__device__ void bn_finalize_backward_channel(int c, int M, const double* part_a,
+                                             const double* part_b, double N, int training,
+                                             const double* __restrict__ invstd,
+                                             const PT* __restrict__ weight, PT* dweight,
+                                             PT* dbias, double* g, double* a, double* k,
+                                             double* sa, double* sb) {
     double s1 = 0.0, s2 = 0.0;
     for (int m = threadIdx.x; m < M; m += BN_THREADS) {
-        s1 += part_a[(long long)c * M + m];
-        s2 += part_b[(long long)c * M + m];
+        s1 += __ldcg(part_a + (long long)c * M + m);
+        s2 += __ldcg(part_b + (long long)c * M + m);
     }
     dev_block_sum2(s1, s2, sa, sb);
     if (threadIdx.x == 0) {
@@ -389,6 +405,20 @@ __global__ void bn_finalize_backward(int C, int M, const double* __restrict__ pa
         a[c] = training ? s1 / N : 0.0;
         k[c] = training ? inv * inv * s2 / N : 0.0;
     }
+}
+
+// One block per channel (bn_finalize_backward_channel).
+template <typename PT>
+__global__ void bn_finalize_backward(int C, int M, const double* __restrict__ part_a,
+                                     const double* __restrict__ part_b, double N, int training,
+                                     const double* __restrict__ invstd,
+                                     const PT* __restrict__ weight, PT* __restrict__ dweight,
+                                     PT* __restrict__ dbias, double* __restrict__ g,
+                                     double* __restrict__ a, double* __restrict__ k) {
+    __shared__ double sa[BN_THREADS];
+    __shared__ double sb[BN_THREADS];
+    bn_finalize_backward_channel<PT>(blockIdx.x, M, part_a, part_b, N, training, invstd, weight,
+                                     dweight, dbias, g, a, k, sa, sb);
 }
 
 
@@ -467,13 +497,15 @@ __device__ __forceinline__ void bn_rows4_partials(const double* a, const double*
         }
 }
 
-__global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer,
-                                   long long inner, long long P4, int TC, long long R, int nRB,
-                                   double* __restrict__ part_s1, double* __restrict__ part_s2) {
-    __shared__ double sm[8][BN_THREADS];
+// One (TC float4 columns x R rows) tile's partial sums: tile column tx, row
+// block rb. Shared by the tile kernels below and the cooperative kernels.
+__device__ __forceinline__ void bn_stats_tile4(const float4* __restrict__ x, long long outer,
+                                               long long inner, long long P4, int TC,
+                                               long long R, int nRB, int tx, int rb,
+                                               double* part_s1, double* part_s2,
+                                               double (*sm)[BN_THREADS]) {
     int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
-    long long j4 = (long long)blockIdx.x * TC + col;
-    int rb = blockIdx.y;
+    long long j4 = (long long)tx * TC + col;
     long long r0 = (long long)rb * R;
     long long r1 = r0 + R < outer ? r0 + R : outer;
     double a[4] = {0.0, 0.0, 0.0, 0.0}, b[4] = {0.0, 0.0, 0.0, 0.0};
@@ -493,14 +525,14 @@ __global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer
     bn_rows4_partials(a, b, j4 < P4, j4, TC, phase, RPI, nRB, rb, sm, part_s1, part_s2);
 }
 
-__global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
-                                     long long outer, long long inner, long long P4, int TC,
-                                     long long R, int nRB, const double* __restrict__ mean,
-                                     double* __restrict__ part_a, double* __restrict__ part_b) {
-    __shared__ double sm[8][BN_THREADS];
+__device__ __forceinline__ void bn_dy_tile4(const float4* __restrict__ dy,
+                                            const float4* __restrict__ x, long long outer,
+                                            long long inner, long long P4, int TC, long long R,
+                                            int nRB, int tx, int rb,
+                                            const double* __restrict__ mean, double* part_a,
+                                            double* part_b, double (*sm)[BN_THREADS]) {
     int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
-    long long j4 = (long long)blockIdx.x * TC + col;
-    int rb = blockIdx.y;
+    long long j4 = (long long)tx * TC + col;
     long long r0 = (long long)rb * R;
     long long r1 = r0 + R < outer ? r0 + R : outer;
     double a[4] = {0.0, 0.0, 0.0, 0.0}, b[4] = {0.0, 0.0, 0.0, 0.0};
@@ -519,56 +551,237 @@ __global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4
     bn_rows4_partials(a, b, j4 < P4, j4, TC, phase, RPI, nRB, rb, sm, part_a, part_b);
 }
 
+__global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer,
+                                   long long inner, long long P4, int TC, long long R, int nRB,
+                                   double* __restrict__ part_s1, double* __restrict__ part_s2) {
+    __shared__ double sm[8][BN_THREADS];
+    bn_stats_tile4(x, outer, inner, P4, TC, R, nRB, blockIdx.x, blockIdx.y, part_s1, part_s2, sm);
+}
+
+__global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
+                                     long long outer, long long inner, long long P4, int TC,
+                                     long long R, int nRB, const double* __restrict__ mean,
+                                     double* __restrict__ part_a, double* __restrict__ part_b) {
+    __shared__ double sm[8][BN_THREADS];
+    bn_dy_tile4(dy, x, outer, inner, P4, TC, R, nRB, blockIdx.x, blockIdx.y, mean, part_a, part_b,
+                sm);
+}
+
+// The row order of the float4 elementwise passes. Grid-stride (R == 0 in the
+// tile kernels): one resident wave of row blocks walks the rows first to
+// last. Backwards (after a reduction over the same tiles of R rows): a tile
+// is walked from its last row to its first, so that the pass starts on the
+// rows the reduction read last, which are still in L2 (an H100 holds 50 MB: a
+// third to all of a (128,256,28,28) or smaller tensor); its loads are the
+// data's last use and its stores are not read back here, so both are marked
+// evict-first (ld/st.global.cs) to leave L2 to the rest.
+struct BnRowWalk {
+    long long r, stop, step;
+    bool hint;
+    __device__ BnRowWalk(long long first, long long stop_, long long step_, bool hint_)
+        : r(first), stop(stop_), step(step_), hint(hint_) {}
+    // tile rows [rb R, (rb + 1) R) backwards
+    __device__ static BnRowWalk tile(long long outer, long long R, int rb, int phase, int RPI) {
+        long long lo = (long long)rb * R;
+        long long hi = lo + R < outer ? lo + R : outer;
+        return BnRowWalk(hi - 1 - phase, lo - 1, -RPI, true);
+    }
+    __device__ bool more() const { return step > 0 ? r < stop : r > stop; }
+    __device__ void next() { r += step; }
+    __device__ float4 load(const float4* p) const { return hint ? __ldcs(p) : *p; }
+    __device__ void store(float4* p, float4 v) const {
+        if (hint) __stcs(p, v); else *p = v;
+    }
+};
+
+// y = (x - mean) scale + shift over the rows of `w` in float4 column j4; the
+// constants are read through L2 (the cooperative kernel wrote them).
+__device__ __forceinline__ void bn_apply_walk4(const float4* __restrict__ x,
+                                               float4* __restrict__ y, long long P4,
+                                               long long inner, long long j4, BnRowWalk w,
+                                               const double* mean, const double* scale,
+                                               const double* shift) {
+    double m[4], s[4], h[4];
+    for (int e = 0; e < 4; ++e) {
+        long long c = (4 * j4 + e) / inner;
+        m[e] = __ldcg(mean + c);
+        s[e] = __ldcg(scale + c);
+        h[e] = __ldcg(shift + c);
+    }
+    for (; w.more(); w.next()) {
+        float4 v = w.load(x + w.r * P4 + j4), o;
+        o.x = (float)(((double)v.x - m[0]) * s[0] + h[0]);
+        o.y = (float)(((double)v.y - m[1]) * s[1] + h[1]);
+        o.z = (float)(((double)v.z - m[2]) * s[2] + h[2]);
+        o.w = (float)(((double)v.w - m[3]) * s[3] + h[3]);
+        w.store(y + w.r * P4 + j4, o);
+    }
+}
+
+// dx = g ((dy - a) - (x - mean) k) over the rows of `w` in float4 column j4
+__device__ __forceinline__ void bn_dx_walk4(const float4* __restrict__ dy,
+                                            const float4* __restrict__ x,
+                                            float4* __restrict__ dx, long long P4,
+                                            long long inner, long long j4, BnRowWalk w,
+                                            const double* mean, const double* g,
+                                            const double* a, const double* k) {
+    double m[4], gc[4], ac[4], kc[4];
+    for (int e = 0; e < 4; ++e) {
+        long long c = (4 * j4 + e) / inner;
+        m[e] = __ldcg(mean + c);
+        gc[e] = __ldcg(g + c);
+        ac[e] = __ldcg(a + c);
+        kc[e] = __ldcg(k + c);
+    }
+    for (; w.more(); w.next()) {
+        long long e = w.r * P4 + j4;
+        float4 d = w.load(dy + e), v = w.load(x + e), o;
+        o.x = (float)(gc[0] * (((double)d.x - ac[0]) - ((double)v.x - m[0]) * kc[0]));
+        o.y = (float)(gc[1] * (((double)d.y - ac[1]) - ((double)v.y - m[1]) * kc[1]));
+        o.z = (float)(gc[2] * (((double)d.z - ac[2]) - ((double)v.z - m[2]) * kc[2]));
+        o.w = (float)(gc[3] * (((double)d.w - ac[3]) - ((double)v.w - m[3]) * kc[3]));
+        w.store(dx + e, o);
+    }
+}
+
+// R == 0: grid-stride walk; R > 0: block (tx, rb) walks tile (tx, rb) backwards
 __global__ void bn_apply_rows_vec4(const float4* __restrict__ x, float4* __restrict__ y,
                                    long long outer, long long P4, long long inner, int TC,
-                                   const double* __restrict__ mean,
+                                   long long R, const double* __restrict__ mean,
                                    const double* __restrict__ scale,
                                    const double* __restrict__ shift) {
     int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
     long long j4 = (long long)blockIdx.x * TC + col;
     if (j4 >= P4) return;
-    double m[4], s[4], h[4];
-    for (int e = 0; e < 4; ++e) {
-        long long c = (4 * j4 + e) / inner;
-        m[e] = mean[c];
-        s[e] = scale[c];
-        h[e] = shift[c];
-    }
-    for (long long r = (long long)blockIdx.y * RPI + phase; r < outer;
-         r += (long long)gridDim.y * RPI) {
-        float4 v = x[r * P4 + j4], o;
-        o.x = (float)(((double)v.x - m[0]) * s[0] + h[0]);
-        o.y = (float)(((double)v.y - m[1]) * s[1] + h[1]);
-        o.z = (float)(((double)v.z - m[2]) * s[2] + h[2]);
-        o.w = (float)(((double)v.w - m[3]) * s[3] + h[3]);
-        y[r * P4 + j4] = o;
-    }
+    BnRowWalk w = R > 0 ? BnRowWalk::tile(outer, R, blockIdx.y, phase, RPI)
+                        : BnRowWalk((long long)blockIdx.y * RPI + phase, outer,
+                                    (long long)gridDim.y * RPI, false);
+    bn_apply_walk4(x, y, P4, inner, j4, w, mean, scale, shift);
 }
 
 __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
                                 float4* __restrict__ dx, long long outer, long long P4,
-                                long long inner, int TC, const double* __restrict__ mean,
-                                const double* __restrict__ g, const double* __restrict__ a,
-                                const double* __restrict__ k) {
+                                long long inner, int TC, long long R,
+                                const double* __restrict__ mean, const double* __restrict__ g,
+                                const double* __restrict__ a, const double* __restrict__ k) {
     int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
     long long j4 = (long long)blockIdx.x * TC + col;
     if (j4 >= P4) return;
-    double m[4], gc[4], ac[4], kc[4];
-    for (int e = 0; e < 4; ++e) {
-        long long c = (4 * j4 + e) / inner;
-        m[e] = mean[c];
-        gc[e] = g[c];
-        ac[e] = a[c];
-        kc[e] = k[c];
+    BnRowWalk w = R > 0 ? BnRowWalk::tile(outer, R, blockIdx.y, phase, RPI)
+                        : BnRowWalk((long long)blockIdx.y * RPI + phase, outer,
+                                    (long long)gridDim.y * RPI, false);
+    bn_dx_walk4(dy, x, dx, P4, inner, j4, w, mean, g, a, k);
+}
+
+// ---------------------------------------------------------------- rows, one cooperative kernel
+//
+// The training forward (and backward) of the float4 rows layout in one launch
+// instead of three: (1) the partial sums of every (TC x R) tile, exactly as
+// bn_stats_rows_vec4 (bn_dy_sums_rows_vec4) computes them, the tiles dealt to
+// the blocks round robin; a grid barrier; (2) each channel's statistics as
+// bn_finalize_train (bn_finalize_backward) computes them, channels dealt
+// round robin; a barrier; (3) the elementwise pass over each block's tiles in
+// reverse order, each tile backwards (BnRowWalk::tile), so that it starts on
+// what is still in L2. Same tiles, same sums, same order: the results are
+// bitwise those of the three-kernel path. Launched with
+// cuLaunchCooperativeKernel, which refuses a grid larger than what can be
+// resident at once, so the barrier cannot deadlock.
+//
+// The barrier word `bar` (one per device and stream, zero when made) holds
+// arrivals in its low 31 bits, zero between barriers, and a phase in its top
+// bit: block 0 adds 2^31 - (n - 1), the others 1, so that the n-th arrival
+// makes the word gain exactly 2^31: the top bit flips, the low bits are zero
+// again, and every block waits for the flip relative to the value it found.
+__device__ __forceinline__ void bn_grid_sync(unsigned int* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
+        __threadfence();                 // this block's writes, before it arrives
+        unsigned int old = atomicAdd(bar, add);
+        volatile unsigned int* v = bar;
+        while (((old ^ *v) & 0x80000000u) == 0) {
+#if __CUDA_ARCH__ >= 700
+            __nanosleep(64);
+#endif
+        }
+        __threadfence();                 // the others' writes, before this block reads
     }
-    for (long long r = (long long)blockIdx.y * RPI + phase; r < outer;
-         r += (long long)gridDim.y * RPI) {
-        float4 d = dy[r * P4 + j4], v = x[r * P4 + j4], o;
-        o.x = (float)(gc[0] * (((double)d.x - ac[0]) - ((double)v.x - m[0]) * kc[0]));
-        o.y = (float)(gc[1] * (((double)d.y - ac[1]) - ((double)v.y - m[1]) * kc[1]));
-        o.z = (float)(gc[2] * (((double)d.z - ac[2]) - ((double)v.z - m[2]) * kc[2]));
-        o.w = (float)(gc[3] * (((double)d.w - ac[3]) - ((double)v.w - m[3]) * kc[3]));
-        dx[r * P4 + j4] = o;
+    __syncthreads();
+}
+
+// the last tile t = blockIdx.x + i gridDim.x below ntiles, or -1
+__device__ __forceinline__ long long bn_last_tile(long long ntiles) {
+    if ((long long)blockIdx.x >= ntiles) return -1;
+    return blockIdx.x + (ntiles - 1 - blockIdx.x) / gridDim.x * gridDim.x;
+}
+
+template <typename PT>
+__global__ void bn_forward_rows_coop(const float4* __restrict__ x, float4* __restrict__ y,
+                                     long long outer, long long inner, long long P4, int TC,
+                                     long long R, int nRB, int C, double N, double eps,
+                                     const PT* __restrict__ weight, const PT* __restrict__ bias,
+                                     PT* running_mean, PT* running_var, double momentum,
+                                     int unbiased, double* mean, double* invstd, double* work,
+                                     unsigned int* bar) {
+    __shared__ double sm[8][BN_THREADS];
+    int ntile = (int)((P4 + TC - 1) / TC);
+    long long ntiles = (long long)ntile * nRB, npart = 4 * P4 * nRB;
+    // work: the two partial-sum arrays, then scale and shift
+    double *part_s1 = work, *part_s2 = work + npart, *scale = work + 2 * npart,
+           *shift = scale + C;
+    for (long long t = blockIdx.x; t < ntiles; t += gridDim.x)
+        bn_stats_tile4(x, outer, inner, P4, TC, R, nRB, (int)(t % ntile), (int)(t / ntile),
+                       part_s1, part_s2, sm);
+    bn_grid_sync(bar);
+    for (int c = blockIdx.x; c < C; c += gridDim.x) {
+        __syncthreads();
+        bn_finalize_train_channel<float, PT>(c, (const float*)x, C, inner, outer,
+                                             (int)(inner * nRB), part_s1, part_s2, N, eps,
+                                             weight, bias, running_mean, running_var, momentum,
+                                             unbiased, mean, invstd, scale, shift, sm[0], sm[1]);
+    }
+    bn_grid_sync(bar);
+    int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
+    for (long long t = bn_last_tile(ntiles); t >= 0; t -= gridDim.x) {
+        long long j4 = (t % ntile) * TC + col;
+        if (j4 < P4)
+            bn_apply_walk4(x, y, P4, inner, j4,
+                           BnRowWalk::tile(outer, R, (int)(t / ntile), phase, RPI), mean,
+                           scale, shift);
+    }
+}
+
+template <typename PT>
+__global__ void bn_backward_rows_coop(const float4* __restrict__ dy, const float4* __restrict__ x,
+                                      float4* __restrict__ dx, long long outer, long long inner,
+                                      long long P4, int TC, long long R, int nRB, int C,
+                                      double N, int training, const double* __restrict__ mean,
+                                      const double* __restrict__ invstd,
+                                      const PT* __restrict__ weight, PT* dweight, PT* dbias,
+                                      double* work, unsigned int* bar) {
+    __shared__ double sm[8][BN_THREADS];
+    int ntile = (int)((P4 + TC - 1) / TC);
+    long long ntiles = (long long)ntile * nRB, npart = 4 * P4 * nRB;
+    // work: the two partial-sum arrays, then g, a and k
+    double *part_a = work, *part_b = work + npart, *g = work + 2 * npart, *a = g + C,
+           *k = a + C;
+    for (long long t = blockIdx.x; t < ntiles; t += gridDim.x)
+        bn_dy_tile4(dy, x, outer, inner, P4, TC, R, nRB, (int)(t % ntile), (int)(t / ntile),
+                    mean, part_a, part_b, sm);
+    bn_grid_sync(bar);
+    for (int c = blockIdx.x; c < C; c += gridDim.x) {
+        __syncthreads();
+        bn_finalize_backward_channel<PT>(c, (int)(inner * nRB), part_a, part_b, N, training,
+                                         invstd, weight, dweight, dbias, g, a, k, sm[0], sm[1]);
+    }
+    bn_grid_sync(bar);
+    int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
+    for (long long t = bn_last_tile(ntiles); t >= 0; t -= gridDim.x) {
+        long long j4 = (t % ntile) * TC + col;
+        if (j4 < P4)
+            bn_dx_walk4(dy, x, dx, P4, inner, j4,
+                        BnRowWalk::tile(outer, R, (int)(t / ntile), phase, RPI), mean, g, a,
+                        k);
     }
 }
 
@@ -607,6 +820,10 @@ template __global__ void bn_finalize_train<double, float>(const double*, int, lo
 template __global__ void bn_finalize_train<double, double>(const double*, int, long long, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
 template __global__ void bn_finalize_train<unsigned short, float>(const unsigned short*, int, long long, long long, int, const double*, const double*, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, double*);
 template __global__ void bn_finalize_train<unsigned short, double>(const unsigned short*, int, long long, long long, int, const double*, const double*, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, double*);
+template __global__ void bn_forward_rows_coop<float>(const float4*, float4*, long long, long long, long long, int, long long, int, int, double, double, const float*, const float*, float*, float*, double, int, double*, double*, double*, unsigned int*);
+template __global__ void bn_forward_rows_coop<double>(const float4*, float4*, long long, long long, long long, int, long long, int, int, double, double, const double*, const double*, double*, double*, double, int, double*, double*, double*, unsigned int*);
+template __global__ void bn_backward_rows_coop<float>(const float4*, const float4*, float4*, long long, long long, long long, int, long long, int, int, double, int, const double*, const double*, const float*, float*, float*, double*, unsigned int*);
+template __global__ void bn_backward_rows_coop<double>(const float4*, const float4*, float4*, long long, long long, long long, int, long long, int, int, double, int, const double*, const double*, const double*, double*, double*, double*, unsigned int*);
 template __global__ void bn_prepare_eval<float>(int, const float*, const float*, double, const float*, const float*, double*, double*, double*, double*);
 template __global__ void bn_finalize_backward<float>(int, int, const double*, const double*, double, int, const double*, const float*, float*, float*, double*, double*, double*);
 template __global__ void bn_prepare_eval<double>(int, const double*, const double*, double, const double*, const double*, double*, double*, double*, double*);

@@ -31,6 +31,11 @@ FILE = "_bn_kernels.cu"
 TARGET_BLOCKS = 1024          # work decomposition is a function of the shape only
 ROWS_MIN_INNER = 32           # below this inner size the rows kernels are used
 ROWS_BLOCKS_PER_SM = 8        # row blocks of the rows vec4 elementwise kernels, per SM
+# Training's rows vec4 elementwise pass walks the tiles of the reduction before
+# it, each from its last row to its first, with evict-first loads and stores,
+# so that it starts on data still in L2 (see BnRowWalk in _bn_kernels.cu);
+# False: the one-wave grid-stride walk, first row to last (as in eval mode).
+ROWS_L2_REUSE = True
 MAX_GRID_Y = 65535
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
            np.dtype(np.float16): "unsigned short"}
@@ -49,7 +54,8 @@ def _names():
         for pt in ("float", "double"):
             names.append(f"bn_finalize_train<{t}, {pt}>")
     for pt in ("float", "double"):
-        names += [f"bn_prepare_eval<{pt}>", f"bn_finalize_backward<{pt}>"]
+        names += [f"bn_prepare_eval<{pt}>", f"bn_finalize_backward<{pt}>",
+                  f"bn_forward_rows_coop<{pt}>", f"bn_backward_rows_coop<{pt}>"]
     return tuple(names)
 
 
@@ -71,19 +77,30 @@ CLUSTER_STATIC_SMEM = 8192    # room left for the kernels' static shared memory 
 CLUSTER_MIN_BLOCKS_PER_SM = 2  # fewer CTAs (8 C) than this many per SM: three-kernel path
 
 
-def _cluster_setting(value: Optional[str]) -> bool:
-    """BNCORE_GPU_CLUSTER: unset, empty, "1", "true", "yes" or "on" -> True;
-    "0", "false", "no" or "off" -> False; anything else is an error, not a guess."""
+def _switch_setting(value: Optional[str], name: str = "BNCORE_GPU_CLUSTER") -> bool:
+    """An on/off environment setting: unset, empty, "1", "true", "yes" or "on"
+    -> True; "0", "false", "no" or "off" -> False; anything else is an error,
+    not a guess."""
     v = (value or "").strip().lower() or "1"
     if v in ("1", "true", "yes", "on"):
         return True
     if v in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"BNCORE_GPU_CLUSTER must be 1 or 0 (true/false, yes/no, on/off), "
-                     f"got {value!r}")
+    raise ValueError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), got {value!r}")
 
 
-CLUSTER_KERNELS = _cluster_setting(os.environ.get("BNCORE_GPU_CLUSTER"))
+CLUSTER_KERNELS = _switch_setting(os.environ.get("BNCORE_GPU_CLUSTER"))
+
+# The training forward and backward of the float32 rows layout (channels-last)
+# in one cooperative launch each instead of three kernels (bn_forward_rows_coop
+# and bn_backward_rows_coop in _bn_kernels.cu: the same tiles and sums, so
+# bitwise the same results). Compute capability 9.x only, as the cluster
+# kernels; BNCORE_GPU_ROWS_COOP=0 at import (or ROWS_COOP = False) keeps the
+# three kernels.
+ROWS_COOP = _switch_setting(os.environ.get("BNCORE_GPU_ROWS_COOP"), "BNCORE_GPU_ROWS_COOP")
+_ATTR_COOPERATIVE_LAUNCH = 95  # cudaDevAttrCooperativeLaunch
+_coop_blocks = {}             # (device, kernel name) -> blocks resident at once (0: none)
+_barriers = {}                # (device, stream) -> the cooperative kernels' barrier word
 _ATTR_OPTIN_SMEM = 97         # cudaDevAttrMaxSharedMemoryPerBlockOptin
 _ATTR_CLUSTER_LAUNCH = 120    # cudaDevAttrClusterLaunch
 _cluster_caps = {}            # device -> bytes a cluster CTA may hold (0: no clusters)
@@ -225,8 +242,10 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
     return s1, s2, inner * nrb
 
 
-def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -> None:
-    """kind "apply": dst = (x - mean) scale + shift; "dx": dst = g ((dy - a) - (x - mean) k)."""
+def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts,
+                 after_reduction: bool = False) -> None:
+    """kind "apply": dst = (x - mean) scale + shift; "dx": dst = g ((dy - a) - (x - mean) k).
+    after_reduction: _partial_sums has just read these sources (training)."""
     ct = _CTYPES[dst.dtype]
     if inner >= ROWS_MIN_INNER:
         nplanes = outer * C
@@ -242,19 +261,23 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts) -
     if TC:
         ntile = -(-(P // 4) // TC)
         rpi = 256 // TC
-        # one resident wave (8 blocks of 256 threads per SM), each thread looping
-        # over rows with its channels' constants in registers. Timed alone on an
-        # H200 (scripts/gpu_rows_grid.py), the channels-last apply pass went from
-        # 29.6 to 16.9 us (32,64,56,56) and 66.9 to 56.5 us (128,256,28,28), dx
-        # from 40.2 to 26.9 and 96.8 to 85.3 us, against the former cap of 8192
-        # row blocks; the whole call's gain is not yet confirmed (the one run
-        # after the change was too noisy; bench.py --gpu times both grids). An
-        # elementwise pass: the grid cannot change a result.
-        rows_y = max(1, min(-(-outer // rpi), MAX_GRID_Y,
-                            max(1, ROWS_BLOCKS_PER_SM * _loader.sm_count() // ntile)))
+        if after_reduction and ROWS_L2_REUSE:
+            # the reduction's own tiles, each walked backwards (R > 0)
+            rows_y, R = _row_blocks(outer, ntile)
+        else:
+            # one resident wave (8 blocks of 256 threads per SM), each thread
+            # looping over rows with its channels' constants in registers. Timed
+            # alone on an H200 (scripts/gpu_rows_grid.py), the channels-last
+            # apply pass went from 29.6 to 16.9 us (32,64,56,56) and 66.9 to 56.5
+            # us (128,256,28,28), dx from 40.2 to 26.9 and 96.8 to 85.3 us,
+            # against the former cap of 8192 row blocks; on an H100 the whole
+            # call gained 2-4% (bench.py --gpu, 2026-11-28, fourth session).
+            rows_y, R = max(1, min(-(-outer // rpi), MAX_GRID_Y,
+                                   max(1, ROWS_BLOCKS_PER_SM * _loader.sm_count() // ntile))), 0
         name = f"bn_{'apply' if kind == 'apply' else 'dx'}_rows_vec4"
         _kernel(name)((ntile, rows_y), (256,), (*srcs, dst, np.int64(outer), np.int64(P // 4),
-                                                np.int64(inner), np.int32(TC), *consts))
+                                                np.int64(inner), np.int32(TC), np.int64(R),
+                                                *consts))
         return
     ncol = -(-P // 32)
     rows_y = max(1, min(-(-outer // 8), MAX_GRID_Y, max(1, 8192 // ncol)))
@@ -321,6 +344,67 @@ def _launch_cluster(name: str, C: int, args, smem: int) -> bool:
         return False
 
 
+def _coop_capacity(name: str) -> int:
+    """Blocks of 256 threads of cooperative kernel `name` that this device holds
+    at once (0: no cooperative path here: off, not compute capability 9.x, or
+    no cooperative launches)."""
+    dev = cupy.cuda.runtime.getDevice()
+    n = _coop_blocks.get((dev, name))
+    if n is None:
+        n = 0
+        rt = cupy.cuda.runtime
+        if (90 <= int(cupy.cuda.Device(dev).compute_capability) < 100
+                and rt.deviceGetAttribute(_ATTR_COOPERATIVE_LAUNCH, dev)):
+            fn = _kernel(name).kernel
+            n = _loader.sm_count() * int(
+                cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 256, 0))
+        _coop_blocks[(dev, name)] = n
+    return n
+
+
+def _barrier_word():
+    """The grid barrier's word for the current device and stream (kernels of
+    one stream run one after another, so they can share it)."""
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    w = _barriers.get(key)
+    if w is None:
+        w = _barriers[key] = cupy.zeros(1, np.uint32)
+    return w
+
+
+def _rows_coop(name: str, outer: int, C: int, inner: int, arrays):
+    """The cooperative rows path's (ntile, row blocks, R, TC, blocks), or None
+    where it does not apply: ROWS_COOP off, planes layout, not float32 with
+    16-byte alignment, or no cooperative launch on this device."""
+    if not ROWS_COOP or inner >= ROWS_MIN_INNER:
+        return None
+    TC = _rows_vec4_tile(C * inner, *arrays)
+    if not TC:
+        return None
+    cap = _coop_capacity(name)
+    if not cap:
+        return None
+    ntile = -(-(C * inner // 4) // TC)
+    nrb, R = _row_blocks(outer, ntile)
+    return ntile, nrb, R, TC, min(ntile * nrb, cap)
+
+
+def _launch_coop(name: str, blocks: int, args) -> bool:
+    """Launch cooperative kernel `name`; False (and the three kernels from then
+    on, with a warning) when this device refuses it."""
+    dev = cupy.cuda.runtime.getDevice()
+    try:
+        _kernel(name).kernel((blocks,), (256,), args, shared_mem=0,
+                             enable_cooperative_groups=True)
+        return True
+    except Exception as exc:      # noqa: BLE001 - any refusal: fall back, say so once
+        _coop_blocks[(dev, name)] = 0
+        warnings.warn(f"bncore_gpu: cooperative kernel {name} unavailable on device {dev} "
+                      f"({type(exc).__name__}: {exc}); using three kernels",
+                      RuntimeWarning, stacklevel=3)
+        return False
+
+
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
                        training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                        axis: int = 1, unbiased_running_var: bool = True, out=None,
@@ -350,7 +434,19 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
             (xf, yf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
              np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv),
              np.float64(momentum), np.int32(bool(unbiased_running_var)), mean, invstd), smem)
-        if not clustered:         # (the cluster kernel wrote y, mean, invstd, running stats)
+        coop_name = f"bn_forward_rows_coop<{ptn}>"
+        coop = (_rows_coop(coop_name, view.outer, C, view.inner, (xf, yf))
+                if training and x.size and not clustered else None)
+        if coop:
+            ntile, nrb, R, TC, blocks = coop
+            P = C * view.inner
+            clustered = _launch_coop(coop_name, blocks, (
+                xf, yf, np.int64(view.outer), np.int64(view.inner), np.int64(P // 4),
+                np.int32(TC), np.int64(R), np.int32(nrb), np.int32(C), np.float64(n),
+                np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), np.float64(momentum),
+                np.int32(bool(unbiased_running_var)), mean, invstd,
+                _empty64(2 * P * nrb + 2 * C), _barrier_word()))
+        if not clustered:         # (the one kernel wrote y, mean, invstd, running stats)
             scale, shift = _empty64(C), _empty64(C)
             if training:
                 s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
@@ -371,7 +467,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         if training and rv is not running_var:
             running_var[...] = rv
         if x.size and not clustered:
-            _elementwise("apply", (xf,), yf, view.outer, C, view.inner, (mean, scale, shift))
+            _elementwise("apply", (xf,), yf, view.outer, C, view.inner, (mean, scale, shift),
+                         after_reduction=training)
     return _finish_output(target, out), mean, invstd
 
 
@@ -384,7 +481,7 @@ def _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w, d
                        np.int32(bool(training)), invstd64, _ptr(w), dweight, dbias,
                        g, a, k))
     _elementwise("dx", (dyf, xf), dxf, view.outer, C, view.inner,
-                 (mean64, g, a, k))
+                 (mean64, g, a, k), after_reduction=True)
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = True,
@@ -413,11 +510,23 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
         xf, dyf, dxf = view.flat(xk), view.flat(dyk), view.flat(target)
         w = _as_param(weight, kdtype)
         smem = cluster_smem(view.outer, C, view.inner, 2, dyf, xf, dxf)
-        if not (smem and _launch_cluster(
-                f"bn_backward_cluster<{_CTYPES[kdtype]}>", C,
-                (dyf, xf, dxf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
-                 np.float64(n), np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight,
-                 dbias), smem)):
+        done = bool(smem) and _launch_cluster(
+            f"bn_backward_cluster<{_CTYPES[kdtype]}>", C,
+            (dyf, xf, dxf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
+             np.float64(n), np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight,
+             dbias), smem)
+        coop_name = f"bn_backward_rows_coop<{_CTYPES[kdtype]}>"
+        coop = None if done else _rows_coop(coop_name, view.outer, C, view.inner,
+                                             (dyf, xf, dxf))
+        if coop:
+            ntile, nrb, R, TC, blocks = coop
+            P = C * view.inner
+            done = _launch_coop(coop_name, blocks, (
+                dyf, xf, dxf, np.int64(view.outer), np.int64(view.inner), np.int64(P // 4),
+                np.int32(TC), np.int64(R), np.int32(nrb), np.int32(C), np.float64(n),
+                np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight, dbias,
+                _empty64(2 * P * nrb + 3 * C), _barrier_word()))
+        if not done:
             _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w,
                               dweight, dbias)
     dx = _finish_output(target, dx_out)

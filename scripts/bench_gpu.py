@@ -189,15 +189,17 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> L
         rows.append(dict(case=f"bn backward {label}{', cluster' * bwd['cluster']}", **bwd))
         cases.append(("backward", rows[1],
                       lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)))
-    if "channels-last" in label:
-        # the rows elementwise kernels' former grid: up to 8192 row blocks before
-        # e213d1f (here 8192 // SMs per SM), elementwise, so bitwise the same
-        from bncore_gpu import _loader
-        rows += _variant_rows(label, "former rows grid", "ROWS_BLOCKS_PER_SM",
-                              max(1, 8192 // _loader.sm_count()), cases, _identical)
+    if "channels-last" in label or x.ndim == 2:
+        # the three kernels instead of the one cooperative launch (the same
+        # tiles and sums: bitwise the same), with their elementwise pass
+        # walking the reduction's tiles backwards (from what is still in L2),
+        # and walking the rows first to last in one wave
+        rows += _variant_rows(label, "3 kernels", {"ROWS_COOP": False}, cases, _identical)
+        rows += _variant_rows(label, "3 kernels, one-wave walk",
+                              {"ROWS_COOP": False, "ROWS_L2_REUSE": False}, cases, _identical)
     # where the cluster kernels ran: the three-kernel path (another summation
     # order, so within the parity tolerance)
-    rows += _variant_rows(label, "3-kernel path", "CLUSTER_KERNELS", False,
+    rows += _variant_rows(label, "3-kernel path", {"CLUSTER_KERNELS": False},
                           [c for c in cases if c[1]["cluster"]], _close)
     return rows
 
@@ -212,24 +214,29 @@ def _close(got, ref) -> bool:
                for g, r in zip(got, ref))
 
 
-def _variant_rows(label, variant, setting, value, cases, same) -> List[dict]:
-    """Each case again with bncore_gpu.batch_norm's module setting `setting`
-    set to `value`, in the same run, after checking that the default path's
-    outputs and the variant's agree (`same`); where they do not, both rows
-    say so and the default's time is dropped; a variant that fails shows as
-    FAILED, not as a time."""
+def _variant_rows(label, variant, settings, cases, same) -> List[dict]:
+    """Each case again with bncore_gpu.batch_norm's module settings `settings`
+    ({name: value}) in force, in the same run, after checking that the default
+    path's outputs and the variant's agree (`same`); where they do not, both
+    rows say so and the default's time is dropped; a variant that fails shows
+    as FAILED, not as a time."""
     import sys
 
     from bncore_gpu import batch_norm as gbn
-    saved = getattr(gbn, setting)
+    saved = {k: getattr(gbn, k) for k in settings}
+
+    def use(values):
+        for k, v in values.items():
+            setattr(gbn, k, v)
+
     rows = []
     try:
         for kind, base, fn in cases:
             name = f"bn {kind} {label}, {variant}"
             try:
-                setattr(gbn, setting, saved)
+                use(saved)
                 got = fn()
-                setattr(gbn, setting, value)
+                use(settings)
                 if not same(got, fn()):
                     print(f"{variant} {kind} {label}: outputs differ from the default path's",
                           file=sys.stderr)
@@ -243,7 +250,7 @@ def _variant_rows(label, variant, setting, value, cases, same) -> List[dict]:
                 t = float("nan")
             rows.append(dict(case=name, bncore=t, torch=base["torch"], floor=base["floor"]))
     finally:
-        setattr(gbn, setting, saved)
+        use(saved)
     return rows
 
 

@@ -77,15 +77,17 @@ def main() -> int:
                     np.int32(C), rm, rv, np.float64(1e-5), w, b, *scratch)),
             "  cupy.cuda.runtime.getDevice()": cupy.cuda.runtime.getDevice,
         }
-        saved = gbn.CLUSTER_KERNELS
-        gbn.CLUSTER_KERNELS = False
+        # the 3-kernel path: neither the cluster kernels (planes) nor the
+        # cooperative rows kernels (channels-last, 2-D), one launch each
+        saved = gbn.CLUSTER_KERNELS, gbn.ROWS_COOP
         parts["forward (3-kernel path)"] = parts["forward (default path)"]
         parts["backward (3-kernel path)"] = parts["backward (default path)"]
         label = str(shape).replace(" ", "") + (" CL" if cl else "")
         for name, fn in parts.items():
-            gbn.CLUSTER_KERNELS = saved if "3-kernel" not in name else False
+            gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = (saved if "3-kernel" not in name
+                                                  else (False, False))
             rows.append((label, name, per_call_us(fn, args.calls)))
-        gbn.CLUSTER_KERNELS = saved
+        gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = saved
         if torch is not None:
             tx = torch.as_tensor(x, device="cuda")
             tw, tb = torch.as_tensor(w, device="cuda"), torch.as_tensor(b, device="cuda")

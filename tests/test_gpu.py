@@ -400,14 +400,14 @@ def test_cluster_kernels_fall_back_with_a_warning_when_refused(cluster_kernels, 
                                          (" off ", False)])
 def test_cluster_setting_is_on_unless_the_environment_says_0(value, want):
     from bncore_gpu import batch_norm as gbn
-    assert gbn._cluster_setting(value) is want
+    assert gbn._switch_setting(value) is want
 
 
 @pytest.mark.parametrize("value", ["2", "cluster", "y"])
 def test_cluster_setting_refuses_what_it_cannot_read(value):
     from bncore_gpu import batch_norm as gbn
     with pytest.raises(ValueError, match="BNCORE_GPU_CLUSTER must be 1 or 0"):
-        gbn._cluster_setting(value)
+        gbn._switch_setting(value)
 
 
 @pytest.mark.parametrize("cc, hopper", [("80", False), ("90", True), ("100", False),
@@ -435,7 +435,7 @@ def test_cluster_kernels_take_a_plain_call_by_default(monkeypatch):
     other. (The import-time value itself follows BNCORE_GPU_CLUSTER, which a
     caller may have set to 0, so the default is read from the rule.)"""
     from bncore_gpu import batch_norm as gbn
-    assert gbn._cluster_setting(None) is True
+    assert gbn._switch_setting(None) is True
     if gbn._cluster_cap() == 0:
         pytest.skip("no thread-block clusters on this GPU (compute capability "
                     f"{cupy.cuda.Device().compute_capability})")
@@ -463,12 +463,15 @@ def test_cluster_kernels_take_a_plain_call_by_default(monkeypatch):
         assert rel(cupy.asnumpy(a), cupy.asnumpy(b)) <= 1e-6
 
 
-def test_channels_last_rows_kernels_loop_over_their_rows():
-    """(32,64,56,56) channels-last float32: the rows vec4 elementwise kernels get
-    one wave of row blocks (ROWS_BLOCKS_PER_SM per SM), fewer than the shape's
-    row groups, so each thread loops over rows; y, dx, dweight and dbias must
-    still match the CPU engine."""
+@pytest.mark.parametrize("l2_reuse", [True, False], ids=["tiles-backwards", "one-wave"])
+def test_channels_last_rows_kernels_loop_over_their_rows(l2_reuse, monkeypatch):
+    """(32,64,56,56) channels-last float32: the rows vec4 elementwise kernels
+    loop over rows, either through the reduction's tiles from their last row to
+    their first (ROWS_L2_REUSE, training) or in one wave of row blocks
+    (ROWS_BLOCKS_PER_SM per SM), fewer than the shape's row groups; y (training
+    and eval), dx, dweight and dbias must still match the CPU engine."""
     from bncore_gpu import batch_norm as gbn
+    monkeypatch.setattr(gbn, "ROWS_L2_REUSE", l2_reuse)
     rng = np.random.default_rng(31)
     shape = (32, 64, 56, 56)
     x = np.ascontiguousarray(_offset_data(rng, shape).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
@@ -484,13 +487,18 @@ def test_channels_last_rows_kernels_loop_over_their_rows():
     assert xg.strides == x.strides                 # channels-last on the device too
     w = rng.uniform(0.5, 1.5, 64).astype(np.float32)
     b = rng.uniform(-1, 1, 64).astype(np.float32)
+    rm = rng.uniform(-1, 1, 64).astype(np.float32)
+    rv = rng.uniform(0.5, 2, 64).astype(np.float32)
     y, m, s = bncore_gpu.batch_norm_forward(xg, cupy.asarray(w), cupy.asarray(b))
     dx, dw, db = bncore_gpu.batch_norm_backward(dyg, xg, m, s, cupy.asarray(w))
+    ye, _, _ = bncore_gpu.batch_norm_forward(xg, cupy.asarray(w), cupy.asarray(b),
+                                             cupy.asarray(rm), cupy.asarray(rv), training=False)
     y_c, m_c, s_c = bncore.batch_norm_forward(x, w, b)
     want = (y_c, m_c, s_c) + tuple(bncore.batch_norm_backward(dy, x, m_c, s_c, w))
-    for got, exp in zip((y, m, s, dx, dw, db), want):
+    want += (bncore.batch_norm_forward(x, w, b, rm, rv, training=False)[0],)
+    for got, exp in zip((y, m, s, dx, dw, db, ye), want):
         assert rel(cupy.asnumpy(got), exp) <= 1e-6
-    assert y.strides == x.strides and dx.strides == x.strides
+    assert y.strides == x.strides and dx.strides == x.strides and ye.strides == x.strides
 
 
 def test_cluster_kernels_respect_the_devices_shared_memory(cluster_kernels, monkeypatch):
@@ -619,3 +627,150 @@ def test_gpu_step_that_fails_in_its_kernel_call_leaves_the_count(device_found):
     with pytest.raises(ValueError, match="shape"):
         opt.step([cupy.asarray(np.ones(5))], found_inf=found)
     assert float(opt.state[0]["step"]) == 1.0
+
+
+# ---- the cooperative rows kernels (bn_forward_rows_coop, bn_backward_rows_coop)
+
+def _coop_or_skip(gbn, name="bn_forward_rows_coop<float>"):
+    if not gbn.ROWS_COOP:
+        pytest.skip("BNCORE_GPU_ROWS_COOP=0 in the environment")
+    if gbn._coop_capacity(name) == 0:
+        pytest.skip("no cooperative rows path on this GPU (compute capability "
+                    f"{cupy.cuda.Device().compute_capability})")
+
+
+def _nhwc_pair(rng, shape, dtype=np.float32):
+    """x and dy of NCHW shape `shape` in channels-last memory, on the device."""
+    x = np.ascontiguousarray(_offset_data(rng, shape).astype(dtype).transpose(0, 2, 3, 1))
+    dy = np.ascontiguousarray(rng.standard_normal(x.shape).astype(dtype))
+    return (cupy.asarray(x).transpose(0, 3, 1, 2), cupy.asarray(dy).transpose(0, 3, 1, 2),
+            x.transpose(0, 3, 1, 2), dy.transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 10, 12), (3, 1024, 2, 2), (5, 8, 7, 3), (2, 2048, 3, 3)])
+@pytest.mark.parametrize("per_sm", [4, 1])
+def test_rows_coop_kernels_give_the_three_kernel_results_bit_for_bit(monkeypatch, shape, per_sm):
+    """A float32 channels-last training forward and backward take one cooperative
+    launch each, and give bit for bit what the three kernels give (same tiles,
+    same sums, same order), running statistics and parameter gradients
+    included; with fewer blocks resident than tiles (per_sm 1 on the emulated
+    device) each block loops over several tiles. Also matches the CPU engine."""
+    from bncore_gpu import batch_norm as gbn
+    _coop_or_skip(gbn)
+    if getattr(cupy, "EMULATED", False):
+        monkeypatch.setattr(cupy.cuda.driver, "OCCUPANCY", per_sm)
+        monkeypatch.setattr(gbn, "_coop_blocks", {})
+    elif per_sm != 4:
+        pytest.skip("the resident-block count is the device's own on a real GPU")
+    launched = []
+    real = gbn._launch_coop
+
+    def spy(name, blocks, args):
+        launched.append((name, blocks))
+        return real(name, blocks, args)
+
+    monkeypatch.setattr(gbn, "_launch_coop", spy)
+    rng = np.random.default_rng(41)
+    xg, dyg, x, dy = _nhwc_pair(rng, shape)
+    C = shape[1]
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    b = rng.uniform(-1, 1, C).astype(np.float32)
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(gbn, "ROWS_COOP", on)
+        launched.clear()
+        rm, rv = cupy.zeros(C, cupy.float32), cupy.ones(C, cupy.float32)
+        y, m, s = bncore_gpu.batch_norm_forward(xg, cupy.asarray(w), cupy.asarray(b), rm, rv)
+        dx, dw, db = bncore_gpu.batch_norm_backward(dyg, xg, m, s, cupy.asarray(w))
+        results[on] = [cupy.asnumpy(a) for a in (y, m, s, rm, rv, dx, dw, db)]
+        assert y.strides == xg.strides and dx.strides == xg.strides
+        names = [n for n, _ in launched]
+        assert names == (["bn_forward_rows_coop<float>", "bn_backward_rows_coop<float>"]
+                         if on else [])
+        for name, blocks in launched:
+            assert 1 <= blocks <= gbn._coop_capacity(name)
+    for a, b_ in zip(results[True], results[False]):
+        assert np.array_equal(a, b_)
+    rm_c, rv_c = np.zeros(C, np.float32), np.ones(C, np.float32)
+    y_c, m_c, s_c = bncore.batch_norm_forward(x, w, b, rm_c, rv_c)
+    want = [y_c, m_c, s_c, rm_c, rv_c] + list(bncore.batch_norm_backward(dy, x, m_c, s_c, w))
+    for got, exp in zip(results[True], want):
+        assert rel(got, exp) <= 1e-6
+
+
+def test_rows_coop_kernels_run_again_on_the_same_barrier_word():
+    """The barrier word is kept per device and stream and reused by every
+    launch: many launches in a row (each with two grid barriers) must neither
+    hang nor change a result."""
+    from bncore_gpu import batch_norm as gbn
+    _coop_or_skip(gbn)
+    rng = np.random.default_rng(43)
+    xg, dyg, _, _ = _nhwc_pair(rng, (16, 32, 6, 6))
+    first = [cupy.asnumpy(a) for a in bncore_gpu.batch_norm_forward(xg)]
+    for _ in range(50):
+        again = bncore_gpu.batch_norm_forward(xg)
+    bncore_gpu.batch_norm_backward(dyg, xg, again[1], again[2])
+    for a, b_ in zip(first, bncore_gpu.batch_norm_forward(xg)):
+        assert np.array_equal(a, cupy.asnumpy(b_))
+    word = int(cupy.asnumpy(gbn._barrier_word())[0])
+    assert word & 0x7FFFFFFF == 0          # no arrivals left over between launches
+
+
+def test_a_refused_cooperative_launch_falls_back_to_three_kernels(monkeypatch):
+    """A device that refuses the cooperative launch (a grid too large, no
+    support) gets a warning once and the three kernels from then on, with the
+    same results."""
+    from bncore_gpu import batch_norm as gbn
+    _coop_or_skip(gbn)
+    rng = np.random.default_rng(45)
+    xg, dyg, x, dy = _nhwc_pair(rng, (4, 16, 5, 5))
+    monkeypatch.setattr(gbn, "ROWS_COOP", False)
+    want = bncore_gpu.batch_norm_forward(xg)
+    monkeypatch.setattr(gbn, "ROWS_COOP", True)
+    monkeypatch.setattr(gbn, "_coop_blocks", {})
+    name = "bn_forward_rows_coop<float>"
+    cap = gbn._coop_capacity(name)
+    assert cap > 0
+    real_kernel = gbn._kernel
+
+    class Refusing:
+        def __init__(self, k):
+            self.k = k
+
+        @property
+        def kernel(self):
+            def launch(*a, **kw):
+                raise RuntimeError("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE (simulated)")
+            return launch
+
+        def __call__(self, *a, **kw):
+            return self.k(*a, **kw)
+
+    monkeypatch.setattr(gbn, "_kernel", lambda n: Refusing(real_kernel(n)) if "coop" in n
+                        else real_kernel(n))
+    with pytest.warns(RuntimeWarning, match="using three kernels"):
+        got = bncore_gpu.batch_norm_forward(xg)
+    assert gbn._coop_blocks[(cupy.cuda.runtime.getDevice(), name)] == 0
+    for a, b_ in zip(got, want):
+        assert np.array_equal(cupy.asnumpy(a), cupy.asnumpy(b_))
+
+
+@pytest.mark.parametrize("cc, hopper", [("80", False), ("90", True), ("100", False)])
+def test_rows_coop_kernels_are_used_on_compute_capability_9_only(monkeypatch, cc, hopper):
+    from bncore_gpu import batch_norm as gbn
+
+    class Reported:
+        compute_capability = cc
+
+    dev = cupy.cuda.runtime.getDevice()
+    coop = bool(cupy.cuda.runtime.deviceGetAttribute(gbn._ATTR_COOPERATIVE_LAUNCH, dev))
+    monkeypatch.setattr(cupy.cuda, "Device", lambda *a: Reported())
+    monkeypatch.setattr(gbn, "_coop_blocks", {})
+    assert (gbn._coop_capacity("bn_forward_rows_coop<float>") > 0) == (hopper and coop)
+
+
+def test_rows_coop_setting_names_itself_in_its_error():
+    from bncore_gpu import batch_norm as gbn
+    with pytest.raises(ValueError, match="BNCORE_GPU_ROWS_COOP must be 1 or 0"):
+        gbn._switch_setting("maybe", "BNCORE_GPU_ROWS_COOP")
+    assert gbn._switch_setting(" 0 ", "BNCORE_GPU_ROWS_COOP") is False

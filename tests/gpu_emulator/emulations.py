@@ -569,14 +569,23 @@ def dy_sums_rows_vec4(grid, block, dy, x, outer, inner, P4, TC, R, nRB, mean, pa
     dy_sums_rows(grid, block, dy, x, outer, np.int32(P // int(inner)), inner, R, nRB, mean, pa, pb)
 
 
-def apply_rows_vec4(grid, block, x, y, outer, P4, inner, TC, mean, scale, shift):
+def _rows_walk_check(grid, outer, R):
+    # R > 0: block y walks rows [y R, (y + 1) R): the grid must cover the rows
+    # exactly as the reduction's tiles do
+    if int(R):
+        _expect(grid[1] == -(-int(outer) // int(R)), "rows_vec4 walk: grid.y * R must cover outer")
+
+
+def apply_rows_vec4(grid, block, x, y, outer, P4, inner, TC, R, mean, scale, shift):
     _rows_vec4_check(grid, block, int(P4), int(TC))
+    _rows_walk_check(grid, outer, R)
     P = 4 * int(P4)
     apply_rows((-(-P // 32), 1, 1), (32, 8, 1), x, y, outer, P, inner, mean, scale, shift)
 
 
-def dx_rows_vec4(grid, block, dy, x, dx, outer, P4, inner, TC, mean, g, a, k):
+def dx_rows_vec4(grid, block, dy, x, dx, outer, P4, inner, TC, R, mean, g, a, k):
     _rows_vec4_check(grid, block, int(P4), int(TC))
+    _rows_walk_check(grid, outer, R)
     dx_rows(grid, block, dy, x, dx, outer, 4 * int(P4), inner, mean, g, a, k)
 
 
@@ -584,3 +593,48 @@ E["bn_stats_rows_vec4"] = stats_rows_vec4
 E["bn_dy_sums_rows_vec4"] = dy_sums_rows_vec4
 E["bn_apply_rows_vec4"] = apply_rows_vec4
 E["bn_dx_rows_vec4"] = dx_rows_vec4
+
+
+# ---- the cooperative rows kernels: the three tile kernels' work in one launch
+
+def _coop_parts(grid, block, P4, TC, nRB, C, work, bar, nconst):
+    _expect(RawModule.cooperative, "a cooperative kernel launched without cuLaunchCooperativeKernel")
+    _expect(block == (256, 1, 1) and grid[1:] == (1, 1), f"rows_coop launch {grid} {block}")
+    ntile = -(-int(P4) // int(TC))
+    _expect(1 <= grid[0] <= ntile * int(nRB), f"rows_coop grid {grid} for {ntile * int(nRB)} tiles")
+    word = _a(bar)
+    _expect(word.dtype == np.uint32 and word.size == 1 and int(word[0]) & 0x7FFFFFFF == 0,
+            "rows_coop barrier word: low 31 bits must be zero between launches")
+    npart = 4 * int(P4) * int(nRB)
+    W = _a(work)
+    _expect(W.size == 2 * npart + nconst * int(C), "rows_coop work size")
+    return ntile, npart, W
+
+
+def forward_rows_coop(grid, block, x, y, outer, inner, P4, TC, R, nRB, C, N, eps, w, b, rm, rv,
+                      momentum, unbiased, mean, invstd, work, bar):
+    ntile, npart, W = _coop_parts(grid, block, P4, TC, nRB, C, work, bar, 2)
+    s1, s2 = W[:npart], W[npart:2 * npart]
+    scale, shift = W[2 * npart:2 * npart + int(C)], W[2 * npart + int(C):]
+    tiles = (ntile, int(nRB), 1)
+    stats_rows_vec4(tiles, (256, 1, 1), x, outer, inner, P4, TC, R, nRB, s1, s2)
+    finalize_train((int(C), 1, 1), (256, 1, 1), x, C, inner, outer, np.int32(int(inner) * int(nRB)),
+                   s1, s2, N, eps, w, b, rm, rv, momentum, unbiased, mean, invstd, scale, shift)
+    apply_rows_vec4(tiles, (256, 1, 1), x, y, outer, P4, inner, TC, R, mean, scale, shift)
+
+
+def backward_rows_coop(grid, block, dy, x, dx, outer, inner, P4, TC, R, nRB, C, N, training,
+                       mean, invstd, w, dweight, dbias, work, bar):
+    ntile, npart, W = _coop_parts(grid, block, P4, TC, nRB, C, work, bar, 3)
+    pa, pb = W[:npart], W[npart:2 * npart]
+    C = int(C)
+    g, a, k = W[2 * npart:2 * npart + C], W[2 * npart + C:2 * npart + 2 * C], W[2 * npart + 2 * C:]
+    tiles = (ntile, int(nRB), 1)
+    dy_sums_rows_vec4(tiles, (256, 1, 1), dy, x, outer, inner, P4, TC, R, nRB, mean, pa, pb)
+    finalize_backward((C, 1, 1), (256, 1, 1), np.int32(C), np.int32(int(inner) * int(nRB)), pa, pb,
+                      N, training, invstd, w, dweight, dbias, g, a, k)
+    dx_rows_vec4(tiles, (256, 1, 1), dy, x, dx, outer, P4, inner, TC, R, mean, g, a, k)
+
+
+E["bn_forward_rows_coop"] = forward_rows_coop
+E["bn_backward_rows_coop"] = backward_rows_coop

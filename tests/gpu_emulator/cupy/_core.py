@@ -158,7 +158,7 @@ def get_array_module(*args):
 
 _PARAM_TYPES = {"float": _np.float32, "double": _np.float64, "unsigned short": _np.float16,
                 "float4": _np.float32, "long long": _np.int64, "int": _np.int32,
-                "unsigned long long": _np.uint64}
+                "unsigned long long": _np.uint64, "unsigned int": _np.uint32}
 
 
 def _parse_kernels(code):
@@ -227,6 +227,11 @@ class RawKernel:
                     raise TypeError(f"{self.name} argument {i}: {ctype} needs {want.__name__}, "
                                     f"got {type(a).__name__}")
 
+    @property
+    def kernel(self):
+        """CuPy's Function object of the kernel (what a cooperative launch goes through)."""
+        return _Function(self)
+
     def __call__(self, grid, block, args, **kw):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
@@ -245,7 +250,36 @@ class RawKernel:
         self.emulation(grid, block, *args)
 
 
+class _Function:
+    """cupy.cuda.function.Function: grid and block must be tuples (a Cython
+    signature); a cooperative launch larger than what is resident at once
+    fails as cuLaunchCooperativeKernel does."""
+    ptr = 0x1000
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def __call__(self, grid, block, args, shared_mem=0, stream=None,
+                 enable_cooperative_groups=False):
+        if not isinstance(grid, tuple) or not isinstance(block, tuple):
+            raise TypeError("Function(): grid and block must be tuples")
+        if enable_cooperative_groups:
+            from .cuda import driver, runtime
+            per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                self.ptr, int(_np.prod(block)), shared_mem)
+            cap = per_sm * runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, 0)
+            if int(_np.prod(grid)) > cap:
+                raise RuntimeError("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE: "
+                                   f"{int(_np.prod(grid))} blocks, {cap} resident")
+        RawModule.cooperative = enable_cooperative_groups
+        try:
+            self.raw(grid, block, args, shared_mem=shared_mem)
+        finally:
+            RawModule.cooperative = False
+
+
 class RawModule:
+    cooperative = False      # whether the launch in progress is cooperative
     emulations = {}          # kernel name -> emulation(grid, block, *args)
     current_targs = []
     current_launch = {}

@@ -28,7 +28,7 @@ class runtime:  # noqa: N801
     # an H100's answers where bncore_gpu asks: 97 MaxSharedMemoryPerBlockOptin,
     # 120 ClusterLaunch, 16 MultiProcessorCount (132 SMs, so that small channel
     # counts take the three-kernel path as they do there); 4 for anything else
-    attributes = {97: 232448, 120: 1, 16: 132}
+    attributes = {97: 232448, 120: 1, 16: 132, 95: 1}
 
     @staticmethod
     def deviceGetAttribute(attr, dev):  # noqa: N802
@@ -45,3 +45,21 @@ class Event:
 
 def get_elapsed_time(a, b):
     return 0.0
+
+
+class driver:  # noqa: N801
+    # blocks of the cooperative rows kernels resident per SM on an H100 (64
+    # registers x 256 threads of 65536)
+    OCCUPANCY = 4
+
+    @staticmethod
+    def occupancyMaxActiveBlocksPerMultiprocessor(func, block_size, smem):  # noqa: N802
+        return driver.OCCUPANCY
+
+
+class _Stream:
+    ptr = 0                   # the legacy default stream
+
+
+def get_current_stream():
+    return _Stream()
