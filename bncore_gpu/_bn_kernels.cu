@@ -567,38 +567,46 @@ __global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4
                 sm);
 }
 
-// The row order of the float4 elementwise passes. Grid-stride (R == 0 in the
-// tile kernels): one resident wave of row blocks walks the rows first to
-// last. Backwards (after a reduction over the same tiles of R rows): a tile
-// is walked from its last row to its first, so that the pass starts on the
-// rows the reduction read last, which are still in L2 (an H100 holds 50 MB: a
+// The row order of the float4 elementwise passes, a template argument so that
+// each loop is compiled for one order (a run-time choice inside the loop made
+// the forward pass 40% slower on an H100). Forward (BACK false): one resident
+// wave of row blocks grid-strides over the rows, first to last. Backwards
+// (BACK true, after a reduction over the same tiles of R rows): a tile is
+// walked from its last row to its first, so that the pass starts on the rows
+// the reduction read last, which are still in L2 (an H100 holds 50 MB: a
 // third to all of a (128,256,28,28) or smaller tensor); its loads are the
 // data's last use and its stores are not read back here, so both are marked
 // evict-first (ld/st.global.cs) to leave L2 to the rest.
-struct BnRowWalk {
-    long long r, stop, step;
-    bool hint;
-    __device__ BnRowWalk(long long first, long long stop_, long long step_, bool hint_)
-        : r(first), stop(stop_), step(step_), hint(hint_) {}
-    // tile rows [rb R, (rb + 1) R) backwards
-    __device__ static BnRowWalk tile(long long outer, long long R, int rb, int phase, int RPI) {
-        long long lo = (long long)rb * R;
-        long long hi = lo + R < outer ? lo + R : outer;
-        return BnRowWalk(hi - 1 - phase, lo - 1, -RPI, true);
-    }
-    __device__ bool more() const { return step > 0 ? r < stop : r > stop; }
-    __device__ void next() { r += step; }
-    __device__ float4 load(const float4* p) const { return hint ? __ldcs(p) : *p; }
-    __device__ void store(float4* p, float4 v) const {
-        if (hint) __stcs(p, v); else *p = v;
-    }
-};
+template <bool BACK>
+__device__ __forceinline__ float4 bn_walk_ld(const float4* p) {
+    if (BACK) return __ldcs(p);
+    return *p;
+}
+template <bool BACK>
+__device__ __forceinline__ void bn_walk_st(float4* p, float4 v) {
+    if (BACK) __stcs(p, v);
+    else *p = v;
+}
 
-// y = (x - mean) scale + shift over the rows of `w` in float4 column j4; the
+// The rows one thread visits: from `first` by `step` while before `stop`
+// (above it when walking backwards).
+struct BnRows {
+    long long first, stop, step;
+};
+// tile rows [rb R, (rb + 1) R) from the last, in steps of the RPI row phases
+__device__ __forceinline__ BnRows bn_tile_rows(long long outer, long long R, int rb, int phase,
+                                               int RPI) {
+    long long lo = (long long)rb * R;
+    long long hi = lo + R < outer ? lo + R : outer;
+    return BnRows{hi - 1 - phase, lo - 1, -(long long)RPI};
+}
+
+// y = (x - mean) scale + shift over rows `w` of float4 column j4; the
 // constants are read through L2 (the cooperative kernel wrote them).
+template <bool BACK>
 __device__ __forceinline__ void bn_apply_walk4(const float4* __restrict__ x,
                                                float4* __restrict__ y, long long P4,
-                                               long long inner, long long j4, BnRowWalk w,
+                                               long long inner, long long j4, BnRows w,
                                                const double* mean, const double* scale,
                                                const double* shift) {
     double m[4], s[4], h[4];
@@ -608,21 +616,22 @@ __device__ __forceinline__ void bn_apply_walk4(const float4* __restrict__ x,
         s[e] = __ldcg(scale + c);
         h[e] = __ldcg(shift + c);
     }
-    for (; w.more(); w.next()) {
-        float4 v = w.load(x + w.r * P4 + j4), o;
+    for (long long r = w.first; BACK ? r > w.stop : r < w.stop; r += w.step) {
+        float4 v = bn_walk_ld<BACK>(x + r * P4 + j4), o;
         o.x = (float)(((double)v.x - m[0]) * s[0] + h[0]);
         o.y = (float)(((double)v.y - m[1]) * s[1] + h[1]);
         o.z = (float)(((double)v.z - m[2]) * s[2] + h[2]);
         o.w = (float)(((double)v.w - m[3]) * s[3] + h[3]);
-        w.store(y + w.r * P4 + j4, o);
+        bn_walk_st<BACK>(y + r * P4 + j4, o);
     }
 }
 
-// dx = g ((dy - a) - (x - mean) k) over the rows of `w` in float4 column j4
+// dx = g ((dy - a) - (x - mean) k) over rows `w` of float4 column j4
+template <bool BACK>
 __device__ __forceinline__ void bn_dx_walk4(const float4* __restrict__ dy,
                                             const float4* __restrict__ x,
                                             float4* __restrict__ dx, long long P4,
-                                            long long inner, long long j4, BnRowWalk w,
+                                            long long inner, long long j4, BnRows w,
                                             const double* mean, const double* g,
                                             const double* a, const double* k) {
     double m[4], gc[4], ac[4], kc[4];
@@ -633,14 +642,14 @@ __device__ __forceinline__ void bn_dx_walk4(const float4* __restrict__ dy,
         ac[e] = __ldcg(a + c);
         kc[e] = __ldcg(k + c);
     }
-    for (; w.more(); w.next()) {
-        long long e = w.r * P4 + j4;
-        float4 d = w.load(dy + e), v = w.load(x + e), o;
+    for (long long r = w.first; BACK ? r > w.stop : r < w.stop; r += w.step) {
+        long long e = r * P4 + j4;
+        float4 d = bn_walk_ld<BACK>(dy + e), v = bn_walk_ld<BACK>(x + e), o;
         o.x = (float)(gc[0] * (((double)d.x - ac[0]) - ((double)v.x - m[0]) * kc[0]));
         o.y = (float)(gc[1] * (((double)d.y - ac[1]) - ((double)v.y - m[1]) * kc[1]));
         o.z = (float)(gc[2] * (((double)d.z - ac[2]) - ((double)v.z - m[2]) * kc[2]));
         o.w = (float)(gc[3] * (((double)d.w - ac[3]) - ((double)v.w - m[3]) * kc[3]));
-        w.store(dx + e, o);
+        bn_walk_st<BACK>(dx + e, o);
     }
 }
 
@@ -653,10 +662,14 @@ __global__ void bn_apply_rows_vec4(const float4* __restrict__ x, float4* __restr
     int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
     long long j4 = (long long)blockIdx.x * TC + col;
     if (j4 >= P4) return;
-    BnRowWalk w = R > 0 ? BnRowWalk::tile(outer, R, blockIdx.y, phase, RPI)
-                        : BnRowWalk((long long)blockIdx.y * RPI + phase, outer,
-                                    (long long)gridDim.y * RPI, false);
-    bn_apply_walk4(x, y, P4, inner, j4, w, mean, scale, shift);
+    if (R > 0)
+        bn_apply_walk4<true>(x, y, P4, inner, j4, bn_tile_rows(outer, R, blockIdx.y, phase, RPI),
+                             mean, scale, shift);
+    else
+        bn_apply_walk4<false>(x, y, P4, inner, j4,
+                              BnRows{(long long)blockIdx.y * RPI + phase, outer,
+                                     (long long)gridDim.y * RPI},
+                              mean, scale, shift);
 }
 
 __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
@@ -667,10 +680,14 @@ __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __r
     int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
     long long j4 = (long long)blockIdx.x * TC + col;
     if (j4 >= P4) return;
-    BnRowWalk w = R > 0 ? BnRowWalk::tile(outer, R, blockIdx.y, phase, RPI)
-                        : BnRowWalk((long long)blockIdx.y * RPI + phase, outer,
-                                    (long long)gridDim.y * RPI, false);
-    bn_dx_walk4(dy, x, dx, P4, inner, j4, w, mean, g, a, k);
+    if (R > 0)
+        bn_dx_walk4<true>(dy, x, dx, P4, inner, j4, bn_tile_rows(outer, R, blockIdx.y, phase, RPI),
+                          mean, g, a, k);
+    else
+        bn_dx_walk4<false>(dy, x, dx, P4, inner, j4,
+                           BnRows{(long long)blockIdx.y * RPI + phase, outer,
+                                  (long long)gridDim.y * RPI},
+                           mean, g, a, k);
 }
 
 // ---------------------------------------------------------------- rows, one cooperative kernel
@@ -681,7 +698,7 @@ __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __r
 // the blocks round robin; a grid barrier; (2) each channel's statistics as
 // bn_finalize_train (bn_finalize_backward) computes them, channels dealt
 // round robin; a barrier; (3) the elementwise pass over each block's tiles in
-// reverse order, each tile backwards (BnRowWalk::tile), so that it starts on
+// reverse order, each tile backwards (bn_tile_rows), so that it starts on
 // what is still in L2. Same tiles, same sums, same order: the results are
 // bitwise those of the three-kernel path. Launched with
 // cuLaunchCooperativeKernel, which refuses a grid larger than what can be
@@ -709,6 +726,18 @@ __device__ __forceinline__ void bn_grid_sync(unsigned int* bar) {
     __syncthreads();
 }
 
+// This block's first channel of the finalize phase, C (none) if it has none.
+// Fewer channels than blocks: channel c goes to block floor(c G / C), spread
+// over the whole grid and hence over the SMs (blocks 0..C-1 can share a few
+// SMs: an H100 ran a channels-last forward with outlier pivots, whose finalize
+// reads the channel again, 2.4x slower that way); else round robin.
+__device__ __forceinline__ int bn_first_channel(int C) {
+    long long G = gridDim.x, b = blockIdx.x;
+    if (C >= G) return (int)b;
+    long long c = (b * C + G - 1) / G;          // the least c with c G / C >= b
+    return c < C && c * G < (b + 1) * C ? (int)c : C;
+}
+
 // the last tile t = blockIdx.x + i gridDim.x below ntiles, or -1
 __device__ __forceinline__ long long bn_last_tile(long long ntiles) {
     if ((long long)blockIdx.x >= ntiles) return -1;
@@ -716,7 +745,7 @@ __device__ __forceinline__ long long bn_last_tile(long long ntiles) {
 }
 
 template <typename PT>
-__global__ void bn_forward_rows_coop(const float4* __restrict__ x, float4* __restrict__ y,
+__global__ void __launch_bounds__(BN_THREADS, 4) bn_forward_rows_coop(const float4* __restrict__ x, float4* __restrict__ y,
                                      long long outer, long long inner, long long P4, int TC,
                                      long long R, int nRB, int C, double N, double eps,
                                      const PT* __restrict__ weight, const PT* __restrict__ bias,
@@ -733,7 +762,7 @@ __global__ void bn_forward_rows_coop(const float4* __restrict__ x, float4* __res
         bn_stats_tile4(x, outer, inner, P4, TC, R, nRB, (int)(t % ntile), (int)(t / ntile),
                        part_s1, part_s2, sm);
     bn_grid_sync(bar);
-    for (int c = blockIdx.x; c < C; c += gridDim.x) {
+    for (int c = bn_first_channel(C); c < C; c += gridDim.x) {
         __syncthreads();
         bn_finalize_train_channel<float, PT>(c, (const float*)x, C, inner, outer,
                                              (int)(inner * nRB), part_s1, part_s2, N, eps,
@@ -745,14 +774,14 @@ __global__ void bn_forward_rows_coop(const float4* __restrict__ x, float4* __res
     for (long long t = bn_last_tile(ntiles); t >= 0; t -= gridDim.x) {
         long long j4 = (t % ntile) * TC + col;
         if (j4 < P4)
-            bn_apply_walk4(x, y, P4, inner, j4,
-                           BnRowWalk::tile(outer, R, (int)(t / ntile), phase, RPI), mean,
-                           scale, shift);
+            bn_apply_walk4<true>(x, y, P4, inner, j4,
+                                 bn_tile_rows(outer, R, (int)(t / ntile), phase, RPI), mean,
+                                 scale, shift);
     }
 }
 
 template <typename PT>
-__global__ void bn_backward_rows_coop(const float4* __restrict__ dy, const float4* __restrict__ x,
+__global__ void __launch_bounds__(BN_THREADS, 4) bn_backward_rows_coop(const float4* __restrict__ dy, const float4* __restrict__ x,
                                       float4* __restrict__ dx, long long outer, long long inner,
                                       long long P4, int TC, long long R, int nRB, int C,
                                       double N, int training, const double* __restrict__ mean,
@@ -769,7 +798,7 @@ __global__ void bn_backward_rows_coop(const float4* __restrict__ dy, const float
         bn_dy_tile4(dy, x, outer, inner, P4, TC, R, nRB, (int)(t % ntile), (int)(t / ntile),
                     mean, part_a, part_b, sm);
     bn_grid_sync(bar);
-    for (int c = blockIdx.x; c < C; c += gridDim.x) {
+    for (int c = bn_first_channel(C); c < C; c += gridDim.x) {
         __syncthreads();
         bn_finalize_backward_channel<PT>(c, (int)(inner * nRB), part_a, part_b, N, training,
                                          invstd, weight, dweight, dbias, g, a, k, sm[0], sm[1]);
@@ -779,9 +808,9 @@ __global__ void bn_backward_rows_coop(const float4* __restrict__ dy, const float
     for (long long t = bn_last_tile(ntiles); t >= 0; t -= gridDim.x) {
         long long j4 = (t % ntile) * TC + col;
         if (j4 < P4)
-            bn_dx_walk4(dy, x, dx, P4, inner, j4,
-                        BnRowWalk::tile(outer, R, (int)(t / ntile), phase, RPI), mean, g, a,
-                        k);
+            bn_dx_walk4<true>(dy, x, dx, P4, inner, j4,
+                              bn_tile_rows(outer, R, (int)(t / ntile), phase, RPI), mean, g,
+                              a, k);
     }
 }
 

@@ -165,7 +165,8 @@ def _parse_kernels(code):
     """{name: (template parameter names, [(C type, is_pointer), ...])}."""
     out = {}
     pattern = re.compile(r"(template\s*<([^>]*)>\s*)?__global__\s+void\s+"
-                         r"(?:__cluster_dims__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)", re.S)
+                         r"(?:(?:__cluster_dims__|__launch_bounds__)\s*\([^)]*\)\s*)?"
+                         r"(\w+)\s*\(([^)]*)\)", re.S)
     for m in pattern.finditer(code):
         tparams = [p.split()[-1] for p in m.group(2).split(",")] if m.group(2) else []
         params = []
