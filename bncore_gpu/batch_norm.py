@@ -31,11 +31,14 @@ FILE = "_bn_kernels.cu"
 TARGET_BLOCKS = 1024          # work decomposition is a function of the shape only
 ROWS_MIN_INNER = 32           # below this inner size the rows kernels are used
 ROWS_BLOCKS_PER_SM = 8        # row blocks of the rows vec4 elementwise kernels, per SM
-# Training's rows vec4 elementwise pass walks the tiles of the reduction before
-# it, each from its last row to its first, with evict-first loads and stores,
-# so that it starts on data still in L2 (see BnRowWalk in _bn_kernels.cu);
-# False: the one-wave grid-stride walk, first row to last (as in eval mode).
-ROWS_L2_REUSE = True
+# ROWS_L2_REUSE: the three-kernel path's rows vec4 elementwise pass in training
+# walks the tiles of the reduction before it, each from its last row to its
+# first, with evict-first loads and stores, to start on data still in L2 (see
+# bn_tile_rows in _bn_kernels.cu; the cooperative kernels always do). Off: on
+# an H100 (2026-11-28, fourth session, run 3) it gave nothing on the one
+# GPU-bound case, (128,256,28,28) channels-last: forward 0.137 ms both ways,
+# backward 0.207 against 0.204 for the one-wave walk, first row to last.
+ROWS_L2_REUSE = False
 MAX_GRID_Y = 65535
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
            np.dtype(np.float16): "unsigned short"}
@@ -91,12 +94,18 @@ def _switch_setting(value: Optional[str], name: str = "BNCORE_GPU_CLUSTER") -> b
 
 CLUSTER_KERNELS = _switch_setting(os.environ.get("BNCORE_GPU_CLUSTER"))
 
-# The training forward and backward of the float32 rows layout (channels-last)
-# in one cooperative launch each instead of three kernels (bn_forward_rows_coop
-# and bn_backward_rows_coop in _bn_kernels.cu: the same tiles and sums, so
-# bitwise the same results). Compute capability 9.x only, as the cluster
-# kernels; BNCORE_GPU_ROWS_COOP=0 at import (or ROWS_COOP = False) keeps the
-# three kernels.
+# The training forward and backward of the float32 rows layout (channels-last,
+# 2-D) in one cooperative launch each instead of three kernels
+# (bn_forward_rows_coop and bn_backward_rows_coop in _bn_kernels.cu: the same
+# tiles and sums, so bitwise the same results, tested on an H100). Measured
+# there (2026-11-28, fourth session, run 3), one launch against three:
+# (32,64,56,56) channels-last forward 0.068 against 0.113 ms, backward 0.068
+# against 0.106; (256,1024) 0.053 / 0.043 against 0.087 / 0.081;
+# (128,256,28,28) channels-last 0.140 / 0.199 against 0.137 / 0.207. Slower in
+# one case: data whose every channel needs the outlier-pivot second pass, 0.263
+# against 0.111 ms at (32,64,56,56) (not understood yet). Compute capability
+# 9.x only, as the cluster kernels; BNCORE_GPU_ROWS_COOP=0 at import (or
+# ROWS_COOP = False) keeps the three kernels.
 ROWS_COOP = _switch_setting(os.environ.get("BNCORE_GPU_ROWS_COOP"), "BNCORE_GPU_ROWS_COOP")
 _ATTR_COOPERATIVE_LAUNCH = 95  # cudaDevAttrCooperativeLaunch
 _coop_blocks = {}             # (device, kernel name) -> blocks resident at once (0: none)
@@ -271,7 +280,8 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts,
             # apply pass went from 29.6 to 16.9 us (32,64,56,56) and 66.9 to 56.5
             # us (128,256,28,28), dx from 40.2 to 26.9 and 96.8 to 85.3 us,
             # against the former cap of 8192 row blocks; on an H100 the whole
-            # call gained 2-4% (bench.py --gpu, 2026-11-28, fourth session).
+            # (128,256,28,28) call gained 2-4% (bench.py --gpu, 2026-11-28,
+            # fourth session, run 1).
             rows_y, R = max(1, min(-(-outer // rpi), MAX_GRID_Y,
                                    max(1, ROWS_BLOCKS_PER_SM * _loader.sm_count() // ntile))), 0
         name = f"bn_{'apply' if kind == 'apply' else 'dx'}_rows_vec4"

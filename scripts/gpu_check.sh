@@ -88,7 +88,7 @@ echo
 echo "================ summary (${SECONDS} s) ================"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
 grep -E "passed|failed|error" "$OUT/tests_cluster.log" | tail -1 | sed 's/^/cluster kernels: /'
-grep -hE "^(cluster|3-kernel|3 kernels|one-wave) " "$OUT/bench.err" 2>/dev/null | head -4
+grep -hE "^(cluster|3-kernel|3 kernels) " "$OUT/bench.err" 2>/dev/null | head -4
 sed -n '/^host time per call/,$p' "$OUT/host_profile.txt"
 echo
 cat "$OUT/bench.txt"
