@@ -14,6 +14,7 @@ bit (the two use different summation trees).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Optional, Tuple
 
@@ -109,7 +110,8 @@ CLUSTER_KERNELS = _switch_setting(os.environ.get("BNCORE_GPU_CLUSTER"))
 ROWS_COOP = _switch_setting(os.environ.get("BNCORE_GPU_ROWS_COOP"), "BNCORE_GPU_ROWS_COOP")
 _ATTR_COOPERATIVE_LAUNCH = 95  # cudaDevAttrCooperativeLaunch
 _coop_blocks = {}             # (device, kernel name) -> blocks resident at once (0: none)
-_barriers = {}                # (device, stream) -> the cooperative kernels' barrier word
+# the cooperative kernels' barrier words, per host thread: {(device, stream): word}
+_barriers = threading.local()
 _ATTR_OPTIN_SMEM = 97         # cudaDevAttrMaxSharedMemoryPerBlockOptin
 _ATTR_CLUSTER_LAUNCH = 120    # cudaDevAttrClusterLaunch
 _cluster_caps = {}            # device -> bytes a cluster CTA may hold (0: no clusters)
@@ -373,12 +375,19 @@ def _coop_capacity(name: str) -> int:
 
 
 def _barrier_word():
-    """The grid barrier's word for the current device and stream (kernels of
-    one stream run one after another, so they can share it)."""
+    """The grid barrier's word for the current device and stream, in this host
+    thread. Kernels that share a word must run one after another: those of one
+    stream do, but a stream handle does not name one stream in every thread
+    (the per-thread default stream's handle is the same in all of them, each
+    thread's stream running beside the others'), so each thread keeps its own
+    words, and a thread's words go with it."""
+    words = getattr(_barriers, "words", None)
+    if words is None:
+        words = _barriers.words = {}
     key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
-    w = _barriers.get(key)
+    w = words.get(key)
     if w is None:
-        w = _barriers[key] = cupy.zeros(1, np.uint32)
+        w = words[key] = cupy.zeros(1, np.uint32)
     return w
 
 
@@ -407,7 +416,8 @@ def _launch_coop(name: str, blocks: int, args) -> bool:
         _kernel(name).kernel((blocks,), (256,), args, shared_mem=0,
                              enable_cooperative_groups=True)
         return True
-    except Exception as exc:      # noqa: BLE001 - any refusal: fall back, say so once
+    except RuntimeError as exc:   # CUDA's refusal (CuPy's CUDA errors are RuntimeErrors);
+        # a bug in the arguments (TypeError, ValueError) is not a refusal and propagates
         _coop_blocks[(dev, name)] = 0
         warnings.warn(f"bncore_gpu: cooperative kernel {name} unavailable on device {dev} "
                       f"({type(exc).__name__}: {exc}); using three kernels",

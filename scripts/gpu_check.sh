@@ -49,7 +49,8 @@ fi
 export BNCORE_EXAMPLE_DATASET="$DATASET"
 echo "example dataset: $DATASET"
 
-$PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
+# (timeouts: a kernel that hangs, e.g. at a grid barrier, must not take the whole lease)
+timeout 900 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
     tests/test_gpu_distributed.py tests/test_distributed.py \
     "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" \
     tests/test_example_cnn.py -k "gpu and not cluster" 2>&1 | tee "$OUT/tests.log" | tail -25
@@ -59,7 +60,7 @@ test_rc=${PIPESTATUS[0]}
 # the single-read cluster kernels' own tests (bncore_gpu/_bn_cluster_kernels.cu), on
 # its own so that a failure there cannot stop the tests above
 echo "== cluster kernel tests (at ${SECONDS} s)"
-$PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
+timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
     | tee "$OUT/tests_cluster.log" | tail -8
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 
@@ -77,11 +78,11 @@ if [ -f examples/train_cnn.py ] && [ -z "${SKIP_EXAMPLE:-}" ]; then
 fi
 
 echo "== GPU benchmark (at ${SECONDS} s)"
-$PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
+timeout 400 $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
     || { status=1; tail -30 "$OUT/bench.err"; }
 
 echo "== host time per call (at ${SECONDS} s)"
-$PY scripts/gpu_host_profile.py --channels-last > "$OUT/host_profile.txt" 2>&1 \
+timeout 200 $PY scripts/gpu_host_profile.py --channels-last > "$OUT/host_profile.txt" 2>&1 \
     || { status=1; echo "gpu_host_profile.py FAILED"; tail -20 "$OUT/host_profile.txt"; }
 
 echo

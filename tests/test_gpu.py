@@ -647,14 +647,20 @@ def _nhwc_pair(rng, shape, dtype=np.float32):
             x.transpose(0, 3, 1, 2), dy.transpose(0, 3, 1, 2))
 
 
-@pytest.mark.parametrize("shape", [(8, 64, 10, 12), (3, 1024, 2, 2), (5, 8, 7, 3), (2, 2048, 3, 3)])
+@pytest.mark.parametrize("shape, outlier", [((8, 64, 10, 12), False), ((3, 1024, 2, 2), False),
+                                            ((5, 8, 7, 3), False), ((2, 2048, 3, 3), False),
+                                            ((8, 64, 10, 12), True)])
 @pytest.mark.parametrize("per_sm", [4, 1])
-def test_rows_coop_kernels_give_the_three_kernel_results_bit_for_bit(monkeypatch, shape, per_sm):
+def test_rows_coop_kernels_give_the_three_kernel_results_bit_for_bit(monkeypatch, shape, outlier,
+                                                                     per_sm):
     """A float32 channels-last training forward and backward take one cooperative
     launch each, and give bit for bit what the three kernels give (same tiles,
     same sums, same order), running statistics and parameter gradients
     included; with fewer blocks resident than tiles (per_sm 1 on the emulated
-    device) each block loops over several tiles. Also matches the CPU engine."""
+    device) each block loops over several tiles. outlier: every channel's first
+    value (its pivot) far from its mean, so that the finalize phase sums every
+    channel again (block-wide, with its own barriers). Also matches the CPU
+    engine."""
     from bncore_gpu import batch_norm as gbn
     _coop_or_skip(gbn)
     if getattr(cupy, "EMULATED", False):
@@ -673,6 +679,11 @@ def test_rows_coop_kernels_give_the_three_kernel_results_bit_for_bit(monkeypatch
     rng = np.random.default_rng(41)
     xg, dyg, x, dy = _nhwc_pair(rng, shape)
     C = shape[1]
+    if outlier:
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        x[0, 0, 0, :] += 60 * x.std(axis=(0, 1, 2))
+        xg = cupy.asarray(x).transpose(0, 3, 1, 2)
+        x = x.transpose(0, 3, 1, 2)
     w = rng.uniform(0.5, 1.5, C).astype(np.float32)
     b = rng.uniform(-1, 1, C).astype(np.float32)
     results = {}
@@ -774,3 +785,54 @@ def test_rows_coop_setting_names_itself_in_its_error():
     with pytest.raises(ValueError, match="BNCORE_GPU_ROWS_COOP must be 1 or 0"):
         gbn._switch_setting("maybe", "BNCORE_GPU_ROWS_COOP")
     assert gbn._switch_setting(" 0 ", "BNCORE_GPU_ROWS_COOP") is False
+
+
+def test_rows_coop_barrier_words_are_per_host_thread():
+    """Kernels sharing a barrier word must run one after another; a stream
+    handle does not name one stream in every thread (the per-thread default
+    stream), so each host thread has its own words."""
+    import threading
+
+    from bncore_gpu import batch_norm as gbn
+    mine = gbn._barrier_word()
+    assert gbn._barrier_word() is mine
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.append(gbn._barrier_word()))
+    t.start()
+    t.join()
+    assert theirs[0] is not mine
+
+
+def test_rows_coop_kernels_from_two_threads_at_once():
+    """Two host threads each on their own stream (per-thread default streams
+    where CuPy offers them) run channels-last training forwards at the same
+    time, many times: every result equals the one computed alone."""
+    import threading
+
+    from bncore_gpu import batch_norm as gbn
+    _coop_or_skip(gbn)
+    rng = np.random.default_rng(47)
+    xs = [_nhwc_pair(rng, (16, 32, 6, 6))[0] for _ in range(2)]
+    want = [cupy.asnumpy(bncore_gpu.batch_norm_forward(x)[0]) for x in xs]
+    bad = []
+
+    def work(i):
+        ptds = getattr(cupy.cuda, "Stream", None)
+        ctx = ptds.ptds if ptds is not None and hasattr(ptds, "ptds") else None
+        for _ in range(30):
+            if ctx is not None:
+                with ctx:
+                    y = bncore_gpu.batch_norm_forward(xs[i])[0]
+                    ctx.synchronize()
+            else:
+                y = bncore_gpu.batch_norm_forward(xs[i])[0]
+            if not np.array_equal(cupy.asnumpy(y), want[i]):
+                bad.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a cooperative launch hung"
+    assert not bad
