@@ -32,13 +32,11 @@
 #define BNC_CLUSTER 8
 #define BNC_UNROLL 4      // global loads each thread has in flight (per array)
 
-// Shared memory is declared through these two macros, and the three cluster
-// primitives below are PTX, so that tests/cuda_host/ can compile this very
-// file as host C++ (one thread per CUDA thread, std::barrier for the
-// barriers) and check it on a machine without a GPU.
+// Shared memory is declared through BNC_SHARED / BNC_DYNAMIC_SHARED
+// (_common.cuh), and the three cluster primitives below are PTX, so that
+// tests/cuda_host/ can compile this very file as host C++ (one thread per CUDA
+// thread, std::barrier for the barriers) and check it on a machine without a GPU.
 #ifndef BNC_HOST_EMULATION
-#define BNC_SHARED(type, name, n) __shared__ type name[n]
-#define BNC_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 
 __device__ __forceinline__ unsigned bnc_cluster_rank() {
     unsigned r;

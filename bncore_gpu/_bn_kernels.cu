@@ -45,7 +45,7 @@ __device__ __forceinline__ void bn_rows_partials(double a, double b, bool valid,
     sb[t] = b;
     __syncthreads();
     for (int w = 4; w > 0; w >>= 1) {
-        if (threadIdx.y < w) {
+        if ((int)threadIdx.y < w) {
             sa[t] += sa[t + 32 * w];
             sb[t] += sb[t + 32 * w];
         }
@@ -145,8 +145,8 @@ template <typename T>
 __global__ void bn_stats_planes(const T* __restrict__ x, long long outer, int C,
                                 long long inner, int G, double* __restrict__ part_s1,
                                 double* __restrict__ part_s2) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
+    BNC_SHARED(double, sa, BN_THREADS);
+    BNC_SHARED(double, sb, BN_THREADS);
     int g = blockIdx.x;
     int c = blockIdx.y;
     double K = bn_pivot(bn_value0(x + (long long)c * inner));
@@ -167,8 +167,8 @@ template <typename T>
 __global__ void bn_stats_rows(const T* __restrict__ x, long long outer, int C, long long inner,
                               long long R, int nRB, double* __restrict__ part_s1,
                               double* __restrict__ part_s2) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
+    BNC_SHARED(double, sa, BN_THREADS);
+    BNC_SHARED(double, sb, BN_THREADS);
     long long P = (long long)C * inner;
     long long j = (long long)blockIdx.x * 32 + threadIdx.x;
     int rb = blockIdx.y;
@@ -269,8 +269,8 @@ __global__ void bn_finalize_train(const T* __restrict__ x, int C, long long inne
                                   int unbiased, double* __restrict__ mean,
                                   double* __restrict__ invstd, double* __restrict__ scale,
                                   double* __restrict__ shift) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
+    BNC_SHARED(double, sa, BN_THREADS);
+    BNC_SHARED(double, sb, BN_THREADS);
     bn_finalize_train_channel<T, PT>(blockIdx.x, x, C, inner, outer, M, part_s1, part_s2, N, eps,
                                      weight, bias, running_mean, running_var, momentum, unbiased,
                                      mean, invstd, scale, shift, sa, sb);
@@ -338,8 +338,8 @@ __global__ void bn_dy_sums_planes(const T* __restrict__ dy, const T* __restrict_
                                   long long outer, int C, long long inner, int G,
                                   const double* __restrict__ mean,
                                   double* __restrict__ part_a, double* __restrict__ part_b) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
+    BNC_SHARED(double, sa, BN_THREADS);
+    BNC_SHARED(double, sb, BN_THREADS);
     int g = blockIdx.x;
     int c = blockIdx.y;
     double mu = mean[c];
@@ -361,8 +361,8 @@ __global__ void bn_dy_sums_rows(const T* __restrict__ dy, const T* __restrict__ 
                                 long long outer, int C, long long inner, long long R, int nRB,
                                 const double* __restrict__ mean, double* __restrict__ part_a,
                                 double* __restrict__ part_b) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
+    BNC_SHARED(double, sa, BN_THREADS);
+    BNC_SHARED(double, sb, BN_THREADS);
     long long P = (long long)C * inner;
     long long j = (long long)blockIdx.x * 32 + threadIdx.x;
     int rb = blockIdx.y;
@@ -415,8 +415,8 @@ __global__ void bn_finalize_backward(int C, int M, const double* __restrict__ pa
                                      const PT* __restrict__ weight, PT* __restrict__ dweight,
                                      PT* __restrict__ dbias, double* __restrict__ g,
                                      double* __restrict__ a, double* __restrict__ k) {
-    __shared__ double sa[BN_THREADS];
-    __shared__ double sb[BN_THREADS];
+    BNC_SHARED(double, sa, BN_THREADS);
+    BNC_SHARED(double, sb, BN_THREADS);
     bn_finalize_backward_channel<PT>(blockIdx.x, M, part_a, part_b, N, training, invstd, weight,
                                      dweight, dbias, g, a, k, sa, sb);
 }
@@ -554,7 +554,8 @@ __device__ __forceinline__ void bn_dy_tile4(const float4* __restrict__ dy,
 __global__ void bn_stats_rows_vec4(const float4* __restrict__ x, long long outer,
                                    long long inner, long long P4, int TC, long long R, int nRB,
                                    double* __restrict__ part_s1, double* __restrict__ part_s2) {
-    __shared__ double sm[8][BN_THREADS];
+    BNC_SHARED(double, sm_, 8 * BN_THREADS);
+    double (*sm)[BN_THREADS] = (double (*)[BN_THREADS])sm_;
     bn_stats_tile4(x, outer, inner, P4, TC, R, nRB, blockIdx.x, blockIdx.y, part_s1, part_s2, sm);
 }
 
@@ -562,7 +563,8 @@ __global__ void bn_dy_sums_rows_vec4(const float4* __restrict__ dy, const float4
                                      long long outer, long long inner, long long P4, int TC,
                                      long long R, int nRB, const double* __restrict__ mean,
                                      double* __restrict__ part_a, double* __restrict__ part_b) {
-    __shared__ double sm[8][BN_THREADS];
+    BNC_SHARED(double, sm_, 8 * BN_THREADS);
+    double (*sm)[BN_THREADS] = (double (*)[BN_THREADS])sm_;
     bn_dy_tile4(dy, x, outer, inner, P4, TC, R, nRB, blockIdx.x, blockIdx.y, mean, part_a, part_b,
                 sm);
 }
@@ -752,7 +754,8 @@ __global__ void __launch_bounds__(BN_THREADS, 4) bn_forward_rows_coop(const floa
                                      PT* running_mean, PT* running_var, double momentum,
                                      int unbiased, double* mean, double* invstd, double* work,
                                      unsigned int* bar) {
-    __shared__ double sm[8][BN_THREADS];
+    BNC_SHARED(double, sm_, 8 * BN_THREADS);
+    double (*sm)[BN_THREADS] = (double (*)[BN_THREADS])sm_;
     int ntile = (int)((P4 + TC - 1) / TC);
     long long ntiles = (long long)ntile * nRB, npart = 4 * P4 * nRB;
     // work: the two partial-sum arrays, then scale and shift
@@ -788,7 +791,8 @@ __global__ void __launch_bounds__(BN_THREADS, 4) bn_backward_rows_coop(const flo
                                       const double* __restrict__ invstd,
                                       const PT* __restrict__ weight, PT* dweight, PT* dbias,
                                       double* work, unsigned int* bar) {
-    __shared__ double sm[8][BN_THREADS];
+    BNC_SHARED(double, sm_, 8 * BN_THREADS);
+    double (*sm)[BN_THREADS] = (double (*)[BN_THREADS])sm_;
     int ntile = (int)((P4 + TC - 1) / TC);
     long long ntiles = (long long)ntile * nRB, npart = 4 * P4 * nRB;
     // work: the two partial-sum arrays, then g, a and k
@@ -814,6 +818,7 @@ __global__ void __launch_bounds__(BN_THREADS, 4) bn_backward_rows_coop(const flo
     }
 }
 
+#ifndef BNC_HOST_EMULATION     // (tests/cuda_host instantiates what it runs)
 // explicit instantiations, so nvcc --ptx checks every template this file offers
 template __global__ void bn_stats_planes<float4>(const float4*, long long, int, long long, int, double*, double*);
 template __global__ void bn_dy_sums_planes<float4>(const float4*, const float4*, long long, int, long long, int, const double*, double*, double*);
@@ -857,3 +862,4 @@ template __global__ void bn_prepare_eval<float>(int, const float*, const float*,
 template __global__ void bn_finalize_backward<float>(int, int, const double*, const double*, double, int, const double*, const float*, float*, float*, double*, double*, double*);
 template __global__ void bn_prepare_eval<double>(int, const double*, const double*, double, const double*, const double*, double*, double*, double*, double*);
 template __global__ void bn_finalize_backward<double>(int, int, const double*, const double*, double, int, const double*, const double*, double*, double*, double*, double*, double*);
+#endif  // BNC_HOST_EMULATION

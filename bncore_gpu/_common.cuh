@@ -5,6 +5,14 @@
 #ifndef BNCORE_COMMON_CUH
 #define BNCORE_COMMON_CUH
 
+// Shared memory is declared through these macros so that tests/cuda_host can
+// compile the kernel files as host C++ (one OS thread per CUDA thread, each
+// block's shared arrays its own): there cuda_host.h defines them.
+#ifndef BNC_HOST_EMULATION
+#define BNC_SHARED(type, name, n) __shared__ type name[n]
+#define BNC_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 // Storage types: float, double, and unsigned short holding IEEE binary16;
 // arithmetic in float64.
 __device__ __forceinline__ double dev_ld(const float* p) { return (double)(*p); }

@@ -5,7 +5,13 @@ other CTAs' copies. Checks indexing, slicing of the channel over the cluster,
 barrier placement, the reduction and what each CTA reads, against the CPU
 engine, on a machine without a GPU. (What it cannot check: the GPU's memory
 model, the PTX of the three cluster primitives, speed; scripts/gpu_check.sh
-runs the same kernels on an H100.)"""
+runs the same kernels on an H100.)
+
+The float4 rows kernels of _bn_kernels.cu run the same way: the three-kernel
+training path block by block, and the cooperative kernels with every block of
+their grid running at once, grid barriers included; the two must agree bit for
+bit and match the CPU engine (ThreadSanitizer is not run on those: their
+barrier spins on a volatile read, a race by the C++ model)."""
 import os
 import shutil
 import subprocess
@@ -38,16 +44,21 @@ def _require_cxx20_barrier(tmp):
         pytest.skip(f"{CXX} has no C++20 <barrier>: {proc.stderr.strip()[-200:]}")
 
 
-@pytest.fixture(scope="module")
-def host_binary(tmp_path_factory):
+def _build(tmp_path_factory, name):
+    """tests/cuda_host/NAME.cpp built with warnings as errors; its path."""
     _require_cxx20_barrier(tmp_path_factory.mktemp("probe"))
-    exe = tmp_path_factory.mktemp("cuda_host") / "bn_cluster_host"
+    exe = tmp_path_factory.mktemp("cuda_host") / name
     proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror",
                            "-Wno-unknown-pragmas",
-                           "-o", str(exe), os.path.join(HERE, "cuda_host", "bn_cluster_host.cpp")],
+                           "-o", str(exe), os.path.join(HERE, "cuda_host", f"{name}.cpp")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return str(exe)
+
+
+@pytest.fixture(scope="module")
+def host_binary(tmp_path_factory):
+    return _build(tmp_path_factory, "bn_cluster_host")
 
 
 def _offset_data(rng, shape):
@@ -187,3 +198,82 @@ int main(int argc, char** argv) {
     assert norm([np.inf, 2.0, np.inf, np.inf]) == np.inf
     assert np.isnan(norm([np.inf, np.nan, 1.0]))
     assert norm([0.0, 0.0]) == 0.0
+
+
+# ---- the float4 rows kernels of _bn_kernels.cu: three kernels and the cooperative one
+
+@pytest.fixture(scope="module")
+def rows_binary(tmp_path_factory):
+    return _build(tmp_path_factory, "bn_rows_host")
+
+
+# (outer, C, inner, TC, nRB, R, blocks, walkR): the tile decomposition batch_norm.py
+# would pick or another valid one; cooperative grids with fewer blocks than tiles
+# (each block deals itself several), fewer channels than blocks (channels spread
+# over the grid) and more; two column tiles, the second partly empty (P4 = 20 in
+# tiles of 16: batch_norm.py takes 256 or P4, the kernels any divisor of 256);
+# channels of two columns each (inner 2); either walk of the three-kernel pass
+ROWS_CASES = [(40, 8, 1, 2, 5, 8, 3, 1), (30, 4, 1, 1, 6, 5, 6, 0), (6, 80, 1, 16, 3, 2, 4, 1),
+              (25, 2, 2, 1, 4, 7, 2, 1), (64, 16, 1, 4, 8, 8, 5, 0)]
+
+
+def _rows_input(rng, outer, C, inner, outlier):
+    x = _offset_data(rng, (outer, C, inner))
+    if outlier:                        # every channel's pivot (its first value) far out
+        x[0] += (60 * x.std(axis=(0, 2))).astype(np.float32)[:, None]
+    return x
+
+
+def _rows_outputs(d, names, tag):
+    return [np.fromfile(d / f"{n}{tag}.out", dt) for n, dt in names]
+
+
+@pytest.mark.parametrize("case", ROWS_CASES)
+@pytest.mark.parametrize("outlier", [False, True])
+def test_rows_cooperative_forward_source_matches_three_kernels(rows_binary, tmp_path, case,
+                                                               outlier):
+    """bn_forward_rows_coop, every block a set of threads running at once with
+    the grid barriers between its phases, gives bit for bit what the three
+    tile kernels give, twice on one barrier word (left with its low bits
+    zero), and matches the CPU engine; with outlier pivots the finalize phase
+    sums each channel again."""
+    outer, C, inner, TC, nrb, R, blocks, walk = case
+    rng = np.random.default_rng(outer + C + outlier)
+    x = _rows_input(rng, outer, C, inner, outlier)
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    b = rng.uniform(-1, 1, C).astype(np.float32)
+    rm, rv = np.full(C, 3.0, np.float32), np.full(C, 2.0, np.float32)
+    for a, name in ((x, "x"), (w, "w"), (b, "b"), (rm, "rm"), (rv, "rv")):
+        a.tofile(tmp_path / f"{name}.bin")
+    _run(rows_binary, tmp_path, "forward", outer, C, inner, TC, nrb, R, blocks, walk)
+    names = [("y", np.float32), ("mean", np.float64), ("invstd", np.float64),
+             ("rm", np.float32), ("rv", np.float32)]
+    three, coop = _rows_outputs(tmp_path, names, "3"), _rows_outputs(tmp_path, names, "c")
+    for (n, _), t, c in zip(names, three, coop):
+        assert np.array_equal(t, c), n
+    want_rm, want_rv = rm.copy(), rv.copy()
+    want = bncore.batch_norm_forward(x, w, b, want_rm, want_rv)
+    for g, e in zip(coop, [want[0].reshape(-1), want[1], want[2], want_rm, want_rv]):
+        assert rel(g, e) <= 1e-6
+
+
+@pytest.mark.parametrize("case", ROWS_CASES)
+@pytest.mark.parametrize("training", [1, 0])
+def test_rows_cooperative_backward_source_matches_three_kernels(rows_binary, tmp_path, case,
+                                                                training):
+    outer, C, inner, TC, nrb, R, blocks, walk = case
+    rng = np.random.default_rng(outer + C + 7 * training)
+    x = _rows_input(rng, outer, C, inner, False)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, C)
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    for a, name in ((x, "x"), (dy, "dy"), (w, "w64"), (mean, "mean"), (invstd, "invstd")):
+        a.tofile(tmp_path / f"{name}.bin")
+    _run(rows_binary, tmp_path, "backward", outer, C, inner, TC, nrb, R, blocks, walk, training)
+    names = [("dx", np.float32), ("dw", np.float64), ("db", np.float64)]
+    three, coop = _rows_outputs(tmp_path, names, "3"), _rows_outputs(tmp_path, names, "c")
+    for (n, _), t, c in zip(names, three, coop):
+        assert np.array_equal(t, c), n
+    want = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=bool(training))
+    for g, e in zip(coop, [want[0].reshape(-1), want[1], want[2]]):
+        assert rel(g, e) <= 1e-6

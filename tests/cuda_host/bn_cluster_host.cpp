@@ -9,24 +9,6 @@
 #include <cstdlib>
 #include <string>
 
-template <typename T>
-static std::vector<T> load(const std::string &path, size_t n) {
-    std::vector<T> v(n);
-    FILE *f = std::fopen(path.c_str(), "rb");
-    if (!f || std::fread(v.data(), sizeof(T), n, f) != n) {
-        std::fprintf(stderr, "cannot read %s\n", path.c_str());
-        std::exit(2);
-    }
-    std::fclose(f);
-    return v;
-}
-
-template <typename T>
-static void save(const std::string &path, const std::vector<T> &v) {
-    FILE *f = std::fopen(path.c_str(), "wb");
-    std::fwrite(v.data(), sizeof(T), v.size(), f);
-    std::fclose(f);
-}
 
 int main(int argc, char **argv) {
     if (argc < 8) return 2;
@@ -37,13 +19,13 @@ int main(int argc, char **argv) {
     size_t n = (size_t)(outer * C * inner);
     double N = (double)(outer * inner);
     long long Q = (outer + BNC_CLUSTER - 1) / BNC_CLUSTER;
-    auto x = load<float>(dir + "x.bin", n);
+    auto x = emu_load<float>(dir + "x.bin", n);
     if (mode == "forward") {
         double momentum = std::atof(argv[6]);
         int unbiased = std::atoi(argv[7]);
         int affine = std::atoi(argv[8]);
-        auto w = load<float>(dir + "w.bin", C), b = load<float>(dir + "b.bin", C);
-        auto rm = load<float>(dir + "rm.bin", C), rv = load<float>(dir + "rv.bin", C);
+        auto w = emu_load<float>(dir + "w.bin", C), b = emu_load<float>(dir + "b.bin", C);
+        auto rm = emu_load<float>(dir + "rm.bin", C), rv = emu_load<float>(dir + "rv.bin", C);
         std::vector<float> y(n);
         std::vector<double> mean(C), invstd(C);
         emu_launch(BNC_CLUSTER * C, BNC_THREADS, BNC_CLUSTER, (size_t)(Q * inner * 4), [&] {
@@ -52,17 +34,17 @@ int main(int argc, char **argv) {
                                       affine ? b.data() : nullptr, rm.data(), rv.data(),
                                       momentum, unbiased, mean.data(), invstd.data());
         });
-        save(dir + "y.out", y);
-        save(dir + "mean.out", mean);
-        save(dir + "invstd.out", invstd);
-        save(dir + "rm.out", rm);
-        save(dir + "rv.out", rv);
+        emu_save(dir + "y.out", y);
+        emu_save(dir + "mean.out", mean);
+        emu_save(dir + "invstd.out", invstd);
+        emu_save(dir + "rm.out", rm);
+        emu_save(dir + "rv.out", rv);
     } else {
         int training = std::atoi(argv[6]);
         int affine = std::atoi(argv[7]);
-        auto dy = load<float>(dir + "dy.bin", n);
-        auto w = load<double>(dir + "w64.bin", C);
-        auto mean = load<double>(dir + "mean.bin", C), invstd = load<double>(dir + "invstd.bin", C);
+        auto dy = emu_load<float>(dir + "dy.bin", n);
+        auto w = emu_load<double>(dir + "w64.bin", C);
+        auto mean = emu_load<double>(dir + "mean.bin", C), invstd = emu_load<double>(dir + "invstd.bin", C);
         std::vector<float> dx(n);
         std::vector<double> dw(C), db(C);
         emu_launch(BNC_CLUSTER * C, BNC_THREADS, BNC_CLUSTER, (size_t)(2 * Q * inner * 4), [&] {
@@ -71,9 +53,9 @@ int main(int argc, char **argv) {
                                         mean.data(), invstd.data(), affine ? w.data() : nullptr,
                                         dw.data(), db.data());
         });
-        save(dir + "dx.out", dx);
-        save(dir + "dw.out", dw);
-        save(dir + "db.out", db);
+        emu_save(dir + "dx.out", dx);
+        emu_save(dir + "dw.out", dw);
+        emu_save(dir + "db.out", db);
     }
     return 0;
 }

@@ -18,6 +18,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -28,8 +29,19 @@
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __cluster_dims__(...)
+#define __launch_bounds__(...)
 
 struct float4 { float x, y, z, w; };
+
+// Cache-hinted loads and stores, fences and atomics: the hints change nothing
+// on the host; fences are sequentially consistent, atomics are the compiler's.
+template <typename T> inline T __ldcg(const T *p) { return *p; }
+template <typename T> inline T __ldcs(const T *p) { return *p; }
+template <typename T> inline void __stcs(T *p, T v) { *p = v; }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned *p, unsigned v) {
+    return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
+}
 struct dim3_ { unsigned x, y, z; };
 
 struct EmuCTA {                              // one CTA's shared memory and barrier
@@ -146,4 +158,55 @@ void emu_launch(unsigned grid, unsigned T, unsigned S, size_t dyn, F kernel) {
         for (auto &th : threads) th.join();
         for (auto *b : bbars) delete b;
     }
+}
+
+// Runs kernel() on a 2-D grid (gx, gy) of T-thread blocks, one block at a
+// time (for kernels without grid-wide synchronization).
+template <typename F>
+void emu_launch_2d(unsigned gx, unsigned gy, unsigned T, F kernel) {
+    for (unsigned by = 0; by < gy; ++by)
+        for (unsigned bx = 0; bx < gx; ++bx) {
+            EmuCluster cluster;
+            cluster.ctas = std::vector<EmuCTA>(1);
+            std::barrier<> cbar(T), bbar(T);
+            cluster.ctas[0].block_barrier = &bbar;
+            cluster.cluster_barrier = &cbar;
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < T; ++t)
+                try {
+                    threads.emplace_back([&, t] {
+                        threadIdx = {t, 0, 0};
+                        blockIdx = {bx, by, 0};
+                        blockDim = {T, 1, 1};
+                        gridDim = {gx, gy, 1};
+                        emu_rank = 0;
+                        emu_cluster = &cluster;
+                        kernel();
+                    });
+                } catch (const std::system_error &e) {
+                    std::fprintf(stderr, "cannot start %u threads: %s\n", T, e.what());
+                    std::_Exit(EMU_NO_THREADS);
+                }
+            for (auto &th : threads) th.join();
+        }
+}
+
+// Raw binary files of the host harnesses' inputs and outputs.
+template <typename T>
+std::vector<T> emu_load(const std::string &path, size_t n) {
+    std::vector<T> v(n);
+    FILE *f = std::fopen(path.c_str(), "rb");
+    if (!f || std::fread(v.data(), sizeof(T), n, f) != n) {
+        std::fprintf(stderr, "cannot read %s\n", path.c_str());
+        std::exit(2);
+    }
+    std::fclose(f);
+    return v;
+}
+
+template <typename T>
+void emu_save(const std::string &path, const std::vector<T> &v) {
+    FILE *f = std::fopen(path.c_str(), "wb");
+    std::fwrite(v.data(), sizeof(T), v.size(), f);
+    std::fclose(f);
 }
