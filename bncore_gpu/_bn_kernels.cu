@@ -717,8 +717,7 @@ __device__ __forceinline__ void bn_grid_sync(unsigned int* bar) {
         unsigned int add = blockIdx.x == 0 ? 0x80000000u - (gridDim.x - 1) : 1u;
         __threadfence();                 // this block's writes, before it arrives
         unsigned int old = atomicAdd(bar, add);
-        volatile unsigned int* v = bar;
-        while (((old ^ *v) & 0x80000000u) == 0) {
+        while (((old ^ dev_ld_volatile(bar)) & 0x80000000u) == 0) {
 #if __CUDA_ARCH__ >= 700
             __nanosleep(64);
 #endif

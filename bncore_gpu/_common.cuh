@@ -13,6 +13,14 @@
 #define BNC_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
 #endif
 
+// A load that always goes to memory (a grid barrier's spin); tests/cuda_host
+// makes it an atomic load, which is what ThreadSanitizer can reason about.
+#ifndef BNC_HOST_EMULATION
+__device__ __forceinline__ unsigned int dev_ld_volatile(const unsigned int* p) {
+    return *(const volatile unsigned int*)p;
+}
+#endif
+
 // Storage types: float, double, and unsigned short holding IEEE binary16;
 // arithmetic in float64.
 __device__ __forceinline__ double dev_ld(const float* p) { return (double)(*p); }

@@ -10,8 +10,9 @@ runs the same kernels on an H100.)
 The float4 rows kernels of _bn_kernels.cu run the same way: the three-kernel
 training path block by block, and the cooperative kernels with every block of
 their grid running at once, grid barriers included; the two must agree bit for
-bit and match the CPU engine (ThreadSanitizer is not run on those: their
-barrier spins on a volatile read, a race by the C++ model)."""
+bit and match the CPU engine, and ThreadSanitizer must find no race between
+blocks across the grid barriers (on the host the barrier's spin is an atomic
+load)."""
 import os
 import shutil
 import subprocess
@@ -44,14 +45,18 @@ def _require_cxx20_barrier(tmp):
         pytest.skip(f"{CXX} has no C++20 <barrier>: {proc.stderr.strip()[-200:]}")
 
 
-def _build(tmp_path_factory, name):
-    """tests/cuda_host/NAME.cpp built with warnings as errors; its path."""
+def _build(tmp_path_factory, name, tsan=False):
+    """tests/cuda_host/NAME.cpp built with warnings as errors, or for
+    ThreadSanitizer (skipped where the toolchain has none); its path."""
     _require_cxx20_barrier(tmp_path_factory.mktemp("probe"))
-    exe = tmp_path_factory.mktemp("cuda_host") / name
-    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Werror",
-                           "-Wno-unknown-pragmas",
+    exe = tmp_path_factory.mktemp("cuda_host") / (name + "_tsan" * tsan)
+    flags = (["-g", "-fsanitize=thread", "-Wno-tsan"] if tsan
+             else ["-Wall", "-Werror", "-Wno-unknown-pragmas"])
+    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-pthread", *flags,
                            "-o", str(exe), os.path.join(HERE, "cuda_host", f"{name}.cpp")],
                           capture_output=True, text=True, timeout=300)
+    if tsan and proc.returncode != 0:
+        pytest.skip(f"no ThreadSanitizer build: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return str(exe)
 
@@ -128,14 +133,7 @@ def test_backward_cluster_source_matches_cpu(host_binary, tmp_path, shape, train
 
 @pytest.fixture(scope="module")
 def tsan_binary(tmp_path_factory):
-    _require_cxx20_barrier(tmp_path_factory.mktemp("probe"))
-    exe = tmp_path_factory.mktemp("cuda_host_tsan") / "bn_cluster_host_tsan"
-    proc = subprocess.run([CXX, "-std=c++20", "-O1", "-g", "-pthread", "-fsanitize=thread",
-                           "-o", str(exe), os.path.join(HERE, "cuda_host", "bn_cluster_host.cpp")],
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-        pytest.skip(f"no ThreadSanitizer build: {proc.stderr.strip()[-300:]}")
-    return str(exe)
+    return _build(tmp_path_factory, "bn_cluster_host", tsan=True)
 
 
 @pytest.mark.parametrize("mode", ["forward", "backward"])
@@ -155,8 +153,12 @@ def test_cluster_source_has_no_data_race(tsan_binary, tmp_path, mode):
     for name, a in files.items():
         a.tofile(tmp_path / f"{name}.bin")
     args = [0.1, 1, 1] if mode == "forward" else [1, 1]
+    _run_tsan(tsan_binary, mode, tmp_path, 16, 2, 32, *args)
+
+
+def _run_tsan(exe, mode, d, *args):
     env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
-    proc = subprocess.run([tsan_binary, mode, str(tmp_path), "16", "2", "32", *map(str, args)],
+    proc = subprocess.run([exe, mode, str(d), *map(str, args)],
                           capture_output=True, text=True, timeout=600, env=env)
     if proc.returncode == NO_THREADS:
         pytest.skip(f"this machine refused the threads of a cluster: {proc.stderr.strip()}")
@@ -277,3 +279,29 @@ def test_rows_cooperative_backward_source_matches_three_kernels(rows_binary, tmp
     want = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=bool(training))
     for g, e in zip(coop, [want[0].reshape(-1), want[1], want[2]]):
         assert rel(g, e) <= 1e-6
+
+
+@pytest.fixture(scope="module")
+def rows_tsan_binary(tmp_path_factory):
+    return _build(tmp_path_factory, "bn_rows_host", tsan=True)
+
+
+@pytest.mark.parametrize("mode", ["forward", "backward"])
+def test_rows_cooperative_source_has_no_data_race(rows_tsan_binary, tmp_path, mode):
+    """Under ThreadSanitizer, what one block of a cooperative kernel writes in a
+    phase (partial sums, per-channel constants) is ordered by the grid barrier
+    before other blocks read it (a kernel without its second barrier is
+    reported as a data race here), and the three tile kernels' shared-memory
+    trees are ordered by their __syncthreads."""
+    outer, C, inner, TC, nrb, R, blocks, walk = ROWS_CASES[0]
+    rng = np.random.default_rng(5)
+    x = _rows_input(rng, outer, C, inner, False)
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    files = {"x": x, "w": np.ones(C, np.float32), "b": np.zeros(C, np.float32),
+             "rm": np.zeros(C, np.float32), "rv": np.ones(C, np.float32),
+             "dy": rng.standard_normal(x.shape).astype(np.float32), "w64": np.ones(C),
+             "mean": mean, "invstd": invstd}
+    for name, a in files.items():
+        a.tofile(tmp_path / f"{name}.bin")
+    extra = [1] if mode == "backward" else []
+    _run_tsan(rows_tsan_binary, mode, tmp_path, outer, C, inner, TC, nrb, R, blocks, walk, *extra)

@@ -42,6 +42,7 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 inline unsigned atomicAdd(unsigned *p, unsigned v) {
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);
 }
+inline unsigned dev_ld_volatile(const unsigned *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
 struct dim3_ { unsigned x, y, z; };
 
 struct EmuCTA {                              // one CTA's shared memory and barrier
