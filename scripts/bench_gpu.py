@@ -132,6 +132,14 @@ def bn_cases(bw: float) -> List[dict]:
     x = rng.standard_normal((256, 1024), dtype=cupy.float32)
     dy = rng.standard_normal((256, 1024), dtype=cupy.float32)
     rows += _bn_rows("(256,1024)", x, dy, bw, bncore_gpu, torch, F)
+    # float16 channels-last (models run in half): the scalar rows kernels, three
+    # launches (the cooperative and float4 kernels take float32 only), beside
+    # cuDNN's half NHWC batch norm
+    x, dy = bn_arrays((32, 64, 56, 56), True)
+    x, dy = x.astype(cupy.float16), dy.astype(cupy.float16)     # (astype keeps NHWC)
+    rows += _bn_rows("(32,64,56,56) channels-last float16", x, dy, bw, bncore_gpu, torch, F)
+    del x, dy
+    _free()
     # the statistics' second pass: every channel's pivot (its first value) an
     # outlier, so bn_finalize_train sums each channel again (forward only)
     for layout in ("NCHW", "channels-last"):
@@ -189,7 +197,7 @@ def _bn_rows(label, x, dy, bw, bncore_gpu, torch, F, backward: bool = True) -> L
         rows.append(dict(case=f"bn backward {label}{', cluster' * bwd['cluster']}", **bwd))
         cases.append(("backward", rows[1],
                       lambda: bncore_gpu.batch_norm_backward(dy, x, mean, invstd, w)))
-    if "channels-last" in label or x.ndim == 2:
+    if x.dtype == cupy.float32 and ("channels-last" in label or x.ndim == 2):
         # the three kernels instead of the one cooperative launch (the same
         # tiles and sums: bitwise the same), with their elementwise pass
         # walking the rows first to last in one wave (the default), and
