@@ -38,7 +38,10 @@ ROWS_BLOCKS_PER_SM = 8        # row blocks of the rows vec4 elementwise kernels,
 # bn_tile_rows in _bn_kernels.cu; the cooperative kernels always do). Off: on
 # an H100 (2026-11-28, fourth session, run 3) it gave nothing on the one
 # GPU-bound case, (128,256,28,28) channels-last: forward 0.137 ms both ways,
-# backward 0.207 against 0.204 for the one-wave walk, first row to last.
+# backward 0.207 against 0.204 for the one-wave walk, first row to last. The
+# host-bound shapes went both ways, by about 20% each ((256,1024) 0.087 / 0.081
+# against 0.109 / 0.101; (32,64,56,56) channels-last backward 0.106 against
+# 0.088), which a host-bound row's noise can do; one run cannot settle it.
 ROWS_L2_REUSE = False
 MAX_GRID_Y = 65535
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
@@ -98,18 +101,23 @@ CLUSTER_KERNELS = _switch_setting(os.environ.get("BNCORE_GPU_CLUSTER"))
 # The training forward and backward of the float32 rows layout (channels-last,
 # 2-D) in one cooperative launch each instead of three kernels
 # (bn_forward_rows_coop and bn_backward_rows_coop in _bn_kernels.cu: the same
-# tiles and sums, so bitwise the same results, tested on an H100). Measured
-# there (2026-11-28, fourth session, run 3), one launch against three:
-# (32,64,56,56) channels-last forward 0.068 against 0.113 ms, backward 0.068
-# against 0.106; (256,1024) 0.053 / 0.043 against 0.087 / 0.081;
-# (128,256,28,28) channels-last 0.140 / 0.199 against 0.137 / 0.207. Slower in
-# one case: data whose every channel needs the outlier-pivot second pass, 0.263
-# against 0.111 ms at (32,64,56,56) (not understood yet). Compute capability
+# tiles and sums, so bitwise the same results, tested on an H100 at a0b7712).
+# Measured there (2026-11-28, fourth session, run 3), one launch against the
+# three kernels with their default one-wave walk: (32,64,56,56) channels-last
+# forward 0.068 against 0.114 ms, backward 0.068 against 0.088; (256,1024)
+# 0.053 / 0.043 against 0.109 / 0.101; (128,256,28,28) channels-last 0.140 /
+# 0.199 against 0.137 / 0.204. Slower in one case: data whose every channel
+# needs the outlier-pivot second pass, 0.263 against 0.109 ms at (32,64,56,56)
+# (not understood yet). Compute capability
 # 9.x only, as the cluster kernels; BNCORE_GPU_ROWS_COOP=0 at import (or
 # ROWS_COOP = False) keeps the three kernels.
 ROWS_COOP = _switch_setting(os.environ.get("BNCORE_GPU_ROWS_COOP"), "BNCORE_GPU_ROWS_COOP")
 _ATTR_COOPERATIVE_LAUNCH = 95  # cudaDevAttrCooperativeLaunch
 _coop_blocks = {}             # (device, kernel name) -> blocks resident at once (0: none)
+_coop_refused = set()         # devices that refused a cooperative launch: none from then on
+# CUDA's answers that mean "no cooperative launch of this grid here" (a refusal,
+# not a fault): CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, CUDA_ERROR_NOT_SUPPORTED
+_COOP_REFUSALS = (720, 801)
 # the cooperative kernels' barrier words, per host thread: {(device, stream): word}
 _barriers = threading.local()
 _ATTR_OPTIN_SMEM = 97         # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -358,9 +366,11 @@ def _launch_cluster(name: str, C: int, args, smem: int) -> bool:
 
 def _coop_capacity(name: str) -> int:
     """Blocks of 256 threads of cooperative kernel `name` that this device holds
-    at once (0: no cooperative path here: off, not compute capability 9.x, or
-    no cooperative launches)."""
+    at once (0: no cooperative path on this device: not compute capability
+    9.x, no cooperative launches, or one refused already)."""
     dev = cupy.cuda.runtime.getDevice()
+    if dev in _coop_refused:
+        return 0
     n = _coop_blocks.get((dev, name))
     if n is None:
         n = 0
@@ -410,16 +420,19 @@ def _rows_coop(name: str, outer: int, C: int, inner: int, arrays):
 
 def _launch_coop(name: str, blocks: int, args) -> bool:
     """Launch cooperative kernel `name`; False (and the three kernels from then
-    on, with a warning) when this device refuses it."""
+    on for every call on this device, with one warning) when the device
+    refuses it. Any other error (a fault left by an earlier kernel, a bug in
+    the arguments) propagates."""
     dev = cupy.cuda.runtime.getDevice()
     try:
         _kernel(name).kernel((blocks,), (256,), args, shared_mem=0,
                              enable_cooperative_groups=True)
         return True
-    except RuntimeError as exc:   # CUDA's refusal (CuPy's CUDA errors are RuntimeErrors);
-        # a bug in the arguments (TypeError, ValueError) is not a refusal and propagates
-        _coop_blocks[(dev, name)] = 0
-        warnings.warn(f"bncore_gpu: cooperative kernel {name} unavailable on device {dev} "
+    except RuntimeError as exc:   # CuPy's CUDA errors are RuntimeErrors with a status
+        if getattr(exc, "status", None) not in _COOP_REFUSALS:
+            raise
+        _coop_refused.add(dev)
+        warnings.warn(f"bncore_gpu: cooperative kernel {name} refused on device {dev} "
                       f"({type(exc).__name__}: {exc}); using three kernels",
                       RuntimeWarning, stacklevel=3)
         return False

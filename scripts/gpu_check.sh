@@ -49,8 +49,17 @@ fi
 export BNCORE_EXAMPLE_DATASET="$DATASET"
 echo "example dataset: $DATASET"
 
-# (timeouts: a kernel that hangs, e.g. at a grid barrier, must not take the whole lease)
-timeout 900 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
+# Every step has a time limit (seconds; about twice what it takes on an H100), so
+# that a kernel that hangs, e.g. at a grid barrier, cannot take the whole lease;
+# a step that runs out says TIMED OUT.
+limited() {      # limited SECONDS NAME COMMAND...: run it; exit status 124 means out of time
+    local secs=$1 name=$2; shift 2
+    timeout -k 15 "$secs" "$@"
+    local rc=$?
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && echo "$name TIMED OUT after $secs s" >&2
+    return $rc
+}
+limited 240 "GPU tests" $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
     tests/test_gpu_distributed.py tests/test_distributed.py \
     "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" \
     tests/test_example_cnn.py -k "gpu and not cluster" 2>&1 | tee "$OUT/tests.log" | tail -25
@@ -60,36 +69,37 @@ test_rc=${PIPESTATUS[0]}
 # the single-read cluster kernels' own tests (bncore_gpu/_bn_cluster_kernels.cu), on
 # its own so that a failure there cannot stop the tests above
 echo "== cluster kernel tests (at ${SECONDS} s)"
-timeout 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
+limited 90 "cluster tests" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
     | tee "$OUT/tests_cluster.log" | tail -8
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
 
 echo "== bncore check --gpu (at ${SECONDS} s)"
-$PY -m bncore.cli check --gpu --json "$SCRATCH/check.json" > "$OUT/check.log" 2>&1 \
+limited 90 "bncore check --gpu" $PY -m bncore.cli check --gpu --json "$SCRATCH/check.json" \
+    > "$OUT/check.log" 2>&1 \
     || { status=1; echo "bncore check --gpu FAILED"; }
 grep -E " gpu |FAIL|checks on" "$OUT/check.log" | tail -25
 
 if [ -f examples/train_cnn.py ] && [ -z "${SKIP_EXAMPLE:-}" ]; then
     echo "== example on the GPU"
-    timeout 300 $PY examples/train_cnn.py --dataset "$DATASET" --device gpu --epochs 3 \
+    limited 120 "example" $PY examples/train_cnn.py --dataset "$DATASET" --device gpu --epochs 3 \
         --no-progress --compare-torch --compare-steps 20 \
         > "$OUT/example.log" 2>&1 || { status=1; echo "example FAILED"; }
     tail -12 "$OUT/example.log"
 fi
 
 echo "== GPU benchmark (at ${SECONDS} s)"
-timeout 400 $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
+limited 240 "GPU benchmark" $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
     || { status=1; tail -30 "$OUT/bench.err"; }
 
 echo "== host time per call (at ${SECONDS} s)"
-timeout 200 $PY scripts/gpu_host_profile.py --channels-last > "$OUT/host_profile.txt" 2>&1 \
+limited 90 "host profile" $PY scripts/gpu_host_profile.py --channels-last > "$OUT/host_profile.txt" 2>&1 \
     || { status=1; echo "gpu_host_profile.py FAILED"; tail -20 "$OUT/host_profile.txt"; }
 
 echo
 echo "================ summary (${SECONDS} s) ================"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
 grep -E "passed|failed|error" "$OUT/tests_cluster.log" | tail -1 | sed 's/^/cluster kernels: /'
-grep -hE "^(cluster|3-kernel|3 kernels) " "$OUT/bench.err" 2>/dev/null | head -4
+grep -hE "^(cluster|3-kernel|3 kernels)[ ,]|TIMED OUT" "$OUT/bench.err" 2>/dev/null | head -6
 sed -n '/^host time per call/,$p' "$OUT/host_profile.txt"
 echo
 cat "$OUT/bench.txt"

@@ -238,10 +238,17 @@ def test_rows_cooperative_forward_source_matches_three_kernels(rows_binary, tmp_
     the grid barriers between its phases, gives bit for bit what the three
     tile kernels give, twice on one barrier word (left with its low bits
     zero), and matches the CPU engine; with outlier pivots the finalize phase
-    sums each channel again."""
+    sums each channel again (where there are rows enough for the first value
+    to be an outlier: checked below)."""
     outer, C, inner, TC, nrb, R, blocks, walk = case
     rng = np.random.default_rng(outer + C + outlier)
     x = _rows_input(rng, outer, C, inner, outlier)
+    if outlier and outer >= 20:
+        # the finalize's condition for the second pass: the pivot more than
+        # 3.9 standard deviations (s2 > 16 M2) from the channel's mean
+        xd = x.astype(np.float64)
+        dev = np.abs(xd[0, :, 0] - xd.mean(axis=(0, 2))) / xd.std(axis=(0, 2))
+        assert (dev > 3.9).all()
     w = rng.uniform(0.5, 1.5, C).astype(np.float32)
     b = rng.uniform(-1, 1, C).astype(np.float32)
     rm, rv = np.full(C, 3.0, np.float32), np.full(C, 2.0, np.float32)
@@ -261,18 +268,24 @@ def test_rows_cooperative_forward_source_matches_three_kernels(rows_binary, tmp_
 
 @pytest.mark.parametrize("case", ROWS_CASES)
 @pytest.mark.parametrize("training", [1, 0])
+@pytest.mark.parametrize("wdtype", [np.float32, np.float64])
 def test_rows_cooperative_backward_source_matches_three_kernels(rows_binary, tmp_path, case,
-                                                                training):
+                                                                training, wdtype):
+    """bn_backward_rows_coop<float> and <double> (weight and parameter
+    gradients in float32 or float64) against the three tile kernels, bit for
+    bit, and the CPU engine."""
     outer, C, inner, TC, nrb, R, blocks, walk = case
     rng = np.random.default_rng(outer + C + 7 * training)
     x = _rows_input(rng, outer, C, inner, False)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    w = rng.uniform(0.5, 1.5, C)
+    w = rng.uniform(0.5, 1.5, C).astype(wdtype)
     _, mean, invstd = bncore.batch_norm_forward(x)
-    for a, name in ((x, "x"), (dy, "dy"), (w, "w64"), (mean, "mean"), (invstd, "invstd")):
+    wname = "w32" if wdtype == np.float32 else "w64"
+    for a, name in ((x, "x"), (dy, "dy"), (w, wname), (mean, "mean"), (invstd, "invstd")):
         a.tofile(tmp_path / f"{name}.bin")
-    _run(rows_binary, tmp_path, "backward", outer, C, inner, TC, nrb, R, blocks, walk, training)
-    names = [("dx", np.float32), ("dw", np.float64), ("db", np.float64)]
+    _run(rows_binary, tmp_path, "backward", outer, C, inner, TC, nrb, R, blocks, walk, training,
+         int(wdtype == np.float32))
+    names = [("dx", np.float32), ("dw", wdtype), ("db", wdtype)]
     three, coop = _rows_outputs(tmp_path, names, "3"), _rows_outputs(tmp_path, names, "c")
     for (n, _), t, c in zip(names, three, coop):
         assert np.array_equal(t, c), n
@@ -303,5 +316,5 @@ def test_rows_cooperative_source_has_no_data_race(rows_tsan_binary, tmp_path, mo
              "mean": mean, "invstd": invstd}
     for name, a in files.items():
         a.tofile(tmp_path / f"{name}.bin")
-    extra = [1] if mode == "backward" else []
+    extra = [1, 0] if mode == "backward" else []
     _run_tsan(rows_tsan_binary, mode, tmp_path, outer, C, inner, TC, nrb, R, blocks, walk, *extra)

@@ -469,9 +469,19 @@ def test_channels_last_rows_kernels_loop_over_their_rows(l2_reuse, monkeypatch):
     loop over rows, either through the reduction's tiles from their last row to
     their first (ROWS_L2_REUSE, training) or in one wave of row blocks
     (ROWS_BLOCKS_PER_SM per SM), fewer than the shape's row groups; y (training
-    and eval), dx, dweight and dbias must still match the CPU engine."""
+    and eval), dx, dweight and dbias must still match the CPU engine. (The three
+    kernels' path: the cooperative one, where it applies, walks its own way.)"""
     from bncore_gpu import batch_norm as gbn
     monkeypatch.setattr(gbn, "ROWS_L2_REUSE", l2_reuse)
+    monkeypatch.setattr(gbn, "ROWS_COOP", False)
+    walked = []
+    real = gbn._elementwise
+
+    def spy(kind, srcs, dst, outer, C, inner, consts, after_reduction=False):
+        walked.append((kind, after_reduction))
+        return real(kind, srcs, dst, outer, C, inner, consts, after_reduction)
+
+    monkeypatch.setattr(gbn, "_elementwise", spy)
     rng = np.random.default_rng(31)
     shape = (32, 64, 56, 56)
     x = np.ascontiguousarray(_offset_data(rng, shape).transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
@@ -499,6 +509,8 @@ def test_channels_last_rows_kernels_loop_over_their_rows(l2_reuse, monkeypatch):
     for got, exp in zip((y, m, s, dx, dw, db, ye), want):
         assert rel(cupy.asnumpy(got), exp) <= 1e-6
     assert y.strides == x.strides and dx.strides == x.strides and ye.strides == x.strides
+    # training's two passes after a reduction (where ROWS_L2_REUSE applies), eval's not
+    assert walked == [("apply", True), ("dx", True), ("apply", False)]
 
 
 def test_cluster_kernels_respect_the_devices_shared_memory(cluster_kernels, monkeypatch):
@@ -744,6 +756,9 @@ def test_a_refused_cooperative_launch_falls_back_to_three_kernels(monkeypatch):
     assert cap > 0
     real_kernel = gbn._kernel
 
+    class Refusal(RuntimeError):       # as CuPy's CUDADriverError: a RuntimeError with a status
+        status = 720
+
     class Refusing:
         def __init__(self, k):
             self.k = k
@@ -751,7 +766,7 @@ def test_a_refused_cooperative_launch_falls_back_to_three_kernels(monkeypatch):
         @property
         def kernel(self):
             def launch(*a, **kw):
-                raise RuntimeError("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE (simulated)")
+                raise Refusal("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE (simulated)")
             return launch
 
         def __call__(self, *a, **kw):
@@ -759,11 +774,46 @@ def test_a_refused_cooperative_launch_falls_back_to_three_kernels(monkeypatch):
 
     monkeypatch.setattr(gbn, "_kernel", lambda n: Refusing(real_kernel(n)) if "coop" in n
                         else real_kernel(n))
+    monkeypatch.setattr(gbn, "_coop_refused", set())
     with pytest.warns(RuntimeWarning, match="using three kernels"):
         got = bncore_gpu.batch_norm_forward(xg)
-    assert gbn._coop_blocks[(cupy.cuda.runtime.getDevice(), name)] == 0
+    # refused once: no cooperative kernel on this device from then on, the
+    # backward's included (one warning, not one per kernel)
+    assert gbn._coop_capacity(name) == 0
+    assert gbn._coop_capacity("bn_backward_rows_coop<float>") == 0
     for a, b_ in zip(got, want):
         assert np.array_equal(cupy.asnumpy(a), cupy.asnumpy(b_))
+
+
+def test_a_cuda_fault_at_a_cooperative_launch_is_raised_not_hidden(monkeypatch):
+    """Only a refusal (a grid too large, no support) means three kernels; any
+    other CUDA error, such as a fault an earlier kernel left behind, propagates
+    and leaves the cooperative path on."""
+    from bncore_gpu import batch_norm as gbn
+    _coop_or_skip(gbn)
+    rng = np.random.default_rng(46)
+    xg = _nhwc_pair(rng, (4, 16, 5, 5))[0]
+    monkeypatch.setattr(gbn, "_coop_refused", set())
+    real_kernel = gbn._kernel
+
+    class Fault(RuntimeError):
+        status = 700                    # CUDA_ERROR_ILLEGAL_ADDRESS
+
+    class Faulting:
+        def __init__(self, k):
+            self.k = k
+
+        @property
+        def kernel(self):
+            def launch(*a, **kw):
+                raise Fault("CUDA_ERROR_ILLEGAL_ADDRESS (simulated)")
+            return launch
+
+    monkeypatch.setattr(gbn, "_kernel", lambda n: Faulting(real_kernel(n)) if "coop" in n
+                        else real_kernel(n))
+    with pytest.raises(Fault):
+        bncore_gpu.batch_norm_forward(xg)
+    assert gbn._coop_capacity("bn_forward_rows_coop<float>") > 0
 
 
 @pytest.mark.parametrize("cc, hopper", [("80", False), ("90", True), ("100", False)])
@@ -812,7 +862,9 @@ def test_rows_coop_kernels_from_two_threads_at_once():
     from bncore_gpu import batch_norm as gbn
     _coop_or_skip(gbn)
     rng = np.random.default_rng(47)
-    xs = [_nhwc_pair(rng, (16, 32, 6, 6))[0] for _ in range(2)]
+    # 16 row tiles: 16 blocks per launch, so that both threads' grids fit on
+    # the device at once (a barrier word shared between them would then show)
+    xs = [_nhwc_pair(rng, (1, 32, 4, 4))[0] for _ in range(2)]
     want = [cupy.asnumpy(bncore_gpu.batch_norm_forward(x)[0]) for x in xs]
     bad = []
 

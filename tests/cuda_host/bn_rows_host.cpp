@@ -6,9 +6,10 @@
 // all). Inputs and outputs are raw files in a directory; outputs of the three
 // kernels end in 3.out, of the cooperative kernel in c.out.
 //   bn_rows_host forward  DIR outer C inner TC nRB R blocks walkR
-//   bn_rows_host backward DIR outer C inner TC nRB R blocks walkR training
+//   bn_rows_host backward DIR outer C inner TC nRB R blocks walkR training wf32
 // (walkR: the three-kernel elementwise pass walks the tiles backwards (1) or
-// grid-strides over the rows with 3 row blocks (0).)
+// grid-strides over the rows with 3 row blocks (0); wf32: weight and the
+// parameter gradients in float32 (1, w32.bin) or float64 (0, w64.bin).)
 #include "cuda_host.h"
 #include "../../bncore_gpu/_bn_kernels.cu"
 
@@ -17,8 +18,53 @@
 #include <string>
 
 
+// The backward both ways, weight and parameter gradients in PT.
+template <typename PT>
+static void backward(const std::string &dir, const std::vector<PT> &w,
+                     const std::vector<float> &dy, const std::vector<float> &x,
+                     const std::vector<double> &mean, const std::vector<double> &invstd,
+                     long long outer, int C, long long inner, int TC, int nRB, long long R,
+                     unsigned blocks, long long R3, unsigned rows_y, int training,
+                     unsigned &bar) {
+    long long P4 = (long long)C * inner / 4;
+    unsigned ntile = (unsigned)((P4 + TC - 1) / TC);
+    size_t n = (size_t)(outer * C * inner), npart = (size_t)(4 * P4 * nRB);
+    int M = (int)(inner * nRB);
+    double N = (double)(outer * inner);
+    const float4 *x4 = (const float4 *)x.data(), *dy4 = (const float4 *)dy.data();
+    std::vector<float> dx(n);
+    std::vector<double> pa(npart), pb(npart), g(C), a(C), k(C);
+    std::vector<PT> dw(C), db(C);
+    emu_launch_2d(ntile, nRB, BN_THREADS, [&] {
+        bn_dy_sums_rows_vec4(dy4, x4, outer, inner, P4, TC, R, nRB, mean.data(), pa.data(),
+                             pb.data());
+    });
+    emu_launch_2d(C, 1, BN_THREADS, [&] {
+        bn_finalize_backward<PT>(C, M, pa.data(), pb.data(), N, training, invstd.data(),
+                                 w.data(), dw.data(), db.data(), g.data(), a.data(), k.data());
+    });
+    emu_launch_2d(ntile, rows_y, BN_THREADS, [&] {
+        bn_dx_rows_vec4(dy4, x4, (float4 *)dx.data(), outer, P4, inner, TC, R3, mean.data(),
+                        g.data(), a.data(), k.data());
+    });
+    emu_save(dir + "dx3.out", dx), emu_save(dir + "dw3.out", dw), emu_save(dir + "db3.out", db);
+    for (int launch = 0; launch < 2; ++launch) {
+        std::vector<float> dxc(n, -1.0f);
+        std::vector<PT> dwc(C, (PT)1e30), dbc(C, (PT)1e30);
+        std::vector<double> work(2 * npart + 3 * C, 1e300);
+        emu_launch(blocks, BN_THREADS, blocks, 0, [&] {
+            bn_backward_rows_coop<PT>(dy4, x4, (float4 *)dxc.data(), outer, inner, P4, TC, R, nRB,
+                                      C, N, training, mean.data(), invstd.data(), w.data(),
+                                      dwc.data(), dbc.data(), work.data(), &bar);
+        });
+        emu_save(dir + "dxc.out", dxc), emu_save(dir + "dwc.out", dwc);
+        emu_save(dir + "dbc.out", dbc);
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 11) return 2;
+    if (std::string(argv[1]) == "backward" && argc < 13) return 2;
     std::string mode = argv[1], dir = std::string(argv[2]) + "/";
     long long outer = std::atoll(argv[3]);
     int C = std::atoi(argv[4]);
@@ -77,39 +123,18 @@ int main(int argc, char **argv) {
         }
     } else {
         int training = std::atoi(argv[11]);
+        int wf32 = std::atoi(argv[12]);
         auto dy = emu_load<float>(dir + "dy.bin", n);
-        auto w = emu_load<double>(dir + "w64.bin", C);
         auto mean = emu_load<double>(dir + "mean.bin", C), invstd = emu_load<double>(dir + "invstd.bin", C);
-        const float4 *dy4 = (const float4 *)dy.data();
-        std::vector<float> dx(n);
-        std::vector<double> pa(npart), pb(npart), dw(C), db(C), g(C), a(C), k(C);
-        emu_launch_2d(ntile, nRB, BN_THREADS, [&] {
-            bn_dy_sums_rows_vec4(dy4, x4, outer, inner, P4, TC, R, nRB, mean.data(), pa.data(),
-                                 pb.data());
-        });
-        emu_launch_2d(C, 1, BN_THREADS, [&] {
-            bn_finalize_backward<double>(C, M, pa.data(), pb.data(), N, training, invstd.data(),
-                                         w.data(), dw.data(), db.data(), g.data(), a.data(),
-                                         k.data());
-        });
-        emu_launch_2d(ntile, rows_y, BN_THREADS, [&] {
-            bn_dx_rows_vec4(dy4, x4, (float4 *)dx.data(), outer, P4, inner, TC, R3, mean.data(),
-                            g.data(), a.data(), k.data());
-        });
-        emu_save(dir + "dx3.out", dx), emu_save(dir + "dw3.out", dw), emu_save(dir + "db3.out", db);
-        for (int launch = 0; launch < 2; ++launch) {
-            std::vector<float> dxc(n, -1.0f);
-            std::vector<double> dwc(C, 1e300), dbc(C, 1e300), work(2 * npart + 3 * C, 1e300);
-            emu_launch(blocks, BN_THREADS, blocks, 0, [&] {
-                bn_backward_rows_coop<double>(dy4, x4, (float4 *)dxc.data(), outer, inner, P4, TC,
-                                              R, nRB, C, N, training, mean.data(), invstd.data(),
-                                              w.data(), dwc.data(), dbc.data(), work.data(), &bar);
-            });
-            if (bar & 0x7FFFFFFFu) {
-                std::fprintf(stderr, "barrier word left at %#x\n", bar);
-                return 3;
-            }
-            emu_save(dir + "dxc.out", dxc), emu_save(dir + "dwc.out", dwc), emu_save(dir + "dbc.out", dbc);
+        if (wf32)
+            backward<float>(dir, emu_load<float>(dir + "w32.bin", C), dy, x, mean, invstd, outer,
+                            C, inner, TC, nRB, R, blocks, R3, rows_y, training, bar);
+        else
+            backward<double>(dir, emu_load<double>(dir + "w64.bin", C), dy, x, mean, invstd,
+                             outer, C, inner, TC, nRB, R, blocks, R3, rows_y, training, bar);
+        if (bar & 0x7FFFFFFFu) {
+            std::fprintf(stderr, "barrier word left at %#x\n", bar);
+            return 3;
         }
     }
     return 0;
