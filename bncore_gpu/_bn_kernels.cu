@@ -602,6 +602,10 @@ __device__ __forceinline__ BnRows bn_tile_rows(long long outer, long long R, int
     long long hi = lo + R < outer ? lo + R : outer;
     return BnRows{hi - 1 - phase, lo - 1, -(long long)RPI};
 }
+// all rows, first to last, shared by the gridDim.y row blocks of one wave
+__device__ __forceinline__ BnRows bn_wave_rows(long long outer, int phase, int RPI) {
+    return BnRows{(long long)blockIdx.y * RPI + phase, outer, (long long)gridDim.y * RPI};
+}
 
 // y = (x - mean) scale + shift over rows `w` of float4 column j4; the
 // constants are read through L2 (the cooperative kernel wrote them).
@@ -668,10 +672,8 @@ __global__ void bn_apply_rows_vec4(const float4* __restrict__ x, float4* __restr
         bn_apply_walk4<true>(x, y, P4, inner, j4, bn_tile_rows(outer, R, blockIdx.y, phase, RPI),
                              mean, scale, shift);
     else
-        bn_apply_walk4<false>(x, y, P4, inner, j4,
-                              BnRows{(long long)blockIdx.y * RPI + phase, outer,
-                                     (long long)gridDim.y * RPI},
-                              mean, scale, shift);
+        bn_apply_walk4<false>(x, y, P4, inner, j4, bn_wave_rows(outer, phase, RPI), mean,
+                              scale, shift);
 }
 
 __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __restrict__ x,
@@ -686,10 +688,8 @@ __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __r
         bn_dx_walk4<true>(dy, x, dx, P4, inner, j4, bn_tile_rows(outer, R, blockIdx.y, phase, RPI),
                           mean, g, a, k);
     else
-        bn_dx_walk4<false>(dy, x, dx, P4, inner, j4,
-                           BnRows{(long long)blockIdx.y * RPI + phase, outer,
-                                  (long long)gridDim.y * RPI},
-                           mean, g, a, k);
+        bn_dx_walk4<false>(dy, x, dx, P4, inner, j4, bn_wave_rows(outer, phase, RPI), mean,
+                           g, a, k);
 }
 
 // ---------------------------------------------------------------- rows, one cooperative kernel

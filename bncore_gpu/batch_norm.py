@@ -306,6 +306,16 @@ def _elementwise(kind: str, srcs, dst, outer: int, C: int, inner: int, consts,
                                             np.int64(inner), *consts))
 
 
+def _hopper_with(dev: int, attribute: int) -> bool:
+    """Whether device `dev` is a Hopper GPU (compute capability 9.x) that has
+    `attribute` (cluster or cooperative launches). The single-launch kernels
+    (cluster, cooperative) have run on Hoppers alone; later architectures
+    have these launches too, but keep the three kernels until the kernels
+    have been tested there."""
+    return (90 <= int(cupy.cuda.Device(dev).compute_capability) < 100
+            and bool(cupy.cuda.runtime.deviceGetAttribute(attribute, dev)))
+
+
 def _cluster_cap() -> int:
     """Bytes of data one CTA of a cluster kernel may hold on this device: 0
     outside compute capability 9.x or without cluster launches, else
@@ -315,11 +325,7 @@ def _cluster_cap() -> int:
     if cap is None:
         rt = cupy.cuda.runtime
         cap = 0
-        # Hopper (compute capability 9.x) only: the kernels have run on an H200
-        # alone; later architectures also launch clusters, but keep the
-        # three-kernel path until the cluster kernels have been tested there
-        if (90 <= int(cupy.cuda.Device(dev).compute_capability) < 100
-                and rt.deviceGetAttribute(_ATTR_CLUSTER_LAUNCH, dev)):
+        if _hopper_with(dev, _ATTR_CLUSTER_LAUNCH):
             optin = int(rt.deviceGetAttribute(_ATTR_OPTIN_SMEM, dev))
             cap = max(0, min(CLUSTER_SMEM, optin - CLUSTER_STATIC_SMEM))
         _cluster_caps[dev] = cap
@@ -374,9 +380,7 @@ def _coop_capacity(name: str) -> int:
     n = _coop_blocks.get((dev, name))
     if n is None:
         n = 0
-        rt = cupy.cuda.runtime
-        if (90 <= int(cupy.cuda.Device(dev).compute_capability) < 100
-                and rt.deviceGetAttribute(_ATTR_COOPERATIVE_LAUNCH, dev)):
+        if _hopper_with(dev, _ATTR_COOPERATIVE_LAUNCH):
             fn = _kernel(name).kernel
             n = _loader.sm_count() * int(
                 cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.ptr, 256, 0))
@@ -401,21 +405,27 @@ def _barrier_word():
     return w
 
 
-def _rows_coop(name: str, outer: int, C: int, inner: int, arrays):
-    """The cooperative rows path's (ntile, row blocks, R, TC, blocks), or None
-    where it does not apply: ROWS_COOP off, planes layout, not float32 with
-    16-byte alignment, or no cooperative launch on this device."""
+def _rows_coop(name: str, view, C: int, n: float, arrays, args, nconst: int) -> bool:
+    """Run cooperative kernel `name` over the float4 rows tiles of `arrays`
+    (its array arguments, in order; `args` its arguments between the shape
+    and the work buffer), with a work buffer of the partial sums and `nconst`
+    per-channel vectors. False where the cooperative path does not apply
+    (ROWS_COOP off, planes layout, not float32 with 16-byte alignment, no
+    cooperative launch on this device) or the device refuses it."""
+    outer, inner = view.outer, view.inner
     if not ROWS_COOP or inner >= ROWS_MIN_INNER:
-        return None
-    TC = _rows_vec4_tile(C * inner, *arrays)
-    if not TC:
-        return None
-    cap = _coop_capacity(name)
+        return False
+    P = C * inner
+    TC = _rows_vec4_tile(P, *arrays)
+    cap = _coop_capacity(name) if TC else 0
     if not cap:
-        return None
-    ntile = -(-(C * inner // 4) // TC)
+        return False
+    ntile = -(-(P // 4) // TC)
     nrb, R = _row_blocks(outer, ntile)
-    return ntile, nrb, R, TC, min(ntile * nrb, cap)
+    return _launch_coop(name, min(ntile * nrb, cap), (
+        *arrays, np.int64(outer), np.int64(inner), np.int64(P // 4), np.int32(TC), np.int64(R),
+        np.int32(nrb), np.int32(C), np.float64(n), *args, _empty64(2 * P * nrb + nconst * C),
+        _barrier_word()))
 
 
 def _launch_coop(name: str, blocks: int, args) -> bool:
@@ -467,19 +477,11 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
             (xf, yf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
              np.float64(n), np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv),
              np.float64(momentum), np.int32(bool(unbiased_running_var)), mean, invstd), smem)
-        coop_name = f"bn_forward_rows_coop<{ptn}>"
-        coop = (_rows_coop(coop_name, view.outer, C, view.inner, (xf, yf))
-                if training and x.size and not clustered else None)
-        if coop:
-            ntile, nrb, R, TC, blocks = coop
-            P = C * view.inner
-            clustered = _launch_coop(coop_name, blocks, (
-                xf, yf, np.int64(view.outer), np.int64(view.inner), np.int64(P // 4),
-                np.int32(TC), np.int64(R), np.int32(nrb), np.int32(C), np.float64(n),
-                np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), np.float64(momentum),
-                np.int32(bool(unbiased_running_var)), mean, invstd,
-                _empty64(2 * P * nrb + 2 * C), _barrier_word()))
-        if not clustered:         # (the one kernel wrote y, mean, invstd, running stats)
+        one_kernel = clustered or (training and x.size > 0 and _rows_coop(
+            f"bn_forward_rows_coop<{ptn}>", view, C, n, (xf, yf),
+            (np.float64(eps), _ptr(w), _ptr(b), _ptr(rm), _ptr(rv), np.float64(momentum),
+             np.int32(bool(unbiased_running_var)), mean, invstd), 2))
+        if not one_kernel:        # (the one kernel wrote y, mean, invstd, running stats)
             scale, shift = _empty64(C), _empty64(C)
             if training:
                 s1, s2, M = _partial_sums("stats", xf, None, view.outer, C, view.inner)
@@ -499,7 +501,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
             running_mean[...] = rm
         if training and rv is not running_var:
             running_var[...] = rv
-        if x.size and not clustered:
+        if x.size and not one_kernel:
             _elementwise("apply", (xf,), yf, view.outer, C, view.inner, (mean, scale, shift),
                          after_reduction=training)
     return _finish_output(target, out), mean, invstd
@@ -548,17 +550,9 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
             (dyf, xf, dxf, np.int64(view.outer), np.int32(C), np.int64(view.inner // 4),
              np.float64(n), np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight,
              dbias), smem)
-        coop_name = f"bn_backward_rows_coop<{_CTYPES[kdtype]}>"
-        coop = None if done else _rows_coop(coop_name, view.outer, C, view.inner,
-                                             (dyf, xf, dxf))
-        if coop:
-            ntile, nrb, R, TC, blocks = coop
-            P = C * view.inner
-            done = _launch_coop(coop_name, blocks, (
-                dyf, xf, dxf, np.int64(view.outer), np.int64(view.inner), np.int64(P // 4),
-                np.int32(TC), np.int64(R), np.int32(nrb), np.int32(C), np.float64(n),
-                np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight, dbias,
-                _empty64(2 * P * nrb + 3 * C), _barrier_word()))
+        done = done or _rows_coop(
+            f"bn_backward_rows_coop<{_CTYPES[kdtype]}>", view, C, n, (dyf, xf, dxf),
+            (np.int32(bool(training)), mean64, invstd64, _ptr(w), dweight, dbias), 3)
         if not done:
             _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w,
                               dweight, dbias)

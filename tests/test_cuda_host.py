@@ -143,17 +143,23 @@ def test_cluster_source_has_no_data_race(tsan_binary, tmp_path, mode):
     missing cluster barrier is reported as a data race here)."""
     rng = np.random.default_rng(3)
     shape = (16, 2, 32)                    # every CTA of the cluster holds planes
-    x = _offset_data(rng, shape)
-    C = shape[1]
+    _write_plain_inputs(tmp_path, rng, _offset_data(rng, shape))
+    args = [0.1, 1, 1] if mode == "forward" else [1, 1]
+    _run_tsan(tsan_binary, mode, tmp_path, 16, 2, 32, *args)
+
+
+def _write_plain_inputs(d, rng, x):
+    """Every input file either mode of a harness reads, for x: unit weights,
+    zero bias, zero-mean unit-variance running statistics, a random dy and
+    x's own mean and invstd."""
+    C = x.shape[1]
     _, mean, invstd = bncore.batch_norm_forward(x)
     files = {"x": x, "w": np.ones(C, np.float32), "b": np.zeros(C, np.float32),
              "rm": np.zeros(C, np.float32), "rv": np.ones(C, np.float32),
-             "dy": rng.standard_normal(shape).astype(np.float32), "w64": np.ones(C),
+             "dy": rng.standard_normal(x.shape).astype(np.float32), "w64": np.ones(C),
              "mean": mean, "invstd": invstd}
     for name, a in files.items():
-        a.tofile(tmp_path / f"{name}.bin")
-    args = [0.1, 1, 1] if mode == "forward" else [1, 1]
-    _run_tsan(tsan_binary, mode, tmp_path, 16, 2, 32, *args)
+        a.tofile(d / f"{name}.bin")
 
 
 def _run_tsan(exe, mode, d, *args):
@@ -308,13 +314,6 @@ def test_rows_cooperative_source_has_no_data_race(rows_tsan_binary, tmp_path, mo
     trees are ordered by their __syncthreads."""
     outer, C, inner, TC, nrb, R, blocks, walk = ROWS_CASES[0]
     rng = np.random.default_rng(5)
-    x = _rows_input(rng, outer, C, inner, False)
-    _, mean, invstd = bncore.batch_norm_forward(x)
-    files = {"x": x, "w": np.ones(C, np.float32), "b": np.zeros(C, np.float32),
-             "rm": np.zeros(C, np.float32), "rv": np.ones(C, np.float32),
-             "dy": rng.standard_normal(x.shape).astype(np.float32), "w64": np.ones(C),
-             "mean": mean, "invstd": invstd}
-    for name, a in files.items():
-        a.tofile(tmp_path / f"{name}.bin")
+    _write_plain_inputs(tmp_path, rng, _rows_input(rng, outer, C, inner, False))
     extra = [1, 0] if mode == "backward" else []
     _run_tsan(rows_tsan_binary, mode, tmp_path, outer, C, inner, TC, nrb, R, blocks, walk, *extra)

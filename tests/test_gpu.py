@@ -739,6 +739,37 @@ def test_rows_coop_kernels_run_again_on_the_same_barrier_word():
     assert word & 0x7FFFFFFF == 0          # no arrivals left over between launches
 
 
+def _coop_launches_raise(monkeypatch, gbn, status, what):
+    """From here on every cooperative launch raises what CuPy raises for CUDA
+    error `status` (a RuntimeError carrying it); other kernels run. No device
+    has refused one yet. Returns the exception type."""
+    class CudaError(RuntimeError):
+        pass
+
+    CudaError.status = status
+    real_kernel = gbn._kernel
+
+    class Raising:                       # a Function object: its ptr, then the launch fails
+        def __init__(self, fn):
+            self.ptr = fn.ptr
+
+        def __call__(self, *a, **kw):
+            raise CudaError(f"{what} (simulated)")
+
+    class Kernel:
+        def __init__(self, k):
+            self.k = k
+
+        @property
+        def kernel(self):
+            return Raising(self.k.kernel)
+
+    monkeypatch.setattr(gbn, "_kernel", lambda n: Kernel(real_kernel(n)) if "coop" in n
+                        else real_kernel(n))
+    monkeypatch.setattr(gbn, "_coop_refused", set())
+    return CudaError
+
+
 def test_a_refused_cooperative_launch_falls_back_to_three_kernels(monkeypatch):
     """A device that refuses the cooperative launch (a grid too large, no
     support) gets a warning once and the three kernels from then on, with the
@@ -754,27 +785,7 @@ def test_a_refused_cooperative_launch_falls_back_to_three_kernels(monkeypatch):
     name = "bn_forward_rows_coop<float>"
     cap = gbn._coop_capacity(name)
     assert cap > 0
-    real_kernel = gbn._kernel
-
-    class Refusal(RuntimeError):       # as CuPy's CUDADriverError: a RuntimeError with a status
-        status = 720
-
-    class Refusing:
-        def __init__(self, k):
-            self.k = k
-
-        @property
-        def kernel(self):
-            def launch(*a, **kw):
-                raise Refusal("CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE (simulated)")
-            return launch
-
-        def __call__(self, *a, **kw):
-            return self.k(*a, **kw)
-
-    monkeypatch.setattr(gbn, "_kernel", lambda n: Refusing(real_kernel(n)) if "coop" in n
-                        else real_kernel(n))
-    monkeypatch.setattr(gbn, "_coop_refused", set())
+    _coop_launches_raise(monkeypatch, gbn, 720, "CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE")
     with pytest.warns(RuntimeWarning, match="using three kernels"):
         got = bncore_gpu.batch_norm_forward(xg)
     # refused once: no cooperative kernel on this device from then on, the
@@ -793,25 +804,8 @@ def test_a_cuda_fault_at_a_cooperative_launch_is_raised_not_hidden(monkeypatch):
     _coop_or_skip(gbn)
     rng = np.random.default_rng(46)
     xg = _nhwc_pair(rng, (4, 16, 5, 5))[0]
-    monkeypatch.setattr(gbn, "_coop_refused", set())
-    real_kernel = gbn._kernel
-
-    class Fault(RuntimeError):
-        status = 700                    # CUDA_ERROR_ILLEGAL_ADDRESS
-
-    class Faulting:
-        def __init__(self, k):
-            self.k = k
-
-        @property
-        def kernel(self):
-            def launch(*a, **kw):
-                raise Fault("CUDA_ERROR_ILLEGAL_ADDRESS (simulated)")
-            return launch
-
-    monkeypatch.setattr(gbn, "_kernel", lambda n: Faulting(real_kernel(n)) if "coop" in n
-                        else real_kernel(n))
-    with pytest.raises(Fault):
+    fault = _coop_launches_raise(monkeypatch, gbn, 700, "CUDA_ERROR_ILLEGAL_ADDRESS")
+    with pytest.raises(fault):
         bncore_gpu.batch_norm_forward(xg)
     assert gbn._coop_capacity("bn_forward_rows_coop<float>") > 0
 
