@@ -394,15 +394,33 @@ def _barrier_word():
     stream do, but a stream handle does not name one stream in every thread
     (the per-thread default stream's handle is the same in all of them, each
     thread's stream running beside the others'), so each thread keeps its own
-    words, and a thread's words go with it."""
+    words, and a thread's words go with it.
+
+    None while the stream captures a CUDA graph: the caller then takes the
+    three kernels, which keep no state between launches. A captured
+    cooperative kernel would carry this stream's word into the graph, and the
+    graph may be replayed on any stream, beside this one's own calls (and a
+    new word's zeroing would only be recorded, not run)."""
+    stream = cupy.cuda.get_current_stream()
+    if _capturing(stream):
+        return None
     words = getattr(_barriers, "words", None)
     if words is None:
         words = _barriers.words = {}
-    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    key = (cupy.cuda.runtime.getDevice(), stream.ptr)
     w = words.get(key)
     if w is None:
         w = words[key] = cupy.zeros(1, np.uint32)
     return w
+
+
+def _capturing(stream) -> bool:
+    """Whether `stream` is capturing a CUDA graph (True also when CUDA cannot
+    say, e.g. the legacy stream while another stream captures globally)."""
+    try:
+        return bool(stream.is_capturing())
+    except Exception:             # noqa: BLE001 - unknown: assume capture, take no risk
+        return True
 
 
 def _rows_coop(name: str, view, C: int, n: float, arrays, args, nconst: int) -> bool:
@@ -411,7 +429,8 @@ def _rows_coop(name: str, view, C: int, n: float, arrays, args, nconst: int) -> 
     and the work buffer), with a work buffer of the partial sums and `nconst`
     per-channel vectors. False where the cooperative path does not apply
     (ROWS_COOP off, planes layout, not float32 with 16-byte alignment, no
-    cooperative launch on this device) or the device refuses it."""
+    cooperative launch on this device, a CUDA graph being captured) or the
+    device refuses it."""
     outer, inner = view.outer, view.inner
     if not ROWS_COOP or inner >= ROWS_MIN_INNER:
         return False
@@ -420,12 +439,15 @@ def _rows_coop(name: str, view, C: int, n: float, arrays, args, nconst: int) -> 
     cap = _coop_capacity(name) if TC else 0
     if not cap:
         return False
+    word = _barrier_word()
+    if word is None:
+        return False
     ntile = -(-(P // 4) // TC)
     nrb, R = _row_blocks(outer, ntile)
     return _launch_coop(name, min(ntile * nrb, cap), (
         *arrays, np.int64(outer), np.int64(inner), np.int64(P // 4), np.int32(TC), np.int64(R),
         np.int32(nrb), np.int32(C), np.float64(n), *args, _empty64(2 * P * nrb + nconst * C),
-        _barrier_word()))
+        word))
 
 
 def _launch_coop(name: str, blocks: int, args) -> bool:

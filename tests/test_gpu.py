@@ -847,6 +847,49 @@ def test_rows_coop_barrier_words_are_per_host_thread():
     assert theirs[0] is not mine
 
 
+@pytest.mark.parametrize("answer", ["capturing", "cannot say"])
+def test_rows_coop_kernels_stay_out_of_cuda_graph_captures(monkeypatch, answer):
+    """While the current stream captures a CUDA graph (or CUDA cannot say
+    whether it does), a channels-last training forward and backward take the
+    three kernels: a captured cooperative kernel would carry the stream's
+    barrier word into a graph that may be replayed on any stream, and a new
+    word's zeroing would only be recorded. No word is made for that stream;
+    the results are the three kernels' own."""
+    from bncore_gpu import batch_norm as gbn
+    _coop_or_skip(gbn)
+    rng = np.random.default_rng(48)
+    xg, dyg = _nhwc_pair(rng, (4, 16, 5, 5))[:2]
+    monkeypatch.setattr(gbn, "ROWS_COOP", False)
+    want = bncore_gpu.batch_norm_forward(xg)
+    want += bncore_gpu.batch_norm_backward(dyg, xg, want[1], want[2])
+    monkeypatch.setattr(gbn, "ROWS_COOP", True)
+    real_stream = cupy.cuda.get_current_stream()
+
+    class Capturing:                     # the current stream, as CUDA reports it
+        ptr = real_stream.ptr
+
+        def is_capturing(self):
+            if answer == "cannot say":   # e.g. the legacy stream during a global capture
+                raise RuntimeError("cudaErrorStreamCaptureImplicit (simulated)")
+            return True
+
+    launched = []
+    real = gbn._launch_coop
+    monkeypatch.setattr(gbn, "_launch_coop",
+                        lambda name, blocks, args: launched.append(name) or real(name, blocks,
+                                                                                  args))
+    monkeypatch.setattr(gbn._barriers, "words", {})
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: Capturing())
+    got = bncore_gpu.batch_norm_forward(xg)
+    got += bncore_gpu.batch_norm_backward(dyg, xg, got[1], got[2])
+    assert launched == [] and gbn._barriers.words == {}
+    for a, b_ in zip(got, want):
+        assert np.array_equal(cupy.asnumpy(a), cupy.asnumpy(b_))
+    monkeypatch.setattr(cupy.cuda, "get_current_stream", lambda: real_stream)
+    bncore_gpu.batch_norm_forward(xg)    # the capture over: one launch again
+    assert launched == ["bn_forward_rows_coop<float>"]
+
+
 def test_rows_coop_kernels_from_two_threads_at_once():
     """Two host threads each on their own stream (per-thread default streams
     where CuPy offers them) run channels-last training forwards at the same

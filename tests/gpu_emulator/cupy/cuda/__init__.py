@@ -60,6 +60,9 @@ class driver:  # noqa: N801
 class _Stream:
     ptr = 0                   # the legacy default stream
 
+    def is_capturing(self):
+        return False          # no CUDA graphs here
+
 
 def get_current_stream():
     return _Stream()
