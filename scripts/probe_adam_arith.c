@@ -1,5 +1,5 @@
 /* Where Adam's time goes on this CPU: the arithmetic of one float32 Adam step
- * in four precisions, timed in cache (pure compute, ns per element per thread)
+ * in five precisions, timed in cache (pure compute, ns per element per thread)
  * and over 10M parameters in huge-page memory (compute or memory, whichever
  * binds), beside an in-place a += b moving the same 28 bytes per parameter.
  *
@@ -14,6 +14,12 @@
  *   hybrid     m and v in float64 (one rounding each); the denominator
  *              sqrt(v)+eps from the stored float32 v, the step and p in float32
  *   f32        everything in float32, as torch's fused CPU kernel
+ *   comp32     float32 arithmetic with the blend weights (beta, 1 - beta) as
+ *              hi + lo float32 pairs (m and v then within about 1 ulp of their
+ *              float64 values): what a float32 path that keeps m and v accurate
+ *              would cost. Not Adam's one rounding for p: where p - step
+ *              cancels (p near the step), p's error is the float32 step's
+ *              (BENCHMARKS.md, 2026-11-28 fifth session)
  */
 #include <math.h>
 #include <omp.h>
@@ -69,6 +75,22 @@ static void f32(float *restrict p, const float *restrict g, float *restrict m,
     }
 }
 
+static void comp32(float *restrict p, const float *restrict g, float *restrict m,
+                   float *restrict v, ptrdiff_t n, const Hyper *h) {
+    float b1h = (float)h->beta1, b1l = (float)(h->beta1 - b1h);
+    float c1h = (float)(1 - h->beta1), c1l = (float)((1 - h->beta1) - c1h);
+    float b2h = (float)h->beta2, b2l = (float)(h->beta2 - b2h);
+    float c2h = (float)(1 - h->beta2), c2l = (float)((1 - h->beta2) - c2h);
+    float kc = (float)sqrt(h->c_out), eps = (float)h->eps, lr = (float)h->lr;
+    for (ptrdiff_t i = 0; i < n; i++) {
+        float gr = g[i], mi = m[i], vi = v[i], gg = gr * gr;
+        float mm = fmaf(b1h, mi, fmaf(c1h, gr, fmaf(b1l, mi, c1l * gr)));
+        float vv = fmaf(b2h, vi, fmaf(c2h, gg, fmaf(b2l, vi, c2l * gg)));
+        m[i] = mm; v[i] = vv;
+        p[i] = p[i] - (lr * mm) / fmaf(sqrtf(vv), kc, eps);
+    }
+}
+
 static void add(float *restrict a, const float *restrict b, float *restrict unused1,
                 float *restrict unused2, ptrdiff_t n, const Hyper *h) {
     (void)unused1; (void)unused2; (void)h;
@@ -103,15 +125,15 @@ static double timed(Kernel k, float **a, ptrdiff_t n, int nt, int reps, const Hy
 int main(int argc, char **argv) {
     int nt = argc > 1 ? atoi(argv[1]) : 2;
     const Hyper h = {0.9, 0.999, 1e-3, 1e-8, 1.0 / (1 - pow(0.999, 10))};
-    const char *names[] = {"f64", "f64-nodiv", "hybrid", "f32"};
-    Kernel kernels[] = {f64, f64_nodiv, hybrid, f32};
+    const char *names[] = {"f64", "f64-nodiv", "hybrid", "f32", "comp32"};
+    Kernel kernels[] = {f64, f64_nodiv, hybrid, f32, comp32};
     ptrdiff_t small = 16384, big = 10000000, nadd = big * 28 / 12;
     float *a[4], *b[4], *c[2];
     for (int j = 0; j < 4; j++) { a[j] = huge(small); b[j] = huge(big); }
     c[0] = huge(nadd); c[1] = huge(nadd);
     float *cc[4] = {c[0], c[1], NULL, NULL};
     printf("%-10s %16s %22s\n", "variant", "in cache ns/elem", "10M params, ms");
-    for (int j = 0; j < 4; j++) {
+    for (int j = 0; j < 5; j++) {
         double t1 = 1e30, t2 = 1e30;
         for (int round = 0; round < 3; round++) {   /* interleave with the others */
             double s = timed(kernels[j], a, small, 1, 2000, &h);

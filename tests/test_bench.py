@@ -67,15 +67,19 @@ def test_short_run_prints_both_floors(tmp_path):
         assert all(t > 0 for t in c["seconds"].values())
 
 
-def test_adam_probe_compiles(tmp_path):
-    """scripts/probe_adam_arith.c (the arithmetic-versus-memory probe quoted in
-    BENCHMARKS.md) builds warning-free with the command its header gives."""
+@pytest.mark.parametrize("probe, flags", [("probe_adam_arith.c", ["-O3", "-fno-math-errno",
+                                                                   "-fopenmp"]),
+                                          ("probe_adam_traj.c", ["-O2", "-ffp-contract=off"])])
+def test_adam_probes_compile(tmp_path, probe, flags):
+    """The Adam probes quoted in BENCHMARKS.md (arithmetic against memory; the
+    float32 trajectories' distance from float64) build warning-free with the
+    flags their headers give."""
     import shutil
     if shutil.which("gcc") is None:
         pytest.skip("no gcc on this machine")
-    src = os.path.join(SCRIPTS, "probe_adam_arith.c")
-    run = subprocess.run(["gcc", "-O3", "-fno-math-errno", "-fopenmp", "-Wall", "-Wextra",
-                          "-Werror", src, "-o", str(tmp_path / "probe"), "-lm"],
+    src = os.path.join(SCRIPTS, probe)
+    run = subprocess.run(["gcc", *flags, "-Wall", "-Wextra", "-Werror", src,
+                          "-o", str(tmp_path / "probe"), "-lm"],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
 
