@@ -345,17 +345,24 @@ cdef inline int _threads(Table t, int nthreads):
 cdef struct Hyper:
     double lr            # learning rate (Adam: lr / bias_correction1, or Keras' alpha)
     double inv_scale     # 1 / grad_scale, times -1 when maximizing
-    double wd            # L2 weight decay, added to the gradient
+    double wd            # L2 weight decay, added to the gradient ...
+    bint l2              # ... where it is not 0 (_grad)
     double decay         # decoupled: p *= decay (1 - lr * wd), applied first
     double post          # ONNX norm_coefficient_post: p *= post after the Adam update
-    # SGD: v = A v + B g;  p -= L (Na g + Nb v)
-    double A, B, L, Na, Nb
+    # SGD: v = A v + B g;  p -= L (Na g + Nb v); without a buffer p -= lr (B0 g)
+    double A, B, L, Na, Nb, B0
     bint read_buf        # the momentum buffer holds a previous value
     # Adam: vm = max(vmax, v * c_in); den = sqrt(vm * c_out + eps_root) + eps
     double beta1, beta2, eps, eps_root, c_in, c_out
     # RMSprop / Adagrad: den = sqrt(d + e_in) + e_out;  momentum: b = mu b + k u, p -= L b
     double alpha, e_in, e_out, mu, k
     bint has_momentum, centered
+
+
+cdef inline double _grad(const gtype* g, Py_ssize_t i, double x, const Hyper* h) noexcept nogil:
+    # the L2 term only where weight decay is on: 0 * x would turn an infinite
+    # parameter's step into NaN (inf - lr g stays inf, as IEEE and torch say)
+    return gload(g, i) * h.inv_scale + h.wd * (x if h.l2 else 0.0)
 
 
 # --------------------------------------------------------------------------
@@ -372,12 +379,12 @@ cdef inline void _sgd_chunk(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
     if b == NULL:
         for i in range(n):
             x = <double>p[i]
-            gr = gload(g, i) * h.inv_scale + h.wd * x
-            p[i] = <ptype>(x * h.decay - h.lr * gr)
+            gr = _grad(g, i, x, h)
+            p[i] = <ptype>(x * h.decay - h.lr * (h.B0 * gr))
         return
     for i in range(n):
         x = <double>p[i]
-        gr = gload(g, i) * h.inv_scale + h.wd * x
+        gr = _grad(g, i, x, h)
         v = <double>b[i] if h.read_buf else 0.0
         v = h.A * v + h.B * gr
         b[i] = <ptype>v
@@ -403,20 +410,23 @@ cdef void _sgd(Table t, const Hyper* h, int nt) noexcept nogil:
 
 def sgd(Table t, double lr, double momentum, double dampening, bint nesterov,
         double weight_decay, bint decoupled, bint maximize, bint first_step, int style,
-        double inv_scale, int nthreads):
+        double inv_scale, int nthreads, bint use_buffers):
     """One SGD step over every tensor of t (params, grads[, momentum_buffers]).
 
     torch:  v = mu v + (1 - dampening) g (first step: v = g, buffer not read)
             p -= lr (g + mu v if nesterov else v)
     keras:  v = mu v + lr g;  p -= (mu v + lr g if nesterov else v)
     onnx:   v = alpha v + beta g (first step: beta = 1);  p -= lr (g + alpha v | v)
+    use_buffers: t holds momentum_buffers (momentum > 0; onnx also with alpha = 0).
+    Without them: p -= lr g (onnx: p -= lr (beta g), the buffer formula at alpha = 0)
     """
     cdef Hyper h
     h.lr = lr
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
+    h.l2 = h.wd != 0.0
     h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
-    h.has_momentum = momentum != 0.0
+    h.has_momentum = use_buffers
     h.A = momentum
     h.Nb = momentum if nesterov else 1.0
     if style == 1:            # Keras: lr inside the buffer
@@ -431,6 +441,7 @@ def sgd(Table t, double lr, double momentum, double dampening, bint nesterov,
         h.B = 1.0 if first_step else 1.0 - dampening
         h.L = lr
         h.Na = 1.0 if nesterov else 0.0
+    h.B0 = h.B if style == 2 else 1.0
     cdef int nt = _threads(t, nthreads)
     with nogil:
         _sgd(t, &h, nt)
@@ -446,7 +457,7 @@ cdef inline void _adam_chunk(ptype* p, const gtype* g, ptype* m, ptype* v, ptype
     if vmax == NULL:
         for i in range(n):
             x = <double>p[i]
-            gr = gload(g, i) * h.inv_scale + h.wd * x
+            gr = _grad(g, i, x, h)
             mm = h.beta1 * <double>m[i] + (1.0 - h.beta1) * gr
             vv = h.beta2 * <double>v[i] + (1.0 - h.beta2) * gr * gr
             m[i] = <ptype>mm
@@ -456,7 +467,7 @@ cdef inline void _adam_chunk(ptype* p, const gtype* g, ptype* m, ptype* v, ptype
         return
     for i in range(n):
         x = <double>p[i]
-        gr = gload(g, i) * h.inv_scale + h.wd * x
+        gr = _grad(g, i, x, h)
         mm = h.beta1 * <double>m[i] + (1.0 - h.beta1) * gr
         vv = h.beta2 * <double>v[i] + (1.0 - h.beta2) * gr * gr
         m[i] = <ptype>mm
@@ -508,6 +519,7 @@ def adam(Table t, Py_ssize_t bias_step, double lr, double beta1, double beta2, d
     cdef double bc2 = 1.0 - pow(beta2, <double>bias_step) if bias_step > 0 else 1.0
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
+    h.l2 = h.wd != 0.0
     h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
     h.post = 1.0 - weight_decay_post
     h.beta1 = beta1
@@ -573,26 +585,26 @@ cdef inline void _rmsprop_chunk(ptype* p, const gtype* g, ptype* sq, ptype* ga, 
     if ga == NULL and buf == NULL:
         for i in range(n):
             x = <double>p[i]
-            gr = gload(g, i) * h.inv_scale + h.wd * x
+            gr = _grad(g, i, x, h)
             s = _rms_sq(sq, i, gr, h)
             p[i] = <ptype>(x * h.decay - h.lr * _rms_step(gr, s, h))
     elif ga == NULL:
         for i in range(n):
             x = <double>p[i]
-            gr = gload(g, i) * h.inv_scale + h.wd * x
+            gr = _grad(g, i, x, h)
             s = _rms_sq(sq, i, gr, h)
             b = _rms_momentum(buf, i, _rms_step(gr, s, h), h)
             p[i] = <ptype>(x * h.decay - h.L * b)
     elif buf == NULL:
         for i in range(n):
             x = <double>p[i]
-            gr = gload(g, i) * h.inv_scale + h.wd * x
+            gr = _grad(g, i, x, h)
             s = _rms_centered(ga, i, gr, _rms_sq(sq, i, gr, h), h)
             p[i] = <ptype>(x * h.decay - h.lr * _rms_step(gr, s, h))
     else:
         for i in range(n):
             x = <double>p[i]
-            gr = gload(g, i) * h.inv_scale + h.wd * x
+            gr = _grad(g, i, x, h)
             s = _rms_centered(ga, i, gr, _rms_sq(sq, i, gr, h), h)
             b = _rms_momentum(buf, i, _rms_step(gr, s, h), h)
             p[i] = <ptype>(x * h.decay - h.L * b)
@@ -634,6 +646,7 @@ def rmsprop(Table t, double lr, double alpha, double eps, double weight_decay, b
     h.lr = lr
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
+    h.l2 = h.wd != 0.0
     h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
     h.alpha = alpha
     h.e_in = eps if eps_inside_sqrt else 0.0
@@ -657,7 +670,7 @@ cdef inline void _adagrad_chunk(ptype* p, const gtype* g, ptype* ss, Py_ssize_t 
     cdef double x, gr, s
     for i in range(n):
         x = <double>p[i]
-        gr = gload(g, i) * h.inv_scale + h.wd * x
+        gr = _grad(g, i, x, h)
         s = <double>ss[i] + gr * gr
         ss[i] = <ptype>s
         p[i] = <ptype>(x * h.decay - h.lr * gr / (sqrt(s + h.e_in) + h.e_out))
@@ -686,6 +699,7 @@ def adagrad(Table t, double clr, double weight_decay, bint decoupled, bint maxim
     h.lr = clr
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
+    h.l2 = h.wd != 0.0
     h.decay = 1.0 - clr * weight_decay if decoupled else 1.0
     h.e_in = eps if eps_inside_sqrt else 0.0
     h.e_out = 0.0 if eps_inside_sqrt else eps

@@ -129,6 +129,13 @@ def sgd_hyper(lr, momentum, dampening, nesterov, weight_decay, style, bufs):
     return lr, momentum, dampening, weight_decay, s
 
 
+def sgd_uses_buffers(momentum: float, style_code: int, bufs) -> bool:
+    """Whether sgd_step reads and writes momentum_buffers: with momentum, and in
+    the ONNX style whenever they are given (ONNX's Momentum writes V = beta g
+    at alpha = 0 too)."""
+    return momentum != 0.0 or (style_code == _SGD_STYLES["onnx"] and bufs is not None)
+
+
 def adam_hyper(lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post, eps_style,
                amsgrad, vmax):
     """Validated (lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post) of adam_step."""
@@ -201,7 +208,10 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
 
     ``decoupled_weight_decay=True`` replaces the L2 term by Keras' decoupled
     decay, ``p = p - lr * weight_decay * p``, applied before the update.
-    Without momentum no buffer is needed: ``p = p - lr * g``.
+    Without momentum no buffer is needed: ``p = p - lr * g``; in the onnx style
+    the formula above still holds at alpha = 0 (``V = beta' g``, ``p = p - lr
+    * V``, beta' = 1 at T == 0), with V written where buffers are given.
+    Weight decay 0 adds no L2 term (so an infinite parameter stays infinite).
     ``step`` (the 1-based step count), when given, decides ``first_step``
     (``step == 1``), as the optimizer classes pass it.
     """
@@ -214,13 +224,14 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
         first_step = _step("step", step, 1) == 1
     skip, inv = amp_args(grad_scale, found_inf)
     nthreads = resolve_num_threads(num_threads)
-    lists = [params, grads, bufs if momentum != 0.0 else None]
+    use_bufs = sgd_uses_buffers(momentum, s, bufs)
+    lists = [params, grads, bufs if use_bufs else None]
     t = _k.gather(lists, ("params", "grads", "momentum_buffers"), (True, False, True), 1,
                   chk.as_array)
     if skip:
         return
     _k.sgd(t, lr, momentum, dampening, bool(nesterov), weight_decay, bool(decoupled_weight_decay),
-           bool(maximize), bool(first_step), s, inv, nthreads)
+           bool(maximize), bool(first_step), s, inv, nthreads, use_bufs)
 
 
 def adam_step(params: ArrayList, grads: ArrayList, exp_avgs: ArrayList, exp_avg_sqs: ArrayList, *,

@@ -63,6 +63,12 @@ __device__ __forceinline__ double mt_step(const double* step, double step_host) 
     return step != nullptr ? *step : step_host;
 }
 
+// the gradient with its L2 term, where weight decay is on: 0 * x would turn
+// an infinite parameter's step into NaN (inf - lr g stays inf, as IEEE says)
+__device__ __forceinline__ double mt_grad(double g, double wd, double x) {
+    return wd != 0.0 ? g + wd * x : g;
+}
+
 // ---------------------------------------------------------------- SGD
 // style 0 torch: v = mu v + (1 - d) g, first step v = g (buffer not read);
 //                p -= lr (g + mu v | v)
@@ -81,6 +87,7 @@ __global__ void mt_sgd(const long long* table, int nops, int n, long long nchunk
     bool read_buf = style == 2 ? true : !first;
     double B = style == 1 ? lr : (first ? 1.0 : 1.0 - dampening);
     double L = style == 1 ? 1.0 : lr;
+    double B0 = style == 2 ? B : 1.0;
     double Na = nesterov ? (style == 1 ? lr : 1.0) : 0.0;
     double Nb = nesterov ? momentum : 1.0;
     double wd = decoupled ? 0.0 : weight_decay;
@@ -92,14 +99,14 @@ __global__ void mt_sgd(const long long* table, int nops, int n, long long nchunk
         P* __restrict__ b = tb.ptr(2, ti) ? (P*)tb.ptr(2, ti) + off : nullptr;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
             double x = dev_ld(p + i);
-            double gr = dev_ld(g + i) * inv + wd * x;
+            double gr = mt_grad(dev_ld(g + i) * inv, wd, x);
             if (b != nullptr) {
                 double v = read_buf ? dev_ld(b + i) : 0.0;
                 v = momentum * v + B * gr;
                 dev_st(b + i, v);
                 dev_st(p + i, x * decay - L * (Na * gr + Nb * v));
-            } else {
-                dev_st(p + i, x * decay - lr * gr);
+            } else {   // no buffer: p -= lr g (onnx: lr (B g), V at alpha = 0, not kept)
+                dev_st(p + i, x * decay - lr * (B0 * gr));
             }
         }
     }
@@ -116,7 +123,7 @@ struct AdamConst {
 __device__ __forceinline__ void adam_elem(const AdamConst& k, float& p, float g, float& m,
                                           float& v) {
     double x = (double)p;
-    double gr = (double)g * k.inv + k.wd * x;
+    double gr = mt_grad((double)g * k.inv, k.wd, x);
     double mm = k.beta1 * (double)m + (1.0 - k.beta1) * gr;
     double vv = k.beta2 * (double)v + (1.0 - k.beta2) * gr * gr;
     m = (float)mm;
@@ -188,7 +195,7 @@ __global__ void mt_adam(const long long* table, int nops, int n, long long nchun
         }
         for (long long i = i0 + threadIdx.x; i < len; i += MT_THREADS) {
             double x = dev_ld(p + i);
-            double gr = dev_ld(g + i) * inv + wd * x;
+            double gr = mt_grad(dev_ld(g + i) * inv, wd, x);
             double mm = beta1 * dev_ld(m + i) + (1.0 - beta1) * gr;
             double vv = beta2 * dev_ld(v + i) + (1.0 - beta2) * gr * gr;
             dev_st(m + i, mm);
@@ -229,7 +236,7 @@ __global__ void mt_rmsprop(const long long* table, int nops, int n, long long nc
         P* __restrict__ buf = tb.ptr(4, ti) ? (P*)tb.ptr(4, ti) + off : nullptr;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
             double x = dev_ld(p + i);
-            double gr = dev_ld(g + i) * inv + wd * x;
+            double gr = mt_grad(dev_ld(g + i) * inv, wd, x);
             double s = alpha * dev_ld(sq + i) + (1.0 - alpha) * gr * gr;
             dev_st(sq + i, s);
             if (ga != nullptr) {
@@ -269,7 +276,7 @@ __global__ void mt_adagrad(const long long* table, int nops, int n, long long nc
         P* __restrict__ h = (P*)tb.ptr(2, ti) + off;
         for (long long i = threadIdx.x; i < len; i += MT_THREADS) {
             double x = dev_ld(p + i);
-            double gr = dev_ld(g + i) * inv + wd * x;
+            double gr = mt_grad(dev_ld(g + i) * inv, wd, x);
             double s = dev_ld(h + i) + gr * gr;
             dev_st(h + i, s);
             dev_st(p + i, x * decay - clr * gr / (sqrt(s + e_in) + e_out));

@@ -119,7 +119,7 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float
         if step_ptr is NULL:
             first_step = host_step == 1
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
-    t = gather([params, grads, bufs if momentum != 0.0 else None],
+    t = gather([params, grads, bufs if _cpu.sgd_uses_buffers(momentum, s, bufs) else None],
                ("params", "grads", "momentum_buffers"), (True, False, True), 1)
     if skip:
         return

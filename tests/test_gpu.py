@@ -552,6 +552,39 @@ def test_gpu_two_norm_of_several_infinities_is_infinite():
     assert bncore.grad_norm([cupy.asnumpy(a) for a in g]) == np.inf
 
 
+@pytest.mark.parametrize("name", ["sgd_step", "adam_step", "rmsprop_step", "adagrad_step"])
+def test_gpu_infinite_parameter_stays_infinite_without_weight_decay(name):
+    """No L2 term at weight_decay 0 (0 * inf is NaN): as on the CPU."""
+    p = np.array([np.inf, -np.inf, 2.0])
+    g = np.array([0.5, -1.0, 0.25])
+    state = {"sgd_step": 0, "adam_step": 2, "rmsprop_step": 1, "adagrad_step": 1}[name]
+    kw = dict(lr=0.1, **({"step": 1} if name in ("adam_step", "adagrad_step") else {}))
+    pc = p.copy()
+    getattr(bncore, name)([pc], [g], *[[np.zeros(3)] for _ in range(state)], **kw)
+    pg = cupy.asarray(p)
+    getattr(bncore_gpu, name)([pg], [cupy.asarray(g)],
+                              *[[cupy.zeros(3)] for _ in range(state)], **kw)
+    assert list(pc[:2]) == [np.inf, -np.inf]
+    np.testing.assert_allclose(cupy.asnumpy(pg), pc, rtol=1e-15)
+
+
+@pytest.mark.parametrize("buffers", [True, False])
+def test_gpu_onnx_momentum_at_alpha_zero_weights_the_gradient_by_beta(buffers):
+    """ONNX Momentum at alpha = 0: V = beta G, X -= R V (not plain SGD), as on the CPU."""
+    rng = np.random.default_rng(49)
+    p, g = rng.standard_normal(5), rng.standard_normal(5)
+    v = rng.standard_normal(5)
+    kw = dict(lr=0.1, momentum=0.0, dampening=0.3, style="onnx", step=3)
+    pc, vc = p.copy(), v.copy()
+    bncore.sgd_step([pc], [g], [vc] if buffers else None, **kw)
+    pg, vg = cupy.asarray(p), cupy.asarray(v)
+    bncore_gpu.sgd_step([pg], [cupy.asarray(g)], [vg] if buffers else None, **kw)
+    np.testing.assert_allclose(pc, p - 0.1 * 0.7 * g, rtol=1e-14)
+    np.testing.assert_allclose(cupy.asnumpy(pg), pc, rtol=1e-15)
+    np.testing.assert_allclose(cupy.asnumpy(vg), vc, rtol=1e-15)
+    np.testing.assert_allclose(vc, 0.7 * g if buffers else v, rtol=1e-15)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), "x"])
 def test_gpu_step_that_raises_changes_nothing(bad):
     p = cupy.asarray(np.ones(4))

@@ -174,3 +174,30 @@ def test_clip_grad_norm_matches_torch(norm_type):
     assert abs(total - float(t_total)) <= 1e-5 * float(t_total)
     for g, p in zip(gs, tparams):
         np.testing.assert_allclose(g, p.grad.numpy(), rtol=2e-6, atol=1e-9)
+
+
+INF_STEPS = {
+    "SGD": (lambda p, g: bncore.sgd_step([p], [g], lr=0.1), dict(lr=0.1)),
+    "Adam": (lambda p, g: bncore.adam_step([p], [g], [np.zeros_like(p)], [np.zeros_like(p)],
+                                           step=1, lr=0.1), dict(lr=0.1)),
+    "RMSprop": (lambda p, g: bncore.rmsprop_step([p], [g], [np.zeros_like(p)], lr=0.1),
+                dict(lr=0.1)),
+    "Adagrad": (lambda p, g: bncore.adagrad_step([p], [g], [np.zeros_like(p)], step=1, lr=0.1),
+                dict(lr=0.1)),
+}
+
+
+@pytest.mark.parametrize("name", list(INF_STEPS))
+def test_an_infinite_parameter_stays_infinite_without_weight_decay(name):
+    """With weight_decay 0 there is no L2 term: 0 * inf would make the step NaN,
+    where IEEE (p - lr g) and torch keep the infinity."""
+    step, kw = INF_STEPS[name]
+    p = np.array([np.inf, -np.inf, 2.0])
+    g = np.array([0.5, -1.0, 0.25])
+    tp = torch.from_numpy(p.copy())
+    opt = getattr(torch.optim, name)([tp], foreach=False, **kw)
+    tp.grad = torch.from_numpy(g.copy())
+    opt.step()
+    step(p, g)
+    np.testing.assert_array_equal(p[:2], [np.inf, -np.inf])
+    np.testing.assert_allclose(p, tp.numpy(), rtol=1e-15)

@@ -326,6 +326,11 @@ def _put(arr, values):
         else values.astype(arr.dtype)
 
 
+def _l2(gr, wd, x):
+    # mt_grad: the L2 term only where weight decay is on (0 * inf would be NaN)
+    return gr + wd * x if wd != 0.0 else gr
+
+
 def mt_sgd(grid, block, table, nops, n, nchunks, lr, momentum, dampening, nesterov, style,
            weight_decay, decoupled, sign, inv_scale, grad_scale, found_inf, step, first_host):
     _expect(grid[0] == nchunks and block[0] == 256, "mt_sgd launch")
@@ -345,14 +350,14 @@ def mt_sgd(grid, block, table, nops, n, nchunks, lr, momentum, dampening, nester
     for t in range(int(n)):
         p, g, b = arr[0][t], arr[1][t], arr[2][t]
         x = p.astype(np.float64)
-        gr = g.astype(np.float64) * inv * sign + wd * x
+        gr = _l2(g.astype(np.float64) * inv * sign, wd, x)
         if b is not None:
             v = b.astype(np.float64) if read_buf else np.zeros_like(x)
             v = momentum * v + B * gr
             _put(b, v)
             _put(p, x * decay - L * (Na * gr + Nb * v))
         else:
-            _put(p, x * decay - lr * gr)
+            _put(p, x * decay - lr * ((B if style == 2 else 1.0) * gr))
 
 
 E["mt_sgd"] = mt_sgd
@@ -380,7 +385,7 @@ def mt_adam(grid, block, table, nops, n, nchunks, lr, beta1, beta2, eps, eps_roo
     for t in range(int(n)):
         p, g, m, v, vmax = (arr[k][t] for k in range(5))
         x = p.astype(np.float64)
-        gr = g.astype(np.float64) * inv * sign + wd * x
+        gr = _l2(g.astype(np.float64) * inv * sign, wd, x)
         mm = beta1 * m.astype(np.float64) + (1 - beta1) * gr
         vv = beta2 * v.astype(np.float64) + (1 - beta2) * gr * gr
         _put(m, mm)
@@ -408,7 +413,7 @@ def mt_rmsprop(grid, block, table, nops, n, nchunks, lr, alpha, e_in, e_out, wei
     for t in range(int(n)):
         p, g, sq, ga, buf = (arr[j][t] for j in range(5))
         x = p.astype(np.float64)
-        gr = g.astype(np.float64) * inv * sign + wd * x
+        gr = _l2(g.astype(np.float64) * inv * sign, wd, x)
         s = alpha * sq.astype(np.float64) + (1 - alpha) * gr * gr
         _put(sq, s)
         if ga is not None:
@@ -440,7 +445,7 @@ def mt_adagrad(grid, block, table, nops, n, nchunks, lr, lr_decay, e_in, e_out, 
     for t in range(int(n)):
         p, g, h = (arr[j][t] for j in range(3))
         x = p.astype(np.float64)
-        gr = g.astype(np.float64) * inv * sign + wd * x
+        gr = _l2(g.astype(np.float64) * inv * sign, wd, x)
         s = h.astype(np.float64) + gr * gr
         _put(h, s)
         _put(p, x * decay - clr * gr / (np.sqrt(s + e_in) + e_out))
