@@ -585,6 +585,29 @@ def test_gpu_onnx_momentum_at_alpha_zero_weights_the_gradient_by_beta(buffers):
     np.testing.assert_allclose(vc, 0.7 * g if buffers else v, rtol=1e-15)
 
 
+@pytest.mark.parametrize("when", ["first step", "momentum switched on"])
+def test_gpu_step_the_kernel_refuses_leaves_no_state_behind(when):
+    """As on the CPU: state a refused step made (entries, buffers made on first
+    use) is forgotten, so the next steps equal a fresh optimizer's."""
+    p0 = np.array([1.0, 2.0, 3.0])
+    grads = [np.array([0.5, -1.0, 2.0]), np.array([0.25, 1.0, -1.0])]
+    p, q = cupy.asarray(p0), cupy.asarray(p0)
+    opt, ref = (bncore_gpu.optim.SGD([a], lr=0.1, momentum=0.9, dampening=0.5) for a in (p, q))
+    if when == "momentum switched on":
+        for o in (opt, ref):
+            o.param_groups[0]["momentum"] = 0.0
+            o.step([cupy.asarray(grads[0])])
+            o.param_groups[0]["momentum"] = 0.9
+    keys = {i: set(s) for i, s in opt.state.items()}
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([cupy.ones(4)])
+    assert {i: set(s) for i, s in opt.state.items()} == keys
+    for g in grads:
+        opt.step([cupy.asarray(g)])
+        ref.step([cupy.asarray(g)])
+    np.testing.assert_array_equal(cupy.asnumpy(p), cupy.asnumpy(q))
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), "x"])
 def test_gpu_step_that_raises_changes_nothing(bad):
     p = cupy.asarray(np.ones(4))

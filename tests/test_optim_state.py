@@ -394,3 +394,124 @@ def test_sgd_fast_path_keeps_torch_semantics_with_mixed_buffers():
             topt.step()
         np.testing.assert_allclose(a, ta.numpy(), rtol=1e-14)
         np.testing.assert_allclose(b, tb.numpy(), rtol=1e-14)
+
+
+# ---- found by review (2026-11-28): state left by a refused step, Fortran
+# order through state_dict, 0-d optional state, groups of different dtypes
+
+@pytest.mark.parametrize("cls, kw", [(optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.5)),
+                                     (optim.Adam, dict(lr=0.1, amsgrad=True)),
+                                     (optim.RMSprop, dict(lr=0.01, momentum=0.5,
+                                                          centered=True))])
+@pytest.mark.parametrize("when", ["first step", "option switched on"])
+def test_a_step_the_kernel_refuses_leaves_no_state_behind(cls, kw, when):
+    """The kernel call checks its arrays before writing; the state the step
+    made for it (new entries, buffers added on first use) goes too. Left
+    behind, SGD's zero buffer passed for an old one: the next steps drifted
+    from a fresh optimizer's (and torch's)."""
+    p, q = arrays(1, seed=5)[0], arrays(1, seed=5)[0]
+    grads = arrays(3, seed=6)
+    opt, ref = cls([p], **kw), cls([q], **kw)
+    if when == "option switched on":
+        for o in (opt, ref):            # state exists; the option's buffers do not yet
+            key = "amsgrad" if cls is optim.Adam else "momentum"
+            o.param_groups[0][key] = False if key == "amsgrad" else 0.0
+            o.step([grads[0]])
+            o.param_groups[0][key] = kw[key]
+    before = snapshot(opt, [p])
+    with pytest.raises(ValueError, match="shape"):
+        opt.step([np.ones(p.size + 1)])
+    after = snapshot(opt, [p])
+    assert after[1].keys() == before[1].keys()
+    for i in before[1]:
+        assert after[1][i].keys() == before[1][i].keys()
+    for g in grads[1:]:
+        opt.step([g])
+        ref.step([g])
+    np.testing.assert_array_equal(p, q)
+
+
+def test_state_dict_round_trips_fortran_ordered_parameters(tmp_path):
+    """state_dict keeps each array's memory order, and load_state_dict puts
+    state in its parameter's order (a checkpoint may hold it in C order):
+    the steps after a round trip, through a file too, equal those without."""
+    rng = np.random.default_rng(7)
+    make = lambda: [np.asfortranarray(rng.standard_normal((3, 4))) for _ in range(2)]  # noqa: E731
+    p = make()
+    q = [a.copy(order="F") for a in p]
+    grads = [[np.asfortranarray(g) for g in make()] for _ in range(3)]
+    opt = optim.Adam([{"params": [p[0]]}, {"params": [p[1]], "lr": 0.01}], amsgrad=True)
+    ref = optim.Adam([{"params": [q[0]]}, {"params": [q[1]], "lr": 0.01}], amsgrad=True)
+    for o in (opt, ref):
+        o.step(grads[0])
+    sd = opt.state_dict()
+    assert all(v.flags.f_contiguous for s in sd["state"].values() for k, v in s.items()
+               if k != "step")
+    for s in sd["state"].values():      # as an older checkpoint held them
+        for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            s[k] = np.ascontiguousarray(s[k])
+    opt.load_state_dict(sd)
+    optim.save(opt, str(tmp_path / "ck.npz"))
+    optim.load(opt, str(tmp_path / "ck.npz"))
+    for g in grads[1:]:
+        opt.step(g)
+        ref.step(g)
+    for a, b in zip(p, q):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("cls, name, kw", [(optim.SGD, "momentum_buffer", dict(momentum=0.9)),
+                                           (optim.Adam, "max_exp_avg_sq", dict(amsgrad=True)),
+                                           (optim.RMSprop, "grad_avg", dict(centered=True))])
+def test_optional_state_of_a_0d_parameter_is_checked_at_load(cls, name, kw):
+    """Arrays made on first use are checked like the others, 0-d parameters
+    included: a wrong dtype is refused at load, not at a later step (which,
+    with several groups, could come after another group had stepped)."""
+    p = np.array(1.5)
+    opt = cls([p], lr=0.1, **kw)
+    opt.step([np.array(0.5)])
+    sd = opt.state_dict()
+    sd["state"][0][name] = np.array(0.25, np.float32)
+    with pytest.raises(ValueError, match=name):
+        opt.load_state_dict(sd)
+    sd["state"][0][name] = 0.25            # a number: the parameter's dtype
+    opt.load_state_dict(sd)
+    assert opt.state[0][name].dtype == np.float64 and opt.state[0][name] == 0.25
+    opt.step([np.array(0.5)])
+
+
+def test_groups_of_different_dtypes_step_together():
+    """Each kernel call takes one dtype, but groups may differ (float32 and
+    float64 parameters; float16 and float32 gradients), as in torch; a bad
+    array still stops the step before anything is written, named by its
+    index over all groups."""
+    a, b = np.ones(3, np.float32), np.ones(3)
+    opt = optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1, momentum=0.9)
+    opt.step([np.full(3, 2, np.float32), np.full(3, 2.0)])
+    np.testing.assert_allclose(a, 0.8, rtol=1e-7)
+    np.testing.assert_allclose(b, 0.8, rtol=1e-15)
+    before = snapshot(opt, [a, b])
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(4,\)"):
+        opt.step([np.ones(3, np.float32), np.ones(4)])
+    after = snapshot(opt, [a, b])
+    for x, y in zip(before[0], after[0]):
+        np.testing.assert_array_equal(x, y)
+    c, d = np.ones(3, np.float32), np.ones(3, np.float32)
+    opt = optim.Adam([{"params": [c]}, {"params": [d], "lr": 0.01}])
+    opt.step([np.ones(3, np.float16), np.ones(3, np.float32)])
+    np.testing.assert_allclose(c, 1 - 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(d, 1 - 1e-2, rtol=1e-6)
+
+
+def test_a_group_that_mixes_dtypes_is_refused_before_any_group_steps():
+    """One kernel call per group: a group mixing dtypes is refused, with the
+    step's other groups untouched, whether it comes first or last."""
+    for order in (0, 1):
+        a, b, c = np.ones(3, np.float32), np.ones(3), np.ones(3, np.float32)
+        groups = [{"params": [a]}, {"params": [b, c]}]
+        opt = optim.SGD(groups[::-1] if order else groups, lr=0.1)
+        flat = [p for g in opt.param_groups for p in g["params"]]
+        with pytest.raises(TypeError, match="one parameter group"):
+            opt.step([np.ones_like(p) for p in flat])
+        for p in (a, b, c):
+            np.testing.assert_array_equal(p, 1.0)

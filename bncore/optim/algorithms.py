@@ -41,6 +41,7 @@ class SGD(Optimizer):
 
     kind = "SGD"
     state_arrays = ()      # momentum_buffer is created at its first use
+    optional_arrays = ("momentum_buffer",)
 
     def _nesterov(self, g: Dict[str, Any]) -> bool:
         # optax.sgd(nesterov=True) without momentum is plain SGD (torch raises;
@@ -96,6 +97,7 @@ class Adam(Optimizer):
 
     kind = "Adam"
     state_arrays = ("exp_avg", "exp_avg_sq")
+    optional_arrays = ("max_exp_avg_sq",)
 
     def _check_hyper(self, g: Dict[str, Any]) -> None:
         betas = g["betas"]
@@ -151,6 +153,7 @@ class RMSprop(Optimizer):
 
     kind = "RMSprop"
     state_arrays = ("square_avg",)
+    optional_arrays = ("grad_avg", "momentum_buffer")
 
     def _check_hyper(self, g: Dict[str, Any]) -> None:
         _rules.rmsprop_hyper(g["lr"], g["alpha"], g["eps"], g["weight_decay"], g["momentum"],

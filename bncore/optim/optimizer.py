@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -42,6 +43,8 @@ class Optimizer:
     kind: str = ""
     #: per-parameter state arrays, by name, in kernel-argument order
     state_arrays: Sequence[str] = ()
+    #: state arrays created at their first use (may be absent from a state_dict)
+    optional_arrays: Sequence[str] = ()
     #: the backend: bncore_gpu.optim swaps in CuPy and the CUDA step functions
     _xp = np
     _ops = _cpu_ops
@@ -140,9 +143,41 @@ class Optimizer:
         self._state_params = flat
         return flat
 
-    def _gather_all(self, params, grads) -> None:
+    def _gather_all(self, params, grads, calls) -> None:
         """Check every parameter against its gradient (shape, dtype, aliasing,
-        writability) at once, with indices over all groups."""
+        writability) at once, with indices over all groups, before a step of
+        several kernel calls (`calls`: each call's parameter indices), so that
+        none can fail after another has written. Groups may differ in dtype
+        (each call takes one): then each dtype's parameters are checked
+        together, the messages still counting over all groups, and a call
+        that would mix dtypes is refused."""
+        try:
+            self._gather(params, grads)
+        except TypeError:
+            kinds, kind_of = {}, {}
+            for i, (p, g) in enumerate(zip(params, grads)):
+                kind_of[i] = (str(getattr(p, "dtype", "")), str(getattr(g, "dtype", "")))
+                kinds.setdefault(kind_of[i], []).append(i)
+            if len(kinds) == 1:
+                raise
+            for idx in kinds.values():
+                try:
+                    self._gather([params[i] for i in idx], [grads[i] for i in idx])
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(re.sub(r"\b(params|grads)\[(\d+)\]",
+                                           lambda m: f"{m[1]}[{idx[int(m[2])]}]",
+                                           str(exc))) from None
+            for idx in calls:
+                mixed = [i for i in idx if kind_of[i] != kind_of[idx[0]]]
+                if mixed:
+                    i, j = idx[0], mixed[0]
+                    raise TypeError(
+                        f"params[{i}] ({kind_of[i][0]}, gradient {kind_of[i][1]}) and "
+                        f"params[{j}] ({kind_of[j][0]}, gradient {kind_of[j][1]}) are in one "
+                        "parameter group: a group's parameters share one dtype, and so "
+                        "do its gradients (groups may differ)") from None
+
+    def _gather(self, params, grads) -> None:
         _k.gather([params, grads], ("params", "grads"), (True, False), 1, chk.as_array)
 
     def _flat_params(self) -> List[np.ndarray]:
@@ -229,17 +264,35 @@ class Optimizer:
             # one kernel call checks all its arrays before writing any; several
             # calls are checked together first, so a later one cannot fail
             # after an earlier one has written
-            self._gather_all(params, glist)
+            self._gather_all(params, glist, [c[3] for c in calls])
         if skip:
             return
         for group, gparams, ggrads, idx, step in calls:
+            created = [i for i in idx if i not in self.state]
             for i, p in zip(idx, gparams):
                 if i not in self.state:
                     self.state[i] = self._init_state(p, group)
             states = [self.state[i] for i in idx]
-            self._apply(group, gparams, ggrads, states, step, grad_scale, num_threads)
+            sizes = list(map(len, states))
+            try:
+                self._apply(group, gparams, ggrads, states, step, grad_scale, num_threads)
+            except BaseException:
+                self._forget_new_state(created, states, sizes)
+                raise
             for st in states:
                 st["step"] = step
+
+    def _forget_new_state(self, created, states, sizes) -> None:
+        """Undo the state a step made before its kernel call refused the arrays
+        (the call checks them all before writing any): the entries of `created`
+        and the arrays added to `states` since they had `sizes` entries (dicts
+        keep insertion order: the new arrays are the last ones). Left behind,
+        a zero momentum buffer would pass for an old one at the next step."""
+        for s, n in zip(states, sizes):
+            while len(s) > n:
+                s.popitem()
+        for i in created:
+            self.state.pop(i, None)
 
     # ---- state
     def state_dict(self) -> Dict[str, Any]:
@@ -251,7 +304,9 @@ class Optimizer:
             d = {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}
             d["params"] = list(range(off, off + len(g["params"])))
             groups.append(d)
-        state = {i: {k: (v.copy() if hasattr(v, "copy") and hasattr(v, "shape") else v)
+        # order="K": a Fortran-ordered parameter's state stays Fortran-ordered
+        state = {i: {k: (v.copy(order="K") if hasattr(v, "copy") and hasattr(v, "shape")
+                         else v)
                      for k, v in s.items()}
                  for i, s in self.state.items()}
         return {"optimizer": type(self).__name__, "convention": self.convention,
@@ -314,18 +369,22 @@ class Optimizer:
             if missing:
                 raise ValueError(f"state_dict state[{i}] lacks {sorted(missing)}")
             entry = {}
+            p = params[i]
             for name, v in s.items():
                 if name == "step":
                     entry[name] = self._load_step(chk.count(f"state_dict state[{i}]['step']", v))
-                elif (getattr(v, "ndim", 0) > 0 or name in self.state_arrays
-                      or isinstance(v, (list, tuple))):
-                    if isinstance(v, (list, tuple)):
-                        v = np.asarray(v, dtype=params[i].dtype)
-                    if tuple(v.shape) != tuple(params[i].shape) or v.dtype != params[i].dtype:
+                elif (name in self.state_arrays or name in self.optional_arrays
+                      or hasattr(v, "shape") or isinstance(v, (list, tuple))):
+                    if not hasattr(v, "shape"):       # a list, or a number for a 0-d parameter
+                        v = np.asarray(v, dtype=p.dtype)
+                    if tuple(v.shape) != tuple(p.shape) or v.dtype != p.dtype:
                         raise ValueError(f"state_dict state[{i}][{name!r}] has shape "
                                          f"{tuple(v.shape)} and dtype {v.dtype}; parameter {i} "
-                                         f"has {params[i].shape}, {params[i].dtype}")
-                    entry[name] = self._xp.array(v, copy=True)
+                                         f"has {p.shape}, {p.dtype}")
+                    # in the parameter's memory order, which the kernels require
+                    # (a checkpoint may hold a Fortran parameter's state in C order)
+                    fortran = p.flags.f_contiguous and not p.flags.c_contiguous
+                    entry[name] = self._xp.array(v, copy=True, order="F" if fortran else "C")
                 else:
                     entry[name] = copy.deepcopy(v)
             new_state[i] = entry

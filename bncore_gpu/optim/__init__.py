@@ -36,7 +36,7 @@ class _OnDevice:
     _ops = _ops
     _as_param = staticmethod(_device_param)
 
-    def _gather_all(self, params, grads):
+    def _gather(self, params, grads):
         gather([params, grads], ("params", "grads"), (True, False), 1)
 
     def _load_step(self, v):
@@ -66,7 +66,7 @@ class _OnDevice:
         several groups)."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
         if skip:
-            self._gather_all(params, glist)       # a bad call still raises
+            self._gather_all(params, glist, [])   # a bad call still raises
             return
         dev_found = found_inf if found_inf is not None and _ops.is_device(found_inf) else None
         calls, counters, fresh_counter, created = [], {}, None, []
@@ -96,9 +96,10 @@ class _OnDevice:
         single = len(calls) == 1
         if not single:
             # a later call must not fail after an earlier one has written
-            self._gather_all(params, glist)
+            self._gather_all(params, glist, [idx for _, _, idx in calls])
         for counter in counters.values():
             _ops.step_increment(counter, dev_found)
+        sizes = [len(self.state[i]) for _, _, idx in calls for i in idx]
         try:
             for group, counter, idx in calls:
                 self._apply(group, [params[i] for i in idx], [glist[i] for i in idx],
@@ -112,8 +113,8 @@ class _OnDevice:
                 for c in counters.values():
                     back = 1.0 if dev_found is None else (dev_found.reshape(()) == 0)
                     c[...] = c - back
-                for i in created:
-                    del self.state[i]
+                self._forget_new_state(created, [self.state[i] for _, _, idx in calls
+                                                 for i in idx], sizes)
             raise
 
 

@@ -38,8 +38,8 @@ def asarray(a, dtype=None):
                  else _np.asarray(a, dtype=dtype))
 
 
-def array(a, dtype=None, copy=True):
-    return _wrap(_np.array(a, dtype=dtype, copy=True))
+def array(a, dtype=None, copy=True, order="K"):
+    return _wrap(_np.array(a, dtype=dtype, copy=True, order=order))
 
 
 def asnumpy(a):
