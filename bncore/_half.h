@@ -27,19 +27,28 @@ static inline double bncore_half_load(const uint16_t* p) {
     return (double)(e == 0 ? sub : normal);
 }
 
-/* double -> binary16 through float (float -> half rounds correctly, and a
- * double -> float first can only double-round at exact half-way cases of
- * binary16, which a double reaching here from float32-level arithmetic is
- * not), round to nearest even, branch-free so loops over it vectorize (a
- * _Float16 cast does not: without AVX512-FP16 GCC has no vector type for it):
- * NaN quiet with its top 9 payload bits, overflow to Inf, subnormal halves
- * rounded by a float add at 2^-24. Checked against the compiler's
- * (_Float16)(float) on all 2^32 floats, bit for bit. */
+/* double -> binary16, rounded once to nearest even, branch-free so loops
+ * over it vectorize (a _Float16 cast does not: without AVX512-FP16 GCC has no
+ * vector type for it). First double -> float rounded to odd (truncated, the
+ * last bit set when inexact): with 13 more bits than binary16, the float then
+ * rounds to binary16 as the double itself would (round-to-odd is exact for a
+ * later rounding to 2+ fewer bits). A plain (float) first could round twice:
+ * 1 + 2^-11 + 2^-40 became the tie 1 + 2^-11, then 1 instead of 1 + 2^-10.
+ * Then float -> half: NaN quiet with its top 9 payload bits, overflow to Inf,
+ * subnormal halves rounded by a float add at 2^-24; checked against the
+ * compiler's (_Float16)(float) on all 2^32 floats, bit for bit, and the whole
+ * against NumPy's float64 -> float16 (tests/test_half.py). */
 static inline void bncore_half_store(uint16_t* p, double v) {
     float f = (float)v, mag, sum;
+    double back = (double)f, av = v < 0 ? -v : v, ab = back < 0 ? -back : back;
     uint32_t x, sb;
     memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    /* to odd: one float ulp toward zero where (float) rounded away, then the
+     * sticky bit where it was inexact (a NaN gains it too, below its payload's
+     * top 9 bits: still the same NaN) */
+    ax -= (uint32_t)(ab > av);
+    ax |= (uint32_t)(ab != av);
     uint32_t nan = 0x7e00u | ((ax >> 13) & 0x1ffu);
     memcpy(&mag, &ax, 4);
     sum = mag + 0.5f;

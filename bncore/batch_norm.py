@@ -21,7 +21,8 @@ is a rate of 0.01; :class:`bncore.BatchNorm` converts).
 Numerics: every statistic accumulates in float64, ``x - mean`` is formed in
 float64 before it is scaled, and summation orders are fixed by the shape, so
 results are bitwise identical for every ``num_threads``. float16 inputs are
-computed through float32 copies (exact) and rounded once at the end.
+computed through float64 copies (exact) and rounded once, from float64 to
+float16 (through float32 a value just off a binary16 tie rounded twice).
 """
 from __future__ import annotations
 
@@ -58,10 +59,11 @@ def _f64(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
 
 
 def _kernel_input(view, a: np.ndarray) -> np.ndarray:
-    """`a` in the view's layout and in a kernel dtype (float16 goes via float32)."""
+    """`a` in the view's layout and in a kernel dtype (float16 goes via float64,
+    so that the result is rounded once, from float64 to float16)."""
     a = view.arrange(a)
     if a.dtype == _F16:
-        a = a.astype(_F32, order="K")
+        a = a.astype(_F64, order="K")
     return a
 
 
@@ -75,7 +77,7 @@ def _flat(view, a: np.ndarray) -> np.ndarray:
 def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
     """Where the kernel writes: `out` itself when it has the layout and a
     kernel dtype, else a temporary that the caller copies into `out`."""
-    kdtype = _F32 if dtype == _F16 else dtype
+    kdtype = _F64 if dtype == _F16 else dtype
     if out is not None and out.dtype == kdtype and view.has_layout(out):
         return out
     return view.empty(kdtype)

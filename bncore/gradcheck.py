@@ -88,6 +88,24 @@ def check_settings(mode: str, rtol: float, atol: float, h: float, n_directions: 
     return rtol, atol, h, n_directions
 
 
+def _check_wrt(wrt, n_inputs: int) -> List[int]:
+    """The indices of the inputs to differentiate: all by default; else
+    distinct, in range, and at least one (with none, every check would pass)."""
+    if wrt is None:
+        return list(range(n_inputs))
+    out = []
+    for k in list(wrt):
+        i = chk.count("wrt", k)
+        if i >= n_inputs:
+            raise ValueError(f"wrt names input {i}, but there are {n_inputs} inputs")
+        if i in out:
+            raise ValueError(f"wrt names input {i} twice")
+        out.append(i)
+    if not out:
+        raise ValueError("wrt is empty: nothing to differentiate, every check would pass")
+    return out
+
+
 def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
               vjp: Callable[..., Sequence[np.ndarray]], *, mode: str = "random",
               n_directions: int = 6, h: float = 1e-6, rtol: float = 1e-6,
@@ -115,13 +133,18 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
     """
     rtol, atol, h, n_directions = check_settings(mode, rtol, atol, h, n_directions)
     xs = [np.array(a, dtype=np.float64) for a in inputs]
-    wrt = list(range(len(xs))) if wrt is None else list(wrt)
+    wrt = _check_wrt(wrt, len(xs))
     rng = np.random.default_rng(seed)
     # per-input scale, so the step is relative to the size of the values
     if scales is None:
         scales = [max(1.0, float(np.max(np.abs(xs[i])))) if xs[i].size else 1.0 for i in wrt]
-    elif len(scales) != len(wrt):
-        raise ValueError(f"scales has {len(scales)} entries for {len(wrt)} inputs")
+    else:
+        scales = list(scales)
+        if len(scales) != len(wrt):
+            raise ValueError(f"scales has {len(scales)} entries for {len(wrt)} inputs")
+        # a zero scale makes zero directions and steps: every check would
+        # compare 0 with 0 and pass whatever the gradient
+        scales = [chk.positive(f"scales[{k}]", v) for k, v in enumerate(scales)]
 
     def evaluate(args) -> np.ndarray:
         out = f(*args)
@@ -149,7 +172,9 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
 
     def record(a_val, n_val, scale, input_idx, index):
         err = abs(a_val - n_val)
-        ratio = err / (atol + rtol * scale)
+        tol = atol + rtol * scale
+        # atol = 0 and both values 0 (a constant function): no error, no tolerance
+        ratio = err / tol if tol > 0 else (0.0 if err == 0 else float("inf"))
         if not (np.isfinite(a_val) and np.isfinite(n_val)):
             ratio = float("inf")
         stats["checks"] += 1
@@ -175,7 +200,10 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
             # directional derivative of <u, f> along d, both ways
             numeric = (u @ evaluate(plus) - u @ evaluate(minus)) / (2.0 * h)
             a_val = float(sum(np.sum(g * d) for g, d in zip(grads, ds)))
-            scale = float(sum(np.sum(np.abs(g * d)) for g, d in zip(grads, ds)))
+            # the numeric side counts too (as in full mode): an analytic 0
+            # against a numeric derivative must not leave rtol nothing to scale
+            scale = max(float(sum(np.sum(np.abs(g * d)) for g, d in zip(grads, ds))),
+                        abs(float(numeric)))
             record(a_val, float(numeric), scale, None, None)
     else:
         total = sum(xs[i].size for i in wrt)

@@ -34,10 +34,10 @@ __device__ __forceinline__ double dev_ld(const unsigned short* p) {
     return (double)f;
 }
 __device__ __forceinline__ void dev_st(unsigned short* p, double v) {
-    // via float: binary16 rounding of a float is exact round-to-nearest-even
-    float f = (float)v;
+    // straight from float64, rounded once to nearest-even: through float32
+    // a value just above a binary16 halfway point could round twice, down
     unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    asm("cvt.rn.f16.f64 %0, %1;" : "=h"(h) : "d"(v));
     *p = h;
 }
 #endif

@@ -183,15 +183,31 @@ def test_out_arrays_are_written_and_returned():
         assert np.array_equal(a, b)
 
 
-def test_float16_goes_through_float32_and_rounds_once():
+def test_float16_goes_through_float64_and_rounds_once():
     rng = np.random.default_rng(4)
     x = (rng.standard_normal((6, 3, 8, 8)) * 4 + 20).astype(np.float16)
     y, mean, invstd = bncore.batch_norm_forward(x)
     assert y.dtype == np.float16
     ey = ref_forward(x)[0]
     assert np.array_equal(y, ey.astype(np.float16)) or rel_err(y, ey) < 1e-3
-    y32 = bncore.batch_norm_forward(x.astype(np.float32))[0]
-    assert np.array_equal(y, y32.astype(np.float16))
+    y64 = bncore.batch_norm_forward(x.astype(np.float64))[0]
+    assert np.array_equal(y, y64.astype(np.float16))
+
+
+def test_float16_results_are_not_rounded_twice():
+    """1 + 2^-11 + 2^-40 lies just above the binary16 tie between 1 and
+    1 + 2^-10: rounded once it is 1 + 2^-10; through float32 it became the tie,
+    then 1 (round half to even)."""
+    exact = 1 + 2.0 ** -11 + 2.0 ** -40
+    want = np.float16(1 + 2.0 ** -10)
+    x = np.ones((1, 1), np.float16)
+    eps = 2.0 ** -20
+    y = bncore.batch_norm_forward(x, np.array([exact]), None, np.zeros(1), np.array([1 - eps]),
+                                  training=False, eps=eps)[0]
+    assert y[0, 0] == want
+    dx = bncore.batch_norm_backward(np.ones((1, 1), np.float16), x, np.zeros(1), np.ones(1),
+                                    np.array([exact]), training=False)[0]
+    assert dx.dtype == np.float16 and dx[0, 0] == want
 
 
 def test_nan_and_inf_propagate_without_crashing():

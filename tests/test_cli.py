@@ -243,14 +243,30 @@ def test_gradcheck_cli_on_builtin_ops(tmp_path):
 
 @pytest.mark.parametrize("kw,text", [(dict(rtol=-1.0), "rtol"), (dict(atol=-1.0), "atol"),
                                      (dict(rtol=0.0, atol=0.0), "both 0"),
-                                     (dict(h=0.0), "h must"), (dict(n_directions=0), "n_directions")])
+                                     (dict(h=0.0), "h must"), (dict(n_directions=0), "n_directions"),
+                                     (dict(scales=[0.0, 1.0]), r"scales\[0\]"),
+                                     (dict(scales=[1.0, float("inf")]), r"scales\[1\]"),
+                                     (dict(wrt=[]), "wrt is empty"),
+                                     (dict(wrt=[1, 1]), "twice"), (dict(wrt=[2]), "2 inputs")])
 def test_gradcheck_refuses_settings_that_would_pass_anything(kw, text):
     """A negative tolerance made every ratio negative (every check passed); no
-    directions made zero checks (a PASS)."""
+    directions made zero checks (a PASS); a zero scale made zero directions
+    (0 against 0, a PASS), and so did an empty wrt."""
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2))]
     with pytest.raises(ValueError, match=text):
         bncore.gradcheck(_f, inputs, _wrong_vjp, **kw)
+
+
+@pytest.mark.parametrize("mode", ["random", "full"])
+def test_gradcheck_with_atol_zero_judges_zero_gradients(mode):
+    """atol = 0 is allowed (rtol > 0): an analytic 0 against a numeric
+    derivative fails, a constant function's 0 against 0 passes (random mode
+    divided by a zero tolerance)."""
+    x = [np.arange(1.0, 4.0)]
+    zero = lambda u, x: [np.zeros_like(x)]  # noqa: E731
+    assert not bncore.gradcheck(lambda x: x ** 2, x, zero, atol=0.0, mode=mode)
+    assert bncore.gradcheck(lambda x: 0.0 * x, x, zero, atol=0.0, mode=mode)
 
 
 def test_gradcheck_reports_a_nan_gradient_as_nan():

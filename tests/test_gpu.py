@@ -552,6 +552,22 @@ def test_gpu_two_norm_of_several_infinities_is_infinite():
     assert bncore.grad_norm([cupy.asnumpy(a) for a in g]) == np.inf
 
 
+def test_gpu_float16_results_are_rounded_once():
+    """dev_st: float64 straight to binary16 (cvt.rn.f16.f64). 1 + 2^-11 + 2^-40
+    is just above the tie between 1 and 1 + 2^-10; through float32 it would
+    become the tie and round to 1. As on the CPU."""
+    exact = 1 + 2.0 ** -11 + 2.0 ** -40
+    want = np.float16(1 + 2.0 ** -10)
+    eps = 2.0 ** -20
+    args = (np.array([exact]), None, np.zeros(1), np.array([1 - eps]))
+    x = np.ones((1, 1), np.float16)
+    y = bncore_gpu.batch_norm_forward(cupy.asarray(x), *[None if a is None else cupy.asarray(a)
+                                                         for a in args],
+                                      training=False, eps=eps)[0]
+    assert cupy.asnumpy(y)[0, 0] == want
+    assert bncore.batch_norm_forward(x, *args, training=False, eps=eps)[0][0, 0] == want
+
+
 @pytest.mark.parametrize("name", ["sgd_step", "adam_step", "rmsprop_step", "adagrad_step"])
 def test_gpu_infinite_parameter_stays_infinite_without_weight_decay(name):
     """No L2 term at weight_decay 0 (0 * inf is NaN): as on the CPU."""

@@ -2,7 +2,8 @@
 kernels, compiled on its own and checked against NumPy's float16 conversions:
 every one of the 65536 inputs for the load, and for the store every half value,
 every tie between neighbours (round half to even), the floats on either side
-of each tie, and a million random float32 bit patterns."""
+of each tie, doubles nearer to each tie than any float (rounded once, not
+twice), a million random float32 bit patterns and random doubles."""
 import ctypes
 import os
 import shutil
@@ -78,7 +79,13 @@ def _store_inputs():
     random = rng.integers(0, 2 ** 32, 1_000_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
     with np.errstate(invalid="ignore"):
         values = np.concatenate([finite.astype(np.float32), ties32, up, down, big, -big, random])
-        return values.astype(np.float64)  # the kernel stores doubles; all float32-exact here
+        values = values.astype(np.float64)
+    # doubles a hair off each tie, closer to it than any float is: a store
+    # through a plain (float) made them the tie, then rounded it to even
+    hair = ties * 2.0 ** -40
+    rdouble = rng.standard_normal(200_000) * np.exp2(rng.integers(-30, 18, 200_000))
+    return np.concatenate([values, ties + hair, ties - hair, -(ties + hair), rdouble,
+                           [1 + 2 ** -11 + 2 ** -40, 65519.99999, 1e300, -1e300, 2 ** -25 + 2 ** -60]])
 
 
 def test_store_rounds_to_nearest_even_like_numpy(half_lib):
@@ -86,7 +93,7 @@ def test_store_rounds_to_nearest_even_like_numpy(half_lib):
     v = _store_inputs()
     got = store(v)
     with np.errstate(invalid="ignore", over="ignore"):
-        expected = v.astype(np.float32).astype(np.float16).view(np.uint16)
+        expected = v.astype(np.float16).view(np.uint16)     # NumPy: rounded once from float64
     nan = np.isnan(v)
     np.testing.assert_array_equal(got[~nan], expected[~nan])
     g = got[nan]

@@ -435,6 +435,20 @@ def _bn_backward_floor(case: Case, key: str) -> float:
     return 0.0
 
 
+
+def _direction_scale(x: np.ndarray, axis: int) -> float:
+    """The size of gradcheck's directions in x: the smallest spread of a channel
+    (not its offset), among channels that vary; 1 where none does. A constant
+    channel's spread is 0, and a zero scale would make zero directions, which
+    check nothing (gradcheck refuses it); eps keeps such a channel smooth."""
+    if not x.size:
+        return 1.0
+    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
+    spread = x.std(axis=red)
+    spread = spread[spread > 0]
+    return float(np.min(spread)) if spread.size else 1.0
+
+
 def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random"):
     """Finite differences of batch_norm_forward against batch_norm_backward (float64)."""
     from bncore.gradcheck import gradcheck
@@ -467,9 +481,7 @@ def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "rand
                                             axis=kw["axis"])
         return backend.to_host(dx), backend.to_host(dw), backend.to_host(db)
 
-    # directions of the size of a channel's spread, not of its offset
-    red = tuple(i for i in range(a["x"].ndim) if i != kw["axis"] % a["x"].ndim)
-    x_scale = float(np.min(a["x"].std(axis=red))) if a["x"].size else 1.0
+    x_scale = _direction_scale(a["x"], kw["axis"])
     return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, h=1e-5,
                      rtol=1e-6, atol=1e-9, seed=p["seed"], scales=[x_scale, 1.0, 1.0])
 
@@ -624,8 +636,7 @@ def layer_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "r
         dx = bn.backward(backend.to_device(u))
         return backend.to_host(dx), backend.to_host(bn.grad_weight), backend.to_host(bn.grad_bias)
 
-    red = tuple(i for i in range(a["x"].ndim) if i != kw["axis"] % a["x"].ndim)
-    x_scale = float(np.min(a["x"].std(axis=red))) if a["x"].size else 1.0
+    x_scale = _direction_scale(a["x"], kw["axis"])
     return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, h=1e-5,
                      rtol=1e-6, atol=1e-9, seed=p["seed"], scales=[x_scale, 1.0, 1.0])
 
