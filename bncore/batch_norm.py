@@ -32,6 +32,7 @@ import numpy as np
 
 from bncore import _bn_kernels as _k
 from bncore import _checks as chk
+from bncore import _half_convert as _hc
 from bncore._bn_args import backward_args, forward_args
 from bncore._layout import channel_view
 from bncore._threads import MAX_THREADS, get_num_threads
@@ -58,12 +59,57 @@ def _f64(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
     return np.ascontiguousarray(v, dtype=_F64)
 
 
-def _kernel_input(view, a: np.ndarray) -> np.ndarray:
+def _same_dense_order(a: np.ndarray, b: np.ndarray) -> bool:
+    """a and b hold their elements densely, in the same order (so that an
+    elementwise conversion can run over the raw buffers)."""
+    if a.shape != b.shape or not b.flags.aligned or not a.flags.aligned:
+        return False
+    if not (b.flags.c_contiguous or b.flags.f_contiguous or _dense(b)):
+        return False
+    ra, rb = a.itemsize, b.itemsize
+    return all(sa * rb == sb * ra for sa, sb, n in zip(a.strides, b.strides, a.shape) if n > 1)
+
+
+def _dense(a: np.ndarray) -> bool:
+    """a's elements fill its memory span exactly (contiguous in some axis order)."""
+    dims = sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1)
+    step = a.itemsize
+    for st, n in dims:
+        if st != step:
+            return False
+        step *= n
+    return True
+
+
+def _half_to_f64(a: np.ndarray, nthreads: int) -> np.ndarray:
+    """A float64 copy of float16 `a` in its memory order (exact): in parallel
+    over the buffers when `a` is dense, else NumPy's cast."""
+    out = np.empty_like(a, dtype=_F64)
+    if _same_dense_order(a, out) and min(a.strides, default=1) >= 0:
+        _hc.to_float64(a, out, nthreads)
+    else:
+        np.copyto(out, a)
+    return out
+
+
+def _f64_to_half(a: np.ndarray, out: Optional[np.ndarray], nthreads: int) -> np.ndarray:
+    """float64 `a` rounded once to float16, into `out` (or a new array in a's order)."""
+    if out is None:
+        out = np.empty_like(a, dtype=_F16)
+    if _same_dense_order(a, out) and min(a.strides, default=1) >= 0 \
+            and min(out.strides, default=1) >= 0:
+        _hc.to_float16(a, out, nthreads)
+    else:
+        np.copyto(out, a, casting="same_kind")
+    return out
+
+
+def _kernel_input(view, a: np.ndarray, nthreads: int) -> np.ndarray:
     """`a` in the view's layout and in a kernel dtype (float16 goes via float64,
     so that the result is rounded once, from float64 to float16)."""
     a = view.arrange(a)
     if a.dtype == _F16:
-        a = a.astype(_F64, order="K")
+        a = _half_to_f64(a, nthreads)
     return a
 
 
@@ -83,9 +129,12 @@ def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
     return view.empty(kdtype)
 
 
-def _finish_output(target: np.ndarray, out: Optional[np.ndarray], dtype) -> np.ndarray:
+def _finish_output(target: np.ndarray, out: Optional[np.ndarray], dtype,
+                   nthreads: int) -> np.ndarray:
+    if dtype == _F16 and (out is None or out.dtype == _F16):
+        return _f64_to_half(target, out, nthreads)
     if out is None:
-        return target.astype(_F16, order="K") if dtype == _F16 else target
+        return target
     if target is not out:
         np.copyto(out, target, casting="same_kind")
     return out
@@ -149,7 +198,7 @@ def batch_norm_forward(
 
     # ---- all checks done: from here on arrays are written
     view = channel_view(x, ax)
-    xk = _kernel_input(view, x)
+    xk = _kernel_input(view, x, nthreads)
     target = _output_target(view, out, x.dtype)
     # running statistics are updated by the kernel in place; a float16 or
     # strided one goes through a float64 copy that is written back
@@ -161,7 +210,7 @@ def batch_norm_forward(
         running_mean[...] = rm
     if training and rv is not running_var:
         running_var[...] = rv
-    y = _finish_output(target, out, x.dtype)
+    y = _finish_output(target, out, x.dtype, nthreads)
     return y, mean, invstd
 
 
@@ -202,13 +251,13 @@ def batch_norm_backward(
 
     # ---- all checks done
     view = channel_view(x, ax)
-    xk = _kernel_input(view, x)
-    dyk = _kernel_input(view, dy)
+    xk = _kernel_input(view, x, nthreads)
+    dyk = _kernel_input(view, dy, nthreads)
     target = _output_target(view, dx_out, x.dtype)
     sum_dy, sum_dy_xmu = _k.backward(
         _flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, C, view.inner,
         training, _f64(mean), _f64(invstd), _vec(weight), nthreads)
-    dx = _finish_output(target, dx_out, x.dtype)
+    dx = _finish_output(target, dx_out, x.dtype, nthreads)
 
     dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, _f64(invstd),
                                       (weight if weight is not None else x).dtype,

@@ -173,7 +173,7 @@ class HostEngine:
         """This rank's per-channel (pivot, mean - pivot, M2), float64 (zeros for an
         empty shard): see combine_statistics."""
         view = channel_view(x, ax)
-        xk = _kernel_input(view, x)
+        xk = _kernel_input(view, x, nthreads)
         return _bk.stats(_flat(view, xk), view.outer, x.shape[ax], view.inner, nthreads)
 
     @staticmethod
@@ -181,18 +181,18 @@ class HostEngine:
                   nthreads: int):
         """(y, mean, invstd): y = (x - mean) * invstd * w + b with the given statistics."""
         view = channel_view(x, ax)
-        xk = _kernel_input(view, x)
+        xk = _kernel_input(view, x, nthreads)
         target = _output_target(view, out, x.dtype)
         _bk.normalize(_flat(view, xk), _flat(view, target), view.outer, x.shape[ax],
                       view.inner, mean, invstd, _vec(weight), _vec(bias), nthreads)
-        return _finish_output(target, out, x.dtype), mean, invstd
+        return _finish_output(target, out, x.dtype, nthreads), mean, invstd
 
     @staticmethod
     def dy_sums(dy, x, ax: int, mean, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
         """This rank's per-channel (sum dy, sum dy * (x - mean)), float64."""
         view = channel_view(x, ax)
-        return _bk.dy_sums(_flat(view, _kernel_input(view, dy)),
-                           _flat(view, _kernel_input(view, x)), view.outer, x.shape[ax],
+        return _bk.dy_sums(_flat(view, _kernel_input(view, dy, nthreads)),
+                           _flat(view, _kernel_input(view, x, nthreads)), view.outer, x.shape[ax],
                            view.inner, mean, nthreads)
 
     @staticmethod
@@ -201,10 +201,10 @@ class HostEngine:
         """dx from the whole batch's sums (see sync_batch_norm_backward)."""
         view = channel_view(x, ax)
         target = _output_target(view, out, x.dtype)
-        _bk.input_grad(_flat(view, _kernel_input(view, dy)), _flat(view, _kernel_input(view, x)),
+        _bk.input_grad(_flat(view, _kernel_input(view, dy, nthreads)), _flat(view, _kernel_input(view, x, nthreads)),
                        _flat(view, target), view.outer, x.shape[ax], view.inner, bool(training),
                        N, mean, invstd, _vec(weight), g_dy, g_dyx, nthreads)
-        return _finish_output(target, out, x.dtype)
+        return _finish_output(target, out, x.dtype, nthreads)
 
     @staticmethod
     def from_host(values: np.ndarray) -> np.ndarray:

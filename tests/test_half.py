@@ -108,3 +108,41 @@ def test_ties_round_to_even(half_lib):
     got = store(np.array([1 + 2 ** -11, 1 + 3 * 2 ** -11, 2 ** -25, 3 * 2 ** -25]))
     np.testing.assert_array_equal(got.view(np.float16).astype(np.float64),
                                   [1.0, 1 + 2 ** -9, 0.0, 2 ** -23])
+
+
+# ---- bncore/_half_convert.pyx: the float16 batch-norm path's whole-array copies
+
+@pytest.mark.parametrize("layout", ["c", "fortran", "permuted", "strided", "reversed"])
+@pytest.mark.parametrize("nthreads", [1, 3])
+def test_whole_array_conversions_equal_numpys_casts(layout, nthreads):
+    """Every binary16 value to float64 and back, and random doubles (ties and
+    near-ties included) to float16, in every memory layout: the parallel
+    buffer conversions where the layout is dense, NumPy's casts where not;
+    the results are NumPy's astype bit for bit either way."""
+    from bncore.batch_norm import _f64_to_half, _half_to_f64
+    halves = np.arange(65536, dtype=np.uint64).astype(np.uint16).view(np.float16)
+    rng = np.random.default_rng(3)
+    finite = np.sort(halves[np.isfinite(halves)].astype(np.float64))
+    ties = (finite[1:] + finite[:-1]) / 2
+    doubles = np.concatenate([ties, ties * (1 + 2.0 ** -40), ties * (1 - 2.0 ** -40),
+                              rng.standard_normal(200_000) * np.exp2(rng.integers(-30, 18,
+                                                                                   200_000))])
+
+    def shaped(v):
+        v = np.resize(v, 4 * 6 * 8 * 10 * 137).reshape(4 * 137, 6, 8, 10)
+        return {"c": v, "fortran": np.asfortranarray(v),
+                "permuted": np.ascontiguousarray(v.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+                "strided": v[:, ::2], "reversed": v[::-1]}[layout]
+
+    h = shaped(halves)
+    with np.errstate(invalid="ignore", over="ignore"):
+        got, want = _half_to_f64(h, nthreads), h.astype(np.float64)
+        nan = np.isnan(want)                 # (a signaling NaN comes back quiet, as
+        assert np.isnan(got[nan]).all()      # hardware conversions give it; NumPy keeps it)
+        np.testing.assert_array_equal(got[~nan].view(np.uint64), want[~nan].view(np.uint64))
+        d = shaped(doubles)
+        got16 = _f64_to_half(d, None, nthreads)
+        np.testing.assert_array_equal(got16.view(np.uint16), d.astype(np.float16).view(np.uint16))
+        out = np.empty(d.shape, np.float16)
+        assert _f64_to_half(d, out, nthreads) is out
+        np.testing.assert_array_equal(out.view(np.uint16), d.astype(np.float16).view(np.uint16))
