@@ -60,6 +60,7 @@ def forward_args(chk, x, weight, bias, running_mean, running_var, training, mome
     nthreads), n being the number of values per channel. ``count_rule=False``
     leaves out "training needs 2 values per channel", which the distributed
     functions apply to the whole batch over all ranks instead."""
+    training = chk.flag("training", training)
     x = chk.float_array("x", x)
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions (batch and channel), got shape {x.shape}")
@@ -110,6 +111,7 @@ def backward_args(chk, dy, x, mean, invstd, weight, training, axis, out, num_thr
     """Validated backward arguments:
     (dy, x, mean, invstd, weight, training, axis, C, n, dx_out, dweight_out, dbias_out,
     nthreads); ``count_rule`` as in forward_args."""
+    training = chk.flag("training", training)
     x = chk.float_array("x", x)
     dy = chk.float_array("dy", dy)
     if x.ndim < 2:

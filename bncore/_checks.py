@@ -79,6 +79,21 @@ def _pair(name_a, a, name_b, b) -> None:
                          f"write an output over an input or over another output")
 
 
+def flag(name: str, v: Any) -> bool:
+    """An on/off argument: a bool (NumPy's, a 0-d array or tensor of one too) or
+    the integers 0 and 1; anything else (a string, None, 0.5) is a TypeError,
+    not a truth value ("False" is true)."""
+    if type(v) is bool:
+        return v
+    if getattr(v, "shape", None) == () and hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, numbers.Integral) and v in (0, 1):
+        return bool(v)
+    raise TypeError(f"{name} must be a bool, got {v!r}")
+
+
 def real_scalar(name: str, v: Any) -> float:
     if type(v) is float:
         # the usual case, without the numbers.Real ABC check (~0.3 us a
@@ -86,6 +101,8 @@ def real_scalar(name: str, v: Any) -> float:
         if v != v:
             raise ValueError(f"{name} must not be NaN")
         return v
+    if getattr(v, "shape", None) == () and hasattr(v, "item"):
+        v = v.item()              # a 0-d array or tensor: its value (as NumPy scalars are)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     f = float(v)

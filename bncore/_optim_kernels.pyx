@@ -184,8 +184,9 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
                     raise ValueError(f"{names[k]}[{i}] has shape {(<object>a).shape}, but "
                                      f"{names[0]}[{i}] has shape {(<object>ref).shape}")
             if not (cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a)):
-                raise ValueError(f"{names[k]}[{i}] is not contiguous; bncore updates "
-                                 f"contiguous arrays in place (use np.ascontiguousarray)")
+                raise ValueError(f"{names[k]}[{i}] is not contiguous; bncore "
+                                 f"{'updates' if writes[k] else 'reads'} C- or "
+                                 f"Fortran-contiguous arrays only (use np.ascontiguousarray)")
             if k > 0 and cnp.PyArray_SIZE(a) > 1 and not _same_order(a, <cnp.ndarray>arrays[0][i]):
                 raise ValueError(f"{names[k]}[{i}] is stored in a different order (C vs "
                                  f"Fortran) from {names[0]}[{i}]")
@@ -441,7 +442,9 @@ def sgd(Table t, double lr, double momentum, double dampening, bint nesterov,
         h.B = 1.0 if first_step else 1.0 - dampening
         h.L = lr
         h.Na = 1.0 if nesterov else 0.0
-    h.B0 = h.B if style == 2 else 1.0
+    # no buffer: p -= lr (Na g + Nb B g) at alpha = 0, i.e. lr B g (ONNX standard)
+    # or lr g (ONNX Nesterov, torch, Keras)
+    h.B0 = h.B if style == 2 and not nesterov else 1.0
     cdef int nt = _threads(t, nthreads)
     with nogil:
         _sgd(t, &h, nt)

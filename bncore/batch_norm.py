@@ -195,6 +195,7 @@ def batch_norm_forward(
     (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
      nthreads) = forward_args(chk, x, weight, bias, running_mean, running_var, training,
                               momentum, eps, axis, out, num_threads)
+    unbiased_running_var = chk.flag("unbiased_running_var", unbiased_running_var)
 
     # ---- all checks done: from here on arrays are written
     view = channel_view(x, ax)

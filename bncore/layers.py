@@ -115,6 +115,10 @@ class BatchNorm:
     def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
         """Normalize x; in training mode also update the running statistics."""
         shape = getattr(x, "shape", None)
+        if shape is None:
+            # a list (the functions take one as NumPy does): its shape, so that
+            # the channel count and tf_fused's per-input rule are checked too
+            shape = np.shape(x)
         self._check_input(shape)
         unbiased, eps = self.unbiased_running_var, self.eps
         conv = BATCH_NORM.get(self.convention)

@@ -93,11 +93,12 @@ def _step(name: str, step, minimum: int) -> int:
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
         if isinstance(step, (np.ndarray,)) or hasattr(step, "__dlpack__"):
             step = scalar_value(name, step)
-            if step != int(step):
-                raise ValueError(f"{name} must be an integer, got {step}")
-            step = int(step)
-        else:
+        elif isinstance(step, bool) or not isinstance(step, numbers.Real):
             raise TypeError(f"{name} must be an int, got {type(step).__name__}")
+        # an integral float (2.0, np.float64(2)) counts, as a 0-d array's value does
+        if not math.isfinite(step) or step != int(step):
+            raise ValueError(f"{name} must be an integer, got {step}")
+        step = int(step)
     step = int(step)
     if step < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {step}")

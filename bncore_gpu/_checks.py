@@ -15,7 +15,7 @@ import cupy
 import numpy as np
 
 from bncore._checks import (  # noqa: F401  (re-exported: the same scalar rules)
-    FLOAT_DTYPES, array_rules, in_unit_interval, non_negative, normalize_axis, positive,
+    FLOAT_DTYPES, array_rules, flag, in_unit_interval, non_negative, normalize_axis, positive,
     real_scalar, same_shape)
 
 

@@ -87,7 +87,7 @@ __global__ void mt_sgd(const long long* table, int nops, int n, long long nchunk
     bool read_buf = style == 2 ? true : !first;
     double B = style == 1 ? lr : (first ? 1.0 : 1.0 - dampening);
     double L = style == 1 ? 1.0 : lr;
-    double B0 = style == 2 ? B : 1.0;
+    double B0 = (style == 2 && !nesterov) ? B : 1.0;   // no buffer: lr (Na g + Nb B g)
     double Na = nesterov ? (style == 1 ? lr : 1.0) : 0.0;
     double Nb = nesterov ? momentum : 1.0;
     double wd = decoupled ? 0.0 : weight_decay;

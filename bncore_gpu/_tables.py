@@ -84,8 +84,9 @@ class _ListInfo:
                 raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but {name}[0] has "
                                 f"{self.dtype}: one dtype per list")
             if not (a.flags.c_contiguous or a.flags.f_contiguous):
-                raise ValueError(f"{name}[{i}] is not contiguous; bncore updates contiguous "
-                                 f"arrays in place (use cupy.ascontiguousarray)")
+                raise ValueError(f"{name}[{i}] is not contiguous; bncore reads and updates "
+                                 f"C- or Fortran-contiguous arrays only "
+                                 f"(use cupy.ascontiguousarray)")
         self.ptrs = np.array([a.data.ptr for a in arrays], dtype=np.int64)
         self.nbytes = np.array([a.nbytes for a in arrays], dtype=np.int64)
         self.sizes = np.array([a.size for a in arrays], dtype=np.int64)

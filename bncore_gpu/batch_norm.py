@@ -482,6 +482,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
      _) = forward_args(chk, x, weight, bias, running_mean, running_var, training, momentum,
                        eps, axis, out, num_threads)
+    unbiased_running_var = chk.flag("unbiased_running_var", unbiased_running_var)
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
     target = _output_target(view, out, x.dtype)

@@ -214,3 +214,21 @@ def test_buffer_protocol_outputs_are_written_through():
     rm, rv = np.zeros(3), np.ones(3)
     bncore.batch_norm_forward(x, running_mean=memoryview(rm), running_var=memoryview(rv))
     assert (rm != 0).all() and (rv != 1).all()
+
+
+@pytest.mark.parametrize("name, value", [("training", "False"), ("training", None),
+                                         ("training", 0.5), ("unbiased_running_var", "no")])
+def test_on_off_arguments_must_be_bools(name, value):
+    """training and unbiased_running_var are bools (NumPy's, 0 and 1 too): a
+    string such as "False" is true, so it is refused rather than obeyed
+    wrongly; nothing is written."""
+    x = np.random.default_rng(9).standard_normal((4, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        bncore.batch_norm_forward(x, None, None, rm, rv, **{name: value})
+    assert (rm == 0).all() and (rv == 1).all()
+    if name == "training":
+        with pytest.raises(TypeError, match="training must be a bool"):
+            bncore.batch_norm_backward(x, x, np.zeros(3), np.ones(3), training=value)
+    for ok in (np.bool_(False), 0, 1, np.array(True)):
+        bncore.batch_norm_forward(x, None, None, rm.copy(), rv.copy(), **{name: ok})

@@ -225,3 +225,17 @@ def test_onnx_epsilon_is_the_float32_attribute():
     y = layer.forward(np.ones((3, 2)))
     eps32 = float(np.float32(1e-5))
     np.testing.assert_allclose(y, np.full((3, 2), 1.0 / np.sqrt(eps32)), rtol=1e-15)
+
+
+def test_a_list_input_is_checked_and_treated_as_its_array():
+    """A nested list is taken as NumPy takes it: its channel count is checked
+    against num_features (also without weight or running statistics), and
+    tf_fused's per-input rule sees its shape (a list once got the unbiased
+    running variance where its array got the biased one)."""
+    x = np.random.default_rng(8).standard_normal((4, 5, 5, 3))
+    a, b = (bncore.BatchNorm(3, convention="tf_fused") for _ in range(2))
+    np.testing.assert_array_equal(a.forward(x), b.forward(x.tolist()))
+    np.testing.assert_array_equal(a.running_var, b.running_var)
+    bare = bncore.BatchNorm(4, affine=False, track_running_stats=False)
+    with pytest.raises(ValueError, match="num_features=4"):
+        bare.forward(np.moveaxis(x, -1, 1).tolist())

@@ -193,12 +193,14 @@ def test_training_ops_with_T_above_zero_float64(op, T):
 
 @pytest.mark.parametrize("T", [0, 1, 3])
 @pytest.mark.parametrize("buffers", [True, False])
-def test_momentum_with_alpha_zero_still_weights_the_gradient_by_beta(T, buffers):
+@pytest.mark.parametrize("mode", ["standard", "nesterov"])
+def test_momentum_with_alpha_zero_still_weights_the_gradient_by_beta(T, buffers, mode):
     """ONNX Momentum at alpha = 0 is not plain SGD: V = beta' G (beta' = 1 at
-    T == 0, else beta), X -= R V. bncore's onnx style gives the reference's X
-    with or without momentum buffers, and its V where buffers are given."""
+    T == 0, else beta), X -= R V (nesterov: X -= R (G + alpha V), plain SGD
+    here). bncore's onnx style gives the reference's X with or without
+    momentum buffers, and its V where buffers are given."""
     rng = np.random.default_rng(60 + T)
-    attrs = dict(alpha=f32(0.0), beta=f32(0.7), mode="standard", norm_coefficient=f32(0.01))
+    attrs = dict(alpha=f32(0.0), beta=f32(0.7), mode=mode, norm_coefficient=f32(0.01))
     node, inputs, want = _reference("Momentum", attrs, 2, np.float64, T, rng)
     a = attributes(node)
     X = [np.array(v) for v in inputs[2:4]]
@@ -206,10 +208,10 @@ def test_momentum_with_alpha_zero_still_weights_the_gradient_by_beta(T, buffers)
     V = [np.array(v) for v in inputs[6:8]] if buffers else None
     bncore.sgd_step(X, G, V, lr=float(inputs[0]), momentum=a["alpha"],
                     dampening=1.0 - a["beta"], weight_decay=a["norm_coefficient"],
-                    style="onnx", first_step=T == 0)
+                    nesterov=mode == "nesterov", style="onnx", first_step=T == 0)
     for g, w in zip(X + (V or []), want if buffers else want[:2]):
         np.testing.assert_allclose(g, w, rtol=1e-14, atol=1e-15)
-    if T:                                 # beta matters: plain SGD would be far off
+    if T and mode == "standard":          # beta matters: plain SGD would be far off
         assert not np.allclose(X[0], inputs[2] - inputs[0] * (
             inputs[4] + a["norm_coefficient"] * inputs[2]), rtol=1e-6)
 

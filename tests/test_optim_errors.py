@@ -42,7 +42,8 @@ ADAM_CASES = [
     ("beta2 < 0", lambda a: {"beta2": -0.1}, ValueError, "beta2"),
     ("eps < 0", lambda a: {"eps": -1e-8}, ValueError, "eps"),
     ("step 0", lambda a: {"step": 0}, ValueError, "step"),
-    ("step a float", lambda a: {"step": 1.5}, TypeError, "step"),
+    ("step a fraction", lambda a: {"step": 1.5}, ValueError, "step must be an integer"),
+    ("step a string", lambda a: {"step": "2"}, TypeError, "step"),
     ("read-only param", lambda a: a["params"].__setitem__(1, ro(a["params"][1])) or {},
      ValueError, r"params\[1\] is read-only"),
     ("read-only state", lambda a: a["v"].__setitem__(2, ro(a["v"][2])) or {},
@@ -345,3 +346,17 @@ def test_misaligned_arrays_are_read_from_copies_and_refused_as_outputs():
     p = np.zeros(10, np.float32)
     bncore.sgd_step([p], [a], lr=0.5)
     np.testing.assert_array_equal(p, -0.5 * np.arange(10, dtype=np.float32))
+
+
+@pytest.mark.parametrize("step", [2, 2.0, np.float64(2), np.int64(2), np.array(2.0)])
+@pytest.mark.parametrize("lr", [0.1, np.float32(0.1), np.array(0.1)])
+def test_integral_steps_and_0d_learning_rates_are_values(step, lr):
+    """A step count given as an integral float, a NumPy scalar or a 0-d array,
+    and a learning rate given as a 0-d array, mean their values: the same
+    step as plain Python numbers give."""
+    ref = [np.ones(3)]
+    bncore.adam_step(ref, [np.full(3, 0.5)], [np.zeros(3)], [np.zeros(3)], step=2,
+                     lr=float(np.float32(0.1)) if isinstance(lr, np.float32) else 0.1)
+    p = [np.ones(3)]
+    bncore.adam_step(p, [np.full(3, 0.5)], [np.zeros(3)], [np.zeros(3)], step=step, lr=lr)
+    np.testing.assert_array_equal(p[0], ref[0])

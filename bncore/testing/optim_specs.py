@@ -126,8 +126,14 @@ def _sgd_call(backend: Backend, case: Case, num_threads) -> Arrays:
         g = [backend.to_device(a) for a in grads]
         backend.module.sgd_step(params, g, state[0], grad_scale=case.params["grad_scale"],
                                 num_threads=num_threads, **_sgd_kwargs(case, k))
-    out = _collect(backend, params, state if case.params["momentum"] else [], ["momentum_buffers"])
+    out = _collect(backend, params, state if _sgd_keeps_buffers(case) else [],
+                   ["momentum_buffers"])
     return out
+
+
+def _sgd_keeps_buffers(case: Case) -> bool:
+    # with momentum; in the ONNX style at alpha = 0 too (V = beta' G)
+    return bool(case.params["momentum"]) or case.params["style"] == "onnx"
 
 
 def _sgd_oracle(case: Case) -> Arrays:
@@ -139,7 +145,7 @@ def _sgd_oracle(case: Case) -> Arrays:
         params = [r[0] for r in res]
         bufs = [r[1] for r in res]
     out = {"params": np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in params])}
-    if case.params["momentum"]:
+    if _sgd_keeps_buffers(case):
         out["momentum_buffers"] = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in bufs])
     return out
 

@@ -131,8 +131,9 @@ def sgd(p, g, buf, *, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_de
         p = p - lr * weight_decay * p
     else:
         g = g + weight_decay * p
-    if momentum == 0.0:
+    if momentum == 0.0 and style != "onnx":
         return p - lr * g, buf
+    # (ONNX Momentum keeps its formula at alpha = 0: V = beta' G; V kept where given)
     b = None if buf is None else _f64(buf)
     if style == "keras":
         v = (np.zeros_like(g) if first_step else b) * momentum + lr * g
@@ -140,11 +141,11 @@ def sgd(p, g, buf, *, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_de
         return p - step, v
     if style == "onnx":
         beta = 1.0 if first_step else 1.0 - dampening
-        v = momentum * b + beta * g
+        v = (0.0 if b is None else momentum * b) + beta * g
     else:
         v = g.copy() if first_step else momentum * b + (1.0 - dampening) * g
     d = g + momentum * v if nesterov else v
-    return p - lr * d, v
+    return p - lr * d, (v if buf is not None else None)
 
 
 def adam(p, g, m, v, vmax, *, step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,

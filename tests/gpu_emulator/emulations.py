@@ -354,7 +354,7 @@ def mt_sgd(grid, block, table, nops, n, nchunks, lr, momentum, dampening, nester
             _put(b, v)
             _put(p, x * decay - L * (Na * gr + Nb * v))
         else:
-            _put(p, x * decay - lr * ((B if style == 2 else 1.0) * gr))
+            _put(p, x * decay - lr * ((B if style == 2 and not nesterov else 1.0) * gr))
 
 
 E["mt_sgd"] = mt_sgd
