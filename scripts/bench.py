@@ -135,18 +135,21 @@ def run_cases(cases: List[Case], reps: int, min_time: float) -> None:
 # CPU batch-norm cases
 
 BN_SHAPES = [
-    ("(32,64,56,56) NCHW", (32, 64, 56, 56), "nchw"),
-    ("(32,64,56,56) channels-last", (32, 64, 56, 56), "nhwc"),
-    ("(256,1024)", (256, 1024), "nchw"),
-    ("(8,256,14,14) NCHW", (8, 256, 14, 14), "nchw"),
+    ("(32,64,56,56) NCHW", (32, 64, 56, 56), "nchw", np.float32),
+    ("(32,64,56,56) channels-last", (32, 64, 56, 56), "nhwc", np.float32),
+    ("(256,1024)", (256, 1024), "nchw", np.float32),
+    ("(8,256,14,14) NCHW", (8, 256, 14, 14), "nchw", np.float32),
+    # float16 data, float32 parameters (torch's mixed-precision batch norm)
+    ("(32,64,56,56) NCHW float16", (32, 64, 56, 56), "nchw", np.float16),
 ]
 
 
-def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng) -> List[Case]:
+def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng,
+                    dtype=np.float32) -> List[Case]:
     """forward-train, forward-eval and backward cases for one shape and layout."""
     C = shape[1]
-    x = rng.standard_normal(shape).astype(np.float32)
-    dy = rng.standard_normal(shape).astype(np.float32)
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
     if layout == "nhwc":
         # NHWC memory seen with an NCHW shape: what torch's channels_last is
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
@@ -184,6 +187,11 @@ def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng) -> List[C
         # the kernel autograd calls, without autograd's bookkeeping
         impl_bwd["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
             tdy, tx, tw, trm, trv, smean, sinvstd, True, 1e-5, [True, True, True])
+        for d in (impl_fwd, impl_eval, impl_bwd):
+            try:
+                d["torch"]()
+            except RuntimeError:         # a dtype this torch does not take on the CPU
+                del d["torch"]
     for d in (impl_fwd, impl_eval, impl_bwd):
         d["floor"] = floor
         d["floor Nt"] = floor_nt if d is not impl_bwd else floor_nt_bwd
@@ -202,8 +210,8 @@ def bn_cases(threads: int) -> List[Case]:
         torch = None
     rng = np.random.default_rng(0)
     cases = []
-    for label, shape, layout in BN_SHAPES:
-        cases += _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng)
+    for label, shape, layout, dtype in BN_SHAPES:
+        cases += _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng, dtype)
     # per-call overhead: a tiny input, where the time is all fixed cost
     xs = rng.standard_normal((4, 8)).astype(np.float32)
     tiny = {"bncore": lambda: bncore.batch_norm_forward(xs, num_threads=threads)}
