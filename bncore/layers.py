@@ -93,7 +93,7 @@ class BatchNorm:
 
     # ---- mode
     def train(self, mode: bool = True) -> "BatchNorm":
-        self.training = bool(mode)
+        self.training = chk.flag("mode", mode)     # train("False") would be training
         return self
 
     def eval(self) -> "BatchNorm":

@@ -239,3 +239,11 @@ def test_a_list_input_is_checked_and_treated_as_its_array():
     bare = bncore.BatchNorm(4, affine=False, track_running_stats=False)
     with pytest.raises(ValueError, match="num_features=4"):
         bare.forward(np.moveaxis(x, -1, 1).tolist())
+
+
+def test_train_takes_a_bool():
+    bn = bncore.BatchNorm(3)
+    with pytest.raises(TypeError, match="mode must be a bool"):
+        bn.train("False")
+    assert bn.training
+    assert not bn.train(np.bool_(False)).training and bn.train(1).training
