@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import sys
 import textwrap
@@ -64,9 +63,23 @@ def _csv_shape(text: str):
     if not text:
         return ()
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        shape = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"a shape is comma-separated integers, got {text!r}")
+    if any(d < 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"a shape's sizes are >= 0, got {text!r}")
+    return shape
+
+
+def _seed(text: str) -> int:
+    """A random seed: an integer >= 0 (NumPy's generators take no negative seed)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is an integer >= 0, got {text!r}")
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"a seed is an integer >= 0, got {v}")
+    return v
 
 
 # --------------------------------------------------------------------------
@@ -147,9 +160,10 @@ def _report_dict(report, label: str) -> dict:
 def _load_inputs(path: str) -> list:
     """The arrays of an .npz file, in order: arr_0, arr_1, ... as np.savez(f, *arrays)
     names them, else the order they were saved in (np.savez(f, x=..., w=...))."""
-    with np.load(path, allow_pickle=False) as data:
-        if not hasattr(data, "files"):
-            raise ValueError("not an .npz archive")
+    data = np.load(path, allow_pickle=False)
+    if not hasattr(data, "files"):           # an .npy file: one array, no archive
+        raise ValueError("not an .npz archive (save the inputs with np.savez(FILE, x, w, ...))")
+    with data:
         names = list(data.files)
         positional = [f"arr_{i}" for i in range(len(names))]
         if sorted(names) == sorted(positional):
@@ -160,8 +174,12 @@ def _load_inputs(path: str) -> list:
 def cmd_gradcheck(args) -> int:
     from bncore.gradcheck import check_settings, gradcheck
 
+    given = dict(h=args.h, rtol=args.rtol, atol=args.atol, n_directions=args.directions)
+    # unset options: gradcheck's defaults for your function, the registry's for built-in ops
+    user = dict(h=1e-6, rtol=1e-6, atol=1e-8, n_directions=6)
+    user.update({k: v for k, v in given.items() if v is not None})
     try:
-        check_settings(args.mode, args.rtol, args.atol, args.h, args.directions,
+        check_settings(args.mode, user["rtol"], user["atol"], user["h"], user["n_directions"],
                        names=("--rtol", "--atol", "--h", "--directions"))
         if args.samples < 1:
             raise ValueError("--samples must be >= 1 (0 would check nothing and pass)")
@@ -200,9 +218,11 @@ def cmd_gradcheck(args) -> int:
             print("bncore gradcheck: give the input shapes (--shape 4,3 --shape 3) or --inputs "
                   "FILE.npz", file=sys.stderr)
             return 2
+        if not sum(np.size(a) for a in inputs):
+            return _usage_error("gradcheck", "the inputs are empty: nothing to check "
+                                             "(a check of nothing would pass)")
         try:
-            report = gradcheck(f, inputs, vjp, mode=args.mode, n_directions=args.directions,
-                               h=args.h, rtol=args.rtol, atol=args.atol, seed=args.seed)
+            report = gradcheck(f, inputs, vjp, mode=args.mode, seed=args.seed, **user)
         except Exception as exc:  # noqa: BLE001
             print(f"bncore gradcheck: {args.function} raised {type(exc).__name__}: {exc}",
                   file=sys.stderr)
@@ -235,16 +255,36 @@ def cmd_gradcheck(args) -> int:
                     params = _full_jacobian_params(params)
                 case = spec.make_case(dict(params, dtype="float64", layout="c"))
                 label = f"{' / '.join(s.name for s in group)} [{case.describe()}]"
-                reports.append((label, fn(params, mode=args.mode)))
-    for label, report in reports:
-        print(f"{label}\n  {report.summary()}")
+                reports.append((label, fn(params, mode=args.mode, **given)))
     failed = sum(not r.ok for _, r in reports)
-    print(f"\n{len(reports)} gradient checks, {failed} failed")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"schema": "bncore-gradcheck/1", "ok": failed == 0,
-                       "reports": [_report_dict(r, label) for label, r in reports]}, fh, indent=1)
+        # written before the report is printed: `bncore gradcheck --json f | head`
+        # must still leave f
+        problem = write_json_or_say(
+            "gradcheck", args.json, {"schema": "bncore-gradcheck/1", "ok": failed == 0,
+                                     "reports": [_report_dict(r, label) for label, r in reports]})
+        if problem:
+            return problem
+    try:
+        for label, report in reports:
+            print(f"{label}\n  {report.summary()}")
+        print(f"\n{len(reports)} gradient checks, {failed} failed")
+    except BrokenPipeError:           # the reader went away: the status still tells
+        from bncore.selfcheck import silence_stdout
+        silence_stdout()
     return 1 if failed else 0
+
+
+def write_json_or_say(command: str, path: str, obj) -> int:
+    """Write --json PATH atomically; on failure say why and return 2 (else 0):
+    a report that cannot be written is the caller's error, not a failed check."""
+    from bncore._atomic_write import write_json
+
+    try:
+        write_json(path, obj)
+    except OSError as exc:
+        return _usage_error(command, f"cannot write --json {path}: {exc}")
+    return 0
 
 
 # --------------------------------------------------------------------------
@@ -306,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "one full-Jacobian check is always added)")
     c.add_argument("--by-layout", action="store_true",
                    help="one table row per memory layout (c, permuted, fortran, strided)")
-    c.add_argument("--seed", type=int, default=1234, help="seed of the case sample (default 1234)")
+    c.add_argument("--seed", type=_seed, default=1234,
+                   help="seed of the case sample, >= 0 (default 1234)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--gpu", action="store_true",
                    help="require the CPU-vs-GPU comparison (exit 2 if no GPU is usable)")
@@ -342,12 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random directions (default) or the full Jacobian")
     gc.add_argument("--samples", type=int, default=3, metavar="N",
                     help="random draws per built-in op (default 3)")
-    gc.add_argument("--directions", type=int, default=6, metavar="N",
+    gc.add_argument("--directions", type=int, default=None, metavar="N",
                     help="random directions per check in random mode (default 6)")
-    gc.add_argument("--h", type=float, default=1e-6, help="finite-difference step (default 1e-6)")
-    gc.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance (default 1e-6)")
-    gc.add_argument("--atol", type=float, default=1e-8, help="absolute tolerance (default 1e-8)")
-    gc.add_argument("--seed", type=int, default=0, help="seed of inputs and directions")
+    gc.add_argument("--h", type=float, default=None,
+                    help="finite-difference step (default 1e-6; built-in ops 1e-5)")
+    gc.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e-6)")
+    gc.add_argument("--atol", type=float, default=None,
+                    help="absolute tolerance (default 1e-8; built-in ops 1e-9)")
+    gc.add_argument("--seed", type=_seed, default=0, help="seed of inputs and directions, >= 0")
     gc.add_argument("--json", metavar="FILE", help="write the reports as JSON")
     gc.set_defaults(func=cmd_gradcheck)
 

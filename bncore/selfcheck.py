@@ -39,9 +39,11 @@ bncore check --json FILE writes one JSON object (schema "bncore-check/1"):
   seconds       wall time of the run
   bncore        {"version", "openmp", "num_threads"}
   gpu           {"used": bool, "reason": str or null}   why the GPU was not used
-  settings      {"ops": [...], "dtypes": [...] or null, "samples", "fd_samples", "seed"}
-  summary       one entry per table row: {"op", "check", "dtype", "layout",
-                "worst_error", "tolerance", "ok", "cases"}
+  settings      {"ops": [...], "dtypes": [...] or null, "samples", "fd_samples", "seed",
+                "by_layout"}
+  summary       one entry per table row (per layout too with --by-layout): {"op",
+                "check", "dtype", "layout", "worst_error", "tolerance", "ok", "cases",
+                "layouts" (how many layouts the row's cases span)}
   checks        every individual check: {"op", "check", "output", "dtype",
                 "layout", "case", "error", "tolerance", "ok", "message"}
 
@@ -308,6 +310,20 @@ def run(the_plan: Plan, gpu: Optional[Any] = None, progress: bool = True) -> Lis
     return results
 
 
+def _severity(r: CheckResult) -> Tuple[bool, float]:
+    """How bad a check is, to pick a row's worst case: failures first, then
+    error over tolerance (a failure's own, not just inf: the worst failure is
+    the one shown); a NaN or infinite error counts as infinitely bad."""
+    e, t = r.error, r.tolerance
+    if not math.isfinite(e):
+        ratio = math.inf
+    elif t > 0:
+        ratio = e / t
+    else:
+        ratio = math.inf if e > 0 else 0.0
+    return (not r.ok, ratio)
+
+
 def summarize(results: Sequence[CheckResult], by_layout: bool = False) -> List[Dict[str, Any]]:
     """One row per (op, check, dtype): the worst case, its layout, how many cases.
 
@@ -325,12 +341,12 @@ def summarize(results: Sequence[CheckResult], by_layout: bool = False) -> List[D
             order.append(key)
             groups[key] = g = dict(op=r.op, check=r.check, dtype=dtype, layout=r.layout,
                                    worst_error=r.error, tolerance=r.tolerance, ok=r.ok,
-                                   cases=0, _ratio=r.ratio, _layouts=set())
+                                   cases=0, _rank=_severity(r), _layouts=set())
         g["cases"] += 1
         g["_layouts"].add(r.layout)
-        if r.ratio > g["_ratio"] or (r.ratio == g["_ratio"] and not r.ok):
+        if _severity(r) > g["_rank"]:
             g.update(layout=r.layout, worst_error=r.error, tolerance=r.tolerance,
-                     _ratio=r.ratio)
+                     _rank=_severity(r))
         g["ok"] = g["ok"] and r.ok
     dtype_rank = {"float16": 0, "float16_grads": 0, "float32": 1, "float64": 2, "all": 3}
     op_rank = {}
@@ -342,7 +358,7 @@ def summarize(results: Sequence[CheckResult], by_layout: bool = False) -> List[D
     for key in order:
         g = groups[key]
         g["layouts"] = len(g.pop("_layouts"))
-        g.pop("_ratio")
+        g.pop("_rank")
         rows.append(g)
     return rows
 
@@ -366,7 +382,7 @@ def format_table(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def to_json(results: Sequence[CheckResult], seconds: float, settings: Dict[str, Any],
-            the_plan: Plan) -> Dict[str, Any]:
+            the_plan: Plan, rows: Optional[Sequence[Dict[str, Any]]] = None) -> Dict[str, Any]:
     import bncore
 
     info = bncore.build_info()
@@ -378,7 +394,7 @@ def to_json(results: Sequence[CheckResult], seconds: float, settings: Dict[str, 
                    "num_threads": bncore.get_num_threads()},
         "gpu": {"used": the_plan.gpu_used, "reason": the_plan.gpu_reason},
         "settings": settings,
-        "summary": summarize(results),
+        "summary": summarize(results) if rows is None else list(rows),
         "checks": [asdict(r) for r in results],
     })
 
@@ -386,8 +402,6 @@ def to_json(results: Sequence[CheckResult], seconds: float, settings: Dict[str, 
 def main_check(ops=None, dtypes=None, samples=24, fd_samples=8, seed=1234, gpu="auto",
                json_path=None, progress=True, by_layout=False, out=None) -> int:
     """The body of ``bncore check``; returns the exit status (0 pass, 1 fail, 2 usage)."""
-    import json
-
     from bncore.testing import registry as R
 
     names = [s.name for s in R.all_specs()]
@@ -409,9 +423,12 @@ def main_check(ops=None, dtypes=None, samples=24, fd_samples=8, seed=1234, gpu="
         # written before the report is printed: `bncore check --json f | head`
         # must still leave f
         settings = dict(ops=list(ops or names), dtypes=list(dtypes) if dtypes else None,
-                        samples=samples, fd_samples=fd_samples, seed=seed)
-        with open(json_path, "w") as fh:
-            json.dump(to_json(results, seconds, settings, the_plan), fh, indent=1)
+                        samples=samples, fd_samples=fd_samples, seed=seed, by_layout=by_layout)
+        from bncore.cli import write_json_or_say
+        problem = write_json_or_say("check", json_path,
+                                    to_json(results, seconds, settings, the_plan, rows))
+        if problem:
+            return problem
     failed = [r for r in results if not r.ok]
     try:
         _print_check_report(rows, failed, results, seconds, backend, reason, out or sys.stdout)

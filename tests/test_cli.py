@@ -333,3 +333,86 @@ def test_check_json_is_written_even_when_stdout_closes_early(tmp_path):
     doc = json.loads(path.read_text())
     assert doc["ok"] is True and doc["checks"]
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- found by review (2026-11-28)
+
+def test_gradcheck_tolerances_apply_to_builtin_ops(tmp_path):
+    """--rtol/--atol/--h/--directions reach the built-in ops' checks (they were
+    silently replaced by the registry's own values): a tolerance no finite
+    difference meets fails, and the report says the tolerances used."""
+    path = tmp_path / "g.json"
+    out = run_cli("gradcheck", "--op", "BatchNorm", "--samples", "1", "--rtol", "1e-20",
+                  "--atol", "0", "--json", str(path))
+    assert out.returncode == 1, out.stdout + out.stderr
+    rep = json.loads(path.read_text())["reports"][0]
+    assert rep["rtol"] == 1e-20 and rep["atol"] == 0 and not rep["ok"]
+    out = run_cli("gradcheck", "--op", "BatchNorm", "--samples", "1", "--json", str(path))
+    assert out.returncode == 0
+    rep = json.loads(path.read_text())["reports"][0]
+    assert rep["rtol"] == 1e-6 and rep["atol"] == 1e-9       # the registry's defaults
+
+
+def test_bad_seeds_shapes_and_input_files_are_usage_errors(tmp_path):
+    (tmp_path / "sq.py").write_text("def f(x):\n    return x ** 2\n\n"
+                                    "def f_vjp(u, x):\n    return [2 * u * x]\n")
+    np.save(tmp_path / "one.npy", np.ones(3))
+    for args, text in [(("check", "--seed", "-1"), "seed"),
+                       (("gradcheck", "--seed", "-1"), "seed"),
+                       (("gradcheck", "sq:f", "--shape", "4,-3"), ">= 0"),
+                       (("gradcheck", "sq:f", "--inputs", "one.npy"), "not an .npz"),
+                       (("gradcheck", "sq:f", "--shape", "0"), "nothing to check")]:
+        out = run_cli(*args, cwd=tmp_path)
+        assert out.returncode == 2 and text in out.stderr, (args, out.stderr)
+        assert "Traceback" not in out.stderr
+
+
+def test_gradcheck_json_is_written_even_when_stdout_closes_early(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = tmp_path / "g.json"
+    proc = subprocess.run(
+        f"{sys.executable} -m bncore gradcheck --samples 2 --json {path} | head -1; "
+        f"exit ${{PIPESTATUS[0]}}", shell=True, capture_output=True, text=True, env=env,
+        executable="/bin/bash", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(path.read_text())["ok"] is True
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_rows_worst_case_is_its_worst_failure():
+    """Every failure used to rank equal (inf), so the row showed the last one."""
+    def res(err, layout, ok):
+        return selfcheck.CheckResult("op", "oracle", "float32", layout, err, 1e-6, ok)
+    rows = selfcheck.summarize([res(1e-3, "A", False), res(2e-6, "B", False),
+                                res(1e-7, "C", True)])
+    assert rows[0]["layout"] == "A" and rows[0]["worst_error"] == 1e-3 and not rows[0]["ok"]
+    rows = selfcheck.summarize([res(float("nan"), "N", False), res(1e-3, "A", False)])
+    assert rows[0]["layout"] == "N"
+
+
+def test_check_json_summary_follows_by_layout(tmp_path):
+    path = tmp_path / "c.json"
+    assert cli.main(["check", "--op", "batch_norm_forward", "--samples", "1", "--fd-samples",
+                     "0", "--dtype", "float32", "--by-layout", "--no-gpu", "--quiet",
+                     "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["settings"]["by_layout"] is True
+    layouts = {(r["check"], r["layout"]) for r in doc["summary"]}
+    assert len(doc["summary"]) > 2 and len(layouts) == len(doc["summary"])
+
+
+def test_json_reports_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch, capsys):
+    """A write that fails midway (a full disk, a size limit) leaves the old
+    report as it was and is a usage error with a message, not a traceback
+    with the status of a failed check."""
+    path = tmp_path / "c.json"
+    path.write_text('{"old": true}')
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    status = cli.main(["check", "--op", "sgd_step", "--samples", "1", "--fd-samples", "0",
+                       "--no-gpu", "--quiet", "--json", str(path)])
+    assert status == 2 and "cannot write --json" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == {"old": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]   # no temporary left

@@ -210,3 +210,27 @@ def test_validate_onnx(tmp_path):
     assert _find(rows, "Momentum", "nesterov")["diff64"] < 1e-12
     r = _find(rows, "BatchNormalization", "reference, training_mode=1 8x4x6x6")
     assert "unbiased running var" in r["note"]
+
+
+def test_a_nan_in_one_result_is_never_rounding():
+    """compare() kept whichever output came last once a NaN was held (NaN
+    compares false both ways): a framework NaN could come out as rounding."""
+    from bncore.validate.report import compare
+    fw = {"y": np.array([np.nan, 1.0]), "rv": np.array([1.0, 2.0])}
+    bn = {"y": np.array([0.5, 1.0]), "rv": np.array([1.0, 2.0])}
+    for order in (("y", "rv"), ("rv", "y")):
+        a, r, k = compare({k: fw[k] for k in order}, {k: bn[k] for k in order})
+        assert np.isnan(r) and k == "y"
+
+
+def test_a_broken_framework_install_is_a_skip_not_a_traceback(tmp_path):
+    """jax or onnxruntime that raises something other than ImportError on import
+    counts as missing (one line, exit 0), as a broken onnx already did."""
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "__init__.py").write_text("raise RuntimeError('broken jax')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + ROOT)
+    out = subprocess.run([sys.executable, "-m", "bncore", "validate", "jax", "--json",
+                          str(tmp_path / "v.json")], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr and "broken jax" in out.stdout

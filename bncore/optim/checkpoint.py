@@ -11,11 +11,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import secrets
 import zipfile
 from typing import Any, Dict
 
 import numpy as np
+
+from bncore._atomic_write import write_bytes
 
 __all__ = ["save", "load"]
 
@@ -83,47 +84,14 @@ def _unpack(files) -> Dict[str, Any]:
             "param_groups": _from_jsonable(meta["param_groups"]), "state": state}
 
 
-def _create_temporary(directory: str):
-    """A new file next to the destination, opened exclusively. Unlike
-    tempfile.mkstemp's 0600 it gets the permissions of any new file (0666
-    less the umask), as the checkpoint written directly would."""
-    while True:
-        tmp = os.path.join(directory, f".bncore-{secrets.token_hex(8)}.npz.tmp")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
-        except FileExistsError:
-            continue
-
-
 def save(optimizer, path: str) -> None:
-    """Write ``optimizer.state_dict()`` to ``path`` (.npz), atomically."""
-    # a symlink is followed: the file it points to is replaced, the link stays
-    path = os.path.realpath(os.fspath(path))
-    directory = os.path.dirname(path)
+    """Write ``optimizer.state_dict()`` to ``path`` (.npz), atomically: a
+    temporary file next to it, fsync, rename (bncore._atomic_write); a symlink
+    is followed, the file it points to replaced."""
     payload = _pack(optimizer.state_dict())
-    fd, tmp = _create_temporary(directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            buf = io.BytesIO()
-            np.savez(buf, **payload)
-            fh.write(buf.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:                      # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    buf = io.BytesIO()
+    np.savez(buf, **payload)
+    write_bytes(path, buf.getvalue(), ".npz")
 
 
 def load(optimizer, path: str):

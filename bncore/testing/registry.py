@@ -449,7 +449,16 @@ def _direction_scale(x: np.ndarray, axis: int) -> float:
     return float(np.min(spread)) if spread.size else 1.0
 
 
-def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random"):
+def _gradcheck_settings(settings) -> dict:
+    """gradcheck's h, rtol, atol and n_directions for the registry's ops: these
+    defaults, each replaced by a caller's value (bncore gradcheck --rtol ...)."""
+    out = dict(h=1e-5, rtol=1e-6, atol=1e-9)
+    out.update({k: v for k, v in settings.items() if v is not None})
+    return out
+
+
+def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random",
+                 **settings):
     """Finite differences of batch_norm_forward against batch_norm_backward (float64)."""
     from bncore.gradcheck import gradcheck
 
@@ -482,8 +491,8 @@ def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "rand
         return backend.to_host(dx), backend.to_host(dw), backend.to_host(db)
 
     x_scale = _direction_scale(a["x"], kw["axis"])
-    return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, h=1e-5,
-                     rtol=1e-6, atol=1e-9, seed=p["seed"], scales=[x_scale, 1.0, 1.0])
+    return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, seed=p["seed"],
+                     scales=[x_scale, 1.0, 1.0], **_gradcheck_settings(settings))
 
 
 BN_FD_SPACE = dict(BN_SPACE, values=("normal", "offset_mild"), dtype=("float64",),
@@ -606,7 +615,8 @@ def _layer_floor(case: Case, key: str) -> float:
     return _bn_backward_floor(bwd, key)
 
 
-def layer_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random"):
+def layer_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "random",
+                    **settings):
     """Finite differences of BatchNorm.forward against BatchNorm.backward (float64),
     in training mode (batch statistics) or eval mode (running statistics)."""
     from bncore.gradcheck import gradcheck
@@ -637,8 +647,8 @@ def layer_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "r
         return backend.to_host(dx), backend.to_host(bn.grad_weight), backend.to_host(bn.grad_bias)
 
     x_scale = _direction_scale(a["x"], kw["axis"])
-    return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, h=1e-5,
-                     rtol=1e-6, atol=1e-9, seed=p["seed"], scales=[x_scale, 1.0, 1.0])
+    return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode, seed=p["seed"],
+                     scales=[x_scale, 1.0, 1.0], **_gradcheck_settings(settings))
 
 
 register(OpSpec(

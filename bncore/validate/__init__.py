@@ -18,7 +18,6 @@ a skip. Python use::
 from __future__ import annotations
 
 import importlib
-import json
 import sys
 import time
 from typing import List, Optional
@@ -64,7 +63,10 @@ def run(framework: str, quick: bool = False) -> Report:
     mod = importlib.import_module(f"bncore.validate.{framework}")
     report = Report(framework)
     if hasattr(mod, "prepare"):
-        mod.prepare()                 # environment a framework needs before import (Keras backend)
+        try:
+            mod.prepare()             # environment a framework needs before import (Keras backend)
+        except Exception:  # noqa: BLE001 - a broken install: missing() names it below
+            pass
     absent = missing(framework)
     if absent:
         report.skip(f"{framework}: {', '.join(absent)} not installed ({INSTALL_HINT}); skipped")
@@ -120,6 +122,8 @@ def main_validate(framework: str, json_path: Optional[str] = None, quick: bool =
     if json_path:
         doc = {"schema": "bncore-validate/1", "ok": all(r.ok for r in reports),
                "reports": [r.as_dict() for r in reports]}
-        with open(json_path, "w") as fh:
-            json.dump(doc, fh, indent=1)
+        from bncore.cli import write_json_or_say
+        problem = write_json_or_say("validate", json_path, doc)
+        if problem:
+            return problem
     return 0 if all(r.ok for r in reports) else 1

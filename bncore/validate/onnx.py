@@ -49,6 +49,8 @@ def versions() -> Dict[str, str]:
         out["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         out["onnxruntime"] = "not installed"
+    except Exception as exc:  # noqa: BLE001 - installed but broken: its rows are skipped
+        out["onnxruntime"] = f"broken ({type(exc).__name__})"
     out["bncore"] = bncore.__version__
     return out
 
@@ -240,6 +242,8 @@ def _ort_available() -> Optional[str]:
         import onnxruntime  # noqa: F401
     except ImportError:
         return "onnxruntime not installed (pip install \"bncore[validate]\"); its rows skipped"
+    except Exception as exc:  # noqa: BLE001 - installed but broken counts as missing
+        return f"onnxruntime cannot be imported ({type(exc).__name__}: {exc}); its rows skipped"
     return None
 
 

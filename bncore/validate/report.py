@@ -131,7 +131,11 @@ def compare(fw: Outputs, bn: Outputs, keys=None) -> Tuple[float, float, str]:
         if k not in fw or fw[k] is None or bn.get(k) is None:
             continue
         a, r = rel_diff(fw[k], bn[k])
-        if not (r <= worst[1]) or worst[2] == "-":
+        # a NaN difference is the worst there is: once it is held, nothing replaces
+        # it (NaN compares false both ways, so the order of the outputs decided)
+        if math.isnan(worst[1]) and worst[2] != "-":
+            continue
+        if math.isnan(r) or r > worst[1] or worst[2] == "-":
             worst = (a, r, k)
     return worst
 
@@ -223,6 +227,9 @@ def _alternatives_note(check: Check, fw: Outputs, dtype: str, bn64: Outputs) -> 
 def _diagnose(check: Check, tol, fw32, bn32, fw64, bn64, rl, key, fw_err, bn_err, diff64):
     why: List[str] = []
     explained = False
+    if math.isnan(rl):
+        # no diagnostic explains NaNs in one result where the other has numbers
+        return "DIFFERS", [f"{key}: NaN in one result where the other has a number."]
     tol_exact = max(tol, 10 * (bn_err or 0.0))
     # 1. cancellation: does the framework's error vanish when the offset is removed?
     if check.centered:

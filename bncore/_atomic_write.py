@@ -1,0 +1,66 @@
+"""Files written whole or not at all: a temporary file next to the destination,
+fsync, rename over it, fsync of the directory. A crash, a full disk or a file
+size limit midway leaves the old file as it was (optimizer checkpoints, the
+CLI's --json reports)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from typing import Any
+
+
+def _create_temporary(directory: str, suffix: str):
+    """A new file next to the destination, opened exclusively. Unlike
+    tempfile.mkstemp's 0600 it gets the permissions of any new file (0666
+    less the umask), as the file written directly would."""
+    while True:
+        tmp = os.path.join(directory, f".bncore-{secrets.token_hex(8)}{suffix}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def write_bytes(path: str, data: bytes, suffix: str = "") -> None:
+    """Replace `path` by `data` atomically. A symlink is followed (the file it
+    points to is replaced, the link stays); a destination that is not a
+    regular file (/dev/stdout, a pipe) is written directly, as rename would
+    replace the device itself."""
+    path = os.path.realpath(os.fspath(path))
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        special = False
+    if special:
+        with open(path, "wb") as fh:
+            fh.write(data)
+        return
+    directory = os.path.dirname(path)
+    fd, tmp = _create_temporary(directory, suffix)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:                      # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def write_json(path: str, obj: Any) -> None:
+    """`obj` as indented JSON, written atomically (see write_bytes)."""
+    write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode(), ".json")
