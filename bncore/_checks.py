@@ -79,6 +79,19 @@ def _pair(name_a, a, name_b, b) -> None:
                          f"write an output over an input or over another output")
 
 
+def host_copy_of_device_array(v: Any) -> Any:
+    """A device array (CuPy, a CUDA torch tensor) as a NumPy array, anything else
+    as it is: np.asarray refuses CuPy arrays, so a GPU state_dict could not be
+    loaded into a CPU optimizer or layer."""
+    if not hasattr(v, "__cuda_array_interface__"):
+        return v
+    if hasattr(v, "get"):                 # CuPy
+        return v.get()
+    if hasattr(v, "cpu"):                 # torch
+        return v.detach().cpu().numpy()
+    return v
+
+
 def flag(name: str, v: Any) -> bool:
     """An on/off argument: a bool (NumPy's, a 0-d array or tensor of one too) or
     the integers 0 and 1; anything else (a string, None, 0.5) is a TypeError,

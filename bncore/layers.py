@@ -183,7 +183,8 @@ class BatchNorm:
         xp = self._xp
         for key in ("weight", "bias", "running_mean", "running_var"):
             if key in expected:
-                v = xp.asarray(state[key])
+                v = state[key]
+                v = xp.asarray(chk.host_copy_of_device_array(v) if xp is np else v)
                 if v.shape != (self.num_features,):
                     raise ValueError(f"state_dict[{key!r}] has shape {v.shape}, "
                                      f"expected ({self.num_features},)")

@@ -212,8 +212,10 @@ __device__ void bn_finalize_train_channel(int c, const T* __restrict__ x, int C,
     double d = s1 / N;                          // mean - K
     double m2 = s2 - s1 * d;                    // sum (x - mean)^2
     // (not when K + d is Inf or NaN: the data hold one, and x - (K + d) would
-    // turn an infinite mean into NaN)
-    if (s2 > 16.0 * m2 && (K + d) - (K + d) == 0.0) {
+    // turn an infinite mean into NaN). Written !(s2 <= ...): float64 data whose
+    // squares overflow make s2 Inf and m2 = Inf - Inf NaN, and those need the
+    // second pass too (it gives M2 = Inf: variance Inf, invstd 0, as the CPU)
+    if (!(s2 <= 16.0 * m2) && (K + d) - (K + d) == 0.0) {
         // K is far from the mean (also when rounding left m2 <= 0 with s2 > 0):
         // the channel's sums again, against K + d. The condition is the same
         // in every thread of the block, so the barriers below are uniform.
@@ -239,7 +241,11 @@ __device__ void bn_finalize_train_channel(int c, const T* __restrict__ x, int C,
         K = P;
         d = t1 / N;
         m2 = t2 - t1 * d;
+        s2 = t2;
     }
+    // squares past float64's range around a finite mean: Inf - Inf left NaN where
+    // M2 is Inf (NaN data keep their NaN: their sum of squares is NaN, not Inf)
+    if (m2 != m2 && s2 > 0.0 && s2 - s2 != 0.0 && (K + d) - (K + d) == 0.0) m2 = s2;
     if (threadIdx.x == 0) {
         if (m2 < 0.0) m2 = 0.0;                 // rounding of an exactly constant channel
         double mu = K + d;
@@ -817,6 +823,18 @@ __global__ void __launch_bounds__(BN_THREADS, 4) bn_backward_rows_coop(const flo
     }
 }
 
+// float64 values stored in a storage type, each rounded once (dev_st): the
+// float16 running statistics and parameter gradients, which the kernels above
+// compute in float64 (CuPy's own float64 -> float16 cast goes through float32,
+// rounding twice). Grid-stride over n contiguous elements.
+template <typename T>
+__global__ void bn_store_rounded(const double* __restrict__ src, T* __restrict__ dst,
+                                 long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        dev_st(dst + i, src[i]);
+}
+
 #ifndef BNC_HOST_EMULATION     // (tests/cuda_host instantiates what it runs)
 // explicit instantiations, so nvcc --ptx checks every template this file offers
 template __global__ void bn_stats_planes<float4>(const float4*, long long, int, long long, int, double*, double*);
@@ -861,4 +879,5 @@ template __global__ void bn_prepare_eval<float>(int, const float*, const float*,
 template __global__ void bn_finalize_backward<float>(int, int, const double*, const double*, double, int, const double*, const float*, float*, float*, double*, double*, double*);
 template __global__ void bn_prepare_eval<double>(int, const double*, const double*, double, const double*, const double*, double*, double*, double*, double*);
 template __global__ void bn_finalize_backward<double>(int, int, const double*, const double*, double, int, const double*, const double*, double*, double*, double*, double*, double*);
+template __global__ void bn_store_rounded<unsigned short>(const double*, unsigned short*, long long);
 #endif  // BNC_HOST_EMULATION

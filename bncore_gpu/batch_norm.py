@@ -60,6 +60,7 @@ def _names():
             names.append(f"{k}<{t}>")
         for pt in ("float", "double"):
             names.append(f"bn_finalize_train<{t}, {pt}>")
+    names.append("bn_store_rounded<unsigned short>")
     for pt in ("float", "double"):
         names += [f"bn_prepare_eval<{pt}>", f"bn_finalize_backward<{pt}>",
                   f"bn_forward_rows_coop<{pt}>", f"bn_backward_rows_coop<{pt}>"]
@@ -150,10 +151,29 @@ def _vec64(v):
 _F32 = np.dtype(np.float32)
 
 
+_F16 = np.dtype(np.float16)
+
+
 def _param_dtype(*vectors) -> np.dtype:
     """The one dtype the kernels read weight, bias and running statistics in:
-    float64 if any of them is float64, else float32."""
-    return _F64 if any(v is not None and v.dtype == _F64 for v in vectors) else _F32
+    float64 if any of them is float64 or float16 (float16 ones are written back
+    rounded once, from float64: _store), else float32."""
+    return _F64 if any(v is not None and v.dtype in (_F64, _F16) for v in vectors) else _F32
+
+
+def _store(dst, src) -> None:
+    """dst[...] = src, each value rounded once: float64 into float16 through
+    bn_store_rounded (CuPy's cast rounds to float32 first), else CuPy's copy."""
+    if dst.dtype == _F16 and src.dtype == _F64 and src.size:
+        flat = src if src.flags.c_contiguous else cupy.ascontiguousarray(src)
+        out = dst if dst.flags.c_contiguous else cupy.empty(dst.shape, _F16)
+        n = flat.size
+        _kernel("bn_store_rounded<unsigned short>")((min(-(-n // 256), 1024),), (256,),
+                                                    (flat, out, np.int64(n)))
+        if out is not dst:
+            dst[...] = out
+    else:
+        dst[...] = src
 
 
 def _as_param(v, pt):
@@ -521,9 +541,9 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
                                                    _ptr(w), _ptr(b), mean, invstd, scale,
                                                    shift))
         if training and rm is not running_mean:
-            running_mean[...] = rm
+            _store(running_mean, rm)
         if training and rv is not running_var:
-            running_var[...] = rv
+            _store(running_var, rv)
         if x.size and not one_kernel:
             _elementwise("apply", (xf,), yf, view.outer, C, view.inner, (mean, scale, shift),
                          after_reduction=training)
@@ -558,7 +578,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     # dweight and dbias come back in weight's dtype (x's without weight); the
     # kernel writes float32 or float64, other dtypes go through a cast
     pdtype = weight.dtype if weight is not None else x.dtype
-    kdtype = pdtype if pdtype in (_F32, _F64) else _F32
+    # float64 for float16 (rounded once when stored) and wherever a float64
+    # output asks for it; else weight's own
+    wide = any(o is not None and o.dtype == _F64 for o in (dw_out, db_out))
+    kdtype = pdtype if pdtype in (_F32, _F64) and not wide else _F64
     # the kernels write every channel's dweight and dbias; only an empty x
     # leaves them at zero (and needs the memset that cupy.zeros launches)
     alloc = cupy.empty if x.size else cupy.zeros
@@ -580,12 +603,21 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
             _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w,
                               dweight, dbias)
     dx = _finish_output(target, dx_out)
-    if kdtype != pdtype:
-        dweight, dbias = dweight.astype(pdtype), dbias.astype(pdtype)
     if dw_out is not None:
-        dw_out[...] = dweight
+        _store(dw_out, dweight)
         dweight = dw_out
+    elif kdtype != pdtype:
+        dweight = _rounded(dweight, pdtype)
     if db_out is not None:
-        db_out[...] = dbias
+        _store(db_out, dbias)
         dbias = db_out
+    elif kdtype != pdtype:
+        dbias = _rounded(dbias, pdtype)
     return dx, dweight, dbias
+
+
+def _rounded(a, dtype):
+    """a in dtype, each value rounded once (see _store)."""
+    out = cupy.empty(a.shape, dtype)
+    _store(out, a)
+    return out

@@ -99,12 +99,15 @@ class DeviceEngine:
         # a pivot far from its channel's mean (s2 > 16 M2): those channels'
         # sums again against K + d, as bn_finalize_train does in one process
         # (not where K + d is Inf or NaN: the data hold one)
-        far = cupy.flatnonzero((s2 > 16.0 * m2) & cupy.isfinite(K + d))
+        # (also where s2 overflowed: m2 = Inf - Inf is NaN, and !(s2 <= ...) holds)
+        far = cupy.flatnonzero(~(s2 <= 16.0 * m2) & cupy.isfinite(K + d))
         if far.size:
             K[far] = K[far] + d[far]
             v = x3[:, far, :].astype(_F64) - K[far][None, :, None]
             t1, t2 = v.sum(axis=(0, 2)), (v * v).sum(axis=(0, 2))
-            d[far], m2[far] = t1 / n, t2 - t1 * (t1 / n)
+            d[far], m2[far], s2[far] = t1 / n, t2 - t1 * (t1 / n), t2
+        # squares past float64's range around a finite mean: M2 is Inf, not NaN
+        m2 = cupy.where((m2 != m2) & (s2 == np.inf) & cupy.isfinite(K + d), np.inf, m2)
         m2 = cupy.maximum(m2, 0.0)               # rounding of an exactly constant channel
         return cupy.asnumpy(K), cupy.asnumpy(d), cupy.asnumpy(m2)
 

@@ -545,6 +545,71 @@ def test_gpu_infinite_value_gives_infinite_mean_as_on_the_cpu(layout, where):
     np.testing.assert_allclose(cupy.asnumpy(mean_g), mean_c, rtol=1e-12, atol=1e-15)
 
 
+def test_gpu_float16_statistics_and_gradients_are_rounded_once():
+    """float16 running statistics, dweight and dbias are computed in float64 and
+    rounded once (bn_store_rounded): CuPy's float64 -> float16 cast goes through
+    float32. 1 + 2^-11 + 2^-30 lies just above a binary16 tie: once, it rounds
+    up to 1 + 2^-10; twice, to 1. As on the CPU."""
+    a = 1 + 2.0 ** -11 + 2.0 ** -30
+    x = np.array([[a, 0.0], [a, 1.0]])
+    want = np.float16(1 + 2.0 ** -10)
+    rm = cupy.zeros(2, cupy.float16)
+    bncore_gpu.batch_norm_forward(cupy.asarray(x), running_mean=rm,
+                                  running_var=cupy.ones(2, cupy.float16), momentum=1.0)
+    rmc = np.zeros(2, np.float16)
+    bncore.batch_norm_forward(x, running_mean=rmc, running_var=np.ones(2, np.float16),
+                              momentum=1.0)
+    assert cupy.asnumpy(rm)[0] == want == rmc[0]
+    dy = np.array([[a, 0.0], [0.0, 0.0]])
+    w = np.ones(2, np.float16)
+    _, m, s = bncore.batch_norm_forward(x)
+    dw_c, db_c = bncore.batch_norm_backward(dy, x, m, s, w)[1:]
+    dw_g, db_g = bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x),
+                                                cupy.asarray(m), cupy.asarray(s),
+                                                cupy.asarray(w))[1:]
+    assert db_g.dtype == np.float16 and cupy.asnumpy(db_g)[0] == want == db_c[0]
+    np.testing.assert_array_equal(cupy.asnumpy(dw_g), dw_c)
+
+
+def test_gpu_float64_dweight_out_with_float32_weight_is_not_rounded_to_float32():
+    """out=(None, dw64, db64) with a float32 weight: the CPU stores the float64
+    values; the GPU computed them in float32 first."""
+    rng = np.random.default_rng(50)
+    x, dy = rng.standard_normal((6, 3)), rng.standard_normal((6, 3))
+    w = rng.standard_normal(3).astype(np.float32)
+    _, m, s = bncore.batch_norm_forward(x)
+    dw_c, db_c = np.empty(3), np.empty(3)
+    bncore.batch_norm_backward(dy, x, m, s, w, out=(None, dw_c, db_c))
+    dw_g, db_g = cupy.empty(3), cupy.empty(3)
+    bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x), cupy.asarray(m),
+                                   cupy.asarray(s), cupy.asarray(w), out=(None, dw_g, db_g))
+    np.testing.assert_allclose(cupy.asnumpy(dw_g), dw_c, rtol=1e-13)
+    np.testing.assert_allclose(cupy.asnumpy(db_g), db_c, rtol=1e-13)
+
+
+def test_gpu_skipped_step_still_refuses_a_group_that_mixes_dtypes():
+    p32, p64 = cupy.ones(3, cupy.float32), cupy.ones(3)
+    opt = bncore_gpu.optim.SGD([p32, p64], lr=0.1)
+    with pytest.raises(TypeError, match="one parameter group"):
+        opt.step([cupy.ones(3, cupy.float32), cupy.ones(3)], found_inf=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 1), (2, 1, 75)])
+def test_gpu_float64_variance_overflow_is_infinite_not_nan(shape):
+    """Squares past float64's range: s2 = Inf and s2 - s1 d = Inf - Inf = NaN
+    took no second pass, and NaN reached y, invstd and the running variance.
+    As on the CPU: variance Inf, invstd 0, y = bias."""
+    x = np.zeros(shape)
+    x[0], x[1] = 1e200, -1e200
+    rm, rv = np.zeros(1), np.ones(1)
+    y, m, s = bncore.batch_norm_forward(x, None, None, rm, rv)
+    rmg, rvg = cupy.zeros(1), cupy.ones(1)
+    yg, mg, sg = bncore_gpu.batch_norm_forward(cupy.asarray(x), None, None, rmg, rvg)
+    assert float(s[0]) == 0.0 and float(cupy.asnumpy(sg)[0]) == 0.0
+    assert cupy.asnumpy(rvg)[0] == np.inf == rv[0]
+    np.testing.assert_array_equal(cupy.asnumpy(yg), y)
+
+
 def test_gpu_two_norm_of_several_infinities_is_infinite():
     """float64 scaled sum of squares: Inf / Inf made the total NaN."""
     g = [cupy.asarray(np.array([np.inf, np.inf, 1.0])), cupy.asarray(np.array([np.inf]))]

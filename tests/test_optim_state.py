@@ -515,3 +515,31 @@ def test_a_group_that_mixes_dtypes_is_refused_before_any_group_steps():
             opt.step([np.ones_like(p) for p in flat])
         for p in (a, b, c):
             np.testing.assert_array_equal(p, 1.0)
+
+
+def test_a_device_state_dict_loads_into_a_cpu_optimizer():
+    """A GPU optimizer's state arrays (CuPy: np.asarray refuses them) are copied
+    to the host; stood in for here by an object with CuPy's interface."""
+    class Device:
+        def __init__(self, a):
+            self.a = a
+            self.shape, self.dtype = a.shape, a.dtype
+
+        @property
+        def __cuda_array_interface__(self):
+            return {"shape": self.a.shape}
+
+        def get(self):
+            return self.a.copy()
+
+    p, q = arrays(1, seed=11)[0], arrays(1, seed=11)[0]
+    opt, ref = optim.Adam([p], lr=0.1), optim.Adam([q], lr=0.1)
+    for o in (opt, ref):
+        o.step([np.full(3, 0.5)])
+    sd = ref.state_dict()
+    sd["state"][0] = {k: (Device(v) if k != "step" else v) for k, v in sd["state"][0].items()}
+    opt.load_state_dict(sd)
+    assert isinstance(opt.state[0]["exp_avg"], np.ndarray)
+    for o in (opt, ref):
+        o.step([np.full(3, -0.25)])
+    np.testing.assert_array_equal(p, q)

@@ -371,6 +371,8 @@ class Optimizer:
             entry = {}
             p = params[i]
             for name, v in s.items():
+                if self._xp is np:            # a GPU optimizer's state, loaded on the CPU
+                    v = chk.host_copy_of_device_array(v)
                 if name == "step":
                     entry[name] = self._load_step(chk.count(f"state_dict state[{i}]['step']", v))
                 elif (name in self.state_arrays or name in self.optional_arrays

@@ -66,7 +66,12 @@ class _OnDevice:
         several groups)."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
         if skip:
-            self._gather_all(params, glist, [])   # a bad call still raises
+            # a bad call still raises (a group's parameters checked as one call)
+            groups, off = [], 0
+            for g in self.param_groups:
+                groups.append(list(range(off, off + len(g["params"]))))
+                off += len(g["params"])
+            self._gather_all(params, glist, groups)
             return
         dev_found = found_inf if found_inf is not None and _ops.is_device(found_inf) else None
         calls, counters, fresh_counter, created = [], {}, None, []

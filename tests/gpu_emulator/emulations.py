@@ -89,14 +89,16 @@ def finalize_train(grid, block, x, C, inner, outer, M, s1, s2, N, eps, w, b, rm,
     # a pivot far from its channel's mean: the channel's sums again against K + d
     # (not where K + d is Inf or NaN)
     with np.errstate(invalid="ignore"):
-        far = (S2 > 16.0 * m2) & np.isfinite(K + d)
+        far = ~(S2 <= 16.0 * m2) & np.isfinite(K + d)
     if far.any():
         X = _f64(x)[: outer * C * inner].reshape(outer, C, inner)
         for c in np.flatnonzero(far):
             P = K[c] + d[c]
             v = X[:, c, :] - P
             t1, t2 = v.sum(), (v * v).sum()
-            K[c], d[c], m2[c] = P, t1 / N, t2 - t1 * (t1 / N)
+            K[c], d[c], m2[c], S2[c] = P, t1 / N, t2 - t1 * (t1 / N), t2
+    # squares past float64's range around a finite mean: M2 Inf, not Inf - Inf
+    m2 = np.where(np.isnan(m2) & (S2 == np.inf) & np.isfinite(K + d), np.inf, m2)
     m2 = np.maximum(m2, 0.0)
     mu = K + d
     var = m2 / N
@@ -178,6 +180,21 @@ def prepare_eval(grid, block, C, rm, rv, eps, w, b, mean, invstd, scale, shift):
 
 
 E["bn_prepare_eval"] = prepare_eval
+
+
+def store_rounded(grid, block, src, dst, n):
+    """bn_store_rounded: float64 values rounded once into the storage type."""
+    n = int(n)
+    _expect(n > 0, "store_rounded size")
+    _store_flat(dst, _f64(src)[:n], n)
+
+
+def _store_flat(dst, values, n):
+    d = _a(dst)
+    d.reshape(-1)[:n] = values.astype(d.dtype)
+
+
+E["bn_store_rounded"] = store_rounded
 
 
 def apply_planes(grid, block, x, y, nplanes, C, inner, mean, scale, shift):
