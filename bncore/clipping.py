@@ -54,9 +54,29 @@ def _norm_type(norm_type) -> float:
 
 def _rescue_scale(big: float) -> float:
     """The power of two at or above `big` (the largest |g|): the scale of the
-    overflow rescue, g / scale <= 1, exact as a multiply by 1 / scale. Above
-    2^1023 (float64's largest power of two) it is 2^1023 and g / scale < 2."""
-    return math.ldexp(1.0, min(math.frexp(big)[1], 1023))
+    overflow and underflow rescues, g / scale <= 1, exact as a multiply by
+    1 / scale. Above 2^1023 (float64's largest power of two) it is 2^1023 and
+    g / scale < 2; it is at least 2^-1021, so that 1 / scale is finite."""
+    return math.ldexp(1.0, max(-1021, min(math.frexp(big)[1], 1023)))
+
+
+# A sum of powers below this may hold powers that underflowed (squares of
+# |g| < 2^-511 lose bits as subnormals, or vanish): then the sum is taken again
+# on gradients scaled by their largest magnitude, as an overflowing one is.
+_UNDERFLOW_SUM = 2.0 ** -1000
+
+
+def _root(s: float, kind: int, p: float) -> float:
+    """The norm from its sum of powers; Inf where the root overflows float64
+    (a p < 1 norm of huge values), not Python's OverflowError."""
+    if kind == _NORM_2:
+        return math.sqrt(s)
+    if kind == _NORM_1:
+        return s
+    try:
+        return s ** (1.0 / p)
+    except OverflowError:
+        return math.inf
 
 
 def _norm_of(table, p: float, nthreads: int) -> float:
@@ -64,16 +84,20 @@ def _norm_of(table, p: float, nthreads: int) -> float:
         return _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
     kind = _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P)
     s = _k.norm_sum(table, kind, p, 1.0, nthreads)
-    if math.isinf(s) and not _k.nonfinite(table, nthreads):
-        # the float64 sum overflowed on finite data: scale by the largest magnitude
-        big = _rescue_scale(_k.norm_sum(table, _NORM_INF, p, 1.0, nthreads))
+    rescue = math.isinf(s) and not _k.nonfinite(table, nthreads)
+    if not rescue and kind != _NORM_1 and s < _UNDERFLOW_SUM:
+        rescue = True                 # (only if some gradient is nonzero: below)
+    if rescue:
+        # the float64 sum overflowed on finite data, or its powers underflowed:
+        # scale by the largest magnitude
+        top = _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+        if top == 0.0:
+            return 0.0
+        big = _rescue_scale(top)
         s = _k.norm_sum(table, kind, p, big, nthreads)
-        return big * (math.sqrt(s) if kind == _NORM_2 else (s if kind == _NORM_1 else s ** (1.0 / p)))
-    if kind == _NORM_2:
-        return math.sqrt(s)
-    if kind == _NORM_1:
-        return s
-    return s ** (1.0 / p)
+        r = _root(s, kind, p)
+        return big * r if r else 0.0
+    return _root(s, kind, p)
 
 
 def grad_norm(grads: ArrayList, norm_type: float = 2.0, *, comm: Any = None,

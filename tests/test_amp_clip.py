@@ -158,6 +158,30 @@ def test_two_norm_does_not_overflow_on_large_finite_gradients():
         (1000 + 10 * 27) ** (1 / 3) * 1e200, rel=1e-12)
 
 
+@pytest.mark.parametrize("p", [2.0, 3.0, 1.5])
+def test_p_norms_do_not_underflow_on_tiny_gradients(p):
+    """Powers of |g| below float64's normal range were lost (the 2-norm of
+    [1e-200] * 2 was 0, so clip_grad_norm with eps = 0 did not clip); the sum
+    is then taken again on gradients scaled by their largest magnitude, as an
+    overflowing one is. Subnormal gradients too."""
+    for scale in (1e-200, 1e-170, 5e-324):
+        g = [np.full(7, scale), np.full(3, -2 * scale)]
+        expected = (7 + 3 * 2.0 ** p) ** (1 / p) * scale
+        got = bncore.grad_norm(g, norm_type=p)
+        rel = 1e-14 if scale > 1e-300 else 1.0        # subnormals carry few bits
+        assert got == pytest.approx(expected, rel=rel) and got > 0
+    g = [np.full(2, 1e-200)]
+    bncore.clip_grad_norm(g, 1e-250, eps=0.0)
+    assert g[0][0] == pytest.approx(1e-250 / math.sqrt(2), rel=1e-14)
+    assert bncore.grad_norm([np.zeros(4)], norm_type=p) == 0.0
+
+
+def test_a_p_norm_past_float64_is_inf_not_an_exception():
+    """sum |g|^0.5 is finite for 1e308s, its square is not: Python's float
+    power raised OverflowError."""
+    assert bncore.grad_norm([np.full(4, 1e308)], norm_type=0.5) == math.inf
+
+
 def test_float16_gradients_with_float32_parameters():
     params, grads = problem(np.float32, np.float16)
     p64 = [p.astype(np.float64) for p in params]
