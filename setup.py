@@ -27,7 +27,6 @@ PACKAGES_WITH_KERNELS = {
     "bncore._openmp": "bncore/_openmp.pyx",
     "bncore._bn_kernels": "bncore/_bn_kernels.pyx",
     "bncore._optim_kernels": "bncore/_optim_kernels.pyx",
-    "bncore._half_convert": "bncore/_half_convert.pyx",
 }
 
 

@@ -40,12 +40,18 @@ cimport numpy as cnp
 from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MIN, FLT_MAX, FLT_MIN
 from libc.math cimport INFINITY, fabs, sqrt
+from libc.stdint cimport uint16_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 from bncore._openmp_helpers cimport omp_get_thread_num
 
 
 cdef extern from "_lanes.h" nogil:
     double bncore_lane_total32(const double* acc)
+
+cdef extern from "_half.h" nogil:
+    double bncore_half_to_double(uint16_t value)
+    uint16_t bncore_half_from_double(double v)
 
 cdef extern from "_stream.h" nogil:
     void bncore_stream_f32(float* dst, const float* src, Py_ssize_t n)
@@ -57,6 +63,23 @@ cnp.import_array()
 ctypedef fused real:
     float
     double
+    uint16_t          # IEEE binary16 (float16) storage: read and written through _d / _r
+
+
+cdef inline double _d(real v) noexcept nogil:
+    # a stored value as float64 (exact for every storage type)
+    if real is uint16_t:
+        return bncore_half_to_double(v)
+    else:
+        return <double>v
+
+
+cdef inline real _r(double v, real* like) noexcept nogil:
+    # a float64 result in the storage type, rounded once (`like` picks the type)
+    if real is uint16_t:
+        return bncore_half_from_double(v)
+    else:
+        return <real>v
 
 cdef enum:
     LANES = 32            # explicit summation lanes: the order of a sum is part of
@@ -149,15 +172,17 @@ cdef inline Plan _streaming(const Plan* p, Py_ssize_t itemsize) noexcept nogil:
     cdef Plan q = p[0]
     cdef Py_ssize_t run = p.seg_len if p.rows else p.block_rows * p.P
     q.stream = (p.outer * p.C * p.inner * itemsize >= STREAM_MIN_BYTES
-                and run >= STREAM_MIN_RUN)
+                and run >= STREAM_MIN_RUN and itemsize > 2)     # (float16: never)
     return q
 
 
 cdef inline void _stream(real* dst, const real* src, Py_ssize_t n) noexcept nogil:
     if real is float:
         bncore_stream_f32(dst, src, n)
-    else:
+    elif real is double:
         bncore_stream_f64(dst, src, n)
+    else:                     # float16: a plain copy (its plan never streams: _streaming)
+        memcpy(dst, src, n * sizeof(uint16_t))
 
 
 cdef inline double _part_count(const Plan* p, Py_ssize_t j) noexcept nogil:
@@ -286,7 +311,7 @@ cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1
     _zero(q, LANES)
     for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
         for k in range(LANES):
-            d = <double>x[i + k] - P
+            d = _d(x[i + k]) - P
             a[k] += d
             q[k] += d * d
     # the tail (n % 32 elements) into its own running sums, added after the
@@ -299,14 +324,14 @@ cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1
     u1 = 0.0
     u2 = 0.0
     for k in range(0, n - nb - 1, 2):
-        d = <double>x[nb + k] - P
-        e = <double>x[nb + k + 1] - P
+        d = _d(x[nb + k]) - P
+        e = _d(x[nb + k + 1]) - P
         t1 += d
         t2 += d * d
         u1 += e
         u2 += e * e
     if (n - nb) % 2:
-        d = <double>x[n - 1] - P
+        d = _d(x[n - 1]) - P
         t1 += d
         t2 += d * d
     s1[0] = _lane_total(a) + (t1 + u1)
@@ -318,7 +343,7 @@ cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
     """Mean of x[0:n] - K and centred sum of squares: one pass over the sums of
     x - x[0] (the segment's own pivot); when x[0] is far from the segment's
     mean, a second pass against that mean (then S2 ~ M2: nothing to cancel)."""
-    cdef double s1, s2, P = _pivot_of(<double>x[0])
+    cdef double s1, s2, P = _pivot_of(_d(x[0]))
     _segment_sums(x, n, P, &s1, &s2)
     _shifted_partial(s1, s2, <double>n, P - K, mean_out, m2_out)
     if _pivot_too_far(s2, m2_out[0], P + s1 / <double>n):
@@ -339,24 +364,24 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
     _zero(b, LANES)
     for i in range(0, nb, 32):
         for k in range(LANES):
-            g = <double>dy[i + k]
+            g = _d(dy[i + k])
             a[k] += g
-            b[k] += g * (<double>x[i + k] - mu)
+            b[k] += g * (_d(x[i + k]) - mu)
     t1 = 0.0                    # the tail as in _segment_sums
     t2 = 0.0
     u1 = 0.0
     u2 = 0.0
     for k in range(0, n - nb - 1, 2):
-        g = <double>dy[nb + k]
-        h = <double>dy[nb + k + 1]
+        g = _d(dy[nb + k])
+        h = _d(dy[nb + k + 1])
         t1 += g
-        t2 += g * (<double>x[nb + k] - mu)
+        t2 += g * (_d(x[nb + k]) - mu)
         u1 += h
-        u2 += h * (<double>x[nb + k + 1] - mu)
+        u2 += h * (_d(x[nb + k + 1]) - mu)
     if (n - nb) % 2:
-        g = <double>dy[n - 1]
+        g = _d(dy[n - 1])
         t1 += g
-        t2 += g * (<double>x[n - 1] - mu)
+        t2 += g * (_d(x[n - 1]) - mu)
     sum_dy[0] = _lane_total(a) + (t1 + u1)
     sum_dy_xmu[0] = _lane_total(b) + (t2 + u2)
 
@@ -368,12 +393,12 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
 # Each loop below calls these, so the formulas are written once.
 
 cdef inline real _affine_at(real x, double mean, double scale, double shift) noexcept nogil:
-    return <real>((<double>x - mean) * scale + shift)
+    return _r((_d(x) - mean) * scale + shift, &x)
 
 
 cdef inline real _dx_at(real dy, real x, double mean, double g, double a,
                         double k) noexcept nogil:
-    return <real>(g * ((<double>dy - a) - (<double>x - mean) * k))
+    return _r(g * ((_d(dy) - a) - (_d(x) - mean) * k), &x)
 
 
 # --------------------------------------------------------------------------
@@ -384,7 +409,7 @@ cdef inline void _flat_add(const real* x, Py_ssize_t n, const double* e_pivot,
     cdef Py_ssize_t j
     cdef double d
     for j in range(n):
-        d = <double>x[j] - e_pivot[j]
+        d = _d(x[j]) - e_pivot[j]
         acc1[j] += d
         acc2[j] += d * d
 
@@ -404,10 +429,10 @@ cdef inline void _flat_add4(const real* x, Py_ssize_t W, const double* e_pivot,
     cdef double K, d0, d1, d2, d3
     for j in range(W):
         K = e_pivot[j]
-        d0 = <double>x[j] - K
-        d1 = <double>x[W + j] - K
-        d2 = <double>x[2 * W + j] - K
-        d3 = <double>x[3 * W + j] - K
+        d0 = _d(x[j]) - K
+        d1 = _d(x[W + j]) - K
+        d2 = _d(x[2 * W + j]) - K
+        d3 = _d(x[3 * W + j]) - K
         acc1[j] += (d0 + d1) + (d2 + d3)
         acc2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
@@ -419,13 +444,13 @@ cdef inline void _flat_dy_sums4(const real* dy, const real* x, Py_ssize_t W,
     cdef double m, g0, g1, g2, g3
     for j in range(W):
         m = e_mean[j]
-        g0 = <double>dy[j]
-        g1 = <double>dy[W + j]
-        g2 = <double>dy[2 * W + j]
-        g3 = <double>dy[3 * W + j]
+        g0 = _d(dy[j])
+        g1 = _d(dy[W + j])
+        g2 = _d(dy[2 * W + j])
+        g3 = _d(dy[3 * W + j])
         acc_a[j] += (g0 + g1) + (g2 + g3)
-        acc_b[j] += ((g0 * (<double>x[j] - m) + g1 * (<double>x[W + j] - m))
-                     + (g2 * (<double>x[2 * W + j] - m) + g3 * (<double>x[3 * W + j] - m)))
+        acc_b[j] += ((g0 * (_d(x[j]) - m) + g1 * (_d(x[W + j]) - m))
+                     + (g2 * (_d(x[2 * W + j]) - m) + g3 * (_d(x[3 * W + j]) - m)))
 
 
 cdef inline void _flat_dy_sums(const real* dy, const real* x, Py_ssize_t n,
@@ -434,9 +459,9 @@ cdef inline void _flat_dy_sums(const real* dy, const real* x, Py_ssize_t n,
     cdef Py_ssize_t j
     cdef double g
     for j in range(n):
-        g = <double>dy[j]
+        g = _d(dy[j])
         acc_a[j] += g
-        acc_b[j] += g * (<double>x[j] - e_mean[j])
+        acc_b[j] += g * (_d(x[j]) - e_mean[j])
 
 
 cdef inline void _flat_affine(const real* x, real* y, Py_ssize_t n, const double* e_mean,
@@ -524,7 +549,7 @@ cdef inline void _n64_sums(const real* x, Py_ssize_t nsr, const double* e_pivot,
         K[j] = e_pivot[j]
     for s in range(nsr):
         for j in range(NARROW):
-            d = <double>x[s * NARROW + j] - K[j]
+            d = _d(x[s * NARROW + j]) - K[j]
             a[j] += d
             q[j] += d * d
     for j in range(NARROW):
@@ -547,9 +572,9 @@ cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
         m[j] = e_mean[j]
     for s in range(nsr):
         for j in range(NARROW):
-            g = <double>dy[s * NARROW + j]
+            g = _d(dy[s * NARROW + j])
             a[j] += g
-            b[j] += g * (<double>x[s * NARROW + j] - m[j])
+            b[j] += g * (_d(x[s * NARROW + j]) - m[j])
     for j in range(NARROW):
         acc_a[j] = a[j]
         acc_b[j] = b[j]
@@ -615,7 +640,7 @@ cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
     for r in range(rows):
         a = x + r * stride
         for k in range(TILE):
-            d = <double>a[k] - K[k]
+            d = _d(a[k]) - K[k]
             s[k] += d
             q[k] += d * d
     for k in range(TILE):
@@ -638,9 +663,9 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
         m[k] = mean[k]
     for r in range(rows):
         for k in range(TILE):
-            g = <double>dy[r * stride + k]
+            g = _d(dy[r * stride + k])
             sa[k] += g
-            sb[k] += g * (<double>x[r * stride + k] - m[k])
+            sb[k] += g * (_d(x[r * stride + k]) - m[k])
     for k in range(TILE):
         pa[k] = sa[k]
         pb[k] = sb[k]
@@ -657,7 +682,7 @@ cdef inline void _cols_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
         s = 0.0
         q = 0.0
         for r in range(rows):
-            d = <double>x[r * stride + k] - K
+            d = _d(x[r * stride + k]) - K
             s += d
             q += d * d
         ps1[k] = s
@@ -673,9 +698,9 @@ cdef inline void _cols_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
         sa = 0.0
         sb = 0.0
         for r in range(rows):
-            g = <double>dy[r * stride + k]
+            g = _d(dy[r * stride + k])
             sa += g
-            sb += g * (<double>x[r * stride + k] - mean[k])
+            sb += g * (_d(x[r * stride + k]) - mean[k])
         pa[k] = sa
         pb[k] = sb
 
@@ -815,7 +840,7 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
     cdef double cnt = <double>(rows * p.inner), s1, s2
     cdef bint again = False
     for c in range(p.C):
-        kb[c] = _pivot_of(<double>x[c * p.inner])
+        kb[c] = _pivot_of(_d(x[c * p.inner]))
     _block_sums(p, x, rows, kb, scratch, pm, pq)
     for c in range(p.C):
         s1 = pm[c]
@@ -1220,7 +1245,7 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     cdef double* pivot = scratch + nscr
     cdef double* counts = pivot + C
     for c in range(C):
-        pivot[c] = _pivot_of(<double>x[c * p.inner])
+        pivot[c] = _pivot_of(_d(x[c * p.inner]))
     _part_counts(p, counts)
     _stats_partials(x, p, pivot, pmean, pm2, scratch, nthreads)
     if pivot_out != NULL:
@@ -1316,6 +1341,10 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssi
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
             with nogil:
                 rc = _forward(<const float*>px, <float*>py, &p, training, rm, rv, w, b, eps,
+                              momentum, unbiased, pmean, pinv, pm2, nt)
+        elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16:
+            with nogil:
+                rc = _forward(<const uint16_t*>px, <uint16_t*>py, &p, training, rm, rv, w, b, eps,
                               momentum, unbiased, pmean, pinv, pm2, nt)
         else:
             with nogil:
@@ -1438,6 +1467,9 @@ def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int n
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
             with nogil:
                 rc = _mean_m2(<const float*>px, &p, pd, pm2, nt, pk)
+        elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16:
+            with nogil:
+                rc = _mean_m2(<const uint16_t*>px, &p, pd, pm2, nt, pk)
         else:
             with nogil:
                 rc = _mean_m2(<const double*>px, &p, pd, pm2, nt, pk)
@@ -1462,6 +1494,9 @@ def normalize(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_s
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
             with nogil:
                 rc = _normalize(<const float*>px, <float*>py, &p, m, s, w, b, nt)
+        elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16:
+            with nogil:
+                rc = _normalize(<const uint16_t*>px, <uint16_t*>py, &p, m, s, w, b, nt)
         else:
             with nogil:
                 rc = _normalize(<const double*>px, <double*>py, &p, m, s, w, b, nt)
@@ -1490,6 +1525,9 @@ def dy_sums(cnp.ndarray dy, cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ss
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
             with nogil:
                 rc = _sums(<const float*>pdy, <const float*>px, &p, m, psd, psx, nt)
+        elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16:
+            with nogil:
+                rc = _sums(<const uint16_t*>pdy, <const uint16_t*>px, &p, m, psd, psx, nt)
         else:
             with nogil:
                 rc = _sums(<const double*>pdy, <const double*>px, &p, m, psd, psx, nt)
@@ -1519,6 +1557,10 @@ def input_grad(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, 
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
             with nogil:
                 rc = _input_grad(<const float*>pdy, <const float*>px, <float*>pdx, &p,
+                                 training, n, m, s, w, psd, psx, nt)
+        elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT16:
+            with nogil:
+                rc = _input_grad(<const uint16_t*>pdy, <const uint16_t*>px, <uint16_t*>pdx, &p,
                                  training, n, m, s, w, psd, psx, nt)
         else:
             with nogil:

@@ -4,6 +4,7 @@
  * and machine, written so that loops over them vectorize. */
 #ifndef BNCORE_HALF_H
 #define BNCORE_HALF_H
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -17,14 +18,24 @@
  * bit for bit. Not a cast: GCC 12 compiles (double)(_Float16) (and
  * (double)(float)(_Float16), which it folds into it) to a call of libgcc's
  * soft-float __extendhfdf2 per element, about 10-20x slower than this. */
+static inline double bncore_half_to_double(uint16_t value) {
+    /* selections by masks, not ?: so that loops with other work in them
+     * (the batch-norm sums) vectorize too, not only the plain optimizer loops */
+    uint32_t h = value;
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu, sign = (h & 0x8000u) << 16;
+    uint32_t inf = 0u - (uint32_t)(e == 0x1fu), zero = 0u - (uint32_t)(e == 0u);
+    uint32_t bits = sign | ((((e + 112u) & ~inf) | (0xffu & inf)) << 23) | (m << 13);
+    float sub = (float)m * 0x1p-24f, f;
+    uint32_t sbits;
+    memcpy(&sbits, &sub, 4);
+    sbits |= sign;                    /* m * 2^-24 >= 0: the sign is one bit */
+    bits = (bits & ~zero) | (sbits & zero);
+    memcpy(&f, &bits, 4);
+    return (double)f;
+}
+
 static inline double bncore_half_load(const uint16_t* p) {
-    uint32_t h = *p;
-    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
-    uint32_t bits = ((h & 0x8000u) << 16) | ((e == 0x1fu ? 0xffu : e + 112u) << 23) | (m << 13);
-    float normal, sub = (float)m * 0x1p-24f;
-    memcpy(&normal, &bits, 4);
-    sub = (h & 0x8000u) ? -sub : sub;
-    return (double)(e == 0 ? sub : normal);
+    return bncore_half_to_double(*p);
 }
 
 /* double -> binary16, rounded once to nearest even, branch-free so loops
@@ -38,9 +49,9 @@ static inline double bncore_half_load(const uint16_t* p) {
  * subnormal halves rounded by a float add at 2^-24; checked against the
  * compiler's (_Float16)(float) on all 2^32 floats, bit for bit, and the whole
  * against NumPy's float64 -> float16 (tests/test_half.py). */
-static inline void bncore_half_store(uint16_t* p, double v) {
+static inline uint16_t bncore_half_from_double(double v) {
     float f = (float)v, mag, sum;
-    double back = (double)f, av = v < 0 ? -v : v, ab = back < 0 ? -back : back;
+    double back = (double)f, av = fabs(v), ab = fabs(back);
     uint32_t x, sb;
     memcpy(&x, &f, 4);
     uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
@@ -55,8 +66,18 @@ static inline void bncore_half_store(uint16_t* p, double v) {
     memcpy(&sb, &sum, 4);
     uint32_t sub = sb - 0x3f000000u;
     uint32_t nrm = (ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13;
-    uint32_t h = ax > 0x7f800000u ? nan : ax >= 0x47800000u ? 0x7c00u
-                 : ax < 0x38800000u ? sub : nrm;
-    *p = (uint16_t)(h | sign);
+    /* NaN, overflow to Inf, subnormal half, normal half: selected by masks
+     * (not ?:), so that loops with other work in them vectorize too */
+    uint32_t is_nan = 0u - (uint32_t)(ax > 0x7f800000u);
+    uint32_t is_big = 0u - (uint32_t)(ax >= 0x47800000u);
+    uint32_t is_sub = 0u - (uint32_t)(ax < 0x38800000u);
+    uint32_t h = (sub & is_sub) | (nrm & ~is_sub);
+    h = (0x7c00u & is_big) | (h & ~is_big);
+    h = (nan & is_nan) | (h & ~is_nan);
+    return (uint16_t)(h | sign);
+}
+
+static inline void bncore_half_store(uint16_t* p, double v) {
+    *p = bncore_half_from_double(v);
 }
 #endif

@@ -20,9 +20,9 @@ is a rate of 0.01; :class:`bncore.BatchNorm` converts).
 
 Numerics: every statistic accumulates in float64, ``x - mean`` is formed in
 float64 before it is scaled, and summation orders are fixed by the shape, so
-results are bitwise identical for every ``num_threads``. float16 inputs are
-computed through float64 copies (exact) and rounded once, from float64 to
-float16 (through float32 a value just off a binary16 tie rounded twice).
+results are bitwise identical for every ``num_threads``. float16 data is read
+and written by the kernels themselves (bncore/_half.h): exact to float64, and
+each result rounded once, from float64 to float16.
 """
 from __future__ import annotations
 
@@ -32,14 +32,12 @@ import numpy as np
 
 from bncore import _bn_kernels as _k
 from bncore import _checks as chk
-from bncore import _half_convert as _hc
 from bncore._bn_args import backward_args, forward_args
 from bncore._layout import channel_view
 from bncore._threads import MAX_THREADS, get_num_threads
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
-_F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 
@@ -59,58 +57,10 @@ def _f64(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
     return np.ascontiguousarray(v, dtype=_F64)
 
 
-def _same_dense_order(a: np.ndarray, b: np.ndarray) -> bool:
-    """a and b hold their elements densely, in the same order (so that an
-    elementwise conversion can run over the raw buffers)."""
-    if a.shape != b.shape or not b.flags.aligned or not a.flags.aligned:
-        return False
-    if not (b.flags.c_contiguous or b.flags.f_contiguous or _dense(b)):
-        return False
-    ra, rb = a.itemsize, b.itemsize
-    return all(sa * rb == sb * ra for sa, sb, n in zip(a.strides, b.strides, a.shape) if n > 1)
-
-
-def _dense(a: np.ndarray) -> bool:
-    """a's elements fill its memory span exactly (contiguous in some axis order)."""
-    dims = sorted((abs(st), n) for st, n in zip(a.strides, a.shape) if n > 1)
-    step = a.itemsize
-    for st, n in dims:
-        if st != step:
-            return False
-        step *= n
-    return True
-
-
-def _half_to_f64(a: np.ndarray, nthreads: int) -> np.ndarray:
-    """A float64 copy of float16 `a` in its memory order (exact): in parallel
-    over the buffers when `a` is dense, else NumPy's cast."""
-    out = np.empty_like(a, dtype=_F64)
-    if _same_dense_order(a, out) and min(a.strides, default=1) >= 0:
-        _hc.to_float64(a, out, nthreads)
-    else:
-        np.copyto(out, a)
-    return out
-
-
-def _f64_to_half(a: np.ndarray, out: Optional[np.ndarray], nthreads: int) -> np.ndarray:
-    """float64 `a` rounded once to float16, into `out` (or a new array in a's order)."""
-    if out is None:
-        out = np.empty_like(a, dtype=_F16)
-    if _same_dense_order(a, out) and min(a.strides, default=1) >= 0 \
-            and min(out.strides, default=1) >= 0:
-        _hc.to_float16(a, out, nthreads)
-    else:
-        np.copyto(out, a, casting="same_kind")
-    return out
-
-
-def _kernel_input(view, a: np.ndarray, nthreads: int) -> np.ndarray:
-    """`a` in the view's layout and in a kernel dtype (float16 goes via float64,
-    so that the result is rounded once, from float64 to float16)."""
-    a = view.arrange(a)
-    if a.dtype == _F16:
-        a = _half_to_f64(a, nthreads)
-    return a
+def _kernel_input(view, a: np.ndarray, nthreads: int = 0) -> np.ndarray:
+    """`a` in the view's layout; float16, float32 and float64 are all kernel
+    dtypes (float16 read and rounded back once by the kernels themselves)."""
+    return view.arrange(a)
 
 
 def _flat(view, a: np.ndarray) -> np.ndarray:
@@ -121,18 +71,15 @@ def _flat(view, a: np.ndarray) -> np.ndarray:
 
 
 def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
-    """Where the kernel writes: `out` itself when it has the layout and a
-    kernel dtype, else a temporary that the caller copies into `out`."""
-    kdtype = _F64 if dtype == _F16 else dtype
-    if out is not None and out.dtype == kdtype and view.has_layout(out):
+    """Where the kernel writes: `out` itself when it has the layout and x's
+    dtype, else a temporary that the caller copies into `out`."""
+    if out is not None and out.dtype == dtype and view.has_layout(out):
         return out
-    return view.empty(kdtype)
+    return view.empty(dtype)
 
 
 def _finish_output(target: np.ndarray, out: Optional[np.ndarray], dtype,
-                   nthreads: int) -> np.ndarray:
-    if dtype == _F16 and (out is None or out.dtype == _F16):
-        return _f64_to_half(target, out, nthreads)
+                   nthreads: int = 0) -> np.ndarray:
     if out is None:
         return target
     if target is not out:

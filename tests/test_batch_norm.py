@@ -542,3 +542,45 @@ def test_layout_cache_and_shortcut_on_chosen_arrays(monkeypatch):
     copy = v.arrange(mis)
     assert copy is not mis and copy.flags.aligned and v.has_layout(copy)
     assert np.array_equal(copy, mis)
+
+
+@pytest.mark.parametrize("shape, axis", [((6, 3, 8, 8), 1), ((4096, 64), 1), ((5, 7, 33), 1),
+                                         ((2, 5, 9000), 1), ((64, 3, 1, 1), 1),
+                                         ((4, 9, 6), -1)])
+@pytest.mark.parametrize("layout", ["c", "fortran", "channels-last", "strided"])
+@pytest.mark.parametrize("training", [True, False])
+def test_float16_kernels_equal_the_float64_path_rounded_once(shape, axis, layout, training):
+    """The kernels read and write float16 themselves (every schedule: planes,
+    rows, narrow, tiles, long segments); the results are bit for bit those of
+    the same data in float64, rounded once to float16: y, dx; mean, invstd,
+    dweight, dbias and the (float16) running statistics too."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal(shape) * 3 + 300).astype(np.float16)
+    dy = rng.standard_normal(shape).astype(np.float16)
+    if layout == "fortran":
+        x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+    elif layout == "channels-last":
+        x, dy = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1) for a in (x, dy))
+    elif layout == "strided":
+        x, dy = (np.repeat(a, 2, axis=0)[::2] for a in (x, dy))
+    C = x.shape[axis]
+    w = rng.uniform(0.5, 1.5, C).astype(np.float16)
+    b = rng.uniform(-1, 1, C).astype(np.float16)
+    rm, rv = np.zeros(C, np.float16), np.ones(C, np.float16)
+    rm64, rv64 = rm.copy(), rv.copy()
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    y, m, s = bncore.batch_norm_forward(x, w, b, rm, rv, training=training, axis=axis)
+    y64, m64, s64 = bncore.batch_norm_forward(x64, w, b, rm64, rv64, training=training,
+                                              axis=axis)
+    assert y.dtype == np.float16
+    assert np.array_equal(y, y64.astype(np.float16))
+    assert np.array_equal(m, m64) and np.array_equal(s, s64)
+    assert np.array_equal(rm, rm64) and np.array_equal(rv, rv64)
+    got = bncore.batch_norm_backward(dy, x, m, s, w, training=training, axis=axis)
+    want = bncore.batch_norm_backward(dy64, x64, m, s, w, training=training, axis=axis)
+    assert got[0].dtype == np.float16 and np.array_equal(got[0], want[0].astype(np.float16))
+    assert np.array_equal(got[1], want[1]) and np.array_equal(got[2], want[2])
+    for nt in (1, 3):
+        again = bncore.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), training=training,
+                                          axis=axis, num_threads=nt)[0]
+        assert np.array_equal(again, y)
