@@ -55,8 +55,8 @@ def viewable_in_place(a: Any) -> bool:
     hasattr(__array_interface__) builds a dict (~1 us)."""
     if isinstance(a, np.ndarray):
         return True
-    if isinstance(a, (list, tuple)):
-        return False
+    if isinstance(a, (list, tuple, np.generic)):
+        return False              # (a NumPy scalar is immutable: np.asarray copies it)
     return (isinstance(a, memoryview) or hasattr(a, "__dlpack__")
             or hasattr(a, "__array_interface__") or hasattr(a, "__cuda_array_interface__"))
 

@@ -360,3 +360,12 @@ def test_integral_steps_and_0d_learning_rates_are_values(step, lr):
     p = [np.ones(3)]
     bncore.adam_step(p, [np.full(3, 0.5)], [np.zeros(3)], [np.zeros(3)], step=step, lr=lr)
     np.testing.assert_array_equal(p[0], ref[0])
+
+
+def test_a_numpy_scalar_cannot_be_updated_in_place():
+    """NumPy scalars carry __array_interface__ but are immutable: the update
+    went to a copy and was silently lost; now refused like a list."""
+    p = np.float64(1.0)
+    with pytest.raises(TypeError, match="updated in place"):
+        bncore.sgd_step([p], [np.float64(0.5)], lr=0.1)
+    assert bncore.grad_norm([np.float64(3.0)]) == 3.0     # read-only uses still work
