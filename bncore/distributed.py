@@ -61,7 +61,9 @@ from bncore import _bn_args
 from bncore.batch_norm import (_f64, _finish_output, _flat, _kernel_input, _output_target, _vec,
                                batch_norm_backward, batch_norm_forward)
 from bncore.clipping import (NonFiniteError, _NORM_1, _NORM_2, _NORM_INF, _NORM_P,
-                             _grads_table, _norm_type, clip_coefficient, _rescue_scale)
+                             _UNDERFLOW_SUM, _grads_table, _norm_type, clip_coefficient,
+                             _rescue_scale)
+from bncore.clipping import _root as _clip_root
 from bncore.layers import _UNSET, BatchNorm
 
 __all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward", "SyncBatchNorm",
@@ -233,6 +235,9 @@ class HostEngine:
 def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training, momentum,
                  eps, axis, unbiased_running_var, out, num_threads):
     """sync_batch_norm_forward on engine `eng` (HostEngine or bncore_gpu's)."""
+    # (as batch_norm_forward: "False" is true; every rank checks the same values)
+    training = eng.chk.flag("training", training)
+    unbiased_running_var = eng.chk.flag("unbiased_running_var", unbiased_running_var)
     if not training:
         # running statistics are identical everywhere: nothing to exchange
         return eng.forward(x, weight, bias, running_mean, running_var, training=False,
@@ -502,16 +507,21 @@ def _local_norm_sum(table, p: float, nthreads: int) -> Tuple[float, float, float
         return _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads), 1.0, 0.0
     kind = _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P)
     s = _ok.norm_sum(table, kind, p, 1.0, nthreads)
-    if math.isfinite(s):
+    if math.isfinite(s) and (kind == _NORM_1 or s >= _UNDERFLOW_SUM):
         return s, 1.0, 0.0
-    if _ok.nonfinite(table, nthreads):
+    if not math.isfinite(s) and _ok.nonfinite(table, nthreads):
         return s, 1.0, 1.0
-    big = _rescue_scale(_ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads))
+    # the sum overflowed on finite data, or its powers underflowed (tiny gradients)
+    top = _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+    if top == 0.0:
+        return 0.0, 1.0, 0.0
+    big = _rescue_scale(top)
     return _ok.norm_sum(table, kind, p, big, nthreads), big, 0.0
 
 
 def _root(s: float, p: float) -> float:
-    return math.sqrt(s) if p == 2.0 else (s if p == 1.0 else s ** (1.0 / p))
+    """The norm from a sum of powers (Inf where the root overflows, as on one process)."""
+    return _clip_root(s, _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P), p)
 
 
 def _combine_norm(sums: np.ndarray, scales: np.ndarray, nonfinite: np.ndarray, p: float) -> float:

@@ -238,3 +238,39 @@ def test_far_offset_channels_with_an_empty_first_rank():
         parts[c.Get_rank()], comm=c)[2])
     for inv in got:
         np.testing.assert_allclose(inv, exact.astype(np.float64), rtol=2e-15)
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0])
+def test_distributed_norms_of_tiny_gradients_do_not_underflow(p):
+    """As on one process: powers below float64's normal range are summed again
+    on gradients scaled by their largest magnitude (the distributed 2-norm of
+    1e-170s was 0, so clip_grad_norm with eps = 0 left them unclipped)."""
+    import thread_comm
+    for scale in (1e-170, 5e-324):
+        shards = [[np.full(4, scale)], [np.full(3, -2 * scale)], [np.zeros(2)]]
+        whole = bncore.grad_norm([a for s in shards for a in s], norm_type=p)
+        assert whole > 0
+        got = thread_comm.run_ranks(3, lambda c: dist.grad_norm(
+            shards[c.Get_rank()], norm_type=p, comm=c))
+        for g in got:
+            assert g == pytest.approx(whole, rel=1e-14 if scale > 1e-300 else 1.0)
+    clipped = thread_comm.run_ranks(2, lambda c: [dist.clip_grad_norm(
+        [np.full(4, 1e-170)], 1e-171, eps=0.0, comm=c), None][0])
+    assert all(v == pytest.approx(1e-170 * np.sqrt(8), rel=1e-14) for v in clipped)
+
+
+def test_a_distributed_p_norm_past_float64_is_inf_not_an_exception():
+    import thread_comm
+    got = thread_comm.run_ranks(2, lambda c: dist.grad_norm([np.full(10, 1e300)], 0.1,
+                                                           comm=c))
+    assert got == [np.inf, np.inf] and bncore.grad_norm([np.full(20, 1e300)], 0.1) == np.inf
+
+
+@pytest.mark.parametrize("name, value", [("training", "False"),
+                                         ("unbiased_running_var", "False")])
+def test_sync_forward_on_off_arguments_must_be_bools(name, value):
+    x = np.random.default_rng(2).standard_normal((6, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        dist.sync_batch_norm_forward(x, None, None, rm, rv, comm=COMM, **{name: value})
+    assert (rm == 0).all() and (rv == 1).all()
