@@ -103,7 +103,10 @@ class _ListInfo:
 
     def describes(self, lst: list) -> bool:
         """Whether this entry still describes `lst` (same live objects, same storage)."""
-        if any(r() is not a for r, a in zip(self.refs, lst)):
+        # the same live objects, still of the shapes checked (a CuPy array's
+        # shape can be set in place: p.shape = (2, 3))
+        if any(r() is not a or a.shape != shape
+               for r, a, shape in zip(self.refs, lst, self.shapes)):
             return False
         for i in self.foreign:
             a = lst[i]

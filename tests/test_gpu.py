@@ -1062,3 +1062,14 @@ def test_rows_coop_kernels_from_two_threads_at_once():
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a cooperative launch hung"
     assert not bad
+
+
+def test_gpu_array_tables_notice_a_shape_set_in_place():
+    """The validated tables are cached per list of arrays; an array whose shape
+    is set in place after a step (p.shape = (2, 3)) is checked again, not
+    refused against its old shape."""
+    p = cupy.ones(6)
+    bncore_gpu.sgd_step([p], [cupy.ones(6)], lr=0.1)
+    p.shape = (2, 3)
+    bncore_gpu.sgd_step([p], [cupy.ones((2, 3))], lr=0.1)
+    np.testing.assert_allclose(cupy.asnumpy(p), np.full((2, 3), 0.8))
