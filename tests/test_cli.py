@@ -407,3 +407,22 @@ def test_json_reports_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch, ca
     assert status == 2 and "cannot write --json" in capsys.readouterr().err
     assert json.loads(path.read_text()) == {"old": True}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json"]   # no temporary left
+
+
+def test_a_narrower_check_draws_the_same_cases_for_the_cells_it_keeps():
+    """--op, --dtype and fewer --samples reproduce a wider run's cases (a
+    prefix of each cell's), so a failure can be re-checked on its own."""
+    def oracle_cases(**kw):
+        cases = {}
+        for kind, spec, params in selfcheck.plan(**kw).jobs:
+            if kind == "oracle":
+                cases.setdefault((spec.name, params["dtype"], params.get("layout")),
+                                 []).append(repr(sorted(params.items())))
+        return cases
+    wide = oracle_cases(samples=4, fd_samples=0)
+    narrow = oracle_cases(ops=["batch_norm_forward"], dtypes=["float32"], samples=2,
+                          fd_samples=0)
+    assert narrow and all(k[0] == "batch_norm_forward" and k[1] == "float32" for k in narrow)
+    for key, cases in narrow.items():
+        assert cases == wide[key][:2]
+    assert oracle_cases(samples=4, fd_samples=0, seed=5) != wide
