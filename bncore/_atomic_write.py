@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import stat
+import sys
 from typing import Any
 
 
@@ -64,3 +65,15 @@ def write_bytes(path: str, data: bytes, suffix: str = "") -> None:
 def write_json(path: str, obj: Any) -> None:
     """`obj` as indented JSON, written atomically (see write_bytes)."""
     write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode(), ".json")
+
+
+def write_json_or_say(command: str, path: str, obj: Any) -> int:
+    """write_json for the command line: on failure say why (as a usage error of
+    `bncore COMMAND`) and return 2, else 0. A report that cannot be written is
+    the caller's error, not a failed check."""
+    try:
+        write_json(path, obj)
+    except OSError as exc:
+        print(f"bncore {command}: cannot write --json {path}: {exc}", file=sys.stderr)
+        return 2
+    return 0

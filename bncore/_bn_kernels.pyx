@@ -1,6 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 # cython: initializedcheck=False, nonecheck=False, embedsignature=True
-"""Batch-normalization kernels for the CPU (float32 and float64, one source).
+"""Batch-normalization kernels for the CPU (float16, float32 and float64 storage,
+one source; float16 read and written through _half.h, arithmetic in float64).
 
 Every array is seen as a C-contiguous (outer, C, inner) block, C being the
 channel axis; bncore/batch_norm.py arranges that view (and any copy it needs).

@@ -92,14 +92,20 @@ def host_copy_of_device_array(v: Any) -> Any:
     return v
 
 
+def _value_of_0d(v: Any) -> Any:
+    """A 0-d array or tensor as its value (as NumPy scalars are); anything else as it is."""
+    if getattr(v, "shape", None) == () and hasattr(v, "item"):
+        return v.item()
+    return v
+
+
 def flag(name: str, v: Any) -> bool:
     """An on/off argument: a bool (NumPy's, a 0-d array or tensor of one too) or
     the integers 0 and 1; anything else (a string, None, 0.5) is a TypeError,
     not a truth value ("False" is true)."""
     if type(v) is bool:
         return v
-    if getattr(v, "shape", None) == () and hasattr(v, "item"):
-        v = v.item()
+    v = _value_of_0d(v)
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, numbers.Integral) and v in (0, 1):
@@ -114,8 +120,7 @@ def real_scalar(name: str, v: Any) -> float:
         if v != v:
             raise ValueError(f"{name} must not be NaN")
         return v
-    if getattr(v, "shape", None) == () and hasattr(v, "item"):
-        v = v.item()              # a 0-d array or tensor: its value (as NumPy scalars are)
+    v = _value_of_0d(v)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
     f = float(v)

@@ -57,12 +57,6 @@ def _f64(v: Optional[np.ndarray]) -> Optional[np.ndarray]:
     return np.ascontiguousarray(v, dtype=_F64)
 
 
-def _kernel_input(view, a: np.ndarray, nthreads: int = 0) -> np.ndarray:
-    """`a` in the view's layout; float16, float32 and float64 are all kernel
-    dtypes (float16 read and rounded back once by the kernels themselves)."""
-    return view.arrange(a)
-
-
 def _flat(view, a: np.ndarray) -> np.ndarray:
     """1-D C-contiguous view of `a` in the view's layout (the kernels' input)."""
     f = view.flat(a)
@@ -78,8 +72,7 @@ def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
     return view.empty(dtype)
 
 
-def _finish_output(target: np.ndarray, out: Optional[np.ndarray], dtype,
-                   nthreads: int = 0) -> np.ndarray:
+def _finish_output(target: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
     if out is None:
         return target
     if target is not out:
@@ -146,7 +139,7 @@ def batch_norm_forward(
 
     # ---- all checks done: from here on arrays are written
     view = channel_view(x, ax)
-    xk = _kernel_input(view, x, nthreads)
+    xk = view.arrange(x)
     target = _output_target(view, out, x.dtype)
     # running statistics are updated by the kernel in place; a float16 or
     # strided one goes through a float64 copy that is written back
@@ -158,7 +151,7 @@ def batch_norm_forward(
         running_mean[...] = rm
     if training and rv is not running_var:
         running_var[...] = rv
-    y = _finish_output(target, out, x.dtype, nthreads)
+    y = _finish_output(target, out)
     return y, mean, invstd
 
 
@@ -199,13 +192,13 @@ def batch_norm_backward(
 
     # ---- all checks done
     view = channel_view(x, ax)
-    xk = _kernel_input(view, x, nthreads)
-    dyk = _kernel_input(view, dy, nthreads)
+    xk = view.arrange(x)
+    dyk = view.arrange(dy)
     target = _output_target(view, dx_out, x.dtype)
     sum_dy, sum_dy_xmu = _k.backward(
         _flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, C, view.inner,
         training, _f64(mean), _f64(invstd), _vec(weight), nthreads)
-    dx = _finish_output(target, dx_out, x.dtype, nthreads)
+    dx = _finish_output(target, dx_out)
 
     dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, _f64(invstd),
                                       (weight if weight is not None else x).dtype,

@@ -23,6 +23,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from bncore._atomic_write import write_json_or_say
+
 EPILOG_CHECK = """\
 examples:
   bncore check                          everything, a few seconds on 2 cores
@@ -273,18 +275,6 @@ def cmd_gradcheck(args) -> int:
         from bncore.selfcheck import silence_stdout
         silence_stdout()
     return 1 if failed else 0
-
-
-def write_json_or_say(command: str, path: str, obj) -> int:
-    """Write --json PATH atomically; on failure say why and return 2 (else 0):
-    a report that cannot be written is the caller's error, not a failed check."""
-    from bncore._atomic_write import write_json
-
-    try:
-        write_json(path, obj)
-    except OSError as exc:
-        return _usage_error(command, f"cannot write --json {path}: {exc}")
-    return 0
 
 
 # --------------------------------------------------------------------------

@@ -8,7 +8,7 @@ whenever the answer is representable.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 
 from bncore import _checks as chk
@@ -66,6 +66,11 @@ def _rescue_scale(big: float) -> float:
 _UNDERFLOW_SUM = 2.0 ** -1000
 
 
+def _kind(p: float) -> int:
+    """The kernels' sum for a finite p: squares, magnitudes or |g|^p."""
+    return _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P)
+
+
 def _root(s: float, kind: int, p: float) -> float:
     """The norm from its sum of powers; Inf where the root overflows float64
     (a p < 1 norm of huge values), not Python's OverflowError."""
@@ -79,25 +84,33 @@ def _root(s: float, kind: int, p: float) -> float:
         return math.inf
 
 
-def _norm_of(table, p: float, nthreads: int) -> float:
+def _power_sum(table, p: float, nthreads: int) -> Tuple[float, float, float]:
+    """(s, scale, nonfinite): sum |g / scale|^p = s (max |g| for p = inf), and
+    whether the gradients hold an Inf or NaN. scale is 1 unless the float64 sum
+    overflowed on finite data or its powers underflowed (a sum below
+    _UNDERFLOW_SUM): then the sum is taken again relative to the power of two
+    at or above max |g|. One process's norm (_norm_of) and each rank's part of
+    a distributed one (bncore.distributed) both come from here."""
     if math.isinf(p):
-        return _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
-    kind = _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P)
+        return _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads), 1.0, 0.0
+    kind = _kind(p)
     s = _k.norm_sum(table, kind, p, 1.0, nthreads)
-    rescue = math.isinf(s) and not _k.nonfinite(table, nthreads)
-    if not rescue and kind != _NORM_1 and s < _UNDERFLOW_SUM:
-        rescue = True                 # (only if some gradient is nonzero: below)
-    if rescue:
-        # the float64 sum overflowed on finite data, or its powers underflowed:
-        # scale by the largest magnitude
-        top = _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
-        if top == 0.0:
-            return 0.0
-        big = _rescue_scale(top)
-        s = _k.norm_sum(table, kind, p, big, nthreads)
-        r = _root(s, kind, p)
-        return big * r if r else 0.0
-    return _root(s, kind, p)
+    if math.isfinite(s) and (kind == _NORM_1 or s >= _UNDERFLOW_SUM):
+        return s, 1.0, 0.0
+    if not math.isfinite(s) and _k.nonfinite(table, nthreads):
+        return s, 1.0, 1.0
+    top = _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
+    if top == 0.0:
+        return 0.0, 1.0, 0.0
+    big = _rescue_scale(top)
+    return _k.norm_sum(table, kind, p, big, nthreads), big, 0.0
+
+
+def _norm_of(table, p: float, nthreads: int) -> float:
+    s, scale, _ = _power_sum(table, p, nthreads)
+    if math.isinf(p):
+        return s
+    return scale * _root(s, _kind(p), p)
 
 
 def grad_norm(grads: ArrayList, norm_type: float = 2.0, *, comm: Any = None,

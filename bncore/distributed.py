@@ -58,11 +58,10 @@ from bncore._collective import CollectiveError, reset_traffic, traffic
 from bncore._layout import channel_view
 from bncore._threads import resolve_num_threads
 from bncore import _bn_args
-from bncore.batch_norm import (_f64, _finish_output, _flat, _kernel_input, _output_target, _vec,
+from bncore.batch_norm import (_f64, _finish_output, _flat, _output_target, _vec,
                                batch_norm_backward, batch_norm_forward)
-from bncore.clipping import (NonFiniteError, _NORM_1, _NORM_2, _NORM_INF, _NORM_P,
-                             _UNDERFLOW_SUM, _grads_table, _norm_type, clip_coefficient,
-                             _rescue_scale)
+from bncore.clipping import NonFiniteError, _grads_table, _kind, _norm_type, clip_coefficient
+from bncore.clipping import _power_sum as _local_norm_sum
 from bncore.clipping import _root as _clip_root
 from bncore.layers import _UNSET, BatchNorm
 
@@ -175,7 +174,7 @@ class HostEngine:
         """This rank's per-channel (pivot, mean - pivot, M2), float64 (zeros for an
         empty shard): see combine_statistics."""
         view = channel_view(x, ax)
-        xk = _kernel_input(view, x, nthreads)
+        xk = view.arrange(x)
         return _bk.stats(_flat(view, xk), view.outer, x.shape[ax], view.inner, nthreads)
 
     @staticmethod
@@ -183,18 +182,18 @@ class HostEngine:
                   nthreads: int):
         """(y, mean, invstd): y = (x - mean) * invstd * w + b with the given statistics."""
         view = channel_view(x, ax)
-        xk = _kernel_input(view, x, nthreads)
+        xk = view.arrange(x)
         target = _output_target(view, out, x.dtype)
         _bk.normalize(_flat(view, xk), _flat(view, target), view.outer, x.shape[ax],
                       view.inner, mean, invstd, _vec(weight), _vec(bias), nthreads)
-        return _finish_output(target, out, x.dtype, nthreads), mean, invstd
+        return _finish_output(target, out), mean, invstd
 
     @staticmethod
     def dy_sums(dy, x, ax: int, mean, nthreads: int) -> Tuple[np.ndarray, np.ndarray]:
         """This rank's per-channel (sum dy, sum dy * (x - mean)), float64."""
         view = channel_view(x, ax)
-        return _bk.dy_sums(_flat(view, _kernel_input(view, dy, nthreads)),
-                           _flat(view, _kernel_input(view, x, nthreads)), view.outer, x.shape[ax],
+        return _bk.dy_sums(_flat(view, view.arrange(dy)),
+                           _flat(view, view.arrange(x)), view.outer, x.shape[ax],
                            view.inner, mean, nthreads)
 
     @staticmethod
@@ -203,10 +202,10 @@ class HostEngine:
         """dx from the whole batch's sums (see sync_batch_norm_backward)."""
         view = channel_view(x, ax)
         target = _output_target(view, out, x.dtype)
-        _bk.input_grad(_flat(view, _kernel_input(view, dy, nthreads)), _flat(view, _kernel_input(view, x, nthreads)),
+        _bk.input_grad(_flat(view, view.arrange(dy)), _flat(view, view.arrange(x)),
                        _flat(view, target), view.outer, x.shape[ax], view.inner, bool(training),
                        N, mean, invstd, _vec(weight), g_dy, g_dyx, nthreads)
-        return _finish_output(target, out, x.dtype, nthreads)
+        return _finish_output(target, out)
 
     @staticmethod
     def from_host(values: np.ndarray) -> np.ndarray:
@@ -496,32 +495,9 @@ class SyncBatchNorm(BatchNorm):
 # --------------------------------------------------------------------------
 # Gradient norms over gradients sharded across ranks
 
-def _local_norm_sum(table, p: float, nthreads: int) -> Tuple[float, float, float]:
-    """(s, scale, nonfinite) with this rank's sum |g / scale|^p = s (max |g| for inf).
-
-    As clipping._norm_of: scale is 1 unless the float64 sum overflowed on
-    finite data, in which case it is recomputed relative to the power of two
-    at or above max |g|.
-    """
-    if math.isinf(p):
-        return _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads), 1.0, 0.0
-    kind = _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P)
-    s = _ok.norm_sum(table, kind, p, 1.0, nthreads)
-    if math.isfinite(s) and (kind == _NORM_1 or s >= _UNDERFLOW_SUM):
-        return s, 1.0, 0.0
-    if not math.isfinite(s) and _ok.nonfinite(table, nthreads):
-        return s, 1.0, 1.0
-    # the sum overflowed on finite data, or its powers underflowed (tiny gradients)
-    top = _ok.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
-    if top == 0.0:
-        return 0.0, 1.0, 0.0
-    big = _rescue_scale(top)
-    return _ok.norm_sum(table, kind, p, big, nthreads), big, 0.0
-
-
 def _root(s: float, p: float) -> float:
     """The norm from a sum of powers (Inf where the root overflows, as on one process)."""
-    return _clip_root(s, _NORM_2 if p == 2.0 else (_NORM_1 if p == 1.0 else _NORM_P), p)
+    return _clip_root(s, _kind(p), p)
 
 
 def _combine_norm(sums: np.ndarray, scales: np.ndarray, nonfinite: np.ndarray, p: float) -> float:

@@ -31,6 +31,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bncore._atomic_write import write_json_or_say
+
 SCHEMA = "bncore-check/1"
 
 JSON_SCHEMA_DOC = """\
@@ -73,12 +75,18 @@ class CheckResult:
     message: str = ""
 
     @property
-    def ratio(self) -> float:
-        if not self.ok:
-            return math.inf
-        if self.tolerance > 0:
-            return self.error / self.tolerance
-        return 0.0
+    def severity(self) -> Tuple[bool, float]:
+        """How bad the check is, to pick a row's worst case: failures first,
+        then error over tolerance (a failure's own, so that the worst failure
+        is the one shown); a NaN or infinite error counts as infinitely bad."""
+        e, t = self.error, self.tolerance
+        if not math.isfinite(e):
+            ratio = math.inf
+        elif t > 0:
+            ratio = e / t
+        else:
+            ratio = math.inf if e > 0 else 0.0
+        return (not self.ok, ratio)
 
 
 def _jsonable(v):
@@ -322,20 +330,6 @@ def run(the_plan: Plan, gpu: Optional[Any] = None, progress: bool = True) -> Lis
     return results
 
 
-def _severity(r: CheckResult) -> Tuple[bool, float]:
-    """How bad a check is, to pick a row's worst case: failures first, then
-    error over tolerance (a failure's own, not just inf: the worst failure is
-    the one shown); a NaN or infinite error counts as infinitely bad."""
-    e, t = r.error, r.tolerance
-    if not math.isfinite(e):
-        ratio = math.inf
-    elif t > 0:
-        ratio = e / t
-    else:
-        ratio = math.inf if e > 0 else 0.0
-    return (not r.ok, ratio)
-
-
 def summarize(results: Sequence[CheckResult], by_layout: bool = False) -> List[Dict[str, Any]]:
     """One row per (op, check, dtype): the worst case, its layout, how many cases.
 
@@ -353,12 +347,12 @@ def summarize(results: Sequence[CheckResult], by_layout: bool = False) -> List[D
             order.append(key)
             groups[key] = g = dict(op=r.op, check=r.check, dtype=dtype, layout=r.layout,
                                    worst_error=r.error, tolerance=r.tolerance, ok=r.ok,
-                                   cases=0, _rank=_severity(r), _layouts=set())
+                                   cases=0, _rank=r.severity, _layouts=set())
         g["cases"] += 1
         g["_layouts"].add(r.layout)
-        if _severity(r) > g["_rank"]:
+        if r.severity > g["_rank"]:
             g.update(layout=r.layout, worst_error=r.error, tolerance=r.tolerance,
-                     _rank=_severity(r))
+                     _rank=r.severity)
         g["ok"] = g["ok"] and r.ok
     dtype_rank = {"float16": 0, "float16_grads": 0, "float32": 1, "float64": 2, "all": 3}
     op_rank = {}
@@ -436,7 +430,6 @@ def main_check(ops=None, dtypes=None, samples=24, fd_samples=8, seed=1234, gpu="
         # must still leave f
         settings = dict(ops=list(ops or names), dtypes=list(dtypes) if dtypes else None,
                         samples=samples, fd_samples=fd_samples, seed=seed, by_layout=by_layout)
-        from bncore.cli import write_json_or_say
         problem = write_json_or_say("check", json_path,
                                     to_json(results, seconds, settings, the_plan, rows))
         if problem:

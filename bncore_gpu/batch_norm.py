@@ -149,8 +149,6 @@ def _vec64(v):
 
 
 _F32 = np.dtype(np.float32)
-
-
 _F16 = np.dtype(np.float16)
 
 
@@ -603,21 +601,15 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
             _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w,
                               dweight, dbias)
     dx = _finish_output(target, dx_out)
-    if dw_out is not None:
-        _store(dw_out, dweight)
-        dweight = dw_out
-    elif kdtype != pdtype:
-        dweight = _rounded(dweight, pdtype)
-    if db_out is not None:
-        _store(db_out, dbias)
-        dbias = db_out
-    elif kdtype != pdtype:
-        dbias = _rounded(dbias, pdtype)
-    return dx, dweight, dbias
+    return dx, _parameter_grad(dweight, dw_out, pdtype), _parameter_grad(dbias, db_out, pdtype)
 
 
-def _rounded(a, dtype):
-    """a in dtype, each value rounded once (see _store)."""
-    out = cupy.empty(a.shape, dtype)
-    _store(out, a)
+def _parameter_grad(v, out, dtype):
+    """A parameter gradient as computed (v) handed back: stored into `out` when
+    given, else in `dtype`; each value rounded once (see _store)."""
+    if out is None:
+        if v.dtype == dtype:
+            return v
+        out = cupy.empty(v.shape, dtype)
+    _store(out, v)
     return out

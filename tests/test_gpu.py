@@ -410,21 +410,29 @@ def test_cluster_setting_refuses_what_it_cannot_read(value):
         gbn._switch_setting(value)
 
 
+@pytest.mark.parametrize("path", ["cluster", "cooperative rows"])
 @pytest.mark.parametrize("cc, hopper", [("80", False), ("90", True), ("100", False),
                                         ("120", False)])
-def test_cluster_kernels_are_used_on_compute_capability_9_only(monkeypatch, cc, hopper):
-    """Only Hopper (9.x) takes the cluster kernels by default: they have run on
-    an H200 alone, and later architectures keep the three-kernel path."""
+def test_single_launch_kernels_are_used_on_compute_capability_9_only(monkeypatch, cc, hopper,
+                                                                      path):
+    """Only Hopper (9.x) takes the cluster kernels and the cooperative rows
+    kernels by default: they have run on Hoppers alone, and later
+    architectures keep the three-kernel path."""
     from bncore_gpu import batch_norm as gbn
 
     class Reported:
         compute_capability = cc
 
+    attr, cache, used = {
+        "cluster": (gbn._ATTR_CLUSTER_LAUNCH, "_cluster_caps", lambda: gbn._cluster_cap()),
+        "cooperative rows": (gbn._ATTR_COOPERATIVE_LAUNCH, "_coop_blocks",
+                             lambda: gbn._coop_capacity("bn_forward_rows_coop<float>")),
+    }[path]
     dev = cupy.cuda.runtime.getDevice()
-    launches = bool(cupy.cuda.runtime.deviceGetAttribute(gbn._ATTR_CLUSTER_LAUNCH, dev))
+    launches = bool(cupy.cuda.runtime.deviceGetAttribute(attr, dev))
     monkeypatch.setattr(cupy.cuda, "Device", lambda *a: Reported())
-    monkeypatch.setattr(gbn, "_cluster_caps", {})
-    assert (gbn._cluster_cap() > 0) == (hopper and launches)
+    monkeypatch.setattr(gbn, cache, {})
+    assert (used() > 0) == (hopper and launches)
 
 
 def test_cluster_kernels_take_a_plain_call_by_default(monkeypatch):
@@ -945,20 +953,6 @@ def test_a_cuda_fault_at_a_cooperative_launch_is_raised_not_hidden(monkeypatch):
     with pytest.raises(fault):
         bncore_gpu.batch_norm_forward(xg)
     assert gbn._coop_capacity("bn_forward_rows_coop<float>") > 0
-
-
-@pytest.mark.parametrize("cc, hopper", [("80", False), ("90", True), ("100", False)])
-def test_rows_coop_kernels_are_used_on_compute_capability_9_only(monkeypatch, cc, hopper):
-    from bncore_gpu import batch_norm as gbn
-
-    class Reported:
-        compute_capability = cc
-
-    dev = cupy.cuda.runtime.getDevice()
-    coop = bool(cupy.cuda.runtime.deviceGetAttribute(gbn._ATTR_COOPERATIVE_LAUNCH, dev))
-    monkeypatch.setattr(cupy.cuda, "Device", lambda *a: Reported())
-    monkeypatch.setattr(gbn, "_coop_blocks", {})
-    assert (gbn._coop_capacity("bn_forward_rows_coop<float>") > 0) == (hopper and coop)
 
 
 def test_rows_coop_setting_names_itself_in_its_error():

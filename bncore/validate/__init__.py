@@ -23,6 +23,7 @@ import time
 from typing import List, Optional
 
 from bncore.selfcheck import silence_stdout
+from bncore._atomic_write import write_json_or_say
 from bncore.validate.report import Check, Report, Row  # noqa: F401
 
 FRAMEWORKS = ("torch", "keras", "jax", "onnx")
@@ -122,7 +123,6 @@ def main_validate(framework: str, json_path: Optional[str] = None, quick: bool =
     if json_path:
         doc = {"schema": "bncore-validate/1", "ok": all(r.ok for r in reports),
                "reports": [r.as_dict() for r in reports]}
-        from bncore.cli import write_json_or_say
         problem = write_json_or_say("validate", json_path, doc)
         if problem:
             return problem

@@ -185,13 +185,8 @@ E["bn_prepare_eval"] = prepare_eval
 def store_rounded(grid, block, src, dst, n):
     """bn_store_rounded: float64 values rounded once into the storage type."""
     n = int(n)
-    _expect(n > 0, "store_rounded size")
-    _store_flat(dst, _f64(src)[:n], n)
-
-
-def _store_flat(dst, values, n):
-    d = _a(dst)
-    d.reshape(-1)[:n] = values.astype(d.dtype)
+    _expect(n > 0 and _a(dst).size == n, "store_rounded size")
+    _store(dst, _f64(src)[:n])
 
 
 E["bn_store_rounded"] = store_rounded
