@@ -53,6 +53,9 @@ cdef extern from "_lanes.h" nogil:
 cdef extern from "_half.h" nogil:
     double bncore_half_to_double(uint16_t value)
     uint16_t bncore_half_from_double(double v)
+    void bncore_half_to_double_n(const uint16_t* src, double* dst, Py_ssize_t n)
+    void bncore_half_to_float_n(const uint16_t* src, float* dst, Py_ssize_t n)
+    void bncore_half_from_double_n(const double* src, uint16_t* dst, Py_ssize_t n)
 
 cdef extern from "_stream.h" nogil:
     void bncore_stream_f32(float* dst, const float* src, Py_ssize_t n)
@@ -227,6 +230,64 @@ cdef inline Py_ssize_t _block_rows(const Plan* p, Py_ssize_t t) noexcept nogil:
     """Number of outer rows in blocks-schedule item t."""
     cdef Py_ssize_t n = p.outer - t * p.block_rows
     return p.block_rows if n > p.block_rows else n
+
+
+# float16 work items are staged through per-thread buffers by _half.h's
+# whole-run conversions (the hardware's, where the build targets them), which
+# GCC's vectorizer cannot emit inside the loops (there, as bit-level code, they
+# cost about 1 ns per element more than float32 does). The reductions read
+# the item's whole span converted to float32 (exact) and run the float32
+# kernels, whose arithmetic is float64 on exactly the same values as the
+# float64 path's. The elementwise passes convert pieces of the span (whole
+# super-rows, so each element meets its own channel's constants) to float64,
+# run the float64 kernels into a float64 buffer and round that to float16 in
+# one run: once, as the float64 path's results rounded to float16. Plans, and
+# with them every summation order, are the storage type's as before.
+
+cdef inline void _span(const Plan* p, Py_ssize_t t, Py_ssize_t* off,
+                       Py_ssize_t* n) noexcept nogil:
+    """Offset and length of the contiguous span work item t covers."""
+    cdef Py_ssize_t c, part
+    if p.rows:
+        _rows_item(p, t, off, n, &c, &part)
+    else:
+        off[0] = t * p.block_rows * p.P
+        n[0] = _block_rows(p, t) * p.P
+
+
+cdef inline Py_ssize_t _item_channel(const Plan* p, Py_ssize_t t) noexcept nogil:
+    """The channel of rows-schedule item t (0 for blocks: they span every channel)."""
+    if not p.rows:
+        return 0
+    if p.nseg == 1:
+        return t % p.C
+    return (t % (p.C * p.nseg)) // p.nseg
+
+
+cdef enum:
+    STAGE_PIECE = 1024    # elements per staged piece in the elementwise passes:
+                          # three float64 buffers (dx) stay within L1
+
+
+cdef inline Py_ssize_t _piece_len(const Plan* p) noexcept nogil:
+    """Elements per staged piece of an elementwise pass: whole super-rows
+    (blocks schedule), at least one."""
+    if p.rows:
+        return STAGE_PIECE if p.seg_len > STAGE_PIECE else p.seg_len
+    return p.W * (STAGE_PIECE // p.W if p.W < STAGE_PIECE else 1)
+
+
+cdef inline Py_ssize_t _staged(const real* like, const Plan* p, int arrays,
+                               bint whole) noexcept nogil:
+    """Doubles of staging one thread needs for `arrays` arrays: whole spans as
+    float32 (two to a double) or pieces as float64; none unless the storage
+    is float16 (`like` picks the type)."""
+    if real is uint16_t:
+        if whole:
+            return arrays * ((p.seg_len if p.rows else p.block_rows * p.P) + 1) // 2 + arrays
+        return arrays * _piece_len(p)
+    else:
+        return 0
 
 
 cdef void _expand(const Plan* p, const double* v, double* out) noexcept nogil:
@@ -857,16 +918,29 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
         _shifted_partial(pm[c], pq[c], cnt, kb[c] - pivot[c], &pm[c], &pq[c])
 
 
-cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
+cdef inline void _stats_span(const real* xs, const Plan* p, const double* pivot,
                              double* pmean, double* pm2, double* scratch,
                              Py_ssize_t t) noexcept nogil:
+    """Item t's partials; xs is the item's first element."""
     cdef Py_ssize_t off, n, c, part
     if p.rows:
         _rows_item(p, t, &off, &n, &c, &part)
-        _segment_mean_m2(x + off, n, pivot[c], &pmean[part], &pm2[part])
+        _segment_mean_m2(xs, n, pivot[c], &pmean[part], &pm2[part])
     else:
-        _block_mean_m2(p, x + t * p.block_rows * p.P, _block_rows(p, t), pivot,
-                       scratch, pmean + t * p.C, pm2 + t * p.C)
+        _block_mean_m2(p, xs, _block_rows(p, t), pivot, scratch, pmean + t * p.C,
+                       pm2 + t * p.C)
+
+
+cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
+                             double* pmean, double* pm2, double* scratch, double* stage,
+                             Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n
+    _span(p, t, &off, &n)
+    if real is uint16_t:
+        bncore_half_to_float_n(x + off, <float*>stage, n)
+        _stats_span(<const float*>stage, p, pivot, pmean, pm2, scratch, t)
+    else:
+        _stats_span(x + off, p, pivot, pmean, pm2, scratch, t)
 
 
 # Every parallel loop below has a serial twin for nthreads == 1: an OpenMP
@@ -881,18 +955,21 @@ cdef inline Py_ssize_t _stats_scratch_len(const Plan* p) noexcept nogil:
 
 
 cdef void _stats_partials(const real* x, const Plan* p, const double* pivot,
-                          double* pmean, double* pm2, double* scratch,
+                          double* pmean, double* pm2, double* scratch, double* stage,
                           int nthreads) noexcept nogil:
+    # stage: one staging buffer per thread (float16 only; else unused)
     cdef Py_ssize_t t
     cdef double* mine
+    cdef double* my_stage
     if nthreads == 1:
         for t in range(p.nitems):
-            _stats_item(x, p, pivot, pmean, pm2, scratch, t)
+            _stats_item(x, p, pivot, pmean, pm2, scratch, stage, t)
         return
     with parallel(num_threads=nthreads):
         mine = scratch + omp_get_thread_num() * _stats_scratch_len(p)
+        my_stage = stage + omp_get_thread_num() * _staged(x, p, 1, True)
         for t in prange(p.nitems, schedule='static'):
-            _stats_item(x, p, pivot, pmean, pm2, mine, t)
+            _stats_item(x, p, pivot, pmean, pm2, mine, my_stage, t)
 
 
 cdef enum:
@@ -956,35 +1033,60 @@ cdef void _part_counts(const Plan* p, double* counts) noexcept nogil:
 # --------------------------------------------------------------------------
 # Forward elementwise: y = (x - mean) * scale + shift, in float64
 
-cdef inline void _affine_item(const real* x, real* y, const Plan* p, const double* mean,
-                              const double* scale, const double* shift, const double* e_mean,
-                              const double* e_scale, const double* e_shift,
-                              Py_ssize_t t) noexcept nogil:
-    cdef Py_ssize_t off, n, c, part, base
+cdef inline void _affine_run(const real* xs, real* ys, Py_ssize_t n, Py_ssize_t c,
+                             const Plan* p, const double* mean, const double* scale,
+                             const double* shift, const double* e_mean, const double* e_scale,
+                             const double* e_shift) noexcept nogil:
+    """n elements from xs to ys: part of channel c's row (rows schedule), or
+    whole super-rows (blocks; the last may be short)."""
+    cdef Py_ssize_t off
     if p.rows:
-        _rows_item(p, t, &off, &n, &c, &part)
-        _segment_affine(x + off, y + off, n, mean[c], scale[c], shift[c])
+        _segment_affine(xs, ys, n, mean[c], scale[c], shift[c])
     else:
-        base = t * p.block_rows * p.P
-        n = _block_rows(p, t) * p.P
         if p.narrow:
             off = n - n % NARROW
-            _n64_affine(x + base, y + base, off // NARROW, e_mean, e_scale, e_shift)
-            _flat_affine(x + base + off, y + base + off, n - off, e_mean, e_scale, e_shift)
+            _n64_affine(xs, ys, off // NARROW, e_mean, e_scale, e_shift)
+            _flat_affine(xs + off, ys + off, n - off, e_mean, e_scale, e_shift)
         else:
-            _affine_block(x + base, y + base, n, p.W, e_mean, e_scale, e_shift)
+            _affine_block(xs, ys, n, p.W, e_mean, e_scale, e_shift)
+
+
+cdef inline void _affine_item(const real* x, real* y, const Plan* p, const double* mean,
+                              const double* scale, const double* shift, const double* e_mean,
+                              const double* e_scale, const double* e_shift, double* stage,
+                              Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n, c, j, m, piece
+    _span(p, t, &off, &n)
+    c = _item_channel(p, t)
+    if real is uint16_t:
+        piece = _piece_len(p)
+        j = 0
+        while j < n:
+            m = n - j if n - j < piece else piece
+            bncore_half_to_double_n(x + off + j, stage, m)
+            _affine_run(<const double*>stage, stage + piece, m, c, p, mean, scale, shift,
+                        e_mean, e_scale, e_shift)
+            bncore_half_from_double_n(stage + piece, y + off + j, m)
+            j += m
+    else:
+        _affine_run(x + off, y + off, n, c, p, mean, scale, shift, e_mean, e_scale, e_shift)
 
 
 cdef void _affine(const real* x, real* y, const Plan* p, const double* mean,
                   const double* scale, const double* shift, const double* e_mean,
-                  const double* e_scale, const double* e_shift, int nthreads) noexcept nogil:
+                  const double* e_scale, const double* e_shift, double* stage,
+                  int nthreads) noexcept nogil:
+    # stage: two staging buffers per thread (float16 only; else unused)
     cdef Py_ssize_t t
+    cdef double* my_stage
     if nthreads == 1:
         for t in range(p.nitems):
-            _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, t)
+            _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, stage, t)
         return
-    for t in prange(p.nitems, schedule='static', num_threads=nthreads):
-        _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, t)
+    with parallel(num_threads=nthreads):
+        my_stage = stage + omp_get_thread_num() * _staged(x, p, 2, False)
+        for t in prange(p.nitems, schedule='static'):
+            _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, my_stage, t)
 
 
 # --------------------------------------------------------------------------
@@ -1028,32 +1130,51 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
     _fold(p, acc_b, W if total > W else total, pb)
 
 
-cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const double* mean,
+cdef inline void _dy_span(const real* dys, const real* xs, const Plan* p, const double* mean,
                           const double* e_mean, double* psum, double* psumx, double* scratch,
                           Py_ssize_t t) noexcept nogil:
-    cdef Py_ssize_t off, n, c, part, base
+    """Item t's partials; dys and xs are its first elements."""
+    cdef Py_ssize_t off, n, c, part
     if p.rows:
         _rows_item(p, t, &off, &n, &c, &part)
-        _segment_dy_sums(dy + off, x + off, n, mean[c], &psum[part], &psumx[part])
+        _segment_dy_sums(dys, xs, n, mean[c], &psum[part], &psumx[part])
     else:
-        base = t * p.block_rows * p.P
-        _block_dy_sums(p, dy + base, x + base, _block_rows(p, t), e_mean, scratch,
-                       psum + t * p.C, psumx + t * p.C)
+        _block_dy_sums(p, dys, xs, _block_rows(p, t), e_mean, scratch, psum + t * p.C,
+                       psumx + t * p.C)
+
+
+cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const double* mean,
+                          const double* e_mean, double* psum, double* psumx, double* scratch,
+                          double* stage, Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n
+    _span(p, t, &off, &n)
+    cdef float* fs
+    if real is uint16_t:
+        fs = <float*>stage
+        bncore_half_to_float_n(dy + off, fs, n)
+        bncore_half_to_float_n(x + off, fs + n, n)
+        _dy_span(<const float*>fs, <const float*>(fs + n), p, mean, e_mean, psum, psumx,
+                 scratch, t)
+    else:
+        _dy_span(dy + off, x + off, p, mean, e_mean, psum, psumx, scratch, t)
 
 
 cdef void _dy_partials(const real* dy, const real* x, const Plan* p, const double* mean,
                        const double* e_mean, double* psum, double* psumx, double* scratch,
-                       int nthreads) noexcept nogil:
+                       double* stage, int nthreads) noexcept nogil:
+    # stage: two staging buffers per thread (float16 only; else unused)
     cdef Py_ssize_t t
     cdef double* mine
+    cdef double* my_stage
     if nthreads == 1:
         for t in range(p.nitems):
-            _dy_item(dy, x, p, mean, e_mean, psum, psumx, scratch, t)
+            _dy_item(dy, x, p, mean, e_mean, psum, psumx, scratch, stage, t)
         return
     with parallel(num_threads=nthreads):
         mine = scratch if p.rows else scratch + omp_get_thread_num() * 2 * p.W
+        my_stage = stage + omp_get_thread_num() * _staged(x, p, 2, True)
         for t in prange(p.nitems, schedule='static'):
-            _dy_item(dy, x, p, mean, e_mean, psum, psumx, mine, t)
+            _dy_item(dy, x, p, mean, e_mean, psum, psumx, mine, my_stage, t)
 
 
 cdef inline void _combine_chunk_sums(const Plan* p, Py_ssize_t c0, Py_ssize_t c1,
@@ -1089,42 +1210,64 @@ cdef void _combine_sums(const Plan* p, const double* pa, const double* pb,
 # Training: g = w*invstd, a = sum(dy)/N, k = invstd^2 * sum(dy*(x-mean))/N.
 # Inference: a = k = 0, so dx = g * dy.
 
+cdef inline void _dx_run(const real* dys, const real* xs, real* dxs, Py_ssize_t n,
+                         Py_ssize_t c, const Plan* p, const double* mean, const double* g,
+                         const double* a, const double* k, const double* e_mean,
+                         const double* e_g, const double* e_a, const double* e_k) noexcept nogil:
+    """n elements, as _affine_run."""
+    cdef Py_ssize_t off
+    if p.rows:
+        _segment_dx(dys, xs, dxs, n, mean[c], g[c], a[c], k[c], p.stream)
+    else:
+        if p.narrow:
+            off = n - n % NARROW
+            _n64_dx(dys, xs, dxs, off // NARROW, e_mean, e_g, e_a, e_k, p.stream)
+            _flat_dx(dys + off, xs + off, dxs + off, n - off, e_mean, e_g, e_a, e_k)
+        else:
+            _dx_block(dys, xs, dxs, n, p.W, e_mean, e_g, e_a, e_k, p.stream)
+
+
 cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p,
                           const double* mean, const double* g, const double* a,
                           const double* k, const double* e_mean, const double* e_g,
-                          const double* e_a, const double* e_k, Py_ssize_t t) noexcept nogil:
-    cdef Py_ssize_t off, n, c, part, base
-    if p.rows:
-        _rows_item(p, t, &off, &n, &c, &part)
-        _segment_dx(dy + off, x + off, dx + off, n, mean[c], g[c], a[c], k[c], p.stream)
+                          const double* e_a, const double* e_k, double* stage,
+                          Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t off, n, c, j, m, piece
+    _span(p, t, &off, &n)
+    c = _item_channel(p, t)
+    if real is uint16_t:
+        # (a float16 plan never streams: _streaming)
+        piece = _piece_len(p)
+        j = 0
+        while j < n:
+            m = n - j if n - j < piece else piece
+            bncore_half_to_double_n(dy + off + j, stage, m)
+            bncore_half_to_double_n(x + off + j, stage + piece, m)
+            _dx_run(<const double*>stage, <const double*>(stage + piece), stage + 2 * piece, m, c,
+                    p, mean, g, a, k, e_mean, e_g, e_a, e_k)
+            bncore_half_from_double_n(stage + 2 * piece, dx + off + j, m)
+            j += m
     else:
-        base = t * p.block_rows * p.P
-        n = _block_rows(p, t) * p.P
-        if p.narrow:
-            off = n - n % NARROW
-            _n64_dx(dy + base, x + base, dx + base, off // NARROW, e_mean, e_g, e_a, e_k,
-                    p.stream)
-            _flat_dx(dy + base + off, x + base + off, dx + base + off, n - off,
-                     e_mean, e_g, e_a, e_k)
-        else:
-            _dx_block(dy + base, x + base, dx + base, n, p.W, e_mean, e_g, e_a, e_k, p.stream)
-
+        _dx_run(dy + off, x + off, dx + off, n, c, p, mean, g, a, k, e_mean, e_g, e_a, e_k)
 
 
 cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const double* mean,
               const double* g, const double* a, const double* k, const double* e_mean,
-              const double* e_g, const double* e_a, const double* e_k,
+              const double* e_g, const double* e_a, const double* e_k, double* stage,
               int nthreads) noexcept nogil:
+    # stage: three staging buffers per thread (float16 only; else unused)
     cdef Py_ssize_t t
+    cdef double* my_stage
     if nthreads == 1:
         for t in range(p.nitems):
-            _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, t)
+            _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, stage, t)
         if p.stream:
             bncore_stream_fence()
         return
     with parallel(num_threads=nthreads):
+        my_stage = stage + omp_get_thread_num() * _staged(x, p, 3, False)
         for t in prange(p.nitems, schedule='static'):
-            _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, t)
+            _dx_item(dy, x, dx, p, mean, g, a, k, e_mean, e_g, e_a, e_k, my_stage, t)
         if p.stream:
             bncore_stream_fence()      # once per thread, for its own stores
 
@@ -1236,8 +1379,9 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     """
     cdef Py_ssize_t C = p.C, c
     cdef Py_ssize_t nscr = _stats_scratch_len(p) * nthreads
+    cdef Py_ssize_t nstage = _staged(x, p, 1, True) * nthreads
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + C
-                                                         + p.nparts + 1))
+                                                         + p.nparts + nstage + 1))
     if buf == NULL:
         return -1
     cdef double* pmean = buf
@@ -1245,10 +1389,11 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     cdef double* scratch = pm2 + p.nparts * C
     cdef double* pivot = scratch + nscr
     cdef double* counts = pivot + C
+    cdef double* stage = counts + p.nparts
     for c in range(C):
         pivot[c] = _pivot_of(_d(x[c * p.inner]))
     _part_counts(p, counts)
-    _stats_partials(x, p, pivot, pmean, pm2, scratch, nthreads)
+    _stats_partials(x, p, pivot, pmean, pm2, scratch, stage, nthreads)
     if pivot_out != NULL:
         for c in range(C):
             pivot_out[c] = pivot[c]
@@ -1297,11 +1442,13 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
                     const double* invstd, Vec weight, Vec bias, int nt) noexcept nogil:
     """y = (x - mean) * (invstd * weight) + bias, in float64. Returns -1 when out of memory."""
     cdef Py_ssize_t c, C = p.C, E = _expand_len(p)
-    cdef double* buf = <double*>malloc(sizeof(double) * (2 * C + 3 * E + 1))
+    cdef Py_ssize_t nstage = _staged(x, p, 2, False) * nt
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * C + 3 * E + nstage + 1))
     if buf == NULL:
         return -1
     cdef double* scale = buf
     cdef double* shift = scale + C
+    cdef double* stage = shift + C + 3 * E
     _widen(weight, C, 1.0, scale)
     for c in range(C):
         scale[c] = invstd[c] * scale[c]
@@ -1310,7 +1457,7 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
     if p.outer * p.inner > 0:
-        _affine(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, nt)
+        _affine(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, stage, nt)
     free(buf)
     return 0
 
@@ -1361,14 +1508,17 @@ cdef int _sums(const real* dy, const real* x, const Plan* p, const double* mean,
     """Per-channel sum(dy) and sum(dy * (x - mean)) (needs outer * inner >= 1)."""
     cdef Py_ssize_t C = p.C, E = _expand_len(p)
     cdef Py_ssize_t nscr = 0 if p.rows else 2 * p.W * nt
-    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + E + 1))
+    cdef Py_ssize_t nstage = _staged(x, p, 2, True) * nt
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + nscr + E + nstage
+                                                         + 1))
     if buf == NULL:
         return -1
     cdef double* pa = buf
     cdef double* pb = pa + p.nparts * C
     cdef double* scratch = pb + p.nparts * C
+    cdef double* stage = scratch + nscr + E
     cdef const double* e_mean = _expand_into(p, mean, scratch + nscr)
-    _dy_partials(dy, x, p, mean, e_mean, pa, pb, scratch, nt)
+    _dy_partials(dy, x, p, mean, e_mean, pa, pb, scratch, stage, nt)
     _combine_sums(p, pa, pb, sum_dy, sum_dyx, nt)
     free(buf)
     return 0
@@ -1380,14 +1530,16 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     """dx = g * ((dy - a) - (x - mean) * k): g = weight * invstd and, in training,
     a = sum_dy / n, k = invstd^2 * sum_dyx / n (n: values per channel behind the sums)."""
     cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
+    cdef Py_ssize_t nstage = _staged(x, p, 3, False) * nt
     cdef Plan q
-    cdef double* buf = <double*>malloc(sizeof(double) * (3 * C + 4 * E + 1))
+    cdef double* buf = <double*>malloc(sizeof(double) * (3 * C + 4 * E + nstage + 1))
     if buf == NULL:
         return -1
     cdef double* g = buf
     cdef double* a = g + C
     cdef double* k = a + C
     cdef double* e_buf = k + C
+    cdef double* stage = e_buf + 4 * E
     _widen(weight, C, 1.0, g)
     for c in range(C):
         g[c] = invstd[c] * g[c]
@@ -1405,7 +1557,7 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef const double* e_k = _expand_into(p, k, e_buf + 3 * E)
     if p.outer * p.inner > 0:
         q = _streaming(p, sizeof(real))
-        _dx(dy, x, dx, &q, mean, g, a, k, e_mean, e_g, e_a, e_k, nt)
+        _dx(dy, x, dx, &q, mean, g, a, k, e_mean, e_g, e_a, e_k, stage, nt)
     free(buf)
     return 0
 

@@ -1,10 +1,13 @@
-/* IEEE binary16 loads and stores for the multi-tensor kernels.
+/* IEEE binary16 loads and stores for the optimizer and batch-norm kernels.
  *
- * Both directions are branch-free bit-level code, the same on every compiler
- * and machine, written so that loops over them vectorize. */
+ * Element by element, both directions are branch-free bit-level code, the
+ * same on every compiler and machine, written so that loops over them
+ * vectorize; whole runs (the _n functions at the end) use the hardware's
+ * conversions where the build targets them. Every path gives the same bits. */
 #ifndef BNCORE_HALF_H
 #define BNCORE_HALF_H
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -79,5 +82,71 @@ static inline uint16_t bncore_half_from_double(double v) {
 
 static inline void bncore_half_store(uint16_t* p, double v) {
     *p = bncore_half_from_double(v);
+}
+
+/* Whole runs: n halves to doubles (or floats), n doubles to halves, the same
+ * bits as the element functions above. GCC (12) vectorizes no _Float16 conversion without
+ * AVX512-FP16, and the bit-level code above costs about 0.5 ns per element
+ * each way; these use the hardware's conversions where the build targets
+ * them (-march=native): F16C's vcvtph2ps for the loads (exact; an sNaN is
+ * quieted as above), and for the stores AVX-512's float64 -> float32
+ * conversion with embedded round-toward-zero, the sticky bit set where it was
+ * inexact (round to odd, as above), then vcvtps2ph rounding to nearest even
+ * (the immediate, not MXCSR, picks the mode). No subnormal float arises
+ * except from doubles far below binary16's range, which round to +-0 with or
+ * without FTZ/DAZ. Other targets, and the tails, take the element functions.
+ * The batch-norm kernels stage float16 work items through these
+ * (bncore/_bn_kernels.pyx). */
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#define BNCORE_HALF_SIMD_LOAD 1
+#else
+#define BNCORE_HALF_SIMD_LOAD 0
+#endif
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__F16C__)
+#define BNCORE_HALF_SIMD_STORE 1
+#else
+#define BNCORE_HALF_SIMD_STORE 0
+#endif
+
+static inline void bncore_half_to_double_n(const uint16_t* src, double* dst, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if BNCORE_HALF_SIMD_LOAD
+    for (; i + 8 <= n; i += 8) {
+        __m256 f = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i)));
+        _mm256_storeu_pd(dst + i, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+        _mm256_storeu_pd(dst + i + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    }
+#endif
+    for (; i < n; i++)
+        dst[i] = bncore_half_to_double(src[i]);
+}
+
+static inline void bncore_half_to_float_n(const uint16_t* src, float* dst, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if BNCORE_HALF_SIMD_LOAD
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + i))));
+#endif
+    for (; i < n; i++)
+        dst[i] = (float)bncore_half_to_double(src[i]);   /* exact: a half is a float */
+}
+
+static inline void bncore_half_from_double_n(const double* src, uint16_t* dst, ptrdiff_t n) {
+    ptrdiff_t i = 0;
+#if BNCORE_HALF_SIMD_STORE
+    const __m256i one = _mm256_set1_epi32(1);
+    for (; i + 8 <= n; i += 8) {
+        __m512d v = _mm512_loadu_pd(src + i);
+        __m256 f = _mm512_cvt_roundpd_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        __mmask8 inexact = _mm512_cmp_pd_mask(_mm512_cvtps_pd(f), v, _CMP_NEQ_UQ);
+        __m256i b = _mm256_castps_si256(f);
+        b = _mm256_mask_or_epi32(b, inexact, b, one);
+        _mm_storeu_si128((__m128i*)(dst + i),
+                         _mm256_cvtps_ph(_mm256_castsi256_ps(b), _MM_FROUND_TO_NEAREST_INT));
+    }
+#endif
+    for (; i < n; i++)
+        dst[i] = bncore_half_from_double(src[i]);
 }
 #endif

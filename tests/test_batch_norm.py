@@ -546,7 +546,7 @@ def test_layout_cache_and_shortcut_on_chosen_arrays(monkeypatch):
 
 @pytest.mark.parametrize("shape, axis", [((6, 3, 8, 8), 1), ((4096, 64), 1), ((5, 7, 33), 1),
                                          ((2, 5, 9000), 1), ((64, 3, 1, 1), 1),
-                                         ((4, 9, 6), -1)])
+                                         ((4, 9, 6), -1), ((700, 100), 1)])
 @pytest.mark.parametrize("layout", ["c", "fortran", "channels-last", "strided"])
 @pytest.mark.parametrize("training", [True, False])
 def test_float16_kernels_equal_the_float64_path_rounded_once(shape, axis, layout, training):
@@ -584,3 +584,41 @@ def test_float16_kernels_equal_the_float64_path_rounded_once(shape, axis, layout
         again = bncore.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), training=training,
                                           axis=axis, num_threads=nt)[0]
         assert np.array_equal(again, y)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels-last", "tiles"])
+def test_float16_kernels_keep_ieee_specials_as_the_float64_path(layout):
+    """NaN, +-Inf, subnormal halves, +-0 and the largest finite half in the
+    data: the float16 kernels (staged through _half.h's whole-run conversions)
+    give the float64 path's results rounded once, NaN where it has NaN."""
+    rng = np.random.default_rng(3)
+    shape = {"nchw": (4, 8, 6, 6), "channels-last": (4, 8, 6, 6), "tiles": (96, 40)}[layout]
+    x = rng.standard_normal(shape).astype(np.float16)
+    flat = x.reshape(-1)
+    specials = np.array([np.nan, np.inf, -np.inf, 6e-8, -6e-8, 3e-5, 0.0, -0.0, 65504, -65504],
+                        np.float16)
+    # channel 0 gets a NaN and channel 1 an Inf; the rest are finite extremes
+    idx = rng.choice(flat.size, specials.size, replace=False)
+    flat[idx] = specials
+    dy = rng.standard_normal(shape).astype(np.float16)
+    dy.reshape(-1)[rng.choice(dy.size, 5, replace=False)] = [np.inf, 6e-8, -0.0, 65504, np.nan]
+    if layout == "channels-last":
+        x, dy = (np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1) for a in (x, dy))
+    C = x.shape[1]
+    w = np.ones(C, np.float32)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    with np.errstate(all="ignore"):
+        for training in (True, False):
+            rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+            rm64, rv64 = rm.copy(), rv.copy()
+            y, m, s = bncore.batch_norm_forward(x, w, None, rm, rv, training=training)
+            y64, m64, s64 = bncore.batch_norm_forward(x64, w, None, rm64, rv64,
+                                                      training=training)
+            assert np.array_equal(y, y64.astype(np.float16), equal_nan=True)
+            assert np.array_equal(m, m64, equal_nan=True)
+            assert np.array_equal(rv, rv64, equal_nan=True)
+            got = bncore.batch_norm_backward(dy, x, m, s, w, training=training)[0]
+            want = bncore.batch_norm_backward(dy64, x64, m, s, w, training=training)[0]
+            assert np.array_equal(got, want.astype(np.float16), equal_nan=True)
+            if training:
+                assert np.isnan(y).any() and np.isfinite(y).any()

@@ -16,41 +16,166 @@ HEADER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bnc
 SOURCE = r"""
 #include <stddef.h>
 #include "_half.h"
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 void load_all(const uint16_t* h, double* out, ptrdiff_t n)
 { for (ptrdiff_t i = 0; i < n; i++) out[i] = bncore_half_load(h + i); }
 void store_all(const double* v, uint16_t* out, ptrdiff_t n)
 { for (ptrdiff_t i = 0; i < n; i++) bncore_half_store(out + i, v[i]); }
+/* the whole-run conversions, in runs of every length up to 37 in turn (every
+ * tail) and, with ftz, with flush-to-zero and denormals-are-zero set */
+static unsigned set_ftz(int ftz)
+{
+#if defined(__SSE__)
+    unsigned old = _mm_getcsr();
+    if (ftz) _mm_setcsr(old | 0x8040u);
+    return old;
+#else
+    (void)ftz; return 0;
+#endif
+}
+static void restore(unsigned old)
+{
+#if defined(__SSE__)
+    _mm_setcsr(old);
+#else
+    (void)old;
+#endif
+}
+void load_runs(const uint16_t* h, double* out, ptrdiff_t n, int ftz)
+{
+    unsigned old = set_ftz(ftz);
+    ptrdiff_t i = 0, len = 1;
+    while (i < n) {
+        ptrdiff_t m = n - i < len ? n - i : len;
+        bncore_half_to_double_n(h + i, out + i, m);
+        i += m; len = len % 37 + 1;
+    }
+    restore(old);
+}
+/* through float32: out[i] = (double) of what bncore_half_to_float_n gave */
+void load_runs_f32(const uint16_t* h, double* out, ptrdiff_t n, int ftz)
+{
+    float buf[37];
+    unsigned old = set_ftz(ftz);
+    ptrdiff_t i = 0, len = 1, k;
+    while (i < n) {
+        ptrdiff_t m = n - i < len ? n - i : len;
+        bncore_half_to_float_n(h + i, buf, m);
+        restore(old);                 /* widened with the caller's settings */
+        for (k = 0; k < m; k++) out[i + k] = (double)buf[k];
+        set_ftz(ftz);
+        i += m; len = len % 37 + 1;
+    }
+    restore(old);
+}
+void store_runs(const double* v, uint16_t* out, ptrdiff_t n, int ftz)
+{
+    unsigned old = set_ftz(ftz);
+    ptrdiff_t i = 0, len = 1;
+    while (i < n) {
+        ptrdiff_t m = n - i < len ? n - i : len;
+        bncore_half_from_double_n(v + i, out + i, m);
+        i += m; len = len % 37 + 1;
+    }
+    restore(old);
+}
+int simd_paths(void) { return 2 * BNCORE_HALF_SIMD_STORE + BNCORE_HALF_SIMD_LOAD; }
 """
 
+# how each build is made, and which hardware conversion paths it must take
+# where the machine has them (0: none, 1: F16C loads, 3: loads and AVX-512 stores)
+BUILDS = {
+    "native": ("-O3 -march=native", None),
+    "O0": ("-O0", 0),
+    "x86-64": ("-O3 -march=x86-64", 0),
+    "x86-64-v3": ("-O3 -march=x86-64-v3", 1),
+}
+MODES = ["element", "runs", "runs-ftz", "runs-float32", "runs-float32-ftz"]
 
-@pytest.fixture(scope="module", params=["-O3 -march=native", "-O0"])
-def half_lib(request, tmp_path_factory):
-    """The header built as the extensions are (vectorized) and unoptimized."""
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def half_build(request, tmp_path_factory):
+    """The header built as the extensions are (vectorized, -march=native),
+    unoptimized, for plain x86-64 (no F16C: the element functions only) and
+    for x86-64-v3 (F16C loads, element stores)."""
     if shutil.which("gcc") is None:
         pytest.skip("no gcc on this machine")
+    flags, paths = BUILDS[request.param]
+    if request.param.startswith("x86-64"):
+        import platform
+        if platform.machine() not in ("x86_64", "AMD64"):
+            pytest.skip("an x86-64 build")
+        if request.param == "x86-64-v3" and not {"avx2", "f16c", "fma", "bmi2"} <= _cpu_flags():
+            pytest.skip("this CPU cannot run an x86-64-v3 build")
     d = tmp_path_factory.mktemp("half")
     (d / "half.c").write_text(SOURCE)
     lib = d / "libhalf.so"
-    run = subprocess.run(["gcc", *request.param.split(), "-fno-math-errno", "-shared", "-fPIC",
+    run = subprocess.run(["gcc", *flags.split(), "-fno-math-errno", "-shared", "-fPIC",
                           "-I", HEADER_DIR, str(d / "half.c"), "-o", str(lib)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     so = ctypes.CDLL(str(lib))
     ptr = ctypes.c_void_p
     so.load_all.argtypes = so.store_all.argtypes = [ptr, ptr, ctypes.c_ssize_t]
+    so.load_runs.argtypes = so.store_runs.argtypes = so.load_runs_f32.argtypes = [
+        ptr, ptr, ctypes.c_ssize_t, ctypes.c_int]
+    return request.param, so
+
+
+@pytest.fixture(params=MODES)
+def half_lib(request, half_build):
+    """(load, store) through the element functions, through the whole-run
+    functions (loads to float64, and to float32), and through those with FTZ
+    and DAZ set."""
+    _, so = half_build
+    mode = request.param
 
     def load(h):
         h = np.ascontiguousarray(h, np.uint16)
         out = np.empty(h.size, np.float64)
-        so.load_all(h.ctypes.data, out.ctypes.data, h.size)
+        if mode == "element":
+            so.load_all(h.ctypes.data, out.ctypes.data, h.size)
+        elif mode.startswith("runs-float32"):
+            so.load_runs_f32(h.ctypes.data, out.ctypes.data, h.size, int(mode.endswith("ftz")))
+        else:
+            so.load_runs(h.ctypes.data, out.ctypes.data, h.size, int(mode.endswith("ftz")))
         return out
 
     def store(v):
         v = np.ascontiguousarray(v, np.float64)
         out = np.empty(v.size, np.uint16)
-        so.store_all(v.ctypes.data, out.ctypes.data, v.size)
+        if mode == "element":
+            so.store_all(v.ctypes.data, out.ctypes.data, v.size)
+        else:
+            so.store_runs(v.ctypes.data, out.ctypes.data, v.size, int(mode.endswith("ftz")))
         return out
     return load, store
+
+
+def test_hardware_paths_are_built_where_the_cpu_has_them(half_build):
+    """A build that silently lost the hardware conversions (a changed guard,
+    a compiler that stopped defining the macros) fails here, not only in a
+    benchmark."""
+    name, so = half_build
+    flags = _cpu_flags()
+    expected = BUILDS[name][1]
+    if expected is None:           # native: what this CPU offers
+        expected = (1 if {"f16c", "avx"} <= flags else 0) + (
+            2 if {"f16c", "avx512f", "avx512vl"} <= flags else 0)
+    assert so.simd_paths() == expected
 
 
 def test_load_is_exact_on_every_input(half_lib):
