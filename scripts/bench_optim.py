@@ -5,8 +5,9 @@ torch.optim (fused=True / foreach=True) and the floors: an in-place
 ``np.add(a, b, out=a)`` over arrays holding the bytes the update must move
 (Adam: read p, g, m, v and write p, m, v = 28 bytes per parameter; SGD with
 momentum: 20; clip_grad_norm: read g for the norm, then read and write g = 12).
-For 200 tensors also RMSprop (20 bytes), clip_grad_value (8) and the AMP
-non-finite check (4), which have no issue targets.
+For 200 tensors also RMSprop (20 bytes), clip_grad_value (8), clip_grad_norm
+of float16 gradients (6) and the AMP non-finite check (4), which have no issue
+targets.
 """
 from typing import List
 
@@ -121,7 +122,8 @@ def optim_cases(threads: int) -> List:
 
 
 def _more_cases(bncore, torch, threads, label, params, grads, start) -> List:
-    """RMSprop, clip_grad_value and the AMP non-finite check (no issue targets)."""
+    """RMSprop, clip_grad_value, float16 clip_grad_norm and the AMP non-finite
+    check (no issue targets)."""
     from bench import Case, shrinking_bound
 
     rparams = [p.copy() for p in params]
@@ -149,12 +151,27 @@ def _more_cases(bncore, torch, threads, label, params, grads, start) -> List:
         flag, one = torch.zeros(1), torch.ones(1)
         check["torch"] = lambda: torch._amp_foreach_non_finite_check_and_unscale_(
             tgrads, flag, one)
+    # clip_grad_norm of float16 gradients (AMP's dtype): the norm reads them
+    # through whole-run conversions, the scaling writes them rounded once
+    hgrads = [g.astype(np.float16) * np.float16(1000) for g in grads]
+    hstart = 0.5 * bncore.grad_norm(hgrads)
+    half = {"bncore": shrinking_bound(
+        lambda m: bncore.clip_grad_norm(hgrads, m, num_threads=threads), hstart)}
+    if torch is not None:
+        hps = [torch.zeros(g.shape, dtype=torch.float16) for g in hgrads]
+        for t, g in zip(hps, hgrads):
+            t.grad = torch.from_numpy(g.copy())
+        half["torch"] = shrinking_bound(
+            lambda m: torch.nn.utils.clip_grad_norm_(hps, m, foreach=True), hstart)
+    half.update(_floors(6 * N, threads))
     rms.update(_floors(20 * N, threads))
     value.update(_floors(8 * N, threads))
     check.update(_floors(4 * N, threads))
     return [Case(f"rmsprop {label}", "optim", 20 * N, rms, note="torch = RMSprop(foreach=True)"),
             Case(f"clip_grad_value {label}", "optim", 8 * N, value,
                  note="torch = clip_grad_value_(foreach=True); every call clips"),
+            Case(f"clip_grad_norm {label} float16", "optim", 6 * N, half,
+                 note="torch = clip_grad_norm_(foreach=True) on float16 gradients; every call clips"),
             Case(f"found_inf {label}", "optim", 4 * N, check,
                  note="torch = _amp_foreach_non_finite_check_and_unscale_ (also multiplies "
                       "the gradients by 1/scale: it reads and writes them)")]

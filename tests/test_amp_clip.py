@@ -336,3 +336,62 @@ def test_the_gil_is_released_during_optimizer_and_clipping_kernels(name, call):
     state = [[np.zeros_like(params[0])], [np.zeros_like(params[0])]]
     seen = calls_before_main_ran(lambda: call(params, grads, state), max_calls=200)
     assert seen[-1], f"{name}: the main thread never ran during {len(seen)} calls"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float16_gradients_give_the_float32_gradients_bits(threads):
+    """float16 gradients are read through whole-run conversions (staged in
+    pieces and chunks); every kernel's result is bit for bit what the same
+    values as float32 gradients give (the widening is exact), and clipping
+    writes back the float64 path's product rounded once to float16."""
+    rng = np.random.default_rng(7)
+    sizes = [1, 7, 511, 513, 16384 + 9, 40000]
+    g16 = [(rng.standard_normal(n) * 3).astype(np.float16) for n in sizes]
+    g16[3][5] = np.float16(6e-8)            # a subnormal half
+    g16[4][100] = np.float16(-65504)
+    g32 = [g.astype(np.float32) for g in g16]
+    base = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+
+    def run(fn, grads, **kw):
+        params = [p.copy() for p in base]
+        srng = np.random.default_rng(1)
+        states = [[np.abs(srng.standard_normal(p.size)).astype(np.float32) for p in base]
+                  for _ in range(3)]
+        if kw.get("amsgrad"):
+            kw["max_exp_avg_sqs"] = states[2]
+        fn(params, grads, *states[:kw.pop("nstates")], num_threads=threads, **kw)
+        return params, states
+
+    cases = [
+        (bncore.sgd_step, dict(nstates=1, lr=0.1, momentum=0.9)),
+        (bncore.adam_step, dict(nstates=2, step=3, lr=1e-2, weight_decay=0.1)),
+        (bncore.adam_step, dict(nstates=2, step=3, amsgrad=True, lr=1e-2)),
+        (bncore.adagrad_step, dict(nstates=1, step=2, lr=0.1)),
+    ]
+    for fn, kw in cases:
+        a = run(fn, g16, **dict(kw))
+        b = run(fn, g32, **dict(kw))
+        assert all(np.array_equal(x, y) for x, y in zip(a[0], b[0])), fn.__name__
+        assert all(np.array_equal(x, y) for s, t in zip(a[1], b[1]) for x, y in zip(s, t))
+    p16, p32 = [p.copy() for p in base], [p.copy() for p in base]
+    sq16 = [np.ones_like(p) for p in base]
+    sq32 = [np.ones_like(p) for p in base]
+    extra16 = dict(grad_avgs=[np.zeros_like(p) for p in base],
+                   momentum_buffers=[np.zeros_like(p) for p in base])
+    extra32 = dict(grad_avgs=[np.zeros_like(p) for p in base],
+                   momentum_buffers=[np.zeros_like(p) for p in base])
+    bncore.rmsprop_step(p16, g16, sq16, centered=True, momentum=0.9, num_threads=threads,
+                        **extra16)
+    bncore.rmsprop_step(p32, g32, sq32, centered=True, momentum=0.9, num_threads=threads,
+                        **extra32)
+    assert all(np.array_equal(x, y) for x, y in zip(p16, p32))
+    for norm_type in (2.0, 1.0, float("inf"), 3.0):
+        assert (bncore.grad_norm(g16, norm_type, num_threads=threads)
+                == bncore.grad_norm(g32, norm_type, num_threads=threads))
+    c16 = [g.copy() for g in g16]
+    c64 = [g.astype(np.float64) for g in g16]
+    t16 = bncore.clip_grad_norm(c16, 1.0, num_threads=threads)
+    t64 = bncore.clip_grad_norm(c64, 1.0, num_threads=threads)
+    assert t16 == t64
+    with np.errstate(under="ignore"):
+        assert all(np.array_equal(x, y.astype(np.float16)) for x, y in zip(c16, c64))
