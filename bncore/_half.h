@@ -91,8 +91,9 @@ static inline void bncore_half_store(uint16_t* p, double v) {
  * them (-march=native): F16C's vcvtph2ps for the loads (exact; an sNaN is
  * quieted as above), and for the stores AVX-512's float64 -> float32
  * conversion with embedded round-toward-zero, the sticky bit set where it was
- * inexact (round to odd, as above), then vcvtps2ph rounding to nearest even
- * (the immediate, not MXCSR, picks the mode). No subnormal float arises
+ * inexact (round to odd, as above; with AVX2 only, the element function's
+ * steps on four lanes), then vcvtps2ph rounding to nearest even (the
+ * immediate, not MXCSR, picks the mode). No subnormal float arises
  * except from doubles far below binary16's range, which round to +-0 with or
  * without FTZ/DAZ. Other targets, and the tails, take the element functions.
  * The batch-norm kernels stage float16 work items through these
@@ -104,9 +105,34 @@ static inline void bncore_half_store(uint16_t* p, double v) {
 #define BNCORE_HALF_SIMD_LOAD 0
 #endif
 #if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__F16C__)
+#define BNCORE_HALF_SIMD_STORE 2
+#elif defined(__AVX2__) && defined(__F16C__)
 #define BNCORE_HALF_SIMD_STORE 1
 #else
 #define BNCORE_HALF_SIMD_STORE 0
+#endif
+
+#if BNCORE_HALF_SIMD_STORE == 1
+/* Four doubles to floats rounded to odd, as bncore_half_from_double does it
+ * element by element: (float) (nearest), one float ulp toward zero where that
+ * rounded away, the sticky bit where it was inexact. The comparisons give
+ * 64-bit masks; their low halves are packed to 32-bit lanes. */
+static inline __m128i bncore_odd4(__m256d v) {
+    const __m256d mag = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffLL));
+    __m128 f = _mm256_cvtpd_ps(v);
+    __m256d back = _mm256_cvtps_pd(f);
+    __m256 away = _mm256_castpd_ps(_mm256_cmp_pd(_mm256_and_pd(back, mag),
+                                                 _mm256_and_pd(v, mag), _CMP_GT_OQ));
+    __m256 inexact = _mm256_castpd_ps(_mm256_cmp_pd(back, v, _CMP_NEQ_UQ));
+    __m128i a = _mm_castps_si128(_mm_shuffle_ps(_mm256_castps256_ps128(away),
+                                                _mm256_extractf128_ps(away, 1),
+                                                _MM_SHUFFLE(2, 0, 2, 0)));
+    __m128i s = _mm_castps_si128(_mm_shuffle_ps(_mm256_castps256_ps128(inexact),
+                                                _mm256_extractf128_ps(inexact, 1),
+                                                _MM_SHUFFLE(2, 0, 2, 0)));
+    __m128i b = _mm_add_epi32(_mm_castps_si128(f), a);          /* a is 0 or -1 */
+    return _mm_or_si128(b, _mm_srli_epi32(s, 31));
+}
 #endif
 
 static inline void bncore_half_to_double_n(const uint16_t* src, double* dst, ptrdiff_t n) {
@@ -134,7 +160,14 @@ static inline void bncore_half_to_float_n(const uint16_t* src, float* dst, ptrdi
 
 static inline void bncore_half_from_double_n(const double* src, uint16_t* dst, ptrdiff_t n) {
     ptrdiff_t i = 0;
-#if BNCORE_HALF_SIMD_STORE
+#if BNCORE_HALF_SIMD_STORE == 1
+    for (; i + 8 <= n; i += 8) {
+        __m256i b = _mm256_set_m128i(bncore_odd4(_mm256_loadu_pd(src + i + 4)),
+                                     bncore_odd4(_mm256_loadu_pd(src + i)));
+        _mm_storeu_si128((__m128i*)(dst + i),
+                         _mm256_cvtps_ph(_mm256_castsi256_ps(b), _MM_FROUND_TO_NEAREST_INT));
+    }
+#elif BNCORE_HALF_SIMD_STORE == 2
     const __m256i one = _mm256_set1_epi32(1);
     for (; i + 8 <= n; i += 8) {
         __m512d v = _mm512_loadu_pd(src + i);

@@ -85,12 +85,14 @@ int simd_paths(void) { return 2 * BNCORE_HALF_SIMD_STORE + BNCORE_HALF_SIMD_LOAD
 """
 
 # how each build is made, and which hardware conversion paths it must take
-# where the machine has them (0: none, 1: F16C loads, 3: loads and AVX-512 stores)
+# where the machine has them (simd_paths: 1 F16C loads, + 2 AVX2 stores or
+# + 4 AVX-512 stores; 0 the element functions only)
 BUILDS = {
     "native": ("-O3 -march=native", None),
     "O0": ("-O0", 0),
     "x86-64": ("-O3 -march=x86-64", 0),
-    "x86-64-v3": ("-O3 -march=x86-64-v3", 1),
+    "x86-64-v3": ("-O3 -march=x86-64-v3", 3),
+    "x86-64-v4": ("-O3 -march=x86-64-v4", 5),
 }
 MODES = ["element", "runs", "runs-ftz", "runs-float32", "runs-float32-ftz"]
 
@@ -109,8 +111,8 @@ def _cpu_flags():
 @pytest.fixture(scope="module", params=list(BUILDS))
 def half_build(request, tmp_path_factory):
     """The header built as the extensions are (vectorized, -march=native),
-    unoptimized, for plain x86-64 (no F16C: the element functions only) and
-    for x86-64-v3 (F16C loads, element stores)."""
+    unoptimized, for plain x86-64 (no F16C: the element functions only), for
+    x86-64-v3 (F16C loads, AVX2 stores) and x86-64-v4 (AVX-512 stores)."""
     if shutil.which("gcc") is None:
         pytest.skip("no gcc on this machine")
     flags, paths = BUILDS[request.param]
@@ -120,6 +122,9 @@ def half_build(request, tmp_path_factory):
             pytest.skip("an x86-64 build")
         if request.param == "x86-64-v3" and not {"avx2", "f16c", "fma", "bmi2"} <= _cpu_flags():
             pytest.skip("this CPU cannot run an x86-64-v3 build")
+        if request.param == "x86-64-v4" and not {"avx512f", "avx512vl", "avx512bw", "avx512dq",
+                                                 "avx512cd", "f16c"} <= _cpu_flags():
+            pytest.skip("this CPU cannot run an x86-64-v4 build")
     d = tmp_path_factory.mktemp("half")
     (d / "half.c").write_text(SOURCE)
     lib = d / "libhalf.so"
@@ -174,7 +179,8 @@ def test_hardware_paths_are_built_where_the_cpu_has_them(half_build):
     expected = BUILDS[name][1]
     if expected is None:           # native: what this CPU offers
         expected = (1 if {"f16c", "avx"} <= flags else 0) + (
-            2 if {"f16c", "avx512f", "avx512vl"} <= flags else 0)
+            4 if {"f16c", "avx512f", "avx512vl"} <= flags else
+            2 if {"f16c", "avx2"} <= flags else 0)
     assert so.simd_paths() == expected
 
 
