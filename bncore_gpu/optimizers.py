@@ -56,6 +56,11 @@ is_device = chk.is_device
 def device_scalar(name: str, v) -> "cupy.ndarray":
     """A one-element device array as a float64 0-d array (a kernel's double*)."""
     a = chk.as_array(name, v)
+    if a.dtype.kind not in "biuf":
+        # as the CPU's scalar_value: a complex flag or scale would lose its
+        # imaginary part in the cast below
+        raise TypeError(f"{name} must be a number or a one-element array, "
+                        f"got an array of dtype {a.dtype}")
     if a.size != 1:
         raise ValueError(f"{name} must be a scalar or a one-element array, got shape {a.shape}")
     a = a.reshape(())

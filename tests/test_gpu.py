@@ -121,6 +121,29 @@ def test_grad_scale_as_device_scalar_matches_host_scalar():
         assert bool((x == y).all())
 
 
+def test_device_amp_scalars_must_be_real_numbers():
+    """A complex device grad_scale, found_inf or step is refused as the CPU
+    refuses a complex scalar, before anything is written."""
+    params, grads = data()
+    ps = [cupy.asarray(p) for p in params]
+    gs = [cupy.asarray(g) for g in grads[0]]
+    ms, vs = [cupy.zeros_like(p) for p in ps], [cupy.zeros_like(p) for p in ps]
+    before = [p.copy() for p in ps]
+    for kw in (dict(grad_scale=cupy.asarray(2 + 0j)), dict(found_inf=cupy.asarray(1j)),
+               dict(step=cupy.asarray(1 + 0j))):
+        name = next(iter(kw))
+        args = dict(step=1, lr=1e-2)
+        args.update(kw)
+        with pytest.raises(TypeError, match=name):
+            bncore_gpu.adam_step(ps, gs, ms, vs, **args)
+        with pytest.raises(TypeError, match=name):
+            bncore.adam_step(params, grads[0], [np.zeros_like(p) for p in params],
+                             [np.zeros_like(p) for p in params],
+                             **{**args, name: cupy.asnumpy(kw[name])})
+    assert all(bool((a == b).all()) for a, b in zip(ps, before))
+    assert all(not bool(m.any()) for m in ms + vs)
+
+
 def test_clip_grad_norm_stays_on_device_and_matches_cpu():
     rng = np.random.default_rng(3)
     gs = [(rng.standard_normal(s) * 3).astype(np.float32) for s in SHAPES]
