@@ -114,7 +114,7 @@ def batch_norm_forward(
     momentum : rate of the running average, in [0, 1].
     eps : added to the variance, > 0.
     out : optional array like `x` (same shape and dtype) to write y into;
-        allocation-free when it has x's memory layout and x is not float16.
+        written in place (no temporary) when it has x's memory layout.
     num_threads : OpenMP threads (None: bncore.get_num_threads()); never
         changes the result (inputs under 32768 elements run on one thread).
 

@@ -40,6 +40,25 @@ def is_device(a: Any) -> bool:
 
 
 def as_array(name: str, a: Any) -> "cupy.ndarray":
+    return _aligned(name, device_array(name, a))
+
+
+def _aligned(name: str, a: "cupy.ndarray") -> "cupy.ndarray":
+    """a, when its elements are aligned. A device array can start at any byte
+    (a uint8 buffer viewed at an odd offset as float32); the kernels' loads
+    would then fault with a misaligned address, which leaves the CUDA context
+    unusable. The CPU copies such an input and refuses such an output; here
+    both are refused, before anything runs (an input could be copied, but
+    the same array may be written in place elsewhere in the call)."""
+    if a.size and a.data.ptr % a.dtype.itemsize:
+        raise ValueError(f"{name} is not aligned to its {a.dtype.itemsize}-byte elements "
+                         f"(device address {a.data.ptr:#x}): pass an aligned copy "
+                         f"({name or 'a'}.copy())")
+    return a
+
+
+def device_array(name: str, a: Any) -> "cupy.ndarray":
+    """a as a CuPy array (zero-copy), alignment unchecked; as_array checks it."""
     if isinstance(a, cupy.ndarray):
         return a
     if a is None:

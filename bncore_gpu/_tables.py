@@ -112,7 +112,9 @@ class _ListInfo:
             a = lst[i]
             ptr = a.data_ptr() if hasattr(a, "data_ptr") else None
             if ptr is None:
-                ptr = chk.as_array("", a).data.ptr
+                ptr = chk.device_array("", a).data.ptr   # (as_array would also
+                # check the alignment, under an empty name: a changed storage
+                # only means a miss, and the rebuilt entry names the array)
             if ptr != self.ptrs[i] or tuple(a.shape) != tuple(self.shapes[i]):
                 return False
         return True

@@ -144,6 +144,49 @@ def test_device_amp_scalars_must_be_real_numbers():
     assert all(not bool(m.any()) for m in ms + vs)
 
 
+def _misaligned(a):
+    """A copy of device array `a` whose data starts one byte past an element
+    boundary (a uint8 buffer viewed at an odd offset)."""
+    raw = cupy.zeros(a.nbytes + a.itemsize, dtype=np.uint8)
+    m = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
+    m[...] = a
+    assert m.data.ptr % a.itemsize != 0
+    return m
+
+
+def test_misaligned_device_arrays_are_refused_before_anything_runs():
+    """A kernel's load from a misaligned address faults and leaves the CUDA
+    context unusable; every device array is checked first (ValueError naming
+    it), inputs and in-place outputs alike, and nothing is written."""
+    rng = np.random.default_rng(5)
+    x = cupy.asarray(rng.standard_normal((4, 3, 5)).astype(np.float32))
+    w = cupy.ones(3, dtype=cupy.float32)
+    with pytest.raises(ValueError, match="x is not aligned"):
+        bncore_gpu.batch_norm_forward(_misaligned(x), w)
+    rm = _misaligned(cupy.zeros(3, dtype=cupy.float32))
+    rv = cupy.ones(3, dtype=cupy.float32)
+    with pytest.raises(ValueError, match="running_mean is not aligned"):
+        bncore_gpu.batch_norm_forward(x, w, None, rm, rv)
+    assert not bool(rm.any()) and bool((rv == 1).all())
+    _, mean, invstd = bncore_gpu.batch_norm_forward(x, w)
+    with pytest.raises(ValueError, match="dy is not aligned"):
+        bncore_gpu.batch_norm_backward(_misaligned(x), x, mean, invstd, w)
+    params = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in (7, 33)]
+    grads = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in (7, 33)]
+    bad = [params[0], _misaligned(params[1])]
+    before = [p.copy() for p in bad]
+    with pytest.raises(ValueError, match=r"params\[1\] is not aligned"):
+        bncore_gpu.sgd_step(bad, grads, lr=0.1)
+    with pytest.raises(ValueError, match=r"grads\[1\] is not aligned"):
+        bncore_gpu.sgd_step(params[:1] + [params[1].copy()], [grads[0], _misaligned(grads[1])],
+                            lr=0.1)
+    assert all(bool(cupy.array_equal(a, b)) for a, b in zip(bad, before))
+    with pytest.raises(ValueError, match="not aligned"):
+        bncore_gpu.clip_grad_norm([_misaligned(grads[1])], 1.0)
+    # an aligned copy goes through
+    bncore_gpu.batch_norm_forward(_misaligned(x).copy(), w)
+
+
 def test_clip_grad_norm_stays_on_device_and_matches_cpu():
     rng = np.random.default_rng(3)
     gs = [(rng.standard_normal(s) * 3).astype(np.float32) for s in SHAPES]

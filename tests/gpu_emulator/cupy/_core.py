@@ -221,6 +221,9 @@ class RawKernel:
                                     f"got {a.dtype}")
                 if not a.flags.c_contiguous:
                     raise TypeError(f"{self.name} argument {i} is not contiguous")
+                if a.size and a.data.ptr % a.itemsize:
+                    # a real device faults (CUDA_ERROR_MISALIGNED_ADDRESS)
+                    raise RuntimeError(f"{self.name} argument {i}: misaligned address")
                 if ctype == "float4" and a.data.ptr % 16:
                     raise TypeError(f"{self.name} argument {i}: float4 needs 16-byte alignment")
             else:
