@@ -148,7 +148,10 @@ def _misaligned(a):
     """A copy of device array `a` whose data starts one byte past an element
     boundary (a uint8 buffer viewed at an odd offset)."""
     raw = cupy.zeros(a.nbytes + a.itemsize, dtype=np.uint8)
-    m = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
+    try:
+        m = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
+    except (ValueError, TypeError):          # a CuPy whose view() refuses it
+        m = cupy.ndarray(a.shape, a.dtype, memptr=raw.data + 1)
     m[...] = a
     assert m.data.ptr % a.itemsize != 0
     return m
