@@ -145,16 +145,18 @@ def test_device_amp_scalars_must_be_real_numbers():
 
 
 def _misaligned(a):
-    """A copy of device array `a` whose data starts one byte past an element
-    boundary (a uint8 buffer viewed at an odd offset)."""
+    """(m, raw): m holds a's values but starts one byte past an element
+    boundary, inside the uint8 buffer raw. On a real device no CuPy kernel
+    may touch m (its loads would fault): it is filled, and read back, through
+    raw's bytes only."""
     raw = cupy.zeros(a.nbytes + a.itemsize, dtype=np.uint8)
+    raw[1:1 + a.nbytes] = cupy.ascontiguousarray(a).view(np.uint8).ravel()
     try:
         m = raw[1:1 + a.nbytes].view(a.dtype).reshape(a.shape)
     except (ValueError, TypeError):          # a CuPy whose view() refuses it
         m = cupy.ndarray(a.shape, a.dtype, memptr=raw.data + 1)
-    m[...] = a
     assert m.data.ptr % a.itemsize != 0
-    return m
+    return m, raw
 
 
 def test_misaligned_device_arrays_are_refused_before_anything_runs():
@@ -165,29 +167,27 @@ def test_misaligned_device_arrays_are_refused_before_anything_runs():
     x = cupy.asarray(rng.standard_normal((4, 3, 5)).astype(np.float32))
     w = cupy.ones(3, dtype=cupy.float32)
     with pytest.raises(ValueError, match="x is not aligned"):
-        bncore_gpu.batch_norm_forward(_misaligned(x), w)
-    rm = _misaligned(cupy.zeros(3, dtype=cupy.float32))
+        bncore_gpu.batch_norm_forward(_misaligned(x)[0], w)
+    rm, rm_raw = _misaligned(cupy.zeros(3, dtype=cupy.float32))
     rv = cupy.ones(3, dtype=cupy.float32)
     with pytest.raises(ValueError, match="running_mean is not aligned"):
         bncore_gpu.batch_norm_forward(x, w, None, rm, rv)
-    assert not bool(rm.any()) and bool((rv == 1).all())
+    assert not bool(rm_raw.any()) and bool((rv == 1).all())
     _, mean, invstd = bncore_gpu.batch_norm_forward(x, w)
     with pytest.raises(ValueError, match="dy is not aligned"):
-        bncore_gpu.batch_norm_backward(_misaligned(x), x, mean, invstd, w)
+        bncore_gpu.batch_norm_backward(_misaligned(x)[0], x, mean, invstd, w)
     params = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in (7, 33)]
     grads = [cupy.asarray(rng.standard_normal(n).astype(np.float32)) for n in (7, 33)]
-    bad = [params[0], _misaligned(params[1])]
-    before = [p.copy() for p in bad]
+    p1, p1_raw = _misaligned(params[1])
+    p1_bytes = p1_raw.copy()
+    p0 = params[0].copy()
     with pytest.raises(ValueError, match=r"params\[1\] is not aligned"):
-        bncore_gpu.sgd_step(bad, grads, lr=0.1)
+        bncore_gpu.sgd_step([params[0], p1], grads, lr=0.1)
     with pytest.raises(ValueError, match=r"grads\[1\] is not aligned"):
-        bncore_gpu.sgd_step(params[:1] + [params[1].copy()], [grads[0], _misaligned(grads[1])],
-                            lr=0.1)
-    assert all(bool(cupy.array_equal(a, b)) for a, b in zip(bad, before))
+        bncore_gpu.sgd_step(params, [grads[0], _misaligned(grads[1])[0]], lr=0.1)
+    assert bool(cupy.array_equal(params[0], p0)) and bool(cupy.array_equal(p1_raw, p1_bytes))
     with pytest.raises(ValueError, match="not aligned"):
-        bncore_gpu.clip_grad_norm([_misaligned(grads[1])], 1.0)
-    # an aligned copy goes through
-    bncore_gpu.batch_norm_forward(_misaligned(x).copy(), w)
+        bncore_gpu.clip_grad_norm([_misaligned(grads[1])[0]], 1.0)
 
 
 def test_clip_grad_norm_stays_on_device_and_matches_cpu():
