@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Per-element cost of bncore's optimizer and gradient-scan kernels with the
-data in cache: 65536 float32 elements, one thread, minus the same call on 16
-elements (each kernel's own fixed cost). This is the arithmetic (and, where a
+"""Per-element cost of bncore's batch-norm, optimizer and gradient-scan
+kernels with the data in cache: 65536 elements (float32, and float16 where
+named), one thread, minus the same call on 16 elements (each kernel's own
+fixed cost; batch norm: 128, two rows of 64 channels). This is the arithmetic (and, where a
 loop does not vectorize, the scalar code) without memory bandwidth, the
 number to compare when changing a kernel; `scripts/bench.py` gives the
 out-of-cache times beside torch.
@@ -82,7 +83,35 @@ def kernels():
         _, g, (c, _, _, _) = arrays(n)
         return lambda: c.__setitem__(slice(None), g)
 
+    def bn(dtype, what):
+        # (rows, 64 channels): the narrow blocks schedule; the small call has
+        # 2 rows (a training batch needs two values per channel)
+        def make(n):
+            rng = np.random.default_rng(0)
+            shape = (max(n // 64, 2), 64)
+            x = rng.standard_normal(shape).astype(dtype)
+            dy = rng.standard_normal(shape).astype(dtype)
+            w = np.ones(64, np.float32)
+            rm, rv = np.zeros(64, np.float32), np.ones(64, np.float32)
+            out = np.empty_like(x)
+            _, mean, invstd = bncore.batch_norm_forward(x, w)
+            if what == "forward":
+                return lambda: bncore.batch_norm_forward(x, w, None, rm, rv, out=out,
+                                                         num_threads=1)
+            if what == "eval":
+                return lambda: bncore.batch_norm_forward(x, w, None, rm, rv, training=False,
+                                                         out=out, num_threads=1)
+            return lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w, out=out,
+                                                      num_threads=1)
+        return make
+
     return {
+        "batch_norm_forward (64 channels)": bn(np.float32, "forward"),
+        "batch_norm_forward (64 channels, float16)": bn(np.float16, "forward"),
+        "batch_norm_forward eval (64 channels)": bn(np.float32, "eval"),
+        "batch_norm_forward eval (64 channels, float16)": bn(np.float16, "eval"),
+        "batch_norm_backward (64 channels)": bn(np.float32, "backward"),
+        "batch_norm_backward (64 channels, float16)": bn(np.float16, "backward"),
         "adam_step": adam(np.float32),
         "adam_step (float16 gradients)": adam(np.float16),
         "sgd_step (momentum)": sgd,
@@ -101,7 +130,7 @@ def kernels():
 
 def main() -> None:
     print(f"bncore from {os.path.dirname(bncore.__file__)}")
-    print(f"{'kernel':42s} ns per element (in cache, 1 thread)")
+    print(f"{'kernel':48s} ns per element (in cache, 1 thread)")
     for name, make in kernels().items():
         extra = None
         if isinstance(make, tuple):
@@ -109,7 +138,7 @@ def main() -> None:
         t = (best(make(N)) - best(make(SMALL)))
         if extra is not None:
             t -= best(extra(N)) - best(extra(SMALL))
-        print(f"{name:42s} {t * 1e9 / (N - SMALL):8.3f}")
+        print(f"{name:48s} {t * 1e9 / (N - SMALL):8.3f}")
 
 
 if __name__ == "__main__":
