@@ -235,10 +235,12 @@ cdef inline Py_ssize_t _block_rows(const Plan* p, Py_ssize_t t) noexcept nogil:
 # float16 work items are staged through per-thread buffers by _half.h's
 # whole-run conversions (the hardware's, where the build targets them), which
 # GCC's vectorizer cannot emit inside the loops (there, as bit-level code, they
-# cost about 1 ns per element more than float32 does). The reductions read
-# the item's whole span converted to float32 (exact) and run the float32
-# kernels, whose arithmetic is float64 on exactly the same values as the
-# float64 path's. The elementwise passes convert pieces of the span (whole
+# cost about 1 ns per element more than float32 does). The reductions run the
+# float32 kernels on float32 copies (exact), whose arithmetic is float64 on
+# exactly the same values as the float64 path's: the rows schedule's segment
+# functions convert runs of HALF_RUN themselves (their 32 lanes take the same
+# elements in the same order), the blocks schedule stages the item's whole
+# span. The elementwise passes convert pieces of the span (whole
 # super-rows, so each element meets its own channel's constants) to float64,
 # run the float64 kernels into a float64 buffer and round that to float16 in
 # one run: once, as the float64 path's results rounded to float16. Plans, and
@@ -265,8 +267,11 @@ cdef inline Py_ssize_t _item_channel(const Plan* p, Py_ssize_t t) noexcept nogil
 
 
 cdef enum:
-    STAGE_PIECE = 1024    # elements per staged piece in the elementwise passes:
-                          # three float64 buffers (dx) stay within L1
+    STAGE_PIECE = 512     # elements per staged piece in the elementwise passes:
+                          # the three float64 buffers of dx (12 KiB) and the
+                          # source lines stay within L1. Side by side (float16
+                          # (32,64,56,56), 1 thread): backward 6.2 ms at 512,
+                          # 8.6 at 1024 (buffers spilling to L2), 7.3 at 128
 
 
 cdef inline Py_ssize_t _piece_len(const Plan* p) noexcept nogil:
@@ -283,8 +288,8 @@ cdef inline Py_ssize_t _staged(const real* like, const Plan* p, int arrays,
     float32 (two to a double) or pieces as float64; none unless the storage
     is float16 (`like` picks the type)."""
     if real is uint16_t:
-        if whole:
-            return arrays * ((p.seg_len if p.rows else p.block_rows * p.P) + 1) // 2 + arrays
+        if whole:       # (rows: none, the segment functions convert in runs)
+            return 0 if p.rows else arrays * (p.block_rows * p.P + 1) // 2 + arrays
         return arrays * _piece_len(p)
     else:
         return 0
@@ -361,43 +366,76 @@ cdef inline bint _pivot_too_far(double s2, double m2, double new_pivot) noexcept
     return s2 > PIVOT_SPREAD * m2 and new_pivot - new_pivot == 0.0
 
 
-cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1,
-                               double* s2) noexcept nogil:
-    """sum(x - P) and sum((x - P)^2) over x[0:n], 32 lanes each."""
-    cdef double a[LANES]
-    cdef double q[LANES]
-    cdef Py_ssize_t i, nb = n - n % LANES
+cdef enum:
+    HALF_RUN = 512        # float16 elements converted at a time by the rows
+                          # reductions (a multiple of LANES): 2 KiB of float32
+                          # per array, where staging whole segments (up to
+                          # 8192) spilled L1 and ran at half the speed
+
+
+cdef inline void _lanes_sums(const real* x, Py_ssize_t nb, double P, double* a,
+                             double* q) noexcept nogil:
+    """Adds x[0:nb] - P and its square into the 32 lanes (nb a multiple of 32)."""
+    cdef Py_ssize_t i
     cdef int k
-    cdef double d, e, t1, t2, u1, u2
-    _zero(a, LANES)
-    _zero(q, LANES)
+    cdef double d
     for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
         for k in range(LANES):
             d = _d(x[i + k]) - P
             a[k] += d
             q[k] += d * d
-    # the tail (n % 32 elements) into its own running sums, added after the
-    # lane totals: the lanes then never take scalar stores, which the vector
-    # loads of _lane_total would have to wait for (rows of 7 x 7 = 49 are
-    # short enough for that to be a third of the row's time)
-    # (two chains, even and odd elements, so the tail's latency is halved)
-    t1 = 0.0
-    t2 = 0.0
-    u1 = 0.0
-    u2 = 0.0
-    for k in range(0, n - nb - 1, 2):
-        d = _d(x[nb + k]) - P
-        e = _d(x[nb + k + 1]) - P
+
+
+cdef inline void _tail_sums(const real* x, Py_ssize_t m, double P, double* s1,
+                            double* s2) noexcept nogil:
+    """sum(x - P), sum((x - P)^2) over the tail x[0:m], m < 32, in two chains."""
+    cdef Py_ssize_t k
+    cdef double d, e, t1 = 0.0, t2 = 0.0, u1 = 0.0, u2 = 0.0
+    for k in range(0, m - 1, 2):
+        d = _d(x[k]) - P
+        e = _d(x[k + 1]) - P
         t1 += d
         t2 += d * d
         u1 += e
         u2 += e * e
-    if (n - nb) % 2:
-        d = _d(x[n - 1]) - P
+    if m % 2:
+        d = _d(x[m - 1]) - P
         t1 += d
         t2 += d * d
-    s1[0] = _lane_total(a) + (t1 + u1)
-    s2[0] = _lane_total(q) + (t2 + u2)
+    s1[0] = t1 + u1
+    s2[0] = t2 + u2
+
+
+cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1,
+                               double* s2) noexcept nogil:
+    """sum(x - P) and sum((x - P)^2) over x[0:n], 32 lanes each."""
+    cdef double a[LANES]
+    cdef double q[LANES]
+    cdef float buf[HALF_RUN]
+    cdef Py_ssize_t nb = n - n % LANES, j, m
+    cdef double t1, t2
+    _zero(a, LANES)
+    _zero(q, LANES)
+    if real is uint16_t:
+        # runs of HALF_RUN converted to float32 (exact), then the float32 code:
+        # the lanes take the same elements in the same order
+        j = 0
+        while j < nb:
+            m = nb - j if nb - j < HALF_RUN else HALF_RUN
+            bncore_half_to_float_n(x + j, buf, m)
+            _lanes_sums(<const float*>buf, m, P, a, q)
+            j += m
+        bncore_half_to_float_n(x + nb, buf, n - nb)
+        _tail_sums(<const float*>buf, n - nb, P, &t1, &t2)
+    else:
+        _lanes_sums(x, nb, P, a, q)
+        # the tail (n % 32 elements) into its own running sums, added after the
+        # lane totals: the lanes then never take scalar stores, which the vector
+        # loads of _lane_total would have to wait for (rows of 7 x 7 = 49 are
+        # short enough for that to be a third of the row's time)
+        _tail_sums(x + nb, n - nb, P, &t1, &t2)
+    s1[0] = _lane_total(a) + t1
+    s2[0] = _lane_total(q) + t2
 
 
 cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
@@ -414,38 +452,66 @@ cdef inline void _segment_mean_m2(const real* x, Py_ssize_t n, double K,
         _shifted_partial(s1, s2, <double>n, P - K, mean_out, m2_out)
 
 
-cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, double mu,
-                                  double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """sum(dy) and sum(dy * (x - mu)) over a contiguous segment, 32 lanes."""
-    cdef double a[LANES]
-    cdef double b[LANES]
-    cdef Py_ssize_t i, nb = n - n % LANES
+cdef inline void _lanes_dy_sums(const real* dy, const real* x, Py_ssize_t nb, double mu,
+                                double* a, double* b) noexcept nogil:
+    """Adds dy and dy * (x - mu) over [0, nb) into the 32 lanes (nb a multiple of 32)."""
+    cdef Py_ssize_t i
     cdef int k
-    cdef double g, h, t1, t2, u1, u2
-    _zero(a, LANES)
-    _zero(b, LANES)
+    cdef double g
     for i in range(0, nb, 32):
         for k in range(LANES):
             g = _d(dy[i + k])
             a[k] += g
             b[k] += g * (_d(x[i + k]) - mu)
-    t1 = 0.0                    # the tail as in _segment_sums
-    t2 = 0.0
-    u1 = 0.0
-    u2 = 0.0
-    for k in range(0, n - nb - 1, 2):
-        g = _d(dy[nb + k])
-        h = _d(dy[nb + k + 1])
+
+
+cdef inline void _tail_dy_sums(const real* dy, const real* x, Py_ssize_t m, double mu,
+                               double* s1, double* s2) noexcept nogil:
+    """The tail (m < 32 elements) as in _tail_sums."""
+    cdef Py_ssize_t k
+    cdef double g, h, t1 = 0.0, t2 = 0.0, u1 = 0.0, u2 = 0.0
+    for k in range(0, m - 1, 2):
+        g = _d(dy[k])
+        h = _d(dy[k + 1])
         t1 += g
-        t2 += g * (_d(x[nb + k]) - mu)
+        t2 += g * (_d(x[k]) - mu)
         u1 += h
-        u2 += h * (_d(x[nb + k + 1]) - mu)
-    if (n - nb) % 2:
-        g = _d(dy[n - 1])
+        u2 += h * (_d(x[k + 1]) - mu)
+    if m % 2:
+        g = _d(dy[m - 1])
         t1 += g
-        t2 += g * (_d(x[n - 1]) - mu)
-    sum_dy[0] = _lane_total(a) + (t1 + u1)
-    sum_dy_xmu[0] = _lane_total(b) + (t2 + u2)
+        t2 += g * (_d(x[m - 1]) - mu)
+    s1[0] = t1 + u1
+    s2[0] = t2 + u2
+
+
+cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, double mu,
+                                  double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """sum(dy) and sum(dy * (x - mu)) over a contiguous segment, 32 lanes."""
+    cdef double a[LANES]
+    cdef double b[LANES]
+    cdef float gbuf[HALF_RUN]
+    cdef float xbuf[HALF_RUN]
+    cdef Py_ssize_t nb = n - n % LANES, j, m
+    cdef double t1, t2
+    _zero(a, LANES)
+    _zero(b, LANES)
+    if real is uint16_t:
+        j = 0                   # runs converted to float32, as in _segment_sums
+        while j < nb:
+            m = nb - j if nb - j < HALF_RUN else HALF_RUN
+            bncore_half_to_float_n(dy + j, gbuf, m)
+            bncore_half_to_float_n(x + j, xbuf, m)
+            _lanes_dy_sums(<const float*>gbuf, <const float*>xbuf, m, mu, a, b)
+            j += m
+        bncore_half_to_float_n(dy + nb, gbuf, n - nb)
+        bncore_half_to_float_n(x + nb, xbuf, n - nb)
+        _tail_dy_sums(<const float*>gbuf, <const float*>xbuf, n - nb, mu, &t1, &t2)
+    else:
+        _lanes_dy_sums(dy, x, nb, mu, a, b)
+        _tail_dy_sums(dy + nb, x + nb, n - nb, mu, &t1, &t2)
+    sum_dy[0] = _lane_total(a) + t1
+    sum_dy_xmu[0] = _lane_total(b) + t2
 
 
 # --------------------------------------------------------------------------
@@ -936,10 +1002,10 @@ cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
                              Py_ssize_t t) noexcept nogil:
     cdef Py_ssize_t off, n
     _span(p, t, &off, &n)
-    if real is uint16_t:
+    if real is uint16_t and not p.rows:
         bncore_half_to_float_n(x + off, <float*>stage, n)
         _stats_span(<const float*>stage, p, pivot, pmean, pm2, scratch, t)
-    else:
+    else:       # (rows: the segment functions convert float16 in short runs)
         _stats_span(x + off, p, pivot, pmean, pm2, scratch, t)
 
 
@@ -1149,7 +1215,7 @@ cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const do
     cdef Py_ssize_t off, n
     _span(p, t, &off, &n)
     cdef float* fs
-    if real is uint16_t:
+    if real is uint16_t and not p.rows:
         fs = <float*>stage
         bncore_half_to_float_n(dy + off, fs, n)
         bncore_half_to_float_n(x + off, fs + n, n)
