@@ -238,9 +238,9 @@ cdef inline Py_ssize_t _block_rows(const Plan* p, Py_ssize_t t) noexcept nogil:
 # cost about 1 ns per element more than float32 does). The reductions run the
 # float32 kernels on float32 copies (exact), whose arithmetic is float64 on
 # exactly the same values as the float64 path's: the rows schedule's segment
-# functions convert runs of HALF_RUN themselves (their 32 lanes take the same
-# elements in the same order), the blocks schedule stages the item's whole
-# span. The elementwise passes convert pieces of the span (whole
+# functions and the narrow super-row loops convert runs of HALF_RUN themselves
+# (their lanes take the same elements in the same order); the other blocks
+# schedules (tiles, flat) stage the item's whole span. The elementwise passes convert pieces of the span (whole
 # super-rows, so each element meets its own channel's constants) to float64,
 # run the float64 kernels into a float64 buffer and round that to float16 in
 # one run: once, as the float64 path's results rounded to float16. Plans, and
@@ -282,14 +282,20 @@ cdef inline Py_ssize_t _piece_len(const Plan* p) noexcept nogil:
     return p.W * (STAGE_PIECE // p.W if p.W < STAGE_PIECE else 1)
 
 
+cdef inline bint _converts_runs(const Plan* p) noexcept nogil:
+    """The reductions of this plan convert float16 in runs themselves (rows
+    segments, narrow super-rows); the others' items are staged whole."""
+    return p.rows or p.narrow
+
+
 cdef inline Py_ssize_t _staged(const real* like, const Plan* p, int arrays,
                                bint whole) noexcept nogil:
     """Doubles of staging one thread needs for `arrays` arrays: whole spans as
     float32 (two to a double) or pieces as float64; none unless the storage
     is float16 (`like` picks the type)."""
     if real is uint16_t:
-        if whole:       # (rows: none, the segment functions convert in runs)
-            return 0 if p.rows else arrays * (p.block_rows * p.P + 1) // 2 + arrays
+        if whole:
+            return 0 if _converts_runs(p) else arrays * (p.block_rows * p.P + 1) // 2 + arrays
         return arrays * _piece_len(p)
     else:
         return 0
@@ -665,6 +671,9 @@ cdef inline bint _use_tiles(const Plan* p) noexcept nogil:
 
 cdef inline void _n64_sums(const real* x, Py_ssize_t nsr, const double* e_pivot,
                            double* acc1, double* acc2) noexcept nogil:
+    """Adds the nsr super-rows' x - pivot and its square into acc1, acc2
+    (accumulating, so float16 can come in converted runs: each sum takes the
+    same elements in the same order)."""
     cdef double a[NARROW]
     cdef double q[NARROW]
     cdef double K[NARROW]
@@ -672,8 +681,8 @@ cdef inline void _n64_sums(const real* x, Py_ssize_t nsr, const double* e_pivot,
     cdef int j
     cdef double d
     for j in range(NARROW):
-        a[j] = 0.0
-        q[j] = 0.0
+        a[j] = acc1[j]
+        q[j] = acc2[j]
         K[j] = e_pivot[j]
     for s in range(nsr):
         for j in range(NARROW):
@@ -688,6 +697,8 @@ cdef inline void _n64_sums(const real* x, Py_ssize_t nsr, const double* e_pivot,
 cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
                               const double* e_mean, double* acc_a,
                               double* acc_b) noexcept nogil:
+    """Adds dy and dy * (x - mean) over nsr super-rows into acc_a, acc_b
+    (accumulating, as _n64_sums)."""
     cdef double a[NARROW]
     cdef double b[NARROW]
     cdef double m[NARROW]
@@ -695,8 +706,8 @@ cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
     cdef int j
     cdef double g
     for j in range(NARROW):
-        a[j] = 0.0
-        b[j] = 0.0
+        a[j] = acc_a[j]
+        b[j] = acc_b[j]
         m[j] = e_mean[j]
     for s in range(nsr):
         for j in range(NARROW):
@@ -706,6 +717,34 @@ cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
     for j in range(NARROW):
         acc_a[j] = a[j]
         acc_b[j] = b[j]
+
+
+cdef inline void _n64_sums_runs(const uint16_t* x, Py_ssize_t n, const double* e_pivot,
+                                double* acc1, double* acc2) noexcept nogil:
+    """_n64_sums over n float16 elements (whole super-rows), converted to
+    float32 in runs of HALF_RUN (a multiple of NARROW)."""
+    cdef float buf[HALF_RUN]
+    cdef Py_ssize_t j = 0, m
+    while j < n:
+        m = n - j if n - j < HALF_RUN else HALF_RUN
+        bncore_half_to_float_n(x + j, buf, m)
+        _n64_sums(<const float*>buf, m // NARROW, e_pivot, acc1, acc2)
+        j += m
+
+
+cdef inline void _n64_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_ssize_t n,
+                                   const double* e_mean, double* acc_a,
+                                   double* acc_b) noexcept nogil:
+    """_n64_dy_sums over n float16 elements, in converted runs as _n64_sums_runs."""
+    cdef float gbuf[HALF_RUN]
+    cdef float xbuf[HALF_RUN]
+    cdef Py_ssize_t j = 0, m
+    while j < n:
+        m = n - j if n - j < HALF_RUN else HALF_RUN
+        bncore_half_to_float_n(dy + j, gbuf, m)
+        bncore_half_to_float_n(x + j, xbuf, m)
+        _n64_dy_sums(<const float*>gbuf, <const float*>xbuf, m // NARROW, e_mean, acc_a, acc_b)
+        j += m
 
 
 cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const double* e_mean,
@@ -936,7 +975,12 @@ cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const doubl
     s = 0
     if p.narrow:
         s = total - total % NARROW
-        _n64_sums(x, s // NARROW, e_kb, acc1, acc2)
+        _zero(acc1, NARROW)
+        _zero(acc2, NARROW)
+        if real is uint16_t:
+            _n64_sums_runs(x, s, e_kb, acc1, acc2)
+        else:
+            _n64_sums(x, s // NARROW, e_kb, acc1, acc2)
     else:
         _zero(acc1, W)
         _zero(acc2, W)
@@ -1002,10 +1046,10 @@ cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
                              Py_ssize_t t) noexcept nogil:
     cdef Py_ssize_t off, n
     _span(p, t, &off, &n)
-    if real is uint16_t and not p.rows:
+    if real is uint16_t and not _converts_runs(p):
         bncore_half_to_float_n(x + off, <float*>stage, n)
         _stats_span(<const float*>stage, p, pivot, pmean, pm2, scratch, t)
-    else:       # (rows: the segment functions convert float16 in short runs)
+    else:
         _stats_span(x + off, p, pivot, pmean, pm2, scratch, t)
 
 
@@ -1167,7 +1211,12 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
     cdef Py_ssize_t c
     if p.narrow:
         s = total - total % NARROW
-        _n64_dy_sums(dy, x, s // NARROW, e_mean, acc_a, acc_b)
+        _zero(acc_a, NARROW)
+        _zero(acc_b, NARROW)
+        if real is uint16_t:
+            _n64_dy_sums_runs(dy, x, s, e_mean, acc_a, acc_b)
+        else:
+            _n64_dy_sums(dy, x, s // NARROW, e_mean, acc_a, acc_b)
         if s < total:
             _flat_dy_sums(dy + s, x + s, total - s, e_mean, acc_a, acc_b)
         _fold(p, acc_a, W if total > W else total, pa)
@@ -1215,7 +1264,7 @@ cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const do
     cdef Py_ssize_t off, n
     _span(p, t, &off, &n)
     cdef float* fs
-    if real is uint16_t and not p.rows:
+    if real is uint16_t and not _converts_runs(p):
         fs = <float*>stage
         bncore_half_to_float_n(dy + off, fs, n)
         bncore_half_to_float_n(x + off, fs + n, n)

@@ -546,12 +546,13 @@ def test_layout_cache_and_shortcut_on_chosen_arrays(monkeypatch):
 
 @pytest.mark.parametrize("shape, axis", [((6, 3, 8, 8), 1), ((4096, 64), 1), ((5, 7, 33), 1),
                                          ((2, 5, 9000), 1), ((64, 3, 1, 1), 1),
-                                         ((4, 9, 6), -1), ((700, 100), 1)])
+                                         ((4, 9, 6), -1), ((700, 100), 1), ((1003, 16), 1)])
 @pytest.mark.parametrize("layout", ["c", "fortran", "channels-last", "strided"])
 @pytest.mark.parametrize("training", [True, False])
 def test_float16_kernels_equal_the_float64_path_rounded_once(shape, axis, layout, training):
     """The kernels read and write float16 themselves (every schedule: planes,
-    rows, narrow, tiles, long segments); the results are bit for bit those of
+    rows, narrow (with a part super-row at the end), tiles, long segments;
+    runs converted and staged by _half.h); the results are bit for bit those of
     the same data in float64, rounded once to float16: y, dx; mean, invstd,
     dweight, dbias and the (float16) running statistics too."""
     rng = np.random.default_rng(12)
