@@ -275,11 +275,23 @@ cdef enum:
 
 
 cdef inline Py_ssize_t _piece_len(const Plan* p) noexcept nogil:
-    """Elements per staged piece of an elementwise pass: whole super-rows
-    (blocks schedule), at least one."""
+    """Elements per staged piece of an elementwise pass, at least one: whole
+    super-rows in the blocks schedule where they fit in STAGE_PIECE, else
+    STAGE_PIECE elements starting anywhere in a super-row (_wide_pieces)."""
     if p.rows:
         return STAGE_PIECE if p.seg_len > STAGE_PIECE else p.seg_len
-    return p.W * (STAGE_PIECE // p.W if p.W < STAGE_PIECE else 1)
+    if p.W <= 0:                # no elements (inner == 0): nothing is staged
+        return 1
+    if _wide_pieces(p):
+        return STAGE_PIECE
+    return p.W * (STAGE_PIECE // p.W)
+
+
+cdef inline bint _wide_pieces(const Plan* p) noexcept nogil:
+    """Blocks-schedule super-rows longer than a piece: pieces then start at a
+    column of a super-row and meet the constants from that column on (staging
+    whole super-rows would take 3 W doubles per thread, 96 MB at W = 4e6)."""
+    return not p.rows and p.W > STAGE_PIECE
 
 
 cdef inline bint _converts_runs(const Plan* p) noexcept nogil:
@@ -1161,6 +1173,18 @@ cdef inline void _affine_run(const real* xs, real* ys, Py_ssize_t n, Py_ssize_t 
             _affine_block(xs, ys, n, p.W, e_mean, e_scale, e_shift)
 
 
+cdef inline void _affine_cols(const double* xs, double* ys, Py_ssize_t m, Py_ssize_t col,
+                              Py_ssize_t W, const double* e_mean, const double* e_scale,
+                              const double* e_shift) noexcept nogil:
+    """m elements from column col of a super-row of W on (wrapping to column 0)."""
+    cdef Py_ssize_t j = 0, run
+    while j < m:
+        run = W - col if W - col < m - j else m - j
+        _flat_affine(xs + j, ys + j, run, e_mean + col, e_scale + col, e_shift + col)
+        j += run
+        col = 0
+
+
 cdef inline void _affine_item(const real* x, real* y, const Plan* p, const double* mean,
                               const double* scale, const double* shift, const double* e_mean,
                               const double* e_scale, const double* e_shift, double* stage,
@@ -1174,8 +1198,12 @@ cdef inline void _affine_item(const real* x, real* y, const Plan* p, const doubl
         while j < n:
             m = n - j if n - j < piece else piece
             bncore_half_to_double_n(x + off + j, stage, m)
-            _affine_run(<const double*>stage, stage + piece, m, c, p, mean, scale, shift,
-                        e_mean, e_scale, e_shift)
+            if _wide_pieces(p):     # (a span starts a super-row: element j is at column j % W)
+                _affine_cols(<const double*>stage, stage + piece, m, j % p.W, p.W, e_mean,
+                             e_scale, e_shift)
+            else:
+                _affine_run(<const double*>stage, stage + piece, m, c, p, mean, scale, shift,
+                            e_mean, e_scale, e_shift)
             bncore_half_from_double_n(stage + piece, y + off + j, m)
             j += m
     else:
@@ -1342,6 +1370,18 @@ cdef inline void _dx_run(const real* dys, const real* xs, real* dxs, Py_ssize_t 
             _dx_block(dys, xs, dxs, n, p.W, e_mean, e_g, e_a, e_k, p.stream)
 
 
+cdef inline void _dx_cols(const double* dys, const double* xs, double* dxs, Py_ssize_t m,
+                          Py_ssize_t col, Py_ssize_t W, const double* e_mean, const double* e_g,
+                          const double* e_a, const double* e_k) noexcept nogil:
+    """dx for m elements from column col on, as _affine_cols."""
+    cdef Py_ssize_t j = 0, run
+    while j < m:
+        run = W - col if W - col < m - j else m - j
+        _flat_dx(dys + j, xs + j, dxs + j, run, e_mean + col, e_g + col, e_a + col, e_k + col)
+        j += run
+        col = 0
+
+
 cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p,
                           const double* mean, const double* g, const double* a,
                           const double* k, const double* e_mean, const double* e_g,
@@ -1358,8 +1398,12 @@ cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p
             m = n - j if n - j < piece else piece
             bncore_half_to_double_n(dy + off + j, stage, m)
             bncore_half_to_double_n(x + off + j, stage + piece, m)
-            _dx_run(<const double*>stage, <const double*>(stage + piece), stage + 2 * piece, m, c,
-                    p, mean, g, a, k, e_mean, e_g, e_a, e_k)
+            if _wide_pieces(p):
+                _dx_cols(<const double*>stage, <const double*>(stage + piece), stage + 2 * piece,
+                         m, j % p.W, p.W, e_mean, e_g, e_a, e_k)
+            else:
+                _dx_run(<const double*>stage, <const double*>(stage + piece), stage + 2 * piece,
+                        m, c, p, mean, g, a, k, e_mean, e_g, e_a, e_k)
             bncore_half_from_double_n(stage + 2 * piece, dx + off + j, m)
             j += m
     else:

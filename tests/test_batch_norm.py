@@ -546,13 +546,15 @@ def test_layout_cache_and_shortcut_on_chosen_arrays(monkeypatch):
 
 @pytest.mark.parametrize("shape, axis", [((6, 3, 8, 8), 1), ((4096, 64), 1), ((5, 7, 33), 1),
                                          ((2, 5, 9000), 1), ((64, 3, 1, 1), 1),
-                                         ((4, 9, 6), -1), ((700, 100), 1), ((1003, 16), 1)])
+                                         ((4, 9, 6), -1), ((700, 100), 1), ((1003, 16), 1),
+                                         ((33, 1025), 1), ((3, 700, 2), 1)])
 @pytest.mark.parametrize("layout", ["c", "fortran", "channels-last", "strided"])
 @pytest.mark.parametrize("training", [True, False])
 def test_float16_kernels_equal_the_float64_path_rounded_once(shape, axis, layout, training):
     """The kernels read and write float16 themselves (every schedule: planes,
-    rows, narrow (with a part super-row at the end), tiles, long segments;
-    runs converted and staged by _half.h); the results are bit for bit those of
+    rows, narrow (with a part super-row at the end), tiles, flat, long
+    segments, super-rows longer than a staged piece; runs converted and
+    staged by _half.h); the results are bit for bit those of
     the same data in float64, rounded once to float16: y, dx; mean, invstd,
     dweight, dbias and the (float16) running statistics too."""
     rng = np.random.default_rng(12)
@@ -585,6 +587,21 @@ def test_float16_kernels_equal_the_float64_path_rounded_once(shape, axis, layout
         again = bncore.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), training=training,
                                           axis=axis, num_threads=nt)[0]
         assert np.array_equal(again, y)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0), (4, 3, 0, 5), (0, 3, 4)])
+def test_float16_inference_on_empty_inputs(shape):
+    """No elements per channel (or no rows): inference and its backward give
+    empty float16 results (the float16 staging once divided by the empty
+    super-row's length and crashed the process)."""
+    x = np.ones(shape, np.float16)
+    C = shape[1]
+    rm, rv = np.zeros(C, np.float16), np.ones(C, np.float16)
+    y, m, s = bncore.batch_norm_forward(x, None, None, rm, rv, training=False)
+    assert y.shape == shape and y.dtype == np.float16
+    dx, dw, db = bncore.batch_norm_backward(x, x, m, s, training=False)
+    assert dx.shape == shape and dx.dtype == np.float16
+    assert np.array_equal(dw, np.zeros(C)) and np.array_equal(db, np.zeros(C))
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels-last", "tiles"])
