@@ -45,14 +45,17 @@ def as_array(name: str, a: Any) -> "cupy.ndarray":
 
 def _aligned(name: str, a: "cupy.ndarray") -> "cupy.ndarray":
     """a, when its elements are aligned. A device array can start at any byte
-    (a uint8 buffer viewed at an odd offset as float32); the kernels' loads
+    (a uint8 buffer viewed at an odd offset as float32), or step by a number
+    of bytes that is not a multiple of its itemsize; the kernels' loads
     would then fault with a misaligned address, which leaves the CUDA context
     unusable. The CPU copies such an input and refuses such an output; here
     both are refused, before anything runs (an input could be copied, but
     the same array may be written in place elsewhere in the call)."""
-    if a.size and a.data.ptr % a.dtype.itemsize:
-        raise ValueError(f"{name} is not aligned to its {a.dtype.itemsize}-byte elements "
-                         f"(device address {a.data.ptr:#x}): pass an aligned copy "
+    size = a.dtype.itemsize
+    if a.size and (a.data.ptr % size
+                   or any(s % size for s, d in zip(a.strides, a.shape) if d > 1)):
+        raise ValueError(f"{name} is not aligned to its {size}-byte elements (device address "
+                         f"{a.data.ptr:#x}, strides {a.strides}): pass an aligned copy "
                          f"({name or 'a'}.copy())")
     return a
 

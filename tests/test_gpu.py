@@ -188,6 +188,16 @@ def test_misaligned_device_arrays_are_refused_before_anything_runs():
     assert bool(cupy.array_equal(params[0], p0)) and bool(cupy.array_equal(p1_raw, p1_bytes))
     with pytest.raises(ValueError, match="not aligned"):
         bncore_gpu.clip_grad_norm([_misaligned(grads[1])[0]], 1.0)
+    # an aligned start but a stride of 6 bytes between float32 elements
+    raw = cupy.zeros(64, dtype=np.uint8)
+    args = (raw[:4 * 4].view(np.float32), (2, 3), (18, 6))
+    try:
+        odd = cupy.lib.stride_tricks.as_strided(*args)
+    except AttributeError:                  # the emulated device: NumPy's
+        odd = np.lib.stride_tricks.as_strided(*args).view(type(raw))
+    assert odd.data.ptr % 4 == 0 and odd.strides == (18, 6)
+    with pytest.raises(ValueError, match="x is not aligned"):
+        bncore_gpu.batch_norm_forward(odd, cupy.ones(3, dtype=cupy.float32))
 
 
 def test_clip_grad_norm_stays_on_device_and_matches_cpu():
