@@ -238,9 +238,9 @@ cdef inline Py_ssize_t _block_rows(const Plan* p, Py_ssize_t t) noexcept nogil:
 # cost about 1 ns per element more than float32 does). The reductions run the
 # float32 kernels on float32 copies (exact), whose arithmetic is float64 on
 # exactly the same values as the float64 path's: the rows schedule's segment
-# functions and the narrow super-row loops convert runs of HALF_RUN themselves
-# (their lanes take the same elements in the same order); the other blocks
-# schedules (tiles, flat) stage the item's whole span. The elementwise passes convert pieces of the span (whole
+# functions, the narrow super-row loops and the channel tiles convert runs
+# themselves (their sums take the same elements in the same order); the flat
+# blocks schedule stages the item's whole span. The elementwise passes convert pieces of the span (whole
 # super-rows, so each element meets its own channel's constants) to float64,
 # run the float64 kernels into a float64 buffer and round that to float16 in
 # one run: once, as the float64 path's results rounded to float16. Plans, and
@@ -296,8 +296,9 @@ cdef inline bint _wide_pieces(const Plan* p) noexcept nogil:
 
 cdef inline bint _converts_runs(const Plan* p) noexcept nogil:
     """The reductions of this plan convert float16 in runs themselves (rows
-    segments, narrow super-rows); the others' items are staged whole."""
-    return p.rows or p.narrow
+    segments, narrow super-rows, channel tiles); the flat schedule's items are
+    staged whole (its scratch already holds 3 W doubles per thread)."""
+    return p.rows or p.narrow or _use_tiles(p)
 
 
 cdef inline Py_ssize_t _staged(const real* like, const Plan* p, int arrays,
@@ -804,7 +805,9 @@ cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr
 
 cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
                             const double* pivot, double* ps1, double* ps2) noexcept nogil:
-    """Sums of d = x - pivot and d^2 over `rows` rows (row stride `stride`) of TILE channels."""
+    """Adds d = x - pivot and d^2 over `rows` rows (row stride `stride`) of TILE
+    channels into ps1, ps2 (accumulating: float16 comes in runs of rows, each
+    channel's sum taking the rows in order either way)."""
     cdef double s[TILE]
     cdef double q[TILE]
     cdef double K[TILE]
@@ -813,8 +816,8 @@ cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
     cdef const real* a
     cdef double d
     for k in range(TILE):
-        s[k] = 0.0
-        q[k] = 0.0
+        s[k] = ps1[k]
+        q[k] = ps2[k]
         K[k] = pivot[k]
     for r in range(rows):
         a = x + r * stride
@@ -830,6 +833,7 @@ cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
 cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
                                Py_ssize_t stride, const double* mean, double* pa,
                                double* pb) noexcept nogil:
+    """Adds dy and dy * (x - mean) into pa, pb (accumulating, as _tile_sums)."""
     cdef double sa[TILE]
     cdef double sb[TILE]
     cdef double m[TILE]
@@ -837,8 +841,8 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
     cdef int k
     cdef double g
     for k in range(TILE):
-        sa[k] = 0.0
-        sb[k] = 0.0
+        sa[k] = pa[k]
+        sb[k] = pb[k]
         m[k] = mean[k]
     for r in range(rows):
         for k in range(TILE):
@@ -853,13 +857,13 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
 cdef inline void _cols_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
                             Py_ssize_t ncols, const double* pivot, double* ps1,
                             double* ps2) noexcept nogil:
-    """_tile_sums for ncols < TILE channels (same order of operations)."""
+    """_tile_sums for ncols < TILE channels (same order of operations; accumulating)."""
     cdef Py_ssize_t r, k
     cdef double s, q, d, K
     for k in range(ncols):
         K = pivot[k]
-        s = 0.0
-        q = 0.0
+        s = ps1[k]
+        q = ps2[k]
         for r in range(rows):
             d = _d(x[r * stride + k]) - K
             s += d
@@ -874,14 +878,65 @@ cdef inline void _cols_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
     cdef Py_ssize_t r, k
     cdef double sa, sb, g
     for k in range(ncols):
-        sa = 0.0
-        sb = 0.0
+        sa = pa[k]
+        sb = pb[k]
         for r in range(rows):
             g = _d(dy[r * stride + k])
             sa += g
             sb += g * (_d(x[r * stride + k]) - mean[k])
         pa[k] = sa
         pb[k] = sb
+
+
+cdef enum:
+    TILE_RUN_ROWS = 64    # float16 tiles: rows gathered and converted at a time
+
+
+cdef inline void _tiles_sums_runs(const uint16_t* x, Py_ssize_t rows, Py_ssize_t C,
+                                  const double* pivot, double* ps1, double* ps2) noexcept nogil:
+    """The tiles' sums over float16 rows (stride C): each tile's (or the last
+    columns') values gathered TILE_RUN_ROWS rows at a time into a float32
+    buffer (exact) and added by the float32 code, rows in order."""
+    cdef float buf[TILE_RUN_ROWS * TILE]
+    cdef Py_ssize_t c = 0, w, r0, rr, r
+    while c < C:
+        w = C - c if C - c < TILE else TILE
+        r0 = 0
+        while r0 < rows:
+            rr = rows - r0 if rows - r0 < TILE_RUN_ROWS else TILE_RUN_ROWS
+            for r in range(rr):
+                bncore_half_to_float_n(x + (r0 + r) * C + c, buf + r * w, w)
+            if w == TILE:
+                _tile_sums(<const float*>buf, rr, TILE, pivot + c, ps1 + c, ps2 + c)
+            else:
+                _cols_sums(<const float*>buf, rr, w, w, pivot + c, ps1 + c, ps2 + c)
+            r0 += rr
+        c += w
+
+
+cdef inline void _tiles_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_ssize_t rows,
+                                     Py_ssize_t C, const double* mean, double* pa,
+                                     double* pb) noexcept nogil:
+    """The tiles' backward sums over float16 rows, gathered as _tiles_sums_runs."""
+    cdef float gbuf[TILE_RUN_ROWS * TILE]
+    cdef float xbuf[TILE_RUN_ROWS * TILE]
+    cdef Py_ssize_t c = 0, w, r0, rr, r
+    while c < C:
+        w = C - c if C - c < TILE else TILE
+        r0 = 0
+        while r0 < rows:
+            rr = rows - r0 if rows - r0 < TILE_RUN_ROWS else TILE_RUN_ROWS
+            for r in range(rr):
+                bncore_half_to_float_n(dy + (r0 + r) * C + c, gbuf + r * w, w)
+                bncore_half_to_float_n(x + (r0 + r) * C + c, xbuf + r * w, w)
+            if w == TILE:
+                _tile_dy_sums(<const float*>gbuf, <const float*>xbuf, rr, TILE, mean + c,
+                              pa + c, pb + c)
+            else:
+                _cols_dy_sums(<const float*>gbuf, <const float*>xbuf, rr, w, w, mean + c,
+                              pa + c, pb + c)
+            r0 += rr
+        c += w
 
 
 # With streaming stores (dx only), each piece of PIECE elements is computed into
@@ -975,13 +1030,18 @@ cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const doubl
     cdef double* acc2 = scratch + W
     cdef double* e_kb = scratch + 2 * W
     if _use_tiles(p):
-        # running sums in registers, written straight as the channel sums
-        c = 0
-        while c + TILE <= p.C:
-            _tile_sums(x + c, rows, p.C, kb + c, ps1 + c, ps2 + c)
-            c += TILE
-        if c < p.C:
-            _cols_sums(x + c, rows, p.C, p.C - c, kb + c, ps1 + c, ps2 + c)
+        # running sums in registers, added straight into the channel sums
+        _zero(ps1, p.C)
+        _zero(ps2, p.C)
+        if real is uint16_t:
+            _tiles_sums_runs(x, rows, p.C, kb, ps1, ps2)
+        else:
+            c = 0
+            while c + TILE <= p.C:
+                _tile_sums(x + c, rows, p.C, kb + c, ps1 + c, ps2 + c)
+                c += TILE
+            if c < p.C:
+                _cols_sums(x + c, rows, p.C, p.C - c, kb + c, ps1 + c, ps2 + c)
         return
     _expand(p, kb, e_kb)
     s = 0
@@ -1251,12 +1311,17 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
         _fold(p, acc_b, W if total > W else total, pb)
         return
     if _use_tiles(p):
-        c = 0
-        while c + TILE <= p.C:
-            _tile_dy_sums(dy + c, x + c, rows, p.C, e_mean + c, pa + c, pb + c)
-            c += TILE
-        if c < p.C:
-            _cols_dy_sums(dy + c, x + c, rows, p.C, p.C - c, e_mean + c, pa + c, pb + c)
+        _zero(pa, p.C)
+        _zero(pb, p.C)
+        if real is uint16_t:
+            _tiles_dy_sums_runs(dy, x, rows, p.C, e_mean, pa, pb)
+        else:
+            c = 0
+            while c + TILE <= p.C:
+                _tile_dy_sums(dy + c, x + c, rows, p.C, e_mean + c, pa + c, pb + c)
+                c += TILE
+            if c < p.C:
+                _cols_dy_sums(dy + c, x + c, rows, p.C, p.C - c, e_mean + c, pa + c, pb + c)
         return
     _zero(acc_a, W)
     _zero(acc_b, W)
