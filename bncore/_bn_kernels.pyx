@@ -804,10 +804,11 @@ cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr
 
 
 cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
-                            const double* pivot, double* ps1, double* ps2) noexcept nogil:
-    """Adds d = x - pivot and d^2 over `rows` rows (row stride `stride`) of TILE
-    channels into ps1, ps2 (accumulating: float16 comes in runs of rows, each
-    channel's sum taking the rows in order either way)."""
+                            const double* pivot, double* ps1, double* ps2,
+                            bint add) noexcept nogil:
+    """Sums of d = x - pivot and d^2 over `rows` rows (row stride `stride`) of
+    TILE channels into ps1, ps2; with add, added to what they hold (float16
+    comes in runs of rows, each channel's sum taking the rows in order)."""
     cdef double s[TILE]
     cdef double q[TILE]
     cdef double K[TILE]
@@ -816,8 +817,8 @@ cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
     cdef const real* a
     cdef double d
     for k in range(TILE):
-        s[k] = ps1[k]
-        q[k] = ps2[k]
+        s[k] = ps1[k] if add else 0.0
+        q[k] = ps2[k] if add else 0.0
         K[k] = pivot[k]
     for r in range(rows):
         a = x + r * stride
@@ -832,8 +833,8 @@ cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
 
 cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
                                Py_ssize_t stride, const double* mean, double* pa,
-                               double* pb) noexcept nogil:
-    """Adds dy and dy * (x - mean) into pa, pb (accumulating, as _tile_sums)."""
+                               double* pb, bint add) noexcept nogil:
+    """Sums of dy and dy * (x - mean) into pa, pb (add: as _tile_sums)."""
     cdef double sa[TILE]
     cdef double sb[TILE]
     cdef double m[TILE]
@@ -841,8 +842,8 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
     cdef int k
     cdef double g
     for k in range(TILE):
-        sa[k] = pa[k]
-        sb[k] = pb[k]
+        sa[k] = pa[k] if add else 0.0
+        sb[k] = pb[k] if add else 0.0
         m[k] = mean[k]
     for r in range(rows):
         for k in range(TILE):
@@ -856,14 +857,14 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
 
 cdef inline void _cols_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
                             Py_ssize_t ncols, const double* pivot, double* ps1,
-                            double* ps2) noexcept nogil:
-    """_tile_sums for ncols < TILE channels (same order of operations; accumulating)."""
+                            double* ps2, bint add) noexcept nogil:
+    """_tile_sums for ncols < TILE channels (same order of operations)."""
     cdef Py_ssize_t r, k
     cdef double s, q, d, K
     for k in range(ncols):
         K = pivot[k]
-        s = ps1[k]
-        q = ps2[k]
+        s = ps1[k] if add else 0.0
+        q = ps2[k] if add else 0.0
         for r in range(rows):
             d = _d(x[r * stride + k]) - K
             s += d
@@ -874,12 +875,12 @@ cdef inline void _cols_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
 
 cdef inline void _cols_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
                                Py_ssize_t stride, Py_ssize_t ncols, const double* mean,
-                               double* pa, double* pb) noexcept nogil:
+                               double* pa, double* pb, bint add) noexcept nogil:
     cdef Py_ssize_t r, k
     cdef double sa, sb, g
     for k in range(ncols):
-        sa = pa[k]
-        sb = pb[k]
+        sa = pa[k] if add else 0.0
+        sb = pb[k] if add else 0.0
         for r in range(rows):
             g = _d(dy[r * stride + k])
             sa += g
@@ -907,9 +908,9 @@ cdef inline void _tiles_sums_runs(const uint16_t* x, Py_ssize_t rows, Py_ssize_t
             for r in range(rr):
                 bncore_half_to_float_n(x + (r0 + r) * C + c, buf + r * w, w)
             if w == TILE:
-                _tile_sums(<const float*>buf, rr, TILE, pivot + c, ps1 + c, ps2 + c)
+                _tile_sums(<const float*>buf, rr, TILE, pivot + c, ps1 + c, ps2 + c, r0 > 0)
             else:
-                _cols_sums(<const float*>buf, rr, w, w, pivot + c, ps1 + c, ps2 + c)
+                _cols_sums(<const float*>buf, rr, w, w, pivot + c, ps1 + c, ps2 + c, r0 > 0)
             r0 += rr
         c += w
 
@@ -931,10 +932,10 @@ cdef inline void _tiles_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_s
                 bncore_half_to_float_n(x + (r0 + r) * C + c, xbuf + r * w, w)
             if w == TILE:
                 _tile_dy_sums(<const float*>gbuf, <const float*>xbuf, rr, TILE, mean + c,
-                              pa + c, pb + c)
+                              pa + c, pb + c, r0 > 0)
             else:
                 _cols_dy_sums(<const float*>gbuf, <const float*>xbuf, rr, w, w, mean + c,
-                              pa + c, pb + c)
+                              pa + c, pb + c, r0 > 0)
             r0 += rr
         c += w
 
@@ -1030,18 +1031,16 @@ cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const doubl
     cdef double* acc2 = scratch + W
     cdef double* e_kb = scratch + 2 * W
     if _use_tiles(p):
-        # running sums in registers, added straight into the channel sums
-        _zero(ps1, p.C)
-        _zero(ps2, p.C)
+        # running sums in registers, written straight as the channel sums
         if real is uint16_t:
             _tiles_sums_runs(x, rows, p.C, kb, ps1, ps2)
         else:
             c = 0
             while c + TILE <= p.C:
-                _tile_sums(x + c, rows, p.C, kb + c, ps1 + c, ps2 + c)
+                _tile_sums(x + c, rows, p.C, kb + c, ps1 + c, ps2 + c, False)
                 c += TILE
             if c < p.C:
-                _cols_sums(x + c, rows, p.C, p.C - c, kb + c, ps1 + c, ps2 + c)
+                _cols_sums(x + c, rows, p.C, p.C - c, kb + c, ps1 + c, ps2 + c, False)
         return
     _expand(p, kb, e_kb)
     s = 0
@@ -1311,17 +1310,16 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
         _fold(p, acc_b, W if total > W else total, pb)
         return
     if _use_tiles(p):
-        _zero(pa, p.C)
-        _zero(pb, p.C)
         if real is uint16_t:
             _tiles_dy_sums_runs(dy, x, rows, p.C, e_mean, pa, pb)
         else:
             c = 0
             while c + TILE <= p.C:
-                _tile_dy_sums(dy + c, x + c, rows, p.C, e_mean + c, pa + c, pb + c)
+                _tile_dy_sums(dy + c, x + c, rows, p.C, e_mean + c, pa + c, pb + c, False)
                 c += TILE
             if c < p.C:
-                _cols_dy_sums(dy + c, x + c, rows, p.C, p.C - c, e_mean + c, pa + c, pb + c)
+                _cols_dy_sums(dy + c, x + c, rows, p.C, p.C - c, e_mean + c, pa + c, pb + c,
+                              False)
         return
     _zero(acc_a, W)
     _zero(acc_b, W)
