@@ -235,12 +235,15 @@ cdef inline Py_ssize_t _block_rows(const Plan* p, Py_ssize_t t) noexcept nogil:
 # float16 work items are staged through per-thread buffers by _half.h's
 # whole-run conversions (the hardware's, where the build targets them), which
 # GCC's vectorizer cannot emit inside the loops (there, as bit-level code, they
-# cost about 1 ns per element more than float32 does). The reductions run the
-# float32 kernels on float32 copies (exact), whose arithmetic is float64 on
-# exactly the same values as the float64 path's: the rows schedule's segment
-# functions, the narrow super-row loops and the channel tiles convert runs
-# themselves (their sums take the same elements in the same order); the flat
-# blocks schedule stages the item's whole span. The elementwise passes convert pieces of the span (whole
+# cost about 1 ns per element more than float32 does). Every pass runs the
+# float64 kernels themselves on float64 copies (exact): the float64 path's
+# code on the float64 path's values, so even where the compiler fuses a
+# multiply-add in one specialization and not in another (it did, in the
+# float32 tail of the backward sums: float16 staged as float32 came out 1 ulp
+# from the float64 path), the float16 results are the float64 path's. The
+# reductions of the rows schedule's segments, the narrow super-rows and the
+# channel tiles convert runs themselves (their sums take the same elements in
+# the same order); the flat blocks schedule stages the item's whole span. The elementwise passes convert pieces of the span (whole
 # super-rows, so each element meets its own channel's constants) to float64,
 # run the float64 kernels into a float64 buffer and round that to float16 in
 # one run: once, as the float64 path's results rounded to float16. Plans, and
@@ -308,7 +311,7 @@ cdef inline Py_ssize_t _staged(const real* like, const Plan* p, int arrays,
     is float16 (`like` picks the type)."""
     if real is uint16_t:
         if whole:
-            return 0 if _converts_runs(p) else arrays * (p.block_rows * p.P + 1) // 2 + arrays
+            return 0 if _converts_runs(p) else arrays * p.block_rows * p.P
         return arrays * _piece_len(p)
     else:
         return 0
@@ -386,10 +389,11 @@ cdef inline bint _pivot_too_far(double s2, double m2, double new_pivot) noexcept
 
 
 cdef enum:
-    HALF_RUN = 512        # float16 elements converted at a time by the rows
-                          # reductions (a multiple of LANES): 2 KiB of float32
-                          # per array, where staging whole segments (up to
-                          # 8192) spilled L1 and ran at half the speed
+    HALF_RUN = 512        # float16 elements converted at a time by the rows and
+                          # narrow reductions (a multiple of LANES and NARROW):
+                          # 4 KiB of float64 per array, where staging whole
+                          # segments (up to 8192) spilled L1 and ran at half
+                          # the speed
 
 
 cdef inline void _lanes_sums(const real* x, Py_ssize_t nb, double P, double* a,
@@ -430,22 +434,22 @@ cdef inline void _segment_sums(const real* x, Py_ssize_t n, double P, double* s1
     """sum(x - P) and sum((x - P)^2) over x[0:n], 32 lanes each."""
     cdef double a[LANES]
     cdef double q[LANES]
-    cdef float buf[HALF_RUN]
+    cdef double buf[HALF_RUN]
     cdef Py_ssize_t nb = n - n % LANES, j, m
     cdef double t1, t2
     _zero(a, LANES)
     _zero(q, LANES)
     if real is uint16_t:
-        # runs of HALF_RUN converted to float32 (exact), then the float32 code:
+        # runs of HALF_RUN converted to float64 (exact), then the float64 code:
         # the lanes take the same elements in the same order
         j = 0
         while j < nb:
             m = nb - j if nb - j < HALF_RUN else HALF_RUN
-            bncore_half_to_float_n(x + j, buf, m)
-            _lanes_sums(<const float*>buf, m, P, a, q)
+            bncore_half_to_double_n(x + j, buf, m)
+            _lanes_sums(<const double*>buf, m, P, a, q)
             j += m
-        bncore_half_to_float_n(x + nb, buf, n - nb)
-        _tail_sums(<const float*>buf, n - nb, P, &t1, &t2)
+        bncore_half_to_double_n(x + nb, buf, n - nb)
+        _tail_sums(<const double*>buf, n - nb, P, &t1, &t2)
     else:
         _lanes_sums(x, nb, P, a, q)
         # the tail (n % 32 elements) into its own running sums, added after the
@@ -509,23 +513,23 @@ cdef inline void _segment_dy_sums(const real* dy, const real* x, Py_ssize_t n, d
     """sum(dy) and sum(dy * (x - mu)) over a contiguous segment, 32 lanes."""
     cdef double a[LANES]
     cdef double b[LANES]
-    cdef float gbuf[HALF_RUN]
-    cdef float xbuf[HALF_RUN]
+    cdef double gbuf[HALF_RUN]
+    cdef double xbuf[HALF_RUN]
     cdef Py_ssize_t nb = n - n % LANES, j, m
     cdef double t1, t2
     _zero(a, LANES)
     _zero(b, LANES)
     if real is uint16_t:
-        j = 0                   # runs converted to float32, as in _segment_sums
+        j = 0                   # runs converted to float64, as in _segment_sums
         while j < nb:
             m = nb - j if nb - j < HALF_RUN else HALF_RUN
-            bncore_half_to_float_n(dy + j, gbuf, m)
-            bncore_half_to_float_n(x + j, xbuf, m)
-            _lanes_dy_sums(<const float*>gbuf, <const float*>xbuf, m, mu, a, b)
+            bncore_half_to_double_n(dy + j, gbuf, m)
+            bncore_half_to_double_n(x + j, xbuf, m)
+            _lanes_dy_sums(<const double*>gbuf, <const double*>xbuf, m, mu, a, b)
             j += m
-        bncore_half_to_float_n(dy + nb, gbuf, n - nb)
-        bncore_half_to_float_n(x + nb, xbuf, n - nb)
-        _tail_dy_sums(<const float*>gbuf, <const float*>xbuf, n - nb, mu, &t1, &t2)
+        bncore_half_to_double_n(dy + nb, gbuf, n - nb)
+        bncore_half_to_double_n(x + nb, xbuf, n - nb)
+        _tail_dy_sums(<const double*>gbuf, <const double*>xbuf, n - nb, mu, &t1, &t2)
     else:
         _lanes_dy_sums(dy, x, nb, mu, a, b)
         _tail_dy_sums(dy + nb, x + nb, n - nb, mu, &t1, &t2)
@@ -732,32 +736,41 @@ cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
         acc_b[j] = b[j]
 
 
-cdef inline void _n64_sums_runs(const uint16_t* x, Py_ssize_t n, const double* e_pivot,
-                                double* acc1, double* acc2) noexcept nogil:
-    """_n64_sums over n float16 elements (whole super-rows), converted to
-    float32 in runs of HALF_RUN (a multiple of NARROW)."""
-    cdef float buf[HALF_RUN]
+cdef inline void _n64_sums_runs(const uint16_t* x, Py_ssize_t n, Py_ssize_t total,
+                                const double* e_pivot, double* acc1,
+                                double* acc2) noexcept nogil:
+    """_n64_sums over the n float16 elements of whole super-rows, then _flat_add
+    over the part super-row up to total, all converted to float64 in runs of
+    HALF_RUN (a multiple of NARROW): the float64 path's code on its values."""
+    cdef double buf[HALF_RUN]
     cdef Py_ssize_t j = 0, m
     while j < n:
         m = n - j if n - j < HALF_RUN else HALF_RUN
-        bncore_half_to_float_n(x + j, buf, m)
-        _n64_sums(<const float*>buf, m // NARROW, e_pivot, acc1, acc2)
+        bncore_half_to_double_n(x + j, buf, m)
+        _n64_sums(<const double*>buf, m // NARROW, e_pivot, acc1, acc2)
         j += m
+    if total > n:
+        bncore_half_to_double_n(x + n, buf, total - n)
+        _flat_add(<const double*>buf, total - n, e_pivot, acc1, acc2)
 
 
 cdef inline void _n64_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_ssize_t n,
-                                   const double* e_mean, double* acc_a,
+                                   Py_ssize_t total, const double* e_mean, double* acc_a,
                                    double* acc_b) noexcept nogil:
-    """_n64_dy_sums over n float16 elements, in converted runs as _n64_sums_runs."""
-    cdef float gbuf[HALF_RUN]
-    cdef float xbuf[HALF_RUN]
+    """_n64_dy_sums and the part super-row's _flat_dy_sums, as _n64_sums_runs."""
+    cdef double gbuf[HALF_RUN]
+    cdef double xbuf[HALF_RUN]
     cdef Py_ssize_t j = 0, m
     while j < n:
         m = n - j if n - j < HALF_RUN else HALF_RUN
-        bncore_half_to_float_n(dy + j, gbuf, m)
-        bncore_half_to_float_n(x + j, xbuf, m)
-        _n64_dy_sums(<const float*>gbuf, <const float*>xbuf, m // NARROW, e_mean, acc_a, acc_b)
+        bncore_half_to_double_n(dy + j, gbuf, m)
+        bncore_half_to_double_n(x + j, xbuf, m)
+        _n64_dy_sums(<const double*>gbuf, <const double*>xbuf, m // NARROW, e_mean, acc_a, acc_b)
         j += m
+    if total > n:
+        bncore_half_to_double_n(dy + n, gbuf, total - n)
+        bncore_half_to_double_n(x + n, xbuf, total - n)
+        _flat_dy_sums(<const double*>gbuf, <const double*>xbuf, total - n, e_mean, acc_a, acc_b)
 
 
 cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const double* e_mean,
@@ -890,7 +903,8 @@ cdef inline void _cols_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
 
 
 cdef enum:
-    TILE_RUN_ROWS = 64    # float16 tiles: rows gathered and converted at a time
+    TILE_RUN_ROWS = 32    # float16 tiles: rows gathered and converted at a time
+                          # (8 KiB of float64 per array)
 
 
 cdef inline void _tiles_sums_runs(const uint16_t* x, Py_ssize_t rows, Py_ssize_t C,
@@ -898,7 +912,7 @@ cdef inline void _tiles_sums_runs(const uint16_t* x, Py_ssize_t rows, Py_ssize_t
     """The tiles' sums over float16 rows (stride C): each tile's (or the last
     columns') values gathered TILE_RUN_ROWS rows at a time into a float32
     buffer (exact) and added by the float32 code, rows in order."""
-    cdef float buf[TILE_RUN_ROWS * TILE]
+    cdef double buf[TILE_RUN_ROWS * TILE]
     cdef Py_ssize_t c = 0, w, r0, rr, r
     while c < C:
         w = C - c if C - c < TILE else TILE
@@ -906,11 +920,11 @@ cdef inline void _tiles_sums_runs(const uint16_t* x, Py_ssize_t rows, Py_ssize_t
         while r0 < rows:
             rr = rows - r0 if rows - r0 < TILE_RUN_ROWS else TILE_RUN_ROWS
             for r in range(rr):
-                bncore_half_to_float_n(x + (r0 + r) * C + c, buf + r * w, w)
+                bncore_half_to_double_n(x + (r0 + r) * C + c, buf + r * w, w)
             if w == TILE:
-                _tile_sums(<const float*>buf, rr, TILE, pivot + c, ps1 + c, ps2 + c, r0 > 0)
+                _tile_sums(<const double*>buf, rr, TILE, pivot + c, ps1 + c, ps2 + c, r0 > 0)
             else:
-                _cols_sums(<const float*>buf, rr, w, w, pivot + c, ps1 + c, ps2 + c, r0 > 0)
+                _cols_sums(<const double*>buf, rr, w, w, pivot + c, ps1 + c, ps2 + c, r0 > 0)
             r0 += rr
         c += w
 
@@ -919,8 +933,8 @@ cdef inline void _tiles_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_s
                                      Py_ssize_t C, const double* mean, double* pa,
                                      double* pb) noexcept nogil:
     """The tiles' backward sums over float16 rows, gathered as _tiles_sums_runs."""
-    cdef float gbuf[TILE_RUN_ROWS * TILE]
-    cdef float xbuf[TILE_RUN_ROWS * TILE]
+    cdef double gbuf[TILE_RUN_ROWS * TILE]
+    cdef double xbuf[TILE_RUN_ROWS * TILE]
     cdef Py_ssize_t c = 0, w, r0, rr, r
     while c < C:
         w = C - c if C - c < TILE else TILE
@@ -928,13 +942,13 @@ cdef inline void _tiles_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_s
         while r0 < rows:
             rr = rows - r0 if rows - r0 < TILE_RUN_ROWS else TILE_RUN_ROWS
             for r in range(rr):
-                bncore_half_to_float_n(dy + (r0 + r) * C + c, gbuf + r * w, w)
-                bncore_half_to_float_n(x + (r0 + r) * C + c, xbuf + r * w, w)
+                bncore_half_to_double_n(dy + (r0 + r) * C + c, gbuf + r * w, w)
+                bncore_half_to_double_n(x + (r0 + r) * C + c, xbuf + r * w, w)
             if w == TILE:
-                _tile_dy_sums(<const float*>gbuf, <const float*>xbuf, rr, TILE, mean + c,
+                _tile_dy_sums(<const double*>gbuf, <const double*>xbuf, rr, TILE, mean + c,
                               pa + c, pb + c, r0 > 0)
             else:
-                _cols_dy_sums(<const float*>gbuf, <const float*>xbuf, rr, w, w, mean + c,
+                _cols_dy_sums(<const double*>gbuf, <const double*>xbuf, rr, w, w, mean + c,
                               pa + c, pb + c, r0 > 0)
             r0 += rr
         c += w
@@ -1049,7 +1063,8 @@ cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const doubl
         _zero(acc1, NARROW)
         _zero(acc2, NARROW)
         if real is uint16_t:
-            _n64_sums_runs(x, s, e_kb, acc1, acc2)
+            _n64_sums_runs(x, s, total, e_kb, acc1, acc2)
+            s = total
         else:
             _n64_sums(x, s // NARROW, e_kb, acc1, acc2)
     else:
@@ -1118,8 +1133,8 @@ cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
     cdef Py_ssize_t off, n
     _span(p, t, &off, &n)
     if real is uint16_t and not _converts_runs(p):
-        bncore_half_to_float_n(x + off, <float*>stage, n)
-        _stats_span(<const float*>stage, p, pivot, pmean, pm2, scratch, t)
+        bncore_half_to_double_n(x + off, stage, n)
+        _stats_span(<const double*>stage, p, pivot, pmean, pm2, scratch, t)
     else:
         _stats_span(x + off, p, pivot, pmean, pm2, scratch, t)
 
@@ -1301,7 +1316,8 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
         _zero(acc_a, NARROW)
         _zero(acc_b, NARROW)
         if real is uint16_t:
-            _n64_dy_sums_runs(dy, x, s, e_mean, acc_a, acc_b)
+            _n64_dy_sums_runs(dy, x, s, total, e_mean, acc_a, acc_b)
+            s = total
         else:
             _n64_dy_sums(dy, x, s // NARROW, e_mean, acc_a, acc_b)
         if s < total:
@@ -1354,13 +1370,11 @@ cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const do
                           double* stage, Py_ssize_t t) noexcept nogil:
     cdef Py_ssize_t off, n
     _span(p, t, &off, &n)
-    cdef float* fs
     if real is uint16_t and not _converts_runs(p):
-        fs = <float*>stage
-        bncore_half_to_float_n(dy + off, fs, n)
-        bncore_half_to_float_n(x + off, fs + n, n)
-        _dy_span(<const float*>fs, <const float*>(fs + n), p, mean, e_mean, psum, psumx,
-                 scratch, t)
+        bncore_half_to_double_n(dy + off, stage, n)
+        bncore_half_to_double_n(x + off, stage + n, n)
+        _dy_span(<const double*>stage, <const double*>(stage + n), p, mean, e_mean, psum,
+                 psumx, scratch, t)
     else:
         _dy_span(dy + off, x + off, p, mean, e_mean, psum, psumx, scratch, t)
 
@@ -1695,6 +1709,10 @@ def forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t outer, Py_ssize_t C, Py_ssi
     C-contiguous float32 or float64. Returns float64 (mean, invstd, m2),
     m2 = sum (x - mean)^2 (zeros in inference).
     """
+    if training and C > 0 and outer * inner == 0:
+        # (batch_norm_forward refuses this before; the statistics would read
+        # a pivot from an empty array)
+        raise ValueError("training needs at least one value per channel")
     cdef Plan p = make_plan(outer, C, inner)
     cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
     cdef cnp.ndarray mean = _new_vec(C), invstd = _new_vec(C), m2 = _new_vec(C)
