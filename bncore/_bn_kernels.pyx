@@ -54,7 +54,6 @@ cdef extern from "_half.h" nogil:
     double bncore_half_to_double(uint16_t value)
     uint16_t bncore_half_from_double(double v)
     void bncore_half_to_double_n(const uint16_t* src, double* dst, Py_ssize_t n)
-    void bncore_half_to_float_n(const uint16_t* src, float* dst, Py_ssize_t n)
     void bncore_half_from_double_n(const double* src, uint16_t* dst, Py_ssize_t n)
 
 cdef extern from "_stream.h" nogil:
@@ -249,24 +248,17 @@ cdef inline Py_ssize_t _block_rows(const Plan* p, Py_ssize_t t) noexcept nogil:
 # one run: once, as the float64 path's results rounded to float16. Plans, and
 # with them every summation order, are the storage type's as before.
 
-cdef inline void _span(const Plan* p, Py_ssize_t t, Py_ssize_t* off,
-                       Py_ssize_t* n) noexcept nogil:
-    """Offset and length of the contiguous span work item t covers."""
-    cdef Py_ssize_t c, part
+cdef inline void _span(const Plan* p, Py_ssize_t t, Py_ssize_t* off, Py_ssize_t* n,
+                       Py_ssize_t* c) noexcept nogil:
+    """Offset and length of the contiguous span work item t covers, and its
+    channel (rows schedule; 0 for blocks, which span every channel)."""
+    cdef Py_ssize_t part
     if p.rows:
-        _rows_item(p, t, off, n, &c, &part)
+        _rows_item(p, t, off, n, c, &part)
     else:
         off[0] = t * p.block_rows * p.P
         n[0] = _block_rows(p, t) * p.P
-
-
-cdef inline Py_ssize_t _item_channel(const Plan* p, Py_ssize_t t) noexcept nogil:
-    """The channel of rows-schedule item t (0 for blocks: they span every channel)."""
-    if not p.rows:
-        return 0
-    if p.nseg == 1:
-        return t % p.C
-    return (t % (p.C * p.nseg)) // p.nseg
+        c[0] = 0
 
 
 cdef enum:
@@ -973,7 +965,7 @@ cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t t
                            Py_ssize_t W, const double* e_mean, const double* e_g,
                            const double* e_a, const double* e_k, bint stream) noexcept nogil:
     cdef real out[PIECE]
-    cdef Py_ssize_t s = 0, j, m, col, run
+    cdef Py_ssize_t s = 0, m
     if not stream:
         while s + 4 * W <= total:
             _flat_dx4(dy + s, x + s, dx + s, W, e_mean, e_g, e_a, e_k)
@@ -989,13 +981,7 @@ cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t t
     while s < total:
         if m > total - s:
             m = total - s
-        j = 0
-        while j < m:
-            col = (s + j) % W
-            run = W - col if W - col < m - j else m - j
-            _flat_dx(dy + s + j, x + s + j, out + j, run, e_mean + col, e_g + col, e_a + col,
-                     e_k + col)
-            j += run
+        _dx_cols(dy + s, x + s, out, m, s % W, W, e_mean, e_g, e_a, e_k)
         _stream(dx + s, out, m)
         s += m
         m = PIECE
@@ -1130,8 +1116,8 @@ cdef inline void _stats_span(const real* xs, const Plan* p, const double* pivot,
 cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
                              double* pmean, double* pm2, double* scratch, double* stage,
                              Py_ssize_t t) noexcept nogil:
-    cdef Py_ssize_t off, n
-    _span(p, t, &off, &n)
+    cdef Py_ssize_t off, n, c
+    _span(p, t, &off, &n, &c)
     if real is uint16_t and not _converts_runs(p):
         bncore_half_to_double_n(x + off, stage, n)
         _stats_span(<const double*>stage, p, pivot, pmean, pm2, scratch, t)
@@ -1247,7 +1233,7 @@ cdef inline void _affine_run(const real* xs, real* ys, Py_ssize_t n, Py_ssize_t 
             _affine_block(xs, ys, n, p.W, e_mean, e_scale, e_shift)
 
 
-cdef inline void _affine_cols(const double* xs, double* ys, Py_ssize_t m, Py_ssize_t col,
+cdef inline void _affine_cols(const real* xs, real* ys, Py_ssize_t m, Py_ssize_t col,
                               Py_ssize_t W, const double* e_mean, const double* e_scale,
                               const double* e_shift) noexcept nogil:
     """m elements from column col of a super-row of W on (wrapping to column 0)."""
@@ -1264,8 +1250,7 @@ cdef inline void _affine_item(const real* x, real* y, const Plan* p, const doubl
                               const double* e_scale, const double* e_shift, double* stage,
                               Py_ssize_t t) noexcept nogil:
     cdef Py_ssize_t off, n, c, j, m, piece
-    _span(p, t, &off, &n)
-    c = _item_channel(p, t)
+    _span(p, t, &off, &n, &c)
     if real is uint16_t:
         piece = _piece_len(p)
         j = 0
@@ -1368,8 +1353,8 @@ cdef inline void _dy_span(const real* dys, const real* xs, const Plan* p, const 
 cdef inline void _dy_item(const real* dy, const real* x, const Plan* p, const double* mean,
                           const double* e_mean, double* psum, double* psumx, double* scratch,
                           double* stage, Py_ssize_t t) noexcept nogil:
-    cdef Py_ssize_t off, n
-    _span(p, t, &off, &n)
+    cdef Py_ssize_t off, n, c
+    _span(p, t, &off, &n, &c)
     if real is uint16_t and not _converts_runs(p):
         bncore_half_to_double_n(dy + off, stage, n)
         bncore_half_to_double_n(x + off, stage + n, n)
@@ -1447,10 +1432,11 @@ cdef inline void _dx_run(const real* dys, const real* xs, real* dxs, Py_ssize_t 
             _dx_block(dys, xs, dxs, n, p.W, e_mean, e_g, e_a, e_k, p.stream)
 
 
-cdef inline void _dx_cols(const double* dys, const double* xs, double* dxs, Py_ssize_t m,
+cdef inline void _dx_cols(const real* dys, const real* xs, real* dxs, Py_ssize_t m,
                           Py_ssize_t col, Py_ssize_t W, const double* e_mean, const double* e_g,
                           const double* e_a, const double* e_k) noexcept nogil:
-    """dx for m elements from column col on, as _affine_cols."""
+    """dx for m elements from column col on, as _affine_cols (also the streamed
+    pieces of _dx_block, which may straddle super-rows)."""
     cdef Py_ssize_t j = 0, run
     while j < m:
         run = W - col if W - col < m - j else m - j
@@ -1465,8 +1451,7 @@ cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p
                           const double* e_a, const double* e_k, double* stage,
                           Py_ssize_t t) noexcept nogil:
     cdef Py_ssize_t off, n, c, j, m, piece
-    _span(p, t, &off, &n)
-    c = _item_channel(p, t)
+    _span(p, t, &off, &n, &c)
     if real is uint16_t:
         # (a float16 plan never streams: _streaming)
         piece = _piece_len(p)
