@@ -68,6 +68,10 @@ ctypedef fused real:
     double
     uint16_t          # IEEE binary16 (float16) storage: read and written through _d / _r
 
+ctypedef fused wide:  # the storage types that no path stages (channel strips)
+    float
+    double
+
 
 cdef inline double _d(real v) noexcept nogil:
     # a stored value as float64 (exact for every storage type)
@@ -1494,6 +1498,86 @@ cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const doub
 
 
 # --------------------------------------------------------------------------
+# Backward in channel strips (channels-last inputs that fit in cache, e.g.
+# (256, 1024)): a work item is a strip of STRIP channels over every row. It
+# takes the strip's partials block by block (the channel tiles' very partials:
+# block t's rows in order, from 0), sums them in block order (as
+# _combine_sums), and then writes the strip's dx: while the strip's x and dy
+# are still in L2, where the two-pass schedule reads them back from L3 or
+# memory. The same operations on the same values in the same order as
+# dy_sums() then input_grad(), so the same bits (tests/test_batch_norm.py
+# holds the two together); one parallel region instead of two.
+
+cdef enum:
+    STRIP = 64                 # channels per strip (a multiple of TILE, so strips
+                               # cut the channels where the tiles do)
+    STRIP_MAX_BYTES = 131072   # x and dy of one strip, all rows: at most this
+
+
+cdef inline bint _use_strips(const Plan* p, Py_ssize_t itemsize, int nthreads) noexcept nogil:
+    """Whether backward runs in channel strips (speed only: the bits are the
+    two-pass schedule's either way). float16 keeps the two passes (its
+    staging is theirs)."""
+    return (_use_tiles(p) and itemsize > 2 and p.outer * p.inner > 0
+            and p.outer * STRIP * itemsize * 2 <= STRIP_MAX_BYTES
+            and (p.C + STRIP - 1) // STRIP >= nthreads)
+
+
+cdef void _strip(const wide* dy, const wide* x, wide* dx, const Plan* p, Py_ssize_t c0,
+                 Py_ssize_t c1, bint training, double n, const double* mean,
+                 const double* invstd, const double* g, double* pa, double* pb, double* a,
+                 double* k, double* sum_dy, double* sum_dyx) noexcept nogil:
+    """Channels c0..c1-1: their partials, sums, a, k and dx."""
+    cdef Py_ssize_t t, r, r0, c, C = p.C
+    for t in range(p.nitems):
+        r0 = t * p.block_rows * C
+        c = c0
+        while c + TILE <= c1:
+            _tile_dy_sums(dy + r0 + c, x + r0 + c, _block_rows(p, t), C, mean + c,
+                          pa + t * C + c, pb + t * C + c, False)
+            c += TILE
+        if c < c1:
+            _cols_dy_sums(dy + r0 + c, x + r0 + c, _block_rows(p, t), C, c1 - c, mean + c,
+                          pa + t * C + c, pb + t * C + c, False)
+    _combine_chunk_sums(p, c0, c1, pa, pb, sum_dy, sum_dyx)
+    for c in range(c0, c1):
+        _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
+    r = p.outer
+    while r > 0:
+        r -= 1
+        _flat_dx(dy + r * C + c0, x + r * C + c0, dx + r * C + c0, c1 - c0, mean + c0,
+                 g + c0, a + c0, k + c0)
+
+
+cdef int _strips_backward(const wide* dy, const wide* x, wide* dx, const Plan* p,
+                          bint training, double n, const double* mean, const double* invstd,
+                          Vec weight, double* sum_dy, double* sum_dyx, int nt) noexcept nogil:
+    """backward() in channel strips: sum_dy, sum_dyx and dx."""
+    cdef Py_ssize_t C = p.C, t, c1, nstrips = (p.C + STRIP - 1) // STRIP
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + 3 * C + 1))
+    if buf == NULL:
+        return -1
+    cdef double* pa = buf
+    cdef double* pb = pa + p.nparts * C
+    cdef double* g = pb + p.nparts * C
+    cdef double* a = g + C
+    cdef double* k = a + C
+    _dx_gains(weight, invstd, C, g)
+    if nt == 1:
+        for t in range(nstrips):
+            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
+            _strip(dy, x, dx, p, t * STRIP, c1, training, n, mean, invstd, g, pa, pb, a, k,
+                   sum_dy, sum_dyx)
+    else:
+        for t in prange(nstrips, schedule='static', num_threads=nt):
+            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
+            _strip(dy, x, dx, p, t * STRIP, c1, training, n, mean, invstd, g, pa, pb, a, k,
+                   sum_dy, sum_dyx)
+    free(buf)
+    return 0
+
+
+# --------------------------------------------------------------------------
 # Entry points. The Python layer (bncore/batch_norm.py) has checked every
 # argument and passes C-contiguous arrays: x / y / dy / dx in the kernel dtype,
 # per-channel vectors as float64 (or None). Scratch is one malloc per call.
@@ -1749,6 +1833,26 @@ cdef int _sums(const real* dy, const real* x, const Plan* p, const double* mean,
     return 0
 
 
+cdef inline void _dx_gains(Vec weight, const double* invstd, Py_ssize_t C,
+                           double* g) noexcept nogil:
+    """g = weight * invstd (weight None: invstd), the gain of dx."""
+    cdef Py_ssize_t c
+    _widen(weight, C, 1.0, g)
+    for c in range(C):
+        g[c] = invstd[c] * g[c]
+
+
+cdef inline void _dx_consts(bint training, double n, double s, double sdy, double sdyx,
+                            double* a, double* k) noexcept nogil:
+    """One channel's a and k of dx (invstd s, sums over n values per channel)."""
+    if training:
+        a[0] = sdy / n
+        k[0] = s * s * sdyx / n
+    else:
+        a[0] = 0.0
+        k[0] = 0.0
+
+
 cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bint training,
                      double n, const double* mean, const double* invstd, Vec weight,
                      const double* sum_dy, const double* sum_dyx, int nt) noexcept nogil:
@@ -1765,17 +1869,9 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef double* k = a + C
     cdef double* e_buf = k + C
     cdef double* stage = e_buf + 4 * E
-    _widen(weight, C, 1.0, g)
+    _dx_gains(weight, invstd, C, g)
     for c in range(C):
-        g[c] = invstd[c] * g[c]
-    if training:
-        for c in range(C):
-            a[c] = sum_dy[c] / n
-            k[c] = invstd[c] * invstd[c] * sum_dyx[c] / n
-    else:
-        for c in range(C):
-            a[c] = 0.0
-            k[c] = 0.0
+        _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
     cdef const double* e_mean = _expand_into(p, mean, e_buf)
     cdef const double* e_g = _expand_into(p, g, e_buf + E)
     cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)
@@ -1795,11 +1891,37 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     dx = g * ((dy - a) - (x - mean) * k) with g = weight * invstd and, in
     training, a = sum(dy) / N, k = invstd^2 * sum(dy * (x - mean)) / N
     (inference: a = k = 0). The reduction half then the elementwise half,
-    the two entry points below.
+    the two entry points below, or both at once in channel strips where
+    those fit in cache (_use_strips), with the same bits.
     """
-    sum_dy, sum_dyx = dy_sums(dy, x, outer, C, inner, mean, nthreads)
-    input_grad(dy, x, dx, outer, C, inner, training, <double>(outer * inner), mean, invstd,
-               weight, sum_dy, sum_dyx, nthreads)
+    cdef Plan p = make_plan(outer, C, inner)
+    cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
+    cdef double n = <double>(outer * inner)
+    cdef cnp.ndarray sum_dy, sum_dyx
+    if not _use_strips(&p, cnp.PyArray_ITEMSIZE(x), nt):
+        sum_dy, sum_dyx = dy_sums(dy, x, outer, C, inner, mean, nthreads)
+        input_grad(dy, x, dx, outer, C, inner, training, n, mean, invstd, weight, sum_dy,
+                   sum_dyx, nthreads)
+        return sum_dy, sum_dyx
+    sum_dy, sum_dyx = _new_vec(C), _new_vec(C)
+    cdef double* psd = <double*>cnp.PyArray_DATA(sum_dy)
+    cdef double* psx = <double*>cnp.PyArray_DATA(sum_dyx)
+    cdef double* m = <double*>cnp.PyArray_DATA(mean)
+    cdef double* s = <double*>cnp.PyArray_DATA(invstd)
+    cdef Vec w = _vec(weight)
+    cdef void* pdy = cnp.PyArray_DATA(dy)
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* pdx = cnp.PyArray_DATA(dx)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT32:
+        with nogil:
+            rc = _strips_backward(<const float*>pdy, <const float*>px, <float*>pdx, &p, training,
+                                  n, m, s, w, psd, psx, nt)
+    else:
+        with nogil:
+            rc = _strips_backward(<const double*>pdy, <const double*>px, <double*>pdx, &p,
+                                  training, n, m, s, w, psd, psx, nt)
+    if rc != 0:
+        raise MemoryError("bncore: out of memory for batch-norm scratch")
     return sum_dy, sum_dyx
 
 
@@ -1810,17 +1932,21 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
 # its own. They run the same nogil kernels, so a rank's partial results are
 # bitwise what the single-process drivers compute internally.
 
-def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize):
+def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize,
+              int nthreads=1):
     """The work decomposition of an (outer, C, inner) array, for tests and
     benchmarks: schedule ("rows", "narrow", "tiles" or "flat"), work items,
     elements per rows segment, outer rows per block, rows per super-row (R0),
-    super-row length (W), and whether dx is written with streaming stores."""
+    super-row length (W), whether dx is written with streaming stores, and
+    whether backward with `nthreads` threads runs in channel strips."""
     cdef Plan p = make_plan(outer, C, inner)
     cdef Plan q = _streaming(&p, itemsize)
     schedule = ("rows" if p.rows else "narrow" if p.narrow
                 else "tiles" if _use_tiles(&p) else "flat")
+    strips = _use_strips(&p, itemsize, _threads_for(outer * C * inner, nthreads))
     return dict(schedule=schedule, nitems=p.nitems, seg_len=p.seg_len,
-                block_rows=p.block_rows, R0=p.R0, W=p.W, stream_dx=bool(q.stream))
+                block_rows=p.block_rows, R0=p.R0, W=p.W, stream_dx=bool(q.stream),
+                backward_strips=bool(strips))
 
 
 def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int nthreads):

@@ -462,6 +462,44 @@ def test_statistics_and_gradient_sums_on_every_path(shape, axis, schedule, what,
     assert rel_err(dx, edx) <= 1e-6
 
 
+@pytest.mark.parametrize("outer,C,dtype", [
+    (256, 1024, np.float32), (128, 1024, np.float64), (32, 2048, np.float32),
+    (40, 1057, np.float64), (3, 1000, np.float32), (64, 257, np.float64),
+    (17, 129, np.float32), (2, 65, np.float64), (100, 300, np.float32)])
+def test_backward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C, dtype):
+    """Small channels-last inputs run backward in channel strips (a strip's
+    sums and then its dx, while the strip is in cache). Its dx and sums must
+    be those of dy_sums() then input_grad() (the two passes, which the
+    distributed batch norm runs), bit for bit: training and inference, with
+    and without weight, on every thread count, on channels whose mean is 1e4
+    times their spread, with NaN and Inf in dy; and a strip that ends past a
+    tile (C not a multiple of 32) or a channel count under one strip."""
+    itemsize = np.dtype(dtype).itemsize
+    for nt in (1, 2):
+        assert _k.plan_info(outer, C, 1, itemsize, nt)["backward_strips"], (outer, C, nt)
+    rng = np.random.default_rng(outer * C)
+    x = (rng.uniform(-1e4, 1e4, C) + rng.standard_normal((outer, C))).astype(dtype)
+    dy = rng.standard_normal((outer, C)).astype(dtype)
+    dy[outer // 2, C - 1] = np.nan
+    dy[0, C // 2] = np.inf
+    mean = x.astype(np.float64).mean(axis=0)
+    invstd = 1.0 / np.sqrt(x.astype(np.float64).var(axis=0) + 1e-5)
+    for weight in (None, rng.normal(1, 0.2, C).astype(np.float32),
+                   rng.normal(1, 0.2, C).astype(np.float64)):
+        for training in (True, False):
+            for nt in (1, 2, 3, 4):
+                dx = np.full_like(x, 7)
+                sums = _k.backward(dy, x, dx, outer, C, 1, training, mean, invstd, weight, nt)
+                want = _k.dy_sums(dy, x, outer, C, 1, mean, nt)
+                want_dx = np.full_like(x, 7)
+                _k.input_grad(dy, x, want_dx, outer, C, 1, training, float(outer), mean,
+                              invstd, weight, *want, nt)
+                case = (weight is None, training, nt)
+                assert dx.tobytes() == want_dx.tobytes(), case
+                for got, exp in zip(sums, want):
+                    assert got.tobytes() == exp.tobytes(), case
+
+
 def test_channel_views_are_shared_and_immutable():
     """channel_view keeps one view per (shape, axis) of C-contiguous inputs, so
     a view must not be changeable by one caller under another."""
