@@ -20,6 +20,9 @@ Two schedules cover all shapes:
 Reductions write one partial per (work item, channel) into a buffer indexed
 by the item and combine them per channel in item order; which thread ran an
 item never matters, so results are bitwise identical for every thread count.
+Small channels-last inputs may run forward-train or backward in *channel
+strips* instead (one parallel region; see "channel strips" below): the same
+partials combined in the same order, so the same bits.
 Per-item statistics are one pass in float64 over sums shifted by a pivot
 taken from the item's own data (S1 = sum(x - P), S2 = sum((x - P)^2), then
 M2 = S2 - S1^2 / n). Since S2 = M2 + n (P - mean)^2, the subtraction costs
@@ -1027,9 +1030,12 @@ cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t
 # Forward statistics
 
 cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const double* kb,
-                      double* scratch, double* ps1, double* ps2) noexcept nogil:
+                      double* scratch, double* ps1, double* ps2, Py_ssize_t c0,
+                      Py_ssize_t c1) noexcept nogil:
     """Per-channel sum(x - kb[c]) and sum((x - kb[c])^2) over a block of `rows`
-    outer rows; scratch as for _block_mean_m2."""
+    outer rows; scratch as for _block_mean_m2. Channel tiles take channels c0
+    to c1 - 1 (c0 a multiple of TILE; float16 all of them), the other
+    schedules all channels (c0 = 0, c1 = C)."""
     cdef Py_ssize_t s, n, c, W = p.W, total = rows * p.P
     cdef double* acc1 = scratch
     cdef double* acc2 = scratch + W
@@ -1039,12 +1045,12 @@ cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const doubl
         if real is uint16_t:
             _tiles_sums_runs(x, rows, p.C, kb, ps1, ps2)
         else:
-            c = 0
-            while c + TILE <= p.C:
+            c = c0
+            while c + TILE <= c1:
                 _tile_sums(x + c, rows, p.C, kb + c, ps1 + c, ps2 + c, False)
                 c += TILE
-            if c < p.C:
-                _cols_sums(x + c, rows, p.C, p.C - c, kb + c, ps1 + c, ps2 + c, False)
+            if c < c1:
+                _cols_sums(x + c, rows, p.C, c1 - c, kb + c, ps1 + c, ps2 + c, False)
         return
     _expand(p, kb, e_kb)
     s = 0
@@ -1073,12 +1079,14 @@ cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const doubl
 
 
 cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const double* pivot,
-                         double* scratch, double* pm, double* pq) noexcept nogil:
+                         double* scratch, double* pm, double* pq, Py_ssize_t c0,
+                         Py_ssize_t c1) noexcept nogil:
     """Per-channel mean (less the channel pivot) and M2 of a block of `rows`
     outer rows: one pass against pivots from the block's first row; when some
     channel's pivot is far from its mean, the block's sums are taken again
     with that channel pivoted on the first pass's mean (the others keep theirs,
-    so their sums come out the same).
+    so their sums come out the same: every channel's result is its own
+    alone, whichever channels c0..c1-1 a call takes, as in _block_sums).
 
     scratch (_stats_scratch_len doubles) holds the two per-element sums, the
     expanded block pivots and the block pivots; with tiles only the last.
@@ -1087,10 +1095,10 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
     cdef double* kb = scratch if _use_tiles(p) else scratch + 3 * p.W
     cdef double cnt = <double>(rows * p.inner), s1, s2
     cdef bint again = False
-    for c in range(p.C):
+    for c in range(c0, c1):
         kb[c] = _pivot_of(_d(x[c * p.inner]))
-    _block_sums(p, x, rows, kb, scratch, pm, pq)
-    for c in range(p.C):
+    _block_sums(p, x, rows, kb, scratch, pm, pq, c0, c1)
+    for c in range(c0, c1):
         s1 = pm[c]
         s2 = pq[c]
         _shifted_partial(s1, s2, cnt, kb[c] - pivot[c], &pm[c], &pq[c])
@@ -1099,8 +1107,8 @@ cdef void _block_mean_m2(const Plan* p, const real* x, Py_ssize_t rows, const do
             again = True
     if not again:
         return
-    _block_sums(p, x, rows, kb, scratch, pm, pq)
-    for c in range(p.C):
+    _block_sums(p, x, rows, kb, scratch, pm, pq, c0, c1)
+    for c in range(c0, c1):
         _shifted_partial(pm[c], pq[c], cnt, kb[c] - pivot[c], &pm[c], &pq[c])
 
 
@@ -1114,7 +1122,7 @@ cdef inline void _stats_span(const real* xs, const Plan* p, const double* pivot,
         _segment_mean_m2(xs, n, pivot[c], &pmean[part], &pm2[part])
     else:
         _block_mean_m2(p, xs, _block_rows(p, t), pivot, scratch, pmean + t * p.C,
-                       pm2 + t * p.C)
+                       pm2 + t * p.C, 0, p.C)
 
 
 cdef inline void _stats_item(const real* x, const Plan* p, const double* pivot,
@@ -1498,29 +1506,119 @@ cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const doub
 
 
 # --------------------------------------------------------------------------
-# Backward in channel strips (channels-last inputs that fit in cache, e.g.
-# (256, 1024)): a work item is a strip of STRIP channels over every row. It
-# takes the strip's partials block by block (the channel tiles' very partials:
-# block t's rows in order, from 0), sums them in block order (as
-# _combine_sums), and then writes the strip's dx: while the strip's x and dy
-# are still in L2, where the two-pass schedule reads them back from L3 or
-# memory. The same operations on the same values in the same order as
-# dy_sums() then input_grad(), so the same bits (tests/test_batch_norm.py
-# holds the two together); one parallel region instead of two.
+# Forward-train and backward in channel strips (channels-last inputs that fit
+# in cache, e.g. (256, 1024)): a work item is a strip of STRIP channels over
+# every row. It takes the strip's partials block by block (the channel tiles'
+# very partials), combines them in block order (as _combine_mean_m2 and
+# _combine_sums do), and then writes the strip's y or dx: while the strip's
+# x (and dy) are still in L2, where the two-pass schedule reads them back
+# from L3 or memory. The same operations on the same values in the same
+# order as the two passes (stats() then normalize(); dy_sums() then
+# input_grad()), so the same bits (tests/test_batch_norm.py holds them
+# together); one parallel region instead of two or three.
 
 cdef enum:
     STRIP = 64                 # channels per strip (a multiple of TILE, so strips
                                # cut the channels where the tiles do)
-    STRIP_MAX_BYTES = 131072   # x and dy of one strip, all rows: at most this
+    STRIP_MAX_BYTES = 131072   # the arrays read twice (x; x and dy), one strip,
+                               # all rows: at most this
+    STRIP_FWD_ROWS = 32        # forward-train: strips only below this block height
 
 
-cdef inline bint _use_strips(const Plan* p, Py_ssize_t itemsize, int nthreads) noexcept nogil:
-    """Whether backward runs in channel strips (speed only: the bits are the
-    two-pass schedule's either way). float16 keeps the two passes (its
-    staging is theirs)."""
-    return (_use_tiles(p) and itemsize > 2 and p.outer * p.inner > 0
-            and p.outer * STRIP * itemsize * 2 <= STRIP_MAX_BYTES
+cdef bint _strips_on = True        # channel_strips(False): the two passes (tests)
+
+
+def channel_strips(bint on):
+    """Turn the channel-strips schedule on or off (for tests and side-by-side
+    benchmarks; results are the same bits either way); returns the former
+    setting. Not for use while kernels run on other threads."""
+    global _strips_on
+    cdef bint was = _strips_on
+    _strips_on = on
+    return was
+
+
+cdef inline bint _use_strips(const Plan* p, Py_ssize_t itemsize, int arrays,
+                             int nthreads) noexcept nogil:
+    """Whether a pass reading `arrays` arrays twice (forward-train 1, backward
+    2) runs in channel strips (speed only: the bits are the two-pass
+    schedule's either way). float16 keeps the two passes (its staging is
+    theirs)."""
+    return (_strips_on and _use_tiles(p) and itemsize > 2 and p.outer * p.inner > 0
+            and p.outer * STRIP * itemsize * arrays <= STRIP_MAX_BYTES
             and (p.C + STRIP - 1) // STRIP >= nthreads)
+
+
+cdef inline bint _forward_strips(const Plan* p, Py_ssize_t itemsize, int nthreads) noexcept nogil:
+    # Forward-train reads x twice, not two arrays, and its elementwise half is
+    # cheaper than dx: strips won (side by side, 2 threads: (32,2048) 1.35-1.5x,
+    # (64,4096) 1.13x, (128,512) 1.06x) only where the two passes had short
+    # row blocks (per-block, per-channel pivot and combination work) and more
+    # than one thread; on (256,1024) and (512,256) they lost 7-12%, and on one
+    # thread 5-16%
+    return nthreads > 1 and p.block_rows < STRIP_FWD_ROWS and _use_strips(p, itemsize, 1,
+                                                                           nthreads)
+
+
+cdef inline double _invstd_of(double m2, double n, double eps) noexcept nogil:
+    return 1.0 / sqrt(m2 / n + eps)
+
+
+cdef void _strip_forward(const wide* x, wide* y, const Plan* p, Py_ssize_t c0, Py_ssize_t c1,
+                         double eps, const double* pivot, const double* counts, double* kb,
+                         double* pmean, double* pm2, double* mean, double* m2, double* invstd,
+                         double* scale, const double* shift) noexcept nogil:
+    """Channels c0..c1-1: their partials, mean, M2, invstd, scale and y
+    (scale holds the widened weight on entry)."""
+    cdef Py_ssize_t t, r, c, C = p.C
+    cdef double n = <double>(p.outer * p.inner)
+    for t in range(p.nitems):
+        _block_mean_m2(p, x + t * p.block_rows * C, _block_rows(p, t), pivot, kb,
+                       pmean + t * C, pm2 + t * C, c0, c1)
+    _combine_chunk_mean_m2(p, counts, n, c0, c1, pivot, pmean, pm2, mean, m2)
+    for c in range(c0, c1):
+        invstd[c] = _invstd_of(m2[c], n, eps)
+        scale[c] = invstd[c] * scale[c]             # as _normalize
+    r = p.outer
+    while r > 0:
+        r -= 1
+        _flat_affine(x + r * C + c0, y + r * C + c0, c1 - c0, mean + c0, scale + c0,
+                     shift + c0)
+
+
+cdef int _strips_forward(const wide* x, wide* y, const Plan* p, Vec weight, Vec bias,
+                         double eps, double* mean, double* invstd, double* m2,
+                         int nt) noexcept nogil:
+    """Forward-train's mean, M2, invstd and y in channel strips."""
+    cdef Py_ssize_t C = p.C, t, c, c1, nstrips = (p.C + STRIP - 1) // STRIP
+    cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + 4 * C + p.nparts
+                                                         + 1))
+    if buf == NULL:
+        return -1
+    cdef double* pmean = buf
+    cdef double* pm2 = pmean + p.nparts * C
+    cdef double* pivot = pm2 + p.nparts * C
+    cdef double* kb = pivot + C
+    cdef double* scale = kb + C
+    cdef double* shift = scale + C
+    cdef double* counts = shift + C
+    for c in range(C):
+        pivot[c] = _pivot_of(_d(x[c * p.inner]))
+    _part_counts(p, counts)
+    _widen(weight, C, 1.0, scale)
+    _widen(bias, C, 0.0, shift)
+    if nt == 1:
+        for t in range(nstrips):
+            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
+            _strip_forward(x, y, p, t * STRIP, c1, eps, pivot, counts, kb, pmean, pm2, mean,
+                           m2, invstd, scale, shift)
+    else:
+        for t in prange(nstrips, schedule='static', num_threads=nt):
+            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
+            _strip_forward(x, y, p, t * STRIP, c1, eps, pivot, counts, kb, pmean, pm2, mean,
+                           m2, invstd, scale, shift)
+    free(buf)
+    return 0
 
 
 cdef void _strip(const wide* dy, const wide* x, wide* dx, const Plan* p, Py_ssize_t c0,
@@ -1715,11 +1813,18 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
     cdef Py_ssize_t c, C = p.C
     cdef double n = <double>(p.outer * p.inner), nvar = n - 1.0 if unbiased else n
     cdef double* r
+    cdef bint strips = False
     if training:
-        if _mean_m2(x, p, mean, m2, nt) != 0:
-            return -1
-        for c in range(C):
-            invstd[c] = 1.0 / sqrt(m2[c] / n + eps)
+        if real is not uint16_t:
+            strips = _forward_strips(p, sizeof(real), nt)
+            if strips and _strips_forward(x, y, p, weight, bias, eps, mean, invstd, m2,
+                                          nt) != 0:
+                return -1
+        if not strips:
+            if _mean_m2(x, p, mean, m2, nt) != 0:
+                return -1
+            for c in range(C):
+                invstd[c] = _invstd_of(m2[c], n, eps)
         if running_mean.data != NULL:
             # r = (1 - momentum) r + momentum * stat, in float64, stored once
             r = <double*>malloc(sizeof(double) * (C + 1))
@@ -1734,6 +1839,8 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
                 r[c] = (1.0 - momentum) * r[c] + momentum * (m2[c] / nvar)
             _narrow(running_var, C, r)
             free(r)
+        if strips:
+            return 0                    # y is written
     else:
         _widen(running_mean, C, 0.0, mean)
         _widen(running_var, C, 1.0, invstd)
@@ -1898,7 +2005,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
     cdef double n = <double>(outer * inner)
     cdef cnp.ndarray sum_dy, sum_dyx
-    if not _use_strips(&p, cnp.PyArray_ITEMSIZE(x), nt):
+    if not _use_strips(&p, cnp.PyArray_ITEMSIZE(x), 2, nt):
         sum_dy, sum_dyx = dy_sums(dy, x, outer, C, inner, mean, nthreads)
         input_grad(dy, x, dx, outer, C, inner, training, n, mean, invstd, weight, sum_dy,
                    sum_dyx, nthreads)
@@ -1938,15 +2045,17 @@ def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t items
     benchmarks: schedule ("rows", "narrow", "tiles" or "flat"), work items,
     elements per rows segment, outer rows per block, rows per super-row (R0),
     super-row length (W), whether dx is written with streaming stores, and
-    whether backward with `nthreads` threads runs in channel strips."""
+    whether forward-train and backward with `nthreads` threads run in
+    channel strips."""
     cdef Plan p = make_plan(outer, C, inner)
     cdef Plan q = _streaming(&p, itemsize)
     schedule = ("rows" if p.rows else "narrow" if p.narrow
                 else "tiles" if _use_tiles(&p) else "flat")
-    strips = _use_strips(&p, itemsize, _threads_for(outer * C * inner, nthreads))
+    cdef int nt = _threads_for(outer * C * inner, nthreads)
     return dict(schedule=schedule, nitems=p.nitems, seg_len=p.seg_len,
                 block_rows=p.block_rows, R0=p.R0, W=p.W, stream_dx=bool(q.stream),
-                backward_strips=bool(strips))
+                forward_strips=bool(_forward_strips(&p, itemsize, nt)),
+                backward_strips=bool(_use_strips(&p, itemsize, 2, nt)))
 
 
 def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int nthreads):

@@ -500,6 +500,43 @@ def test_backward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C,
                     assert got.tobytes() == exp.tobytes(), case
 
 
+@pytest.mark.parametrize("outer,C,dtype", [
+    (32, 2048, np.float32), (64, 1024, np.float64), (40, 1057, np.float32),
+    (128, 512, np.float32), (48, 700, np.float64)])
+def test_forward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C, dtype):
+    """Forward-train in channel strips (short-and-wide channels-last inputs,
+    more than one thread) gives the two passes' y, mean, invstd and running
+    statistics bit for bit: channels whose mean is 1e4 times their spread, a
+    nearly constant one, a block whose first row is an outlier (the pivot
+    retry), Inf and NaN; with and without weight and bias, 2 to 4 threads."""
+    itemsize = np.dtype(dtype).itemsize
+    assert _k.plan_info(outer, C, 1, itemsize, 2)["forward_strips"], (outer, C)
+    assert not _k.plan_info(outer, C, 1, itemsize, 1)["forward_strips"]
+    rng = np.random.default_rng(outer + C)
+    x = (rng.uniform(-1e4, 1e4, C) + rng.uniform(1e-3, 3, C) * rng.standard_normal((outer, C)))
+    x[:, 1] = 0.25 + 1e-9 * rng.standard_normal(outer)
+    x[outer // 2, 5] = x[0, 5] + 1e3
+    x[0, 7] = 1e6
+    x[3, C - 2] = np.inf
+    x[outer - 1, C - 1] = np.nan
+    x = x.astype(dtype)
+    for wb in ((None, None), (rng.normal(1, 0.2, C).astype(dtype),
+                              rng.normal(0, 1, C).astype(np.float64))):
+        for nt in (2, 3, 4):
+            results = []
+            for on in (True, False):
+                was = _k.channel_strips(on)
+                try:
+                    y = np.full_like(x, 7)
+                    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+                    got = _k.forward(x, y, outer, C, 1, True, rm, rv, *wb, 1e-5, 0.1, True, nt)
+                finally:
+                    _k.channel_strips(was)
+                results.append([y, rm, rv, *got])
+            for a, b in zip(*results):
+                assert a.tobytes() == b.tobytes(), (wb[0] is None, nt)
+
+
 def test_channel_views_are_shared_and_immutable():
     """channel_view keeps one view per (shape, axis) of C-contiguous inputs, so
     a view must not be changeable by one caller under another."""
