@@ -147,8 +147,8 @@ __global__ void bn_stats_planes(const T* __restrict__ x, long long outer, int C,
                                 double* __restrict__ part_s2) {
     BNC_SHARED(double, sa, BN_THREADS);
     BNC_SHARED(double, sb, BN_THREADS);
-    int g = blockIdx.x;
-    int c = blockIdx.y;
+    int c = blockIdx.x;     // channels on x: up to 2^31 - 1 of them (y stops at 65535)
+    int g = blockIdx.y;
     double K = bn_pivot(bn_value0(x + (long long)c * inner));
     double s1 = 0.0, s2 = 0.0;
     for (long long o = g; o < outer; o += G) {
@@ -346,8 +346,8 @@ __global__ void bn_dy_sums_planes(const T* __restrict__ dy, const T* __restrict_
                                   double* __restrict__ part_a, double* __restrict__ part_b) {
     BNC_SHARED(double, sa, BN_THREADS);
     BNC_SHARED(double, sb, BN_THREADS);
-    int g = blockIdx.x;
-    int c = blockIdx.y;
+    int c = blockIdx.x;     // channels on x: up to 2^31 - 1 of them (y stops at 65535)
+    int g = blockIdx.y;
     double mu = mean[c];
     double a = 0.0, b = 0.0;
     for (long long o = g; o < outer; o += G) {

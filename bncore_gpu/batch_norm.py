@@ -200,9 +200,9 @@ def _vec4_ok(*arrays) -> bool:
 
 
 def _planes_grid(C: int, outer: int) -> int:
-    if C > MAX_GRID_Y:
-        raise ValueError(f"bncore_gpu supports up to {MAX_GRID_Y} channels, got {C}")
-    return max(1, min(outer, -(-TARGET_BLOCKS // C)))
+    """Blocks per channel (grid y) of the planes reductions; the channels are
+    grid x, so any channel count launches."""
+    return max(1, min(outer, -(-TARGET_BLOCKS // C), MAX_GRID_Y))
 
 
 def _row_blocks(outer: int, ncol: int) -> Tuple[int, int]:
@@ -239,7 +239,7 @@ def _partial_sums(kind: str, a, b, outer: int, C: int, inner: int, mean=None):
         G = _planes_grid(C, outer)
         s1, s2 = _empty64(C * G), _empty64(C * G)
         vec = inner % 4 == 0 and _vec4_ok(a, *(() if b is None else (b,)))
-        grid, block = (G, C), (256,)
+        grid, block = (C, G), (256,)
         inner_arg = np.int64(inner // 4 if vec else inner)
         if kind == "stats":
             name = f"bn_stats_planes<{'float4' if vec else ct}>"

@@ -1146,3 +1146,24 @@ def test_gpu_array_tables_notice_a_shape_set_in_place():
     p.shape = (2, 3)
     bncore_gpu.sgd_step([p], [cupy.ones((2, 3))], lr=0.1)
     np.testing.assert_allclose(cupy.asnumpy(p), np.full((2, 3), 0.8))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_more_channels_than_a_grid_y_holds(dtype, monkeypatch):
+    """70000 channels in the planes layout (a trailing size of 32): the planes
+    reductions take the channels on the grid's x axis, so training forward and
+    backward run (with channels on y, whose limit is 65535, they had to refuse)
+    and match the CPU engine. Cluster kernels off, so the planes kernels run."""
+    from bncore_gpu import batch_norm as gbn
+    monkeypatch.setattr(gbn, "CLUSTER_KERNELS", False)
+    rng = np.random.default_rng(5)
+    C = 70000
+    shape = (2, C, 32)
+    x = (rng.uniform(-100, 100, (1, C, 1)) + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y, m, s = bncore_gpu.batch_norm_forward(cupy.asarray(x))
+    dx, dw, db = bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x), m, s)
+    y_c, m_c, s_c = bncore.batch_norm_forward(x)
+    want = (y_c, m_c, s_c) + tuple(bncore.batch_norm_backward(dy, x, m_c, s_c))
+    for got, exp in zip((y, m, s, dx, dw, db), want):
+        assert rel(cupy.asnumpy(got), exp) <= 1e-6

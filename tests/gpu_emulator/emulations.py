@@ -45,7 +45,7 @@ def _pivot(v):
 
 def stats_planes(grid, block, x, outer, C, inner, G, s1, s2):
     inner = int(inner) * _values_per_element()
-    _expect(grid[:2] == (G, C) and block[0] == 256, f"stats_planes launch {grid} {block}")
+    _expect(grid[:2] == (C, G) and block[0] == 256, f"stats_planes launch {grid} {block}")
     X = _f64(x).reshape(int(outer), int(C), inner)
     D = X - _pivot(X[0, :, 0])[None, :, None]
     a1 = _a(s1).reshape(int(C), int(G))
@@ -217,6 +217,7 @@ E["bn_apply_rows"] = apply_rows
 def dy_sums_planes(grid, block, dy, x, outer, C, inner, G, mean, pa, pb):
     inner = int(inner) * _values_per_element()
     outer, C, G = int(outer), int(C), int(G)
+    _expect(grid[:2] == (C, G) and block[0] == 256, f"dy_sums_planes launch {grid} {block}")
     DY = _f64(dy).reshape(outer, C, inner)
     XC = _f64(x).reshape(outer, C, inner) - _a(mean)[None, :, None]
     a1 = _a(pa).reshape(C, G)
