@@ -103,6 +103,12 @@ def run_job(job, P, outdir, engine="cpu"):
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"mpiexec -n {P} {job} hung (killed after {JOB_TIMEOUT} s):\n{out[-4000:]}")
+    finally:
+        # interrupted (Ctrl-C): the job's own session outlives this process
+        # unless it is killed here
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, f"mpiexec -n {P} {job} failed ({proc.returncode}):\n{out[-4000:]}"
     return outdir
 
