@@ -155,3 +155,20 @@ def test_optim_cases_each_time_their_own_tensors_and_clip_every_call(monkeypatch
             for who, count, clips in recorded:
                 assert count == n_tensors, (case.name, impl_name, who, count)
                 assert clips in (None, True), (case.name, impl_name, who)
+
+
+def test_strips_bench_times_both_schedules_and_leaves_strips_on(monkeypatch, capsys):
+    """scripts/bench_strips.py on one shape that takes channel strips: a row
+    with both schedules' times and "yes" for both passes, and the strips
+    switch left on afterwards (its A/B toggling must not leak)."""
+    import bench_strips
+    from bncore import _bn_kernels as kernels
+    monkeypatch.setattr(bench_strips, "SHAPES", [(32, 2048)])
+    monkeypatch.setattr(sys, "argv", ["bench_strips.py", "--reps", "1"])
+    bench_strips.main()
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (32,2048)")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[4] == "yes" and cells[8] == "yes", cells
+    assert all(float(c) > 0 for c in (cells[1], cells[2], cells[5], cells[6]))
+    assert kernels.channel_strips(True) is True          # was on
