@@ -22,7 +22,8 @@ by the item and combine them per channel in item order; which thread ran an
 item never matters, so results are bitwise identical for every thread count.
 Small channels-last inputs may run forward-train or backward in *channel
 strips* instead (one parallel region; see "channel strips" below): the same
-partials combined in the same order, so the same bits.
+partials combined in the same order, so the same bits (a NaN's sign and
+payload aside, which no path promises: README, Numerics).
 Per-item statistics are one pass in float64 over sums shifted by a pivot
 taken from the item's own data (S1 = sum(x - P), S2 = sum((x - P)^2), then
 M2 = S2 - S1^2 / n). Since S2 = M2 + n (P - mean)^2, the subtraction costs
@@ -1515,7 +1516,10 @@ cdef void _dx(const real* dy, const real* x, real* dx, const Plan* p, const doub
 # from L3 or memory. The same operations on the same values in the same
 # order as the two passes (stats() then normalize(); dy_sums() then
 # input_grad()), so the same bits (tests/test_batch_norm.py holds them
-# together); one parallel region instead of two or three.
+# together; where several operands of one element are NaN, GCC's operand
+# order in the strip's dx loop and in the two passes' may pass on a
+# different NaN, so a NaN's sign and payload can differ, as the README
+# allows); one parallel region instead of two or three.
 
 cdef enum:
     STRIP = 64                 # channels per strip (a multiple of TILE, so strips
@@ -1530,7 +1534,8 @@ cdef bint _strips_on = True        # channel_strips(False): the two passes (test
 
 def channel_strips(bint on):
     """Turn the channel-strips schedule on or off (for tests and side-by-side
-    benchmarks; results are the same bits either way); returns the former
+    benchmarks; results are the same bits either way, a NaN's sign and
+    payload aside); returns the former
     setting. Not for use while kernels run on other threads."""
     global _strips_on
     cdef bint was = _strips_on
@@ -1546,6 +1551,8 @@ cdef inline bint _use_strips(const Plan* p, Py_ssize_t itemsize, int arrays,
     theirs)."""
     return (_strips_on and _use_tiles(p) and itemsize > 2 and p.outer * p.inner > 0
             and p.outer * STRIP * itemsize * arrays <= STRIP_MAX_BYTES
+            # (never binding for backward, whose size cap already keeps the
+            # thread count _threads_for gives at or below the strips)
             and (p.C + STRIP - 1) // STRIP >= nthreads)
 
 
@@ -1999,7 +2006,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     training, a = sum(dy) / N, k = invstd^2 * sum(dy * (x - mean)) / N
     (inference: a = k = 0). The reduction half then the elementwise half,
     the two entry points below, or both at once in channel strips where
-    those fit in cache (_use_strips), with the same bits.
+    those fit in cache (_use_strips), with the same bits (NaN sign and
+    payload aside).
     """
     cdef Plan p = make_plan(outer, C, inner)
     cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
@@ -2037,7 +2045,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
 # the statistics and the backward sums are reduced across processes between
 # the kernel calls, so each step of forward() and backward() is exposed on
 # its own. They run the same nogil kernels, so a rank's partial results are
-# bitwise what the single-process drivers compute internally.
+# bitwise what the single-process drivers compute internally (the channel
+# strips included, but for a NaN's sign and payload in dx).
 
 def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t itemsize,
               int nthreads=1):

@@ -43,8 +43,10 @@ limited() {      # limited SECONDS NAME COMMAND...: run it; exit status 124 mean
         echo "$name TIMED OUT after $secs s" | tee -a "$SCRATCH/skipped.log" >&2
         # the MPI tests start mpiexec in a session of its own (so that they can
         # kill a hung job whole), which timeout's signal to this step's process
-        # group does not reach: its ranks would hold the GPU through the steps after
-        pkill -KILL -f "tests/mpi_worker.py" 2>/dev/null || true
+        # group does not reach; the test kills it on SIGTERM, and should that not
+        # happen (SIGKILL 15 s on), this checkout's ranks go here, lest they hold
+        # the GPU through the steps after
+        pkill -KILL -f "$PWD/tests/mpi_worker.py" 2>/dev/null || true
     fi
     return $rc
 }

@@ -465,7 +465,8 @@ def test_statistics_and_gradient_sums_on_every_path(shape, axis, schedule, what,
 @pytest.mark.parametrize("outer,C,dtype", [
     (256, 1024, np.float32), (128, 1024, np.float64), (32, 2048, np.float32),
     (40, 1057, np.float64), (3, 1000, np.float32), (64, 257, np.float64),
-    (17, 129, np.float32), (2, 65, np.float64), (100, 300, np.float32)])
+    (17, 129, np.float32), (2, 65, np.float64), (100, 300, np.float32),
+    (256, 130, np.float32)])
 def test_backward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C, dtype):
     """Small channels-last inputs run backward in channel strips (a strip's
     sums and then its dx, while the strip is in cache). Its dx and sums must
@@ -473,10 +474,14 @@ def test_backward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C,
     distributed batch norm runs), bit for bit: training and inference, with
     and without weight, on every thread count, on channels whose mean is 1e4
     times their spread, with NaN and Inf in dy; and a strip that ends past a
-    tile (C not a multiple of 32) or a channel count under one strip."""
+    tile (C not a multiple of 32) or a channel count under one strip, and
+    several rows per super-row (C < 256) on several threads. NaN and Inf
+    each come from one element here: where several operands of one element
+    are NaN, which NaN comes out (sign, payload) is not promised."""
     itemsize = np.dtype(dtype).itemsize
     for nt in (1, 2):
         assert _k.plan_info(outer, C, 1, itemsize, nt)["backward_strips"], (outer, C, nt)
+    assert not _k.plan_info(outer, C, 1, 2, 2)["backward_strips"]       # never float16
     rng = np.random.default_rng(outer * C)
     x = (rng.uniform(-1e4, 1e4, C) + rng.standard_normal((outer, C))).astype(dtype)
     dy = rng.standard_normal((outer, C)).astype(dtype)
@@ -502,7 +507,7 @@ def test_backward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C,
 
 @pytest.mark.parametrize("outer,C,dtype", [
     (32, 2048, np.float32), (64, 1024, np.float64), (40, 1057, np.float32),
-    (128, 512, np.float32), (48, 700, np.float64)])
+    (128, 512, np.float32), (48, 700, np.float64), (200, 200, np.float32)])
 def test_forward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C, dtype):
     """Forward-train in channel strips (short-and-wide channels-last inputs,
     more than one thread) gives the two passes' y, mean, invstd and running
@@ -512,6 +517,7 @@ def test_forward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C, 
     itemsize = np.dtype(dtype).itemsize
     assert _k.plan_info(outer, C, 1, itemsize, 2)["forward_strips"], (outer, C)
     assert not _k.plan_info(outer, C, 1, itemsize, 1)["forward_strips"]
+    assert not _k.plan_info(outer, C, 1, 2, 2)["forward_strips"]        # never float16
     rng = np.random.default_rng(outer + C)
     x = (rng.uniform(-1e4, 1e4, C) + rng.uniform(1e-3, 3, C) * rng.standard_normal((outer, C)))
     x[:, 1] = 0.25 + 1e-9 * rng.standard_normal(outer)

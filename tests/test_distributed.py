@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -44,6 +45,10 @@ except (ImportError, RuntimeError):
     GPU_ENGINE = "gpu-emulated"
 ENGINES = ("cpu", GPU_ENGINE)
 REQUIRE = os.environ.get("BNCORE_REQUIRE_MPI", "") not in ("", "0")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _mpiexec():
@@ -97,6 +102,10 @@ def run_job(job, P, outdir, engine="cpu"):
     # own process group: on a timeout mpiexec and every rank it started are killed together
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, start_new_session=True)
+    # a SIGTERM (scripts/gpu_check.sh's step timeout) interrupts like Ctrl-C, so
+    # that the finally below still kills the job's session
+    on_term = (signal.signal(signal.SIGTERM, _interrupt)
+               if threading.current_thread() is threading.main_thread() else None)
     try:
         out, _ = proc.communicate(timeout=JOB_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -109,6 +118,8 @@ def run_job(job, P, outdir, engine="cpu"):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        if on_term is not None:
+            signal.signal(signal.SIGTERM, on_term)
     assert proc.returncode == 0, f"mpiexec -n {P} {job} failed ({proc.returncode}):\n{out[-4000:]}"
     return outdir
 
