@@ -42,10 +42,11 @@ only plain calls (a subset of what _bn_args.py accepts unchanged; their rules
 mirror it, and tests/test_batch_norm_fast_path.py holds the two together).
 """
 cimport numpy as cnp
+import numpy as np
 from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MIN, FLT_MAX, FLT_MIN
 from libc.math cimport INFINITY, fabs, sqrt
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint16_t, uint32_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from bncore._openmp_helpers cimport omp_get_thread_num
@@ -59,6 +60,13 @@ cdef extern from "_half.h" nogil:
     uint16_t bncore_half_from_double(double v)
     void bncore_half_to_double_n(const uint16_t* src, double* dst, Py_ssize_t n)
     void bncore_half_from_double_n(const double* src, uint16_t* dst, Py_ssize_t n)
+
+cdef extern from "_half_fast.h" nogil:
+    enum: BNCORE_HALF_FAST
+    uint32_t bncore_half_affine_run(const uint16_t* x, uint16_t* y, Py_ssize_t n,
+                                    double mean, double scale, double shift)
+    uint32_t bncore_half_dx_run(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
+                                Py_ssize_t n, double mean, double g, double a, double k)
 
 cdef extern from "_stream.h" nogil:
     void bncore_stream_f32(float* dst, const float* src, Py_ssize_t n)
@@ -1027,6 +1035,105 @@ cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t
         m = PIECE
 
 
+# float16 rows segments through float32 where that provably gives the float64
+# path's bits (_half_fast.h: AVX-512 builds), 16 elements at a time; a chunk
+# float32 does not decide, and the tail, go the float64 way (staged in `stage`,
+# 48 doubles), as every float16 chunk does without AVX-512 or with
+# half_fast(False).
+
+cdef bint _half_fast_on = True
+
+
+def half_fast(bint on):
+    """Turn the float32 fast path of the float16 elementwise passes on or off
+    (for tests and side-by-side benchmarks: the bits are the float64 path's
+    either way); returns the former setting, and whether this build has the
+    path at all. Not for use while kernels run on other threads."""
+    global _half_fast_on
+    cdef bint was = _half_fast_on
+    _half_fast_on = on
+    return was, bool(BNCORE_HALF_FAST)
+
+
+def half_fast_probe(cnp.ndarray x, double mean, double scale, double shift,
+                    cnp.ndarray dy=None, double a=0.0, double k=0.0):
+    """The float32 fast path alone on a C-contiguous float16 array whose size
+    is a multiple of 16 (tests): (y, decided), y from bncore_half_affine_run
+    (or, with dy, dx from bncore_half_dx_run with g = scale) and decided a
+    bool per 16-element chunk. Undecided chunks hold whatever float32 gave
+    (or nothing: np.empty)."""
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(x), i, m
+    if n % 16 or cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT16 or not cnp.PyArray_IS_C_CONTIGUOUS(x):
+        raise ValueError("half_fast_probe: a C-contiguous float16 array of 16k elements")
+    if dy is not None and (cnp.PyArray_SIZE(dy) != n or cnp.PyArray_TYPE(dy) != cnp.NPY_FLOAT16
+                           or not cnp.PyArray_IS_C_CONTIGUOUS(dy)):
+        raise ValueError("half_fast_probe: dy like x")
+    y = np.empty(n, np.float16)
+    decided = np.empty(n // 16, np.bool_)
+    cdef const uint16_t* px = <const uint16_t*>cnp.PyArray_DATA(x)
+    cdef const uint16_t* pdy = NULL if dy is None else <const uint16_t*>cnp.PyArray_DATA(dy)
+    cdef uint16_t* py = <uint16_t*>cnp.PyArray_DATA(<cnp.ndarray>y)
+    cdef cnp.npy_bool* pd = <cnp.npy_bool*>cnp.PyArray_DATA(<cnp.ndarray>decided)
+    cdef uint32_t undecided
+    cdef Py_ssize_t j
+    for i in range(0, n, FAST_RUN):
+        m = n - i if n - i < FAST_RUN else FAST_RUN
+        if pdy == NULL:
+            undecided = bncore_half_affine_run(px + i, py + i, m, mean, scale, shift)
+        else:
+            undecided = bncore_half_dx_run(pdy + i, px + i, py + i, m, mean, scale, a, k)
+        for j in range(m // 16):
+            pd[i // 16 + j] = not ((undecided >> j) & 1)
+    return y, decided
+
+
+cdef inline bint _half_fast(const Plan* p) noexcept nogil:
+    return BNCORE_HALF_FAST and _half_fast_on and p.rows
+
+
+cdef enum:
+    FAST_RUN = 512        # elements per call of the float32 run functions (32 chunks)
+
+
+cdef inline void _segment_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t n, double mu,
+                                      double sc, double sh, double* stage) noexcept nogil:
+    cdef Py_ssize_t i = 0, j, r, m
+    cdef uint32_t undecided
+    while i < n:
+        r = n - i if n - i < FAST_RUN else FAST_RUN
+        undecided = bncore_half_affine_run(x + i, y + i, r, mu, sc, sh)
+        j = 0
+        while j < r:
+            m = r - j if r - j < 16 else 16
+            if m < 16 or (undecided >> (j // 16)) & 1:
+                bncore_half_to_double_n(x + i + j, stage, m)
+                _segment_affine(<const double*>stage, stage + 16, m, mu, sc, sh)
+                bncore_half_from_double_n(stage + 16, y + i + j, m)
+            j += m
+        i += r
+
+
+cdef inline void _segment_dx_half(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
+                                  Py_ssize_t n, double mu, double g, double a, double k,
+                                  double* stage) noexcept nogil:
+    cdef Py_ssize_t i = 0, j, r, m
+    cdef uint32_t undecided
+    while i < n:
+        r = n - i if n - i < FAST_RUN else FAST_RUN
+        undecided = bncore_half_dx_run(dy + i, x + i, dx + i, r, mu, g, a, k)
+        j = 0
+        while j < r:
+            m = r - j if r - j < 16 else 16
+            if m < 16 or (undecided >> (j // 16)) & 1:
+                bncore_half_to_double_n(dy + i + j, stage, m)
+                bncore_half_to_double_n(x + i + j, stage + 16, m)
+                _segment_dx_to(<const double*>stage, <const double*>(stage + 16), stage + 32,
+                               m, mu, g, a, k)
+                bncore_half_from_double_n(stage + 32, dx + i + j, m)
+            j += m
+        i += r
+
+
 # --------------------------------------------------------------------------
 # Forward statistics
 
@@ -1265,6 +1372,9 @@ cdef inline void _affine_item(const real* x, real* y, const Plan* p, const doubl
     cdef Py_ssize_t off, n, c, j, m, piece
     _span(p, t, &off, &n, &c)
     if real is uint16_t:
+        if _half_fast(p):
+            _segment_affine_half(x + off, y + off, n, mean[c], scale[c], shift[c], stage)
+            return
         piece = _piece_len(p)
         j = 0
         while j < n:
@@ -1467,6 +1577,9 @@ cdef inline void _dx_item(const real* dy, const real* x, real* dx, const Plan* p
     _span(p, t, &off, &n, &c)
     if real is uint16_t:
         # (a float16 plan never streams: _streaming)
+        if _half_fast(p):
+            _segment_dx_half(dy + off, x + off, dx + off, n, mean[c], g[c], a[c], k[c], stage)
+            return
         piece = _piece_len(p)
         j = 0
         while j < n:
