@@ -172,3 +172,21 @@ def test_strips_bench_times_both_schedules_and_leaves_strips_on(monkeypatch, cap
     assert cells[4] == "yes" and cells[8] == "yes", cells
     assert all(float(c) > 0 for c in (cells[1], cells[2], cells[5], cells[6]))
     assert kernels.channel_strips(True) is True          # was on
+
+
+def test_half_fast_bench_times_both_paths_and_leaves_the_path_on(monkeypatch, capsys):
+    """scripts/bench_half_fast.py on one small shape: three rows (forward-train,
+    forward-eval, backward) with both paths' times, and the switch left on."""
+    import bench_half_fast
+    from bncore import _bn_kernels as kernels
+    monkeypatch.setattr(bench_half_fast, "SHAPES", [(2, 8, 64)])
+    monkeypatch.setattr(sys, "argv", ["bench_half_fast.py", "--reps", "1"])
+    bench_half_fast.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")
+            and "float16" in line]
+    assert [r.split(" (")[0] for r in rows] == ["| forward-train", "| forward-eval",
+                                               "| backward"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[1]) > 0 and float(cells[2]) > 0
+    assert kernels.half_fast(True)[0] is True
