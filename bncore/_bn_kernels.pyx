@@ -1039,7 +1039,9 @@ cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t
 # path's bits (_half_fast.h: AVX-512 builds), 16 elements at a time; a chunk
 # float32 does not decide, and the tail, go the float64 way (staged in `stage`,
 # 48 doubles), as every float16 chunk does without AVX-512 or with
-# half_fast(False).
+# half_fast(False). The output must not overlap the inputs (the fallback reads
+# them after a run's stores): bncore/_bn_args.py refuses overlapping outputs,
+# and the raw kernel entry points are not for in-place use.
 
 cdef bint _half_fast_on = True
 

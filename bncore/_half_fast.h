@@ -20,13 +20,22 @@
  * u |p| (1 + u) of d s + b, so
  *     |p - y| <= u (1 + 2u) (|p| + 2 |s| |d| + |s| |mean| + |b|),
  * y the exact value; y64 is within a few 2^-53 of the same terms. The code
- * takes E = 2^-21 (|p| + |s| (|d| + |m|) + |b|) + 2^-100, at least twice the
- * above, which also covers computing E itself in float32. The 2^-100 covers
- * flush-to-zero of results below 2^-126 (FTZ); a constant whose float32 copy
- * is subnormal (which DAZ would read as 0) or not finite sends the whole run
- * to the caller. For dx, in the same way with t1 = fl(dy - a), t3 =
- * fl(fma(-d, k, t1)), p = fl(t3 g):
- * E = 2^-20 (|p| + |g| (|t3| + |t1| + |a| + |k| (|d| + |m|))) + 2^-100.
+ * takes E = 2^-22 (|p| + |s| (|d| + |m|) + |b|) + 2^-100: 4u, at least twice
+ * the largest coefficient above (2u), which also covers computing E itself
+ * in float32. The 2^-100 covers flush-to-zero of results below 2^-126 (FTZ);
+ * a constant whose float32 copy is subnormal (which DAZ would read as 0) or
+ * not finite sends the whole run to the caller. (d cannot be subnormal: x is
+ * a multiple of 2^-24 and m is 0 or normal; a subnormal p is undecided.)
+ * For dx, with t1 = fl(dy - a), t3 = fl(fma(-d, k, t1)), p = fl(t3 g):
+ *     |t3 - T| <= u (|t3| + |t1| + |a| + |k| (2 |d| + |m|)),
+ * T = (dy - a) - (x - mean) k exact, and |p - y| <= u |p| + u |g| (2 |t3| +
+ * |t1| + |a| + |k| (2 |d| + |m|)) to first order, so again 4u times the
+ * terms with coefficient 1, E = 2^-22 (|p| + |g| (|t3| + |t1| + |a| + |k|
+ * (|d| + |m|))) + 2^-100 + |g| 2^-148, is at least twice it. The last term
+ * is t3's error where t3 is a float32 subnormal (absolute, up to 2^-150, not
+ * u |t3|), which g (up to 2^128) can scale into the float16 range; without
+ * it, k near 2^-126 and g near 2^126 gave decided chunks 1 float16 ulp off
+ * (found in review; tests/test_half_fast.py keeps the case).
  *
  * Only where the build targets AVX-512 (F, VL) and F16C; elsewhere
  * BNCORE_HALF_FAST is 0 and the caller stages every chunk through float64. */
@@ -68,7 +77,9 @@ static inline __mmask16 bncore_half_decided(__m512 p, __m512 e) {
  * chunks of 16 among the first n <= 512 elements; returns a bit per chunk
  * (bit i: elements 16 i ... 16 i + 15), set where the chunk is not decided
  * (y there holds a value the caller must overwrite), all set where a
- * constant cannot take this path. */
+ * constant cannot take this path. y must not overlap x: the caller's
+ * fallback reads x again after these stores (the Python layer refuses
+ * overlapping outputs). */
 static inline uint32_t bncore_half_affine_run(const uint16_t* x, uint16_t* y, ptrdiff_t n,
                                               double mean, double scale, double shift) {
     if (!(bncore_half_fast_const(mean) && bncore_half_fast_const(scale)
@@ -107,7 +118,9 @@ static inline uint32_t bncore_half_dx_run(const uint16_t* dy, const uint16_t* x,
     const __m512 vk = _mm512_set1_ps(kf);
     const __m512 ag = _mm512_set1_ps(__builtin_fabsf(gf)), ak = _mm512_set1_ps(__builtin_fabsf(kf));
     const __m512 am = _mm512_set1_ps(__builtin_fabsf(m)), aa = _mm512_set1_ps(__builtin_fabsf(af));
-    const __m512 c = _mm512_set1_ps(0x1p-22f), tiny = _mm512_set1_ps(0x1p-100f);
+    const __m512 c = _mm512_set1_ps(0x1p-22f);
+    /* in double: |g| 2^-148 alone would be a float32 subnormal (or flushed) */
+    const __m512 tiny = _mm512_set1_ps((float)(0x1p-100 + __builtin_fabs((double)gf) * 0x1p-148));
     uint32_t undecided = 0;
     for (ptrdiff_t i = 0; i + 16 <= n; i += 16) {
         __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dy + i)));

@@ -81,6 +81,45 @@ def test_decided_chunks_are_the_float64_dx_rounded_once():
 
 
 @needs_fast
+def test_dx_with_a_subnormal_float32_intermediate_is_bounded():
+    """k near 2^-126 and g near 2^126 with dy = a = 0: t3 = -(x - mean) k is a
+    float32 subnormal, whose rounding error (absolute, not relative) g scales
+    into the float16 range. The bound once missed it and decided chunks came
+    out 1 float16 ulp off (found in review); directly and through
+    batch_norm_backward."""
+    kk, g = 1.7771377827146012e-38, 1.6592709707591372e+38
+    x = np.full(16, 7.420778274536133e-05, np.float16)
+    dy = np.zeros(16, np.float16)
+    y, decided = _k.half_fast_probe(x, 0.0, g, 0.0, dy=dy, a=0.0, k=kk)
+    want = dx_ref(dy, x, 0.0, g, 0.0, kk)
+    assert np.array_equal(bits(y)[np.repeat(decided, 16)], bits(want)[np.repeat(decided, 16)])
+    rng = np.random.default_rng(5)
+    for kk in 2.0 ** -126 * rng.uniform(1, 4, 200):
+        for g in 2.0 ** 126 * rng.uniform(0.5, 2, 5):
+            x = (rng.uniform(-1, 1, 64) * 2.0 ** -8).astype(np.float16)
+            dy = np.zeros(64, np.float16)
+            y, decided = _k.half_fast_probe(x, 0.0, g, 0.0, dy=dy, a=0.0, k=kk)
+            d16 = np.repeat(decided, 16)
+            assert np.array_equal(bits(y)[d16], bits(dx_ref(dy, x, 0.0, g, 0.0, kk))[d16])
+    # end to end: sum(dy) = 0 exactly (a = 0), invstd 2^-39, weight 1.3 2^166
+    inner = 512
+    x = (rng.uniform(-1, 1, inner) * 2.0 ** -8).astype(np.float16)
+    dy = np.zeros(inner, np.float16)
+    x[-2], x[-1] = 1.8271 * 2.0 ** -14, 0.0
+    dy[-2], dy[-1] = 2.0 ** -24, -(2.0 ** -24)
+    x, dy = x.reshape(1, 1, 1, inner), dy.reshape(1, 1, 1, inner)
+    args = (np.array([0.0]), np.array([2.0 ** -39]), np.array([1.3 * 2.0 ** 166]))
+    got = {}
+    for on in (True, False):
+        was, _ = _k.half_fast(on)
+        try:
+            got[on] = bncore.batch_norm_backward(dy, x, *args, num_threads=1)[0]
+        finally:
+            _k.half_fast(was)
+    assert np.array_equal(bits(got[True]), bits(got[False]))
+
+
+@needs_fast
 def test_boundaries_and_specials_are_left_to_float64():
     """y = x + 2^-11 for x in [1, 2): every result a tie between two float16
     values; a 1e4-fold cancellation; results in the float16 subnormal range or
