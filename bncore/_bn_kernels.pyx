@@ -1036,10 +1036,10 @@ cdef inline void _segment_dx(const real* dy, const real* x, real* dx, Py_ssize_t
 
 
 # float16 rows segments through float32 where that provably gives the float64
-# path's bits (_half_fast.h: AVX-512 builds), 16 elements at a time; a chunk
-# float32 does not decide, and the tail, go the float64 way (staged in `stage`,
-# 48 doubles), as every float16 chunk does without AVX-512 or with
-# half_fast(False). The output must not overlap the inputs (the fallback reads
+# path's bits (_half_fast.h: AVX-512 builds), 16 elements at a time (a
+# segment's last chunk may be short); a chunk float32 does not decide goes the
+# float64 way (staged in `stage`, 48 doubles), as every float16 chunk does
+# without AVX-512 or with half_fast(False). The output must not overlap the inputs (the fallback reads
 # them after a run's stores): bncore/_bn_args.py refuses overlapping outputs,
 # and the raw kernel entry points are not for in-place use.
 
@@ -1059,19 +1059,19 @@ def half_fast(bint on):
 
 def half_fast_probe(cnp.ndarray x, double mean, double scale, double shift,
                     cnp.ndarray dy=None, double a=0.0, double k=0.0):
-    """The float32 fast path alone on a C-contiguous float16 array whose size
-    is a multiple of 16 (tests): (y, decided), y from bncore_half_affine_run
-    (or, with dy, dx from bncore_half_dx_run with g = scale) and decided a
-    bool per 16-element chunk. Undecided chunks hold whatever float32 gave
-    (or nothing: np.empty)."""
+    """The float32 fast path alone on a C-contiguous float16 array (tests):
+    (y, decided), y from bncore_half_affine_run (or, with dy, dx from
+    bncore_half_dx_run with g = scale) and decided a bool per chunk of 16
+    elements (the last may be short). Undecided chunks hold whatever float32
+    gave (or nothing: np.empty)."""
     cdef Py_ssize_t n = cnp.PyArray_SIZE(x), i, m
-    if n % 16 or cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT16 or not cnp.PyArray_IS_C_CONTIGUOUS(x):
-        raise ValueError("half_fast_probe: a C-contiguous float16 array of 16k elements")
+    if cnp.PyArray_TYPE(x) != cnp.NPY_FLOAT16 or not cnp.PyArray_IS_C_CONTIGUOUS(x):
+        raise ValueError("half_fast_probe: a C-contiguous float16 array")
     if dy is not None and (cnp.PyArray_SIZE(dy) != n or cnp.PyArray_TYPE(dy) != cnp.NPY_FLOAT16
                            or not cnp.PyArray_IS_C_CONTIGUOUS(dy)):
         raise ValueError("half_fast_probe: dy like x")
     y = np.empty(n, np.float16)
-    decided = np.empty(n // 16, np.bool_)
+    decided = np.empty((n + 15) // 16, np.bool_)
     cdef const uint16_t* px = <const uint16_t*>cnp.PyArray_DATA(x)
     cdef const uint16_t* pdy = NULL if dy is None else <const uint16_t*>cnp.PyArray_DATA(dy)
     cdef uint16_t* py = <uint16_t*>cnp.PyArray_DATA(<cnp.ndarray>y)
@@ -1084,7 +1084,7 @@ def half_fast_probe(cnp.ndarray x, double mean, double scale, double shift,
             undecided = bncore_half_affine_run(px + i, py + i, m, mean, scale, shift)
         else:
             undecided = bncore_half_dx_run(pdy + i, px + i, py + i, m, mean, scale, a, k)
-        for j in range(m // 16):
+        for j in range((m + 15) // 16):
             pd[i // 16 + j] = not ((undecided >> j) & 1)
     return y, decided
 
@@ -1107,7 +1107,7 @@ cdef inline void _segment_affine_half(const uint16_t* x, uint16_t* y, Py_ssize_t
         j = 0
         while j < r:
             m = r - j if r - j < 16 else 16
-            if m < 16 or (undecided >> (j // 16)) & 1:
+            if (undecided >> (j // 16)) & 1:
                 bncore_half_to_double_n(x + i + j, stage, m)
                 _segment_affine(<const double*>stage, stage + 16, m, mu, sc, sh)
                 bncore_half_from_double_n(stage + 16, y + i + j, m)
@@ -1126,7 +1126,7 @@ cdef inline void _segment_dx_half(const uint16_t* dy, const uint16_t* x, uint16_
         j = 0
         while j < r:
             m = r - j if r - j < 16 else 16
-            if m < 16 or (undecided >> (j // 16)) & 1:
+            if (undecided >> (j // 16)) & 1:
                 bncore_half_to_double_n(dy + i + j, stage, m)
                 bncore_half_to_double_n(x + i + j, stage + 16, m)
                 _segment_dx_to(<const double*>stage, <const double*>(stage + 16), stage + 32,

@@ -37,14 +37,14 @@
  * it, k near 2^-126 and g near 2^126 gave decided chunks 1 float16 ulp off
  * (found in review; tests/test_half_fast.py keeps the case).
  *
- * Only where the build targets AVX-512 (F, VL) and F16C; elsewhere
+ * Only where the build targets AVX-512 (F, VL, BW) and F16C; elsewhere
  * BNCORE_HALF_FAST is 0 and the caller stages every chunk through float64. */
 #ifndef BNCORE_HALF_FAST_H
 #define BNCORE_HALF_FAST_H
 #include <stddef.h>
 #include <stdint.h>
 
-#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__F16C__)
 #include <immintrin.h>
 #define BNCORE_HALF_FAST 1
 
@@ -73,9 +73,30 @@ static inline __mmask16 bncore_half_decided(__m512 p, __m512 e) {
          & _mm512_cmp_ps_mask(ap, _mm512_set1_ps(65504.0f), _CMP_LE_OQ);
 }
 
-/* y = (x - mean) * scale + shift rounded to binary16, for the n / 16 whole
- * chunks of 16 among the first n <= 512 elements; returns a bit per chunk
- * (bit i: elements 16 i ... 16 i + 15), set where the chunk is not decided
+/* The lanes of a chunk of 16 from element i of n: all but in the last. */
+static inline __mmask16 bncore_half_lanes(ptrdiff_t i, ptrdiff_t n) {
+    return n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1u);
+}
+
+/* 16 halves from p as floats: a plain load for a whole chunk (masked loads
+ * and stores cost more), a masked one for a short last chunk */
+static inline __m512 bncore_half_load16(const uint16_t* p, __mmask16 lanes) {
+    return _mm512_cvtph_ps(lanes == 0xffff ? _mm256_loadu_si256((const __m256i*)p)
+                                           : _mm256_maskz_loadu_epi16(lanes, p));
+}
+
+static inline void bncore_half_store16(uint16_t* p, __mmask16 lanes, __m512 v) {
+    __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (lanes == 0xffff)
+        _mm256_storeu_si256((__m256i*)p, h);
+    else
+        _mm256_mask_storeu_epi16(p, lanes, h);
+}
+
+/* y = (x - mean) * scale + shift rounded to binary16, for the first n <= 512
+ * elements in chunks of 16 (the last may be short: masked loads and stores,
+ * nothing read or written past n); returns a bit per chunk (bit i: elements
+ * 16 i ... 16 i + 15), set where the chunk is not decided
  * (y there holds a value the caller must overwrite), all set where a
  * constant cannot take this path. y must not overlap x: the caller's
  * fallback reads x again after these stores (the Python layer refuses
@@ -92,15 +113,16 @@ static inline uint32_t bncore_half_affine_run(const uint16_t* x, uint16_t* y, pt
                                        + __builtin_fabsf(b));
     const __m512 c = _mm512_set1_ps(0x1p-22f), tiny = _mm512_set1_ps(0x1p-100f);
     uint32_t undecided = 0;
-    for (ptrdiff_t i = 0; i + 16 <= n; i += 16) {
-        __m512 xv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i)));
+    for (ptrdiff_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = bncore_half_lanes(i, n);
+        __m512 xv = bncore_half_load16(x + i, lanes);
         __m512 d = _mm512_sub_ps(xv, vm);
         __m512 p = _mm512_fmadd_ps(d, vs, vb);
         __m512 t = _mm512_fmadd_ps(_mm512_abs_ps(d), as, rest);    /* |s||d| + |s||m| + |b| */
         __m512 e = _mm512_fmadd_ps(_mm512_add_ps(_mm512_abs_ps(p), t), c, tiny);
-        _mm256_storeu_si256((__m256i*)(y + i),
-                            _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        undecided |= (uint32_t)(bncore_half_decided(p, e) != 0xffff) << (i / 16);
+        bncore_half_store16(y + i, lanes, p);
+        undecided |= (uint32_t)((bncore_half_decided(p, e) | (__mmask16)~lanes) != 0xffff)
+                     << (i / 16);
     }
     return undecided;
 }
@@ -122,9 +144,10 @@ static inline uint32_t bncore_half_dx_run(const uint16_t* dy, const uint16_t* x,
     /* in double: |g| 2^-148 alone would be a float32 subnormal (or flushed) */
     const __m512 tiny = _mm512_set1_ps((float)(0x1p-100 + __builtin_fabs((double)gf) * 0x1p-148));
     uint32_t undecided = 0;
-    for (ptrdiff_t i = 0; i + 16 <= n; i += 16) {
-        __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(dy + i)));
-        __m512 xv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(x + i)));
+    for (ptrdiff_t i = 0; i < n; i += 16) {
+        __mmask16 lanes = bncore_half_lanes(i, n);
+        __m512 dv = bncore_half_load16(dy + i, lanes);
+        __m512 xv = bncore_half_load16(x + i, lanes);
         __m512 t1 = _mm512_sub_ps(dv, va);
         __m512 d = _mm512_sub_ps(xv, vm);
         __m512 t3 = _mm512_fnmadd_ps(d, vk, t1);
@@ -134,9 +157,9 @@ static inline uint32_t bncore_half_dx_run(const uint16_t* dy, const uint16_t* x,
                                    _mm512_add_ps(_mm512_add_ps(_mm512_abs_ps(t3),
                                                                _mm512_abs_ps(t1)), aa));
         __m512 e = _mm512_fmadd_ps(_mm512_fmadd_ps(t, ag, _mm512_abs_ps(p)), c, tiny);
-        _mm256_storeu_si256((__m256i*)(dx + i),
-                            _mm512_cvtps_ph(p, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        undecided |= (uint32_t)(bncore_half_decided(p, e) != 0xffff) << (i / 16);
+        bncore_half_store16(dx + i, lanes, p);
+        undecided |= (uint32_t)((bncore_half_decided(p, e) | (__mmask16)~lanes) != 0xffff)
+                     << (i / 16);
     }
     return undecided;
 }

@@ -81,6 +81,40 @@ def test_decided_chunks_are_the_float64_dx_rounded_once():
 
 
 @needs_fast
+def test_short_last_chunks_are_decided_and_nothing_past_the_end_is_touched():
+    """A run's last chunk may hold 1 to 15 elements (masked loads and stores):
+    decided ones equal the float64 formula, and the element after the end is
+    neither read into a result nor written."""
+    rng = np.random.default_rng(3)
+    for n in list(range(1, 40)) + [511, 512, 513, 1000]:
+        buf = rng.standard_normal(n + 1).astype(np.float16)
+        x = buf[:n]
+        y, decided = _k.half_fast_probe(x, 0.01, 1.3, 0.2)
+        assert len(decided) == (n + 15) // 16 and decided.mean() > 0.5, n
+        d = np.repeat(decided, 16)[:n]
+        assert np.array_equal(bits(y)[d], bits(affine_ref(x, 0.01, 1.3, 0.2))[d]), n
+        dy = rng.standard_normal(n).astype(np.float16)
+        y, decided = _k.half_fast_probe(x, 0.01, 1.3, 0.0, dy=dy, a=0.003, k=0.2)
+        d = np.repeat(decided, 16)[:n]
+        assert np.array_equal(bits(y)[d], bits(dx_ref(dy, x, 0.01, 1.3, 0.003, 0.2))[d]), n
+    # through the kernels: rows of 196 (12 chunks and 4), 49, 33 elements, and
+    # the elements between the rows (other channels) left as they were
+    for inner in (196, 49, 33):
+        x = rng.standard_normal((4, 8, inner)).astype(np.float16)
+        mean, invstd = rng.normal(0, 0.1, 8), rng.uniform(0.5, 2, 8)
+        ys = []
+        for on in (True, False):
+            was, _ = _k.half_fast(on)
+            try:
+                y = np.full_like(x, 7)
+                _k.normalize(x, y, 4, 8, inner, mean, invstd, None, None, 1)
+            finally:
+                _k.half_fast(was)
+            ys.append(y)
+        assert np.array_equal(bits(ys[0]), bits(ys[1])), inner
+
+
+@needs_fast
 def test_dx_with_a_subnormal_float32_intermediate_is_bounded():
     """k near 2^-126 and g near 2^126 with dy = a = 0: t3 = -(x - mean) k is a
     float32 subnormal, whose rounding error (absolute, not relative) g scales
