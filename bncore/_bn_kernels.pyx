@@ -910,6 +910,79 @@ cdef inline void _cols_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
         pb[k] = sb
 
 
+# Out of cache, a tile's walk down its rows (one or two lines per row, each
+# row a page apart at C = 1024) defeats the prefetchers: (8192, 1024)'s
+# reductions read 10 GB/s. So on inputs past TILE_GROUP_MIN_BYTES the rows of
+# a block go in groups, every tile through the group before the next group:
+# the group's rows stream in order at once, TILE_GROUP_STREAMS of them in all
+# (16 rows of x for the statistics, 8 of dy and 8 of x for the backward sums:
+# side by side, 16 rows of each made the backward sums 1.1-1.4x faster
+# instead of 1.6-2.2x, and 8 of x the statistics 1.3-1.5x instead of
+# 1.6-1.8x, on (8192, 1024)). A tile's running
+# sums pass between groups through the partials (stored and loaded exactly),
+# so each channel's sum still takes the block's rows in order, from 0: the
+# same bits. (In cache, where the walk costs nothing, the groups' extra
+# loads and stores cost (256, 1024) and (512, 1024) 13-14% of the
+# statistics, hence the size rule.)
+
+cdef enum:
+    TILE_GROUP_STREAMS = 16
+    TILE_GROUP_MIN_BYTES = 4194304
+    TILE_GROUP_MIN_ROW_BYTES = 2048   # rows of a few lines are walked in order anyway:
+                                      # (65536, 128) lost 6-10% to the groups
+
+
+cdef inline Py_ssize_t _tile_group(const Plan* p, Py_ssize_t itemsize,
+                                   int arrays) noexcept nogil:
+    """Rows per group of the channel tiles' reductions over `arrays` arrays
+    (a whole block in cache)."""
+    if (p.outer * p.C * p.inner * itemsize > TILE_GROUP_MIN_BYTES
+            and p.P * itemsize >= TILE_GROUP_MIN_ROW_BYTES):
+        return TILE_GROUP_STREAMS // arrays
+    return p.block_rows
+
+
+cdef inline void _tiles_sums(const real* x, Py_ssize_t rows, Py_ssize_t C, Py_ssize_t c0,
+                             Py_ssize_t c1, const double* kb, double* ps1, double* ps2,
+                             Py_ssize_t group) noexcept nogil:
+    """Channels c0..c1-1 (c0 a multiple of TILE) of `rows` rows: sums of
+    x - kb[c] and its square into ps1, ps2, the whole tiles' rows in groups
+    of `group`.
+    The last columns (under a tile) take all rows in one call, as before
+    the groups: split there, GCC 12 compiled the columns' loop so that some
+    sums came out an ulp apart from the float16 path's staged copy of the
+    same loop (tests/test_batch_norm.py's float16 sums test), which must give
+    the same bits; they are under a tile's width, so their walk costs little."""
+    cdef Py_ssize_t r0 = 0, rr, c, cend = c0 + (c1 - c0) // TILE * TILE
+    while r0 < rows:
+        rr = rows - r0 if rows - r0 < group else group
+        c = c0
+        while c < cend:
+            _tile_sums(x + r0 * C + c, rr, C, kb + c, ps1 + c, ps2 + c, r0 > 0)
+            c += TILE
+        r0 += rr
+    if cend < c1:
+        _cols_sums(x + cend, rows, C, c1 - cend, kb + cend, ps1 + cend, ps2 + cend, False)
+
+
+cdef inline void _tiles_dy_sums(const real* dy, const real* x, Py_ssize_t rows, Py_ssize_t C,
+                                Py_ssize_t c0, Py_ssize_t c1, const double* mean, double* pa,
+                                double* pb, Py_ssize_t group) noexcept nogil:
+    """The backward sums of channels c0..c1-1, as _tiles_sums."""
+    cdef Py_ssize_t r0 = 0, rr, c, cend = c0 + (c1 - c0) // TILE * TILE
+    while r0 < rows:
+        rr = rows - r0 if rows - r0 < group else group
+        c = c0
+        while c < cend:
+            _tile_dy_sums(dy + r0 * C + c, x + r0 * C + c, rr, C, mean + c, pa + c, pb + c,
+                          r0 > 0)
+            c += TILE
+        r0 += rr
+    if cend < c1:
+        _cols_dy_sums(dy + cend, x + cend, rows, C, c1 - cend, mean + cend, pa + cend,
+                      pb + cend, False)
+
+
 cdef enum:
     TILE_RUN_ROWS = 32    # float16 tiles: rows gathered and converted at a time
                           # (8 KiB of float64 per array)
@@ -1155,12 +1228,7 @@ cdef void _block_sums(const Plan* p, const real* x, Py_ssize_t rows, const doubl
         if real is uint16_t:
             _tiles_sums_runs(x, rows, p.C, kb, ps1, ps2)
         else:
-            c = c0
-            while c + TILE <= c1:
-                _tile_sums(x + c, rows, p.C, kb + c, ps1 + c, ps2 + c, False)
-                c += TILE
-            if c < c1:
-                _cols_sums(x + c, rows, p.C, c1 - c, kb + c, ps1 + c, ps2 + c, False)
+            _tiles_sums(x, rows, p.C, c0, c1, kb, ps1, ps2, _tile_group(p, sizeof(real), 1))
         return
     _expand(p, kb, e_kb)
     s = 0
@@ -1439,13 +1507,8 @@ cdef void _block_dy_sums(const Plan* p, const real* dy, const real* x, Py_ssize_
         if real is uint16_t:
             _tiles_dy_sums_runs(dy, x, rows, p.C, e_mean, pa, pb)
         else:
-            c = 0
-            while c + TILE <= p.C:
-                _tile_dy_sums(dy + c, x + c, rows, p.C, e_mean + c, pa + c, pb + c, False)
-                c += TILE
-            if c < p.C:
-                _cols_dy_sums(dy + c, x + c, rows, p.C, p.C - c, e_mean + c, pa + c, pb + c,
-                              False)
+            _tiles_dy_sums(dy, x, rows, p.C, 0, p.C, e_mean, pa, pb,
+                           _tile_group(p, sizeof(real), 2))
         return
     _zero(acc_a, W)
     _zero(acc_b, W)
@@ -1751,14 +1814,8 @@ cdef void _strip(const wide* dy, const wide* x, wide* dx, const Plan* p, Py_ssiz
     cdef Py_ssize_t t, r, r0, c, C = p.C
     for t in range(p.nitems):
         r0 = t * p.block_rows * C
-        c = c0
-        while c + TILE <= c1:
-            _tile_dy_sums(dy + r0 + c, x + r0 + c, _block_rows(p, t), C, mean + c,
-                          pa + t * C + c, pb + t * C + c, False)
-            c += TILE
-        if c < c1:
-            _cols_dy_sums(dy + r0 + c, x + r0 + c, _block_rows(p, t), C, c1 - c, mean + c,
-                          pa + t * C + c, pb + t * C + c, False)
+        _tiles_dy_sums(dy + r0, x + r0, _block_rows(p, t), C, c0, c1, mean, pa + t * C,
+                       pb + t * C, p.block_rows)       # (strips: in cache)
     _combine_chunk_sums(p, c0, c1, pa, pb, sum_dy, sum_dyx)
     for c in range(c0, c1):
         _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
@@ -2168,9 +2225,10 @@ def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t items
     """The work decomposition of an (outer, C, inner) array, for tests and
     benchmarks: schedule ("rows", "narrow", "tiles" or "flat"), work items,
     elements per rows segment, outer rows per block, rows per super-row (R0),
-    super-row length (W), whether dx is written with streaming stores, and
+    super-row length (W), whether dx is written with streaming stores,
     whether forward-train and backward with `nthreads` threads run in
-    channel strips."""
+    channel strips, and the rows per group of the channel tiles' statistics
+    (their backward sums take half as many)."""
     cdef Plan p = make_plan(outer, C, inner)
     cdef Plan q = _streaming(&p, itemsize)
     schedule = ("rows" if p.rows else "narrow" if p.narrow
@@ -2179,7 +2237,8 @@ def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t items
     return dict(schedule=schedule, nitems=p.nitems, seg_len=p.seg_len,
                 block_rows=p.block_rows, R0=p.R0, W=p.W, stream_dx=bool(q.stream),
                 forward_strips=bool(_forward_strips(&p, itemsize, nt)),
-                backward_strips=bool(_use_strips(&p, itemsize, 2, nt)))
+                backward_strips=bool(_use_strips(&p, itemsize, 2, nt)),
+                tile_group_rows=_tile_group(&p, itemsize, 1))
 
 
 def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int nthreads):

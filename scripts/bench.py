@@ -139,6 +139,8 @@ BN_SHAPES = [
     ("(32,64,56,56) channels-last", (32, 64, 56, 56), "nhwc", np.float32),
     ("(256,1024)", (256, 1024), "nchw", np.float32),
     ("(8,256,14,14) NCHW", (8, 256, 14, 14), "nchw", np.float32),
+    # a large 2-D input (BatchNorm1d on a big batch), out of cache: channel tiles
+    ("(8192,1024)", (8192, 1024), "nchw", np.float32),
     # float16 data, float32 parameters (torch's mixed-precision batch norm)
     ("(32,64,56,56) NCHW float16", (32, 64, 56, 56), "nchw", np.float16),
 ]

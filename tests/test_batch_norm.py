@@ -680,7 +680,12 @@ def test_float16_sums_are_the_float64_sums_bit_for_bit():
     off for segments with a tail of 8 or more elements."""
     shapes = [(2, 3, n) for n in range(1, 100)] + [
         (3, 2, 513), (1, 2, 8193), (1003, 16, 1), (300, 64, 1), (200, 100, 1), (70, 33, 1),
-        (9, 40, 5), (5, 7, 20)]
+        (9, 40, 5), (5, 7, 20), (2100, 300, 1), (600, 1024, 1)]
+    # the last two: the float64 copy is large enough for the tiles' sums to go
+    # in groups of rows (float16 stages its own runs, never grouped)
+    for outer, C in ((2100, 300), (600, 1024)):
+        plan = _k.plan_info(outer, C, 1, 8)
+        assert plan["schedule"] == "tiles" and plan["tile_group_rows"] < plan["block_rows"]
     for i, (outer, C, inner) in enumerate(shapes):
         rng = np.random.default_rng(i)
         x = (rng.standard_normal((outer, C, inner)) * 3 + 300).astype(np.float16)
