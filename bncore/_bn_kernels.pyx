@@ -932,11 +932,24 @@ cdef enum:
                                       # (65536, 128) lost 6-10% to the groups
 
 
+cdef bint _tile_groups_on = True      # tile_groups(False): whole blocks (tests)
+
+
+def tile_groups(bint on):
+    """Turn the channel tiles' row groups on or off (for tests and side-by-side
+    benchmarks: the bits are the same either way); returns the former
+    setting. Not for use while kernels run on other threads."""
+    global _tile_groups_on
+    cdef bint was = _tile_groups_on
+    _tile_groups_on = on
+    return was
+
+
 cdef inline Py_ssize_t _tile_group(const Plan* p, Py_ssize_t itemsize,
                                    int arrays) noexcept nogil:
     """Rows per group of the channel tiles' reductions over `arrays` arrays
     (a whole block in cache)."""
-    if (p.outer * p.C * p.inner * itemsize > TILE_GROUP_MIN_BYTES
+    if (_tile_groups_on and p.outer * p.C * p.inner * itemsize > TILE_GROUP_MIN_BYTES
             and p.P * itemsize >= TILE_GROUP_MIN_ROW_BYTES):
         return TILE_GROUP_STREAMS // arrays
     return p.block_rows
@@ -954,13 +967,15 @@ cdef inline void _tiles_sums(const real* x, Py_ssize_t rows, Py_ssize_t C, Py_ss
     same loop (tests/test_batch_norm.py's float16 sums test), which must give
     the same bits; they are under a tile's width, so their walk costs little."""
     cdef Py_ssize_t r0 = 0, rr, c, cend = c0 + (c1 - c0) // TILE * TILE
-    while r0 < rows:
+    while True:                 # (at least once: no rows still writes the zeros)
         rr = rows - r0 if rows - r0 < group else group
         c = c0
         while c < cend:
             _tile_sums(x + r0 * C + c, rr, C, kb + c, ps1 + c, ps2 + c, r0 > 0)
             c += TILE
         r0 += rr
+        if r0 >= rows:
+            break
     if cend < c1:
         _cols_sums(x + cend, rows, C, c1 - cend, kb + cend, ps1 + cend, ps2 + cend, False)
 
@@ -970,7 +985,7 @@ cdef inline void _tiles_dy_sums(const real* dy, const real* x, Py_ssize_t rows, 
                                 double* pb, Py_ssize_t group) noexcept nogil:
     """The backward sums of channels c0..c1-1, as _tiles_sums."""
     cdef Py_ssize_t r0 = 0, rr, c, cend = c0 + (c1 - c0) // TILE * TILE
-    while r0 < rows:
+    while True:
         rr = rows - r0 if rows - r0 < group else group
         c = c0
         while c < cend:
@@ -978,6 +993,8 @@ cdef inline void _tiles_dy_sums(const real* dy, const real* x, Py_ssize_t rows, 
                           r0 > 0)
             c += TILE
         r0 += rr
+        if r0 >= rows:
+            break
     if cend < c1:
         _cols_dy_sums(dy + cend, x + cend, rows, C, c1 - cend, mean + cend, pa + cend,
                       pb + cend, False)

@@ -543,6 +543,52 @@ def test_forward_in_channel_strips_is_the_two_pass_result_bit_for_bit(outer, C, 
                 assert a.tobytes() == b.tobytes(), (wb[0] is None, nt)
 
 
+@pytest.mark.parametrize("outer,C,dtype", [
+    (2100, 300, np.float64), (2100, 600, np.float32), (1100, 530, np.float64),
+    (256, 2100, np.float64), (512, 3000, np.float32)])
+def test_tile_row_groups_give_the_whole_blocks_bits(outer, C, dtype):
+    """Out of cache the channel tiles' sums take a block's rows in groups,
+    passing the running sums through the partials; statistics, backward sums,
+    forward-train (y, mean, invstd, M2, running statistics) and backward (dx,
+    sums) must be the bits of whole blocks: short last groups, blocks shorter
+    than a group, the last columns under a tile, outlier pivots at every block
+    start (the retry, in every block and in the last channel), forward and
+    backward strips on and off, 1 and 2 threads."""
+    itemsize = np.dtype(dtype).itemsize
+    plan = _k.plan_info(outer, C, 1, itemsize)
+    assert plan["schedule"] == "tiles" and plan["tile_group_rows"] < plan["block_rows"]
+    rng = np.random.default_rng(outer + C)
+    x = rng.uniform(-50, 50, C) + rng.uniform(0.1, 2, C) * rng.standard_normal((outer, C))
+    starts = np.arange(0, outer, plan["block_rows"])
+    for c in list(rng.choice(C - 1, 5, replace=False)) + [C - 1]:
+        x[starts, c] = 900.0
+    x = x.astype(dtype)
+    dy = rng.standard_normal((outer, C)).astype(dtype)
+    mean = x.astype(np.float64).mean(axis=0)
+    invstd = 1.0 / np.sqrt(x.astype(np.float64).var(axis=0) + 1e-5)
+
+    def run(nt):
+        y, dx = np.full_like(x, 7), np.full_like(x, 7)
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        out = list(_k.stats(x, outer, C, 1, nt)) + list(_k.dy_sums(dy, x, outer, C, 1, mean, nt))
+        out += list(_k.forward(x, y, outer, C, 1, True, rm, rv, None, None, 1e-5, 0.1, True, nt))
+        out += list(_k.backward(dy, x, dx, outer, C, 1, True, mean, invstd, None, nt))
+        return out + [y, dx, rm, rv]
+
+    for strips in (True, False):
+        for nt in (1, 2):
+            results = []
+            for groups in (True, False):
+                was_g, was_s = _k.tile_groups(groups), _k.channel_strips(strips)
+                try:
+                    results.append(run(nt))
+                finally:
+                    _k.tile_groups(was_g)
+                    _k.channel_strips(was_s)
+            for i, (a, b) in enumerate(zip(*results)):
+                assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), (strips, nt, i)
+
+
 def test_channel_views_are_shared_and_immutable():
     """channel_view keeps one view per (shape, axis) of C-contiguous inputs, so
     a view must not be changeable by one caller under another."""
