@@ -1008,8 +1008,8 @@ cdef enum:
 cdef inline void _tiles_sums_runs(const uint16_t* x, Py_ssize_t rows, Py_ssize_t C,
                                   const double* pivot, double* ps1, double* ps2) noexcept nogil:
     """The tiles' sums over float16 rows (stride C): each tile's (or the last
-    columns') values gathered TILE_RUN_ROWS rows at a time into a float32
-    buffer (exact) and added by the float32 code, rows in order."""
+    columns') values gathered TILE_RUN_ROWS rows at a time into a float64
+    buffer (exact) and added by the float64 code, rows in order."""
     cdef double buf[TILE_RUN_ROWS * TILE]
     cdef Py_ssize_t c = 0, w, r0, rr, r
     while c < C:
@@ -1748,7 +1748,7 @@ cdef inline bint _use_strips(const Plan* p, Py_ssize_t itemsize, int arrays,
             and p.outer * STRIP * itemsize * arrays <= STRIP_MAX_BYTES
             # (never binding for backward, whose size cap already keeps the
             # thread count _threads_for gives at or below the strips)
-            and (p.C + STRIP - 1) // STRIP >= nthreads)
+            and _strip_count(p) >= nthreads)
 
 
 cdef inline bint _forward_strips(const Plan* p, Py_ssize_t itemsize, int nthreads) noexcept nogil:
@@ -1760,6 +1760,15 @@ cdef inline bint _forward_strips(const Plan* p, Py_ssize_t itemsize, int nthread
     # thread 5-16%
     return nthreads > 1 and p.block_rows < STRIP_FWD_ROWS and _use_strips(p, itemsize, 1,
                                                                            nthreads)
+
+
+cdef inline Py_ssize_t _strip_count(const Plan* p) noexcept nogil:
+    return (p.C + STRIP - 1) // STRIP
+
+
+cdef inline Py_ssize_t _strip_end(const Plan* p, Py_ssize_t t) noexcept nogil:
+    """One past strip t's last channel (its first: t * STRIP)."""
+    return (t + 1) * STRIP if (t + 1) * STRIP < p.C else p.C
 
 
 cdef inline double _invstd_of(double m2, double n, double eps) noexcept nogil:
@@ -1780,7 +1789,7 @@ cdef void _strip_forward(const wide* x, wide* y, const Plan* p, Py_ssize_t c0, P
     _combine_chunk_mean_m2(p, counts, n, c0, c1, pivot, pmean, pm2, mean, m2)
     for c in range(c0, c1):
         invstd[c] = _invstd_of(m2[c], n, eps)
-        scale[c] = invstd[c] * scale[c]             # as _normalize
+        scale[c] = invstd[c] * scale[c]             # as _gains, once invstd is known
     r = p.outer
     while r > 0:
         r -= 1
@@ -1792,7 +1801,7 @@ cdef int _strips_forward(const wide* x, wide* y, const Plan* p, Vec weight, Vec 
                          double eps, double* mean, double* invstd, double* m2,
                          int nt) noexcept nogil:
     """Forward-train's mean, M2, invstd and y in channel strips."""
-    cdef Py_ssize_t C = p.C, t, c, c1, nstrips = (p.C + STRIP - 1) // STRIP
+    cdef Py_ssize_t C = p.C, t, nstrips = _strip_count(p)
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + 4 * C + p.nparts
                                                          + 1))
     if buf == NULL:
@@ -1804,21 +1813,18 @@ cdef int _strips_forward(const wide* x, wide* y, const Plan* p, Vec weight, Vec 
     cdef double* scale = kb + C
     cdef double* shift = scale + C
     cdef double* counts = shift + C
-    for c in range(C):
-        pivot[c] = _pivot_of(_d(x[c * p.inner]))
+    _channel_pivots(x, p, pivot)
     _part_counts(p, counts)
     _widen(weight, C, 1.0, scale)
     _widen(bias, C, 0.0, shift)
     if nt == 1:
         for t in range(nstrips):
-            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
-            _strip_forward(x, y, p, t * STRIP, c1, eps, pivot, counts, kb, pmean, pm2, mean,
-                           m2, invstd, scale, shift)
+            _strip_forward(x, y, p, t * STRIP, _strip_end(p, t), eps, pivot, counts, kb, pmean,
+                           pm2, mean, m2, invstd, scale, shift)
     else:
         for t in prange(nstrips, schedule='static', num_threads=nt):
-            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
-            _strip_forward(x, y, p, t * STRIP, c1, eps, pivot, counts, kb, pmean, pm2, mean,
-                           m2, invstd, scale, shift)
+            _strip_forward(x, y, p, t * STRIP, _strip_end(p, t), eps, pivot, counts, kb, pmean,
+                           pm2, mean, m2, invstd, scale, shift)
     free(buf)
     return 0
 
@@ -1832,7 +1838,7 @@ cdef void _strip(const wide* dy, const wide* x, wide* dx, const Plan* p, Py_ssiz
     for t in range(p.nitems):
         r0 = t * p.block_rows * C
         _tiles_dy_sums(dy + r0, x + r0, _block_rows(p, t), C, c0, c1, mean, pa + t * C,
-                       pb + t * C, p.block_rows)       # (strips: in cache)
+                       pb + t * C, _tile_group(p, sizeof(wide), 2))
     _combine_chunk_sums(p, c0, c1, pa, pb, sum_dy, sum_dyx)
     for c in range(c0, c1):
         _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
@@ -1847,7 +1853,7 @@ cdef int _strips_backward(const wide* dy, const wide* x, wide* dx, const Plan* p
                           bint training, double n, const double* mean, const double* invstd,
                           Vec weight, double* sum_dy, double* sum_dyx, int nt) noexcept nogil:
     """backward() in channel strips: sum_dy, sum_dyx and dx."""
-    cdef Py_ssize_t C = p.C, t, c1, nstrips = (p.C + STRIP - 1) // STRIP
+    cdef Py_ssize_t C = p.C, t, nstrips = _strip_count(p)
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * p.nparts * C + 3 * C + 1))
     if buf == NULL:
         return -1
@@ -1856,17 +1862,15 @@ cdef int _strips_backward(const wide* dy, const wide* x, wide* dx, const Plan* p
     cdef double* g = pb + p.nparts * C
     cdef double* a = g + C
     cdef double* k = a + C
-    _dx_gains(weight, invstd, C, g)
+    _gains(weight, invstd, C, g)
     if nt == 1:
         for t in range(nstrips):
-            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
-            _strip(dy, x, dx, p, t * STRIP, c1, training, n, mean, invstd, g, pa, pb, a, k,
-                   sum_dy, sum_dyx)
+            _strip(dy, x, dx, p, t * STRIP, _strip_end(p, t), training, n, mean, invstd, g, pa,
+                   pb, a, k, sum_dy, sum_dyx)
     else:
         for t in prange(nstrips, schedule='static', num_threads=nt):
-            c1 = (t + 1) * STRIP if (t + 1) * STRIP < C else C
-            _strip(dy, x, dx, p, t * STRIP, c1, training, n, mean, invstd, g, pa, pb, a, k,
-                   sum_dy, sum_dyx)
+            _strip(dy, x, dx, p, t * STRIP, _strip_end(p, t), training, n, mean, invstd, g, pa,
+                   pb, a, k, sum_dy, sum_dyx)
     free(buf)
     return 0
 
@@ -1962,6 +1966,13 @@ cdef inline Py_ssize_t _expand_len(const Plan* p) noexcept nogil:
     return 0 if p.rows or (p.R0 == 1 and p.inner == 1) else p.W
 
 
+cdef inline void _channel_pivots(const real* x, const Plan* p, double* pivot) noexcept nogil:
+    """Each channel's pivot K_c: its first element (0 if that is Inf or NaN)."""
+    cdef Py_ssize_t c
+    for c in range(p.C):
+        pivot[c] = _pivot_of(_d(x[c * p.inner]))
+
+
 cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
                   int nthreads, double* pivot_out=NULL) noexcept nogil:
     """Per-channel mean and M2 = sum (x - mean)^2 (needs outer * inner >= 1).
@@ -1989,8 +2000,7 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     cdef double* pivot = scratch + nscr
     cdef double* counts = pivot + C
     cdef double* stage = counts + p.nparts
-    for c in range(C):
-        pivot[c] = _pivot_of(_d(x[c * p.inner]))
+    _channel_pivots(x, p, pivot)
     _part_counts(p, counts)
     _stats_partials(x, p, pivot, pmean, pm2, scratch, stage, nthreads)
     if pivot_out != NULL:
@@ -2046,6 +2056,16 @@ cdef int _forward(const real* x, real* y, const Plan* p, bint training, Vec runn
     return _normalize(x, y, p, mean, invstd, weight, bias, nt)
 
 
+cdef inline void _gains(Vec weight, const double* invstd, Py_ssize_t C,
+                        double* g) noexcept nogil:
+    """g = invstd * weight (weight None: invstd): the scale of y and the gain
+    of dx."""
+    cdef Py_ssize_t c
+    _widen(weight, C, 1.0, g)
+    for c in range(C):
+        g[c] = invstd[c] * g[c]
+
+
 cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
                     const double* invstd, Vec weight, Vec bias, int nt) noexcept nogil:
     """y = (x - mean) * (invstd * weight) + bias, in float64. Returns -1 when out of memory."""
@@ -2057,9 +2077,7 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
     cdef double* scale = buf
     cdef double* shift = scale + C
     cdef double* stage = shift + C + 3 * E
-    _widen(weight, C, 1.0, scale)
-    for c in range(C):
-        scale[c] = invstd[c] * scale[c]
+    _gains(weight, invstd, C, scale)
     _widen(bias, C, 0.0, shift)
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
@@ -2136,15 +2154,6 @@ cdef int _sums(const real* dy, const real* x, const Plan* p, const double* mean,
     return 0
 
 
-cdef inline void _dx_gains(Vec weight, const double* invstd, Py_ssize_t C,
-                           double* g) noexcept nogil:
-    """g = weight * invstd (weight None: invstd), the gain of dx."""
-    cdef Py_ssize_t c
-    _widen(weight, C, 1.0, g)
-    for c in range(C):
-        g[c] = invstd[c] * g[c]
-
-
 cdef inline void _dx_consts(bint training, double n, double s, double sdy, double sdyx,
                             double* a, double* k) noexcept nogil:
     """One channel's a and k of dx (invstd s, sums over n values per channel)."""
@@ -2172,7 +2181,7 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef double* k = a + C
     cdef double* e_buf = k + C
     cdef double* stage = e_buf + 4 * E
-    _dx_gains(weight, invstd, C, g)
+    _gains(weight, invstd, C, g)
     for c in range(C):
         _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
     cdef const double* e_mean = _expand_into(p, mean, e_buf)
