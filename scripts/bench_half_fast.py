@@ -8,21 +8,21 @@ this measures only speed.
     python scripts/bench_half_fast.py [--threads 2] [--reps 7]
 """
 import argparse
-import time
 
 import numpy as np
 
 import bncore
+from bench import time_loop     # (bench puts this checkout first on sys.path)
 from bncore import _bn_kernels as kernels
 
 SHAPES = [(32, 64, 56, 56), (8, 256, 14, 14)]
 
 
-def per_call_ms(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e3
+MIN_TIME = 0.03       # seconds per timing, each path in turn
+
+
+def per_call_ms(fn) -> float:
+    return time_loop(fn, MIN_TIME, batches=3) * 1e3
 
 
 def main() -> None:
@@ -49,7 +49,6 @@ def main() -> None:
         w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
         rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
         _, mean, invstd = bncore.batch_norm_forward(x, w, b)
-        n = max(3, int(3e6 / x.size))
         cases = {
             "forward-train": lambda: bncore.batch_norm_forward(x, w, b, rm, rv, num_threads=nt),
             "forward-eval": lambda: bncore.batch_norm_forward(x, w, b, rm, rv, training=False,
@@ -74,11 +73,11 @@ def main() -> None:
             off = on = tt = float("inf")
             for _ in range(args.reps):          # interleaved: slow phases hit all alike
                 kernels.half_fast(False)
-                off = min(off, per_call_ms(fn, n))
+                off = min(off, per_call_ms(fn))
                 kernels.half_fast(True)
-                on = min(on, per_call_ms(fn, n))
+                on = min(on, per_call_ms(fn))
                 if name in theirs:
-                    tt = min(tt, per_call_ms(theirs[name], n))
+                    tt = min(tt, per_call_ms(theirs[name]))
             t = f"{tt:.3f} | {tt / on:.2f}" if name in theirs else "- | -"
             print(f"| {name} {shape} float16 | {off:.3f} | {on:.3f} | {off / on:.2f}x | {t} |")
 

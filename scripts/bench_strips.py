@@ -11,28 +11,28 @@ and on (best of the repetitions, the two interleaved), whether this thread
 count takes strips, and torch's time for the same call.
 """
 import argparse
-import time
 
 import numpy as np
 
 import bncore
+from bench import time_loop     # (bench puts this checkout first on sys.path)
 from bncore import _bn_kernels as kernels
 
 SHAPES = [(256, 1024), (128, 512), (512, 256), (64, 4096), (32, 2048), (256, 100),
           (16, 1000), (1024, 128)]
 
 
-def per_call_us(fn, n: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - t0) / n * 1e6
+MIN_TIME = 0.02       # seconds per timing, each schedule in turn
 
 
-def best_of(fn, n: int, reps: int, strips: bool) -> float:
+def per_call_us(fn) -> float:
+    return time_loop(fn, MIN_TIME, batches=3) * 1e6
+
+
+def with_strips(fn, strips: bool) -> float:
     kernels.channel_strips(strips)
     try:
-        return min(per_call_us(fn, n) for _ in range(reps))
+        return per_call_us(fn)
     finally:
         kernels.channel_strips(True)
 
@@ -58,7 +58,6 @@ def main() -> None:
         dy = rng.standard_normal((N, C)).astype(np.float32)
         w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
         _, mean, invstd = bncore.batch_norm_forward(x, w, b, num_threads=nt)
-        n = max(20, int(2e6 / x.size))
         fwd = lambda: bncore.batch_norm_forward(x, w, b, num_threads=nt)  # noqa: E731
         bwd = lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w,  # noqa: E731
                                                  num_threads=nt)
@@ -67,8 +66,8 @@ def main() -> None:
         for fn, key in ((fwd, "forward_strips"), (bwd, "backward_strips")):
             off = on = float("inf")
             for _ in range(args.reps):           # interleaved: slow phases hit both
-                off = min(off, best_of(fn, n, 1, False))
-                on = min(on, best_of(fn, n, 1, True))
+                off = min(off, with_strips(fn, False))
+                on = min(on, with_strips(fn, True))
             row += [f"{off:.1f}", f"{on:.1f}", f"{off / on:.2f}x", "yes" if info[key] else "no"]
         if torch is not None:
             tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
@@ -76,9 +75,9 @@ def main() -> None:
             ti = torch.from_numpy(invstd.astype(np.float32))
             tdy = torch.from_numpy(dy)
             tf = min(per_call_us(lambda: torch.nn.functional.batch_norm(
-                tx, None, None, tw, tb, True), n) for _ in range(args.reps))
+                tx, None, None, tw, tb, True)) for _ in range(args.reps))
             tbw = min(per_call_us(lambda: torch.ops.aten.native_batch_norm_backward(
-                tdy, tx, tw, None, None, tm, ti, True, 1e-5, [True, True, True]), n)
+                tdy, tx, tw, None, None, tm, ti, True, 1e-5, [True, True, True]))
                 for _ in range(args.reps))
             row += [f"{tf:.1f}", f"{tbw:.1f}"]
         else:
