@@ -68,6 +68,24 @@ cdef extern from "_half_fast.h" nogil:
     uint32_t bncore_half_dx_run(const uint16_t* dy, const uint16_t* x, uint16_t* dx,
                                 Py_ssize_t n, double mean, double g, double a, double k)
 
+cdef extern from "_float_rows.h" nogil:
+    enum: BNCORE_FLOAT_ROWS
+    Py_ssize_t bncore_affine1_f32(const float* x, float* y, Py_ssize_t n, const double* mean,
+                                  const double* scale, const double* shift)
+    Py_ssize_t bncore_dx1_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
+                              const double* mean, const double* g, const double* a,
+                              const double* k)
+    Py_ssize_t bncore_affine4_f32(const float* x, float* y, Py_ssize_t W, const double* mean,
+                                  const double* scale, const double* shift)
+    Py_ssize_t bncore_dx4_f32(const float* dy, const float* x, float* dx, Py_ssize_t W,
+                              const double* mean, const double* g, const double* a,
+                              const double* k)
+    void bncore_tile_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t stride,
+                              const double* pivot, double* s, double* q, int add)
+    void bncore_tile_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows,
+                                 Py_ssize_t stride, const double* mean, double* sa, double* sb,
+                                 int add)
+
 cdef extern from "_stream.h" nogil:
     void bncore_stream_f32(float* dst, const float* src, Py_ssize_t n)
     void bncore_stream_f64(double* dst, const double* src, Py_ssize_t n)
@@ -560,6 +578,24 @@ cdef inline real _dx_at(real dy, real x, double mean, double g, double a,
     return _r(g * ((_d(dy) - a) - (_d(x) - mean) * k), &x)
 
 
+# float32 elementwise rows: AVX-512 intrinsics (_float_rows.h) for all but the
+# last n % 8 elements of a row (or of four rows), where the build has them and
+# float_rows(True) (default); the same bits as the loops below.
+
+cdef bint _float_rows_on = True
+
+
+def float_rows(bint on):
+    """Turn the AVX-512 float32 loops (_float_rows.h) on or off (for
+    tests and side-by-side benchmarks: the bits are the Cython loops' either
+    way); returns the former setting, and whether this build has them. Not for
+    use while kernels run on other threads."""
+    global _float_rows_on
+    cdef bint was = _float_rows_on
+    _float_rows_on = on
+    return was, bool(BNCORE_FLOAT_ROWS)
+
+
 # --------------------------------------------------------------------------
 # Flat loops over one super-row (blocks schedule); e_* are expanded constants
 
@@ -625,16 +661,22 @@ cdef inline void _flat_dy_sums(const real* dy, const real* x, Py_ssize_t n,
 
 cdef inline void _flat_affine(const real* x, real* y, Py_ssize_t n, const double* e_mean,
                               const double* e_scale, const double* e_shift) noexcept nogil:
-    cdef Py_ssize_t j
-    for j in range(n):
+    cdef Py_ssize_t j, j0 = 0
+    if real is float:
+        if _float_rows_on:
+            j0 = bncore_affine1_f32(x, y, n, e_mean, e_scale, e_shift)
+    for j in range(j0, n):
         y[j] = _affine_at(x[j], e_mean[j], e_scale[j], e_shift[j])
 
 
 cdef inline void _flat_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
                           const double* e_mean, const double* e_g, const double* e_a,
                           const double* e_k) noexcept nogil:
-    cdef Py_ssize_t j
-    for j in range(n):
+    cdef Py_ssize_t j, j0 = 0
+    if real is float:
+        if _float_rows_on:
+            j0 = bncore_dx1_f32(dy, x, dx, n, e_mean, e_g, e_a, e_k)
+    for j in range(j0, n):
         dx[j] = _dx_at(dy[j], x[j], e_mean[j], e_g[j], e_a[j], e_k[j])
 
 
@@ -646,32 +688,52 @@ cdef inline void _flat_dx(const real* dy, const real* x, real* dx, Py_ssize_t n,
 
 cdef inline void _flat_affine4(const real* x, real* y, Py_ssize_t W, const double* e_mean,
                                const double* e_scale, const double* e_shift) noexcept nogil:
-    cdef Py_ssize_t j
+    cdef Py_ssize_t j, j0 = 0
     cdef double m, sc, sh
-    for j in range(W):
+    cdef real x0, x1, x2, x3
+    if real is float:
+        if _float_rows_on:
+            j0 = bncore_affine4_f32(x, y, W, e_mean, e_scale, e_shift)
+    for j in range(j0, W):
         m = e_mean[j]
         sc = e_scale[j]
         sh = e_shift[j]
-        y[j] = _affine_at(x[j], m, sc, sh)
-        y[W + j] = _affine_at(x[W + j], m, sc, sh)
-        y[2 * W + j] = _affine_at(x[2 * W + j], m, sc, sh)
-        y[3 * W + j] = _affine_at(x[3 * W + j], m, sc, sh)
+        x0 = x[j]
+        x1 = x[W + j]
+        x2 = x[2 * W + j]
+        x3 = x[3 * W + j]
+        y[j] = _affine_at(x0, m, sc, sh)
+        y[W + j] = _affine_at(x1, m, sc, sh)
+        y[2 * W + j] = _affine_at(x2, m, sc, sh)
+        y[3 * W + j] = _affine_at(x3, m, sc, sh)
 
 
 cdef inline void _flat_dx4(const real* dy, const real* x, real* dx, Py_ssize_t W,
                            const double* e_mean, const double* e_g, const double* e_a,
                            const double* e_k) noexcept nogil:
-    cdef Py_ssize_t j
+    cdef Py_ssize_t j, j0 = 0
     cdef double m, g, a, k
-    for j in range(W):
+    cdef real d0, d1, d2, d3, x0, x1, x2, x3
+    if real is float:
+        if _float_rows_on:
+            j0 = bncore_dx4_f32(dy, x, dx, W, e_mean, e_g, e_a, e_k)
+    for j in range(j0, W):
         m = e_mean[j]
         g = e_g[j]
         a = e_a[j]
         k = e_k[j]
-        dx[j] = _dx_at(dy[j], x[j], m, g, a, k)
-        dx[W + j] = _dx_at(dy[W + j], x[W + j], m, g, a, k)
-        dx[2 * W + j] = _dx_at(dy[2 * W + j], x[2 * W + j], m, g, a, k)
-        dx[3 * W + j] = _dx_at(dy[3 * W + j], x[3 * W + j], m, g, a, k)
+        d0 = dy[j]
+        d1 = dy[W + j]
+        d2 = dy[2 * W + j]
+        d3 = dy[3 * W + j]
+        x0 = x[j]
+        x1 = x[W + j]
+        x2 = x[2 * W + j]
+        x3 = x[3 * W + j]
+        dx[j] = _dx_at(d0, x0, m, g, a, k)
+        dx[W + j] = _dx_at(d1, x1, m, g, a, k)
+        dx[2 * W + j] = _dx_at(d2, x2, m, g, a, k)
+        dx[3 * W + j] = _dx_at(d3, x3, m, g, a, k)
 
 
 # Channel tiles (inner == 1): TILE consecutive channels of every row of a
@@ -837,6 +899,10 @@ cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
     cdef int k
     cdef const real* a
     cdef double d
+    if real is float:
+        if BNCORE_FLOAT_ROWS and _float_rows_on:
+            bncore_tile_sums_f32(x, rows, stride, pivot, ps1, ps2, add)
+            return
     for k in range(TILE):
         s[k] = ps1[k] if add else 0.0
         q[k] = ps2[k] if add else 0.0
@@ -862,6 +928,10 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
     cdef Py_ssize_t r
     cdef int k
     cdef double g
+    if real is float:
+        if BNCORE_FLOAT_ROWS and _float_rows_on:
+            bncore_tile_dy_sums_f32(dy, x, rows, stride, mean, pa, pb, add)
+            return
     for k in range(TILE):
         sa[k] = pa[k] if add else 0.0
         sb[k] = pb[k] if add else 0.0

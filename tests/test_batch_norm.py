@@ -589,6 +589,73 @@ def test_tile_row_groups_give_the_whole_blocks_bits(outer, C, dtype):
                 assert np.asarray(a).tobytes() == np.asarray(b).tobytes(), (strips, nt, i)
 
 
+_, HAVE_FLOAT_ROWS = _k.float_rows(True)
+
+
+@pytest.mark.skipif(not HAVE_FLOAT_ROWS, reason="this build has no AVX-512 float32 rows "
+                    "(_float_rows.h needs AVX-512F and FMA: -march=native on such a CPU); "
+                    "the Cython loops are then the only path")
+@pytest.mark.parametrize("shape,axis", [
+    ((256, 1024), 1), ((40, 1057), 1), ((3, 1000), 1), ((17, 129), 1), ((100, 300), 1),
+    ((2100, 600), 1), ((7, 13, 5), 1), ((6, 3, 2, 7), 1), ((9, 70), 1), ((513, 64), 1),
+    ((4, 6, 5, 24), 3)])
+def test_float_rows_give_the_cython_loops_bits(shape, axis):
+    """The AVX-512 float32 loops (_float_rows.h: affine and dx over one row
+    or four, the channel tiles' sums) must give the bits of the Cython loops
+    they stand in for, which compute the same float64 operations: forward-train
+    (y, mean, invstd, running statistics), forward-eval, backward (dx and the
+    parameter gradients, training and eval), with and without weight and
+    bias, on rows whose length is not a multiple of 8 and blocks whose row
+    count is not a multiple of 4, channels whose mean is 1e4 times their
+    spread, a nearly constant channel, Inf and NaN; strips on and off; 1 to 3
+    threads."""
+    rng = np.random.default_rng(sum(shape))
+    C = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    x = (rng.uniform(-1e4, 1e4, C).reshape(bshape)
+         + rng.uniform(1e-3, 3, C).reshape(bshape) * rng.standard_normal(shape))
+    x = np.moveaxis(x, axis, -1)
+    x[..., 1] = 0.25 + 1e-9 * rng.standard_normal(x.shape[:-1])
+    x.reshape(-1, C)[0, C - 1] = np.inf
+    x.reshape(-1, C)[-1, 0] = np.nan
+    x = np.moveaxis(x, -1, axis).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    dy.reshape(-1)[dy.size // 3] = np.nan
+
+    def run(weight, bias, nt):
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        y, mean, invstd = bncore.batch_norm_forward(x, weight, bias, rm, rv, axis=axis,
+                                                    num_threads=nt)
+        ye = bncore.batch_norm_forward(x, weight, bias, rm, rv, training=False, axis=axis,
+                                       num_threads=nt)[0]
+        with np.errstate(all="ignore"):
+            g_train = bncore.batch_norm_backward(dy, x, mean, invstd, weight, axis=axis,
+                                                 num_threads=nt)
+            g_eval = bncore.batch_norm_backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), weight,
+                                                training=False, axis=axis, num_threads=nt)
+        return [y, mean, invstd, rm, rv, ye, *g_train, *g_eval]
+
+    w, b = rng.normal(1, 0.2, C).astype(np.float32), rng.normal(0, 1, C).astype(np.float32)
+    for weight, bias in ((None, None), (w, b)):
+        for strips in (True, False):
+            for nt in (1, 2, 3):
+                results = []
+                for on in (True, False):
+                    was_r, was_s = _k.float_rows(on)[0], _k.channel_strips(strips)
+                    try:
+                        results.append(run(weight, bias, nt))
+                    finally:
+                        _k.float_rows(was_r)
+                        _k.channel_strips(was_s)
+                for i, (a, c) in enumerate(zip(*results)):
+                    if a is None:
+                        assert c is None
+                        continue
+                    assert np.asarray(a).tobytes() == np.asarray(c).tobytes(), (
+                        weight is None, strips, nt, i)
+
+
 def test_channel_views_are_shared_and_immutable():
     """channel_view keeps one view per (shape, axis) of C-contiguous inputs, so
     a view must not be changeable by one caller under another."""

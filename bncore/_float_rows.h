@@ -1,0 +1,220 @@
+/* float32 batch-norm loops written with AVX-512 intrinsics, with the float64
+ * arithmetic of the Cython loops they stand in for (_bn_kernels.pyx: _affine_at
+ * and _dx_at over four super-rows or one, the channel tiles' sums), so that each
+ * group of eight elements converts straight from and to memory (vcvtps2pd zmm,
+ * m256 / vcvtpd2ps m256, zmm).
+ *
+ * Why: GCC vectorizes the Cython loops sixteen floats at a time, then splits
+ * each zmm of floats into two halves of doubles and joins the results again (a
+ * vextractf32x8 per load, a vinsertf64x4 per store). On Zen 4 those shuffles
+ * cost about a fifth of an in-cache affine pass (a C loop over L2-resident
+ * (64, 1024), one thread: 0.163 ns per element with GCC's code, 0.133 here) and
+ * a tenth of the tiles' sums (0.121 -> 0.108). Side by side in the package
+ * (scripts/bench_switch.py float_rows): BENCHMARKS.md, 2026-11-28 eighth session.
+ *
+ * The same bits: each element takes the same IEEE float64 operations on the
+ * same operands, in the same order, as the Cython loop compiled with FMA
+ * contraction (GCC's default, -ffp-contract=fast, on every target with FMA, as
+ * every AVX-512 target has):
+ *     y  = (float)fma(x - mean, scale, shift)
+ *     dx = (float)(g * fma(-(x - mean), k, dy - a))
+ *     s += x - pivot; q = fma(x - pivot, x - pivot, q)      (each channel, rows in order)
+ *     sa += dy;       sb = fma(dy, x - mean, sb)
+ * tests/test_batch_norm.py (test_float_rows_give_the_cython_loops_bits)
+ * compares the two paths bit for bit, bncore._bn_kernels.float_rows(False)
+ * turning this one off. (A product rounded apart from its add would rarely show
+ * there: with float32 data x - pivot is exact and its square too, and y, dx
+ * round a float64 value to float32. What the test catches is a different
+ * operand, order or formula.)
+ *
+ * The four-row loops read the four rows before storing any: with rows of
+ * 4 KiB and y at x's offset in a page, a store and then a load one row on
+ * would alias in the store buffer's address check.
+ *
+ * The elementwise functions do elements [0, n - n % 8) (of each row) and return
+ * that count; the caller does the rest with the Cython loop. Without AVX-512
+ * and FMA every function does nothing (the elementwise ones return 0), and the
+ * caller, which tests BNCORE_FLOAT_ROWS for the sums, does all. */
+#ifndef BNCORE_FLOAT_ROWS_H
+#define BNCORE_FLOAT_ROWS_H
+#include <stddef.h>
+
+#if defined(__AVX512F__) && defined(__FMA__)
+#include <immintrin.h>
+#define BNCORE_FLOAT_ROWS 1
+
+static inline ptrdiff_t bncore_affine4_f32(const float* x, float* y, ptrdiff_t W,
+                                           const double* mean, const double* scale,
+                                           const double* shift)
+{
+    ptrdiff_t j, r, end = W - W % 8;
+    for (j = 0; j < end; j += 8) {
+        __m512d m = _mm512_loadu_pd(mean + j), s = _mm512_loadu_pd(scale + j);
+        __m512d b = _mm512_loadu_pd(shift + j), v[4];
+        for (r = 0; r < 4; r++)
+            v[r] = _mm512_cvtps_pd(_mm256_loadu_ps(x + r * W + j));
+        for (r = 0; r < 4; r++)
+            _mm256_storeu_ps(y + r * W + j,
+                             _mm512_cvtpd_ps(_mm512_fmadd_pd(_mm512_sub_pd(v[r], m), s, b)));
+    }
+    return end;
+}
+
+static inline ptrdiff_t bncore_dx4_f32(const float* dy, const float* x, float* dx,
+                                       ptrdiff_t W, const double* mean, const double* g,
+                                       const double* a, const double* k)
+{
+    ptrdiff_t j, r, end = W - W % 8;
+    for (j = 0; j < end; j += 8) {
+        __m512d m = _mm512_loadu_pd(mean + j), gg = _mm512_loadu_pd(g + j);
+        __m512d aa = _mm512_loadu_pd(a + j), kk = _mm512_loadu_pd(k + j), t[4], d[4];
+        for (r = 0; r < 4; r++) {
+            t[r] = _mm512_cvtps_pd(_mm256_loadu_ps(dy + r * W + j));
+            d[r] = _mm512_cvtps_pd(_mm256_loadu_ps(x + r * W + j));
+        }
+        for (r = 0; r < 4; r++) {
+            __m512d t3 = _mm512_fnmadd_pd(_mm512_sub_pd(d[r], m), kk, _mm512_sub_pd(t[r], aa));
+            _mm256_storeu_ps(dx + r * W + j, _mm512_cvtpd_ps(_mm512_mul_pd(gg, t3)));
+        }
+    }
+    return end;
+}
+
+/* one row of n elements (the channel strips' rows, a block's last rows) */
+static inline ptrdiff_t bncore_affine1_f32(const float* x, float* y, ptrdiff_t n,
+                                           const double* mean, const double* scale,
+                                           const double* shift)
+{
+    ptrdiff_t j, end = n - n % 8;
+    for (j = 0; j < end; j += 8) {
+        __m512d v = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)),
+                                  _mm512_loadu_pd(mean + j));
+        v = _mm512_fmadd_pd(v, _mm512_loadu_pd(scale + j), _mm512_loadu_pd(shift + j));
+        _mm256_storeu_ps(y + j, _mm512_cvtpd_ps(v));
+    }
+    return end;
+}
+
+static inline ptrdiff_t bncore_dx1_f32(const float* dy, const float* x, float* dx,
+                                       ptrdiff_t n, const double* mean, const double* g,
+                                       const double* a, const double* k)
+{
+    ptrdiff_t j, end = n - n % 8;
+    for (j = 0; j < end; j += 8) {
+        __m512d t = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(dy + j)),
+                                  _mm512_loadu_pd(a + j));
+        __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)),
+                                  _mm512_loadu_pd(mean + j));
+        t = _mm512_fnmadd_pd(d, _mm512_loadu_pd(k + j), t);
+        _mm256_storeu_ps(dx + j, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_loadu_pd(g + j), t)));
+    }
+    return end;
+}
+
+/* The channel tiles' sums (_tile_sums, _tile_dy_sums: TILE = 32 channels of
+ * `rows` rows a stride apart), each channel's sum taking the rows in order:
+ *     s += x - pivot; q = fma(x - pivot, x - pivot, q)
+ *     sa += dy;       sb = fma(dy, x - mean, sb)
+ * into s, q (sa, sb): with add, added to what they hold, else from 0. */
+static inline void bncore_tile_sums_f32(const float* x, ptrdiff_t rows, ptrdiff_t stride,
+                                        const double* pivot, double* s, double* q, int add)
+{
+    __m512d S[4], Q[4], P[4];
+    ptrdiff_t r;
+    int k;
+    for (k = 0; k < 4; k++) {
+        S[k] = add ? _mm512_loadu_pd(s + 8 * k) : _mm512_setzero_pd();
+        Q[k] = add ? _mm512_loadu_pd(q + 8 * k) : _mm512_setzero_pd();
+        P[k] = _mm512_loadu_pd(pivot + 8 * k);
+    }
+    for (r = 0; r < rows; r++) {
+        const float* a = x + r * stride;
+        for (k = 0; k < 4; k++) {
+            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + 8 * k)), P[k]);
+            S[k] = _mm512_add_pd(S[k], d);
+            Q[k] = _mm512_fmadd_pd(d, d, Q[k]);
+        }
+    }
+    for (k = 0; k < 4; k++) {
+        _mm512_storeu_pd(s + 8 * k, S[k]);
+        _mm512_storeu_pd(q + 8 * k, Q[k]);
+    }
+}
+
+static inline void bncore_tile_dy_sums_f32(const float* dy, const float* x, ptrdiff_t rows,
+                                           ptrdiff_t stride, const double* mean, double* sa,
+                                           double* sb, int add)
+{
+    __m512d A[4], B[4], M[4];
+    ptrdiff_t r;
+    int k;
+    for (k = 0; k < 4; k++) {
+        A[k] = add ? _mm512_loadu_pd(sa + 8 * k) : _mm512_setzero_pd();
+        B[k] = add ? _mm512_loadu_pd(sb + 8 * k) : _mm512_setzero_pd();
+        M[k] = _mm512_loadu_pd(mean + 8 * k);
+    }
+    for (r = 0; r < rows; r++) {
+        const float* g = dy + r * stride;
+        const float* a = x + r * stride;
+        for (k = 0; k < 4; k++) {
+            __m512d gg = _mm512_cvtps_pd(_mm256_loadu_ps(g + 8 * k));
+            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + 8 * k)), M[k]);
+            A[k] = _mm512_add_pd(A[k], gg);
+            B[k] = _mm512_fmadd_pd(gg, d, B[k]);
+        }
+    }
+    for (k = 0; k < 4; k++) {
+        _mm512_storeu_pd(sa + 8 * k, A[k]);
+        _mm512_storeu_pd(sb + 8 * k, B[k]);
+    }
+}
+
+#else
+#define BNCORE_FLOAT_ROWS 0
+
+static inline void bncore_tile_sums_f32(const float* x, ptrdiff_t rows, ptrdiff_t stride,
+                                        const double* pivot, double* s, double* q, int add)
+{
+    (void)x; (void)rows; (void)stride; (void)pivot; (void)s; (void)q; (void)add;
+}
+
+static inline void bncore_tile_dy_sums_f32(const float* dy, const float* x, ptrdiff_t rows,
+                                           ptrdiff_t stride, const double* mean, double* sa,
+                                           double* sb, int add)
+{
+    (void)dy; (void)x; (void)rows; (void)stride; (void)mean; (void)sa; (void)sb; (void)add;
+}
+
+static inline ptrdiff_t bncore_affine1_f32(const float* x, float* y, ptrdiff_t n,
+                                           const double* mean, const double* scale,
+                                           const double* shift)
+{
+    (void)x; (void)y; (void)n; (void)mean; (void)scale; (void)shift;
+    return 0;
+}
+
+static inline ptrdiff_t bncore_dx1_f32(const float* dy, const float* x, float* dx,
+                                       ptrdiff_t n, const double* mean, const double* g,
+                                       const double* a, const double* k)
+{
+    (void)dy; (void)x; (void)dx; (void)n; (void)mean; (void)g; (void)a; (void)k;
+    return 0;
+}
+
+static inline ptrdiff_t bncore_affine4_f32(const float* x, float* y, ptrdiff_t W,
+                                           const double* mean, const double* scale,
+                                           const double* shift)
+{
+    (void)x; (void)y; (void)W; (void)mean; (void)scale; (void)shift;
+    return 0;
+}
+
+static inline ptrdiff_t bncore_dx4_f32(const float* dy, const float* x, float* dx,
+                                       ptrdiff_t W, const double* mean, const double* g,
+                                       const double* a, const double* k)
+{
+    (void)dy; (void)x; (void)dx; (void)W; (void)mean; (void)g; (void)a; (void)k;
+    return 0;
+}
+#endif
+#endif
