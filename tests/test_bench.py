@@ -190,3 +190,25 @@ def test_half_fast_bench_times_both_paths_and_leaves_the_path_on(monkeypatch, ca
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert float(cells[1]) > 0 and float(cells[2]) > 0
     assert kernels.half_fast(True)[0] is True
+
+
+@pytest.mark.parametrize("switch", ["float_rows", "channel_strips", "tile_groups", "half_fast"])
+def test_switch_bench_times_both_settings_and_leaves_the_switch_on(switch, monkeypatch, capsys):
+    """scripts/bench_switch.py on two small shapes (one channels-last): three
+    rows each (forward-train, forward-eval, backward) with both settings'
+    times, and the switch left on afterwards."""
+    import bench_switch
+    from bncore import _bn_kernels as kernels
+    dtype = "float16" if switch == "half_fast" else "float32"
+    monkeypatch.setattr(sys, "argv", ["bench_switch.py", switch, "--shapes", "16x40,2x8x4x4:cl",
+                                      "--dtype", dtype, "--reps", "1"])
+    bench_switch.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    assert [r.split("|")[2].strip() for r in rows] == ["forward-train", "forward-eval",
+                                                      "backward"] * 2
+    assert rows[3].startswith("| (2,8,4,4) channels-last")
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[3]) > 0
+    was = getattr(kernels, switch)(True)
+    assert (was[0] if isinstance(was, tuple) else was) is True
