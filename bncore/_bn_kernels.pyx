@@ -81,6 +81,10 @@ cdef extern from "_float_rows.h" nogil:
     Py_ssize_t bncore_dx_rows_f32(const float* dy, const float* x, float* dx, Py_ssize_t rows,
                                   Py_ssize_t W, const double* mean, const double* g,
                                   const double* a, const double* k)
+    void bncore_n64_sums_f32(const float* x, Py_ssize_t nsr, const double* pivot, double* acc1,
+                             double* acc2)
+    void bncore_n64_dy_sums_f32(const float* dy, const float* x, Py_ssize_t nsr,
+                                const double* mean, double* acc_a, double* acc_b)
     void bncore_tile_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t stride,
                               const double* pivot, double* s, double* q, int add)
     void bncore_tile_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows,
@@ -762,6 +766,10 @@ cdef inline void _n64_sums(const real* x, Py_ssize_t nsr, const double* e_pivot,
     cdef Py_ssize_t s
     cdef int j
     cdef double d
+    if real is float:
+        if BNCORE_FLOAT_ROWS and _float_rows_on:
+            bncore_n64_sums_f32(x, nsr, e_pivot, acc1, acc2)
+            return
     for j in range(NARROW):
         a[j] = acc1[j]
         q[j] = acc2[j]
@@ -787,6 +795,10 @@ cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
     cdef Py_ssize_t s
     cdef int j
     cdef double g
+    if real is float:
+        if BNCORE_FLOAT_ROWS and _float_rows_on:
+            bncore_n64_dy_sums_f32(dy, x, nsr, e_mean, acc_a, acc_b)
+            return
     for j in range(NARROW):
         a[j] = acc_a[j]
         b[j] = acc_b[j]
@@ -849,6 +861,11 @@ cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const doubl
         m[j] = e_mean[j]
         sc[j] = e_scale[j]
         sh[j] = e_shift[j]
+    if real is float:
+        if _float_rows_on:      # a super-row at a time, in order (_float_rows.h)
+            for s in range(nsr):
+                bncore_affine1_f32(x + s * NARROW, y + s * NARROW, NARROW, m, sc, sh)
+            return
     for s in range(nsr):
         for j in range(NARROW):
             y[s * NARROW + j] = _affine_at(x[s * NARROW + j], m[j], sc[j], sh[j])
@@ -871,10 +888,20 @@ cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr
         k[j] = e_k[j]
     if stream:
         for s in range(nsr):
-            for j in range(NARROW):
-                out[j] = _dx_at(dy[s * NARROW + j], x[s * NARROW + j], m[j], g[j], a[j], k[j])
+            if real is float and BNCORE_FLOAT_ROWS and _float_rows_on:
+                bncore_dx1_f32(dy + s * NARROW, x + s * NARROW, out, NARROW, m, g, a, k)
+            else:
+                for j in range(NARROW):
+                    out[j] = _dx_at(dy[s * NARROW + j], x[s * NARROW + j], m[j], g[j], a[j],
+                                    k[j])
             _stream(dx + s * NARROW, out, NARROW)
         return
+    if real is float:
+        if _float_rows_on:
+            for s in range(nsr):
+                bncore_dx1_f32(dy + s * NARROW, x + s * NARROW, dx + s * NARROW, NARROW, m, g,
+                               a, k)
+            return
     for s in range(nsr):
         for j in range(NARROW):
             dx[s * NARROW + j] = _dx_at(dy[s * NARROW + j], x[s * NARROW + j], m[j], g[j], a[j],
