@@ -85,6 +85,10 @@ cdef extern from "_float_rows.h" nogil:
                              double* acc2)
     void bncore_n64_dy_sums_f32(const float* dy, const float* x, Py_ssize_t nsr,
                                 const double* mean, double* acc_a, double* acc_b)
+    Py_ssize_t bncore_affine_seg_f32(const float* x, float* y, Py_ssize_t n, double mean,
+                                     double scale, double shift)
+    Py_ssize_t bncore_dx_seg_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
+                                 double mean, double g, double a, double k)
     void bncore_tile_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t stride,
                               const double* pivot, double* s, double* q, int add)
     void bncore_tile_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows,
@@ -1205,15 +1209,21 @@ cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t t
 
 cdef inline void _segment_affine(const real* x, real* y, Py_ssize_t n, double mu,
                                  double sc, double sh) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
+    cdef Py_ssize_t i, i0 = 0
+    if real is float:
+        if _float_rows_on:
+            i0 = bncore_affine_seg_f32(x, y, n, mu, sc, sh)
+    for i in range(i0, n):
         y[i] = _affine_at(x[i], mu, sc, sh)
 
 
 cdef inline void _segment_dx_to(const real* dy, const real* x, real* dx, Py_ssize_t n,
                                 double mu, double g, double a, double k) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
+    cdef Py_ssize_t i, i0 = 0
+    if real is float:
+        if _float_rows_on:
+            i0 = bncore_dx_seg_f32(dy, x, dx, n, mu, g, a, k)
+    for i in range(i0, n):
         dx[i] = _dx_at(dy[i], x[i], mu, g, a, k)
 
 

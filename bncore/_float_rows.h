@@ -1,6 +1,8 @@
 /* float32 batch-norm loops written with AVX-512 intrinsics, with the float64
  * arithmetic of the Cython loops they stand in for (_bn_kernels.pyx: _affine_at
- * and _dx_at over four super-rows or one, the channel tiles' sums), so that each
+ * and _dx_at over rows of per-column constants (channel tiles, blocks, narrow
+ * super-rows) or segments of one channel (rows schedule), the channel tiles'
+ * and the narrow schedule's sums), so that each
  * group of eight elements converts straight from and to memory (vcvtps2pd zmm,
  * m256 / vcvtpd2ps m256, zmm).
  *
@@ -114,6 +116,35 @@ static inline ptrdiff_t bncore_dx1_f32(const float* dy, const float* x, float* d
                                   _mm512_loadu_pd(mean + j));
         t = _mm512_fnmadd_pd(d, _mm512_loadu_pd(k + j), t);
         _mm256_storeu_ps(dx + j, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_loadu_pd(g + j), t)));
+    }
+    return end;
+}
+
+/* one segment of n elements with scalar constants (the rows schedule: NCHW) */
+static inline ptrdiff_t bncore_affine_seg_f32(const float* x, float* y, ptrdiff_t n,
+                                              double mean, double scale, double shift)
+{
+    __m512d m = _mm512_set1_pd(mean), s = _mm512_set1_pd(scale), b = _mm512_set1_pd(shift);
+    ptrdiff_t j, end = n - n % 8;
+    for (j = 0; j < end; j += 8) {
+        __m512d v = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), m);
+        _mm256_storeu_ps(y + j, _mm512_cvtpd_ps(_mm512_fmadd_pd(v, s, b)));
+    }
+    return end;
+}
+
+static inline ptrdiff_t bncore_dx_seg_f32(const float* dy, const float* x, float* dx,
+                                          ptrdiff_t n, double mean, double g, double a,
+                                          double k)
+{
+    __m512d m = _mm512_set1_pd(mean), gg = _mm512_set1_pd(g);
+    __m512d aa = _mm512_set1_pd(a), kk = _mm512_set1_pd(k);
+    ptrdiff_t j, end = n - n % 8;
+    for (j = 0; j < end; j += 8) {
+        __m512d t = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(dy + j)), aa);
+        __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)), m);
+        t = _mm512_fnmadd_pd(d, kk, t);
+        _mm256_storeu_ps(dx + j, _mm512_cvtpd_ps(_mm512_mul_pd(gg, t)));
     }
     return end;
 }
@@ -328,6 +359,20 @@ static inline void bncore_n64_dy_sums_f32(const float* dy, const float* x, ptrdi
                                           const double* mean, double* acc_a, double* acc_b)
 {
     (void)dy; (void)x; (void)nsr; (void)mean; (void)acc_a; (void)acc_b;
+}
+static inline ptrdiff_t bncore_affine_seg_f32(const float* x, float* y, ptrdiff_t n,
+                                              double mean, double scale, double shift)
+{
+    (void)x; (void)y; (void)n; (void)mean; (void)scale; (void)shift;
+    return 0;
+}
+
+static inline ptrdiff_t bncore_dx_seg_f32(const float* dy, const float* x, float* dx,
+                                          ptrdiff_t n, double mean, double g, double a,
+                                          double k)
+{
+    (void)dy; (void)x; (void)dx; (void)n; (void)mean; (void)g; (void)a; (void)k;
+    return 0;
 }
 #endif
 #endif
