@@ -76,11 +76,11 @@ cdef extern from "_float_rows.h" nogil:
                               const double* mean, const double* g, const double* a,
                               const double* k)
     Py_ssize_t bncore_affine_rows_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t W,
-                                      const double* mean, const double* scale,
+                                      Py_ssize_t chunk, const double* mean, const double* scale,
                                       const double* shift)
     Py_ssize_t bncore_dx_rows_f32(const float* dy, const float* x, float* dx, Py_ssize_t rows,
-                                  Py_ssize_t W, const double* mean, const double* g,
-                                  const double* a, const double* k)
+                                  Py_ssize_t W, Py_ssize_t chunk, const double* mean,
+                                  const double* g, const double* a, const double* k)
     void bncore_n64_sums_f32(const float* x, Py_ssize_t nsr, const double* pivot, double* acc1,
                              double* acc2)
     void bncore_n64_dy_sums_f32(const float* dy, const float* x, Py_ssize_t nsr,
@@ -603,6 +603,17 @@ def float_rows(bint on):
     cdef bint was = _float_rows_on
     _float_rows_on = on
     return was, bool(BNCORE_FLOAT_ROWS)
+
+
+cdef enum:
+    ROWS_CHUNK = 256                    # columns per chunk of _float_rows.h's row loops
+    ROWS_CHUNK_MAX_BYTES = 16777216     # ... on inputs up to this; whole rows past it
+
+
+cdef inline Py_ssize_t _rows_chunk(const Plan* p, Py_ssize_t itemsize) noexcept nogil:
+    if p.outer * p.C * p.inner * itemsize <= ROWS_CHUNK_MAX_BYTES:
+        return ROWS_CHUNK
+    return p.W
 
 
 # --------------------------------------------------------------------------
@@ -1153,12 +1164,12 @@ cdef inline void _tiles_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_s
 
 cdef inline void _affine_block(const real* x, real* y, Py_ssize_t total, Py_ssize_t W,
                                const double* e_mean, const double* e_scale,
-                               const double* e_shift) noexcept nogil:
+                               const double* e_shift, Py_ssize_t chunk) noexcept nogil:
     cdef Py_ssize_t s = 0, j0, r
     if real is float:
         if _float_rows_on:      # whole rows in column chunks (_float_rows.h), then the rest
             s = total // W * W
-            j0 = bncore_affine_rows_f32(x, y, total // W, W, e_mean, e_scale, e_shift)
+            j0 = bncore_affine_rows_f32(x, y, total // W, W, chunk, e_mean, e_scale, e_shift)
             r = 0
             while j0 < W and r < s:
                 _flat_affine(x + r + j0, y + r + j0, W - j0, e_mean + j0, e_scale + j0,
@@ -1174,14 +1185,15 @@ cdef inline void _affine_block(const real* x, real* y, Py_ssize_t total, Py_ssiz
 
 cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t total,
                            Py_ssize_t W, const double* e_mean, const double* e_g,
-                           const double* e_a, const double* e_k, bint stream) noexcept nogil:
+                           const double* e_a, const double* e_k, bint stream,
+                           Py_ssize_t chunk) noexcept nogil:
     cdef real out[PIECE]
     cdef Py_ssize_t s = 0, m, j0, r
     if not stream:
         if real is float:
             if _float_rows_on:  # whole rows in column chunks (_float_rows.h), then the rest
                 s = total // W * W
-                j0 = bncore_dx_rows_f32(dy, x, dx, total // W, W, e_mean, e_g, e_a, e_k)
+                j0 = bncore_dx_rows_f32(dy, x, dx, total // W, W, chunk, e_mean, e_g, e_a, e_k)
                 r = 0
                 while j0 < W and r < s:
                     _flat_dx(dy + r + j0, x + r + j0, dx + r + j0, W - j0, e_mean + j0,
@@ -1557,7 +1569,8 @@ cdef inline void _affine_run(const real* xs, real* ys, Py_ssize_t n, Py_ssize_t 
             _n64_affine(xs, ys, off // NARROW, e_mean, e_scale, e_shift)
             _flat_affine(xs + off, ys + off, n - off, e_mean, e_scale, e_shift)
         else:
-            _affine_block(xs, ys, n, p.W, e_mean, e_scale, e_shift)
+            _affine_block(xs, ys, n, p.W, e_mean, e_scale, e_shift,
+                          _rows_chunk(p, sizeof(real)))
 
 
 cdef inline void _affine_cols(const real* xs, real* ys, Py_ssize_t m, Py_ssize_t col,
@@ -1754,7 +1767,8 @@ cdef inline void _dx_run(const real* dys, const real* xs, real* dxs, Py_ssize_t 
             _n64_dx(dys, xs, dxs, off // NARROW, e_mean, e_g, e_a, e_k, p.stream)
             _flat_dx(dys + off, xs + off, dxs + off, n - off, e_mean, e_g, e_a, e_k)
         else:
-            _dx_block(dys, xs, dxs, n, p.W, e_mean, e_g, e_a, e_k, p.stream)
+            _dx_block(dys, xs, dxs, n, p.W, e_mean, e_g, e_a, e_k, p.stream,
+                      _rows_chunk(p, sizeof(real)))
 
 
 cdef inline void _dx_cols(const real* dys, const real* xs, real* dxs, Py_ssize_t m,

@@ -30,7 +30,7 @@
  * operand, order or formula.)
  *
  * Whole rows go column chunk by column chunk (bncore_affine_rows_f32,
- * bncore_dx_rows_f32): with a row's constants in L1 the dx pass over float32
+ * bncore_dx_rows_f32): with a chunk's constants in L1 the dx pass over float32
  * (256, 1024) took 70 us on one thread instead of 117. The four-row loops read
  * the four rows before storing any: with rows of 4 KiB and y at x's offset in
  * a page, a store and then a load one row on would alias in the store
@@ -150,19 +150,21 @@ static inline ptrdiff_t bncore_dx_seg_f32(const float* dy, const float* x, float
 }
 
 /* `rows` whole rows of W elements: elements [0, W - W % 8) of each row,
- * column chunk by column chunk (BNCORE_ROWS_CHUNK columns of every row, four
- * rows at a time, before the next chunk), so that a chunk's constants (24 or
- * 32 bytes per column) stay in L1 across the rows: a whole row's constants
- * (32 KiB for dx at W = 1024) would fill it. Returns W - W % 8. */
-enum { BNCORE_ROWS_CHUNK = 256 };
+ * column chunk by column chunk (`chunk` columns, a multiple of 8, of every
+ * row, four rows at a time, before the next chunk), so that a chunk's
+ * constants (24 or 32 bytes per column) stay in L1 across the rows: a whole
+ * row's constants (32 KiB for dx at W = 1024) would fill it. The caller passes
+ * chunk >= W out of cache, where runs of a whole row stream better (32 MiB
+ * (8192, 1024): 256-column chunks 0.89-0.94x of GCC's loop, whole rows
+ * 1.01-1.04x). Returns W - W % 8. */
 
 static inline ptrdiff_t bncore_affine_rows_f32(const float* x, float* y, ptrdiff_t rows,
-                                               ptrdiff_t W, const double* mean,
+                                               ptrdiff_t W, ptrdiff_t chunk, const double* mean,
                                                const double* scale, const double* shift)
 {
     ptrdiff_t c0, c1, r, end = W - W % 8;
     for (c0 = 0; c0 < end; c0 = c1) {
-        c1 = end - c0 < BNCORE_ROWS_CHUNK ? end : c0 + BNCORE_ROWS_CHUNK;
+        c1 = end - c0 <= chunk ? end : c0 + chunk;
         for (r = 0; r + 4 <= rows; r += 4)
             bncore_affine4_cols(x + r * W, y + r * W, W, c0, c1, mean, scale, shift);
         for (; r < rows; r++)
@@ -173,12 +175,13 @@ static inline ptrdiff_t bncore_affine_rows_f32(const float* x, float* y, ptrdiff
 }
 
 static inline ptrdiff_t bncore_dx_rows_f32(const float* dy, const float* x, float* dx,
-                                           ptrdiff_t rows, ptrdiff_t W, const double* mean,
-                                           const double* g, const double* a, const double* k)
+                                           ptrdiff_t rows, ptrdiff_t W, ptrdiff_t chunk,
+                                           const double* mean, const double* g,
+                                           const double* a, const double* k)
 {
     ptrdiff_t c0, c1, r, end = W - W % 8;
     for (c0 = 0; c0 < end; c0 = c1) {
-        c1 = end - c0 < BNCORE_ROWS_CHUNK ? end : c0 + BNCORE_ROWS_CHUNK;
+        c1 = end - c0 <= chunk ? end : c0 + chunk;
         for (r = 0; r + 4 <= rows; r += 4)
             bncore_dx4_cols(dy + r * W, x + r * W, dx + r * W, W, c0, c1, mean, g, a, k);
         for (; r < rows; r++)
@@ -335,18 +338,20 @@ static inline ptrdiff_t bncore_dx1_f32(const float* dy, const float* x, float* d
 }
 
 static inline ptrdiff_t bncore_affine_rows_f32(const float* x, float* y, ptrdiff_t rows,
-                                               ptrdiff_t W, const double* mean,
+                                               ptrdiff_t W, ptrdiff_t chunk, const double* mean,
                                                const double* scale, const double* shift)
 {
-    (void)x; (void)y; (void)rows; (void)W; (void)mean; (void)scale; (void)shift;
+    (void)x; (void)y; (void)rows; (void)W; (void)chunk; (void)mean; (void)scale; (void)shift;
     return 0;
 }
 
 static inline ptrdiff_t bncore_dx_rows_f32(const float* dy, const float* x, float* dx,
-                                           ptrdiff_t rows, ptrdiff_t W, const double* mean,
-                                           const double* g, const double* a, const double* k)
+                                           ptrdiff_t rows, ptrdiff_t W, ptrdiff_t chunk,
+                                           const double* mean, const double* g,
+                                           const double* a, const double* k)
 {
-    (void)dy; (void)x; (void)dx; (void)rows; (void)W; (void)mean; (void)g; (void)a; (void)k;
+    (void)dy; (void)x; (void)dx; (void)rows; (void)W; (void)chunk; (void)mean; (void)g;
+    (void)a; (void)k;
     return 0;
 }
 static inline void bncore_n64_sums_f32(const float* x, ptrdiff_t nsr, const double* pivot,

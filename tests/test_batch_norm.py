@@ -599,7 +599,7 @@ _, HAVE_FLOAT_ROWS = _k.float_rows(True)
     ((256, 1024), 1), ((40, 1057), 1), ((3, 1000), 1), ((17, 129), 1), ((100, 300), 1),
     ((2100, 600), 1), ((7, 13, 5), 1), ((6, 3, 2, 7), 1), ((9, 70), 1), ((513, 64), 1),
     ((4, 6, 5, 24), 3), ((32, 6, 6, 64), 3), ((65536, 64), 1), ((4, 3, 100), 1),
-    ((2, 5, 37), 1), ((16, 64, 4100), 1)])
+    ((2, 5, 37), 1), ((16, 64, 4100), 1), ((4200, 1000), 1)])
 def test_float_rows_give_the_cython_loops_bits(shape, axis):
     """The AVX-512 float32 loops (_float_rows.h: affine and dx over one row
     or four, the channel tiles' sums) must give the bits of the Cython loops
@@ -609,7 +609,8 @@ def test_float_rows_give_the_cython_loops_bits(shape, axis):
     bias, on rows whose length is not a multiple of 8 and blocks whose row
     count is not a multiple of 4, the narrow schedule (64 channels; 16 MiB,
     where dx is streamed), the rows schedule (NCHW-like; 16 MiB, streamed
-    too), channels whose mean is 1e4 times their spread, a
+    too), channel tiles past 16 MiB (whole rows, not column chunks),
+    channels whose mean is 1e4 times their spread, a
     nearly constant channel, Inf and NaN; strips on and off; 1 to 3 threads."""
     if shape in ((65536, 64), (16, 64, 4100)):
         assert _k.plan_info(shape[0], shape[1], int(np.prod(shape[2:])), 4)["stream_dx"]
