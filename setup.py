@@ -87,6 +87,13 @@ class BuildExt(build_ext):
             compile_args += ["-O3", "-fno-math-errno"]
             if not _env_flag("BNCORE_PORTABLE") and _compiles(cc, TRIVIAL, ["-march=native"]):
                 compile_args.append("-march=native")
+            # Fused multiply-adds wherever the target has FMA, whatever the
+            # C dialect or CFLAGS (-std=c99 and -ffp-contract=off turn GCC's
+            # default off): bncore/_float_rows.h's intrinsic loops compute
+            # fma(a, b, c) and must give the bits of the Cython loops they
+            # stand in for, which contract a * b + c only under this flag.
+            if _compiles(cc, TRIVIAL, ["-ffp-contract=fast"]):
+                compile_args.append("-ffp-contract=fast")
             # The channels-last loops update four rows per pass; GCC's default
             # of 10 run-time alias checks is too few to vectorize them.
             alias = ["--param", "vect-max-version-for-alias-checks=64"]

@@ -877,7 +877,7 @@ cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const doubl
         sc[j] = e_scale[j]
         sh[j] = e_shift[j]
     if real is float:
-        if _float_rows_on:      # a super-row at a time, in order (_float_rows.h)
+        if BNCORE_FLOAT_ROWS and _float_rows_on:    # a super-row at a time, in order
             for s in range(nsr):
                 bncore_affine1_f32(x + s * NARROW, y + s * NARROW, NARROW, m, sc, sh)
             return
@@ -912,7 +912,7 @@ cdef inline void _n64_dx(const real* dy, const real* x, real* dx, Py_ssize_t nsr
             _stream(dx + s * NARROW, out, NARROW)
         return
     if real is float:
-        if _float_rows_on:
+        if BNCORE_FLOAT_ROWS and _float_rows_on:
             for s in range(nsr):
                 bncore_dx1_f32(dy + s * NARROW, x + s * NARROW, dx + s * NARROW, NARROW, m, g,
                                a, k)
@@ -1167,8 +1167,8 @@ cdef inline void _affine_block(const real* x, real* y, Py_ssize_t total, Py_ssiz
                                const double* e_shift, Py_ssize_t chunk) noexcept nogil:
     cdef Py_ssize_t s = 0, j0, r
     if real is float:
-        if _float_rows_on:      # whole rows in column chunks (_float_rows.h), then the rest
-            s = total // W * W
+        if BNCORE_FLOAT_ROWS and _float_rows_on:   # whole rows in column chunks
+            s = total // W * W                          # (_float_rows.h), then the rest
             j0 = bncore_affine_rows_f32(x, y, total // W, W, chunk, e_mean, e_scale, e_shift)
             r = 0
             while j0 < W and r < s:
@@ -1191,8 +1191,8 @@ cdef inline void _dx_block(const real* dy, const real* x, real* dx, Py_ssize_t t
     cdef Py_ssize_t s = 0, m, j0, r
     if not stream:
         if real is float:
-            if _float_rows_on:  # whole rows in column chunks (_float_rows.h), then the rest
-                s = total // W * W
+            if BNCORE_FLOAT_ROWS and _float_rows_on:   # whole rows in column chunks
+                s = total // W * W                          # (_float_rows.h), then the rest
                 j0 = bncore_dx_rows_f32(dy, x, dx, total // W, W, chunk, e_mean, e_g, e_a, e_k)
                 r = 0
                 while j0 < W and r < s:

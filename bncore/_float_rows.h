@@ -16,8 +16,9 @@
  *
  * The same bits: each element takes the same IEEE float64 operations on the
  * same operands, in the same order, as the Cython loop compiled with FMA
- * contraction (GCC's default, -ffp-contract=fast, on every target with FMA, as
- * every AVX-512 target has):
+ * contraction (-ffp-contract=fast: GCC's default in its GNU dialects, which
+ * -std=c99/c11 or -ffp-contract=off turn off, so setup.py passes it
+ * explicitly; every AVX-512 target has FMA):
  *     y  = (float)fma(x - mean, scale, shift)
  *     dx = (float)(g * fma(-(x - mean), k, dy - a))
  *     s += x - pivot; q = fma(x - pivot, x - pivot, q)      (each channel, rows in order)
@@ -26,8 +27,9 @@
  * compares the two paths bit for bit, bncore._bn_kernels.float_rows(False)
  * turning this one off. (A product rounded apart from its add would rarely show
  * there: with float32 data x - pivot is exact and its square too, and y, dx
- * round a float64 value to float32. What the test catches is a different
- * operand, order or formula.)
+ * round a float64 value to float32. What that test catches is a different
+ * operand, order or formula; test_float_rows_and_the_cython_loops_both_fuse_
+ * the_multiply_add catches a build that does not fuse.)
  *
  * Whole rows go column chunk by column chunk (bncore_affine_rows_f32,
  * bncore_dx_rows_f32): with a chunk's constants in L1 the dx pass over float32
@@ -43,8 +45,10 @@
  *
  * The elementwise functions do elements [0, n - n % 8) (of each row) and return
  * that count; the caller does the rest with the Cython loop. Without AVX-512
- * and FMA every function does nothing (the elementwise ones return 0), and the
- * caller, which tests BNCORE_FLOAT_ROWS for the sums, does all. */
+ * and FMA every function does nothing (the elementwise ones return 0): a caller
+ * that does not finish from the returned count (the sums, the row drivers, the
+ * narrow loops) tests BNCORE_FLOAT_ROWS first (tests/test_build.py builds
+ * such a copy and runs the batch-norm tests on it). */
 #ifndef BNCORE_FLOAT_ROWS_H
 #define BNCORE_FLOAT_ROWS_H
 #include <stddef.h>

@@ -599,7 +599,8 @@ _, HAVE_FLOAT_ROWS = _k.float_rows(True)
     ((256, 1024), 1), ((40, 1057), 1), ((3, 1000), 1), ((17, 129), 1), ((100, 300), 1),
     ((2100, 600), 1), ((7, 13, 5), 1), ((6, 3, 2, 7), 1), ((9, 70), 1), ((513, 64), 1),
     ((4, 6, 5, 24), 3), ((32, 6, 6, 64), 3), ((65536, 64), 1), ((4, 3, 100), 1),
-    ((2, 5, 37), 1), ((16, 64, 4100), 1), ((4200, 1000), 1)])
+    ((2, 5, 37), 1), ((16, 64, 4100), 1), ((4200, 1000), 1), ((1001, 13, 5), 1),
+    ((257, 8, 4), 1), ((1025, 32), 1)])
 def test_float_rows_give_the_cython_loops_bits(shape, axis):
     """The AVX-512 float32 loops (_float_rows.h: affine and dx over one row
     or four, the channel tiles' sums) must give the bits of the Cython loops
@@ -609,8 +610,9 @@ def test_float_rows_give_the_cython_loops_bits(shape, axis):
     bias, on rows whose length is not a multiple of 8 and blocks whose row
     count is not a multiple of 4, the narrow schedule (64 channels; 16 MiB,
     where dx is streamed), the rows schedule (NCHW-like; 16 MiB, streamed
-    too), channel tiles past 16 MiB (whole rows, not column chunks),
-    channels whose mean is 1e4 times their spread, a
+    too), channel tiles past 16 MiB (y in whole rows, not column chunks; dx
+    streams there, so input_grad below), blocks of many super-rows, a narrow
+    block ending in a partial super-row, channels whose mean is 1e4 times their spread, a
     nearly constant channel, Inf and NaN; strips on and off; 1 to 3 threads."""
     if shape in ((65536, 64), (16, 64, 4100)):
         assert _k.plan_info(shape[0], shape[1], int(np.prod(shape[2:])), 4)["stream_dx"]
@@ -659,6 +661,65 @@ def test_float_rows_give_the_cython_loops_bits(shape, axis):
                         continue
                     assert np.asarray(a).tobytes() == np.asarray(c).tobytes(), (
                         weight is None, strips, nt, i)
+
+
+@pytest.mark.skipif(not HAVE_FLOAT_ROWS, reason="this build has no AVX-512 float32 rows")
+@pytest.mark.parametrize("outer,C,inner", [(4200, 1000, 1), (300, 1000, 1), (64, 3, 4100),
+                                           (2000, 64, 1), (100, 13, 5)])
+def test_float_rows_input_grad_gives_the_cython_loops_bits(outer, C, inner):
+    """input_grad (the dx pass alone, which the distributed batch norm runs
+    and which never streams) with the AVX-512 loops on and off: the same bits,
+    on channel tiles past 16 MiB (whole rows) and in cache (column chunks),
+    the rows, narrow and blocks schedules."""
+    rng = np.random.default_rng(outer + C)
+    shape = (outer, C, inner)
+    x = (rng.uniform(-1e4, 1e4, (1, C, 1)) + rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    mean = x.astype(np.float64).mean(axis=(0, 2))
+    invstd = 1.0 / np.sqrt(x.astype(np.float64).var(axis=(0, 2)) + 1e-5)
+    w = rng.normal(1, 0.2, C).astype(np.float32)
+    sums = _k.dy_sums(dy, x, outer, C, inner, mean, 2)
+    results = []
+    for on in (True, False):
+        dx = np.full_like(x, 7)
+        was = _k.float_rows(on)[0]
+        try:
+            _k.input_grad(dy, x, dx, outer, C, inner, True, float(outer * inner), mean, invstd,
+                          w, *sums, 2)
+        finally:
+            _k.float_rows(was)
+        results.append(dx)
+    assert results[0].tobytes() == results[1].tobytes()
+
+
+@pytest.mark.parametrize("outer,C,inner", [(64, 1000, 1), (8, 64, 1), (4, 3, 40),
+                                           (7, 13, 5)])
+def test_float_rows_and_the_cython_loops_both_fuse_the_multiply_add(outer, C, inner):
+    """(x - mean) * scale + shift with x = 3, mean = 0, scale = 1/3 (in
+    float64), shift = -1: one rounding (a fused multiply-add) gives
+    -5.55e-17, which float32 keeps; a product rounded before the add gives
+    0. The AVX-512 loops fuse by construction and the Cython loops by the
+    build's -ffp-contract=fast (setup.py): a build that fused in one and not
+    the other would break the float_rows tests' claim of equal bits without
+    those tests noticing (on ordinary float32 data the difference rarely
+    survives the rounding to float32). On every schedule, float_rows on and
+    off; on a target without FMA (BNCORE_PORTABLE=1) neither fuses."""
+    x = np.full((outer, C, inner), 3.0, np.float32)
+    y = np.full_like(x, 7)
+    mean, invstd = np.zeros(C), np.full(C, 1.0 / 3.0)
+    bias = np.full(C, -1.0, np.float32)
+    assert 3.0 * (1.0 / 3.0) - 1.0 == 0.0        # Python rounds the product first
+    outs = []
+    for on in (True, False):
+        was = _k.float_rows(on)[0]
+        try:
+            _k.normalize(x, y, outer, C, inner, mean, invstd, None, bias, 1)
+        finally:
+            _k.float_rows(was)
+        outs.append(y.copy())
+    assert outs[0].tobytes() == outs[1].tobytes()
+    if HAVE_FLOAT_ROWS:        # AVX-512 with FMA: both fuse, 3 (1 - 2^-54) / 3 - 1 = -2^-54
+        assert np.all(outs[0] == np.float32(-2.0 ** -54)), outs[0].reshape(-1)[:4]
 
 
 def test_channel_views_are_shared_and_immutable():
