@@ -89,6 +89,9 @@ cdef extern from "_float_rows.h" nogil:
                                      double scale, double shift)
     Py_ssize_t bncore_dx_seg_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
                                  double mean, double g, double a, double k)
+    void bncore_lanes_sums_f32(const float* x, Py_ssize_t nb, double P, double* a, double* q)
+    void bncore_lanes_dy_sums_f32(const float* dy, const float* x, Py_ssize_t nb, double mu,
+                                  double* a, double* b)
     void bncore_tile_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t stride,
                               const double* pivot, double* s, double* q, int add)
     void bncore_tile_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows,
@@ -423,6 +426,42 @@ cdef inline bint _pivot_too_far(double s2, double m2, double new_pivot) noexcept
     return s2 > PIVOT_SPREAD * m2 and new_pivot - new_pivot == 0.0
 
 
+# float32 loops through AVX-512 intrinsics (_float_rows.h: the elementwise
+# passes and the channels-last and rows sums), where the build has them and
+# float_rows(True) (default); the same bits as the Cython loops below.
+
+cdef bint _float_rows_on = True
+
+
+def float_rows(bint on):
+    """Turn the AVX-512 float32 loops (_float_rows.h) on or off (for
+    tests and side-by-side benchmarks: the bits are the Cython loops' either
+    way); returns the former setting, and whether this build has them. Not for
+    use while kernels run on other threads."""
+    global _float_rows_on
+    cdef bint was = _float_rows_on
+    _float_rows_on = on
+    return was, bool(BNCORE_FLOAT_ROWS)
+
+
+cdef enum:
+    ROWS_CHUNK = 256                    # columns per chunk of _float_rows.h's row loops
+    ROWS_CHUNK_MAX_BYTES = 16777216     # ... on inputs up to this; whole rows past it
+
+
+cdef inline Py_ssize_t _rows_chunk(const Plan* p, Py_ssize_t itemsize) noexcept nogil:
+    if p.outer * p.C * p.inner * itemsize <= ROWS_CHUNK_MAX_BYTES:
+        return ROWS_CHUNK
+    return p.W
+
+
+cdef enum:
+    LANES_SIMD_MIN = 128  # _float_rows.h's lanes from this many elements on:
+                          # below, GCC's inlined loop keeps the lanes in
+                          # registers and won ((64,128,7,7), 32 of 49 per row:
+                          # forward-train 0.77x with the intrinsics)
+
+
 cdef enum:
     HALF_RUN = 512        # float16 elements converted at a time by the rows and
                           # narrow reductions (a multiple of LANES and NARROW):
@@ -437,6 +476,10 @@ cdef inline void _lanes_sums(const real* x, Py_ssize_t nb, double P, double* a,
     cdef Py_ssize_t i
     cdef int k
     cdef double d
+    if real is float:
+        if BNCORE_FLOAT_ROWS and _float_rows_on and nb >= LANES_SIMD_MIN:
+            bncore_lanes_sums_f32(x, nb, P, a, q)
+            return
     for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
         for k in range(LANES):
             d = _d(x[i + k]) - P
@@ -516,6 +559,10 @@ cdef inline void _lanes_dy_sums(const real* dy, const real* x, Py_ssize_t nb, do
     cdef Py_ssize_t i
     cdef int k
     cdef double g
+    if real is float:
+        if BNCORE_FLOAT_ROWS and _float_rows_on and nb >= LANES_SIMD_MIN:
+            bncore_lanes_dy_sums_f32(dy, x, nb, mu, a, b)
+            return
     for i in range(0, nb, 32):
         for k in range(LANES):
             g = _d(dy[i + k])
@@ -585,35 +632,6 @@ cdef inline real _affine_at(real x, double mean, double scale, double shift) noe
 cdef inline real _dx_at(real dy, real x, double mean, double g, double a,
                         double k) noexcept nogil:
     return _r(g * ((_d(dy) - a) - (_d(x) - mean) * k), &x)
-
-
-# float32 elementwise rows: AVX-512 intrinsics (_float_rows.h) for all but the
-# last n % 8 elements of a row (or of four rows), where the build has them and
-# float_rows(True) (default); the same bits as the loops below.
-
-cdef bint _float_rows_on = True
-
-
-def float_rows(bint on):
-    """Turn the AVX-512 float32 loops (_float_rows.h) on or off (for
-    tests and side-by-side benchmarks: the bits are the Cython loops' either
-    way); returns the former setting, and whether this build has them. Not for
-    use while kernels run on other threads."""
-    global _float_rows_on
-    cdef bint was = _float_rows_on
-    _float_rows_on = on
-    return was, bool(BNCORE_FLOAT_ROWS)
-
-
-cdef enum:
-    ROWS_CHUNK = 256                    # columns per chunk of _float_rows.h's row loops
-    ROWS_CHUNK_MAX_BYTES = 16777216     # ... on inputs up to this; whole rows past it
-
-
-cdef inline Py_ssize_t _rows_chunk(const Plan* p, Py_ssize_t itemsize) noexcept nogil:
-    if p.outer * p.C * p.inner * itemsize <= ROWS_CHUNK_MAX_BYTES:
-        return ROWS_CHUNK
-    return p.W
 
 
 # --------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 /* float32 batch-norm loops written with AVX-512 intrinsics, with the float64
  * arithmetic of the Cython loops they stand in for (_bn_kernels.pyx: _affine_at
  * and _dx_at over rows of per-column constants (channel tiles, blocks, narrow
- * super-rows) or segments of one channel (rows schedule), the channel tiles'
- * and the narrow schedule's sums), so that each
+ * super-rows) or segments of one channel (rows schedule), and the sums of the
+ * channel tiles, the narrow schedule and the rows schedule's 32 lanes), so that each
  * group of eight elements converts straight from and to memory (vcvtps2pd zmm,
  * m256 / vcvtpd2ps m256, zmm).
  *
@@ -309,6 +309,54 @@ static inline void bncore_n64_dy_sums_f32(const float* dy, const float* x, ptrdi
     }
 }
 
+/* The rows schedule's 32 summation lanes (_lanes_sums, _lanes_dy_sums): element
+ * i + k of each block of 32 into lane k, blocks in order, nb a multiple of 32;
+ * adds into what a, q (a, b) hold. */
+static inline void bncore_lanes_sums_f32(const float* x, ptrdiff_t nb, double P, double* a,
+                                         double* q)
+{
+    __m512d S[4], Q[4], PP = _mm512_set1_pd(P);
+    ptrdiff_t i;
+    int k;
+    for (k = 0; k < 4; k++) {
+        S[k] = _mm512_loadu_pd(a + 8 * k);
+        Q[k] = _mm512_loadu_pd(q + 8 * k);
+    }
+    for (i = 0; i < nb; i += 32)
+        for (k = 0; k < 4; k++) {
+            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * k)), PP);
+            S[k] = _mm512_add_pd(S[k], d);
+            Q[k] = _mm512_fmadd_pd(d, d, Q[k]);
+        }
+    for (k = 0; k < 4; k++) {
+        _mm512_storeu_pd(a + 8 * k, S[k]);
+        _mm512_storeu_pd(q + 8 * k, Q[k]);
+    }
+}
+
+static inline void bncore_lanes_dy_sums_f32(const float* dy, const float* x, ptrdiff_t nb,
+                                            double mu, double* a, double* b)
+{
+    __m512d A[4], B[4], M = _mm512_set1_pd(mu);
+    ptrdiff_t i;
+    int k;
+    for (k = 0; k < 4; k++) {
+        A[k] = _mm512_loadu_pd(a + 8 * k);
+        B[k] = _mm512_loadu_pd(b + 8 * k);
+    }
+    for (i = 0; i < nb; i += 32)
+        for (k = 0; k < 4; k++) {
+            __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(dy + i + 8 * k));
+            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * k)), M);
+            A[k] = _mm512_add_pd(A[k], g);
+            B[k] = _mm512_fmadd_pd(g, d, B[k]);
+        }
+    for (k = 0; k < 4; k++) {
+        _mm512_storeu_pd(a + 8 * k, A[k]);
+        _mm512_storeu_pd(b + 8 * k, B[k]);
+    }
+}
+
 #else
 #define BNCORE_FLOAT_ROWS 0
 
@@ -382,6 +430,17 @@ static inline ptrdiff_t bncore_dx_seg_f32(const float* dy, const float* x, float
 {
     (void)dy; (void)x; (void)dx; (void)n; (void)mean; (void)g; (void)a; (void)k;
     return 0;
+}
+static inline void bncore_lanes_sums_f32(const float* x, ptrdiff_t nb, double P, double* a,
+                                         double* q)
+{
+    (void)x; (void)nb; (void)P; (void)a; (void)q;
+}
+
+static inline void bncore_lanes_dy_sums_f32(const float* dy, const float* x, ptrdiff_t nb,
+                                            double mu, double* a, double* b)
+{
+    (void)dy; (void)x; (void)nb; (void)mu; (void)a; (void)b;
 }
 #endif
 #endif

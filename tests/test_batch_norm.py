@@ -600,7 +600,7 @@ _, HAVE_FLOAT_ROWS = _k.float_rows(True)
     ((2100, 600), 1), ((7, 13, 5), 1), ((6, 3, 2, 7), 1), ((9, 70), 1), ((513, 64), 1),
     ((4, 6, 5, 24), 3), ((32, 6, 6, 64), 3), ((65536, 64), 1), ((4, 3, 100), 1),
     ((2, 5, 37), 1), ((16, 64, 4100), 1), ((4200, 1000), 1), ((1001, 13, 5), 1),
-    ((257, 8, 4), 1), ((1025, 32), 1)])
+    ((257, 8, 4), 1), ((1025, 32), 1), ((8, 16, 200), 1)])
 def test_float_rows_give_the_cython_loops_bits(shape, axis):
     """The AVX-512 float32 loops (_float_rows.h: affine and dx over one row
     or four, the channel tiles' sums) must give the bits of the Cython loops
