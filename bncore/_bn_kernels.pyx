@@ -81,22 +81,15 @@ cdef extern from "_float_rows.h" nogil:
     Py_ssize_t bncore_dx_rows_f32(const float* dy, const float* x, float* dx, Py_ssize_t rows,
                                   Py_ssize_t W, Py_ssize_t chunk, const double* mean,
                                   const double* g, const double* a, const double* k)
-    void bncore_n64_sums_f32(const float* x, Py_ssize_t nsr, const double* pivot, double* acc1,
-                             double* acc2)
-    void bncore_n64_dy_sums_f32(const float* dy, const float* x, Py_ssize_t nsr,
-                                const double* mean, double* acc_a, double* acc_b)
     Py_ssize_t bncore_affine_seg_f32(const float* x, float* y, Py_ssize_t n, double mean,
                                      double scale, double shift)
     Py_ssize_t bncore_dx_seg_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
                                  double mean, double g, double a, double k)
-    void bncore_lanes_sums_f32(const float* x, Py_ssize_t nb, double P, double* a, double* q)
-    void bncore_lanes_dy_sums_f32(const float* dy, const float* x, Py_ssize_t nb, double mu,
-                                  double* a, double* b)
-    void bncore_tile_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t stride,
-                              const double* pivot, double* s, double* q, int add)
-    void bncore_tile_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows,
-                                 Py_ssize_t stride, const double* mean, double* sa, double* sb,
-                                 int add)
+    void bncore_col_sums_f32(const float* x, Py_ssize_t rows, Py_ssize_t stride, int ncols,
+                             const double* pivot, double* s, double* q, int add)
+    void bncore_col_dy_sums_f32(const float* dy, const float* x, Py_ssize_t rows,
+                                Py_ssize_t stride, int ncols, const double* mean, double* sa,
+                                double* sb, int add)
 
 cdef extern from "_stream.h" nogil:
     void bncore_stream_f32(float* dst, const float* src, Py_ssize_t n)
@@ -476,9 +469,12 @@ cdef inline void _lanes_sums(const real* x, Py_ssize_t nb, double P, double* a,
     cdef Py_ssize_t i
     cdef int k
     cdef double d
+    cdef double Pv[LANES]
     if real is float:
         if BNCORE_FLOAT_ROWS and _float_rows_on and nb >= LANES_SIMD_MIN:
-            bncore_lanes_sums_f32(x, nb, P, a, q)
+            for k in range(LANES):
+                Pv[k] = P
+            bncore_col_sums_f32(x, nb // LANES, LANES, LANES, Pv, a, q, 1)
             return
     for i in range(0, nb, 32):  # 32 == LANES (Cython needs a literal step)
         for k in range(LANES):
@@ -559,9 +555,12 @@ cdef inline void _lanes_dy_sums(const real* dy, const real* x, Py_ssize_t nb, do
     cdef Py_ssize_t i
     cdef int k
     cdef double g
+    cdef double Mv[LANES]
     if real is float:
         if BNCORE_FLOAT_ROWS and _float_rows_on and nb >= LANES_SIMD_MIN:
-            bncore_lanes_dy_sums_f32(dy, x, nb, mu, a, b)
+            for k in range(LANES):
+                Mv[k] = mu
+            bncore_col_dy_sums_f32(dy, x, nb // LANES, LANES, LANES, Mv, a, b, 1)
             return
     for i in range(0, nb, 32):
         for k in range(LANES):
@@ -801,7 +800,7 @@ cdef inline void _n64_sums(const real* x, Py_ssize_t nsr, const double* e_pivot,
     cdef double d
     if real is float:
         if BNCORE_FLOAT_ROWS and _float_rows_on:
-            bncore_n64_sums_f32(x, nsr, e_pivot, acc1, acc2)
+            bncore_col_sums_f32(x, nsr, NARROW, NARROW, e_pivot, acc1, acc2, 1)
             return
     for j in range(NARROW):
         a[j] = acc1[j]
@@ -830,7 +829,7 @@ cdef inline void _n64_dy_sums(const real* dy, const real* x, Py_ssize_t nsr,
     cdef double g
     if real is float:
         if BNCORE_FLOAT_ROWS and _float_rows_on:
-            bncore_n64_dy_sums_f32(dy, x, nsr, e_mean, acc_a, acc_b)
+            bncore_col_dy_sums_f32(dy, x, nsr, NARROW, NARROW, e_mean, acc_a, acc_b, 1)
             return
     for j in range(NARROW):
         a[j] = acc_a[j]
@@ -956,7 +955,7 @@ cdef inline void _tile_sums(const real* x, Py_ssize_t rows, Py_ssize_t stride,
     cdef double d
     if real is float:
         if BNCORE_FLOAT_ROWS and _float_rows_on:
-            bncore_tile_sums_f32(x, rows, stride, pivot, ps1, ps2, add)
+            bncore_col_sums_f32(x, rows, stride, TILE, pivot, ps1, ps2, add)
             return
     for k in range(TILE):
         s[k] = ps1[k] if add else 0.0
@@ -985,7 +984,7 @@ cdef inline void _tile_dy_sums(const real* dy, const real* x, Py_ssize_t rows,
     cdef double g
     if real is float:
         if BNCORE_FLOAT_ROWS and _float_rows_on:
-            bncore_tile_dy_sums_f32(dy, x, rows, stride, mean, pa, pb, add)
+            bncore_col_dy_sums_f32(dy, x, rows, stride, TILE, mean, pa, pb, add)
             return
     for k in range(TILE):
         sa[k] = pa[k] if add else 0.0

@@ -195,44 +195,48 @@ static inline ptrdiff_t bncore_dx_rows_f32(const float* dy, const float* x, floa
     return end;
 }
 
-/* The channel tiles' sums (_tile_sums, _tile_dy_sums: TILE = 32 channels of
- * `rows` rows a stride apart), each channel's sum taking the rows in order:
+/* Per-column running sums over `rows` rows `stride` floats apart, ncols (32 or
+ * 64) columns each into its own sums, rows in order: the channel tiles (32
+ * channels), the narrow schedule's super-rows (64) and the rows schedule's 32
+ * summation lanes (each block of 32 a "row"):
  *     s += x - pivot; q = fma(x - pivot, x - pivot, q)
  *     sa += dy;       sb = fma(dy, x - mean, sb)
- * into s, q (sa, sb): with add, added to what they hold, else from 0. */
-static inline void bncore_tile_sums_f32(const float* x, ptrdiff_t rows, ptrdiff_t stride,
-                                        const double* pivot, double* s, double* q, int add)
+ * into s, q (sa, sb): with add, added to what they hold, else from 0. Each
+ * call site passes a constant ncols, so the accumulators live in registers. */
+static inline void bncore_col_sums_f32(const float* x, ptrdiff_t rows, ptrdiff_t stride,
+                                       int ncols, const double* pivot, double* s, double* q,
+                                       int add)
 {
-    __m512d S[4], Q[4], P[4];
+    __m512d S[8], Q[8], P[8];
     ptrdiff_t r;
-    int k;
-    for (k = 0; k < 4; k++) {
+    int k, nv = ncols / 8;
+    for (k = 0; k < nv; k++) {
         S[k] = add ? _mm512_loadu_pd(s + 8 * k) : _mm512_setzero_pd();
         Q[k] = add ? _mm512_loadu_pd(q + 8 * k) : _mm512_setzero_pd();
         P[k] = _mm512_loadu_pd(pivot + 8 * k);
     }
     for (r = 0; r < rows; r++) {
         const float* a = x + r * stride;
-        for (k = 0; k < 4; k++) {
+        for (k = 0; k < nv; k++) {
             __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + 8 * k)), P[k]);
             S[k] = _mm512_add_pd(S[k], d);
             Q[k] = _mm512_fmadd_pd(d, d, Q[k]);
         }
     }
-    for (k = 0; k < 4; k++) {
+    for (k = 0; k < nv; k++) {
         _mm512_storeu_pd(s + 8 * k, S[k]);
         _mm512_storeu_pd(q + 8 * k, Q[k]);
     }
 }
 
-static inline void bncore_tile_dy_sums_f32(const float* dy, const float* x, ptrdiff_t rows,
-                                           ptrdiff_t stride, const double* mean, double* sa,
-                                           double* sb, int add)
+static inline void bncore_col_dy_sums_f32(const float* dy, const float* x, ptrdiff_t rows,
+                                          ptrdiff_t stride, int ncols, const double* mean,
+                                          double* sa, double* sb, int add)
 {
-    __m512d A[4], B[4], M[4];
+    __m512d A[8], B[8], M[8];
     ptrdiff_t r;
-    int k;
-    for (k = 0; k < 4; k++) {
+    int k, nv = ncols / 8;
+    for (k = 0; k < nv; k++) {
         A[k] = add ? _mm512_loadu_pd(sa + 8 * k) : _mm512_setzero_pd();
         B[k] = add ? _mm512_loadu_pd(sb + 8 * k) : _mm512_setzero_pd();
         M[k] = _mm512_loadu_pd(mean + 8 * k);
@@ -240,138 +244,21 @@ static inline void bncore_tile_dy_sums_f32(const float* dy, const float* x, ptrd
     for (r = 0; r < rows; r++) {
         const float* g = dy + r * stride;
         const float* a = x + r * stride;
-        for (k = 0; k < 4; k++) {
+        for (k = 0; k < nv; k++) {
             __m512d gg = _mm512_cvtps_pd(_mm256_loadu_ps(g + 8 * k));
             __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + 8 * k)), M[k]);
             A[k] = _mm512_add_pd(A[k], gg);
             B[k] = _mm512_fmadd_pd(gg, d, B[k]);
         }
     }
-    for (k = 0; k < 4; k++) {
+    for (k = 0; k < nv; k++) {
         _mm512_storeu_pd(sa + 8 * k, A[k]);
         _mm512_storeu_pd(sb + 8 * k, B[k]);
     }
 }
 
-/* The narrow schedule's loops (_n64_*: super-rows of NARROW = 64 elements,
- * each element's constants and running sums at its position in the super-row),
- * nsr super-rows; the sums accumulate into what the arrays hold, each lane
- * taking the super-rows in order. */
-static inline void bncore_n64_sums_f32(const float* x, ptrdiff_t nsr, const double* pivot,
-                                       double* acc1, double* acc2)
-{
-    __m512d S[8], Q[8];
-    ptrdiff_t r;
-    int k;
-    for (k = 0; k < 8; k++) {
-        S[k] = _mm512_loadu_pd(acc1 + 8 * k);
-        Q[k] = _mm512_loadu_pd(acc2 + 8 * k);
-    }
-    for (r = 0; r < nsr; r++) {
-        const float* a = x + 64 * r;
-        for (k = 0; k < 8; k++) {
-            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + 8 * k)),
-                                      _mm512_loadu_pd(pivot + 8 * k));
-            S[k] = _mm512_add_pd(S[k], d);
-            Q[k] = _mm512_fmadd_pd(d, d, Q[k]);
-        }
-    }
-    for (k = 0; k < 8; k++) {
-        _mm512_storeu_pd(acc1 + 8 * k, S[k]);
-        _mm512_storeu_pd(acc2 + 8 * k, Q[k]);
-    }
-}
-
-static inline void bncore_n64_dy_sums_f32(const float* dy, const float* x, ptrdiff_t nsr,
-                                          const double* mean, double* acc_a, double* acc_b)
-{
-    __m512d A[8], B[8];
-    ptrdiff_t r;
-    int k;
-    for (k = 0; k < 8; k++) {
-        A[k] = _mm512_loadu_pd(acc_a + 8 * k);
-        B[k] = _mm512_loadu_pd(acc_b + 8 * k);
-    }
-    for (r = 0; r < nsr; r++) {
-        const float* g = dy + 64 * r;
-        const float* a = x + 64 * r;
-        for (k = 0; k < 8; k++) {
-            __m512d gg = _mm512_cvtps_pd(_mm256_loadu_ps(g + 8 * k));
-            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(a + 8 * k)),
-                                      _mm512_loadu_pd(mean + 8 * k));
-            A[k] = _mm512_add_pd(A[k], gg);
-            B[k] = _mm512_fmadd_pd(gg, d, B[k]);
-        }
-    }
-    for (k = 0; k < 8; k++) {
-        _mm512_storeu_pd(acc_a + 8 * k, A[k]);
-        _mm512_storeu_pd(acc_b + 8 * k, B[k]);
-    }
-}
-
-/* The rows schedule's 32 summation lanes (_lanes_sums, _lanes_dy_sums): element
- * i + k of each block of 32 into lane k, blocks in order, nb a multiple of 32;
- * adds into what a, q (a, b) hold. */
-static inline void bncore_lanes_sums_f32(const float* x, ptrdiff_t nb, double P, double* a,
-                                         double* q)
-{
-    __m512d S[4], Q[4], PP = _mm512_set1_pd(P);
-    ptrdiff_t i;
-    int k;
-    for (k = 0; k < 4; k++) {
-        S[k] = _mm512_loadu_pd(a + 8 * k);
-        Q[k] = _mm512_loadu_pd(q + 8 * k);
-    }
-    for (i = 0; i < nb; i += 32)
-        for (k = 0; k < 4; k++) {
-            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * k)), PP);
-            S[k] = _mm512_add_pd(S[k], d);
-            Q[k] = _mm512_fmadd_pd(d, d, Q[k]);
-        }
-    for (k = 0; k < 4; k++) {
-        _mm512_storeu_pd(a + 8 * k, S[k]);
-        _mm512_storeu_pd(q + 8 * k, Q[k]);
-    }
-}
-
-static inline void bncore_lanes_dy_sums_f32(const float* dy, const float* x, ptrdiff_t nb,
-                                            double mu, double* a, double* b)
-{
-    __m512d A[4], B[4], M = _mm512_set1_pd(mu);
-    ptrdiff_t i;
-    int k;
-    for (k = 0; k < 4; k++) {
-        A[k] = _mm512_loadu_pd(a + 8 * k);
-        B[k] = _mm512_loadu_pd(b + 8 * k);
-    }
-    for (i = 0; i < nb; i += 32)
-        for (k = 0; k < 4; k++) {
-            __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(dy + i + 8 * k));
-            __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + i + 8 * k)), M);
-            A[k] = _mm512_add_pd(A[k], g);
-            B[k] = _mm512_fmadd_pd(g, d, B[k]);
-        }
-    for (k = 0; k < 4; k++) {
-        _mm512_storeu_pd(a + 8 * k, A[k]);
-        _mm512_storeu_pd(b + 8 * k, B[k]);
-    }
-}
-
 #else
 #define BNCORE_FLOAT_ROWS 0
-
-static inline void bncore_tile_sums_f32(const float* x, ptrdiff_t rows, ptrdiff_t stride,
-                                        const double* pivot, double* s, double* q, int add)
-{
-    (void)x; (void)rows; (void)stride; (void)pivot; (void)s; (void)q; (void)add;
-}
-
-static inline void bncore_tile_dy_sums_f32(const float* dy, const float* x, ptrdiff_t rows,
-                                           ptrdiff_t stride, const double* mean, double* sa,
-                                           double* sb, int add)
-{
-    (void)dy; (void)x; (void)rows; (void)stride; (void)mean; (void)sa; (void)sb; (void)add;
-}
 
 static inline ptrdiff_t bncore_affine1_f32(const float* x, float* y, ptrdiff_t n,
                                            const double* mean, const double* scale,
@@ -406,17 +293,6 @@ static inline ptrdiff_t bncore_dx_rows_f32(const float* dy, const float* x, floa
     (void)a; (void)k;
     return 0;
 }
-static inline void bncore_n64_sums_f32(const float* x, ptrdiff_t nsr, const double* pivot,
-                                       double* acc1, double* acc2)
-{
-    (void)x; (void)nsr; (void)pivot; (void)acc1; (void)acc2;
-}
-
-static inline void bncore_n64_dy_sums_f32(const float* dy, const float* x, ptrdiff_t nsr,
-                                          const double* mean, double* acc_a, double* acc_b)
-{
-    (void)dy; (void)x; (void)nsr; (void)mean; (void)acc_a; (void)acc_b;
-}
 static inline ptrdiff_t bncore_affine_seg_f32(const float* x, float* y, ptrdiff_t n,
                                               double mean, double scale, double shift)
 {
@@ -431,16 +307,19 @@ static inline ptrdiff_t bncore_dx_seg_f32(const float* dy, const float* x, float
     (void)dy; (void)x; (void)dx; (void)n; (void)mean; (void)g; (void)a; (void)k;
     return 0;
 }
-static inline void bncore_lanes_sums_f32(const float* x, ptrdiff_t nb, double P, double* a,
-                                         double* q)
+static inline void bncore_col_sums_f32(const float* x, ptrdiff_t rows, ptrdiff_t stride,
+                                       int ncols, const double* pivot, double* s, double* q,
+                                       int add)
 {
-    (void)x; (void)nb; (void)P; (void)a; (void)q;
+    (void)x; (void)rows; (void)stride; (void)ncols; (void)pivot; (void)s; (void)q; (void)add;
 }
 
-static inline void bncore_lanes_dy_sums_f32(const float* dy, const float* x, ptrdiff_t nb,
-                                            double mu, double* a, double* b)
+static inline void bncore_col_dy_sums_f32(const float* dy, const float* x, ptrdiff_t rows,
+                                          ptrdiff_t stride, int ncols, const double* mean,
+                                          double* sa, double* sb, int add)
 {
-    (void)dy; (void)x; (void)nb; (void)mu; (void)a; (void)b;
+    (void)dy; (void)x; (void)rows; (void)stride; (void)ncols; (void)mean; (void)sa; (void)sb;
+    (void)add;
 }
 #endif
 #endif
