@@ -2,7 +2,8 @@
 passes it replaces, in one process (bncore._bn_kernels.channel_strips toggles
 it between repetitions), on small channels-last (N, C) inputs; and beside
 torch where it is installed. Results are the same bits either way (tests hold
-them together); this measures only speed.
+them together); this measures only speed. (scripts/bench_switch.py
+channel_strips times any shape, forward-eval too, without torch.)
 
     python scripts/bench_strips.py [--threads 2] [--reps 9]
 
@@ -14,27 +15,11 @@ import argparse
 
 import numpy as np
 
-import bncore
-from bench import time_loop     # (bench puts this checkout first on sys.path)
+from bench_switch import calls, load_torch, off_on
 from bncore import _bn_kernels as kernels
 
 SHAPES = [(256, 1024), (128, 512), (512, 256), (64, 4096), (32, 2048), (256, 100),
           (16, 1000), (1024, 128)]
-
-
-MIN_TIME = 0.02       # seconds per timing, each schedule in turn
-
-
-def per_call_us(fn) -> float:
-    return time_loop(fn, MIN_TIME, batches=3) * 1e6
-
-
-def with_strips(fn, strips: bool) -> float:
-    kernels.channel_strips(strips)
-    try:
-        return per_call_us(fn)
-    finally:
-        kernels.channel_strips(True)
 
 
 def main() -> None:
@@ -42,47 +27,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=9)
     args = ap.parse_args()
-    try:
-        import torch
-        torch.set_num_threads(args.threads)
-    except ImportError:
-        torch = None
+    torch = load_torch(args.threads)
     nt = args.threads
-    rng = np.random.default_rng(0)
     print(f"{nt} threads, best of {args.reps}; microseconds per call")
     print("| shape | forward off | forward on | on/off gain | strips | backward off | "
           "backward on | on/off gain | strips | torch forward | torch backward |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for N, C in SHAPES:
-        x = rng.standard_normal((N, C)).astype(np.float32)
-        dy = rng.standard_normal((N, C)).astype(np.float32)
-        w, b = np.ones(C, np.float32), np.zeros(C, np.float32)
-        _, mean, invstd = bncore.batch_norm_forward(x, w, b, num_threads=nt)
-        fwd = lambda: bncore.batch_norm_forward(x, w, b, num_threads=nt)  # noqa: E731
-        bwd = lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w,  # noqa: E731
-                                                 num_threads=nt)
-        row = [f"({N},{C})"]
+        ours, theirs = calls((N, C), False, np.float32, nt, torch)
         info = kernels.plan_info(N, C, 1, 4, nt)
-        for fn, key in ((fwd, "forward_strips"), (bwd, "backward_strips")):
-            off = on = float("inf")
-            for _ in range(args.reps):           # interleaved: slow phases hit both
-                off = min(off, with_strips(fn, False))
-                on = min(on, with_strips(fn, True))
+        row, torch_cells = [f"({N},{C})"], []
+        for name, key in (("forward-train", "forward_strips"), ("backward", "backward_strips")):
+            off, on, tt = off_on(ours[name], "channel_strips", args.reps, theirs.get(name))
             row += [f"{off:.1f}", f"{on:.1f}", f"{off / on:.2f}x", "yes" if info[key] else "no"]
-        if torch is not None:
-            tx, tw, tb = torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b)
-            tm = torch.from_numpy(mean.astype(np.float32))
-            ti = torch.from_numpy(invstd.astype(np.float32))
-            tdy = torch.from_numpy(dy)
-            tf = min(per_call_us(lambda: torch.nn.functional.batch_norm(
-                tx, None, None, tw, tb, True)) for _ in range(args.reps))
-            tbw = min(per_call_us(lambda: torch.ops.aten.native_batch_norm_backward(
-                tdy, tx, tw, None, None, tm, ti, True, 1e-5, [True, True, True]))
-                for _ in range(args.reps))
-            row += [f"{tf:.1f}", f"{tbw:.1f}"]
-        else:
-            row += ["-", "-"]
-        print("| " + " | ".join(row) + " |")
+            torch_cells.append(f"{tt:.1f}" if name in theirs else "-")
+        print("| " + " | ".join(row + torch_cells) + " |")
 
 
 if __name__ == "__main__":

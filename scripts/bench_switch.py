@@ -13,7 +13,7 @@ forward-train, forward-eval and backward in microseconds, off and on (best of
 the repetitions), and on's gain.
 """
 import argparse
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from bncore import _bn_kernels as kernels
 SWITCHES = ("float_rows", "channel_strips", "tile_groups", "half_fast")
 DEFAULT_SHAPES = "256x1024,128x512,512x256,32x2048,1000x100,8192x1024,32x64x56x56:cl"
 MIN_TIME = 0.02       # seconds per timing, each setting in turn
+CALLS = ("forward-train", "forward-eval", "backward")
 
 
 def parse_shapes(text: str) -> List[Tuple[Tuple[int, ...], bool]]:
@@ -40,7 +41,21 @@ def set_switch(name: str, on: bool) -> bool:
     return was[0] if isinstance(was, tuple) else was
 
 
-def calls(shape, channels_last: bool, dtype, nt: int) -> List[Tuple[str, Callable]]:
+def load_torch(threads: int):
+    """torch with the benchmark's thread count, or None where it is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
+def calls(shape, channels_last: bool, dtype, nt: int,
+          torch=None) -> Tuple[Dict[str, Callable], Dict[str, Callable]]:
+    """bncore's forward-train, forward-eval and backward on one input, and
+    torch's same calls on the same memory (empty without torch, or where this
+    torch does not take the dtype)."""
     rng = np.random.default_rng(0)
     C = shape[1]
     x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
@@ -53,11 +68,45 @@ def calls(shape, channels_last: bool, dtype, nt: int) -> List[Tuple[str, Callabl
     b = rng.standard_normal(C).astype(np.float32)
     rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
     _, mean, invstd = bncore.batch_norm_forward(x, w, b, num_threads=nt)
-    return [("forward-train", lambda: bncore.batch_norm_forward(x, w, b, rm, rv, num_threads=nt)),
-            ("forward-eval", lambda: bncore.batch_norm_forward(
-                x, w, b, rm, rv, training=False, num_threads=nt)),
-            ("backward", lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w,
-                                                            num_threads=nt))]
+    ours = {"forward-train": lambda: bncore.batch_norm_forward(x, w, b, rm, rv, num_threads=nt),
+            "forward-eval": lambda: bncore.batch_norm_forward(
+                x, w, b, rm, rv, training=False, num_threads=nt),
+            "backward": lambda: bncore.batch_norm_backward(dy, x, mean, invstd, w,
+                                                           num_threads=nt)}
+    theirs: Dict[str, Callable] = {}
+    if torch is not None:
+        F = torch.nn.functional
+        tx, tdy = torch.from_numpy(x), torch.from_numpy(dy)
+        tw, tb = torch.from_numpy(w), torch.from_numpy(b)
+        trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
+        try:
+            _, sm, si = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
+        except RuntimeError:             # a dtype this torch does not take on the CPU
+            return ours, theirs
+        theirs = {"forward-train": lambda: F.batch_norm(tx, trm, trv, tw, tb, True),
+                  "forward-eval": lambda: F.batch_norm(tx, trm, trv, tw, tb, False),
+                  "backward": lambda: torch.ops.aten.native_batch_norm_backward(
+                      tdy, tx, tw, trm, trv, sm, si, True, 1e-5, [True, True, True])}
+    return ours, theirs
+
+
+def off_on(fn: Callable, switch: str, reps: int,
+           other: Optional[Callable] = None) -> Tuple[float, float, float]:
+    """Microseconds per call of fn with the switch off and on, and of `other`
+    (inf without it), each the best of `reps` repetitions, interleaved so that
+    a slow phase of the machine hits all alike; the switch is left as it was."""
+    best = {False: float("inf"), True: float("inf")}
+    theirs = float("inf")
+    for _ in range(reps):
+        for on in (False, True):
+            prev = set_switch(switch, on)
+            try:
+                best[on] = min(best[on], time_loop(fn, MIN_TIME, batches=3) * 1e6)
+            finally:
+                set_switch(switch, prev)
+        if other is not None:
+            theirs = min(theirs, time_loop(other, MIN_TIME, batches=3) * 1e6)
+    return best[False], best[True], theirs
 
 
 def main() -> None:
@@ -77,17 +126,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for shape, cl in parse_shapes(args.shapes):
         label = "(" + ",".join(map(str, shape)) + ")" + (" channels-last" if cl else "")
-        for name, fn in calls(shape, cl, np.dtype(args.dtype), args.threads):
-            best = {False: float("inf"), True: float("inf")}
-            for _ in range(args.reps):
-                for on in (False, True):
-                    prev = set_switch(args.switch, on)
-                    try:
-                        best[on] = min(best[on], time_loop(fn, MIN_TIME, batches=3) * 1e6)
-                    finally:
-                        set_switch(args.switch, prev)
-            print(f"| {label} | {name} | {best[False]:.1f} | {best[True]:.1f} | "
-                  f"{best[False] / best[True]:.2f}x |", flush=True)
+        ours, _ = calls(shape, cl, np.dtype(args.dtype), args.threads)
+        for name in CALLS:
+            off, on, _ = off_on(ours[name], args.switch, args.reps)
+            print(f"| {label} | {name} | {off:.1f} | {on:.1f} | {off / on:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":
