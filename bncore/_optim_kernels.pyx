@@ -18,7 +18,7 @@ aliasing) before any kernel runs; the kernels themselves check nothing.
 """
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport fabs, fabsf, frexp, pow, sqrt
+from libc.math cimport INFINITY, fabs, fabsf, frexp, pow, sqrt
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy
@@ -818,10 +818,12 @@ cdef inline bint _max_abs_f32(const float* g, Py_ssize_t n, double* out) noexcep
 
 
 cdef inline double _chunk_norm(const gtype* g, Py_ssize_t n, int kind, double p,
-                               double inv) noexcept nogil:
-    """Sum of |g * inv|^p over the chunk (the max of |g| for inf), 16 lanes;
-    inv = 1 / scale, scale a power of two, so g * inv is g / scale exactly
-    (a multiply, not a division the divide unit would serialize)."""
+                               double scale, double inv) noexcept nogil:
+    """Sum of |g / scale|^p over the chunk (the max of |g| for inf), 16 lanes.
+    Squares and magnitudes multiply by inv = 1 / scale, scale a power of two,
+    so g * inv is g / scale exactly (not a division the divide unit would
+    serialize); the general p divides (pow costs far more), so that |g| /
+    scale is exactly 1 where |g| = scale, as the p-norm rescue needs."""
     cdef double acc[LANES]
     cdef Py_ssize_t i, nb = n - n % LANES
     cdef int k
@@ -858,7 +860,7 @@ cdef inline double _chunk_norm(const gtype* g, Py_ssize_t n, int kind, double p,
         return a
     else:
         for i in range(n):
-            acc[i % LANES] += pow(fabs(gload(g, i)) * inv, p)
+            acc[i % LANES] += pow(fabs(gload(g, i)) / scale, p)
     for k in range(8):
         acc[k] = acc[k] + acc[k + 8]
     for k in range(4):
@@ -866,30 +868,36 @@ cdef inline double _chunk_norm(const gtype* g, Py_ssize_t n, int kind, double p,
     return (acc[0] + acc[2]) + (acc[1] + acc[3])
 
 
-cdef void _norm_partials(Table t, int kind, double p, double inv, double* part,
+cdef void _norm_partials(Table t, int kind, double p, double scale, double* part,
                          float* stage, int nt) noexcept nogil:
     # stage: CHUNK floats per thread (float16 gradients only)
     cdef Py_ssize_t c, ti, off
     cdef float* mine
+    cdef double inv = 1.0 / scale
     for c in prange(t.nchunks, schedule='static', num_threads=nt):
         ti = t.chunk_t[c]
         off = t.chunk_off[c]
         if t.pcode == F64:
-            part[c] = _chunk_norm((<double*>t.ptr[ti]) + off, t.chunk_len[c], kind, p, inv)
+            part[c] = _chunk_norm((<double*>t.ptr[ti]) + off, t.chunk_len[c], kind, p, scale,
+                                  inv)
         elif t.pcode == F16:
             mine = stage + omp_get_thread_num() * CHUNK
             bncore_half_to_float_n((<uint16_t*>t.ptr[ti]) + off, mine, t.chunk_len[c])
-            part[c] = _chunk_norm(<const float*>mine, t.chunk_len[c], kind, p, inv)
+            part[c] = _chunk_norm(<const float*>mine, t.chunk_len[c], kind, p, scale, inv)
         else:
-            part[c] = _chunk_norm((<float*>t.ptr[ti]) + off, t.chunk_len[c], kind, p, inv)
+            part[c] = _chunk_norm((<float*>t.ptr[ti]) + off, t.chunk_len[c], kind, p, scale, inv)
 
 
 def norm_sum(Table t, int kind, double p, double scale, int nthreads) -> float:
     """Sum over all elements of |g / scale|^p (kind NORM_1/2/P), or max |g| (NORM_INF);
-    chunk partials combined in chunk order. scale must be a power of two (1
-    but in the overflow rescue, see clipping._rescue_scale)."""
+    chunk partials combined in chunk order. scale is 1 but in the overflow and
+    underflow rescues (clipping._power_sum): a power of two for NORM_1/2 (an
+    exact multiply), any positive finite value for NORM_P (a division)."""
     cdef int e
-    if frexp(scale, &e) != 0.5:
+    if kind == NORM_P:
+        if not (scale > 0.0 and scale < INFINITY):
+            raise ValueError(f"scale must be positive and finite, got {scale!r}")
+    elif frexp(scale, &e) != 0.5:
         raise ValueError(f"scale must be a power of two, got {scale!r}")
     cdef double* part = <double*>malloc(sizeof(double) * (t.nchunks + 1))
     cdef double total = 0.0
@@ -904,7 +912,7 @@ def norm_sum(Table t, int kind, double p, double scale, int nthreads) -> float:
             free(part)
             raise MemoryError()
     with nogil:
-        _norm_partials(t, kind, p, 1.0 / scale, part, stage, nt)
+        _norm_partials(t, kind, p, scale, part, stage, nt)
         if kind == NORM_INF:
             for c in range(t.nchunks):
                 total = _nanmax(total, part[c])

@@ -88,8 +88,8 @@ def _power_sum(table, p: float, nthreads: int) -> Tuple[float, float, float]:
     """(s, scale, nonfinite): sum |g / scale|^p = s (max |g| for p = inf), and
     whether the gradients hold an Inf or NaN. scale is 1 unless the float64 sum
     overflowed on finite data or its powers underflowed (a sum below
-    _UNDERFLOW_SUM): then the sum is taken again relative to the power of two
-    at or above max |g|. One process's norm (_norm_of) and each rank's part of
+    _UNDERFLOW_SUM): then the sum is taken again relative to max |g| (for
+    p = 1 and 2, to the power of two at or above it). One process's norm (_norm_of) and each rank's part of
     a distributed one (bncore.distributed) both come from here."""
     if math.isinf(p):
         return _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads), 1.0, 0.0
@@ -102,7 +102,11 @@ def _power_sum(table, p: float, nthreads: int) -> Tuple[float, float, float]:
     top = _k.norm_sum(table, _NORM_INF, p, 1.0, nthreads)
     if top == 0.0:
         return 0.0, 1.0, 0.0
-    big = _rescue_scale(top)
+    # squares and magnitudes: relative to a power of two (an exact multiply);
+    # any other p: relative to max |g| itself, whose term is then exactly 1.
+    # (A power of two S >= max |g| leaves that term as small as 0.5^p, which
+    # vanishes for p > 1074: the norm came out 0 and nothing was clipped.)
+    big = top if kind == _NORM_P else _rescue_scale(top)
     return _k.norm_sum(table, kind, p, big, nthreads), big, 0.0
 
 

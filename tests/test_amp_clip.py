@@ -176,6 +176,22 @@ def test_p_norms_do_not_underflow_on_tiny_gradients(p):
     assert bncore.grad_norm([np.zeros(4)], norm_type=p) == 0.0
 
 
+@pytest.mark.parametrize("p", [1100.0, 1200.0, 5000.0, 1e4, 1e20])
+@pytest.mark.parametrize("top", [2.1, 0.3, 1e-3, 1e300])
+def test_large_p_norms_are_the_largest_magnitude_not_zero(p, top):
+    """|g|^p over- or underflows float64 for p past ~1000, and the rescue
+    then took the powers relative to a power of two at or above max |g|:
+    the largest term could be 0.5^p, which vanishes past p = 1074, so the norm
+    of [2.1] came out 0 and clip_grad_norm clipped nothing. Relative to max
+    |g| itself that term is 1."""
+    g = [np.array([top, -top / 3]), np.array([top / 7])]
+    # the other terms are (1/3)^p and (1/7)^p, far below 1 ulp of 1 for these p
+    assert bncore.grad_norm(g, norm_type=p) == pytest.approx(top, rel=1e-15)
+    total = bncore.clip_grad_norm(g, top / 4, norm_type=p, eps=0.0)
+    assert total == pytest.approx(top, rel=1e-15)
+    np.testing.assert_allclose(g[0], [top / 4, -top / 12], rtol=1e-14)
+
+
 def test_a_p_norm_past_float64_is_inf_not_an_exception():
     """sum |g|^0.5 is finite for 1e308s, its square is not: Python's float
     power raised OverflowError."""
