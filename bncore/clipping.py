@@ -163,6 +163,7 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
                                           num_threads=num_threads)
     max_norm = chk.clip_bound("max_norm", max_norm)
     eps = chk.non_negative("eps", eps)
+    error_if_nonfinite = chk.flag("error_if_nonfinite", error_if_nonfinite)
     p = _norm_type(norm_type)
     nthreads = resolve_num_threads(num_threads)
     table = _grads_table(grads, True)

@@ -565,7 +565,7 @@ def clip_grad_norm_on(eng, grads, max_norm, comm, norm_type, eps, error_if_nonfi
     """clip_grad_norm on engine `eng` (HostEngine or bncore_gpu's)."""
     def extra():
         return (chk.clip_bound("max_norm", max_norm), chk.non_negative("eps", eps),
-                float(bool(error_if_nonfinite)))
+                float(chk.flag("error_if_nonfinite", error_if_nonfinite)))
 
     total, table, nthreads, (mn, e, _) = _norm_collective(
         eng, comm, grads, norm_type, num_threads, True, extra, "clip_grad_norm")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -112,6 +112,13 @@ def _style(name: str, value, allowed) -> Any:
 
 
 # Hyper-parameter rules of each step function, shared with bncore_gpu.optimizers.
+
+def on_off(**flags: Any) -> Tuple[bool, ...]:
+    """The step function's on/off arguments, in the order given, each checked by
+    bncore._checks.flag: a string or None is a TypeError naming it, not a truth
+    value (``nesterov="False"`` switched Nesterov on)."""
+    return tuple(chk.flag(name, v) for name, v in flags.items())
+
 
 def sgd_hyper(lr, momentum, dampening, nesterov, weight_decay, style, bufs):
     """Validated (lr, momentum, dampening, weight_decay, style code) of sgd_step."""
@@ -219,6 +226,9 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
     params = as_list("params", params, required=True)
     grads = as_list("grads", grads, required=True)
     bufs = as_list("momentum_buffers", momentum_buffers)
+    nesterov, maximize, first_step, decoupled_weight_decay = on_off(
+        nesterov=nesterov, maximize=maximize, first_step=first_step,
+        decoupled_weight_decay=decoupled_weight_decay)
     lr, momentum, dampening, weight_decay, s = sgd_hyper(lr, momentum, dampening, nesterov,
                                                          weight_decay, style, bufs)
     if step is not None:
@@ -274,6 +284,8 @@ def adam_step(params: ArrayList, grads: ArrayList, exp_avgs: ArrayList, exp_avg_
     m = as_list("exp_avgs", exp_avgs, required=True)
     v = as_list("exp_avg_sqs", exp_avg_sqs, required=True)
     vmax = as_list("max_exp_avg_sqs", max_exp_avg_sqs)
+    decoupled_weight_decay, amsgrad, maximize = on_off(
+        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
     step = _step("step", step, 1 if bias_correction_step is None else 0)
     t_bias = step if bias_correction_step is None else _step("bias_correction_step",
                                                              bias_correction_step, 0)
@@ -317,6 +329,9 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
     sq = as_list("square_avgs", square_avgs, required=True)
     ga = as_list("grad_avgs", grad_avgs)
     mb = as_list("momentum_buffers", momentum_buffers)
+    centered, maximize, eps_inside_sqrt, decoupled_weight_decay = on_off(
+        centered=centered, maximize=maximize, eps_inside_sqrt=eps_inside_sqrt,
+        decoupled_weight_decay=decoupled_weight_decay)
     lr, alpha, eps, weight_decay, momentum, s = rmsprop_hyper(
         lr, alpha, eps, weight_decay, momentum, style, centered, ga, mb)
     skip, inv = amp_args(grad_scale, found_inf)
@@ -349,6 +364,9 @@ def adagrad_step(params: ArrayList, grads: ArrayList, state_sums: ArrayList, *, 
     params = as_list("params", params, required=True)
     grads = as_list("grads", grads, required=True)
     hs = as_list("state_sums", state_sums, required=True)
+    maximize, eps_inside_sqrt, decoupled_weight_decay = on_off(
+        maximize=maximize, eps_inside_sqrt=eps_inside_sqrt,
+        decoupled_weight_decay=decoupled_weight_decay)
     step = _step("step", step, 1)
     lr, lr_decay, weight_decay, eps = adagrad_hyper(lr, lr_decay, weight_decay, eps)
     skip, inv = amp_args(grad_scale, found_inf)

@@ -84,6 +84,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     max_norm = hchk.clip_bound("max_norm", max_norm)
     eps = hchk.non_negative("eps", eps)
+    error_if_nonfinite = hchk.flag("error_if_nonfinite", error_if_nonfinite)
     p = _norm_type(norm_type)
     t = _table(grads, True)
     total, coef = _norm(t, p, max_norm, eps)

@@ -116,6 +116,9 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float
     params = _cpu.as_list("params", params, required=True)
     grads = _cpu.as_list("grads", grads, required=True)
     bufs = _cpu.as_list("momentum_buffers", momentum_buffers)
+    nesterov, maximize, first_step, decoupled_weight_decay = _cpu.on_off(
+        nesterov=nesterov, maximize=maximize, first_step=first_step,
+        decoupled_weight_decay=decoupled_weight_decay)
     lr, momentum, dampening, weight_decay, s = _cpu.sgd_hyper(lr, momentum, dampening, nesterov,
                                                               weight_decay, style, bufs)
     step_ptr = NULL
@@ -151,6 +154,8 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, lr: float = 1e-3,
     m = _cpu.as_list("exp_avgs", exp_avgs, required=True)
     v = _cpu.as_list("exp_avg_sqs", exp_avg_sqs, required=True)
     vmax = _cpu.as_list("max_exp_avg_sqs", max_exp_avg_sqs)
+    decoupled_weight_decay, amsgrad, maximize = _cpu.on_off(
+        decoupled_weight_decay=decoupled_weight_decay, amsgrad=amsgrad, maximize=maximize)
     if bias_correction_step is None:
         host_t, t_ptr = step_arg("step", step, 1)
     else:
@@ -186,6 +191,9 @@ def rmsprop_step(params, grads, square_avgs, *, lr: float = 1e-2, alpha: float =
     sq = _cpu.as_list("square_avgs", square_avgs, required=True)
     ga = _cpu.as_list("grad_avgs", grad_avgs)
     mb = _cpu.as_list("momentum_buffers", momentum_buffers)
+    centered, maximize, eps_inside_sqrt, decoupled_weight_decay = _cpu.on_off(
+        centered=centered, maximize=maximize, eps_inside_sqrt=eps_inside_sqrt,
+        decoupled_weight_decay=decoupled_weight_decay)
     lr, alpha, eps, weight_decay, momentum, s = _cpu.rmsprop_hyper(
         lr, alpha, eps, weight_decay, momentum, style, centered, ga, mb)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
@@ -210,6 +218,9 @@ def adagrad_step(params, grads, state_sums, *, step, lr: float = 1e-2, lr_decay:
     params = _cpu.as_list("params", params, required=True)
     grads = _cpu.as_list("grads", grads, required=True)
     hs = _cpu.as_list("state_sums", state_sums, required=True)
+    maximize, eps_inside_sqrt, decoupled_weight_decay = _cpu.on_off(
+        maximize=maximize, eps_inside_sqrt=eps_inside_sqrt,
+        decoupled_weight_decay=decoupled_weight_decay)
     host_t, t_ptr = step_arg("step", step, 1)
     lr, lr_decay, weight_decay, eps = _cpu.adagrad_hyper(lr, lr_decay, weight_decay, eps)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)

@@ -229,6 +229,57 @@ def test_wrong_kinds_of_scalars_are_type_errors(kw, text):
         adam(a, **kw)
 
 
+_FLAG_CALLS = {
+    "sgd_step": (lambda a, kw: bncore.sgd_step(a["params"], a["grads"], a["m"], lr=0.1,
+                                              momentum=0.9, **kw),
+                 ("nesterov", "maximize", "first_step", "decoupled_weight_decay")),
+    "adam_step": (lambda a, kw: bncore.adam_step(a["params"], a["grads"], a["m"], a["v"], step=1,
+                                                max_exp_avg_sqs=a["vmax"], **kw),
+                  ("amsgrad", "maximize", "decoupled_weight_decay")),
+    "rmsprop_step": (lambda a, kw: bncore.rmsprop_step(a["params"], a["grads"], a["v"],
+                                                      grad_avgs=a["m"], **kw),
+                     ("centered", "maximize", "eps_inside_sqrt", "decoupled_weight_decay")),
+    "adagrad_step": (lambda a, kw: bncore.adagrad_step(a["params"], a["grads"], a["v"], step=1,
+                                                      **kw),
+                     ("maximize", "eps_inside_sqrt", "decoupled_weight_decay")),
+    "clip_grad_norm": (lambda a, kw: bncore.clip_grad_norm(a["grads"], 1e-3, **kw),
+                       ("error_if_nonfinite",)),
+}
+
+
+@pytest.mark.parametrize("bad", ["False", None, 0.5, 2])
+@pytest.mark.parametrize("fn", sorted(_FLAG_CALLS))
+def test_on_off_arguments_must_be_bools(fn, bad):
+    """A string is not an on/off value: nesterov="False" switched Nesterov on
+    (bool("False") is True). Each flag refuses it, naming itself, with every
+    array as it was."""
+    call, flags = _FLAG_CALLS[fn]
+    for name in flags:
+        a = fresh()
+        before = {f"{k}{i}": x.copy() for k in a for i, x in enumerate(a[k])}
+        with pytest.raises(TypeError, match=name):
+            call(a, {name: bad})
+        assert_unchanged(before, {f"{k}{i}": x for k in a for i, x in enumerate(a[k])})
+    a = fresh()
+    call(a, {name: np.bool_(True) for name in flags if name != "first_step"})   # NumPy bools are bools
+
+
+@pytest.mark.parametrize("cls,flag", [("SGD", "nesterov"), ("Adam", "amsgrad"),
+                                      ("RMSprop", "centered"), ("Adagrad", "eps_inside_sqrt"),
+                                      ("AdamW", "maximize")])
+def test_optimizer_classes_refuse_non_bool_flags(cls, flag):
+    Opt = getattr(bncore.optim, cls)
+    kw = {"momentum": 0.9} if cls == "SGD" else {}
+    with pytest.raises(TypeError, match=flag):
+        Opt([np.ones(3)], lr=0.1, **kw, **{flag: "False"})
+    p = np.ones(3)
+    opt = Opt([p], lr=0.1, **kw)
+    opt.param_groups[0][flag] = "no"           # a schedule's edit between steps
+    with pytest.raises(TypeError, match=flag):
+        opt.step([np.ones(3)])
+    assert np.array_equal(p, np.ones(3))
+
+
 def test_infinite_clip_bounds_compute_without_clipping():
     """torch's idiom clip_grad_norm_(params, inf) returns the norm and clips nothing."""
     g = [np.array([3.0, 4.0])]

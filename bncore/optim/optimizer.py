@@ -26,6 +26,10 @@ from bncore._threads import resolve_num_threads
 from bncore.conventions import optimizer_defaults
 from bncore.optimizers import as_list
 
+# the hyperparameters that switch a formula on or off (every class's)
+_FLAGS = ("nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay",
+          "eps_inside_sqrt", "onnx_update_count")
+
 __all__ = ["Optimizer"]
 
 
@@ -106,8 +110,12 @@ class Optimizer:
         """Subclasses validate their hyperparameters by the step function's rules."""
 
     def _check_group(self, index: int, group: Dict[str, Any]) -> None:
-        """_check_hyper, with the group's index in the message when there are several."""
+        """The on/off hyperparameters and _check_hyper, with the group's index in
+        the message when there are several."""
         try:
+            for name in _FLAGS:
+                if name in group:
+                    chk.flag(name, group[name])   # "False" is true: refused, not used
             self._check_hyper(group)
         except (TypeError, ValueError) as exc:
             if index == 0 and len(self.param_groups) <= 1:
