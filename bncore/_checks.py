@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -77,6 +77,27 @@ def _pair(name_a, a, name_b, b) -> None:
     if np.may_share_memory(a, b) and np.shares_memory(a, b):
         raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
                          f"write an output over an input or over another output")
+
+
+def first_overlap(starts, ends, writes) -> Optional[Tuple[int, int]]:
+    """Among byte ranges [starts[k], ends[k]) (empty ones never overlap), each
+    written or only read (writes[k]): the indices (i, j) of a pair that
+    overlaps with at least one side written, or None. The ranges are sorted
+    and each compared with the furthest end before it (vectorized); the pair
+    is searched for only where some overlap was seen."""
+    st, en = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    w = np.asarray(writes, dtype=bool)
+    live = np.nonzero(en > st)[0]
+    if len(live) < 2:
+        return None
+    order = live[np.lexsort((en[live], st[live]))]
+    st, en, w = st[order], en[order], w[order]
+    prev_end = np.maximum.accumulate(en)[:-1]             # furthest end before each range
+    for j in np.nonzero(st[1:] < prev_end)[0] + 1:
+        for i in range(j - 1, -1, -1):
+            if en[i] > st[j] and (w[i] or w[j]):
+                return int(order[i]), int(order[j])
+    return None
 
 
 def host_copy_of_device_array(v: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import cupy
 import numpy as np
 
+from bncore._checks import first_overlap
 from bncore_gpu import _checks as chk
 
 CHUNK = 16384                 # must equal MT_CHUNK in _optim_kernels.cu
@@ -206,33 +207,22 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
 
 
 def _check_aliasing(infos, names, writes) -> None:
-    """No written array may overlap any other array of the call: sort the byte
-    ranges (vectorized) and compare each with the furthest end before it."""
-    starts, ends, ops, idx, wr = [], [], [], [], []
+    """No written array may overlap any other array of the call (bncore's
+    _checks.first_overlap over every array's byte range)."""
+    starts, ends, ops, idx = [], [], [], []
     for k, info in enumerate(infos):
         if info is None:
             continue
-        live = info.nbytes > 0
-        starts.append(info.ptrs[live])
-        ends.append(info.ptrs[live] + info.nbytes[live])
-        ops.append(np.full(int(live.sum()), k))
-        idx.append(np.nonzero(live)[0])
-        wr.append(np.full(int(live.sum()), bool(writes[k])))
+        starts.append(info.ptrs)
+        ends.append(info.ptrs + info.nbytes)
+        ops.append(np.full(len(info.ptrs), k))
+        idx.append(np.arange(len(info.ptrs)))
     if not starts:
         return
-    st, en = np.concatenate(starts), np.concatenate(ends)
-    op, ix, w = np.concatenate(ops), np.concatenate(idx), np.concatenate(wr)
-    order = np.lexsort((en, st))
-    st, en, op, ix, w = st[order], en[order], op[order], ix[order], w[order]
-    if len(st) < 2:
-        return
-    prev_end = np.maximum.accumulate(en)[:-1]             # furthest end before each span
-    overlap = st[1:] < prev_end
-    if not overlap.any():
-        return
-    # an overlap matters when either side is written; find the culprit pair
-    for j in np.nonzero(overlap)[0] + 1:
-        for i in range(j - 1, -1, -1):
-            if en[i] > st[j] and (w[i] or w[j]):
-                raise ValueError(f"{names[op[i]]}[{ix[i]}] and {names[op[j]]}[{ix[j]}] share "
-                                 f"memory; every array of an in-place update must be distinct")
+    op, ix = np.concatenate(ops), np.concatenate(idx)
+    pair = first_overlap(np.concatenate(starts), np.concatenate(ends),
+                         np.asarray([bool(w) for w in writes])[op])
+    if pair is not None:
+        i, j = pair
+        raise ValueError(f"{names[op[i]]}[{ix[i]}] and {names[op[j]]}[{ix[j]}] share "
+                         f"memory; every array of an in-place update must be distinct")

@@ -84,6 +84,28 @@ def test_bad_gradient_in_a_later_group_changes_nothing(bad_grad):
     assert_same(before, snapshot(opt, params))
 
 
+@pytest.mark.parametrize("cls,kw,state", [
+    (optim.SGD, dict(lr=0.1, momentum=0.9), "momentum_buffer"),
+    (optim.Adam, dict(lr=0.1), "exp_avg_sq"),
+    (optim.RMSprop, dict(lr=0.1, centered=True), "grad_avg"),
+    (optim.Adagrad, dict(lr=0.1), "sum"),
+])
+def test_a_gradient_that_is_a_later_groups_state_changes_nothing(cls, kw, state):
+    """Each kernel call checks its own arrays, so a gradient passed as another
+    group's state array was refused by that group's call only after the calls
+    before it had written (found by review: group 0 moved, then ValueError).
+    The whole step's arrays are now checked against each other first."""
+    params = arrays(3)
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 0.5}], **kw)
+    opt.step(arrays(3, seed=1))
+    before = snapshot(opt, params)
+    grads = arrays(3, seed=2)
+    grads[0] = opt.state[2][state][:3]              # a view of group 1's state
+    with pytest.raises(ValueError, match=r"grads\[0\].*state\[2\]|state\[2\].*grads\[0\]"):
+        opt.step(grads)
+    assert_same(before, snapshot(opt, params))
+
+
 def test_mixed_step_counts_in_a_group_are_checked_before_either_call():
     params = arrays(2)
     opt = optim.Adam(params, lr=0.1)

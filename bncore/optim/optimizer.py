@@ -184,6 +184,40 @@ class Optimizer:
                         f"params[{j}] ({kind_of[j][0]}, gradient {kind_of[j][1]}) are in one "
                         "parameter group: a group's parameters share one dtype, and so "
                         "do its gradients (groups may differ)") from None
+        self._check_step_aliasing(params, grads)
+
+    def _check_step_aliasing(self, params, grads) -> None:
+        """No gradient, parameter or state array overlaps a parameter or state
+        array (the written ones) anywhere in the step: each kernel call checks
+        its own arrays, but a gradient that is another call's momentum buffer
+        was found only by that call, after the calls before it had written."""
+        state_names = tuple(self.state_arrays) + tuple(self.optional_arrays)
+        labels, starts, ends, writes = [], [], [], []
+
+        def add(label, a, written):
+            start, nbytes = self._byte_range(label, a)
+            labels.append(label)
+            starts.append(start)
+            ends.append(start + nbytes)
+            writes.append(written)
+
+        for i, (p, g) in enumerate(zip(params, grads)):
+            add(f"params[{i}]", p, True)
+            add(f"grads[{i}]", g, False)
+            st = self.state.get(i) or {}
+            for name in state_names:
+                if name in st:
+                    add(f"state[{i}][{name!r}]", st[name], True)
+        pair = chk.first_overlap(starts, ends, writes)
+        if pair is not None:
+            raise ValueError(f"{labels[pair[0]]} and {labels[pair[1]]} share memory; every "
+                             "array of an in-place update must be distinct")
+
+    @staticmethod
+    def _byte_range(name: str, a) -> tuple:
+        """(first byte, byte count) of a contiguous array (checked by _gather)."""
+        arr = a if type(a) is np.ndarray else chk.as_array(name, a)
+        return arr.__array_interface__["data"][0], arr.nbytes
 
     def _gather(self, params, grads) -> None:
         _k.gather([params, grads], ("params", "grads"), (True, False), 1, chk.as_array)

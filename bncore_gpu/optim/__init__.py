@@ -39,6 +39,11 @@ class _OnDevice:
     def _gather(self, params, grads):
         gather([params, grads], ("params", "grads"), (True, False), 1)
 
+    @staticmethod
+    def _byte_range(name, a):
+        arr = a if type(a) is cupy.ndarray else chk.as_array(name, a)
+        return arr.data.ptr, arr.nbytes
+
     def _load_step(self, v):
         return int(v)                  # a host count; _after_load makes the counters
 
