@@ -163,7 +163,7 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
             int k = k0 + u * BNC_THREADS;
             if (k < n4) {
                 slab[k] = v[u];
-                s += ((double)v[u].x + (double)v[u].y) + ((double)v[u].z + (double)v[u].w);
+                s += (f2d(v[u].x) + f2d(v[u].y)) + (f2d(v[u].z) + f2d(v[u].w));
             }
         }
     }
@@ -175,8 +175,8 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
     double q = 0.0;
     for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
         float4 v = slab[k];
-        double a = (double)v.x - mu, b = (double)v.y - mu;
-        double e = (double)v.z - mu, f = (double)v.w - mu;
+        double a = f2d(v.x) - mu, b = f2d(v.y) - mu;
+        double e = f2d(v.z) - mu, f = f2d(v.w) - mu;
         q += (a * a + b * b) + (e * e + f * f);
     }
     __syncthreads();                     // every thread has read red[0]
@@ -206,10 +206,10 @@ bn_forward_cluster(const float4* __restrict__ x, float4* __restrict__ y, long lo
     for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
         float4 v = slab[k];
         float4 o;
-        o.x = (float)(((double)v.x - mu) * sc + sh);
-        o.y = (float)(((double)v.y - mu) * sc + sh);
-        o.z = (float)(((double)v.z - mu) * sc + sh);
-        o.w = (float)(((double)v.w - mu) * sc + sh);
+        o.x = d2f((f2d(v.x) - mu) * sc + sh);
+        o.y = d2f((f2d(v.y) - mu) * sc + sh);
+        o.z = d2f((f2d(v.z) - mu) * sc + sh);
+        o.w = d2f((f2d(v.w) - mu) * sc + sh);
         y[((o0 + pl) * C + c) * inner4 + i] = o;
         bnc_step(pl, i, sq, sr, i4);
     }
@@ -268,9 +268,9 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
                 float4 e = d[u], w = v[u];
                 sdy[k] = e;
                 sx[k] = w;
-                sa += ((double)e.x + (double)e.y) + ((double)e.z + (double)e.w);
-                sb += ((double)e.x * ((double)w.x - m) + (double)e.y * ((double)w.y - m))
-                    + ((double)e.z * ((double)w.z - m) + (double)e.w * ((double)w.w - m));
+                sa += (f2d(e.x) + f2d(e.y)) + (f2d(e.z) + f2d(e.w));
+                sb += (f2d(e.x) * (f2d(w.x) - m) + f2d(e.y) * (f2d(w.y) - m))
+                    + (f2d(e.z) * (f2d(w.z) - m) + f2d(e.w) * (f2d(w.w) - m));
             }
         }
     }
@@ -296,10 +296,10 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
         float4 d = sdy[k], v = sx[k];
         float4 o;
-        o.x = (float)(g * (((double)d.x - a) - ((double)v.x - m) * kk));
-        o.y = (float)(g * (((double)d.y - a) - ((double)v.y - m) * kk));
-        o.z = (float)(g * (((double)d.z - a) - ((double)v.z - m) * kk));
-        o.w = (float)(g * (((double)d.w - a) - ((double)v.w - m) * kk));
+        o.x = d2f(g * ((f2d(d.x) - a) - (f2d(v.x) - m) * kk));
+        o.y = d2f(g * ((f2d(d.y) - a) - (f2d(v.y) - m) * kk));
+        o.z = d2f(g * ((f2d(d.z) - a) - (f2d(v.z) - m) * kk));
+        o.w = d2f(g * ((f2d(d.w) - a) - (f2d(v.w) - m) * kk));
         dx[((o0 + pl) * C + c) * inner4 + i] = o;
         bnc_step(pl, i, sq, sr, i4);
     }

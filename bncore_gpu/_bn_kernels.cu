@@ -67,7 +67,7 @@ __device__ __forceinline__ void bn_rows_partials(double a, double b, bool valid,
 
 template <typename T>
 __device__ __forceinline__ double bn_value0(const T* p) { return dev_ld(p); }
-__device__ __forceinline__ double bn_value0(const float4* p) { return (double)p->x; }
+__device__ __forceinline__ double bn_value0(const float4* p) { return f2d(p->x); }
 // A pivot taken from the data, or 0 when that value is Inf or NaN (as the CPU
 // twin's _pivot_of): x - Inf would make the mean NaN where IEEE's is +-Inf.
 __device__ __forceinline__ double bn_pivot(double v) { return v - v == 0.0 ? v : 0.0; }
@@ -80,8 +80,8 @@ __device__ __forceinline__ void bn_stat_acc(const T* p, double K, double& s1, do
 }
 __device__ __forceinline__ void bn_stat_acc(const float4* p, double K, double& s1, double& s2) {
     float4 v = *p;
-    double d0 = (double)v.x - K, d1 = (double)v.y - K, d2 = (double)v.z - K,
-           d3 = (double)v.w - K;
+    double d0 = f2d(v.x) - K, d1 = f2d(v.y) - K, d2 = f2d(v.z) - K,
+           d3 = f2d(v.w) - K;
     s1 += (d0 + d1) + (d2 + d3);
     s2 += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
 }
@@ -96,17 +96,17 @@ __device__ __forceinline__ void bn_dy_acc(const T* dy, const T* x, double mu, do
 __device__ __forceinline__ void bn_dy_acc(const float4* dy, const float4* x, double mu,
                                           double& a, double& b) {
     float4 d = *dy, v = *x;
-    a += ((double)d.x + (double)d.y) + ((double)d.z + (double)d.w);
-    b += ((double)d.x * ((double)v.x - mu) + (double)d.y * ((double)v.y - mu))
-         + ((double)d.z * ((double)v.z - mu) + (double)d.w * ((double)v.w - mu));
+    a += (f2d(d.x) + f2d(d.y)) + (f2d(d.z) + f2d(d.w));
+    b += (f2d(d.x) * (f2d(v.x) - mu) + f2d(d.y) * (f2d(v.y) - mu))
+         + (f2d(d.z) * (f2d(v.z) - mu) + f2d(d.w) * (f2d(v.w) - mu));
 }
 
 __device__ __forceinline__ float4 bn_affine4(float4 v, double m, double s, double h) {
     float4 r;
-    r.x = (float)(((double)v.x - m) * s + h);
-    r.y = (float)(((double)v.y - m) * s + h);
-    r.z = (float)(((double)v.z - m) * s + h);
-    r.w = (float)(((double)v.w - m) * s + h);
+    r.x = d2f((f2d(v.x) - m) * s + h);
+    r.y = d2f((f2d(v.y) - m) * s + h);
+    r.z = d2f((f2d(v.z) - m) * s + h);
+    r.w = d2f((f2d(v.w) - m) * s + h);
     return r;
 }
 
@@ -122,10 +122,10 @@ __device__ __forceinline__ void bn_apply_at(const float4* x, float4* y, double m
 __device__ __forceinline__ float4 bn_dx4(float4 d, float4 v, double m, double g, double a,
                                          double k) {
     float4 r;
-    r.x = (float)(g * (((double)d.x - a) - ((double)v.x - m) * k));
-    r.y = (float)(g * (((double)d.y - a) - ((double)v.y - m) * k));
-    r.z = (float)(g * (((double)d.z - a) - ((double)v.z - m) * k));
-    r.w = (float)(g * (((double)d.w - a) - ((double)v.w - m) * k));
+    r.x = d2f(g * ((f2d(d.x) - a) - (f2d(v.x) - m) * k));
+    r.y = d2f(g * ((f2d(d.y) - a) - (f2d(v.y) - m) * k));
+    r.z = d2f(g * ((f2d(d.z) - a) - (f2d(v.z) - m) * k));
+    r.w = d2f(g * ((f2d(d.w) - a) - (f2d(v.w) - m) * k));
     return r;
 }
 
@@ -518,11 +518,11 @@ __device__ __forceinline__ void bn_stats_tile4(const float4* __restrict__ x, lon
     if (j4 < P4) {
         const float* xf = (const float*)x;
         double K[4];
-        for (int e = 0; e < 4; ++e) K[e] = bn_pivot((double)xf[((4 * j4 + e) / inner) * inner]);
+        for (int e = 0; e < 4; ++e) K[e] = bn_pivot(f2d(xf[((4 * j4 + e) / inner) * inner]));
         for (long long r = r0 + phase; r < r1; r += RPI) {
             float4 v = x[r * P4 + j4];
             for (int e = 0; e < 4; ++e) {
-                double d = (double)bn_f4(v, e) - K[e];
+                double d = f2d(bn_f4(v, e)) - K[e];
                 a[e] += d;
                 b[e] += d * d;
             }
@@ -548,9 +548,9 @@ __device__ __forceinline__ void bn_dy_tile4(const float4* __restrict__ dy,
         for (long long r = r0 + phase; r < r1; r += RPI) {
             float4 g = dy[r * P4 + j4], v = x[r * P4 + j4];
             for (int e = 0; e < 4; ++e) {
-                double gv = (double)bn_f4(g, e);
+                double gv = f2d(bn_f4(g, e));
                 a[e] += gv;
-                b[e] += gv * ((double)bn_f4(v, e) - mu[e]);
+                b[e] += gv * (f2d(bn_f4(v, e)) - mu[e]);
             }
         }
     }
@@ -630,10 +630,10 @@ __device__ __forceinline__ void bn_apply_walk4(const float4* __restrict__ x,
     }
     for (long long r = w.first; BACK ? r > w.stop : r < w.stop; r += w.step) {
         float4 v = bn_walk_ld<BACK>(x + r * P4 + j4), o;
-        o.x = (float)(((double)v.x - m[0]) * s[0] + h[0]);
-        o.y = (float)(((double)v.y - m[1]) * s[1] + h[1]);
-        o.z = (float)(((double)v.z - m[2]) * s[2] + h[2]);
-        o.w = (float)(((double)v.w - m[3]) * s[3] + h[3]);
+        o.x = d2f((f2d(v.x) - m[0]) * s[0] + h[0]);
+        o.y = d2f((f2d(v.y) - m[1]) * s[1] + h[1]);
+        o.z = d2f((f2d(v.z) - m[2]) * s[2] + h[2]);
+        o.w = d2f((f2d(v.w) - m[3]) * s[3] + h[3]);
         bn_walk_st<BACK>(y + r * P4 + j4, o);
     }
 }
@@ -657,10 +657,10 @@ __device__ __forceinline__ void bn_dx_walk4(const float4* __restrict__ dy,
     for (long long r = w.first; BACK ? r > w.stop : r < w.stop; r += w.step) {
         long long e = r * P4 + j4;
         float4 d = bn_walk_ld<BACK>(dy + e), v = bn_walk_ld<BACK>(x + e), o;
-        o.x = (float)(gc[0] * (((double)d.x - ac[0]) - ((double)v.x - m[0]) * kc[0]));
-        o.y = (float)(gc[1] * (((double)d.y - ac[1]) - ((double)v.y - m[1]) * kc[1]));
-        o.z = (float)(gc[2] * (((double)d.z - ac[2]) - ((double)v.z - m[2]) * kc[2]));
-        o.w = (float)(gc[3] * (((double)d.w - ac[3]) - ((double)v.w - m[3]) * kc[3]));
+        o.x = d2f(gc[0] * ((f2d(d.x) - ac[0]) - (f2d(v.x) - m[0]) * kc[0]));
+        o.y = d2f(gc[1] * ((f2d(d.y) - ac[1]) - (f2d(v.y) - m[1]) * kc[1]));
+        o.z = d2f(gc[2] * ((f2d(d.z) - ac[2]) - (f2d(v.z) - m[2]) * kc[2]));
+        o.w = d2f(gc[3] * ((f2d(d.w) - ac[3]) - (f2d(v.w) - m[3]) * kc[3]));
         bn_walk_st<BACK>(dx + e, o);
     }
 }

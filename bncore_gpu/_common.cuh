@@ -21,17 +21,39 @@ __device__ __forceinline__ unsigned int dev_ld_volatile(const unsigned int* p) {
 }
 #endif
 
+// float32 <-> float64 without flushing subnormals. CuPy compiles every
+// RawModule with -ftz=true (appended after the caller's options, so it cannot
+// be overridden), which makes a plain cast a cvt.ftz: a subnormal float32
+// read as 0, a result below 2^-126 stored as 0, on the GPU only. These are
+// the IEEE conversions, written in PTX; every float32 load and store of the
+// kernels goes through them (tests/test_cuda_compile.py checks the PTX).
+#ifndef BNC_HOST_EMULATION
+__device__ __forceinline__ double f2d(float f) {
+    double d;
+    asm("cvt.f64.f32 %0, %1;" : "=d"(d) : "f"(f));
+    return d;
+}
+__device__ __forceinline__ float d2f(double d) {
+    float f;
+    asm("cvt.rn.f32.f64 %0, %1;" : "=f"(f) : "d"(d));
+    return f;
+}
+#else
+__device__ __forceinline__ double f2d(float f) { return (double)f; }
+__device__ __forceinline__ float d2f(double d) { return (float)d; }
+#endif
+
 // Storage types: float, double, and unsigned short holding IEEE binary16;
 // arithmetic in float64.
-__device__ __forceinline__ double dev_ld(const float* p) { return (double)(*p); }
+__device__ __forceinline__ double dev_ld(const float* p) { return f2d(*p); }
 __device__ __forceinline__ double dev_ld(const double* p) { return *p; }
-__device__ __forceinline__ void dev_st(float* p, double v) { *p = (float)v; }
+__device__ __forceinline__ void dev_st(float* p, double v) { *p = d2f(v); }
 __device__ __forceinline__ void dev_st(double* p, double v) { *p = v; }
 #ifndef BNC_HOST_EMULATION      // PTX: left out where tests/cuda_host compiles for the CPU
 __device__ __forceinline__ double dev_ld(const unsigned short* p) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(*p));
-    return (double)f;
+    return f2d(f);
 }
 __device__ __forceinline__ void dev_st(unsigned short* p, double v) {
     // straight from float64, rounded once to nearest-even: through float32

@@ -122,14 +122,14 @@ struct AdamConst {
 // arithmetic as the scalar loop, one rounding per stored value
 __device__ __forceinline__ void adam_elem(const AdamConst& k, float& p, float g, float& m,
                                           float& v) {
-    double x = (double)p;
-    double gr = mt_grad((double)g * k.inv, k.wd, x);
-    double mm = k.beta1 * (double)m + (1.0 - k.beta1) * gr;
-    double vv = k.beta2 * (double)v + (1.0 - k.beta2) * gr * gr;
-    m = (float)mm;
-    v = (float)vv;
+    double x = f2d(p);
+    double gr = mt_grad(f2d(g) * k.inv, k.wd, x);
+    double mm = k.beta1 * f2d(m) + (1.0 - k.beta1) * gr;
+    double vv = k.beta2 * f2d(v) + (1.0 - k.beta2) * gr * gr;
+    m = d2f(mm);
+    v = d2f(vv);
     double den = sqrt(vv * k.c_in * k.c_out + k.eps_root) + k.eps;
-    p = (float)((x * k.decay - k.step_size * mm / den) * k.post);
+    p = d2f((x * k.decay - k.step_size * mm / den) * k.post);
 }
 // eps_mode 0 (torch, optax): p -= lr/bc1 * m / (sqrt(vm * c_out + eps_root) + eps)
 // eps_mode 2 (Keras, ONNX):  p -= lr sqrt(bc2)/bc1 * m / (sqrt(vm) + eps)

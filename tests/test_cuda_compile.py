@@ -89,6 +89,26 @@ def test_every_file_compiles_with_nvcc(cu, tmp_path):
     assert len(entries) >= len(names)
 
 
+# CuPy appends -ftz=true to every RawModule's options (after the caller's: it
+# cannot be overridden), and under it a plain float <-> double cast compiles to
+# cvt.ftz: a subnormal float32 was read as 0 and a result below 2^-126 stored
+# as 0, on the GPU only (found by review; grad_norm of float32 gradients of
+# 1e-40 was 0). The kernels convert through _common.cuh's f2d / d2f (PTX
+# without .ftz); here no conversion of any kernel flushes.
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: no CUDA compile check")
+@pytest.mark.parametrize("cu", sorted(modules()))
+def test_no_conversion_flushes_subnormals_under_cupys_ftz(cu, tmp_path):
+    ptx = tmp_path / "out.ptx"
+    proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "--ptx", "-ftz=true",
+                           os.path.join(ROOT, "bncore_gpu", cu), "-o", str(ptx)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    text = ptx.read_text()
+    flushing = sorted(set(re.findall(r"\bcvt(?:\.\w+)*\.ftz(?:\.\w+)*", text)))
+    assert not flushing, f"{cu}: {flushing}"
+    assert "cvt.f64.f32" in text or "f32" not in text      # the IEEE form is there
+
+
 # ---------------------------------------------------------------- NVRTC
 #
 # CuPy compiles the same sources with NVRTC at run time, which has no host
@@ -175,7 +195,8 @@ def test_nvrtc_found_where_required():
 def test_every_module_compiles_with_nvrtc_as_cupy_would(cu):
     mod = modules()[cu]
     names = mod["names"]
+    # CuPy appends -ftz=true last (cupy.cuda.compiler._compile_with_cache_cuda)
     ok, log, lowered = nvrtc_compile(mod["source"], cu, names,
-                                     mod["options"] + ["-arch=compute_90"])
+                                     mod["options"] + ["-arch=compute_90", "-ftz=true"])
     assert ok, log[-4000:]
     assert set(lowered) == set(names) and all(lowered.values())

@@ -1167,3 +1167,39 @@ def test_more_channels_than_a_grid_y_holds(dtype, monkeypatch):
     want = (y_c, m_c, s_c) + tuple(bncore.batch_norm_backward(dy, x, m_c, s_c))
     for got, exp in zip((y, m, s, dx, dw, db), want):
         assert rel(cupy.asnumpy(got), exp) <= 1e-6
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_gpu_float32_subnormals_are_not_flushed(layout):
+    """CuPy compiles with -ftz=true, under which a float <-> double cast
+    flushes: subnormal float32 data read as 0 and subnormal results stored as
+    0. The kernels convert through f2d / d2f (PTX without .ftz), so
+    subnormal inputs and outputs are what the CPU engine gives (to a
+    subnormal ulp or two where the two formulas' float64 values differ)."""
+    rng = np.random.default_rng(11)
+    tiny = np.float32(1e-39)                       # below 2^-126 = 1.18e-38
+    x = (rng.standard_normal((4, 3, 5, 5)) * tiny).astype(np.float32)
+    assert np.all(np.abs(x[x != 0]) < np.finfo(np.float32).tiny)
+    if layout == "nhwc":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    gx = cupy.asarray(x) if layout == "nchw" else cupy.asarray(
+        np.ascontiguousarray(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    # statistics of subnormal data: normalized y is of order 1, not 0
+    y, m, s = bncore_gpu.batch_norm_forward(gx)
+    y_c, m_c, s_c = bncore.batch_norm_forward(x)
+    assert rel(cupy.asnumpy(y), y_c) <= 1e-6 and np.abs(y_c).max() > 0.5
+    # outputs below 2^-126: y = (x - mean) * invstd * w with a tiny weight
+    w = np.full(3, 1e-39, np.float32)
+    y2 = bncore_gpu.batch_norm_forward(gx, cupy.asarray(w))[0]
+    y2_c = bncore.batch_norm_forward(x, w)[0]
+    sub = np.finfo(np.float32).smallest_subnormal
+    assert np.count_nonzero(y2_c) > 0 and np.count_nonzero(cupy.asnumpy(y2)) > 0
+    np.testing.assert_allclose(cupy.asnumpy(y2), y2_c, rtol=0, atol=2 * sub)
+    # optimizers and norms of subnormal float32 gradients
+    g = (rng.standard_normal(1000) * tiny).astype(np.float32)
+    assert float(bncore_gpu.grad_norm([cupy.asarray(g)])) == pytest.approx(
+        bncore.grad_norm([g]), rel=1e-12)
+    p, gp = np.zeros(1000, np.float32), cupy.zeros(1000, cupy.float32)
+    bncore.sgd_step([p], [g], lr=1.0)
+    bncore_gpu.sgd_step([gp], [cupy.asarray(g)], lr=1.0)
+    assert np.count_nonzero(p) > 0 and np.array_equal(cupy.asnumpy(gp), p)
