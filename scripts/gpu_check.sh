@@ -79,12 +79,27 @@ fi
 export BNCORE_EXAMPLE_DATASET="$DATASET"
 echo "example dataset: $DATASET"
 
-limited 240 "GPU tests" $PY -m pytest -q --maxfail=5 -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
+limited 240 "GPU tests" $PY -m pytest -q -rs --maxfail=5 -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
     tests/test_gpu_distributed.py tests/test_distributed.py \
     "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" \
     tests/test_example_cnn.py -k "gpu and not cluster" 2>&1 | tee "$OUT/tests.log" | tail -25
 test_rc=${PIPESTATUS[0]}
 [ "$test_rc" -ne 0 ] && status=1
+# pytest exits 0 when every test skips (no usable device, say): that is a failed check
+no_pass() {      # no_pass LOG NAME: the log's summary line counts no passed test
+    if ! tail -3 "$1" | grep -qE "[0-9]+ passed"; then
+        echo "$2: NO TEST PASSED (all skipped?); see $1" | tee -a "$SCRATCH/skipped.log"
+        return 0
+    fi
+    return 1
+}
+no_pass "$OUT/tests.log" "GPU tests" && status=1
+# ... and so do the GPU tests when they skip for want of a device while the
+# CPU-side tests of the same files pass
+if grep -q "no usable GPU" "$OUT/tests.log"; then
+    echo "GPU tests: SKIPPED for want of a usable GPU (see $OUT/tests.log)" | tee -a "$SCRATCH/skipped.log"
+    status=1
+fi
 
 # the single-read cluster kernels' own tests (bncore_gpu/_bn_cluster_kernels.cu), on
 # its own so that a failure there cannot stop the tests above
@@ -92,6 +107,7 @@ echo "== cluster kernel tests (at ${SECONDS} s)"
 limited 90 "cluster tests" $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -k cluster 2>&1 \
     | tee "$OUT/tests_cluster.log" | tail -8
 [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+no_pass "$OUT/tests_cluster.log" "cluster kernel tests" && status=1
 
 echo "== bncore check --gpu (at ${SECONDS} s)"
 limited 90 "bncore check --gpu" $PY -m bncore.cli check --gpu --json "$SCRATCH/check.json" \
