@@ -119,6 +119,11 @@ _coop_refused = set()         # devices that refused a cooperative launch: none 
 # CUDA's answers that mean "no cooperative launch of this grid here" (a refusal,
 # not a fault): CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, CUDA_ERROR_NOT_SUPPORTED
 _COOP_REFUSALS = (720, 801)
+# CUDA statuses that report a fault of a kernel already run (illegal address,
+# launch timeout, assert, illegal instruction, misaligned address, invalid PC,
+# launch failure, hardware stack error): the context is unusable, so such an
+# error at a launch is raised, never taken for the device refusing a kernel
+_CUDA_FAULTS = (700, 702, 710, 714, 715, 716, 718, 719)
 # the cooperative kernels' barrier words, per host thread: {(device, stream): word}
 _barriers = threading.local()
 _ATTR_OPTIN_SMEM = 97         # cudaDevAttrMaxSharedMemoryPerBlockOptin
@@ -381,6 +386,8 @@ def _launch_cluster(name: str, C: int, args, smem: int) -> bool:
         fn((CLUSTER_SIZE * C,), (256,), args, shared_mem=smem)
         return True
     except Exception as exc:      # noqa: BLE001 - any refusal: fall back, say so once
+        if getattr(exc, "status", None) in _CUDA_FAULTS:
+            raise                 # an earlier kernel's fault, not a refusal
         _cluster_caps[dev] = 0
         warnings.warn(f"bncore_gpu: cluster kernel {name} unavailable on device {dev} "
                       f"({type(exc).__name__}: {exc}); using the three-kernel path",
@@ -437,7 +444,9 @@ def _capturing(stream) -> bool:
     say, e.g. the legacy stream while another stream captures globally)."""
     try:
         return bool(stream.is_capturing())
-    except Exception:             # noqa: BLE001 - unknown: assume capture, take no risk
+    except Exception as exc:      # noqa: BLE001 - unknown: assume capture, take no risk
+        if getattr(exc, "status", None) in _CUDA_FAULTS:
+            raise                 # an earlier kernel's fault: say so, do not hide it
         return True
 
 
