@@ -208,6 +208,32 @@ def normalize_axis(axis: Any, ndim: int, name: str = "axis") -> int:
     return a % ndim
 
 
+def overlaps_itself(shape: Sequence[int], strides: Sequence[int], itemsize: int) -> bool:
+    """Whether two elements of an array of this shape and these byte strides
+    share memory (a broadcast view: a stride of 0; an as_strided view whose
+    rows overlap). Strides sorted by size, each at least the extent of the
+    smaller ones, prove the elements apart; otherwise the offsets are
+    counted (exact; only such unusual views get there)."""
+    dims = [(abs(int(st)), int(n)) for n, st in zip(shape, strides) if n != 1]
+    if any(n == 0 for _, n in dims):
+        return False
+    extent = itemsize
+    for st, n in sorted(dims):
+        if st < extent:
+            break
+        extent += st * (n - 1)
+    else:
+        return False
+    if any(st == 0 for st, _ in dims):
+        return True
+    offsets = np.zeros(1, dtype=np.int64)
+    for st, n in dims:
+        offsets = (offsets[:, None] + st * np.arange(n, dtype=np.int64)).ravel()
+    offsets.sort()
+    # elements of itemsize bytes at these offsets: apart when consecutive ones differ by itemsize or more
+    return bool(np.any(np.diff(offsets) < itemsize))
+
+
 def array_rules(as_array, writeable, pair):
     """float_array, channel_vector, no_overlap_among and output_array over a
     package's own as_array / writeable / pair-overlap test (NumPy here, CuPy in
@@ -223,6 +249,11 @@ def array_rules(as_array, writeable, pair):
                             f"{type(a).__name__}")
         arr = as_array(name, a)
         writeable(name, arr)
+        if not (arr.flags.c_contiguous or arr.flags.f_contiguous) and overlaps_itself(
+                arr.shape, arr.strides, arr.itemsize):
+            raise ValueError(f"{name} has elements that share memory (a broadcast or "
+                             f"as_strided view): bncore writes every element of it, so "
+                             f"pass an array whose elements are distinct")
         return arr
 
     def float_array(name: str, a: Any, dtypes=FLOAT_DTYPES):

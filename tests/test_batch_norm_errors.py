@@ -26,6 +26,12 @@ def readonly(a):
     return a
 
 
+def _self_overlapping(shape):
+    """A writeable float32 view of `shape` whose elements all share one value's
+    memory (stride 0), as torch's expand() or np.broadcast_to made writeable."""
+    return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape, (0,) * len(shape))
+
+
 def call_forward(arrays, **kw):
     return bncore.batch_norm_forward(arrays["x"], arrays["weight"], arrays["bias"],
                                      arrays["running_mean"], arrays["running_var"], **kw)
@@ -63,6 +69,11 @@ FORWARD_CASES = [
     ("out read-only", lambda a: {"out": readonly(np.empty((4, C, 5), np.float32))}, ValueError, "out"),
     ("out is x", lambda a: {"out": a["x"]}, ValueError, "share memory"),
     ("out overlaps x", lambda a: {"out": a["x"][::-1]}, ValueError, "share memory"),
+    # an output whose elements share memory would silently keep the last write
+    ("out a writeable broadcast", lambda a: {"out": _self_overlapping((4, C, 5))}, ValueError,
+     "elements that share memory"),
+    ("running_mean a broadcast", lambda a: a.update(running_mean=_self_overlapping((C,))) or {},
+     ValueError, "elements that share memory"),
     ("inference without running stats",
      lambda a: a.update(running_mean=None, running_var=None) or {"training": False},
      ValueError, "running_mean"),
@@ -98,6 +109,10 @@ BACKWARD_CASES = [
     ("weight wrong length", lambda a: a.update(weight=np.ones(5, np.float32)) or {}, ValueError, "weight"),
     ("dx out aliases dy", lambda a: {"out": a["dy"]}, ValueError, "share memory"),
     ("dx out read-only", lambda a: {"out": readonly(a["x"])}, ValueError, "read-only"),
+    ("dx out a broadcast", lambda a: {"out": _self_overlapping(a["x"].shape)}, ValueError,
+     "elements that share memory"),
+    ("dweight out a broadcast", lambda a: {"out": (None, _self_overlapping((C,)), None)},
+     ValueError, "elements that share memory"),
     ("out tuple of 2", lambda a: {"out": (np.empty_like(a["x"]), None)}, ValueError, "tuple"),
     ("dweight out wrong shape", lambda a: {"out": (None, np.empty(7, np.float32), None)},
      ValueError, "dweight"),
@@ -232,3 +247,37 @@ def test_on_off_arguments_must_be_bools(name, value):
             bncore.batch_norm_backward(x, x, np.zeros(3), np.ones(3), training=value)
     for ok in (np.bool_(False), 0, 1, np.array(True)):
         bncore.batch_norm_forward(x, None, None, rm.copy(), rv.copy(), **{name: ok})
+
+
+def test_overlaps_itself_agrees_with_counting_the_offsets():
+    """bncore._checks.overlaps_itself (the output check behind the cases
+    above) against a brute-force count over random shapes and strides,
+    negative and interleaved ones included."""
+    from bncore._checks import overlaps_itself
+    rng = np.random.default_rng(3)
+    seen = {True: 0, False: 0}
+    for _ in range(3000):
+        nd = int(rng.integers(1, 4))
+        shape = tuple(int(n) for n in rng.integers(1, 5, nd))
+        itemsize = int(rng.choice([2, 4, 8]))
+        strides = tuple(int(v) * int(rng.choice([-1, 1])) for v in rng.integers(0, 40, nd))
+        idx = np.indices(shape).reshape(nd, -1).T
+        offs = idx @ np.array(strides)
+        # element k covers bytes [offs[k], offs[k] + itemsize)
+        o = np.sort(offs)
+        want = bool(np.any(np.diff(o) < itemsize))
+        assert overlaps_itself(shape, strides, itemsize) == want, (shape, strides, itemsize)
+        seen[want] += 1
+    assert min(seen.values()) > 300
+
+
+def test_a_strided_view_with_distinct_elements_is_a_valid_output():
+    """Rows interleaved by as_strided (offsets 0, 12, 8, 20, 16, 28 bytes)
+    share no element: written, not refused."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2)).astype(np.float32)
+    buf = np.zeros(8, np.float32)
+    out = np.lib.stride_tricks.as_strided(buf, (3, 2), (8, 12))
+    y = bncore.batch_norm_forward(x, out=out)[0]
+    assert y is out
+    np.testing.assert_allclose(out, bncore.batch_norm_forward(x)[0], rtol=1e-6)
