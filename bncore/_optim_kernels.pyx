@@ -506,7 +506,7 @@ cdef inline void _adam_chunk(ptype* p, const gtype* g, ptype* m, ptype* v, ptype
         # bias-corrected v (optax: c_in = 1 / bc2)
         a = <double>vmax[i]
         vm = vv * h.c_in
-        vm = vm if vm > a else a
+        vm = vm if (vm > a or vm != vm) else a     # NaN-propagating, as torch.maximum
         vmax[i] = <ptype>vm
         p[i] = <ptype>((x * h.decay - h.lr * mm / (sqrt(vm * h.c_out + h.eps_root) + h.eps))
                        * h.post)

@@ -203,7 +203,7 @@ __global__ void mt_adam(const long long* table, int nops, int n, long long nchun
             double vm = vv * c_in;
             if (vmax != nullptr) {
                 double a = dev_ld(vmax + i);
-                vm = vm > a ? vm : a;
+                vm = (vm > a || vm != vm) ? vm : a;   // NaN-propagating, as torch.maximum
                 dev_st(vmax + i, vm);
             }
             double den = sqrt(vm * c_out + eps_root) + eps;

@@ -201,3 +201,22 @@ def test_an_infinite_parameter_stays_infinite_without_weight_decay(name):
     step(p, g)
     np.testing.assert_array_equal(p[:2], [np.inf, -np.inf])
     np.testing.assert_allclose(p, tp.numpy(), rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_amsgrad_max_propagates_nan_as_torch(dtype):
+    """torch keeps max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq),
+    which propagates NaN; bncore's max took the old value over a NaN v, so
+    the two disagreed on which state elements were NaN (found by review)."""
+    grads = [np.array([1.0, 1.0, 2.0], dtype), np.array([np.nan, 1.0, np.inf], dtype)]
+    p, m, v, vm = (np.zeros(3, dtype) for _ in range(4))
+    tp = torch.zeros(3, dtype=torch.from_numpy(p).dtype, requires_grad=True)
+    opt = torch.optim.Adam([tp], lr=1e-3, amsgrad=True, foreach=False)
+    for step, g in enumerate(grads, 1):
+        bncore.adam_step([p], [g], [m], [v], step=step, amsgrad=True, max_exp_avg_sqs=[vm])
+        tp.grad = torch.from_numpy(g.copy())
+        opt.step()
+    want = opt.state[tp]["max_exp_avg_sq"].numpy()
+    np.testing.assert_array_equal(np.isnan(vm), np.isnan(want))
+    np.testing.assert_array_equal(np.isnan(p), np.isnan(tp.detach().numpy()))
+    assert np.isnan(vm[0]) and np.isinf(vm[2])

@@ -402,7 +402,8 @@ def mt_adam(grid, block, table, nops, n, nchunks, lr, beta1, beta2, eps, eps_roo
         _put(v, vv)
         vm = vv * c_in
         if amsgrad:
-            vm = np.where(vm > vmax.astype(np.float64), vm, vmax.astype(np.float64))
+            vm = np.where((vm > vmax.astype(np.float64)) | np.isnan(vm), vm,
+                          vmax.astype(np.float64))
             _put(vmax, vm)
         _put(p, (x * decay - ss * mm / (np.sqrt(vm * c_out + eps_root) + eps)) * post)
 
