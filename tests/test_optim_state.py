@@ -565,3 +565,20 @@ def test_a_device_state_dict_loads_into_a_cpu_optimizer():
     for o in (opt, ref):
         o.step([np.full(3, -0.25)])
     np.testing.assert_array_equal(p, q)
+
+
+def test_loading_another_conventions_state_dict_changes_the_defaults_too():
+    """load_state_dict takes the saved convention; a group added afterwards got
+    the constructor's convention's defaults (torch's eps and eps_style beside
+    loaded Keras groups). The defaults now follow the loaded convention, the
+    constructor's explicit arguments kept over them."""
+    keras = optim.Adam(arrays(1), convention="keras")
+    keras.step(arrays(1, seed=1))
+    opt = optim.Adam(arrays(1), lr=0.01)
+    opt.load_state_dict(keras.state_dict())
+    assert opt.convention == "keras"
+    opt.add_param_group({"params": arrays(1, seed=2)})
+    added, loaded = opt.param_groups[1], opt.param_groups[0]
+    for k in ("eps", "eps_style", "decoupled_weight_decay", "betas"):
+        assert added[k] == loaded[k] == optim.Adam(arrays(1), convention="keras").defaults[k], k
+    assert added["lr"] == 0.01                      # explicit: kept

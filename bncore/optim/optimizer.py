@@ -54,14 +54,16 @@ class Optimizer:
     _ops = _cpu_ops
 
     def __init__(self, params, convention: str = "torch", **hyper: Any) -> None:
-        defaults = optimizer_defaults(self.kind, convention)
-        defaults["maximize"] = False
+        defaults = self._defaults_of(convention, {})
         unknown = set(hyper) - set(defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected arguments: {sorted(unknown)}")
         defaults.update(hyper)
         self.convention = convention
         self.defaults = defaults
+        # what the caller set: kept over the convention's defaults when a
+        # load_state_dict brings another convention
+        self._explicit_hyper = copy.deepcopy(hyper)
         self.param_groups: List[Dict[str, Any]] = []
         self.state: Dict[int, Dict[str, Any]] = {}
         # the flat parameter list that self.state's indices refer to
@@ -71,6 +73,14 @@ class Optimizer:
             raise ValueError("the optimizer got an empty parameter list")
         for g in groups:
             self.add_param_group(g)
+
+    def _defaults_of(self, convention: str, explicit: Dict[str, Any]) -> Dict[str, Any]:
+        """The hyperparameters a group gets by default: the convention's, then
+        the constructor's explicit arguments."""
+        defaults = optimizer_defaults(self.kind, convention)
+        defaults["maximize"] = False
+        defaults.update(copy.deepcopy(explicit))
+        return defaults
 
     # ---- groups
     @staticmethod
@@ -434,7 +444,12 @@ class Optimizer:
             new_state[i] = entry
         for g_old, hyper in zip(self.param_groups, new_hyper):
             g_old.update(hyper)
-        self.convention = state_dict.get("convention", self.convention)
+        convention = state_dict.get("convention", self.convention)
+        if convention != self.convention:
+            # a group added later gets the loaded convention's defaults (eps,
+            # eps_style, ...), as the loaded groups have them
+            self.defaults = self._defaults_of(convention, self._explicit_hyper)
+            self.convention = convention
         self.state = new_state
         self._after_load()
 
