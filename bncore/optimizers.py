@@ -353,6 +353,9 @@ def adagrad_step(params: ArrayList, grads: ArrayList, state_sums: ArrayList, *, 
     """One Adagrad step, in place (``step`` counts from 1)::
 
         clr = lr / (1 + (step - 1) * lr_decay)
+        g = g + weight_decay * p                 (L2, PyTorch; decoupled_weight_decay
+                                                  instead: p = p * (1 - clr * weight_decay)
+                                                  first, Keras' form)
         h = h + g^2
         p = p - clr * g / (sqrt(h) + eps)        (PyTorch ``Adagrad``; ONNX ``Adagrad``
                                                   with T = step - 1, decay_factor = lr_decay)

@@ -136,3 +136,18 @@ def test_load_rejects_mismatched_structure(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(Exception):
         bncore.optim.load(opt, tmp_path / "junk.npz")
+
+
+def test_tensor_hyperparameters_are_saved_as_their_values(tmp_path):
+    """A hyperparameter given as a torch tensor (a learning rate held by a
+    scheduler) is accepted by the step; save wrote no file and raised
+    TypeError ("Tensor is not JSON serializable"). It is saved as its value."""
+    torch = pytest.importorskip("torch")
+    params, grads = problem()
+    opt = bncore.optim.Adam(params, lr=torch.tensor(0.01), betas=(torch.tensor(0.8), 0.99))
+    opt.step(grads[0])
+    bncore.optim.save(opt, tmp_path / "t.npz")
+    fresh = bncore.optim.Adam([p.copy() for p in problem()[0]])
+    bncore.optim.load(fresh, tmp_path / "t.npz")
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.01)
+    assert fresh.param_groups[0]["betas"][0] == pytest.approx(0.8)

@@ -34,6 +34,8 @@ def _to_jsonable(v: Any) -> Any:
         return v.item()
     if isinstance(v, np.ndarray):          # e.g. betas as an array: a list (or a number)
         return _to_jsonable(v.tolist())
+    if hasattr(v, "shape") and hasattr(v, "tolist"):   # a torch tensor, a CuPy array
+        return _to_jsonable(v.tolist())
     return v
 
 
