@@ -147,10 +147,14 @@ def batch_norm_forward(
     mean, invstd, _ = _k.forward(
         _flat(view, xk), _flat(view, target), view.outer, C, view.inner, training, rm, rv,
         _vec(weight), _vec(bias), eps, momentum, bool(unbiased_running_var), nthreads)
-    if training and rm is not running_mean:
-        running_mean[...] = rm
-    if training and rv is not running_var:
-        running_var[...] = rv
+    # narrowed as the kernel narrows float32 / float64 statistics: an overflow
+    # is Inf, with no warning and no FloatingPointError under np.errstate (one
+    # would come after y and the other statistic had been written)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        if training and rm is not running_mean:
+            running_mean[...] = rm
+        if training and rv is not running_var:
+            running_var[...] = rv
     y = _finish_output(target, out)
     return y, mean, invstd
 

@@ -281,3 +281,18 @@ def test_a_strided_view_with_distinct_elements_is_a_valid_output():
     y = bncore.batch_norm_forward(x, out=out)[0]
     assert y is out
     np.testing.assert_allclose(out, bncore.batch_norm_forward(x)[0], rtol=1e-6)
+
+
+def test_float16_running_statistics_overflow_to_inf_without_raising():
+    """Under np.errstate(over="raise") the float16 write-back of the running
+    statistics raised FloatingPointError after y and running_mean were
+    written; it narrows as the kernel does for float32 (Inf, silently)."""
+    x = np.array([[0, 0], [60000, 4], [-60000, 8]], np.float16)
+    rm16, rv16 = np.zeros(2, np.float16), np.ones(2, np.float16)
+    rm32, rv32 = np.zeros(2, np.float32), np.ones(2, np.float32)
+    with np.errstate(over="raise"):
+        bncore.batch_norm_forward(x, running_mean=rm16, running_var=rv16)
+    bncore.batch_norm_forward(x.astype(np.float32), running_mean=rm32, running_var=rv32)
+    assert np.isinf(rv16[0]) and np.isfinite(rv32[0])       # 3.6e8 > float16's 65504
+    np.testing.assert_array_equal(rv16[1:], rv32[1:].astype(np.float16))
+    np.testing.assert_array_equal(rm16, rm32.astype(np.float16))
