@@ -29,6 +29,10 @@ def as_array(name: str, a: Any) -> np.ndarray:
     tensors are for ``bncore_gpu`` (CuPy, torch CUDA tensors)."""
     if type(a) is np.ndarray:
         return a
+    if isinstance(a, np.ma.MaskedArray):
+        # its data would be read whole, the masked values included
+        raise TypeError(f"{name} is a masked array; bncore does not apply masks: pass "
+                        f"{name}.filled(value) or the selected values (compressed())")
     if isinstance(a, np.ndarray):
         return a
     if hasattr(a, "__dlpack__") and not isinstance(a, (list, tuple)):
@@ -38,6 +42,9 @@ def as_array(name: str, a: Any) -> np.ndarray:
             text = str(exc)
             if "require" in text and "grad" in text:
                 hint = "pass tensor.detach(), which shares its memory"
+            elif "dtype" in text.lower():
+                hint = ("NumPy has no such dtype (bfloat16?): convert it first, "
+                        "e.g. tensor.float()")
             else:
                 hint = "is it on the CPU? GPU arrays go to bncore_gpu"
             raise TypeError(f"{name}: cannot view {type(a).__name__} as a NumPy array "
@@ -260,6 +267,11 @@ def array_rules(as_array, writeable, pair):
         arr = as_array(name, a)
         if arr.dtype not in dtypes:
             allowed = ", ".join(str(d) for d in dtypes)
+            native = arr.dtype.newbyteorder("=")
+            if arr.dtype.byteorder not in "=|" and native in dtypes:
+                raise TypeError(f"{name} has dtype {arr.dtype.str}, {native} in the opposite "
+                                f"byte order; bncore reads native-endian arrays: pass "
+                                f"{name}.astype({native.name!r})")
             raise TypeError(f"{name} must have dtype {allowed}; got {arr.dtype}")
         return arr
 
