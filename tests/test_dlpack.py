@@ -21,6 +21,13 @@ def _np(t):
     return t.detach().numpy().copy()
 
 
+def test_a_bfloat16_tensor_is_refused_for_its_dtype(torch):
+    """NumPy has no bfloat16: the DLPack export fails, and the message says
+    why (it used to suggest the tensor was on the GPU)."""
+    with pytest.raises(TypeError, match="bfloat16"):
+        bncore.batch_norm_forward(torch.ones(4, 3, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_torch_batch_norm_forward_backward_and_running_stats(torch, channels_last):
     g = torch.Generator().manual_seed(0)
