@@ -167,6 +167,13 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
         return grads
 
     y0 = evaluate(xs)
+    # nothing to compare would make a report that passes whatever the gradient
+    if y0.size == 0:
+        raise ValueError("f returned no values: nothing to check, every check would pass")
+    empty = [i for i in wrt if xs[i].size == 0]
+    if len(empty) == len(wrt):
+        raise ValueError(f"the inputs to differentiate ({', '.join(map(str, wrt))}) are "
+                         f"empty: nothing to check, every check would pass")
     worst = dict(ratio=-1.0, input=None, index=None, a=0.0, n=0.0)
     stats = dict(abs=0.0, rel=0.0, checks=0)
 

@@ -259,6 +259,22 @@ def test_gradcheck_refuses_settings_that_would_pass_anything(kw, text):
 
 
 @pytest.mark.parametrize("mode", ["random", "full"])
+@pytest.mark.parametrize("empty", ["inputs", "output"])
+def test_gradcheck_refuses_empty_inputs_or_outputs(mode, empty):
+    """Empty inputs made a PASS of 0 checks (full mode) or of trivial ones
+    (random mode); an empty output crashed inside NumPy (full mode)."""
+    rng = np.random.default_rng(0)
+    if empty == "inputs":
+        inputs = [np.zeros((0, 3)), np.zeros((3, 2))]
+        f, vjp, wrt = _f, _wrong_vjp, [0]
+    else:
+        inputs = [rng.standard_normal((4, 3))]
+        f, vjp, wrt = (lambda a: a[:0]), (lambda u, a: np.zeros_like(a)), None
+    with pytest.raises(ValueError, match="nothing to check"):
+        bncore.gradcheck(f, inputs, vjp, mode=mode, wrt=wrt)
+
+
+@pytest.mark.parametrize("mode", ["random", "full"])
 def test_gradcheck_with_atol_zero_judges_zero_gradients(mode):
     """atol = 0 is allowed (rtol > 0): an analytic 0 against a numeric
     derivative fails, a constant function's 0 against 0 passes (random mode
