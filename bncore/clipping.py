@@ -8,8 +8,10 @@ whenever the answer is representable.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Optional, Tuple
 
+import numpy as np
 
 from bncore import _checks as chk
 from bncore import _optim_kernels as _k
@@ -41,6 +43,46 @@ def clip_coefficient(total: float, max_norm: float, eps: float) -> Optional[floa
 def _grads_table(grads, write: bool):
     gl = as_list("grads", grads, required=True)
     return _k.gather([gl], ("grads",), (write,), -1, chk.as_array, half_first=True)
+
+
+def _grads_tables(grads, write: bool) -> list:
+    """The gradients as kernel tables: one, or one per dtype (in the order of
+    their first appearance) when the list mixes dtypes, as torch's clipping
+    allows (a mixed-precision model); a kernel call takes one dtype. Every
+    table is checked before any is used, with the messages' indices over the
+    whole list; written gradients must not overlap across tables either."""
+    gl = as_list("grads", grads, required=True)
+    try:
+        return [_k.gather([gl], ("grads",), (write,), -1, chk.as_array, half_first=True)]
+    except TypeError as exc:
+        try:
+            arrays = [chk.as_array(f"grads[{i}]", g) for i, g in enumerate(gl)]
+        except TypeError:
+            raise exc from None
+        groups: dict = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.dtype, []).append(i)
+        if len(groups) < 2:
+            raise
+    tables = []
+    for idx in groups.values():
+        try:
+            tables.append(_k.gather([[arrays[i] for i in idx]], ("grads",), (write,), -1,
+                                    chk.as_array, half_first=True))
+        except (TypeError, ValueError) as e:
+            raise type(e)(re.sub(r"\bgrads\[(\d+)\]", lambda m: f"grads[{idx[int(m[1])]}]",
+                                 str(e))) from None
+    if write:
+        # each table's gather refused overlaps within it; across tables here
+        live = [a for a in arrays if a.size]
+        starts = [a.__array_interface__["data"][0] for a in live]
+        pair = chk.first_overlap(starts, [s + a.nbytes for s, a in zip(starts, live)],
+                                 [True] * len(live))
+        if pair is not None:
+            i, j = sorted(next(k for k, a in enumerate(arrays) if a is live[q]) for q in pair)
+            raise ValueError(f"grads[{i}] and grads[{j}] share memory; every array of an "
+                             f"in-place update must be distinct")
+    return tables
 
 
 def _norm_type(norm_type) -> float:
@@ -117,13 +159,54 @@ def _norm_of(table, p: float, nthreads: int) -> float:
     return scale * _root(s, _kind(p), p)
 
 
+def combine_norms(sums, scales, nonfinite, p: float) -> float:
+    """The p-norm of several parts from each part's _power_sum (s, scale,
+    nonfinite), parts in order: the tables of one call's dtypes, or the ranks
+    of a distributed one."""
+    P = len(sums)
+    if math.isinf(p):
+        total = 0.0
+        for r in range(P):
+            a = float(sums[r])
+            if a > total or a != a:     # NaN wins and stays, as the kernel's _nanmax
+                total = a
+        return total
+    kind = _kind(p)
+    scales, nonfinite = np.asarray(scales, dtype=np.float64), np.asarray(nonfinite)
+    if np.all(scales == 1.0) or np.any(nonfinite != 0.0):
+        s = 0.0
+        for r in range(P):
+            s += float(sums[r])
+        if math.isfinite(s) or np.any(nonfinite != 0.0):
+            return _root(s, kind, p)
+    # a part's sum or the total overflowed on finite data: combine the parts'
+    # norms relative to the largest, norm = R * (sum_r (n_r / R)^p)^(1/p)
+    norms = [float(scales[r]) * _root(float(sums[r]), kind, p) for r in range(P)]
+    R = max(norms)
+    if R == 0.0 or math.isinf(R):
+        return R
+    s = 0.0
+    for n_r in norms:
+        s += (n_r / R) ** p
+    return R * _root(s, kind, p)
+
+
+def _norm_of_tables(tables, p: float, nthreads: int) -> float:
+    if len(tables) == 1:
+        return _norm_of(tables[0], p, nthreads)
+    parts = [_power_sum(t, p, nthreads) for t in tables]
+    return combine_norms(*zip(*parts), p)
+
+
 def grad_norm(grads: ArrayList, norm_type: float = 2.0, *, comm: Any = None,
               num_threads: Optional[int] = None) -> float:
     """The p-norm of all gradients together, ``(sum_i |g_i|^p)^(1/p)`` (max |g| for inf).
 
     Equal to PyTorch's norm of per-tensor norms (``clip_grad_norm_``'s total)
     and to optax's ``global_norm`` for p = 2. NaN or Inf in a gradient gives a
-    NaN or Inf norm. With ``comm`` (an mpi4py communicator) the gradients are
+    NaN or Inf norm. The list may mix float16, float32 and float64 gradients
+    (one kernel pass per dtype, the parts combined in float64); with ``comm``
+    each rank's list has one dtype. With ``comm`` (an mpi4py communicator) the gradients are
     this rank's shard and the norm is over every rank's: a collective, see
     :func:`bncore.distributed.grad_norm`.
     """
@@ -133,7 +216,7 @@ def grad_norm(grads: ArrayList, norm_type: float = 2.0, *, comm: Any = None,
         return distributed.grad_norm(grads, norm_type, comm=comm, num_threads=num_threads)
     p = _norm_type(norm_type)
     nthreads = resolve_num_threads(num_threads)
-    return _norm_of(_grads_table(grads, False), p, nthreads)
+    return _norm_of_tables(_grads_tables(grads, False), p, nthreads)
 
 
 def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
@@ -166,13 +249,14 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
     error_if_nonfinite = chk.flag("error_if_nonfinite", error_if_nonfinite)
     p = _norm_type(norm_type)
     nthreads = resolve_num_threads(num_threads)
-    table = _grads_table(grads, True)
-    total = _norm_of(table, p, nthreads)
+    tables = _grads_tables(grads, True)
+    total = _norm_of_tables(tables, p, nthreads)
     if error_if_nonfinite and not math.isfinite(total):
         raise NonFiniteError.of(f"the total {p}-norm of the gradients", total)
     coef = clip_coefficient(total, max_norm, eps)
     if coef is not None:
-        _k.scale(table, coef, nthreads)
+        for table in tables:
+            _k.scale(table, coef, nthreads)
     return total
 
 
@@ -182,7 +266,8 @@ def clip_grad_value(grads: ArrayList, clip_value: float, *,
     (PyTorch ``clip_grad_value_``, Keras ``clipvalue``, optax ``clip``); NaN stays NaN."""
     c = chk.clip_bound("clip_value", clip_value)
     nthreads = resolve_num_threads(num_threads)
-    _k.clamp(_grads_table(grads, True), -c, c, nthreads)
+    for table in _grads_tables(grads, True):
+        _k.clamp(table, -c, c, nthreads)
 
 
 def found_inf(grads: ArrayList, *, num_threads: Optional[int] = None) -> bool:
@@ -192,4 +277,4 @@ def found_inf(grads: ArrayList, *, num_threads: Optional[int] = None) -> bool:
     ``bncore.adam_step(..., grad_scale=scale, found_inf=skip)``.
     """
     nthreads = resolve_num_threads(num_threads)
-    return bool(_k.nonfinite(_grads_table(grads, False), nthreads))
+    return any(bool(_k.nonfinite(t, nthreads)) for t in _grads_tables(grads, False))

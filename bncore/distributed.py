@@ -62,6 +62,7 @@ from bncore.batch_norm import (_f64, _finish_output, _flat, _output_target, _vec
                                batch_norm_backward, batch_norm_forward)
 from bncore.clipping import NonFiniteError, _grads_table, _kind, _norm_type, clip_coefficient
 from bncore.clipping import _power_sum as _local_norm_sum
+from bncore.clipping import combine_norms as _combine_norm
 from bncore.clipping import _root as _clip_root
 from bncore.layers import _UNSET, BatchNorm
 
@@ -498,34 +499,6 @@ class SyncBatchNorm(BatchNorm):
 def _root(s: float, p: float) -> float:
     """The norm from a sum of powers (Inf where the root overflows, as on one process)."""
     return _clip_root(s, _kind(p), p)
-
-
-def _combine_norm(sums: np.ndarray, scales: np.ndarray, nonfinite: np.ndarray, p: float) -> float:
-    """The global p-norm from every rank's (s, scale, nonfinite), ranks in order."""
-    P = len(sums)
-    if math.isinf(p):
-        total = 0.0
-        for r in range(P):
-            a = float(sums[r])
-            if a > total or a != a:     # NaN wins and stays, as the kernel's _nanmax
-                total = a
-        return total
-    if np.all(scales == 1.0) or np.any(nonfinite != 0.0):
-        s = 0.0
-        for r in range(P):
-            s += float(sums[r])
-        if math.isfinite(s) or np.any(nonfinite != 0.0):
-            return _root(s, p)
-    # a rank's sum or the total overflowed on finite data: combine the rank norms
-    # relative to the largest, norm = R * (sum_r (n_r / R)^p)^(1/p)
-    norms = [float(scales[r]) * _root(float(sums[r]), p) for r in range(P)]
-    R = max(norms)
-    if R == 0.0 or math.isinf(R):
-        return R
-    s = 0.0
-    for n_r in norms:
-        s += (n_r / R) ** p
-    return R * _root(s, p)
 
 
 def _norm_collective(eng, comm, grads, norm_type, nthreads_arg, write: bool, extra, what: str):

@@ -11,6 +11,7 @@ norm back (it must, to raise before any gradient is touched).
 from __future__ import annotations
 
 import math
+import re
 from typing import Optional
 
 import cupy
@@ -20,6 +21,7 @@ from bncore import _checks as hchk
 from bncore import optimizers as _cpu
 from bncore._threads import resolve_num_threads
 from bncore.clipping import NonFiniteError, _norm_type
+from bncore_gpu import _checks as chk
 from bncore_gpu._tables import CTYPES, gather
 from bncore_gpu.optimizers import kernel
 
@@ -29,8 +31,62 @@ _F64 = np.dtype(np.float64)
 
 
 def _table(grads, write: bool):
+    """One gather table (one dtype: the distributed forms' rank-local list)."""
     return gather([_cpu.as_list("grads", grads, required=True)], ("grads",), (write,), -1,
                   half_first=True)
+
+
+def _tables(grads, write: bool) -> list:
+    """One gather table, or one per dtype when the list mixes dtypes (as
+    bncore.clipping._grads_tables: every table checked before any is used,
+    indices over the whole list, no overlap across tables when written)."""
+    gl = _cpu.as_list("grads", grads, required=True)
+    try:
+        return [gather([gl], ("grads",), (write,), -1, half_first=True)]
+    except TypeError as exc:
+        try:
+            arrays = [chk.as_array(f"grads[{i}]", g) for i, g in enumerate(gl)]
+        except (TypeError, ValueError):
+            raise exc from None
+        groups: dict = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.dtype, []).append(i)
+        if len(groups) < 2:
+            raise
+    tables = []
+    for idx in groups.values():
+        try:
+            tables.append(gather([[arrays[i] for i in idx]], ("grads",), (write,), -1,
+                                 half_first=True))
+        except (TypeError, ValueError) as e:
+            raise type(e)(re.sub(r"\bgrads\[(\d+)\]", lambda m: f"grads[{idx[int(m[1])]}]",
+                                 str(e))) from None
+    if write:
+        live = [k for k, a in enumerate(arrays) if a.size]
+        starts = [arrays[k].data.ptr for k in live]
+        pair = hchk.first_overlap(starts, [s + arrays[k].nbytes for s, k in zip(starts, live)],
+                                  [True] * len(live))
+        if pair is not None:
+            i, j = sorted(live[q] for q in pair)
+            raise ValueError(f"grads[{i}] and grads[{j}] share memory; every array of an "
+                             f"in-place update must be distinct")
+    return tables
+
+
+def _combined_total(tables, p: float):
+    """The norm of every table's gradients together, a 0-d device array: each
+    table's norm, then those combined relative to the largest (NaN wins, as
+    in the kernels), on the device."""
+    norms = [_norm(t, p, 0.0, 0.0)[0] for t in tables]
+    R = norms[0]
+    for n in norms[1:]:
+        R = cupy.maximum(R, n)                 # NaN-propagating
+    if math.isinf(p) or len(norms) == 1:
+        return R
+    ok = (R > 0) & cupy.isfinite(R)
+    safe = cupy.where(ok, R, 1.0)
+    s = sum((n / safe) ** p for n in norms)
+    return cupy.where(ok, safe * s ** (1.0 / p), R)
 
 
 
@@ -66,7 +122,10 @@ def grad_norm(grads, norm_type: float = 2.0, *, comm=None, num_threads: Optional
         return distributed.grad_norm(grads, norm_type, comm=comm, num_threads=num_threads)
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     p = _norm_type(norm_type)
-    return _norm(_table(grads, False), p, 0.0, 0.0)[0]
+    tables = _tables(grads, False)
+    if len(tables) == 1:
+        return _norm(tables[0], p, 0.0, 0.0)[0]
+    return _combined_total(tables, p)
 
 
 def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float = 1e-6,
@@ -86,12 +145,20 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
     eps = hchk.non_negative("eps", eps)
     error_if_nonfinite = hchk.flag("error_if_nonfinite", error_if_nonfinite)
     p = _norm_type(norm_type)
-    t = _table(grads, True)
-    total, coef = _norm(t, p, max_norm, eps)
+    tables = _tables(grads, True)
+    if len(tables) == 1:
+        total, coef = _norm(tables[0], p, max_norm, eps)
+    else:
+        # coef = max_norm / (total + eps), Inf (no clipping) where that is 0, as
+        # mt_norm_finalize computes it for one table
+        total = _combined_total(tables, p)
+        d = total + eps
+        coef = cupy.where(d != 0, max_norm / cupy.where(d != 0, d, 1.0), math.inf)
     if error_if_nonfinite and not bool(cupy.isfinite(total)):
         raise NonFiniteError.of(f"the total {p}-norm of the gradients", float(total))
-    if t.nchunks:
-        kernel(f"mt_scale<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,), (*t.args(), coef))
+    for t in tables:
+        if t.nchunks:
+            kernel(f"mt_scale<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,), (*t.args(), coef))
     return total
 
 
@@ -99,21 +166,26 @@ def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = No
     """Clamp every gradient element to [-clip_value, clip_value]; NaN stays NaN."""
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     c = hchk.clip_bound("clip_value", clip_value)
-    t = _table(grads, True)
-    if t.nchunks:
-        kernel(f"mt_clamp<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
-                                                (*t.args(), np.float64(-c), np.float64(c)))
+    for t in _tables(grads, True):
+        if t.nchunks:
+            kernel(f"mt_clamp<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
+                                                    (*t.args(), np.float64(-c), np.float64(c)))
 
 
 def found_inf(grads, *, num_threads: Optional[int] = None):
     """1.0 (0-d float64 device array) when any gradient holds an Inf or a NaN, else 0.0;
     pass it straight to a step function's ``found_inf``."""
     resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
-    t = _table(grads, False)
-    found = cupy.zeros((), _F64)
-    if t.nchunks:
-        part = cupy.empty(t.nchunks, _F64)
-        kernel(f"mt_nonfinite_partials<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
-                                                             (*t.args(), part))
-        kernel("mt_any")((1,), (256,), (np.int64(t.nchunks), part, found))
+    flags = []
+    for t in _tables(grads, False):
+        found = cupy.zeros((), _F64)
+        if t.nchunks:
+            part = cupy.empty(t.nchunks, _F64)
+            kernel(f"mt_nonfinite_partials<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
+                                                                 (*t.args(), part))
+            kernel("mt_any")((1,), (256,), (np.int64(t.nchunks), part, found))
+        flags.append(found)
+    found = flags[0]
+    for f in flags[1:]:
+        found = cupy.maximum(found, f)
     return found

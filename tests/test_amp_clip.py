@@ -411,3 +411,51 @@ def test_float16_gradients_give_the_float32_gradients_bits(threads):
     assert t16 == t64
     with np.errstate(under="ignore"):
         assert all(np.array_equal(x, y.astype(np.float16)) for x, y in zip(c16, c64))
+
+
+def _mixed(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(5).astype(np.float32), rng.standard_normal(70000),
+            (rng.standard_normal(3) * 4).astype(np.float16),
+            rng.standard_normal((2, 3)).astype(np.float32)]
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, math.inf])
+def test_gradients_of_several_dtypes_are_one_norm(p):
+    """A mixed-precision model's gradients in one list (torch's clip_grad_norm_
+    takes them): one kernel table per dtype, the parts combined; the norm is
+    the float64 norm of all the values, and clipping scales every gradient by
+    the one coefficient, rounded once to its dtype."""
+    g = _mixed()
+    flat = np.concatenate([a.astype(np.float64).ravel() for a in g])
+    want = np.max(np.abs(flat)) if math.isinf(p) else np.sum(np.abs(flat) ** p) ** (1 / p)
+    assert bncore.grad_norm(g, norm_type=p) == pytest.approx(want, rel=1e-13)
+    c = [a.copy() for a in g]
+    total = bncore.clip_grad_norm(c, 1.0, norm_type=p)
+    assert total == bncore.grad_norm(g, norm_type=p)
+    coef = 1.0 / (total + 1e-6)
+    for got, a in zip(c, g):
+        assert got.dtype == a.dtype
+        assert got.tobytes() == (a.astype(np.float64) * coef).astype(a.dtype).tobytes()
+
+
+def test_gradients_of_several_dtypes_clamp_check_and_refuse_as_one_list():
+    g = _mixed(1)
+    c = [a.copy() for a in g]
+    bncore.clip_grad_value(c, 0.5)
+    for got, a in zip(c, g):
+        assert got.tobytes() == np.clip(a, -a.dtype.type(0.5), a.dtype.type(0.5)).tobytes()
+    assert not bncore.found_inf(g)
+    bad = [a.copy() for a in g]
+    bad[2][1] = np.inf
+    assert bncore.found_inf(bad)
+    with pytest.raises(TypeError, match=r"grads\[4\]"):            # the index in the whole list
+        bncore.grad_norm(g + [np.ones(3, np.int32)])
+    with pytest.raises(ValueError, match=r"grads\[3\] .*not contiguous"):
+        bncore.clip_grad_norm(g[:3] + [np.ones((3, 4), np.float32)[:, ::2]], 1.0)
+    buf = np.ones(8, np.float32)
+    before = [a.copy() for a in g]
+    with pytest.raises(ValueError, match=r"grads\[0\] and grads\[4\] share memory"):
+        bncore.clip_grad_norm([buf] + g[1:] + [buf.view(np.float16)[:4]], 1e-3)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(g, before))
+    assert np.array_equal(buf, np.ones(8, np.float32))

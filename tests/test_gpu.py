@@ -1234,3 +1234,34 @@ def test_gpu_float32_subnormals_are_not_flushed(layout):
     bncore.sgd_step([p], [g], lr=1.0)
     bncore_gpu.sgd_step([gp], [cupy.asarray(g)], lr=1.0)
     assert np.count_nonzero(p) > 0 and np.array_equal(cupy.asnumpy(gp), p)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, np.inf])
+def test_gpu_gradients_of_several_dtypes_match_the_cpu(p):
+    """One list of float32, float64 and float16 gradients: one table per
+    dtype, combined on the device; norm, clipping, clamping and the
+    non-finite flag as the CPU gives them."""
+    rng = np.random.default_rng(12)
+    g = [rng.standard_normal(5).astype(np.float32), rng.standard_normal(40000),
+         (rng.standard_normal(3) * 4).astype(np.float16)]
+    dev = [cupy.asarray(a) for a in g]
+    assert float(bncore_gpu.grad_norm(dev, norm_type=p)) == pytest.approx(
+        bncore.grad_norm(g, norm_type=p), rel=1e-12)
+    host = [a.copy() for a in g]
+    total = bncore_gpu.clip_grad_norm(dev, 1.0, norm_type=p)
+    assert float(total) == pytest.approx(bncore.clip_grad_norm(host, 1.0, norm_type=p), rel=1e-12)
+    for d, h in zip(dev, host):
+        assert d.dtype == h.dtype
+        np.testing.assert_allclose(cupy.asnumpy(d).astype(np.float64), h, rtol=2e-3 if
+                                   h.dtype == np.float16 else 1e-6)
+    dev = [cupy.asarray(a) for a in g]
+    host = [a.copy() for a in g]
+    bncore_gpu.clip_grad_value(dev, 0.01)
+    bncore.clip_grad_value(host, 0.01)
+    for d, h in zip(dev, host):
+        assert cupy.asnumpy(d).tobytes() == h.tobytes()      # clamped to the bound's rounding
+    assert float(bncore_gpu.found_inf(dev)) == 0.0
+    dev[2][1] = np.inf
+    assert float(bncore_gpu.found_inf(dev)) == 1.0
+    with pytest.raises(TypeError, match=r"grads\[3\]"):
+        bncore_gpu.grad_norm(dev + [cupy.ones(3, cupy.int32)])
