@@ -63,7 +63,11 @@ def _lru(cache: OrderedDict, limit: int, key, make):
 
 
 def _upload(host: np.ndarray) -> "cupy.ndarray":
-    key = host.tobytes() + cupy.cuda.Device().id.to_bytes(4, "little")
+    # per device and per stream: a table dropped from the cache goes back to the
+    # memory pool of the stream it was made on, which may reuse it at once; a
+    # kernel of another stream still reading it would read whatever came next
+    key = (host.tobytes() + cupy.cuda.Device().id.to_bytes(4, "little")
+           + cupy.cuda.get_current_stream().ptr.to_bytes(8, "little"))
     return _lru(_cache, _CACHE_SIZE, key, lambda: cupy.asarray(host))
 
 

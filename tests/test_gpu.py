@@ -1265,3 +1265,22 @@ def test_gpu_gradients_of_several_dtypes_match_the_cpu(p):
     assert float(bncore_gpu.found_inf(dev)) == 1.0
     with pytest.raises(TypeError, match=r"grads\[3\]"):
         bncore_gpu.grad_norm(dev + [cupy.ones(3, cupy.int32)])
+
+
+def test_gpu_kernel_tables_are_uploaded_per_stream():
+    """The uploaded pointer tables are cached per stream: a table dropped from
+    the cache returns to its stream's memory pool, which may reuse it at once,
+    so a kernel of another stream must never read a table made on this one."""
+    from bncore_gpu import _tables
+    _tables.clear_caches()
+    p, g = cupy.ones(6), cupy.ones(6)
+    bncore_gpu.sgd_step([p], [g], lr=0.1)
+    n = len(_tables._cache)
+    assert n == 1
+    bncore_gpu.sgd_step([p], [g], lr=0.1)                  # the same stream: a hit
+    assert len(_tables._cache) == n
+    with cupy.cuda.Stream(non_blocking=True) as s:
+        bncore_gpu.sgd_step([p], [g], lr=0.1)              # another stream: its own table
+        s.synchronize()
+    assert len(_tables._cache) == n + 1
+    np.testing.assert_allclose(cupy.asnumpy(p), np.full(6, 0.7))
