@@ -48,9 +48,10 @@ def test_a_real_difference_is_DIFFERS_unless_a_diagnostic_explains_it():
     row = evaluate("t", _synthetic(off, _x))
     assert row.verdict == "DIFFERS" and "UNEXPLAINED" in row.note
 
-    # the same error, but it vanishes when the data are centred: a cancellation
+    # the same error in float32 only, and it vanishes when the data are centred:
+    # a cancellation
     def offset_only(dtype, centered=False):
-        return {"y": _x(dtype)["y"] + (0.0 if centered else 1e-3)}
+        return {"y": _x(dtype)["y"] + (0.0 if centered or dtype == "float64" else 1e-3)}
     row = evaluate("t", _synthetic(offset_only, _x, centered=True, condition=1e4))
     assert row.verdict == "explained" and "cancellation" in row.note
 
@@ -58,9 +59,35 @@ def test_a_real_difference_is_DIFFERS_unless_a_diagnostic_explains_it():
     row = evaluate("t", _synthetic(off, _x, centered=True))
     assert row.verdict == "DIFFERS" and "cancellation:" not in row.note
 
-    # another bncore convention that reproduces the framework names it
+    # a documented framework quirk that bncore reproduces explains the row
+    row = evaluate("t", _synthetic(off, _x, quirks={"the +1e-3 quirk": off}))
+    assert row.verdict == "explained" and "+1e-3 quirk" in row.note
+
+    # another bncore convention that reproduces the framework, where the preset
+    # does not, is the preset's error: named, and DIFFERS (it was "explained")
     row = evaluate("t", _synthetic(off, _x, alternatives={"the +1e-3 convention": off}))
-    assert row.verdict == "explained" and "+1e-3 convention" in row.note
+    assert row.verdict == "DIFFERS" and "+1e-3 convention" in row.note
+    assert "preset is wrong" in row.note
+
+
+def test_a_cancellation_needs_bncores_reference_and_the_float64_run_to_hold():
+    """Found by review: a bncore wrong on offset data (in float32 and float64
+    alike) made the framework look wrong, and the row was "explained" as the
+    framework's cancellation with exit status 0. The reference must not move
+    when the offset is removed (the outputs are shift-invariant), and the
+    framework's float64 run must be near it."""
+    def fw(dtype, centered=False):
+        return _x(dtype)
+    def bad_bn(dtype, centered=False):                  # wrong on offset data only
+        return {"y": _x(dtype)["y"] + (0.0 if centered else 0.5)}
+    row = evaluate("t", _synthetic(fw, bad_bn, centered=True, condition=1e4))
+    assert row.verdict == "DIFFERS" and "bncore's own float64 result moves" in row.note
+
+    # the framework off in float64 too, by more than a cancellation leaves
+    def fw64_off(dtype, centered=False):
+        return {"y": _x(dtype)["y"] + (0.0 if centered else 1e-3)}
+    row = evaluate("t", _synthetic(fw64_off, _x, centered=True, condition=10.0))
+    assert row.verdict == "DIFFERS" and "more than a float32 cancellation leaves" in row.note
 
 
 def test_precision_diagnostic_needs_the_float64_run_to_agree():
@@ -234,3 +261,32 @@ def test_a_broken_framework_install_is_a_skip_not_a_traceback(tmp_path):
                          cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr and "broken jax" in out.stdout
+
+
+@pytest.mark.parametrize("framework,module,preset", [
+    ("torch", "torch", "PRESET"), ("keras", "keras", "PRESET"), ("jax", "jax", "FLAX"),
+    ("onnx", "onnx", "PRESET")])
+def test_a_wrong_batch_norm_preset_makes_validate_fail(framework, module, preset, monkeypatch):
+    """Found by review: the batch-norm rows passed eps, momentum and the
+    variance rule as literals, so a wrong preset in bncore.conventions went
+    unnoticed. bncore's side now takes the preset (the framework's side its own
+    defaults): a wrong eps, or the other variance rule, fails the run."""
+    import dataclasses
+    import importlib
+
+    needs = {"torch": ("torch",), "keras": ("jax", "keras"), "jax": ("jax", "optax", "flax"),
+             "onnx": ("onnx",)}[framework]
+    for mod in needs:
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} not installed")
+    if framework == "keras":
+        monkeypatch.setenv("KERAS_BACKEND", "jax")
+    vmod = importlib.import_module(f"bncore.validate.{module}")
+    good = getattr(vmod, preset)
+    out = open(os.devnull, "w")
+    for bad in (dataclasses.replace(good, eps=good.eps * 10),
+                dataclasses.replace(good, unbiased_running_var=not good.unbiased_running_var)):
+        monkeypatch.setattr(vmod, preset, bad)
+        assert V.main_validate(framework, quick=True, out=out) == 1, bad
+    monkeypatch.setattr(vmod, preset, good)
+    assert V.main_validate(framework, quick=True, out=out) == 0

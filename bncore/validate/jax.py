@@ -16,7 +16,12 @@ import numpy as np
 import bncore
 from bncore.validate.data import (NHWC_NAMES, bn_data, bn_label, cast, clip_grads, concat,
                                   lr_schedule, optim_data)
+from bncore.conventions import BATCH_NORM
 from bncore.validate.report import Check, Report
+
+# bncore's side of the batch-norm rows takes the preset (so that a wrong preset
+# shows); the framework's side takes its own defaults
+FLAX = BATCH_NORM["flax"]
 
 REQUIRES = ("jax", "optax", "flax")
 STEPS = 5
@@ -55,7 +60,7 @@ def _flax_bn(shape, training: bool, offset=None, seed=20) -> Check:
 
     def flax_run(dtype, centered=False, fast=True):
         x, e = bn_data(shape, -1, offset, centered, seed)
-        layer = nn.BatchNorm(use_running_average=not training, momentum=0.99, epsilon=1e-5,
+        layer = nn.BatchNorm(use_running_average=not training,   # flax's momentum, epsilon
                              dtype=_jdt(dtype), param_dtype=_jdt(dtype), use_fast_variance=fast)
         variables = {"params": {"scale": jnp.asarray(cast(e["weight"], dtype)),
                                 "bias": jnp.asarray(cast(e["bias"], dtype))},
@@ -68,11 +73,12 @@ def _flax_bn(shape, training: bool, offset=None, seed=20) -> Check:
                     "running_var": np.asarray(upd["batch_stats"]["var"])}, xj, e
         return {"y": np.asarray(layer.apply(variables, xj))}, xj, e
 
-    def ours(dtype, xj, e, unbiased=False):
+    def ours(dtype, xj, e, unbiased=FLAX.unbiased_running_var):
         rm, rv = cast(e["running_mean"], dtype), cast(e["running_var"], dtype)
         y, _, _ = bncore.batch_norm_forward(xj, cast(e["weight"], dtype), cast(e["bias"], dtype),
-                                            rm, rv, training=training, momentum=0.01, eps=1e-5,
-                                            axis=-1, unbiased_running_var=unbiased)
+                                            rm, rv, training=training, momentum=FLAX.momentum,
+                                            eps=FLAX.eps, axis=FLAX.axis,
+                                            unbiased_running_var=unbiased)
         return {"y": y, "running_mean": rm, "running_var": rv} if training else {"y": y}
 
     def run(dtype, centered=False):
@@ -81,7 +87,7 @@ def _flax_bn(shape, training: bool, offset=None, seed=20) -> Check:
 
     def unbiased(dtype):
         _, xj, e = flax_run(dtype)
-        return ours(dtype, xj, e, unbiased=True)
+        return ours(dtype, xj, e, unbiased=not FLAX.unbiased_running_var)
 
     def emulate(dtype):
         """flax/linen/normalization.py _compute_stats with use_fast_variance:
@@ -118,7 +124,7 @@ def _flax_bn_backward(shape, seed=21) -> Check:
 
     def run(dtype, centered=False):
         x, e = bn_data(shape, -1, None, centered, seed)
-        layer = nn.BatchNorm(use_running_average=False, momentum=0.99, epsilon=1e-5,
+        layer = nn.BatchNorm(use_running_average=False,
                              dtype=_jdt(dtype), param_dtype=_jdt(dtype))
         stats = {"mean": jnp.zeros(shape[-1], _jdt(dtype)), "var": jnp.ones(shape[-1], _jdt(dtype))}
         dy = jnp.asarray(cast(e["dy"], dtype))
@@ -135,7 +141,7 @@ def _flax_bn_backward(shape, seed=21) -> Check:
         fw = {"dx": np.asarray(dx), "dweight": np.asarray(dp["scale"]),
               "dbias": np.asarray(dp["bias"])}
         w = cast(e["weight"], dtype)
-        _, mean, invstd = bncore.batch_norm_forward(xj, w, None, eps=1e-5, axis=-1)
+        _, mean, invstd = bncore.batch_norm_forward(xj, w, None, eps=FLAX.eps, axis=FLAX.axis)
         bdx, bdw, bdb = bncore.batch_norm_backward(dy, xj, mean, invstd, w, axis=-1)
         return fw, {"dx": bdx, "dweight": bdw, "dbias": bdb}
 

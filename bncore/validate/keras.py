@@ -16,7 +16,12 @@ import numpy as np
 import bncore
 from bncore.validate.data import (NHWC_NAMES, bn_data, bn_label, cast, clip_grads, concat,
                                   lr_schedule, optim_data)
+from bncore.conventions import BATCH_NORM
 from bncore.validate.report import Check, Report
+
+# bncore's side of the batch-norm rows takes the preset (so that a wrong preset
+# shows); the framework's side takes its own defaults
+PRESET = BATCH_NORM["keras"]
 
 REQUIRES = ("jax", "keras")
 STEPS = 5
@@ -62,7 +67,7 @@ def _layer(dtype, shape, e):
 def _bn_forward(shape, training: bool, offset=None, seed=10) -> Check:
     import jax.numpy as jnp
 
-    def run(dtype, centered=False, unbiased=False):
+    def run(dtype, centered=False, unbiased=PRESET.unbiased_running_var):
         x, e = bn_data(shape, -1, offset, centered, seed)
         layer = _layer(dtype, shape, e)
         xj = jnp.asarray(cast(x, dtype))
@@ -72,7 +77,8 @@ def _bn_forward(shape, training: bool, offset=None, seed=10) -> Check:
         # bncore reads the JAX array through DLPack (zero-copy, read-only)
         by, _, _ = bncore.batch_norm_forward(
             xj, cast(e["weight"], dtype), cast(e["bias"], dtype), rm, rv, training=training,
-            momentum=0.01, eps=1e-3, axis=-1, unbiased_running_var=unbiased)
+            momentum=PRESET.momentum, eps=PRESET.eps, axis=PRESET.axis,
+            unbiased_running_var=unbiased)
         bn = {"y": by}
         if training:
             fw.update(running_mean=_np(layer.moving_mean.value),
@@ -96,7 +102,9 @@ def _bn_forward(shape, training: bool, offset=None, seed=10) -> Check:
                          offset, seed)
     show = training and not offset
     return Check("BatchNormalization", cfg, run, centered=bool(offset), condition=cond,
-                 alternatives={"unbiased running var": lambda dt: run(dt, unbiased=True)[1]}
+                 alternatives={"unbiased running var" if not PRESET.unbiased_running_var else
+                               "biased running var": lambda dt: run(
+                                   dt, unbiased=not PRESET.unbiased_running_var)[1]}
                  if training else {},
                  show_alternatives=show, alt_keys=("running_var",) if training else None,
                  emulations={"Keras' y = x*inv + (beta - mean*inv)": emulate} if offset else {},
@@ -123,7 +131,8 @@ def _bn_backward(shape, seed=11) -> Check:
         dx, (dg, db) = jax.grad(loss, argnums=(0, 1))(xj, tv)
         fw = {"dx": _np(dx), "dweight": _np(dg), "dbias": _np(db)}
         w = cast(e["weight"], dtype)
-        _, mean, invstd = bncore.batch_norm_forward(xj, w, None, eps=1e-3, axis=-1)
+        _, mean, invstd = bncore.batch_norm_forward(xj, w, None, eps=PRESET.eps,
+                                                    axis=PRESET.axis)
         bdx, bdw, bdb = bncore.batch_norm_backward(dy, xj, mean, invstd, w, axis=-1)
         return fw, {"dx": bdx, "dweight": bdw, "dbias": bdb}
 

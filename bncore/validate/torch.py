@@ -13,7 +13,12 @@ import numpy as np
 import bncore
 from bncore.validate.data import (bn_data, bn_label, cast, clip_grads, concat, lr_schedule,
                                   optim_data)
+from bncore.conventions import BATCH_NORM
 from bncore.validate.report import Check, Report
+
+# bncore's side of every batch-norm row takes the preset (so that a wrong preset
+# shows); torch's side takes torch's own defaults
+PRESET = BATCH_NORM["torch"]
 
 REQUIRES = ("torch",)
 STEPS = 5
@@ -38,7 +43,7 @@ def _bn_forward(shape, layout: str, training: bool, offset=None, seed=0) -> Chec
     import torch
     import torch.nn.functional as F
 
-    def run(dtype, centered=False, unbiased=True):
+    def run(dtype, centered=False, unbiased=PRESET.unbiased_running_var):
         x, e = bn_data(shape, 1, offset, centered, seed)
         tx = _t(cast(x, dtype))
         if layout == "channels_last":
@@ -46,11 +51,12 @@ def _bn_forward(shape, layout: str, training: bool, offset=None, seed=0) -> Chec
         w, b = _t(cast(e["weight"], dtype)), _t(cast(e["bias"], dtype))
         rm0, rv0 = cast(e["running_mean"], dtype), cast(e["running_var"], dtype)
         trm, trv = _t(rm0), _t(rv0)
-        ty = F.batch_norm(tx, trm, trv, w, b, training=training, momentum=0.1, eps=1e-5)
+        ty = F.batch_norm(tx, trm, trv, w, b, training=training)
         fw = {"y": ty.numpy(), "running_mean": trm.numpy(), "running_var": trv.numpy()}
         brm, brv = _t(rm0), _t(rv0)        # bncore updates these torch tensors in place
-        y, _, _ = bncore.batch_norm_forward(tx, w, b, brm, brv, training=training, momentum=0.1,
-                                            eps=1e-5, unbiased_running_var=unbiased)
+        y, _, _ = bncore.batch_norm_forward(tx, w, b, brm, brv, training=training,
+                                            momentum=PRESET.momentum, eps=PRESET.eps,
+                                            axis=PRESET.axis, unbiased_running_var=unbiased)
         bn = {"y": y, "running_mean": brm.numpy(), "running_var": brv.numpy()}
         if not training:
             for d in (fw, bn):
@@ -60,7 +66,9 @@ def _bn_forward(shape, layout: str, training: bool, offset=None, seed=0) -> Chec
     cond, cfg = bn_label("train" if training else "eval", shape, layout, 1, offset, seed)
     alts = {}
     if training:
-        alts = {"biased running var": lambda dt: run(dt, unbiased=False)[1]}
+        other = "biased" if PRESET.unbiased_running_var else "unbiased"
+        alts = {f"{other} running var": lambda dt: run(
+            dt, unbiased=not PRESET.unbiased_running_var)[1]}
     return Check("F.batch_norm", cfg, run, centered=bool(offset), condition=cond,
                  alternatives=alts, show_alternatives=training and not offset,
                  alt_keys=("running_var",) if training else None,
@@ -82,11 +90,11 @@ def _bn_backward(shape, layout: str, seed=1) -> Check:
         tx.requires_grad_(True)
         w = _t(cast(e["weight"], dtype)).requires_grad_(True)
         b = _t(cast(e["bias"], dtype)).requires_grad_(True)
-        ty = F.batch_norm(tx, None, None, w, b, training=True, eps=1e-5)
+        ty = F.batch_norm(tx, None, None, w, b, training=True)
         dx, dw, db = torch.autograd.grad(ty, (tx, w, b), tdy)
         fw = {"dx": dx.numpy(), "dweight": dw.numpy(), "dbias": db.numpy()}
         xd, wd = tx.detach(), w.detach()          # DLPack needs tensors without grad
-        _, mean, invstd = bncore.batch_norm_forward(xd, wd, b.detach(), eps=1e-5)
+        _, mean, invstd = bncore.batch_norm_forward(xd, wd, b.detach(), eps=PRESET.eps)
         bdx, bdw, bdb = bncore.batch_norm_backward(tdy, xd, mean, invstd, wd)
         return fw, {"dx": bdx, "dweight": bdw, "dbias": bdb}
 
