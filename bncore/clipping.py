@@ -55,6 +55,13 @@ def _grads_tables(grads, write: bool) -> list:
     try:
         return [_k.gather([gl], ("grads",), (write,), -1, chk.as_array, half_first=True)]
     except TypeError as exc:
+        if write:
+            for i, g in enumerate(gl):
+                if type(g) is not np.ndarray and not chk.viewable_in_place(g):
+                    # np.asarray would clip a temporary copy and lose the update
+                    raise TypeError(f"grads[{i}] is updated in place, so it must be an array "
+                                    f"(or a tensor shared through DLPack or the buffer "
+                                    f"protocol), got {type(g).__name__}") from None
         try:
             arrays = [chk.as_array(f"grads[{i}]", g) for i, g in enumerate(gl)]
         except TypeError:

@@ -453,6 +453,11 @@ def test_gradients_of_several_dtypes_clamp_check_and_refuse_as_one_list():
         bncore.grad_norm(g + [np.ones(3, np.int32)])
     with pytest.raises(ValueError, match=r"grads\[3\] .*not contiguous"):
         bncore.clip_grad_norm(g[:3] + [np.ones((3, 4), np.float32)[:, ::2]], 1.0)
+    # a list among them cannot be clipped in place (np.asarray would clip a copy)
+    with pytest.raises(TypeError, match=r"grads\[4\] is updated in place"):
+        bncore.clip_grad_norm(g + [[10.0, 20.0]], 1e-3)
+    with pytest.raises(TypeError, match=r"grads\[4\] is updated in place"):
+        bncore.clip_grad_value(g + [np.float64(3.0)], 1e-3)
     buf = np.ones(8, np.float32)
     before = [a.copy() for a in g]
     with pytest.raises(ValueError, match=r"grads\[0\] and grads\[4\] share memory"):

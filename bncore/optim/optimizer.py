@@ -62,8 +62,9 @@ class Optimizer:
         self.convention = convention
         self.defaults = defaults
         # what the caller set: kept over the convention's defaults when a
-        # load_state_dict brings another convention
-        self._explicit_hyper = copy.deepcopy(hyper)
+        # load_state_dict brings another convention (references, as in defaults:
+        # a tensor that is not a graph leaf cannot be deep-copied)
+        self._explicit_hyper = dict(hyper)
         self.param_groups: List[Dict[str, Any]] = []
         self.state: Dict[int, Dict[str, Any]] = {}
         # the flat parameter list that self.state's indices refer to
@@ -79,7 +80,7 @@ class Optimizer:
         the constructor's explicit arguments."""
         defaults = optimizer_defaults(self.kind, convention)
         defaults["maximize"] = False
-        defaults.update(copy.deepcopy(explicit))
+        defaults.update(explicit)
         return defaults
 
     # ---- groups
@@ -194,40 +195,6 @@ class Optimizer:
                         f"params[{j}] ({kind_of[j][0]}, gradient {kind_of[j][1]}) are in one "
                         "parameter group: a group's parameters share one dtype, and so "
                         "do its gradients (groups may differ)") from None
-        self._check_step_aliasing(params, grads)
-
-    def _check_step_aliasing(self, params, grads) -> None:
-        """No gradient, parameter or state array overlaps a parameter or state
-        array (the written ones) anywhere in the step: each kernel call checks
-        its own arrays, but a gradient that is another call's momentum buffer
-        was found only by that call, after the calls before it had written."""
-        state_names = tuple(self.state_arrays) + tuple(self.optional_arrays)
-        labels, starts, ends, writes = [], [], [], []
-
-        def add(label, a, written):
-            start, nbytes = self._byte_range(label, a)
-            labels.append(label)
-            starts.append(start)
-            ends.append(start + nbytes)
-            writes.append(written)
-
-        for i, (p, g) in enumerate(zip(params, grads)):
-            add(f"params[{i}]", p, True)
-            add(f"grads[{i}]", g, False)
-            st = self.state.get(i) or {}
-            for name in state_names:
-                if name in st:
-                    add(f"state[{i}][{name!r}]", st[name], True)
-        pair = chk.first_overlap(starts, ends, writes)
-        if pair is not None:
-            raise ValueError(f"{labels[pair[0]]} and {labels[pair[1]]} share memory; every "
-                             "array of an in-place update must be distinct")
-
-    @staticmethod
-    def _byte_range(name: str, a) -> tuple:
-        """(first byte, byte count) of a contiguous array (checked by _gather)."""
-        arr = a if type(a) is np.ndarray else chk.as_array(name, a)
-        return arr.__array_interface__["data"][0], arr.nbytes
 
     def _gather(self, params, grads) -> None:
         _k.gather([params, grads], ("params", "grads"), (True, False), 1, chk.as_array)
@@ -319,20 +286,46 @@ class Optimizer:
             self._gather_all(params, glist, [c[3] for c in calls])
         if skip:
             return
+        made = []                  # per call: (its states, new entries, sizes before)
         for group, gparams, ggrads, idx, step in calls:
             created = [i for i in idx if i not in self.state]
             for i, p in zip(idx, gparams):
                 if i not in self.state:
                     self.state[i] = self._init_state(p, group)
             states = [self.state[i] for i in idx]
-            sizes = list(map(len, states))
-            try:
+            made.append((states, created, list(map(len, states))))
+        done = 0                   # calls whose kernels have run
+        try:
+            if len(calls) > 1:
+                self._check_calls(calls, [m[0] for m in made], grad_scale, num_threads)
+            for k, ((group, gparams, ggrads, idx, step), (states, _, _)) in enumerate(
+                    zip(calls, made)):
                 self._apply(group, gparams, ggrads, states, step, grad_scale, num_threads)
-            except BaseException:
+                for st in states:
+                    st["step"] = step
+                done = k + 1
+        except BaseException:
+            for states, created, sizes in made[done:]:
                 self._forget_new_state(created, states, sizes)
-                raise
-            for st in states:
-                st["step"] = step
+            raise
+
+    def _check_calls(self, calls, states, grad_scale, num_threads) -> None:
+        """Every kernel call's own checks (its step function with found_inf set:
+        everything validated, nothing written), before the first call runs: a
+        later call cannot refuse its arrays (a gradient that is one of its
+        state arrays, say) after an earlier one has written. Indices in a
+        message are over all the optimizer's parameters."""
+        for (group, gparams, ggrads, idx, step), st in zip(calls, states):
+            try:
+                # on copies of the state dicts: what _apply adds (a first momentum
+                # buffer) must not be there yet when the real call looks
+                self._apply(group, gparams, ggrads, [dict(x) for x in st], step, grad_scale,
+                            num_threads, found_inf=True)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(re.sub(
+                    r"\b([a-z_]+)\[(\d+)\]",
+                    lambda m: f"{m[1]}[{idx[int(m[2])] if int(m[2]) < len(idx) else m[2]}]",
+                    str(exc))) from None
 
     def _forget_new_state(self, created, states, sizes) -> None:
         """Undo the state a step made before its kernel call refused the arrays
@@ -393,10 +386,13 @@ class Optimizer:
         own_convention = self.convention
         self.convention = state_dict.get("convention", own_convention)
         try:
+            # an unknown convention raises here, before anything is changed
+            new_defaults = (self._defaults_of(self.convention, self._explicit_hyper)
+                            if self.convention != own_convention else self.defaults)
             self._check_loaded_groups(groups, new_hyper)
         finally:
             self.convention = own_convention
-        self._load_state(state_dict, params, new_hyper)
+        self._load_state(state_dict, params, new_hyper, new_defaults)
 
     def _check_loaded_groups(self, groups, new_hyper) -> None:
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
@@ -411,7 +407,7 @@ class Optimizer:
             self._check_group(gi, dict(g_old, **hyper))
             new_hyper.append(hyper)
 
-    def _load_state(self, state_dict, params, new_hyper) -> None:
+    def _load_state(self, state_dict, params, new_hyper, new_defaults) -> None:
         new_state: Dict[int, Dict[str, Any]] = {}
         for key, s in state_dict["state"].items():
             i = int(key)
@@ -444,12 +440,10 @@ class Optimizer:
             new_state[i] = entry
         for g_old, hyper in zip(self.param_groups, new_hyper):
             g_old.update(hyper)
-        convention = state_dict.get("convention", self.convention)
-        if convention != self.convention:
-            # a group added later gets the loaded convention's defaults (eps,
-            # eps_style, ...), as the loaded groups have them
-            self.defaults = self._defaults_of(convention, self._explicit_hyper)
-            self.convention = convention
+        # a group added later gets the loaded convention's defaults (eps,
+        # eps_style, ...), as the loaded groups have them
+        self.defaults = new_defaults
+        self.convention = state_dict.get("convention", self.convention)
         self.state = new_state
         self._after_load()
 

@@ -39,11 +39,6 @@ class _OnDevice:
     def _gather(self, params, grads):
         gather([params, grads], ("params", "grads"), (True, False), 1)
 
-    @staticmethod
-    def _byte_range(name, a):
-        arr = a if type(a) is cupy.ndarray else chk.as_array(name, a)
-        return arr.data.ptr, arr.nbytes
-
     def _load_step(self, v):
         return int(v)                  # a host count; _after_load makes the counters
 
@@ -104,12 +99,23 @@ class _OnDevice:
                 calls.append((group, counter, idx))
             offset += len(group["params"])
         single = len(calls) == 1
+        sizes = [len(self.state[i]) for _, _, idx in calls for i in idx]
         if not single:
-            # a later call must not fail after an earlier one has written
-            self._gather_all(params, glist, [idx for _, _, idx in calls])
+            # a later call must not fail after an earlier one has written: the
+            # parameters against their gradients, then each call's own checks
+            try:
+                self._gather_all(params, glist, [idx for _, _, idx in calls])
+                self._check_calls(
+                    [(g, [params[i] for i in idx], [glist[i] for i in idx], idx, c)
+                     for g, c, idx in calls],
+                    [[self.state[i] for i in idx] for _, _, idx in calls], grad_scale,
+                    num_threads)
+            except BaseException:
+                self._forget_new_state(created, [self.state[i] for _, _, idx in calls
+                                                 for i in idx], sizes)
+                raise
         for counter in counters.values():
             _ops.step_increment(counter, dev_found)
-        sizes = [len(self.state[i]) for _, _, idx in calls for i in idx]
         try:
             for group, counter, idx in calls:
                 self._apply(group, [params[i] for i in idx], [glist[i] for i in idx],
