@@ -89,9 +89,9 @@ def _pair(name_a, a, name_b, b) -> None:
 def first_overlap(starts, ends, writes) -> Optional[Tuple[int, int]]:
     """Among byte ranges [starts[k], ends[k]) (empty ones never overlap), each
     written or only read (writes[k]): the indices (i, j) of a pair that
-    overlaps with at least one side written, or None. The ranges are sorted
-    and each compared with the furthest end before it (vectorized); the pair
-    is searched for only where some overlap was seen."""
+    overlaps with at least one side written, or None. One sort and two
+    running maxima (the furthest end so far, of any range and of written
+    ones), vectorized: O(n log n) also when many read-only ranges overlap."""
     st, en = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
     w = np.asarray(writes, dtype=bool)
     live = np.nonzero(en > st)[0]
@@ -99,12 +99,15 @@ def first_overlap(starts, ends, writes) -> Optional[Tuple[int, int]]:
         return None
     order = live[np.lexsort((en[live], st[live]))]
     st, en, w = st[order], en[order], w[order]
-    prev_end = np.maximum.accumulate(en)[:-1]             # furthest end before each range
-    for j in np.nonzero(st[1:] < prev_end)[0] + 1:
-        for i in range(j - 1, -1, -1):
-            if en[i] > st[j] and (w[i] or w[j]):
-                return int(order[i]), int(order[j])
-    return None
+    prev_any = np.maximum.accumulate(en)[:-1]
+    prev_w = np.maximum.accumulate(np.where(w, en, np.iinfo(np.int64).min))[:-1]
+    bad = (st[1:] < prev_w) | (w[1:] & (st[1:] < prev_any))
+    if not bad.any():
+        return None
+    j = int(np.argmax(bad)) + 1
+    # its partner: an earlier range reaching past its start, written if it is not
+    i = int(np.nonzero((en[:j] > st[j]) & (w[:j] | w[j]))[0][-1])
+    return int(order[i]), int(order[j])
 
 
 def host_copy_of_device_array(v: Any) -> Any:

@@ -420,3 +420,29 @@ def test_a_numpy_scalar_cannot_be_updated_in_place():
     with pytest.raises(TypeError, match="updated in place"):
         bncore.sgd_step([p], [np.float64(0.5)], lr=0.1)
     assert bncore.grad_norm([np.float64(3.0)]) == 3.0     # read-only uses still work
+
+
+def test_first_overlap_agrees_with_checking_every_pair():
+    """bncore._checks.first_overlap (bncore_gpu's tables, mixed-dtype clipping)
+    against all pairs, on random byte ranges; and in time n log n where every
+    range overlaps every other only for reading (it was quadratic there)."""
+    import time
+
+    from bncore._checks import first_overlap
+    rng = np.random.default_rng(5)
+    for _ in range(5000):
+        n = int(rng.integers(0, 7))
+        st = rng.integers(0, 20, n)
+        en = st + rng.integers(0, 6, n)
+        w = rng.random(n) < 0.5
+        want = any(i != j and en[i] > st[i] and en[j] > st[j] and st[i] < en[j] and st[j] < en[i]
+                   and (w[i] or w[j]) for i in range(n) for j in range(n))
+        got = first_overlap(st, en, w)
+        assert (got is not None) == want, (st, en, w)
+        if got is not None:
+            i, j = got
+            assert i != j and st[i] < en[j] and st[j] < en[i] and (w[i] or w[j])
+    n = 100_000
+    t0 = time.process_time()
+    assert first_overlap(np.zeros(n), np.full(n, 64), np.zeros(n, bool)) is None
+    assert time.process_time() - t0 < 5.0
