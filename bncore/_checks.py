@@ -43,8 +43,9 @@ def as_array(name: str, a: Any) -> np.ndarray:
             if "require" in text and "grad" in text:
                 hint = "pass tensor.detach(), which shares its memory"
             elif "dtype" in text.lower():
-                hint = ("NumPy has no such dtype (bfloat16?): convert it first, "
-                        "e.g. tensor.float()")
+                what = getattr(a, "dtype", None)
+                hint = (f"NumPy has no {'such dtype (bfloat16?)' if what is None else what} "
+                        f"dtype: convert it first, e.g. tensor.float()")
             else:
                 hint = "is it on the CPU? GPU arrays go to bncore_gpu"
             raise TypeError(f"{name}: cannot view {type(a).__name__} as a NumPy array "

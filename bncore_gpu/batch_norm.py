@@ -119,11 +119,12 @@ _coop_refused = set()         # devices that refused a cooperative launch: none 
 # CUDA's answers that mean "no cooperative launch of this grid here" (a refusal,
 # not a fault): CUDA_ERROR_COOPERATIVE_LAUNCH_TOO_LARGE, CUDA_ERROR_NOT_SUPPORTED
 _COOP_REFUSALS = (720, 801)
-# CUDA statuses that report a fault of a kernel already run (illegal address,
-# launch timeout, assert, illegal instruction, misaligned address, invalid PC,
-# launch failure, hardware stack error): the context is unusable, so such an
-# error at a launch is raised, never taken for the device refusing a kernel
-_CUDA_FAULTS = (700, 702, 710, 714, 715, 716, 718, 719)
+# CUDA statuses that report a fault of a kernel already run (uncorrectable ECC
+# error, illegal address, launch timeout, assert, hardware stack error, illegal
+# instruction, misaligned address, invalid address space, invalid PC, launch
+# failure): the context is unusable, so such an error at a launch is raised,
+# never taken for the device refusing a kernel
+_CUDA_FAULTS = (214, 700, 702, 710, 714, 715, 716, 717, 718, 719)
 # the cooperative kernels' barrier words, per host thread: {(device, stream): word}
 _barriers = threading.local()
 _ATTR_OPTIN_SMEM = 97         # cudaDevAttrMaxSharedMemoryPerBlockOptin
