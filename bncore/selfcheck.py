@@ -213,13 +213,17 @@ def _gpu_check(spec, cpu, gpu, case) -> CheckResult:
     g = spec.call(gpu, case, None)
     worst_key, worst, worst_tol = "-", 0.0, 0.0
     ok = True
+    bad = []
     for k, (err, tol) in R.errors_between_backends(spec, case, one, g).items():
         if _ratio(err, tol) >= _ratio(worst, worst_tol):
             worst_key, worst, worst_tol = k, err, tol
-        ok &= err <= tol
+        if not err <= tol:
+            ok = False
+            bad.append(f"{k}: GPU {err:.2e} from the CPU (tolerance {tol:.0e})")
     return CheckResult(spec.name, "gpu", str(case.params["dtype"]), _layout(case.params),
                        float(worst), float(worst_tol), bool(ok), output=worst_key,
-                       case=_case_dict(case.params))
+                       case=_case_dict(case.params),
+                       message="; ".join(bad) + (f" ({case.describe()})" if bad else ""))
 
 
 def _gradient_check(spec, params, mode: str) -> CheckResult:

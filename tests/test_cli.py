@@ -442,3 +442,21 @@ def test_a_narrower_check_draws_the_same_cases_for_the_cells_it_keeps():
     for key, cases in narrow.items():
         assert cases == wide[key][:2]
     assert oracle_cases(samples=4, fd_samples=0, seed=5) != wide
+
+
+def test_a_failed_gpu_check_says_what_differs(monkeypatch):
+    """bncore check --gpu: a failing comparison had an empty message (found by
+    review), so the failures list said nothing. The CPU backend stands in for
+    the GPU here; the comparison is made to fail."""
+    from bncore import selfcheck
+    from bncore.testing import registry as R
+
+    spec = next(s for s in R.all_specs() if s.name == "grad_norm")
+    params = R.sample_params(spec, np.random.default_rng(0), spec.space)
+    case = spec.make_case(params)
+    cpu = R.cpu_backend()
+    monkeypatch.setattr(R, "errors_between_backends",
+                        lambda *a: {"norm": (3e-3, 1e-12), "other": (0.0, 1e-12)})
+    r = selfcheck._gpu_check(spec, cpu, cpu, case)
+    assert not r.ok and "norm: GPU 3.00e-03 from the CPU" in r.message
+    assert "other" not in r.message
