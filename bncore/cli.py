@@ -36,7 +36,7 @@ examples:
 EPILOG_GRADCHECK = """\
 examples:
   bncore gradcheck --op batch_norm_backward --mode full
-  bncore gradcheck mymodule:f --shape 4,3 --shape 3 --mode full
+  bncore gradcheck mymodule:f --shape 4,3 --shape 3,2 --mode full
 
 your function: f(*inputs) -> array (or tuple of arrays), float64 NumPy in and out;
 its vector-Jacobian product vjp(cotangent, *inputs) -> one gradient per input,
@@ -180,10 +180,26 @@ def cmd_gradcheck(args) -> int:
     # unset options: gradcheck's defaults for your function, the registry's for built-in ops
     user = dict(h=1e-6, rtol=1e-6, atol=1e-8, n_directions=6)
     user.update({k: v for k, v in given.items() if v is not None})
+    # options that belong to the other form are refused, not silently dropped
+    if args.function:
+        stray = [o for o, v in (("--op", args.op), ("--samples", args.samples)) if v is not None]
+        if args.shape and args.inputs:
+            stray.append("--shape (with --inputs)")
+        if stray:
+            return _usage_error("gradcheck", f"{', '.join(stray)}: not with MODULE:FUNCTION "
+                                             f"(--op and --samples are for the built-in ops; "
+                                             f"give --shape or --inputs, not both)")
+    else:
+        stray = [o for o, v in (("--vjp", args.vjp), ("--shape", args.shape),
+                                ("--inputs", args.inputs)) if v]
+        if stray:
+            return _usage_error("gradcheck", f"{', '.join(stray)}: only with MODULE:FUNCTION "
+                                             f"(the built-in ops make their own inputs)")
+    samples = 3 if args.samples is None else args.samples
     try:
         check_settings(args.mode, user["rtol"], user["atol"], user["h"], user["n_directions"],
                        names=("--rtol", "--atol", "--h", "--directions"))
-        if args.samples < 1:
+        if samples < 1:
             raise ValueError("--samples must be >= 1 (0 would check nothing and pass)")
     except (TypeError, ValueError) as exc:
         return _usage_error("gradcheck", str(exc))
@@ -217,7 +233,7 @@ def cmd_gradcheck(args) -> int:
             rng = np.random.default_rng(args.seed)
             inputs = [rng.standard_normal(s) for s in args.shape]
         else:
-            print("bncore gradcheck: give the input shapes (--shape 4,3 --shape 3) or --inputs "
+            print("bncore gradcheck: give the input shapes (--shape 4,3 --shape 3,2) or --inputs "
                   "FILE.npz", file=sys.stderr)
             return 2
         if not sum(np.size(a) for a in inputs):
@@ -251,7 +267,7 @@ def cmd_gradcheck(args) -> int:
         for fn, group in seen.items():
             spec = group[0]
             rng = np.random.default_rng(args.seed)
-            for _ in range(args.samples):
+            for _ in range(samples):
                 params = R.sample_params(spec, rng, spec.fd_space)
                 if args.mode == "full":
                     params = _full_jacobian_params(params)
@@ -371,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="built-in op to check (repeatable; default: every differentiable op)")
     gc.add_argument("--mode", choices=["random", "full"], default="random",
                     help="random directions (default) or the full Jacobian")
-    gc.add_argument("--samples", type=int, default=3, metavar="N",
+    gc.add_argument("--samples", type=int, default=None, metavar="N",
                     help="random draws per built-in op (default 3)")
     gc.add_argument("--directions", type=int, default=None, metavar="N",
                     help="random directions per check in random mode (default 6)")

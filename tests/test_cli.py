@@ -308,6 +308,14 @@ def test_gradcheck_cli_inputs_and_usage_errors(tmp_path):
         assert "Traceback" not in out.stderr
     out = run_cli("gradcheck", "--samples", "0", cwd=tmp_path)
     assert out.returncode == 2 and "--samples" in out.stderr
+    # options of the other form were silently dropped (found by review)
+    for args, text in [(("sq:f", "--inputs", "kw.npz", "--op", "batch_norm_backward"), "--op"),
+                       (("sq:f", "--inputs", "kw.npz", "--samples", "2"), "--samples"),
+                       (("sq:f", "--inputs", "kw.npz", "--shape", "3"), "--shape"),
+                       (("--shape", "3"), "only with MODULE:FUNCTION"),
+                       (("--vjp", "sq:f_vjp"), "--vjp")]:
+        out = run_cli("gradcheck", *args, cwd=tmp_path)
+        assert out.returncode == 2 and text in out.stderr, (args, out.stderr)
 
 
 def test_thread_checks_draw_cases_that_really_use_threads():
