@@ -134,7 +134,7 @@ def test_load_rejects_mismatched_structure(tmp_path):
     with pytest.raises(ValueError, match="shape"):
         other.load_state_dict(opt.state_dict())
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         bncore.optim.load(opt, tmp_path / "junk.npz")
 
 
