@@ -183,7 +183,7 @@ def cmd_gradcheck(args) -> int:
     # options that belong to the other form are refused, not silently dropped
     if args.function:
         stray = [o for o, v in (("--op", args.op), ("--samples", args.samples)) if v is not None]
-        if args.shape and args.inputs:
+        if args.shape and args.inputs is not None:
             stray.append("--shape (with --inputs)")
         if stray:
             return _usage_error("gradcheck", f"{', '.join(stray)}: not with MODULE:FUNCTION "
@@ -191,7 +191,7 @@ def cmd_gradcheck(args) -> int:
                                              f"give --shape or --inputs, not both)")
     else:
         stray = [o for o, v in (("--vjp", args.vjp), ("--shape", args.shape),
-                                ("--inputs", args.inputs)) if v]
+                                ("--inputs", args.inputs)) if v is not None]
         if stray:
             return _usage_error("gradcheck", f"{', '.join(stray)}: only with MODULE:FUNCTION "
                                              f"(the built-in ops make their own inputs)")

@@ -80,6 +80,8 @@ def test_batch_norm_presets_give_the_documented_defaults(fw):
     assert c.unbiased_running_var is unbiased and c.axis == axis
     layer = bncore.BatchNorm(3, convention=fw)
     assert layer.eps == pytest.approx(eps, rel=1e-12)
+    assert layer.momentum == pytest.approx(momentum, rel=1e-12)
+    assert layer.unbiased_running_var is unbiased and layer.axis == axis
 
 
 # ---------------------------------------------------------------- from the frameworks
@@ -101,16 +103,16 @@ def test_torch_presets_are_torchs_defaults():
 
     F = torch.optim
     rows = {
-        "SGD": (_defaults(F.SGD.__init__, ["lr", "momentum", "dampening", "weight_decay",
-                                           "nesterov"]), {}),
-        "Adam": (_defaults(F.Adam.__init__, ["lr", "betas", "eps", "weight_decay", "amsgrad"]), {}),
-        "AdamW": (_defaults(F.AdamW.__init__, ["lr", "betas", "eps", "weight_decay"]), {}),
-        "RMSprop": (_defaults(F.RMSprop.__init__, ["lr", "alpha", "eps", "weight_decay",
-                                                   "momentum", "centered"]), {}),
-        "Adagrad": (_defaults(F.Adagrad.__init__, ["lr", "lr_decay", "weight_decay", "eps",
-                                                   "initial_accumulator_value"]), {}),
+        "SGD": _defaults(F.SGD.__init__, ["lr", "momentum", "dampening", "weight_decay",
+                                          "nesterov"]),
+        "Adam": _defaults(F.Adam.__init__, ["lr", "betas", "eps", "weight_decay", "amsgrad"]),
+        "AdamW": _defaults(F.AdamW.__init__, ["lr", "betas", "eps", "weight_decay"]),
+        "RMSprop": _defaults(F.RMSprop.__init__, ["lr", "alpha", "eps", "weight_decay",
+                                                  "momentum", "centered"]),
+        "Adagrad": _defaults(F.Adagrad.__init__, ["lr", "lr_decay", "weight_decay", "eps",
+                                                  "initial_accumulator_value"]),
     }
-    for opt, (theirs, _) in rows.items():
+    for opt, theirs in rows.items():
         ours = OPTIMIZERS[opt]["torch"]
         for k, v in theirs.items():
             assert _same(ours[k], v), (opt, k, ours[k], v)

@@ -613,3 +613,34 @@ def test_a_hyperparameter_that_cannot_be_deep_copied_is_accepted():
     opt = optim.SGD([p], lr=lr)
     opt.step([np.ones(3)])
     np.testing.assert_allclose(p, 0.99)
+
+
+def test_groups_of_different_dtypes_may_not_overlap():
+    """Each dtype's arrays were checked against each other only: a float32
+    parameter viewing a float64 parameter's memory was accepted (found by
+    review); the same overlap within one dtype was refused."""
+    buf = np.ones(4)
+    p32 = buf.view(np.float32)[:4]
+    opt = optim.SGD([{"params": [p32]}, {"params": [buf]}], lr=0.1)
+    with pytest.raises(ValueError, match=r"params\[0\] and params\[1\] share memory"):
+        opt.step([np.ones(4, np.float32), np.ones(4)])
+    assert np.array_equal(buf, np.ones(4))
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_skipped_step_refuses_what_a_taken_one_would(groups):
+    """found_inf skips the step, but a gradient that is a state array is still
+    an error (the step function refuses it too), in one group or several."""
+    params = arrays(3)
+    spec = [{"params": params}] if groups == 1 else [{"params": params[:2]},
+                                                     {"params": params[2:]}]
+    opt = optim.Adam(spec, lr=0.1)
+    opt.step(arrays(3, seed=1))
+    before = snapshot(opt, params)
+    grads = arrays(3, seed=2)
+    grads[1] = opt.state[1]["exp_avg"]
+    with pytest.raises(ValueError, match=r"grads\[1\] and exp_avgs\[1\] share memory"):
+        opt.step(grads, found_inf=1.0)
+    assert_same(before, snapshot(opt, params))
+    opt.step(arrays(3, seed=3), found_inf=1.0)            # a good skipped step: nothing made
+    assert_same(before, snapshot(opt, params))

@@ -195,6 +195,25 @@ class Optimizer:
                         f"params[{j}] ({kind_of[j][0]}, gradient {kind_of[j][1]}) are in one "
                         "parameter group: a group's parameters share one dtype, and so "
                         "do its gradients (groups may differ)") from None
+            # each dtype's gather saw only its own arrays: across dtypes here
+            labels, starts, ends, writes = [], [], [], []
+            for name, lst, written in (("params", params, True), ("grads", grads, False)):
+                for i, a in enumerate(lst):
+                    start, nbytes = self._byte_range(f"{name}[{i}]", a)
+                    labels.append(f"{name}[{i}]")
+                    starts.append(start)
+                    ends.append(start + nbytes)
+                    writes.append(written)
+            pair = chk.first_overlap(starts, ends, writes)
+            if pair is not None:
+                raise ValueError(f"{labels[pair[0]]} and {labels[pair[1]]} share memory; "
+                                 "every array of an in-place update must be distinct")
+
+    @staticmethod
+    def _byte_range(name: str, a) -> tuple:
+        """(first byte, byte count) of a contiguous array (checked by _gather)."""
+        arr = a if type(a) is np.ndarray else chk.as_array(name, a)
+        return arr.__array_interface__["data"][0], arr.nbytes
 
     def _gather(self, params, grads) -> None:
         _k.gather([params, grads], ("params", "grads"), (True, False), 1, chk.as_array)
@@ -285,6 +304,13 @@ class Optimizer:
             # after an earlier one has written
             self._gather_all(params, glist, [c[3] for c in calls])
         if skip:
+            # a skipped step refuses what a taken one would (a gradient that is
+            # a state array), with no state made: parameters without any yet
+            # are checked against a fresh one, not kept
+            self._check_calls(calls, [[self.state[i] if i in self.state else
+                                        self._init_state(p, group) for i, p in zip(idx, gp)]
+                                       for group, gp, _, idx, _ in calls],
+                              grad_scale, num_threads)
             return
         made = []                  # per call: (its states, new entries, sizes before)
         for group, gparams, ggrads, idx, step in calls:
@@ -323,7 +349,8 @@ class Optimizer:
                             num_threads, found_inf=True)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(re.sub(
-                    r"\b([a-z_]+)\[(\d+)\]",
+                    r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|momentum_buffers|"
+                    r"square_avgs|grad_avgs|state_sums)\[(\d+)\]",
                     lambda m: f"{m[1]}[{idx[int(m[2])] if int(m[2]) < len(idx) else m[2]}]",
                     str(exc))) from None
 

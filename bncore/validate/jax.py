@@ -107,7 +107,8 @@ def _flax_bn(shape, training: bool, offset=None, seed=20) -> Check:
                          offset, seed)
     show = training and not offset
     return Check("flax.linen.BatchNorm", cfg, run, centered=bool(offset), condition=cond,
-                 alternatives={"unbiased running var": unbiased} if show else {},
+                 alternatives={f"{'biased' if FLAX.unbiased_running_var else 'unbiased'} "
+                               f"running var": unbiased} if show else {},
                  show_alternatives=show, alt_keys=("running_var",) if show else None,
                  fw_variants={"use_fast_variance=False": lambda dt: flax_run(dt, fast=False)[0]}
                  if offset else {},

@@ -39,6 +39,11 @@ class _OnDevice:
     def _gather(self, params, grads):
         gather([params, grads], ("params", "grads"), (True, False), 1)
 
+    @staticmethod
+    def _byte_range(name, a):
+        arr = a if type(a) is cupy.ndarray else chk.as_array(name, a)
+        return arr.data.ptr, arr.nbytes
+
     def _load_step(self, v):
         return int(v)                  # a host count; _after_load makes the counters
 
@@ -66,12 +71,21 @@ class _OnDevice:
         several groups)."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
         if skip:
-            # a bad call still raises (a group's parameters checked as one call)
+            # a bad call still raises (a group's parameters checked as one call,
+            # state arrays included; parameters without state against a fresh
+            # one, not kept)
             groups, off = [], 0
             for g in self.param_groups:
                 groups.append(list(range(off, off + len(g["params"]))))
                 off += len(g["params"])
             self._gather_all(params, glist, groups)
+            one = cupy.ones((), cupy.float64)
+            self._check_calls(
+                [(g, [params[i] for i in idx], [glist[i] for i in idx], idx, one)
+                 for g, idx in zip(self.param_groups, groups)],
+                [[self.state[i] if i in self.state else self._init_state(params[i], g)
+                  for i in idx] for g, idx in zip(self.param_groups, groups)],
+                grad_scale, num_threads)
             return
         dev_found = found_inf if found_inf is not None and _ops.is_device(found_inf) else None
         calls, counters, fresh_counter, created = [], {}, None, []
