@@ -42,6 +42,7 @@ only plain calls (a subset of what _bn_args.py accepts unchanged; their rules
 mirror it, and tests/test_batch_norm_fast_path.py holds the two together).
 """
 cimport numpy as cnp
+from cpython.ref cimport Py_INCREF
 import numpy as np
 from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MIN, FLT_MAX, FLT_MIN
@@ -2564,6 +2565,11 @@ cdef extern from "numpy/arrayobject.h":
     # included), as np.empty(x.shape, x.dtype) gives on the checked path
     object PyArray_NewLikeArray(cnp.ndarray prototype, cnp.NPY_ORDER order, void* descr,
                                 int subok)
+    # steals a reference to descr
+    object PyArray_NewFromDescr(void* subtype, void* descr, int nd, cnp.npy_intp* dims,
+                                cnp.npy_intp* strides, void* data, int flags, void* obj)
+    # steals a reference to base
+    int PyArray_SetBaseObject(cnp.ndarray arr, void* base) except -1
 
 
 cdef inline int _plain_type(object a) noexcept:
@@ -2617,12 +2623,67 @@ cdef inline bint _apart(object a, object b) noexcept:
             or pb + cnp.PyArray_NBYTES(<cnp.ndarray>b) <= pa)
 
 
-cdef object _output(object out, cnp.ndarray x, tuple others):
-    """The array a fast path writes: a new one like x (x's dtype object,
-    metadata included) when out is None, else out itself when it shares no
-    byte with any of `others`; None when it does (the checked path decides)."""
-    if out is None:
+cdef enum:
+    PAGE = 4096
+    PLACED_MIN_BYTES = 65536    # outputs from this size on are placed (below)
+
+
+cdef inline Py_ssize_t _page_gap(Py_ssize_t a, Py_ssize_t b) noexcept:
+    # circular distance of two addresses within a 4 KiB page
+    cdef Py_ssize_t d = (a - b) % PAGE
+    if d < 0:
+        d += PAGE
+    return d if d <= PAGE - d else PAGE - d
+
+
+cdef object _placed_like(cnp.ndarray x, cnp.ndarray other):
+    """A new C-ordered array like x (its dtype object, metadata included) whose
+    page offset lies half a page from x's (and as far as it can from
+    `other`'s): the elementwise passes load x[i] (and dy[i]) and store out[i]
+    in the same loop, and where out sits a few bytes after an input within a
+    page, each store collides with a later load in the store buffer's 4 KiB
+    address check (4K aliasing). A fresh output of 64 KiB or more came from
+    the heap 16 bytes into a page or from mmap at the page start, by the
+    allocation history: float32 (256,1024) backward took 96-101 us with dx 16-64
+    bytes after x and dy, 73-76 with it 256-3072 bytes away (2 threads). Only
+    the address changes, never a value. The array is a view of a uint8 buffer
+    one page longer (its base)."""
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(x), xa, oa, best, cand, k, score, best_score
+    cdef cnp.npy_intp n
+    cdef cnp.ndarray buf, out
+    cdef char* start
+    if nbytes < PLACED_MIN_BYTES:
         return PyArray_NewLikeArray(x, cnp.NPY_CORDER, NULL, 0)
+    n = nbytes + PAGE
+    buf = cnp.PyArray_EMPTY(1, &n, cnp.NPY_UINT8, 0)
+    xa = <Py_ssize_t>cnp.PyArray_DATA(x)
+    oa = <Py_ssize_t>cnp.PyArray_DATA(other) if other is not None else xa
+    # candidate offsets from x's, in eighths of a page; the farthest from both
+    best, best_score = (xa + PAGE // 2) % PAGE, -1
+    for k in range(1, 8):
+        cand = (xa + k * (PAGE // 8)) % PAGE
+        score = min(_page_gap(cand, xa % PAGE), _page_gap(cand, oa % PAGE))
+        if score > best_score:
+            best, best_score = cand, score
+    start = <char*>cnp.PyArray_DATA(buf)
+    start += (best - <Py_ssize_t>start % PAGE + PAGE) % PAGE
+    descr = x.dtype
+    Py_INCREF(descr)              # PyArray_NewFromDescr steals a reference
+    out = <cnp.ndarray>PyArray_NewFromDescr(
+        <void*>cnp.ndarray, <void*>descr, cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), NULL,
+        <void*>start, cnp.NPY_ARRAY_CARRAY, NULL)
+    Py_INCREF(buf)                # PyArray_SetBaseObject steals a reference
+    PyArray_SetBaseObject(out, <void*>buf)
+    return out
+
+
+cdef object _output(object out, cnp.ndarray x, tuple others, cnp.ndarray other=None):
+    """The array a fast path writes: a new one like x, placed away from x's
+    (and `other`'s) page offset (_placed_like), when out is None; else out
+    itself when it shares no byte with any of `others`; None when it does (the
+    checked path decides)."""
+    if out is None:
+        return _placed_like(x, other)
     for r in others:
         if not _apart(out, r):
             return None
@@ -2727,7 +2788,7 @@ def backward_fast(dy, x, mean, invstd, weight, training, axis, out, int nthreads
             or not _plain_vector(mean, C, False) or not _plain_vector(invstd, C, False)
             or not _plain_vector(weight, C, False)):
         return None
-    dx = _output(out, <cnp.ndarray>x, (dy, x, mean, invstd, weight))
+    dx = _output(out, <cnp.ndarray>x, (dy, x, mean, invstd, weight), <cnp.ndarray>dy)
     if dx is None:
         return None
     sd, sx = backward(<cnp.ndarray>dy, <cnp.ndarray>x, <cnp.ndarray>dx, outer, C, inner, train,

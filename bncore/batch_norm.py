@@ -64,12 +64,13 @@ def _flat(view, a: np.ndarray) -> np.ndarray:
     return f
 
 
-def _output_target(view, out: Optional[np.ndarray], dtype) -> np.ndarray:
+def _output_target(view, out: Optional[np.ndarray], dtype, near=()) -> np.ndarray:
     """Where the kernel writes: `out` itself when it has the layout and x's
-    dtype, else a temporary that the caller copies into `out`."""
+    dtype, else a new array (placed away from the inputs in `near`: see
+    _layout.placed_empty) that the caller copies into `out`."""
     if out is not None and out.dtype == dtype and view.has_layout(out):
         return out
-    return view.empty(dtype)
+    return view.empty(dtype, near=near)
 
 
 def _finish_output(target: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
@@ -140,7 +141,7 @@ def batch_norm_forward(
     # ---- all checks done: from here on arrays are written
     view = channel_view(x, ax)
     xk = view.arrange(x)
-    target = _output_target(view, out, x.dtype)
+    target = _output_target(view, out, x.dtype, (xk,))
     # running statistics are updated by the kernel in place; a float16 or
     # strided one goes through a float64 copy that is written back
     rm, rv = _vec(running_mean), _vec(running_var)
@@ -198,7 +199,7 @@ def batch_norm_backward(
     view = channel_view(x, ax)
     xk = view.arrange(x)
     dyk = view.arrange(dy)
-    target = _output_target(view, dx_out, x.dtype)
+    target = _output_target(view, dx_out, x.dtype, (xk, dyk))
     sum_dy, sum_dy_xmu = _k.backward(
         _flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, C, view.inner,
         training, _f64(mean), _f64(invstd), _vec(weight), nthreads)

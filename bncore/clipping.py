@@ -46,25 +46,38 @@ def _grads_table(grads, write: bool):
 
 
 def _grads_tables(grads, write: bool) -> list:
-    """The gradients as kernel tables: one, or one per dtype (in the order of
-    their first appearance) when the list mixes dtypes, as torch's clipping
-    allows (a mixed-precision model); a kernel call takes one dtype. Every
-    table is checked before any is used, with the messages' indices over the
-    whole list; written gradients must not overlap across tables either."""
-    gl = as_list("grads", grads, required=True)
+    """The gradients as kernel tables: one, or one per dtype (tables_by_dtype)."""
+    def in_place(name, g):
+        if type(g) is not np.ndarray and not chk.viewable_in_place(g):
+            # np.asarray would clip a temporary copy and lose the update
+            raise TypeError(f"{name} is updated in place, so it must be an array (or a "
+                            f"tensor shared through DLPack or the buffer protocol), got "
+                            f"{type(g).__name__}")
+        return chk.as_array(name, g)
+
+    return tables_by_dtype(
+        as_list("grads", grads, required=True), write,
+        lambda lst: _k.gather([lst], ("grads",), (write,), -1, chk.as_array, half_first=True),
+        in_place if write else chk.as_array,
+        lambda a: a.__array_interface__["data"][0])
+
+
+def tables_by_dtype(gl: list, write: bool, gather_one, as_array, address) -> list:
+    """`gather_one(gl)` (the table of a gradient list), or, when the list mixes
+    dtypes (torch's clipping allows that: a mixed-precision model), one table
+    per dtype in the order of their first appearance: a kernel call takes one
+    dtype. Every table is checked before any is used, the messages' indices
+    over the whole list; written gradients must not overlap across tables
+    either. Shared with bncore_gpu.clipping (as_array and address per backend)."""
     try:
-        return [_k.gather([gl], ("grads",), (write,), -1, chk.as_array, half_first=True)]
+        return [gather_one(gl)]
     except TypeError as exc:
-        if write:
-            for i, g in enumerate(gl):
-                if type(g) is not np.ndarray and not chk.viewable_in_place(g):
-                    # np.asarray would clip a temporary copy and lose the update
-                    raise TypeError(f"grads[{i}] is updated in place, so it must be an array "
-                                    f"(or a tensor shared through DLPack or the buffer "
-                                    f"protocol), got {type(g).__name__}") from None
         try:
-            arrays = [chk.as_array(f"grads[{i}]", g) for i, g in enumerate(gl)]
-        except TypeError:
+            arrays = [as_array(f"grads[{i}]", g) for i, g in enumerate(gl)]
+        except (TypeError, ValueError) as refused:
+            # an entry that cannot be written in place says so; else the first error
+            if "updated in place" in str(refused):
+                raise refused from None
             raise exc from None
         groups: dict = {}
         for i, a in enumerate(arrays):
@@ -74,23 +87,21 @@ def _grads_tables(grads, write: bool) -> list:
     tables = []
     for idx in groups.values():
         try:
-            tables.append(_k.gather([[arrays[i] for i in idx]], ("grads",), (write,), -1,
-                                    chk.as_array, half_first=True))
+            tables.append(gather_one([arrays[i] for i in idx]))
         except (TypeError, ValueError) as e:
             raise type(e)(re.sub(r"\bgrads\[(\d+)\]", lambda m: f"grads[{idx[int(m[1])]}]",
                                  str(e))) from None
     if write:
         # each table's gather refused overlaps within it; across tables here
-        live = [a for a in arrays if a.size]
-        starts = [a.__array_interface__["data"][0] for a in live]
-        pair = chk.first_overlap(starts, [s + a.nbytes for s, a in zip(starts, live)],
+        live = [k for k, a in enumerate(arrays) if a.size]
+        starts = [address(arrays[k]) for k in live]
+        pair = chk.first_overlap(starts, [s + arrays[k].nbytes for s, k in zip(starts, live)],
                                  [True] * len(live))
         if pair is not None:
-            i, j = sorted(next(k for k, a in enumerate(arrays) if a is live[q]) for q in pair)
+            i, j = sorted(live[q] for q in pair)
             raise ValueError(f"grads[{i}] and grads[{j}] share memory; every array of an "
                              f"in-place update must be distinct")
     return tables
-
 
 def _norm_type(norm_type) -> float:
     if isinstance(norm_type, str) and norm_type.strip().lower() == "inf":

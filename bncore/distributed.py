@@ -184,7 +184,7 @@ class HostEngine:
         """(y, mean, invstd): y = (x - mean) * invstd * w + b with the given statistics."""
         view = channel_view(x, ax)
         xk = view.arrange(x)
-        target = _output_target(view, out, x.dtype)
+        target = _output_target(view, out, x.dtype, (xk,))
         _bk.normalize(_flat(view, xk), _flat(view, target), view.outer, x.shape[ax],
                       view.inner, mean, invstd, _vec(weight), _vec(bias), nthreads)
         return _finish_output(target, out), mean, invstd
@@ -202,9 +202,9 @@ class HostEngine:
                    g_dy: np.ndarray, g_dyx: np.ndarray, out, nthreads: int):
         """dx from the whole batch's sums (see sync_batch_norm_backward)."""
         view = channel_view(x, ax)
-        target = _output_target(view, out, x.dtype)
-        _bk.input_grad(_flat(view, view.arrange(dy)), _flat(view, view.arrange(x)),
-                       _flat(view, target), view.outer, x.shape[ax], view.inner, bool(training),
+        dyk, xk = view.arrange(dy), view.arrange(x)
+        target = _output_target(view, out, x.dtype, (xk, dyk))
+        _bk.input_grad(_flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, x.shape[ax], view.inner, bool(training),
                        N, mean, invstd, _vec(weight), g_dy, g_dyx, nthreads)
         return _finish_output(target, out)
 

@@ -11,7 +11,6 @@ norm back (it must, to raise before any gradient is touched).
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional
 
 import cupy
@@ -20,7 +19,7 @@ import numpy as np
 from bncore import _checks as hchk
 from bncore import optimizers as _cpu
 from bncore._threads import resolve_num_threads
-from bncore.clipping import NonFiniteError, _norm_type
+from bncore.clipping import NonFiniteError, _norm_type, tables_by_dtype
 from bncore_gpu import _checks as chk
 from bncore_gpu._tables import CTYPES, gather
 from bncore_gpu.optimizers import kernel
@@ -37,41 +36,12 @@ def _table(grads, write: bool):
 
 
 def _tables(grads, write: bool) -> list:
-    """One gather table, or one per dtype when the list mixes dtypes (as
-    bncore.clipping._grads_tables: every table checked before any is used,
-    indices over the whole list, no overlap across tables when written)."""
-    gl = _cpu.as_list("grads", grads, required=True)
-    try:
-        return [gather([gl], ("grads",), (write,), -1, half_first=True)]
-    except TypeError as exc:
-        try:
-            arrays = [chk.as_array(f"grads[{i}]", g) for i, g in enumerate(gl)]
-        except (TypeError, ValueError):
-            raise exc from None
-        groups: dict = {}
-        for i, a in enumerate(arrays):
-            groups.setdefault(a.dtype, []).append(i)
-        if len(groups) < 2:
-            raise
-    tables = []
-    for idx in groups.values():
-        try:
-            tables.append(gather([[arrays[i] for i in idx]], ("grads",), (write,), -1,
-                                 half_first=True))
-        except (TypeError, ValueError) as e:
-            raise type(e)(re.sub(r"\bgrads\[(\d+)\]", lambda m: f"grads[{idx[int(m[1])]}]",
-                                 str(e))) from None
-    if write:
-        live = [k for k, a in enumerate(arrays) if a.size]
-        starts = [arrays[k].data.ptr for k in live]
-        pair = hchk.first_overlap(starts, [s + arrays[k].nbytes for s, k in zip(starts, live)],
-                                  [True] * len(live))
-        if pair is not None:
-            i, j = sorted(live[q] for q in pair)
-            raise ValueError(f"grads[{i}] and grads[{j}] share memory; every array of an "
-                             f"in-place update must be distinct")
-    return tables
-
+    """One gather table, or one per dtype when the list mixes dtypes
+    (bncore.clipping.tables_by_dtype, on device arrays)."""
+    return tables_by_dtype(
+        _cpu.as_list("grads", grads, required=True), write,
+        lambda lst: gather([lst], ("grads",), (write,), -1, half_first=True),
+        chk.as_array, lambda a: a.data.ptr)
 
 def _combined_total(tables, p: float):
     """The norm of every table's gradients together, a 0-d device array: each
