@@ -2659,9 +2659,10 @@ cdef object _placed_like(cnp.ndarray x, cnp.ndarray other):
     xa = <Py_ssize_t>cnp.PyArray_DATA(x)
     oa = <Py_ssize_t>cnp.PyArray_DATA(other) if other is not None else xa
     # candidate offsets from x's, in eighths of a page; the farthest from both
-    best, best_score = (xa + PAGE // 2) % PAGE, -1
+    best, best_score = 0, -1
     for k in range(1, 8):
         cand = (xa + k * (PAGE // 8)) % PAGE
+        cand -= cand % 64        # on a cache line, whatever x's alignment
         score = min(_page_gap(cand, xa % PAGE), _page_gap(cand, oa % PAGE))
         if score > best_score:
             best, best_score = cand, score

@@ -116,7 +116,8 @@ def placed_empty(shape, dtype, near=()) -> np.ndarray:
     def gap(a, b):
         d = (a - b) % PAGE
         return min(d, PAGE - d)
-    want = max(((offs[0] + k * PAGE // 8) % PAGE for k in range(1, 8)),
+    # on a cache line, whatever the inputs' alignment
+    want = max(((offs[0] + k * PAGE // 8) % PAGE // 64 * 64 for k in range(1, 8)),
                key=lambda c: min(gap(c, o) for o in offs))
     buf = np.empty(nbytes + PAGE, np.uint8)
     start = (want - buf.__array_interface__["data"][0]) % PAGE
