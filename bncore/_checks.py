@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -109,6 +110,26 @@ def first_overlap(starts, ends, writes) -> Optional[Tuple[int, int]]:
     # its partner: an earlier range reaching past its start, written if it is not
     i = int(np.nonzero((en[:j] > st[j]) & (w[:j] | w[j]))[0][-1])
     return int(order[i]), int(order[j])
+
+
+def refuse_overlap(labels, starts, ends, writes) -> None:
+    """ValueError naming the first pair of first_overlap's (written ranges that
+    overlap another range), labels[k] naming range k (``grads[3]``)."""
+    pair = first_overlap(starts, ends, writes)
+    if pair is not None:
+        i, j = sorted(pair)
+        raise ValueError(f"{labels[i]} and {labels[j]} share memory; every array of an "
+                         f"in-place update must be distinct")
+
+
+def renumbered(exc: Exception, names: str, idx: Sequence[int]) -> Exception:
+    """exc again, its ``name[k]`` indices (name one of the '|'-separated
+    `names`) replaced by idx[k]: a check run on a sub-list reports positions
+    in the whole list."""
+    text = re.sub(rf"\b({names})\[(\d+)\]",
+                  lambda m: f"{m[1]}[{idx[int(m[2])] if int(m[2]) < len(idx) else m[2]}]",
+                  str(exc))
+    return type(exc)(text)
 
 
 def host_copy_of_device_array(v: Any) -> Any:

@@ -8,7 +8,6 @@ whenever the answer is representable.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -89,18 +88,12 @@ def tables_by_dtype(gl: list, write: bool, gather_one, as_array, address) -> lis
         try:
             tables.append(gather_one([arrays[i] for i in idx]))
         except (TypeError, ValueError) as e:
-            raise type(e)(re.sub(r"\bgrads\[(\d+)\]", lambda m: f"grads[{idx[int(m[1])]}]",
-                                 str(e))) from None
+            raise chk.renumbered(e, "grads", idx) from None
     if write:
         # each table's gather refused overlaps within it; across tables here
-        live = [k for k, a in enumerate(arrays) if a.size]
-        starts = [address(arrays[k]) for k in live]
-        pair = chk.first_overlap(starts, [s + arrays[k].nbytes for s, k in zip(starts, live)],
-                                 [True] * len(live))
-        if pair is not None:
-            i, j = sorted(live[q] for q in pair)
-            raise ValueError(f"grads[{i}] and grads[{j}] share memory; every array of an "
-                             f"in-place update must be distinct")
+        starts = [address(a) for a in arrays]
+        chk.refuse_overlap([f"grads[{i}]" for i in range(len(arrays))], starts,
+                           [s + a.nbytes for s, a in zip(starts, arrays)], [True] * len(arrays))
     return tables
 
 def _norm_type(norm_type) -> float:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import operator
-import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -26,6 +25,9 @@ from bncore._threads import resolve_num_threads
 from bncore.conventions import optimizer_defaults
 from bncore.optimizers import as_list
 
+# the step functions' per-parameter list arguments, as their messages name them
+_LIST_NAMES = ("params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|momentum_buffers|"
+               "square_avgs|grad_avgs|state_sums")
 # the hyperparameters that switch a formula on or off (every class's)
 _FLAGS = ("nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay",
           "eps_inside_sqrt", "onnx_update_count")
@@ -183,9 +185,7 @@ class Optimizer:
                 try:
                     self._gather([params[i] for i in idx], [grads[i] for i in idx])
                 except (TypeError, ValueError) as exc:
-                    raise type(exc)(re.sub(r"\b(params|grads)\[(\d+)\]",
-                                           lambda m: f"{m[1]}[{idx[int(m[2])]}]",
-                                           str(exc))) from None
+                    raise chk.renumbered(exc, "params|grads", idx) from None
             for idx in calls:
                 mixed = [i for i in idx if kind_of[i] != kind_of[idx[0]]]
                 if mixed:
@@ -204,10 +204,7 @@ class Optimizer:
                     starts.append(start)
                     ends.append(start + nbytes)
                     writes.append(written)
-            pair = chk.first_overlap(starts, ends, writes)
-            if pair is not None:
-                raise ValueError(f"{labels[pair[0]]} and {labels[pair[1]]} share memory; "
-                                 "every array of an in-place update must be distinct")
+            chk.refuse_overlap(labels, starts, ends, writes)
 
     @staticmethod
     def _byte_range(name: str, a) -> tuple:
@@ -348,11 +345,7 @@ class Optimizer:
                 self._apply(group, gparams, ggrads, [dict(x) for x in st], step, grad_scale,
                             num_threads, found_inf=True)
             except (TypeError, ValueError) as exc:
-                raise type(exc)(re.sub(
-                    r"\b(params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|momentum_buffers|"
-                    r"square_avgs|grad_avgs|state_sums)\[(\d+)\]",
-                    lambda m: f"{m[1]}[{idx[int(m[2])] if int(m[2]) < len(idx) else m[2]}]",
-                    str(exc))) from None
+                raise chk.renumbered(exc, _LIST_NAMES, idx) from None
 
     def _forget_new_state(self, created, states, sizes) -> None:
         """Undo the state a step made before its kernel call refused the arrays
