@@ -2636,6 +2636,37 @@ cdef inline Py_ssize_t _page_gap(Py_ssize_t a, Py_ssize_t b) noexcept:
     return d if d <= PAGE - d else PAGE - d
 
 
+cdef Py_ssize_t _place_offset(Py_ssize_t xa, Py_ssize_t oa) noexcept:
+    """The page offset for a new output beside inputs at addresses xa and oa:
+    of the eighths of a page from xa's, cut to a cache line, the one farthest
+    from both offsets."""
+    cdef Py_ssize_t best = 0, best_score = -1, cand, score, k
+    for k in range(1, 8):
+        cand = (xa + k * (PAGE // 8)) % PAGE
+        cand -= cand % 64        # on a cache line, whatever x's alignment
+        score = min(_page_gap(cand, xa % PAGE), _page_gap(cand, oa % PAGE))
+        if score > best_score:
+            best, best_score = cand, score
+    return best
+
+
+cdef object _placed_array(int nd, cnp.npy_intp* dims, object descr, Py_ssize_t nbytes,
+                          Py_ssize_t offset):
+    """A new C-ordered array (dims, descr) starting at `offset` within a page:
+    a view of a uint8 buffer one page longer (its base)."""
+    cdef cnp.npy_intp n = nbytes + PAGE
+    cdef cnp.ndarray buf = cnp.PyArray_EMPTY(1, &n, cnp.NPY_UINT8, 0)
+    cdef cnp.ndarray out
+    cdef char* start = <char*>cnp.PyArray_DATA(buf)
+    start += (offset - <Py_ssize_t>start % PAGE + PAGE) % PAGE
+    Py_INCREF(descr)              # PyArray_NewFromDescr steals a reference
+    out = <cnp.ndarray>PyArray_NewFromDescr(<void*>cnp.ndarray, <void*>descr, nd, dims, NULL,
+                                            <void*>start, cnp.NPY_ARRAY_CARRAY, NULL)
+    Py_INCREF(buf)                # PyArray_SetBaseObject steals a reference
+    PyArray_SetBaseObject(out, <void*>buf)
+    return out
+
+
 cdef object _placed_like(cnp.ndarray x, cnp.ndarray other):
     """A new C-ordered array like x (its dtype object, metadata included) whose
     page offset lies half a page from x's (and as far as it can from
@@ -2646,36 +2677,36 @@ cdef object _placed_like(cnp.ndarray x, cnp.ndarray other):
     the heap 16 bytes into a page or from mmap at the page start, by the
     allocation history: float32 (256,1024) backward took 96-101 us with dx 16-64
     bytes after x and dy, 73-76 with it 256-3072 bytes away (2 threads). Only
-    the address changes, never a value. The array is a view of a uint8 buffer
-    one page longer (its base)."""
-    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(x), xa, oa, best, cand, k, score, best_score
-    cdef cnp.npy_intp n
-    cdef cnp.ndarray buf, out
-    cdef char* start
+    the address changes, never a value."""
+    cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(x)
+    cdef Py_ssize_t xa = <Py_ssize_t>cnp.PyArray_DATA(x)
     if nbytes < PLACED_MIN_BYTES:
         return PyArray_NewLikeArray(x, cnp.NPY_CORDER, NULL, 0)
-    n = nbytes + PAGE
-    buf = cnp.PyArray_EMPTY(1, &n, cnp.NPY_UINT8, 0)
-    xa = <Py_ssize_t>cnp.PyArray_DATA(x)
-    oa = <Py_ssize_t>cnp.PyArray_DATA(other) if other is not None else xa
-    # candidate offsets from x's, in eighths of a page; the farthest from both
-    best, best_score = 0, -1
-    for k in range(1, 8):
-        cand = (xa + k * (PAGE // 8)) % PAGE
-        cand -= cand % 64        # on a cache line, whatever x's alignment
-        score = min(_page_gap(cand, xa % PAGE), _page_gap(cand, oa % PAGE))
-        if score > best_score:
-            best, best_score = cand, score
-    start = <char*>cnp.PyArray_DATA(buf)
-    start += (best - <Py_ssize_t>start % PAGE + PAGE) % PAGE
-    descr = x.dtype
-    Py_INCREF(descr)              # PyArray_NewFromDescr steals a reference
-    out = <cnp.ndarray>PyArray_NewFromDescr(
-        <void*>cnp.ndarray, <void*>descr, cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), NULL,
-        <void*>start, cnp.NPY_ARRAY_CARRAY, NULL)
-    Py_INCREF(buf)                # PyArray_SetBaseObject steals a reference
-    PyArray_SetBaseObject(out, <void*>buf)
-    return out
+    return _placed_array(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x), x.dtype, nbytes,
+                         _place_offset(xa, <Py_ssize_t>cnp.PyArray_DATA(other)
+                                       if other is not None else xa))
+
+
+def placed_empty(shape, dtype, near=()):
+    """np.empty(shape, dtype), C-ordered, placed as _placed_like places the fast
+    paths' outputs, away from the arrays in `near` (at most the first two):
+    the checked path's outputs (bncore._layout). Below 64 KiB, or with
+    nothing near: np.empty."""
+    dtype = np.dtype(dtype)
+    cdef tuple dims_t = tuple(int(d) for d in shape)
+    cdef int nd = len(dims_t), k
+    cdef cnp.npy_intp dims[64]                # NPY_MAXDIMS
+    cdef Py_ssize_t nbytes = dtype.itemsize
+    addrs = [a.__array_interface__["data"][0] for a in near if isinstance(a, np.ndarray)]
+    if not addrs or nd > 64:
+        return np.empty(dims_t, dtype)
+    for k in range(nd):
+        dims[k] = dims_t[k]
+        nbytes *= dims_t[k]
+    if nbytes < PLACED_MIN_BYTES:
+        return np.empty(dims_t, dtype)
+    return _placed_array(nd, dims, dtype, nbytes,
+                         _place_offset(addrs[0], addrs[1] if len(addrs) > 1 else addrs[0]))
 
 
 cdef object _output(object out, cnp.ndarray x, tuple others, cnp.ndarray other=None):

@@ -14,6 +14,8 @@ from typing import Tuple
 
 import numpy as np
 
+from bncore._bn_kernels import placed_empty
+
 
 class ChannelView:
     """How a (logical) array maps onto a contiguous (outer, C, inner) block.
@@ -90,38 +92,6 @@ class ChannelView:
         out = self.empty(a.dtype, xp)
         xp.copyto(out, a)
         return out
-
-
-PAGE = 4096
-PLACED_MIN_BYTES = 65536
-
-
-def placed_empty(shape, dtype, near=()) -> np.ndarray:
-    """np.empty(shape, dtype), C-ordered, whose page offset lies about half a page
-    from those of the arrays in `near` (the inputs the kernel reads beside it):
-    where an output sits a few bytes after an input within a page, the stores
-    collide with later loads in the store buffer's 4 KiB address check. A fresh
-    buffer came from the heap 16 bytes into a page or from mmap at a page start,
-    by the allocation history (channels-last (32,64,56,56) backward: 2.56 ms
-    with dx 16 bytes after x, 2.10-2.12 at 0 or 2048; the fast paths' twin is
-    _bn_kernels._placed_like). Below 64 KiB, or with nothing near: np.empty.
-    The array is a view of a uint8 buffer one page longer (its base)."""
-    dtype = np.dtype(dtype)
-    nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    offs = [a.__array_interface__["data"][0] % PAGE for a in near
-            if isinstance(a, np.ndarray)]
-    if nbytes < PLACED_MIN_BYTES or not offs:
-        return np.empty(shape, dtype)
-
-    def gap(a, b):
-        d = (a - b) % PAGE
-        return min(d, PAGE - d)
-    # on a cache line, whatever the inputs' alignment
-    want = max(((offs[0] + k * PAGE // 8) % PAGE // 64 * 64 for k in range(1, 8)),
-               key=lambda c: min(gap(c, o) for o in offs))
-    buf = np.empty(nbytes + PAGE, np.uint8)
-    start = (want - buf.__array_interface__["data"][0]) % PAGE
-    return buf[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _view(shape, perm, axis) -> ChannelView:
