@@ -71,6 +71,15 @@ def bn_label(head: str, shape, tail: str, axis: int, offset: Optional[float],
 NHWC_NAMES = {2: "NC", 3: "NLC", 4: "NHWC", 5: "NDHWC"}
 
 
+def other_variance(preset, run_with) -> dict:
+    """The alternative each batch-norm row shows beside its preset: {label:
+    bncore's outputs under the other running-variance rule}, from
+    run_with(dtype, unbiased_running_var) -> outputs."""
+    other = not preset.unbiased_running_var
+    return {f"{'unbiased' if other else 'biased'} running var":
+            lambda dtype: run_with(dtype, other)}
+
+
 def cast(a, dtype: str):
     return None if a is None else np.asarray(a).astype(DT[dtype])
 

@@ -15,7 +15,7 @@ import numpy as np
 
 import bncore
 from bncore.validate.data import (NHWC_NAMES, bn_data, bn_label, cast, clip_grads, concat,
-                                  lr_schedule, optim_data)
+                                  lr_schedule, optim_data, other_variance)
 from bncore.conventions import BATCH_NORM
 from bncore.validate.report import Check, Report
 
@@ -85,9 +85,9 @@ def _flax_bn(shape, training: bool, offset=None, seed=20) -> Check:
         fw, xj, e = flax_run(dtype, centered)
         return fw, ours(dtype, xj, e)
 
-    def unbiased(dtype):
+    def with_rule(dtype, unbiased):
         _, xj, e = flax_run(dtype)
-        return ours(dtype, xj, e, unbiased=not FLAX.unbiased_running_var)
+        return ours(dtype, xj, e, unbiased=unbiased)
 
     def emulate(dtype):
         """flax/linen/normalization.py _compute_stats with use_fast_variance:
@@ -107,8 +107,7 @@ def _flax_bn(shape, training: bool, offset=None, seed=20) -> Check:
                          offset, seed)
     show = training and not offset
     return Check("flax.linen.BatchNorm", cfg, run, centered=bool(offset), condition=cond,
-                 alternatives={f"{'biased' if FLAX.unbiased_running_var else 'unbiased'} "
-                               f"running var": unbiased} if show else {},
+                 alternatives=other_variance(FLAX, with_rule) if show else {},
                  show_alternatives=show, alt_keys=("running_var",) if show else None,
                  fw_variants={"use_fast_variance=False": lambda dt: flax_run(dt, fast=False)[0]}
                  if offset else {},

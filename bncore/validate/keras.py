@@ -15,7 +15,7 @@ import numpy as np
 
 import bncore
 from bncore.validate.data import (NHWC_NAMES, bn_data, bn_label, cast, clip_grads, concat,
-                                  lr_schedule, optim_data)
+                                  lr_schedule, optim_data, other_variance)
 from bncore.conventions import BATCH_NORM
 from bncore.validate.report import Check, Report
 
@@ -102,9 +102,7 @@ def _bn_forward(shape, training: bool, offset=None, seed=10) -> Check:
                          offset, seed)
     show = training and not offset
     return Check("BatchNormalization", cfg, run, centered=bool(offset), condition=cond,
-                 alternatives={"unbiased running var" if not PRESET.unbiased_running_var else
-                               "biased running var": lambda dt: run(
-                                   dt, unbiased=not PRESET.unbiased_running_var)[1]}
+                 alternatives=other_variance(PRESET, lambda dt, u: run(dt, unbiased=u)[1])
                  if training else {},
                  show_alternatives=show, alt_keys=("running_var",) if training else None,
                  emulations={"Keras' y = x*inv + (beta - mean*inv)": emulate} if offset else {},

@@ -25,7 +25,7 @@ import numpy as np
 
 import bncore
 from bncore.validate.data import (SHAPES, bn_data, bn_label, cast, concat, lr_schedule,
-                                  optim_data)
+                                  optim_data, other_variance)
 from bncore.conventions import BATCH_NORM
 from bncore.validate.report import Check, Report
 
@@ -143,9 +143,7 @@ def _bn(engine: str, training: bool, offset=None, shape=(8, 4, 6, 6), seed=30) -
     if offset and engine == "onnxruntime":
         emulations = {"a folded scale/shift y = x*scale + (bias - mean*scale)": _folded(shape, offset, seed)}
     return Check("BatchNormalization", cfg, run, centered=bool(offset), condition=cond,
-                 alternatives={f"{'biased' if PRESET.unbiased_running_var else 'unbiased'} "
-                               f"running var": lambda dt: run(
-                                   dt, unbiased=not PRESET.unbiased_running_var)[1]}
+                 alternatives=other_variance(PRESET, lambda dt, u: run(dt, unbiased=u)[1])
                  if show else {}, show_alternatives=show,
                  alt_keys=("running_var",) if show else None, emulations=emulations,
                  note="running_var: ONNX folds in the biased batch variance (momentum 0.9 is a "

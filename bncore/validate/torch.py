@@ -12,7 +12,7 @@ import numpy as np
 
 import bncore
 from bncore.validate.data import (bn_data, bn_label, cast, clip_grads, concat, lr_schedule,
-                                  optim_data)
+                                  optim_data, other_variance)
 from bncore.conventions import BATCH_NORM
 from bncore.validate.report import Check, Report
 
@@ -64,11 +64,7 @@ def _bn_forward(shape, layout: str, training: bool, offset=None, seed=0) -> Chec
         return fw, bn
 
     cond, cfg = bn_label("train" if training else "eval", shape, layout, 1, offset, seed)
-    alts = {}
-    if training:
-        other = "biased" if PRESET.unbiased_running_var else "unbiased"
-        alts = {f"{other} running var": lambda dt: run(
-            dt, unbiased=not PRESET.unbiased_running_var)[1]}
+    alts = other_variance(PRESET, lambda dt, u: run(dt, unbiased=u)[1]) if training else {}
     return Check("F.batch_norm", cfg, run, centered=bool(offset), condition=cond,
                  alternatives=alts, show_alternatives=training and not offset,
                  alt_keys=("running_var",) if training else None,
