@@ -442,19 +442,26 @@ def test_inference_backward_of_an_empty_batch_gives_zero_parameter_gradients(wdt
         assert np.array_equal(got, exp)
 
 
+def _cluster_kernels_raise(gbn, monkeypatch, exc):
+    """From here on, asking the loader for a cluster kernel raises `exc`; the
+    other kernels load as before."""
+    real = gbn._loader.kernel
+
+    def loader(filename, names, name):
+        if filename == gbn.CLUSTER_FILE:
+            raise exc
+        return real(filename, names, name)
+
+    monkeypatch.setattr(gbn._loader, "kernel", loader)
+
+
 def test_cluster_kernels_fall_back_with_a_warning_when_refused(cluster_kernels, monkeypatch):
     """A device or toolchain that refuses the cluster kernels (compile error,
     launch-configuration error) gets the three-kernel path, the same results
     and one RuntimeWarning, and keeps the three-kernel path afterwards."""
     gbn = cluster_kernels
-    real = gbn._loader.kernel
-
-    def refuse(filename, names, name):
-        if filename == gbn.CLUSTER_FILE:
-            raise RuntimeError("CUDA_ERROR_INVALID_CLUSTER_SIZE (simulated)")
-        return real(filename, names, name)
-
-    monkeypatch.setattr(gbn._loader, "kernel", refuse)
+    _cluster_kernels_raise(gbn, monkeypatch,
+                           RuntimeError("CUDA_ERROR_INVALID_CLUSTER_SIZE (simulated)"))
     dev = cupy.cuda.runtime.getDevice()
     saved = dict(gbn._cluster_caps)
     rng = np.random.default_rng(9)
@@ -479,17 +486,11 @@ def test_a_cuda_fault_at_a_cluster_launch_is_raised_not_hidden(cluster_kernels, 
     the next launch: raised, not taken for the device refusing clusters (which
     switched them off for the device with a misleading warning)."""
     gbn = cluster_kernels
-    real = gbn._loader.kernel
 
     class CudaError(RuntimeError):
         status = 700
 
-    def fault(filename, names, name):
-        if filename == gbn.CLUSTER_FILE:
-            raise CudaError("CUDA_ERROR_ILLEGAL_ADDRESS (simulated)")
-        return real(filename, names, name)
-
-    monkeypatch.setattr(gbn._loader, "kernel", fault)
+    _cluster_kernels_raise(gbn, monkeypatch, CudaError("CUDA_ERROR_ILLEGAL_ADDRESS (simulated)"))
     dev = cupy.cuda.runtime.getDevice()
     saved = dict(gbn._cluster_caps)
     x = _offset_data(np.random.default_rng(9), (16, 3, 32))
