@@ -20,6 +20,12 @@
  *              would cost. Not Adam's one rounding for p: where p - step
  *              cancels (p near the step), p's error is the float32 step's
  *              (BENCHMARKS.md, 2026-11-28 fifth session)
+ *   rsqrt2     f64 with sqrt replaced by vrsqrt14pd and two Goldschmidt steps
+ *              (float64-accurate, divider left for the division only)
+ *   rsqrt-rcp  the same and the division by vrcp14pd, a Newton step and a
+ *              residual correction: no divider at all
+ *   rsqrt1     one Goldschmidt step only (about 2^-27: not float64-accurate)
+ *   (the last three need AVX-512; BENCHMARKS.md, 2026-11-28 tenth session)
  */
 #include <math.h>
 #include <omp.h>
@@ -91,6 +97,59 @@ static void comp32(float *restrict p, const float *restrict g, float *restrict m
     }
 }
 
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+/* f64's loop with the square root (and division) done as `how` says:
+ * 1 = rsqrt2, 2 = rsqrt-rcp, 3 = rsqrt1 */
+static inline void newton(float *restrict p, const float *restrict g, float *restrict m,
+                          float *restrict v, ptrdiff_t n, const Hyper *h, int how) {
+    const __m512d b1 = _mm512_set1_pd(h->beta1), b2 = _mm512_set1_pd(h->beta2);
+    const __m512d c1 = _mm512_set1_pd(1 - h->beta1), c2 = _mm512_set1_pd(1 - h->beta2);
+    const __m512d lr = _mm512_set1_pd(h->lr), eps = _mm512_set1_pd(h->eps);
+    const __m512d c_out = _mm512_set1_pd(h->c_out), half = _mm512_set1_pd(0.5), one = _mm512_set1_pd(1);
+    ptrdiff_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m512d x = _mm512_cvtps_pd(_mm256_loadu_ps(p + i)), gr = _mm512_cvtps_pd(_mm256_loadu_ps(g + i));
+        __m512d mm = _mm512_fmadd_pd(b1, _mm512_cvtps_pd(_mm256_loadu_ps(m + i)), _mm512_mul_pd(c1, gr));
+        __m512d vv = _mm512_fmadd_pd(b2, _mm512_cvtps_pd(_mm256_loadu_ps(v + i)),
+                                     _mm512_mul_pd(_mm512_mul_pd(c2, gr), gr));
+        _mm256_storeu_ps(m + i, _mm512_cvtpd_ps(mm));
+        _mm256_storeu_ps(v + i, _mm512_cvtpd_ps(vv));
+        __m512d sd = _mm512_mul_pd(vv, c_out), y0 = _mm512_rsqrt14_pd(sd);
+        __m512d s = _mm512_mul_pd(sd, y0), hh = _mm512_mul_pd(half, y0);
+        __m512d r = _mm512_fnmadd_pd(s, hh, half);
+        s = _mm512_fmadd_pd(s, r, s);
+        if (how != 3) {
+            hh = _mm512_fmadd_pd(hh, r, hh);
+            s = _mm512_fmadd_pd(s, _mm512_fnmadd_pd(s, hh, half), s);
+        }
+        __m512d den = _mm512_add_pd(s, eps), nd = _mm512_mul_pd(lr, mm), q;
+        if (how == 2) {
+            __m512d z = _mm512_rcp14_pd(den);
+            z = _mm512_fmadd_pd(z, _mm512_fnmadd_pd(den, z, one), z);
+            __m512d q0 = _mm512_mul_pd(nd, z);
+            q = _mm512_fmadd_pd(z, _mm512_fnmadd_pd(den, q0, nd), q0);
+        } else {
+            q = _mm512_div_pd(nd, den);
+        }
+        _mm256_storeu_ps(p + i, _mm512_cvtpd_ps(_mm512_sub_pd(x, q)));
+    }
+    f64(p + i, g + i, m + i, v + i, n - i, h);
+}
+static void rsqrt2(float *restrict p, const float *restrict g, float *restrict m,
+                   float *restrict v, ptrdiff_t n, const Hyper *h) { newton(p, g, m, v, n, h, 1); }
+static void rsqrt_rcp(float *restrict p, const float *restrict g, float *restrict m,
+                      float *restrict v, ptrdiff_t n, const Hyper *h) { newton(p, g, m, v, n, h, 2); }
+static void rsqrt1(float *restrict p, const float *restrict g, float *restrict m,
+                   float *restrict v, ptrdiff_t n, const Hyper *h) { newton(p, g, m, v, n, h, 3); }
+#define NEWTON_NAMES , "rsqrt2", "rsqrt-rcp", "rsqrt1"
+#define NEWTON_KERNELS , rsqrt2, rsqrt_rcp, rsqrt1
+#else
+#define NEWTON_NAMES
+#define NEWTON_KERNELS
+#endif
+
 static void add(float *restrict a, const float *restrict b, float *restrict unused1,
                 float *restrict unused2, ptrdiff_t n, const Hyper *h) {
     (void)unused1; (void)unused2; (void)h;
@@ -125,15 +184,15 @@ static double timed(Kernel k, float **a, ptrdiff_t n, int nt, int reps, const Hy
 int main(int argc, char **argv) {
     int nt = argc > 1 ? atoi(argv[1]) : 2;
     const Hyper h = {0.9, 0.999, 1e-3, 1e-8, 1.0 / (1 - pow(0.999, 10))};
-    const char *names[] = {"f64", "f64-nodiv", "hybrid", "f32", "comp32"};
-    Kernel kernels[] = {f64, f64_nodiv, hybrid, f32, comp32};
+    const char *names[] = {"f64", "f64-nodiv", "hybrid", "f32", "comp32" NEWTON_NAMES};
+    Kernel kernels[] = {f64, f64_nodiv, hybrid, f32, comp32 NEWTON_KERNELS};
     ptrdiff_t small = 16384, big = 10000000, nadd = big * 28 / 12;
     float *a[4], *b[4], *c[2];
     for (int j = 0; j < 4; j++) { a[j] = huge(small); b[j] = huge(big); }
     c[0] = huge(nadd); c[1] = huge(nadd);
     float *cc[4] = {c[0], c[1], NULL, NULL};
     printf("%-10s %16s %22s\n", "variant", "in cache ns/elem", "10M params, ms");
-    for (int j = 0; j < 5; j++) {
+    for (int j = 0; j < (int)(sizeof kernels / sizeof *kernels); j++) {
         double t1 = 1e30, t2 = 1e30;
         for (int round = 0; round < 3; round++) {   /* interleave with the others */
             double s = timed(kernels[j], a, small, 1, 2000, &h);
