@@ -8,6 +8,7 @@ weight, bias and running statistics and remembers what backward needs.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -42,6 +43,10 @@ class BatchNorm:
     dtype : dtype of the parameters and running statistics (float32).
 
     Gradients of the last ``backward`` are in ``grad_weight`` and ``grad_bias``.
+    ``forward`` keeps a reference to x (not a copy) for ``backward``: x must not
+    be changed in place between the two (NumPy has no version counter to
+    catch it, as torch's autograd does; a changed x gives wrong gradients).
+    A ``forward`` that raises leaves nothing for ``backward``.
     """
 
     # the backend: bncore_gpu.BatchNorm swaps in CuPy and the CUDA functions
@@ -113,7 +118,11 @@ class BatchNorm:
                                  f"has num_features={self.num_features}")
 
     def forward(self, x, *, num_threads: Optional[int] = None) -> np.ndarray:
-        """Normalize x; in training mode also update the running statistics."""
+        """Normalize x; in training mode also update the running statistics.
+        x is kept (by reference) for ``backward``: do not change it in place
+        before then."""
+        # a forward that raises must not leave the previous batch for backward
+        self._saved = None
         shape = getattr(x, "shape", None)
         if shape is None:
             # a list (the functions take one as NumPy does): its shape, so that
@@ -175,6 +184,9 @@ class BatchNorm:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Copy a state_dict in, bit for bit; keys and shapes must match exactly."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state_dict must be a mapping (as state_dict() returns), "
+                            f"got {type(state).__name__}")
         expected = set(self.state_dict())
         got = set(state)
         if got != expected:

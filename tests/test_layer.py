@@ -247,3 +247,21 @@ def test_train_takes_a_bool():
         bn.train("False")
     assert bn.training
     assert not bn.train(np.bool_(False)).training and bn.train(1).training
+
+
+def test_backward_after_a_forward_that_raised_is_refused():
+    """Found by review: a forward that raised left the previous batch saved, and
+    backward silently returned that batch's gradients."""
+    layer = bncore.BatchNorm(4)
+    layer.forward(data())
+    with pytest.raises(ValueError, match="channel"):
+        layer.forward(np.ones((1, 4), np.float32))        # one value per channel
+    with pytest.raises(RuntimeError, match="before forward"):
+        layer.backward(data())
+
+
+@pytest.mark.parametrize("state", [None, [1, 2], "weight"])
+def test_load_state_dict_of_something_not_a_mapping_is_a_type_error(state):
+    layer = bncore.BatchNorm(4)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        layer.load_state_dict(state)
