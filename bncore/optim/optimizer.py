@@ -71,6 +71,8 @@ class Optimizer:
         self.state: Dict[int, Dict[str, Any]] = {}
         # the flat parameter list that self.state's indices refer to
         self._state_params: List[Any] = []
+        # state of parameters removed from param_groups, by id: (array, state)
+        self._removed_state: Dict[int, Any] = {}
         groups = self._split_groups(params)
         if not groups:
             raise ValueError("the optimizer got an empty parameter list")
@@ -90,6 +92,9 @@ class Optimizer:
     def _split_groups(params) -> List[dict]:
         if isinstance(params, np.ndarray) or hasattr(params, "__dlpack__"):
             return [{"params": [params]}]
+        if isinstance(params, dict):
+            raise TypeError("params is a dict: pass a list of parameter groups "
+                            "([{'params': [...], ...}]) or of arrays")
         params = list(params)
         if params and isinstance(params[0], dict):
             return [dict(g) for g in params]
@@ -98,12 +103,15 @@ class Optimizer:
     _as_param = staticmethod(_as_param)
 
     def add_param_group(self, group: Dict[str, Any]) -> None:
-        """Add a group: ``{"params": [...], **overrides}`` (torch's add_param_group)."""
+        """Add a group: ``{"params": [...], **overrides}`` (torch's add_param_group).
+
+        Keys that are not this class's hyperparameters (a scheduler's
+        ``initial_lr``, a ``name``) are kept, unused, and travel through
+        state_dict, load_state_dict and bncore.optim.save, as in torch."""
+        if not isinstance(group, dict):
+            raise TypeError(f"a parameter group must be a dict, got {type(group).__name__}")
         if "params" not in group:
             raise ValueError("a parameter group needs a 'params' entry")
-        unknown = set(group) - set(self.defaults) - {"params"}
-        if unknown:
-            raise ValueError(f"unknown hyperparameters in a parameter group: {sorted(unknown)}")
         self._sync_params()
         plist = as_list("params", group["params"])
         arrays = [self._as_param(f"params[{i}]", p) for i, p in enumerate(plist)]
@@ -125,6 +133,10 @@ class Optimizer:
     def _check_group(self, index: int, group: Dict[str, Any]) -> None:
         """The on/off hyperparameters and _check_hyper, with the group's index in
         the message when there are several."""
+        missing = [k for k in self.defaults if k not in group]
+        if missing:
+            where = f"param_groups[{index}]" if len(self.param_groups) > 1 else "the parameter group"
+            raise ValueError(f"{where} lacks hyperparameters {missing} (deleted from the group?)")
         try:
             for name in _FLAGS:
                 if name in group:
@@ -139,8 +151,9 @@ class Optimizer:
         """The flat parameter list, after edits made to ``param_groups[i]["params"]``
         in place (torch allows them: its state is keyed by tensor). New entries
         are checked and converted like add_param_group's; every state entry
-        moves with its parameter, so an inserted parameter starts fresh and
-        the others keep theirs."""
+        moves with its parameter, so an inserted parameter starts fresh, the
+        others keep theirs, and one taken out gets its state back when the
+        same array is put back (until a load_state_dict)."""
         flat = self._flat_params()
         old = self._state_params
         if len(flat) == len(old) and all(map(operator.is_, flat, old)):
@@ -159,8 +172,22 @@ class Optimizer:
             g["params"] = plist
         flat = self._flat_params()
         where = {id(p): i for i, p in enumerate(old)}   # old holds them: ids are unique
-        self.state = {j: self.state[where[id(p)]] for j, p in enumerate(flat)
-                      if id(p) in where and where[id(p)] in self.state}
+        now = {id(p) for p in flat}
+        # a parameter taken out keeps its state for when it comes back (torch's
+        # state is keyed by tensor: freezing a parameter by removing it from
+        # its group and putting it back resumes its momentum); the entry holds
+        # the array, so its id cannot be reused meanwhile
+        for i, p in enumerate(old):
+            if id(p) not in now and i in self.state:
+                self._removed_state[id(p)] = (p, self.state[i])
+        state = {}
+        for j, p in enumerate(flat):
+            if id(p) in where:
+                if where[id(p)] in self.state:
+                    state[j] = self.state[where[id(p)]]
+            elif id(p) in self._removed_state and self._removed_state[id(p)][0] is p:
+                state[j] = self._removed_state.pop(id(p))[1]
+        self.state = state
         self._state_params = flat
         return flat
 
@@ -419,11 +446,8 @@ class Optimizer:
             if len(g_new["params"]) != len(g_old["params"]):
                 raise ValueError(f"state_dict's param_groups[{gi}] has {len(g_new['params'])} "
                                  f"parameters, the optimizer's has {len(g_old['params'])}")
+            # keys that are not hyperparameters are carried along (add_param_group)
             hyper = {k: copy.deepcopy(v) for k, v in g_new.items() if k != "params"}
-            unknown = set(hyper) - set(self.defaults)
-            if unknown:
-                raise ValueError(f"state_dict's param_groups[{gi}] has unknown "
-                                 f"hyperparameters {sorted(unknown)}")
             self._check_group(gi, dict(g_old, **hyper))
             new_hyper.append(hyper)
 
@@ -465,6 +489,7 @@ class Optimizer:
         self.defaults = new_defaults
         self.convention = state_dict.get("convention", self.convention)
         self.state = new_state
+        self._removed_state = {}
         self._after_load()
 
     def _load_step(self, v) -> Any:
