@@ -15,7 +15,8 @@ from typing import Any
 def _create_temporary(directory: str, suffix: str):
     """A new file next to the destination, opened exclusively. Unlike
     tempfile.mkstemp's 0600 it gets the permissions of any new file (0666
-    less the umask), as the file written directly would."""
+    less the umask), as the file written directly would; write_bytes gives
+    it an existing destination's permissions instead."""
     while True:
         tmp = os.path.join(directory, f".bncore-{secrets.token_hex(8)}{suffix}.tmp")
         try:
@@ -31,9 +32,10 @@ def write_bytes(path: str, data: bytes, suffix: str = "") -> None:
     replace the device itself."""
     path = os.path.realpath(os.fspath(path))
     try:
-        special = not stat.S_ISREG(os.stat(path).st_mode)
+        old_mode = os.stat(path).st_mode
     except FileNotFoundError:
-        special = False
+        old_mode = None
+    special = old_mode is not None and not stat.S_ISREG(old_mode)
     if special:
         with open(path, "wb") as fh:
             fh.write(data)
@@ -42,6 +44,10 @@ def write_bytes(path: str, data: bytes, suffix: str = "") -> None:
     fd, tmp = _create_temporary(directory, suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
+            if old_mode is not None and hasattr(os, "fchmod"):
+                # replacing a file keeps its permissions, as writing into it
+                # would (a 0600 checkpoint must not come back world-readable)
+                os.fchmod(fh.fileno(), stat.S_IMODE(old_mode))
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

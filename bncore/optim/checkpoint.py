@@ -105,9 +105,9 @@ def load(optimizer, path: str):
         # np.load's answer to a file that is neither .npy nor .npz (it guesses "pickle")
         raise ValueError(f"{path} is not a bncore optimizer checkpoint (not an .npz "
                          f"archive)") from None
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
+    except (zipfile.BadZipFile, EOFError) as exc:
+        # (an OSError, such as a missing file, a directory or no permission,
+        # propagates as it is: it is not about the file's contents)
         raise ValueError(f"{path} is not a readable bncore optimizer checkpoint "
                          f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(files, np.lib.npyio.NpzFile):
