@@ -165,6 +165,17 @@ OPTIMIZERS: Dict[str, Dict[str, dict]] = {
 }
 
 
+# "tf_fused" (tf.keras 2, DESIGN.md's fused column) names the batch-norm rule of
+# tf.keras 2's fused kernel; its optimizers are Keras's (tf.keras.optimizers in
+# TF 2.11+ are the Keras optimizers Keras 3 kept, with the same defaults and
+# formulas: eps-hat Adam with 1e-7, SGD's m = mu m - lr g, eps inside the sqrt
+# for RMSprop and Adagrad), so convention="tf_fused" on an optimizer class is
+# convention="keras"
+for _table in OPTIMIZERS.values():
+    _table["tf_fused"] = dict(_table["keras"])
+del _table
+
+
 def optimizer_defaults(optimizer: str, convention: str) -> dict:
     table = OPTIMIZERS[optimizer]
     if convention not in table:
