@@ -343,7 +343,9 @@ def _clip_oracle(case: Case) -> Arrays:
 def _clip_tolerance(case: Case, key: str) -> float:
     if key == "total":
         return 1e-12
-    return {"float64": 1e-14, "float32": 1e-7, "float16": 1e-3}[case.params["dtype"]]
+    # each stored gradient is the float64 product rounded once, as the oracle's:
+    # they differ only where a 1e-16 difference in the coefficient meets a tie
+    return {"float64": 1e-14, "float32": 1e-7, "float16": 1e-6}[case.params["dtype"]]
 
 
 def _norm_call(backend: Backend, case: Case, num_threads) -> Arrays:
