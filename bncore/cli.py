@@ -174,11 +174,11 @@ def _load_inputs(path: str) -> list:
 
 
 def cmd_gradcheck(args) -> int:
-    from bncore.gradcheck import check_settings, gradcheck
+    from bncore.gradcheck import GradcheckSetupError, check_settings, gradcheck
 
     given = dict(h=args.h, rtol=args.rtol, atol=args.atol, n_directions=args.directions)
     # unset options: gradcheck's defaults for your function, the registry's for built-in ops
-    user = dict(h=1e-6, rtol=1e-6, atol=1e-8, n_directions=6)
+    user = dict(h=1e-6, rtol=1e-6, atol=0.0, n_directions=6)
     user.update({k: v for k, v in given.items() if v is not None})
     # options that belong to the other form are refused, not silently dropped
     if args.function:
@@ -241,6 +241,8 @@ def cmd_gradcheck(args) -> int:
                                              "(a check of nothing would pass)")
         try:
             report = gradcheck(f, inputs, vjp, mode=args.mode, seed=args.seed, **user)
+        except GradcheckSetupError as exc:
+            return _usage_error("gradcheck", str(exc))
         except Exception as exc:  # noqa: BLE001
             print(f"bncore gradcheck: {args.function} raised {type(exc).__name__}: {exc}",
                   file=sys.stderr)
@@ -395,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="finite-difference step (default 1e-6; built-in ops 1e-5)")
     gc.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e-6)")
     gc.add_argument("--atol", type=float, default=None,
-                    help="absolute tolerance (default 1e-8; built-in ops 1e-9)")
+                    help="absolute tolerance (default 0: the finite differences' own "
+                         "rounding and truncation error is allowed for)")
     gc.add_argument("--seed", type=_seed, default=0, help="seed of inputs and directions, >= 0")
     gc.add_argument("--json", metavar="FILE", help="write the reports as JSON")
     gc.set_defaults(func=cmd_gradcheck)
