@@ -469,6 +469,10 @@ def _print_check_report(rows, failed, results, seconds, backend, reason, out) ->
     import bncore
 
     gpu_line = "GPU: compared with bncore_gpu" if backend is not None else f"GPU: not checked ({reason})"
+    # a build without OpenMP runs every thread count on one thread: its
+    # threads rows compare the serial code with itself
+    serial = ("" if bncore.build_info().get("openmp") else
+              " Built without OpenMP: the threads rows compared one thread with itself.")
     print(f"\n{len(results)} checks on {len(rows)} rows, {len(failed)} failed, "
-          f"{seconds:.1f} s, {bncore.get_num_threads()} threads. {gpu_line}", file=out)
+          f"{seconds:.1f} s, {bncore.get_num_threads()} threads. {gpu_line}{serial}", file=out)
     print("PASS" if not failed else "FAIL", file=out)

@@ -133,6 +133,18 @@ def test_check_reports_a_crash_as_a_failure_not_a_traceback(monkeypatch, capsys)
     assert "raised RuntimeError: boom" in capsys.readouterr().out
 
 
+def test_a_build_without_openmp_says_its_threads_rows_checked_nothing(monkeypatch, capsys):
+    """Found by review: without OpenMP the threads rows passed having compared
+    one thread with itself, and the table did not say so."""
+    import bncore
+
+    selfcheck.main_check(["found_inf"], samples=1, fd_samples=0, progress=False, gpu="off")
+    assert "without OpenMP" not in capsys.readouterr().out or not bncore.build_info()["openmp"]
+    monkeypatch.setattr(bncore, "build_info", lambda: {"openmp": False})
+    selfcheck.main_check(["found_inf"], samples=1, fd_samples=0, progress=False, gpu="off")
+    assert "Built without OpenMP" in capsys.readouterr().out
+
+
 def test_default_check_runs_green():
     """The README's first command (one seed; the full default sample)."""
     code = selfcheck.main_check(progress=False, gpu="off")
