@@ -44,11 +44,12 @@ class GradcheckSetupError(ValueError):
 
 
 #: rounding noise of f's values in a finite difference, per unit of |f| (a few
-#: float64 roundings in f, with room: 32 u)
-NOISE = 32 * float(np.finfo(np.float64).eps)
-#: a finite difference whose own error estimate is above this fraction of the
-#: largest value a check compares cannot check anything: the check fails
-#: (unresolved) rather than pass on a tolerance that large
+#: float64 roundings in f: 8 u)
+NOISE = 8 * float(np.finfo(np.float64).eps)
+#: finite differences at steps h and 2h that disagree by more than this
+#: fraction of the largest value compared for their input (plus atol) cannot
+#: check anything: the check fails (unresolved) rather than pass on a
+#: tolerance that large
 RESOLUTION = 1e-3
 
 
@@ -70,9 +71,10 @@ class GradcheckReport:
     details: List[str] = field(default_factory=list)
     #: the worst |analytic - numeric| / tolerance
     ratio: float = 0.0
-    #: comparisons whose finite difference could not resolve the gradient (its
-    #: own error estimate above RESOLUTION of the check's largest value): the
-    #: verdict is ratio <= 1 and none unresolved
+    #: comparisons whose finite differences could not resolve the gradient
+    #: (steps h and 2h disagreeing by more than RESOLUTION of the largest value
+    #: compared for that input, plus atol): the verdict is ratio <= 1 and none
+    #: unresolved
     unresolved: int = 0
 
     def __bool__(self) -> bool:
@@ -96,10 +98,11 @@ class GradcheckReport:
                 f"{self.analytic:.10g} vs numeric {self.numeric:.10g} "
                 f"(rtol={self.rtol:g}, atol={self.atol:g}; error / tolerance {self.ratio:.3g})")
         if self.unresolved:
-            text += (f"; {self.unresolved} comparisons unresolved: the finite differences' own "
-                     f"error (rounding of f, truncation) exceeds {RESOLUTION:g} of the largest "
-                     f"value compared, so they cannot check the gradient; choose another h (or "
-                     f"scales: the size over which f varies)")
+            text += (f"; {self.unresolved} comparisons unresolved: the finite differences at "
+                     f"steps h and 2h disagree by more than {RESOLUTION:g} of the largest value "
+                     f"compared for their input (rounding of f, truncation), so they cannot "
+                     f"check the gradient; choose another h (or scales: the size over which f "
+                     f"varies; or an atol, where the gradient is 0)")
         return text
 
     __str__ = summary
@@ -229,15 +232,22 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
                 raise ValueError(f"vjp's gradient {i} has shape {g.shape}, expected {xs[i].shape}")
         return grads
 
-    def displaced(steps):
-        """Copies of the inputs moved by +steps and -steps, and the
-        displacements actually taken ((x + s) - (x - s), as rounded)."""
-        plus = [x.copy() for x in xs]
-        minus = [x.copy() for x in xs]
-        for st, i in zip(steps, wrt):
-            plus[i] += st
-            minus[i] -= st
-        return plus, minus, [plus[i] - minus[i] for i in wrt]
+    def exact_steps(x: np.ndarray, s: np.ndarray) -> np.ndarray:
+        """s rounded to a multiple of twice the spacing of the floats around
+        x +- 2s: then x +- s and x +- 2s are exact, the displacements taken
+        are exactly 2s and 4s, and the two differences of a direction lie
+        along exactly the same vector (a rounding of x +- s passed for
+        truncation error otherwise)."""
+        q = 2.0 * np.spacing(np.abs(x) + 2.0 * np.abs(s))
+        return np.round(s / q) * q
+
+    def norm2(v) -> float:
+        """The 2-norm, scaled first (no overflow of the squares)."""
+        v = np.abs(np.asarray(v, dtype=np.float64)).reshape(-1)
+        m = float(v.max(initial=0.0))
+        if m == 0.0 or not np.isfinite(m):
+            return m
+        return m * float(np.sqrt(np.sum((v / m) ** 2)))
 
     y0 = evaluate(xs)
     # nothing to compare would make a report that passes whatever the gradient
@@ -245,22 +255,33 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
         raise GradcheckSetupError("f returned no values: nothing to check, every check would pass")
     empty = [i for i in wrt if xs[i].size == 0]
     if len(empty) == len(wrt):
-        raise GradcheckSetupError(f"the inputs to differentiate ({', '.join(map(str, wrt))}) are "
-                         f"empty: nothing to check, every check would pass")
+        raise GradcheckSetupError(f"the inputs to differentiate ({', '.join(map(str, wrt))}) "
+                                  f"are empty: nothing to check, every check would pass")
     worst = dict(ratio=-1.0, input=None, index=None, a=0.0, n=0.0)
-    stats = dict(abs=0.0, rel=0.0, checks=0, scale=0.0)
-    fd_errors: List[float] = []
+    stats = dict(abs=0.0, rel=0.0, checks=0)
+    # per input: the largest value compared, and the finite differences' own
+    # error estimates (resolution is judged input by input: a gradient small
+    # beside another input's is not resolved by the other's size)
+    largest = {i: 0.0 for i in wrt}
+    fd_errors = {i: [] for i in wrt}
 
-    def record(a_val, n_val, scale, noise, input_idx, index):
+    def record(a_val, n_val, scale, fd_err, input_idx, index, spread=None):
+        """One comparison; fd_err, the finite difference's estimated error, joins
+        the tolerance; spread, its measured part (the distance between the
+        steps h and 2h; fd_err when not given), decides resolution."""
         err = abs(a_val - n_val)
-        tol = atol + rtol * scale + noise
+        tol = atol + rtol * scale + fd_err
         for v in (scale, abs(n_val)):       # (an analytic NaN leaves the numeric side)
             if np.isfinite(v):
-                stats["scale"] = max(stats["scale"], v)
-        fd_errors.append(noise)
+                largest[input_idx] = max(largest[input_idx], v)
+        fd_errors[input_idx].append(fd_err if spread is None else spread)
         if not (np.isfinite(a_val) and np.isfinite(n_val)):
             ratio = float("inf")
             err = float("nan") if (a_val != a_val or n_val != n_val) else float("inf")
+        elif not np.isfinite(tol):
+            # an overflowing scale or noise must not make a tolerance that
+            # passes anything (a wrong entry of 1e200 overflowed its own norm)
+            ratio = float("inf")
         else:
             # atol = 0 and both values 0 (a constant function): no error, no tolerance
             ratio = err / tol if tol > 0 else (0.0 if err == 0 else float("inf"))
@@ -288,60 +309,77 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
         moved = [j for j, i in enumerate(wrt) if xs[i].size]
         for k in range(max(n_directions, len(moved))):
             slot = moved[k % len(moved)]
+            i = wrt[slot]
             u = rng.standard_normal(y0.size)
             grads = analytic(u)
-            ds = [rng.standard_normal(xs[i].shape) * sc if j == slot else np.zeros(xs[i].shape)
-                  for j, (i, sc) in enumerate(zip(wrt, scales))]
-            # directional derivative of <u, f> along d, at steps h and 2h: each
-            # side over the displacement actually taken
+            step = exact_steps(xs[i], h * rng.standard_normal(xs[i].shape) * scales[slot])
+            if not np.any(step):
+                # every element too large for its step: nothing moved, nothing
+                # checked (unresolved, not a pass of 0 against 0)
+                record(0.0, 0.0, 0.0, float("inf"), i, None)
+                continue
+            # directional derivative of <u, f> along the displacement 2 step,
+            # and along twice it: 2h * d, 4h * d for d = step / h
             results = []
-            for step in (h, 2.0 * h):
-                plus, minus, taken = displaced([step * d for d in ds])
+            for mult in (1.0, 2.0):
+                plus = [x.copy() for x in xs]
+                minus = [x.copy() for x in xs]
+                plus[i] += mult * step
+                minus[i] -= mult * step
                 fp, fm = evaluate(plus), evaluate(minus)
-                numeric = float(u @ fp - u @ fm) / (2.0 * step)
-                terms = [g * t for g, t in zip(grads, taken)]
-                a_val = float(sum(np.sum(t) for t in terms)) / (2.0 * step)
-                norm = float(np.sqrt(sum(np.sum(t * t) for t in terms))) / (2.0 * step)
+                numeric = float(u @ (fp - fm)) / (2.0 * mult * h)
                 # <u, e> for f's rounding errors e (each within accuracy |f|)
-                # has, over the random u, a standard deviation of |e|_2: four of it
-                noise = (4.0 * accuracy[slot] * float(np.linalg.norm(fp) + np.linalg.norm(fm))
-                         / (2.0 * step))
-                results.append((numeric, a_val, norm, noise))
-            (numeric, a_val, norm, noise), (numeric2, _, _, noise2) = results
-            # the truncation error of the step-h difference is a third of its
-            # distance from the step-2h one (central differences err as h^2)
-            trunc = abs(numeric - numeric2) if np.isfinite(numeric - numeric2) else 0.0
-            scale = max(norm, abs(numeric), abs(a_val)) if np.isfinite(a_val) else norm
-            record(a_val, numeric, scale, noise + noise2 + trunc, wrt[slot], None)
+                # has, over the random u, a standard deviation of |e|_2: four
+                # of it; none where f did not change at all
+                noise = (0.0 if np.array_equal(fp, fm) else
+                         4.0 * accuracy[slot] * (norm2(fp) + norm2(fm)) / (2.0 * mult * h))
+                results.append((numeric, noise))
+            (numeric, noise), (numeric2, noise2) = results
+            terms = grads[slot] * step / h
+            a_val = float(np.sum(terms))
+            # the step-h difference's truncation error is a third of its
+            # distance from the step-2h one (central differences err as h^2);
+            # the whole distance is taken (it also carries the noise)
+            trunc = abs(numeric - numeric2)
+            trunc = trunc if np.isfinite(trunc) else float("inf")
+            scale = max(norm2(terms), finite_max([numeric, a_val]))
+            record(a_val, numeric, scale, noise + noise2 + trunc, i, None, spread=trunc)
     else:
         total = sum(xs[i].size for i in wrt)
         if total > max_full_size or y0.size > max_full_size:
             raise GradcheckSetupError(f"full Jacobian of {y0.size} x {total} entries exceeds "
-                             f"max_full_size={max_full_size}; use mode='random'")
+                                      f"max_full_size={max_full_size}; use mode='random'")
         rows = [analytic(e) for e in np.eye(y0.size)]
         for slot, (i, sc) in enumerate(zip(wrt, scales)):
-            steps = np.broadcast_to(h * np.asarray(sc, dtype=np.float64), xs[i].shape)
+            steps = exact_steps(xs[i], np.broadcast_to(h * np.asarray(sc, dtype=np.float64),
+                                                       xs[i].shape))
             for flat in range(xs[i].size):
+                s = float(steps.reshape(-1)[flat])
+                if s == 0.0:
+                    # an element too large for its step: unresolved, not skipped
+                    index = (0,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
+                    record(0.0, 0.0, 0.0, float("inf"), i, index)
+                    continue
                 cols = []
                 for mult in (1.0, 2.0):     # steps s and 2s, as in random mode
                     plus = [x.copy() for x in xs]
                     minus = [x.copy() for x in xs]
-                    s = mult * float(steps.reshape(-1)[flat])
-                    plus[i].reshape(-1)[flat] += s
-                    minus[i].reshape(-1)[flat] -= s
-                    taken = float(plus[i].reshape(-1)[flat] - minus[i].reshape(-1)[flat])
+                    plus[i].reshape(-1)[flat] += mult * s
+                    minus[i].reshape(-1)[flat] -= mult * s
                     fp, fm = evaluate(plus), evaluate(minus)
-                    cols.append(((fp - fm) / taken,
-                                 accuracy[slot] * (np.abs(fp) + np.abs(fm)) / taken))
+                    noise = accuracy[slot] * (np.abs(fp) + np.abs(fm)) / (2.0 * mult * s)
+                    cols.append(((fp - fm) / (2.0 * mult * s), np.where(fp == fm, 0.0, noise)))
                 (col, noise), (col2, noise2) = cols
                 with np.errstate(invalid="ignore"):
                     trunc = np.abs(col - col2)
-                fd_err = noise + noise2 + np.where(np.isfinite(trunc), trunc, 0.0)
+                trunc = np.where(np.isfinite(trunc), trunc, np.inf)
+                fd_err = noise + noise2 + trunc
                 ana = np.array([rows[r][slot].reshape(-1)[flat] for r in range(y0.size)])
                 scale = max(finite_max(col), finite_max(ana))
                 for r in range(y0.size):
                     index = (r,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
-                    record(float(ana[r]), float(col[r]), scale, float(fd_err[r]), i, index)
+                    record(float(ana[r]), float(col[r]), scale, float(fd_err[r]), i, index,
+                           spread=float(trunc[r]))
         # vjp is linear in its cotangent: vjp(u) against the unit cotangents'
         # rows (themselves checked above against the differences)
         for _ in range(2):
@@ -356,7 +394,13 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
                     index = (None,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
                     record(float(got[flat]), float(want[flat]), scale,
                            NOISE * scale, i, index)
-    unresolved = sum(e > RESOLUTION * stats["scale"] for e in fd_errors if np.isfinite(e))
+    # a comparison whose finite differences at h and 2h differ by more than
+    # RESOLUTION of its input's largest value (plus atol: the way to check
+    # gradients that are 0) cannot check anything (noise or truncation that
+    # large); an infinite one never can. The modelled noise only widens the
+    # tolerance: an upper bound, it would call resolved differences unresolved
+    unresolved = sum(not (e <= RESOLUTION * largest[i] + atol)
+                     for i in wrt for e in fd_errors[i])
     return GradcheckReport(
         ok=bool(worst["ratio"] <= 1.0 and not unresolved), mode=mode,
         max_abs_error=stats["abs"],

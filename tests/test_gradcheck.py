@@ -120,3 +120,62 @@ def test_float64_tolerance_stays_bounded_for_a_channel_of_one_value():
     case = R.make_bn_forward_case(p)
     assert case.arrays["x"].shape[0] == 1
     assert R._data_tolerance(case) <= 1e-7
+
+
+# ---------------------------------------------------------------- second review (same session)
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bug", ["tenfold", "zero"])
+def test_a_small_gradient_beside_a_large_one_is_judged_on_its_own(mode, bug):
+    """f = 1e8 + 1e4 a + 0.1 b: b's differences carry noise larger than its
+    gradient; judged against a's size they counted as resolved, and that noise
+    became b's tolerance (a wrong d/db passed)."""
+    f = lambda a, b: 1e8 + 1e4 * a + 0.1 * b                     # noqa: E731
+    wrong = {"tenfold": 1.0, "zero": 0.0}[bug]
+    vjp = lambda u, a, b: [1e4 * u, wrong * u]                    # noqa: E731
+    x = [np.random.default_rng(6).standard_normal(5) for _ in range(2)]
+    assert not bncore.gradcheck(f, x, vjp, mode=mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_overflowing_values_do_not_make_a_tolerance_that_passes_anything(mode):
+    """f = 1e160 x: |f|'s norm overflowed to inf, and so did the tolerance."""
+    x = [np.random.default_rng(7).standard_normal(4)]
+    f = lambda x: 1e160 * x                                       # noqa: E731
+    assert bncore.gradcheck(f, x, lambda u, x: [1e160 * u], mode=mode)
+    assert not bncore.gradcheck(f, x, lambda u, x: [0 * u], mode=mode)
+    assert not bncore.gradcheck(f, x, lambda u, x: [-1e160 * u], mode=mode)
+
+
+def test_a_wrong_entry_cannot_overflow_its_own_tolerance():
+    """One garbage entry of 1e200 overflowed the 2-norm of <vjp(u), v>'s terms,
+    which made the scale, and the tolerance, infinite."""
+    x = [np.random.default_rng(8).standard_normal(6)]
+
+    def vjp(u, x):
+        g = np.cos(x) * u
+        g[2] = 1e200
+        return [g]
+    assert not bncore.gradcheck(np.sin, x, vjp)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_offset_data_with_the_spread_as_scale_resolves(mode):
+    """x ~ 1e8 + N(0, 1) with scales=[1] (as the docstring advises): the
+    rounding of x +- s came back as fake truncation (random mode, unresolved);
+    the steps are now exact multiples of the spacing of x."""
+    x = [1e8 + np.random.default_rng(9).standard_normal(50)]
+    A = np.random.default_rng(10).standard_normal((3, 50))
+    # (f removes the offset, as batch norm does: its values are O(1))
+    report = bncore.gradcheck(lambda x: A @ (x - 1e8), x, lambda u, x: [A.T @ u], mode=mode,
+                              scales=[1.0])
+    assert report, report.summary()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_right_gradient_at_a_stationary_point_passes(mode):
+    """At 0, 1 + sum x^2 has gradient 0: nothing to be relative to (it failed
+    as unresolved whatever the settings)."""
+    x = [np.zeros(4)]
+    assert bncore.gradcheck(lambda x: 1.0 + x * x, x, lambda u, x: [2 * x * u], mode=mode)
+    assert bncore.gradcheck(np.cos, x, lambda u, x: [-np.sin(x) * u], mode=mode, atol=1e-9)
