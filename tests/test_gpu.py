@@ -838,6 +838,30 @@ def test_gpu_parameter_appended_to_a_group_starts_fresh():
     assert float(gpu.state[0]["step"]) == 5 and float(gpu.state[1]["step"]) == 2
 
 
+def test_gpu_parameter_taken_out_and_put_back_resumes_its_step_count():
+    """Found by review: the removed parameter's state held the group's shared
+    device counter, which went on counting while it was out (its bias
+    correction came back at step 5 where the CPU and torch have 2)."""
+    ps = [np.ones(3), np.ones(3) * 2.0]
+    gs = [np.full(3, 0.5), np.full(3, -0.25)]
+    cpu = bncore.optim.Adam([p.copy() for p in ps], lr=0.1)
+    gpu = bncore_gpu.optim.Adam([cupy.asarray(p) for p in ps], lr=0.1)
+    cpu.step(gs)
+    gpu.step([cupy.asarray(g) for g in gs])
+    out = [o.param_groups[0]["params"].pop(1) for o in (cpu, gpu)]
+    for _ in range(3):
+        cpu.step(gs[:1])
+        gpu.step([cupy.asarray(gs[0])])
+    cpu.param_groups[0]["params"].append(out[0])
+    gpu.param_groups[0]["params"].append(out[1])
+    cpu.step(gs)
+    gpu.step([cupy.asarray(g) for g in gs])
+    assert float(gpu.state[1]["step"]) == cpu.state[1]["step"] == 2
+    assert float(gpu.state[0]["step"]) == cpu.state[0]["step"] == 5
+    for c, g in zip(cpu.param_groups[0]["params"], gpu.param_groups[0]["params"]):
+        np.testing.assert_allclose(cupy.asnumpy(g), c, rtol=1e-15, atol=0)
+
+
 def test_gpu_validation_cache_keeps_no_gradients_alive():
     import gc
     import weakref

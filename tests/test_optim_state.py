@@ -222,6 +222,21 @@ def test_group_keys_that_are_not_hyperparameters_travel_with_the_group(tmp_path)
     back.step(arrays(2, seed=1, dtype=np.float32))
 
 
+@pytest.mark.parametrize("key,text", [("learning_rate", "calls it 'lr'"),
+                                      ("momentun", "did you mean 'momentum'"),
+                                      ("betas", "another optimizer's")])
+def test_a_group_key_that_looks_like_a_mistake_is_refused(key, text):
+    """Found by review: with extra keys allowed, Keras's learning_rate or a
+    misspelt momentum were silently ignored; keys of the caller's own pass."""
+    with pytest.raises(ValueError, match=text):
+        optim.SGD([{"params": arrays(1), key: 0.5}], lr=0.1)
+    opt = optim.SGD(arrays(1), lr=0.1)
+    opt.param_groups[0][key] = 0.5
+    with pytest.raises(ValueError, match=text):
+        opt.step(arrays(1, seed=1))
+    optim.SGD([{"params": arrays(1), "initial_lr": 0.1, "name": "x"}], lr=0.1).step(arrays(1))
+
+
 def test_a_hyperparameter_deleted_from_a_group_is_named():
     opt = optim.SGD(arrays(1), lr=0.1)
     del opt.param_groups[0]["lr"]

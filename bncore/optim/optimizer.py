@@ -13,6 +13,7 @@ changes nothing: parameters, state and step counts stay as they were.
 from __future__ import annotations
 
 import copy
+import difflib
 import operator
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,6 +34,28 @@ _FLAGS = ("nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay
           "eps_inside_sqrt", "onnx_update_count")
 
 __all__ = ["Optimizer"]
+
+
+# other frameworks' names for bncore's hyperparameters
+_FOREIGN_NAMES = {"learning_rate": "lr", "beta_1": "betas", "beta_2": "betas",
+                  "epsilon": "eps", "rho": "alpha", "decay": "weight_decay or lr_decay",
+                  "initial_accumulator": "initial_accumulator_value"}
+
+
+def _meant(key: str, known) -> str:
+    """What a group key that this class does not use most likely meant, or ""
+    for a key of the caller's own (initial_lr, name): another framework's
+    name for a hyperparameter, another bncore optimizer's hyperparameter, or a
+    misspelling of one of this class's."""
+    if key in _FOREIGN_NAMES:
+        return f"bncore calls it {_FOREIGN_NAMES[key]!r}"
+    from bncore.conventions import OPTIMIZERS
+
+    others = {k for table in OPTIMIZERS.values() for preset in table.values() for k in preset}
+    if key in others:
+        return "it is another optimizer's hyperparameter"
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.8)
+    return f"did you mean {close[0]!r}?" if close else ""
 
 
 def _as_param(name: str, p) -> np.ndarray:
@@ -133,10 +156,17 @@ class Optimizer:
     def _check_group(self, index: int, group: Dict[str, Any]) -> None:
         """The on/off hyperparameters and _check_hyper, with the group's index in
         the message when there are several."""
+        where = f"param_groups[{index}]" if len(self.param_groups) > 1 else "the parameter group"
         missing = [k for k in self.defaults if k not in group]
         if missing:
-            where = f"param_groups[{index}]" if len(self.param_groups) > 1 else "the parameter group"
             raise ValueError(f"{where} lacks hyperparameters {missing} (deleted from the group?)")
+        for key in group:
+            if key != "params" and key not in self.defaults:
+                meant = _meant(key, self.defaults)
+                if meant:
+                    raise ValueError(f"{where} has {key!r}, which {type(self).__name__} does not "
+                                     f"use: {meant} (keys that are no optimizer's "
+                                     f"hyperparameter, such as initial_lr, are kept)")
         try:
             for name in _FLAGS:
                 if name in group:
@@ -179,7 +209,7 @@ class Optimizer:
         # the array, so its id cannot be reused meanwhile
         for i, p in enumerate(old):
             if id(p) not in now and i in self.state:
-                self._removed_state[id(p)] = (p, self.state[i])
+                self._removed_state[id(p)] = (p, self._retired(self.state[i]))
         state = {}
         for j, p in enumerate(flat):
             if id(p) in where:
@@ -190,6 +220,12 @@ class Optimizer:
         self.state = state
         self._state_params = flat
         return flat
+
+    def _retired(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """A removed parameter's state, kept for its return: as it is (the GPU
+        classes copy the step counter, which the group's other parameters go
+        on moving)."""
+        return state
 
     def _gather_all(self, params, grads, calls) -> None:
         """Check every parameter against its gradient (shape, dtype, aliasing,

@@ -44,6 +44,14 @@ class _OnDevice:
         arr = a if type(a) is cupy.ndarray else chk.as_array(name, a)
         return arr.data.ptr, arr.nbytes
 
+    def _retired(self, state):
+        # the counter is shared with the group's other parameters, which go on
+        # stepping: a removed parameter keeps a copy of its count
+        state = dict(state)
+        if _ops.is_device(state["step"]):
+            state["step"] = state["step"].copy()
+        return state
+
     def _load_step(self, v):
         return int(v)                  # a host count; _after_load makes the counters
 
