@@ -109,3 +109,27 @@ def test_gpu_matches_oracle_and_cpu(spec, gpu_backend, data):
     gpu = spec.call(gpu_backend, case, None)
     for key, (err, tol) in registry.errors_between_backends(spec, case, cpu, gpu).items():
         assert err <= tol, f"{spec.name}.{key}: GPU vs CPU {err:.3e} for {case.describe()}"
+
+
+@pytest.mark.parametrize("name", ["batch_norm_forward", "batch_norm_backward"])
+def test_the_registry_checks_what_lands_in_out(name):
+    """Found by review: no registry call passed out=, so a kernel that ignored
+    it passed every row. A backend that drops out= now fails some draws."""
+    real = getattr(bncore, name)
+
+    def ignoring_out(*a, out=None, **k):
+        return real(*a, **k)
+
+    class Mod:
+        def __getattr__(self, attr):
+            return ignoring_out if attr == name else getattr(bncore, attr)
+
+    broken = registry.Backend("cpu", Mod(), lambda a: a, np.asarray)
+    spec, rng, caught = REGISTRY[name], np.random.default_rng(0), 0
+    for _ in range(12):
+        case = spec.make_case(registry.sample_params(spec, rng, dict(spec.space, dtype=("float64",))))
+        with np.errstate(all="ignore"):
+            errs = errors_against_oracle(spec, broken, case)
+        caught += any(not err <= tol for err, tol in errs.values())
+        assert all(err <= tol for err, tol in errors_against_oracle(spec, CPU, case).values())
+    assert caught >= 2
