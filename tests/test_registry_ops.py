@@ -133,3 +133,28 @@ def test_the_registry_checks_what_lands_in_out(name):
         caught += any(not err <= tol for err, tol in errs.values())
         assert all(err <= tol for err, tol in errors_against_oracle(spec, CPU, case).values())
     assert caught >= 2
+
+
+@pytest.mark.parametrize("name", ["sgd_step", "adam_step", "rmsprop_step", "adagrad_step"])
+def test_the_registry_checks_that_found_inf_skips_a_step(name):
+    """Found by review: no registry call passed found_inf, so an update that
+    ignored it passed bncore check. A backend that drops found_inf (and so
+    takes the step, on gradients with an Inf) now fails some draws."""
+    real = getattr(bncore, name)
+
+    def ignoring_found_inf(*a, found_inf=None, **k):
+        return real(*a, **k)
+
+    class Mod:
+        def __getattr__(self, attr):
+            return ignoring_found_inf if attr == name else getattr(bncore, attr)
+
+    broken = registry.Backend("cpu", Mod(), lambda a: a, np.asarray)
+    spec, rng, caught = REGISTRY[name], np.random.default_rng(0), 0
+    for _ in range(12):
+        case = spec.make_case(registry.sample_params(spec, rng, dict(spec.space, steps=(3,))))
+        with np.errstate(all="ignore"):
+            errs = errors_against_oracle(spec, broken, case)
+        caught += any(not err <= tol for err, tol in errs.values())
+        assert all(err <= tol for err, tol in errors_against_oracle(spec, CPU, case).values())
+    assert caught >= 2

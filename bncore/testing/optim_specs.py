@@ -78,6 +78,23 @@ def _copy_lists(backend: Backend, case: Case):
     return params, state
 
 
+def _step_calls(backend: Backend, case: Case, k: int):
+    """The (gradients, found_inf) of the calls that make step k: one, and on
+    half the multi-step draws a call before step 1 with an Inf in the
+    gradients and found_inf=True, which must change nothing (the AMP skip;
+    the oracle does not see it)."""
+    g = [backend.to_device(a) for a in case.arrays["grads"][k]]
+    if k != 1 or int(case.params["seed"]) % 2 == 0:
+        return [(g, None)]
+    bad = []
+    for a in case.arrays["grads"][k]:
+        b = a.copy()
+        if b.size:
+            b.reshape(-1)[b.size // 2] = np.inf
+        bad.append(backend.to_device(b))
+    return [(bad, True), (g, None)]
+
+
 def _collect(backend: Backend, params, state, names) -> Arrays:
     out = {"params": np.concatenate([backend.to_host(a).astype(np.float64).reshape(-1)
                                      for a in params])}
@@ -122,10 +139,11 @@ def _sgd_kwargs(case: Case, k: int) -> dict:
 
 def _sgd_call(backend: Backend, case: Case, num_threads) -> Arrays:
     params, state = _copy_lists(backend, case)
-    for k, grads in enumerate(case.arrays["grads"]):
-        g = [backend.to_device(a) for a in grads]
-        backend.module.sgd_step(params, g, state[0], grad_scale=case.params["grad_scale"],
-                                num_threads=num_threads, **_sgd_kwargs(case, k))
+    for k in range(len(case.arrays["grads"])):
+        for g, skip in _step_calls(backend, case, k):
+            backend.module.sgd_step(params, g, state[0], grad_scale=case.params["grad_scale"],
+                                    found_inf=skip, num_threads=num_threads,
+                                    **_sgd_kwargs(case, k))
     out = _collect(backend, params, state if _sgd_keeps_buffers(case) else [],
                    ["momentum_buffers"])
     return out
@@ -172,12 +190,12 @@ def _adam_kwargs(case: Case, k: int) -> dict:
 
 def _adam_call(backend: Backend, case: Case, num_threads) -> Arrays:
     params, state = _copy_lists(backend, case)
-    for k, grads in enumerate(case.arrays["grads"]):
-        g = [backend.to_device(a) for a in grads]
+    for k in range(len(case.arrays["grads"])):
         kw = _adam_kwargs(case, k)
-        backend.module.adam_step(params, g, state[0], state[1], max_exp_avg_sqs=state[2],
-                                 grad_scale=case.params["grad_scale"], num_threads=num_threads,
-                                 **kw)
+        for g, skip in _step_calls(backend, case, k):
+            backend.module.adam_step(params, g, state[0], state[1], max_exp_avg_sqs=state[2],
+                                     grad_scale=case.params["grad_scale"], found_inf=skip,
+                                     num_threads=num_threads, **kw)
     names = ["exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"]
     return _collect(backend, params, state if case.params["amsgrad"] else state[:2], names)
 
@@ -213,12 +231,12 @@ def _rmsprop_kwargs(case: Case, k: int) -> dict:
 
 def _rmsprop_call(backend: Backend, case: Case, num_threads) -> Arrays:
     params, state = _copy_lists(backend, case)
-    for k, grads in enumerate(case.arrays["grads"]):
-        g = [backend.to_device(a) for a in grads]
-        backend.module.rmsprop_step(params, g, state[0], grad_avgs=state[1],
-                                    momentum_buffers=state[2],
-                                    grad_scale=case.params["grad_scale"], num_threads=num_threads,
-                                    **_rmsprop_kwargs(case, k))
+    for k in range(len(case.arrays["grads"])):
+        for g, skip in _step_calls(backend, case, k):
+            backend.module.rmsprop_step(params, g, state[0], grad_avgs=state[1],
+                                        momentum_buffers=state[2],
+                                        grad_scale=case.params["grad_scale"], found_inf=skip,
+                                        num_threads=num_threads, **_rmsprop_kwargs(case, k))
     names, lists = ["square_avgs"], [state[0]]
     if case.params["centered"]:
         names.append("grad_avgs")
@@ -262,10 +280,11 @@ def _adagrad_kwargs(case: Case, k: int) -> dict:
 
 def _adagrad_call(backend: Backend, case: Case, num_threads) -> Arrays:
     params, state = _copy_lists(backend, case)
-    for k, grads in enumerate(case.arrays["grads"]):
-        g = [backend.to_device(a) for a in grads]
-        backend.module.adagrad_step(params, g, state[0], grad_scale=case.params["grad_scale"],
-                                    num_threads=num_threads, **_adagrad_kwargs(case, k))
+    for k in range(len(case.arrays["grads"])):
+        for g, skip in _step_calls(backend, case, k):
+            backend.module.adagrad_step(params, g, state[0], grad_scale=case.params["grad_scale"],
+                                        found_inf=skip, num_threads=num_threads,
+                                        **_adagrad_kwargs(case, k))
     return _collect(backend, params, state, ["state_sums"])
 
 
