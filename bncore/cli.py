@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 import textwrap
@@ -239,6 +240,13 @@ def cmd_gradcheck(args) -> int:
         if not sum(np.size(a) for a in inputs):
             return _usage_error("gradcheck", "the inputs are empty: nothing to check "
                                              "(a check of nothing would pass)")
+        try:
+            inspect.signature(f).bind(*inputs)
+        except TypeError as exc:
+            return _usage_error("gradcheck", f"{args.function} cannot take the {len(inputs)} "
+                                             f"inputs given ({exc})")
+        except ValueError:
+            pass                            # (no signature to inspect: a builtin, a ufunc)
         try:
             report = gradcheck(f, inputs, vjp, mode=args.mode, seed=args.seed, **user)
         except GradcheckSetupError as exc:

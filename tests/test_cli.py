@@ -316,7 +316,8 @@ def test_gradcheck_cli_inputs_and_usage_errors(tmp_path):
                        (("--shape", "3", "--rtol", "-1"), "--rtol"),
                        (("--shape", "3", "--directions", "0"), "--directions"),
                        # a check that cannot run is a usage error (2), not a failed one (1)
-                       (("--shape", "70,70", "--mode", "full"), "max_full_size")]:
+                       (("--shape", "70,70", "--mode", "full"), "max_full_size"),
+                       (("--shape", "3", "--shape", "2"), "cannot take the 2 inputs")]:
         out = run_cli("gradcheck", "sq:f", *args, cwd=tmp_path)
         assert out.returncode == 2 and text in out.stderr, out.stderr
         assert "Traceback" not in out.stderr
