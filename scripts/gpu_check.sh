@@ -79,7 +79,9 @@ fi
 export BNCORE_EXAMPLE_DATASET="$DATASET"
 echo "example dataset: $DATASET"
 
-limited 240 "GPU tests" $PY -m pytest -q -rs --maxfail=5 -p no:cacheprovider tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
+# (faulthandler: a kernel that hangs dumps the stacks before the step's time runs out)
+limited 240 "GPU tests" $PY -m pytest -q -rs --maxfail=5 -p no:cacheprovider \
+    -o faulthandler_timeout=100 tests/test_gpu.py tests/test_gpu_import.py tests/test_gpu_interop.py \
     tests/test_gpu_distributed.py tests/test_distributed.py \
     "tests/test_registry_ops.py::test_gpu_matches_oracle_and_cpu" \
     tests/test_example_cnn.py -k "gpu and not cluster" 2>&1 | tee "$OUT/tests.log" | tail -25
@@ -116,7 +118,7 @@ limited 90 "bncore check --gpu" $PY -m bncore.cli check --gpu --json "$SCRATCH/c
 grep -E " gpu |FAIL|checks on" "$OUT/check.log" | tail -40
 
 if [ -f examples/train_cnn.py ] && [ -z "${SKIP_EXAMPLE:-}" ]; then
-    echo "== example on the GPU"
+    echo "== example on the GPU (at ${SECONDS} s)"
     limited 120 "example" $PY examples/train_cnn.py --dataset "$DATASET" --device gpu --epochs 3 \
         --no-progress --compare-torch --compare-steps 20 \
         > "$OUT/example.log" 2>&1 || { status=1; echo "example FAILED"; }
@@ -125,7 +127,7 @@ fi
 
 echo "== GPU benchmark (at ${SECONDS} s)"
 limited 240 "GPU benchmark" $PY scripts/bench.py --gpu --json "$OUT/bench_gpu.json" > "$OUT/bench.txt" 2> "$OUT/bench.err" \
-    || { status=1; tail -30 "$OUT/bench.err"; }
+    || { status=1; echo "GPU benchmark FAILED"; tail -30 "$OUT/bench.err"; }
 
 echo "== host time per call (at ${SECONDS} s)"
 limited 90 "host profile" $PY scripts/gpu_host_profile.py --channels-last > "$OUT/host_profile.txt" 2>&1 \
@@ -135,7 +137,11 @@ echo
 echo "================ summary (${SECONDS} s) ================"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -2
 grep -E "passed|failed|error" "$OUT/tests_cluster.log" | tail -1 | sed 's/^/cluster kernels: /'
-grep -E "checks on|^PASS|^FAIL" "$OUT/check.log" 2>/dev/null | tail -2 | sed 's/^/bncore check --gpu: /'
+if grep -qE "checks on|^PASS|^FAIL" "$OUT/check.log" 2>/dev/null; then
+    grep -E "checks on|^PASS|^FAIL" "$OUT/check.log" | tail -2 | sed 's/^/bncore check --gpu: /'
+else        # it did not get as far as a verdict (an import error, a crash)
+    tail -3 "$OUT/check.log" 2>/dev/null | sed 's/^/bncore check --gpu (no verdict): /'
+fi
 grep -E "torch|steps" "$OUT/example.log" 2>/dev/null | tail -2 | sed 's/^/example: /'
 cat "$SCRATCH/skipped.log" 2>/dev/null
 # fallbacks taken (a cluster or cooperative launch refused) and the bench's own notes
@@ -143,5 +149,6 @@ grep -hE "RuntimeWarning|TIMED OUT|FAILED|^(3-kernel|3 kernels)[ ,]|native_batch
     "$OUT/bench.err" "$OUT/tests.log" 2>/dev/null | sort -u | head -12
 sed -n '/^host time per call/,$p' "$OUT/host_profile.txt"
 echo
+[ -s "$OUT/bench.txt" ] || echo "GPU benchmark: NO TABLE (see $OUT/bench.err)"
 cat "$OUT/bench.txt" 2>/dev/null
 exit $status
