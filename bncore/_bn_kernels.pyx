@@ -73,6 +73,8 @@ cdef extern from "_float_rows.h" nogil:
     enum: BNCORE_FLOAT_ROWS
     Py_ssize_t bncore_affine1_f32(const float* x, float* y, Py_ssize_t n, const double* mean,
                                   const double* scale, const double* shift)
+    void bncore_affine64_nt_f32(const float* x, float* y, const double* mean,
+                                const double* scale, const double* shift)
     Py_ssize_t bncore_dx1_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
                               const double* mean, const double* g, const double* a,
                               const double* k)
@@ -140,8 +142,12 @@ cdef enum:
                                  # common L3 sizes, so dx leaves the caches anyway
                                  # (at 8 MiB, (704000,3) got 25% slower). Measured
                                  # side by side on (32,64,56,56) float32, backward
-                                 # gained 5-15%; the forward passes did not (same
-                                 # or slower), so they store normally
+                                 # gained 5-15%. The forward's y streams only in the
+                                 # narrow schedule, straight from the registers
+                                 # (channels-last (32,64,56,56): eval 1.22-1.33x,
+                                 # forward-train 1.11-1.12x); through a buffer, and
+                                 # in the rows schedule (NCHW: eval 0.86-0.90x), it
+                                 # lost, so those store normally
     STREAM_MIN_RUN = 1024       # ... and only where each work item writes runs of
                                 # at least this many elements: short runs are
                                 # mostly partial lines, and streaming them made
@@ -883,8 +889,21 @@ cdef inline void _n64_dy_sums_runs(const uint16_t* dy, const uint16_t* x, Py_ssi
         _flat_dy_sums(<const double*>gbuf, <const double*>xbuf, total - n, e_mean, acc_a, acc_b)
 
 
+cdef bint _affine_stream_on = True
+
+
+def affine_stream(bint on):
+    """Turn the narrow schedule's non-temporal y stores on or off (side-by-side
+    benchmarks and tests; the same bits either way); returns the former setting."""
+    global _affine_stream_on
+    cdef bint was = _affine_stream_on
+    _affine_stream_on = on
+    return was
+
+
 cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const double* e_mean,
-                             const double* e_scale, const double* e_shift) noexcept nogil:
+                             const double* e_scale, const double* e_shift,
+                             bint stream=False) noexcept nogil:
     cdef double m[NARROW]
     cdef double sc[NARROW]
     cdef double sh[NARROW]
@@ -896,6 +915,10 @@ cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const doubl
         sh[j] = e_shift[j]
     if real is float:
         if BNCORE_FLOAT_ROWS and _float_rows_on:    # a super-row at a time, in order
+            if stream and _affine_stream_on and (<size_t>y) % 32 == 0:
+                for s in range(nsr):
+                    bncore_affine64_nt_f32(x + s * NARROW, y + s * NARROW, m, sc, sh)
+                return
             for s in range(nsr):
                 bncore_affine1_f32(x + s * NARROW, y + s * NARROW, NARROW, m, sc, sh)
             return
@@ -1584,7 +1607,7 @@ cdef inline void _affine_run(const real* xs, real* ys, Py_ssize_t n, Py_ssize_t 
     else:
         if p.narrow:
             off = n - n % NARROW
-            _n64_affine(xs, ys, off // NARROW, e_mean, e_scale, e_shift)
+            _n64_affine(xs, ys, off // NARROW, e_mean, e_scale, e_shift, p.stream)
             _flat_affine(xs + off, ys + off, n - off, e_mean, e_scale, e_shift)
         else:
             _affine_block(xs, ys, n, p.W, e_mean, e_scale, e_shift,
@@ -1640,11 +1663,15 @@ cdef void _affine(const real* x, real* y, const Plan* p, const double* mean,
     if nthreads == 1:
         for t in range(p.nitems):
             _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, stage, t)
+        if p.stream:
+            bncore_stream_fence()
         return
     with parallel(num_threads=nthreads):
         my_stage = stage + omp_get_thread_num() * _staged(x, p, 2, False)
         for t in prange(p.nitems, schedule='static'):
             _affine_item(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, my_stage, t)
+        if p.stream:
+            bncore_stream_fence()      # once per thread, for its own stores
 
 
 # --------------------------------------------------------------------------
@@ -2237,8 +2264,12 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
+    cdef Plan q
     if p.outer * p.inner > 0:
-        _affine(x, y, p, mean, scale, shift, e_mean, e_scale, e_shift, stage, nt)
+        # the narrow schedule streams y past the caches (_n64_affine)
+        q = _streaming(p, sizeof(real))
+        q.stream = q.stream and p.narrow
+        _affine(x, y, &q, mean, scale, shift, e_mean, e_scale, e_shift, stage, nt)
     free(buf)
     return 0
 

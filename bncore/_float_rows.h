@@ -93,6 +93,20 @@ static inline void bncore_dx4_cols(const float* dy, const float* x, float* dx, p
     }
 }
 
+/* one row of 64 elements written with non-temporal stores (y 32-byte aligned):
+ * the narrow schedule's super-rows of outputs past the caches, where a normal
+ * store would first read the line it writes (the same arithmetic as below) */
+static inline void bncore_affine64_nt_f32(const float* x, float* y, const double* mean,
+                                          const double* scale, const double* shift)
+{
+    for (ptrdiff_t j = 0; j < 64; j += 8) {
+        __m512d v = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)),
+                                  _mm512_loadu_pd(mean + j));
+        v = _mm512_fmadd_pd(v, _mm512_loadu_pd(scale + j), _mm512_loadu_pd(shift + j));
+        _mm256_stream_ps(y + j, _mm512_cvtpd_ps(v));
+    }
+}
+
 /* one row of n elements (the channel strips' rows, a block's last rows) */
 static inline ptrdiff_t bncore_affine1_f32(const float* x, float* y, ptrdiff_t n,
                                            const double* mean, const double* scale,
@@ -260,6 +274,11 @@ static inline void bncore_col_dy_sums_f32(const float* dy, const float* x, ptrdi
 #else
 #define BNCORE_FLOAT_ROWS 0
 
+static inline void bncore_affine64_nt_f32(const float* x, float* y, const double* mean,
+                                          const double* scale, const double* shift)
+{
+    (void)x; (void)y; (void)mean; (void)scale; (void)shift;
+}
 static inline ptrdiff_t bncore_affine1_f32(const float* x, float* y, ptrdiff_t n,
                                            const double* mean, const double* scale,
                                            const double* shift)

@@ -7,7 +7,8 @@ the bits (the tests hold each pair of paths together); this measures speed.
                                    [--dtype float32] [--threads 2] [--reps 8]
 
 Switches: float_rows (AVX-512 float32 loops, _float_rows.h), channel_strips,
-tile_groups, half_fast (float16 only). A shape ending in ":cl" is channels-last
+tile_groups, half_fast (float16 only), affine_stream (the narrow schedule's non-temporal y
+stores). A shape ending in ":cl" is channels-last
 memory seen with the NCHW shape (torch's channels_last). Prints a table of
 forward-train, forward-eval and backward in microseconds, off and on (best of
 the repetitions), and on's gain.
@@ -21,7 +22,7 @@ import bncore
 from bench import time_loop     # (bench puts this checkout first on sys.path)
 from bncore import _bn_kernels as kernels
 
-SWITCHES = ("float_rows", "channel_strips", "tile_groups", "half_fast")
+SWITCHES = ("float_rows", "channel_strips", "tile_groups", "half_fast", "affine_stream")
 DEFAULT_SHAPES = "256x1024,128x512,512x256,32x2048,1000x100,8192x1024,32x64x56x56:cl"
 MIN_TIME = 0.02       # seconds per timing, each setting in turn
 CALLS = ("forward-train", "forward-eval", "backward")

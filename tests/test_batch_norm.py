@@ -943,3 +943,31 @@ def test_float16_kernels_keep_ieee_specials_as_the_float64_path(layout):
             assert np.array_equal(got, want.astype(np.float16), equal_nan=True)
             if training:
                 assert np.isnan(y).any() and np.isfinite(y).any()
+
+
+@pytest.mark.skipif(not HAVE_FLOAT_ROWS, reason="this build has no AVX-512 float32 rows")
+@pytest.mark.parametrize("training", [True, False])
+def test_streamed_narrow_y_gives_the_stored_bits(training):
+    """The narrow schedule writes y from 16 MiB on with non-temporal stores
+    when y is 32-byte aligned (bncore._bn_kernels.affine_stream): the same
+    bits as normal stores, and as a misaligned out= (which stores normally)."""
+    rng = np.random.default_rng(11)
+    x = (rng.uniform(-1e3, 1e3, 64) + rng.standard_normal((65536, 64))).astype(np.float32)
+    w, b = rng.normal(1, 0.2, 64).astype(np.float32), rng.normal(0, 1, 64).astype(np.float32)
+    assert _k.plan_info(65536, 64, 1, 4)["stream_dx"]        # past the 16 MiB threshold
+    rm, rv = x.mean(axis=0).astype(np.float32), x.var(axis=0).astype(np.float32)
+    ys = []
+    for on in (True, False):
+        was = _k.affine_stream(on)
+        try:
+            ys.append(bncore.batch_norm_forward(x, w, b, rm.copy(), rv.copy(),
+                                                training=training, num_threads=2)[0])
+        finally:
+            _k.affine_stream(was)
+    raw = np.empty(x.size * 4 + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64 + 4                   # 4 bytes past a cache line
+    odd = raw[start:start + x.size * 4].view(np.float32).reshape(x.shape)
+    bncore.batch_norm_forward(x, w, b, rm.copy(), rv.copy(), training=training,
+                              num_threads=2, out=odd)
+    assert ys[0].ctypes.data % 32 == 0
+    assert ys[0].tobytes() == ys[1].tobytes() == odd.tobytes()
