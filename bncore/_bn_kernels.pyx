@@ -73,8 +73,9 @@ cdef extern from "_float_rows.h" nogil:
     enum: BNCORE_FLOAT_ROWS
     Py_ssize_t bncore_affine1_f32(const float* x, float* y, Py_ssize_t n, const double* mean,
                                   const double* scale, const double* shift)
-    void bncore_affine64_nt_f32(const float* x, float* y, const double* mean,
-                                const double* scale, const double* shift)
+    Py_ssize_t bncore_affine1_nt_f32(const float* x, float* y, Py_ssize_t n,
+                                     const double* mean, const double* scale,
+                                     const double* shift)
     Py_ssize_t bncore_dx1_f32(const float* dy, const float* x, float* dx, Py_ssize_t n,
                               const double* mean, const double* g, const double* a,
                               const double* k)
@@ -917,7 +918,7 @@ cdef inline void _n64_affine(const real* x, real* y, Py_ssize_t nsr, const doubl
         if BNCORE_FLOAT_ROWS and _float_rows_on:    # a super-row at a time, in order
             if stream and _affine_stream_on and (<size_t>y) % 32 == 0:
                 for s in range(nsr):
-                    bncore_affine64_nt_f32(x + s * NARROW, y + s * NARROW, m, sc, sh)
+                    bncore_affine1_nt_f32(x + s * NARROW, y + s * NARROW, NARROW, m, sc, sh)
                 return
             for s in range(nsr):
                 bncore_affine1_f32(x + s * NARROW, y + s * NARROW, NARROW, m, sc, sh)

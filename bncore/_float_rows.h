@@ -93,34 +93,28 @@ static inline void bncore_dx4_cols(const float* dy, const float* x, float* dx, p
     }
 }
 
-/* one row of 64 elements written with non-temporal stores (y 32-byte aligned):
- * the narrow schedule's super-rows of outputs past the caches, where a normal
- * store would first read the line it writes (the same arithmetic as below) */
-static inline void bncore_affine64_nt_f32(const float* x, float* y, const double* mean,
-                                          const double* scale, const double* shift)
-{
-    for (ptrdiff_t j = 0; j < 64; j += 8) {
-        __m512d v = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)),
-                                  _mm512_loadu_pd(mean + j));
-        v = _mm512_fmadd_pd(v, _mm512_loadu_pd(scale + j), _mm512_loadu_pd(shift + j));
-        _mm256_stream_ps(y + j, _mm512_cvtpd_ps(v));
-    }
+/* one row of n elements (the channel strips' rows, a block's last rows, the
+ * narrow schedule's 64-element super-rows), in two forms from one body: normal
+ * stores, and non-temporal ones (_nt: y 32-byte aligned; outputs past the
+ * caches, whose normal stores would first read each line they write; the
+ * caller fences) */
+#define BNCORE_STORE_PLAIN(p, v) _mm256_storeu_ps(p, v)
+#define BNCORE_STORE_NT(p, v) _mm256_stream_ps(p, v)
+#define BNCORE_AFFINE1(NAME, STORE)                                                         \
+static inline ptrdiff_t NAME(const float* x, float* y, ptrdiff_t n, const double* mean,    \
+                             const double* scale, const double* shift)                      \
+{                                                                                           \
+    ptrdiff_t j, end = n - n % 8;                                                           \
+    for (j = 0; j < end; j += 8) {                                                          \
+        __m512d v = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)),                 \
+                                  _mm512_loadu_pd(mean + j));                               \
+        v = _mm512_fmadd_pd(v, _mm512_loadu_pd(scale + j), _mm512_loadu_pd(shift + j));    \
+        STORE(y + j, _mm512_cvtpd_ps(v));                                                   \
+    }                                                                                       \
+    return end;                                                                             \
 }
-
-/* one row of n elements (the channel strips' rows, a block's last rows) */
-static inline ptrdiff_t bncore_affine1_f32(const float* x, float* y, ptrdiff_t n,
-                                           const double* mean, const double* scale,
-                                           const double* shift)
-{
-    ptrdiff_t j, end = n - n % 8;
-    for (j = 0; j < end; j += 8) {
-        __m512d v = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(x + j)),
-                                  _mm512_loadu_pd(mean + j));
-        v = _mm512_fmadd_pd(v, _mm512_loadu_pd(scale + j), _mm512_loadu_pd(shift + j));
-        _mm256_storeu_ps(y + j, _mm512_cvtpd_ps(v));
-    }
-    return end;
-}
+BNCORE_AFFINE1(bncore_affine1_f32, BNCORE_STORE_PLAIN)
+BNCORE_AFFINE1(bncore_affine1_nt_f32, BNCORE_STORE_NT)
 
 static inline ptrdiff_t bncore_dx1_f32(const float* dy, const float* x, float* dx,
                                        ptrdiff_t n, const double* mean, const double* g,
@@ -274,10 +268,12 @@ static inline void bncore_col_dy_sums_f32(const float* dy, const float* x, ptrdi
 #else
 #define BNCORE_FLOAT_ROWS 0
 
-static inline void bncore_affine64_nt_f32(const float* x, float* y, const double* mean,
-                                          const double* scale, const double* shift)
+static inline ptrdiff_t bncore_affine1_nt_f32(const float* x, float* y, ptrdiff_t n,
+                                              const double* mean, const double* scale,
+                                              const double* shift)
 {
-    (void)x; (void)y; (void)mean; (void)scale; (void)shift;
+    (void)x; (void)y; (void)n; (void)mean; (void)scale; (void)shift;
+    return 0;
 }
 static inline ptrdiff_t bncore_affine1_f32(const float* x, float* y, ptrdiff_t n,
                                            const double* mean, const double* scale,
