@@ -350,6 +350,8 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
             raise GradcheckSetupError(f"full Jacobian of {y0.size} x {total} entries exceeds "
                                       f"max_full_size={max_full_size}; use mode='random'")
         rows = [analytic(e) for e in np.eye(y0.size)]
+        # the analytic Jacobian of each input, (outputs, input elements)
+        jac = [np.stack([row[slot].reshape(-1) for row in rows]) for slot in range(len(wrt))]
         for slot, (i, sc) in enumerate(zip(wrt, scales)):
             steps = exact_steps(xs[i], np.broadcast_to(h * np.asarray(sc, dtype=np.float64),
                                                        xs[i].shape))
@@ -374,7 +376,7 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
                     trunc = np.abs(col - col2)
                 trunc = np.where(np.isfinite(trunc), trunc, np.inf)
                 fd_err = noise + noise2 + trunc
-                ana = np.array([rows[r][slot].reshape(-1)[flat] for r in range(y0.size)])
+                ana = jac[slot][:, flat]
                 scale = max(finite_max(col), finite_max(ana))
                 for r in range(y0.size):
                     index = (r,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
@@ -386,9 +388,8 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
             u = rng.standard_normal(y0.size)
             grads = analytic(u)
             for slot, i in enumerate(wrt):
-                J = np.stack([rows[r][slot].reshape(-1) for r in range(y0.size)])
-                want = u @ J
-                scale = float(np.max(np.abs(u) @ np.abs(J), initial=0.0))
+                want = u @ jac[slot]
+                scale = float(np.max(np.abs(u) @ np.abs(jac[slot]), initial=0.0))
                 got = grads[slot].reshape(-1)
                 for flat in range(xs[i].size):
                     index = (None,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))

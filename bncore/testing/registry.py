@@ -466,41 +466,35 @@ def _bn_backward_floor(case: Case, key: str) -> float:
 
 
 
-def _direction_scale(x: np.ndarray, axis: int, eps: float) -> float:
-    """The size of gradcheck's directions in x: the smallest scale over which a
-    channel's output varies, sqrt(var + eps) (its spread, not its offset; eps
-    where the channel is nearly constant: there a step of the spread's size
-    would be lost in y's own rounding, u |x| / sqrt(var + eps))."""
-    if not x.size:
-        return 1.0
-    red = tuple(i for i in range(x.ndim) if i != axis % x.ndim)
-    return float(np.min(np.sqrt(x.var(axis=red) + eps)))
+def _gradcheck_args(p: Params, case: "Case", settings) -> dict:
+    """gradcheck's keyword arguments for the registry's batch-norm ops (inputs
+    x, weight, bias): these defaults, each replaced by a caller's value
+    (bncore gradcheck --rtol ...).
 
-
-def _gradcheck_seed(p: Params) -> int:
-    """gradcheck's seed for a case: not the case's own (the same stream drew the
-    data, so the cotangents would be the data's draws shifted by one)."""
-    return (int(p["seed"]) * 2654435761 + 97) % 2 ** 32
-
-
-def _gradcheck_settings(settings, case: "Case") -> dict:
-    """gradcheck's h, rtol, atol, n_directions and f_accuracy for the registry's
-    ops: these defaults, each replaced by a caller's value (bncore gradcheck
-    --rtol ...). When x moves in training mode, the statistics of a channel
-    whose mean is K times sqrt(var + eps) move at |mean|'s scale: y is accurate
-    to about sqrt(K) roundings of its own size there (measured: x - mean is
-    formed against the pivot; K roundings is the bound of a naive x - mean).
-    Moving the weight or the bias leaves the statistics alone."""
+    * scales: x's directions have the smallest scale over which a channel's
+      output varies, sqrt(var + eps) (its spread, not its offset; eps where
+      the channel is nearly constant: there a step of the spread's size would
+      be lost in y's own rounding, u |x| / sqrt(var + eps)).
+    * f_accuracy: when x moves in training mode, the statistics of a channel
+      whose mean is K times sqrt(var + eps) move at |mean|'s scale: y is
+      accurate to about sqrt(K) roundings of its own size there (measured: x -
+      mean is formed against the pivot; K roundings is the bound of a naive
+      x - mean). Moving the weight or the bias leaves the statistics alone.
+    * seed: not the case's own (the same stream drew the data, so the
+      cotangents would be the data's draws shifted by one)."""
     from bncore.gradcheck import NOISE
 
     x = np.asarray(case.arrays["x"], dtype=np.float64)
-    K = 1.0
-    if case.kwargs["training"] and x.size:     # (eval mode's statistics do not move)
-        axis = case.kwargs["axis"] % x.ndim
-        red = tuple(i for i in range(x.ndim) if i != axis)
-        K = float(np.max(np.abs(x.mean(axis=red)) / np.sqrt(x.var(axis=red) + case.kwargs["eps"])))
-    out = dict(h=1e-5, rtol=1e-6, atol=0.0,
-               f_accuracy=[NOISE * np.sqrt(max(1.0, K)), NOISE, NOISE])
+    scale, K = 1.0, 1.0
+    if x.size:
+        red = tuple(i for i in range(x.ndim) if i != case.kwargs["axis"] % x.ndim)
+        width = np.sqrt(x.var(axis=red) + case.kwargs["eps"])
+        scale = float(np.min(width))
+        if case.kwargs["training"]:            # (eval mode's statistics do not move)
+            K = float(np.max(np.abs(x.mean(axis=red)) / width))
+    out = dict(h=1e-5, rtol=1e-6, atol=0.0, scales=[scale, 1.0, 1.0],
+               f_accuracy=[NOISE * np.sqrt(max(1.0, K)), NOISE, NOISE],
+               seed=(int(p["seed"]) * 2654435761 + 97) % 2 ** 32)
     out.update({k: v for k, v in settings.items() if v is not None})
     return out
 
@@ -538,15 +532,13 @@ def bn_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "rand
                                             axis=kw["axis"])
         return backend.to_host(dx), backend.to_host(dw), backend.to_host(db)
 
-    x_scale = _direction_scale(a["x"], kw["axis"], kw["eps"])
     return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode,
-                     seed=_gradcheck_seed(p),
-                     scales=[x_scale, 1.0, 1.0], **_gradcheck_settings(settings, case))
+                     **_gradcheck_args(p, case, settings))
 
 
 # finite differences on every kind of data, large offsets and near-constant
 # channels included (DESIGN.md): gradcheck divides by the step actually taken,
-# and the directions have the size over which y varies (_direction_scale)
+# and the directions have the size over which y varies (_gradcheck_args)
 BN_FD_SPACE = dict(BN_SPACE, values=("normal", "offset_mild", "offset", "near_constant"),
                    dtype=("float64",), layout=("c",), affine=(True,))
 
@@ -698,10 +690,8 @@ def layer_gradcheck(p: Params, backend: Optional[Backend] = None, mode: str = "r
         dx = bn.backward(backend.to_device(u))
         return backend.to_host(dx), backend.to_host(bn.grad_weight), backend.to_host(bn.grad_bias)
 
-    x_scale = _direction_scale(a["x"], kw["axis"], kw["eps"])
     return gradcheck(f, [a["x"], a["weight"], a["bias"]], vjp, mode=mode,
-                     seed=_gradcheck_seed(p),
-                     scales=[x_scale, 1.0, 1.0], **_gradcheck_settings(settings, case))
+                     **_gradcheck_args(p, case, settings))
 
 
 register(OpSpec(
