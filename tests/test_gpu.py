@@ -1201,6 +1201,27 @@ def test_gpu_array_tables_notice_a_shape_set_in_place():
     np.testing.assert_allclose(cupy.asnumpy(p), np.full((2, 3), 0.8))
 
 
+def test_gpu_array_tables_notice_a_middle_entry_swapped():
+    """The validated lists and tables are cached under the list's length and
+    its first and last entries: a list that differs only in between is checked
+    again, entry by entry (a swapped-in array of another dtype, or one that is
+    also a parameter, is refused), and a good swap updates the new array."""
+    ps = [cupy.ones(4) for _ in range(3)]
+    gs = [cupy.full(4, 0.5) for _ in range(3)]
+    for _ in range(2):                                  # the second call is a hit
+        bncore_gpu.sgd_step(ps, gs, lr=1.0)
+    bad = [gs[0], cupy.ones(4, cupy.float32), gs[2]]
+    with pytest.raises(TypeError, match=r"grads\[1\]"):
+        bncore_gpu.sgd_step(ps, bad, lr=1.0)
+    with pytest.raises(ValueError, match="share memory"):
+        bncore_gpu.sgd_step(ps, [gs[0], ps[1], gs[2]], lr=1.0)
+    q = cupy.full(4, 3.0)
+    bncore_gpu.sgd_step([ps[0], q, ps[2]], gs, lr=1.0)
+    np.testing.assert_array_equal(cupy.asnumpy(q), np.full(4, 2.5))
+    np.testing.assert_array_equal(cupy.asnumpy(ps[1]), np.zeros(4))   # not stepped again
+    np.testing.assert_array_equal(cupy.asnumpy(ps[0]), np.full(4, -0.5))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_more_channels_than_a_grid_y_holds(dtype, monkeypatch):
     """70000 channels in the planes layout (a trailing size of 32): the planes

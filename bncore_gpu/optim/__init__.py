@@ -11,6 +11,9 @@ that a device-side ``found_inf`` skips still counts as that first use; the
 buffer stays zero, so with dampening d > 0 the next step stores (1 - d) g
 where torch, whose GradScaler skips the whole step, would store g.
 """
+import itertools
+import operator
+
 import cupy
 
 from bncore.optim import algorithms as _alg
@@ -19,6 +22,8 @@ from bncore.optim.schedules import cosine_lr, linear_warmup, set_lr, step_lr
 from bncore_gpu import _checks as chk
 from bncore_gpu import optimizers as _ops
 from bncore_gpu._tables import gather
+
+_STEP = operator.itemgetter("step")
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "save", "load", "step_lr",
            "cosine_lr", "linear_warmup", "set_lr"]
@@ -99,29 +104,38 @@ class _OnDevice:
         calls, counters, fresh_counter, created = [], {}, None, []
         offset = 0
         for group in self.param_groups:
-            buckets, states = {}, []
-            for k in range(len(group["params"])):
-                s = self.state.get(offset + k)
-                if s is None:
-                    # parameters new to this step start together, from 0
-                    if fresh_counter is None:
-                        fresh_counter = cupy.zeros((), cupy.float64)
-                    s = self._init_state(group["params"][k], group)
-                    s["step"] = fresh_counter
-                    self.state[offset + k] = s
-                    created.append(offset + k)
-                states.append(s)
+            n = len(group["params"])
+            states = list(map(self.state.get, range(offset, offset + n)))
+            if None in states:
+                for k, s in enumerate(states):
+                    if s is None:
+                        # parameters new to this step start together, from 0
+                        if fresh_counter is None:
+                            fresh_counter = cupy.zeros((), cupy.float64)
+                        s = self._init_state(group["params"][k], group)
+                        s["step"] = fresh_counter
+                        self.state[offset + k] = s
+                        created.append(offset + k)
+                        states[k] = s
             # one call per counter, split further as the class's call keys say
             keys = self._call_keys(states, group)
-            for k, s in enumerate(states):
-                key = (id(s["step"]),) if keys is None else (id(s["step"]),) + keys[k]
-                buckets.setdefault(key, (s["step"], []))[1].append(offset + k)
+            steps = list(map(_STEP, states))
+            if keys is None and n and all(map(operator.is_, steps, itertools.repeat(steps[0]))):
+                # the usual case, without Python work per parameter: one counter
+                # and one call key for the whole group
+                buckets = {None: (steps[0], list(range(offset, offset + n)))}
+            else:
+                buckets = {}
+                for k, c in enumerate(steps):
+                    key = (id(c),) if keys is None else (id(c),) + keys[k]
+                    buckets.setdefault(key, (c, []))[1].append(offset + k)
             for counter, idx in buckets.values():
                 counters[id(counter)] = counter
                 calls.append((group, counter, idx))
-            offset += len(group["params"])
+            offset += n
         single = len(calls) == 1
-        sizes = [len(self.state[i]) for _, _, idx in calls for i in idx]
+        sizes = list(map(len, map(self.state.__getitem__,
+                                  itertools.chain.from_iterable(c[2] for c in calls))))
         if not single:
             # a later call must not fail after an earlier one has written: the
             # parameters against their gradients, then each call's own checks
@@ -140,9 +154,10 @@ class _OnDevice:
             _ops.step_increment(counter, dev_found)
         try:
             for group, counter, idx in calls:
-                self._apply(group, [params[i] for i in idx], [glist[i] for i in idx],
-                            [self.state[i] for i in idx], counter, grad_scale, num_threads,
-                            found_inf=dev_found)
+                self._apply(group, list(map(params.__getitem__, idx)),
+                            list(map(glist.__getitem__, idx)),
+                            list(map(self.state.__getitem__, idx)), counter, grad_scale,
+                            num_threads, found_inf=dev_found)
         except BaseException:
             if single:
                 # one call checks its arrays before writing any: only the counter,
