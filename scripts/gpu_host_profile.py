@@ -18,7 +18,7 @@ import pstats
 
 import numpy as np
 
-from bench_gpu import bn_arrays, per_call_us  # scripts/ is on sys.path
+from bench_gpu import bn_arrays, gpu_only_us, per_call_us  # scripts/ is on sys.path
 
 
 def main() -> int:
@@ -94,6 +94,17 @@ def main() -> int:
             trm, trv = torch.as_tensor(rm, device="cuda"), torch.as_tensor(rv, device="cuda")
             rows.append((label, "torch F.batch_norm (training)", per_call_us(
                 lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5), args.calls)))
+
+        # GPU time per call with the host out of the way: whether a row above is
+        # the host's time or the GPU's
+        gpu_parts = [("GPU only: forward (default path)", parts["forward (default path)"]),
+                     ("GPU only: backward (default path)", parts["backward (default path)"])]
+        if torch is not None:
+            gpu_parts.append(("GPU only: torch F.batch_norm (training)",
+                              lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)))
+        for name, fn in gpu_parts:
+            us, hidden = gpu_only_us(fn)
+            rows.append((label, name if hidden else name + " (host NOT hidden)", us))
 
         for name, fn in (("forward", parts["forward (default path)"]),
                          ("backward", parts["backward (default path)"])):
