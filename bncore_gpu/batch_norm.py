@@ -23,6 +23,7 @@ import numpy as np
 
 from bncore._bn_args import backward_args, forward_args
 from bncore._layout import channel_view
+from bncore_gpu import _bn_args_fast as _fast
 from bncore_gpu import _checks as chk
 from bncore_gpu import _loader
 
@@ -507,9 +508,11 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     Returns ``(y, mean, invstd)``: y like x (same dtype and memory layout),
     mean and invstd float64 (C,) device arrays.
     """
-    (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
-     _) = forward_args(chk, x, weight, bias, running_mean, running_var, training, momentum,
-                       eps, axis, out, num_threads)
+    args = _fast.forward_args(x, weight, bias, running_mean, running_var, training, momentum,
+                              eps, axis, out, num_threads) or forward_args(
+        chk, x, weight, bias, running_mean, running_var, training, momentum, eps, axis, out,
+        num_threads)
+    x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out, _ = args
     unbiased_running_var = chk.flag("unbiased_running_var", unbiased_running_var)
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
@@ -577,8 +580,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     Returns ``(dx, dweight, dbias)``; dweight and dbias in weight's dtype
     (x's when weight is None).
     """
-    (dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out,
-     _) = backward_args(chk, dy, x, mean, invstd, weight, training, axis, out, num_threads)
+    args = _fast.backward_args(dy, x, mean, invstd, weight, training, axis, out,
+                               num_threads) or backward_args(
+        chk, dy, x, mean, invstd, weight, training, axis, out, num_threads)
+    dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out, _ = args
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
     dyk = view.arrange(dy, cupy)

@@ -1330,3 +1330,99 @@ def test_gpu_kernel_tables_are_uploaded_per_stream():
         s.synchronize()
     assert len(_tables._cache) == n + 1
     np.testing.assert_allclose(cupy.asnumpy(p), np.full(6, 0.7))
+
+
+def _fast_args_pools(C=3):
+    """Arguments for the batch-norm checks, usual and not: each pool's first
+    entries are the usual kind, the rest each break one rule of the fast path."""
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((4, C, 2, 2)))
+    buf = cupy.zeros(4 * C)
+    fresh = lambda dt=np.float64: cupy.ones(C, dt)          # noqa: E731
+    # (x[:1, :, :1, :1]: one value per channel, which training refuses)
+    xs = [x, x.astype(np.float32), x.astype(np.float16),
+          cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
+          x[:1, :, :1, :1], x.reshape(4, C * 4)[:, :C], x[:, :, :1, :1], x[::2],
+          x.astype(np.int32), cupy.asarray(np.float64(1.0)), x.get(), x[:, :0]]
+    # (broadcast_to: every element at one address, which an output may not be)
+    vectors = [None, fresh(), fresh(np.float32), fresh(np.float16), buf[:C], buf[C:2 * C],
+               buf[::4][:C], cupy.broadcast_to(cupy.zeros(1), (C,)), cupy.ones((1, C)),
+               cupy.ones(C + 1), cupy.ones(C, np.int32), x.reshape(-1)[:C], fresh().get()]
+    return xs, vectors
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gpu_fast_batch_norm_checks_return_the_general_result(seed):
+    """bncore_gpu._bn_args_fast answers the usual call with exactly what the
+    general checks (bncore._bn_args) return, and declines (None) everything
+    else, also every call that the general checks refuse; over drawn mixes
+    of usual and unusual arguments."""
+    from bncore._bn_args import backward_args, forward_args
+    from bncore_gpu import _bn_args_fast as fast
+    from bncore_gpu import _checks as chk
+    rng = np.random.default_rng(seed)
+    xs, vectors = _fast_args_pools()
+    # (pool, how many of its first entries are usual): usual ones 85% of the time
+    pools = {"x": (xs, 5), "v": (vectors, 4), "flag": ([True, False, 1, np.bool_(True), "yes"], 2),
+             "momentum": ([0.1, 0.0, 1.0, 1.5, -1.0, float("nan"), 1, np.float64(0.1)], 3),
+             "eps": ([1e-5, 0.5, 0.0, -1.0, float("inf"), float("nan"), 1], 2),
+             "axis": ([1, -3, 0, 3, 4, True, 1.0], 2)}
+
+    def pick(kind):
+        pool, usual = pools[kind]
+        return pool[rng.integers(usual if rng.random() < 0.85 else len(pool))]
+
+    taken = 0
+    for _ in range(400):
+        x, axis = pick("x"), pick("axis")
+        w, b, rm, rv = (pick("v") for _ in range(4))
+        if rng.random() < 0.1:
+            rm = rv                                     # one array as both statistics
+        training, momentum, eps = pick("flag"), pick("momentum"), pick("eps")
+        out = None if rng.random() < 0.9 else cupy.empty_like(x)
+        nt = None if rng.random() < 0.9 else 1
+        call = (x, w, b, rm, rv, training, momentum, eps, axis, out, nt)
+        dy = x if rng.random() < 0.7 else pick("x")
+        mean, invstd = pick("v"), pick("v")
+        for fast_check, general, args in (
+                (fast.forward_args, forward_args, call),
+                (fast.backward_args, backward_args, (dy, x, mean, invstd, w, training, axis,
+                                                     out, nt))):
+            got = fast_check(*args)
+            try:
+                want = general(chk, *args)
+            except (TypeError, ValueError):
+                assert got is None, args
+                continue
+            if got is not None:
+                taken += 1
+                assert len(got) == len(want)
+                for g, w_ in zip(got[:-1], want[:-1]):  # (the thread count: unused here)
+                    assert g is w_ if not isinstance(g, (int, float)) else (
+                        type(g) is type(w_) and g == w_)
+    assert taken >= 40, taken          # the draws reach the fast path, not only refusals
+
+
+def test_gpu_usual_batch_norm_calls_take_the_fast_checks():
+    """The fast checks accept the calls they are for (NCHW, channels-last and
+    2-D, every float dtype, training with and without running statistics,
+    inference) and decline views of one buffer written in place."""
+    from bncore_gpu import _bn_args_fast as fast
+    C = 5
+    for dt in (np.float16, np.float32, np.float64):
+        x = cupy.ones((4, C, 3, 3), dt)
+        cl = cupy.ones((4, 3, 3, C), dt).transpose(0, 3, 1, 2)
+        for xx in (x, cl, cupy.ones((8, C), dt)):
+            w, b = cupy.ones(C, dt), cupy.zeros(C, dt)
+            rm, rv = cupy.zeros(C, np.float32), cupy.ones(C, np.float32)
+            assert fast.forward_args(xx, w, b, rm, rv, True, 0.1, 1e-5, 1, None, None)
+            assert fast.forward_args(xx, None, None, None, None, True, 0.1, 1e-5, 1, None, None)
+            assert fast.forward_args(xx, w, b, rm, rv, False, 0.1, 1e-5, 1, None, None)
+            m, s = cupy.zeros(C), cupy.ones(C)
+            assert fast.backward_args(xx, xx, m, s, w, True, 1, None, None)
+            assert fast.backward_args(xx, xx, m, s, None, False, 1, None, None)
+    buf = cupy.zeros(2 * C)
+    x = cupy.ones((4, C))
+    assert fast.forward_args(x, None, None, buf[:C], buf[C:], True, 0.1, 1e-5, 1, None,
+                             None) is None
+    assert fast.forward_args(x, None, None, buf[:C], buf[C:], False, 0.1, 1e-5, 1, None,
+                             None)                   # (read only in inference)

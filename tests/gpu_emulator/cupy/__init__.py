@@ -6,7 +6,7 @@ from ._core import (RawModule, array, ascontiguousarray, asarray, asnumpy, copyt
                     empty_like, from_dlpack, full, may_share_memory, ndarray, ones, sqrt,
                     zeros, zeros_like, ones_like, full_like, concatenate, isfinite, float16,
                     float32, float64, int32, int64, maximum, abs, get_array_module,
-                    exp, log, arange, pad, flatnonzero, where)
+                    exp, log, arange, pad, flatnonzero, where, broadcast_to)
 
 __version__ = "emulated"
 EMULATED = True

@@ -8,8 +8,11 @@ float16, float32, float64, int32, int64 = (_np.float16, _np.float32, _np.float64
 
 
 class _Mem:
-    def __init__(self, ptr):
+    """cupy.cuda.MemoryPointer: the address, and (.mem) the allocation it is in."""
+
+    def __init__(self, ptr, mem):
         self.ptr = ptr
+        self.mem = mem
 
 
 class ndarray(_np.ndarray):  # noqa: N801 - CuPy's name
@@ -17,7 +20,12 @@ class ndarray(_np.ndarray):  # noqa: N801 - CuPy's name
 
     @property
     def data(self):
-        return _Mem(self.__array_interface__["data"][0])
+        # the allocation: the array that owns the buffer (NumPy points every
+        # view's base at it), the same object for every view, as CuPy's .mem
+        owner = self
+        while isinstance(owner, _np.ndarray) and owner.base is not None:
+            owner = owner.base
+        return _Mem(self.__array_interface__["data"][0], owner)
 
     def get(self):
         return _np.asarray(self).view(_np.ndarray).copy()
@@ -103,6 +111,13 @@ def from_dlpack(a):
 
 def may_share_memory(a, b):
     return _np.may_share_memory(a, b)
+
+
+def broadcast_to(a, shape):
+    """A view with stride 0 along the broadcast axes (writeable, as CuPy's)."""
+    return _wrap(_np.lib.stride_tricks.as_strided(a, shape, (0,) * (len(shape) - a.ndim)
+                                                  + tuple(s if n != 1 else 0 for s, n in
+                                                          zip(a.strides, a.shape))))
 
 
 def concatenate(arrs, axis=0):
