@@ -150,13 +150,16 @@ def _ptr(a):
 
 def _vec64(v):
     """A per-channel vector as a C-contiguous float64 device array (or None)."""
-    if v is None or (v.dtype == _F64 and v.flags.c_contiguous):
+    # (v is 1-D: contiguous is one stride of one element, read without
+    # building CuPy's flags object)
+    if v is None or (v.dtype == _F64 and v.strides == _STRIDE8):
         return v
     return cupy.ascontiguousarray(v, dtype=_F64)
 
 
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
+_STRIDE8 = (8,)
 
 
 def _param_dtype(*vectors) -> np.dtype:
@@ -184,7 +187,7 @@ def _store(dst, src) -> None:
 def _as_param(v, pt):
     """v in dtype pt, C-contiguous: itself when it already is, else a copy
     (running statistics are then written back by the caller)."""
-    if v is None or (v.dtype == pt and v.flags.c_contiguous):
+    if v is None or (v.dtype == pt and v.strides == (pt.itemsize,)):   # (1-D: see _vec64)
         return v
     return cupy.ascontiguousarray(v, dtype=pt)
 
@@ -203,7 +206,7 @@ def _finish_output(target, out):
 
 
 def _vec4_ok(*arrays) -> bool:
-    return all(a.dtype == np.float32 and a.data.ptr % 16 == 0 for a in arrays)
+    return all(a.dtype == _F32 and a.data.ptr % 16 == 0 for a in arrays)
 
 
 def _planes_grid(C: int, outer: int) -> int:
