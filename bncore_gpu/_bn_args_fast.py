@@ -56,6 +56,15 @@ def _own_memory(a: Any):
     return None if mem is None or isinstance(mem, _UNOWNED) else mem
 
 
+def _channel_axis(x: Any, axis: Any) -> Optional[Tuple[int, int, int]]:
+    """(axis, channels, values per channel) for an int axis of x (x.ndim >= 2)."""
+    ndim = x.ndim
+    if ndim < 2 or type(axis) is not int or not -ndim <= axis < ndim:
+        return None
+    ax = axis % ndim
+    return ax, x.shape[ax], _reduced_count(x.shape, ax)
+
+
 def forward_args(x, weight, bias, running_mean, running_var, training, momentum, eps, axis,
                  out, num_threads) -> Optional[Tuple]:
     """bncore._bn_args.forward_args(chk, ...)'s result for the usual call, else None."""
@@ -63,12 +72,10 @@ def forward_args(x, weight, bias, running_mean, running_var, training, momentum,
             or type(momentum) is not float or type(eps) is not float
             or not (0.0 <= momentum <= 1.0 and 0.0 < eps < math.inf) or not _plain(x)):
         return None
-    ndim = x.ndim
-    if ndim < 2 or type(axis) is not int or not -ndim <= axis < ndim:
+    where = _channel_axis(x, axis)
+    if where is None:
         return None
-    ax = axis % ndim
-    C = x.shape[ax]
-    n = _reduced_count(x.shape, ax)
+    ax, C, n = where
     if (weight is not None and not _vector(weight, C)) or (
             bias is not None and not _vector(bias, C)):
         return None
@@ -99,12 +106,10 @@ def backward_args(dy, x, mean, invstd, weight, training, axis, out,
     if (out is not None or num_threads is not None or type(training) is not bool
             or not _plain(x) or not _plain(dy) or dy.dtype != x.dtype or dy.shape != x.shape):
         return None
-    ndim = x.ndim
-    if ndim < 2 or type(axis) is not int or not -ndim <= axis < ndim:
+    where = _channel_axis(x, axis)
+    if where is None:
         return None
-    ax = axis % ndim
-    C = x.shape[ax]
-    n = _reduced_count(x.shape, ax)
+    ax, C, n = where
     if mean is None or invstd is None or not (_vector(mean, C) and _vector(invstd, C)):
         return None
     if weight is not None and not _vector(weight, C):
