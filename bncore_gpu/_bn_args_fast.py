@@ -10,14 +10,14 @@ and answered with exactly the tuple those functions return for it:
   on and stepping by whole elements;
 - per-channel vectors that are 1-D, contiguous, of shape (C,);
 - running statistics that training writes in CuPy allocations of their own,
-  apart from x, weight, bias and each other (so no bounds test is needed);
+  apart from x, weight, bias and each other (so no bounds test is needed:
+  ``_checks.own_allocation``);
 - training and unbiased flags that are Python bools, momentum and eps Python
   floats in range, no ``out=``, no ``num_threads=``.
 
 Anything else returns None and goes through the general functions, so every
 error message and every unusual argument (torch tensors, views of one buffer,
-integer flags, NumPy scalars) is theirs. The thread count, unused on the GPU,
-is returned as None.
+integer flags, NumPy scalars) is theirs.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import cupy
 import numpy as np
 
 from bncore._bn_args import _reduced_count
-from bncore_gpu._checks import _UNOWNED
+from bncore._threads import resolve_num_threads
+from bncore_gpu._checks import own_allocation
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _NDARRAY = cupy.ndarray
@@ -47,13 +48,6 @@ def _vector(v: Any, C: int) -> bool:
     """v is a contiguous 1-D CuPy float array of C aligned elements."""
     return (type(v) is _NDARRAY and v.dtype in _FLOATS and v.shape == (C,)
             and v.strides[0] == v.itemsize and not v.data.ptr % v.itemsize)
-
-
-def _own_memory(a: Any):
-    """The CuPy allocation behind a, or None for memory CuPy does not own
-    (which the general overlap test bounds-checks)."""
-    mem = getattr(a.data, "mem", None)
-    return None if mem is None or isinstance(mem, _UNOWNED) else mem
 
 
 def _channel_axis(x: Any, axis: Any) -> Optional[Tuple[int, int, int]]:
@@ -88,16 +82,16 @@ def forward_args(x, weight, bias, running_mean, running_var, training, momentum,
         if n < 2:
             return None
         if running_mean is not None:
-            rm, rv = _own_memory(running_mean), _own_memory(running_var)
+            rm, rv = own_allocation(running_mean), own_allocation(running_var)
             if rm is None or rv is None or rm is rv:
                 return None
             for a in (x, weight, bias):
                 if a is not None:
-                    m = _own_memory(a)
+                    m = own_allocation(a)
                     if m is None or m is rm or m is rv:
                         return None
     return (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n,
-            None, None)
+            None, resolve_num_threads(None))
 
 
 def backward_args(dy, x, mean, invstd, weight, training, axis, out,
@@ -116,4 +110,5 @@ def backward_args(dy, x, mean, invstd, weight, training, axis, out,
         return None
     if training and n < 2:
         return None
-    return (dy, x, mean, invstd, weight, training, ax, C, n, None, None, None, None)
+    return (dy, x, mean, invstd, weight, training, ax, C, n, None, None, None,
+            resolve_num_threads(None))

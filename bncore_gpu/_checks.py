@@ -88,18 +88,31 @@ def writeable(name: str, a) -> None:
     """CuPy arrays have no read-only flag."""
 
 
-# CuPy wraps memory it did not allocate (torch tensors through the CUDA array
-# interface or DLPack) in a new UnownedMemory at every conversion, so two views
-# of one torch tensor have different .mem objects
-_UNOWNED = getattr(getattr(getattr(cupy, "cuda", None), "memory", None), "UnownedMemory", ())
+# CuPy's own allocations: cudaMalloc, its memory pool, stream-ordered and
+# managed memory. Two different ones never overlap. Memory CuPy did not
+# allocate gets a new wrapper at every conversion (UnownedMemory through the
+# CUDA array interface, DLPackMemory through DLPack: in some CuPy versions a
+# subclass of Memory, hence the exact types), so two views of one torch
+# tensor have different .mem objects that do overlap
+_memory = getattr(getattr(cupy, "cuda", None), "memory", None)
+_OWN_ALLOCATIONS = frozenset(
+    c for c in (getattr(_memory, n, None)
+                for n in ("Memory", "PooledMemory", "MemoryAsync", "ManagedMemory"))
+    if isinstance(c, type))
+
+
+def own_allocation(a: "cupy.ndarray"):
+    """The CuPy allocation behind `a`, or None for memory CuPy did not allocate
+    (which overlap tests must bound-check)."""
+    mem = getattr(a.data, "mem", None)
+    return mem if type(mem) in _OWN_ALLOCATIONS else None
 
 
 def _pair(name_a, a, name_b, b) -> None:
     # arrays from different CuPy allocations cannot overlap (cheap); views of
-    # one allocation, and memory CuPy does not own, get the bounds test
-    ma, mb = getattr(a.data, "mem", None), getattr(b.data, "mem", None)
-    if (a is not b and ma is not None and mb is not None and ma is not mb
-            and not isinstance(ma, _UNOWNED) and not isinstance(mb, _UNOWNED)):
+    # one allocation, and memory CuPy did not allocate, get the bounds test
+    ma, mb = own_allocation(a), own_allocation(b)
+    if a is not b and ma is not None and mb is not None and ma is not mb:
         return
     if a is b or cupy.may_share_memory(a, b):
         raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "

@@ -9,6 +9,7 @@ arrays every step uploads its table once and never waits on the host.
 from __future__ import annotations
 
 import operator
+import threading
 import weakref
 from collections import OrderedDict
 from typing import List, Optional, Sequence
@@ -52,16 +53,26 @@ class Table:
         return (self.device, np.int32(self.nops), np.int32(self.n), np.int64(self.nchunks))
 
 
+# the caches' bookkeeping (look-up, recency, eviction) under one lock: between
+# one thread's get and its move_to_end another thread may evict the key
+_lock = threading.Lock()
+
+
 def _lru(cache: OrderedDict, limit: int, key, make):
-    """cache[key], made by make() on a miss; the least recently used entry
-    beyond `limit` is dropped."""
-    value = cache.get(key)
-    if value is None:
-        value = cache[key] = make()
-        if len(cache) > limit:
-            cache.popitem(last=False)
-    else:
+    """cache[key], made by make() on a miss (outside the lock; another thread's
+    entry made meanwhile wins); the least recently used entry beyond `limit`
+    is dropped."""
+    with _lock:
+        value = cache.get(key)
+        if value is not None:
+            cache.move_to_end(key)
+            return value
+    value = make()
+    with _lock:
+        value = cache.setdefault(key, value)
         cache.move_to_end(key)
+        while len(cache) > limit:
+            cache.popitem(last=False)
     return value
 
 
@@ -102,8 +113,10 @@ class _ListInfo:
         # flat element order: C, unless the array is only Fortran-contiguous
         self.c_order = [a.flags.c_contiguous or a.ndim <= 1 for a in arrays]
         # objects that are not CuPy arrays (torch tensors, ...) can change their
-        # storage in place (p.data = ..., module.to(...)): re-checked on each hit
-        self.foreign = [i for i, a in enumerate(lst) if not isinstance(a, cupy.ndarray)]
+        # storage in place (p.data = ..., p.t_(), module.to(...)): their
+        # address, shape, strides and dtype are re-checked on each hit
+        self.foreign = [(i, _storage(a)) for i, a in enumerate(lst)
+                        if not isinstance(a, cupy.ndarray)]
         try:
             self.refs = tuple(weakref.ref(a) for a in lst)
         except TypeError:                  # an object without weak references:
@@ -117,16 +130,18 @@ class _ListInfo:
         alive = list(map(_CALL, self.refs))
         if not all(map(operator.is_, alive, lst)) or list(map(_SHAPE, lst)) != self.shapes:
             return False
-        for i in self.foreign:
-            a = lst[i]
-            ptr = a.data_ptr() if hasattr(a, "data_ptr") else None
-            if ptr is None:
-                ptr = chk.device_array("", a).data.ptr   # (as_array would also
-                # check the alignment, under an empty name: a changed storage
-                # only means a miss, and the rebuilt entry names the array)
-            if ptr != self.ptrs[i] or tuple(a.shape) != tuple(self.shapes[i]):
-                return False
-        return True
+        return all(_storage(lst[i]) == storage for i, storage in self.foreign)
+
+
+def _storage(a) -> tuple:
+    """A non-CuPy array's storage as it is now: (address, shape, strides, dtype),
+    from torch's accessors where it has them (no conversion per call), else
+    from its CuPy view (device_array: a changed storage only means a cache
+    miss, and the rebuilt entry checks and names the array)."""
+    if hasattr(a, "data_ptr") and hasattr(a, "stride"):
+        return a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype
+    v = chk.device_array("", a)
+    return v.data.ptr, v.shape, v.strides, v.dtype
 
 
 _SHAPE = operator.attrgetter("shape")
@@ -145,24 +160,29 @@ def _info(name: str, lst: list, grad: bool) -> _ListInfo:
     # the key names the list cheaply (a hit is then checked element by element
     # by describes; two lists under one key only cost a rebuild)
     key = (name, len(lst), id(lst[0]), id(lst[-1])) if lst else (name, 0)
-    info = _lists.get(key)
+    with _lock:
+        info = _lists.get(key)
     if info is not None and info.describes(lst):
-        _lists.move_to_end(key)
+        with _lock:
+            if key in _lists:
+                _lists.move_to_end(key)
         return info
     info = _ListInfo(name, lst, grad)
     if info.refs is not None:
-        _lists[key] = info
-        _lists.move_to_end(key)
-        if len(_lists) > _LIST_CACHE:
-            _lists.popitem(last=False)
+        with _lock:
+            _lists[key] = info
+            _lists.move_to_end(key)
+            while len(_lists) > _LIST_CACHE:
+                _lists.popitem(last=False)
     return info
 
 
 def clear_caches() -> None:
     """Forget cached validations and uploaded tables."""
-    _lists.clear()
-    _cache.clear()
-    _calls.clear()
+    with _lock:
+        _lists.clear()
+        _cache.clear()
+        _calls.clear()
 
 
 def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[bool],
@@ -186,9 +206,13 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
     # checks below and the upload are skipped (an optimizer's every step)
     key = (tuple(infos), tuple(writes), grad_op, half_first, cupy.cuda.Device().id,
            cupy.cuda.get_current_stream().ptr)
-    hit = _calls.get(key) if all(i is None or i.refs is not None for i in infos) else None
+    hit = None
+    if all(i is None or i.refs is not None for i in infos):
+        with _lock:
+            hit = _calls.get(key)
+            if hit is not None:
+                _calls.move_to_end(key)
     if hit is not None:
-        _calls.move_to_end(key)
         device, nchunks, pdtype, gdtype, ptrs = hit
         return Table(device, len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs)
     params = infos[0]

@@ -1222,6 +1222,93 @@ def test_gpu_array_tables_notice_a_middle_entry_swapped():
     np.testing.assert_array_equal(cupy.asnumpy(ps[0]), np.full(4, -0.5))
 
 
+def _torch_on_device():
+    """torch and the device its tensors share with CuPy: CUDA on a GPU, the
+    CPU under the emulated device (whose arrays are host memory)."""
+    torch = pytest.importorskip("torch")
+    if getattr(cupy, "EMULATED", False):
+        return torch, "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    return torch, "cuda"
+
+
+def test_gpu_array_tables_notice_a_torch_tensor_changed_in_place():
+    """A torch tensor in a cached list can change its storage in place with the
+    same address and shape: transposed (p.t_(): now Fortran-ordered against a
+    C-ordered gradient) or viewed as another dtype. Each is checked again and
+    refused as on a first call, not stepped through the old table."""
+    torch, dev = _torch_on_device()
+    p = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, device=dev)
+    g = cupy.asarray(np.array([[10.0, 20.0], [30.0, 40.0]]))
+    bncore_gpu.sgd_step([p], [g], lr=0.0)              # checked and cached
+    p.t_()
+    with pytest.raises(ValueError, match="different order"):
+        bncore_gpu.sgd_step([p], [g], lr=1.0)
+    q = torch.ones(4, dtype=torch.float64, device=dev)
+    bncore_gpu.sgd_step([q], [cupy.full(4, 0.5)], lr=1.0)
+    q.data = q.data.view(torch.int64)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        bncore_gpu.sgd_step([q], [cupy.full(4, 0.5)], lr=1.0)
+
+
+def test_gpu_views_imported_through_dlpack_are_bounds_checked():
+    """Two DLPack imports of one buffer are two wrappers (CuPy's DLPackMemory),
+    not two allocations: a running mean written over the weight it reads is
+    refused as for two views of one CuPy array, and nothing is written."""
+    shared = cupy.arange(4.0)
+    w, rm = (cupy.from_dlpack(_Exported(shared[k:k + 3])) for k in (0, 1))
+    x = cupy.asarray(np.random.default_rng(1).standard_normal((5, 3)))
+    with pytest.raises(ValueError, match="share memory"):
+        bncore_gpu.batch_norm_forward(x, w, None, rm, cupy.ones(3))
+    np.testing.assert_array_equal(cupy.asnumpy(shared), np.arange(4.0))
+    apart = cupy.from_dlpack(_Exported(cupy.zeros(3)))          # another buffer: fine
+    bncore_gpu.batch_norm_forward(x, w, None, apart, cupy.ones(3))
+
+
+def test_gpu_array_tables_a_list_read_then_written():
+    """One list checked for a read (a repeated entry is fine) and then for a
+    write (it is not: the update would apply twice) is refused the second
+    time; the cached check of the read must not answer for the write."""
+    g = cupy.full(4, 3.0)
+    grads = [g, g]
+    assert float(bncore_gpu.grad_norm(grads)) == pytest.approx(np.sqrt(8 * 9.0))
+    with pytest.raises(ValueError, match="share memory"):
+        bncore_gpu.clip_grad_value(grads, 1.0)
+    np.testing.assert_array_equal(cupy.asnumpy(g), np.full(4, 3.0))
+
+
+def test_gpu_array_tables_under_threads():
+    """Threads stepping lists of their own share the validation caches: each
+    look-up and its recency update happen under one lock (another thread's
+    eviction in between raised KeyError)."""
+    import sys
+    import threading
+    errors = []
+
+    def work():
+        sets = [([cupy.ones(4) for _ in range(2)], [cupy.full(4, 0.5) for _ in range(2)])
+                for _ in range(6)]
+        try:
+            for it in range(400):
+                ps, gs = sets[it % 6]
+                bncore_gpu.sgd_step(ps, gs, lr=0.0)
+        except Exception as exc:          # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)           # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_more_channels_than_a_grid_y_holds(dtype, monkeypatch):
     """70000 channels in the planes layout (a trailing size of 32): the planes
@@ -1338,16 +1425,38 @@ def _fast_args_pools(C=3):
     x = cupy.asarray(np.random.default_rng(0).standard_normal((4, C, 2, 2)))
     buf = cupy.zeros(4 * C)
     fresh = lambda dt=np.float64: cupy.ones(C, dt)          # noqa: E731
+    # float64 data one byte off its element boundary, and views of one buffer
+    # imported through DLPack (memory CuPy did not allocate)
+    raw = cupy.zeros(8 * (x.size + C) + 1, np.uint8)[1:]
+    odd = raw[:8 * x.size].view(np.float64).reshape(x.shape)
+    odd_vector = raw[8 * x.size:].view(np.float64)
+    shared = cupy.zeros(2 * C)
+    imported = [cupy.from_dlpack(_Exported(shared[k:k + C])) for k in (0, 1)]
     # (x[:1, :, :1, :1]: one value per channel, which training refuses)
     xs = [x, x.astype(np.float32), x.astype(np.float16),
           cupy.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2),
           x[:1, :, :1, :1], x.reshape(4, C * 4)[:, :C], x[:, :, :1, :1], x[::2],
-          x.astype(np.int32), cupy.asarray(np.float64(1.0)), x.get(), x[:, :0]]
+          x.astype(np.int32), cupy.asarray(np.float64(1.0)), x.get(), x[:, :0],
+          cupy.ones(C), odd]
     # (broadcast_to: every element at one address, which an output may not be)
     vectors = [None, fresh(), fresh(np.float32), fresh(np.float16), buf[:C], buf[C:2 * C],
                buf[::4][:C], cupy.broadcast_to(cupy.zeros(1), (C,)), cupy.ones((1, C)),
-               cupy.ones(C + 1), cupy.ones(C, np.int32), x.reshape(-1)[:C], fresh().get()]
+               cupy.ones(C + 1), cupy.ones(C, np.int32), x.reshape(-1)[:C], fresh().get(),
+               odd_vector] + imported
     return xs, vectors
+
+
+class _Exported:
+    """A foreign array: any object that hands its memory over through DLPack."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def __dlpack__(self, *args, **kw):
+        return self.a.__dlpack__(*args, **kw)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -1379,7 +1488,7 @@ def test_gpu_fast_batch_norm_checks_return_the_general_result(seed):
             rm = rv                                     # one array as both statistics
         training, momentum, eps = pick("flag"), pick("momentum"), pick("eps")
         out = None if rng.random() < 0.9 else cupy.empty_like(x)
-        nt = None if rng.random() < 0.9 else 1
+        nt = None if rng.random() < 0.85 else [1, 2, 10 ** 6, 0, True][rng.integers(5)]
         call = (x, w, b, rm, rv, training, momentum, eps, axis, out, nt)
         dy = x if rng.random() < 0.7 else pick("x")
         mean, invstd = pick("v"), pick("v")
@@ -1396,7 +1505,7 @@ def test_gpu_fast_batch_norm_checks_return_the_general_result(seed):
             if got is not None:
                 taken += 1
                 assert len(got) == len(want)
-                for g, w_ in zip(got[:-1], want[:-1]):  # (the thread count: unused here)
+                for g, w_ in zip(got, want):
                     assert g is w_ if not isinstance(g, (int, float)) else (
                         type(g) is type(w_) and g == w_)
     assert taken >= 40, taken          # the draws reach the fast path, not only refusals
@@ -1426,3 +1535,12 @@ def test_gpu_usual_batch_norm_calls_take_the_fast_checks():
                              None) is None
     assert fast.forward_args(x, None, None, buf[:C], buf[C:], False, 0.1, 1e-5, 1, None,
                              None)                   # (read only in inference)
+    # each declined, and each refused by the general checks: a 1-D x; a running
+    # mean imported through DLPack over the weight's memory
+    w, rv = cupy.ones(C), cupy.ones(C)
+    assert fast.forward_args(cupy.ones(C), None, None, w, rv, False, 0.1, 1e-5, 0, None,
+                             None) is None
+    rm = cupy.from_dlpack(_Exported(w))
+    assert fast.forward_args(x, w, None, rm, rv, True, 0.1, 1e-5, 1, None, None) is None
+    with pytest.raises(ValueError, match="share memory"):
+        bncore_gpu.batch_norm_forward(x, w, None, rm, rv)

@@ -1,5 +1,6 @@
 """ndarray, array functions and RawModule of the emulated CuPy (see ../README.md)."""
 import re
+import weakref
 
 import numpy as _np
 
@@ -20,15 +21,32 @@ class ndarray(_np.ndarray):  # noqa: N801 - CuPy's name
 
     @property
     def data(self):
-        # the allocation: the array that owns the buffer (NumPy points every
-        # view's base at it), the same object for every view, as CuPy's .mem
-        owner = self
-        while isinstance(owner, _np.ndarray) and owner.base is not None:
-            owner = owner.base
-        return _Mem(self.__array_interface__["data"][0], owner)
+        return _Mem(self.__array_interface__["data"][0], _allocation(self))
 
     def get(self):
         return _np.asarray(self).view(_np.ndarray).copy()
+
+
+_allocations = {}      # id(owning NumPy array) -> (weak reference to it, its PooledMemory)
+
+
+def _allocation(a):
+    """CuPy's .data.mem for `a`: the owner at the end of its chain of bases
+    (NumPy views, as_strided's helper objects), as one PooledMemory per
+    emulated allocation; memory imported through DLPack ends at another
+    owner and gets a new DLPackMemory, as every DLPack import does in CuPy."""
+    from .cuda import memory
+    owner = a
+    while getattr(owner, "base", None) is not None:
+        owner = owner.base
+    if not isinstance(owner, _np.ndarray):
+        return memory.DLPackMemory()
+    entry = _allocations.get(id(owner))
+    if entry is None or entry[0]() is not owner:
+        entry = _allocations[id(owner)] = (weakref.ref(owner), memory.PooledMemory())
+        # (dropped when the owner goes, before its id can be reused)
+        weakref.finalize(owner, _allocations.pop, id(owner), None)
+    return entry[1]
 
 
 def _wrap(a):

@@ -1,3 +1,6 @@
+from . import memory  # noqa: F401,E402  (cupy.cuda.memory)
+
+
 class _Device:
     id = 0
     attributes = {"MultiProcessorCount": 132}
