@@ -5,7 +5,9 @@ arrays (CuPy, or anything with ``__cuda_array_interface__`` or a CUDA
 ``__dlpack__``, e.g. torch CUDA tensors) are taken zero-copy, host arrays are
 refused (a silent host-to-device copy would hide its cost and break in-place
 updates). CuPy arrays are always writeable; overlap is tested on memory
-bounds (conservative: interleaved views of one buffer count as overlapping).
+bounds (conservative: interleaved views of one buffer count as overlapping),
+on the addresses themselves, since CuPy's may_share_memory compares only
+arrays of one allocation object.
 """
 from __future__ import annotations
 
@@ -108,13 +110,35 @@ def own_allocation(a: "cupy.ndarray"):
     return mem if type(mem) in _OWN_ALLOCATIONS else None
 
 
+def _bounds(a: "cupy.ndarray"):
+    """[first byte, last byte + 1) of the memory `a` spans."""
+    left = right = a.data.ptr
+    for n, step in zip(a.shape, a.strides):
+        if step > 0:
+            right += (n - 1) * step
+        else:
+            left += (n - 1) * step
+    return left, right + a.itemsize
+
+
+def _bounds_overlap(a: "cupy.ndarray", b: "cupy.ndarray") -> bool:
+    """Whether the byte ranges of a and b intersect, whatever allocation object
+    they come through (cupy.may_share_memory answers False for two different
+    .mem objects, so it never sees two imports of one torch tensor overlap;
+    device addresses are unique in a process, so ranges compare directly)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    (al, ar), (bl, br) = _bounds(a), _bounds(b)
+    return al < br and bl < ar
+
+
 def _pair(name_a, a, name_b, b) -> None:
     # arrays from different CuPy allocations cannot overlap (cheap); views of
     # one allocation, and memory CuPy did not allocate, get the bounds test
     ma, mb = own_allocation(a), own_allocation(b)
     if a is not b and ma is not None and mb is not None and ma is not mb:
         return
-    if a is b or cupy.may_share_memory(a, b):
+    if a is b or _bounds_overlap(a, b):
         raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
                          f"write an output over an input or over another output")
 

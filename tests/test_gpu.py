@@ -1266,6 +1266,20 @@ def test_gpu_views_imported_through_dlpack_are_bounds_checked():
     bncore_gpu.batch_norm_forward(x, w, None, apart, cupy.ones(3))
 
 
+def test_gpu_views_of_one_torch_tensor_are_bounds_checked():
+    """The same with torch: a weight and a running mean that are overlapping
+    views of one tensor (each converted to a CuPy array of its own wrapper)
+    are refused; views that do not overlap pass."""
+    torch, dev = _torch_on_device()
+    t = torch.arange(4.0, dtype=torch.float64, device=dev)
+    x = cupy.asarray(np.random.default_rng(2).standard_normal((5, 3)))
+    with pytest.raises(ValueError, match="share memory"):
+        bncore_gpu.batch_norm_forward(x, t[:3], None, t[1:], cupy.ones(3))
+    assert t.tolist() == [0.0, 1.0, 2.0, 3.0]
+    u = torch.zeros(6, dtype=torch.float64, device=dev)
+    bncore_gpu.batch_norm_forward(x, u[:3], None, u[3:], cupy.ones(3))
+
+
 def test_gpu_array_tables_a_list_read_then_written():
     """One list checked for a read (a repeated entry is fine) and then for a
     write (it is not: the update would apply twice) is refused the second

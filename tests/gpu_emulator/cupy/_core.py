@@ -28,19 +28,25 @@ class ndarray(_np.ndarray):  # noqa: N801 - CuPy's name
 
 
 _allocations = {}      # id(owning NumPy array) -> (weak reference to it, its PooledMemory)
+_imports = {}          # id(an import's owner) -> (the owner, held, and its DLPackMemory)
 
 
 def _allocation(a):
     """CuPy's .data.mem for `a`: the owner at the end of its chain of bases
     (NumPy views, as_strided's helper objects), as one PooledMemory per
     emulated allocation; memory imported through DLPack ends at another
-    owner and gets a new DLPackMemory, as every DLPack import does in CuPy."""
+    owner and gets a DLPackMemory of its own, as every DLPack import does in
+    CuPy."""
     from .cuda import memory
     owner = a
     while getattr(owner, "base", None) is not None:
         owner = owner.base
     if not isinstance(owner, _np.ndarray):
-        return memory.DLPackMemory()
+        # (one wrapper per import, as in CuPy: the import's own arrays share it)
+        entry = _imports.get(id(owner))
+        if entry is None or entry[0] is not owner:
+            entry = _imports[id(owner)] = (owner, memory.DLPackMemory())
+        return entry[1]
     entry = _allocations.get(id(owner))
     if entry is None or entry[0]() is not owner:
         entry = _allocations[id(owner)] = (weakref.ref(owner), memory.PooledMemory())
@@ -128,6 +134,10 @@ def from_dlpack(a):
 
 
 def may_share_memory(a, b):
+    """CuPy's: False for arrays of two different allocation objects (.mem),
+    whatever their addresses; else whether their byte ranges meet."""
+    if a.data.mem is not b.data.mem or a.size == 0 or b.size == 0:
+        return False
     return _np.may_share_memory(a, b)
 
 
