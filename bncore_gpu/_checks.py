@@ -4,10 +4,10 @@ Scalar checks are bncore's own; only what touches arrays differs: device
 arrays (CuPy, or anything with ``__cuda_array_interface__`` or a CUDA
 ``__dlpack__``, e.g. torch CUDA tensors) are taken zero-copy, host arrays are
 refused (a silent host-to-device copy would hide its cost and break in-place
-updates). CuPy arrays are always writeable; overlap is tested on memory
-bounds (conservative: interleaved views of one buffer count as overlapping),
-on the addresses themselves, since CuPy's may_share_memory compares only
-arrays of one allocation object.
+updates). CuPy arrays are always writeable; overlap is decided on the device
+addresses themselves (CuPy's may_share_memory compares only arrays of one
+allocation object), exactly as on the CPU: interleaved views that share no
+element are apart.
 """
 from __future__ import annotations
 
@@ -121,15 +121,29 @@ def _bounds(a: "cupy.ndarray"):
     return left, right + a.itemsize
 
 
-def _bounds_overlap(a: "cupy.ndarray", b: "cupy.ndarray") -> bool:
-    """Whether the byte ranges of a and b intersect, whatever allocation object
-    they come through (cupy.may_share_memory answers False for two different
-    .mem objects, so it never sees two imports of one torch tensor overlap;
-    device addresses are unique in a process, so ranges compare directly)."""
+class _Layout:
+    """A device array's addresses and layout as NumPy's array interface: a
+    host array made from it is never read, only its layout is compared."""
+
+    def __init__(self, a: "cupy.ndarray"):
+        self.__array_interface__ = {"data": (a.data.ptr, False), "shape": a.shape,
+                                    "strides": a.strides, "typestr": a.dtype.str,
+                                    "version": 3}
+
+
+def _shares_memory(a: "cupy.ndarray", b: "cupy.ndarray") -> bool:
+    """Whether a and b have an element's bytes in common, whatever allocation
+    object they come through (cupy.may_share_memory answers False for two
+    different .mem objects, so it never sees two imports of one torch tensor
+    overlap; device addresses are unique in a process, so they compare
+    directly). Byte ranges first; where they meet, NumPy's exact test on the
+    layouts, as the CPU package decides (columns of one buffer are apart)."""
     if a.size == 0 or b.size == 0:
         return False
     (al, ar), (bl, br) = _bounds(a), _bounds(b)
-    return al < br and bl < ar
+    if not (al < br and bl < ar):
+        return False
+    return bool(np.shares_memory(np.asarray(_Layout(a)), np.asarray(_Layout(b))))
 
 
 def _pair(name_a, a, name_b, b) -> None:
@@ -138,7 +152,7 @@ def _pair(name_a, a, name_b, b) -> None:
     ma, mb = own_allocation(a), own_allocation(b)
     if a is not b and ma is not None and mb is not None and ma is not mb:
         return
-    if a is b or _bounds_overlap(a, b):
+    if a is b or _shares_memory(a, b):
         raise ValueError(f"{name_a} and {name_b} share memory; bncore does not "
                          f"write an output over an input or over another output")
 

@@ -1280,6 +1280,52 @@ def test_gpu_views_of_one_torch_tensor_are_bounds_checked():
     bncore_gpu.batch_norm_forward(x, u[:3], None, u[3:], cupy.ones(3))
 
 
+def test_gpu_overlap_decisions_match_the_cpu():
+    """The GPU's overlap test decides as the CPU's (NumPy's exact
+    shares_memory): random 2-D slices of one buffer, with steps and reversed
+    axes, share memory on the device exactly when the same slices of a host
+    buffer do; interleaved ones that share no element among them."""
+    from bncore_gpu import _checks as chk
+    rng = np.random.default_rng(7)
+    dev, host = cupy.zeros((8, 8)), np.zeros((8, 8))
+    seen = {True: 0, False: 0}
+    def axis_slice():
+        # k >= 1 indices, step st, all within 0..7
+        st = int(rng.choice([-3, -2, -1, 1, 2, 3]))
+        k = int(rng.integers(1, 8 // abs(st) + 1))
+        span = abs(st) * (k - 1)
+        start = int(rng.integers(0, 8 - span)) + (span if st < 0 else 0)
+        stop = start + st * k
+        return slice(start, stop if stop >= 0 else None, st)
+
+    for _ in range(400):
+        cut = [(axis_slice(), axis_slice()) for _ in range(2)]
+        want = bool(np.shares_memory(host[cut[0]], host[cut[1]]))
+        assert chk._shares_memory(dev[cut[0]], dev[cut[1]]) == want, cut
+        seen[want] += 1
+    assert min(seen.values()) > 40, seen
+
+
+def test_gpu_interleaved_columns_are_apart():
+    """Running statistics that are the two columns of one (C, 2) buffer, CuPy's
+    or a torch tensor's, share no element: accepted, as on the CPU, and
+    updated as separate arrays would be."""
+    x = cupy.asarray(np.random.default_rng(3).standard_normal((6, 3)))
+    cols = cupy.zeros((3, 2))
+    cols[:, 1] = 1.0
+    rm, rv = cupy.zeros(3), cupy.ones(3)
+    y = bncore_gpu.batch_norm_forward(x, running_mean=cols[:, 0], running_var=cols[:, 1])[0]
+    y_apart = bncore_gpu.batch_norm_forward(x, running_mean=rm, running_var=rv)[0]
+    assert cupy.asnumpy(y).tobytes() == cupy.asnumpy(y_apart).tobytes()
+    np.testing.assert_array_equal(cupy.asnumpy(cols[:, 0]), cupy.asnumpy(rm))
+    np.testing.assert_array_equal(cupy.asnumpy(cols[:, 1]), cupy.asnumpy(rv))
+    torch, dev = _torch_on_device()
+    t = torch.zeros(3, 2, dtype=torch.float64, device=dev)
+    t[:, 1] = 1.0
+    bncore_gpu.batch_norm_forward(x, running_mean=t[:, 0], running_var=t[:, 1])
+    np.testing.assert_array_equal(t[:, 0].cpu().numpy(), cupy.asnumpy(rm))
+
+
 def test_gpu_array_tables_a_list_read_then_written():
     """One list checked for a read (a repeated entry is fine) and then for a
     write (it is not: the update would apply twice) is refused the second
