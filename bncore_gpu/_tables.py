@@ -76,12 +76,24 @@ def _lru(cache: OrderedDict, limit: int, key, make):
     return value
 
 
+# cudaStreamPerThread: the handle of every thread's own default stream
+_PER_THREAD_STREAM = getattr(getattr(cupy.cuda, "runtime", None), "streamPerThread", 2)
+
+
+def _stream_key() -> tuple:
+    """The current stream, as the table caches key it: its handle, and the
+    thread under the per-thread default stream (one handle, but each thread's
+    stream runs beside the others', so a table uploaded on one thread's must
+    not serve another's)."""
+    ptr = cupy.cuda.get_current_stream().ptr
+    return (ptr, threading.get_ident() if ptr == _PER_THREAD_STREAM else 0)
+
+
 def _upload(host: np.ndarray) -> "cupy.ndarray":
     # per device and per stream: a table dropped from the cache goes back to the
     # memory pool of the stream it was made on, which may reuse it at once; a
     # kernel of another stream still reading it would read whatever came next
-    key = (host.tobytes() + cupy.cuda.Device().id.to_bytes(4, "little")
-           + cupy.cuda.get_current_stream().ptr.to_bytes(8, "little"))
+    key = (host.tobytes(), cupy.cuda.Device().id, _stream_key())
     return _lru(_cache, _CACHE_SIZE, key, lambda: cupy.asarray(host))
 
 
@@ -205,7 +217,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
     # info is remade whenever its list changed) has the same table: the
     # checks below and the upload are skipped (an optimizer's every step)
     key = (tuple(infos), tuple(writes), grad_op, half_first, cupy.cuda.Device().id,
-           cupy.cuda.get_current_stream().ptr)
+           _stream_key())
     hit = None
     if all(i is None or i.refs is not None for i in infos):
         with _lock:

@@ -1190,6 +1190,34 @@ def test_rows_coop_kernels_from_two_threads_at_once():
     assert not bad
 
 
+def test_gpu_kernel_tables_per_thread_under_the_per_thread_stream():
+    """Under CuPy's per-thread default stream every thread's stream has one
+    handle but runs beside the others: a table uploaded on one thread's stream
+    must not serve a kernel on another's, so each thread gets its own."""
+    import threading
+    from bncore_gpu import _tables
+    ptds = getattr(cupy.cuda.Stream, "ptds", None)
+    if ptds is None:
+        pytest.skip("this CuPy has no per-thread default stream")
+    _tables.clear_caches()
+    p, g = cupy.ones(6), cupy.ones(6)
+
+    def step():
+        with ptds:
+            bncore_gpu.sgd_step([p], [g], lr=0.1)
+            ptds.synchronize()
+
+    step()
+    n = len(_tables._cache)
+    step()                                              # the same thread: a hit
+    assert len(_tables._cache) == n
+    worker = threading.Thread(target=step)
+    worker.start()
+    worker.join()
+    assert len(_tables._cache) == n + 1                 # another thread: its own table
+    np.testing.assert_allclose(cupy.asnumpy(p), np.full(6, 0.7))
+
+
 def test_gpu_array_tables_notice_a_shape_set_in_place():
     """The validated tables are cached per list of arrays; an array whose shape
     is set in place after a step (p.shape = (2, 3)) is checked again, not

@@ -19,6 +19,7 @@ def Device(*args):  # noqa: N802 - CuPy's spelling
 
 class runtime:  # noqa: N801
     cudaDevAttrMultiProcessorCount = 16
+    streamPerThread = 2
 
     @staticmethod
     def getDeviceCount():  # noqa: N802
@@ -88,6 +89,16 @@ class Stream(_Stream):
 
     def synchronize(self):
         pass
+
+
+class _PerThreadStream(Stream):
+    """cupy.cuda.Stream.ptds: every thread's own default stream, one handle."""
+
+    def __init__(self):
+        self.ptr = runtime.streamPerThread
+
+
+Stream.ptds = _PerThreadStream()
 
 
 def get_current_stream():
