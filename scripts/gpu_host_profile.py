@@ -97,14 +97,29 @@ def main() -> int:
 
         # GPU time per call with the host out of the way: whether a row above is
         # the host's time or the GPU's
-        gpu_parts = [("GPU only: forward (default path)", parts["forward (default path)"]),
-                     ("GPU only: backward (default path)", parts["backward (default path)"])]
+        # (and of the three-kernel path, and torch's backward kernel, beside them)
+        gpu_parts = [(f"GPU only: {k}", parts[k]) for k in (
+            "forward (default path)", "backward (default path)", "forward (3-kernel path)",
+            "backward (3-kernel path)")]
         if torch is not None:
             gpu_parts.append(("GPU only: torch F.batch_norm (training)",
                               lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)))
+            try:
+                tdy = torch.as_tensor(dy, device="cuda")
+                _, smean, sinvstd = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv,
+                                                                     True, 0.1, 1e-5)
+                gpu_parts.append(("GPU only: torch native_batch_norm_backward",
+                                  lambda: torch.ops.aten.native_batch_norm_backward(
+                                      tdy, tx, tw, trm, trv, smean, sinvstd, True, 1e-5,
+                                      [True, True, True])))
+            except Exception as exc:       # noqa: BLE001 - the row is left out, said why
+                print(f"torch native_batch_norm_backward: {type(exc).__name__}: {exc}")
         for name, fn in gpu_parts:
+            gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = (saved if "3-kernel" not in name
+                                                  else (False, False))
             us, hidden = gpu_only_us(fn)
             rows.append((label, name if hidden else name + " (host NOT hidden)", us))
+        gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = saved
 
         for name, fn in (("forward", parts["forward (default path)"]),
                          ("backward", parts["backward (default path)"])):
