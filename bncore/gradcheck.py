@@ -37,6 +37,7 @@ from bncore import _checks as chk
 
 __all__ = ["gradcheck", "GradcheckReport", "GradcheckSetupError"]
 
+
 class GradcheckSetupError(ValueError):
     """The check as asked cannot run (a full Jacobian too large, settings that
     do not match the inputs, nothing to compare): not a verdict on the
@@ -302,6 +303,22 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
         v = v[np.isfinite(v)]
         return float(v.max()) if v.size else 0.0
 
+    def at_steps(i: int, where, step):
+        """f with input i's flat elements `where` (a slice or an index) moved by
+        +-step and +-2 step (exact: exact_steps), every other value as it is:
+        [(m, f(x + m step), f(x - m step)) for m in 1, 2]."""
+        out = []
+        for mult in (1.0, 2.0):
+            plus = [x.copy() for x in xs]
+            minus = [x.copy() for x in xs]
+            plus[i].reshape(-1)[where] += mult * step
+            minus[i].reshape(-1)[where] -= mult * step
+            out.append((mult, evaluate(plus), evaluate(minus)))
+        return out
+
+    def element(i: int, flat: int) -> tuple:
+        return tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
+
     if mode == "random":
         # each direction moves one input (in turn): a gradient small beside
         # another's (a weight's beside the data's) is judged against its own
@@ -321,12 +338,7 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
             # directional derivative of <u, f> along the displacement 2 step,
             # and along twice it: 2h * d, 4h * d for d = step / h
             results = []
-            for mult in (1.0, 2.0):
-                plus = [x.copy() for x in xs]
-                minus = [x.copy() for x in xs]
-                plus[i] += mult * step
-                minus[i] -= mult * step
-                fp, fm = evaluate(plus), evaluate(minus)
+            for mult, fp, fm in at_steps(i, slice(None), step.reshape(-1)):
                 numeric = float(u @ (fp - fm)) / (2.0 * mult * h)
                 # <u, e> for f's rounding errors e (each within accuracy |f|)
                 # has, over the random u, a standard deviation of |e|_2: four
@@ -359,16 +371,10 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
                 s = float(steps.reshape(-1)[flat])
                 if s == 0.0:
                     # an element too large for its step: unresolved, not skipped
-                    index = (0,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
-                    record(0.0, 0.0, 0.0, float("inf"), i, index)
+                    record(0.0, 0.0, 0.0, float("inf"), i, (0,) + element(i, flat))
                     continue
                 cols = []
-                for mult in (1.0, 2.0):     # steps s and 2s, as in random mode
-                    plus = [x.copy() for x in xs]
-                    minus = [x.copy() for x in xs]
-                    plus[i].reshape(-1)[flat] += mult * s
-                    minus[i].reshape(-1)[flat] -= mult * s
-                    fp, fm = evaluate(plus), evaluate(minus)
+                for mult, fp, fm in at_steps(i, flat, s):       # as in random mode
                     noise = accuracy[slot] * (np.abs(fp) + np.abs(fm)) / (2.0 * mult * s)
                     cols.append(((fp - fm) / (2.0 * mult * s), np.where(fp == fm, 0.0, noise)))
                 (col, noise), (col2, noise2) = cols
@@ -379,7 +385,7 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
                 ana = jac[slot][:, flat]
                 scale = max(finite_max(col), finite_max(ana))
                 for r in range(y0.size):
-                    index = (r,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
+                    index = (r,) + element(i, flat)
                     record(float(ana[r]), float(col[r]), scale, float(fd_err[r]), i, index,
                            spread=float(trunc[r]))
         # vjp is linear in its cotangent: vjp(u) against the unit cotangents'
@@ -392,7 +398,7 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
                 scale = float(np.max(np.abs(u) @ np.abs(jac[slot]), initial=0.0))
                 got = grads[slot].reshape(-1)
                 for flat in range(xs[i].size):
-                    index = (None,) + tuple(int(k) for k in np.unravel_index(flat, xs[i].shape))
+                    index = (None,) + element(i, flat)
                     record(float(got[flat]), float(want[flat]), scale,
                            NOISE * scale, i, index)
     # a comparison whose finite differences at h and 2h differ by more than
