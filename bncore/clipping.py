@@ -96,6 +96,7 @@ def tables_by_dtype(gl: list, write: bool, gather_one, as_array, address) -> lis
                            [s + a.nbytes for s, a in zip(starts, arrays)], [True] * len(arrays))
     return tables
 
+
 def _norm_type(norm_type) -> float:
     if isinstance(norm_type, str) and norm_type.strip().lower() == "inf":
         return math.inf                  # torch accepts the string too

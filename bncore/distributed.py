@@ -204,8 +204,9 @@ class HostEngine:
         view = channel_view(x, ax)
         dyk, xk = view.arrange(dy), view.arrange(x)
         target = _output_target(view, out, x.dtype, (xk, dyk))
-        _bk.input_grad(_flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer, x.shape[ax], view.inner, bool(training),
-                       N, mean, invstd, _vec(weight), g_dy, g_dyx, nthreads)
+        _bk.input_grad(_flat(view, dyk), _flat(view, xk), _flat(view, target), view.outer,
+                       x.shape[ax], view.inner, bool(training), N, mean, invstd, _vec(weight),
+                       g_dy, g_dyx, nthreads)
         return _finish_output(target, out)
 
     @staticmethod

@@ -218,8 +218,10 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
     # checks below and the upload are skipped (an optimizer's every step)
     key = (tuple(infos), tuple(writes), grad_op, half_first, cupy.cuda.Device().id,
            _stream_key())
+    # (a list of objects without weak references is checked every call, never cached)
+    cacheable = all(i is None or i.refs is not None for i in infos)
     hit = None
-    if all(i is None or i.refs is not None for i in infos):
+    if cacheable:
         with _lock:
             hit = _calls.get(key)
             if hit is not None:
@@ -264,7 +266,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
     ptrs = [zeros if info is None else info.ptrs for info in infos]
     host = np.concatenate(ptrs + [sizes, np.stack([tensor, offset], axis=1).reshape(-1)])
     device = _upload(host)
-    if all(i is None or i.refs is not None for i in infos):
+    if cacheable:
         _lru(_calls, _CACHE_SIZE, key, lambda: (device, nchunks, pdtype, gdtype, ptrs))
     return Table(device, len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs)
 

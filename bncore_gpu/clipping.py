@@ -43,6 +43,7 @@ def _tables(grads, write: bool) -> list:
         lambda lst: gather([lst], ("grads",), (write,), -1, half_first=True),
         chk.as_array, lambda a: a.data.ptr)
 
+
 def _combined_total(tables, p: float):
     """The norm of every table's gradients together, a 0-d device array: each
     table's norm, then those combined relative to the largest (NaN wins, as
