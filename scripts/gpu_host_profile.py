@@ -21,6 +21,33 @@ import numpy as np
 from bench_gpu import bn_arrays, gpu_only_us, per_call_us  # scripts/ is on sys.path
 
 
+def _row_block_sweep(label, parts, gbn, outer: int):
+    """GPU-only time of the default (one-launch, cooperative) rows forward and
+    backward with fewer row blocks than TARGET_BLOCKS gives: on (256,1024) that
+    is 256 blocks of one row each, whose float64 partials (4 MB) outweigh the
+    data (1 MB) and whose finalize combines 256 partials per channel, a lead
+    for its GPU time (27 us against torch's 11.5, 2026-11-28). Each setting's
+    summation order is the shape's and the setting's (deterministic); this
+    only times them, for choosing a rule (e.g. a least number of rows per
+    block). Rows say "(cap N)" with the TARGET_BLOCKS tried."""
+    out = []
+    saved = gbn.TARGET_BLOCKS
+    try:
+        for cap in (gbn.TARGET_BLOCKS // 4, gbn.TARGET_BLOCKS // 16, gbn.TARGET_BLOCKS // 64):
+            if cap < 1 or cap >= outer * 4:
+                continue
+            gbn.TARGET_BLOCKS = cap
+            for kind in ("forward", "backward"):
+                us, hidden = gpu_only_us(parts[f"{kind} (default path)"])
+                name = f"GPU only: {kind} (default path), TARGET_BLOCKS {cap}"
+                out.append((label, name if hidden else name + " (host NOT hidden)", us))
+    except Exception as exc:       # noqa: BLE001 - an experiment: the other rows still print
+        print(f"row-block sweep on {label}: {type(exc).__name__}: {exc}")
+    finally:
+        gbn.TARGET_BLOCKS = saved
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=2000)
@@ -120,6 +147,8 @@ def main() -> int:
             us, hidden = gpu_only_us(fn)
             rows.append((label, name if hidden else name + " (host NOT hidden)", us))
         gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = saved
+        if view.inner < gbn.ROWS_MIN_INNER:
+            rows += _row_block_sweep(label, parts, gbn, view.outer)
 
         for name, fn in (("forward", parts["forward (default path)"]),
                          ("backward", parts["backward (default path)"])):
