@@ -269,6 +269,31 @@ def environment(threads: int) -> Dict[str, object]:
     return env
 
 
+def core_check(threads: int, min_time: float) -> Optional[float]:
+    """How much faster an in-cache, compute-bound bncore call ran on `threads`
+    threads than on one, just now: near `threads` when the run had every core
+    it asked for, near 1 when the host took cores away. This shared 2-core
+    machine has phases (minutes long) in which two threads run at one thread's
+    speed, for bncore and torch alike, moving in-cache ratios by up to 1.9x
+    (BENCHMARKS.md, 2026-11-28 twelfth session); the check says which phase a
+    run met. None with one thread."""
+    if threads < 2:
+        return None
+    import bncore
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((256, 1024)).astype(np.float32)
+    y = np.empty_like(x)
+    rm, rv = np.zeros(1024, np.float32), np.ones(1024, np.float32)
+    best = {}
+    for _ in range(5):
+        for n in (1, threads):
+            t = time_loop(lambda n=n: bncore.batch_norm_forward(
+                x, running_mean=rm, running_var=rv, training=False, out=y, num_threads=n),
+                min_time)
+            best[n] = min(best.get(n, float("inf")), t)
+    return best[1] / best[threads]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="threads for bncore and torch (default 2)")
@@ -292,14 +317,22 @@ def main(argv=None) -> int:
     bncore.set_num_threads(args.threads)
     cases = [c for c in bn_cases(args.threads) + optim_cases(args.threads)
              if args.only in c.name]
+    scaling = [core_check(args.threads, args.min_time)]
     run_cases(cases, args.reps, args.min_time)
+    scaling.append(core_check(args.threads, args.min_time))
     env = environment(args.threads)
+    env["core_check"] = scaling
     header = (f"CPU benchmark: {args.threads} threads, best of {args.reps} repetitions; "
               f"torch {env['torch']}, numpy {env['numpy']}; floor = the issues' one-thread "
               f"floor (batch norm: np.copyto of x, all three cases; optimizers: in-place "
               f"np.add over the bytes the update moves); floor Nt = the bytes each case "
               f"moves, with {args.threads} threads (batch-norm backward: c = a + b, three "
               f"arrays); torch alt = Adam(foreach=True), SGD(fused=True)")
+    if scaling[0] is not None:
+        header += (f"\ncore check (before, after the cases): an in-cache bncore call ran "
+                   f"{scaling[0]:.2f}x, {scaling[1]:.2f}x faster on {args.threads} threads "
+                   f"than on 1 (near {args.threads}: the run had its cores; near 1: the "
+                   f"host took some, and in-cache ratios are not this machine's best)")
     text = report(cases, header)
     print(text)
     if args.json:

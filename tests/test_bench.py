@@ -59,7 +59,12 @@ def test_short_run_prints_both_floors(tmp_path):
     assert "| floor Nt ms |" in run.stdout and "| bncore/floor Nt |" in run.stdout
     assert "| torch alt ms |" in run.stdout
     import json
-    cases = json.loads(out.read_text())["cases"]
+    result = json.loads(out.read_text())
+    cases = result["cases"]
+    # the core check ran before and after the cases, and says so above the table
+    assert len(result["env"]["core_check"]) == 2
+    assert all(r > 0 for r in result["env"]["core_check"])
+    assert "core check (before, after the cases)" in run.stdout
     assert [c["name"] for c in cases] == ["bn forward-train (256,1024)",
                                           "bn forward-eval (256,1024)", "bn backward (256,1024)"]
     for c in cases:
