@@ -26,6 +26,15 @@
  *              residual correction: no divider at all
  *   rsqrt1     one Goldschmidt step only (about 2^-27: not float64-accurate)
  *   (the last three need AVX-512; BENCHMARKS.md, 2026-11-28 tenth session)
+ *   f32step    m and v as f64 (one rounding each); the step q in float32
+ *              (RN32(lr m) / (sqrtf(RN32(v c)) + eps)), p = fma(x, 1, -q) rounded
+ *              once, and a flag per element where |p| < 16 |q| (there the
+ *              package would take the float64 formula: p faithfully rounded
+ *              everywhere; the fallback loop is left out here, its elements
+ *              being rare in training data but not in this probe's)
+ *   f32step-pkg the same with the package's other per-element work: gradient
+ *              scale, the L2 term's select, decoupled decay as dh + dl
+ *   (BENCHMARKS.md, 2026-11-28 twelfth session: neither beats f64 by enough)
  */
 #include <math.h>
 #include <omp.h>
@@ -150,6 +159,47 @@ static void rsqrt1(float *restrict p, const float *restrict g, float *restrict m
 #define NEWTON_KERNELS
 #endif
 
+/* f32step / f32step-pkg (header): the float32 step, its flags, the piece's
+ * inputs saved for the float64 fallbacks */
+#define F32PIECE 256
+/* run-time values, as the package's (constants would fold away) */
+static volatile double f32s_inv = 1.0, f32s_wd = 0.0;
+static volatile float f32s_dh = 1.0f, f32s_dl = 0.0f;
+static volatile int f32s_l2 = 0;
+static inline void f32step_any(float *restrict p, const float *restrict g, float *restrict m,
+                               float *restrict v, ptrdiff_t n, const Hyper *h, int pkg) {
+    const float eps32 = (float)h->eps, dh = f32s_dh, dl = f32s_dl;
+    const double inv = f32s_inv, wd = f32s_wd;
+    const int l2 = f32s_l2;
+    float X[F32PIECE], M0[F32PIECE], V0[F32PIECE];
+    int bad[F32PIECE], any = 0;
+    for (ptrdiff_t i0 = 0; i0 < n; i0 += F32PIECE) {
+        ptrdiff_t k = n - i0 < F32PIECE ? n - i0 : F32PIECE;
+        for (ptrdiff_t j = 0; j < k; j++) {
+            X[j] = p[i0 + j]; M0[j] = m[i0 + j]; V0[j] = v[i0 + j];
+            double x = X[j], gr = pkg ? (double)g[i0 + j] * inv + wd * (l2 ? x : 0.0)
+                                    : (double)g[i0 + j];
+            double mm = h->beta1 * M0[j] + (1 - h->beta1) * gr;
+            double vv = h->beta2 * V0[j] + (1 - h->beta2) * gr * gr;
+            m[i0 + j] = (float)mm; v[i0 + j] = (float)vv;
+            float a32 = (float)(vv * h->c_out);
+            float q = (float)(h->lr * mm) / (sqrtf(a32) + eps32);
+            float p32 = pkg ? __builtin_fmaf(X[j], dh, __builtin_fmaf(X[j], dl, -q)) : X[j] - q;
+            p[i0 + j] = p32;
+            float ap = fabsf(p32);
+            int b = !((ap >= 16.0f * fabsf(q)) & (ap >= 8.67e-19f) & (ap <= 3.4e38f)
+                      & (a32 <= 3.4e38f));
+            bad[j] = b;
+            any |= b;
+        }
+    }
+    if (any == 2) printf("%d", bad[0]);     /* keeps the flags live */
+}
+static void f32step(float *restrict p, const float *restrict g, float *restrict m,
+                    float *restrict v, ptrdiff_t n, const Hyper *h) { f32step_any(p, g, m, v, n, h, 0); }
+static void f32step_pkg(float *restrict p, const float *restrict g, float *restrict m,
+                        float *restrict v, ptrdiff_t n, const Hyper *h) { f32step_any(p, g, m, v, n, h, 1); }
+
 static void add(float *restrict a, const float *restrict b, float *restrict unused1,
                 float *restrict unused2, ptrdiff_t n, const Hyper *h) {
     (void)unused1; (void)unused2; (void)h;
@@ -184,8 +234,8 @@ static double timed(Kernel k, float **a, ptrdiff_t n, int nt, int reps, const Hy
 int main(int argc, char **argv) {
     int nt = argc > 1 ? atoi(argv[1]) : 2;
     const Hyper h = {0.9, 0.999, 1e-3, 1e-8, 1.0 / (1 - pow(0.999, 10))};
-    const char *names[] = {"f64", "f64-nodiv", "hybrid", "f32", "comp32" NEWTON_NAMES};
-    Kernel kernels[] = {f64, f64_nodiv, hybrid, f32, comp32 NEWTON_KERNELS};
+    const char *names[] = {"f64", "f64-nodiv", "hybrid", "f32", "comp32", "f32step", "f32step-pkg" NEWTON_NAMES};
+    Kernel kernels[] = {f64, f64_nodiv, hybrid, f32, comp32, f32step, f32step_pkg NEWTON_KERNELS};
     ptrdiff_t small = 16384, big = 10000000, nadd = big * 28 / 12;
     float *a[4], *b[4], *c[2];
     for (int j = 0; j < 4; j++) { a[j] = huge(small); b[j] = huge(big); }
