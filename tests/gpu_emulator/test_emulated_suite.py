@@ -65,3 +65,36 @@ def test_tensor_requiring_grad_is_refused_with_the_fix():
         bncore_gpu.optim.SGD([_TensorRequiringGrad()], lr=0.1)
     with pytest.raises(TypeError, match=r"detach\(\)"):
         bncore_gpu.batch_norm_forward(_TensorRequiringGrad())
+
+
+def test_gpu_host_profile_script_runs_end_to_end(monkeypatch, capsys):
+    """scripts/gpu_host_profile.py (a step of scripts/gpu_check.sh, which only a
+    device run reaches) on the emulated device: every part it times, the GPU-only
+    rows (bench_gpu.gpu_only_us with its spin kernel and events) and the rows
+    kernels' TARGET_BLOCKS sweep on the 2-D shape. The figures mean nothing here;
+    that the script gets through, and names each row, is what a device run needs."""
+    import os
+    import sys
+    scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts")
+    monkeypatch.syspath_prepend(scripts)
+    import bench_gpu
+    import gpu_host_profile
+    from bncore_gpu import batch_norm as gbn
+    real = bench_gpu.gpu_only_us
+    monkeypatch.setattr(gpu_host_profile, "gpu_only_us", lambda fn: real(fn, calls=2))
+    monkeypatch.setattr(sys, "argv", ["gpu_host_profile.py", "--calls", "2", "--top", "2"])
+    target = gbn.TARGET_BLOCKS
+    assert gpu_host_profile.main() == 0
+    assert gbn.TARGET_BLOCKS == target               # the sweep put it back
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    names = {tuple(c.strip() for c in line.strip("|").split("|")[:2]) for line in rows}
+    for shape in ("(16,64,8,8)", "(256,1024)"):
+        for part in ("forward (default path)", "backward (3-kernel path)",
+                     "GPU only: forward (default path)", "GPU only: backward (3-kernel path)"):
+            assert (shape, part) in names, (shape, part)
+    for cap in (target // 4, target // 16, target // 64):
+        for kind in ("forward", "backward"):
+            assert ("(256,1024)", f"GPU only: {kind} (default path), TARGET_BLOCKS {cap}") in names
+    # the planes shape takes the cluster kernels: no rows sweep there
+    assert not any(s == "(16,64,8,8)" and "TARGET_BLOCKS" in p for s, p in names)
+    assert all(float(line.strip("|").split("|")[2]) >= 0 for line in rows)

@@ -8,6 +8,8 @@ from ._core import (RawModule, array, ascontiguousarray, asarray, asnumpy, copyt
                     float32, float64, int32, int64, maximum, abs, get_array_module,
                     exp, log, arange, pad, flatnonzero, where, broadcast_to)
 
+from ._core import raw_kernel as RawKernel  # noqa: E402,N812 - CuPy's name
+
 __version__ = "emulated"
 EMULATED = True
 inf, nan = _np.inf, _np.nan

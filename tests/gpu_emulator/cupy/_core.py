@@ -325,6 +325,16 @@ class _Function:
             RawModule.cooperative = False
 
 
+def raw_kernel(code, name, options=(), **kw):
+    """cupy.RawKernel(code, name): a kernel compiled from source by a script
+    (scripts/bench_gpu.py's spin kernel), checked and emulated as the
+    package's kernels are (its emulation registered under its name)."""
+    sigs = _parse_kernels(code)
+    if name not in sigs:
+        raise ValueError(f"no kernel {name} in the source")
+    return RawKernel(name, [], sigs[name], RawModule.emulations.get(name))
+
+
 class RawModule:
     cooperative = False      # whether the launch in progress is cooperative
     emulations = {}          # kernel name -> emulation(grid, block, *args)
