@@ -30,11 +30,13 @@
  *              (RN32(lr m) / (sqrtf(RN32(v c)) + eps)), p = fma(x, 1, -q) rounded
  *              once, and a flag per element where |p| < 16 |q| (there the
  *              package would take the float64 formula: p faithfully rounded
- *              everywhere; the fallback loop is left out here, its elements
- *              being rare in training data but not in this probe's)
+ *              everywhere; the fallback loop's scan of the flags is here, its
+ *              float64 work is not: its elements are rare in training data,
+ *              not in this probe's, whose p cross 0 over the repetitions)
  *   f32step-pkg the same with the package's other per-element work: gradient
- *              scale, the L2 term's select, decoupled decay as dh + dl
- *   (BENCHMARKS.md, 2026-11-28 twelfth session: neither beats f64 by enough)
+ *              scale, the L2 term (its loop for L2 off), decoupled decay as dh + dl
+ *   (BENCHMARKS.md, 2026-11-28 twelfth session: both slower than f64 once the
+ *   flags are kept live; an earlier version let GCC delete the test)
  */
 #include <math.h>
 #include <omp.h>
@@ -165,20 +167,24 @@ static void rsqrt1(float *restrict p, const float *restrict g, float *restrict m
 /* run-time values, as the package's (constants would fold away) */
 static volatile double f32s_inv = 1.0, f32s_wd = 0.0;
 static volatile float f32s_dh = 1.0f, f32s_dl = 0.0f;
-static volatile int f32s_l2 = 0;
+/* where the flagged elements' saved inputs go: keeps the flags, the test and
+ * the copies live (the compiler deleted all three from an `any == 2` test) */
+static volatile float f32s_sink;
 static inline void f32step_any(float *restrict p, const float *restrict g, float *restrict m,
                                float *restrict v, ptrdiff_t n, const Hyper *h, int pkg) {
     const float eps32 = (float)h->eps, dh = f32s_dh, dl = f32s_dl;
     const double inv = f32s_inv, wd = f32s_wd;
-    const int l2 = f32s_l2;
     float X[F32PIECE], M0[F32PIECE], V0[F32PIECE];
-    int bad[F32PIECE], any = 0;
+    int bad[F32PIECE];
     for (ptrdiff_t i0 = 0; i0 < n; i0 += F32PIECE) {
         ptrdiff_t k = n - i0 < F32PIECE ? n - i0 : F32PIECE;
+        int any = 0;
         for (ptrdiff_t j = 0; j < k; j++) {
             X[j] = p[i0 + j]; M0[j] = m[i0 + j]; V0[j] = v[i0 + j];
-            double x = X[j], gr = pkg ? (double)g[i0 + j] * inv + wd * (l2 ? x : 0.0)
-                                    : (double)g[i0 + j];
+            /* (pkg: the L2 term of the loop for l2 off; a select on l2 inside
+             * the loop kept GCC from vectorizing it, so the package's header
+             * had one loop per setting) */
+            double gr = pkg ? (double)g[i0 + j] * inv + wd * 0.0 : (double)g[i0 + j];
             double mm = h->beta1 * M0[j] + (1 - h->beta1) * gr;
             double vv = h->beta2 * V0[j] + (1 - h->beta2) * gr * gr;
             m[i0 + j] = (float)mm; v[i0 + j] = (float)vv;
@@ -192,8 +198,12 @@ static inline void f32step_any(float *restrict p, const float *restrict g, float
             bad[j] = b;
             any |= b;
         }
+        /* the fallback loop's scan, its float64 work left out (above) */
+        if (any)
+            for (ptrdiff_t j = 0; j < k; j++)
+                if (bad[j])
+                    f32s_sink = X[j] + M0[j] + V0[j];
     }
-    if (any == 2) printf("%d", bad[0]);     /* keeps the flags live */
 }
 static void f32step(float *restrict p, const float *restrict g, float *restrict m,
                     float *restrict v, ptrdiff_t n, const Hyper *h) { f32step_any(p, g, m, v, n, h, 0); }
