@@ -150,16 +150,11 @@ def _ptr(a):
 
 def _vec64(v):
     """A per-channel vector as a C-contiguous float64 device array (or None)."""
-    # (v is 1-D: contiguous is one stride of one element, read without
-    # building CuPy's flags object)
-    if v is None or (v.dtype == _F64 and v.strides == _STRIDE8):
-        return v
-    return cupy.ascontiguousarray(v, dtype=_F64)
+    return _as_param(v, _F64)
 
 
 _F32 = np.dtype(np.float32)
 _F16 = np.dtype(np.float16)
-_STRIDE8 = (8,)
 
 
 def _param_dtype(*vectors) -> np.dtype:
@@ -187,7 +182,9 @@ def _store(dst, src) -> None:
 def _as_param(v, pt):
     """v in dtype pt, C-contiguous: itself when it already is, else a copy
     (running statistics are then written back by the caller)."""
-    if v is None or (v.dtype == pt and v.strides == (pt.itemsize,)):   # (1-D: see _vec64)
+    # (v is 1-D: contiguous is one stride of one element, read without
+    # building CuPy's flags object)
+    if v is None or (v.dtype == pt and v.strides == (pt.itemsize,)):
         return v
     return cupy.ascontiguousarray(v, dtype=pt)
 
