@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import operator
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -42,11 +43,16 @@ _FOREIGN_NAMES = {"learning_rate": "lr", "beta_1": "betas", "beta_2": "betas",
                   "initial_accumulator": "initial_accumulator_value"}
 
 
-def _meant(key: str, known) -> str:
+@functools.lru_cache(maxsize=256)
+def _meant(key, known: tuple) -> str:
     """What a group key that this class does not use most likely meant, or ""
     for a key of the caller's own (initial_lr, name): another framework's
     name for a hyperparameter, another bncore optimizer's hyperparameter, or a
-    misspelling of one of this class's."""
+    misspelling of one of this class's. Memoized: every step checks every
+    group, and a scheduler's initial_lr would otherwise cost a fuzzy match per
+    step (18 us, more than the rest of a small step's checks)."""
+    if not isinstance(key, str):
+        return ""
     if key in _FOREIGN_NAMES:
         return f"bncore calls it {_FOREIGN_NAMES[key]!r}"
     from bncore.conventions import OPTIMIZERS
@@ -162,7 +168,7 @@ class Optimizer:
             raise ValueError(f"{where} lacks hyperparameters {missing} (deleted from the group?)")
         for key in group:
             if key != "params" and key not in self.defaults:
-                meant = _meant(key, self.defaults)
+                meant = _meant(key, tuple(self.defaults))
                 if meant:
                     raise ValueError(f"{where} has {key!r}, which {type(self).__name__} does not "
                                      f"use: {meant} (keys that are no optimizer's "
