@@ -389,10 +389,14 @@ def test_gradcheck_tolerances_apply_to_builtin_ops(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     rep = json.loads(path.read_text())["reports"][0]
     assert rep["rtol"] == 1e-3 and rep["atol"] == 1e-7 and rep["checks"] == 3 and rep["ok"]
+    loose = rep["ratio"]
     out = run_cli("gradcheck", "--op", "BatchNorm", "--samples", "1", "--json", str(path))
     assert out.returncode == 0
     rep = json.loads(path.read_text())["reports"][0]
     assert rep["rtol"] == 1e-6 and rep["atol"] == 0 and rep["checks"] == 6   # the registry's
+    # and the verdict was made with them: error / tolerance far smaller under the
+    # loose ones (a report that only echoed them would judge alike)
+    assert 0 < loose < 1e-2 * rep["ratio"], (loose, rep["ratio"])
 
 
 def test_bad_seeds_shapes_and_input_files_are_usage_errors(tmp_path):

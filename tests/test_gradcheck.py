@@ -135,6 +135,13 @@ def test_a_small_gradient_beside_a_large_one_is_judged_on_its_own(mode, bug):
     vjp = lambda u, a, b: [1e4 * u, wrong * u]                    # noqa: E731
     x = [np.random.default_rng(6).standard_normal(5) for _ in range(2)]
     assert not bncore.gradcheck(f, x, vjp, mode=mode)
+    # at the default h the right d/db is unresolved, not passed (nor called wrong);
+    # at a step b's differences resolve, the right one passes and the wrong one fails
+    right = lambda u, a, b: [1e4 * u, 0.1 * u]                    # noqa: E731
+    assert bncore.gradcheck(f, x, right, mode=mode).unresolved > 0
+    assert bncore.gradcheck(f, x, right, mode=mode, h=1e-2)
+    report = bncore.gradcheck(f, x, vjp, mode=mode, h=1e-2)
+    assert not report and report.unresolved == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -157,6 +164,7 @@ def test_a_wrong_entry_cannot_overflow_its_own_tolerance():
         g[2] = 1e200
         return [g]
     assert not bncore.gradcheck(np.sin, x, vjp)
+    assert bncore.gradcheck(np.sin, x, lambda u, x: [np.cos(x) * u])
 
 
 @pytest.mark.parametrize("mode", MODES)
