@@ -21,7 +21,20 @@ import numpy as np
 from bench_gpu import bn_arrays, gpu_only_us, per_call_us  # scripts/ is on sys.path
 
 
-def _row_block_sweep(label, parts, gbn, outer: int):
+def _three_kernels(gbn, fn):
+    """fn on the three-kernel path: neither the cluster kernels (planes) nor
+    the cooperative rows kernels (channels-last, 2-D), one launch each."""
+    def run():
+        saved = gbn.CLUSTER_KERNELS, gbn.ROWS_COOP
+        gbn.CLUSTER_KERNELS = gbn.ROWS_COOP = False
+        try:
+            return fn()
+        finally:
+            gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = saved
+    return run
+
+
+def _row_block_sweep(label, parts, gbn, view, x):
     """GPU-only time of the default (one-launch, cooperative) rows forward and
     backward with fewer row blocks than TARGET_BLOCKS gives: on (256,1024) that
     is 256 blocks of one row each, whose float64 partials (4 MB) outweigh the
@@ -29,14 +42,22 @@ def _row_block_sweep(label, parts, gbn, outer: int):
     for its GPU time (27 us against torch's 11.5, 2026-11-28). Each setting's
     summation order is the shape's and the setting's (deterministic); this
     only times them, for choosing a rule (e.g. a least number of rows per
-    block). Rows say "(cap N)" with the TARGET_BLOCKS tried."""
+    block). Rows say "TARGET_BLOCKS N" with the value tried; a value that
+    gives the default's row blocks (_row_blocks) is not tried again."""
     out = []
     saved = gbn.TARGET_BLOCKS
+    P4 = view.channels * view.inner // 4
+    ntile = -(-P4 // max(gbn._rows_vec4_tile(4 * P4, x), 1))
+    tried = {gbn._row_blocks(view.outer, ntile)}
     try:
-        for cap in (gbn.TARGET_BLOCKS // 4, gbn.TARGET_BLOCKS // 16, gbn.TARGET_BLOCKS // 64):
-            if cap < 1 or cap >= outer * 4:
+        for cap in (saved // 4, saved // 16, saved // 64):
+            if cap < 1:
                 continue
             gbn.TARGET_BLOCKS = cap
+            blocks = gbn._row_blocks(view.outer, ntile)
+            if blocks in tried:
+                continue
+            tried.add(blocks)
             for kind in ("forward", "backward"):
                 us, hidden = gpu_only_us(parts[f"{kind} (default path)"])
                 name = f"GPU only: {kind} (default path), TARGET_BLOCKS {cap}"
@@ -104,23 +125,20 @@ def main() -> int:
                     np.int32(C), rm, rv, np.float64(1e-5), w, b, *scratch)),
             "  cupy.cuda.runtime.getDevice()": cupy.cuda.runtime.getDevice,
         }
-        # the 3-kernel path: neither the cluster kernels (planes) nor the
-        # cooperative rows kernels (channels-last, 2-D), one launch each
-        saved = gbn.CLUSTER_KERNELS, gbn.ROWS_COOP
-        parts["forward (3-kernel path)"] = parts["forward (default path)"]
-        parts["backward (3-kernel path)"] = parts["backward (default path)"]
+        for kind in ("forward", "backward"):
+            parts[f"{kind} (3-kernel path)"] = _three_kernels(gbn, parts[f"{kind} (default path)"])
         label = str(shape).replace(" ", "") + (" CL" if cl else "")
         for name, fn in parts.items():
-            gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = (saved if "3-kernel" not in name
-                                                  else (False, False))
             rows.append((label, name, per_call_us(fn, args.calls)))
-        gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = saved
         if torch is not None:
             tx = torch.as_tensor(x, device="cuda")
             tw, tb = torch.as_tensor(w, device="cuda"), torch.as_tensor(b, device="cuda")
             trm, trv = torch.as_tensor(rm, device="cuda"), torch.as_tensor(rv, device="cuda")
-            rows.append((label, "torch F.batch_norm (training)", per_call_us(
-                lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5), args.calls)))
+
+            def torch_forward():
+                return F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
+            rows.append((label, "torch F.batch_norm (training)",
+                         per_call_us(torch_forward, args.calls)))
 
         # GPU time per call with the host out of the way: whether a row above is
         # the host's time or the GPU's
@@ -129,8 +147,7 @@ def main() -> int:
             "forward (default path)", "backward (default path)", "forward (3-kernel path)",
             "backward (3-kernel path)")]
         if torch is not None:
-            gpu_parts.append(("GPU only: torch F.batch_norm (training)",
-                              lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)))
+            gpu_parts.append(("GPU only: torch F.batch_norm (training)", torch_forward))
             try:
                 tdy = torch.as_tensor(dy, device="cuda")
                 _, smean, sinvstd = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv,
@@ -142,13 +159,10 @@ def main() -> int:
             except Exception as exc:       # noqa: BLE001 - the row is left out, said why
                 print(f"torch native_batch_norm_backward: {type(exc).__name__}: {exc}")
         for name, fn in gpu_parts:
-            gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = (saved if "3-kernel" not in name
-                                                  else (False, False))
             us, hidden = gpu_only_us(fn)
             rows.append((label, name if hidden else name + " (host NOT hidden)", us))
-        gbn.CLUSTER_KERNELS, gbn.ROWS_COOP = saved
         if view.inner < gbn.ROWS_MIN_INNER:
-            rows += _row_block_sweep(label, parts, gbn, view.outer)
+            rows += _row_block_sweep(label, parts, gbn, view, x)
 
         for name, fn in (("forward", parts["forward (default path)"]),
                          ("backward", parts["backward (default path)"])):
