@@ -118,16 +118,21 @@ def threaded(op: Callable[..., object], out: np.ndarray, *inputs: np.ndarray, th
     return run
 
 
+def best_interleaved(impls: Dict[object, Callable[[], object]], reps: int,
+                     min_time: float) -> Dict[object, float]:
+    """Each implementation's best seconds per call over `reps` repetitions, the
+    implementations interleaved within each repetition, so slow phases of a
+    shared machine hit them alike."""
+    best: Dict[object, float] = {}
+    for _ in range(reps):
+        for name, fn in impls.items():
+            best[name] = min(best.get(name, float("inf")), time_loop(fn, min_time))
+    return best
+
+
 def run_cases(cases: List[Case], reps: int, min_time: float) -> None:
     for case in cases:
-        best: Dict[str, float] = {}
-        for _ in range(reps):
-            # implementations interleaved within each repetition, so slow
-            # phases of a shared machine hit them alike
-            for name, fn in case.impls.items():
-                t = time_loop(fn, min_time)
-                best[name] = min(best.get(name, float("inf")), t)
-        case.results = best
+        case.results = best_interleaved(case.impls, reps, min_time)
         print(f"  timed {case.name}", file=sys.stderr)
 
 
@@ -284,13 +289,9 @@ def core_check(threads: int, min_time: float) -> Optional[float]:
     x = rng.standard_normal((256, 1024)).astype(np.float32)
     y = np.empty_like(x)
     rm, rv = np.zeros(1024, np.float32), np.ones(1024, np.float32)
-    best = {}
-    for _ in range(5):
-        for n in (1, threads):
-            t = time_loop(lambda n=n: bncore.batch_norm_forward(
-                x, running_mean=rm, running_var=rv, training=False, out=y, num_threads=n),
-                min_time)
-            best[n] = min(best.get(n, float("inf")), t)
+    best = best_interleaved({n: (lambda n=n: bncore.batch_norm_forward(
+        x, running_mean=rm, running_var=rv, training=False, out=y, num_threads=n))
+        for n in (1, threads)}, 5, min_time)
     return best[1] / best[threads]
 
 
