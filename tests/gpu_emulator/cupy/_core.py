@@ -27,31 +27,28 @@ class ndarray(_np.ndarray):  # noqa: N801 - CuPy's name
         return _np.asarray(self).view(_np.ndarray).copy()
 
 
-_allocations = {}      # id(owning NumPy array) -> (weak reference to it, its PooledMemory)
-_imports = {}          # id(an import's owner) -> (the owner, held, and its DLPackMemory)
+_allocations = {}      # id(an allocation's NumPy array) -> (weak reference to it, its memory)
 
 
 def _allocation(a):
-    """CuPy's .data.mem for `a`: the owner at the end of its chain of bases
-    (NumPy views, as_strided's helper objects), as one PooledMemory per
-    emulated allocation; memory imported through DLPack ends at another
-    owner and gets a DLPackMemory of its own, as every DLPack import does in
-    CuPy."""
+    """CuPy's .data.mem for `a`, one per emulated allocation: the chain of
+    bases (NumPy views, as_strided's helper objects) ends at the allocation's
+    NumPy array, whose memory is a PooledMemory; memory imported through
+    DLPack ends past it, at the exporter's object, and the array the import
+    made gets a DLPackMemory of its own, as every DLPack import does in CuPy.
+    Entries go with their arrays (weak references), imports' included."""
     from .cuda import memory
-    owner = a
+    holder, owner = a, a
     while getattr(owner, "base", None) is not None:
         owner = owner.base
-    if not isinstance(owner, _np.ndarray):
-        # (one wrapper per import, as in CuPy: the import's own arrays share it)
-        entry = _imports.get(id(owner))
-        if entry is None or entry[0] is not owner:
-            entry = _imports[id(owner)] = (owner, memory.DLPackMemory())
-        return entry[1]
-    entry = _allocations.get(id(owner))
-    if entry is None or entry[0]() is not owner:
-        entry = _allocations[id(owner)] = (weakref.ref(owner), memory.PooledMemory())
-        # (dropped when the owner goes, before its id can be reused)
-        weakref.finalize(owner, _allocations.pop, id(owner), None)
+        if isinstance(owner, _np.ndarray):
+            holder = owner
+    entry = _allocations.get(id(holder))
+    if entry is None or entry[0]() is not holder:
+        kind = memory.PooledMemory if isinstance(owner, _np.ndarray) else memory.DLPackMemory
+        entry = _allocations[id(holder)] = (weakref.ref(holder), kind())
+        # (dropped when the array goes, before its id can be reused)
+        weakref.finalize(holder, _allocations.pop, id(holder), None)
     return entry[1]
 
 
@@ -142,10 +139,10 @@ def may_share_memory(a, b):
 
 
 def broadcast_to(a, shape):
-    """A view with stride 0 along the broadcast axes (writeable, as CuPy's)."""
-    return _wrap(_np.lib.stride_tricks.as_strided(a, shape, (0,) * (len(shape) - a.ndim)
-                                                  + tuple(s if n != 1 else 0 for s, n in
-                                                          zip(a.strides, a.shape))))
+    """A view with stride 0 along the broadcast axes (writeable, as CuPy's);
+    shapes that do not broadcast raise, as in CuPy (NumPy's check)."""
+    v = _np.broadcast_to(a, shape)
+    return _wrap(_np.lib.stride_tricks.as_strided(a, v.shape, v.strides))
 
 
 def concatenate(arrs, axis=0):
