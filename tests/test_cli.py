@@ -90,20 +90,13 @@ def test_check_gpu_flag_without_a_gpu_says_why():
 
 def test_check_fails_with_status_1_on_a_wrong_kernel(monkeypatch, tmp_path, capsys):
     """A kernel off by 1e-4 in one parameter is caught, with the case in the report."""
-    real = R.cpu_backend()
+    def sgd_step(params, *args, **kw):
+        bncore.sgd_step(params, *args, **kw)
+        p = params[0] if isinstance(params, list) else params
+        p.reshape(-1)[0] *= 1 + 1e-4
 
-    class Wrong:
-        def __getattr__(self, name):
-            return getattr(bncore, name)
-
-        @staticmethod
-        def sgd_step(params, *args, **kw):
-            bncore.sgd_step(params, *args, **kw)
-            p = params[0] if isinstance(params, list) else params
-            p.reshape(-1)[0] *= 1 + 1e-4
-
-    monkeypatch.setattr(R, "cpu_backend", lambda: R.Backend("cpu", Wrong(), real.to_device,
-                                                            real.to_host))
+    wrong = R.cpu_backend_with(sgd_step=sgd_step)
+    monkeypatch.setattr(R, "cpu_backend", lambda: wrong)
     path = tmp_path / "c.json"
     code = selfcheck.main_check(["sgd_step"], samples=2, fd_samples=0, progress=False,
                                 gpu="off", json_path=str(path))
@@ -116,18 +109,11 @@ def test_check_fails_with_status_1_on_a_wrong_kernel(monkeypatch, tmp_path, caps
 
 
 def test_check_reports_a_crash_as_a_failure_not_a_traceback(monkeypatch, capsys):
-    real = R.cpu_backend()
+    def found_inf(*a, **k):
+        raise RuntimeError("boom")
 
-    class Crashing:
-        def __getattr__(self, name):
-            return getattr(bncore, name)
-
-        @staticmethod
-        def found_inf(*a, **k):
-            raise RuntimeError("boom")
-
-    monkeypatch.setattr(R, "cpu_backend", lambda: R.Backend("cpu", Crashing(), real.to_device,
-                                                            real.to_host))
+    crashing = R.cpu_backend_with(found_inf=found_inf)
+    monkeypatch.setattr(R, "cpu_backend", lambda: crashing)
     code = selfcheck.main_check(["found_inf"], samples=1, fd_samples=0, progress=False, gpu="off")
     assert code == 1
     assert "raised RuntimeError: boom" in capsys.readouterr().out
@@ -196,13 +182,7 @@ def test_gradcheck_catches_a_wrong_batch_norm_backward(monkeypatch):
         dx, dw, db = real(*a, **k)
         return dx, dw * 1.0001, db
 
-    class Mod:
-        def __getattr__(self, name):
-            return getattr(bncore, name)
-
-    mod = Mod()
-    mod.batch_norm_backward = wrong
-    backend = R.Backend("cpu", mod, lambda a: a, np.asarray)
+    backend = R.cpu_backend_with(batch_norm_backward=wrong)
     spec = R.REGISTRY["batch_norm_backward"]
     params = R.sample_params(spec, np.random.default_rng(3), spec.fd_space)
     params["training"] = True

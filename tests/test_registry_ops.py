@@ -129,11 +129,7 @@ def test_the_registry_checks_what_a_keyword_does(name, keyword, space):
         k.pop(keyword, None)
         return real(*a, **k)
 
-    class Mod:
-        def __getattr__(self, attr):
-            return dropping if attr == name else getattr(bncore, attr)
-
-    broken = registry.Backend("cpu", Mod(), lambda a: a, np.asarray)
+    broken = registry.cpu_backend_with(**{name: dropping})
     spec, rng, caught = REGISTRY[name], np.random.default_rng(0), 0
     for _ in range(12):
         case = spec.make_case(registry.sample_params(spec, rng, dict(spec.space, **space)))

@@ -41,6 +41,20 @@ def cpu_backend() -> Backend:
     return Backend("cpu", bncore, lambda a: a, np.asarray)
 
 
+def cpu_backend_with(**ops: Callable) -> Backend:
+    """The CPU backend with the named ops replaced (the others bncore's): a
+    deliberately broken implementation, to show that a check catches it."""
+    import types
+
+    import bncore
+
+    class Module(types.SimpleNamespace):
+        def __getattr__(self, name):          # (only for names not replaced)
+            return getattr(bncore, name)
+
+    return Backend("cpu", Module(**ops), lambda a: a, np.asarray)
+
+
 def gpu_backend() -> Optional[Backend]:
     """The CUDA backend, or None when bncore_gpu cannot run here."""
     try:
