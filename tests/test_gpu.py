@@ -1190,34 +1190,6 @@ def test_rows_coop_kernels_from_two_threads_at_once():
     assert not bad
 
 
-def test_gpu_kernel_tables_per_thread_under_the_per_thread_stream():
-    """Under CuPy's per-thread default stream every thread's stream has one
-    handle but runs beside the others: a table uploaded on one thread's stream
-    must not serve a kernel on another's, so each thread gets its own."""
-    import threading
-    from bncore_gpu import _tables
-    ptds = getattr(cupy.cuda.Stream, "ptds", None)
-    if ptds is None:
-        pytest.skip("this CuPy has no per-thread default stream")
-    _tables.clear_caches()
-    p, g = cupy.ones(6), cupy.ones(6)
-
-    def step():
-        with ptds:
-            bncore_gpu.sgd_step([p], [g], lr=0.1)
-            ptds.synchronize()
-
-    step()
-    n = len(_tables._cache)
-    step()                                              # the same thread: a hit
-    assert len(_tables._cache) == n
-    worker = threading.Thread(target=step)
-    worker.start()
-    worker.join()
-    assert len(_tables._cache) == n + 1                 # another thread: its own table
-    np.testing.assert_allclose(cupy.asnumpy(p), np.full(6, 0.7))
-
-
 def test_gpu_array_tables_notice_a_shape_set_in_place():
     """The validated tables are cached per list of arrays; an array whose shape
     is set in place after a step (p.shape = (2, 3)) is checked again, not
@@ -1488,21 +1460,38 @@ def test_gpu_gradients_of_several_dtypes_match_the_cpu(p):
         bncore_gpu.grad_norm(dev + [cupy.ones(3, cupy.int32)])
 
 
-def test_gpu_kernel_tables_are_uploaded_per_stream():
+@pytest.mark.parametrize("other", ["stream", "thread"])
+def test_gpu_kernel_tables_are_uploaded_per_stream(other):
     """The uploaded pointer tables are cached per stream: a table dropped from
     the cache returns to its stream's memory pool, which may reuse it at once,
-    so a kernel of another stream must never read a table made on this one."""
+    so a kernel of another stream must never read a table made on this one.
+    "thread": under CuPy's per-thread default stream every thread's stream has
+    one handle but runs beside the others, so each thread gets its own table."""
+    import contextlib
+    import threading
     from bncore_gpu import _tables
+    ptds = getattr(cupy.cuda.Stream, "ptds", None)
+    if other == "thread" and ptds is None:
+        pytest.skip("this CuPy has no per-thread default stream")
     _tables.clear_caches()
     p, g = cupy.ones(6), cupy.ones(6)
-    bncore_gpu.sgd_step([p], [g], lr=0.1)
+
+    def step(stream=ptds if other == "thread" else None):
+        with stream if stream is not None else contextlib.nullcontext():
+            bncore_gpu.sgd_step([p], [g], lr=0.1)
+            cupy.cuda.Device().synchronize()
+
+    step()
     n = len(_tables._cache)
     assert n == 1
-    bncore_gpu.sgd_step([p], [g], lr=0.1)                  # the same stream: a hit
+    step()                                                   # the same stream: a hit
     assert len(_tables._cache) == n
-    with cupy.cuda.Stream(non_blocking=True) as s:
-        bncore_gpu.sgd_step([p], [g], lr=0.1)              # another stream: its own table
-        s.synchronize()
+    if other == "stream":
+        step(cupy.cuda.Stream(non_blocking=True))            # another stream: its own table
+    else:
+        worker = threading.Thread(target=step)               # another thread: its own table
+        worker.start()
+        worker.join()
     assert len(_tables._cache) == n + 1
     np.testing.assert_allclose(cupy.asnumpy(p), np.full(6, 0.7))
 
