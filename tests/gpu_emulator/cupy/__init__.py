@@ -3,7 +3,7 @@ import numpy as _np
 
 from . import cuda  # noqa: F401
 from ._core import (RawModule, array, ascontiguousarray, asarray, asnumpy, copyto, empty,  # noqa: F401
-                    empty_like, from_dlpack, full, may_share_memory, ndarray, ones, sqrt,
+                    empty_like, from_dlpack, full, ndarray, ones, sqrt,
                     zeros, zeros_like, ones_like, full_like, concatenate, isfinite, float16,
                     float32, float64, int32, int64, maximum, abs, get_array_module,
                     exp, log, arange, pad, flatnonzero, where, broadcast_to)

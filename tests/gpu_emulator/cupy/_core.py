@@ -130,14 +130,6 @@ def from_dlpack(a):
     return _wrap(_np.from_dlpack(a))
 
 
-def may_share_memory(a, b):
-    """CuPy's: False for arrays of two different allocation objects (.mem),
-    whatever their addresses; else whether their byte ranges meet."""
-    if a.data.mem is not b.data.mem or a.size == 0 or b.size == 0:
-        return False
-    return _np.may_share_memory(a, b)
-
-
 def broadcast_to(a, shape):
     """A view with stride 0 along the broadcast axes (writeable, as CuPy's);
     shapes that do not broadcast raise, as in CuPy (NumPy's check)."""
