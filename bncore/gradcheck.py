@@ -342,9 +342,13 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
                 numeric = float(u @ (fp - fm)) / (2.0 * mult * h)
                 # <u, e> for f's rounding errors e (each within accuracy |f|)
                 # has, over the random u, a standard deviation of |e|_2: four
-                # of it; none where f did not change at all
-                noise = (0.0 if np.array_equal(fp, fm) else
-                         4.0 * accuracy[slot] * (norm2(fp) + norm2(fm)) / (2.0 * mult * h))
+                # of it, over the outputs that moved (as full mode does per
+                # entry): one that did not adds exactly 0 to <u, fp - fm>, and
+                # counting a large unmoved output (another input's) let its
+                # size pass a wrong gradient
+                moved_out = fp != fm
+                noise = 4.0 * accuracy[slot] * (norm2(fp[moved_out]) + norm2(fm[moved_out])) / (
+                    2.0 * mult * h)
                 results.append((numeric, noise))
             (numeric, noise), (numeric2, noise2) = results
             terms = grads[slot] * step / h

@@ -187,3 +187,22 @@ def test_a_right_gradient_at_a_stationary_point_passes(mode):
     x = [np.zeros(4)]
     assert bncore.gradcheck(lambda x: 1.0 + x * x, x, lambda u, x: [2 * x * u], mode=mode)
     assert bncore.gradcheck(np.cos, x, lambda u, x: [-np.sin(x) * u], mode=mode, atol=1e-9)
+
+
+# ---------------------------------------------------------------- thirteenth session review
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("factor", [1.1, 1.5])
+def test_a_large_output_that_one_input_does_not_move_lends_it_no_tolerance(mode, factor):
+    """f = (sin x, 1e8 b): moving x leaves the second output exactly as it was,
+    so it adds nothing to the difference; random mode counted its size in the
+    rounding noise anyway, and a 10-50 % wrong d/dx passed (error / tolerance
+    0.09-0.3)."""
+    f = lambda x, b: (np.sin(x), 1e8 * b)                           # noqa: E731
+    rng = np.random.default_rng(12)
+    inputs = [rng.standard_normal(20), rng.standard_normal(100 if mode == "full" else 20000)]
+    right = lambda u, x, b: [u[0] * np.cos(x), 1e8 * u[1]]          # noqa: E731
+    wrong = lambda u, x, b: [factor * u[0] * np.cos(x), 1e8 * u[1]]  # noqa: E731
+    assert bncore.gradcheck(f, inputs, right, mode=mode)
+    report = bncore.gradcheck(f, inputs, wrong, mode=mode)
+    assert not report and report.unresolved == 0
