@@ -374,6 +374,7 @@ cdef struct Hyper:
     # RMSprop / Adagrad: den = sqrt(d + e_in) + e_out;  momentum: b = mu b + k u, p -= L b
     double alpha, e_in, e_out, mu, k
     bint has_momentum, centered
+    bint nesterov        # SGD: p takes the gradient's term too (Na g); else p -= L v
 
 
 cdef inline double _grad(const gtype* g, Py_ssize_t i, double x, const Hyper* h) noexcept nogil:
@@ -398,6 +399,17 @@ cdef inline void _sgd_chunk(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
             x = <double>p[i]
             gr = _grad(g, i, x, h)
             p[i] = <ptype>(x * h.decay - h.lr * (h.B0 * gr))
+        return
+    if not h.nesterov:
+        # without g's term, not with Na = 0: 0 * g is NaN for an infinite g,
+        # where p -= L v takes the infinite v (as torch, Keras and ONNX do)
+        for i in range(n):
+            x = <double>p[i]
+            gr = _grad(g, i, x, h)
+            v = <double>b[i] if h.read_buf else 0.0
+            v = h.A * v + h.B * gr
+            b[i] = <ptype>v
+            p[i] = <ptype>(x * h.decay - h.L * v)
         return
     for i in range(n):
         x = <double>p[i]
@@ -455,6 +467,7 @@ def sgd(Table t, double lr, double momentum, double dampening, bint nesterov,
     h.l2 = h.wd != 0.0
     h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
     h.has_momentum = use_buffers
+    h.nesterov = nesterov
     h.A = momentum
     h.Nb = momentum if nesterov else 1.0
     if style == 1:            # Keras: lr inside the buffer

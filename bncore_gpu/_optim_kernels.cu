@@ -104,7 +104,8 @@ __global__ void mt_sgd(const long long* table, int nops, int n, long long nchunk
                 double v = read_buf ? dev_ld(b + i) : 0.0;
                 v = momentum * v + B * gr;
                 dev_st(b + i, v);
-                dev_st(p + i, x * decay - L * (Na * gr + Nb * v));
+                // without g's term unless Nesterov: 0 * g is NaN for an infinite g
+                dev_st(p + i, x * decay - L * (nesterov ? Na * gr + Nb * v : v));
             } else {   // no buffer: p -= lr g (onnx: lr (B g), V at alpha = 0, not kept)
                 dev_st(p + i, x * decay - lr * (B0 * gr));
             }

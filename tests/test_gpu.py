@@ -765,6 +765,22 @@ def test_gpu_infinite_parameter_stays_infinite_without_weight_decay(name):
     np.testing.assert_allclose(cupy.asnumpy(pg), pc, rtol=1e-15)
 
 
+@pytest.mark.parametrize("style", ["torch", "keras", "onnx"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_gpu_sgd_infinite_gradient_gives_the_cpus_infinities(style, nesterov):
+    """Momentum without Nesterov: p -= L v, without a 0 * g term (NaN for an
+    infinite g, where torch gives -+inf); as on the CPU."""
+    g = np.array([np.inf, -np.inf, 0.25])
+    kw = dict(lr=0.1, momentum=0.9, nesterov=nesterov, style=style, step=2)
+    pc, vc = np.array([1.0, 2.0, 3.0]), np.ones(3)
+    pg, vg = cupy.asarray(pc), cupy.asarray(vc)
+    bncore.sgd_step([pc], [g], [vc], **kw)
+    bncore_gpu.sgd_step([pg], [cupy.asarray(g)], [vg], **kw)
+    assert not np.isnan(pc[:2]).any()
+    np.testing.assert_array_equal(cupy.asnumpy(pg), pc)
+    np.testing.assert_array_equal(cupy.asnumpy(vg), vc)
+
+
 @pytest.mark.parametrize("buffers", [True, False])
 def test_gpu_onnx_momentum_at_alpha_zero_weights_the_gradient_by_beta(buffers):
     """ONNX Momentum at alpha = 0: V = beta G, X -= R V (not plain SGD), as on the CPU."""

@@ -220,3 +220,34 @@ def test_amsgrad_max_propagates_nan_as_torch(dtype):
     np.testing.assert_array_equal(np.isnan(vm), np.isnan(want))
     np.testing.assert_array_equal(np.isnan(p), np.isnan(tp.detach().numpy()))
     assert np.isnan(vm[0]) and np.isinf(vm[2])
+
+
+INF_GRAD_CONFIGS = [
+    ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.5)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+    ("Adam", dict(lr=0.1)),
+    ("Adam", dict(lr=0.1, amsgrad=True)),
+    ("RMSprop", dict(lr=0.1, momentum=0.9)),
+    ("RMSprop", dict(lr=0.1, centered=True)),
+    ("Adagrad", dict(lr=0.1)),
+]
+
+
+@pytest.mark.parametrize("name,kw", INF_GRAD_CONFIGS)
+def test_infinite_gradients_give_torchs_infinities_and_nans(name, kw):
+    """An infinite gradient propagates as IEEE says, element for element as in
+    torch: SGD with momentum but without Nesterov made every such parameter
+    NaN (0 * g for the absent gradient term), where torch's is -+inf."""
+    opt_cls = getattr(bncore.optim, name)
+    p = np.array([1.0, -2.0, 0.5, 3.0])
+    tp = torch.from_numpy(p.copy())
+    ours = opt_cls([p], **kw)
+    theirs = getattr(torch.optim, name)([tp], foreach=False, **kw)
+    for g in ([np.inf, -np.inf, 1.0, 0.5], [0.25, 0.5, -np.inf, 1.0]):
+        ours.step([np.array(g)])
+        tp.grad = torch.tensor(g, dtype=torch.float64)
+        theirs.step()
+        np.testing.assert_array_equal(np.isnan(p), np.isnan(tp.numpy()))
+        np.testing.assert_array_equal(np.isinf(p), np.isinf(tp.numpy()))
+        np.testing.assert_allclose(p, tp.numpy(), rtol=1e-14)

@@ -365,7 +365,7 @@ def mt_sgd(grid, block, table, nops, n, nchunks, lr, momentum, dampening, nester
             v = b.astype(np.float64) if read_buf else np.zeros_like(x)
             v = momentum * v + B * gr
             _put(b, v)
-            _put(p, x * decay - L * (Na * gr + Nb * v))
+            _put(p, x * decay - L * (Na * gr + Nb * v if nesterov else v))
         else:
             _put(p, x * decay - lr * ((B if style == 2 and not nesterov else 1.0) * gr))
 
