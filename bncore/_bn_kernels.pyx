@@ -2440,8 +2440,9 @@ def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t items
     elements per rows segment, outer rows per block, rows per super-row (R0),
     super-row length (W), whether dx is written with streaming stores,
     whether forward-train and backward with `nthreads` threads run in
-    channel strips, and the rows per group of the channel tiles' statistics
-    (their backward sums take half as many)."""
+    channel strips, the rows per group of the channel tiles' statistics
+    (their backward sums take half as many), and the threads the kernels run
+    on when asked for `nthreads` (fewer on small inputs: _threads_for)."""
     cdef Plan p = make_plan(outer, C, inner)
     cdef Plan q = _streaming(&p, itemsize)
     schedule = ("rows" if p.rows else "narrow" if p.narrow
@@ -2451,7 +2452,7 @@ def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t items
                 block_rows=p.block_rows, R0=p.R0, W=p.W, stream_dx=bool(q.stream),
                 forward_strips=bool(_forward_strips(&p, itemsize, nt)),
                 backward_strips=bool(_use_strips(&p, itemsize, 2, nt)),
-                tile_group_rows=_tile_group(&p, itemsize, 1))
+                tile_group_rows=_tile_group(&p, itemsize, 1), threads=nt)
 
 
 def stats(cnp.ndarray x, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, int nthreads):

@@ -99,6 +99,22 @@ def test_bitwise_identical_for_every_thread_count(spec, data):
                 f"{spec.name}.{key} differs between 1 and {n} threads for {case.describe()}"
 
 
+BN_SPECS = [s for s in SPECS if s.name.startswith("batch_norm")]
+
+
+@pytest.mark.parametrize("spec", BN_SPECS, ids=[s.name for s in BN_SPECS])
+def test_thread_count_cases_are_large_enough_for_four_threads(spec):
+    """The kernels cap the threads by the input's size (_threads_for): cases of
+    40000 elements ran 3 and 4 threads as 2, so those counts were never
+    compared. Every batch-norm thread-count case must get all 4."""
+    from bncore import _bn_kernels as k
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        case = spec.make_case(registry.sample_params(spec, rng, registry.threads_space(spec)))
+        n = case.arrays["x"].size
+        assert k.plan_info(1, 1, n, 4, 4)["threads"] == 4, (n, case.describe())
+
+
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.gpu], ids=[s.name for s in SPECS if s.gpu])
 @given(data=st.data())
 def test_gpu_matches_oracle_and_cpu(spec, gpu_backend, data):
