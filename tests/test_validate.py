@@ -90,6 +90,20 @@ def test_a_cancellation_needs_bncores_reference_and_the_float64_run_to_hold():
     assert row.verdict == "DIFFERS" and "more than a float32 cancellation leaves" in row.note
 
 
+def test_a_formula_difference_that_stays_without_the_offset_is_not_a_cancellation():
+    """Found by review: an eps 30 % off torch's gave "explained: cancellation"
+    on the |mean|/std = 1e4 rows. Its float32 error on the centred data (4.5e-6)
+    sat below the float32 tolerance and its float64 one below (1e4)^2 x 1e-13;
+    a cancellation is gone in a float64 run without the offset, this was not."""
+    def fw(dtype, centered=False):
+        y = _x(dtype)["y"]
+        # 4.5e-6 everywhere (the formula), 7e-5 more in float32 with the offset
+        extra = 7e-5 if (dtype == "float32" and not centered) else 0.0
+        return {"y": (y * (1 + 4.5e-6) + extra).astype(dtype)}
+    row = evaluate("t", _synthetic(fw, _x, centered=True, condition=1e4))
+    assert row.verdict == "DIFFERS" and "not a cancellation" in row.note
+
+
 def test_precision_diagnostic_needs_the_float64_run_to_agree():
     def fw(dtype, centered=False):
         y = _x(dtype)["y"]
