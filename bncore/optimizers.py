@@ -123,7 +123,7 @@ def on_off(**flags: Any) -> Tuple[bool, ...]:
 def sgd_hyper(lr, momentum, dampening, nesterov, weight_decay, style, bufs):
     """Validated (lr, momentum, dampening, weight_decay, style code) of sgd_step."""
     lr = _lr(lr)
-    momentum = chk.non_negative("momentum", momentum)
+    momentum = chk.in_unit_interval("momentum", momentum)    # DESIGN.md; as Keras
     dampening = chk.in_unit_interval("dampening", dampening)
     weight_decay = chk.non_negative("weight_decay", weight_decay)
     s = _SGD_STYLES[_style("style", style, tuple(_SGD_STYLES))]
@@ -171,7 +171,7 @@ def rmsprop_hyper(lr, alpha, eps, weight_decay, momentum, style, centered, ga, m
     alpha = chk.in_unit_interval("alpha", alpha)
     eps = chk.positive("eps", eps)      # 0 would make a zero gradient's update 0 / 0
     weight_decay = chk.non_negative("weight_decay", weight_decay)
-    momentum = chk.non_negative("momentum", momentum)
+    momentum = chk.in_unit_interval("momentum", momentum)    # DESIGN.md; as Keras
     s = _RMSPROP_STYLES[_style("style", style, tuple(_RMSPROP_STYLES))]
     if centered and ga is None:
         raise ValueError("centered=True needs grad_avgs")

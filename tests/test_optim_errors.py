@@ -95,6 +95,31 @@ def test_sgd_rejects_bad_configurations():
     assert_unchanged(before, dict(enumerate(a["params"])))
 
 
+@pytest.mark.parametrize("momentum", [1.5, 1.0 + 2 ** -52, -0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["sgd_step", "rmsprop_step", "SGD", "RMSprop"])
+def test_momentum_outside_the_unit_interval_is_refused(which, momentum):
+    """DESIGN.md: momentum outside [0, 1] raises before any array is modified
+    (Keras refuses it too; torch takes momentum > 1). Found by review: SGD and
+    RMSprop took 1.5 and ran."""
+    a = fresh()
+    m = [np.zeros_like(p) for p in a["params"]]
+    before = {f"{k}{i}": x.copy() for k, lst in dict(a, buf=m).items() for i, x in enumerate(lst)}
+    with pytest.raises(ValueError, match="momentum must (be in|not be NaN)"):
+        if which == "sgd_step":
+            bncore.sgd_step(a["params"], a["grads"], m, lr=0.1, momentum=momentum)
+        elif which == "rmsprop_step":
+            bncore.rmsprop_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=momentum,
+                                momentum_buffers=m)
+        else:
+            getattr(bncore.optim, which)(a["params"], lr=0.1, momentum=momentum).step(a["grads"])
+    after = {f"{k}{i}": x for k, lst in dict(a, buf=m).items() for i, x in enumerate(lst)}
+    assert_unchanged(before, after)
+    # the ends of the interval are taken
+    for ok in (0.0, 1.0):
+        if which == "sgd_step":
+            bncore.sgd_step(a["params"], a["grads"], m, lr=0.1, momentum=ok)
+
+
 def test_rmsprop_and_adagrad_reject_bad_configurations():
     a = fresh()
     before = {i: p.copy() for i, p in enumerate(a["params"])}
