@@ -207,8 +207,9 @@ def count(name: str, v: Any, minimum: int = 0) -> int:
 
 
 def clip_bound(name: str, v: Any) -> float:
-    """A clipping bound: a number >= 0, or inf (never clips, as in torch's
-    ``clip_grad_norm_(params, float('inf'))``, the idiom for the norm alone)."""
+    """A clipping bound: a number >= 0, or inf (no clipping while the norm is
+    finite, as in torch's ``clip_grad_norm_(params, float('inf'))``, the idiom
+    for the norm alone; a non-finite norm gives inf / inf = NaN there too)."""
     f = real_scalar(name, v)
     if not f >= 0.0:
         raise ValueError(f"{name} must be a number >= 0 (or inf: no clipping), got {v!r}")
