@@ -854,10 +854,12 @@ def test_gpu_parameter_appended_to_a_group_starts_fresh():
     assert float(gpu.state[0]["step"]) == 5 and float(gpu.state[1]["step"]) == 2
 
 
-def test_gpu_parameter_taken_out_and_put_back_resumes_its_step_count():
+@pytest.mark.parametrize("back", ["itself", "a new view of it"])
+def test_gpu_parameter_taken_out_and_put_back_resumes_its_step_count(back):
     """Found by review: the removed parameter's state held the group's shared
     device counter, which went on counting while it was out (its bias
-    correction came back at step 5 where the CPU and torch have 2)."""
+    correction came back at step 5 where the CPU and torch have 2). Put back
+    as a new view of its memory (what a DLPack tensor becomes), it resumes too."""
     ps = [np.ones(3), np.ones(3) * 2.0]
     gs = [np.full(3, 0.5), np.full(3, -0.25)]
     cpu = bncore.optim.Adam([p.copy() for p in ps], lr=0.1)
@@ -868,6 +870,8 @@ def test_gpu_parameter_taken_out_and_put_back_resumes_its_step_count():
     for _ in range(3):
         cpu.step(gs[:1])
         gpu.step([cupy.asarray(gs[0])])
+    if back != "itself":
+        out = [a[...] for a in out]
     cpu.param_groups[0]["params"].append(out[0])
     gpu.param_groups[0]["params"].append(out[1])
     cpu.step(gs)

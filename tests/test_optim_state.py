@@ -189,6 +189,36 @@ def test_a_parameter_taken_out_and_put_back_resumes_its_state_as_in_torch():
                                topt.state[tb]["momentum_buffer"].numpy(), rtol=1e-14)
 
 
+@pytest.mark.skipif(torch is None, reason="torch not installed")
+@pytest.mark.parametrize("back", ["the same tensor", "a new view of it"])
+def test_a_torch_parameter_put_back_resumes_its_state(back):
+    """Found by review: with torch tensors as parameters (DLPack), the groups
+    hold NumPy views, and the tensor put back became a new view with a new id:
+    it started fresh. It is known by its memory now, as torch knows it; the
+    reference is the same run on NumPy arrays, each put back as itself."""
+    a, b = arrays(2)
+    ta, tb = torch.tensor(a), torch.tensor(b)
+    opt = optim.SGD([ta, tb], lr=0.1, momentum=0.9)
+    ref = optim.SGD([a, b], lr=0.1, momentum=0.9)
+    ga, gb = arrays(2, seed=1)
+    for o in (opt, ref):
+        o.step([ga, gb])
+        del o.param_groups[0]["params"][1]
+        o.step([ga])
+    opt.param_groups[0]["params"].append(tb if back == "the same tensor" else tb.numpy())
+    ref.param_groups[0]["params"].append(b)
+    for o in (opt, ref):
+        o.step([ga, gb])
+    np.testing.assert_array_equal(tb.numpy(), b)
+    assert opt.state[1]["step"] == ref.state[1]["step"] == 2
+    np.testing.assert_array_equal(opt.state[1]["momentum_buffer"],
+                                  ref.state[1]["momentum_buffer"])
+    # a tensor that was never a parameter, at other memory, still starts fresh
+    opt.param_groups[0]["params"].append(torch.tensor(arrays(1, seed=3)[0]))
+    opt.step([ga, gb, arrays(1, seed=4)[0]])
+    assert opt.state[2]["step"] == 1
+
+
 def test_a_removed_parameters_state_is_forgotten_by_load_state_dict():
     a, b = arrays(2)
     opt = optim.SGD([a, b], lr=0.1, momentum=0.9)

@@ -64,6 +64,14 @@ def _meant(key, known: tuple) -> str:
     return f"did you mean {close[0]!r}?" if close else ""
 
 
+def _buffer_key(a) -> tuple:
+    """Where an array's elements are: address, shape, strides, dtype. A DLPack
+    tensor (torch) becomes a new view at every conversion, so a parameter put
+    back into its group is known by its memory, not by the view's id."""
+    iface = getattr(a, "__array_interface__", None) or a.__cuda_array_interface__
+    return iface["data"][0], tuple(a.shape), tuple(a.strides), str(a.dtype)
+
+
 def _as_param(name: str, p) -> np.ndarray:
     a = chk.as_array(name, p)
     if a.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -217,12 +225,22 @@ class Optimizer:
             if id(p) not in now and i in self.state:
                 self._removed_state[id(p)] = (p, self._retired(self.state[i]))
         state = {}
+        removed_at = None        # removed parameters by _buffer_key, when first needed
         for j, p in enumerate(flat):
             if id(p) in where:
                 if where[id(p)] in self.state:
                     state[j] = self.state[where[id(p)]]
             elif id(p) in self._removed_state and self._removed_state[id(p)][0] is p:
                 state[j] = self._removed_state.pop(id(p))[1]
+            elif self._removed_state:
+                # the same memory through a new view (a torch tensor put back):
+                # the entry holds the old view, so that memory is still its own
+                if removed_at is None:
+                    removed_at = {_buffer_key(rp): rid
+                                  for rid, (rp, _) in self._removed_state.items()}
+                rid = removed_at.pop(_buffer_key(p), None)
+                if rid is not None:
+                    state[j] = self._removed_state.pop(rid)[1]
         self.state = state
         self._state_params = flat
         return flat
