@@ -316,13 +316,19 @@ __device__ __forceinline__ void mt_ssq_add(double& s, double& q, double s2, doub
     }
 }
 
+// gate (or nullptr): a device flag; at 0 the pass does nothing (the rescue
+// passes of a p-norm, launched every time, needed only now and then: no wait
+// on the host to decide). scale (or nullptr: 1): kind 4 sums |g / scale|^p.
 template <typename G>
 __global__ void mt_norm_partials(const long long* table, int nops, int n, long long nchunks,
-                                 int kind, double p, double* part_s, double* part_q) {
+                                 int kind, double p, double* part_s, double* part_q,
+                                 const double* gate, const double* scale) {
     __shared__ double ss[MT_THREADS];
     __shared__ double sq[MT_THREADS];
+    if (gate != nullptr && *gate == 0.0) return;
     MtTable tb{table, nops, n, nchunks};
     bool scaled = kind == 2 && sizeof(G) == 8;
+    double sc = scale != nullptr ? *scale : 1.0;
     for (long long c = blockIdx.x; c < nchunks; c += gridDim.x) {
         long long ti = tb.tensor(c), off = tb.offset(c), len = mt_len(tb, c);
         const G* __restrict__ g = (const G*)tb.ptr(0, ti) + off;
@@ -337,7 +343,7 @@ __global__ void mt_norm_partials(const long long* table, int nops, int n, long l
             } else if (kind == 3) {
                 s = mt_nanmax(s, a);
             } else {
-                s += pow(a, p);
+                s += pow(a / sc, p);
             }
         }
         ss[threadIdx.x] = s;
@@ -366,11 +372,13 @@ __global__ void mt_norm_partials(const long long* table, int nops, int n, long l
 
 // One block: combine the chunk partials in a fixed order into the total norm
 // and the clip coefficient coef = max_norm / (total + eps) (>= 1: no clipping).
+// gate as mt_norm_partials' (the block then leaves total and coef as they are).
 __global__ void mt_norm_finalize(long long nchunks, int kind, double p, int scaled,
                                  const double* part_s, const double* part_q, double max_norm,
-                                 double eps, double* total, double* coef) {
+                                 double eps, double* total, double* coef, const double* gate) {
     __shared__ double ss[MT_THREADS];
     __shared__ double sq[MT_THREADS];
+    if (gate != nullptr && *gate == 0.0) return;
     double s = 0.0, q = 0.0;
     for (long long c = threadIdx.x; c < nchunks; c += MT_THREADS) {
         if (kind == 3) s = mt_nanmax(s, part_s[c]);
@@ -395,6 +403,34 @@ __global__ void mt_norm_finalize(long long nchunks, int kind, double p, int scal
         else if (scaled) t = ss[0] * sqrt(sq[0]);
         else if (kind == 2) t = sqrt(ss[0]);
         else t = pow(ss[0], 1.0 / p);
+        *total = t;
+        double d = t + eps;
+        *coef = d != 0.0 ? max_norm / d : __longlong_as_double(0x7ff0000000000000LL);
+    }
+}
+
+// The p-norm's rescue (kind 4), as bncore.clipping._power_sum's: a sum
+// below 2^-1000 (its powers underflowed) or infinite on finite data is taken
+// again relative to max |g|, on the device, so nothing waits for the host.
+// stage 0, after the plain pass: *gate = 1 where the sum calls for it, read
+// off its root (total < 2^(-1000/p) for a sum below 2^-1000, up to the root's
+// rounding at that edge; total infinite for an infinite sum);
+// stage 1, after the max pass into *top: the rescue goes on only for a
+// finite, nonzero max (all zeros keep the plain pass's 0; an Inf or NaN in the
+// data its inf or NaN, as on the CPU);
+// stage 2, after the relative pass's root *rel: total = top * rel, coef again.
+__global__ void mt_norm_rescue(int stage, double p, double max_norm, double eps,
+                               double* total, double* coef, double* gate, const double* top,
+                               const double* rel) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    if (stage == 0) {
+        double t = *total;
+        *gate = (t != t) ? 0.0 : ((t < exp2(-1000.0 / p) || isinf(t)) ? 1.0 : 0.0);
+    } else if (stage == 1) {
+        double m = *top;
+        *gate = (*gate != 0.0 && m > 0.0 && !isinf(m)) ? 1.0 : 0.0;   // (NaN > 0 is false)
+    } else if (*gate != 0.0) {
+        double t = *top * *rel;
         *total = t;
         double d = t + eps;
         *coef = d != 0.0 ? max_norm / d : __longlong_as_double(0x7ff0000000000000LL);
@@ -473,9 +509,9 @@ template __global__ void mt_rmsprop<float, unsigned short>(const long long*, int
 template __global__ void mt_adagrad<float, float>(const long long*, int, int, long long, double, double, double, double, double, int, double, double, const double*, const double*, const double*, double);
 template __global__ void mt_adagrad<double, double>(const long long*, int, int, long long, double, double, double, double, double, int, double, double, const double*, const double*, const double*, double);
 template __global__ void mt_adagrad<float, unsigned short>(const long long*, int, int, long long, double, double, double, double, double, int, double, double, const double*, const double*, const double*, double);
-template __global__ void mt_norm_partials<float>(const long long*, int, int, long long, int, double, double*, double*);
-template __global__ void mt_norm_partials<double>(const long long*, int, int, long long, int, double, double*, double*);
-template __global__ void mt_norm_partials<unsigned short>(const long long*, int, int, long long, int, double, double*, double*);
+template __global__ void mt_norm_partials<float>(const long long*, int, int, long long, int, double, double*, double*, const double*, const double*);
+template __global__ void mt_norm_partials<double>(const long long*, int, int, long long, int, double, double*, double*, const double*, const double*);
+template __global__ void mt_norm_partials<unsigned short>(const long long*, int, int, long long, int, double, double*, double*, const double*, const double*);
 template __global__ void mt_scale<float>(const long long*, int, int, long long, const double*);
 template __global__ void mt_scale<double>(const long long*, int, int, long long, const double*);
 template __global__ void mt_scale<unsigned short>(const long long*, int, int, long long, const double*);

@@ -22,7 +22,7 @@ from bncore._threads import resolve_num_threads
 from bncore.clipping import NonFiniteError, _norm_type, tables_by_dtype
 from bncore_gpu import _checks as chk
 from bncore_gpu._tables import CTYPES, gather
-from bncore_gpu.optimizers import kernel
+from bncore_gpu.optimizers import NULL, kernel
 
 __all__ = ["grad_norm", "clip_grad_norm", "clip_grad_value", "found_inf", "NonFiniteError"]
 
@@ -61,31 +61,52 @@ def _combined_total(tables, p: float):
 
 
 
+def _norm_pass(t, kind: int, p: float, max_norm: float, eps: float, total, coef,
+               gate=NULL, scale=NULL) -> None:
+    """One reduction of the table into total and coef (device scalars): the
+    chunk partials, then their fixed-order combination; nothing where the
+    device flag `gate` is 0."""
+    part_s = cupy.empty(t.nchunks, _F64)
+    part_q = cupy.empty(t.nchunks, _F64)
+    kernel(f"mt_norm_partials<{CTYPES[t.pdtype]}>")(
+        (t.nchunks,), (256,), (*t.args(), np.int32(kind), np.float64(p), part_s, part_q, gate,
+                               scale))
+    scaled = kind == 2 and t.pdtype == _F64
+    kernel("mt_norm_finalize")((1,), (256,),
+                               (np.int64(t.nchunks), np.int32(kind), np.float64(p),
+                                np.int32(scaled), part_s, part_q, np.float64(max_norm),
+                                np.float64(eps), total, coef, gate))
+
+
 def _norm(t, p: float, max_norm: float, eps: float):
-    """(total, coef) as 0-d device arrays."""
+    """(total, coef) as 0-d device arrays. A p-norm other than 1, 2 and inf
+    whose sum of powers underflowed (below 2^-1000: small gradients at a large
+    p, where the norm came out 0 and nothing was clipped) or overflowed on
+    finite data is taken again relative to max |g|, as on the CPU: two more
+    passes, launched every time and doing nothing unless needed, so the host
+    never waits on the device."""
     kind = 3 if math.isinf(p) else (2 if p == 2.0 else (1 if p == 1.0 else 4))
     total = cupy.zeros((), _F64)
     coef = cupy.full((), math.inf, _F64)
     if t.nchunks == 0:
         return total, coef
-    part_s = cupy.empty(t.nchunks, _F64)
-    part_q = cupy.empty(t.nchunks, _F64)
-    g = CTYPES[t.pdtype]
-    kernel(f"mt_norm_partials<{g}>")((t.nchunks,), (256,),
-                                     (*t.args(), np.int32(kind), np.float64(p), part_s, part_q))
-    scaled = kind == 2 and t.pdtype == _F64
-    kernel("mt_norm_finalize")((1,), (256,),
-                               (np.int64(t.nchunks), np.int32(kind), np.float64(p),
-                                np.int32(scaled), part_s, part_q, np.float64(max_norm),
-                                np.float64(eps), total, coef))
+    _norm_pass(t, kind, p, max_norm, eps, total, coef)
+    if kind == 4:
+        gate, top, rel, unused = (cupy.empty((), _F64) for _ in range(4))
+        rescue = kernel("mt_norm_rescue")
+        args = (np.float64(p), np.float64(max_norm), np.float64(eps), total, coef, gate, top, rel)
+        rescue((1,), (32,), (np.int32(0), *args))
+        _norm_pass(t, 3, p, 0.0, 0.0, top, unused, gate)
+        rescue((1,), (32,), (np.int32(1), *args))
+        _norm_pass(t, 4, p, 0.0, 0.0, rel, unused, gate, top)
+        rescue((1,), (32,), (np.int32(2), *args))
     return total, coef
 
 
 def grad_norm(grads, norm_type: float = 2.0, *, comm=None, num_threads: Optional[int] = None):
     """The p-norm of all gradients together (see bncore.grad_norm); a 0-d device array.
-    Unlike the CPU's, a p-norm other than 2 and inf whose float64 sum overflows
-    (e.g. p = 11 on float32 values near 1e30) is not rescued: it is inf (the
-    rescue needs the largest magnitude first, i.e. a wait on the device).
+    A p-norm whose float64 sum of powers underflows or overflows on finite data
+    is taken again relative to the largest magnitude, as on the CPU (_norm).
     With ``comm`` (an mpi4py communicator), of every rank's gradients together
     (bncore_gpu.distributed.grad_norm)."""
     if comm is not None:

@@ -33,7 +33,7 @@ _PAIRS = (("float", "float"), ("double", "double"), ("float", "unsigned short"))
 
 
 def _names():
-    names = ["mt_step_increment", "mt_norm_finalize", "mt_any"]
+    names = ["mt_step_increment", "mt_norm_finalize", "mt_norm_rescue", "mt_any"]
     for p, g in _PAIRS:
         for k in ("mt_sgd", "mt_adam", "mt_rmsprop", "mt_adagrad"):
             names.append(f"{k}<{p}, {g}>")

@@ -726,6 +726,35 @@ def test_gpu_float64_variance_overflow_is_infinite_not_nan(shape):
     np.testing.assert_array_equal(cupy.asnumpy(yg), y)
 
 
+@pytest.mark.parametrize("p,values,dtype", [
+    (100.0, 1e-4, np.float32),       # |g|^100 underflows: the norm was 0, nothing clipped
+    (3.0, 1e-120, np.float64),       # |g|^3 underflows
+    (11.0, 1e30, np.float32),        # |g|^11 overflows on finite data: the norm was inf
+])
+def test_gpu_p_norm_is_rescued_from_underflow_and_overflow_as_on_the_cpu(p, values, dtype):
+    """Found by review: the GPU summed |g|^p with no rescue, so small gradients
+    at a large p had norm 0 and clip_grad_norm left them unclipped; the CPU
+    sums again relative to max |g|. The GPU now does too, on the device."""
+    rng = np.random.default_rng(71)
+    gs = [(values * rng.uniform(0.5, 1.0, n)).astype(dtype) for n in (700, 300)]
+    want = bncore.grad_norm(gs, p)
+    assert 0.0 < want < np.inf
+    got = float(bncore_gpu.grad_norm([cupy.asarray(g) for g in gs], p))
+    assert abs(got - want) <= 1e-12 * want
+    cpu = [g.copy() for g in gs]
+    dev = [cupy.asarray(g) for g in gs]
+    total_cpu = bncore.clip_grad_norm(cpu, want / 10, norm_type=p, eps=0.0)
+    total_gpu = float(bncore_gpu.clip_grad_norm(dev, want / 10, norm_type=p, eps=0.0))
+    assert abs(total_gpu - total_cpu) <= 1e-12 * total_cpu
+    for c, d, g in zip(cpu, dev, gs):
+        np.testing.assert_allclose(cupy.asnumpy(d), c, rtol=1e-6)
+        assert np.all(np.abs(c) < np.abs(g))           # clipped
+    # an Inf in the data still gives inf (no rescue)
+    bad = [g.copy() for g in gs]
+    bad[1][3] = np.inf
+    assert float(bncore_gpu.grad_norm([cupy.asarray(g) for g in bad], p)) == np.inf
+
+
 def test_gpu_two_norm_of_several_infinities_is_infinite():
     """float64 scaled sum of squares: Inf / Inf made the total NaN."""
     g = [cupy.asarray(np.array([np.inf, np.inf, 1.0])), cupy.asarray(np.array([np.inf]))]

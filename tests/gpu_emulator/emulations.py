@@ -473,8 +473,12 @@ def mt_step_increment(grid, block, step, found_inf):
 E["mt_step_increment"] = mt_step_increment
 
 
-def mt_norm_partials(grid, block, table, nops, n, nchunks, kind, p, part_s, part_q):
+def mt_norm_partials(grid, block, table, nops, n, nchunks, kind, p, part_s, part_q, gate,
+                     scale):
     (G,) = _targs()
+    if not _null(gate) and float(_a(gate)) == 0.0:
+        return
+    sc = 1.0 if _null(scale) else float(_a(scale))
     arr, sizes, chunks = _table(table, nops, n, nchunks, [G])
     ps, pq = _a(part_s), _a(part_q)
     for c, (ti, off) in enumerate(chunks):
@@ -493,15 +497,17 @@ def mt_norm_partials(grid, block, table, nops, n, nchunks, kind, p, part_s, part
         elif kind == 3:
             ps[c], pq[c] = (np.nan if np.isnan(g).any() else np.max(g)), 0.0
         else:
-            ps[c], pq[c] = np.sum(g ** p), 0.0
+            ps[c], pq[c] = np.sum((g / sc) ** p), 0.0
 
 
 E["mt_norm_partials"] = mt_norm_partials
 
 
 def mt_norm_finalize(grid, block, nchunks, kind, p, scaled, part_s, part_q, max_norm, eps,
-                     total, coef):
+                     total, coef, gate):
     _expect(grid[0] == 1, "finalize is one block")
+    if not _null(gate) and float(_a(gate)) == 0.0:
+        return
     s, q = _a(part_s), _a(part_q)
     if kind == 3:
         t = np.nan if np.isnan(s).any() else np.max(s)
@@ -521,6 +527,25 @@ def mt_norm_finalize(grid, block, nchunks, kind, p, scaled, part_s, part_q, max_
 
 
 E["mt_norm_finalize"] = mt_norm_finalize
+
+
+def mt_norm_rescue(grid, block, stage, p, max_norm, eps, total, coef, gate, top, rel):
+    _expect(grid[0] == 1, "the rescue's bookkeeping is one block")
+    t, g = _a(total), _a(gate)
+    if stage == 0:
+        v = float(t)
+        g[...] = 0.0 if v != v else float(v < 2.0 ** (-1000.0 / p) or np.isinf(v))
+    elif stage == 1:
+        m = float(_a(top))
+        g[...] = float(float(g) != 0.0 and m > 0.0 and not np.isinf(m))
+    elif float(g) != 0.0:
+        v = float(_a(top)) * float(_a(rel))
+        t[...] = v
+        with np.errstate(divide="ignore", invalid="ignore"):
+            _a(coef)[...] = max_norm / (v + eps) if v + eps != 0 else np.inf
+
+
+E["mt_norm_rescue"] = mt_norm_rescue
 
 
 def mt_scale(grid, block, table, nops, n, nchunks, coef):
