@@ -124,7 +124,8 @@ def test_statistics_exact_for_nearly_constant_float64(shape, axis, schedule, out
                                         ((16, 14, 14, 32), 3),      # narrow rows, two rows each
                                         ((64, 300), 1),             # 2-D, flat identity rows
                                         ((5000, 37), 1),            # 2-D, C not a tile multiple
-                                        ((40, 5, 7, 3), 2)])        # short inner, any axis
+                                        ((40, 5, 7, 3), 2),         # short inner, any axis
+                                        ((8, 64, 64, 64), 3)])      # narrow, 65536-element blocks
 def test_large_shapes_bitwise_identical_across_threads(shape, axis):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal(shape) * 3 + 100).astype(np.float32)
@@ -462,6 +463,32 @@ def test_statistics_and_gradient_sums_on_every_path(shape, axis, schedule, what,
     edx, edw, edb = ref_backward(dy, x, mean, invstd, w, axis=axis)
     assert rel_err(dw, edw) <= 1e-6 and rel_err(db, edb) <= 1e-6
     assert rel_err(dx, edx) <= 1e-6
+
+
+@pytest.mark.parametrize("outer,C,rows", [(32768, 64, 1024), (32767, 64, 256),
+                                          (65536, 32, 2048), (8192, 64, 256)])
+def test_large_narrow_inputs_take_larger_blocks_and_keep_every_guarantee(outer, C, rows):
+    """Narrow inputs of at least 32 x 65536 elements sum in 65536-element blocks
+    (make_plan: NARROW_WIDE_ITEMS); smaller ones keep 16384. Both against the
+    float64 oracle, and bitwise across thread counts."""
+    from bncore import _bn_kernels as kernels
+    plan = kernels.plan_info(outer, C, 1, 4, 2)
+    assert plan["schedule"] == "narrow" and plan["block_rows"] == rows
+    rng = np.random.default_rng(outer + C)
+    x = (rng.uniform(-1e3, 1e3, C) + rng.standard_normal((outer, C))).astype(np.float32)
+    dy = rng.standard_normal((outer, C)).astype(np.float32)
+    ref = None
+    for n in (1, 2, 3, 4):
+        y, mean, invstd = bncore.batch_norm_forward(x, axis=1, num_threads=n)
+        dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, axis=1, num_threads=n)
+        got = [a.tobytes() for a in (y, mean, invstd, dx, dw, db)]
+        ref = ref or got
+        assert got == ref, f"results differ with {n} threads"
+    ey, emean, einvstd, _, _ = ref_forward(x, axis=1)
+    assert rel_err(mean, emean) <= 1e-12 and rel_err(invstd, einvstd) <= 1e-12
+    assert rel_err(y, ey) <= 1e-6
+    edx, edw, edb = ref_backward(dy, x, mean, invstd, axis=1)
+    assert rel_err(dx, edx) <= 1e-6 and rel_err(dw, edw) <= 1e-6 and rel_err(db, edb) <= 1e-6
 
 
 @pytest.mark.parametrize("outer,C,dtype", [
