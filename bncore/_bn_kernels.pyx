@@ -155,6 +155,8 @@ cdef enum:
                                 # (1000,64,33) 27x slower
     PIECE = 256           # elements computed into a local buffer, then streamed
     MIN_ITEMS = 8         # blocks schedule: fewest work items when rows allow
+    FLAT_ROWS = 32        # flat schedule: super-rows per reduction block, at least
+    FLAT_MAX_ELEMS = 262144   # ... unless that exceeds this many elements
     NARROW_WIDE_ITEMS = 32  # narrow inputs of at least this many TILE_BLOCK_ELEMS
                             # take blocks of that size (make_plan)
 
@@ -172,6 +174,8 @@ cdef struct Plan:
     Py_ssize_t W            # blocks: elements per super-row (R0 * P)
     bint narrow             # blocks with W == NARROW: constants held in registers
     Py_ssize_t block_rows   # blocks: outer rows per block (multiple of R0)
+    Py_ssize_t elem_rows    # blocks: outer rows per work item of the elementwise
+                            # passes (block_rows but in the flat schedule)
     Py_ssize_t nitems       # parallel work items
     Py_ssize_t nparts       # partials per channel
     bint stream             # the dx pass writes with streaming stores
@@ -179,7 +183,7 @@ cdef struct Plan:
 
 cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
     cdef Plan p
-    cdef Py_ssize_t per_block, cap
+    cdef Py_ssize_t per_block, cap, rows
     p.outer = outer
     p.C = C
     p.inner = inner
@@ -190,6 +194,7 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
     p.R0 = 1
     p.W = p.P
     p.block_rows = 1
+    p.elem_rows = 1
     p.narrow = False
     p.stream = False
     if p.rows:
@@ -222,9 +227,36 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
         cap = p.R0 * (outer // (MIN_ITEMS * p.R0))
         if cap >= p.R0 and cap < p.block_rows:
             p.block_rows = cap
+        p.elem_rows = p.block_rows
+        if not p.narrow and inner > 1 and p.W > 0:
+            # the flat schedule's reductions in blocks of at least FLAT_ROWS
+            # super-rows (up to FLAT_MAX_ELEMS elements): each block zeroes,
+            # expands and folds W-long sums, which with 2-7 rows a block
+            # ((256,512,4,4), (256,256,3,3) NCHW) cost 2-4x the sums
+            # themselves (statistics 0.39-0.87 ns an element on one thread,
+            # 0.19-0.22 in larger blocks; backward sums 0.46-1.28, 0.23-0.38).
+            # The elementwise passes keep the smaller items: through whole
+            # rows of larger blocks, y came 1.6-2x slower ((1024,256,4,4)).
+            rows = FLAT_ROWS if FLAT_ROWS * p.W <= FLAT_MAX_ELEMS else FLAT_MAX_ELEMS // p.W
+            if rows * p.R0 > p.block_rows:
+                p.block_rows = rows * p.R0
+                if cap >= p.R0 and cap < p.block_rows:
+                    p.block_rows = cap
         p.nitems = (outer + p.block_rows - 1) // p.block_rows
         p.nparts = p.nitems
     return p
+
+
+cdef inline Plan _elementwise_plan(const Plan* p) noexcept nogil:
+    """The plan of the elementwise passes (y, dx): the reductions' but with
+    work items of elem_rows outer rows (the results are per element, so the
+    items' size changes no bit)."""
+    cdef Plan q = p[0]
+    if not q.rows:
+        q.block_rows = q.elem_rows
+        q.nitems = (q.outer + q.block_rows - 1) // q.block_rows
+        q.nparts = q.nitems
+    return q
 
 
 cdef inline Plan _streaming(const Plan* p, Py_ssize_t itemsize) noexcept nogil:
@@ -2275,10 +2307,11 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
-    cdef Plan q
+    cdef Plan q, e
     if p.outer * p.inner > 0:
         # the narrow schedule streams y past the caches (_n64_affine)
-        q = _streaming(p, sizeof(real))
+        e = _elementwise_plan(p)
+        q = _streaming(&e, sizeof(real))
         q.stream = q.stream and p.narrow
         _affine(x, y, &q, mean, scale, shift, e_mean, e_scale, e_shift, stage, nt)
     free(buf)
@@ -2369,7 +2402,7 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     a = sum_dy / n, k = invstd^2 * sum_dyx / n (n: values per channel behind the sums)."""
     cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
     cdef Py_ssize_t nstage = _staged(x, p, 3, False) * nt
-    cdef Plan q
+    cdef Plan q, e
     cdef double* buf = <double*>malloc(sizeof(double) * (3 * C + 4 * E + nstage + 1))
     if buf == NULL:
         return -1
@@ -2386,7 +2419,8 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)
     cdef const double* e_k = _expand_into(p, k, e_buf + 3 * E)
     if p.outer * p.inner > 0:
-        q = _streaming(p, sizeof(real))
+        e = _elementwise_plan(p)
+        q = _streaming(&e, sizeof(real))
         _dx(dy, x, dx, &q, mean, g, a, k, e_mean, e_g, e_a, e_k, stage, nt)
     free(buf)
     return 0
@@ -2447,19 +2481,22 @@ def plan_info(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner, Py_ssize_t items
               int nthreads=1):
     """The work decomposition of an (outer, C, inner) array, for tests and
     benchmarks: schedule ("rows", "narrow", "tiles" or "flat"), work items,
-    elements per rows segment, outer rows per block, rows per super-row (R0),
+    elements per rows segment, outer rows per block (of the reductions; and
+    per work item of the elementwise passes), rows per super-row (R0),
     super-row length (W), whether dx is written with streaming stores,
     whether forward-train and backward with `nthreads` threads run in
     channel strips, the rows per group of the channel tiles' statistics
     (their backward sums take half as many), and the threads the kernels run
     on when asked for `nthreads` (fewer on small inputs: _threads_for)."""
     cdef Plan p = make_plan(outer, C, inner)
-    cdef Plan q = _streaming(&p, itemsize)
+    cdef Plan e = _elementwise_plan(&p)
+    cdef Plan q = _streaming(&e, itemsize)
     schedule = ("rows" if p.rows else "narrow" if p.narrow
                 else "tiles" if _use_tiles(&p) else "flat")
     cdef int nt = _threads_for(outer * C * inner, nthreads)
     return dict(schedule=schedule, nitems=p.nitems, seg_len=p.seg_len,
-                block_rows=p.block_rows, R0=p.R0, W=p.W, stream_dx=bool(q.stream),
+                block_rows=p.block_rows, elementwise_rows=e.block_rows, R0=p.R0, W=p.W,
+                stream_dx=bool(q.stream),
                 forward_strips=bool(_forward_strips(&p, itemsize, nt)),
                 backward_strips=bool(_use_strips(&p, itemsize, 2, nt)),
                 tile_group_rows=_tile_group(&p, itemsize, 1), threads=nt)

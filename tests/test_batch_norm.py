@@ -465,6 +465,47 @@ def test_statistics_and_gradient_sums_on_every_path(shape, axis, schedule, what,
     assert rel_err(dx, edx) <= 1e-6
 
 
+@pytest.mark.parametrize("shape,rows,elem_rows", [((256, 512, 4, 4), 32, 2),
+                                                   ((64, 16, 3, 3), 8, 8),
+                                                   ((300, 96, 5, 5), 32, 6),
+                                                   ((10, 20000, 3, 5), 1, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_flat_reductions_in_larger_blocks_keep_every_guarantee(shape, rows, elem_rows, dtype):
+    """The flat schedule (NCHW with fewer than 32 values per channel and image)
+    sums in blocks of at least 32 super-rows, its elementwise passes keep their
+    smaller items (make_plan: FLAT_ROWS, elem_rows). Against the float64 oracle,
+    bitwise across thread counts, and float16 as the float64 path rounded once."""
+    from bncore import _bn_kernels as kernels
+    outer, C, inner = shape[0], shape[1], int(np.prod(shape[2:]))
+    plan = kernels.plan_info(outer, C, inner, np.dtype(dtype).itemsize, 2)
+    assert plan["schedule"] == "flat"
+    assert (plan["block_rows"], plan["elementwise_rows"]) == (rows, elem_rows)
+    rng = np.random.default_rng(outer * C)
+    x = (rng.uniform(-30, 30, C)[:, None, None] + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    ref = None
+    for n in (1, 2, 3, 4):
+        y, mean, invstd = bncore.batch_norm_forward(x, num_threads=n)
+        dx, dw, db = bncore.batch_norm_backward(dy, x, mean, invstd, num_threads=n)
+        got = [a.tobytes() for a in (y, mean, invstd, dx, dw, db)]
+        ref = ref or got
+        assert got == ref, f"results differ with {n} threads"
+    if dtype == np.float16:
+        y64, m64, s64 = bncore.batch_norm_forward(x.astype(np.float64))
+        assert mean.tobytes() == m64.tobytes() and invstd.tobytes() == s64.tobytes()
+        assert y.tobytes() == y64.astype(np.float16).tobytes()
+        dx64 = bncore.batch_norm_backward(dy.astype(np.float64), x.astype(np.float64), mean,
+                                          invstd)[0]
+        assert dx.tobytes() == dx64.astype(np.float16).tobytes()
+    else:
+        ey, emean, einvstd, _, _ = ref_forward(x)
+        assert rel_err(mean, emean) <= 1e-12 and rel_err(invstd, einvstd) <= 1e-12
+        assert rel_err(y, ey) <= 1e-6
+        edx, edw, edb = ref_backward(dy, x, mean, invstd)
+        assert rel_err(dx, edx) <= 1e-6 and rel_err(dw, edw) <= 1e-6
+        assert rel_err(db, edb) <= 1e-6
+
+
 @pytest.mark.parametrize("outer,C,rows", [(32768, 64, 1024), (32767, 64, 256),
                                           (65536, 32, 2048), (8192, 64, 256)])
 def test_large_narrow_inputs_take_larger_blocks_and_keep_every_guarantee(outer, C, rows):
