@@ -402,7 +402,8 @@ cdef inline void _sgd_chunk(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
         return
     if not h.nesterov:
         # without g's term, not with Na = 0: 0 * g is NaN for an infinite g,
-        # where p -= L v takes the infinite v (as torch, Keras and ONNX do)
+        # where p -= L v takes the infinite v (as torch, Keras and ONNX do);
+        # a loop of its own, as the note above says for unused operands
         for i in range(n):
             x = <double>p[i]
             gr = _grad(g, i, x, h)
