@@ -155,8 +155,9 @@ cdef enum:
                                 # (1000,64,33) 27x slower
     PIECE = 256           # elements computed into a local buffer, then streamed
     MIN_ITEMS = 8         # blocks schedule: fewest work items when rows allow
-    FLAT_ROWS = 32        # flat schedule: super-rows per reduction block, at least
-    FLAT_MAX_ELEMS = 262144   # ... unless that exceeds this many elements
+    FLAT_ROWS = 32        # flat schedule: super-rows per reduction block, up to (fewer
+    FLAT_MAX_ELEMS = 262144   # where that exceeds this many elements, or MIN_ITEMS
+                              # would not be met)
     NARROW_WIDE_ITEMS = 32  # narrow inputs of at least this many TILE_BLOCK_ELEMS
                             # take blocks of that size (make_plan)
 
@@ -229,8 +230,11 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
             p.block_rows = cap
         p.elem_rows = p.block_rows
         if not p.narrow and inner > 1 and p.W > 0:
-            # the flat schedule's reductions in blocks of at least FLAT_ROWS
-            # super-rows (up to FLAT_MAX_ELEMS elements): each block zeroes,
+            # the flat schedule's reductions in blocks of FLAT_ROWS super-rows
+            # (fewer where that passes FLAT_MAX_ELEMS elements or leaves fewer
+            # than MIN_ITEMS blocks, as before: on more than MIN_ITEMS threads
+            # the reductions of (256,512,4,4) now use MIN_ITEMS, their 8
+            # blocks, where 128 smaller ones could use more): each block zeroes,
             # expands and folds W-long sums, which with 2-7 rows a block
             # ((256,512,4,4), (256,256,3,3) NCHW) cost 2-4x the sums
             # themselves (statistics 0.39-0.87 ns an element on one thread,
@@ -381,15 +385,17 @@ cdef inline bint _wide_pieces(const Plan* p) noexcept nogil:
 cdef inline bint _converts_runs(const Plan* p) noexcept nogil:
     """The reductions of this plan convert float16 in runs themselves (rows
     segments, narrow super-rows, channel tiles); the flat schedule's items are
-    staged whole (its scratch already holds 3 W doubles per thread)."""
+    staged whole, as float64: up to FLAT_MAX_ELEMS doubles an array per thread
+    (4 MiB for the backward sums' two), past L2 for the largest blocks, for
+    float16's rare flat inputs."""
     return p.rows or p.narrow or _use_tiles(p)
 
 
 cdef inline Py_ssize_t _staged(const real* like, const Plan* p, int arrays,
                                bint whole) noexcept nogil:
-    """Doubles of staging one thread needs for `arrays` arrays: whole spans as
-    float32 (two to a double) or pieces as float64; none unless the storage
-    is float16 (`like` picks the type)."""
+    """Doubles of staging one thread needs for `arrays` arrays: whole spans or
+    pieces, as float64; none unless the storage is float16 (`like` picks the
+    type)."""
     if real is uint16_t:
         if whole:
             return 0 if _converts_runs(p) else arrays * p.block_rows * p.P

@@ -472,7 +472,7 @@ def test_statistics_and_gradient_sums_on_every_path(shape, axis, schedule, what,
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_flat_reductions_in_larger_blocks_keep_every_guarantee(shape, rows, elem_rows, dtype):
     """The flat schedule (NCHW with fewer than 32 values per channel and image)
-    sums in blocks of at least 32 super-rows, its elementwise passes keep their
+    sums in blocks of up to 32 super-rows, its elementwise passes keep their
     smaller items (make_plan: FLAT_ROWS, elem_rows). Against the float64 oracle,
     bitwise across thread counts, and float16 as the float64 path rounded once."""
     from bncore import _bn_kernels as kernels

@@ -118,6 +118,11 @@ def test_momentum_outside_the_unit_interval_is_refused(which, momentum):
     for ok in (0.0, 1.0):
         if which == "sgd_step":
             bncore.sgd_step(a["params"], a["grads"], m, lr=0.1, momentum=ok)
+        elif which == "rmsprop_step":
+            bncore.rmsprop_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=ok,
+                                momentum_buffers=m)
+        else:
+            getattr(bncore.optim, which)(a["params"], lr=0.1, momentum=ok).step(a["grads"])
 
 
 def test_rmsprop_and_adagrad_reject_bad_configurations():

@@ -219,6 +219,38 @@ def test_a_torch_parameter_put_back_resumes_its_state(back):
     assert opt.state[2]["step"] == 1
 
 
+def test_a_parameter_back_as_itself_and_as_a_view_is_refused_cleanly():
+    """Found by review of the memory lookup: a removed array put back as itself
+    and, in the same edit, as a view of itself raised KeyError (and lost its
+    state); it is the ValueError for two parameters sharing memory, and the
+    array keeps its state."""
+    a, b, d = arrays(3)
+    opt = optim.SGD([a, b, d], lr=0.1, momentum=0.9)
+    opt.step(arrays(3, seed=1))
+    del opt.param_groups[0]["params"][1:]              # b and d out (two kept states)
+    opt.step(arrays(1, seed=1))
+    opt.param_groups[0]["params"] += [np.ones(5), b, b[...]]
+    with pytest.raises(ValueError, match="share memory"):
+        opt.step([*arrays(1), np.ones(5), *arrays(2)])
+    opt.param_groups[0]["params"].pop()
+    opt.step([*arrays(1), np.ones(5), *arrays(1)])
+    assert opt.state[2]["step"] == 2 and opt.state[1]["step"] == 1
+
+
+def test_an_empty_parameter_is_not_known_by_its_address():
+    """Every empty slice of an array has the array's address: a new empty
+    parameter took a removed empty one's state (its step count)."""
+    buf = np.ones(10)
+    first, other = buf[2:2], buf[7:7]
+    opt = optim.Adam([np.ones(3), first], lr=0.1)
+    for _ in range(3):
+        opt.step([np.ones(3), np.ones(0)])
+    del opt.param_groups[0]["params"][1]
+    opt.param_groups[0]["params"].append(other)
+    opt.step([np.ones(3), np.ones(0)])
+    assert opt.state[1]["step"] == 1 and opt.state[0]["step"] == 4
+
+
 def test_a_removed_parameters_state_is_forgotten_by_load_state_dict():
     a, b = arrays(2)
     opt = optim.SGD([a, b], lr=0.1, momentum=0.9)

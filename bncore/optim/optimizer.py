@@ -67,7 +67,10 @@ def _meant(key, known: tuple) -> str:
 def _buffer_key(a) -> tuple:
     """Where an array's elements are: address, shape, strides, dtype. A DLPack
     tensor (torch) becomes a new view at every conversion, so a parameter put
-    back into its group is known by its memory, not by the view's id."""
+    back into its group is known by its memory, not by the view's id (another
+    view of the same elements resumes too, where torch, keyed by tensor
+    object, would start it fresh). Zero-size arrays are not matched: NumPy
+    gives every empty slice its base's address."""
     iface = getattr(a, "__array_interface__", None) or a.__cuda_array_interface__
     return iface["data"][0], tuple(a.shape), tuple(a.strides), str(a.dtype)
 
@@ -238,9 +241,10 @@ class Optimizer:
                 if removed_at is None:
                     removed_at = {_buffer_key(rp): rid
                                   for rid, (rp, _) in self._removed_state.items()}
-                rid = removed_at.pop(_buffer_key(p), None)
-                if rid is not None:
-                    state[j] = self._removed_state.pop(rid)[1]
+                rid = removed_at.pop(_buffer_key(p), None) if p.size else None
+                entry = self._removed_state.pop(rid, None) if rid is not None else None
+                if entry is not None:        # (None: it came back as itself above)
+                    state[j] = entry[1]
         self.state = state
         self._state_params = flat
         return flat

@@ -217,7 +217,7 @@ def param_dtype(dtype: str):
 
 #: size of the "large" cases (params["large"] = True) that thread-count checks
 #: draw: large enough for the batch-norm kernels to run 4 threads (they give
-#: one thread per 16384 elements, and none below 32768: _threads_for), the
+#: one thread per 16384 elements, and just one below 32768: _threads_for), the
 #: most that the checks ask for; at 40000 elements 3 and 4 threads ran as 2
 LARGE_ELEMENTS = 4 * 16384
 
@@ -271,8 +271,8 @@ def _bn_shape(p: Params, rng: np.random.Generator) -> Tuple[Tuple[int, ...], int
     spatial = [int(rng.choice((1, 2, 3, 5, 9))) for _ in range(ndim - 2)]
     others = [p["batch"]] + spatial
     if p.get("large"):
-        # past the kernels' one-thread cutoff (SMALL_WORK = 32768 elements), so
-        # that a thread-count check really runs several threads
+        # past the kernels' thread cutoffs (LARGE_ELEMENTS), so that a
+        # thread-count check really runs every thread count it asks for
         need = -(-LARGE_ELEMENTS // (C * int(np.prod(others))))
         if need > 1:
             k = len(others) - 1 if ndim > 2 else 0     # grow the last non-channel axis
