@@ -313,6 +313,7 @@ def main(argv=None) -> int:
         return gpu_main(args.json)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))   # before OpenMP loads
     import bncore
+    import bench_targets                  # noqa: E402
     from bench_optim import optim_cases   # noqa: E402
 
     bncore.set_num_threads(args.threads)
@@ -334,13 +335,14 @@ def main(argv=None) -> int:
                    f"{scaling[0]:.2f}x, {scaling[1]:.2f}x faster on {args.threads} threads "
                    f"than on 1 (near {args.threads}: the run had its cores; near 1: the "
                    f"host took some, and in-cache ratios are not this machine's best)")
-    text = report(cases, header)
+    rows = bench_targets.verdicts({c.name: c.results for c in cases})
+    text = report(cases, header) + bench_targets.report(rows, args.threads)
     print(text)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"env": env, "cases": [
                 {"name": c.name, "group": c.group, "bytes": c.bytes_moved, "note": c.note,
-                 "seconds": c.results} for c in cases]}, fh, indent=2)
+                 "seconds": c.results} for c in cases], "targets": rows}, fh, indent=2)
     return 0
 
 

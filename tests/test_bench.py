@@ -70,6 +70,44 @@ def test_short_run_prints_both_floors(tmp_path):
     for c in cases:
         assert {"bncore", "floor", "floor Nt"} <= set(c["seconds"])
         assert all(t > 0 for t in c["seconds"].values())
+    # the issue targets of the timed cases, and only those, under the table
+    targets = result["targets"]
+    assert {r["case"] for r in targets} == {"bn forward-train (256,1024)",
+                                            "bn forward-eval (256,1024)",
+                                            "bn backward (256,1024)"}
+    assert "Issue targets" in run.stdout and "issue 2: " in run.stdout
+    assert "issue 3: " not in run.stdout
+
+
+def test_targets_are_met_by_the_limits_and_missed_past_them(monkeypatch):
+    """bench_targets: each target's verdict from the run's seconds; a missing
+    column is not met, an untimed case not listed."""
+    import bench_targets as bt
+    case = "bn backward (32,64,56,56) channels-last"     # >= 1.25 torch, <= 1.8 floor
+    at = {case: {"bncore": 1.0, "torch": 1.25, "floor": 1 / 1.8}}
+    rows = bt.verdicts(at)
+    assert [(r["measure"], r["met"]) for r in rows] == [("torch/bncore", True),
+                                                       ("bncore/floor", True)]
+    past = {case: {"bncore": 1.0, "torch": 1.24, "floor": 1 / 1.81}}
+    assert [r["met"] for r in bt.verdicts(past)] == [False, False]
+    no_torch = {case: {"bncore": 1.0, "floor": 1.0}}
+    rows = bt.verdicts(no_torch)
+    assert rows[0]["value"] is None and not rows[0]["met"] and rows[1]["met"]
+    over = {"bn per-call overhead (4,8)": {"bncore": 11e-6}}
+    assert [r["met"] for r in bt.verdicts(over)] == [False]
+    assert bt.verdicts({"bn forward-train (8192,1024)": {"bncore": 1.0}}) == []
+    text = bt.report(bt.verdicts({**past, **over}), 2)
+    assert "issue 2: 0 of 3 targets met" in text and text.count("MISSED") == 3
+    # every target names a case bench.py times (the optimizer cases built
+    # small: their names do not depend on the size)
+    names = {f"bn {call} {shape[0]}" for shape in bench.BN_SHAPES
+             for call in ("forward-train", "forward-eval", "backward")}
+    names.add("bn per-call overhead (4,8)")
+    import bench_optim
+    monkeypatch.setattr(bench_optim, "N", 4000)
+    monkeypatch.setattr(bench_optim, "_floors", lambda nbytes, threads: {})   # (96 MiB each)
+    names |= {c.name for c in bench_optim.optim_cases(1)}
+    assert {t.case for t in bt.TARGETS} <= names
 
 
 @pytest.mark.parametrize("probe, flags", [("probe_adam_arith.c", ["-O3", "-fno-math-errno",
