@@ -222,13 +222,8 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
             # backward 1.05-1.1x); with fewer blocks than NARROW_WIDE_ITEMS the
             # threads' shares grow uneven ((16,64,28,28): 13 blocks, 5-7% slower)
             per_block = TILE_BLOCK_ELEMS
-        p.block_rows = p.R0 * (per_block // p.W if p.W > 0 and p.W < per_block else 1)
-        # at least MIN_ITEMS blocks when there are rows enough, so that up to
-        # that many threads find work on mid-sized inputs
-        cap = p.R0 * (outer // (MIN_ITEMS * p.R0))
-        if cap >= p.R0 and cap < p.block_rows:
-            p.block_rows = cap
-        p.elem_rows = p.block_rows
+        p.elem_rows = p.R0 * (per_block // p.W if p.W > 0 and p.W < per_block else 1)
+        p.block_rows = p.elem_rows
         if not p.narrow and inner > 1 and p.W > 0:
             # the flat schedule's reductions in blocks of FLAT_ROWS super-rows
             # (fewer where that passes FLAT_MAX_ELEMS elements or leaves fewer
@@ -244,8 +239,12 @@ cdef Plan make_plan(Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept n
             rows = FLAT_ROWS if FLAT_ROWS * p.W <= FLAT_MAX_ELEMS else FLAT_MAX_ELEMS // p.W
             if rows * p.R0 > p.block_rows:
                 p.block_rows = rows * p.R0
-                if cap >= p.R0 and cap < p.block_rows:
-                    p.block_rows = cap
+        # at least MIN_ITEMS blocks (and work items) when there are rows enough,
+        # so that up to that many threads find work on mid-sized inputs
+        cap = p.R0 * (outer // (MIN_ITEMS * p.R0))
+        if cap >= p.R0:
+            p.block_rows = min(p.block_rows, cap)
+            p.elem_rows = min(p.elem_rows, cap)
         p.nitems = (outer + p.block_rows - 1) // p.block_rows
         p.nparts = p.nitems
     return p

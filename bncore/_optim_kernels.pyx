@@ -390,35 +390,36 @@ cdef inline double _grad(const gtype* g, Py_ssize_t i, double x, const Hyper* h)
 # by coefficients, see Hyper), so the compiler vectorizes it; operands that a
 # configuration does not use get their own loop rather than a branch.
 
-cdef inline void _sgd_chunk(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
-                            const Hyper* h) noexcept nogil:
+cdef inline void _sgd_momentum(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
+                               const Hyper* h, const bint nesterov) noexcept nogil:
+    # one body for both updates, called with a constant `nesterov`, so that
+    # each inlined copy has a branch-free loop (the note above); without
+    # Nesterov no g term at all, not Na = 0: 0 * g is NaN for an infinite g,
+    # where p -= L v takes the infinite v (as torch, Keras and ONNX do)
     cdef Py_ssize_t i
     cdef double x, gr, v
-    if b == NULL:
-        for i in range(n):
-            x = <double>p[i]
-            gr = _grad(g, i, x, h)
-            p[i] = <ptype>(x * h.decay - h.lr * (h.B0 * gr))
-        return
-    if not h.nesterov:
-        # without g's term, not with Na = 0: 0 * g is NaN for an infinite g,
-        # where p -= L v takes the infinite v (as torch, Keras and ONNX do);
-        # a loop of its own, as the note above says for unused operands
-        for i in range(n):
-            x = <double>p[i]
-            gr = _grad(g, i, x, h)
-            v = <double>b[i] if h.read_buf else 0.0
-            v = h.A * v + h.B * gr
-            b[i] = <ptype>v
-            p[i] = <ptype>(x * h.decay - h.L * v)
-        return
     for i in range(n):
         x = <double>p[i]
         gr = _grad(g, i, x, h)
         v = <double>b[i] if h.read_buf else 0.0
         v = h.A * v + h.B * gr
         b[i] = <ptype>v
-        p[i] = <ptype>(x * h.decay - h.L * (h.Na * gr + h.Nb * v))
+        p[i] = <ptype>(x * h.decay - h.L * ((h.Na * gr + h.Nb * v) if nesterov else v))
+
+
+cdef inline void _sgd_chunk(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
+                            const Hyper* h) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double x, gr
+    if b == NULL:
+        for i in range(n):
+            x = <double>p[i]
+            gr = _grad(g, i, x, h)
+            p[i] = <ptype>(x * h.decay - h.lr * (h.B0 * gr))
+    elif h.nesterov:
+        _sgd_momentum(p, g, b, n, h, True)
+    else:
+        _sgd_momentum(p, g, b, n, h, False)
 
 
 cdef void _sgd_chunk_h(float* p, const uint16_t* g, float* b, Py_ssize_t n,
