@@ -103,26 +103,22 @@ def test_momentum_outside_the_unit_interval_is_refused(which, momentum):
     RMSprop took 1.5 and ran."""
     a = fresh()
     m = [np.zeros_like(p) for p in a["params"]]
+
+    def step(mu):
+        if which == "sgd_step":
+            bncore.sgd_step(a["params"], a["grads"], m, lr=0.1, momentum=mu)
+        elif which == "rmsprop_step":
+            bncore.rmsprop_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=mu,
+                                momentum_buffers=m)
+        else:
+            getattr(bncore.optim, which)(a["params"], lr=0.1, momentum=mu).step(a["grads"])
     before = {f"{k}{i}": x.copy() for k, lst in dict(a, buf=m).items() for i, x in enumerate(lst)}
     with pytest.raises(ValueError, match="momentum must (be in|not be NaN)"):
-        if which == "sgd_step":
-            bncore.sgd_step(a["params"], a["grads"], m, lr=0.1, momentum=momentum)
-        elif which == "rmsprop_step":
-            bncore.rmsprop_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=momentum,
-                                momentum_buffers=m)
-        else:
-            getattr(bncore.optim, which)(a["params"], lr=0.1, momentum=momentum).step(a["grads"])
+        step(momentum)
     after = {f"{k}{i}": x for k, lst in dict(a, buf=m).items() for i, x in enumerate(lst)}
     assert_unchanged(before, after)
-    # the ends of the interval are taken
-    for ok in (0.0, 1.0):
-        if which == "sgd_step":
-            bncore.sgd_step(a["params"], a["grads"], m, lr=0.1, momentum=ok)
-        elif which == "rmsprop_step":
-            bncore.rmsprop_step(a["params"], a["grads"], a["m"], lr=0.1, momentum=ok,
-                                momentum_buffers=m)
-        else:
-            getattr(bncore.optim, which)(a["params"], lr=0.1, momentum=ok).step(a["grads"])
+    for ok in (0.0, 1.0):              # the ends of the interval are taken
+        step(ok)
 
 
 def test_rmsprop_and_adagrad_reject_bad_configurations():
