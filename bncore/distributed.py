@@ -10,7 +10,8 @@ statistics, norm and running averages. `comm` is an mpi4py communicator
 Forward (training), per channel c, on rank r with n_r values (n_r may be 0)::
 
     local:    n_r, mean_r = sum(x)/n_r, M2_r = sum (x - mean_r)^2    (float64, bncore kernels)
-    exchange: Allgather of (mean_r, M2_r) for all channels (n_r rides in the header)
+    exchange: Allgather of (pivot_r, mean_r - pivot_r, M2_r) for all channels (n_r rides
+              in the header; the pivot keeps far-offset channels accurate)
     combine:  Chan et al.'s pairwise update, ranks in order 0..P-1, skipping n_r = 0:
               n = n_a + n_b,  d = mean_b - mean_a,
               mean = mean_a + d * n_b / n,  M2 = M2_a + M2_b + d^2 * n_a n_b / n
@@ -237,21 +238,29 @@ def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training
                  eps, axis, unbiased_running_var, out, num_threads):
     """sync_batch_norm_forward on engine `eng` (HostEngine or bncore_gpu's)."""
     # (as batch_norm_forward: "False" is true; every rank checks the same values)
-    training = eng.chk.flag("training", training)
-    unbiased_running_var = eng.chk.flag("unbiased_running_var", unbiased_running_var)
-    if not training:
+    training_flag, training_err = _local(eng.chk.flag, "training", training)
+    if training_err is None and not training_flag:
         # running statistics are identical everywhere: nothing to exchange
         return eng.forward(x, weight, bias, running_mean, running_var, training=False,
                            momentum=momentum, eps=eps, axis=axis,
                            unbiased_running_var=unbiased_running_var, out=out,
                            num_threads=num_threads)
+    # Training, or a `training` this rank cannot read: that error joins the
+    # exchange below (where ranks in training wait) instead of leaving them there
     comm = col.check_comm(comm)
-    # the local rules of batch_norm_forward; the count rule applies to all ranks together
-    args, err = _local(_bn_args.forward_args, eng.chk, x, weight, bias, running_mean,
-                       running_var, True, momentum, eps, axis, out, num_threads,
-                       count_rule=False)
+
+    def local_checks():
+        # the local rules of batch_norm_forward; the count rule applies to all ranks together
+        if training_err is not None:
+            raise training_err
+        return (eng.chk.flag("unbiased_running_var", unbiased_running_var),
+                _bn_args.forward_args(eng.chk, x, weight, bias, running_mean, running_var, True,
+                                      momentum, eps, axis, out, num_threads, count_rule=False))
+
+    checked, err = _local(local_checks)
     header = []
     if err is None:
+        unbiased_running_var, args = checked
         (x, weight, bias, running_mean, running_var, _, momentum, eps, ax, C, n, out,
          nthreads) = args
         header = _pad(C, _DTYPES.index(x.dtype.name), n, eps, momentum,
@@ -280,10 +289,13 @@ def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training
     N, mean, m2 = combine_statistics(counts, rows[:, C:2 * C], rows[:, 2 * C:], rows[:, :C])
     invstd = 1.0 / np.sqrt(m2 / N + eps)
     if running_mean is not None:
-        # r = (1 - momentum) r + momentum * stat in float64, stored once (as the kernel does)
-        var_run = m2 / (N - 1.0) if unbiased_running_var else m2 / N
-        new_mean = (1.0 - momentum) * eng.host(running_mean).astype(_F64) + momentum * mean
-        new_var = (1.0 - momentum) * eng.host(running_var).astype(_F64) + momentum * var_run
+        # r = (1 - momentum) r + momentum * stat in float64, stored once (as the kernel
+        # does); Inf and NaN propagate as IEEE says (0 * inf at momentum 0 or 1 is NaN),
+        # without warnings or a FloatingPointError under np.errstate(all="raise")
+        with np.errstate(all="ignore"):
+            var_run = m2 / (N - 1.0) if unbiased_running_var else m2 / N
+            new_mean = (1.0 - momentum) * eng.host(running_mean).astype(_F64) + momentum * mean
+            new_var = (1.0 - momentum) * eng.host(running_var).astype(_F64) + momentum * var_run
         eng.store(running_mean, new_mean)
         eng.store(running_var, new_var)
     return eng.normalize(x, ax, mean, invstd, weight, bias, out, nthreads)
@@ -442,6 +454,13 @@ class SyncBatchNorm(BatchNorm):
     mpi4py communicator, None: COMM_WORLD) and ``weight_grads`` (see
     :func:`sync_batch_norm_backward`). Construct it with the same arguments
     on every rank; ``forward`` / ``backward`` in training are collectives.
+    In ``eval()`` with running statistics, the forward communicates nothing
+    (the statistics are the same on every rank) and the backward exchanges
+    the dweight/dbias sums as ``weight_grads`` says. In ``eval()`` without
+    running statistics (``track_running_stats=False``) each rank normalizes
+    with its own batch's statistics and nothing is exchanged, forward or
+    backward, as ``torch.nn.SyncBatchNorm`` does (it syncs only in
+    training): the layer is then a plain BatchNorm.
     Running statistics and ``num_batches_tracked`` stay identical on every
     rank, so ``state_dict()`` may be saved from any one of them.
     """
@@ -457,34 +476,47 @@ class SyncBatchNorm(BatchNorm):
             raise ValueError(f"weight_grads must be 'global' or 'local', got {weight_grads!r}")
         self.comm = col.check_comm(comm)
         self.weight_grads = weight_grads
+        self._saved_local = False     # the saved forward ran without a collective
 
     # the functions the layer calls (bncore_gpu.distributed.SyncBatchNorm swaps them)
     _sync_forward = staticmethod(sync_batch_norm_forward)
     _sync_backward = staticmethod(sync_batch_norm_backward)
+    _local_forward = staticmethod(batch_norm_forward)
+    _local_backward = staticmethod(batch_norm_backward)
 
-    # BatchNorm's forward/backward call these: the collectives over self.comm
+    def _local_pass(self) -> bool:
+        """eval() without running statistics: this rank's own batch statistics."""
+        return not self.training and not self.track_running_stats
+
+    # BatchNorm's forward/backward call these: the collectives over self.comm,
+    # or BatchNorm's own functions for a local pass
     def _forward(self, *args, **kwargs):
+        self._saved_local = self._local_pass()
+        if self._saved_local:
+            return self._local_forward(*args, **kwargs)
         return self._sync_forward(*args, comm=self.comm, **kwargs)
 
     def _backward(self, *args, **kwargs):
+        if self._saved_local:
+            return self._local_backward(*args, **kwargs)
         return self._sync_backward(*args, comm=self.comm, weight_grads=self.weight_grads,
                                    **kwargs)
 
-    def _check_input(self, shape) -> None:
+    def _input_shape(self, x):
         # in a collective, a local error would leave the other ranks waiting in
         # it: the error joins the collective's validation exchange instead, so
-        # that every rank raises
+        # that every rank raises (a ragged list's shape error included)
         try:
-            super()._check_input(shape)
+            return super()._input_shape(x)
         except (TypeError, ValueError) as exc:
-            if not self._uses_batch_stats():
+            if not self._uses_batch_stats() or self._local_pass():
                 raise
             col.agree(self.comm, exc, [0.0] * _HEADER, "SyncBatchNorm.forward")
             raise
 
     def backward(self, dy, *, num_threads: Optional[int] = None) -> np.ndarray:
         """This rank's dx; grad_weight and grad_bias as ``weight_grads`` says."""
-        if self._saved is None:
+        if self._saved is None and not self._local_pass():
             # join the collective the other ranks are in, so that they raise too
             col.agree(self.comm, RuntimeError("backward() called before forward()"),
                       [0.0] * _HEADER, "SyncBatchNorm.backward")

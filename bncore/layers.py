@@ -108,9 +108,19 @@ class BatchNorm:
         return self.training or not self.track_running_stats
 
     # ---- computation
+    def _input_shape(self, x):
+        """x's shape, its channel count checked against num_features (the
+        functions cannot: without weight or running statistics nothing else
+        says how many there are)."""
+        shape = getattr(x, "shape", None)
+        if shape is None:
+            # a list (the functions take one as NumPy does): its shape, so that
+            # the channel count and tf_fused's per-input rule are checked too
+            shape = np.shape(x)
+        self._check_input(shape)
+        return shape
+
     def _check_input(self, shape) -> None:
-        """x's channel count against num_features (the functions cannot: without
-        weight or running statistics nothing else says how many there are)."""
         if shape is not None and len(shape) >= 2:
             ax = channel_axis(chk, self.axis, len(shape))
             if shape[ax] != self.num_features:
@@ -123,12 +133,7 @@ class BatchNorm:
         before then."""
         # a forward that raises must not leave the previous batch for backward
         self._saved = None
-        shape = getattr(x, "shape", None)
-        if shape is None:
-            # a list (the functions take one as NumPy does): its shape, so that
-            # the channel count and tf_fused's per-input rule are checked too
-            shape = np.shape(x)
-        self._check_input(shape)
+        shape = self._input_shape(x)
         unbiased, eps = self.unbiased_running_var, self.eps
         conv = BATCH_NORM.get(self.convention)
         if shape is not None and conv is not None and conv.fused_ranks is not None \

@@ -237,3 +237,5 @@ class SyncBatchNorm(_host.SyncBatchNorm):
     _xp = cupy
     _sync_forward = staticmethod(sync_batch_norm_forward)
     _sync_backward = staticmethod(sync_batch_norm_backward)
+    _local_forward = staticmethod(_bn.batch_norm_forward)
+    _local_backward = staticmethod(_bn.batch_norm_backward)

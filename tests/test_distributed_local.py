@@ -274,3 +274,98 @@ def test_sync_forward_on_off_arguments_must_be_bools(name, value):
     with pytest.raises(TypeError, match=f"{name} must be a bool"):
         dist.sync_batch_norm_forward(x, None, None, rm, rv, comm=COMM, **{name: value})
     assert (rm == 0).all() and (rv == 1).all()
+
+
+@pytest.mark.parametrize("name", ["training", "unbiased_running_var"])
+def test_a_bad_on_off_argument_on_one_rank_raises_on_every_rank(name):
+    """The flags were checked before the validation exchange: the rank with the
+    bad value raised alone and left the others waiting in it (an MPI hang)."""
+    x = np.random.default_rng(3).standard_normal((8, 3))
+
+    def fn(c):
+        r = c.Get_rank()
+        return dist.sync_batch_norm_forward(x[4 * r:4 * r + 4], None, None, np.zeros(3),
+                                            np.ones(3), comm=c,
+                                            **{name: "yes" if r == 1 else True})
+    out = _every_rank(2, fn)
+    assert all(isinstance(e, TypeError) and f"{name} must be a bool" in str(e)
+               and "rank 1" in str(e) for e in out), out
+
+
+def test_layer_with_a_ragged_list_on_one_rank_raises_everywhere():
+    """The layer took a list's shape before its collective-aware check."""
+    def fn(c):
+        layer = dist.SyncBatchNorm(2, comm=c)
+        x = [[1.0, 2.0], [3.0]] if c.Get_rank() == 1 else np.ones((3, 2))
+        return layer.forward(x)
+    out = _every_rank(2, fn)
+    assert all(isinstance(e, ValueError) for e in out), out
+
+
+@pytest.mark.parametrize("momentum, inf_in", [(0.0, "x"), (1.0, "running")])
+def test_infinite_values_update_running_statistics_without_floating_point_errors(momentum,
+                                                                                 inf_in):
+    """0 * inf in the running-statistics update is NaN, as in one process: no
+    FloatingPointError under np.errstate(all="raise"), no warning."""
+    x = np.random.default_rng(4).standard_normal((8, 2))
+    rm1, rv1 = np.zeros(2), np.ones(2)
+    if inf_in == "x":
+        x[1, 0] = np.inf
+    else:
+        rm1[0] = rv1[0] = np.inf
+    bncore.batch_norm_forward(x, None, None, rm1, rv1, momentum=momentum)
+    assert np.isnan(rm1[0]) and np.isnan(rv1[0])
+
+    def fn(c):
+        r = c.Get_rank()
+        rm = np.zeros(2) if inf_in == "x" else np.array([np.inf, 0.0])
+        rv = np.ones(2) if inf_in == "x" else np.array([np.inf, 1.0])
+        with np.errstate(all="raise"):
+            dist.sync_batch_norm_forward(x[4 * r:4 * r + 4], None, None, rm, rv, comm=c,
+                                         momentum=momentum)
+        return rm, rv
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _every_rank(2, fn)
+    for got in out:
+        assert not isinstance(got, BaseException), got
+        # channel 0 NaN, channel 1 the combined statistics (Chan's order: within 1 ulp)
+        np.testing.assert_allclose(got[0], rm1, rtol=1e-15)
+        np.testing.assert_allclose(got[1], rv1, rtol=1e-15)
+
+
+def test_layer_in_eval_without_running_statistics_is_local_as_in_torch():
+    """torch.nn.SyncBatchNorm syncs only in training; in eval() without running
+    statistics each rank normalizes with its own batch (and one rank may
+    evaluate alone). bncore synced, giving every rank the whole batch's
+    statistics, and a rank alone waited for the others."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 3)) * np.array([1.0, 2.0, 3.0]) + np.array([0.0, 5.0, -1.0])
+    dy = rng.standard_normal((8, 3))
+    shards = [x[:4], x[4:]]
+    dys = [dy[:4], dy[4:]]
+
+    def local(r):
+        layer = bncore.BatchNorm(3, track_running_stats=False).eval()
+        y = layer.forward(shards[r])
+        return y, layer.backward(dys[r]), layer.grad_weight, layer.grad_bias
+
+    def fn(c):
+        r = c.Get_rank()
+        layer = dist.SyncBatchNorm(3, track_running_stats=False, comm=c).eval()
+        y = layer.forward(shards[r])
+        return y, layer.backward(dys[r]), layer.grad_weight, layer.grad_bias
+    out = _every_rank(2, fn)
+    for r, got in enumerate(out):
+        assert not isinstance(got, BaseException), got
+        for a, b in zip(got, local(r)):
+            np.testing.assert_array_equal(a, b)
+    # one rank alone: nothing to wait for
+    alone = _every_rank(2, lambda c: fn(c) if c.Get_rank() == 0 else None, timeout=3.0)
+    assert not isinstance(alone[0], BaseException), alone
+    # in training the same layer still spans both ranks
+    train = _every_rank(2, lambda c: dist.SyncBatchNorm(
+        3, track_running_stats=False, comm=c).forward(shards[c.Get_rank()]))
+    y_all, _, _ = bncore.batch_norm_forward(x)
+    np.testing.assert_allclose(np.concatenate(train), y_all, rtol=1e-13, atol=1e-13)

@@ -163,3 +163,21 @@ def test_sync_statistics_with_an_outlier_as_pivot():
     var = xl.var(axis=(0, 2, 3))
     got = 1.0 / ranks[0]["invstd"].astype(np.longdouble) ** 2
     assert np.max(np.abs(got / var - 1)) < 1e-13
+
+
+def test_sync_layer_in_eval_without_running_statistics_is_local_on_device():
+    """As torch.nn.SyncBatchNorm: eval() without running statistics normalizes
+    each rank with its own batch, on the device, with no collective."""
+    rng = np.random.default_rng(6)
+    shards = [rng.standard_normal((4, 3)) + 3.0 for _ in range(2)]
+
+    def rank(comm):
+        layer = gdist.SyncBatchNorm(3, track_running_stats=False, comm=comm,
+                                    dtype=np.float64).eval()
+        y = layer.forward(cupy.asarray(shards[comm.Get_rank()]))
+        assert isinstance(y, cupy.ndarray)
+        return cupy.asnumpy(y)
+
+    for r, y in enumerate(run_ranks(2, rank)):
+        want = bncore.BatchNorm(3, track_running_stats=False, dtype=np.float64).eval()
+        _close(y, want.forward(shards[r]), 1e-12, f"rank {r}")
