@@ -81,6 +81,31 @@ def test_schedules():
         s(-1)
 
 
+def test_step_lr_past_float64_is_inf_as_torch_steplr_reaches():
+    """gamma > 1 passes step_lr's checks; gamma ** k overflowed (OverflowError)."""
+    s = bncore.optim.step_lr(0.1, 1, 2.0)
+    assert s(1000) == pytest.approx(0.1 * 2.0 ** 1000)
+    assert s(1100) == np.inf
+    assert bncore.optim.step_lr(0.0, 1, 2.0)(1100) == 0.0
+
+
+@pytest.mark.parametrize("cls", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
+@pytest.mark.parametrize("param", [[1.0, 2.0], 3.0, (1.0,)])
+def test_a_parameter_that_would_be_copied_is_refused(cls, param):
+    """A list or a Python float was copied into a private array, which the
+    steps then updated: the caller's parameter never moved, without an error
+    (the functional steps refuse it; torch: "can only optimize Tensors")."""
+    opt_cls = getattr(bncore.optim, cls)
+    with pytest.raises(TypeError, match="updated in place"):
+        opt_cls([param], lr=0.1)
+    opt = opt_cls([np.zeros(2)], lr=0.1)
+    with pytest.raises(TypeError, match="updated in place"):
+        opt.add_param_group({"params": [param]})
+    opt.param_groups[0]["params"].append(param)
+    with pytest.raises(TypeError, match="updated in place"):
+        opt.step([np.ones(2), np.ones(2)])
+
+
 def test_linear_warmup_hands_over_at_warmup_steps():
     """Steps 0 .. warmup_steps - 1 ramp; step warmup_steps is after(0)."""
     after = bncore.optim.step_lr(0.5, step_size=2, gamma=0.1)

@@ -162,9 +162,11 @@ def test_state_moves_with_its_parameter_when_a_group_grows():
 
 
 @pytest.mark.skipif(torch is None, reason="torch not installed")
-def test_a_parameter_taken_out_and_put_back_resumes_its_state_as_in_torch():
+@pytest.mark.parametrize("route", ["append to its group", "add_param_group"])
+def test_a_parameter_taken_out_and_put_back_resumes_its_state_as_in_torch(route):
     """Found by review: bncore dropped the state of a parameter removed from its
-    group (freezing it for a while); torch keys state by tensor and resumes."""
+    group (freezing it for a while); torch keys state by tensor and resumes.
+    A later review: put back through add_param_group, it still started fresh."""
     a, b = arrays(2)
     ta, tb = torch.tensor(a.copy()), torch.tensor(b.copy())
     opt = optim.SGD([a, b], lr=0.1, momentum=0.9)
@@ -180,8 +182,12 @@ def test_a_parameter_taken_out_and_put_back_resumes_its_state_as_in_torch():
     del opt.param_groups[0]["params"][1]             # b, frozen for a step
     del topt.param_groups[0]["params"][1]
     both([ga], (ta,))
-    opt.param_groups[0]["params"].append(b)          # and back
-    topt.param_groups[0]["params"].append(tb)
+    if route == "add_param_group":                   # and back
+        opt.add_param_group({"params": [b]})
+        topt.add_param_group({"params": [tb]})
+    else:
+        opt.param_groups[0]["params"].append(b)
+        topt.param_groups[0]["params"].append(tb)
     both([ga, gb], (ta, tb))
     for x, t in ((a, ta), (b, tb)):
         np.testing.assert_allclose(x, t.numpy(), rtol=1e-14, atol=1e-15)

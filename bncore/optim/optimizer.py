@@ -76,6 +76,10 @@ def _buffer_key(a) -> tuple:
 
 
 def _as_param(name: str, p) -> np.ndarray:
+    if not chk.viewable_in_place(p):
+        # a list or a Python float would be copied, and the copy stepped
+        raise TypeError(f"{name} is updated in place, so it must be an array or a tensor, "
+                        f"got {type(p).__name__}")
     a = chk.as_array(name, p)
     if a.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"{name} must be float32 or float64, got {a.dtype}")
@@ -165,7 +169,9 @@ class Optimizer:
         self._check_group(len(self.param_groups), full)
         full["params"] = arrays
         self.param_groups.append(full)
-        self._state_params = self._flat_params()
+        # the new parameters' state: fresh, or theirs if they were taken out of
+        # a group earlier (as a parameter put back by editing a group's list)
+        self._sync_params()
 
     def _check_hyper(self, group: Dict[str, Any]) -> None:
         """Subclasses validate their hyperparameters by the step function's rules."""

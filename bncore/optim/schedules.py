@@ -28,7 +28,11 @@ def step_lr(base_lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     gamma = chk.non_negative("gamma", gamma)
 
     def lr(step: int) -> float:
-        return base_lr * gamma ** (_step_index(step) // step_size)
+        k = _step_index(step) // step_size
+        try:
+            return base_lr * gamma ** k
+        except OverflowError:     # gamma > 1 past float64: inf, as torch's StepLR reaches
+            return math.inf if base_lr > 0 else 0.0
     return lr
 
 
