@@ -12,6 +12,11 @@ import math
 
 from bncore._threads import resolve_num_threads
 
+# An empty training batch is refused where PyTorch returns an empty y (and leaves
+# the running statistics alone): the batch mean and invstd would be undefined
+_EMPTY_NOTE = (": an empty batch; PyTorch returns an empty y there, with uninitialized "
+               "statistics, and bncore refuses it")
+
 
 def _reduced_count(shape, axis: int) -> int:
     n = 1
@@ -87,7 +92,7 @@ def forward_args(chk, x, weight, bias, running_mean, running_var, training, mome
         if count_rule and n < 2:
             raise ValueError(
                 f"training-mode batch norm needs more than 1 value per channel, got {n} "
-                f"(x of shape {x.shape}, channel axis {ax})")
+                f"(x of shape {x.shape}, channel axis {ax}){_EMPTY_NOTE if n == 0 else ''}")
     elif running_mean is None:
         raise ValueError("inference mode (training=False) needs running_mean and running_var")
     out = _check_out(chk, "out", out, x)
@@ -133,7 +138,8 @@ def backward_args(chk, dy, x, mean, invstd, weight, training, axis, out, num_thr
     training = bool(training)
     if count_rule and training and n < 2:
         raise ValueError(
-            f"training-mode batch norm needs more than 1 value per channel, got {n}")
+            f"training-mode batch norm needs more than 1 value per channel, got {n}"
+            f"{_EMPTY_NOTE if n == 0 else ''}")
     dx_out, dw_out, db_out = _check_dx_out(chk, out, x, C)
     if out is not None:
         chk.no_overlap_among(

@@ -37,6 +37,7 @@ def as_array(name: str, a: Any) -> np.ndarray:
     if isinstance(a, np.ndarray):
         return a
     if hasattr(a, "__dlpack__") and not isinstance(a, (list, tuple)):
+        refuse_lazy_negation(name, a)
         try:
             return np.from_dlpack(a)
         except (BufferError, TypeError, RuntimeError) as exc:
@@ -54,6 +55,19 @@ def as_array(name: str, a: Any) -> np.ndarray:
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     return np.asarray(a)
+
+
+def refuse_lazy_negation(name: str, a: Any) -> None:
+    """Refuse a torch tensor whose negative bit is set: torch keeps a lazy
+    negation (``z.conj().imag``, ``torch._neg_view``) as a flag over memory
+    that holds the opposite values, and DLPack and the CUDA array interface
+    export that memory without the flag, so every value would be read with
+    the wrong sign (torch's own ``.numpy()`` refuses such tensors)."""
+    is_neg = getattr(a, "is_neg", None)
+    if callable(is_neg) and is_neg():
+        raise TypeError(f"{name} is a torch tensor with its negative bit set (a lazy "
+                        f"negation, such as z.conj().imag): its memory holds the opposite "
+                        f"values; pass {name}.resolve_neg()")
 
 
 def viewable_in_place(a: Any) -> bool:
@@ -176,7 +190,10 @@ def real_scalar(name: str, v: Any) -> float:
     v = _value_of_0d(v)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:         # an int past float64's range: infinite, as IEEE rounds it
+        f = math.inf if v > 0 else -math.inf
     if math.isnan(f):
         raise ValueError(f"{name} must not be NaN")
     return f
@@ -187,6 +204,9 @@ def positive(name: str, v: Any) -> float:
     if not (f > 0 and math.isfinite(f)):
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     return f
+
+
+_COUNT_MAX = 2 ** 63 - 1           # counts become int64 (step counters, num_batches_tracked)
 
 
 def count(name: str, v: Any, minimum: int = 0) -> int:
@@ -201,8 +221,12 @@ def count(name: str, v: Any, minimum: int = 0) -> int:
         v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
-    if not math.isfinite(v) or int(v) != v or v < minimum:
+    if isinstance(v, numbers.Integral):
+        v = int(v)                # (math.isfinite of a huge int raises OverflowError)
+    elif not math.isfinite(v) or int(v) != v:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    if not minimum <= v <= _COUNT_MAX:
+        raise ValueError(f"{name} must be an integer >= {minimum} (and below 2**63), got {v!r}")
     return int(v)
 
 

@@ -100,8 +100,8 @@ def _step(name: str, step, minimum: int) -> int:
             raise ValueError(f"{name} must be an integer, got {step}")
         step = int(step)
     step = int(step)
-    if step < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {step}")
+    if not minimum <= step <= chk._COUNT_MAX:
+        raise ValueError(f"{name} must be >= {minimum} (and below 2**63), got {step}")
     return step
 
 

@@ -300,3 +300,25 @@ def test_float16_running_statistics_overflow_to_inf_without_raising():
     assert np.isinf(rv16[0]) and np.isfinite(rv32[0])       # 3.6e8 > float16's 65504
     np.testing.assert_array_equal(rv16[1:], rv32[1:].astype(np.float16))
     np.testing.assert_array_equal(rm16, rm32.astype(np.float16))
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: bncore.batch_norm_forward(x, eps=10 ** 400),
+    lambda x: bncore.batch_norm_forward(x, momentum=-10 ** 400),
+    lambda x: bncore.BatchNorm(3, eps=10 ** 400),
+    lambda x: bncore.BatchNorm(3).load_state_dict(
+        dict(bncore.BatchNorm(3).state_dict(), num_batches_tracked=10 ** 400)),
+    lambda x: bncore.adam_step([x], [x.copy()], [0 * x], [0 * x], step=10 ** 400),
+    lambda x: bncore.optim.step_lr(0.1, 10 ** 400),
+])
+def test_integers_past_float64_or_int64_raise_value_errors_naming_the_argument(call):
+    """Found in review: float() of a huge int raised OverflowError, not the
+    ValueError naming the argument that DESIGN.md promises."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    with pytest.raises(ValueError, match=r"eps|momentum|num_batches_tracked|step"):
+        call(x)
+
+
+def test_an_empty_training_batch_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="an empty batch; PyTorch returns an empty y"):
+        bncore.batch_norm_forward(np.zeros((0, 3), np.float32))

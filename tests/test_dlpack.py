@@ -147,6 +147,32 @@ def test_torch_layer_and_optimizer_classes(torch):
     assert np.allclose(p.numpy(), 0.9), "the class updated a copy, not the tensor"
 
 
+def test_a_tensor_with_its_negative_bit_set_is_refused(torch):
+    """Found in review: z.conj().imag is a lazy negation (a flag over memory
+    holding the opposite values); DLPack exports the memory without the flag,
+    so bncore normalized -x (and would have written running statistics, out=
+    and optimizer updates with the wrong sign). torch's .numpy() refuses it."""
+    def neg(*shape):
+        t = torch.randn(*shape, dtype=torch.complex64).conj().imag
+        assert t.is_neg()
+        return t
+    x = torch.randn(6, 3)
+    calls = {
+        "x": lambda: bncore.batch_norm_forward(neg(6, 3)),
+        "running_mean": lambda: bncore.batch_norm_forward(x, None, None, neg(3), torch.ones(3)),
+        "out": lambda: bncore.batch_norm_forward(x, out=neg(6, 3)),
+        "dy": lambda: bncore.batch_norm_backward(neg(6, 3), x, np.zeros(3), np.ones(3)),
+        r"grads\[0\]": lambda: bncore.clip_grad_norm([neg(5)], 1.0),
+        r"params\[0\]": lambda: bncore.sgd_step([neg(5)], [torch.ones(5)], lr=0.1),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=name + r" is a torch tensor with its negative bit"):
+            call()
+    t = neg(6, 3)
+    _, mean, _ = bncore.batch_norm_forward(t.resolve_neg())     # the fix the message names
+    np.testing.assert_allclose(mean, t.resolve_neg().double().mean(0).numpy(), rtol=1e-12)
+
+
 def test_torch_tensor_requiring_grad_gives_a_clear_error(torch):
     t = torch.randn(3, requires_grad=True)
     with pytest.raises(TypeError, match=r"detach\(\)"):
