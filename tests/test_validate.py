@@ -108,8 +108,65 @@ def test_precision_diagnostic_needs_the_float64_run_to_agree():
     def fw(dtype, centered=False):
         y = _x(dtype)["y"]
         return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
-    row = evaluate("t", _synthetic(fw, _x))
+    # on data of |mean|/std 1e3, float32 arithmetic can leave 1e-4
+    row = evaluate("t", _synthetic(fw, _x, condition=1e3))
     assert row.verdict == "explained" and "precision" in row.note
+
+
+def test_precision_never_explains_a_float32_gap_that_float32_arithmetic_cannot_make():
+    """Found in review: a framework whose float32 path alone used another eps
+    (as tf's fused kernel does for float16/float32) was "explained" as float32
+    arithmetic on well-conditioned data, whatever the size of the gap."""
+    def fw(dtype, centered=False):
+        y = _x(dtype)["y"]
+        return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
+    row = evaluate("t", _synthetic(fw, _x))
+    assert row.verdict == "DIFFERS" and "more than float32 arithmetic leaves" in row.note
+
+
+def test_exact_needs_the_float64_runs_to_agree_too():
+    """Found in review: float32 results bitwise equal gave "exact" while the
+    float64 runs showed a different formula (clipping with eps 1e-6 against an
+    exact clip: the float32 rounding hid it)."""
+    def fw(dtype, centered=False):
+        y = _x(dtype)["y"]
+        return {"y": y} if dtype == "float32" else {"y": y * (1 + 1e-9)}
+    row = evaluate("t", _synthetic(fw, _x))
+    assert row.verdict == "DIFFERS" and "the float64 runs differ" in row.note
+
+
+def test_a_quirk_matched_in_float64_must_also_account_for_the_float32_gap():
+    """Found in review: a quirk that reproduces the framework's float64 run
+    explained a float32 result 1e-3 away."""
+    def fw(dtype, centered=False):
+        y = _x(dtype)["y"]
+        return {"y": y + (1e-3 if dtype == "float32" else 1e-9)}
+
+    def quirk(dtype, centered=False):
+        return {"y": _x(dtype)["y"] + 1e-9}
+    row = evaluate("t", _synthetic(fw, _x, quirks={"the 1e-9 quirk": quirk}))
+    assert row.verdict == "DIFFERS" and "more than float32 arithmetic leaves" in row.note
+
+
+def test_without_a_float64_run_rounding_means_float32_arithmetic_not_the_tolerance():
+    """Found in review: Keras computes float64 inputs in float32, so its rows
+    have no float64 check, and a preset eps 1% off (7e-6) passed as rounding
+    under the 1e-5 tolerance; on offset data it was called a cancellation."""
+    def fw(dtype, centered=False):
+        return {"y": (_x(dtype)["y"] * (1 + 7e-6)).astype(np.float32)}   # no float64 run
+    row = evaluate("t", _synthetic(fw, _x))
+    assert row.diff64 is None and row.verdict == "DIFFERS", row
+    # on offset data (5e-5 more, gone without the offset) it is not a cancellation:
+    # the 7e-6 stays on the centred data
+    def fw_offset(dtype, centered=False):
+        return {"y": (_x(dtype)["y"] * (1 + 7e-6) + (0.0 if centered else 5e-5)
+                      ).astype(np.float32)}
+    row = evaluate("t", _synthetic(fw_offset, _x, centered=True, condition=1e3))
+    assert row.verdict == "DIFFERS" and "cancellation:" not in row.note
+    # float32 rounding itself still passes
+    def close(dtype, centered=False):
+        return {"y": (_x(dtype)["y"] * (1 + 3e-7)).astype(np.float32)}
+    assert evaluate("t", _synthetic(close, _x)).verdict == "rounding"
 
 
 def test_precision_diagnostic_never_explains_bncore_being_the_worse_one():

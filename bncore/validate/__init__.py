@@ -35,9 +35,10 @@ columns: max abs, max rel = framework vs bncore in the framework's convention, f
   (rel: relative to the largest |value| of the worst output); f64 rel = the same in a float64
   run on the same inputs (the formula check); fw err, bn err = each float32 result against
   the exact result (bncore in float64 on the same inputs). Optimizers run 5 steps with a
-  changing learning rate. verdicts: exact = bitwise; rounding = max rel <= 1e-5 and f64 rel
-  <= 1e-12 (same formula, float32 rounding); explained = larger, with the cause measured in
-  the note; DIFFERS = unexplained (exit status 1). * = see the note."""
+  changing learning rate. verdicts: exact = bitwise (and f64 rel <= 1e-12); rounding = max
+  rel <= 1e-5 and f64 rel <= 1e-12 (same formula, float32 rounding; without a float64 run,
+  max rel within 32 float32 units x |mean|/std); explained = larger, with the cause measured
+  in the note; DIFFERS = unexplained (exit status 1). * = see the note."""
 
 
 def missing(framework: str) -> List[str]:
