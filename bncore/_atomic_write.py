@@ -5,6 +5,7 @@ CLI's --json reports)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
@@ -68,9 +69,23 @@ def write_bytes(path: str, data: bytes, suffix: str = "") -> None:
         pass
 
 
+def _strict_json(obj: Any) -> Any:
+    """obj with every non-finite float as None: JSON has no NaN or Infinity, and
+    Python's json writes them as tokens a strict parser refuses."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path: str, obj: Any) -> None:
-    """`obj` as indented JSON, written atomically (see write_bytes)."""
-    write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode(), ".json")
+    """`obj` as indented JSON, written atomically (see write_bytes); NaN and
+    infinities are written as null (strict JSON)."""
+    text = json.dumps(_strict_json(obj), indent=1, allow_nan=False)
+    write_bytes(path, (text + "\n").encode(), ".json")
 
 
 def write_json_or_say(command: str, path: str, obj: Any) -> int:

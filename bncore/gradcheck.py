@@ -292,7 +292,9 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
         elif stats["abs"] == stats["abs"]:
             stats["abs"] = max(stats["abs"], err)
             if scale > 0:
-                stats["rel"] = max(stats["rel"], err / scale)
+                r = err / scale
+                # an infinite error over an infinite scale is no small relative error
+                stats["rel"] = max(stats["rel"], r if r == r else float("inf"))
             elif err > 0:
                 stats["rel"] = float("inf")
         if ratio > worst["ratio"]:

@@ -473,6 +473,16 @@ def _print_check_report(rows, failed, results, seconds, backend, reason, out) ->
     # threads rows compare the serial code with itself
     serial = ("" if bncore.build_info().get("openmp") else
               " Built without OpenMP: the threads rows compared one thread with itself.")
+    if not serial:
+        # an OpenMP runtime may give fewer threads than asked (OMP_THREAD_LIMIT,
+        # OMP_DYNAMIC): the threads rows then compared fewer counts than they name
+        from bncore import _openmp
+
+        most = _openmp.threads_in_parallel_region(max(THREAD_COUNTS))
+        if most < max(THREAD_COUNTS):
+            serial = (f" OpenMP gave a parallel region that asked for {max(THREAD_COUNTS)} "
+                      f"threads only {most} (OMP_THREAD_LIMIT?): the threads rows compared "
+                      f"{'one thread with itself' if most == 1 else f'at most {most} threads'}.")
     print(f"\n{len(results)} checks on {len(rows)} rows, {len(failed)} failed, "
           f"{seconds:.1f} s, {bncore.get_num_threads()} threads. {gpu_line}{serial}", file=out)
     print("PASS" if not failed else "FAIL", file=out)

@@ -38,6 +38,21 @@ def test_subcommand_help(cmd):
 
 # ---------------------------------------------------------------- check
 
+@pytest.mark.skipif(not bncore.build_info().get("openmp"), reason="built without OpenMP")
+def test_check_says_when_the_threads_rows_could_not_use_their_threads():
+    """Found in review: under OMP_THREAD_LIMIT=1 every threads row compared one
+    thread with itself and passed, and the report said nothing."""
+    env = dict(os.environ, OMP_THREAD_LIMIT="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "bncore", "check", "--op", "sgd_step",
+                          "--samples", "2", "--no-gpu"], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "compared one thread with itself" in out.stdout
+    normal = run_cli("check", "--op", "sgd_step", "--samples", "2", "--no-gpu")
+    assert "compared one thread" not in normal.stdout
+
+
 def test_check_json_schema(tmp_path):
     path = tmp_path / "check.json"
     code = cli.main(["check", "--op", "adam_step", "--op", "batch_norm_backward", "--samples",
@@ -282,6 +297,29 @@ def test_gradcheck_reports_a_nan_gradient_as_nan():
     inputs = [rng.standard_normal((4, 3)), rng.standard_normal((3, 2))]
     report = bncore.gradcheck(_f, inputs, lambda u, x, w: [np.full_like(x, np.nan), w * 0])
     assert not report and "worst abs error nan" in report.summary()
+
+
+def test_gradcheck_json_is_strict_and_an_infinite_error_is_not_rel_0(tmp_path):
+    """Found in review: a vjp infinite at x = 0 gave '"ratio": Infinity' in the
+    --json file (which strict JSON parsers refuse) and "rel 0.000e+00" (inf/inf
+    is NaN, and max(0, NaN) kept 0)."""
+    (tmp_path / "root.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def f(x):
+            return np.sqrt(np.abs(x)) * np.sign(x)
+        def f_vjp(u, x):
+            return (u * 0.5 / np.sqrt(np.abs(x)),)
+    """))
+    np.savez(tmp_path / "zero.npz", np.array([0.0, 1.0, 2.0]))
+    out = run_cli("gradcheck", "root:f", "--inputs", "zero.npz", "--json", "r.json",
+                  cwd=tmp_path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "rel 0.000e+00" not in out.stdout and "rel inf" in out.stdout
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+    doc = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert doc["ok"] is False and doc["reports"][0]["ratio"] is None
 
 
 def test_gradcheck_cli_inputs_and_usage_errors(tmp_path):
