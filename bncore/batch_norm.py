@@ -121,7 +121,8 @@ def batch_norm_forward(
 
     Returns
     -------
-    y : array like x (same dtype, same memory layout)
+    y : array like x (same dtype; same memory layout where x's is a permutation of a
+        contiguous one, e.g. channels-last; C-contiguous for a sliced or reversed x)
     mean, invstd : (C,) float64
         The statistics used: batch mean and 1/sqrt(biased var + eps) in
         training, running ones in inference. Pass them to

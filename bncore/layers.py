@@ -75,8 +75,9 @@ class BatchNorm:
             raise TypeError(f"axis must be an int, got {type(axis).__name__}")
         self.axis = int(axis)
         self.unbiased_running_var = conv.unbiased_running_var
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        # ("False" would be true: refused, as train() refuses it)
+        self.affine = chk.flag("affine", affine)
+        self.track_running_stats = chk.flag("track_running_stats", track_running_stats)
         self.dtype = np.dtype(dtype)
         if self.dtype not in chk.FLOAT_DTYPES:
             raise TypeError(f"dtype must be float16, float32 or float64, got {self.dtype}")

@@ -148,6 +148,10 @@ def test_layer_rejects_bad_configuration():
         bncore.BatchNorm(3, momentum=2.0)
     with pytest.raises(ValueError, match="eps"):
         bncore.BatchNorm(3, eps=0)
+    # "False" is a true string: refused, as train("False") is (it gave an affine layer)
+    for name in ("affine", "track_running_stats"):
+        with pytest.raises(TypeError, match=f"{name} must be a bool"):
+            bncore.BatchNorm(3, **{name: "False"})
     layer = bncore.BatchNorm(3)
     with pytest.raises(RuntimeError, match="before forward"):
         layer.backward(np.ones((2, 3), np.float32))

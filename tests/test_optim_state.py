@@ -305,6 +305,17 @@ def test_a_group_key_that_looks_like_a_mistake_is_refused(key, text):
     optim.SGD([{"params": arrays(1), "initial_lr": 0.1, "name": "x"}], lr=0.1).step(arrays(1))
 
 
+@pytest.mark.parametrize("key", ["max_momentum", "base_momentum", "weight_decay_mult"])
+def test_group_keys_built_on_a_hyperparameter_name_are_the_callers_own(key):
+    """Found in review: torch's OneCycleLR and CyclicLR keep max_momentum and
+    base_momentum in the groups; max_momentum was refused as a misspelling
+    of momentum ("did you mean 'momentum'?")."""
+    opt = optim.SGD([{"params": arrays(1), key: 0.9}], lr=0.1, momentum=0.9)
+    opt.param_groups[0][key] = 0.95
+    opt.step(arrays(1, seed=1))
+    assert opt.param_groups[0][key] == 0.95
+
+
 def test_a_hyperparameter_deleted_from_a_group_is_named():
     opt = optim.SGD(arrays(1), lr=0.1)
     del opt.param_groups[0]["lr"]
