@@ -28,6 +28,11 @@ import numpy as np
 
 from bncore._checks import viewable_in_place
 
+try:                                 # NumPy 2
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:                  # NumPy 1.x
+    from numpy import byte_bounds
+
 cnp.import_array()
 
 cdef extern from "_half.h" nogil:
@@ -148,6 +153,7 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
     cdef cnp.ndarray a, ref
     cdef list arrays = []
     cdef list row
+    cdef dict extents = {}       # (k, i) -> the caller's byte range, for inputs copied here
     for k in range(nops):
         if lists[k] is not None and len(lists[k]) != n:
             raise ValueError(f"{names[k]} has {len(lists[k])} entries but {names[0]} has {n}")
@@ -166,6 +172,13 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
                                     f"protocol), got {type(obj).__name__}")
                 obj = as_array(f"{names[k]}[{i}]", obj)
             a = <cnp.ndarray>obj
+            if not cnp.PyArray_ISNOTSWAPPED(a):
+                # the kernels read native float32/float64/float16 bits (a '>f4' has
+                # float32's type number, so _code alone would take it as one)
+                native = (<object>a).dtype.newbyteorder("=")
+                raise TypeError(f"{names[k]}[{i}] has dtype {(<object>a).dtype.str}, {native} in "
+                                f"the opposite byte order; bncore reads native-endian arrays: "
+                                f"pass {names[k]}[{i}].astype({native.name!r})")
             if not cnp.PyArray_ISALIGNED(a):
                 # the kernels' typed loads and stores need aligned elements: an
                 # input is read from an aligned copy (kept alive in the table),
@@ -174,6 +187,9 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
                     raise ValueError(f"{names[k]}[{i}] is not aligned to its {a.itemsize}-byte "
                                      f"elements (np.frombuffer at an odd offset?); bncore "
                                      f"updates it in place, so pass an aligned array")
+                # (the aliasing check below looks at the caller's memory, not the copy's)
+                lo, hi = byte_bounds(a)
+                extents[(k, i)] = (lo, hi)
                 a = <cnp.ndarray>np.array(a, copy=True, order="K")
             code = _code(a)
             if k == 0 and i == 0:
@@ -211,7 +227,7 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
                                  f"(JAX arrays are immutable: update NumPy or torch arrays)")
             row.append(a)
         arrays.append(row)
-    _check_aliasing(arrays, names, writes)
+    _check_aliasing(arrays, names, writes, extents)
 
     cdef Table t = Table()
     t.arrays = arrays
@@ -289,11 +305,12 @@ cdef int _span_order(const void* pa, const void* pb) noexcept nogil:
     return 0
 
 
-def _check_aliasing(list arrays, tuple names, tuple writes):
+def _check_aliasing(list arrays, tuple names, tuple writes, dict extents=None):
     """No written array may overlap any other array of the call (the same
     array passed twice included): sort the byte ranges and sweep. The ranges
     live in a C array sorted by qsort (Python tuples and list.sort cost about
-    0.15 us an array, 120 us for Adam over 200 tensors)."""
+    0.15 us an array, 120 us for Adam over 200 tensors). extents: the byte
+    range (lo, hi) of the caller's array where gather read a copy of it."""
     cdef Py_ssize_t k, i, n = 0, m = 0
     cdef cnp.ndarray a
     for k in range(len(arrays)):
@@ -317,8 +334,11 @@ def _check_aliasing(list arrays, tuple names, tuple writes):
                 a = <cnp.ndarray>arrays[k][i]
                 if cnp.PyArray_SIZE(a) == 0:
                     continue
-                spans[m].start = <Py_ssize_t>cnp.PyArray_DATA(a)
-                spans[m].end = spans[m].start + _nbytes(a)
+                if extents and (k, i) in extents:
+                    spans[m].start, spans[m].end = extents[(k, i)]
+                else:
+                    spans[m].start = <Py_ssize_t>cnp.PyArray_DATA(a)
+                    spans[m].end = spans[m].start + _nbytes(a)
                 spans[m].k = k
                 spans[m].i = i
                 m += 1

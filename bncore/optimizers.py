@@ -53,7 +53,10 @@ def scalar_value(name: str, v: Any) -> float:
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, numbers.Real):
-        return float(v)
+        try:
+            return float(v)
+        except OverflowError:         # an int past float64's range: infinite, as IEEE rounds it
+            return math.inf if v > 0 else -math.inf
     if v is None or isinstance(v, (str, bytes)):
         raise TypeError(f"{name} must be a number or a one-element array, "
                         f"got {type(v).__name__}")

@@ -134,6 +134,9 @@ def _shares_memory(a: "cupy.ndarray", b: "cupy.ndarray") -> bool:
 
 
 def _pair(name_a, a, name_b, b) -> None:
+    # an empty array shares no memory, even with itself (NumPy's rule, the CPU's)
+    if a.size == 0 or b.size == 0:
+        return
     # arrays from different CuPy allocations cannot overlap (cheap); views of
     # one allocation, and memory CuPy did not allocate, get the bounds test
     ma, mb = own_allocation(a), own_allocation(b)

@@ -591,9 +591,10 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     # dweight and dbias come back in weight's dtype (x's without weight); the
     # kernel writes float32 or float64, other dtypes go through a cast
     pdtype = weight.dtype if weight is not None else x.dtype
-    # float64 for float16 (rounded once when stored) and wherever a float64
-    # output asks for it; else weight's own
-    wide = any(o is not None and o.dtype == _F64 for o in (dw_out, db_out))
+    # float64 for float16 (rounded once when stored) and wherever an output of
+    # another dtype asks for it (float64, or float16 rounded once from float64,
+    # not through float32); else weight's own
+    wide = any(o is not None and o.dtype != pdtype for o in (dw_out, db_out))
     kdtype = pdtype if pdtype in (_F32, _F64) and not wide else _F64
     # the kernels write every channel's dweight and dbias; only an empty x
     # leaves them at zero (and needs the memset that cupy.zeros launches)

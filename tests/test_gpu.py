@@ -1670,3 +1670,39 @@ def test_gpu_usual_batch_norm_calls_take_the_fast_checks():
     assert fast.forward_args(x, w, None, rm, rv, True, 0.1, 1e-5, 1, None, None) is None
     with pytest.raises(ValueError, match="share memory"):
         bncore_gpu.batch_norm_forward(x, w, None, rm, rv)
+
+
+@pytest.mark.parametrize("wdtype", [np.float32, None])
+def test_float16_parameter_gradient_outputs_are_rounded_once_as_on_the_cpu(wdtype):
+    """Found in review: with a float32 weight (or none, float32 x) and float16
+    out= for dweight/dbias, the kernel stored float32 and the float16 store
+    rounded again: dbias 1 + 2^-11 + 2^-30 came back 1.0, the CPU's 1.001."""
+    x = np.array([[0.0], [1.0]], np.float32)
+    dy = np.array([[1.0], [2.0 ** -11 + 2.0 ** -30]], np.float32)
+    w = None if wdtype is None else np.ones(1, wdtype)
+    mean, invstd = np.zeros(1), np.ones(1)
+    dw_c, db_c = np.zeros(1, np.float16), np.zeros(1, np.float16)
+    bncore.batch_norm_backward(dy, x, mean, invstd, w, training=False, out=(None, dw_c, db_c))
+    dw_g, db_g = cupy.zeros(1, np.float16), cupy.zeros(1, np.float16)
+    bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x), cupy.asarray(mean),
+                                   cupy.asarray(invstd),
+                                   None if w is None else cupy.asarray(w), training=False,
+                                   out=(None, dw_g, db_g))
+    assert db_c[0] == np.float16(1 + 2.0 ** -11 + 2.0 ** -30) != np.float16(1.0)
+    assert cupy.asnumpy(db_g).tobytes() == db_c.tobytes()
+    assert cupy.asnumpy(dw_g).tobytes() == dw_c.tobytes()
+
+
+def test_an_empty_array_passed_twice_shares_nothing_as_on_the_cpu():
+    """Found in review: the GPU refused the same empty array in two roles
+    ("share memory"), where NumPy's rule (the CPU's) says an empty array
+    overlaps nothing."""
+    for xp, mod in ((np, bncore), (cupy, bncore_gpu)):
+        x = xp.ones((4, 0))
+        r = xp.zeros(0)
+        y, _, _ = mod.batch_norm_forward(x, None, None, r, r)      # C == 0, one array twice
+        assert y.shape == (4, 0)
+        e = xp.ones((0, 3))
+        rm, rv = xp.zeros(3), xp.ones(3)
+        y, _, _ = mod.batch_norm_forward(e, None, None, rm, rv, training=False, out=e)
+        assert y.shape == (0, 3)

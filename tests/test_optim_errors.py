@@ -425,6 +425,43 @@ def test_misaligned_arrays_are_read_from_copies_and_refused_as_outputs():
     np.testing.assert_array_equal(p, -0.5 * np.arange(10, dtype=np.float32))
 
 
+def test_a_misaligned_input_overlapping_an_updated_array_is_refused():
+    """Found in review: the aliasing check looked at the aligned copy of a
+    misaligned input, not at the caller's memory, so a gradient overlapping its
+    own parameter passed (the step read a snapshot)."""
+    buf = np.zeros(4 * 12, np.uint8)
+    p = np.frombuffer(buf, np.float32, count=8)
+    g = np.frombuffer(buf, np.float32, offset=2, count=8)       # misaligned, overlapping p
+    assert not g.flags.aligned
+    with pytest.raises(ValueError, match=r"share memory"):
+        bncore.sgd_step([p], [g], lr=0.1)
+    q = np.frombuffer(np.zeros(4 * 12, np.uint8), np.float32, offset=2, count=8)
+    bncore.sgd_step([p], [q], lr=0.1)                           # elsewhere: fine
+
+
+@pytest.mark.parametrize("call", [
+    lambda a: bncore.sgd_step([np.ones(4)], [a], lr=0.1),
+    lambda a: bncore.sgd_step([a], [np.ones(4)], lr=0.1),
+    lambda a: bncore.grad_norm([a]),
+    lambda a: bncore.clip_grad_value([a], 1.0),
+    lambda a: bncore.found_inf([a]),
+    lambda a: bncore.adam_step([np.ones(4)], [np.ones(4)], [a], [np.zeros(4)], step=1),
+])
+def test_arrays_in_the_other_byte_order_are_refused(call):
+    """Found in review: a '>f8' array has float64's type number, so the kernels
+    read its bytes as native doubles (grad_norm of [3,3,3,3] was 2e-320, an
+    SGD step with a >f4 gradient did nothing); batch norm already refused it."""
+    a = np.full(4, 3.0, dtype=">f8")
+    with pytest.raises(TypeError, match="opposite byte order"):
+        call(a)
+
+
+def test_a_huge_integer_loss_scale_is_a_value_error():
+    with pytest.raises(ValueError, match="grad_scale"):
+        bncore.adam_step([np.ones(2)], [np.ones(2)], [np.zeros(2)], [np.zeros(2)], step=1,
+                         grad_scale=10 ** 400)
+
+
 @pytest.mark.parametrize("step", [2, 2.0, np.float64(2), np.int64(2), np.array(2.0)])
 @pytest.mark.parametrize("lr", [0.1, np.float32(0.1), np.array(0.1)])
 def test_integral_steps_and_0d_learning_rates_are_values(step, lr):
