@@ -1844,7 +1844,8 @@ cdef void _combine_sums(const Plan* p, const double* pa, const double* pb,
 # --------------------------------------------------------------------------
 # Backward elementwise: dx = g * ((dy - a) - (x - mean) * k), in float64.
 # Training: g = w*invstd, a = sum(dy)/N, k = invstd^2 * sum(dy*(x-mean))/N.
-# Inference: a = k = 0, so dx = g * dy.
+# Inference (dx = g * dy) takes the affine pass over dy instead, which never
+# reads x (_input_grad).
 
 cdef inline void _dx_run(const real* dys, const real* xs, real* dxs, Py_ssize_t n,
                          Py_ssize_t c, const Plan* p, const double* mean, const double* g,
@@ -2391,7 +2392,8 @@ cdef int _sums(const real* dy, const real* x, const Plan* p, const double* mean,
 
 cdef inline void _dx_consts(bint training, double n, double s, double sdy, double sdyx,
                             double* a, double* k) noexcept nogil:
-    """One channel's a and k of dx (invstd s, sums over n values per channel)."""
+    """One channel's a and k of dx (invstd s, sums over n values per channel).
+    (Inference dx, g * dy, does not go through them: see _input_grad.)"""
     if training:
         a[0] = sdy / n
         k[0] = s * s * sdyx / n
@@ -2417,6 +2419,21 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef double* e_buf = k + C
     cdef double* stage = e_buf + 4 * E
     _gains(weight, invstd, C, g)
+    if not training:
+        # inference: dx = g * dy, which never reads x (through (x - mean) * 0 an
+        # infinite or NaN x, or an x - mean past float64, made dx NaN): the
+        # forward's affine pass over dy, with mean +0 and shift -0, so that
+        # (dy - 0) * g + (-0) is g * dy rounded once, the sign of a zero included
+        for c in range(C):
+            a[c] = 0.0
+            k[c] = -0.0
+        if p.outer * p.inner > 0:
+            e = _elementwise_plan(p)
+            q = _streaming(&e, sizeof(real))
+            _affine(dy, dx, &q, a, g, k, _expand_into(p, a, e_buf),
+                    _expand_into(p, g, e_buf + E), _expand_into(p, k, e_buf + 2 * E), stage, nt)
+        free(buf)
+        return 0
     for c in range(C):
         _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
     cdef const double* e_mean = _expand_into(p, mean, e_buf)
@@ -2438,7 +2455,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
 
     dx = g * ((dy - a) - (x - mean) * k) with g = weight * invstd and, in
     training, a = sum(dy) / N, k = invstd^2 * sum(dy * (x - mean)) / N
-    (inference: a = k = 0). The reduction half then the elementwise half,
+    (inference: dx = g * dy, x not read). The reduction half then the elementwise half,
     the two entry points below, or both at once in channel strips where
     those fit in cache (_use_strips), with the same bits (NaN sign and
     payload aside).
@@ -2447,7 +2464,8 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
     cdef double n = <double>(outer * inner)
     cdef cnp.ndarray sum_dy, sum_dyx
-    if not _use_strips(&p, cnp.PyArray_ITEMSIZE(x), 2, nt):
+    # (inference: dx = g * dy needs no sums, and never reads x: not in strips)
+    if not training or not _use_strips(&p, cnp.PyArray_ITEMSIZE(x), 2, nt):
         sum_dy, sum_dyx = dy_sums(dy, x, outer, C, inner, mean, nthreads)
         input_grad(dy, x, dx, outer, C, inner, training, n, mean, invstd, weight, sum_dy,
                    sum_dyx, nthreads)

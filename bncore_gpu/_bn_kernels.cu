@@ -122,17 +122,17 @@ __device__ __forceinline__ void bn_apply_at(const float4* x, float4* y, double m
 __device__ __forceinline__ float4 bn_dx4(float4 d, float4 v, double m, double g, double a,
                                          double k) {
     float4 r;
-    r.x = d2f(g * ((f2d(d.x) - a) - (f2d(v.x) - m) * k));
-    r.y = d2f(g * ((f2d(d.y) - a) - (f2d(v.y) - m) * k));
-    r.z = d2f(g * ((f2d(d.z) - a) - (f2d(v.z) - m) * k));
-    r.w = d2f(g * ((f2d(d.w) - a) - (f2d(v.w) - m) * k));
+    r.x = d2f(g * ((f2d(d.x) - a) - bn_dx_xterm(f2d(v.x), m, k)));
+    r.y = d2f(g * ((f2d(d.y) - a) - bn_dx_xterm(f2d(v.y), m, k)));
+    r.z = d2f(g * ((f2d(d.z) - a) - bn_dx_xterm(f2d(v.z), m, k)));
+    r.w = d2f(g * ((f2d(d.w) - a) - bn_dx_xterm(f2d(v.w), m, k)));
     return r;
 }
 
 template <typename T>
 __device__ __forceinline__ void bn_dx_at(const T* dy, const T* x, T* dx, double m, double g,
                                          double a, double k) {
-    dev_st(dx, g * ((dev_ld(dy) - a) - (dev_ld(x) - m) * k));
+    dev_st(dx, g * ((dev_ld(dy) - a) - bn_dx_xterm(dev_ld(x), m, k)));
 }
 __device__ __forceinline__ void bn_dx_at(const float4* dy, const float4* x, float4* dx,
                                          double m, double g, double a, double k) {
@@ -458,7 +458,7 @@ __global__ void bn_dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T*
     double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
     for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < outer; r += (long long)gridDim.y * 8) {
         long long e = r * P + j;
-        dev_st(dx + e, gc * ((dev_ld(dy + e) - ac) - (dev_ld(x + e) - m) * kc));
+        dev_st(dx + e, gc * ((dev_ld(dy + e) - ac) - bn_dx_xterm(dev_ld(x + e), m, kc)));
     }
 }
 
@@ -657,10 +657,10 @@ __device__ __forceinline__ void bn_dx_walk4(const float4* __restrict__ dy,
     for (long long r = w.first; BACK ? r > w.stop : r < w.stop; r += w.step) {
         long long e = r * P4 + j4;
         float4 d = bn_walk_ld<BACK>(dy + e), v = bn_walk_ld<BACK>(x + e), o;
-        o.x = d2f(gc[0] * ((f2d(d.x) - ac[0]) - (f2d(v.x) - m[0]) * kc[0]));
-        o.y = d2f(gc[1] * ((f2d(d.y) - ac[1]) - (f2d(v.y) - m[1]) * kc[1]));
-        o.z = d2f(gc[2] * ((f2d(d.z) - ac[2]) - (f2d(v.z) - m[2]) * kc[2]));
-        o.w = d2f(gc[3] * ((f2d(d.w) - ac[3]) - (f2d(v.w) - m[3]) * kc[3]));
+        o.x = d2f(gc[0] * ((f2d(d.x) - ac[0]) - bn_dx_xterm(f2d(v.x), m[0], kc[0])));
+        o.y = d2f(gc[1] * ((f2d(d.y) - ac[1]) - bn_dx_xterm(f2d(v.y), m[1], kc[1])));
+        o.z = d2f(gc[2] * ((f2d(d.z) - ac[2]) - bn_dx_xterm(f2d(v.z), m[2], kc[2])));
+        o.w = d2f(gc[3] * ((f2d(d.w) - ac[3]) - bn_dx_xterm(f2d(v.w), m[3], kc[3])));
         bn_walk_st<BACK>(dx + e, o);
     }
 }

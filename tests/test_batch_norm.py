@@ -1039,3 +1039,43 @@ def test_streamed_narrow_y_gives_the_stored_bits(training):
                               num_threads=2, out=odd)
     assert ys[0].ctypes.data % 32 == 0
     assert ys[0].tobytes() == ys[1].tobytes() == odd.tobytes()
+
+
+# every schedule: rows (NCHW-like), narrow (channels-last, small C), flat
+# (short rows), tiles (channels-last, wide C), and backward strips on 2 threads
+_INFERENCE_DX_SHAPES = [((4, 1, 40), 1), ((4, 3), 1), ((64, 3, 7), 1), ((600, 256), 1),
+                        ((8, 5, 5, 16), -1), ((2048, 64), 1)]
+
+
+@pytest.mark.parametrize("shape, axis", _INFERENCE_DX_SHAPES)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_dx_is_g_dy_and_never_reads_x(shape, axis, dtype, threads):
+    """Found in review: in inference dx = weight * invstd * dy does not depend
+    on x, but the kernels formed g ((dy - 0) - (x - mean) 0), which is NaN
+    where x is Inf or NaN (torch gives g dy there). dx must be g dy rounded
+    once, signed zeros included, on every schedule."""
+    rng = np.random.default_rng(7)
+    C = shape[axis]
+    x = rng.standard_normal(shape).astype(dtype)
+    flat = x.reshape(-1)
+    flat[::7] = np.inf
+    flat[3::11] = np.nan
+    flat[5::13] = -np.inf
+    dy = rng.standard_normal(shape).astype(dtype)
+    dy.reshape(-1)[1::9] = -0.0
+    w = rng.uniform(0.5, 2.0, C)
+    mean, invstd = rng.standard_normal(C), rng.uniform(0.5, 2.0, C)
+    dx, _, _ = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=False, axis=axis,
+                                          num_threads=threads)
+    bshape = [1] * len(shape)
+    bshape[axis] = C
+    want = (dy.astype(np.float64) * (w * invstd).reshape(bshape)).astype(dtype)
+    assert dx.tobytes() == want.tobytes()
+
+
+def test_inference_dx_when_x_minus_mean_overflows_float64():
+    x = np.array([[1.7e308], [0.0], [1.0], [2.0]])
+    dx, _, _ = bncore.batch_norm_backward(np.ones((4, 1)), x, np.array([-1e308]),
+                                          np.ones(1), training=False)
+    np.testing.assert_array_equal(dx, np.ones((4, 1)))

@@ -131,6 +131,26 @@ def test_backward_cluster_source_matches_cpu(host_binary, tmp_path, shape, train
         assert rel(g, e) <= 1e-6
 
 
+def test_cluster_inference_dx_does_not_read_an_infinite_x(host_binary, tmp_path):
+    """The cluster kernel's inference dx is g dy, whatever x holds (it was NaN
+    where x is Inf or NaN, through (x - mean) * 0)."""
+    shape = SHAPES[0]
+    rng = np.random.default_rng(12)
+    outer, C, inner = shape[0], shape[1], int(np.prod(shape[2:]))
+    x = _offset_data(rng, shape)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, C)
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    x.reshape(-1)[::5] = np.inf
+    x.reshape(-1)[2::7] = np.nan
+    for a, name in ((x, "x"), (dy, "dy"), (w, "w64"), (mean, "mean"), (invstd, "invstd")):
+        a.tofile(tmp_path / f"{name}.bin")
+    _run(host_binary, tmp_path, "backward", outer, C, inner, 0, 1)
+    dx = np.fromfile(tmp_path / "dx.out", np.float32).reshape(shape)
+    want = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=False)[0]
+    assert np.isfinite(want).all() and dx.tobytes() == want.tobytes()
+
+
 @pytest.fixture(scope="module")
 def tsan_binary(tmp_path_factory):
     return _build(tmp_path_factory, "bn_cluster_host", tsan=True)
@@ -298,6 +318,28 @@ def test_rows_cooperative_backward_source_matches_three_kernels(rows_binary, tmp
     want = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=bool(training))
     for g, e in zip(coop, [want[0].reshape(-1), want[1], want[2]]):
         assert rel(g, e) <= 1e-6
+
+
+def test_rows_inference_dx_does_not_read_an_infinite_x(rows_binary, tmp_path):
+    """Found in review: inference dx = g dy was formed as g ((dy - 0) - (x -
+    mean) 0), NaN where x is Inf or NaN; the CUDA source (both the one-launch
+    kernel and the three tile kernels) must give the CPU's g dy."""
+    outer, C, inner, TC, nrb, R, blocks, walk = ROWS_CASES[0]
+    rng = np.random.default_rng(11)
+    x = _rows_input(rng, outer, C, inner, False)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, C).astype(np.float32)
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    x.reshape(-1)[::5] = np.inf
+    x.reshape(-1)[2::7] = np.nan
+    for a, name in ((x, "x"), (dy, "dy"), (w, "w32"), (mean, "mean"), (invstd, "invstd")):
+        a.tofile(tmp_path / f"{name}.bin")
+    _run(rows_binary, tmp_path, "backward", outer, C, inner, TC, nrb, R, blocks, walk, 0, 1)
+    names = [("dx", np.float32), ("dw", np.float32), ("db", np.float32)]
+    want = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=False)[0].reshape(-1)
+    assert np.isfinite(want).all()
+    for outputs in (_rows_outputs(tmp_path, names, "3"), _rows_outputs(tmp_path, names, "c")):
+        assert outputs[0].tobytes() == want.tobytes()
 
 
 @pytest.fixture(scope="module")

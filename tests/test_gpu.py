@@ -1706,3 +1706,29 @@ def test_an_empty_array_passed_twice_shares_nothing_as_on_the_cpu():
         rm, rv = xp.zeros(3), xp.ones(3)
         y, _, _ = mod.batch_norm_forward(e, None, None, rm, rv, training=False, out=e)
         assert y.shape == (0, 3)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "2D"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_inference_dx_is_g_dy_whatever_x_holds(layout, dtype):
+    """Found in review (CPU, and the same formula here): inference dx =
+    weight * invstd * dy, but the kernels formed g ((dy - 0) - (x - mean) 0),
+    NaN where x is Inf or NaN. Every path (cluster, one-launch rows, three
+    kernels) must give the CPU's g dy."""
+    rng = np.random.default_rng(8)
+    shape = {"NCHW": (4, 8, 4, 4), "NHWC": (4, 8, 4, 4), "2D": (16, 8)}[layout]
+    x = rng.standard_normal(shape).astype(dtype)
+    x.reshape(-1)[::5] = np.inf
+    x.reshape(-1)[2::7] = np.nan
+    dy = rng.standard_normal(shape).astype(dtype)
+    if layout == "NHWC":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    w = rng.uniform(0.5, 2.0, 8).astype(np.float32)
+    mean, invstd = rng.standard_normal(8), rng.uniform(0.5, 2.0, 8)
+    want, _, _ = bncore.batch_norm_backward(dy, x, mean, invstd, w, training=False)
+    assert np.isfinite(want).all()
+    got, _, _ = bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x),
+                                               cupy.asarray(mean), cupy.asarray(invstd),
+                                               cupy.asarray(w), training=False)
+    assert cupy.asnumpy(got).tobytes() == want.tobytes()

@@ -144,6 +144,13 @@ def forward_cluster(grid, block, x, y, outer, C, inner4, N, eps, w, b, rm, rv, m
 E["bn_forward_cluster"] = forward_cluster
 
 
+def _dx_xterm(X, m, k):
+    """bn_dx_xterm: (x - mean) k, and nothing where k is 0 (inference: dx = g dy,
+    whatever x holds)."""
+    with np.errstate(all="ignore"):
+        return np.where(k == 0.0, 0.0, (X - m) * k)
+
+
 def backward_cluster(grid, block, dy, x, dx, outer, C, inner4, N, training, mean, invstd, w,
                      dweight, dbias):
     """bn_backward_cluster: dy and x of a channel held by a cluster of 8 CTAs;
@@ -164,7 +171,8 @@ def backward_cluster(grid, block, dy, x, dx, outer, C, inner4, N, training, mean
     g = inv * (1.0 if _null(w) else _f64(w))
     a = s1 / N if training else np.zeros(C)
     k = inv * inv * s2 / N if training else np.zeros(C)
-    _store(dx, g[None, :, None] * ((D - a[None, :, None]) - xm * k[None, :, None]))
+    _store(dx, g[None, :, None] * ((D - a[None, :, None])
+                                   - _dx_xterm(X, m[None, :, None], k[None, :, None])))
 
 
 E["bn_backward_cluster"] = backward_cluster
@@ -269,7 +277,7 @@ def dx_planes(grid, block, dy, x, dx, nplanes, C, inner, mean, g, a, k):
     DY = _f64(dy).reshape(nplanes, inner)
     X = _f64(x).reshape(nplanes, inner)
     m, gg, aa, kk = (_a(v)[c, None] for v in (mean, g, a, k))
-    _store(dx, gg * ((DY - aa) - (X - m) * kk))
+    _store(dx, gg * ((DY - aa) - _dx_xterm(X, m, kk)))
 
 
 E["bn_dx_planes"] = dx_planes
@@ -281,7 +289,7 @@ def dx_rows(grid, block, dy, x, dx, outer, P, inner, mean, g, a, k):
     DY = _f64(dy).reshape(outer, P)
     X = _f64(x).reshape(outer, P)
     m, gg, aa, kk = (_a(v)[c] for v in (mean, g, a, k))
-    _store(dx, gg * ((DY - aa) - (X - m) * kk))
+    _store(dx, gg * ((DY - aa) - _dx_xterm(X, m, kk)))
 
 
 E["bn_dx_rows"] = dx_rows
