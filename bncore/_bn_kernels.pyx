@@ -2017,6 +2017,9 @@ cdef void _strip_forward(const wide* x, wide* y, const Plan* p, Py_ssize_t c0, P
     for t in range(p.nitems):
         _block_mean_m2(p, x + t * p.block_rows * C, _block_rows(p, t), pivot, kb,
                        pmean + t * C, pm2 + t * C, c0, c1)
+    # (no _repivot here: strips hold at most STRIP_MAX_BYTES / (STRIP * 4) = 256
+    # values per channel, and no value of n lies sqrt(n - 1) std or more from
+    # their mean, under the 16 std that would move K)
     _combine_chunk_mean_m2(p, counts, n, c0, c1, pivot, pmean, pm2, mean, m2)
     for c in range(c0, c1):
         invstd[c] = _invstd_of(m2[c], n, eps)
@@ -2204,6 +2207,31 @@ cdef inline void _channel_pivots(const real* x, const Plan* p, double* pivot) no
         pivot[c] = _pivot_of(_d(x[c * p.inner]))
 
 
+cdef enum:
+    CHANNEL_SPREAD2 = 256  # a channel pivot K is kept only within 16 std of the
+                           # channel's mean (N (mean - K)^2 <= 256 M2); else the
+                           # statistics are taken again against the mean
+
+
+cdef inline bint _repivot(const Plan* p, Py_ssize_t c0, Py_ssize_t c1, double* pivot,
+                          const double* mean, const double* m2) noexcept nogil:
+    """Move each channel pivot K_c of channels c0..c1-1 that lies beyond 16 std of
+    the channel's mean (an outlier as the channel's first element) to that
+    mean; True if any moved. The partial means are stated relative to K, so
+    each was rounded to u |mean - K|: 7e-12 std of error in the mean for an
+    8e5 std outlier as K, against 1e-18 elsewhere. Never for an Inf or NaN
+    mean (the data hold one: the statistics are already IEEE's)."""
+    cdef Py_ssize_t c
+    cdef double n = <double>(p.outer * p.inner), rel
+    cdef bint moved = False
+    for c in range(c0, c1):
+        rel = mean[c] - pivot[c]
+        if n * rel * rel > CHANNEL_SPREAD2 * m2[c] and mean[c] - mean[c] == 0.0:
+            pivot[c] = mean[c]
+            moved = True
+    return moved
+
+
 cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
                   int nthreads, double* pivot_out=NULL) noexcept nogil:
     """Per-channel mean and M2 = sum (x - mean)^2 (needs outer * inner >= 1).
@@ -2234,11 +2262,16 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     _channel_pivots(x, p, pivot)
     _part_counts(p, counts)
     _stats_partials(x, p, pivot, pmean, pm2, scratch, stage, nthreads)
+    _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
+    if _repivot(p, 0, C, pivot, mean, m2):
+        # a channel's first element was an outlier: its sums again, against its mean
+        _stats_partials(x, p, pivot, pmean, pm2, scratch, stage, nthreads)
+        _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
     if pivot_out != NULL:
         for c in range(C):
             pivot_out[c] = pivot[c]
             pivot[c] = 0.0              # the combination adds it back: keep mean - K
-    _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
+        _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
     free(buf)
     return 0
 

@@ -1079,3 +1079,33 @@ def test_inference_dx_when_x_minus_mean_overflows_float64():
     dx, _, _ = bncore.batch_norm_backward(np.ones((4, 1)), x, np.array([-1e308]),
                                           np.ones(1), training=False)
     np.testing.assert_array_equal(dx, np.ones((4, 1)))
+
+
+@pytest.mark.parametrize("shape, threads", [((2000, 1, 32), 1), ((20000, 2, 31), 2),
+                                            ((200000, 3, 1), 2), ((200000, 1, 1), 1),
+                                            ((2000, 1, 32), 3)])
+def test_an_outlier_as_a_channels_first_element_costs_no_accuracy(shape, threads):
+    """Found in review: the channel pivot K is the channel's first element, and
+    every partial mean is stated relative to it, so an outlier there (D std from
+    the mean) cost each partial u D: the mean was 7e-12 std off and 15% of the
+    float32 y were not the correctly rounded formula. K now moves to the mean
+    when it lies beyond 16 std (rows, flat, tiles, narrow; channel strips hold
+    at most 256 values a channel, none of which can lie 16 std out)."""
+    from bncore import _bn_kernels as K
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(shape)
+    x[0, :, 0] = 3e3 * np.sqrt(x.size / shape[1])      # an outlier as every channel's K
+    x = x.astype(np.float32)
+    y, mean, invstd = bncore.batch_norm_forward(x, num_threads=threads)
+    y1, mean1, _ = bncore.batch_norm_forward(x, num_threads=1)
+    assert y.tobytes() == y1.tobytes() and mean.tobytes() == mean1.tobytes()
+    xl = x.astype(np.longdouble)
+    exact = xl.mean(axis=(0, 2))
+    std = np.sqrt(((xl - exact[None, :, None]) ** 2).mean(axis=(0, 2)))
+    assert (np.abs(mean - exact) / std).max() < 1e-15
+    _, mean_d, _ = bncore.batch_norm_forward(x.astype(np.float64), num_threads=threads)
+    assert (np.abs(mean_d - exact) / std).max() < 1e-15
+    # the distributed statistics (pivot, mean - pivot) carry the same accuracy
+    pivot, delta, _ = K.stats(x, shape[0], shape[1], shape[2], threads)
+    got = pivot.astype(np.longdouble) + delta.astype(np.longdouble)
+    assert (np.abs(got - exact) / std).max() < 1e-15
