@@ -80,8 +80,14 @@ def viewable_in_place(a: Any) -> bool:
         return True
     if isinstance(a, (list, tuple, np.generic)):
         return False              # (a NumPy scalar is immutable: np.asarray copies it)
-    return (isinstance(a, memoryview) or hasattr(a, "__dlpack__")
-            or hasattr(a, "__array_interface__") or hasattr(a, "__cuda_array_interface__"))
+    if (isinstance(a, memoryview) or hasattr(a, "__dlpack__")
+            or hasattr(a, "__array_interface__") or hasattr(a, "__cuda_array_interface__")):
+        return True
+    try:                          # the buffer protocol (array.array, bytearray, mmap)
+        memoryview(a).release()
+    except TypeError:
+        return False
+    return True
 
 
 def writeable(name: str, a: np.ndarray) -> None:

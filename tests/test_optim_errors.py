@@ -230,6 +230,19 @@ def test_in_place_arguments_must_be_arrays():
     assert bncore.grad_norm([[3.0, 4.0]]) == 5.0 and g[0] == 3.0
 
 
+def test_buffer_protocol_objects_are_updated_in_place():
+    """The refusal's message names the buffer protocol, and np.asarray views an
+    array.array in place, but array.array was refused (found in review)."""
+    import array
+    p = array.array("d", [1.0, 2.0])
+    bncore.sgd_step([p], [np.ones(2)], lr=0.5)
+    assert list(p) == [0.5, 1.5]
+    q = array.array("f", [1.0])
+    opt = bncore.optim.SGD([q], lr=1.0)
+    opt.step([np.ones(1, np.float32)])
+    assert list(q) == [0.0]
+
+
 @pytest.mark.parametrize("call,text", [
     (lambda a: adam(a, eps=0.0), "eps"),
     (lambda a: bncore.rmsprop_step(a["params"], a["grads"], a["v"], eps=0.0), "eps"),
