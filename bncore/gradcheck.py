@@ -217,14 +217,20 @@ def gradcheck(f: Callable[..., np.ndarray], inputs: Sequence[np.ndarray],
         out = f(*args)
         return np.concatenate([o.reshape(-1) for o in _as_list(out)])
 
+    structure = []     # (f returns a sequence, its outputs' shapes): one call of f, once
+
     def analytic(u_flat: np.ndarray) -> List[np.ndarray]:
-        out0 = f(*xs)
-        outs = _as_list(out0)
+        if not structure:
+            out0 = f(*xs)
+            structure.append((isinstance(out0, (tuple, list)),
+                              [np.shape(o) for o in _as_list(out0)]))
+        sequence, shapes = structure[0]
         parts, k = [], 0
-        for o in outs:
-            parts.append(u_flat[k:k + o.size].reshape(o.shape))
-            k += o.size
-        cot = parts[0] if not isinstance(out0, (tuple, list)) else tuple(parts)
+        for shape in shapes:
+            size = int(np.prod(shape, dtype=np.int64))
+            parts.append(u_flat[k:k + size].reshape(shape))
+            k += size
+        cot = tuple(parts) if sequence else parts[0]
         grads = _as_list(vjp(cot, *xs))
         if len(grads) != len(wrt):
             raise ValueError(f"vjp returned {len(grads)} gradients for {len(wrt)} inputs")

@@ -206,3 +206,16 @@ def test_a_large_output_that_one_input_does_not_move_lends_it_no_tolerance(mode,
     assert bncore.gradcheck(f, inputs, right, mode=mode)
     report = bncore.gradcheck(f, inputs, wrong, mode=mode)
     assert not report and report.unresolved == 0
+
+
+def test_random_mode_costs_four_evaluations_of_f_per_direction():
+    """As the module docstring says (found in review: the vjp side called f
+    again for every direction, five in all; the full mode once per row)."""
+    calls = [0]
+
+    def f(x):
+        calls[0] += 1
+        return np.sin(x)
+    x = np.linspace(0.0, 1.0, 5)
+    assert bncore.gradcheck(f, [x], lambda u, x: [u * np.cos(x)], mode="random", n_directions=6)
+    assert calls[0] <= 2 + 4 * 6
