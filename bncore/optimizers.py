@@ -267,15 +267,15 @@ def adam_step(params: ArrayList, grads: ArrayList, exp_avgs: ArrayList, exp_avg_
     eps_style="torch" (PyTorch ``Adam``/``AdamW``)::
 
         vmax = max(vmax, v)                        (amsgrad: the max of the raw v)
-        p = p - lr / bc1 * m / (sqrt(v / bc2 + eps_root) + eps)
+        p = p - lr / bc1 * m / (sqrt((vmax if amsgrad else v) / bc2 + eps_root) + eps)
 
     eps_style="optax" (optax ``adam``/``amsgrad``): as torch, but AMSGrad keeps
     the max of the bias-corrected ``v / bc2``; ``eps_root`` is optax's.
 
     eps_style="hat" (Keras 3 ``Adam``, ONNX ``Adam``: "epsilon hat")::
 
-        vmax = max(vmax, v); v = vmax              (amsgrad)
-        p = p - lr * sqrt(bc2) / bc1 * m / (sqrt(v) + eps)
+        vmax = max(vmax, v)                        (amsgrad; exp_avg_sqs keeps v)
+        p = p - lr * sqrt(bc2) / bc1 * m / (sqrt(vmax if amsgrad else v) + eps)
 
     ONNX's operator: ``eps_style="hat"``, ``bias_correction_step=T`` (its
     update count, 0 at the first step: no correction),
