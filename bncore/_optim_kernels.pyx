@@ -399,7 +399,10 @@ cdef struct Hyper:
 
 cdef inline double _grad(const gtype* g, Py_ssize_t i, double x, const Hyper* h) noexcept nogil:
     # the L2 term only where weight decay is on: 0 * x would turn an infinite
-    # parameter's step into NaN (inf - lr g stays inf, as IEEE and torch say)
+    # parameter's step into NaN (inf - lr g stays inf, as IEEE and torch say);
+    # off, wd is -0.0 (_no_l2) and the term -0.0, which keeps a -0 gradient -0 as
+    # torch and the GPU do (+0.0 made it +0, so p = -0 - lr * g stayed -0 where
+    # theirs is +0)
     return gload(g, i) * h.inv_scale + h.wd * (x if h.l2 else 0.0)
 
 
@@ -487,6 +490,8 @@ def sgd(Table t, double lr, double momentum, double dampening, bint nesterov,
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
     h.l2 = h.wd != 0.0
+    if not h.l2:
+        h.wd = -0.0         # (see _grad)
     h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
     h.has_momentum = use_buffers
     h.nesterov = nesterov
@@ -597,6 +602,8 @@ def adam(Table t, Py_ssize_t bias_step, double lr, double beta1, double beta2, d
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
     h.l2 = h.wd != 0.0
+    if not h.l2:
+        h.wd = -0.0         # (see _grad)
     h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
     h.post = 1.0 - weight_decay_post
     h.beta1 = beta1
@@ -736,6 +743,8 @@ def rmsprop(Table t, double lr, double alpha, double eps, double weight_decay, b
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
     h.l2 = h.wd != 0.0
+    if not h.l2:
+        h.wd = -0.0         # (see _grad)
     h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
     h.alpha = alpha
     h.e_in = eps if eps_inside_sqrt else 0.0
@@ -800,6 +809,8 @@ def adagrad(Table t, double clr, double weight_decay, bint decoupled, bint maxim
     h.inv_scale = -inv_scale if maximize else inv_scale
     h.wd = 0.0 if decoupled else weight_decay
     h.l2 = h.wd != 0.0
+    if not h.l2:
+        h.wd = -0.0         # (see _grad)
     h.decay = 1.0 - clr * weight_decay if decoupled else 1.0
     h.e_in = eps if eps_inside_sqrt else 0.0
     h.e_out = 0.0 if eps_inside_sqrt else eps

@@ -203,6 +203,23 @@ def test_an_infinite_parameter_stays_infinite_without_weight_decay(name):
     np.testing.assert_allclose(p, tp.numpy(), rtol=1e-15)
 
 
+@pytest.mark.parametrize("name", list(INF_STEPS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_signed_zeros_come_out_as_torchs(name, dtype):
+    """Found in review: without weight decay the gradient went through g + 0.0,
+    which makes a -0 gradient +0, so p = -0 stepped by it stayed -0 where torch
+    (and bncore_gpu) give +0."""
+    step, kw = INF_STEPS[name]
+    p = np.array([-0.0, -0.0, 0.0, 0.0, 1.0], dtype)
+    g = np.array([-0.0, 0.0, -0.0, 0.0, -0.0], dtype)
+    tp = torch.from_numpy(p.copy())
+    opt = getattr(torch.optim, name)([tp], foreach=False, **kw)
+    tp.grad = torch.from_numpy(g.copy())
+    opt.step()
+    step(p, g)
+    assert p.tobytes() == tp.numpy().tobytes(), (p, tp.numpy())
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_amsgrad_max_propagates_nan_as_torch(dtype):
     """torch keeps max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq),

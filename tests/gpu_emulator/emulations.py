@@ -324,10 +324,24 @@ def _table(table, nops, n, nchunks, dtypes):
     _expect(len(chunks) == nchunks, "chunk count")
     for c, (ti, off) in enumerate(chunks):
         _expect(off % CHUNK == 0 and off < max(sizes[ti], 1), f"chunk {c} offset")
+    # the kernels walk the chunks, not the tensors: a table that misses or
+    # repeats a chunk would skip or repeat elements on a device, where the
+    # whole-tensor emulations below would not show it
+    for i in range(n):
+        offs = sorted(int(off) for ti, off in chunks if int(ti) == i)
+        _expect(offs == list(range(0, int(sizes[i]), CHUNK)),
+                f"the chunk table covers tensor {i} ({int(sizes[i])} elements) at {offs}")
     arrays = {}
     for op in range(nops):
         arrays[op] = [_view(t[op * n + i], int(sizes[i]), dtypes[op]) for i in range(n)]
     return arrays, sizes, chunks
+
+
+def _mt_launch(name, grid, block, threads=256):
+    """The multi-tensor kernels stride by MT_THREADS (256) and size their shared
+    trees for it: any other block size would skip or repeat elements."""
+    _expect(block == (threads, 1, 1) and grid[0] >= 1 and grid[1:] == (1, 1),
+            f"{name} launch {grid} {block}")
 
 
 def _amp(inv_scale, grad_scale, found_inf):
@@ -384,11 +398,17 @@ E["mt_sgd"] = mt_sgd
 def mt_adam(grid, block, table, nops, n, nchunks, lr, beta1, beta2, eps, eps_root, weight_decay,
             decoupled, post, amsgrad, amsgrad_corrected, eps_mode, sign, inv_scale, grad_scale,
             found_inf, step, step_host, bias_offset, vec4):
+    _mt_launch("mt_adam", grid, block)
     inv = _amp(inv_scale, grad_scale, found_inf)
     if inv is None:
         return
     P, G = _targs()
     arr, _, _ = _table(table, nops, n, nchunks, [P, G, P, P, P])
+    if vec4 and P == np.float32 and G == np.float32 and not amsgrad:
+        # the float4 loads and stores (the kernel ignores vec4 elsewhere)
+        for k in range(4):
+            for a in arr[k]:
+                _expect(a is None or a.ctypes.data % 16 == 0, "mt_adam vec4 on an unaligned tensor")
     t_ = _step(step, step_host) + bias_offset
     bc1 = 1.0 - beta1 ** t_ if t_ > 0 else 1.0
     bc2 = 1.0 - beta2 ** t_ if t_ > 0 else 1.0
@@ -421,6 +441,7 @@ E["mt_adam"] = mt_adam
 
 def mt_rmsprop(grid, block, table, nops, n, nchunks, lr, alpha, e_in, e_out, weight_decay,
                decoupled, momentum, keras_style, sign, inv_scale, grad_scale, found_inf):
+    _mt_launch("mt_rmsprop", grid, block)
     inv = _amp(inv_scale, grad_scale, found_inf)
     if inv is None:
         return
@@ -453,6 +474,7 @@ E["mt_rmsprop"] = mt_rmsprop
 
 def mt_adagrad(grid, block, table, nops, n, nchunks, lr, lr_decay, e_in, e_out, weight_decay,
                decoupled, sign, inv_scale, grad_scale, found_inf, step, step_host):
+    _mt_launch("mt_adagrad", grid, block)
     inv = _amp(inv_scale, grad_scale, found_inf)
     if inv is None:
         return
@@ -483,6 +505,7 @@ E["mt_step_increment"] = mt_step_increment
 
 def mt_norm_partials(grid, block, table, nops, n, nchunks, kind, p, part_s, part_q, gate,
                      scale):
+    _mt_launch("mt_norm_partials", grid, block)
     (G,) = _targs()
     if not _null(gate) and float(_a(gate)) == 0.0:
         return
@@ -513,6 +536,7 @@ E["mt_norm_partials"] = mt_norm_partials
 
 def mt_norm_finalize(grid, block, nchunks, kind, p, scaled, part_s, part_q, max_norm, eps,
                      total, coef, gate):
+    _mt_launch("mt_norm_finalize", grid, block)
     _expect(grid[0] == 1, "finalize is one block")
     if not _null(gate) and float(_a(gate)) == 0.0:
         return
@@ -557,6 +581,7 @@ E["mt_norm_rescue"] = mt_norm_rescue
 
 
 def mt_scale(grid, block, table, nops, n, nchunks, coef):
+    _mt_launch("mt_scale", grid, block)
     (G,) = _targs()
     s = float(_a(coef))
     if s >= 1.0:
@@ -570,6 +595,7 @@ E["mt_scale"] = mt_scale
 
 
 def mt_clamp(grid, block, table, nops, n, nchunks, lo, hi):
+    _mt_launch("mt_clamp", grid, block)
     (G,) = _targs()
     arr, _, _ = _table(table, nops, n, nchunks, [G])
     for g in arr[0]:
@@ -581,6 +607,7 @@ E["mt_clamp"] = mt_clamp
 
 
 def mt_nonfinite_partials(grid, block, table, nops, n, nchunks, part):
+    _mt_launch("mt_nonfinite_partials", grid, block)
     (G,) = _targs()
     arr, sizes, chunks = _table(table, nops, n, nchunks, [G])
     for c, (ti, off) in enumerate(chunks):
@@ -591,6 +618,7 @@ E["mt_nonfinite_partials"] = mt_nonfinite_partials
 
 
 def mt_any(grid, block, nchunks, part, found):
+    _mt_launch("mt_any", grid, block)
     _a(found)[...] = float((_a(part) != 0).any())
 
 

@@ -102,3 +102,32 @@ def test_gpu_host_profile_script_runs_end_to_end(monkeypatch, capsys):
     # the planes shape takes the cluster kernels: no rows sweep there
     assert not any(s == "(16,64,8,8)" and "TARGET_BLOCKS" in p for s, p in names)
     assert all(float(line.strip("|").split("|")[2]) >= 0 for line in rows)
+
+
+def test_the_emulated_multi_tensor_kernels_refuse_what_a_device_would_get_wrong(monkeypatch):
+    """The emulations update whole tensors, where the CUDA kernels walk the
+    chunk table with 256 threads a block and float4 loads when vec4 is set; a
+    host bug in any of these would pass unseen (found in review). They now
+    check the table's cover, the block size and vec4's alignment."""
+    import cupy
+    import emulations
+    import bncore_gpu
+    from bncore_gpu import _tables
+
+    def adam(p):
+        bncore_gpu.adam_step([p], [cupy.ones_like(p)], [cupy.zeros_like(p)],
+                             [cupy.zeros_like(p)], step=1)
+    adam(cupy.ones(40000, np.float32))                  # the real host code passes
+    # a table whose chunks miss the last 7232 elements of a 40000-element tensor
+    buf = np.zeros(40000, np.float32)
+    table = np.array([buf.ctypes.data, 40000, 0, 0, 0, 16384], np.int64)
+    with pytest.raises(AssertionError, match="covers tensor 0"):
+        emulations._table(table, 1, 1, 2, [np.float32])
+    table = np.array([buf.ctypes.data, 40000, 0, 0, 0, 16384, 0, 32768], np.int64)
+    assert emulations._table(table, 1, 1, 3, [np.float32])[0][0][0].size == 40000
+    with pytest.raises(AssertionError, match="launch"):
+        emulations._mt_launch("mt_scale", (3, 1, 1), (128, 1, 1))
+    # vec4 on a tensor 4 bytes past a 16-byte boundary
+    monkeypatch.setattr(_tables.Table, "aligned16", lambda self, nops: True)
+    with pytest.raises(AssertionError, match="unaligned"):
+        adam(cupy.ones(20001, np.float32)[1:])
