@@ -18,10 +18,12 @@
 // against the first pass's mean, where nothing cancels (as the CPU twin does
 // per work item). x - mean is formed in float64 before scaling.
 //
-// The reductions' work decomposition depends on the shape only (never on the
+// These kernels' reductions decompose the work by the shape only (never by the
 // GPU model), so their results do too; the elementwise passes' grids may use
 // the SM count (they cannot change a result). Which path a call takes (these
-// kernels or _bn_cluster_kernels.cu) depends on the device:
+// kernels, the one-launch rows kernels or _bn_cluster_kernels.cu) depends on
+// the device (SM count, shared memory), so results may differ in their last
+// bits between GPU models, as the README says:
 //   planes (inner >= 32, e.g. NCHW): block (g, c) sums rows o = g, g+G, ... of
 //     channel c; G = ceil(TARGET_BLOCKS / C), at most outer.
 //   rows (inner < 32, e.g. channels-last): the block is a (rows x 32 columns)

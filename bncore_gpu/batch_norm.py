@@ -45,6 +45,7 @@ ROWS_BLOCKS_PER_SM = 8        # row blocks of the rows vec4 elementwise kernels,
 # 0.088), which a host-bound row's noise can do; one run cannot settle it.
 ROWS_L2_REUSE = False
 MAX_GRID_Y = 65535
+MAX_GRID_X = 2 ** 31 - 1
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double",
            np.dtype(np.float16): "unsigned short"}
 _F64 = np.dtype(np.float64)
@@ -362,9 +363,12 @@ def cluster_smem(outer: int, C: int, inner: int, held: int, *arrays) -> int:
     `held` arrays of the channel on chip (forward 1, backward 2), or 0 when
     the cluster path is off or does not apply: float32 `arrays` in planes
     (inner >= ROWS_MIN_INNER, inner % 4 == 0, 16-byte aligned), at most
-    _cluster_cap() bytes per CTA, and channels enough for
-    CLUSTER_MIN_BLOCKS_PER_SM CTAs per SM."""
+    _cluster_cap() bytes per CTA, channels enough for CLUSTER_MIN_BLOCKS_PER_SM
+    CTAs per SM, and few enough for one grid (x at most 2^31 - 1 CTAs: past it
+    the launch would fail, and the failure take clusters off the device)."""
     if not CLUSTER_KERNELS or inner < ROWS_MIN_INNER or inner % 4 or not _vec4_ok(*arrays):
+        return 0
+    if CLUSTER_SIZE * C > MAX_GRID_X:
         return 0
     nbytes = held * -(-outer // CLUSTER_SIZE) * inner * 4
     if CLUSTER_SIZE * C < CLUSTER_MIN_BLOCKS_PER_SM * _loader.sm_count():

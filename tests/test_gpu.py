@@ -643,6 +643,17 @@ def test_cluster_kernels_respect_the_devices_shared_memory(cluster_kernels, monk
     assert gbn.cluster_smem(48, 2, 2048, 1, f) == 49152   # 6 planes fit
 
 
+def test_cluster_kernels_take_no_grid_past_cudas_limit(cluster_kernels):
+    """Found in review: 2^28 channels (a 32 GiB float32 input, which an H200
+    holds) asked for a grid of 8 C = 2^31 CTAs, one past CUDA's limit; the
+    failed launch was taken for a refusal, and the device lost the cluster
+    path for the rest of the process."""
+    gbn = cluster_kernels
+    f = cupy.zeros(64, cupy.float32)
+    assert gbn.cluster_smem(1, 2 ** 28, 32, 1, f) == 0
+    assert gbn.cluster_smem(1, 2 ** 28 - 1, 32, 1, f) == 128
+
+
 # ---- found by review without a device: each was wrong on the GPU only
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

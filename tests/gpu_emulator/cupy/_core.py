@@ -271,7 +271,8 @@ class RawKernel:
     def __call__(self, grid, block, args, **kw):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
-        if any(g < 1 for g in grid) or grid[1] > 65535 or grid[2] > 65535:
+        if (any(g < 1 for g in grid) or grid[0] > 2 ** 31 - 1 or grid[1] > 65535
+                or grid[2] > 65535):
             raise ValueError(f"{self.name}: bad grid {grid}")
         if _np.prod(block) > 1024 or any(b < 1 for b in block):
             raise ValueError(f"{self.name}: bad block {block}")
