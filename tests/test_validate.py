@@ -104,12 +104,15 @@ def test_a_formula_difference_that_stays_without_the_offset_is_not_a_cancellatio
     assert row.verdict == "DIFFERS" and "not a cancellation" in row.note
 
 
+def _off_in_float32(dtype, centered=False):
+    """_x, 1e-4 off in float32 only (the same formula in float64)."""
+    y = _x(dtype)["y"]
+    return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
+
+
 def test_precision_diagnostic_needs_the_float64_run_to_agree():
-    def fw(dtype, centered=False):
-        y = _x(dtype)["y"]
-        return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
     # on data of |mean|/std 1e3, float32 arithmetic can leave 1e-4
-    row = evaluate("t", _synthetic(fw, _x, condition=1e3))
+    row = evaluate("t", _synthetic(_off_in_float32, _x, condition=1e3))
     assert row.verdict == "explained" and "precision" in row.note
 
 
@@ -117,10 +120,7 @@ def test_precision_never_explains_a_float32_gap_that_float32_arithmetic_cannot_m
     """Found in review: a framework whose float32 path alone used another eps
     (as tf's fused kernel does for float16/float32) was "explained" as float32
     arithmetic on well-conditioned data, whatever the size of the gap."""
-    def fw(dtype, centered=False):
-        y = _x(dtype)["y"]
-        return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
-    row = evaluate("t", _synthetic(fw, _x))
+    row = evaluate("t", _synthetic(_off_in_float32, _x))
     assert row.verdict == "DIFFERS" and "more than float32 arithmetic leaves" in row.note
 
 
@@ -173,10 +173,7 @@ def test_precision_diagnostic_never_explains_bncore_being_the_worse_one():
     """Same formula in float64, a float32 gap, but bncore's float32 result is
     the one far from the exact result: bncore's error, DIFFERS (it was called
     the framework's float32 arithmetic, exit status 0)."""
-    def bn(dtype, centered=False):
-        y = _x(dtype)["y"]
-        return {"y": y + 1e-4} if dtype == "float32" else {"y": y}
-    row = evaluate("t", _synthetic(_x, bn))
+    row = evaluate("t", _synthetic(_x, _off_in_float32))
     assert row.verdict == "DIFFERS" and "bncore's error" in row.note
 
 
