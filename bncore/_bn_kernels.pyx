@@ -2074,8 +2074,19 @@ cdef void _strip(const wide* dy, const wide* x, wide* dx, const Plan* p, Py_ssiz
         _tiles_dy_sums(dy + r0, x + r0, _block_rows(p, t), C, c0, c1, mean, pa + t * C,
                        pb + t * C, _tile_group(p, sizeof(wide), 2))
     _combine_chunk_sums(p, c0, c1, pa, pb, sum_dy, sum_dyx)
+    if not training:
+        # inference: dx = g * dy, x not read (see _input_grad): the affine pass
+        # over dy with mean +0 and shift -0 (a and k hold them here)
+        for c in range(c0, c1):
+            a[c] = 0.0
+            k[c] = -0.0
+        r = p.outer
+        while r > 0:
+            r -= 1
+            _flat_affine(dy + r * C + c0, dx + r * C + c0, c1 - c0, a + c0, g + c0, k + c0)
+        return
     for c in range(c0, c1):
-        _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
+        _dx_consts(n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
     r = p.outer
     while r > 0:
         r -= 1
@@ -2423,16 +2434,12 @@ cdef int _sums(const real* dy, const real* x, const Plan* p, const double* mean,
     return 0
 
 
-cdef inline void _dx_consts(bint training, double n, double s, double sdy, double sdyx,
+cdef inline void _dx_consts(double n, double s, double sdy, double sdyx,
                             double* a, double* k) noexcept nogil:
-    """One channel's a and k of dx (invstd s, sums over n values per channel).
-    (Inference dx, g * dy, does not go through them: see _input_grad.)"""
-    if training:
-        a[0] = sdy / n
-        k[0] = s * s * sdyx / n
-    else:
-        a[0] = 0.0
-        k[0] = 0.0
+    """One channel's a and k of a training dx (invstd s, sums over n values per
+    channel). (Inference dx, g * dy, does not go through them: see _input_grad.)"""
+    a[0] = sdy / n
+    k[0] = s * s * sdyx / n
 
 
 cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bint training,
@@ -2468,7 +2475,7 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
         free(buf)
         return 0
     for c in range(C):
-        _dx_consts(training, n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
+        _dx_consts(n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
     cdef const double* e_mean = _expand_into(p, mean, e_buf)
     cdef const double* e_g = _expand_into(p, g, e_buf + E)
     cdef const double* e_a = _expand_into(p, a, e_buf + 2 * E)
@@ -2497,8 +2504,7 @@ def backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, Py_ssize_t outer, Py
     cdef int nt = _threads_for(outer * C * inner, nthreads), rc = 0
     cdef double n = <double>(outer * inner)
     cdef cnp.ndarray sum_dy, sum_dyx
-    # (inference: dx = g * dy needs no sums, and never reads x: not in strips)
-    if not training or not _use_strips(&p, cnp.PyArray_ITEMSIZE(x), 2, nt):
+    if not _use_strips(&p, cnp.PyArray_ITEMSIZE(x), 2, nt):
         sum_dy, sum_dyx = dy_sums(dy, x, outer, C, inner, mean, nthreads)
         input_grad(dy, x, dx, outer, C, inner, training, n, mean, invstd, weight, sum_dy,
                    sum_dyx, nthreads)

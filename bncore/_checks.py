@@ -186,6 +186,15 @@ def flag(name: str, v: Any) -> bool:
     raise TypeError(f"{name} must be a bool, got {v!r}")
 
 
+def to_float(v: numbers.Real) -> float:
+    """float(v), and +-inf for an integer past float64's range (as IEEE rounds
+    it; float() raises OverflowError)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
+
+
 def real_scalar(name: str, v: Any) -> float:
     if type(v) is float:
         # the usual case, without the numbers.Real ABC check (~0.3 us a
@@ -196,10 +205,7 @@ def real_scalar(name: str, v: Any) -> float:
     v = _value_of_0d(v)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    try:
-        f = float(v)
-    except OverflowError:         # an int past float64's range: infinite, as IEEE rounds it
-        f = math.inf if v > 0 else -math.inf
+    f = to_float(v)
     if math.isnan(f):
         raise ValueError(f"{name} must not be NaN")
     return f
@@ -212,7 +218,7 @@ def positive(name: str, v: Any) -> float:
     return f
 
 
-_COUNT_MAX = 2 ** 63 - 1           # counts become int64 (step counters, num_batches_tracked)
+COUNT_MAX = 2 ** 63 - 1            # counts become int64 (step counters, num_batches_tracked)
 
 
 def count(name: str, v: Any, minimum: int = 0) -> int:
@@ -231,7 +237,7 @@ def count(name: str, v: Any, minimum: int = 0) -> int:
         v = int(v)                # (math.isfinite of a huge int raises OverflowError)
     elif not math.isfinite(v) or int(v) != v:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
-    if not minimum <= v <= _COUNT_MAX:
+    if not minimum <= v <= COUNT_MAX:
         raise ValueError(f"{name} must be an integer >= {minimum} (and below 2**63), got {v!r}")
     return int(v)
 

@@ -424,7 +424,9 @@ cdef inline void _sgd_momentum(ptype* p, const gtype* g, ptype* b, Py_ssize_t n,
     for i in range(n):
         x = <double>p[i]
         gr = _grad(g, i, x, h)
-        v = <double>b[i] if h.read_buf else 0.0
+        # an unread buffer starts at -0.0, so that v = A v + B g is B g exactly,
+        # the sign of a zero included (torch's first buffer is a copy of g)
+        v = <double>b[i] if h.read_buf else -0.0
         v = h.A * v + h.B * gr
         b[i] = <ptype>v
         p[i] = <ptype>(x * h.decay - h.L * ((h.Na * gr + h.Nb * v) if nesterov else v))

@@ -53,10 +53,7 @@ def scalar_value(name: str, v: Any) -> float:
     if isinstance(v, bool):
         return float(v)
     if isinstance(v, numbers.Real):
-        try:
-            return float(v)
-        except OverflowError:         # an int past float64's range: infinite, as IEEE rounds it
-            return math.inf if v > 0 else -math.inf
+        return chk.to_float(v)
     if v is None or isinstance(v, (str, bytes)):
         raise TypeError(f"{name} must be a number or a one-element array, "
                         f"got {type(v).__name__}")
@@ -103,7 +100,7 @@ def _step(name: str, step, minimum: int) -> int:
             raise ValueError(f"{name} must be an integer, got {step}")
         step = int(step)
     step = int(step)
-    if not minimum <= step <= chk._COUNT_MAX:
+    if not minimum <= step <= chk.COUNT_MAX:
         raise ValueError(f"{name} must be >= {minimum} (and below 2**63), got {step}")
     return step
 

@@ -101,7 +101,8 @@ __global__ void mt_sgd(const long long* table, int nops, int n, long long nchunk
             double x = dev_ld(p + i);
             double gr = mt_grad(dev_ld(g + i) * inv, wd, x);
             if (b != nullptr) {
-                double v = read_buf ? dev_ld(b + i) : 0.0;
+                // (-0.0: v = B g exactly, a zero's sign included, as the CPU)
+                double v = read_buf ? dev_ld(b + i) : -0.0;
                 v = momentum * v + B * gr;
                 dev_st(b + i, v);
                 // without g's term unless Nesterov: 0 * g is NaN for an infinite g

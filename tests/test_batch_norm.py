@@ -1042,7 +1042,7 @@ def test_streamed_narrow_y_gives_the_stored_bits(training):
 
 
 # every schedule: rows (NCHW-like), narrow (channels-last, small C), flat
-# (short rows), tiles (channels-last, wide C), and backward strips on 2 threads
+# (short rows), tiles (channels-last, wide C; (4, 3) in backward strips on 2 threads)
 _INFERENCE_DX_SHAPES = [((4, 1, 40), 1), ((4, 3), 1), ((64, 3, 7), 1), ((600, 256), 1),
                         ((8, 5, 5, 16), -1), ((2048, 64), 1)]
 

@@ -1721,13 +1721,19 @@ def test_an_empty_array_passed_twice_shares_nothing_as_on_the_cpu():
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC", "2D"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
-def test_inference_dx_is_g_dy_whatever_x_holds(layout, dtype):
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_inference_dx_is_g_dy_whatever_x_holds(layout, dtype, one_launch, monkeypatch):
     """Found in review (CPU, and the same formula here): inference dx =
     weight * invstd * dy, but the kernels formed g ((dy - 0) - (x - mean) 0),
-    NaN where x is Inf or NaN. Every path (cluster, one-launch rows, three
-    kernels) must give the CPU's g dy."""
+    NaN where x is Inf or NaN. The one-launch kernels (cluster, rows) where
+    they apply, and the three kernels (planes and rows, float4 and scalar),
+    must give the CPU's g dy."""
+    from bncore_gpu import batch_norm as gbn
+    if not one_launch:
+        monkeypatch.setattr(gbn, "CLUSTER_KERNELS", False)
+        monkeypatch.setattr(gbn, "ROWS_COOP", False)
     rng = np.random.default_rng(8)
-    shape = {"NCHW": (4, 8, 4, 4), "NHWC": (4, 8, 4, 4), "2D": (16, 8)}[layout]
+    shape = {"NCHW": (4, 8, 8, 8), "NHWC": (4, 8, 4, 4), "2D": (16, 8)}[layout]
     x = rng.standard_normal(shape).astype(dtype)
     x.reshape(-1)[::5] = np.inf
     x.reshape(-1)[2::7] = np.nan

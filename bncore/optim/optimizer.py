@@ -60,16 +60,15 @@ def _meant(key, known: tuple) -> str:
     others = {k for table in OPTIMIZERS.values() for preset in table.values() for k in preset}
     if key in others:
         return "it is another optimizer's hyperparameter"
-    # a key built on a hyperparameter's name (torch's OneCycleLR and CyclicLR keep
-    # max_momentum and base_momentum in the groups; weight_decay_mult) is the
-    # caller's own, not a misspelling of it
-    parts = key.split("_")
-    composite = {k for k in known if k != key and k in
-                 {"_".join(parts[i:j]) for i in range(len(parts))
-                  for j in range(i + 1, len(parts) + 1)}}
-    close = difflib.get_close_matches(key, [k for k in known if k not in composite], n=1,
-                                      cutoff=0.8)
-    return f"did you mean {close[0]!r}?" if close and not composite else ""
+    # a key built on a hyperparameter's name and more words (torch's OneCycleLR and
+    # CyclicLR keep max_momentum and base_momentum in the groups; weight_decay_mult)
+    # is the caller's own, not a misspelling of it ("lr_" still is one)
+    parts = [w for w in key.split("_") if w]
+    runs = {"_".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 1, len(parts) + 1)}
+    if any(k in runs and len(k.split("_")) < len(parts) for k in known):
+        return ""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.8)
+    return f"did you mean {close[0]!r}?" if close else ""
 
 
 def _buffer_key(a) -> tuple:

@@ -384,7 +384,7 @@ def mt_sgd(grid, block, table, nops, n, nchunks, lr, momentum, dampening, nester
         x = p.astype(np.float64)
         gr = _l2(g.astype(np.float64) * inv * sign, wd, x)
         if b is not None:
-            v = b.astype(np.float64) if read_buf else np.zeros_like(x)
+            v = b.astype(np.float64) if read_buf else np.full_like(x, -0.0)
             v = momentum * v + B * gr
             _put(b, v)
             _put(p, x * decay - L * (Na * gr + Nb * v if nesterov else v))
