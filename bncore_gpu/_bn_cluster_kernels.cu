@@ -296,10 +296,17 @@ bn_backward_cluster(const float4* __restrict__ dy, const float4* __restrict__ x,
     for (int k = threadIdx.x; k < n4; k += BNC_THREADS) {
         float4 d = sdy[k], v = sx[k];
         float4 o;
-        o.x = d2f(g * ((f2d(d.x) - a) - bn_dx_xterm(f2d(v.x), m, kk)));
-        o.y = d2f(g * ((f2d(d.y) - a) - bn_dx_xterm(f2d(v.y), m, kk)));
-        o.z = d2f(g * ((f2d(d.z) - a) - bn_dx_xterm(f2d(v.z), m, kk)));
-        o.w = d2f(g * ((f2d(d.w) - a) - bn_dx_xterm(f2d(v.w), m, kk)));
+        if (training) {
+            o.x = d2f(g * ((f2d(d.x) - a) - (f2d(v.x) - m) * kk));
+            o.y = d2f(g * ((f2d(d.y) - a) - (f2d(v.y) - m) * kk));
+            o.z = d2f(g * ((f2d(d.z) - a) - (f2d(v.z) - m) * kk));
+            o.w = d2f(g * ((f2d(d.w) - a) - (f2d(v.w) - m) * kk));
+        } else {    // inference: dx = g dy, x not read (as bn_dx_walk4)
+            o.x = d2f(g * f2d(d.x));
+            o.y = d2f(g * f2d(d.y));
+            o.z = d2f(g * f2d(d.z));
+            o.w = d2f(g * f2d(d.w));
+        }
         dx[((o0 + pl) * C + c) * inner4 + i] = o;
         bnc_step(pl, i, sq, sr, i4);
     }

@@ -124,17 +124,17 @@ __device__ __forceinline__ void bn_apply_at(const float4* x, float4* y, double m
 __device__ __forceinline__ float4 bn_dx4(float4 d, float4 v, double m, double g, double a,
                                          double k) {
     float4 r;
-    r.x = d2f(g * ((f2d(d.x) - a) - bn_dx_xterm(f2d(v.x), m, k)));
-    r.y = d2f(g * ((f2d(d.y) - a) - bn_dx_xterm(f2d(v.y), m, k)));
-    r.z = d2f(g * ((f2d(d.z) - a) - bn_dx_xterm(f2d(v.z), m, k)));
-    r.w = d2f(g * ((f2d(d.w) - a) - bn_dx_xterm(f2d(v.w), m, k)));
+    r.x = d2f(g * ((f2d(d.x) - a) - (f2d(v.x) - m) * k));
+    r.y = d2f(g * ((f2d(d.y) - a) - (f2d(v.y) - m) * k));
+    r.z = d2f(g * ((f2d(d.z) - a) - (f2d(v.z) - m) * k));
+    r.w = d2f(g * ((f2d(d.w) - a) - (f2d(v.w) - m) * k));
     return r;
 }
 
 template <typename T>
 __device__ __forceinline__ void bn_dx_at(const T* dy, const T* x, T* dx, double m, double g,
                                          double a, double k) {
-    dev_st(dx, g * ((dev_ld(dy) - a) - bn_dx_xterm(dev_ld(x), m, k)));
+    dev_st(dx, g * ((dev_ld(dy) - a) - (dev_ld(x) - m) * k));
 }
 __device__ __forceinline__ void bn_dx_at(const float4* dy, const float4* x, float4* dx,
                                          double m, double g, double a, double k) {
@@ -460,7 +460,7 @@ __global__ void bn_dx_rows(const T* __restrict__ dy, const T* __restrict__ x, T*
     double m = mean[c], gc = g[c], ac = a[c], kc = k[c];
     for (long long r = (long long)blockIdx.y * 8 + threadIdx.y; r < outer; r += (long long)gridDim.y * 8) {
         long long e = r * P + j;
-        dev_st(dx + e, gc * ((dev_ld(dy + e) - ac) - bn_dx_xterm(dev_ld(x + e), m, kc)));
+        dev_st(dx + e, gc * ((dev_ld(dy + e) - ac) - (dev_ld(x + e) - m) * kc));
     }
 }
 
@@ -640,14 +640,16 @@ __device__ __forceinline__ void bn_apply_walk4(const float4* __restrict__ x,
     }
 }
 
-// dx = g ((dy - a) - (x - mean) k) over rows `w` of float4 column j4
+// dx = g ((dy - a) - (x - mean) k) over rows `w` of float4 column j4; in
+// inference (training 0) dx = g dy, x not read (an Inf or NaN x must not make
+// it NaN through (x - mean) 0; the CPU's inference dx is g dy too)
 template <bool BACK>
 __device__ __forceinline__ void bn_dx_walk4(const float4* __restrict__ dy,
                                             const float4* __restrict__ x,
                                             float4* __restrict__ dx, long long P4,
                                             long long inner, long long j4, BnRows w,
                                             const double* mean, const double* g,
-                                            const double* a, const double* k) {
+                                            const double* a, const double* k, int training) {
     double m[4], gc[4], ac[4], kc[4];
     for (int e = 0; e < 4; ++e) {
         long long c = (4 * j4 + e) / inner;
@@ -658,11 +660,19 @@ __device__ __forceinline__ void bn_dx_walk4(const float4* __restrict__ dy,
     }
     for (long long r = w.first; BACK ? r > w.stop : r < w.stop; r += w.step) {
         long long e = r * P4 + j4;
-        float4 d = bn_walk_ld<BACK>(dy + e), v = bn_walk_ld<BACK>(x + e), o;
-        o.x = d2f(gc[0] * ((f2d(d.x) - ac[0]) - bn_dx_xterm(f2d(v.x), m[0], kc[0])));
-        o.y = d2f(gc[1] * ((f2d(d.y) - ac[1]) - bn_dx_xterm(f2d(v.y), m[1], kc[1])));
-        o.z = d2f(gc[2] * ((f2d(d.z) - ac[2]) - bn_dx_xterm(f2d(v.z), m[2], kc[2])));
-        o.w = d2f(gc[3] * ((f2d(d.w) - ac[3]) - bn_dx_xterm(f2d(v.w), m[3], kc[3])));
+        float4 d = bn_walk_ld<BACK>(dy + e), o;
+        if (training) {
+            float4 v = bn_walk_ld<BACK>(x + e);
+            o.x = d2f(gc[0] * ((f2d(d.x) - ac[0]) - (f2d(v.x) - m[0]) * kc[0]));
+            o.y = d2f(gc[1] * ((f2d(d.y) - ac[1]) - (f2d(v.y) - m[1]) * kc[1]));
+            o.z = d2f(gc[2] * ((f2d(d.z) - ac[2]) - (f2d(v.z) - m[2]) * kc[2]));
+            o.w = d2f(gc[3] * ((f2d(d.w) - ac[3]) - (f2d(v.w) - m[3]) * kc[3]));
+        } else {
+            o.x = d2f(gc[0] * f2d(d.x));
+            o.y = d2f(gc[1] * f2d(d.y));
+            o.z = d2f(gc[2] * f2d(d.z));
+            o.w = d2f(gc[3] * f2d(d.w));
+        }
         bn_walk_st<BACK>(dx + e, o);
     }
 }
@@ -692,12 +702,13 @@ __global__ void bn_dx_rows_vec4(const float4* __restrict__ dy, const float4* __r
     int col = threadIdx.x % TC, phase = threadIdx.x / TC, RPI = BN_THREADS / TC;
     long long j4 = (long long)blockIdx.x * TC + col;
     if (j4 >= P4) return;
+    // (training only: the host sends an inference dx to bn_apply_rows_vec4)
     if (R > 0)
         bn_dx_walk4<true>(dy, x, dx, P4, inner, j4, bn_tile_rows(outer, R, blockIdx.y, phase, RPI),
-                          mean, g, a, k);
+                          mean, g, a, k, 1);
     else
         bn_dx_walk4<false>(dy, x, dx, P4, inner, j4, bn_wave_rows(outer, phase, RPI), mean,
-                           g, a, k);
+                           g, a, k, 1);
 }
 
 // ---------------------------------------------------------------- rows, one cooperative kernel
@@ -821,7 +832,7 @@ __global__ void __launch_bounds__(BN_THREADS, 4) bn_backward_rows_coop(const flo
         if (j4 < P4)
             bn_dx_walk4<true>(dy, x, dx, P4, inner, j4,
                               bn_tile_rows(outer, R, (int)(t / ntile), phase, RPI), mean, g,
-                              a, k);
+                              a, k, training);
     }
 }
 

@@ -43,14 +43,6 @@ __device__ __forceinline__ double f2d(float f) { return (double)f; }
 __device__ __forceinline__ float d2f(double d) { return (float)d; }
 #endif
 
-// The term of dx = g ((dy - a) - (x - mean) k) that reads x: none where k is 0.
-// Inference has a = k = 0, dx = g dy, which an infinite or NaN x (its 0 * inf)
-// must not make NaN (the CPU and torch never read x there); a training k is 0
-// only where sum dy (x - mean) is, and dx then differs at most in a zero's sign.
-__device__ __forceinline__ double bn_dx_xterm(double v, double m, double k) {
-    return k == 0.0 ? 0.0 : (v - m) * k;
-}
-
 // Storage types: float, double, and unsigned short holding IEEE binary16;
 // arithmetic in float64.
 __device__ __forceinline__ double dev_ld(const float* p) { return f2d(*p); }

@@ -566,15 +566,22 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
 
 def _backward_kernels(dyf, xf, dxf, view, C, n, training, mean64, invstd64, w, dweight, dbias):
-    """The three-kernel backward: partial sums, finalize, then the dx pass."""
+    """The three-kernel backward: partial sums, finalize, then the dx pass (in
+    inference dx = g dy, which never reads x: the apply pass over dy with mean
+    +0 and shift -0, g dy rounded once as on the CPU)."""
     a_part, b_part, M = _partial_sums("dy", dyf, xf, view.outer, C, view.inner, mean64)
     g, a, k = _empty64(C), _empty64(C), _empty64(C)
     _kernel(f"bn_finalize_backward<{_CTYPES[dweight.dtype]}>")(
         (C,), (256,), (np.int32(C), np.int32(M), a_part, b_part, np.float64(n),
                        np.int32(bool(training)), invstd64, _ptr(w), dweight, dbias,
                        g, a, k))
-    _elementwise("dx", (dyf, xf), dxf, view.outer, C, view.inner,
-                 (mean64, g, a, k), after_reduction=True)
+    if training:
+        _elementwise("dx", (dyf, xf), dxf, view.outer, C, view.inner,
+                     (mean64, g, a, k), after_reduction=True)
+    else:
+        a.fill(0.0)
+        k.fill(-0.0)
+        _elementwise("apply", (dyf,), dxf, view.outer, C, view.inner, (a, g, k))
 
 
 def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = True,

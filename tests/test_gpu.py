@@ -1749,3 +1749,22 @@ def test_inference_dx_is_g_dy_whatever_x_holds(layout, dtype, one_launch, monkey
                                                cupy.asarray(mean), cupy.asarray(invstd),
                                                cupy.asarray(w), training=False)
     assert cupy.asnumpy(got).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_training_dx_zero_signs_match_the_cpu(one_launch, monkeypatch):
+    """Review of the inference fix: dropping dx's x term wherever k was 0 also
+    changed training's zero signs (dy all -0 gives k = 0); the GPU now computes
+    the training formula as the CPU does, and g dy in inference only."""
+    from bncore_gpu import batch_norm as gbn
+    if not one_launch:
+        monkeypatch.setattr(gbn, "CLUSTER_KERNELS", False)
+        monkeypatch.setattr(gbn, "ROWS_COOP", False)
+    x = np.array([[1.0, 2.0], [3.0, 1.0], [0.5, 4.0], [2.0, 0.0]], np.float32)
+    dy = np.full((4, 2), -0.0, np.float32)
+    _, m, s = bncore.batch_norm_forward(x)
+    want, _, _ = bncore.batch_norm_backward(dy, x, m, s)
+    got, _, _ = bncore_gpu.batch_norm_backward(cupy.asarray(dy), cupy.asarray(x),
+                                               cupy.asarray(m), cupy.asarray(s))
+    assert np.signbit(want).any() and not np.signbit(want).all()
+    assert cupy.asnumpy(got).tobytes() == want.tobytes()

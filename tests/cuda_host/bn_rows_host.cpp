@@ -43,10 +43,18 @@ static void backward(const std::string &dir, const std::vector<PT> &w,
         bn_finalize_backward<PT>(C, M, pa.data(), pb.data(), N, training, invstd.data(),
                                  w.data(), dw.data(), db.data(), g.data(), a.data(), k.data());
     });
-    emu_launch_2d(ntile, rows_y, BN_THREADS, [&] {
-        bn_dx_rows_vec4(dy4, x4, (float4 *)dx.data(), outer, P4, inner, TC, R3, mean.data(),
-                        g.data(), a.data(), k.data());
-    });
+    if (training) {
+        emu_launch_2d(ntile, rows_y, BN_THREADS, [&] {
+            bn_dx_rows_vec4(dy4, x4, (float4 *)dx.data(), outer, P4, inner, TC, R3, mean.data(),
+                            g.data(), a.data(), k.data());
+        });
+    } else {   // inference dx = g dy, as bncore_gpu sends it: the apply pass over dy
+        std::vector<double> zero(C, 0.0), negzero(C, -0.0);
+        emu_launch_2d(ntile, rows_y, BN_THREADS, [&] {
+            bn_apply_rows_vec4(dy4, (float4 *)dx.data(), outer, P4, inner, TC, R3, zero.data(),
+                               g.data(), negzero.data());
+        });
+    }
     emu_save(dir + "dx3.out", dx), emu_save(dir + "dw3.out", dw), emu_save(dir + "db3.out", db);
     for (int launch = 0; launch < 2; ++launch) {
         std::vector<float> dxc(n, -1.0f);

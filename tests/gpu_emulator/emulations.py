@@ -144,13 +144,6 @@ def forward_cluster(grid, block, x, y, outer, C, inner4, N, eps, w, b, rm, rv, m
 E["bn_forward_cluster"] = forward_cluster
 
 
-def _dx_xterm(X, m, k):
-    """bn_dx_xterm: (x - mean) k, and nothing where k is 0 (inference: dx = g dy,
-    whatever x holds)."""
-    with np.errstate(all="ignore"):
-        return np.where(k == 0.0, 0.0, (X - m) * k)
-
-
 def backward_cluster(grid, block, dy, x, dx, outer, C, inner4, N, training, mean, invstd, w,
                      dweight, dbias):
     """bn_backward_cluster: dy and x of a channel held by a cluster of 8 CTAs;
@@ -171,8 +164,10 @@ def backward_cluster(grid, block, dy, x, dx, outer, C, inner4, N, training, mean
     g = inv * (1.0 if _null(w) else _f64(w))
     a = s1 / N if training else np.zeros(C)
     k = inv * inv * s2 / N if training else np.zeros(C)
-    _store(dx, g[None, :, None] * ((D - a[None, :, None])
-                                   - _dx_xterm(X, m[None, :, None], k[None, :, None])))
+    if training:
+        _store(dx, g[None, :, None] * ((D - a[None, :, None]) - xm * k[None, :, None]))
+    else:                       # inference: dx = g dy, x not read
+        _store(dx, g[None, :, None] * D)
 
 
 E["bn_backward_cluster"] = backward_cluster
@@ -277,7 +272,7 @@ def dx_planes(grid, block, dy, x, dx, nplanes, C, inner, mean, g, a, k):
     DY = _f64(dy).reshape(nplanes, inner)
     X = _f64(x).reshape(nplanes, inner)
     m, gg, aa, kk = (_a(v)[c, None] for v in (mean, g, a, k))
-    _store(dx, gg * ((DY - aa) - _dx_xterm(X, m, kk)))
+    _store(dx, gg * ((DY - aa) - (X - m) * kk))
 
 
 E["bn_dx_planes"] = dx_planes
@@ -289,7 +284,7 @@ def dx_rows(grid, block, dy, x, dx, outer, P, inner, mean, g, a, k):
     DY = _f64(dy).reshape(outer, P)
     X = _f64(x).reshape(outer, P)
     m, gg, aa, kk = (_a(v)[c] for v in (mean, g, a, k))
-    _store(dx, gg * ((DY - aa) - _dx_xterm(X, m, kk)))
+    _store(dx, gg * ((DY - aa) - (X - m) * kk))
 
 
 E["bn_dx_rows"] = dx_rows
@@ -710,7 +705,12 @@ def backward_rows_coop(grid, block, dy, x, dx, outer, inner, P4, TC, R, nRB, C, 
     dy_sums_rows_vec4(tiles, (256, 1, 1), dy, x, outer, inner, P4, TC, R, nRB, mean, pa, pb)
     finalize_backward((C, 1, 1), (256, 1, 1), np.int32(C), np.int32(int(inner) * int(nRB)), pa, pb,
                       N, training, invstd, w, dweight, dbias, g, a, k)
-    dx_rows_vec4(tiles, (256, 1, 1), dy, x, dx, outer, P4, inner, TC, R, mean, g, a, k)
+    if training:
+        dx_rows_vec4(tiles, (256, 1, 1), dy, x, dx, outer, P4, inner, TC, R, mean, g, a, k)
+    else:                       # inference: dx = g dy, x not read (bn_dx_walk4)
+        P = 4 * int(P4)
+        DY = _f64(dy).reshape(int(outer), P)
+        _store(dx, _a(g)[np.arange(P) // int(inner)] * DY)
 
 
 E["bn_forward_rows_coop"] = forward_rows_coop
