@@ -112,8 +112,8 @@ def grad_norm(grads, norm_type: float = 2.0, *, comm=None, num_threads: Optional
     if comm is not None:
         from bncore_gpu import distributed
         return distributed.grad_norm(grads, norm_type, comm=comm, num_threads=num_threads)
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     p = _norm_type(norm_type)
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     tables = _tables(grads, False)
     if len(tables) == 1:
         return _norm(tables[0], p, 0.0, 0.0)[0]
@@ -132,11 +132,11 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
         return distributed.clip_grad_norm(grads, max_norm, comm=comm, norm_type=norm_type,
                                           eps=eps, error_if_nonfinite=error_if_nonfinite,
                                           num_threads=num_threads)
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     max_norm = hchk.clip_bound("max_norm", max_norm)
     eps = hchk.non_negative("eps", eps)
     error_if_nonfinite = hchk.flag("error_if_nonfinite", error_if_nonfinite)
     p = _norm_type(norm_type)
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     tables = _tables(grads, True)
     if len(tables) == 1:
         total, coef = _norm(tables[0], p, max_norm, eps)
@@ -156,8 +156,8 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
 
 def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = None) -> None:
     """Clamp every gradient element to [-clip_value, clip_value]; NaN stays NaN."""
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     c = hchk.clip_bound("clip_value", clip_value)
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     for t in _tables(grads, True):
         if t.nchunks:
             kernel(f"mt_clamp<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
@@ -167,7 +167,7 @@ def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = No
 def found_inf(grads, *, num_threads: Optional[int] = None):
     """1.0 (0-d float64 device array) when any gradient holds an Inf or a NaN, else 0.0;
     pass it straight to a step function's ``found_inf``."""
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     flags = []
     for t in _tables(grads, False):
         found = cupy.zeros((), _F64)

@@ -112,7 +112,6 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float
 
     ``step`` may be a device scalar (the step count after this step): the
     kernel then decides ``first_step`` itself (``step <= 1``)."""
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params, required=True)
     grads = _cpu.as_list("grads", grads, required=True)
     bufs = _cpu.as_list("momentum_buffers", momentum_buffers)
@@ -127,6 +126,7 @@ def sgd_step(params, grads, momentum_buffers=None, *, lr: float, momentum: float
         if step_ptr is NULL:
             first_step = host_step == 1
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     t = gather([params, grads, bufs if _cpu.sgd_uses_buffers(momentum, s, bufs) else None],
                ("params", "grads", "momentum_buffers"), (True, False, True), 1)
     if skip:
@@ -148,7 +148,6 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, lr: float = 1e-3,
     """One Adam / AdamW / AMSGrad step, in place (see bncore.adam_step).
 
     ``step`` and ``bias_correction_step`` may be device scalars."""
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params, required=True)
     grads = _cpu.as_list("grads", grads, required=True)
     m = _cpu.as_list("exp_avgs", exp_avgs, required=True)
@@ -164,6 +163,7 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, *, step, lr: float = 1e-3,
     lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post = _cpu.adam_hyper(
         lr, beta1, beta2, eps, eps_root, weight_decay, weight_decay_post, eps_style, amsgrad, vmax)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     t = gather([params, grads, m, v, vmax if amsgrad else None],
                ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
                (True, False, True, True, True), 1)
@@ -185,7 +185,6 @@ def rmsprop_step(params, grads, square_avgs, *, lr: float = 1e-2, alpha: float =
                  decoupled_weight_decay: bool = False, grad_scale=None, found_inf=None,
                  num_threads: Optional[int] = None) -> None:
     """One RMSprop step, in place (see bncore.rmsprop_step)."""
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params, required=True)
     grads = _cpu.as_list("grads", grads, required=True)
     sq = _cpu.as_list("square_avgs", square_avgs, required=True)
@@ -197,6 +196,7 @@ def rmsprop_step(params, grads, square_avgs, *, lr: float = 1e-2, alpha: float =
     lr, alpha, eps, weight_decay, momentum, s = _cpu.rmsprop_hyper(
         lr, alpha, eps, weight_decay, momentum, style, centered, ga, mb)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     t = gather([params, grads, sq, ga if centered else None, mb if momentum != 0.0 else None],
                ("params", "grads", "square_avgs", "grad_avgs", "momentum_buffers"),
                (True, False, True, True, True), 1)
@@ -214,7 +214,6 @@ def adagrad_step(params, grads, state_sums, *, step, lr: float = 1e-2, lr_decay:
                  eps_inside_sqrt: bool = False, decoupled_weight_decay: bool = False,
                  grad_scale=None, found_inf=None, num_threads: Optional[int] = None) -> None:
     """One Adagrad step, in place (see bncore.adagrad_step); ``step`` may be a device scalar."""
-    resolve_num_threads(num_threads)   # unused on the GPU, but checked as on the CPU
     params = _cpu.as_list("params", params, required=True)
     grads = _cpu.as_list("grads", grads, required=True)
     hs = _cpu.as_list("state_sums", state_sums, required=True)
@@ -224,6 +223,7 @@ def adagrad_step(params, grads, state_sums, *, step, lr: float = 1e-2, lr_decay:
     host_t, t_ptr = step_arg("step", step, 1)
     lr, lr_decay, weight_decay, eps = _cpu.adagrad_hyper(lr, lr_decay, weight_decay, eps)
     skip, inv, scale_ptr, found_ptr = amp_args(grad_scale, found_inf)
+    resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     t = gather([params, grads, hs], ("params", "grads", "state_sums"), (True, False, True), 1)
     if skip:
         return

@@ -1768,3 +1768,27 @@ def test_training_dx_zero_signs_match_the_cpu(one_launch, monkeypatch):
                                                cupy.asarray(m), cupy.asarray(s))
     assert np.signbit(want).any() and not np.signbit(want).all()
     assert cupy.asnumpy(got).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, xp: m.sgd_step([xp.ones(3)], [xp.ones(3)], lr=-1.0, num_threads=1.5),
+    lambda m, xp: m.adam_step([xp.ones(3)], [xp.ones(3)], [xp.zeros(3)], [xp.zeros(3)], step=1,
+                              beta1=1.5, num_threads=1.5),
+    lambda m, xp: m.adagrad_step([xp.ones(3)], [xp.ones(3)], [xp.zeros(3)], step=0,
+                                 num_threads=1.5),
+    lambda m, xp: m.rmsprop_step([xp.ones(3)], [xp.ones(3)], [xp.zeros(3)], alpha=2.0,
+                                 num_threads=1.5),
+    lambda m, xp: m.clip_grad_norm([xp.ones(3)], -1.0, num_threads=1.5),
+    lambda m, xp: m.grad_norm([xp.ones(3)], -1.0, num_threads=1.5),
+    lambda m, xp: m.clip_grad_value([xp.ones(3)], float("nan"), num_threads=1.5),
+])
+def test_two_bad_arguments_raise_the_cpus_error(call):
+    """Found in review: the GPU checked num_threads first, so a call with two
+    bad arguments raised TypeError (num_threads) where the CPU raised the
+    other argument's ValueError."""
+    errors = []
+    for mod, xp in ((bncore, np), (bncore_gpu, cupy)):
+        with pytest.raises((TypeError, ValueError)) as info:
+            call(mod, xp)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
