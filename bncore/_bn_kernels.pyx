@@ -48,7 +48,7 @@ from cython.parallel cimport parallel, prange
 from libc.float cimport DBL_MIN, FLT_MAX, FLT_MIN
 from libc.math cimport INFINITY, fabs, sqrt
 from libc.stdint cimport uint16_t, uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
 from bncore._openmp_helpers cimport omp_get_thread_num
 
@@ -1611,8 +1611,9 @@ cdef inline void _combine_chunk_mean_m2(const Plan* p, const double* counts, dou
         for c in range(c0, c1):
             d = pmean[j * C + c] - mean[c]
             m2[c] += pm2[j * C + c] + nj * d * d
-    for c in range(c0, c1):
-        mean[c] = pivot[c] + mean[c]
+    if pivot != NULL:
+        for c in range(c0, c1):
+            mean[c] = pivot[c] + mean[c]
 
 
 cdef void _combine_mean_m2(const Plan* p, const double* counts, const double* pivot,
@@ -1620,7 +1621,8 @@ cdef void _combine_mean_m2(const Plan* p, const double* counts, const double* pi
                            int nthreads) noexcept nogil:
     """Exact two-level combination, partials in index order:
     mean = K + sum n_j m_j / N,  M2 = sum (M2_j + n_j (m_j - (mean - K))^2),
-    the partial means m_j being of x - K for the channel's pivot K."""
+    the partial means m_j being of x - K for the channel's pivot K (pivot
+    NULL: mean receives mean - K, not rounded to |mean|'s precision)."""
     cdef Py_ssize_t t, c0, c1, nchunks = (p.C + COMBINE_CHUNK - 1) // COMBINE_CHUNK
     cdef double total = <double>(p.outer * p.inner)
     if _combine_threads(p, nthreads) == 1:
@@ -2224,21 +2226,21 @@ cdef enum:
                            # statistics are taken again against the mean
 
 
-cdef inline bint _repivot(const Plan* p, Py_ssize_t c0, Py_ssize_t c1, double* pivot,
-                          const double* mean, const double* m2) noexcept nogil:
-    """Move each channel pivot K_c of channels c0..c1-1 that lies beyond 16 std of
-    the channel's mean (an outlier as the channel's first element) to that
-    mean; True if any moved. The partial means are stated relative to K, so
-    each was rounded to u |mean - K|: 7e-12 std of error in the mean for an
-    8e5 std outlier as K, against 1e-18 elsewhere. Never for an Inf or NaN
-    mean (the data hold one: the statistics are already IEEE's)."""
+cdef inline bint _repivot(const Plan* p, double* pivot, const double* rel,
+                          const double* m2) noexcept nogil:
+    """Move each channel pivot K_c that lies beyond 16 std of the channel's
+    mean (an outlier as the channel's first element) to that mean, K_c +
+    rel_c (rel: mean - K); True if any moved. The partial means are stated
+    relative to K, so each was rounded to u |mean - K|: 7e-12 std of error in
+    the mean for an 8e5 std outlier as K, against 1e-18 elsewhere. Never for
+    an Inf or NaN mean (the data hold one: the statistics are already IEEE's)."""
     cdef Py_ssize_t c
-    cdef double n = <double>(p.outer * p.inner), rel
+    cdef double n = <double>(p.outer * p.inner), m
     cdef bint moved = False
-    for c in range(c0, c1):
-        rel = mean[c] - pivot[c]
-        if n * rel * rel > CHANNEL_SPREAD2 * m2[c] and mean[c] - mean[c] == 0.0:
-            pivot[c] = mean[c]
+    for c in range(p.C):
+        m = pivot[c] + rel[c]
+        if n * rel[c] * rel[c] > CHANNEL_SPREAD2 * m2[c] and m - m == 0.0:
+            pivot[c] = m
             moved = True
     return moved
 
@@ -2273,16 +2275,16 @@ cdef int _mean_m2(const real* x, const Plan* p, double* mean, double* m2,
     _channel_pivots(x, p, pivot)
     _part_counts(p, counts)
     _stats_partials(x, p, pivot, pmean, pm2, scratch, stage, nthreads)
-    _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
-    if _repivot(p, 0, C, pivot, mean, m2):
+    _combine_mean_m2(p, counts, NULL, pmean, pm2, mean, m2, nthreads)   # mean - K
+    if _repivot(p, pivot, mean, m2):
         # a channel's first element was an outlier: its sums again, against its mean
         _stats_partials(x, p, pivot, pmean, pm2, scratch, stage, nthreads)
-        _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
-    if pivot_out != NULL:
-        for c in range(C):
+        _combine_mean_m2(p, counts, NULL, pmean, pm2, mean, m2, nthreads)
+    for c in range(C):
+        if pivot_out != NULL:
             pivot_out[c] = pivot[c]
-            pivot[c] = 0.0              # the combination adds it back: keep mean - K
-        _combine_mean_m2(p, counts, pivot, pmean, pm2, mean, m2, nthreads)
+        else:
+            mean[c] = pivot[c] + mean[c]
     free(buf)
     return 0
 
@@ -2342,8 +2344,11 @@ cdef inline void _gains(Vec weight, const double* invstd, Py_ssize_t C,
 
 
 cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
-                    const double* invstd, Vec weight, Vec bias, int nt) noexcept nogil:
-    """y = (x - mean) * (invstd * weight) + bias, in float64. Returns -1 when out of memory."""
+                    const double* invstd, Vec weight, Vec bias, int nt,
+                    double no_bias=0.0, bint dx_stores=False) noexcept nogil:
+    """y = (x - mean) * (invstd * weight) + bias, in float64 (bias absent:
+    no_bias; dx_stores: streaming stores where the dx pass takes them, as
+    inference dx = g * dy does). Returns -1 when out of memory."""
     cdef Py_ssize_t c, C = p.C, E = _expand_len(p)
     cdef Py_ssize_t nstage = _staged(x, p, 2, False) * nt
     cdef double* buf = <double*>malloc(sizeof(double) * (2 * C + 3 * E + nstage + 1))
@@ -2353,7 +2358,7 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
     cdef double* shift = scale + C
     cdef double* stage = shift + C + 3 * E
     _gains(weight, invstd, C, scale)
-    _widen(bias, C, 0.0, shift)
+    _widen(bias, C, no_bias, shift)
     cdef const double* e_mean = _expand_into(p, mean, shift + C)
     cdef const double* e_scale = _expand_into(p, scale, shift + C + E)
     cdef const double* e_shift = _expand_into(p, shift, shift + C + 2 * E)
@@ -2362,7 +2367,7 @@ cdef int _normalize(const real* x, real* y, const Plan* p, const double* mean,
         # the narrow schedule streams y past the caches (_n64_affine)
         e = _elementwise_plan(p)
         q = _streaming(&e, sizeof(real))
-        q.stream = q.stream and p.narrow
+        q.stream = q.stream and (p.narrow or dx_stores)
         _affine(x, y, &q, mean, scale, shift, e_mean, e_scale, e_shift, stage, nt)
     free(buf)
     return 0
@@ -2450,6 +2455,22 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef Py_ssize_t C = p.C, c, E = _expand_len(p)
     cdef Py_ssize_t nstage = _staged(x, p, 3, False) * nt
     cdef Plan q, e
+    cdef Vec no_vec
+    cdef double* zero
+    cdef int rc
+    if not training:
+        # inference: dx = g * dy, which never reads x (through (x - mean) * 0 an
+        # infinite or NaN x, or an x - mean past float64, made dx NaN): the
+        # forward's normalization of dy with mean +0 and shift -0, so that
+        # (dy - 0) * g + (-0) is g * dy rounded once, the sign of a zero included
+        zero = <double*>calloc(C + 1, sizeof(double))
+        if zero == NULL:
+            return -1
+        no_vec.data = NULL
+        no_vec.f32 = False
+        rc = _normalize(dy, dx, p, zero, invstd, weight, no_vec, nt, -0.0, True)
+        free(zero)
+        return rc
     cdef double* buf = <double*>malloc(sizeof(double) * (3 * C + 4 * E + nstage + 1))
     if buf == NULL:
         return -1
@@ -2459,21 +2480,6 @@ cdef int _input_grad(const real* dy, const real* x, real* dx, const Plan* p, bin
     cdef double* e_buf = k + C
     cdef double* stage = e_buf + 4 * E
     _gains(weight, invstd, C, g)
-    if not training:
-        # inference: dx = g * dy, which never reads x (through (x - mean) * 0 an
-        # infinite or NaN x, or an x - mean past float64, made dx NaN): the
-        # forward's affine pass over dy, with mean +0 and shift -0, so that
-        # (dy - 0) * g + (-0) is g * dy rounded once, the sign of a zero included
-        for c in range(C):
-            a[c] = 0.0
-            k[c] = -0.0
-        if p.outer * p.inner > 0:
-            e = _elementwise_plan(p)
-            q = _streaming(&e, sizeof(real))
-            _affine(dy, dx, &q, a, g, k, _expand_into(p, a, e_buf),
-                    _expand_into(p, g, e_buf + E), _expand_into(p, k, e_buf + 2 * E), stage, nt)
-        free(buf)
-        return 0
     for c in range(C):
         _dx_consts(n, invstd[c], sum_dy[c], sum_dyx[c], &a[c], &k[c])
     cdef const double* e_mean = _expand_into(p, mean, e_buf)

@@ -397,12 +397,23 @@ cdef struct Hyper:
     bint nesterov        # SGD: p takes the gradient's term too (Na g); else p -= L v
 
 
+cdef inline void _weight_decay(Hyper* h, double lr, double weight_decay,
+                               bint decoupled) noexcept nogil:
+    """wd, l2 and decay of h: L2 weight decay into the gradient, or decoupled
+    (p *= 1 - lr * weight_decay first). Off, wd is -0.0 (see _grad)."""
+    h.wd = 0.0 if decoupled else weight_decay
+    h.l2 = h.wd != 0.0
+    if not h.l2:
+        h.wd = -0.0
+    h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
+
+
 cdef inline double _grad(const gtype* g, Py_ssize_t i, double x, const Hyper* h) noexcept nogil:
     # the L2 term only where weight decay is on: 0 * x would turn an infinite
     # parameter's step into NaN (inf - lr g stays inf, as IEEE and torch say);
-    # off, wd is -0.0 (_no_l2) and the term -0.0, which keeps a -0 gradient -0 as
-    # torch and the GPU do (+0.0 made it +0, so p = -0 - lr * g stayed -0 where
-    # theirs is +0)
+    # off, wd is -0.0 (_weight_decay) and the term -0.0, which keeps a -0
+    # gradient -0 as torch and the GPU do (+0.0 made it +0, so p = -0 - lr * g
+    # stayed -0 where theirs is +0)
     return gload(g, i) * h.inv_scale + h.wd * (x if h.l2 else 0.0)
 
 
@@ -490,11 +501,7 @@ def sgd(Table t, double lr, double momentum, double dampening, bint nesterov,
     cdef Hyper h
     h.lr = lr
     h.inv_scale = -inv_scale if maximize else inv_scale
-    h.wd = 0.0 if decoupled else weight_decay
-    h.l2 = h.wd != 0.0
-    if not h.l2:
-        h.wd = -0.0         # (see _grad)
-    h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    _weight_decay(&h, lr, weight_decay, decoupled)
     h.has_momentum = use_buffers
     h.nesterov = nesterov
     h.A = momentum
@@ -602,11 +609,7 @@ def adam(Table t, Py_ssize_t bias_step, double lr, double beta1, double beta2, d
     cdef double bc1 = 1.0 - pow(beta1, <double>bias_step) if bias_step > 0 else 1.0
     cdef double bc2 = 1.0 - pow(beta2, <double>bias_step) if bias_step > 0 else 1.0
     h.inv_scale = -inv_scale if maximize else inv_scale
-    h.wd = 0.0 if decoupled else weight_decay
-    h.l2 = h.wd != 0.0
-    if not h.l2:
-        h.wd = -0.0         # (see _grad)
-    h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    _weight_decay(&h, lr, weight_decay, decoupled)
     h.post = 1.0 - weight_decay_post
     h.beta1 = beta1
     h.beta2 = beta2
@@ -743,11 +746,7 @@ def rmsprop(Table t, double lr, double alpha, double eps, double weight_decay, b
     cdef Hyper h
     h.lr = lr
     h.inv_scale = -inv_scale if maximize else inv_scale
-    h.wd = 0.0 if decoupled else weight_decay
-    h.l2 = h.wd != 0.0
-    if not h.l2:
-        h.wd = -0.0         # (see _grad)
-    h.decay = 1.0 - lr * weight_decay if decoupled else 1.0
+    _weight_decay(&h, lr, weight_decay, decoupled)
     h.alpha = alpha
     h.e_in = eps if eps_inside_sqrt else 0.0
     h.e_out = 0.0 if eps_inside_sqrt else eps
@@ -809,11 +808,7 @@ def adagrad(Table t, double clr, double weight_decay, bint decoupled, bint maxim
     cdef Hyper h
     h.lr = clr
     h.inv_scale = -inv_scale if maximize else inv_scale
-    h.wd = 0.0 if decoupled else weight_decay
-    h.l2 = h.wd != 0.0
-    if not h.l2:
-        h.wd = -0.0         # (see _grad)
-    h.decay = 1.0 - clr * weight_decay if decoupled else 1.0
+    _weight_decay(&h, clr, weight_decay, decoupled)
     h.e_in = eps if eps_inside_sqrt else 0.0
     h.e_out = 0.0 if eps_inside_sqrt else eps
     cdef int nt = _threads(t, nthreads)
