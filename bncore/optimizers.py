@@ -205,7 +205,9 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
     style="keras" (Keras 3 ``SGD``, and the tutorial formulation
     ``v = beta * v + lr * g; W -= v``; the buffer is minus Keras' ``m``)::
 
-        v = momentum * v + lr * g
+        v = lr * g                             (first_step: the buffer is not read,
+                                                as Keras' m starts at zero)
+        v = momentum * v + lr * g              (later steps)
         p = p - (momentum * v + lr * g if nesterov else v)
 
     style="onnx" (ONNX ``Momentum``: alpha = momentum, beta = 1 - dampening,
