@@ -242,7 +242,10 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
     clip of Keras (``global_clipnorm``) and optax (``clip_by_global_norm``),
     ``g * max_norm / max(total, max_norm)``. A NaN total multiplies every
     gradient by NaN, as in PyTorch, unless ``error_if_nonfinite=True``, which
-    raises :class:`NonFiniteError` before any gradient is touched.
+    raises :class:`NonFiniteError` before any gradient is touched. An infinite
+    total gives coef = 0 (finite entries become 0, infinite ones NaN), as in
+    PyTorch and optax; Keras' ``global_clipnorm`` differs there only: it makes
+    every gradient NaN (``scale + (norm - norm)`` in its ``clip_by_global_norm``).
 
     With ``comm`` (an mpi4py communicator) the gradients are this rank's
     shard, the total is over every rank's and every rank scales its own by the

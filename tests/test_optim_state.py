@@ -395,6 +395,10 @@ def loaded_adam():
     ("fractional step", lambda sd: sd["state"][0].update(step=2.7), ValueError, "step"),
     ("step a string", lambda sd: sd["state"][0].update(step="2"), TypeError, "step"),
     ("wrong shape", lambda sd: sd["state"][1].update(exp_avg=np.zeros(4)), ValueError, "shape"),
+    ("exp_avg None", lambda sd: sd["state"][1].update(exp_avg=None), ValueError, "exp_avg"),
+    # found by review: a bare KeyError, where every other corrupt input is a ValueError
+    ("group without params", lambda sd: sd["param_groups"][1].pop("params"), ValueError,
+     r"param_groups\[1\].*'params'"),
 ])
 def test_bad_state_dict_leaves_the_optimizer_as_it_was(desc, edit, exc, text):
     opt, params = loaded_adam()
@@ -829,3 +833,83 @@ def test_a_skipped_step_refuses_what_a_taken_one_would(groups):
     assert_same(before, snapshot(opt, params))
     opt.step(arrays(3, seed=3), found_inf=1.0)            # a good skipped step: nothing made
     assert_same(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("shape", [(), (3,)])
+@pytest.mark.parametrize("cls, name, kw", [(optim.SGD, "momentum_buffer", dict(momentum=0.9)),
+                                           (optim.Adam, "max_exp_avg_sq", dict(amsgrad=True)),
+                                           (optim.RMSprop, "grad_avg", dict(centered=True))])
+def test_an_optional_array_given_as_none_is_absent(shape, cls, name, kw):
+    """Found by review: None (torch 1.x's "no momentum buffer") became
+    np.asarray(None, float32) = nan for a 0-d parameter, which then poisoned
+    the parameter; other shapes got a message about shape (). None is now the
+    array's absence: the next step starts it as a fresh optimizer would."""
+    def run(state_edit):
+        p = np.full(shape, 1.5, np.float32)
+        opt = cls([p], lr=0.1, **kw)
+        opt.step([np.full(shape, 0.5, np.float32)])
+        sd = opt.state_dict()
+        state_edit(sd["state"][0])
+        fresh = cls([p], lr=0.1, **kw)
+        fresh.load_state_dict(sd)
+        fresh.step([np.full(shape, 0.25, np.float32)])
+        return p, fresh.state[0][name]
+    p_none, s_none = run(lambda st: st.update({name: None}))
+    p_gone, s_gone = run(lambda st: st.pop(name))
+    assert np.all(np.isfinite(p_none))
+    assert p_none.tobytes() == p_gone.tobytes() and s_none.tobytes() == s_gone.tobytes()
+
+
+def test_a_group_key_that_is_not_a_string_loads_and_round_trips(tmp_path):
+    """Found by review: add_param_group accepted a key such as 0, and then
+    load_state_dict of the optimizer's own state_dict raised "keywords must be
+    strings"; optim.save wrote integer keys of a dict value as strings, and a
+    user's {"__tuple__": [...]} came back as a tuple."""
+    p = arrays(1)
+    opt = optim.SGD([{"params": p, 0: "tag", "milestones": {0: 0.1, 10: 0.01},
+                      "cfg": {"__tuple__": [1]}, "pair": {(1, 2): "x"}}], lr=0.1)
+    opt.load_state_dict(opt.state_dict())
+    optim.save(opt, tmp_path / "c.npz")
+    back = optim.SGD([arrays(1)[0].copy()], lr=0.5)
+    optim.load(back, tmp_path / "c.npz")
+    g = back.param_groups[0]
+    assert g[0] == "tag" and g["milestones"] == {0: 0.1, 10: 0.01}
+    assert g["cfg"] == {"__tuple__": [1]} and g["pair"] == {(1, 2): "x"} and g["lr"] == 0.1
+
+
+def test_step_lr_where_gamma_power_leaves_float64_but_the_product_does_not():
+    """Found by review: gamma ** k overflowed (or underflowed) on its own, so
+    step_lr gave inf (or 0) where base_lr * gamma ** k is an ordinary float, the
+    value torch's recursive StepLR multiplies its way to."""
+    from fractions import Fraction
+    for base, gamma, k in [(1e-300, 2.0, 1100), (1e300, 0.5, 1100), (3e-200, 1.5, 1500),
+                           (2.0, 0.25, 530)]:
+        exact = float(Fraction(base) * Fraction(gamma) ** k)
+        got = optim.step_lr(base, 1, gamma)(k)
+        assert got == pytest.approx(exact, rel=1e-12), (base, gamma, k)
+    assert optim.step_lr(1e-300, 1, 0.5)(1100) == float(Fraction(1e-300) / 2 ** 1100) == 0.0
+    assert optim.step_lr(1e10, 1, 2.0)(1100) == np.inf
+    # within float64, torch's closed form bit for bit
+    assert optim.step_lr(0.1, 3, 0.7)(40) == 0.1 * 0.7 ** 13
+
+
+def test_cosine_starts_at_base_lr_exactly():
+    """Found by review: min + (base - min) * 0.5 * 2 rounds to 0.010000000000000002
+    for (0.01, 0.001); torch's CosineAnnealingLR starts at its base lr."""
+    assert optim.cosine_lr(0.01, 100, 0.001)(0) == 0.01
+    assert optim.cosine_lr(0.01, 110, 0.001, warmup_steps=10)(10) == 0.01
+    torch = pytest.importorskip("torch")
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=100, eta_min=0.001)
+    ours = optim.cosine_lr(0.01, 100, 0.001)
+    for k in range(5):
+        assert ours(k) == pytest.approx(sched.get_last_lr()[0], rel=1e-15, abs=0)
+        opt.step()
+        sched.step()
+
+
+def test_linear_warmup_checks_after_when_built():
+    """Found by review: a number as after= failed at the first step past the
+    warm-up, with "'float' object is not callable"."""
+    with pytest.raises(TypeError, match="after"):
+        optim.linear_warmup(0.1, 3, after=0.01)

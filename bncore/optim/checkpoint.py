@@ -23,13 +23,19 @@ __all__ = ["save", "load"]
 FORMAT = "bncore-optimizer-v1"
 
 
+_TAGS = {"__tuple__", "__dict__"}     # one-key dicts that encode a tuple or a dict
+
+
 def _to_jsonable(v: Any) -> Any:
     if isinstance(v, tuple):
         return {"__tuple__": [_to_jsonable(x) for x in v]}
     if isinstance(v, list):
         return [_to_jsonable(x) for x in v]
     if isinstance(v, dict):
-        return {str(k): _to_jsonable(x) for k, x in v.items()}
+        if all(isinstance(k, str) for k in v) and not set(v) & _TAGS:
+            return {k: _to_jsonable(x) for k, x in v.items()}
+        # keys JSON cannot hold (0, (1, 2)) or that would read as a tag: pairs
+        return {"__dict__": [[_to_jsonable(k), _to_jsonable(x)] for k, x in v.items()]}
     if isinstance(v, np.generic):          # NumPy scalars: bool_, floating, integer
         return v.item()
     if isinstance(v, np.ndarray):          # e.g. betas as an array: a list (or a number)
@@ -43,6 +49,8 @@ def _from_jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         if set(v) == {"__tuple__"}:
             return tuple(_from_jsonable(x) for x in v["__tuple__"])
+        if set(v) == {"__dict__"}:
+            return {_from_jsonable(k): _from_jsonable(x) for k, x in v["__dict__"]}
         return {k: _from_jsonable(x) for k, x in v.items()}
     if isinstance(v, list):
         return [_from_jsonable(x) for x in v]

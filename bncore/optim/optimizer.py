@@ -520,12 +520,15 @@ class Optimizer:
 
     def _check_loaded_groups(self, groups, new_hyper) -> None:
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(g_new, dict) or "params" not in g_new:
+                raise ValueError(f"state_dict's param_groups[{gi}] is not a dict with a "
+                                 f"'params' entry")
             if len(g_new["params"]) != len(g_old["params"]):
                 raise ValueError(f"state_dict's param_groups[{gi}] has {len(g_new['params'])} "
                                  f"parameters, the optimizer's has {len(g_old['params'])}")
             # keys that are not hyperparameters are carried along (add_param_group)
             hyper = {k: copy.deepcopy(v) for k, v in g_new.items() if k != "params"}
-            self._check_group(gi, dict(g_old, **hyper))
+            self._check_group(gi, {**g_old, **hyper})     # keys need not be strings
             new_hyper.append(hyper)
 
     def _load_state(self, state_dict, params, new_hyper, new_defaults) -> None:
@@ -534,12 +537,15 @@ class Optimizer:
             i = int(key)
             if not 0 <= i < len(params):
                 raise ValueError(f"state_dict has state for parameter {i}, which does not exist")
-            missing = {"step", *self.state_arrays} - set(s)
+            # None is "no such array" (torch 1.x wrote momentum_buffer: None)
+            missing = {"step", *self.state_arrays} - {k for k, v in s.items() if v is not None}
             if missing:
                 raise ValueError(f"state_dict state[{i}] lacks {sorted(missing)}")
             entry = {}
             p = params[i]
             for name, v in s.items():
+                if v is None and name in self.optional_arrays:
+                    continue                  # absent: created at its first use
                 if self._xp is np:            # a GPU optimizer's state, loaded on the CPU
                     v = chk.host_copy_of_device_array(v)
                 if name == "step":

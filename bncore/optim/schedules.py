@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Callable
 
 from bncore import _checks as chk
@@ -15,6 +16,8 @@ from bncore import _checks as chk
 __all__ = ["step_lr", "cosine_lr", "linear_warmup", "set_lr"]
 
 Schedule = Callable[[int], float]
+
+_FLOAT_MIN = sys.float_info.min     # the smallest normal float64
 
 
 def _step_index(step) -> int:
@@ -30,9 +33,20 @@ def step_lr(base_lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
     def lr(step: int) -> float:
         k = _step_index(step) // step_size
         try:
-            return base_lr * gamma ** k
-        except OverflowError:     # gamma > 1 past float64: inf, as torch's StepLR reaches
-            return math.inf if base_lr > 0 else 0.0
+            factor = gamma ** k
+        except OverflowError:
+            factor = math.inf
+        if base_lr == 0:
+            return base_lr                    # also where gamma ** k overflowed
+        if gamma == 0 or _FLOAT_MIN <= factor < math.inf:
+            return base_lr * factor           # torch's closed form, bit for bit
+        # gamma ** k alone leaves float64 where the product need not (1e-300 *
+        # 2 ** 1100): the product through logarithms, as torch's recursive
+        # form multiplies its way there (relative error about k * 2^-53 * |ln gamma|)
+        try:
+            return math.exp(math.log(base_lr) + k * math.log(gamma))
+        except OverflowError:
+            return math.inf
     return lr
 
 
@@ -43,6 +57,9 @@ def linear_warmup(base_lr: float, warmup_steps: int, start_factor: float = 0.0,
     base_lr = chk.non_negative("base_lr", base_lr)
     start_factor = chk.in_unit_interval("start_factor", start_factor)
     w = chk.count("warmup_steps", warmup_steps, 0)
+    if after is not None and not callable(after):
+        raise TypeError(f"after must be a schedule (a callable step -> lr) or None, "
+                        f"got {type(after).__name__}")
 
     def lr(step: int) -> float:
         s = _step_index(step)
@@ -55,7 +72,9 @@ def linear_warmup(base_lr: float, warmup_steps: int, start_factor: float = 0.0,
 def cosine_lr(base_lr: float, total_steps: int, min_lr: float = 0.0,
               warmup_steps: int = 0) -> Schedule:
     """Cosine decay from base_lr to min_lr over total_steps (optionally after a
-    linear warm-up from 0), then min_lr: ``min + (base - min) (1 + cos(pi t / T)) / 2``."""
+    linear warm-up from 0), then min_lr: ``min + (base - min) (1 + cos(pi t / T)) / 2``
+    (torch's CosineAnnealingLR closed form; at t = 0 exactly base_lr, as torch's
+    scheduler starts, where the formula can round one ulp above it)."""
     base_lr = chk.non_negative("base_lr", base_lr)
     min_lr = chk.non_negative("min_lr", min_lr)
     total_steps = chk.count("total_steps", total_steps, 1)
@@ -66,6 +85,8 @@ def cosine_lr(base_lr: float, total_steps: int, min_lr: float = 0.0,
     decay_steps = total_steps - warmup_steps
 
     def cosine(s: int) -> float:
+        if s == 0:                 # base_lr exactly (the formula can round above it)
+            return base_lr
         t = min(s, decay_steps)
         return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t / decay_steps))
     if warmup_steps:
