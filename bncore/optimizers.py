@@ -315,6 +315,9 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
                  num_threads: Optional[int] = None) -> None:
     """One RMSprop step, in place::
 
+        g = g + weight_decay * p                 (L2, PyTorch; decoupled_weight_decay
+                                                  instead: p = p - lr * weight_decay * p
+                                                  first, Keras' form)
         s = alpha * s + (1 - alpha) * g^2
         a = alpha * a + (1 - alpha) * g          (centered)
         d = s - a^2 if centered else s
