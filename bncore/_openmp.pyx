@@ -2,7 +2,7 @@
 """Runtime facts about the OpenMP this extension was built with."""
 from cython.parallel cimport parallel
 from bncore._openmp_helpers cimport (
-    omp_get_max_threads, omp_get_num_threads, omp_get_thread_num,
+    omp_get_max_threads, omp_get_num_threads, omp_get_thread_num, omp_get_thread_limit,
     BNCORE_HAVE_OPENMP, BNCORE_OPENMP_REQUESTED, BNCORE_BUILD_FLAGS,
     BNCORE_OPENMP_NOTE)
 
@@ -30,6 +30,11 @@ def build_flags() -> str:
 def max_threads() -> int:
     """omp_get_max_threads(): honours OMP_NUM_THREADS and threadpoolctl."""
     return omp_get_max_threads()
+
+
+def thread_limit() -> int:
+    """omp_get_thread_limit(): the most threads OpenMP runs at once (OMP_THREAD_LIMIT)."""
+    return omp_get_thread_limit()
 
 
 def threads_in_parallel_region(int n) -> int:

@@ -6,6 +6,7 @@ cdef extern from "_openmp_shim.h" nogil:
     int omp_get_thread_num()
     int omp_get_num_procs()
     void omp_set_num_threads(int n)
+    int omp_get_thread_limit()
     int BNCORE_HAVE_OPENMP
     int BNCORE_OPENMP_REQUESTED
     const char* BNCORE_BUILD_FLAGS

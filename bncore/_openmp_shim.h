@@ -12,6 +12,7 @@ static inline int omp_get_num_threads(void) { return 1; }
 static inline int omp_get_thread_num(void) { return 0; }
 static inline int omp_get_num_procs(void) { return 1; }
 static inline void omp_set_num_threads(int n) { (void)n; }
+static inline int omp_get_thread_limit(void) { return 1; }
 #define BNCORE_HAVE_OPENMP 0
 #endif
 

@@ -34,6 +34,7 @@ from bncore import _bn_kernels as _k
 from bncore import _checks as chk
 from bncore._bn_args import backward_args, forward_args
 from bncore._layout import channel_view
+from bncore import _threads
 from bncore._threads import MAX_THREADS, get_num_threads
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
@@ -218,7 +219,7 @@ def _fast_threads(num_threads) -> int:
     if num_threads is None:
         return get_num_threads()
     if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
-        return num_threads
+        return 1 if _threads._forked_child else num_threads
     return 0
 
 

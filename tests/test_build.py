@@ -40,7 +40,7 @@ def test_thread_default_follows_openmp_and_override():
         assert bncore.get_num_threads() == 3
     finally:
         bncore.set_num_threads(None)
-    assert bncore.get_num_threads() == max(1, _openmp.max_threads())
+    assert bncore.get_num_threads() == max(1, min(_openmp.max_threads(), _openmp.thread_limit()))
     with pytest.raises(ValueError, match="num_threads"):
         bncore.set_num_threads(0)
 
@@ -53,6 +53,63 @@ def test_threadpoolctl_controls_default_threads():
         pytest.skip("serial build")
     with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
         assert bncore.get_num_threads() == 1
+
+
+def _run_python(code: str, **env) -> str:
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    e = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-c", code], env=e, check=True, timeout=120,
+                          capture_output=True, text=True).stdout
+
+
+@pytest.mark.skipif(not _openmp.openmp_enabled(), reason="serial build")
+def test_default_threads_respect_omp_thread_limit():
+    """Found by review: get_num_threads() (and show_config) said 2 where
+    OMP_THREAD_LIMIT=1 let every call run 1."""
+    out = _run_python("import bncore; print(bncore.get_num_threads())",
+                      OMP_NUM_THREADS="3", OMP_THREAD_LIMIT="2")
+    assert out.split() == ["2"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+@pytest.mark.skipif(not _openmp.openmp_enabled(), reason="serial build")
+def test_a_forked_child_runs_calls_instead_of_hanging():
+    """Found by review: after the parent had run a parallel region, a child of
+    os.fork (multiprocessing's default on Linux) waited forever in its first
+    call with 2 or more threads: GNU OpenMP's pool does not survive fork. The
+    child now runs every call on one thread (same bits: the thread count never
+    changes a result); set_num_threads in the child lifts the cap."""
+    code = r"""
+import os, signal, time, numpy as np, bncore
+x = np.random.default_rng(0).standard_normal((64, 8, 512))
+ref = bncore.batch_norm_forward(x, num_threads=2)[0]
+g = [np.ones(100000)]
+gn = bncore.grad_norm(g, num_threads=2)
+for nt in (None, 2):
+    pid = os.fork()
+    if pid == 0:
+        ok = (bncore.batch_norm_forward(x, num_threads=nt)[0].tobytes() == ref.tobytes()
+              and bncore.grad_norm(g, num_threads=nt) == gn and bncore.get_num_threads() == 1)
+        bncore.set_num_threads(3)
+        ok = ok and bncore.get_num_threads() == 3
+        os._exit(0 if ok else 3)
+    for _ in range(300):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            print(nt, os.waitstatus_to_exitcode(status))
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print(nt, "hung")
+print("parent", bncore.get_num_threads() == max(1, min(bncore._openmp.max_threads(),
+                                                         bncore._openmp.thread_limit())))
+"""
+    assert _run_python(code, OMP_NUM_THREADS="2").split("\n")[:3] == ["None 0", "2 0",
+                                                                          "parent True"]
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
