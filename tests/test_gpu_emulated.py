@@ -3,7 +3,9 @@ argument checking, layouts, work decomposition and every kernel launch's
 arguments checked against the kernel's C signature. Runs in a subprocess so
 the emulated cupy never leaks into this process. The CUDA code itself is
 tested on a real GPU by scripts/gpu_check.sh."""
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ def test_gpu_package_on_emulated_device():
     # registry's GPU-against-oracle-and-CPU test and the thread-ranked
     # distributed ones) and the worked example's GPU run (CuPy arrays end to
     # end) on the emulation
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                            os.path.join(HERE, "gpu_emulator", "test_emulated_suite.py"),
                            os.path.join(HERE, "test_gpu.py"),
                            os.path.join(HERE, "test_registry_ops.py")
@@ -28,6 +30,12 @@ def test_gpu_package_on_emulated_device():
                            os.path.join(HERE, "test_example_cnn.py") + "::test_gpu_matches_cpu"],
                           cwd=os.path.join(HERE, "gpu_emulator"), env=env,
                           capture_output=True, text=True, timeout=900)
-    # every GPU test must have run (none skipped for want of a device)
+    # every GPU test must have run: none skipped for want of a device, and
+    # none at all where the optional peers (torch, ...) are installed, as in CI
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-2000:]
+    reasons = [line.split(": ", 1)[-1] for line in proc.stdout.splitlines()
+               if line.startswith("SKIPPED")]
+    optional = [r for r in reasons if re.match(r"could not import '(\w+)'", r)
+                and importlib.util.find_spec(re.match(r"could not import '(\w+)'", r)[1]) is None]
+    assert reasons == optional, proc.stdout[-3000:]
+    assert ("skipped" not in proc.stdout.splitlines()[-1]) == (not reasons), proc.stdout[-2000:]
