@@ -219,3 +219,14 @@ def test_random_mode_costs_four_evaluations_of_f_per_direction():
     x = np.linspace(0.0, 1.0, 5)
     assert bncore.gradcheck(f, [x], lambda u, x: [u * np.cos(x)], mode="random", n_directions=6)
     assert calls[0] <= 2 + 4 * 6
+
+
+def test_a_gradient_half_wrong_beside_a_large_constant_is_caught():
+    """The noise allowance for f = x - 1e7 (rounding of the large constant)
+    must not swallow a VJP 50% off (mutation testing: a 10x looser allowance
+    passed every other test, which use gross errors)."""
+    x = np.random.default_rng(0).standard_normal(50)
+    assert bncore.gradcheck(lambda x: x - 1e7, [x], lambda u, x: [u], mode="random",
+                            scales=[1.0])
+    assert not bncore.gradcheck(lambda x: x - 1e7, [x], lambda u, x: [1.5 * u],
+                                mode="random", scales=[1.0])

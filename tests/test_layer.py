@@ -265,3 +265,19 @@ def test_load_state_dict_of_something_not_a_mapping_is_a_type_error(state):
     layer = bncore.BatchNorm(4)
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         layer.load_state_dict(state)
+
+
+def test_state_dict_is_a_snapshot():
+    """state_dict() holds copies: a checkpoint taken before training does not
+    move with it (mutation testing: a live view of running_var passed)."""
+    bn = bncore.BatchNorm(3)
+    sd = bn.state_dict()
+    x = np.random.default_rng(0).standard_normal((16, 3, 4)).astype(np.float32) * 3 + 1
+    bn.forward(x)
+    bn.backward(np.ones_like(x))
+    bn.weight += 1
+    bn.bias -= 1
+    fresh = bncore.BatchNorm(3).state_dict()
+    assert set(sd) == set(fresh)
+    for k in sd:
+        assert np.array_equal(sd[k], fresh[k]), k

@@ -346,3 +346,31 @@ def test_keras_adagrad_weight_decay_is_decoupled():
     theirs = run_rule(keras_decayed(keras_adagrad(1e-7), 0.05),
                       lambda p: np.full_like(p, 0.1), 0.05)
     close(ours, theirs)
+
+
+@pytest.mark.parametrize("style", ["torch", "optax"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_amsgrad_max_keeps_a_nan(style, dtype):
+    """AMSGrad's running max takes a NaN v as torch.maximum does, without
+    torch installed to compare with (mutation testing: a max dropping NaN was
+    caught only by test_optim_torch)."""
+    p = np.ones(8, dtype)
+    g = np.full(8, 0.5, dtype)
+    g[3] = np.nan
+    m, v, vm = (np.zeros(8, dtype) for _ in range(3))
+    vm[:] = 0.25
+    bncore.adam_step([p], [g], [m], [v], step=2, amsgrad=True, max_exp_avg_sqs=[vm],
+                     eps_style=style)
+    assert np.isnan(vm[3]) and np.isnan(p[3])
+    assert np.isfinite(np.delete(vm, 3)).all() and np.isfinite(np.delete(p, 3)).all()
+
+
+def test_adam_at_onnx_t_zero_takes_a_step():
+    """step=0 is allowed beside bias_correction_step=0 (ONNX's T = 0 passed as
+    both counters), and the step is taken (mutation testing: a minimum of 1
+    for step raised ValueError, unnoticed)."""
+    p = np.ones(4)
+    g = np.full(4, 0.1)
+    m, v = np.zeros(4), np.zeros(4)
+    bncore.adam_step([p], [g], [m], [v], step=0, bias_correction_step=0, eps_style="hat")
+    assert np.all(p < 1) and np.all(m > 0) and np.all(v > 0)

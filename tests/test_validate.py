@@ -363,3 +363,14 @@ def test_a_wrong_batch_norm_preset_makes_validate_fail(framework, module, preset
         assert V.main_validate(framework, quick=True, out=out) == 1, bad
     monkeypatch.setattr(vmod, preset, good)
     assert V.main_validate(framework, quick=True, out=out) == 0
+
+
+def test_exact_needs_the_float64_runs_to_agree_to_1e_12():
+    """The float64 agreement for "exact" is 1e-12: a 1e-10 formula difference
+    is DIFFERS (mutation testing: the threshold could loosen to 1e-9, the
+    test above's difference, unnoticed)."""
+    def fw(dtype, centered=False):
+        y = _x(dtype)["y"]
+        return {"y": y} if dtype == "float32" else {"y": y * (1 + 1e-10)}
+    row = evaluate("t", _synthetic(fw, _x))
+    assert row.verdict == "DIFFERS" and "the float64 runs differ" in row.note
