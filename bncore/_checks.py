@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import sys
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,22 +40,85 @@ def as_array(name: str, a: Any) -> np.ndarray:
     if hasattr(a, "__dlpack__") and not isinstance(a, (list, tuple)):
         refuse_lazy_negation(name, a)
         try:
-            return np.from_dlpack(a)
+            arr = np.from_dlpack(a)
         except (BufferError, TypeError, RuntimeError) as exc:
             text = str(exc)
+            device = getattr(getattr(a, "device", None), "type", None)
             if "require" in text and "grad" in text:
                 hint = "pass tensor.detach(), which shares its memory"
             elif "dtype" in text.lower():
                 what = getattr(a, "dtype", None)
                 hint = (f"NumPy has no {'such dtype (bfloat16?)' if what is None else what} "
                         f"dtype: convert it first, e.g. tensor.float()")
+            elif "layout" in text:
+                hint = "bncore takes dense (strided) tensors: pass tensor.to_dense()"
+            elif device == "cpu":
+                hint = "bncore takes dense real float tensors"
             else:
                 hint = "is it on the CPU? GPU arrays go to bncore_gpu"
             raise TypeError(f"{name}: cannot view {type(a).__name__} as a NumPy array "
                             f"through DLPack ({text}); {hint}") from exc
+        if _inference_tensor_outside_inference_mode(a):
+            # readable, not writable: torch refuses in-place updates of an
+            # inference tensor outside inference mode (the flag makes every
+            # write path refuse it, naming the argument)
+            arr = arr.view()
+            arr.flags.writeable = False
+        return arr
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     return np.asarray(a)
+
+
+def _torch_tensor_type():
+    """torch.Tensor where torch is imported (none of its tensors exist otherwise)."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Tensor", None)
+
+
+def is_torch_tensor(a: Any) -> bool:
+    tensor = _torch_tensor_type()
+    return tensor is not None and isinstance(a, tensor)
+
+
+def _inference_tensor_outside_inference_mode(a: Any) -> bool:
+    tensor = _torch_tensor_type()
+    if tensor is None or not isinstance(a, tensor) or not a.is_inference():
+        return False
+    return not sys.modules["torch"].is_inference_mode_enabled()
+
+
+def bump_versions(*operands: Any) -> None:
+    """Tell torch's autograd that bncore wrote these tensors in place.
+
+    DLPack shares memory, not autograd's version counter: a write through it
+    left the counter as it was, so a backward that had saved the tensor (a
+    parameter in a graph built before the optimizer step) used the new values
+    silently, where torch's own in-place updates make it raise. Each operand is
+    a list of arrays (or one array, or None); only torch tensors are touched,
+    and a process without torch pays nothing."""
+    tensor = _torch_tensor_type()
+    if tensor is None:
+        return
+    for op in operands:
+        seq = op if isinstance(op, (list, tuple)) else (op,)
+        if not (set(map(type, seq)) - _NOT_TENSORS):   # the usual lists: at C speed
+            continue
+        for a in seq:
+            if isinstance(a, tensor) and not a.is_inference():
+                _increment_version(a)
+
+
+_NOT_TENSORS = {np.ndarray, type(None)}
+
+
+def _increment_version(t: Any) -> None:
+    torch = sys.modules["torch"]
+    inc = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+    if inc is not None:
+        inc(t)
+    else:                                   # torch before 2.1
+        torch._C._autograd._increment_version(t)
 
 
 def refuse_lazy_negation(name: str, a: Any) -> None:
@@ -68,6 +132,12 @@ def refuse_lazy_negation(name: str, a: Any) -> None:
         raise TypeError(f"{name} is a torch tensor with its negative bit set (a lazy "
                         f"negation, such as z.conj().imag): its memory holds the opposite "
                         f"values; pass {name}.resolve_neg()")
+    is_zero = getattr(a, "_is_zerotensor", None)
+    if callable(is_zero) and is_zero():
+        # torch's ZeroTensor: immutable zeros with no memory of their own, whose
+        # DLPack export points at whatever lies there
+        raise TypeError(f"{name} is a torch ZeroTensor (immutable zeros without memory "
+                        f"of their own); pass torch.zeros_like({name}) or {name}.clone()")
 
 
 def viewable_in_place(a: Any) -> bool:
@@ -90,9 +160,13 @@ def viewable_in_place(a: Any) -> bool:
     return True
 
 
+READ_ONLY_HINT = ("JAX arrays are immutable, and torch inference tensors may be written "
+                  "only in inference mode: update NumPy arrays or torch tensors")
+
+
 def writeable(name: str, a: np.ndarray) -> None:
     if not a.flags.writeable:
-        raise ValueError(f"{name} is read-only; bncore writes it in place")
+        raise ValueError(f"{name} is read-only; bncore writes it in place ({READ_ONLY_HINT})")
 
 
 def same_shape(name: str, a: np.ndarray, shape: Sequence[int], ref: str) -> None:

@@ -26,7 +26,7 @@ from bncore._openmp_helpers cimport omp_get_thread_num
 
 import numpy as np
 
-from bncore._checks import viewable_in_place
+from bncore._checks import READ_ONLY_HINT, viewable_in_place
 
 try:                                 # NumPy 2
     from numpy.lib.array_utils import byte_bounds
@@ -215,16 +215,25 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
                 if not _same_shape(a, ref):
                     raise ValueError(f"{names[k]}[{i}] has shape {(<object>a).shape}, but "
                                      f"{names[0]}[{i}] has shape {(<object>ref).shape}")
-            if not (cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a)):
-                raise ValueError(f"{names[k]}[{i}] is not contiguous; bncore "
-                                 f"{'updates' if writes[k] else 'reads'} C- or "
-                                 f"Fortran-contiguous arrays only (use np.ascontiguousarray)")
-            if k > 0 and cnp.PyArray_SIZE(a) > 1 and not _same_order(a, <cnp.ndarray>arrays[0][i]):
-                raise ValueError(f"{names[k]}[{i}] is stored in a different order (C vs "
-                                 f"Fortran) from {names[0]}[{i}]")
+            if not _dense(a):
+                if writes[k]:
+                    # a contiguous copy would take the update, not the caller's array
+                    raise ValueError(f"{names[k]}[{i}] is not contiguous: it does not fill one "
+                                     f"block of memory (a strided view with gaps, or negative "
+                                     f"strides); "
+                                     f"bncore updates it in place, so pass the array itself "
+                                     f"(any axis order: C, Fortran, channels-last)")
+                raise ValueError(f"{names[k]}[{i}] is not contiguous: it does not fill one block "
+                                 f"of memory (a strided view with gaps, or negative strides); pass "
+                                 f"np.ascontiguousarray({names[k]}[{i}])")
+            if k > 0 and cnp.PyArray_SIZE(a) > 1 and not _same_layout(a, <cnp.ndarray>arrays[0][i]):
+                raise ValueError(f"{names[k]}[{i}] is stored in a different order (C, "
+                                 f"Fortran, channels-last: strides {(<object>a).strides}) from "
+                                 f"{names[0]}[{i}] (strides {(<object>arrays[0][i]).strides}): "
+                                 f"the update pairs their elements in memory order")
             if writes[k] and not cnp.PyArray_ISWRITEABLE(a):
                 raise ValueError(f"{names[k]}[{i}] is read-only; bncore updates it in place "
-                                 f"(JAX arrays are immutable: update NumPy or torch arrays)")
+                                 f"({READ_ONLY_HINT})")
             row.append(a)
         arrays.append(row)
     _check_aliasing(arrays, names, writes, extents)
@@ -276,13 +285,50 @@ cdef bint _same_shape(cnp.ndarray a, cnp.ndarray b):
     return True
 
 
-cdef bint _same_order(cnp.ndarray a, cnp.ndarray b):
-    # both C-contiguous, or both F-contiguous: the flat element orders agree
-    if cnp.PyArray_NDIM(a) <= 1:
+cdef bint _dense(cnp.ndarray a):
+    """Whether a's elements fill one block of memory that starts at its data
+    pointer (positive strides, no gaps, no overlap), in any axis order: the
+    kernels walk such an array as a flat run of elements (C, Fortran, torch's
+    channels-last)."""
+    if cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a):
         return True
-    if cnp.PyArray_IS_C_CONTIGUOUS(a) and cnp.PyArray_IS_C_CONTIGUOUS(b):
-        return True
-    return cnp.PyArray_IS_F_CONTIGUOUS(a) and cnp.PyArray_IS_F_CONTIGUOUS(b)
+    cdef int d, e, nd = cnp.PyArray_NDIM(a), m = 0
+    cdef Py_ssize_t want = cnp.PyArray_ITEMSIZE(a), best, dim
+    cdef Py_ssize_t strides[64]
+    cdef Py_ssize_t dims[64]
+    for d in range(nd):
+        if cnp.PyArray_DIMS(a)[d] == 0:
+            return True
+        if cnp.PyArray_DIMS(a)[d] > 1:
+            if cnp.PyArray_STRIDES(a)[d] <= 0:
+                return False
+            strides[m] = cnp.PyArray_STRIDES(a)[d]
+            dims[m] = cnp.PyArray_DIMS(a)[d]
+            m += 1
+    # the axes by increasing stride must each step over the ones before exactly
+    for d in range(m):
+        best = d
+        for e in range(d + 1, m):
+            if strides[e] < strides[best]:
+                best = e
+        strides[d], strides[best] = strides[best], strides[d]
+        dims[d], dims[best] = dims[best], dims[d]
+        if strides[d] != want:
+            return False
+        want *= dims[d]
+    return True
+
+
+cdef bint _same_layout(cnp.ndarray a, cnp.ndarray b):
+    # the same element strides on every axis longer than 1 (dtypes may differ:
+    # float16 gradients with float32 parameters): the flat memory orders agree
+    cdef int d
+    cdef Py_ssize_t ia = cnp.PyArray_ITEMSIZE(a), ib = cnp.PyArray_ITEMSIZE(b)
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[d] > 1 and (cnp.PyArray_STRIDES(a)[d] // ia
+                                           != cnp.PyArray_STRIDES(b)[d] // ib):
+            return False
+    return True
 
 
 cdef struct Span:

@@ -9,11 +9,13 @@ in every thread. The thread count never changes a result: every reduction's
 order is fixed by the data's shape.
 
 In a child made by ``os.fork`` (multiprocessing's default start method on
-Linux) every call runs on one thread: GNU OpenMP's thread pool does not
-survive fork, and a parallel region in the child of a process that had run
-one waits forever for the parent's threads. Use the "spawn" or "forkserver"
-start method for parallel workers; ``set_num_threads(n)`` in the child lifts
-the cap (safe only where the parent never ran an OpenMP parallel region).
+Linux) of a process that had run bncore on several threads, every call runs
+on one thread: GNU OpenMP's thread pool does not survive fork, and a parallel
+region in such a child waits forever for the parent's threads. Use the
+"spawn" or "forkserver" start method for parallel workers;
+``set_num_threads(n)`` with a number in the child lifts the cap (safe only
+where the parent never ran an OpenMP parallel region, bncore's or another
+library's on the same runtime).
 """
 from __future__ import annotations
 
@@ -24,12 +26,22 @@ from typing import Optional
 from bncore import _openmp
 
 _default: Optional[int] = None
-_forked_child = False         # set in a child of os.fork, cleared by set_num_threads
+_forked_child = False         # set in a child of os.fork (see above); set_num_threads(n) clears it
+_ran_parallel = False         # this process asked OpenMP for more than one thread
 
 
 def _after_fork_in_child() -> None:
     global _forked_child
-    _forked_child = _openmp.openmp_enabled()
+    # (a forkserver, which never ran a parallel region, forks uncapped workers)
+    _forked_child = _forked_child or (_ran_parallel and _openmp.openmp_enabled())
+
+
+def note_parallel(n: int) -> int:
+    """Record that a call is about to ask OpenMP for n threads; returns n."""
+    global _ran_parallel
+    if n > 1:
+        _ran_parallel = True
+    return n
 
 
 if hasattr(os, "register_at_fork"):
@@ -42,30 +54,33 @@ MAX_THREADS = 4096
 
 def get_num_threads() -> int:
     """Threads a call with ``num_threads=None`` will use."""
-    if _default is not None:
-        return _default
     if _forked_child:
         return 1
+    if _default is not None:
+        return _default
     return max(1, min(_openmp.max_threads(), _openmp.thread_limit()))
 
 
 def set_num_threads(n: Optional[int]) -> None:
     """Set bncore's default thread count (``None`` restores OpenMP's default).
 
-    In a child of ``os.fork`` this also lifts the one-thread cap (module
-    docstring): call it there only if the parent never ran a parallel region."""
+    In a child of ``os.fork`` a number also lifts the one-thread cap (module
+    docstring): give one there only if the parent never ran a parallel region.
+    ``None`` leaves the cap."""
     global _default, _forked_child
-    n = None if n is None else _checked(n)
-    _default = n
+    if n is None:
+        _default = None
+        return
+    _default = _checked(n)
     _forked_child = False
 
 
 def resolve_num_threads(num_threads: Optional[int]) -> int:
     """Validate a ``num_threads=`` argument and return the count to use."""
     if num_threads is None:
-        return get_num_threads()
+        return note_parallel(get_num_threads())
     n = _checked(num_threads)
-    return 1 if _forked_child else n
+    return 1 if _forked_child else note_parallel(n)
 
 
 def _checked(num_threads) -> int:

@@ -135,6 +135,7 @@ def batch_norm_forward(
                                eps, axis, unbiased_running_var, out, nt)
         if fast is not None:
             return fast
+    given = (running_mean, running_var, out)    # the caller's objects (torch tensors?)
     (x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out,
      nthreads) = forward_args(chk, x, weight, bias, running_mean, running_var, training,
                               momentum, eps, axis, out, num_threads)
@@ -159,6 +160,7 @@ def batch_norm_forward(
         if training and rv is not running_var:
             running_var[...] = rv
     y = _finish_output(target, out)
+    chk.bump_versions(*(given if training else given[2:]))
     return y, mean, invstd
 
 
@@ -193,6 +195,7 @@ def batch_norm_backward(
                 dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, invstd,
                                                   (weight if weight is not None else x).dtype)
             return dx, dweight, dbias
+    given = out                                  # the caller's objects (torch tensors?)
     (dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out,
      nthreads) = backward_args(chk, dy, x, mean, invstd, weight, training, axis, out,
                                num_threads)
@@ -210,6 +213,7 @@ def batch_norm_backward(
     dweight, dbias = _parameter_grads(sum_dy, sum_dy_xmu, _f64(invstd),
                                       (weight if weight is not None else x).dtype,
                                       dw_out, db_out)
+    chk.bump_versions(given)
     return dx, dweight, dbias
 
 
@@ -217,9 +221,9 @@ def _fast_threads(num_threads) -> int:
     """The thread count to offer the compiled fast paths, or 0 for a
     num_threads that the checked path must judge."""
     if num_threads is None:
-        return get_num_threads()
+        return _threads.note_parallel(get_num_threads())
     if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
-        return 1 if _threads._forked_child else num_threads
+        return 1 if _threads._forked_child else _threads.note_parallel(num_threads)
     return 0
 
 

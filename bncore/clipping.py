@@ -272,6 +272,7 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
     if coef is not None:
         for table in tables:
             _k.scale(table, coef, nthreads)
+        chk.bump_versions(as_list("grads", grads, required=True))
     return total
 
 
@@ -283,6 +284,7 @@ def clip_grad_value(grads: ArrayList, clip_value: float, *,
     nthreads = resolve_num_threads(num_threads)
     for table in _grads_tables(grads, True):
         _k.clamp(table, -c, c, nthreads)
+    chk.bump_versions(as_list("grads", grads, required=True))
 
 
 def found_inf(grads: ArrayList, *, num_threads: Optional[int] = None) -> bool:

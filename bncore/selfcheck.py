@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from bncore import _threads
 from bncore._atomic_write import write_json_or_say
 
 SCHEMA = "bncore-check/1"
@@ -473,12 +474,15 @@ def _print_check_report(rows, failed, results, seconds, backend, reason, out) ->
     # threads rows compare the serial code with itself
     serial = ("" if bncore.build_info().get("openmp") else
               " Built without OpenMP: the threads rows compared one thread with itself.")
+    if not serial and _threads._forked_child:
+        serial = (" In a child of os.fork every call runs on one thread (bncore.set_num_threads "
+                  "docs): the threads rows compared one thread with itself.")
     if not serial:
         # an OpenMP runtime may give fewer threads than asked (OMP_THREAD_LIMIT,
         # OMP_DYNAMIC): the threads rows then compared fewer counts than they name
         from bncore import _openmp
 
-        most = _openmp.threads_in_parallel_region(max(THREAD_COUNTS))
+        most = _openmp.threads_in_parallel_region(_threads.note_parallel(max(THREAD_COUNTS)))
         if most < max(THREAD_COUNTS):
             serial = (f" OpenMP gave a parallel region that asked for {max(THREAD_COUNTS)} "
                       f"threads only {most} (OMP_THREAD_LIMIT?): the threads rows compared "

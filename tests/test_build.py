@@ -84,7 +84,8 @@ def test_a_forked_child_runs_calls_instead_of_hanging():
     code = r"""
 import os, signal, time, numpy as np, bncore
 x = np.random.default_rng(0).standard_normal((64, 8, 512))
-ref = bncore.batch_norm_forward(x, num_threads=2)[0]
+bncore.set_num_threads(2)       # (review: the cap once came after a set default)
+ref = bncore.batch_norm_forward(x)[0]
 g = [np.ones(100000)]
 gn = bncore.grad_norm(g, num_threads=2)
 for nt in (None, 2):
@@ -92,7 +93,9 @@ for nt in (None, 2):
     if pid == 0:
         ok = (bncore.batch_norm_forward(x, num_threads=nt)[0].tobytes() == ref.tobytes()
               and bncore.grad_norm(g, num_threads=nt) == gn and bncore.get_num_threads() == 1)
-        bncore.set_num_threads(3)
+        bncore.set_num_threads(None)         # restores the default: the cap stays
+        ok = ok and bncore.get_num_threads() == 1
+        bncore.set_num_threads(3)            # a number lifts it
         ok = ok and bncore.get_num_threads() == 3
         os._exit(0 if ok else 3)
     for _ in range(300):
@@ -105,6 +108,7 @@ for nt in (None, 2):
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         print(nt, "hung")
+bncore.set_num_threads(None)
 print("parent", bncore.get_num_threads() == max(1, min(bncore._openmp.max_threads(),
                                                          bncore._openmp.thread_limit())))
 """
@@ -161,3 +165,34 @@ def test_a_portable_build_passes_the_batch_norm_tests(tmp_path):
                           "tests/test_batch_norm_fast_path.py"],
                          cwd=src, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+@pytest.mark.skipif(not _openmp.openmp_enabled(), reason="serial build")
+def test_forkserver_workers_and_a_serial_parents_children_are_not_capped():
+    """The cap is for children of a process that ran bncore on several threads:
+    a forkserver with bncore preloaded never did (review: its workers ran on one
+    thread), nor did a parent that only imported bncore."""
+    code = r"""
+import multiprocessing as mp, os, bncore
+from bncore import _threads
+def worker(_):
+    return bncore.get_num_threads(), _threads._forked_child
+if __name__ == "__main__":
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["bncore"])
+    with ctx.Pool(1) as pool:
+        print(*pool.map(worker, [0]))
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if not _threads._forked_child else 3)
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        script = os.path.join(d, "fs.py")
+        with open(script, "w") as fh:
+            fh.write(code)
+        out = _run_python(f"import runpy; runpy.run_path({script!r}, run_name='__main__')",
+                          OMP_NUM_THREADS="2")
+    assert out.split("\n")[:2] == ["(2, False)", "0"], out

@@ -221,3 +221,133 @@ def test_jax_arrays_cannot_be_updated_in_place(jnp):
     with pytest.raises(ValueError, match="read-only"):
         bncore.batch_norm_forward(np.ones((4, 3), np.float32), running_mean=jnp.zeros(3),
                                   running_var=jnp.ones(3))
+
+
+# ---- torch tensors written in place: autograd's version counter, inference
+# tensors, ZeroTensors, channels-last parameters (found in review)
+
+def _graph_over(torch, w):
+    """A graph that saved w for its backward: (x * w).sum(), x a leaf."""
+    x = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    return x, (x * w).sum()
+
+
+@pytest.mark.parametrize("write", ["sgd_step", "optim.Adam", "clip_grad_value", "out"])
+def test_a_written_tensor_tells_autograd(torch, write):
+    """DLPack shares memory but not autograd's version counter: a backward that
+    had saved a tensor bncore then wrote used the new values silently (x.grad
+    0.5 where it is 1). torch's own in-place updates make that backward raise;
+    bncore's writes now do the same."""
+    w = torch.nn.Parameter(torch.ones(3))
+    x, y = _graph_over(torch, w)
+    t = w.detach()                   # shares memory and version counter with w
+    if write == "sgd_step":
+        bncore.sgd_step([t], [torch.ones(3)], lr=0.5)
+    elif write == "optim.Adam":
+        bncore.optim.Adam([t], lr=0.1).step([torch.ones(3)])
+    elif write == "clip_grad_value":
+        bncore.clip_grad_value([t], 0.5)
+    else:
+        bncore.batch_norm_forward(np.ones((1, 3), np.float32), training=False,
+                                  running_mean=np.zeros(3), running_var=np.ones(3),
+                                  out=t.view(1, 3))
+    assert w._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_running_statistics_tensors_tell_autograd(torch):
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    bncore.batch_norm_forward(np.random.default_rng(0).standard_normal((8, 3)),
+                              running_mean=rm, running_var=rv)
+    assert rm._version > 0 and rv._version > 0 and not torch.equal(rm, torch.zeros(3).double())
+    before = rm._version
+    bncore.batch_norm_forward(np.ones((4, 3)), running_mean=rm, running_var=rv, training=False)
+    assert rm._version == before             # inference reads them: no bump
+
+
+def test_read_tensors_keep_their_version(torch):
+    """Only written tensors are bumped: a bump of an input would make a
+    correct backward raise."""
+    g = torch.ones(3)
+    x = torch.randn(8, 3)
+    bncore.sgd_step([np.ones(3, np.float32)], [g], lr=0.1)
+    bncore.grad_norm([g])
+    bncore.clip_grad_norm([g], 100.0)        # nothing to clip: nothing written
+    bncore.batch_norm_forward(x)
+    assert g._version == 0 and x._version == 0
+
+
+def test_an_inference_tensor_is_read_but_not_written_outside_inference_mode(torch):
+    """torch refuses in-place updates of inference tensors outside inference
+    mode; bncore wrote them (parameters, running statistics, out=)."""
+    with torch.inference_mode():
+        p, rm, rv = torch.ones(3), torch.zeros(3), torch.ones(3)
+        x = torch.randn(8, 3)
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only.*inference"):
+        bncore.sgd_step([p], [torch.ones(3)], lr=0.5)
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        bncore.batch_norm_forward(torch.randn(8, 3), running_mean=rm, running_var=rv)
+    assert torch.equal(p, torch.ones(3)) and torch.equal(rm, torch.zeros(3))
+    y, _, _ = bncore.batch_norm_forward(x)            # read: fine
+    assert np.isfinite(y).all()
+    with torch.inference_mode():
+        bncore.sgd_step([p], [torch.ones(3)], lr=0.5)  # inside: allowed, as in torch
+    assert torch.equal(p, torch.full((3,), 0.5))
+
+
+def test_a_zero_tensor_is_refused(torch):
+    """torch's ZeroTensor exports memory that is not zeros (bncore read
+    garbage from it, and wrote into it as a state array)."""
+    z = torch._efficientzerotensor(3)
+    for call in (lambda: bncore.sgd_step([torch.ones(3)], [z], lr=0.1),
+                 lambda: bncore.adam_step([torch.ones(3)], [torch.ones(3)], [z],
+                                          [torch.zeros(3)], step=1)):
+        with pytest.raises(TypeError, match="ZeroTensor"):
+            call()
+
+
+def test_the_hint_for_a_sparse_tensor_is_not_about_the_device(torch):
+    with pytest.raises(TypeError, match="to_dense") as info:
+        bncore.grad_norm([torch.ones(3).to_sparse()])
+    assert "GPU" not in str(info.value)
+
+
+def test_channels_last_parameters_step_in_place(torch):
+    """A channels-last conv weight and its gradient (same strides) fill one
+    block of memory: the optimizers and clipping take them in place (they were
+    refused, with a hint to copy that would have lost the update)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 8, 3).double().to(memory_format=torch.channels_last)
+    conv(torch.randn(2, 3, 8, 8, dtype=torch.float64)
+         .to(memory_format=torch.channels_last)).square().sum().backward()
+    w, g = conv.weight.detach(), conv.weight.grad
+    assert not w.is_contiguous() and w.stride() == g.stride()
+    ref = torch.nn.Parameter(w.clone())
+    ref_opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, foreach=False)
+    opt = bncore.optim.SGD([w], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        ref.grad = g.clone()
+        ref_opt.step()
+        opt.step([g])
+    torch.testing.assert_close(w, ref.detach(), rtol=1e-15, atol=1e-15)
+    state = opt.state_dict()
+    opt.load_state_dict(state)           # the loaded buffer keeps the parameter's layout
+    opt.step([g])
+    norm = bncore.clip_grad_norm([g], 0.5)
+    assert norm > 0.5 and abs(float(g.norm()) - 0.5) < 1e-6
+    with pytest.raises(ValueError, match=r"grads\[0\] is stored in a different order"):
+        bncore.sgd_step([w], [g.contiguous()], lr=0.1)
+
+
+def test_dense_numpy_arrays_in_any_axis_order_step_in_place():
+    """No torch needed: a transposed 3-D array fills one block of memory."""
+    rng = np.random.default_rng(1)
+    p = rng.standard_normal((4, 5, 6)).transpose(2, 0, 1)
+    g = rng.standard_normal((4, 5, 6)).transpose(2, 0, 1)
+    assert not (p.flags.c_contiguous or p.flags.f_contiguous)
+    want = p - 0.1 * g
+    bncore.sgd_step([p], [g], lr=0.1)
+    np.testing.assert_array_equal(p, want)
+    with pytest.raises(ValueError, match="not contiguous.*pass the array itself"):
+        bncore.sgd_step([p[::2]], [g[::2]], lr=0.1)

@@ -35,7 +35,7 @@ def _to_jsonable(v: Any) -> Any:
         if all(isinstance(k, str) for k in v) and not set(v) & _TAGS:
             return {k: _to_jsonable(x) for k, x in v.items()}
         # keys JSON cannot hold (0, (1, 2)) or that would read as a tag: pairs
-        return {"__dict__": [[_to_jsonable(k), _to_jsonable(x)] for k, x in v.items()]}
+        return {"__dict__": [[_key(k), _to_jsonable(x)] for k, x in v.items()]}
     if isinstance(v, np.generic):          # NumPy scalars: bool_, floating, integer
         return v.item()
     if isinstance(v, np.ndarray):          # e.g. betas as an array: a list (or a number)
@@ -43,6 +43,14 @@ def _to_jsonable(v: Any) -> Any:
     if hasattr(v, "shape") and hasattr(v, "tolist"):   # a torch tensor, a CuPy array
         return _to_jsonable(v.tolist())
     return v
+
+
+def _key(k: Any) -> Any:
+    """A dict key as JSON holds it: itself (str, number, bool, None), a tagged
+    tuple, or else its str() (an Enum), as checkpoints always stored keys."""
+    if k is None or isinstance(k, (str, int, float)):
+        return k
+    return _to_jsonable(k) if isinstance(k, tuple) else str(k)
 
 
 def _from_jsonable(v: Any) -> Any:
@@ -125,7 +133,7 @@ def load(optimizer, path: str):
         with files:
             state_dict = _unpack(files)
     except (zipfile.BadZipFile, EOFError, KeyError, UnicodeDecodeError,
-            json.JSONDecodeError) as exc:
+            json.JSONDecodeError, TypeError) as exc:
         raise ValueError(f"{path} is not a readable bncore optimizer checkpoint "
                          f"({type(exc).__name__}: {exc})") from exc
     except ValueError as exc:

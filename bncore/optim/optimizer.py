@@ -124,6 +124,10 @@ class Optimizer:
         self._state_params: List[Any] = []
         # state of parameters removed from param_groups, by id: (array, state)
         self._removed_state: Dict[int, Any] = {}
+        # torch tensors behind parameter arrays, by the array's id: (array,
+        # tensor), the array held so its id stays its own. A step tells
+        # autograd it wrote them (chk.bump_versions), as torch.optim's does
+        self._tensor_of: Dict[int, Any] = {}
         groups = self._split_groups(params)
         if not groups:
             raise ValueError("the optimizer got an empty parameter list")
@@ -153,6 +157,17 @@ class Optimizer:
 
     _as_param = staticmethod(_as_param)
 
+    def _param(self, name: str, p) -> Any:
+        a = self._as_param(name, p)
+        if a is not p and chk.is_torch_tensor(p):
+            self._tensor_of[id(a)] = (a, p)
+        return a
+
+    def _bump_versions(self, params) -> None:
+        if self._tensor_of:
+            chk.bump_versions([entry[1] for entry in map(self._tensor_of.get, map(id, params))
+                               if entry is not None])
+
     def add_param_group(self, group: Dict[str, Any]) -> None:
         """Add a group: ``{"params": [...], **overrides}`` (torch's add_param_group).
 
@@ -165,7 +180,7 @@ class Optimizer:
             raise ValueError("a parameter group needs a 'params' entry")
         self._sync_params()
         plist = as_list("params", group["params"])
-        arrays = [self._as_param(f"params[{i}]", p) for i, p in enumerate(plist)]
+        arrays = [self._param(f"params[{i}]", p) for i, p in enumerate(plist)]
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         for a in arrays:
             if id(a) in seen:
@@ -224,7 +239,7 @@ class Optimizer:
             plist = as_list(f"param_groups[{gi}]['params']", g["params"])
             for k, p in enumerate(plist):
                 if id(p) not in known:
-                    plist[k] = self._as_param(f"param_groups[{gi}]['params'][{k}]", p)
+                    plist[k] = self._param(f"param_groups[{gi}]['params'][{k}]", p)
                 if id(plist[k]) in seen:
                     raise ValueError(f"param_groups[{gi}]['params'][{k}] appears twice "
                                      "among the optimizer's parameters")
@@ -435,6 +450,7 @@ class Optimizer:
             for states, created, sizes in made[done:]:
                 self._forget_new_state(created, states, sizes)
             raise
+        self._bump_versions(params)
 
     def _check_calls(self, calls, states, grad_scale, num_threads) -> None:
         """Every kernel call's own checks (its step function with found_inf set:
@@ -561,7 +577,11 @@ class Optimizer:
                     # in the parameter's memory order, which the kernels require
                     # (a checkpoint may hold a Fortran parameter's state in C order)
                     fortran = p.flags.f_contiguous and not p.flags.c_contiguous
-                    entry[name] = self._xp.array(v, copy=True, order="F" if fortran else "C")
+                    if p.flags.c_contiguous or fortran:
+                        entry[name] = self._xp.array(v, copy=True, order="F" if fortran else "C")
+                    else:                 # another axis order (channels-last): p's own
+                        entry[name] = self._xp.empty_like(p)
+                        entry[name][...] = self._xp.asarray(v)
                 else:
                     entry[name] = copy.deepcopy(v)
             new_state[i] = entry

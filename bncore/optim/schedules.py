@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Callable
 
 from bncore import _checks as chk
@@ -17,7 +16,6 @@ __all__ = ["step_lr", "cosine_lr", "linear_warmup", "set_lr"]
 
 Schedule = Callable[[int], float]
 
-_FLOAT_MIN = sys.float_info.min     # the smallest normal float64
 
 
 def _step_index(step) -> int:
@@ -38,7 +36,7 @@ def step_lr(base_lr: float, step_size: int, gamma: float = 0.1) -> Schedule:
             factor = math.inf
         if base_lr == 0:
             return base_lr                    # also where gamma ** k overflowed
-        if gamma == 0 or _FLOAT_MIN <= factor < math.inf:
+        if gamma == 0 or 0.0 < factor < math.inf:
             return base_lr * factor           # torch's closed form, bit for bit
         # gamma ** k alone leaves float64 where the product need not (1e-300 *
         # 2 ** 1100): the product through logarithms, as torch's recursive
@@ -83,12 +81,16 @@ def cosine_lr(base_lr: float, total_steps: int, min_lr: float = 0.0,
         raise ValueError(f"warmup_steps ({warmup_steps}) must be smaller than total_steps "
                          f"({total_steps}): the cosine decay needs at least one step")
     decay_steps = total_steps - warmup_steps
+    lo, hi = min(base_lr, min_lr), max(base_lr, min_lr)
 
     def cosine(s: int) -> float:
         if s == 0:                 # base_lr exactly (the formula can round above it)
             return base_lr
         t = min(s, decay_steps)
-        return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t / decay_steps))
+        lr = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t / decay_steps))
+        # within [min_lr, base_lr] (or [base_lr, min_lr]): near t = 0 the formula
+        # can round one ulp past base_lr, and the schedule would rise at step 1
+        return min(max(lr, lo), hi)
     if warmup_steps:
         return linear_warmup(base_lr, warmup_steps, 0.0, after=cosine)
     return lambda step: cosine(_step_index(step))
