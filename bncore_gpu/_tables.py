@@ -33,9 +33,11 @@ CTYPES = {_F16: "unsigned short", _F32: "float", _F64: "double"}
 class Table:
     """A validated multi-tensor call: device table, counts, dtypes, the arrays."""
 
-    __slots__ = ("device", "nops", "n", "nchunks", "pdtype", "gdtype", "arrays", "ptrs")
+    __slots__ = ("device", "nops", "n", "nchunks", "pdtype", "gdtype", "arrays", "ptrs",
+                 "writes")
 
-    def __init__(self, device, nops, n, nchunks, pdtype, gdtype, arrays, ptrs):
+    def __init__(self, device, nops, n, nchunks, pdtype, gdtype, arrays, ptrs, writes=()):
+        self.writes = tuple(writes)
         self.device = device
         self.nops = nops
         self.n = n
@@ -51,6 +53,10 @@ class Table:
 
     def args(self):
         return (self.device, np.int32(self.nops), np.int32(self.n), np.int64(self.nchunks))
+
+    def written(self) -> list:
+        """The caller's objects of the written operands (for bump_versions)."""
+        return [a for w, lst in zip(self.writes, self.arrays) if w and lst for a in lst]
 
 
 # the caches' bookkeeping (look-up, recency, eviction) under one lock: between
@@ -114,16 +120,18 @@ class _ListInfo:
             if a.dtype != self.dtype:
                 raise TypeError(f"{name}[{i}] has dtype {a.dtype}, but {name}[0] has "
                                 f"{self.dtype}: one dtype per list")
-            if not (a.flags.c_contiguous or a.flags.f_contiguous):
-                raise ValueError(f"{name}[{i}] is not contiguous; bncore reads and updates "
-                                 f"C- or Fortran-contiguous arrays only "
-                                 f"(use cupy.ascontiguousarray)")
+            if not _dense(a):
+                raise ValueError(f"{name}[{i}] is not contiguous: it does not fill one block "
+                                 f"of memory (a strided view with gaps, or negative strides); "
+                                 f"bncore takes arrays in any axis order that does (C, "
+                                 f"Fortran, channels-last), and updates them in place, so a "
+                                 f"written one cannot be a copy")
         self.ptrs = np.array([a.data.ptr for a in arrays], dtype=np.int64)
         self.nbytes = np.array([a.nbytes for a in arrays], dtype=np.int64)
         self.sizes = np.array([a.size for a in arrays], dtype=np.int64)
         self.shapes = [a.shape for a in arrays]
-        # flat element order: C, unless the array is only Fortran-contiguous
-        self.c_order = [a.flags.c_contiguous or a.ndim <= 1 for a in arrays]
+        # flat element order: each axis's stride in elements (axes longer than 1)
+        self.c_order = [_layout(a) for a in arrays]
         # objects that are not CuPy arrays (torch tensors, ...) can change their
         # storage in place (p.data = ..., p.t_(), module.to(...)): their
         # address, shape, strides and dtype are re-checked on each hit
@@ -143,6 +151,27 @@ class _ListInfo:
         if not all(map(operator.is_, alive, lst)) or list(map(_SHAPE, lst)) != self.shapes:
             return False
         return all(_storage(lst[i]) == storage for i, storage in self.foreign)
+
+
+def _dense(a) -> bool:
+    """Whether a's elements fill one block of memory from its data pointer
+    (positive strides, no gaps), in any axis order: the kernels walk it flat
+    (the CPU's _optim_kernels._dense)."""
+    if a.flags.c_contiguous or a.flags.f_contiguous or a.size == 0:
+        return True
+    axes = sorted((st, n) for st, n in zip(a.strides, a.shape) if n > 1)
+    want = a.itemsize
+    for st, n in axes:
+        if st != want:
+            return False
+        want *= n
+    return True
+
+
+def _layout(a) -> tuple:
+    """The element strides of a's axes longer than 1 (0 for the others): equal
+    for two dense arrays of one shape exactly when their flat orders agree."""
+    return tuple(st // a.itemsize if n > 1 else 0 for st, n in zip(a.strides, a.shape))
 
 
 def _storage(a) -> tuple:
@@ -209,7 +238,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
         # callers launch nothing when nchunks == 0
         empty = np.zeros(0, dtype=np.int64)
         return Table(np.uint64(0), len(lists), 0, 0, _F32, _F32,
-                     [None if lst is None else [] for lst in lists], [empty] * len(lists))
+                     [None if lst is None else [] for lst in lists], [empty] * len(lists), writes)
     infos = [None if lst is None else _info(names[k], lst, k == grad_op)
              for k, lst in enumerate(lists)]
     arrays = [None if lst is None else list(lst) for lst in lists]
@@ -228,7 +257,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
                 _calls.move_to_end(key)
     if hit is not None:
         device, nchunks, pdtype, gdtype, ptrs = hit
-        return Table(device, len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs)
+        return Table(device, len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs, writes)
     params = infos[0]
     pdtype = params.dtype
     if pdtype not in (_F32, _F64) and not (half_first and pdtype == _F16):
@@ -252,8 +281,9 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
                              f"has shape {params.shapes[i]}")
         if info.c_order != params.c_order:
             i = next(i for i, (a, b) in enumerate(zip(info.c_order, params.c_order)) if a != b)
-            raise ValueError(f"{names[k]}[{i}] is stored in a different order (C vs "
-                             f"Fortran) from {names[0]}[{i}]")
+            raise ValueError(f"{names[k]}[{i}] is stored in a different order (C, Fortran, "
+                             f"channels-last) from {names[0]}[{i}]: the update pairs their "
+                             f"elements in memory order")
     _check_aliasing(infos, names, writes)
 
     sizes = params.sizes
@@ -268,7 +298,7 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
     device = _upload(host)
     if cacheable:
         _lru(_calls, _CACHE_SIZE, key, lambda: (device, nchunks, pdtype, gdtype, ptrs))
-    return Table(device, len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs)
+    return Table(device, len(infos), n, nchunks, pdtype, gdtype, arrays, ptrs, writes)
 
 
 def _check_aliasing(infos, names, writes) -> None:

@@ -21,6 +21,7 @@ from bncore import optimizers as _cpu
 from bncore._threads import resolve_num_threads
 from bncore.clipping import NonFiniteError, _norm_type, tables_by_dtype
 from bncore_gpu import _checks as chk
+from bncore._checks import bump_versions
 from bncore_gpu._tables import CTYPES, gather
 from bncore_gpu.optimizers import NULL, kernel
 
@@ -151,6 +152,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
     for t in tables:
         if t.nchunks:
             kernel(f"mt_scale<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,), (*t.args(), coef))
+        bump_versions(t.written())
     return total
 
 
@@ -162,6 +164,7 @@ def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = No
         if t.nchunks:
             kernel(f"mt_clamp<{CTYPES[t.pdtype]}>")((t.nchunks,), (256,),
                                                     (*t.args(), np.float64(-c), np.float64(c)))
+        bump_versions(t.written())
 
 
 def found_inf(grads, *, num_threads: Optional[int] = None):

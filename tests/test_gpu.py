@@ -1792,3 +1792,46 @@ def test_two_bad_arguments_raise_the_cpus_error(call):
             call(mod, xp)
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
+
+
+def test_gpu_parameters_in_any_dense_axis_order_step_in_place():
+    """As on the CPU: arrays that fill one block of memory in another axis order
+    (channels-last conv weights, transposes) are stepped in place, gradients
+    and state in the same order; a different order or a gapped view is refused."""
+    rng = np.random.default_rng(3)
+    p_host = rng.standard_normal((4, 5, 6)).transpose(2, 0, 1)
+    g_host = rng.standard_normal((4, 5, 6)).transpose(2, 0, 1)
+    p = cupy.asarray(rng.standard_normal((4, 5, 6))).transpose(2, 0, 1)
+    p[...] = cupy.asarray(p_host)
+    g = cupy.asarray(rng.standard_normal((4, 5, 6))).transpose(2, 0, 1)
+    g[...] = cupy.asarray(g_host)
+    assert not (p.flags.c_contiguous or p.flags.f_contiguous)
+    bncore_gpu.sgd_step([p], [g], lr=0.1)
+    want = p_host.copy()
+    bncore.sgd_step([want], [g_host.copy()], lr=0.1)
+    np.testing.assert_array_equal(cupy.asnumpy(p), want)
+    with pytest.raises(ValueError, match="different order"):
+        bncore_gpu.sgd_step([p], [cupy.ascontiguousarray(g)], lr=0.1)
+    with pytest.raises(ValueError, match="not contiguous"):
+        bncore_gpu.sgd_step([p[::2]], [g[::2]], lr=0.1)
+
+
+def test_gpu_written_torch_tensors_tell_autograd():
+    """As on the CPU: a torch tensor bncore_gpu writes gets its version counter
+    bumped, so a backward through a graph that saved it raises instead of
+    using the new values."""
+    torch, dev = _torch_on_device()
+    w = torch.nn.Parameter(torch.ones(3, device=dev))
+    x = torch.tensor([1.0, 2.0, 3.0], device=dev, requires_grad=True)
+    y = (x * w).sum()
+    bncore_gpu.sgd_step([w.detach()], [cupy.ones(3, dtype=cupy.float32)], lr=0.5)
+    assert w._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    g = torch.ones(3, device=dev)
+    bncore_gpu.grad_norm([g])
+    rm = torch.zeros(3, dtype=torch.float64, device=dev)
+    rv = torch.ones(3, dtype=torch.float64, device=dev)
+    bncore_gpu.batch_norm_forward(cupy.asarray(np.random.default_rng(0).standard_normal((8, 3))),
+                                  running_mean=rm, running_var=rv)
+    assert g._version == 0 and rm._version > 0 and rv._version > 0
