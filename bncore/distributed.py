@@ -237,6 +237,7 @@ class HostEngine:
 def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training, momentum,
                  eps, axis, unbiased_running_var, out, num_threads):
     """sync_batch_norm_forward on engine `eng` (HostEngine or bncore_gpu's)."""
+    given = (running_mean, running_var, out)   # the caller's objects (torch tensors?)
     # (as batch_norm_forward: "False" is true; every rank checks the same values)
     training_flag, training_err = _local(eng.chk.flag, "training", training)
     if training_err is None and not training_flag:
@@ -298,7 +299,9 @@ def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training
             new_var = (1.0 - momentum) * eng.host(running_var).astype(_F64) + momentum * var_run
         eng.store(running_mean, new_mean)
         eng.store(running_var, new_var)
-    return eng.normalize(x, ax, mean, invstd, weight, bias, out, nthreads)
+    result = eng.normalize(x, ax, mean, invstd, weight, bias, out, nthreads)
+    chk.bump_versions(*given)            # written in place: tell torch's autograd
+    return result
 
 
 def sync_batch_norm_forward(
@@ -405,6 +408,7 @@ def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight
         else:
             eng.store(dst, value)
             grads.append(dst)
+    chk.bump_versions(out)               # written in place: tell torch's autograd
     return (dx, *grads)
 
 
@@ -580,6 +584,7 @@ def clip_grad_norm_on(eng, grads, max_norm, comm, norm_type, eps, error_if_nonfi
     coef = clip_coefficient(total, mn, e)
     if coef is not None:
         eng.scale(table, coef, nthreads)
+        chk.bump_versions(grads if isinstance(grads, (list, tuple)) else [grads])
     return eng.norm_result(total)
 
 

@@ -369,3 +369,21 @@ def test_layer_in_eval_without_running_statistics_is_local_as_in_torch():
         3, track_running_stats=False, comm=c).forward(shards[c.Get_rank()]))
     y_all, _, _ = bncore.batch_norm_forward(x)
     np.testing.assert_allclose(np.concatenate(train), y_all, rtol=1e-13, atol=1e-13)
+
+
+def test_torch_tensors_written_on_one_rank_tell_autograd():
+    """As the local functions: running statistics, out= and clipped gradients
+    that are torch tensors get their version counter bumped."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y_out = torch.empty(8, 3, dtype=torch.float64)
+    y, mean, invstd = dist.sync_batch_norm_forward(x, None, None, rm, rv, comm=COMM, out=y_out)
+    assert rm._version > 0 and rv._version > 0 and y_out._version > 0
+    dx_out = torch.empty(8, 3, dtype=torch.float64)
+    dist.sync_batch_norm_backward(np.ones((8, 3)), x, mean, invstd, comm=COMM,
+                                  out=(dx_out, None, None))
+    assert dx_out._version > 0
+    g = torch.full((4,), 3.0, dtype=torch.float64)
+    bncore.clip_grad_norm([g], 1.0, comm=COMM)
+    assert g._version > 0 and abs(float(g.norm()) - 1.0) < 1e-6
