@@ -151,6 +151,39 @@ BN_SHAPES = [
 ]
 
 
+#: inputs this large rotate over copies that together exceed twice the L3 of
+#: common CPUs (64 MiB): a training step's activations are not in cache when
+#: batch norm reads them, and a loop over one x let the implementation whose
+#: stores bypass the cache (bncore's streaming y and dx) find x in L3 on the
+#: next call, torch's not (review: 10-25% in bncore's favour on forward)
+ROTATE_MIN_BYTES = 8 << 20
+ROTATE_SPAN_BYTES = 64 << 20
+
+
+#: "cold" (the default): large inputs rotate as above; "warm": one input,
+#: called again and again (what this script measured before 2026-11-29)
+CACHE_MODE = "cold"
+
+
+def _rotation(nbytes: int) -> int:
+    """How many copies of an input the cases cycle through."""
+    if CACHE_MODE == "warm" or nbytes < ROTATE_MIN_BYTES:
+        return 1             # in cache, as a small layer's activations can be
+    return -(-ROTATE_SPAN_BYTES // nbytes) + 1
+
+
+def _cycled(calls: List[Callable[[], object]]) -> Callable[[], object]:
+    """One call of each in turn (a single call as it is)."""
+    if len(calls) == 1:
+        return calls[0]
+    state = [0]
+
+    def run():
+        state[0] = (state[0] + 1) % len(calls)
+        return calls[state[0]]()
+    return run
+
+
 def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng,
                     dtype=np.float32) -> List[Case]:
     """forward-train, forward-eval and backward cases for one shape and layout."""
@@ -166,34 +199,45 @@ def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng,
     rm = np.zeros(C, np.float32)
     rv = np.ones(C, np.float32)
     nbytes = x.nbytes
-    src = np.ascontiguousarray(x).reshape(-1)
-    dst = np.empty_like(src)
+    k = _rotation(nbytes)
+    # identical copies (the statistics stay valid for every one), each in x's layout
+    xs = [x] + [x.copy(order="K") for _ in range(k - 1)]
+    dys = [dy] + [dy.copy(order="K") for _ in range(k - 1)]
+    # the floors move the same memory: x (and dy) as they lie, flat (views)
+    srcs = [a.ravel(order="K") for a in xs]
+    dy_flat = [d.ravel(order="K") for d in dys]
+    dst = np.empty_like(srcs[0])
     _, mean_b, invstd_b = bncore.batch_norm_forward(x, w, b, rm, rv)
 
-    def floor():
-        np.copyto(dst, src)
-    floor_nt = threaded(np.copyto, dst, src, threads=threads)
+    floor = _cycled([lambda s=s: np.copyto(dst, s) for s in srcs])
+    floor_nt = _cycled([threaded(np.copyto, dst, s, threads=threads) for s in srcs])
     # backward moves three arrays (reads dy and x, writes dx): c = a + b
-    fa, fb, fc = (np.ones_like(src) for _ in range(3))
-    floor_nt_bwd = threaded(np.add, fc, fa, fb, threads=threads)
+    fc = np.ones_like(srcs[0])
+    floor_nt_bwd = _cycled([threaded(np.add, fc, a, d, threads=threads)
+                            for a, d in zip(srcs, dy_flat)])
 
-    impl_fwd = {"bncore": lambda: bncore.batch_norm_forward(x, w, b, rm, rv, num_threads=threads)}
-    impl_eval = {"bncore": lambda: bncore.batch_norm_forward(
-        x, w, b, rm, rv, training=False, num_threads=threads)}
-    impl_bwd = {"bncore": lambda: bncore.batch_norm_backward(
-        dy, x, mean_b, invstd_b, w, num_threads=threads)}
+    impl_fwd = {"bncore": _cycled([lambda a=a: bncore.batch_norm_forward(
+        a, w, b, rm, rv, num_threads=threads) for a in xs])}
+    impl_eval = {"bncore": _cycled([lambda a=a: bncore.batch_norm_forward(
+        a, w, b, rm, rv, training=False, num_threads=threads) for a in xs])}
+    impl_bwd = {"bncore": _cycled([lambda a=a, d=d: bncore.batch_norm_backward(
+        d, a, mean_b, invstd_b, w, num_threads=threads) for a, d in zip(xs, dys)])}
     if torch is not None:
         F = torch.nn.functional
-        tx = torch.from_numpy(x)   # shares memory: the same layout for both
-        tdy = torch.from_numpy(dy)
+        txs = [torch.from_numpy(a) for a in xs]   # shares memory: the same layout for both
+        tdys = [torch.from_numpy(d) for d in dys]
+        tx = txs[0]
         tw, tb = torch.from_numpy(w), torch.from_numpy(b)
         trm, trv = torch.from_numpy(rm.copy()), torch.from_numpy(rv.copy())
         _, smean, sinvstd = torch.ops.aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
-        impl_fwd["torch"] = lambda: F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
-        impl_eval["torch"] = lambda: F.batch_norm(tx, trm, trv, tw, tb, False, 0.1, 1e-5)
+        impl_fwd["torch"] = _cycled([lambda t=t: F.batch_norm(t, trm, trv, tw, tb, True, 0.1, 1e-5)
+                                     for t in txs])
+        impl_eval["torch"] = _cycled([lambda t=t: F.batch_norm(t, trm, trv, tw, tb, False, 0.1,
+                                                               1e-5) for t in txs])
         # the kernel autograd calls, without autograd's bookkeeping
-        impl_bwd["torch"] = lambda: torch.ops.aten.native_batch_norm_backward(
-            tdy, tx, tw, trm, trv, smean, sinvstd, True, 1e-5, [True, True, True])
+        impl_bwd["torch"] = _cycled([lambda t=t, d=d: torch.ops.aten.native_batch_norm_backward(
+            d, t, tw, trm, trv, smean, sinvstd, True, 1e-5, [True, True, True])
+            for t, d in zip(txs, tdys)])
         for d in (impl_fwd, impl_eval, impl_bwd):
             try:
                 d["torch"]()
@@ -304,6 +348,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--gpu", action="store_true", help="CUDA cases instead of CPU cases")
+    ap.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                    help="cold (default): batch-norm inputs of 8 MiB and more rotate over "
+                         "copies spanning 64 MiB, so none is in cache from the call before; "
+                         "warm: one input, called again and again")
     args = ap.parse_args(argv)
     if args.reps < 5:
         ap.error("--reps must be at least 5")
@@ -317,6 +365,8 @@ def main(argv=None) -> int:
     from bench_optim import optim_cases   # noqa: E402
 
     bncore.set_num_threads(args.threads)
+    global CACHE_MODE
+    CACHE_MODE = args.cache
     cases = [c for c in bn_cases(args.threads) + optim_cases(args.threads)
              if args.only in c.name]
     scaling = [core_check(args.threads, args.min_time)]
@@ -329,7 +379,12 @@ def main(argv=None) -> int:
               f"floor (batch norm: np.copyto of x, all three cases; optimizers: in-place "
               f"np.add over the bytes the update moves); floor Nt = the bytes each case "
               f"moves, with {args.threads} threads (batch-norm backward: c = a + b, three "
-              f"arrays); torch alt = Adam(foreach=True), SGD(fused=True)")
+              f"arrays); torch alt = Adam(foreach=True), SGD(fused=True); " + (
+                  f"cache cold: batch-norm inputs of {ROTATE_MIN_BYTES >> 20} MiB and more "
+                  f"rotate over copies spanning {ROTATE_SPAN_BYTES >> 20} MiB and more, for "
+                  f"every side, so no call finds its input in cache from the one before"
+                  if args.cache == "cold" else
+                  "cache warm: each case calls on one input again and again"))
     if scaling[0] is not None:
         header += (f"\ncore check (before, after the cases): an in-cache bncore call ran "
                    f"{scaling[0]:.2f}x, {scaling[1]:.2f}x faster on {args.threads} threads "

@@ -255,3 +255,21 @@ def test_switch_bench_times_both_settings_and_leaves_the_switch_on(switch, monke
         assert float(cells[2]) > 0 and float(cells[3]) > 0
     was = getattr(kernels, switch)(True)
     assert (was[0] if isinstance(was, tuple) else was) is True
+
+
+def test_cold_cache_cases_rotate_over_more_than_the_l3(monkeypatch):
+    """Review: every call reused one x, which a cache-bypassing writer (bncore's
+    streaming y) found in L3 on the next call and torch did not. Large inputs
+    now rotate over copies spanning 64 MiB; small ones (in cache in a real
+    network too) and --cache warm keep one."""
+    for nbytes in (8 << 20, 25 << 20, 33 << 20, 100 << 20):
+        k = bench._rotation(nbytes)
+        assert k >= 2 and (k - 1) * nbytes >= bench.ROTATE_SPAN_BYTES
+    assert bench._rotation(1 << 20) == 1
+    monkeypatch.setattr(bench, "CACHE_MODE", "warm")
+    assert bench._rotation(25 << 20) == 1
+    calls = []
+    run = bench._cycled([lambda i=i: calls.append(i) for i in range(3)])
+    for _ in range(6):
+        run()
+    assert sorted(calls) == [0, 0, 1, 1, 2, 2] and calls[:3] != calls[3:4] * 3
