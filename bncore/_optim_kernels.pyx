@@ -111,6 +111,7 @@ cdef class Table:
     """Validated operands of one multi-tensor call: pointers, sizes, chunks."""
 
     cdef public list arrays          # keeps every array alive while pointers are used
+    cdef public bint foreign         # some operand came in as another kind of array (torch?)
     cdef readonly int nops
     cdef readonly Py_ssize_t ntensors, nchunks, total
     cdef readonly int pcode, gcode   # dtype codes of operand 0 and of the gradient operand
@@ -154,6 +155,7 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
     cdef list arrays = []
     cdef list row
     cdef dict extents = {}       # (k, i) -> the caller's byte range, for inputs copied here
+    cdef bint foreign = False
     for k in range(nops):
         if lists[k] is not None and len(lists[k]) != n:
             raise ValueError(f"{names[k]} has {len(lists[k])} entries but {names[0]} has {n}")
@@ -165,6 +167,7 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
         for i in range(n):
             obj = lists[k][i]
             if type(obj) is not np.ndarray:
+                foreign = True
                 if writes[k] and not viewable_in_place(obj):
                     # np.asarray would make a temporary copy: the update would be lost
                     raise TypeError(f"{names[k]}[{i}] is updated in place, so it must be an "
@@ -240,6 +243,7 @@ def gather(list lists, tuple names, tuple writes, int grad_op, as_array,
 
     cdef Table t = Table()
     t.arrays = arrays
+    t.foreign = foreign
     t.nops = nops
     t.ntensors = n
     t.pcode = pcode

@@ -245,7 +245,8 @@ def sgd_step(params: ArrayList, grads: ArrayList, momentum_buffers: Optional[Arr
         return
     _k.sgd(t, lr, momentum, dampening, bool(nesterov), weight_decay, bool(decoupled_weight_decay),
            bool(maximize), bool(first_step), s, inv, nthreads, use_bufs)
-    chk.bump_versions(*(lists[k] for k in (0, 2)))
+    if t.foreign:               # only lists holding other arrays (torch?) are scanned
+        chk.bump_versions(*(lists[k] for k in (0, 2)))
 
 
 def adam_step(params: ArrayList, grads: ArrayList, exp_avgs: ArrayList, exp_avg_sqs: ArrayList, *,
@@ -304,7 +305,8 @@ def adam_step(params: ArrayList, grads: ArrayList, exp_avgs: ArrayList, exp_avg_
     _k.adam(t, t_bias, lr, beta1, beta2, eps, weight_decay, bool(decoupled_weight_decay),
             bool(amsgrad), bool(maximize), 2 if eps_style == "hat" else 0,
             eps_style == "optax", eps_root, weight_decay_post, inv, nthreads)
-    chk.bump_versions(params, m, v, vmax if amsgrad else None)
+    if t.foreign:               # only lists holding other arrays (torch?) are scanned
+        chk.bump_versions(params, m, v, vmax if amsgrad else None)
 
 
 def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
@@ -350,7 +352,8 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
         return
     _k.rmsprop(t, lr, alpha, eps, weight_decay, bool(decoupled_weight_decay), momentum,
                bool(centered), bool(maximize), bool(eps_inside_sqrt), s, inv, nthreads)
-    chk.bump_versions(params, sq, ga if centered else None, mb if momentum != 0.0 else None)
+    if t.foreign:               # only lists holding other arrays (torch?) are scanned
+        chk.bump_versions(params, sq, ga if centered else None, mb if momentum != 0.0 else None)
 
 
 def adagrad_step(params: ArrayList, grads: ArrayList, state_sums: ArrayList, *, step: int,
@@ -389,4 +392,5 @@ def adagrad_step(params: ArrayList, grads: ArrayList, state_sums: ArrayList, *, 
     clr = lr / (1.0 + (step - 1) * lr_decay)
     _k.adagrad(t, clr, weight_decay, bool(decoupled_weight_decay), bool(maximize), eps,
                bool(eps_inside_sqrt), inv, nthreads)
-    chk.bump_versions(params, hs)
+    if t.foreign:               # only lists holding other arrays (torch?) are scanned
+        chk.bump_versions(params, hs)

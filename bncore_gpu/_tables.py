@@ -171,6 +171,8 @@ def _dense(a) -> bool:
 def _layout(a) -> tuple:
     """The element strides of a's axes longer than 1 (0 for the others): equal
     for two dense arrays of one shape exactly when their flat orders agree."""
+    if a.size <= 1:            # no order to pair (the CPU compares sizes > 1 only)
+        return ()
     return tuple(st // a.itemsize if n > 1 else 0 for st, n in zip(a.strides, a.shape))
 
 

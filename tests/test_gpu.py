@@ -1835,3 +1835,14 @@ def test_gpu_written_torch_tensors_tell_autograd():
     bncore_gpu.batch_norm_forward(cupy.asarray(np.random.default_rng(0).standard_normal((8, 3))),
                                   running_mean=rm, running_var=rv)
     assert g._version == 0 and rm._version > 0 and rv._version > 0
+
+
+def test_gpu_empty_arrays_of_any_strides_pair_as_on_the_cpu():
+    """Review: an empty gradient whose strides differ from its empty parameter's
+    was refused on the GPU ("different order"), accepted on the CPU and before."""
+    p = cupy.zeros((2, 3), dtype=cupy.float32)[:0]
+    g = cupy.zeros((3, 2), dtype=cupy.float32).T[:0]
+    assert p.shape == g.shape == (0, 3) and p.strides != g.strides
+    bncore_gpu.sgd_step([p], [g], lr=0.1)
+    bncore.sgd_step([np.zeros((2, 3), np.float32)[:0]], [np.zeros((3, 2), np.float32).T[:0]],
+                    lr=0.1)
