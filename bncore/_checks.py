@@ -81,6 +81,13 @@ def is_torch_tensor(a: Any) -> bool:
     return tensor is not None and isinstance(a, tensor)
 
 
+def inference_tensors_refused() -> bool:
+    """Whether writes to torch inference tensors are refused now (torch
+    imported and not in inference mode)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and not torch.is_inference_mode_enabled()
+
+
 def _inference_tensor_outside_inference_mode(a: Any) -> bool:
     tensor = _torch_tensor_type()
     if tensor is None or not isinstance(a, tensor) or not a.is_inference():

@@ -351,3 +351,22 @@ def test_dense_numpy_arrays_in_any_axis_order_step_in_place():
     np.testing.assert_array_equal(p, want)
     with pytest.raises(ValueError, match="not contiguous.*pass the array itself"):
         bncore.sgd_step([p[::2]], [g[::2]], lr=0.1)
+
+
+def test_an_optimizer_class_decides_on_inference_tensors_at_each_step(torch):
+    """Review: the class kept the view it made at construction, so one built in
+    inference mode wrote the inference tensor outside it (torch refuses), and
+    one built outside refused a step inside inference mode (torch allows)."""
+    with torch.inference_mode():
+        p = torch.ones(3)
+        opt = bncore.optim.SGD([p], lr=0.5)
+    with pytest.raises(ValueError, match="inference"):
+        opt.step([torch.ones(3)])
+    assert torch.equal(p, torch.ones(3))
+    with torch.inference_mode():
+        q = torch.ones(3)
+    opt2 = bncore.optim.SGD([q], lr=0.5)
+    with torch.inference_mode():
+        opt2.step([torch.ones(3)])
+        opt.step([torch.ones(3)])
+    assert torch.equal(q, torch.full((3,), 0.5)) and torch.equal(p, torch.full((3,), 0.5))

@@ -937,6 +937,10 @@ def test_checkpoint_keys_json_cannot_hold_are_saved_as_text(tmp_path):
     back = optim.SGD(arrays(1), lr=0.5)
     optim.load(back, tmp_path / "c.npz")
     assert back.param_groups[0]["tags"] == {"Tag.A": 1, 2: "two"}
+    opt = optim.SGD([{"params": arrays(1), "tags": {(Tag.A, 1): 2}}], lr=0.1)
+    optim.save(opt, tmp_path / "d.npz")          # (review: a tuple holding an Enum failed)
+    optim.load(back, tmp_path / "d.npz")
+    assert back.param_groups[0]["tags"] == {("Tag.A", 1): 2}
 
 
 def test_linear_warmup_checks_after_when_built():

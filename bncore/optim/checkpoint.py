@@ -50,7 +50,9 @@ def _key(k: Any) -> Any:
     tuple, or else its str() (an Enum), as checkpoints always stored keys."""
     if k is None or isinstance(k, (str, int, float)):
         return k
-    return _to_jsonable(k) if isinstance(k, tuple) else str(k)
+    if isinstance(k, tuple):
+        return {"__tuple__": [_key(x) for x in k]}
+    return str(k)
 
 
 def _from_jsonable(v: Any) -> Any:

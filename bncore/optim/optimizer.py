@@ -160,8 +160,24 @@ class Optimizer:
     def _param(self, name: str, p) -> Any:
         a = self._as_param(name, p)
         if a is not p and chk.is_torch_tensor(p):
+            if p.is_inference() and isinstance(a, np.ndarray) and not a.flags.writeable:
+                # kept writable: whether a step may write it is the torch mode
+                # at that step, not at construction (_refuse_inference_writes)
+                a = np.from_dlpack(p)
             self._tensor_of[id(a)] = (a, p)
         return a
+
+    def _refuse_inference_writes(self, params) -> None:
+        """torch refuses in-place updates of an inference tensor outside
+        inference mode: so does a step, before anything is written."""
+        if not self._tensor_of or not chk.inference_tensors_refused():
+            return
+        for i, p in enumerate(params):
+            entry = self._tensor_of.get(id(p))
+            if entry is not None and entry[1].is_inference():
+                raise ValueError(f"parameter {i} is a torch inference tensor, which may be "
+                                 f"written only inside torch.inference_mode() ("
+                                 f"{chk.READ_ONLY_HINT})")
 
     def _bump_versions(self, params) -> None:
         if self._tensor_of:
@@ -413,6 +429,7 @@ class Optimizer:
         hyperparameters and every array are checked before any is written: a
         step that raises has changed nothing."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
+        self._refuse_inference_writes(params)
         calls = self._calls(glist)
         if skip or len(calls) > 1:
             # one kernel call checks all its arrays before writing any; several
