@@ -88,6 +88,22 @@ def inference_tensors_refused() -> bool:
     return torch is not None and not torch.is_inference_mode_enabled()
 
 
+def refuse_inference_writes(name: str, operand: Any) -> None:
+    """Refuse torch inference tensors among arrays about to be written, outside
+    inference mode (torch refuses such in-place updates). For backends whose
+    arrays carry no read-only flag (CuPy); `operand`: a list or one object."""
+    tensor = _torch_tensor_type()
+    if tensor is None or not inference_tensors_refused():
+        return
+    seq = operand if isinstance(operand, (list, tuple)) else (operand,)
+    if not any(issubclass(t, tensor) for t in set(map(type, seq))):
+        return
+    for i, a in enumerate(seq):
+        if isinstance(a, tensor) and a.is_inference():
+            where = f"{name}[{i}]" if seq is operand else name
+            raise ValueError(f"{where} is read-only; bncore writes it in place ({READ_ONLY_HINT})")
+
+
 def _inference_tensor_outside_inference_mode(a: Any) -> bool:
     tensor = _torch_tensor_type()
     if tensor is None or not isinstance(a, tensor) or not a.is_inference():

@@ -17,7 +17,7 @@ from typing import List, Optional, Sequence
 import cupy
 import numpy as np
 
-from bncore._checks import first_overlap
+from bncore._checks import first_overlap, refuse_inference_writes
 from bncore_gpu import _checks as chk
 
 CHUNK = 16384                 # must equal MT_CHUNK in _optim_kernels.cu
@@ -241,6 +241,10 @@ def gather(lists: List[Optional[list]], names: Sequence[str], writes: Sequence[b
         empty = np.zeros(0, dtype=np.int64)
         return Table(np.uint64(0), len(lists), 0, 0, _F32, _F32,
                      [None if lst is None else [] for lst in lists], [empty] * len(lists), writes)
+    for k, lst in enumerate(lists):
+        if writes[k] and lst is not None:
+            # (a CuPy view of a torch inference tensor cannot say it is read-only)
+            refuse_inference_writes(names[k], lst)
     infos = [None if lst is None else _info(names[k], lst, k == grad_op)
              for k, lst in enumerate(lists)]
     arrays = [None if lst is None else list(lst) for lst in lists]

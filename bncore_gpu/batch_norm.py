@@ -22,7 +22,7 @@ import cupy
 import numpy as np
 
 from bncore._bn_args import backward_args, forward_args
-from bncore._checks import bump_versions
+from bncore._checks import bump_versions, refuse_inference_writes
 from bncore._layout import channel_view
 from bncore_gpu import _bn_args_fast as _fast
 from bncore_gpu import _checks as chk
@@ -519,6 +519,10 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         num_threads)
     given = (running_mean, running_var, out)   # the caller's objects (torch tensors?)
     x, weight, bias, running_mean, running_var, training, momentum, eps, ax, C, n, out, _ = args
+    refuse_inference_writes("out", given[2])
+    if training:
+        refuse_inference_writes("running_mean", given[0])
+        refuse_inference_writes("running_var", given[1])
     unbiased_running_var = chk.flag("unbiased_running_var", unbiased_running_var)
     view = channel_view(x, ax)
     xk = view.arrange(x, cupy)
@@ -597,6 +601,7 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     args = _fast.backward_args(dy, x, mean, invstd, weight, training, axis, out,
                                num_threads) or backward_args(
         chk, dy, x, mean, invstd, weight, training, axis, out, num_threads)
+    refuse_inference_writes("out", out)
     bump_versions(out)      # written below, once the arguments have passed (torch tensors?)
     dy, x, mean, invstd, weight, training, ax, C, n, dx_out, dw_out, db_out, _ = args
     view = channel_view(x, ax)

@@ -1846,3 +1846,23 @@ def test_gpu_empty_arrays_of_any_strides_pair_as_on_the_cpu():
     bncore_gpu.sgd_step([p], [g], lr=0.1)
     bncore.sgd_step([np.zeros((2, 3), np.float32)[:0]], [np.zeros((3, 2), np.float32).T[:0]],
                     lr=0.1)
+
+
+def test_gpu_refuses_to_write_torch_inference_tensors_outside_inference_mode():
+    """As the CPU: torch refuses in-place updates of inference tensors outside
+    inference mode; CuPy views carry no read-only flag, so bncore_gpu asks."""
+    torch, dev = _torch_on_device()
+    with torch.inference_mode():
+        p = torch.ones(3, device=dev)
+        rm = torch.zeros(3, dtype=torch.float64, device=dev)
+        rv = torch.ones(3, dtype=torch.float64, device=dev)
+    with pytest.raises(ValueError, match=r"params\[0\] is read-only.*inference"):
+        bncore_gpu.sgd_step([p], [cupy.ones(3, dtype=cupy.float32)], lr=0.5)
+    x = cupy.asarray(np.random.default_rng(0).standard_normal((8, 3)))
+    with pytest.raises(ValueError, match="running_mean is read-only"):
+        bncore_gpu.batch_norm_forward(x, running_mean=rm, running_var=rv)
+    assert torch.equal(p, torch.ones(3, device=dev))
+    bncore_gpu.batch_norm_forward(x, running_mean=rm, running_var=rv, training=False)  # read
+    with torch.inference_mode():
+        bncore_gpu.sgd_step([p], [cupy.ones(3, dtype=cupy.float32)], lr=0.5)
+    assert torch.equal(p, torch.full((3,), 0.5, device=dev))
