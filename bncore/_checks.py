@@ -10,10 +10,15 @@ from __future__ import annotations
 import math
 import numbers
 import re
-import sys
 from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
+
+# torch's side of arrays shared through DLPack (autograd versions, inference
+# tensors): their own module, re-exported for the callers of these checks
+from bncore._torch_interop import (READ_ONLY_HINT, bump_versions,  # noqa: F401
+                                   inference_outside_mode, inference_tensors_refused,
+                                   is_torch_tensor, refuse_inference_writes)
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -58,7 +63,7 @@ def as_array(name: str, a: Any) -> np.ndarray:
                 hint = "is it on the CPU? GPU arrays go to bncore_gpu"
             raise TypeError(f"{name}: cannot view {type(a).__name__} as a NumPy array "
                             f"through DLPack ({text}); {hint}") from exc
-        if _inference_tensor_outside_inference_mode(a):
+        if inference_outside_mode(a):
             # readable, not writable: torch refuses in-place updates of an
             # inference tensor outside inference mode (the flag makes every
             # write path refuse it, naming the argument)
@@ -68,78 +73,6 @@ def as_array(name: str, a: Any) -> np.ndarray:
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     return np.asarray(a)
-
-
-def _torch_tensor_type():
-    """torch.Tensor where torch is imported (none of its tensors exist otherwise)."""
-    torch = sys.modules.get("torch")
-    return getattr(torch, "Tensor", None)
-
-
-def is_torch_tensor(a: Any) -> bool:
-    tensor = _torch_tensor_type()
-    return tensor is not None and isinstance(a, tensor)
-
-
-def inference_tensors_refused() -> bool:
-    """Whether writes to torch inference tensors are refused now (torch
-    imported and not in inference mode)."""
-    torch = sys.modules.get("torch")
-    return torch is not None and not torch.is_inference_mode_enabled()
-
-
-def refuse_inference_writes(name: str, operand: Any) -> None:
-    """Refuse torch inference tensors among arrays about to be written, outside
-    inference mode (torch refuses such in-place updates). For backends whose
-    arrays carry no read-only flag (CuPy); `operand`: a list or one object."""
-    tensor = _torch_tensor_type()
-    if tensor is None or not inference_tensors_refused():
-        return
-    seq = operand if isinstance(operand, (list, tuple)) else (operand,)
-    if not any(issubclass(t, tensor) for t in set(map(type, seq))):
-        return
-    for i, a in enumerate(seq):
-        if isinstance(a, tensor) and a.is_inference():
-            where = f"{name}[{i}]" if seq is operand else name
-            raise ValueError(f"{where} is read-only; bncore writes it in place ({READ_ONLY_HINT})")
-
-
-def _inference_tensor_outside_inference_mode(a: Any) -> bool:
-    tensor = _torch_tensor_type()
-    if tensor is None or not isinstance(a, tensor) or not a.is_inference():
-        return False
-    return not sys.modules["torch"].is_inference_mode_enabled()
-
-
-def bump_versions(*operands: Any) -> None:
-    """Tell torch's autograd that bncore wrote these tensors in place.
-
-    DLPack shares memory, not autograd's version counter: a write through it
-    left the counter as it was, so a backward that had saved the tensor (a
-    parameter in a graph built before the optimizer step) used the new values
-    silently, where torch's own in-place updates make it raise. Each operand is
-    a list of arrays (or one array, or None); only torch tensors are touched,
-    and a process without torch pays nothing."""
-    tensor = _torch_tensor_type()
-    if tensor is None:
-        return
-    for op in operands:
-        seq = op if isinstance(op, (list, tuple)) else (op,)
-        # the few distinct types of a list, at C speed (NumPy or CuPy arrays: none)
-        if not any(issubclass(t, tensor) for t in set(map(type, seq))):
-            continue
-        for a in seq:
-            if isinstance(a, tensor) and not a.is_inference():
-                _increment_version(a)
-
-
-def _increment_version(t: Any) -> None:
-    torch = sys.modules["torch"]
-    inc = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
-    if inc is not None:
-        inc(t)
-    else:                                   # torch before 2.1
-        torch._C._autograd._increment_version(t)
 
 
 def refuse_lazy_negation(name: str, a: Any) -> None:
@@ -179,10 +112,6 @@ def viewable_in_place(a: Any) -> bool:
     except TypeError:
         return False
     return True
-
-
-READ_ONLY_HINT = ("JAX arrays are immutable, and torch inference tensors may be written "
-                  "only in inference mode: update NumPy arrays or torch tensors")
 
 
 def writeable(name: str, a: np.ndarray) -> None:

@@ -17,7 +17,8 @@ from typing import List, Optional, Sequence
 import cupy
 import numpy as np
 
-from bncore._checks import first_overlap, refuse_inference_writes
+from bncore._checks import first_overlap
+from bncore._torch_interop import refuse_inference_writes
 from bncore_gpu import _checks as chk
 
 CHUNK = 16384                 # must equal MT_CHUNK in _optim_kernels.cu

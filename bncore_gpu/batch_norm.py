@@ -22,7 +22,7 @@ import cupy
 import numpy as np
 
 from bncore._bn_args import backward_args, forward_args
-from bncore._checks import bump_versions, refuse_inference_writes
+from bncore._torch_interop import bump_versions, refuse_inference_writes
 from bncore._layout import channel_view
 from bncore_gpu import _bn_args_fast as _fast
 from bncore_gpu import _checks as chk

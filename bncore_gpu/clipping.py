@@ -21,7 +21,7 @@ from bncore import optimizers as _cpu
 from bncore._threads import resolve_num_threads
 from bncore.clipping import NonFiniteError, _norm_type, tables_by_dtype
 from bncore_gpu import _checks as chk
-from bncore._checks import bump_versions
+from bncore._torch_interop import bump_versions
 from bncore_gpu._tables import CTYPES, gather
 from bncore_gpu.optimizers import NULL, kernel
 

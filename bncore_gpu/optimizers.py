@@ -19,7 +19,7 @@ import cupy
 import numpy as np
 
 from bncore import optimizers as _cpu
-from bncore._checks import bump_versions
+from bncore._torch_interop import bump_versions
 from bncore._threads import resolve_num_threads
 from bncore_gpu import _checks as chk
 from bncore_gpu import _loader
@@ -98,7 +98,7 @@ def step_arg(name: str, step, minimum: int):
 def _launch(name: str, t, *args) -> None:
     if t.nchunks:
         kernel(name)((t.nchunks,), (256,), (*t.args(), *args))
-    bump_versions(t.written())     # torch tensors written: tell autograd (bncore._checks)
+    bump_versions(t.written())     # torch tensors written: tell autograd (bncore._torch_interop)
 
 
 def _pair(t) -> str:

@@ -1,0 +1,87 @@
+"""torch's side of arrays shared through DLPack (or the CUDA array interface).
+
+DLPack shares a tensor's memory, not what torch keeps beside it: autograd's
+version counter, and the rule that an inference tensor is written only in
+inference mode. bncore's writes honour both here, for bncore and bncore_gpu.
+Nothing imports torch: a process without it pays nothing.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+READ_ONLY_HINT = ("JAX arrays are immutable, and torch inference tensors may be written "
+                  "only in inference mode: update NumPy arrays or torch tensors")
+
+
+def _torch_tensor_type():
+    """torch.Tensor where torch is imported (none of its tensors exist otherwise)."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "Tensor", None)
+
+
+def is_torch_tensor(a: Any) -> bool:
+    tensor = _torch_tensor_type()
+    return tensor is not None and isinstance(a, tensor)
+
+
+def inference_tensors_refused() -> bool:
+    """Whether writes to torch inference tensors are refused now (torch
+    imported and not in inference mode)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and not torch.is_inference_mode_enabled()
+
+
+def refuse_inference_writes(name: str, operand: Any) -> None:
+    """Refuse torch inference tensors among arrays about to be written, outside
+    inference mode (torch refuses such in-place updates). For backends whose
+    arrays carry no read-only flag (CuPy); `operand`: a list or one object."""
+    tensor = _torch_tensor_type()
+    if tensor is None or not inference_tensors_refused():
+        return
+    seq = operand if isinstance(operand, (list, tuple)) else (operand,)
+    if not any(issubclass(t, tensor) for t in set(map(type, seq))):
+        return
+    for i, a in enumerate(seq):
+        if isinstance(a, tensor) and a.is_inference():
+            where = f"{name}[{i}]" if seq is operand else name
+            raise ValueError(f"{where} is read-only; bncore writes it in place ({READ_ONLY_HINT})")
+
+
+def inference_outside_mode(a: Any) -> bool:
+    """Whether `a` is a torch inference tensor and inference mode is off."""
+    tensor = _torch_tensor_type()
+    if tensor is None or not isinstance(a, tensor) or not a.is_inference():
+        return False
+    return not sys.modules["torch"].is_inference_mode_enabled()
+
+
+def bump_versions(*operands: Any) -> None:
+    """Tell torch's autograd that bncore wrote these tensors in place.
+
+    DLPack shares memory, not autograd's version counter: a write through it
+    left the counter as it was, so a backward that had saved the tensor (a
+    parameter in a graph built before the optimizer step) used the new values
+    silently, where torch's own in-place updates make it raise. Each operand is
+    a list of arrays (or one array, or None); only torch tensors are touched,
+    and a process without torch pays nothing."""
+    tensor = _torch_tensor_type()
+    if tensor is None:
+        return
+    for op in operands:
+        seq = op if isinstance(op, (list, tuple)) else (op,)
+        # the few distinct types of a list, at C speed (NumPy or CuPy arrays: none)
+        if not any(issubclass(t, tensor) for t in set(map(type, seq))):
+            continue
+        for a in seq:
+            if isinstance(a, tensor) and not a.is_inference():
+                _increment_version(a)
+
+
+def _increment_version(t: Any) -> None:
+    torch = sys.modules["torch"]
+    inc = getattr(getattr(torch.autograd, "graph", None), "increment_version", None)
+    if inc is not None:
+        inc(t)
+    else:                                   # torch before 2.1
+        torch._C._autograd._increment_version(t)
