@@ -72,7 +72,10 @@ def as_array(name: str, a: Any) -> np.ndarray:
         return arr
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
-    return np.asarray(a)
+    try:
+        return np.asarray(a)
+    except (ValueError, TypeError) as exc:   # (a ragged nested list)
+        raise TypeError(f"{name} cannot be read as an array: {exc}") from None
 
 
 def refuse_lazy_negation(name: str, a: Any) -> None:

@@ -68,14 +68,28 @@ def scalar_value(name: str, v: Any) -> float:
 
 def amp_args(grad_scale, found_inf):
     """(skip, inv_scale) from the AMP arguments."""
-    skip = found_inf is not None and scalar_value("found_inf", found_inf) != 0.0
-    inv = 1.0
-    if grad_scale is not None:
-        s = scalar_value("grad_scale", grad_scale)
-        if not (math.isfinite(s) and s > 0.0):
-            raise ValueError(f"grad_scale must be a finite number > 0 (the loss scale), got {s}")
-        inv = 1.0 / s
+    skip = found_inf is not None and found_inf_flag(found_inf)
+    inv = 1.0 if grad_scale is None else 1.0 / grad_scale_value(grad_scale)
     return skip, inv
+
+
+def found_inf_flag(found_inf) -> bool:
+    """A host found_inf as a flag: 0 or False steps, anything else skips; NaN is refused."""
+    f = scalar_value("found_inf", found_inf)
+    if math.isnan(f):
+        raise ValueError("found_inf must be a flag (0 or False: step; anything else: skip), "
+                         "got nan")
+    return f != 0.0
+
+
+def grad_scale_value(grad_scale) -> float:
+    """A host loss scale: a finite number > 0 (a bool is refused)."""
+    if isinstance(grad_scale, (bool, np.bool_)) or getattr(grad_scale, "dtype", None) == bool:
+        raise TypeError("grad_scale must be a number (the loss scale), got a bool")
+    s = scalar_value("grad_scale", grad_scale)
+    if not (math.isfinite(s) and s > 0.0):
+        raise ValueError(f"grad_scale must be a finite number > 0 (the loss scale), got {s}")
+    return s
 
 
 def _lr(lr) -> float:
@@ -106,6 +120,10 @@ def _step(name: str, step, minimum: int) -> int:
 
 
 def _style(name: str, value, allowed) -> Any:
+    if not isinstance(value, str):
+        # (an array here made `in` raise NumPy's "truth value ... ambiguous")
+        raise TypeError(f"{name} must be one of {', '.join(map(repr, allowed))}; got "
+                        f"{type(value).__name__}")
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
     return value

@@ -12,7 +12,6 @@ bias correction off, where the same host values raise ValueError.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import cupy
@@ -76,15 +75,12 @@ def amp_args(grad_scale, found_inf):
         if is_device(found_inf):
             found_ptr = device_scalar("found_inf", found_inf)
         else:
-            skip = _cpu.scalar_value("found_inf", found_inf) != 0.0
+            skip = _cpu.found_inf_flag(found_inf)
     if grad_scale is not None:
         if is_device(grad_scale):
             scale_ptr = device_scalar("grad_scale", grad_scale)
         else:
-            s = _cpu.scalar_value("grad_scale", grad_scale)
-            if not (math.isfinite(s) and s > 0.0):
-                raise ValueError(f"grad_scale must be a finite number > 0 (the loss scale), got {s}")
-            inv = 1.0 / s
+            inv = 1.0 / _cpu.grad_scale_value(grad_scale)
     return skip, inv, scale_ptr, found_ptr
 
 

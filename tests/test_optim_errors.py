@@ -515,3 +515,30 @@ def test_first_overlap_agrees_with_checking_every_pair():
         if got is not None:
             i, j = got
             assert i != j and st[i] < en[j] and st[j] < en[i] and (w[i] or w[j])
+
+
+@pytest.mark.parametrize("call,exc,text", [
+    (lambda P, G, Z: bncore.sgd_step(P, G, lr=0.1, style=np.array(["torch", "keras"])),
+     TypeError, "style must be one of"),
+    (lambda P, G, Z: bncore.rmsprop_step(P, G, Z(), style=np.array(["torch", "keras"])),
+     TypeError, "style must be one of"),
+    (lambda P, G, Z: bncore.adam_step(P, G, Z(), Z(), step=1, eps_style=np.array(["torch", "hat"])),
+     TypeError, "eps_style must be one of"),
+    (lambda P, G, Z: bncore.sgd_step(P, G, lr=0.1, grad_scale=True), TypeError, "grad_scale"),
+    (lambda P, G, Z: bncore.adam_step(P, G, Z(), Z(), step=1, grad_scale=np.True_), TypeError,
+     "grad_scale"),
+    (lambda P, G, Z: bncore.sgd_step(P, G, lr=0.1, found_inf=float("nan")), ValueError,
+     "found_inf"),
+    (lambda P, G, Z: bncore.found_inf([[np.ones(3), np.ones(2)]]), TypeError, r"grads\[0\]"),
+    (lambda P, G, Z: bncore.grad_norm([[np.ones(3), np.ones(2)]]), TypeError, r"grads\[0\]"),
+])
+def test_fuzzed_bad_arguments_are_named(call, exc, text):
+    """Found by fuzzing the error paths: an array as a string option raised
+    NumPy's "truth value ... ambiguous", a bool loss scale was taken as 1.0, a
+    NaN found_inf skipped the step, and a ragged nested list of gradients gave
+    NumPy's own message; each now names its argument, and nothing changes."""
+    P = [np.ones(3, np.float32)]
+    G = [np.ones(3, np.float32)]
+    with pytest.raises(exc, match=text):
+        call(P, G, lambda: [np.zeros(3, np.float32)])
+    assert P[0].tobytes() == np.ones(3, np.float32).tobytes()

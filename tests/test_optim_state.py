@@ -399,6 +399,17 @@ def loaded_adam():
     # found by review: a bare KeyError, where every other corrupt input is a ValueError
     ("group without params", lambda sd: sd["param_groups"][1].pop("params"), ValueError,
      r"param_groups\[1\].*'params'"),
+    # found by fuzzing: AttributeError / unnamed errors from inside the loader
+    ("state entry None", lambda sd: sd["state"].__setitem__(0, None), TypeError,
+     r"\['state'\]\[0\] must be a dict"),
+    ("state not a dict", lambda sd: sd.__setitem__("state", 3), TypeError, r"\['state'\]"),
+    ("groups None", lambda sd: sd.__setitem__("param_groups", None), TypeError,
+     r"\['param_groups'\] must be a list"),
+    ("params None", lambda sd: sd["param_groups"][0].__setitem__("params", None), TypeError,
+     r"\['params'\] must be a list"),
+    ("convention a dict", lambda sd: sd.__setitem__("convention", {}), TypeError, "convention"),
+    ("optimizer an array", lambda sd: sd.__setitem__("optimizer", np.array([1, 2])), ValueError,
+     "state_dict is for"),
 ])
 def test_bad_state_dict_leaves_the_optimizer_as_it_was(desc, edit, exc, text):
     opt, params = loaded_adam()

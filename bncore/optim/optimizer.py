@@ -93,6 +93,27 @@ def _as_param(name: str, p) -> np.ndarray:
     return a
 
 
+def _check_structure(state_dict: Dict[str, Any]) -> None:
+    """The containers of a state_dict (what load_state_dict walks) are what
+    state_dict() makes: a malformed one is a TypeError naming the entry, not
+    an AttributeError from inside the loader."""
+    def kind(ok, where, want, v):
+        if not ok:
+            raise TypeError(f"state_dict{where} must be {want}, got {type(v).__name__}")
+    conv = state_dict.get("convention")
+    kind(conv is None or isinstance(conv, str), "['convention']", "a str", conv)
+    groups, state = state_dict["param_groups"], state_dict["state"]
+    kind(isinstance(groups, (list, tuple)), "['param_groups']", "a list", groups)
+    for gi, g in enumerate(groups):
+        kind(isinstance(g, dict), f"['param_groups'][{gi}]", "a dict", g)
+        if "params" in g:
+            kind(isinstance(g["params"], (list, tuple)), f"['param_groups'][{gi}]['params']",
+                 "a list", g["params"])
+    kind(isinstance(state, dict), "['state']", "a dict", state)
+    for i, s in state.items():
+        kind(isinstance(s, dict), f"['state'][{i!r}]", "a dict", s)
+
+
 class Optimizer:
     """Base class: parameter groups, lazy state, state_dict, the AMP skip."""
 
@@ -526,12 +547,13 @@ class Optimizer:
         option on (at zero; SGD's torch-style buffer as the first gradient)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        if state_dict.get("optimizer") != type(self).__name__:
-            raise ValueError(f"state_dict is for {state_dict.get('optimizer')!r}, "
-                             f"not {type(self).__name__!r}")
+        name = state_dict.get("optimizer")
+        if not isinstance(name, str) or name != type(self).__name__:
+            raise ValueError(f"state_dict is for {name!r}, not {type(self).__name__!r}")
         for key in ("param_groups", "state"):
             if key not in state_dict:
                 raise ValueError(f"state_dict has no {key!r} entry")
+        _check_structure(state_dict)
         params = self._sync_params()
         groups = list(state_dict["param_groups"])
         if len(groups) != len(self.param_groups):
