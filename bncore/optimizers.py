@@ -84,7 +84,8 @@ def found_inf_flag(found_inf) -> bool:
 
 def grad_scale_value(grad_scale) -> float:
     """A host loss scale: a finite number > 0 (a bool is refused)."""
-    if isinstance(grad_scale, (bool, np.bool_)) or getattr(grad_scale, "dtype", None) == bool:
+    dtype = getattr(grad_scale, "dtype", None)
+    if isinstance(grad_scale, (bool, np.bool_)) or dtype == bool or str(dtype) == "torch.bool":
         raise TypeError("grad_scale must be a number (the loss scale), got a bool")
     s = scalar_value("grad_scale", grad_scale)
     if not (math.isfinite(s) and s > 0.0):

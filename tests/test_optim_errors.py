@@ -527,6 +527,8 @@ def test_first_overlap_agrees_with_checking_every_pair():
     (lambda P, G, Z: bncore.sgd_step(P, G, lr=0.1, grad_scale=True), TypeError, "grad_scale"),
     (lambda P, G, Z: bncore.adam_step(P, G, Z(), Z(), step=1, grad_scale=np.True_), TypeError,
      "grad_scale"),
+    (lambda P, G, Z: bncore.sgd_step(P, G, lr=0.1, grad_scale=np.array(True)), TypeError,
+     "grad_scale"),
     (lambda P, G, Z: bncore.sgd_step(P, G, lr=0.1, found_inf=float("nan")), ValueError,
      "found_inf"),
     (lambda P, G, Z: bncore.found_inf([[np.ones(3), np.ones(2)]]), TypeError, r"grads\[0\]"),
@@ -542,3 +544,23 @@ def test_fuzzed_bad_arguments_are_named(call, exc, text):
     with pytest.raises(exc, match=text):
         call(P, G, lambda: [np.zeros(3, np.float32)])
     assert P[0].tobytes() == np.ones(3, np.float32).tobytes()
+
+
+def test_a_torch_bool_loss_scale_is_refused_and_mappings_load():
+    """Review of the fuzzing fixes: torch.tensor(True) slipped past the bool
+    check (its dtype is torch.bool); a state_dict whose 'state' is a read-only
+    mapping loaded before the structure checks and loads again."""
+    torch = pytest.importorskip("torch")
+    P = [np.ones(3, np.float32)]
+    with pytest.raises(TypeError, match="grad_scale"):
+        bncore.sgd_step(P, [np.ones(3, np.float32)], lr=0.1, grad_scale=torch.tensor(True))
+    bncore.sgd_step(P, [np.ones(3, np.float32)], lr=0.1, grad_scale=torch.tensor(2.0))
+    np.testing.assert_array_equal(P[0], np.full(3, 0.95, np.float32))
+    import types
+    opt = bncore.optim.Adam([np.ones(3)], lr=0.1)
+    opt.step([np.ones(3)])
+    sd = opt.state_dict()
+    sd["state"] = types.MappingProxyType(sd["state"])
+    sd["param_groups"] = [types.MappingProxyType(g) for g in sd["param_groups"]]
+    opt.load_state_dict(sd)
+    opt.step([np.ones(3)])

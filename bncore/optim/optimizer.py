@@ -16,6 +16,7 @@ import copy
 import difflib
 import functools
 import operator
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -105,13 +106,13 @@ def _check_structure(state_dict: Dict[str, Any]) -> None:
     groups, state = state_dict["param_groups"], state_dict["state"]
     kind(isinstance(groups, (list, tuple)), "['param_groups']", "a list", groups)
     for gi, g in enumerate(groups):
-        kind(isinstance(g, dict), f"['param_groups'][{gi}]", "a dict", g)
+        kind(isinstance(g, Mapping), f"['param_groups'][{gi}]", "a dict", g)
         if "params" in g:
             kind(isinstance(g["params"], (list, tuple)), f"['param_groups'][{gi}]['params']",
                  "a list", g["params"])
-    kind(isinstance(state, dict), "['state']", "a dict", state)
+    kind(isinstance(state, Mapping), "['state']", "a dict", state)
     for i, s in state.items():
-        kind(isinstance(s, dict), f"['state'][{i!r}]", "a dict", s)
+        kind(isinstance(s, Mapping), f"['state'][{i!r}]", "a dict", s)
 
 
 class Optimizer:
@@ -575,7 +576,7 @@ class Optimizer:
 
     def _check_loaded_groups(self, groups, new_hyper) -> None:
         for gi, (g_new, g_old) in enumerate(zip(groups, self.param_groups)):
-            if not isinstance(g_new, dict) or "params" not in g_new:
+            if "params" not in g_new:
                 raise ValueError(f"state_dict's param_groups[{gi}] is not a dict with a "
                                  f"'params' entry")
             if len(g_new["params"]) != len(g_old["params"]):
