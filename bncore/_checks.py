@@ -18,7 +18,8 @@ import numpy as np
 # tensors): their own module, re-exported for the callers of these checks
 from bncore._torch_interop import (READ_ONLY_HINT, bump_versions,  # noqa: F401
                                    inference_outside_mode, inference_tensors_refused,
-                                   is_torch_tensor, refuse_inference_writes)
+                                   is_torch_tensor, refuse_inference_writes,
+                                   refuse_misleading_export)
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -43,7 +44,7 @@ def as_array(name: str, a: Any) -> np.ndarray:
     if isinstance(a, np.ndarray):
         return a
     if hasattr(a, "__dlpack__") and not isinstance(a, (list, tuple)):
-        refuse_lazy_negation(name, a)
+        refuse_misleading_export(name, a)
         try:
             arr = np.from_dlpack(a)
         except (BufferError, TypeError, RuntimeError) as exc:
@@ -76,25 +77,6 @@ def as_array(name: str, a: Any) -> np.ndarray:
         return np.asarray(a)
     except (ValueError, TypeError) as exc:   # (a ragged nested list)
         raise TypeError(f"{name} cannot be read as an array: {exc}") from None
-
-
-def refuse_lazy_negation(name: str, a: Any) -> None:
-    """Refuse a torch tensor whose negative bit is set: torch keeps a lazy
-    negation (``z.conj().imag``, ``torch._neg_view``) as a flag over memory
-    that holds the opposite values, and DLPack and the CUDA array interface
-    export that memory without the flag, so every value would be read with
-    the wrong sign (torch's own ``.numpy()`` refuses such tensors)."""
-    is_neg = getattr(a, "is_neg", None)
-    if callable(is_neg) and is_neg():
-        raise TypeError(f"{name} is a torch tensor with its negative bit set (a lazy "
-                        f"negation, such as z.conj().imag): its memory holds the opposite "
-                        f"values; pass {name}.resolve_neg()")
-    is_zero = getattr(a, "_is_zerotensor", None)
-    if callable(is_zero) and is_zero():
-        # torch's ZeroTensor: immutable zeros with no memory of their own, whose
-        # DLPack export points at whatever lies there
-        raise TypeError(f"{name} is a torch ZeroTensor (immutable zeros without memory "
-                        f"of their own); pass torch.zeros_like({name}) or {name}.clone()")
 
 
 def viewable_in_place(a: Any) -> bool:

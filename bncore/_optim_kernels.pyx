@@ -297,7 +297,7 @@ cdef bint _dense(cnp.ndarray a):
     if cnp.PyArray_IS_C_CONTIGUOUS(a) or cnp.PyArray_IS_F_CONTIGUOUS(a):
         return True
     cdef int d, e, nd = cnp.PyArray_NDIM(a), m = 0
-    cdef Py_ssize_t want = cnp.PyArray_ITEMSIZE(a), best, dim
+    cdef Py_ssize_t want = cnp.PyArray_ITEMSIZE(a), best
     cdef Py_ssize_t strides[64]
     cdef Py_ssize_t dims[64]
     for d in range(nd):

@@ -83,6 +83,17 @@ def resolve_num_threads(num_threads: Optional[int]) -> int:
     return 1 if _forked_child else note_parallel(n)
 
 
+def fast_num_threads(num_threads) -> int:
+    """resolve_num_threads for the compiled fast paths, which take only a plain
+    int in range or None: the count, or 0 for an argument the checked path
+    must judge (and whose message it gives)."""
+    if num_threads is None:
+        return note_parallel(get_num_threads())
+    if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
+        return 1 if _forked_child else note_parallel(num_threads)
+    return 0
+
+
 def _checked(num_threads) -> int:
     if isinstance(num_threads, bool):
         raise TypeError("num_threads must be an int or None, got bool")

@@ -1,8 +1,10 @@
 """torch's side of arrays shared through DLPack (or the CUDA array interface).
 
 DLPack shares a tensor's memory, not what torch keeps beside it: autograd's
-version counter, and the rule that an inference tensor is written only in
-inference mode. bncore's writes honour both here, for bncore and bncore_gpu.
+version counter, the rule that an inference tensor is written only in
+inference mode, and flags that change what the memory means (a lazy
+negation; a ZeroTensor has none of its own). bncore and bncore_gpu honour
+them here.
 Nothing imports torch: a process without it pays nothing.
 """
 from __future__ import annotations
@@ -12,6 +14,28 @@ from typing import Any
 
 READ_ONLY_HINT = ("JAX arrays are immutable, and torch inference tensors may be written "
                   "only in inference mode: update NumPy arrays or torch tensors")
+
+
+def refuse_misleading_export(name: str, a: Any) -> None:
+    """Refuse torch tensors whose exported memory does not hold their values.
+
+    A tensor whose negative bit is set: torch keeps a lazy negation
+    (``z.conj().imag``, ``torch._neg_view``) as a flag over memory that holds
+    the opposite values, and DLPack and the CUDA array interface export that
+    memory without the flag, so every value would be read with the wrong sign
+    (torch's own ``.numpy()`` refuses such tensors). A ZeroTensor: its export
+    points at memory that is not its zeros."""
+    is_neg = getattr(a, "is_neg", None)
+    if callable(is_neg) and is_neg():
+        raise TypeError(f"{name} is a torch tensor with its negative bit set (a lazy "
+                        f"negation, such as z.conj().imag): its memory holds the opposite "
+                        f"values; pass {name}.resolve_neg()")
+    is_zero = getattr(a, "_is_zerotensor", None)
+    if callable(is_zero) and is_zero():
+        # torch's ZeroTensor: immutable zeros with no memory of their own, whose
+        # DLPack export points at whatever lies there
+        raise TypeError(f"{name} is a torch ZeroTensor (immutable zeros without memory "
+                        f"of their own); pass torch.zeros_like({name}) or {name}.clone()")
 
 
 def _torch_tensor_type():

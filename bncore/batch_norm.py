@@ -34,8 +34,7 @@ from bncore import _bn_kernels as _k
 from bncore import _checks as chk
 from bncore._bn_args import backward_args, forward_args
 from bncore._layout import channel_view
-from bncore import _threads
-from bncore._threads import MAX_THREADS, get_num_threads
+from bncore._threads import fast_num_threads
 
 __all__ = ["batch_norm_forward", "batch_norm_backward"]
 
@@ -129,7 +128,7 @@ def batch_norm_forward(
         training, running ones in inference. Pass them to
         :func:`batch_norm_backward`.
     """
-    nt = _fast_threads(num_threads)
+    nt = fast_num_threads(num_threads)
     if nt:
         fast = _k.forward_fast(x, weight, bias, running_mean, running_var, training, momentum,
                                eps, axis, unbiased_running_var, out, nt)
@@ -186,7 +185,7 @@ def batch_norm_backward(
     (C,) in weight's dtype (x's dtype when weight is None), always returned.
     ``out`` may be dx alone or a ``(dx, dweight, dbias)`` tuple (any None).
     """
-    nt = _fast_threads(num_threads)
+    nt = fast_num_threads(num_threads)
     if nt:
         fast = _k.backward_fast(dy, x, mean, invstd, weight, training, axis, out, nt)
         if fast is not None:
@@ -215,16 +214,6 @@ def batch_norm_backward(
                                       dw_out, db_out)
     chk.bump_versions(given)
     return dx, dweight, dbias
-
-
-def _fast_threads(num_threads) -> int:
-    """The thread count to offer the compiled fast paths, or 0 for a
-    num_threads that the checked path must judge."""
-    if num_threads is None:
-        return _threads.note_parallel(get_num_threads())
-    if type(num_threads) is int and 1 <= num_threads <= MAX_THREADS:
-        return 1 if _threads._forked_child else _threads.note_parallel(num_threads)
-    return 0
 
 
 def _parameter_grads(sum_dy: np.ndarray, sum_dy_xmu: np.ndarray, invstd: np.ndarray,

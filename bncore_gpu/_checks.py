@@ -18,7 +18,7 @@ import numpy as np
 
 from bncore._checks import (  # noqa: F401  (re-exported: the same scalar rules)
     FLOAT_DTYPES, array_rules, flag, in_unit_interval, non_negative, normalize_axis, positive,
-    real_scalar, refuse_lazy_negation, same_shape)
+    real_scalar, refuse_misleading_export, same_shape)
 
 
 def _not_viewable(name: str, a: Any, via: str, exc: Exception) -> str:
@@ -71,7 +71,7 @@ def device_array(name: str, a: Any) -> "cupy.ndarray":
     if isinstance(a, np.ndarray) or np.isscalar(a) or isinstance(a, (list, tuple)):
         raise TypeError(f"{name} is a host array ({type(a).__name__}); bncore_gpu works on "
                         f"device arrays: move it with cupy.asarray() (or use bncore on the CPU)")
-    refuse_lazy_negation(name, a)
+    refuse_misleading_export(name, a)
     try:
         # a torch CUDA tensor that requires grad raises here rather than
         # lacking the attribute, so hasattr alone would let that escape

@@ -160,14 +160,11 @@ ROTATE_MIN_BYTES = 8 << 20
 ROTATE_SPAN_BYTES = 64 << 20
 
 
-#: "cold" (the default): large inputs rotate as above; "warm": one input,
-#: called again and again (what this script measured before 2026-11-29)
-CACHE_MODE = "cold"
-
-
-def _rotation(nbytes: int) -> int:
-    """How many copies of an input the cases cycle through."""
-    if CACHE_MODE == "warm" or nbytes < ROTATE_MIN_BYTES:
+def _rotation(nbytes: int, cache: str) -> int:
+    """How many copies of an input the cases cycle through: cache "cold" (the
+    default) rotates large inputs as above; "warm" calls one input again and
+    again (what this script measured before 2026-11-29)."""
+    if cache == "warm" or nbytes < ROTATE_MIN_BYTES:
         return 1             # in cache, as a small layer's activations can be
     return -(-ROTATE_SPAN_BYTES // nbytes) + 1
 
@@ -185,7 +182,7 @@ def _cycled(calls: List[Callable[[], object]]) -> Callable[[], object]:
 
 
 def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng,
-                    dtype=np.float32) -> List[Case]:
+                    dtype=np.float32, cache: str = "cold") -> List[Case]:
     """forward-train, forward-eval and backward cases for one shape and layout."""
     C = shape[1]
     x = rng.standard_normal(shape).astype(dtype)
@@ -199,7 +196,7 @@ def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng,
     rm = np.zeros(C, np.float32)
     rv = np.ones(C, np.float32)
     nbytes = x.nbytes
-    k = _rotation(nbytes)
+    k = _rotation(nbytes, cache)
     # identical copies (the statistics stay valid for every one), each in x's layout
     xs = [x] + [x.copy(order="K") for _ in range(k - 1)]
     dys = [dy] + [dy.copy(order="K") for _ in range(k - 1)]
@@ -251,7 +248,7 @@ def _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng,
             Case(f"bn backward {label}", "bn", 3 * nbytes, impl_bwd)]
 
 
-def bn_cases(threads: int) -> List[Case]:
+def bn_cases(threads: int, cache: str = "cold") -> List[Case]:
     import bncore
 
     try:
@@ -262,7 +259,8 @@ def bn_cases(threads: int) -> List[Case]:
     rng = np.random.default_rng(0)
     cases = []
     for label, shape, layout, dtype in BN_SHAPES:
-        cases += _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng, dtype)
+        cases += _bn_shape_cases(bncore, torch, threads, label, shape, layout, rng, dtype,
+                                 cache)
     # per-call overhead: a tiny input, where the time is all fixed cost
     xs = rng.standard_normal((4, 8)).astype(np.float32)
     tiny = {"bncore": lambda: bncore.batch_norm_forward(xs, num_threads=threads)}
@@ -365,9 +363,7 @@ def main(argv=None) -> int:
     from bench_optim import optim_cases   # noqa: E402
 
     bncore.set_num_threads(args.threads)
-    global CACHE_MODE
-    CACHE_MODE = args.cache
-    cases = [c for c in bn_cases(args.threads) + optim_cases(args.threads)
+    cases = [c for c in bn_cases(args.threads, args.cache) + optim_cases(args.threads)
              if args.only in c.name]
     scaling = [core_check(args.threads, args.min_time)]
     run_cases(cases, args.reps, args.min_time)

@@ -257,17 +257,16 @@ def test_switch_bench_times_both_settings_and_leaves_the_switch_on(switch, monke
     assert (was[0] if isinstance(was, tuple) else was) is True
 
 
-def test_cold_cache_cases_rotate_over_more_than_the_l3(monkeypatch):
+def test_cold_cache_cases_rotate_over_more_than_the_l3():
     """Review: every call reused one x, which a cache-bypassing writer (bncore's
     streaming y) found in L3 on the next call and torch did not. Large inputs
     now rotate over copies spanning 64 MiB; small ones (in cache in a real
     network too) and --cache warm keep one."""
     for nbytes in (8 << 20, 25 << 20, 33 << 20, 100 << 20):
-        k = bench._rotation(nbytes)
+        k = bench._rotation(nbytes, "cold")
         assert k >= 2 and (k - 1) * nbytes >= bench.ROTATE_SPAN_BYTES
-    assert bench._rotation(1 << 20) == 1
-    monkeypatch.setattr(bench, "CACHE_MODE", "warm")
-    assert bench._rotation(25 << 20) == 1
+    assert bench._rotation(1 << 20, "cold") == 1
+    assert bench._rotation(25 << 20, "warm") == 1
     calls = []
     run = bench._cycled([lambda i=i: calls.append(i) for i in range(3)])
     for _ in range(6):

@@ -184,27 +184,14 @@ class Optimizer:
         if a is not p and chk.is_torch_tensor(p):
             if p.is_inference() and isinstance(a, np.ndarray) and not a.flags.writeable:
                 # kept writable: whether a step may write it is the torch mode
-                # at that step, not at construction (_refuse_inference_writes)
+                # at that step, not at construction (step)
                 a = np.from_dlpack(p)
             self._tensor_of[id(a)] = (a, p)
         return a
 
-    def _refuse_inference_writes(self, params) -> None:
-        """torch refuses in-place updates of an inference tensor outside
-        inference mode: so does a step, before anything is written."""
-        if not self._tensor_of or not chk.inference_tensors_refused():
-            return
-        for i, p in enumerate(params):
-            entry = self._tensor_of.get(id(p))
-            if entry is not None and entry[1].is_inference():
-                raise ValueError(f"parameter {i} is a torch inference tensor, which may be "
-                                 f"written only inside torch.inference_mode() ("
-                                 f"{chk.READ_ONLY_HINT})")
-
-    def _bump_versions(self, params) -> None:
-        if self._tensor_of:
-            chk.bump_versions([entry[1] for entry in map(self._tensor_of.get, map(id, params))
-                               if entry is not None])
+    def _tensors_behind(self, params) -> list:
+        """The torch tensor behind each parameter array (None for the others)."""
+        return [None if e is None else e[1] for e in map(self._tensor_of.get, map(id, params))]
 
     def add_param_group(self, group: Dict[str, Any]) -> None:
         """Add a group: ``{"params": [...], **overrides}`` (torch's add_param_group).
@@ -451,7 +438,10 @@ class Optimizer:
         hyperparameters and every array are checked before any is written: a
         step that raises has changed nothing."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
-        self._refuse_inference_writes(params)
+        if self._tensor_of:
+            # torch decides whether an inference tensor may be written by the
+            # mode at the write, not at the optimizer's construction
+            chk.refuse_inference_writes("params", self._tensors_behind(params))
         calls = self._calls(glist)
         if skip or len(calls) > 1:
             # one kernel call checks all its arrays before writing any; several
@@ -489,7 +479,8 @@ class Optimizer:
             for states, created, sizes in made[done:]:
                 self._forget_new_state(created, states, sizes)
             raise
-        self._bump_versions(params)
+        if self._tensor_of:
+            chk.bump_versions(self._tensors_behind(params))
 
     def _check_calls(self, calls, states, grad_scale, num_threads) -> None:
         """Every kernel call's own checks (its step function with found_inf set:
@@ -615,13 +606,10 @@ class Optimizer:
                                          f"{tuple(v.shape)} and dtype {v.dtype}; parameter {i} "
                                          f"has {p.shape}, {p.dtype}")
                     # in the parameter's memory order, which the kernels require
-                    # (a checkpoint may hold a Fortran parameter's state in C order)
-                    fortran = p.flags.f_contiguous and not p.flags.c_contiguous
-                    if p.flags.c_contiguous or fortran:
-                        entry[name] = self._xp.array(v, copy=True, order="F" if fortran else "C")
-                    else:                 # another axis order (channels-last): p's own
-                        entry[name] = self._xp.empty_like(p)
-                        entry[name][...] = self._xp.asarray(v)
+                    # (a checkpoint may hold a Fortran or channels-last
+                    # parameter's state in C order): empty_like keeps p's layout
+                    entry[name] = self._xp.empty_like(p)
+                    entry[name][...] = self._xp.asarray(v)
                 else:
                     entry[name] = copy.deepcopy(v)
             new_state[i] = entry

@@ -17,7 +17,6 @@ __all__ = ["step_lr", "cosine_lr", "linear_warmup", "set_lr"]
 Schedule = Callable[[int], float]
 
 
-
 def _step_index(step) -> int:
     return chk.count("step", step, 0)
 
