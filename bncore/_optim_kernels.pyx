@@ -700,10 +700,19 @@ cdef inline double _rms_sq(ptype* sq, Py_ssize_t i, double gr, const Hyper* h) n
 
 cdef inline double _rms_centered(ptype* ga, Py_ssize_t i, double gr, double s,
                                  const Hyper* h) noexcept nogil:
-    # centered: ga = alpha ga + (1 - alpha) g, stored; returns s - ga^2
+    # centered: ga = alpha ga + (1 - alpha) g, stored; returns max(s - ga^2, 0).
+    # Exactly, s >= ga^2 (an average of squares against the square of the same
+    # average), but rounding can cross them: float32 s (stored) loses its bits
+    # to underflow for |g| below about 1e-18 while ga does not, and at alpha = 0
+    # the fused s - a*a is g^2 rounded minus g^2 exact, negative for about half
+    # of all g. A negative d made sqrt NaN and the parameter NaN for good
+    # (torch's float32 a*a underflows with s and stays >= 0 there). The test
+    # keeps a NaN d NaN.
     cdef double a = h.alpha * <double>ga[i] + (1.0 - h.alpha) * gr
+    cdef double d
     ga[i] = <ptype>a
-    return s - a * a
+    d = s - a * a
+    return 0.0 if d < 0.0 else d
 
 
 cdef inline double _rms_step(double gr, double s, const Hyper* h) noexcept nogil:

@@ -343,7 +343,7 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
                                                   first, Keras' form)
         s = alpha * s + (1 - alpha) * g^2
         a = alpha * a + (1 - alpha) * g          (centered)
-        d = s - a^2 if centered else s
+        d = max(s - a^2, 0) if centered else s
         den = sqrt(d) + eps                      (PyTorch ``RMSprop``)
         den = sqrt(d + eps)                      (eps_inside_sqrt: Keras, optax)
         p = p - lr * g / den                     (no momentum)
@@ -351,6 +351,14 @@ def rmsprop_step(params: ArrayList, grads: ArrayList, square_avgs: ArrayList, *,
     Momentum, style="torch": ``b = momentum * b + g / den; p = p - lr * b``;
     style="keras" (also optax, whose ``rmsprop`` scales by the learning rate
     before ``trace``): ``b = momentum * b + lr * g / den; p = p - b``.
+
+    Centered, ``d`` is clamped at 0: exactly, ``s >= a^2``, but s and a are
+    rounded: a stored float32 s loses its bits to underflow for |g| below about
+    1e-18 while a does not, and at alpha = 0 the fused ``s - a*a`` is g^2
+    rounded minus g^2 exact, negative for half of all g. Without the clamp,
+    sqrt of a negative d made p NaN for good. PyTorch,
+    Keras and optax do not clamp: where their d rounds negative they return
+    NaN (PyTorch's float32 ``a*a`` underflows along with s, so it rarely does).
     """
     params = as_list("params", params, required=True)
     grads = as_list("grads", grads, required=True)

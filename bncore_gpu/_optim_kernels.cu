@@ -215,7 +215,8 @@ __global__ void mt_adam(const long long* table, int nops, int n, long long nchun
 }
 
 // ---------------------------------------------------------------- RMSprop
-// s = a s + (1 - a) g^2; centered: ga = a ga + (1 - a) g, d = s - ga^2;
+// s = a s + (1 - a) g^2; centered: ga = a ga + (1 - a) g, d = max(s - ga^2, 0)
+// (rounding can make it negative: bncore/_optim_kernels.pyx, _rms_centered);
 // den = sqrt(d + e_in) + e_out; momentum: b = mu b + k g/den, p -= L b (torch:
 // k = 1, L = lr; Keras: k = lr, L = 1); else p -= lr g/den
 template <typename P, typename G>
@@ -245,6 +246,7 @@ __global__ void mt_rmsprop(const long long* table, int nops, int n, long long nc
                 double a = alpha * dev_ld(ga + i) + (1.0 - alpha) * gr;
                 dev_st(ga + i, a);
                 s = s - a * a;
+                s = s < 0.0 ? 0.0 : s;          // a NaN stays NaN
             }
             double u = gr / (sqrt(s + e_in) + e_out);
             if (buf != nullptr) {

@@ -1866,3 +1866,26 @@ def test_gpu_refuses_to_write_torch_inference_tensors_outside_inference_mode():
     with torch.inference_mode():
         bncore_gpu.sgd_step([p], [cupy.ones(3, dtype=cupy.float32)], lr=0.5)
     assert torch.equal(p, torch.full((3,), 0.5, device=dev))
+
+
+def test_centered_rmsprop_clamps_a_rounded_negative_variance_as_the_cpu():
+    """Tiny float32 gradients (s underflows, a does not): d = s - a^2 rounds
+    negative; clamped at 0 on both backends, the same p (without it p went
+    NaN), and the state as close as fused multiply-adds leave it (ga cancels,
+    where a fused and an unfused a*ga + b*g differ by more than an ulp)."""
+    for alpha, scale in ((0.99, 1e-25), (0.9, 1e-23)):
+        out = []
+        for module, xp in ((bncore, np), (bncore_gpu, cupy)):
+            p, sq, ga = (xp.asarray(v) for v in (np.ones(3000, np.float32),
+                                                 np.zeros(3000, np.float32),
+                                                 np.zeros(3000, np.float32)))
+            gen = np.random.default_rng(7)
+            for _ in range(4):
+                g = xp.asarray((scale * gen.standard_normal(3000)).astype(np.float32))
+                module.rmsprop_step([p], [g], [sq], grad_avgs=[ga], lr=1e-2, alpha=alpha,
+                                    centered=True)
+            out.append([cupy.asnumpy(v) if xp is cupy else v for v in (p, sq, ga)])
+        assert np.isfinite(out[0][0]).all() and np.isfinite(out[1][0]).all()
+        np.testing.assert_array_max_ulp(out[1][0], out[0][0], maxulp=1)
+        for c, d in zip(out[0][1:], out[1][1:]):
+            assert rel(d, c) < 1e-6

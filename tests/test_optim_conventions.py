@@ -374,3 +374,69 @@ def test_adam_at_onnx_t_zero_takes_a_step():
     m, v = np.zeros(4), np.zeros(4)
     bncore.adam_step([p], [g], [m], [v], step=0, bias_correction_step=0, eps_style="hat")
     assert np.all(p < 1) and np.all(m > 0) and np.all(v > 0)
+
+
+def normwise(got, want):
+    """Norm-wise relative difference (0 where both are all zeros: a float32 s
+    that underflowed entirely)."""
+    want = want.astype(np.float64)       # (float32 squares of 1e-27 underflow)
+    diff = np.linalg.norm(got.astype(np.float64) - want)
+    return float(diff / np.linalg.norm(want)) if diff else 0.0
+
+
+def _centered_rmsprop_expected(p, g, sq, ga, lr, alpha, eps):
+    """The float64 formula on the stored float32 values, rounded once per
+    stored value, with d clamped at 0 (bncore.rmsprop_step's docstring)."""
+    g = g.astype(np.float64)
+    s = alpha * sq.astype(np.float64) + (1 - alpha) * g * g
+    a = alpha * ga.astype(np.float64) + (1 - alpha) * g
+    d = np.maximum(s - a * a, 0.0)
+    new_p = p.astype(np.float64) - lr * g / (np.sqrt(d) + eps)
+    return new_p.astype(np.float32), s.astype(np.float32), a.astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha, scale", [(0.99, 1e-25), (0.9, 1e-23)])
+def test_centered_rmsprop_stays_finite_where_rounding_makes_the_variance_negative(alpha, scale):
+    """Exactly, s >= a^2; stored rounded they can cross: a float32 s underflows
+    for tiny gradients while a keeps its bits, d = s - a^2 went negative and p
+    NaN for good (an adversarial review; torch float32 stays finite there).
+    Each step must give the float64 formula on the stored values with d
+    clamped at 0: p to the ulp that fused multiply-adds may move (README,
+    Numerics guarantees), the state norm-wise (ga cancels, where a fused and
+    an unfused alpha*ga + (1-alpha)*g differ by more than an ulp)."""
+    rng = np.random.default_rng(5)
+    p = np.ones(2000, np.float32)
+    sq = np.zeros(2000, np.float32)
+    ga = np.zeros(2000, np.float32)
+    lr, eps = 1e-2, 1e-8
+    for _ in range(6):
+        g = (scale * rng.standard_normal(2000)).astype(np.float32)
+        want = _centered_rmsprop_expected(p, g, sq, ga, lr, alpha, eps)
+        bncore.rmsprop_step([p], [g], [sq], grad_avgs=[ga], lr=lr, alpha=alpha, eps=eps,
+                            centered=True)
+        assert np.isfinite(p).all()
+        np.testing.assert_array_max_ulp(p, want[0], maxulp=1)
+        for got, exp in zip((sq, ga), want[1:]):
+            assert normwise(got, exp) < 1e-6
+
+
+def test_centered_rmsprop_at_alpha_zero_stays_finite():
+    """At alpha = 0, d = g^2 - g^2 is 0 exactly, but the fused s - a*a takes
+    the exact square minus the rounded one: negative for about half of all g
+    in float64, which made p NaN. Clamped, every p is finite."""
+    rng = np.random.default_rng(1)
+    p, sq, ga = np.ones(2000), np.zeros(2000), np.zeros(2000)
+    g = rng.standard_normal(2000)
+    bncore.rmsprop_step([p], [g], [sq], grad_avgs=[ga], lr=1e-2, alpha=0.0, centered=True)
+    assert np.isfinite(p).all()
+    np.testing.assert_array_equal(ga, g)
+
+
+def test_centered_rmsprop_keeps_a_nan_variance_nan():
+    """The clamp at 0 is for rounding only: a NaN gradient still makes d, and
+    so p, NaN (a max() that dropped NaN would hide it)."""
+    p = np.ones(4)
+    g = np.array([0.1, np.nan, 0.2, 0.3])
+    sq, ga = np.zeros(4), np.zeros(4)
+    bncore.rmsprop_step([p], [g], [sq], grad_avgs=[ga], lr=0.1, centered=True)
+    assert np.isnan(p[1]) and np.isfinite(np.delete(p, 1)).all()

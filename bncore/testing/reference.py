@@ -200,6 +200,7 @@ def rmsprop(p, g, sq, ga, buf, *, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.
     if centered:
         new_ga = alpha * new_ga + (1.0 - alpha) * g
         d = sq - new_ga * new_ga
+        d = np.where(d < 0, 0.0, d)     # rounding only: exactly, sq >= ga^2
     den = np.sqrt(d + eps) if eps_inside_sqrt else np.sqrt(d) + eps
     u = g / den
     if momentum == 0.0:

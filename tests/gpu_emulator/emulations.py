@@ -455,6 +455,7 @@ def mt_rmsprop(grid, block, table, nops, n, nchunks, lr, alpha, e_in, e_out, wei
             a = alpha * ga.astype(np.float64) + (1 - alpha) * gr
             _put(ga, a)
             s = s - a * a
+            s = np.where(s < 0, 0.0, s)
         u = gr / (np.sqrt(s + e_in) + e_out)
         if buf is not None:
             b = momentum * buf.astype(np.float64) + k * u
