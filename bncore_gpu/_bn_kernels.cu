@@ -216,7 +216,9 @@ __device__ void bn_finalize_train_channel(int c, const T* __restrict__ x, int C,
     // (not when K + d is Inf or NaN: the data hold one, and x - (K + d) would
     // turn an infinite mean into NaN). Written !(s2 <= ...): float64 data whose
     // squares overflow make s2 Inf and m2 = Inf - Inf NaN, and those need the
-    // second pass too (it gives M2 = Inf: variance Inf, invstd 0, as the CPU)
+    // second pass too (it gives M2 = Inf: variance Inf, invstd 0, as the CPU;
+    // the mean, taken again here, can differ from the CPU's, which keeps a
+    // channel pivot within the spread: README, Numerics guarantees)
     if (!(s2 <= 16.0 * m2) && (K + d) - (K + d) == 0.0) {
         // K is far from the mean (also when rounding left m2 <= 0 with s2 > 0):
         // the channel's sums again, against K + d. The condition is the same

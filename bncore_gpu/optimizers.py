@@ -78,6 +78,10 @@ def amp_args(grad_scale, found_inf):
             skip = _cpu.found_inf_flag(found_inf)
     if grad_scale is not None:
         if is_device(grad_scale):
+            if chk.as_array("grad_scale", grad_scale).dtype.kind == "b":
+                # as _cpu.grad_scale_value: the dtype is known on the host (a
+                # bool scale was taken as 1.0)
+                raise TypeError("grad_scale must be a number (the loss scale), got a bool")
             scale_ptr = device_scalar("grad_scale", grad_scale)
         else:
             inv = 1.0 / _cpu.grad_scale_value(grad_scale)

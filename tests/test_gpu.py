@@ -121,6 +121,19 @@ def test_grad_scale_as_device_scalar_matches_host_scalar():
         assert bool((x == y).all())
 
 
+def test_a_bool_device_loss_scale_is_refused_as_on_the_cpu():
+    """grad_scale=True as a device array was taken as a scale of 1.0 where the
+    CPU refuses a bool scale (review: its dtype is known on the host)."""
+    p = np.ones(3, np.float32)
+    g = np.full(3, 0.5, np.float32)
+    with pytest.raises(TypeError, match="grad_scale.*bool"):
+        bncore.sgd_step([p], [g], lr=0.1, grad_scale=np.array(True))
+    dp = cupy.asarray(p)
+    with pytest.raises(TypeError, match="grad_scale.*bool"):
+        bncore_gpu.sgd_step([dp], [cupy.asarray(g)], lr=0.1, grad_scale=cupy.asarray(True))
+    assert (p == 1.0).all() and (cupy.asnumpy(dp) == 1.0).all()
+
+
 def test_device_amp_scalars_must_be_real_numbers():
     """A complex device grad_scale, found_inf or step is refused as the CPU
     refuses a complex scalar, before anything is written."""
@@ -1866,6 +1879,29 @@ def test_gpu_refuses_to_write_torch_inference_tensors_outside_inference_mode():
     with torch.inference_mode():
         bncore_gpu.sgd_step([p], [cupy.ones(3, dtype=cupy.float32)], lr=0.5)
     assert torch.equal(p, torch.full((3,), 0.5, device=dev))
+
+
+def test_gpu_names_an_inference_backward_output_as_the_cpu():
+    """The backward's outputs are named as the CPU names them (out[0] (dx),
+    out[1] (dweight)), and an inference dx is refused before a later output's
+    shape is looked at, as on the CPU (review: the GPU said 'out' or 'out[1]',
+    and reported dweight's shape first)."""
+    torch, dev = _torch_on_device()
+    xh = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+    x = cupy.asarray(xh)
+    mean, invstd = cupy.zeros(3), cupy.ones(3)
+    with torch.inference_mode():
+        dx = torch.zeros((4, 3, 5), device=dev)
+        dw = torch.zeros(3, device=dev)
+    for out, name in ((dx, r"out\[0\] \(dx\)"),
+                      ((dx, cupy.zeros(4, dtype=cupy.float32), None), r"out\[0\] \(dx\)"),
+                      ((cupy.zeros_like(x), dw, None), r"out\[1\] \(dweight\)")):
+        with pytest.raises(ValueError, match=name + " is read-only"):
+            bncore_gpu.batch_norm_backward(x, x, mean, invstd, out=out)
+    with pytest.raises(ValueError, match=r"out\[0\] \(dx\) is read-only"):
+        with torch.inference_mode():
+            dxc = torch.zeros((4, 3, 5))
+        bncore.batch_norm_backward(xh, xh, np.zeros(3), np.ones(3), out=dxc)
 
 
 def test_centered_rmsprop_clamps_a_rounded_negative_variance_as_the_cpu():
