@@ -92,23 +92,48 @@ def gather_rows(comm, vec: np.ndarray) -> np.ndarray:
     return recv
 
 
+# The collective operations, by the `what` of their agree() call: the status
+# word carries the operation's code, so that ranks making different calls (one
+# logs grad_norm while the other clips; one runs forward, the other backward)
+# all raise instead of pairing two different headers and going on (a wrong
+# result, or a rank left waiting in the next collective). A layer's call joins
+# its function's operation.
+OPERATIONS = {"sync_batch_norm_forward": 1, "SyncBatchNorm.forward": 1,
+              "sync_batch_norm_backward": 2, "SyncBatchNorm.backward": 2,
+              "grad_norm": 3, "clip_grad_norm": 4}
+_OPERATION_NAMES = {1: "sync_batch_norm_forward", 2: "sync_batch_norm_backward",
+                    3: "grad_norm", 4: "clip_grad_norm"}
+
+
 def agree(comm, error: Optional[BaseException], header: Sequence[float], what: str) -> np.ndarray:
     """Collective check: every rank calls it with its own local `error` (None if
     its arguments passed) and a fixed-length float64 `header`; returns the (P,
     len(header)) table of headers when every rank passed, else raises the first
-    failing rank's error on every rank.
+    failing rank's error on every rank (a rank that failed may be in another
+    operation: a layer's local error joins the exchange the other ranks are
+    in). Ranks that all passed but are in different operations (OPERATIONS)
+    raise ValueError on every rank.
 
     A ValueError or TypeError keeps its type; anything else becomes a
     :class:`CollectiveError`. The message names the failing rank. On the rank
     that failed, the original exception is chained (``__cause__``).
     """
+    op = OPERATIONS[what]
     h = np.full(len(header) + 1, np.nan, dtype=_F64)
-    h[0] = 0.0 if error is None else 1.0
+    h[0] = float(op) if error is None else -float(op)     # the status word
     if error is None:
         h[1:] = header
     table = gather_rows(comm, h)
-    failed = [r for r in range(table.shape[0]) if table[r, 0] != 0.0]
+    failed = [r for r in range(table.shape[0]) if table[r, 0] < 0.0]
     if not failed:
+        ops = table[:, 0]
+        if np.any(ops != ops[0]):
+            r = int(np.flatnonzero(ops != ops[0])[0])
+            raise ValueError(
+                f"{what} on rank {comm.Get_rank()}: ranks are in different collective calls "
+                f"({_OPERATION_NAMES.get(int(ops[r]), '?')} on rank {r}, "
+                f"{_OPERATION_NAMES.get(int(ops[0]), '?')} on rank 0); every rank must make "
+                f"the same calls in the same order")
         return table[:, 1:]
     # Rare path: exchange the messages so that every rank can say what went wrong.
     mine = None if error is None else (what, type(error).__name__, str(error),

@@ -73,11 +73,32 @@ __all__ = ["sync_batch_norm_forward", "sync_batch_norm_backward", "SyncBatchNorm
 
 _F64 = np.dtype(np.float64)
 _DTYPES = ("float16", "float32", "float64")
-_HEADER = 7           # float64 words per validation header, + the status word = 64 bytes
+_HEADER = 7           # float64 words per validation header, + the status word (which
+                      # also names the operation: _collective.agree) = 64 bytes
 
 
 def _pad(*values: float) -> list:
     return list(values) + [0.0] * (_HEADER - len(values))
+
+
+def _layout_word(ax: int, ndim: int) -> float:
+    """The channel axis (normalized) and x's number of dimensions, in one word:
+    ranks whose x put the channels on different axes would mix channels with
+    positions in the combined statistics without any shape rule noticing."""
+    return float(ndim * 1024 + ax)
+
+
+def _layout_disagreement(table: np.ndarray, column: int) -> Optional[str]:
+    words = table[:, column]
+    bad = np.flatnonzero(words != words[0])
+    if not bad.size:
+        return None
+    r = int(bad[0])
+
+    def show(w: float) -> str:
+        return f"axis {int(w) % 1024} of {int(w) // 1024} dimensions"
+    return (f"the channel axis of x is {show(words[r])} on rank {r} but {show(words[0])} "
+            f"on rank 0")
 
 
 def _local(fn, *args, **kwargs):
@@ -265,7 +286,8 @@ def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training
         (x, weight, bias, running_mean, running_var, _, momentum, eps, ax, C, n, out,
          nthreads) = args
         header = _pad(C, _DTYPES.index(x.dtype.name), n, eps, momentum,
-                      float(bool(unbiased_running_var)), float(running_mean is not None))
+                      float(bool(unbiased_running_var)) + 2.0 * (running_mean is not None),
+                      _layout_word(ax, x.ndim))
     table = col.agree(comm, err, header if err is None else [0.0] * _HEADER,
                       "sync_batch_norm_forward")
     col.raise_if(col.first([
@@ -273,8 +295,10 @@ def sync_forward(eng, x, weight, bias, running_mean, running_var, comm, training
         col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
         col.disagreement(table, 3, what="eps"),
         col.disagreement(table, 4, what="momentum"),
-        col.disagreement(table, 5, ("False", "True"), what="unbiased_running_var"),
-        col.disagreement(table, 6, ("absent", "given"), what="running_mean/running_var"),
+        col.disagreement(table[:, 5:6] % 2, 0, ("False", "True"), what="unbiased_running_var"),
+        col.disagreement(table[:, 5:6] // 2, 0, ("absent", "given"),
+                         what="running_mean/running_var"),
+        _layout_disagreement(table, 6),
     ]))
     counts = table[:, 2]
     N = float(np.sum(counts))
@@ -368,13 +392,14 @@ def sync_backward(eng, dy, x, mean, invstd, weight, comm, training, axis, weight
         dy, x, ax, C, n, mean, invstd, weight, dx_out, dw_out, db_out, nthreads = args
         header = _pad(C, _DTYPES.index(x.dtype.name), n,
                       col.crc(eng.host(mean), eng.host(invstd)), float(bool(training)),
-                      float(_WEIGHT_GRADS.index(weight_grads)))
+                      float(_WEIGHT_GRADS.index(weight_grads)), _layout_word(ax, x.ndim))
     table = col.agree(comm, err, header, "sync_batch_norm_backward")
     col.raise_if(col.first([
         col.disagreement(table, 0, what="the channel count of x"),
         col.disagreement(table, 1, _DTYPES, what="the dtype of x"),
         col.disagreement(table, 4, ("False", "True"), what="training"),
         col.disagreement(table, 5, _WEIGHT_GRADS, what="weight_grads"),
+        _layout_disagreement(table, 6),
         col.disagreement(table, 3, exact_bits=True,
                          what="the CRC-32 of (mean, invstd) (pass the statistics "
                               "sync_batch_norm_forward returned, identical on every rank)"),

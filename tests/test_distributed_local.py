@@ -387,3 +387,42 @@ def test_torch_tensors_written_on_one_rank_tell_autograd():
     g = torch.full((4,), 3.0, dtype=torch.float64)
     bncore.clip_grad_norm([g], 1.0, comm=COMM)
     assert g._version > 0 and abs(float(g.norm()) - 1.0) < 1e-6
+
+
+def test_ranks_in_different_collective_calls_raise_everywhere():
+    """Each rank's header says which operation sent it (review: rank 0 logging
+    grad_norm while rank 1 clipped returned a norm on rank 0 built from the
+    other call's header and left it waiting in its next collective; grad_norm
+    beside a forward returned sqrt(C + dtype code) without an error)."""
+    x = np.random.default_rng(3).standard_normal((6, 2))
+    _, mean, invstd = bncore.batch_norm_forward(x)
+    g = [np.ones(4)]
+    calls = {
+        "grad_norm": lambda c: dist.grad_norm([a.copy() for a in g], comm=c),
+        "clip": lambda c: dist.clip_grad_norm([a.copy() for a in g], 1.0, comm=c),
+        "forward": lambda c: dist.sync_batch_norm_forward(x, comm=c),
+        "backward": lambda c: dist.sync_batch_norm_backward(x, x, mean, invstd, comm=c),
+    }
+    for first, second in (("grad_norm", "clip"), ("grad_norm", "forward"),
+                          ("forward", "backward"), ("clip", "backward")):
+        out = _every_rank(2, lambda c: calls[first if c.Get_rank() == 0 else second](c))
+        assert all(isinstance(e, ValueError) and "different collective calls" in str(e)
+                   for e in out), (first, second, out)
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_a_different_channel_axis_on_one_rank_raises_everywhere(direction):
+    """x of shape (3, 4, 4) with the channels on axis 1 on one rank and axis 2
+    on the other has the same channel count: the statistics mixed channels
+    with positions on both ranks, silently (review)."""
+    x = np.random.default_rng(4).standard_normal((3, 4, 4))
+    _, mean, invstd = bncore.batch_norm_forward(x)
+
+    def fn(c):
+        axis = 1 if c.Get_rank() == 0 else 2
+        if direction == "forward":
+            return dist.sync_batch_norm_forward(x, comm=c, axis=axis)
+        return dist.sync_batch_norm_backward(x, x, mean, invstd, comm=c, axis=axis)
+    out = _every_rank(2, fn)
+    assert all(isinstance(e, ValueError) and "channel axis of x is axis 2 of 3" in str(e)
+               for e in out), out
