@@ -43,8 +43,9 @@ _TRAFFIC: Dict[str, int] = {"collectives": 0, "bytes_sent": 0, "bytes_received":
 
 def traffic() -> Dict[str, int]:
     """Collectives entered and float64 payload bytes sent / received by this
-    rank since the last :func:`reset_traffic` (pickled error messages on the
-    failure path are not counted)."""
+    process since the last :func:`reset_traffic` (pickled error messages on the
+    failure path are not counted): by this rank under MPI, by all of them
+    together where threads play the ranks of one process."""
     return dict(_TRAFFIC)
 
 
