@@ -405,3 +405,15 @@ def test_a_float32_only_gap_that_stays_without_the_offset_is_neither_cancellatio
         assert row.verdict == "DIFFERS", (gap, row.note)
         assert "cancellation:" not in row.note and "precision:" not in row.note
         assert "float32 path alone" in row.note
+
+
+def test_nan_in_the_exact_reference_is_never_agreement():
+    """Matching NaNs are left out of a comparison, so a row whose outputs were
+    NaN on both sides (the float64 reference included) was "exact" (review).
+    Rows run on finite data: a NaN reference is bncore's error."""
+    def nan_y(dtype, centered=False):
+        y = np.arange(10, dtype=dtype)
+        y[3:] = np.nan
+        return {"y": y}
+    row = evaluate("t", _synthetic(nan_y, nan_y))
+    assert row.verdict == "DIFFERS" and "holds NaN" in row.note

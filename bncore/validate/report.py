@@ -226,6 +226,16 @@ def evaluate(framework: str, check: Check) -> Row:
                          f"exact result), so there is no float64 formula check for this row.")
             fw64, diff64 = None, None
     same64 = diff64 is None or diff64 <= TOL64
+    nan_ref = sorted(k for k, v in bn64.items() if v is not None
+                     and _np(v).dtype.kind == "f" and np.isnan(_np(v)).any())
+    if nan_ref:
+        # every row runs on finite data: a NaN in the exact result is no
+        # reference, and NaNs in the same places in both results are no agreement
+        # (rel_diff leaves matching NaNs out; review: all-NaN on both sides was "exact")
+        return Row(framework, check.op, check.config, check.dtype, ab, rl, key, tol, fw_err,
+                   bn_err, diff64, "DIFFERS",
+                   f"UNEXPLAINED: bncore's float64 result, the exact reference, holds NaN in "
+                   f"{', '.join(nan_ref)} on finite inputs.")
     # "rounding" means as close as float32 arithmetic leaves, not merely within
     # tol: an eps 1% off its preset moves these rows by ~7e-6, under tol, and a
     # float64 run does not see an eps the framework changes for float32 alone
