@@ -99,7 +99,9 @@ def viewable_in_place(a: Any) -> bool:
     return True
 
 
-def writeable(name: str, a: np.ndarray) -> None:
+def writeable(name: str, a: np.ndarray, source: Any = None) -> None:
+    """Refuse a read-only array (`source`, the object it was made from, is for
+    backends whose arrays carry no read-only flag: bncore_gpu)."""
     if not a.flags.writeable:
         raise ValueError(f"{name} is read-only; bncore writes it in place ({READ_ONLY_HINT})")
 
@@ -326,7 +328,7 @@ def array_rules(as_array, writeable, pair):
                             f"shared through DLPack or the buffer protocol), got "
                             f"{type(a).__name__}")
         arr = as_array(name, a)
-        writeable(name, arr)
+        writeable(name, arr, a)
         if not (arr.flags.c_contiguous or arr.flags.f_contiguous) and overlaps_itself(
                 arr.shape, arr.strides, arr.itemsize):
             raise ValueError(f"{name} has elements that share memory (a broadcast or "

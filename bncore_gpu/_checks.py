@@ -19,6 +19,7 @@ import numpy as np
 from bncore._checks import (  # noqa: F401  (re-exported: the same scalar rules)
     FLOAT_DTYPES, array_rules, flag, in_unit_interval, non_negative, normalize_axis, positive,
     real_scalar, refuse_misleading_export, same_shape)
+from bncore._torch_interop import refuse_inference_writes
 
 
 def _not_viewable(name: str, a: Any, via: str, exc: Exception) -> str:
@@ -87,8 +88,13 @@ def device_array(name: str, a: Any) -> "cupy.ndarray":
     raise TypeError(f"{name} must be a CuPy array (or a CUDA array), got {type(a).__name__}")
 
 
-def writeable(name: str, a) -> None:
-    """CuPy arrays have no read-only flag."""
+def writeable(name: str, a, source: Any = None) -> None:
+    """CuPy arrays have no read-only flag: the object the array was made from
+    is asked instead (a torch inference tensor, outside inference mode, must
+    not be written), at the point where the CPU's flag check refuses it, so
+    that both report the same argument first."""
+    if source is not None:
+        refuse_inference_writes(name, source)
 
 
 # CuPy's own allocations: cudaMalloc, its memory pool, stream-ordered and

@@ -598,12 +598,8 @@ def batch_norm_backward(dy, x, mean, invstd, weight=None, *, training: bool = Tr
     Returns ``(dx, dweight, dbias)``; dweight and dbias in weight's dtype
     (x's when weight is None).
     """
-    # torch inference tensors among the outputs, named as the CPU's read-only
-    # check names them (bncore/_bn_args.py: out[0] (dx) before out[1]'s shape);
-    # CuPy views carry no read-only flag for backward_args to test
-    outs = out if isinstance(out, (tuple, list)) and len(out) == 3 else (out,)
-    for name, o in zip(("out[0] (dx)", "out[1] (dweight)", "out[2] (dbias)"), outs):
-        refuse_inference_writes(name, o)
+    # (torch inference tensors among the outputs are refused inside
+    # backward_args, where the CPU refuses its read-only views: _checks.writeable)
     args = _fast.backward_args(dy, x, mean, invstd, weight, training, axis, out,
                                num_threads) or backward_args(
         chk, dy, x, mean, invstd, weight, training, axis, out, num_threads)

@@ -1881,27 +1881,43 @@ def test_gpu_refuses_to_write_torch_inference_tensors_outside_inference_mode():
     assert torch.equal(p, torch.full((3,), 0.5, device=dev))
 
 
-def test_gpu_names_an_inference_backward_output_as_the_cpu():
-    """The backward's outputs are named as the CPU names them (out[0] (dx),
-    out[1] (dweight)), and an inference dx is refused before a later output's
-    shape is looked at, as on the CPU (review: the GPU said 'out' or 'out[1]',
-    and reported dweight's shape first)."""
+def test_gpu_refuses_inference_backward_outputs_where_and_as_the_cpu_does():
+    """CuPy views carry no read-only flag, so the GPU asks the torch tensor
+    behind a written output, inside the argument checks where the CPU tests its
+    read-only view: the same argument named, first (reviews: the GPU said 'out'
+    or 'out[1]', checked after every shape, then before dy's)."""
     torch, dev = _torch_on_device()
     xh = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
-    x = cupy.asarray(xh)
-    mean, invstd = cupy.zeros(3), cupy.ones(3)
     with torch.inference_mode():
-        dx = torch.zeros((4, 3, 5), device=dev)
-        dw = torch.zeros(3, device=dev)
-    for out, name in ((dx, r"out\[0\] \(dx\)"),
-                      ((dx, cupy.zeros(4, dtype=cupy.float32), None), r"out\[0\] \(dx\)"),
-                      ((cupy.zeros_like(x), dw, None), r"out\[1\] \(dweight\)")):
-        with pytest.raises(ValueError, match=name + " is read-only"):
-            bncore_gpu.batch_norm_backward(x, x, mean, invstd, out=out)
-    with pytest.raises(ValueError, match=r"out\[0\] \(dx\) is read-only"):
-        with torch.inference_mode():
-            dxc = torch.zeros((4, 3, 5))
-        bncore.batch_norm_backward(xh, xh, np.zeros(3), np.ones(3), out=dxc)
+        dx_c, dw_c = torch.zeros((4, 3, 5)), torch.zeros(3)
+        dx_d, dw_d = torch.zeros((4, 3, 5), device=dev), torch.zeros(3, device=dev)
+    cases = [  # (dy rows, out on the CPU, out on the device)
+        (4, dx_c, dx_d),
+        (4, (dx_c, np.zeros(4, np.float32), None), (dx_d, cupy.zeros(4, cupy.float32), None)),
+        (4, (np.zeros_like(xh), dw_c, None), (cupy.zeros(xh.shape, cupy.float32), dw_d, None)),
+        (2, dx_c, dx_d),                                            # dy's shape first
+        (4, (np.zeros((2, 3, 5), np.float32), dw_c, None),          # out[0]'s shape first
+         (cupy.zeros((2, 3, 5), cupy.float32), dw_d, None)),
+        (4, [dx_c, dw_c], [dx_d, dw_d]),                            # not a 3-tuple
+    ]
+    for rows, out_c, out_d in cases:
+        with pytest.raises(ValueError) as cpu:
+            bncore.batch_norm_backward(xh[:rows], xh, np.zeros(3), np.ones(3), out=out_c)
+        x = cupy.asarray(xh)
+        with pytest.raises(ValueError) as gpu:
+            bncore_gpu.batch_norm_backward(x[:rows], x, cupy.zeros(3), cupy.ones(3), out=out_d)
+        assert str(gpu.value) == str(cpu.value)
+    assert "out[0] (dx) is read-only" in str(_raised(
+        lambda: bncore_gpu.batch_norm_backward(x, x, cupy.zeros(3), cupy.ones(3), out=dx_d)))
+    assert not dx_d.any() and not dw_d.any()
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        return exc
+    return None
 
 
 def test_centered_rmsprop_clamps_a_rounded_negative_variance_as_the_cpu():
