@@ -35,9 +35,10 @@ nothing else. :func:`traffic` counts what this rank actually sent.
 Errors: every rank checks its own arguments before any data is exchanged;
 the ranks then agree (one small Allgather) and, if any rank failed, *every*
 rank raises the first failing rank's ``ValueError`` / ``TypeError``, whose
-message names that rank. Facts that must be equal on every rank (channel
-count, dtype, eps, momentum, norm_type, max_norm, the statistics passed to
-backward) are checked the same way. A training batch needs at least 2
+message names that rank. Facts that must be equal on every rank (the
+operation called, channel count, dtype, eps, momentum, norm_type, max_norm,
+the statistics passed to backward, and the channel axis among ranks whose x
+have the same number of dimensions) are checked the same way. A training batch needs at least 2
 values per channel in total over all ranks; single ranks may hold 0 or 1.
 
 Inference (``training=False``) normalizes with the running statistics,
@@ -89,16 +90,20 @@ def _layout_word(ax: int, ndim: int) -> float:
 
 
 def _layout_disagreement(table: np.ndarray, column: int) -> Optional[str]:
-    words = table[:, column]
-    bad = np.flatnonzero(words != words[0])
-    if not bad.size:
-        return None
-    r = int(bad[0])
-
-    def show(w: float) -> str:
-        return f"axis {int(w) % 1024} of {int(w) // 1024} dimensions"
-    return (f"the channel axis of x is {show(words[r])} on rank {r} but {show(words[0])} "
-            f"on rank 0")
+    """Ranks whose x have the same number of dimensions must put the channels on
+    the same axis. Different numbers of dimensions are let through ((N, C) on
+    one rank, (N, C, L) on another): which axes correspond is then the caller's
+    to say, and the channel count is checked anyway."""
+    words = table[:, column].astype(np.int64)
+    first = {}
+    for r, w in enumerate(words):
+        q = first.setdefault(int(w) // 1024, r)
+        if words[q] != w:
+            def show(v) -> str:
+                return f"axis {int(v) % 1024} of {int(v) // 1024} dimensions"
+            return (f"the channel axis of x is {show(w)} on rank {r} but {show(words[q])} "
+                    f"on rank {q}")
+    return None
 
 
 def _local(fn, *args, **kwargs):
@@ -347,8 +352,9 @@ def sync_batch_norm_forward(
     """:func:`bncore.batch_norm_forward` over the batch split across the ranks of `comm`.
 
     Each rank passes its shard `x` (any batch size, 0 included; the channel
-    count, dtype, eps, momentum, unbiased_running_var and whether running
-    statistics are given must agree across ranks) and gets its shard of y.
+    count, dtype, eps, momentum, unbiased_running_var, whether running
+    statistics are given, and the channel axis where x has the same number of
+    dimensions must agree across ranks) and gets its shard of y.
     In training, ``mean`` and ``invstd`` are those of the concatenated batch
     and bitwise identical on every rank, and so are the updated running
     statistics (given identical running statistics before the call).

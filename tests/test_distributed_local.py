@@ -426,3 +426,18 @@ def test_a_different_channel_axis_on_one_rank_raises_everywhere(direction):
     out = _every_rank(2, fn)
     assert all(isinstance(e, ValueError) and "channel axis of x is axis 2 of 3" in str(e)
                for e in out), out
+
+
+def test_ranks_with_different_numbers_of_dimensions_combine_their_channels():
+    """(N, C) on one rank and (N, C, L) on another, channels on axis 1: the
+    layout check refuses only different axes among ranks of one ndim (review:
+    the first version refused this, which worked before)."""
+    rng = np.random.default_rng(5)
+    parts = [rng.standard_normal((6, 3)), rng.standard_normal((4, 3, 5))]
+
+    def fn(c):
+        return dist.sync_batch_norm_forward(parts[c.Get_rank()], comm=c, axis=1)[1]
+    out = _every_rank(2, fn)
+    pooled = np.concatenate([parts[0], parts[1].transpose(0, 2, 1).reshape(-1, 3)])
+    for mean in out:
+        np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-13, atol=1e-15)
