@@ -26,12 +26,50 @@ def _create_temporary(directory: str, suffix: str):
             continue
 
 
+def _own_stream(path: str):
+    """sys.stdout or sys.stderr where `path` opens the same file as its
+    descriptor (/dev/stdout, /dev/stderr, /dev/fd/N, /proc/self/fd/N), else None."""
+    try:
+        st = os.stat(path)            # follows /dev/stdout -> /proc/self/fd/1 -> the file
+    except OSError:
+        return None
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            fd = stream.fileno()
+            same = os.path.samestat(st, os.fstat(fd))
+        except (AttributeError, OSError, ValueError):
+            continue
+        if same and (not stat.S_ISREG(st.st_mode) or _names_descriptor(path, fd)):
+            return stream if hasattr(stream, "buffer") else None
+    return None
+
+
+def _names_descriptor(path: str, fd: int) -> bool:
+    """Whether `path` is a name of descriptor `fd` itself rather than of the file
+    behind it (a regular file redirected to stdout is also reachable by its own
+    name, which must be replaced atomically as any file)."""
+    names = {f"/dev/fd/{fd}", f"/proc/self/fd/{fd}", f"/proc/{os.getpid()}/fd/{fd}"}
+    names.add({1: "/dev/stdout", 2: "/dev/stderr"}.get(fd, ""))
+    return os.path.abspath(path) in names
+
+
 def write_bytes(path: str, data: bytes, suffix: str = "") -> None:
     """Replace `path` by `data` atomically. A symlink is followed (the file it
     points to is replaced, the link stays); a destination that is not a
     regular file (/dev/stdout, a pipe) is written directly, as rename would
-    replace the device itself."""
-    path = os.path.realpath(os.fspath(path))
+    replace the device itself. A path naming this process's own stdout or
+    stderr (/dev/stdout, /dev/fd/1, ...) is written through that stream, also
+    where it was redirected to a regular file: replacing the file would lose
+    what the process prints after it (review: `--json /dev/stdout` into a pipe
+    failed, after the whole run, and into a file lost the table)."""
+    path = os.fspath(path)
+    stream = _own_stream(path)
+    if stream is not None:
+        stream.flush()
+        stream.buffer.write(data)
+        stream.buffer.flush()
+        return
+    path = os.path.realpath(path)
     try:
         old_mode = os.stat(path).st_mode
     except FileNotFoundError:

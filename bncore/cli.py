@@ -137,6 +137,11 @@ def _load_object(spec: str):
         sys.path.insert(0, os.getcwd())
     if mod_name.endswith(".py") and os.path.exists(mod_name):
         name = os.path.splitext(os.path.basename(mod_name))[0]
+        # as `python path/to/file.py` does: the file's own folder first, so its
+        # sibling modules import (review: 'No module named helpers')
+        folder = os.path.dirname(os.path.abspath(mod_name))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
         s = importlib.util.spec_from_file_location(name, mod_name)
         module = importlib.util.module_from_spec(s)
         s.loader.exec_module(module)
@@ -220,7 +225,7 @@ def cmd_gradcheck(args) -> int:
             else:
                 raise ValueError(f"no vector-Jacobian product for {args.function}: pass --vjp "
                                  f"MODULE:NAME, or define {attr}.vjp or {attr}_vjp")
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             print(f"bncore gradcheck: cannot load {args.function}: {exc}", file=sys.stderr)
             return 2
         if args.inputs:
@@ -232,7 +237,11 @@ def cmd_gradcheck(args) -> int:
                 return 2
         elif args.shape:
             rng = np.random.default_rng(args.seed)
-            inputs = [rng.standard_normal(s) for s in args.shape]
+            try:
+                inputs = [rng.standard_normal(s) for s in args.shape]
+            except (ValueError, MemoryError) as exc:
+                return _usage_error("gradcheck", f"--shape {args.shape}: cannot make inputs of "
+                                                 f"these shapes ({type(exc).__name__}: {exc})")
         else:
             print("bncore gradcheck: give the input shapes (--shape 4,3 --shape 3,2) or --inputs "
                   "FILE.npz", file=sys.stderr)
@@ -251,9 +260,17 @@ def cmd_gradcheck(args) -> int:
             report = gradcheck(f, inputs, vjp, mode=args.mode, seed=args.seed, **user)
         except GradcheckSetupError as exc:
             return _usage_error("gradcheck", str(exc))
-        except Exception as exc:  # noqa: BLE001
-            print(f"bncore gradcheck: {args.function} raised {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
+            # (SystemExit too: a function calling sys.exit(0) made the check exit 0
+            # with no report)
+            text = f"{args.function} raised {type(exc).__name__}: {exc}"
+            print(f"bncore gradcheck: {text}", file=sys.stderr)
+            if args.json:
+                # a failed run replaces an earlier report: one left in place said
+                # "ok": true for a run that did not happen (review)
+                write_json_or_say("gradcheck", args.json,
+                                  {"schema": "bncore-gradcheck/1", "ok": False, "error": text,
+                                   "reports": []})
             return 1
         reports.append((args.function, report))
     else:

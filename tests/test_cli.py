@@ -505,3 +505,71 @@ def test_a_failed_gpu_check_says_what_differs(monkeypatch):
     r = selfcheck._gpu_check(spec, cpu, cpu, case)
     assert not r.ok and "norm: GPU 3.00e-03 from the CPU" in r.message
     assert "other" not in r.message
+
+
+_USERFN = textwrap.dedent("""
+    import numpy as np
+    import sys
+    def f(x):
+        return np.sin(x)
+    def f_vjp(u, x):
+        return (u * np.cos(x),)
+    def raises(x):
+        raise RuntimeError("broken")
+    def raises_vjp(u, x):
+        return (u,)
+    def exits(x):
+        sys.exit(0)
+    def exits_vjp(u, x):
+        return (u,)
+""")
+
+
+def test_gradcheck_json_to_this_process_stdout(tmp_path):
+    """--json /dev/stdout writes through stdout (review: into a pipe it failed
+    after the whole run, trying a temporary file in /proc/PID/fd; into a
+    redirected file it replaced the file, and the table printed afterwards went
+    to the unlinked old one)."""
+    (tmp_path / "userfn.py").write_text(_USERFN)
+    piped = run_cli("gradcheck", "userfn:f", "--shape", "3", "--json", "/dev/stdout",
+                    cwd=tmp_path)
+    assert piped.returncode == 0, piped.stderr
+    doc, end = json.JSONDecoder().raw_decode(piped.stdout)
+    assert doc["ok"] is True and "1 gradient checks, 0 failed" in piped.stdout[end:]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    with open(tmp_path / "out.txt", "w") as fh:
+        rc = subprocess.run([sys.executable, "-m", "bncore", "gradcheck", "userfn:f", "--shape",
+                             "3", "--json", "/dev/stdout"], stdout=fh, cwd=tmp_path, env=env,
+                            timeout=300).returncode
+    text = (tmp_path / "out.txt").read_text()
+    assert rc == 0 and text.startswith("{") and "1 gradient checks, 0 failed" in text
+
+
+def test_gradcheck_failures_of_the_users_code(tmp_path):
+    """A function that raises replaces an earlier --json report with a failed
+    one (a passing report was left in place); sys.exit() in it is a failure,
+    not a silent exit 0; an impossible --shape is a usage error, not a
+    traceback; a file spec imports its sibling modules (review)."""
+    (tmp_path / "userfn.py").write_text(_USERFN)
+    assert run_cli("gradcheck", "userfn:f", "--shape", "3", "--json", "r.json",
+                   cwd=tmp_path).returncode == 0
+    bad = run_cli("gradcheck", "userfn:raises", "--shape", "3", "--json", "r.json", cwd=tmp_path)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert bad.returncode == 1 and doc["ok"] is False and "broken" in doc["error"]
+    out = run_cli("gradcheck", "userfn:exits", "--shape", "3", cwd=tmp_path)
+    assert out.returncode == 1 and "SystemExit" in out.stderr
+    big = run_cli("gradcheck", "userfn:f", "--shape", "99999999999,99999999", cwd=tmp_path)
+    assert big.returncode == 2 and "Traceback" not in big.stderr and "--shape" in big.stderr
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "helpers.py").write_text("import numpy as np\nscale = 2.0\n")
+    (sub / "usesib.py").write_text(textwrap.dedent("""
+        import numpy as np
+        import helpers
+        def f(x):
+            return helpers.scale * x
+        def f_vjp(u, x):
+            return (helpers.scale * u,)
+    """))
+    sib = run_cli("gradcheck", "sub/usesib.py:f", "--shape", "3", cwd=tmp_path)
+    assert sib.returncode == 0, sib.stderr
