@@ -1941,3 +1941,32 @@ def test_centered_rmsprop_clamps_a_rounded_negative_variance_as_the_cpu():
         np.testing.assert_array_max_ulp(out[1][0], out[0][0], maxulp=1)
         for c, d in zip(out[0][1:], out[1][1:]):
             assert rel(d, c) < 1e-6
+
+
+def test_parameters_without_gradients_are_skipped_as_on_the_cpu():
+    """None gradients: the device classes skip those parameters as the CPU's do
+    (no state, no count), through fresh state, several counters, a skipped
+    step and a bad gradient elsewhere."""
+    rng = np.random.default_rng(8)
+    starts = [rng.standard_normal(3), rng.standard_normal((2, 2)), rng.standard_normal(4)]
+    pattern = [[1, 0, 1], [1, 1, 0], [0, 0, 0], [0, 1, 1], [1, 1, 1]]
+    grads = [[rng.standard_normal(p.shape) for p in starts] for _ in pattern]
+    for name in ("Adam", "SGD", "RMSprop"):
+        kw = dict(lr=0.1, weight_decay=0.1, **({"momentum": 0.9} if name != "Adam" else {}))
+        out, states = [], []
+        for module, xp in ((bncore, np), (bncore_gpu, cupy)):
+            ps = [xp.asarray(p.copy()) for p in starts]
+            opt = getattr(module.optim, name)(ps, **kw)
+            for k, (on, g) in enumerate(zip(pattern, grads)):
+                gs = [xp.asarray(gi) if o else None for gi, o in zip(g, on)]
+                opt.step(gs, found_inf=True if k == 1 else None)     # step 1 skipped
+            out.append([cupy.asnumpy(p) if xp is cupy else p for p in ps])
+            states.append(sorted(opt.state))
+        assert states[0] == states[1] == [0, 1, 2]
+        for c, d in zip(*out):
+            np.testing.assert_allclose(d, c, rtol=1e-13, atol=1e-15)
+    opt = bncore_gpu.optim.Adam([cupy.ones(3), cupy.ones(2)], lr=0.1)
+    opt.step([cupy.ones(3), None])
+    assert sorted(opt.state) == [0]
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(5,\)"):
+        opt.step([None, cupy.ones(5)])

@@ -176,3 +176,25 @@ def test_tensor_hyperparameters_are_saved_as_their_values(tmp_path):
     bncore.optim.load(fresh, tmp_path / "t.npz")
     assert fresh.param_groups[0]["lr"] == pytest.approx(0.01)
     assert fresh.param_groups[0]["betas"][0] == pytest.approx(0.8)
+
+
+def test_parameters_without_gradients_are_skipped():
+    """None gradients (torch's .grad of None): those parameters keep their
+    values and get no state; a found_inf skip and a bad gradient elsewhere
+    behave as without them, the messages counting over all parameters."""
+    ps = [np.ones(3), np.ones(2), np.ones(4)]
+    opt = bncore.optim.Adam(ps, lr=0.1, weight_decay=0.1)
+    opt.step([np.ones(3), None, np.ones(4)])
+    assert sorted(opt.state) == [0, 2] and (ps[1] == 1.0).all() and (ps[0] < 1).all()
+    opt.step([None, None, None])
+    assert sorted(opt.state) == [0, 2]
+    before = [p.copy() for p in ps]
+    opt.step([np.ones(3), np.ones(2), None], found_inf=True)
+    assert sorted(opt.state) == [0, 2] and all((a == b).all() for a, b in zip(ps, before))
+    opt.step([np.ones(3), np.ones(2), None])     # two step counts: two calls
+    with pytest.raises(ValueError, match=r"grads\[2\] has shape \(5,\)"):
+        opt.step([np.ones(3), None, np.ones(5)])
+    assert [int(opt.state[i]["step"]) for i in range(3)] == [2, 1, 1]
+    one = bncore.optim.SGD([np.ones(3), np.ones(2)], lr=0.1)     # one kernel call
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(5,\)"):
+        one.step([None, np.ones(5)])

@@ -274,3 +274,34 @@ def test_infinite_gradients_give_torchs_infinities_and_nans(name, kw):
         np.testing.assert_array_equal(np.isnan(p), np.isnan(tp.numpy()))
         np.testing.assert_array_equal(np.isinf(p), np.isinf(tp.numpy()))
         np.testing.assert_allclose(p, tp.numpy(), rtol=1e-14)
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("Adam", dict(lr=0.1, weight_decay=0.1)), ("AdamW", dict(lr=0.1, amsgrad=True)),
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.01, centered=True, momentum=0.5)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.01))])
+def test_a_parameter_without_a_gradient_is_skipped_as_in_torch(name, kw):
+    """A None in step's gradients is torch's .grad of None (a frozen or unused
+    parameter): no state made, no step counted, no weight decay. It was
+    refused ("grads[1] must be an array")."""
+    rng = np.random.default_rng(0)
+    shapes = [(3,), (2, 2), (4,)]
+    starts = [rng.standard_normal(s) for s in shapes]
+    pattern = [[1, 0, 1], [1, 1, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in pattern]
+    ps = [p.copy() for p in starts]
+    opt = getattr(bncore.optim, name)(ps, **kw)
+    tp = [torch.tensor(p) for p in starts]
+    topt = getattr(torch.optim, name)(tp, foreach=False, **kw)
+    for on, g in zip(pattern, grads):
+        opt.step([gi if o else None for gi, o in zip(g, on)])
+        for t, gi, o in zip(tp, g, on):
+            t.grad = torch.tensor(gi) if o else None
+        topt.step()
+        for p, t in zip(ps, tp):
+            np.testing.assert_allclose(p, t.numpy(), rtol=1e-14, atol=1e-15)
+    assert sorted(opt.state) == [0, 1, 2]
+    if "step" in topt.state[tp[0]]:             # (torch's SGD counts no steps)
+        assert [int(opt.state[i]["step"]) for i in range(3)] == [
+            int(topt.state[t]["step"]) for t in tp]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import itertools
 import operator
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence
@@ -34,6 +35,13 @@ _LIST_NAMES = ("params|grads|exp_avgs|exp_avg_sqs|max_exp_avg_sqs|momentum_buffe
 # the hyperparameters that switch a formula on or off (every class's)
 _FLAGS = ("nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay",
           "eps_inside_sqrt", "onnx_update_count")
+
+
+def _any_none(items) -> bool:
+    """Whether a list holds None (by identity: `None in arrays` would compare
+    each array with None elementwise)."""
+    return any(map(operator.is_, items, itertools.repeat(None)))
+
 
 __all__ = ["Optimizer"]
 
@@ -309,6 +317,20 @@ class Optimizer:
         return state
 
     def _gather_all(self, params, grads, calls) -> None:
+        """_gather_all_of over the parameters that have a gradient this step,
+        the messages counting over all of them."""
+        if not _any_none(grads):
+            self._gather_all_of(params, grads, calls)
+            return
+        keep = [i for i, g in enumerate(grads) if g is not None]
+        where = {i: k for k, i in enumerate(keep)}
+        try:
+            self._gather_all_of([params[i] for i in keep], [grads[i] for i in keep],
+                                [[where[i] for i in idx] for idx in calls])
+        except (TypeError, ValueError) as exc:
+            raise chk.renumbered(exc, _LIST_NAMES, keep) from None
+
+    def _gather_all_of(self, params, grads, calls) -> None:
         """Check every parameter against its gradient (shape, dtype, aliasing,
         writability) at once, with indices over all groups, before a step of
         several kernel calls (`calls`: each call's parameter indices), so that
@@ -387,6 +409,15 @@ class Optimizer:
             n = len(group["params"])
             gparams, ggrads = group["params"], grads[offset:offset + n]
             idx = list(range(offset, offset + n))
+            if _any_none(ggrads):
+                # as torch.optim with a .grad of None: the parameter is skipped
+                # (no state made, no step counted, no weight decay)
+                keep = [k for k, g in enumerate(ggrads) if g is not None]
+                gparams, ggrads = [gparams[k] for k in keep], [ggrads[k] for k in keep]
+                idx = [idx[k] for k in keep]
+                if not keep:
+                    offset += n
+                    continue
             states = list(map(self.state.get, idx))
             keys = self._call_keys(states, group)
             # the usual case, without Python work per parameter: every parameter
@@ -433,6 +464,9 @@ class Optimizer:
              num_threads: Optional[int] = None) -> None:
         """Update every parameter from ``grads`` (same order as the parameters).
 
+        A ``None`` in ``grads`` is PyTorch's ``.grad`` of None (a frozen or
+        unused parameter): that parameter is skipped, with no state made, no
+        step counted and no weight decay, as ``torch.optim`` does.
         ``grad_scale`` divides the gradients inside the kernel; a true
         ``found_inf`` skips the step entirely (nothing changes). Every group's
         hyperparameters and every array are checked before any is written: a
@@ -443,10 +477,11 @@ class Optimizer:
             # mode at the write, not at the optimizer's construction
             chk.refuse_inference_writes("params", self._tensors_behind(params))
         calls = self._calls(glist)
-        if skip or len(calls) > 1:
+        if skip or len(calls) > 1 or _any_none(glist):
             # one kernel call checks all its arrays before writing any; several
             # calls are checked together first, so a later one cannot fail
-            # after an earlier one has written
+            # after an earlier one has written (and where parameters without a
+            # gradient are left out, so that messages count over all parameters)
             self._gather_all(params, glist, [c[3] for c in calls])
         if skip:
             # a skipped step refuses what a taken one would (a gradient that is

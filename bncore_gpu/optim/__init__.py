@@ -17,6 +17,7 @@ import operator
 import cupy
 
 from bncore.optim import algorithms as _alg
+from bncore.optim.optimizer import _any_none
 from bncore.optim.checkpoint import load, save
 from bncore.optim.schedules import cosine_lr, linear_warmup, set_lr, step_lr
 from bncore_gpu import _checks as chk
@@ -89,7 +90,9 @@ class _OnDevice:
             # one, not kept)
             groups, off = [], 0
             for g in self.param_groups:
-                groups.append(list(range(off, off + len(g["params"]))))
+                # (parameters without a gradient are skipped, as on the CPU)
+                groups.append([i for i in range(off, off + len(g["params"]))
+                               if glist[i] is not None])
                 off += len(g["params"])
             self._gather_all(params, glist, groups)
             one = cupy.ones((), cupy.float64)
@@ -105,9 +108,18 @@ class _OnDevice:
         offset = 0
         for group in self.param_groups:
             n = len(group["params"])
-            states = list(map(self.state.get, range(offset, offset + n)))
+            live = list(range(n))
+            if _any_none(glist[offset:offset + n]):
+                # as torch.optim with a .grad of None: the parameter is skipped
+                # (no state made, no step counted), as on the CPU
+                live = [k for k in live if glist[offset + k] is not None]
+                if not live:
+                    offset += n
+                    continue
+            states = [self.state.get(offset + k) for k in live]
             if None in states:
-                for k, s in enumerate(states):
+                for j, s in enumerate(states):
+                    k = live[j]
                     if s is None:
                         # parameters new to this step start together, from 0
                         if fresh_counter is None:
@@ -116,19 +128,19 @@ class _OnDevice:
                         s["step"] = fresh_counter
                         self.state[offset + k] = s
                         created.append(offset + k)
-                        states[k] = s
+                        states[j] = s
             # one call per counter, split further as the class's call keys say
             keys = self._call_keys(states, group)
             steps = list(map(_STEP, states))
             if keys is None and n and all(map(operator.is_, steps, itertools.repeat(steps[0]))):
                 # the usual case, without Python work per parameter: one counter
                 # and one call key for the whole group
-                buckets = {None: (steps[0], list(range(offset, offset + n)))}
+                buckets = {None: (steps[0], [offset + k for k in live])}
             else:
                 buckets = {}
-                for k, c in enumerate(steps):
-                    key = (id(c),) if keys is None else (id(c),) + keys[k]
-                    buckets.setdefault(key, (c, []))[1].append(offset + k)
+                for j, c in enumerate(steps):
+                    key = (id(c),) if keys is None else (id(c),) + keys[j]
+                    buckets.setdefault(key, (c, []))[1].append(offset + live[j])
             for counter, idx in buckets.values():
                 counters[id(counter)] = counter
                 calls.append((group, counter, idx))
@@ -136,9 +148,11 @@ class _OnDevice:
         single = len(calls) == 1
         sizes = list(map(len, map(self.state.__getitem__,
                                   itertools.chain.from_iterable(c[2] for c in calls))))
-        if not single:
+        if not single or _any_none(glist):
             # a later call must not fail after an earlier one has written: the
             # parameters against their gradients, then each call's own checks
+            # (also where parameters without a gradient are left out, so that
+            # messages count over all parameters)
             try:
                 self._gather_all(params, glist, [idx for _, _, idx in calls])
                 self._check_calls(
@@ -150,6 +164,15 @@ class _OnDevice:
                 self._forget_new_state(created, [self.state[i] for _, _, idx in calls
                                                  for i in idx], sizes)
                 raise
+        if _any_none(glist):
+            # a parameter without a gradient keeps its count while the others
+            # that share its counter step: it gets a copy (one per counter)
+            copies = {}
+            for i, g in enumerate(glist):
+                st = self.state.get(i) if g is None else None
+                if st is not None and id(st["step"]) in counters:
+                    c = st["step"]
+                    st["step"] = copies.setdefault(id(c), c.copy())
         for counter in counters.values():
             _ops.step_increment(counter, dev_found)
         try:
