@@ -198,3 +198,34 @@ def test_parameters_without_gradients_are_skipped():
     one = bncore.optim.SGD([np.ones(3), np.ones(2)], lr=0.1)     # one kernel call
     with pytest.raises(ValueError, match=r"grads\[1\] has shape \(5,\)"):
         one.step([None, np.ones(5)])
+
+
+def test_a_step_with_missing_gradients_names_arrays_over_all_parameters():
+    """One kernel call over the parameters that have a gradient: its own
+    refusals (a gradient that is a state array) still count over all the
+    optimizer's parameters (review: 'grads[1] and exp_avgs[1]' for the third)."""
+    ps = [np.ones(3), np.ones(3), np.ones(3)]
+    opt = bncore.optim.Adam(ps, lr=0.1)
+    opt.step([np.ones(3)] * 3)
+    with pytest.raises(ValueError, match=r"grads\[2\] and exp_avgs\[2\] share memory"):
+        opt.step([None, np.ones(3), opt.state[2]["exp_avg"]])
+
+
+def test_a_parameter_without_a_gradient_is_not_written_for_torch():
+    """torch: a skipped parameter is not told to autograd as written (a graph
+    that saved it could not run backward again) and may be an inference
+    tensor (review: it was bumped and refused)."""
+    torch = pytest.importorskip("torch")
+    w = torch.randn(3, requires_grad=True)
+    frozen = torch.randn(3)
+    opt = bncore.optim.SGD([w.detach(), frozen], lr=0.1)
+    loss = (w * frozen).sum()
+    loss.backward(retain_graph=True)
+    opt.step([w.grad, None])
+    loss.backward()                                 # raised: frozen had been modified
+    with torch.inference_mode():
+        inf = torch.randn(3)
+    opt = bncore.optim.SGD([torch.zeros(3), inf], lr=0.1)
+    opt.step([torch.ones(3), None])
+    with pytest.raises(ValueError, match=r"params\[1\] is read-only"):
+        opt.step([torch.ones(3), torch.ones(3)])

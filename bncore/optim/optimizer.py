@@ -472,12 +472,20 @@ class Optimizer:
         hyperparameters and every array are checked before any is written: a
         step that raises has changed nothing."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
+        partial = _any_none(glist)      # parameters without a gradient: skipped
+        # (the parameters written: a skipped one is neither refused as an
+        # inference tensor nor told to autograd as written, as in torch.optim)
+        keep = [i for i, g in enumerate(glist) if g is not None] if partial else None
+        written = [params[i] for i in keep] if partial else params
         if self._tensor_of:
             # torch decides whether an inference tensor may be written by the
             # mode at the write, not at the optimizer's construction
-            chk.refuse_inference_writes("params", self._tensors_behind(params))
+            try:
+                chk.refuse_inference_writes("params", self._tensors_behind(written))
+            except ValueError as exc:
+                raise (chk.renumbered(exc, "params", keep) if partial else exc) from None
         calls = self._calls(glist)
-        if skip or len(calls) > 1 or _any_none(glist):
+        if skip or len(calls) > 1 or partial:
             # one kernel call checks all its arrays before writing any; several
             # calls are checked together first, so a later one cannot fail
             # after an earlier one has written (and where parameters without a
@@ -502,7 +510,9 @@ class Optimizer:
             made.append((states, created, list(map(len, states))))
         done = 0                   # calls whose kernels have run
         try:
-            if len(calls) > 1:
+            if len(calls) > 1 or partial:
+                # (a partial step's single call too: its kernel would count its
+                # messages over the parameters that have a gradient only)
                 self._check_calls(calls, [m[0] for m in made], grad_scale, num_threads)
             for k, ((group, gparams, ggrads, idx, step), (states, _, _)) in enumerate(
                     zip(calls, made)):
@@ -515,7 +525,7 @@ class Optimizer:
                 self._forget_new_state(created, states, sizes)
             raise
         if self._tensor_of:
-            chk.bump_versions(self._tensors_behind(params))
+            chk.bump_versions(self._tensors_behind(written))
 
     def _check_calls(self, calls, states, grad_scale, num_threads) -> None:
         """Every kernel call's own checks (its step function with found_inf set:

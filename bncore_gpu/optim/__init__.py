@@ -106,17 +106,21 @@ class _OnDevice:
         dev_found = found_inf if found_inf is not None and _ops.is_device(found_inf) else None
         calls, counters, fresh_counter, created = [], {}, None, []
         offset = 0
+        partial = _any_none(glist)
         for group in self.param_groups:
             n = len(group["params"])
-            live = list(range(n))
-            if _any_none(glist[offset:offset + n]):
+            live = range(n)
+            if partial and _any_none(glist[offset:offset + n]):
                 # as torch.optim with a .grad of None: the parameter is skipped
                 # (no state made, no step counted), as on the CPU
                 live = [k for k in live if glist[offset + k] is not None]
                 if not live:
                     offset += n
                     continue
-            states = [self.state.get(offset + k) for k in live]
+            if partial:
+                states = [self.state.get(offset + k) for k in live]
+            else:
+                states = list(map(self.state.get, range(offset, offset + n)))
             if None in states:
                 for j, s in enumerate(states):
                     k = live[j]
@@ -135,7 +139,8 @@ class _OnDevice:
             if keys is None and n and all(map(operator.is_, steps, itertools.repeat(steps[0]))):
                 # the usual case, without Python work per parameter: one counter
                 # and one call key for the whole group
-                buckets = {None: (steps[0], [offset + k for k in live])}
+                members = [offset + k for k in live] if partial else list(range(offset, offset + n))
+                buckets = {None: (steps[0], members)}
             else:
                 buckets = {}
                 for j, c in enumerate(steps):
@@ -148,7 +153,7 @@ class _OnDevice:
         single = len(calls) == 1
         sizes = list(map(len, map(self.state.__getitem__,
                                   itertools.chain.from_iterable(c[2] for c in calls))))
-        if not single or _any_none(glist):
+        if not single or partial:
             # a later call must not fail after an earlier one has written: the
             # parameters against their gradients, then each call's own checks
             # (also where parameters without a gradient are left out, so that
@@ -164,7 +169,7 @@ class _OnDevice:
                 self._forget_new_state(created, [self.state[i] for _, _, idx in calls
                                                  for i in idx], sizes)
                 raise
-        if _any_none(glist):
+        if partial:
             # a parameter without a gradient keeps its count while the others
             # that share its counter step: it gets a copy (one per counter)
             copies = {}
@@ -172,7 +177,9 @@ class _OnDevice:
                 st = self.state.get(i) if g is None else None
                 if st is not None and id(st["step"]) in counters:
                     c = st["step"]
-                    st["step"] = copies.setdefault(id(c), c.copy())
+                    if id(c) not in copies:
+                        copies[id(c)] = c.copy()
+                    st["step"] = copies[id(c)]
         for counter in counters.values():
             _ops.step_increment(counter, dev_found)
         try:
