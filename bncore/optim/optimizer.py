@@ -400,16 +400,18 @@ class Optimizer:
         """One step function call for these parameters (all at step `step`)."""
         raise NotImplementedError
 
-    def _calls(self, grads) -> List[tuple]:
+    def _calls(self, grads, partial: Optional[bool] = None) -> List[tuple]:
         """The kernel calls of one step: (group, params, grads, state indices, step).
         Parameters of a group normally share their step count: one call per
         distinct count (one call in the usual case); subclasses may split further."""
         calls, offset = [], 0
+        if partial is None:
+            partial = _any_none(grads)
         for group in self.param_groups:
             n = len(group["params"])
             gparams, ggrads = group["params"], grads[offset:offset + n]
             idx = list(range(offset, offset + n))
-            if _any_none(ggrads):
+            if partial and _any_none(ggrads):
                 # as torch.optim with a .grad of None: the parameter is skipped
                 # (no state made, no step counted, no weight decay)
                 keep = [k for k, g in enumerate(ggrads) if g is not None]
@@ -484,7 +486,7 @@ class Optimizer:
                 chk.refuse_inference_writes("params", self._tensors_behind(written))
             except ValueError as exc:
                 raise (chk.renumbered(exc, "params", keep) if partial else exc) from None
-        calls = self._calls(glist)
+        calls = self._calls(glist, partial)
         if skip or len(calls) > 1 or partial:
             # one kernel call checks all its arrays before writing any; several
             # calls are checked together first, so a later one cannot fail
