@@ -7,8 +7,10 @@ read-only output).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
+import operator
 import re
 from typing import Any, Optional, Sequence, Tuple
 
@@ -151,6 +153,25 @@ def refuse_overlap(labels, starts, ends, writes) -> None:
         i, j = sorted(pair)
         raise ValueError(f"{labels[i]} and {labels[j]} share memory; every array of an "
                          f"in-place update must be distinct")
+
+
+def any_none(items) -> bool:
+    """Whether a list holds None (by identity: `None in arrays` would compare
+    each array with None elementwise)."""
+    return any(map(operator.is_, items, itertools.repeat(None)))
+
+
+def without_none(name: str, items: list, check):
+    """check(the items that are not None), its errors' ``name[k]`` indices
+    counting over all of `items`: torch skips parameters whose .grad is None
+    (clip_grad_norm_, clip_grad_value_, optimizers)."""
+    if not any_none(items):
+        return check(items)
+    keep = [i for i, a in enumerate(items) if a is not None]
+    try:
+        return check([items[i] for i in keep])
+    except (TypeError, ValueError) as exc:
+        raise renumbered(exc, name, keep) from None
 
 
 def renumbered(exc: Exception, names: str, idx: Sequence[int]) -> Exception:

@@ -41,7 +41,8 @@ def clip_coefficient(total: float, max_norm: float, eps: float) -> Optional[floa
 
 def _grads_table(grads, write: bool):
     gl = as_list("grads", grads, required=True)
-    return _k.gather([gl], ("grads",), (write,), -1, chk.as_array, half_first=True)
+    return chk.without_none("grads", gl, lambda lst: _k.gather(
+        [lst], ("grads",), (write,), -1, chk.as_array, half_first=True))
 
 
 def _grads_tables(grads, write: bool) -> list:
@@ -67,7 +68,12 @@ def tables_by_dtype(gl: list, write: bool, gather_one, as_array, address) -> lis
     per dtype in the order of their first appearance: a kernel call takes one
     dtype. Every table is checked before any is used, the messages' indices
     over the whole list; written gradients must not overlap across tables
-    either. Shared with bncore_gpu.clipping (as_array and address per backend)."""
+    either. Shared with bncore_gpu.clipping (as_array and address per backend).
+    None entries are left out, as torch's clipping leaves out parameters whose
+    .grad is None."""
+    if chk.any_none(gl):
+        return chk.without_none("grads", gl, lambda lst: tables_by_dtype(
+            lst, write, gather_one, as_array, address))
     try:
         return [gather_one(gl)]
     except TypeError as exc:
@@ -216,7 +222,8 @@ def grad_norm(grads: ArrayList, norm_type: float = 2.0, *, comm: Any = None,
 
     Equal to PyTorch's norm of per-tensor norms (``clip_grad_norm_``'s total)
     and to optax's ``global_norm`` for p = 2. NaN or Inf in a gradient gives a
-    NaN or Inf norm. The list may mix float16, float32 and float64 gradients
+    NaN or Inf norm. None entries are left out (torch's ``.grad`` of None:
+    ``clip_grad_norm_`` skips such parameters). The list may mix float16, float32 and float64 gradients
     (one kernel pass per dtype, the parts combined in float64); with ``comm``
     each rank's list has one dtype. With ``comm`` (an mpi4py communicator) the gradients are
     this rank's shard and the norm is over every rank's: a collective, see
@@ -240,7 +247,8 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
     multiplied by it (one pass). eps=1e-6 is PyTorch's ``clip_grad_norm_``
     (whose result is slightly below max_norm); eps=0 is the exact global-norm
     clip of Keras (``global_clipnorm``) and optax (``clip_by_global_norm``),
-    ``g * max_norm / max(total, max_norm)``. A NaN total multiplies every
+    ``g * max_norm / max(total, max_norm)``. None entries are left out, as
+    PyTorch leaves out parameters whose ``.grad`` is None. A NaN total multiplies every
     gradient by NaN, as in PyTorch, unless ``error_if_nonfinite=True``, which
     raises :class:`NonFiniteError` before any gradient is touched. An infinite
     total gives coef = 0 (finite entries become 0, infinite ones NaN), as in

@@ -17,8 +17,8 @@ import cupy
 import numpy as np
 
 from bncore._checks import (  # noqa: F401  (re-exported: the same scalar rules)
-    FLOAT_DTYPES, array_rules, flag, in_unit_interval, non_negative, normalize_axis, positive,
-    real_scalar, refuse_misleading_export, same_shape)
+    FLOAT_DTYPES, any_none, array_rules, flag, in_unit_interval, non_negative, normalize_axis,
+    positive, real_scalar, refuse_misleading_export, same_shape, without_none)
 from bncore._torch_interop import refuse_inference_writes
 
 

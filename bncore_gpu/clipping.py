@@ -32,8 +32,9 @@ _F64 = np.dtype(np.float64)
 
 def _table(grads, write: bool):
     """One gather table (one dtype: the distributed forms' rank-local list)."""
-    return gather([_cpu.as_list("grads", grads, required=True)], ("grads",), (write,), -1,
-                  half_first=True)
+    return chk.without_none("grads", _cpu.as_list("grads", grads, required=True),
+                            lambda lst: gather([lst], ("grads",), (write,), -1,
+                                               half_first=True))
 
 
 def _tables(grads, write: bool) -> list:

@@ -486,3 +486,31 @@ def test_two_norm_of_gradients_whose_squares_are_subnormal_keeps_float64_accurac
     for n, a in ((2 ** 18, 1.1 * 2.0 ** -520), (1000, 3.3 * 2.0 ** -530), (7, 2.0 ** -537)):
         want = a * math.sqrt(n)
         assert abs(bncore.grad_norm([np.full(n, a)]) - want) <= 1e-14 * want, (n, a)
+
+
+def test_clipping_leaves_out_missing_gradients_as_torch_does():
+    """None among the gradients ([p.grad for p in model.parameters()] with a
+    frozen parameter): left out of the norm and of the clipping, as torch's
+    clip_grad_norm_ / clip_grad_value_ leave out parameters whose .grad is None;
+    messages count over the whole list. It was refused."""
+    g = [np.ones(3), None, np.full(2, 2.0)]
+    assert bncore.grad_norm(g) == pytest.approx(np.sqrt(11.0), rel=1e-15)
+    assert bncore.found_inf(g) is False
+    total = bncore.clip_grad_norm(g, 1.0)
+    assert total == pytest.approx(np.sqrt(11.0), rel=1e-15) and g[1] is None
+    np.testing.assert_allclose(g[0], 1.0 / (np.sqrt(11.0) + 1e-6), rtol=1e-15)
+    bncore.clip_grad_value(g, 0.1)
+    assert (g[2] == 0.1).all()
+    with pytest.raises(TypeError, match=r"grads\[2\] must be"):
+        bncore.grad_norm([np.ones(3), None, np.ones(2, np.int32)])
+    with pytest.raises(TypeError, match=r"grads\[3\] must be"):     # mixed dtypes too
+        bncore.grad_norm([np.ones(3), None, np.ones(2, np.float32), np.ones(2, np.int32)])
+    assert bncore.grad_norm([None, None]) == 0.0
+    torch = pytest.importorskip("torch")
+    ps = [torch.ones(n, dtype=torch.float64, requires_grad=True) for n in (3, 2, 2)]
+    ps[0].grad = torch.ones(3, dtype=torch.float64)
+    ps[2].grad = torch.full((2,), 2.0, dtype=torch.float64)
+    ours = [np.ones(3), None, np.full(2, 2.0)]
+    assert bncore.clip_grad_norm(ours, 1.0) == pytest.approx(
+        float(torch.nn.utils.clip_grad_norm_(ps, 1.0)), rel=1e-15)
+    np.testing.assert_allclose(ours[0], ps[0].grad.numpy(), rtol=1e-15)

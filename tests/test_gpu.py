@@ -1970,3 +1970,17 @@ def test_parameters_without_gradients_are_skipped_as_on_the_cpu():
     assert sorted(opt.state) == [0]
     with pytest.raises(ValueError, match=r"grads\[1\] has shape \(5,\)"):
         opt.step([None, cupy.ones(5)])
+
+
+def test_clipping_leaves_out_missing_gradients_as_the_cpu():
+    """None among the gradients is left out of the norm and of the clipping on
+    the device as on the CPU (torch's .grad of None)."""
+    host = [np.ones(3), None, np.full(2, 2.0)]
+    dev = [cupy.asarray(np.ones(3)), None, cupy.asarray(np.full(2, 2.0))]
+    assert float(bncore_gpu.grad_norm(dev)) == bncore.grad_norm(host)
+    assert float(bncore_gpu.clip_grad_norm(dev, 1.0)) == bncore.clip_grad_norm(host, 1.0)
+    for c, d in zip(host, dev):
+        assert (c is None and d is None) or np.array_equal(cupy.asnumpy(d), c)
+    assert not bool(bncore_gpu.found_inf(dev))
+    with pytest.raises(TypeError, match=r"grads\[2\]"):
+        bncore_gpu.grad_norm([cupy.ones(3), None, cupy.ones(2, dtype=cupy.int32)])

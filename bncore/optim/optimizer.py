@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import itertools
 import operator
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence
@@ -37,10 +36,7 @@ _FLAGS = ("nesterov", "maximize", "amsgrad", "centered", "decoupled_weight_decay
           "eps_inside_sqrt", "onnx_update_count")
 
 
-def _any_none(items) -> bool:
-    """Whether a list holds None (by identity: `None in arrays` would compare
-    each array with None elementwise)."""
-    return any(map(operator.is_, items, itertools.repeat(None)))
+_any_none = chk.any_none
 
 
 __all__ = ["Optimizer"]

@@ -17,7 +17,7 @@ import operator
 import cupy
 
 from bncore.optim import algorithms as _alg
-from bncore.optim.optimizer import _any_none
+from bncore._checks import any_none as _any_none
 from bncore.optim.checkpoint import load, save
 from bncore.optim.schedules import cosine_lr, linear_warmup, set_lr, step_lr
 from bncore_gpu import _checks as chk
