@@ -97,6 +97,25 @@ class BatchNorm:
         self.grad_bias: Optional[np.ndarray] = None
         self._saved: Optional[tuple] = None
 
+    # ---- state
+    def reset_running_stats(self) -> None:
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0, in place
+        (the arrays stay the same objects), as ``torch.nn.BatchNorm2d``'s; nothing
+        without ``track_running_stats``."""
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self) -> None:
+        """reset_running_stats(), and weight = 1, bias = 0 in place (affine), as
+        torch's; the gradients of the last backward are cleared."""
+        self.reset_running_stats()
+        if self.affine:
+            self.weight[...] = 1
+            self.bias[...] = 0
+        self.grad_weight = self.grad_bias = None
+
     # ---- mode
     def train(self, mode: bool = True) -> "BatchNorm":
         self.training = chk.flag("mode", mode)     # train("False") would be training

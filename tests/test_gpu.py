@@ -1984,3 +1984,15 @@ def test_clipping_leaves_out_missing_gradients_as_the_cpu():
     assert not bool(bncore_gpu.found_inf(dev))
     with pytest.raises(TypeError, match=r"grads\[2\]"):
         bncore_gpu.grad_norm([cupy.ones(3), None, cupy.ones(2, dtype=cupy.int32)])
+
+
+def test_layer_resets_in_place_on_the_device():
+    """BatchNorm.reset_running_stats() / reset_parameters() on CuPy arrays."""
+    bn = bncore_gpu.BatchNorm(3)
+    rm = bn.running_mean
+    bn.forward(cupy.asarray(np.random.default_rng(1).standard_normal((6, 3)) + 4))
+    bn.weight[:] = 3.0
+    bn.reset_parameters()
+    assert bn.running_mean is rm and float(rm.sum()) == 0.0
+    assert float(bn.running_var.min()) == 1.0 and float(bn.weight.max()) == 1.0
+    assert bn.num_batches_tracked == 0

@@ -281,3 +281,32 @@ def test_state_dict_is_a_snapshot():
     assert set(sd) == set(fresh)
     for k in sd:
         assert np.array_equal(sd[k], fresh[k]), k
+
+
+def test_reset_running_stats_and_parameters_as_torch():
+    """torch.nn.BatchNorm2d's reset_running_stats() / reset_parameters(): in
+    place, after which the layer runs as a fresh one (momentum=None's
+    cumulative average restarts)."""
+    rng = np.random.default_rng(9)
+    xs = [rng.standard_normal((4, 3, 5, 5)).astype(np.float32) * 2 + 1 for _ in range(3)]
+    bn = bncore.BatchNorm(3, momentum=None)
+    arrays = (bn.running_mean, bn.running_var, bn.weight, bn.bias)
+    for x in xs:
+        bn.forward(x)
+    bn.backward(np.ones_like(xs[0]))
+    bn.weight[:] = 2.0
+    bn.bias[:] = -1.0
+    bn.reset_running_stats()
+    assert (bn.running_mean == 0).all() and (bn.running_var == 1).all()
+    assert bn.num_batches_tracked == 0 and (bn.weight == 2.0).all()
+    bn.reset_parameters()
+    assert (bn.weight == 1).all() and (bn.bias == 0).all() and bn.grad_weight is None
+    assert all(a is b for a, b in zip(arrays, (bn.running_mean, bn.running_var, bn.weight,
+                                                  bn.bias)))
+    fresh = bncore.BatchNorm(3, momentum=None)
+    for x in xs[:2]:
+        np.testing.assert_array_equal(bn.forward(x), fresh.forward(x))
+    for k, v in fresh.state_dict().items():
+        np.testing.assert_array_equal(bn.state_dict()[k], v)
+    plain = bncore.BatchNorm(3, affine=False, track_running_stats=False)
+    plain.reset_parameters()                        # nothing to reset: no error
