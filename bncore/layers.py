@@ -198,12 +198,18 @@ class BatchNorm:
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Copies of weight, bias, running statistics and num_batches_tracked."""
         state: Dict[str, np.ndarray] = {}
+        xp = self._xp
+
+        def copy(v):
+            # (a user may have put torch tensors in the layer, which it updates
+            # in place through DLPack: they had no .copy())
+            return v.copy() if isinstance(v, xp.ndarray) else xp.array(v, copy=True)
         if self.affine:
-            state["weight"] = self.weight.copy()
-            state["bias"] = self.bias.copy()
+            state["weight"] = copy(self.weight)
+            state["bias"] = copy(self.bias)
         if self.track_running_stats:
-            state["running_mean"] = self.running_mean.copy()
-            state["running_var"] = self.running_var.copy()
+            state["running_mean"] = copy(self.running_mean)
+            state["running_var"] = copy(self.running_var)
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 

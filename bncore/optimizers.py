@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Iterator, KeysView, ValuesView
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -45,6 +46,10 @@ def as_list(name: str, v: Optional[ArrayList], *, required: bool = False) -> Opt
         return list(v)
     if isinstance(v, np.ndarray) or hasattr(v, "__dlpack__"):
         return [v]
+    if isinstance(v, (Iterator, KeysView, ValuesView)):
+        # a generator, map or dict view ((p.grad for p in model.parameters()),
+        # as torch's clip_grad_norm_ takes), read once
+        return list(v)
     raise TypeError(f"{name} must be an array or a list of arrays, got {type(v).__name__}")
 
 

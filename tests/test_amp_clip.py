@@ -514,3 +514,18 @@ def test_clipping_leaves_out_missing_gradients_as_torch_does():
     assert bncore.clip_grad_norm(ours, 1.0) == pytest.approx(
         float(torch.nn.utils.clip_grad_norm_(ps, 1.0)), rel=1e-15)
     np.testing.assert_allclose(ours[0], ps[0].grad.numpy(), rtol=1e-15)
+
+
+def test_gradients_may_come_from_a_generator_as_in_torch():
+    """(p.grad for p in params), as torch's clip_grad_norm_ takes any iterable:
+    read once, as a list (it was refused). A dict is still refused."""
+    gs = [np.ones(3), np.full(2, 2.0)]
+    assert bncore.grad_norm(g for g in gs) == bncore.grad_norm(gs)
+    assert bncore.clip_grad_norm(iter(gs), 1.0) == pytest.approx(np.sqrt(11.0), rel=1e-15)
+    assert gs[0][0] < 1.0
+    ps = [np.ones(3), np.ones(2)]
+    opt = bncore.optim.SGD(ps, lr=0.5)
+    opt.step(np.ones_like(p) for p in ps)
+    assert (ps[0] == 0.5).all() and (ps[1] == 0.5).all()
+    with pytest.raises(TypeError, match="grads must be"):
+        bncore.grad_norm({"a": np.ones(2)})

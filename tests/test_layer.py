@@ -310,3 +310,17 @@ def test_reset_running_stats_and_parameters_as_torch():
         np.testing.assert_array_equal(bn.state_dict()[k], v)
     plain = bncore.BatchNorm(3, affine=False, track_running_stats=False)
     plain.reset_parameters()                        # nothing to reset: no error
+
+
+def test_state_dict_of_a_layer_holding_torch_tensors():
+    """A layer whose running statistics are torch tensors (updated in place
+    through DLPack) gives NumPy copies in state_dict (review: 'Tensor' object
+    has no attribute 'copy')."""
+    torch = pytest.importorskip("torch")
+    bn = bncore.BatchNorm(3)
+    bn.running_mean, bn.running_var = torch.zeros(3), torch.ones(3)
+    bn.forward(np.random.default_rng(2).standard_normal((8, 3)).astype(np.float32) + 5)
+    sd = bn.state_dict()
+    assert isinstance(sd["running_mean"], np.ndarray)
+    np.testing.assert_array_equal(sd["running_mean"], bn.running_mean.numpy())
+    assert float(bn.running_mean.mean()) > 0.4          # the tensors were updated

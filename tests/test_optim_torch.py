@@ -305,3 +305,31 @@ def test_a_parameter_without_a_gradient_is_skipped_as_in_torch(name, kw):
     if "step" in topt.state[tp[0]]:             # (torch's SGD counts no steps)
         assert [int(opt.state[i]["step"]) for i in range(3)] == [
             int(topt.state[t]["step"]) for t in tp]
+
+
+def test_a_torch_optim_state_dict_loads_with_its_tensors():
+    """torch.optim's state_dict (CPU tensors, the step as a tensor) loads once
+    it names the class; the resumed run stays torch's. Its tensors were refused
+    with a message comparing torch.float64 with float64; without the
+    'optimizer' entry the message says what to add."""
+    rng = np.random.default_rng(0)
+    starts = [rng.standard_normal(3), rng.standard_normal((2, 2))]
+    grads = [[rng.standard_normal(p.shape) for p in starts] for _ in range(6)]
+    tp = [torch.tensor(p) for p in starts]
+    topt = torch.optim.AdamW(tp, lr=0.1, weight_decay=0.05, amsgrad=True)
+    for g in grads[:3]:
+        for t, gi in zip(tp, g):
+            t.grad = torch.tensor(gi)
+        topt.step()
+    ps = [t.detach().numpy().copy() for t in tp]
+    opt = bncore.optim.AdamW(ps, lr=0.1, weight_decay=0.05, amsgrad=True)
+    with pytest.raises(ValueError, match="no 'optimizer' entry.*torch.optim"):
+        opt.load_state_dict(topt.state_dict())
+    opt.load_state_dict(dict(topt.state_dict(), optimizer="AdamW"))
+    for g in grads[3:]:
+        opt.step(g)
+        for t, gi in zip(tp, g):
+            t.grad = torch.tensor(gi)
+        topt.step()
+    for p, t in zip(ps, tp):
+        np.testing.assert_allclose(p, t.detach().numpy(), rtol=1e-14, atol=1e-15)

@@ -583,6 +583,12 @@ class Optimizer:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         name = state_dict.get("optimizer")
+        if name is None and "optimizer" not in state_dict:
+            # torch.optim's state_dicts do not say which optimizer wrote them
+            raise ValueError(
+                f"state_dict has no 'optimizer' entry naming the class that wrote it (a "
+                f"torch.optim state_dict? its tensors load as they are once you add "
+                f"'optimizer': {type(self).__name__!r}, having checked that it is one)")
         if not isinstance(name, str) or name != type(self).__name__:
             raise ValueError(f"state_dict is for {name!r}, not {type(self).__name__!r}")
         for key in ("param_groups", "state"):
@@ -636,7 +642,13 @@ class Optimizer:
             for name, v in s.items():
                 if v is None and name in self.optional_arrays:
                     continue                  # absent: created at its first use
-                if self._xp is np:            # a GPU optimizer's state, loaded on the CPU
+                if chk.is_torch_tensor(v):
+                    # a torch tensor (torch.optim's checkpoints hold them, CPU or
+                    # CUDA): its values as a NumPy array, copied below into the
+                    # parameter's layout on this optimizer's device (its torch
+                    # dtype never equalled the parameter's NumPy one: refused)
+                    v = v.detach().cpu().resolve_conj().resolve_neg().numpy()
+                elif self._xp is np:          # a GPU optimizer's state, loaded on the CPU
                     v = chk.host_copy_of_device_array(v)
                 if name == "step":
                     entry[name] = self._load_step(chk.count(f"state_dict state[{i}]['step']", v))
