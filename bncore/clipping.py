@@ -15,7 +15,7 @@ import numpy as np
 from bncore import _checks as chk
 from bncore import _optim_kernels as _k
 from bncore._threads import resolve_num_threads
-from bncore.optimizers import ArrayList, as_list
+from bncore.optimizers import ArrayList, as_list, read_once
 
 __all__ = ["grad_norm", "clip_grad_norm", "clip_grad_value", "found_inf", "NonFiniteError"]
 
@@ -229,6 +229,7 @@ def grad_norm(grads: ArrayList, norm_type: float = 2.0, *, comm: Any = None,
     this rank's shard and the norm is over every rank's: a collective, see
     :func:`bncore.distributed.grad_norm`.
     """
+    grads = read_once(grads)
     if comm is not None:
         from bncore import distributed
 
@@ -261,6 +262,7 @@ def clip_grad_norm(grads: ArrayList, max_norm: float, *, norm_type: float = 2.0,
 
     Returns the total norm before clipping (a Python float).
     """
+    grads = read_once(grads)
     if comm is not None:
         from bncore import distributed
 
@@ -288,6 +290,7 @@ def clip_grad_value(grads: ArrayList, clip_value: float, *,
                     num_threads: Optional[int] = None) -> None:
     """Clamp every gradient element to ``[-clip_value, clip_value]`` in place
     (PyTorch ``clip_grad_value_``, Keras ``clipvalue``, optax ``clip``); NaN stays NaN."""
+    grads = read_once(grads)
     c = chk.clip_bound("clip_value", clip_value)
     nthreads = resolve_num_threads(num_threads)
     for table in _grads_tables(grads, True):
@@ -301,5 +304,6 @@ def found_inf(grads: ArrayList, *, num_threads: Optional[int] = None) -> bool:
     The AMP pattern: ``skip = bncore.found_inf(grads)`` then
     ``bncore.adam_step(..., grad_scale=scale, found_inf=skip)``.
     """
+    grads = read_once(grads)
     nthreads = resolve_num_threads(num_threads)
     return any(bool(_k.nonfinite(t, nthreads)) for t in _grads_tables(grads, False))

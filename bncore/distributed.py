@@ -65,6 +65,7 @@ from bncore.batch_norm import (_f64, _finish_output, _flat, _output_target, _vec
 from bncore.clipping import NonFiniteError, _grads_table, _kind, _norm_type, clip_coefficient
 from bncore.clipping import _power_sum as _local_norm_sum
 from bncore.clipping import combine_norms as _combine_norm
+from bncore.optimizers import read_once
 from bncore.clipping import _root as _clip_root
 from bncore.layers import _UNSET, BatchNorm
 
@@ -596,6 +597,7 @@ def _norm_collective(eng, comm, grads, norm_type, nthreads_arg, write: bool, ext
 
 def grad_norm_on(eng, grads, norm_type, comm, num_threads):
     """grad_norm on engine `eng` (HostEngine or bncore_gpu's)."""
+    grads = read_once(grads)
     total, _, _, _ = _norm_collective(eng, comm, grads, norm_type, num_threads, False, None,
                                       "grad_norm")
     return eng.norm_result(total)
@@ -604,6 +606,7 @@ def grad_norm_on(eng, grads, norm_type, comm, num_threads):
 def clip_grad_norm_on(eng, grads, max_norm, comm, norm_type, eps, error_if_nonfinite,
                       num_threads):
     """clip_grad_norm on engine `eng` (HostEngine or bncore_gpu's)."""
+    grads = read_once(grads)
     def extra():
         return (chk.clip_bound("max_norm", max_norm), chk.non_negative("eps", eps),
                 float(chk.flag("error_if_nonfinite", error_if_nonfinite)))

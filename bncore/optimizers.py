@@ -35,6 +35,13 @@ _RMSPROP_STYLES = {"torch": 0, "keras": 1}
 _EPS_STYLES = ("torch", "hat", "optax")
 
 
+def read_once(v: Any) -> Any:
+    """A generator, iterator or dict view as a list (functions that look at
+    their gradients more than once: the second look found it exhausted);
+    anything else as it is, refused or not by as_list later."""
+    return list(v) if isinstance(v, (Iterator, KeysView, ValuesView)) else v
+
+
 def as_list(name: str, v: Optional[ArrayList], *, required: bool = False) -> Optional[list]:
     """A list of arrays from a list, a tuple or a single array (None stays None,
     unless the list is `required`: params, grads and the state every step reads)."""

@@ -111,6 +111,7 @@ def grad_norm(grads, norm_type: float = 2.0, *, comm=None, num_threads: Optional
     is taken again relative to the largest magnitude, as on the CPU (_norm).
     With ``comm`` (an mpi4py communicator), of every rank's gradients together
     (bncore_gpu.distributed.grad_norm)."""
+    grads = _cpu.read_once(grads)
     if comm is not None:
         from bncore_gpu import distributed
         return distributed.grad_norm(grads, norm_type, comm=comm, num_threads=num_threads)
@@ -129,6 +130,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
     bncore.clip_grad_norm); returns the norm before clipping, a 0-d device array.
     With ``comm`` (an mpi4py communicator) the norm is that of every rank's
     gradients together (bncore_gpu.distributed.clip_grad_norm)."""
+    grads = _cpu.read_once(grads)
     if comm is not None:
         from bncore_gpu import distributed
         return distributed.clip_grad_norm(grads, max_norm, comm=comm, norm_type=norm_type,
@@ -159,6 +161,7 @@ def clip_grad_norm(grads, max_norm: float, *, norm_type: float = 2.0, eps: float
 
 def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = None) -> None:
     """Clamp every gradient element to [-clip_value, clip_value]; NaN stays NaN."""
+    grads = _cpu.read_once(grads)
     c = hchk.clip_bound("clip_value", clip_value)
     resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     for t in _tables(grads, True):
@@ -171,6 +174,7 @@ def clip_grad_value(grads, clip_value: float, *, num_threads: Optional[int] = No
 def found_inf(grads, *, num_threads: Optional[int] = None):
     """1.0 (0-d float64 device array) when any gradient holds an Inf or a NaN, else 0.0;
     pass it straight to a step function's ``found_inf``."""
+    grads = _cpu.read_once(grads)
     resolve_num_threads(num_threads)   # unused on the GPU, checked where the CPU checks it
     flags = []
     for t in _tables(grads, False):

@@ -529,3 +529,16 @@ def test_gradients_may_come_from_a_generator_as_in_torch():
     assert (ps[0] == 0.5).all() and (ps[1] == 0.5).all()
     with pytest.raises(TypeError, match="grads must be"):
         bncore.grad_norm({"a": np.ones(2)})
+
+
+def test_clipping_torch_tensors_from_a_generator_tells_autograd():
+    """A generator is read once: clip_grad_norm looked at it a second time to
+    bump the torch tensors' versions and found it empty (review)."""
+    torch = pytest.importorskip("torch")
+    gs = [torch.full((3,), 2.0), torch.full((2,), 2.0)]
+    before = [g._version for g in gs]
+    bncore.clip_grad_norm((g for g in gs), 1.0)
+    assert all(g._version > v for g, v in zip(gs, before))
+    before = [g._version for g in gs]
+    bncore.clip_grad_value(iter(gs), 0.5)
+    assert all(g._version > v for g, v in zip(gs, before)) and float(gs[0][0]) <= 0.5
