@@ -93,6 +93,10 @@ def _json_path_problem(path: Optional[str]) -> str:
     run of minutes rather than after it."""
     if not path:
         return ""
+    from bncore._atomic_write import _own_stream
+
+    if _own_stream(path) is not None:
+        return ""                 # /dev/stdout and the like: written through the stream
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         return f"--json {path}: directory {directory} does not exist"
@@ -179,6 +183,16 @@ def _load_inputs(path: str) -> list:
         return [data[k] for k in names]
 
 
+def _failed_report(path: Optional[str], text: str) -> None:
+    """Where the user's code failed (on import or in the check), a report saying
+    so replaces an earlier one: left in place, it said "ok": true for a run that
+    did not happen (review). Usage errors found before any user code ran leave
+    the file as it was."""
+    if path:
+        write_json_or_say("gradcheck", path, {"schema": "bncore-gradcheck/1", "ok": False,
+                                              "error": text, "reports": []})
+
+
 def cmd_gradcheck(args) -> int:
     from bncore.gradcheck import GradcheckSetupError, check_settings, gradcheck
 
@@ -226,7 +240,9 @@ def cmd_gradcheck(args) -> int:
                 raise ValueError(f"no vector-Jacobian product for {args.function}: pass --vjp "
                                  f"MODULE:NAME, or define {attr}.vjp or {attr}_vjp")
         except (Exception, SystemExit) as exc:  # noqa: BLE001
-            print(f"bncore gradcheck: cannot load {args.function}: {exc}", file=sys.stderr)
+            text = f"cannot load {args.function}: {exc}"
+            print(f"bncore gradcheck: {text}", file=sys.stderr)
+            _failed_report(args.json, text)
             return 2
         if args.inputs:
             try:
@@ -265,12 +281,7 @@ def cmd_gradcheck(args) -> int:
             # with no report)
             text = f"{args.function} raised {type(exc).__name__}: {exc}"
             print(f"bncore gradcheck: {text}", file=sys.stderr)
-            if args.json:
-                # a failed run replaces an earlier report: one left in place said
-                # "ok": true for a run that did not happen (review)
-                write_json_or_say("gradcheck", args.json,
-                                  {"schema": "bncore-gradcheck/1", "ok": False, "error": text,
-                                   "reports": []})
+            _failed_report(args.json, text)
             return 1
         reports.append((args.function, report))
     else:

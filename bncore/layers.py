@@ -49,8 +49,9 @@ class BatchNorm:
     A ``forward`` that raises leaves nothing for ``backward``.
     """
 
-    # the backend: bncore_gpu.BatchNorm swaps in CuPy and the CUDA functions
+    # the backend: bncore_gpu.BatchNorm swaps in CuPy, its checks and the CUDA functions
     _xp = np
+    _chk = chk
     _forward = staticmethod(batch_norm_forward)
     _backward = staticmethod(batch_norm_backward)
 
@@ -237,11 +238,19 @@ class BatchNorm:
         count = None
         if "num_batches_tracked" in expected:
             count = chk.count("state_dict['num_batches_tracked']", state["num_batches_tracked"])
+        # where the layer holds a foreign array (a torch tensor put in by the
+        # user, updated in place through DLPack), a view of it to copy into,
+        # made before anything is written
+        targets = {key: self._writable(key) for key in arrays}
         # everything is checked: now copy (a state_dict that raised changed nothing)
         for key, v in arrays.items():
-            xp.copyto(getattr(self, key), v)
+            xp.copyto(targets[key], v)
         if count is not None:
             self.num_batches_tracked = count
+
+    def _writable(self, key: str):
+        a = getattr(self, key)
+        return a if type(a) is self._xp.ndarray else self._chk.output_array(key, a)
 
     def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, eps={self.eps}, momentum={self.momentum}, "

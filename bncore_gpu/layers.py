@@ -7,6 +7,7 @@ CuPy copies (and ``num_batches_tracked`` as a host integer array);
 import cupy
 
 from bncore.layers import BatchNorm as _CpuBatchNorm
+from bncore_gpu import _checks
 from bncore_gpu.batch_norm import batch_norm_backward, batch_norm_forward
 
 __all__ = ["BatchNorm"]
@@ -15,5 +16,6 @@ __all__ = ["BatchNorm"]
 class BatchNorm(_CpuBatchNorm):
     __doc__ = _CpuBatchNorm.__doc__
     _xp = cupy
+    _chk = _checks
     _forward = staticmethod(batch_norm_forward)
     _backward = staticmethod(batch_norm_backward)

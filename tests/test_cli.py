@@ -556,6 +556,12 @@ def test_gradcheck_failures_of_the_users_code(tmp_path):
     bad = run_cli("gradcheck", "userfn:raises", "--shape", "3", "--json", "r.json", cwd=tmp_path)
     doc = json.loads((tmp_path / "r.json").read_text())
     assert bad.returncode == 1 and doc["ok"] is False and "broken" in doc["error"]
+    assert run_cli("gradcheck", "userfn:f", "--shape", "3", "--json", "r.json",
+                   cwd=tmp_path).returncode == 0
+    gone = run_cli("gradcheck", "userfn:nosuch", "--shape", "3", "--json", "r.json",
+                   cwd=tmp_path)                        # the user's module, not loadable
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert gone.returncode == 2 and doc["ok"] is False and "cannot load" in doc["error"]
     out = run_cli("gradcheck", "userfn:exits", "--shape", "3", cwd=tmp_path)
     assert out.returncode == 1 and "SystemExit" in out.stderr
     big = run_cli("gradcheck", "userfn:f", "--shape", "99999999999,99999999", cwd=tmp_path)
@@ -573,3 +579,22 @@ def test_gradcheck_failures_of_the_users_code(tmp_path):
     """))
     sib = run_cli("gradcheck", "sub/usesib.py:f", "--shape", "3", cwd=tmp_path)
     assert sib.returncode == 0, sib.stderr
+
+
+def test_json_to_stdout_needs_no_write_access_to_dev(tmp_path):
+    """The check made before a run asked whether /dev was writable, which only
+    root's is: --json /dev/stdout stopped with 'not writable' for every other
+    user (review). Here os.access answers for /dev as for a non-root user."""
+    (tmp_path / "userfn.py").write_text(_USERFN)
+    code = ("import os, runpy, sys\n"
+            "real = os.access\n"
+            "os.access = lambda p, m, *a, **k: False if os.path.abspath(p) == '/dev' "
+            "else real(p, m, *a, **k)\n"
+            "sys.argv = ['bncore', 'gradcheck', 'userfn:f', '--shape', '3', "
+            "'--json', '/dev/stdout']\n"
+            "runpy.run_module('bncore', run_name='__main__', alter_sys=True)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.lstrip().startswith("{") and "0 failed" in out.stdout

@@ -324,3 +324,22 @@ def test_state_dict_of_a_layer_holding_torch_tensors():
     assert isinstance(sd["running_mean"], np.ndarray)
     np.testing.assert_array_equal(sd["running_mean"], bn.running_mean.numpy())
     assert float(bn.running_mean.mean()) > 0.4          # the tensors were updated
+
+
+def test_a_layer_holding_torch_tensors_loads_a_state_dict_whole_or_not_at_all():
+    """Its torch tensors are written through DLPack views made before any copy
+    (review: weight and bias were written, then np.copyto refused the tensor);
+    a bad entry changes nothing."""
+    torch = pytest.importorskip("torch")
+    bn = bncore.BatchNorm(3)
+    bn.running_mean, bn.running_var = torch.zeros(3), torch.ones(3)
+    bn.forward(np.random.default_rng(2).standard_normal((8, 3)).astype(np.float32) + 5)
+    sd = bn.state_dict()
+    sd["weight"] = np.full(3, 2.0, np.float32)
+    sd["running_mean"] = np.full(3, 7.0, np.float32)
+    bad = dict(sd, running_var=np.ones(3, np.float64))
+    with pytest.raises(TypeError, match="running_var"):
+        bn.load_state_dict(bad)
+    assert (bn.weight == 1.0).all() and float(bn.running_mean[0]) != 7.0
+    bn.load_state_dict(sd)
+    assert (bn.weight == 2.0).all() and (bn.running_mean.numpy() == 7.0).all()
