@@ -201,16 +201,16 @@ class BatchNorm:
         state: Dict[str, np.ndarray] = {}
         xp = self._xp
 
-        def copy(v):
+        def copy(key, v):
             # (a user may have put torch tensors in the layer, which it updates
             # in place through DLPack: they had no .copy())
-            return v.copy() if isinstance(v, xp.ndarray) else xp.array(v, copy=True)
+            return (v if isinstance(v, xp.ndarray) else self._chk.as_array(key, v)).copy()
         if self.affine:
-            state["weight"] = copy(self.weight)
-            state["bias"] = copy(self.bias)
+            state["weight"] = copy("weight", self.weight)
+            state["bias"] = copy("bias", self.bias)
         if self.track_running_stats:
-            state["running_mean"] = copy(self.running_mean)
-            state["running_var"] = copy(self.running_var)
+            state["running_mean"] = copy("running_mean", self.running_mean)
+            state["running_var"] = copy("running_var", self.running_var)
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
         return state
 
