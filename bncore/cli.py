@@ -65,8 +65,12 @@ def _csv_shape(text: str):
     text = text.strip().strip("()")
     if not text:
         return ()
+    parts = text.split(",")
+    if parts[-1].strip() == "" and len(parts) > 1:
+        parts = parts[:-1]                  # "4," as Python writes a 1-tuple
     try:
-        shape = tuple(int(s) for s in text.split(",") if s.strip())
+        # ("4,,3" is refused: an empty size is a typo, not a dimension to drop)
+        shape = tuple(int(s) for s in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"a shape is comma-separated integers, got {text!r}")
     if any(d < 0 for d in shape):
@@ -139,7 +143,9 @@ def _load_object(spec: str):
     mod_name, _, attr = spec.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    if mod_name.endswith(".py") and os.path.exists(mod_name):
+    if mod_name.endswith(".py") and not os.path.exists(mod_name):
+        raise FileNotFoundError(f"no file {mod_name}")
+    if mod_name.endswith(".py"):
         name = os.path.splitext(os.path.basename(mod_name))[0]
         # as `python path/to/file.py` does: the file's own folder first, so its
         # sibling modules import (review: 'No module named helpers')
@@ -228,9 +234,11 @@ def cmd_gradcheck(args) -> int:
         return _usage_error("gradcheck", problem)
     reports = []
     if args.function:
+        loading = args.function          # what a failure below names
         try:
             f, module, attr = _load_object(args.function)
             if args.vjp:
+                loading = f"--vjp {args.vjp}"
                 vjp = _load_object(args.vjp)[0]
             elif hasattr(f, "vjp"):
                 vjp = f.vjp
@@ -240,7 +248,7 @@ def cmd_gradcheck(args) -> int:
                 raise ValueError(f"no vector-Jacobian product for {args.function}: pass --vjp "
                                  f"MODULE:NAME, or define {attr}.vjp or {attr}_vjp")
         except (Exception, SystemExit) as exc:  # noqa: BLE001
-            text = f"cannot load {args.function}: {exc}"
+            text = f"cannot load {loading}: {exc}"
             print(f"bncore gradcheck: {text}", file=sys.stderr)
             _failed_report(args.json, text)
             return 2

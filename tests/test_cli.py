@@ -598,3 +598,19 @@ def test_json_to_stdout_needs_no_write_access_to_dev(tmp_path):
                          cwd=tmp_path, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.lstrip().startswith("{") and "0 failed" in out.stdout
+
+
+def test_gradcheck_names_what_failed_to_load_and_refuses_empty_sizes(tmp_path):
+    """A bad --vjp is named as the --vjp (it was reported against the
+    function); a missing FILE.py is 'no file' (was 'No module named'); a shape
+    with an empty size ('4,,3') is refused (it was read as (4, 3)); '4,' is the
+    1-tuple (review)."""
+    (tmp_path / "userfn.py").write_text(_USERFN)
+    vjp = run_cli("gradcheck", "userfn:f", "--vjp", "userfn:nosuch", "--shape", "3",
+                  cwd=tmp_path)
+    assert vjp.returncode == 2 and "cannot load --vjp userfn:nosuch" in vjp.stderr
+    nofile = run_cli("gradcheck", "nosuchfile.py:f", "--shape", "3", cwd=tmp_path)
+    assert nofile.returncode == 2 and "no file nosuchfile.py" in nofile.stderr
+    empty = run_cli("gradcheck", "userfn:f", "--shape", "4,,3", cwd=tmp_path)
+    assert empty.returncode == 2 and "'4,,3'" in empty.stderr
+    assert run_cli("gradcheck", "userfn:f", "--shape", "4,", cwd=tmp_path).returncode == 0
