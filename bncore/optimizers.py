@@ -35,11 +35,16 @@ _RMSPROP_STYLES = {"torch": 0, "keras": 1}
 _EPS_STYLES = ("torch", "hat", "optax")
 
 
+# what a list of arrays may also come as: ((p.grad for p in model.parameters()),
+# as torch's clip_grad_norm_ takes), read once
+_READ_ONCE = (Iterator, KeysView, ValuesView)
+
+
 def read_once(v: Any) -> Any:
     """A generator, iterator or dict view as a list (functions that look at
     their gradients more than once: the second look found it exhausted);
     anything else as it is, refused or not by as_list later."""
-    return list(v) if isinstance(v, (Iterator, KeysView, ValuesView)) else v
+    return list(v) if isinstance(v, _READ_ONCE) else v
 
 
 def as_list(name: str, v: Optional[ArrayList], *, required: bool = False) -> Optional[list]:
@@ -53,9 +58,7 @@ def as_list(name: str, v: Optional[ArrayList], *, required: bool = False) -> Opt
         return list(v)
     if isinstance(v, np.ndarray) or hasattr(v, "__dlpack__"):
         return [v]
-    if isinstance(v, (Iterator, KeysView, ValuesView)):
-        # a generator, map or dict view ((p.grad for p in model.parameters()),
-        # as torch's clip_grad_norm_ takes), read once
+    if isinstance(v, _READ_ONCE):
         return list(v)
     raise TypeError(f"{name} must be an array or a list of arrays, got {type(v).__name__}")
 

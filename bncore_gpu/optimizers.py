@@ -53,9 +53,14 @@ def kernel(name: str):
 is_device = chk.is_device
 
 
-def device_scalar(name: str, v) -> "cupy.ndarray":
-    """A one-element device array as a float64 0-d array (a kernel's double*)."""
+def device_scalar(name: str, v, flag: bool = True) -> "cupy.ndarray":
+    """A one-element device array as a float64 0-d array (a kernel's double*);
+    a bool one only where it is a flag (found_inf), not a number (grad_scale)."""
     a = chk.as_array(name, v)
+    if a.dtype.kind == "b" and not flag:
+        # as _cpu.grad_scale_value: the dtype is known on the host (a bool
+        # loss scale was taken as 1.0)
+        raise TypeError(f"{name} must be a number (the loss scale), got a bool")
     if a.dtype.kind not in "biuf":
         # as the CPU's scalar_value: a complex flag or scale would lose its
         # imaginary part in the cast below
@@ -78,11 +83,7 @@ def amp_args(grad_scale, found_inf):
             skip = _cpu.found_inf_flag(found_inf)
     if grad_scale is not None:
         if is_device(grad_scale):
-            if chk.as_array("grad_scale", grad_scale).dtype.kind == "b":
-                # as _cpu.grad_scale_value: the dtype is known on the host (a
-                # bool scale was taken as 1.0)
-                raise TypeError("grad_scale must be a number (the loss scale), got a bool")
-            scale_ptr = device_scalar("grad_scale", grad_scale)
+            scale_ptr = device_scalar("grad_scale", grad_scale, flag=False)
         else:
             inv = 1.0 / _cpu.grad_scale_value(grad_scale)
     return skip, inv, scale_ptr, found_ptr

@@ -471,17 +471,16 @@ class Optimizer:
         step that raises has changed nothing."""
         glist, params, skip = self._begin_step(grads, grad_scale, found_inf, num_threads)
         partial = _any_none(glist)      # parameters without a gradient: skipped
-        # (the parameters written: a skipped one is neither refused as an
-        # inference tensor nor told to autograd as written, as in torch.optim)
-        keep = [i for i, g in enumerate(glist) if g is not None] if partial else None
-        written = [params[i] for i in keep] if partial else params
+        tensors = None
         if self._tensor_of:
-            # torch decides whether an inference tensor may be written by the
-            # mode at the write, not at the optimizer's construction
-            try:
-                chk.refuse_inference_writes("params", self._tensors_behind(written))
-            except ValueError as exc:
-                raise (chk.renumbered(exc, "params", keep) if partial else exc) from None
+            # the torch tensors written (None where a parameter is skipped: not
+            # refused as an inference tensor, not told to autograd as written,
+            # as in torch.optim). torch decides whether an inference tensor may
+            # be written by the mode at the write, not at construction
+            tensors = self._tensors_behind(params)
+            if partial:
+                tensors = [None if g is None else t for t, g in zip(tensors, glist)]
+            chk.refuse_inference_writes("params", tensors)
         calls = self._calls(glist, partial)
         if skip or len(calls) > 1 or partial:
             # one kernel call checks all its arrays before writing any; several
@@ -522,8 +521,8 @@ class Optimizer:
             for states, created, sizes in made[done:]:
                 self._forget_new_state(created, states, sizes)
             raise
-        if self._tensor_of:
-            chk.bump_versions(self._tensors_behind(written))
+        if tensors is not None:
+            chk.bump_versions(tensors)
 
     def _check_calls(self, calls, states, grad_scale, num_threads) -> None:
         """Every kernel call's own checks (its step function with found_inf set:
